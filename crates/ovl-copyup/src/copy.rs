@@ -1,0 +1,185 @@
+//! Copy-up of one lower object into its (already present) upper parent directory.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use ovl_core::sys;
+use ovl_core::{Errno, LayerId, LayerStack, Result, UpperLayer, XattrNames};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, SeekFrom, Stat, Timespec, Timestamps};
+
+use crate::upper::{restore_dir_times, temp_name, upper_of};
+
+/// The lower object to copy up.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The layer it is in.
+    pub layer: LayerId,
+    /// Its path in that layer.
+    pub path: PathBuf,
+}
+
+/// Copies `src` to `upper_parent/<name of src>` in the upper layer, where `upper_parent` (an
+/// overlay path) must already exist in the upper layer. A directory is copied without its
+/// entries (they stay in the lower layers and merge). Returns the new upper object's `lstat`.
+/// The parent's timestamps are left as they were.
+pub fn copy_up(stack: &LayerStack, src: &Source, upper_parent: &Path) -> Result<Stat> {
+    let upper = upper_of(stack)?;
+    let name = src.path.file_name().ok_or(Errno::INVAL)?;
+    let name = sys::name_cstr(name)?;
+    let lower = stack.layer(src.layer);
+    let (lparent, lname) = sys::open_parent(lower.root(), &src.path)?;
+    let st = sys::lstat_at(&lparent, &lname)?;
+    let uparent = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let parent_st = rustix::fs::fstat(&uparent)?;
+    let ft = FileType::from_raw_mode(st.st_mode);
+    if ft == FileType::RegularFile {
+        copy_regular(stack, upper, &lparent, &lname, &st, &uparent, &name)?;
+    } else {
+        let tmp = temp_name();
+        let work = upper.work();
+        match ft {
+            FileType::Directory => rustix::fs::mkdirat(work, &tmp, Mode::from_raw_mode(0o700))?,
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(&lparent, &lname, Vec::new())?;
+                rustix::fs::symlinkat(&target, work, &tmp)?
+            }
+            _ => rustix::fs::mknodat(work, &tmp, ft, Mode::from_raw_mode(0o600), st.st_rdev)?,
+        }
+        let done = copy_meta_at(&lparent, &lname, &st, work, &tmp).and_then(|()| {
+            Ok(rustix::fs::renameat_with(work, &tmp, &uparent, &name, rustix::fs::RenameFlags::NOREPLACE)?)
+        });
+        if let Err(e) = done {
+            let _ = sys::remove_tree_at(work, &tmp);
+            return Err(e);
+        }
+    }
+    restore_dir_times(uparent.as_fd(), &parent_st);
+    if !stack.options().volatile {
+        rustix::fs::fsync(sys::open_beneath(
+            upper.layer().root(),
+            upper_parent,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )?)?;
+    }
+    sys::lstat_at(&uparent, &name)
+}
+
+fn copy_regular(
+    stack: &LayerStack,
+    upper: &UpperLayer,
+    lparent: &OwnedFd,
+    lname: &CStr,
+    st: &Stat,
+    uparent: &OwnedFd,
+    name: &CStr,
+) -> Result<()> {
+    let src = rustix::fs::openat(lparent, lname, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    let dst = rustix::fs::openat(
+        upper.work(),
+        c".",
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    copy_data(&src, &dst, st.st_size as u64)?;
+    copy_xattrs(lparent, lname, &dst)?;
+    rustix::fs::fchown(&dst, Some(uid(st.st_uid)), Some(gid(st.st_gid)))?;
+    rustix::fs::fchmod(&dst, Mode::from_raw_mode(st.st_mode & 0o7777))?;
+    rustix::fs::futimens(&dst, &times_of(st))?;
+    if !stack.options().volatile {
+        rustix::fs::fsync(&dst)?;
+    }
+    rustix::fs::linkat(&dst, c"", uparent, name, AtFlags::EMPTY_PATH)?;
+    Ok(())
+}
+
+/// Copies `len` bytes: a reflink when the filesystem can share extents, otherwise
+/// `copy_file_range` over the data segments only, so holes stay holes.
+fn copy_data(src: &OwnedFd, dst: &OwnedFd, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if rustix::fs::ioctl_ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut pos = 0u64;
+    while pos < len {
+        let data = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(Errno::NXIO) => break,
+            Err(Errno::INVAL) | Err(Errno::NOTSUP) => pos,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = match rustix::fs::seek(src, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(len),
+            Err(_) => len,
+        };
+        let mut off_in = data;
+        let mut off_out = data;
+        while off_in < hole {
+            let want = (hole - off_in).min(1 << 30) as usize;
+            let n = rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)?;
+            if n == 0 {
+                break;
+            }
+        }
+        pos = hole;
+    }
+    rustix::fs::ftruncate(dst, len)?;
+    Ok(())
+}
+
+/// Copies owner, mode (not for symlinks), times and non-overlay xattrs from `lparent/lname` to
+/// `dir/name`.
+fn copy_meta_at(lparent: &OwnedFd, lname: &CStr, st: &Stat, dir: impl AsFd, name: &CStr) -> Result<()> {
+    let dir = dir.as_fd();
+    let ft = FileType::from_raw_mode(st.st_mode);
+    for key in sys::list_xattrs(lparent, Some(lname))? {
+        if XattrNames::is_any_overlay(key.as_encoded_bytes()) {
+            continue;
+        }
+        let key = std::ffi::CString::new(key.as_encoded_bytes()).map_err(|_| Errno::INVAL)?;
+        if let Some(v) = sys::get_xattr(lparent, Some(lname), &key)? {
+            if let Err(e) = sys::set_xattr(dir, Some(name), &key, &v, 0) {
+                // user.* xattrs are not allowed on symlinks and special files on some filesystems.
+                if !matches!(e.errno(), Errno::PERM | Errno::NOTSUP) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    rustix::fs::chownat(dir, name, Some(uid(st.st_uid)), Some(gid(st.st_gid)), AtFlags::SYMLINK_NOFOLLOW)?;
+    if ft != FileType::Symlink {
+        rustix::fs::chmodat(dir, name, Mode::from_raw_mode(st.st_mode & 0o7777), AtFlags::empty())?;
+    }
+    rustix::fs::utimensat(dir, name, &times_of(st), AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+fn copy_xattrs(lparent: &OwnedFd, lname: &CStr, dst: &OwnedFd) -> Result<()> {
+    for key in sys::list_xattrs(lparent, Some(lname))? {
+        if XattrNames::is_any_overlay(key.as_encoded_bytes()) {
+            continue;
+        }
+        let key = std::ffi::CString::new(key.as_encoded_bytes()).map_err(|_| Errno::INVAL)?;
+        if let Some(v) = sys::get_xattr(lparent, Some(lname), &key)? {
+            rustix::fs::fsetxattr(dst, &key, &v, rustix::fs::XattrFlags::empty())?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn times_of(st: &Stat) -> Timestamps {
+    Timestamps {
+        last_access: Timespec { tv_sec: st.st_atime as _, tv_nsec: st.st_atime_nsec as _ },
+        last_modification: Timespec { tv_sec: st.st_mtime as _, tv_nsec: st.st_mtime_nsec as _ },
+    }
+}
+
+fn uid(u: u32) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(u)
+}
+fn gid(g: u32) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(g)
+}

@@ -1,0 +1,26 @@
+//! Every object the overlay writes into an upper layer on a user's behalf: copy-up of lower
+//! objects, whiteouts, opaque directories, and objects created over a whiteout.
+//!
+//! Each change is built in `WORKDIR/work` (an `O_TMPFILE` for regular files, a temporary name
+//! for the rest), given its data, owner, mode, times and xattrs, and only then linked or renamed
+//! into place, so a killed daemon leaves either the old state or the new one, never a half-made
+//! object in the upper layer. Stale work entries are removed when the stack is opened
+//! ([`ovl_core::LayerStack::open`]).
+//!
+//! Architecture invariant: this is the only crate that creates, replaces or removes objects in
+//! an upper layer. It never copies overlay-private xattrs (`*.overlay.*`) from a lower object,
+//! and it never decides *whether* a copy-up is needed: its callers (ovl-fs, snap-fs) do, holding
+//! the per-inode lock that makes one copy-up per object.
+//!
+//! ```no_run
+//! # use ovl_core::{LayerStack, MountOptions, LayerId};
+//! # let stack = LayerStack::open(&MountOptions::parse("lowerdir=/l,upperdir=/u,workdir=/w").unwrap()).unwrap();
+//! let src = ovl_copyup::Source { layer: LayerId(1), path: "a/b".into() };
+//! ovl_copyup::copy_up(&stack, &src, "a".as_ref()).unwrap();
+//! ```
+
+mod copy;
+mod upper;
+
+pub use copy::{Source, copy_up};
+pub use upper::{Created, clear_dir, create_over_whiteout, remove_upper, replace_with_whiteout, set_opaque, whiteout};

@@ -1,0 +1,133 @@
+//! Whiteouts, opaque dirs, removal and creation over a whiteout in the upper layer.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ovl_core::sys;
+use ovl_core::{Errno, LayerStack, Result, UpperLayer, make_whiteout};
+use rustix::fs::{AtFlags, RenameFlags, Stat};
+
+use crate::copy::times_of;
+
+/// The writable upper layer, or `EROFS`.
+pub(crate) fn upper_of(stack: &LayerStack) -> Result<&UpperLayer> {
+    stack.writable_upper().ok_or_else(|| Errno::ROFS.into())
+}
+
+/// A fresh name for an object under construction in the work dir.
+pub(crate) fn temp_name() -> CString {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    CString::new(format!("#ovl.{:x}.{:x}", std::process::id(), n)).expect("no NUL")
+}
+
+/// Puts back a directory's atime and mtime after an internal change (copy-up) touched them.
+pub(crate) fn restore_dir_times(dir: BorrowedFd<'_>, st: &Stat) {
+    let _ = sys::set_times(dir, &times_of(st));
+}
+
+/// Creates a whiteout at `upper_parent/name`, where nothing exists in the upper layer yet.
+pub fn whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    make_whiteout(&dir, name)
+}
+
+/// Atomically replaces the upper object `upper_parent/name` (a file, or a directory whose
+/// entries are at most whiteouts) with a whiteout, then removes the old object.
+pub fn replace_with_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let work = upper.work();
+    let tmp = temp_name();
+    make_whiteout(work, &tmp)?;
+    if let Err(e) = rustix::fs::renameat_with(work, &tmp, &dir, name, RenameFlags::EXCHANGE) {
+        let _ = rustix::fs::unlinkat(work, &tmp, AtFlags::empty());
+        return Err(e.into());
+    }
+    sys::remove_tree_at(work, &tmp)
+}
+
+/// Removes the upper object `upper_parent/name` where no lower object needs hiding. A directory
+/// may still hold whiteouts: it is moved into the work dir first, then removed there.
+pub fn remove_upper(stack: &LayerStack, upper_parent: &Path, name: &CStr, is_dir: bool) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    if !is_dir {
+        rustix::fs::unlinkat(&dir, name, AtFlags::empty())?;
+        return Ok(());
+    }
+    match rustix::fs::unlinkat(&dir, name, AtFlags::REMOVEDIR) {
+        Err(Errno::NOTEMPTY) | Err(Errno::EXIST) => {}
+        r => return Ok(r?),
+    }
+    let work = upper.work();
+    let tmp = temp_name();
+    rustix::fs::renameat_with(&dir, name, work, &tmp, RenameFlags::NOREPLACE)?;
+    sys::remove_tree_at(work, &tmp)
+}
+
+/// Removes every entry (whiteouts) of the upper directory `upper_dir`.
+pub fn clear_dir(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_dir)?;
+    for e in sys::read_dir(upper.layer().root(), upper_dir)? {
+        sys::remove_tree_at(&dir, &sys::name_cstr(&e.name)?)?;
+    }
+    Ok(())
+}
+
+/// Marks the upper directory `upper_dir` opaque: lower entries no longer show through.
+pub fn set_opaque(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_dir)?;
+    sys::set_xattr(&dir, None, &stack.names().opaque, b"y", 0)
+}
+
+/// What [`create_over_whiteout`] asks its builder to make.
+#[derive(Debug)]
+pub struct Created<'a> {
+    /// The work directory.
+    pub work: BorrowedFd<'a>,
+    /// The temporary name to create in it.
+    pub name: &'a CStr,
+}
+
+/// Creates an object at `upper_parent/name`, which holds a whiteout, without the name ever being
+/// empty: `build` makes the object under a temporary name in the work dir (a new directory is
+/// marked opaque here), then it replaces the whiteout in one rename.
+pub fn create_over_whiteout(
+    stack: &LayerStack,
+    upper_parent: &Path,
+    name: &CStr,
+    is_dir: bool,
+    build: impl FnOnce(Created<'_>) -> Result<()>,
+) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let work = upper.work();
+    let tmp = temp_name();
+    let made = build(Created { work, name: &tmp }).and_then(|()| {
+        if is_dir {
+            sys::set_xattr(work, Some(&tmp), &stack.names().opaque, b"y", 0)?;
+            rustix::fs::renameat_with(work, &tmp, &dir, name, RenameFlags::EXCHANGE)?;
+        } else {
+            rustix::fs::renameat(work, &tmp, &dir, name)?;
+        }
+        Ok(())
+    });
+    match made {
+        Ok(()) => {
+            if is_dir {
+                let _ = rustix::fs::unlinkat(work, &tmp, AtFlags::empty());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = sys::remove_tree_at(work.as_fd(), &tmp);
+            Err(e)
+        }
+    }
+}

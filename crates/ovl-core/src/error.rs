@@ -1,0 +1,128 @@
+//! Errors: an errno with context for filesystem operations, and a typed error for stack setup.
+
+use std::fmt;
+use std::path::PathBuf;
+
+pub use rustix::io::Errno;
+
+/// The result type of layer operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A failed operation on a layer: the errno the caller should see, plus what we were doing.
+///
+/// Every FUSE reply maps an `Error` to its errno; the context only goes to the log.
+#[derive(Debug, Clone)]
+pub struct Error {
+    errno: Errno,
+    context: Option<Box<str>>,
+}
+
+impl Error {
+    /// An error carrying only an errno.
+    pub fn new(errno: Errno) -> Self {
+        Self { errno, context: None }
+    }
+
+    /// The errno this error maps to.
+    pub fn errno(&self) -> Errno {
+        self.errno
+    }
+
+    /// Adds context (what we tried, on which path) for the log.
+    pub fn context(mut self, what: impl fmt::Display) -> Self {
+        self.context = Some(what.to_string().into_boxed_str());
+        self
+    }
+
+    /// An `EIO` for data in a layer that we refuse to trust.
+    pub fn corrupt(what: impl fmt::Display) -> Self {
+        Self::new(Errno::IO).context(what)
+    }
+}
+
+impl From<Errno> for Error {
+    fn from(errno: Errno) -> Self {
+        Self::new(errno)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        let errno = e.raw_os_error().map(Errno::from_raw_os_error).unwrap_or(Errno::IO);
+        Self { errno, context: Some(e.to_string().into_boxed_str()) }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.context {
+            Some(c) => write!(f, "{c}: {}", self.errno),
+            None => write!(f, "{}", self.errno),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Why a layer stack cannot be mounted. Each message names the problem in one line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StackError {
+    /// A mount option we do not know.
+    #[error("unknown mount option `{0}`")]
+    UnknownOption(String),
+    /// A known option with a value we cannot use.
+    #[error("invalid value for mount option `{option}`: {reason}")]
+    BadValue {
+        /// The option name.
+        option: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `lowerdir=` is missing or empty.
+    #[error("missing lowerdir= (at least one lower directory is required)")]
+    NoLower,
+    /// upperdir without workdir or the other way round.
+    #[error("upperdir= and workdir= must be given together")]
+    UpperWithoutWork,
+    /// A layer path that does not exist or is not a directory.
+    #[error("{role} {path:?}: {reason}")]
+    BadPath {
+        /// Which layer ("lowerdir", "upperdir", "workdir").
+        role: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// Two layer paths that must be disjoint overlap.
+    #[error("{a} {a_path:?} and {b} {b_path:?} overlap: {why}")]
+    Overlap {
+        /// First role.
+        a: &'static str,
+        /// First path.
+        a_path: PathBuf,
+        /// Second role.
+        b: &'static str,
+        /// Second path.
+        b_path: PathBuf,
+        /// Why that is not allowed.
+        why: &'static str,
+    },
+    /// The workdir is not on the upper directory's filesystem.
+    #[error("workdir {work:?} is not on the same filesystem as upperdir {upper:?}")]
+    WorkdirOtherFs {
+        /// The workdir.
+        work: PathBuf,
+        /// The upperdir.
+        upper: PathBuf,
+    },
+    /// Setting up the work directory failed.
+    #[error("cannot prepare workdir {path:?}: {source}")]
+    Workdir {
+        /// The workdir.
+        path: PathBuf,
+        /// The error.
+        source: Error,
+    },
+}

@@ -1,0 +1,277 @@
+//! The validated layer stack: lower layers (top first), an optional upper layer and its work dir.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+
+use crate::sys;
+use crate::{Error, MountOptions, StackError, XattrNames};
+
+/// Index of a layer in the stack: 0 is the upper layer (when present), lowers follow top first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LayerId(pub u16);
+
+/// One directory of the stack, held open for the life of the mount.
+#[derive(Debug)]
+pub struct Layer {
+    id: LayerId,
+    path: PathBuf,
+    root: OwnedFd,
+    dev: u64,
+    fs_index: u8,
+}
+
+impl Layer {
+    /// The layer's position in the stack.
+    pub fn id(&self) -> LayerId {
+        self.id
+    }
+    /// The path the layer was given as (canonical).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The open root directory; every access to the layer is relative to it.
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+    /// The device of the layer's filesystem.
+    pub fn dev(&self) -> u64 {
+        self.dev
+    }
+    /// A small number identifying the layer's filesystem within this stack (0 = the first fs
+    /// seen, the upper's when there is one). Used to keep inode numbers of different
+    /// filesystems apart.
+    pub fn fs_index(&self) -> u8 {
+        self.fs_index
+    }
+}
+
+/// The writable layer and its work directory (`WORKDIR/work`).
+#[derive(Debug)]
+pub struct UpperLayer {
+    layer: Layer,
+    workdir: PathBuf,
+    work: OwnedFd,
+}
+
+impl UpperLayer {
+    /// The upper layer itself.
+    pub fn layer(&self) -> &Layer {
+        &self.layer
+    }
+    /// The `work` directory where objects are built before they are renamed into place.
+    pub fn work(&self) -> BorrowedFd<'_> {
+        self.work.as_fd()
+    }
+    /// The workdir given at mount.
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+}
+
+/// Lower layers, an optional upper layer, and the xattr names in use.
+#[derive(Debug)]
+pub struct LayerStack {
+    lowers: Vec<Layer>,
+    upper: Option<UpperLayer>,
+    names: XattrNames,
+    options: MountOptions,
+    fs_count: u8,
+}
+
+impl LayerStack {
+    /// Validates the layers named in `opts` and opens them. With an upper layer (and not `ro`),
+    /// prepares `WORKDIR/work` and removes what an earlier, interrupted mount left in it.
+    /// Nothing in any layer is changed unless every check passed.
+    pub fn open(opts: &MountOptions) -> Result<Self, StackError> {
+        if opts.lowerdirs.is_empty() {
+            return Err(StackError::NoLower);
+        }
+        if opts.upperdir.is_some() != opts.workdir.is_some() {
+            return Err(StackError::UpperWithoutWork);
+        }
+        let mut devs: Vec<u64> = Vec::new();
+        let mut fs_index = |dev: u64| -> u8 {
+            match devs.iter().position(|d| *d == dev) {
+                Some(i) => i as u8,
+                None => {
+                    devs.push(dev);
+                    (devs.len() - 1) as u8
+                }
+            }
+        };
+        let writable = !opts.read_only && opts.upperdir.is_some();
+        let mut upper_parts = None;
+        let mut next_id = 0u16;
+        if let (Some(u), Some(w)) = (&opts.upperdir, &opts.workdir) {
+            let (upath, ufd, ust) = open_dir("upperdir", u)?;
+            let (wpath, wfd, wst) = open_dir("workdir", w)?;
+            if ust.st_dev != wst.st_dev {
+                return Err(StackError::WorkdirOtherFs { work: wpath, upper: upath });
+            }
+            check_disjoint(("upperdir", &upath), ("workdir", &wpath))?;
+            let idx = fs_index(ust.st_dev);
+            upper_parts =
+                Some((Layer { id: LayerId(0), path: upath, root: ufd, dev: ust.st_dev, fs_index: idx }, wpath, wfd));
+            next_id = 1;
+        }
+        let mut lowers = Vec::new();
+        for l in &opts.lowerdirs {
+            let (path, fd, st) = open_dir("lowerdir", l)?;
+            if let Some((u, w, _)) = &upper_parts {
+                check_disjoint(("upperdir", &u.path), ("lowerdir", &path))?;
+                check_disjoint(("workdir", w), ("lowerdir", &path))?;
+            }
+            let idx = fs_index(st.st_dev);
+            lowers.push(Layer { id: LayerId(next_id), path, root: fd, dev: st.st_dev, fs_index: idx });
+            next_id += 1;
+        }
+        let upper = match upper_parts {
+            Some((layer, workdir, wfd)) => {
+                let work = if writable {
+                    prepare_work(&wfd).map_err(|source| StackError::Workdir { path: workdir.clone(), source })?
+                } else {
+                    rustix::io::dup(&wfd)
+                        .map_err(|e| StackError::Workdir { path: workdir.clone(), source: e.into() })?
+                };
+                Some(UpperLayer { layer, workdir, work })
+            }
+            None => None,
+        };
+        let fs_count = lowers.iter().chain(upper.as_ref().map(|u| &u.layer)).map(|l| l.fs_index).max().unwrap_or(0) + 1;
+        Ok(Self { lowers, upper, names: XattrNames::new(opts.userxattr), options: opts.clone(), fs_count })
+    }
+
+    /// The lower layers, top first.
+    pub fn lowers(&self) -> &[Layer] {
+        &self.lowers
+    }
+    /// The upper layer, if the stack has one (even on a read-only mount).
+    pub fn upper(&self) -> Option<&UpperLayer> {
+        self.upper.as_ref()
+    }
+    /// The upper layer when the mount may write to it.
+    pub fn writable_upper(&self) -> Option<&UpperLayer> {
+        if self.options.is_read_only() { None } else { self.upper.as_ref() }
+    }
+    /// The layer with id `id`.
+    pub fn layer(&self, id: LayerId) -> &Layer {
+        match &self.upper {
+            Some(u) if id.0 == 0 => &u.layer,
+            Some(_) => &self.lowers[id.0 as usize - 1],
+            None => &self.lowers[id.0 as usize],
+        }
+    }
+    /// The xattr names of this mount.
+    pub fn names(&self) -> &XattrNames {
+        &self.names
+    }
+    /// The options the stack was opened with.
+    pub fn options(&self) -> &MountOptions {
+        &self.options
+    }
+    /// How many distinct filesystems the layers live on.
+    pub fn fs_count(&self) -> u8 {
+        self.fs_count
+    }
+}
+
+fn open_dir(role: &'static str, p: &Path) -> Result<(PathBuf, OwnedFd, rustix::fs::Stat), StackError> {
+    let bad = |reason: String| StackError::BadPath { role, path: p.to_path_buf(), reason };
+    let canon = std::fs::canonicalize(p).map_err(|e| bad(describe(&e)))?;
+    let fd = rustix::fs::open(&canon, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| bad(if e == rustix::io::Errno::NOTDIR { "not a directory".into() } else { e.to_string() }))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| bad(e.to_string()))?;
+    Ok((canon, fd, st))
+}
+
+fn describe(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such directory".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn check_disjoint(a: (&'static str, &Path), b: (&'static str, &Path)) -> Result<(), StackError> {
+    let why = if a.1 == b.1 {
+        "they are the same directory"
+    } else if b.1.starts_with(a.1) {
+        "the second is inside the first"
+    } else if a.1.starts_with(b.1) {
+        "the first is inside the second"
+    } else {
+        return Ok(());
+    };
+    Err(StackError::Overlap { a: a.0, a_path: a.1.to_path_buf(), b: b.0, b_path: b.1.to_path_buf(), why })
+}
+
+/// Makes sure `WORKDIR/work` exists and is empty, and returns it open.
+fn prepare_work(workdir: &OwnedFd) -> Result<OwnedFd, Error> {
+    match rustix::fs::mkdirat(workdir, c"work", Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(Error::from(e).context("mkdir work")),
+    }
+    let work = sys::open_beneath(workdir, Path::new("work"), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+    let stale = sys::read_dir_fd(rustix::io::dup(&work)?)?;
+    for e in stale {
+        tracing::info!(name = ?e.name, "removing stale work entry");
+        sys::remove_tree_at(&work, &sys::name_cstr(&e.name)?)?;
+    }
+    Ok(work)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn rejects_bad_stacks() {
+        let t = tmp();
+        let d = t.path();
+        for n in ["l1", "l2", "u", "w"] {
+            std::fs::create_dir(d.join(n)).unwrap();
+        }
+        std::fs::write(d.join("file"), b"").unwrap();
+        let p = |s: &str| d.join(s).display().to_string();
+        let cases = [
+            (format!("lowerdir={}", p("missing")), "no such directory"),
+            (format!("lowerdir={}", p("file")), "not a directory"),
+            (format!("lowerdir={},upperdir={},workdir={}", p("l1"), p("l1"), p("w")), "same directory"),
+            (format!("lowerdir={},upperdir={},workdir={}", p("l1/.."), p("u"), p("w")), "overlap"),
+            (format!("lowerdir={},upperdir={},workdir={}", p("l1"), p("u"), p("u")), "same directory"),
+            (format!("lowerdir={},upperdir={}", p("l1"), p("u")), "together"),
+        ];
+        for (opts, want) in cases {
+            let o = MountOptions::parse(&opts).unwrap();
+            let e = LayerStack::open(&o).unwrap_err().to_string();
+            assert!(e.contains(want), "{opts}: {e}");
+        }
+        assert!(!d.join("w/work").exists(), "a failed open must not touch the workdir");
+    }
+
+    #[test]
+    fn cleans_stale_work_entries() {
+        let t = tmp();
+        let d = t.path();
+        for n in ["l1", "u", "w/work/#stale/sub"] {
+            std::fs::create_dir_all(d.join(n)).unwrap();
+        }
+        std::fs::write(d.join("w/work/#stale/sub/f"), b"x").unwrap();
+        let o = MountOptions::parse(&format!(
+            "lowerdir={},upperdir={},workdir={}",
+            d.join("l1").display(),
+            d.join("u").display(),
+            d.join("w").display()
+        ))
+        .unwrap();
+        let s = LayerStack::open(&o).unwrap();
+        assert_eq!(std::fs::read_dir(d.join("w/work")).unwrap().count(), 0);
+        assert_eq!(s.layer(LayerId(1)).path(), d.join("l1").canonicalize().unwrap());
+        assert_eq!(s.fs_count(), 1);
+    }
+}

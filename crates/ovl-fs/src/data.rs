@@ -1,0 +1,225 @@
+//! Operations on file contents and attributes: open, read, write, fsync, fallocate, lseek,
+//! copy_file_range, setattr, readlink, statfs.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fuser::TimeOrNow;
+use ovl_core::sys;
+use ovl_core::{Errno, Result};
+use rustix::fs::{AtFlags, FallocateFlags, Gid, Mode, OFlags, SeekFrom, Stat, Timespec, Timestamps, Uid};
+
+use crate::fs::{OpenFile, OverlayFs};
+use crate::inode::Node;
+
+/// The flags we open a real file with, from the flags the caller opened the overlay file with:
+/// access mode and status flags kept, creation flags dropped (handled by us), never following
+/// a symlink, and no `O_APPEND` because the kernel already sends the offset to write at.
+pub(crate) fn backing_flags(flags: i32) -> OFlags {
+    let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME | libc::O_NONBLOCK;
+    OFlags::from_bits_retain((flags & keep) as u32) | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+/// The changes a setattr asks for.
+#[derive(Debug, Default)]
+pub(crate) struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+    pub fh: Option<u64>,
+}
+
+fn timespec(t: Option<TimeOrNow>) -> Timespec {
+    match t {
+        None => Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+        Some(TimeOrNow::Now) => Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => Timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos() as _ },
+            Err(e) => {
+                let d = e.duration();
+                let (s, ns) = if d.subsec_nanos() == 0 {
+                    (-(d.as_secs() as i64), 0)
+                } else {
+                    (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos() as i64)
+                };
+                Timespec { tv_sec: s as _, tv_nsec: ns as _ }
+            }
+        },
+    }
+}
+
+impl OverlayFs {
+    /// Opens the real file of `node`, copying it up first when the open may write.
+    pub(crate) fn do_open(&self, node: &Arc<Node>, flags: i32) -> Result<u64> {
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writes {
+            self.ensure_upper(node)?;
+        }
+        let (root, path) = self.real_location(node)?;
+        let fd = sys::open_beneath(root, &path, backing_flags(flags), Mode::empty())?;
+        if flags & libc::O_TRUNC != 0 {
+            rustix::fs::ftruncate(&fd, 0)?;
+        }
+        Ok(self.add_file(node.id, File::from(fd)))
+    }
+
+    pub(crate) fn add_file(&self, node: u64, file: File) -> u64 {
+        let fh = self.handles.next_id();
+        self.handles.files.write().insert(fh, Arc::new(OpenFile { node, file }));
+        fh
+    }
+
+    pub(crate) fn do_read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let f = self.handles.file(fh, ino)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match f.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub(crate) fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let f = self.handles.file(fh, ino)?;
+        f.file.write_all_at(data, offset)?;
+        Ok(data.len() as u32)
+    }
+
+    pub(crate) fn do_fsync(&self, ino: u64, fh: u64, datasync: bool) -> Result<()> {
+        let f = self.handles.file(fh, ino)?;
+        if datasync {
+            rustix::fs::fdatasync(&f.file)?
+        } else {
+            rustix::fs::fsync(&f.file)?
+        }
+        Ok(())
+    }
+
+    pub(crate) fn do_release(&self, fh: u64) {
+        self.handles.files.write().remove(&fh);
+    }
+
+    pub(crate) fn do_fallocate(&self, ino: u64, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let f = self.handles.file(fh, ino)?;
+        rustix::fs::fallocate(&f.file, FallocateFlags::from_bits_retain(mode as _), offset, length)?;
+        Ok(())
+    }
+
+    pub(crate) fn do_lseek(&self, ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let f = self.handles.file(fh, ino)?;
+        let pos = match whence {
+            libc::SEEK_SET => SeekFrom::Start(offset as u64),
+            libc::SEEK_CUR => SeekFrom::Current(offset),
+            libc::SEEK_END => SeekFrom::End(offset),
+            libc::SEEK_DATA => SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => SeekFrom::Hole(offset as u64),
+            _ => return Err(Errno::INVAL.into()),
+        };
+        Ok(rustix::fs::seek(&f.file, pos)? as i64)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn do_copy_file_range(
+        &self,
+        ino_in: u64,
+        fh_in: u64,
+        off_in: u64,
+        ino_out: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u32> {
+        let fin = self.handles.file(fh_in, ino_in)?;
+        let fout = self.handles.file(fh_out, ino_out)?;
+        let (mut i, mut o) = (off_in, off_out);
+        let n = rustix::fs::copy_file_range(
+            &fin.file,
+            Some(&mut i),
+            &fout.file,
+            Some(&mut o),
+            len.min(u32::MAX as u64 / 2) as usize,
+        )?;
+        Ok(n as u32)
+    }
+
+    /// Applies a setattr: copy-up first (attributes of a lower object never change), then each
+    /// change on the upper object. Returns the new `lstat`.
+    pub(crate) fn do_setattr(&self, node: &Arc<Node>, a: &SetAttr) -> Result<Stat> {
+        self.ensure_upper(node)?;
+        let upper = self.stack.writable_upper().ok_or(Errno::ROFS)?;
+        let path = self.path_of(node)?;
+        let root = upper.layer().root();
+        let (dir, name) = if path.as_os_str().is_empty() {
+            (rustix::io::dup(root)?, None)
+        } else {
+            let (d, n) = sys::open_parent(root, &path)?;
+            (d, Some(n))
+        };
+        let name_ref = name.as_deref().unwrap_or(c"");
+        let at = if name.is_some() { AtFlags::SYMLINK_NOFOLLOW } else { AtFlags::EMPTY_PATH };
+        if a.uid.is_some() || a.gid.is_some() {
+            rustix::fs::chownat(&dir, name_ref, a.uid.map(Uid::from_raw), a.gid.map(Gid::from_raw), at)?;
+        }
+        if let Some(mode) = a.mode {
+            if node.kind != rustix::fs::FileType::Symlink {
+                match &name {
+                    Some(n) => rustix::fs::chmodat(&dir, n, Mode::from_raw_mode(mode & 0o7777), AtFlags::empty())?,
+                    None => rustix::fs::fchmod(root, Mode::from_raw_mode(mode & 0o7777))?,
+                }
+            }
+        }
+        if let Some(size) = a.size {
+            match a.fh.and_then(|fh| self.handles.file(fh, node.id).ok()) {
+                Some(f) => rustix::fs::ftruncate(&f.file, size)?,
+                None => {
+                    let fd = sys::open_beneath(root, &path, OFlags::WRONLY, Mode::empty())?;
+                    rustix::fs::ftruncate(&fd, size)?;
+                }
+            }
+        }
+        if a.atime.is_some() || a.mtime.is_some() {
+            let times = Timestamps { last_access: timespec(a.atime), last_modification: timespec(a.mtime) };
+            match &name {
+                Some(n) => rustix::fs::utimensat(&dir, n, &times, AtFlags::SYMLINK_NOFOLLOW)?,
+                None => sys::set_times(root.as_fd(), &times)?,
+            }
+        }
+        self.real_stat(node)
+    }
+
+    pub(crate) fn do_readlink(&self, node: &Node) -> Result<Vec<u8>> {
+        let (root, path) = self.real_location(node)?;
+        let (dir, name) = sys::open_parent(root, &path)?;
+        Ok(rustix::fs::readlinkat(&dir, &name, Vec::new())?.into_bytes())
+    }
+
+    pub(crate) fn do_statfs(&self) -> Result<rustix::fs::StatVfs> {
+        let root = match self.stack.upper() {
+            Some(u) => u.layer().root(),
+            None => self.stack.lowers()[0].root(),
+        };
+        let fd = sys::open_beneath(root, std::path::Path::new(""), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+        Ok(rustix::fs::fstatvfs(&fd)?)
+    }
+}
+
+impl OverlayFs {
+    pub(crate) fn do_fsyncdir(&self, node: &Node) -> Result<()> {
+        let (root, path) = self.real_location(node)?;
+        let fd = sys::open_beneath(root, &path, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+        rustix::fs::fsync(&fd)?;
+        Ok(())
+    }
+}

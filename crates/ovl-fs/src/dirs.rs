@@ -1,0 +1,95 @@
+//! Directory streams: opendir, readdir, readdirplus.
+
+use std::ffi::{OsStr, OsString};
+use std::sync::Arc;
+
+use fuser::{FileType as FuseType, Generation, INodeNo, ReplyDirectory, ReplyDirectoryPlus};
+use ovl_core::Result;
+use parking_lot::Mutex;
+
+use crate::fs::{OpenDir, OverlayFs, fuse_type};
+use crate::inode::{Node, ROOT};
+
+impl OverlayFs {
+    /// The merged listing of `node`, with `.` and `..` first.
+    fn listing(&self, node: &Node) -> Result<Vec<(OsString, FuseType, u64)>> {
+        let (_, layers) = self.dir_of(node)?;
+        let entries = ovl_lookup::read_merged(&self.stack, &layers)?;
+        let parent = node.state.read().names.first().map(|(p, _)| *p).unwrap_or(ROOT);
+        let mut out = Vec::with_capacity(entries.len() + 2);
+        out.push((OsString::from("."), FuseType::Directory, node.id));
+        out.push((OsString::from(".."), FuseType::Directory, parent));
+        for e in entries {
+            let ino = self.table.ino_for(self.key_in(e.layer, e.ino));
+            out.push((e.name, fuse_type(e.file_type), ino));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn do_opendir(&self, node: &Node) -> Result<u64> {
+        let entries = self.listing(node)?;
+        let fh = self.handles.next_id();
+        self.handles.dirs.write().insert(fh, Arc::new(Mutex::new(OpenDir { entries })));
+        Ok(fh)
+    }
+
+    fn open_dir(&self, fh: u64) -> Result<Arc<Mutex<OpenDir>>> {
+        self.handles.dirs.read().get(&fh).cloned().ok_or_else(|| ovl_core::Errno::BADF.into())
+    }
+
+    pub(crate) fn do_readdir(
+        &self,
+        node: &Node,
+        fh: u64,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) -> Result<ReplyDirectory> {
+        let dir = self.open_dir(fh)?;
+        let mut d = dir.lock();
+        if offset == 0 {
+            d.entries = self.listing(node)?;
+        }
+        for (i, (name, kind, ino)) in d.entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        Ok(reply)
+    }
+
+    pub(crate) fn do_readdirplus(
+        &self,
+        node: &Node,
+        fh: u64,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) -> Result<ReplyDirectoryPlus> {
+        let dir = self.open_dir(fh)?;
+        let mut d = dir.lock();
+        if offset == 0 {
+            d.entries = self.listing(node)?;
+        }
+        let self_attr = self.attr(node, &self.real_stat(node)?);
+        for (i, (name, _, _)) in d.entries.iter().enumerate().skip(offset as usize) {
+            let off = i as u64 + 1;
+            if name == OsStr::new(".") || name == OsStr::new("..") {
+                // The kernel links no inode for these two.
+                if reply.add(INodeNo(0), off, name, &self.ttl, &self_attr, Generation(0)) {
+                    break;
+                }
+                continue;
+            }
+            let Ok((child, st)) = self.do_lookup(node, name) else { continue };
+            let attr = self.attr(&child, &st);
+            if reply.add(INodeNo(child.id), off, name, &self.ttl, &attr, Generation(0)) {
+                self.table.forget(child.id, 1);
+                break;
+            }
+        }
+        Ok(reply)
+    }
+
+    pub(crate) fn do_releasedir(&self, fh: u64) {
+        self.handles.dirs.write().remove(&fh);
+    }
+}

@@ -1,0 +1,378 @@
+//! Operations on names: lookup, creating objects, unlink, rmdir, rename, link.
+
+use std::ffi::{CStr, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use ovl_core::sys;
+use ovl_core::{Errno, Result, is_whiteout_stat};
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, RenameFlags, Stat, Uid};
+
+use crate::fs::OverlayFs;
+use crate::inode::{Node, NodeState};
+
+/// Who owns a new object and with which mode, as the kernel would decide for the caller.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewOwner {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+impl NewOwner {
+    /// The owner for a new object made by `uid`/`gid` with permission bits `mode` in a directory
+    /// with attributes `parent`: a set-group-ID directory passes on its group (and, to new
+    /// directories, the bit itself).
+    pub fn new(uid: u32, gid: u32, mode: u32, parent: &Stat, is_dir: bool) -> Self {
+        let sgid = parent.st_mode & libc::S_ISGID != 0;
+        let gid = if sgid { parent.st_gid } else { gid };
+        let mode = if sgid && is_dir { mode | libc::S_ISGID } else { mode };
+        Self { uid, gid, mode: mode & 0o7777 }
+    }
+
+    /// Sets owner, then mode (chown may clear set-ID bits), on `dir/name`; on failure the half
+    /// made object is removed.
+    fn apply(&self, dir: BorrowedFd<'_>, name: &CStr, kind: FileType) -> Result<()> {
+        let done = rustix::fs::chownat(
+            dir,
+            name,
+            Some(Uid::from_raw(self.uid)),
+            Some(Gid::from_raw(self.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .and_then(|()| {
+            if kind == FileType::Symlink {
+                Ok(())
+            } else {
+                rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty())
+            }
+        });
+        if let Err(e) = done {
+            let flags = if kind == FileType::Directory { AtFlags::REMOVEDIR } else { AtFlags::empty() };
+            let _ = rustix::fs::unlinkat(dir, name, flags);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}
+
+impl OverlayFs {
+    /// Looks up `name` in `parent` and counts a kernel lookup of the result.
+    pub(crate) fn do_lookup(&self, parent: &Node, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
+        let e = self.find(parent, name)?.ok_or(Errno::NOENT)?;
+        let node = self.remember(parent.id, name, &e);
+        Ok((node, e.stat))
+    }
+
+    /// Creates a new object `name` in `parent` with `build(dir, name)`: directly in the upper
+    /// dir when the name is free there, or under a temporary name and then over the whiteout
+    /// that holds the name. Registers the new node (one kernel lookup).
+    pub(crate) fn create_object<T>(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        kind: FileType,
+        build: impl FnOnce(BorrowedFd<'_>, &CStr) -> Result<T>,
+    ) -> Result<(Arc<Node>, Stat, T)> {
+        let cname = sys::name_cstr(name)?;
+        let (ppath, pfd) = self.upper_dir(parent)?;
+        let is_dir = kind == FileType::Directory;
+        let mut over_whiteout = false;
+        let out = match sys::lstat_at(&pfd, &cname) {
+            Err(e) if e.errno() == Errno::NOENT => build(pfd.as_fd(), &cname)?,
+            Ok(st) if is_whiteout_stat(&st) => {
+                over_whiteout = true;
+                let mut out = None;
+                ovl_copyup::create_over_whiteout(&self.stack, &ppath, &cname, is_dir, |c| {
+                    out = Some(build(c.work, c.name)?);
+                    Ok(())
+                })?;
+                out.ok_or(Errno::IO)?
+            }
+            Ok(_) => return Err(Errno::EXIST.into()),
+            Err(e) => return Err(e),
+        };
+        let st = sys::lstat_at(&pfd, &cname)?;
+        let key = self.upper_key(&st);
+        let (node, _) = self.table.lookup_or_insert(key, FileType::from_raw_mode(st.st_mode), || NodeState {
+            names: vec![(parent.id, name.to_os_string())],
+            upper: true,
+            lower: None,
+            lower_dirs: Vec::new(),
+            opaque: is_dir && over_whiteout,
+            keys: Vec::new(),
+        });
+        Ok((node, st, out))
+    }
+
+    /// The attributes of `parent` as the owner rules need them.
+    fn parent_stat(&self, parent: &Node) -> Result<Stat> {
+        self.real_stat(parent)
+    }
+
+    pub(crate) fn do_mkdir(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(Arc<Node>, Stat)> {
+        let owner = NewOwner::new(uid, gid, mode, &self.parent_stat(parent)?, true);
+        let (node, st, ()) = self.create_object(parent, name, FileType::Directory, |dir, n| {
+            rustix::fs::mkdirat(dir, n, Mode::from_raw_mode(owner.mode & 0o777))?;
+            owner.apply(dir, n, FileType::Directory)
+        })?;
+        Ok((node, st))
+    }
+
+    pub(crate) fn do_mknod(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(Arc<Node>, Stat)> {
+        let kind = FileType::from_raw_mode(mode);
+        let owner = NewOwner::new(uid, gid, mode & 0o7777, &self.parent_stat(parent)?, false);
+        let (node, st, ()) = self.create_object(parent, name, kind, |dir, n| {
+            if kind == FileType::RegularFile {
+                drop(rustix::fs::openat(
+                    dir,
+                    n,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )?);
+            } else {
+                rustix::fs::mknodat(dir, n, kind, Mode::from_raw_mode(0o600), rdev as u64)?;
+            }
+            owner.apply(dir, n, kind)
+        })?;
+        Ok((node, st))
+    }
+
+    pub(crate) fn do_symlink(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        target: &Path,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(Arc<Node>, Stat)> {
+        let owner = NewOwner::new(uid, gid, 0o777, &self.parent_stat(parent)?, false);
+        let (node, st, ()) = self.create_object(parent, name, FileType::Symlink, |dir, n| {
+            rustix::fs::symlinkat(target, dir, n)?;
+            owner.apply(dir, n, FileType::Symlink)
+        })?;
+        Ok((node, st))
+    }
+
+    /// Creates and opens a regular file; returns the open file.
+    pub(crate) fn do_create(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(Arc<Node>, Stat, OwnedFd)> {
+        let owner = NewOwner::new(uid, gid, mode & 0o7777, &self.parent_stat(parent)?, false);
+        let oflags = crate::data::backing_flags(flags) | OFlags::CREATE | OFlags::EXCL;
+        self.create_object(parent, name, FileType::RegularFile, |dir, n| {
+            let fd = rustix::fs::openat(dir, n, oflags, Mode::from_raw_mode(0o600))?;
+            owner.apply(dir, n, FileType::RegularFile)?;
+            Ok(fd)
+        })
+    }
+
+    pub(crate) fn do_link(&self, node: &Arc<Node>, newparent: &Arc<Node>, newname: &OsStr) -> Result<Stat> {
+        if node.is_dir() {
+            return Err(Errno::PERM.into());
+        }
+        self.ensure_upper(node)?;
+        let src = self.path_of(node)?;
+        let upper = self.stack.writable_upper().ok_or(Errno::ROFS)?;
+        let (sdir, sname) = sys::open_parent(upper.layer().root(), &src)?;
+        let (_, st, ()) = self.create_object(newparent, newname, FileType::RegularFile, |dir, n| {
+            rustix::fs::linkat(&sdir, &sname, dir, n, AtFlags::empty())?;
+            Ok(())
+        })?;
+        {
+            let mut s = node.state.write();
+            if !s.names.iter().any(|(p, n)| *p == newparent.id && n == newname) {
+                s.names.push((newparent.id, newname.to_os_string()));
+            }
+        }
+        Ok(st)
+    }
+
+    pub(crate) fn do_unlink(&self, parent: &Arc<Node>, name: &OsStr, want_dir: bool) -> Result<()> {
+        let e = self.find(parent, name)?.ok_or(Errno::NOENT)?;
+        let is_dir = e.kind == FileType::Directory;
+        if want_dir && !is_dir {
+            return Err(Errno::NOTDIR.into());
+        }
+        if !want_dir && is_dir {
+            return Err(Errno::ISDIR.into());
+        }
+        if is_dir {
+            let layers = e.dir.as_ref().ok_or(Errno::IO)?;
+            if !ovl_lookup::read_merged(&self.stack, layers)?.is_empty() {
+                return Err(Errno::NOTEMPTY.into());
+            }
+        }
+        let cname = sys::name_cstr(name)?;
+        let (_, players) = self.dir_of(parent)?;
+        let needs_whiteout = ovl_lookup::lower_has_name(&self.stack, &players, name)?;
+        let (ppath, _) = self.upper_dir(parent)?;
+        match (e.upper.is_some(), needs_whiteout) {
+            (true, true) => ovl_copyup::replace_with_whiteout(&self.stack, &ppath, &cname)?,
+            (true, false) => ovl_copyup::remove_upper(&self.stack, &ppath, &cname, is_dir)?,
+            (false, true) => ovl_copyup::whiteout(&self.stack, &ppath, &cname)?,
+            (false, false) => return Err(Errno::IO.into()),
+        }
+        if let Some(node) = self.table.by_key(self.key_of(&e)) {
+            self.table.unlink_name(&node, parent.id, name);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn do_rename(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        newparent: &Arc<Node>,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<()> {
+        let exchange = flags.contains(RenameFlags::EXCHANGE);
+        if flags.contains(RenameFlags::WHITEOUT) || (exchange && flags.contains(RenameFlags::NOREPLACE)) {
+            return Err(Errno::INVAL.into());
+        }
+        let src = self.find(parent, name)?.ok_or(Errno::NOENT)?;
+        let dst = self.find(newparent, newname)?;
+        if parent.id == newparent.id && name == newname {
+            return Ok(());
+        }
+        let src_dir = src.kind == FileType::Directory;
+        if let Some(d) = &dst {
+            if flags.contains(RenameFlags::NOREPLACE) {
+                return Err(Errno::EXIST.into());
+            }
+            let dst_dir = d.kind == FileType::Directory;
+            if !exchange {
+                if src_dir && !dst_dir {
+                    return Err(Errno::NOTDIR.into());
+                }
+                if !src_dir && dst_dir {
+                    return Err(Errno::ISDIR.into());
+                }
+                if dst_dir && !ovl_lookup::read_merged(&self.stack, d.dir.as_ref().ok_or(Errno::IO)?)?.is_empty() {
+                    return Err(Errno::NOTEMPTY.into());
+                }
+            }
+        } else if exchange {
+            return Err(Errno::NOENT.into());
+        }
+        // Without redirects a directory that has lower parts cannot move.
+        let has_lower_dir = |e: &ovl_lookup::Entry| e.dir.as_ref().is_some_and(|d| d.is_merged());
+        if has_lower_dir(&src) || (exchange && dst.as_ref().is_some_and(has_lower_dir)) {
+            return Err(Errno::XDEV.into());
+        }
+
+        let src_node = self.table.by_key(self.key_of(&src));
+        let dst_node = dst.as_ref().and_then(|d| self.table.by_key(self.key_of(d)));
+        let src_node = match src_node {
+            Some(n) => n,
+            None => self.remember_transient(parent.id, name, &src),
+        };
+        self.ensure_upper(&src_node)?;
+        if let (Some(d), true) = (&dst, exchange) {
+            let dn = match &dst_node {
+                Some(n) => n.clone(),
+                None => self.remember_transient(newparent.id, newname, d),
+            };
+            self.ensure_upper(&dn)?;
+        }
+        let (ppath, pfd) = self.upper_dir(parent)?;
+        let (npath, npfd) = self.upper_dir(newparent)?;
+        let (_, players) = self.dir_of(parent)?;
+        let (_, nplayers) = self.dir_of(newparent)?;
+        let cname = sys::name_cstr(name)?;
+        let cnew = sys::name_cstr(newname)?;
+
+        // A pure-upper dir moving into a merged parent must not let that parent's lower
+        // entries of the same name show through it.
+        let src_opaque = src_dir && !src.opaque && nplayers.is_merged();
+        if src_opaque {
+            ovl_copyup::set_opaque(&self.stack, &ppath.join(name))?;
+        }
+        if exchange {
+            let d = dst.as_ref().ok_or(Errno::IO)?;
+            if d.kind == FileType::Directory && !d.opaque && players.is_merged() {
+                ovl_copyup::set_opaque(&self.stack, &npath.join(newname))?;
+            }
+            rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, RenameFlags::EXCHANGE)?;
+        } else {
+            let needs_whiteout = ovl_lookup::lower_has_name(&self.stack, &players, name)?;
+            let target = match sys::lstat_at(&npfd, &cnew) {
+                Ok(st) => Some(st),
+                Err(e) if e.errno() == Errno::NOENT => None,
+                Err(e) => return Err(e),
+            };
+            let onto_whiteout = target.as_ref().is_some_and(is_whiteout_stat);
+            if let Some(d) = &dst {
+                if d.kind == FileType::Directory && d.upper.is_some() {
+                    // An empty merged dir may still hold whiteouts in its upper part.
+                    ovl_copyup::clear_dir(&self.stack, &npath.join(newname))?;
+                }
+            }
+            if src_dir && onto_whiteout {
+                rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, RenameFlags::EXCHANGE)?;
+                if !needs_whiteout {
+                    rustix::fs::unlinkat(&pfd, &cname, AtFlags::empty())?;
+                }
+            } else {
+                let f = if needs_whiteout { RenameFlags::WHITEOUT } else { RenameFlags::empty() };
+                rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, f)?;
+            }
+        }
+        // Bookkeeping: the moved node now answers to the new name.
+        let rename_alias = |node: &Node, from: (u64, &OsStr), to: (u64, &OsStr)| {
+            let mut s = node.state.write();
+            for n in s.names.iter_mut() {
+                if n.0 == from.0 && n.1 == from.1 {
+                    *n = (to.0, to.1.to_os_string());
+                }
+            }
+            if src_opaque && node.is_dir() {
+                s.opaque = true;
+            }
+        };
+        if exchange {
+            if let Some(dn) = &dst_node {
+                rename_alias(dn, (newparent.id, newname), (u64::MAX, OsStr::new("")));
+            }
+            rename_alias(&src_node, (parent.id, name), (newparent.id, newname));
+            if let Some(dn) = &dst_node {
+                rename_alias(dn, (u64::MAX, OsStr::new("")), (parent.id, name));
+            }
+        } else {
+            if let Some(dn) = &dst_node {
+                self.table.unlink_name(dn, newparent.id, newname);
+            }
+            rename_alias(&src_node, (parent.id, name), (newparent.id, newname));
+        }
+        Ok(())
+    }
+
+    /// A node for an entry the kernel has not looked up (it always has, but a stale cache must
+    /// not break a rename); it is registered like a lookup and forgotten with the others.
+    fn remember_transient(&self, parent: u64, name: &OsStr, e: &ovl_lookup::Entry) -> Arc<Node> {
+        self.remember(parent, name, e)
+    }
+}

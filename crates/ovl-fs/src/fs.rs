@@ -1,0 +1,306 @@
+//! The overlay filesystem state and the helpers every operation shares: node paths, attributes,
+//! copy-up of a node and its parents, and the handle tables.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType as FuseType, INodeNo};
+use ovl_core::sys;
+use ovl_core::{Errno, LayerStack, Result};
+use ovl_lookup::{DirLayers, Entry};
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::{FileType, Stat};
+
+use crate::inode::{Key, Node, NodeState, ROOT, Table};
+
+/// An open regular file: the real file in the layer it was opened in.
+#[derive(Debug)]
+pub(crate) struct OpenFile {
+    pub node: u64,
+    pub file: File,
+}
+
+/// An open directory: its merged listing, taken at opendir and again at each rewind, so offsets
+/// stay valid across readdir calls and seekdir.
+#[derive(Debug, Default)]
+pub(crate) struct OpenDir {
+    pub entries: Vec<(OsString, FuseType, u64)>,
+}
+
+/// The open file and directory handles.
+#[derive(Default)]
+pub(crate) struct Handles {
+    next: AtomicU64,
+    pub files: RwLock<HashMap<u64, Arc<OpenFile>>>,
+    pub dirs: RwLock<HashMap<u64, Arc<Mutex<OpenDir>>>>,
+}
+
+impl Handles {
+    pub fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The open file `fh`, checked to belong to node `ino`.
+    pub fn file(&self, fh: u64, ino: u64) -> Result<Arc<OpenFile>> {
+        match self.files.read().get(&fh) {
+            Some(f) if f.node == ino => Ok(f.clone()),
+            _ => Err(Errno::BADF.into()),
+        }
+    }
+}
+
+/// The overlay filesystem served over FUSE.
+pub struct OverlayFs {
+    pub(crate) stack: LayerStack,
+    pub(crate) table: Table,
+    pub(crate) handles: Handles,
+    pub(crate) ttl: Duration,
+}
+
+impl OverlayFs {
+    /// An overlay of `stack`, ready to be mounted.
+    pub fn new(stack: LayerStack) -> Result<Self> {
+        let root = DirLayers::root(&stack)?;
+        let (root_key, upper) = match stack.upper() {
+            Some(u) => (Key { fs: u.layer().fs_index(), ino: rustix::fs::fstat(u.layer().root())?.st_ino }, true),
+            None => {
+                let l = &stack.lowers()[0];
+                (Key { fs: l.fs_index(), ino: rustix::fs::fstat(l.root())?.st_ino }, false)
+            }
+        };
+        let opaque = stack.upper().is_some() && root.lowers.is_empty();
+        let state =
+            NodeState { names: Vec::new(), upper, lower: None, lower_dirs: root.lowers, opaque, keys: vec![root_key] };
+        Ok(Self { table: Table::new(root_key, state), stack, handles: Handles::default(), ttl: Duration::from_secs(1) })
+    }
+
+    /// The layer stack being served.
+    pub fn stack(&self) -> &LayerStack {
+        &self.stack
+    }
+
+    pub(crate) fn node(&self, ino: INodeNo) -> Result<Arc<Node>> {
+        self.table.get(ino.0).ok_or_else(|| Errno::STALE.into())
+    }
+
+    /// The overlay path of a node (`""` for the root), from its first name up to the root.
+    pub(crate) fn path_of(&self, node: &Node) -> Result<PathBuf> {
+        let mut parts: Vec<OsString> = Vec::new();
+        let mut cur = node.state.read().names.first().cloned();
+        let mut id = node.id;
+        while id != ROOT {
+            let Some((parent, name)) = cur else { return Err(Errno::NOENT.into()) };
+            parts.push(name);
+            id = parent;
+            if parts.len() > 4096 {
+                return Err(Errno::LOOP.into());
+            }
+            cur = if id == ROOT {
+                None
+            } else {
+                self.table.get(id).ok_or(Errno::NOENT)?.state.read().names.first().cloned()
+            };
+        }
+        Ok(parts.iter().rev().collect())
+    }
+
+    /// A directory node's path and layers.
+    pub(crate) fn dir_of(&self, node: &Node) -> Result<(PathBuf, DirLayers)> {
+        if !node.is_dir() {
+            return Err(Errno::NOTDIR.into());
+        }
+        let path = self.path_of(node)?;
+        let layers = node.dir_layers(&path);
+        Ok((path, layers))
+    }
+
+    /// The identity of what a lookup found.
+    pub(crate) fn key_of(&self, e: &Entry) -> Key {
+        if let (Some(st), Some(u)) = (&e.upper, self.stack.upper()) {
+            return Key { fs: u.layer().fs_index(), ino: st.st_ino };
+        }
+        let layer = match (&e.lower, &e.dir) {
+            (Some(l), _) => l.layer,
+            (None, Some(d)) => d.lowers.first().map(|l| l.layer).unwrap_or(ovl_core::LayerId(0)),
+            (None, None) => ovl_core::LayerId(0),
+        };
+        Key { fs: self.stack.layer(layer).fs_index(), ino: e.stat.st_ino }
+    }
+
+    /// The identity of an object listed from `layer`.
+    pub(crate) fn key_in(&self, layer: ovl_core::LayerId, ino: u64) -> Key {
+        Key { fs: self.stack.layer(layer).fs_index(), ino }
+    }
+
+    /// The identity of a new object in the upper layer.
+    pub(crate) fn upper_key(&self, st: &Stat) -> Key {
+        let fs = self.stack.upper().map(|u| u.layer().fs_index()).unwrap_or(0);
+        Key { fs, ino: st.st_ino }
+    }
+
+    /// Registers what a lookup found under `(parent, name)` and counts one kernel lookup.
+    pub(crate) fn remember(&self, parent: u64, name: &OsStr, e: &Entry) -> Arc<Node> {
+        let key = self.key_of(e);
+        let (node, fresh) = self.table.lookup_or_insert(key, e.kind, || NodeState {
+            names: vec![(parent, name.to_os_string())],
+            upper: e.upper.is_some(),
+            lower: e.lower.clone(),
+            lower_dirs: e.dir.as_ref().map(|d| d.lowers.clone()).unwrap_or_default(),
+            opaque: e.opaque,
+            keys: Vec::new(),
+        });
+        if !fresh {
+            let mut st = node.state.write();
+            if e.upper.is_some() {
+                st.upper = true;
+                st.lower = None;
+            }
+            if !st.names.iter().any(|(p, n)| *p == parent && n == name) {
+                st.names.push((parent, name.to_os_string()));
+            }
+        }
+        node
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub(crate) fn find(&self, parent: &Node, name: &OsStr) -> Result<Option<Entry>> {
+        let (_, layers) = self.dir_of(parent)?;
+        ovl_lookup::lookup(&self.stack, &layers, name)
+    }
+
+    /// The real object's `lstat` as the mount shows it.
+    pub(crate) fn real_stat(&self, node: &Node) -> Result<Stat> {
+        let (upper, lower, first_dir) = {
+            let st = node.state.read();
+            (st.upper, st.lower.clone(), st.lower_dirs.first().cloned())
+        };
+        if upper {
+            let u = self.stack.upper().ok_or(Errno::IO)?;
+            return sys::lstat_beneath(u.layer().root(), &self.path_of(node)?);
+        }
+        if let Some(l) = lower {
+            return sys::lstat_beneath(self.stack.layer(l.layer).root(), &l.path);
+        }
+        if let Some(d) = first_dir {
+            return sys::lstat_beneath(self.stack.layer(d.layer).root(), &d.path);
+        }
+        Err(Errno::NOENT.into())
+    }
+
+    /// The attributes the kernel sees for `node`, built from its real object's `lstat`.
+    pub(crate) fn attr(&self, node: &Node, st: &Stat) -> FileAttr {
+        let merged_dir = node.is_dir() && !node.state.read().lower_dirs.is_empty();
+        let time = |s: i64, ns: i64| {
+            if s >= 0 {
+                UNIX_EPOCH + Duration::new(s as u64, ns as u32)
+            } else {
+                UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) + Duration::from_nanos(ns as u64)
+            }
+        };
+        FileAttr {
+            ino: INodeNo(node.id),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: time(st.st_atime, st.st_atime_nsec as i64),
+            mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
+            crtime: SystemTime::UNIX_EPOCH,
+            kind: fuse_type(FileType::from_raw_mode(st.st_mode)),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: if merged_dir { 1 } else { st.st_nlink as u32 },
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    /// Makes sure `node` exists in the upper layer, copying it (and, first, its parents) up.
+    /// One copy is made however many threads ask at once.
+    pub(crate) fn ensure_upper(&self, node: &Arc<Node>) -> Result<()> {
+        if node.state.read().upper {
+            return Ok(());
+        }
+        if self.stack.writable_upper().is_none() {
+            return Err(Errno::ROFS.into());
+        }
+        let _guard = node.copy_lock.lock();
+        let (parent_id, src) = {
+            let st = node.state.read();
+            if st.upper {
+                return Ok(());
+            }
+            let parent = st.names.first().map(|(p, _)| *p).ok_or(Errno::NOENT)?;
+            let src = match (&st.lower, st.lower_dirs.first()) {
+                (Some(l), _) => ovl_copyup::Source { layer: l.layer, path: l.path.clone() },
+                (None, Some(d)) => ovl_copyup::Source { layer: d.layer, path: d.path.clone() },
+                (None, None) => return Err(Errno::IO.into()),
+            };
+            (parent, src)
+        };
+        let parent = self.table.get(parent_id).ok_or(Errno::NOENT)?;
+        self.ensure_upper(&parent)?;
+        let parent_path = self.path_of(&parent)?;
+        // The upper name must be the overlay name, which differs from the lower name after a
+        // rename of a lower dir into this position.
+        let name = node.state.read().names.first().map(|(_, n)| n.clone()).ok_or(Errno::NOENT)?;
+        let st = if src.path.file_name() == Some(name.as_os_str()) {
+            ovl_copyup::copy_up(&self.stack, &src, &parent_path)?
+        } else {
+            return Err(Errno::XDEV.into());
+        };
+        {
+            let mut s = node.state.write();
+            s.upper = true;
+            s.lower = None;
+        }
+        self.table.add_key(node, self.upper_key(&st));
+        tracing::debug!(path = ?parent_path.join(&name), "copied up");
+        Ok(())
+    }
+
+    /// The upper directory `node` as an `O_PATH` fd, after copying it up.
+    pub(crate) fn upper_dir(&self, node: &Arc<Node>) -> Result<(PathBuf, std::os::fd::OwnedFd)> {
+        self.ensure_upper(node)?;
+        let path = self.path_of(node)?;
+        let u = self.stack.writable_upper().ok_or(Errno::ROFS)?;
+        let fd = sys::open_dir_path(u.layer().root(), &path)?;
+        Ok((path, fd))
+    }
+
+    /// The layer root and path where `node`'s object is read from now.
+    pub(crate) fn real_location(&self, node: &Node) -> Result<(std::os::fd::BorrowedFd<'_>, PathBuf)> {
+        let st = node.state.read();
+        if st.upper {
+            drop(st);
+            let u = self.stack.upper().ok_or(Errno::IO)?;
+            return Ok((u.layer().root(), self.path_of(node)?));
+        }
+        if let Some(l) = &st.lower {
+            return Ok((self.stack.layer(l.layer).root(), l.path.clone()));
+        }
+        if let Some(d) = st.lower_dirs.first() {
+            return Ok((self.stack.layer(d.layer).root(), d.path.clone()));
+        }
+        Err(Errno::NOENT.into())
+    }
+}
+
+/// The FUSE file type of a real file type.
+pub(crate) fn fuse_type(ft: FileType) -> FuseType {
+    match ft {
+        FileType::Directory => FuseType::Directory,
+        FileType::Symlink => FuseType::Symlink,
+        FileType::Fifo => FuseType::NamedPipe,
+        FileType::Socket => FuseType::Socket,
+        FileType::CharacterDevice => FuseType::CharDevice,
+        FileType::BlockDevice => FuseType::BlockDevice,
+        _ => FuseType::RegularFile,
+    }
+}

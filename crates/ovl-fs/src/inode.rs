@@ -1,0 +1,201 @@
+//! The inode table: overlay objects known to the kernel, by node id and by identity.
+//!
+//! A node's id is also its `st_ino` (fuser sends one number for both). It is derived from the
+//! identity of the real object, `(filesystem index, real inode number)`, so that the same
+//! object keeps the same number for the life of the mount; after a copy-up the node keeps its
+//! number and gains the upper object's identity as an alias.
+//!
+//! Lock order: the table's lock before a node's `state` lock; a node's `copy_lock` before its
+//! parent's `copy_lock` (copy-up walks from the node up), and no table or state lock is held
+//! while waiting for a `copy_lock`.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ovl_lookup::{DirLayers, LowerObject};
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::FileType;
+
+/// The kernel's id of the root node.
+pub(crate) const ROOT: u64 = 1;
+
+/// The identity of a real object: which filesystem of the stack, which inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub fs: u8,
+    pub ino: u64,
+}
+
+/// Where a node's object lives in the layers. Guarded by the node's `state` lock.
+#[derive(Debug)]
+pub(crate) struct NodeState {
+    /// The names the node is known under, `(parent node, name)`; the first one is used to build
+    /// its path. Empty for the root, and for a node whose every name was removed.
+    pub names: Vec<(u64, OsString)>,
+    /// The object exists in the upper layer at the node's path.
+    pub upper: bool,
+    /// For a non-dir not (yet) in the upper layer: the lower object shown.
+    pub lower: Option<LowerObject>,
+    /// For a dir: the lower dirs that merge into it.
+    pub lower_dirs: Vec<ovl_lookup::LowerDir>,
+    /// For a dir: the upper dir is opaque.
+    pub opaque: bool,
+    /// The identities that map to this node.
+    pub keys: Vec<Key>,
+}
+
+/// One overlay object the kernel holds a reference to.
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub id: u64,
+    pub kind: FileType,
+    lookups: AtomicU64,
+    pub state: RwLock<NodeState>,
+    /// Held while this node is copied up, so one copy is made however many callers race.
+    pub copy_lock: Mutex<()>,
+}
+
+impl Node {
+    pub fn is_dir(&self) -> bool {
+        self.kind == FileType::Directory
+    }
+
+    /// The layers of this directory, given its overlay path.
+    pub fn dir_layers(&self, path: &std::path::Path) -> DirLayers {
+        let st = self.state.read();
+        DirLayers { upper: st.upper.then(|| path.to_path_buf()), lowers: st.lower_dirs.clone() }
+    }
+}
+
+struct Inner {
+    nodes: HashMap<u64, Arc<Node>>,
+    keys: HashMap<Key, u64>,
+}
+
+/// All nodes the kernel knows, by id and by identity.
+pub(crate) struct Table {
+    inner: RwLock<Inner>,
+    next_alloc: AtomicU64,
+}
+
+impl Table {
+    /// A table holding only the root node.
+    pub fn new(root_key: Key, root: NodeState) -> Self {
+        let node = Arc::new(Node {
+            id: ROOT,
+            kind: FileType::Directory,
+            lookups: AtomicU64::new(1),
+            state: RwLock::new(root),
+            copy_lock: Mutex::new(()),
+        });
+        let mut nodes = HashMap::new();
+        nodes.insert(ROOT, node);
+        let mut keys = HashMap::new();
+        keys.insert(root_key, ROOT);
+        Self { inner: RwLock::new(Inner { nodes, keys }), next_alloc: AtomicU64::new(1 << 63) }
+    }
+
+    /// The node with id `id`.
+    pub fn get(&self, id: u64) -> Option<Arc<Node>> {
+        self.inner.read().nodes.get(&id).cloned()
+    }
+
+    /// The node an identity maps to, if any.
+    pub fn by_key(&self, key: Key) -> Option<Arc<Node>> {
+        let inner = self.inner.read();
+        inner.keys.get(&key).and_then(|id| inner.nodes.get(id)).cloned()
+    }
+
+    /// The node id an identity has or would get; for `d_ino` in directory listings.
+    pub fn ino_for(&self, key: Key) -> u64 {
+        self.inner.read().keys.get(&key).copied().unwrap_or_else(|| match derive(key) {
+            0 => key.ino,
+            id => id,
+        })
+    }
+
+    /// Finds the node for `key` or makes one with `make`, and counts one kernel lookup.
+    /// Returns the node and whether it was just made.
+    pub fn lookup_or_insert(&self, key: Key, kind: FileType, make: impl FnOnce() -> NodeState) -> (Arc<Node>, bool) {
+        let mut inner = self.inner.write();
+        if let Some(node) = inner.keys.get(&key).and_then(|id| inner.nodes.get(id)) {
+            if node.kind == kind {
+                node.lookups.fetch_add(1, Ordering::Relaxed);
+                return (node.clone(), false);
+            }
+        }
+        let mut id = derive(key);
+        if id == 0 || id == ROOT || inner.nodes.contains_key(&id) {
+            id = self.next_alloc.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut state = make();
+        state.keys = vec![key];
+        let node = Arc::new(Node {
+            id,
+            kind,
+            lookups: AtomicU64::new(1),
+            state: RwLock::new(state),
+            copy_lock: Mutex::new(()),
+        });
+        inner.nodes.insert(id, node.clone());
+        inner.keys.insert(key, id);
+        (node, true)
+    }
+
+    /// Counts one more kernel lookup of `node` (readdirplus, link).
+    pub fn add_lookup(&self, node: &Node) {
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Maps another identity (the upper object after a copy-up) to `node`.
+    pub fn add_key(&self, node: &Node, key: Key) {
+        let mut inner = self.inner.write();
+        inner.keys.insert(key, node.id);
+        node.state.write().keys.push(key);
+    }
+
+    /// Drops `n` kernel lookups; forgets the node when none remain.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT {
+            return;
+        }
+        let mut inner = self.inner.write();
+        let Some(node) = inner.nodes.get(&id).cloned() else { return };
+        let prev = node.lookups.fetch_sub(n.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
+        if prev <= n {
+            inner.nodes.remove(&id);
+            for k in &node.state.read().keys {
+                if inner.keys.get(k) == Some(&id) {
+                    inner.keys.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Removes the name `(parent, name)` from `node`; when no name is left the node's
+    /// identities are released so a new object reusing the inode number gets a new node.
+    pub fn unlink_name(&self, node: &Node, parent: u64, name: &OsStr) {
+        let released = {
+            let mut st = node.state.write();
+            st.names.retain(|(p, n)| !(*p == parent && n == name));
+            if st.names.is_empty() { std::mem::take(&mut st.keys) } else { Vec::new() }
+        };
+        if !released.is_empty() {
+            let mut inner = self.inner.write();
+            for k in released {
+                if inner.keys.get(&k) == Some(&node.id) {
+                    inner.keys.remove(&k);
+                }
+            }
+        }
+    }
+}
+
+/// The node id for an identity: the real inode number, with the filesystem index in the top
+/// byte so numbers from different filesystems never collide; numbers that do not fit are
+/// allocated from the top half.
+fn derive(key: Key) -> u64 {
+    if key.ino < (1 << 56) { ((key.fs as u64) << 56) | key.ino } else { 0 }
+}

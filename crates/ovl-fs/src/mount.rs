@@ -1,0 +1,113 @@
+//! Mounting an overlay: checks, the FUSE session configuration, and running it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use fuser::{Config, Session, SessionACL};
+use ovl_core::{LayerStack, MountOptions};
+
+use crate::OverlayFs;
+
+/// A live overlay mount whose requests are not served yet; [`Mount::run`] serves them.
+pub struct Mount {
+    session: Session<OverlayFs>,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mount").field("mountpoint", &self.mountpoint).finish()
+    }
+}
+
+/// True if `path` is a mount point (listed in /proc/self/mountinfo).
+pub fn is_mountpoint(path: &Path) -> anyhow::Result<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(info.lines().any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(path)))
+}
+
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsString::from(String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// Checks the mountpoint: an existing directory that is not already a mount point.
+pub fn check_mountpoint(mnt: &Path) -> anyhow::Result<PathBuf> {
+    let canon = std::fs::canonicalize(mnt).with_context(|| format!("mountpoint {mnt:?}: no such directory"))?;
+    if !canon.is_dir() {
+        bail!("mountpoint {mnt:?} is not a directory");
+    }
+    if is_mountpoint(&canon)? {
+        bail!("mountpoint {mnt:?} is already in use (something is mounted there)");
+    }
+    Ok(canon)
+}
+
+/// Opens /dev/fuse and mounts it at `mnt` as type `fuse.ovlfs`, the way mount.fuse3 would:
+/// other users allowed, the kernel checking permissions, device files and set-ID bits honoured
+/// (as on a kernel overlay mount).
+fn mount_fuse(mnt: &Path, source: &str, read_only: bool) -> anyhow::Result<OwnedFd> {
+    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").context("opening /dev/fuse")?;
+    let root = rustix::fs::stat(mnt)?;
+    let data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},default_permissions,allow_other",
+        dev.as_raw_fd(),
+        root.st_mode & libc::S_IFMT,
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    );
+    let flags = if read_only { rustix::mount::MountFlags::RDONLY } else { rustix::mount::MountFlags::empty() };
+    let data = std::ffi::CString::new(data)?;
+    rustix::mount::mount(source, mnt, "fuse.ovlfs", flags, data.as_c_str())
+        .with_context(|| format!("mount({mnt:?}) failed"))?;
+    Ok(OwnedFd::from(dev))
+}
+
+impl Mount {
+    /// Validates everything, then mounts. Returns once the kernel has completed the FUSE
+    /// handshake, so the mount is live.
+    pub fn new(opts: &MountOptions, mnt: &Path, source: &str) -> anyhow::Result<Self> {
+        let mountpoint = check_mountpoint(mnt)?;
+        let stack = LayerStack::open(opts)?;
+        let read_only = opts.is_read_only();
+        let fs = OverlayFs::new(stack).context("reading the layer roots")?;
+        let mut config = Config::default();
+        config.acl = SessionACL::All;
+        config.n_threads = Some(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(4, 16));
+        config.clone_fd = true;
+        let fuse = mount_fuse(&mountpoint, source, read_only)?;
+        let session = match Session::from_fd(fs, fuse, SessionACL::All, config) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH);
+                return Err(e).with_context(|| format!("FUSE handshake on {mountpoint:?}"));
+            }
+        };
+        Ok(Self { session, mountpoint })
+    }
+
+    /// Where the overlay is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Serves requests until the filesystem is unmounted.
+    pub fn run(self) -> anyhow::Result<()> {
+        self.session.run().context("serving the mount")
+    }
+}

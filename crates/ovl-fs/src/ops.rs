@@ -1,0 +1,375 @@
+//! The FUSE glue: each handler turns its arguments into a call of an `OverlayFs` operation and
+//! replies once, mapping an error to its errno. No logic lives here.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::SystemTime;
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno as FuseErrno, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use ovl_core::Error;
+
+use crate::data::SetAttr;
+use crate::fs::OverlayFs;
+
+/// The errno a FUSE reply carries for `e`; unexpected errors are logged.
+fn errno(e: Error) -> FuseErrno {
+    let code = e.errno().raw_os_error();
+    if code == libc::EIO {
+        tracing::warn!("{e}");
+    } else {
+        tracing::debug!("{e}");
+    }
+    FuseErrno::from_i32(code)
+}
+
+macro_rules! tri {
+    ($reply:ident, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $reply.error(errno(e)),
+        }
+    };
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, data: Vec<u8>) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(FuseErrno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(&data);
+    }
+}
+
+impl Filesystem for OverlayFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let want = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
+        let _ = config.add_capabilities(want & config.capabilities());
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let p = tri!(reply, self.node(parent));
+        let (node, st) = tri!(reply, self.do_lookup(&p, name));
+        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.table.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let node = tri!(reply, self.node(ino));
+        let st = match fh.and_then(|fh| self.handles.file(fh.0, ino.0).ok()) {
+            Some(f) => tri!(reply, rustix::fs::fstat(&f.file).map_err(Error::from)),
+            None => tri!(reply, self.real_stat(&node)),
+        };
+        reply.attr(&self.ttl, &self.attr(&node, &st));
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let node = tri!(reply, self.node(ino));
+        let a = SetAttr { mode, uid, gid, size, atime, mtime, fh: fh.map(|f| f.0) };
+        let st = tri!(reply, self.do_setattr(&node, &a));
+        reply.attr(&self.ttl, &self.attr(&node, &st));
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let node = tri!(reply, self.node(ino));
+        let v = tri!(reply, self.do_readlink(&node));
+        reply.data(&v);
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let p = tri!(reply, self.node(parent));
+        let (node, st) = tri!(reply, self.do_mknod(&p, name, mode, rdev, req.uid(), req.gid()));
+        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let p = tri!(reply, self.node(parent));
+        let (node, st) = tri!(reply, self.do_mkdir(&p, name, mode, req.uid(), req.gid()));
+        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let p = tri!(reply, self.node(parent));
+        tri!(reply, self.do_unlink(&p, name, false));
+        reply.ok();
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let p = tri!(reply, self.node(parent));
+        tri!(reply, self.do_unlink(&p, name, true));
+        reply.ok();
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let p = tri!(reply, self.node(parent));
+        let (node, st) = tri!(reply, self.do_symlink(&p, link_name, target, req.uid(), req.gid()));
+        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let p = tri!(reply, self.node(parent));
+        let np = tri!(reply, self.node(newparent));
+        let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
+        tri!(reply, self.do_rename(&p, name, &np, newname, flags));
+        reply.ok();
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let node = tri!(reply, self.node(ino));
+        let np = tri!(reply, self.node(newparent));
+        let st = tri!(reply, self.do_link(&node, &np, newname));
+        self.table.add_lookup(&node);
+        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let node = tri!(reply, self.node(ino));
+        let fh = tri!(reply, self.do_open(&node, flags.0));
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let v = tri!(reply, self.do_read(ino.0, fh.0, offset, size));
+        reply.data(&v);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let n = tri!(reply, self.do_write(ino.0, fh.0, offset, data));
+        reply.written(n);
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.do_release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        tri!(reply, self.do_fsync(ino.0, fh.0, datasync));
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let node = tri!(reply, self.node(ino));
+        let fh = tri!(reply, self.do_opendir(&node));
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(errno(e)),
+        };
+        match self.do_readdir(&node, fh.0, offset, reply) {
+            Ok(r) => r.ok(),
+            Err(e) => tracing::warn!("readdir: {e}"),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(errno(e)),
+        };
+        match self.do_readdirplus(&node, fh.0, offset, reply) {
+            Ok(r) => r.ok(),
+            Err(e) => tracing::warn!("readdirplus: {e}"),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.do_releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let node = tri!(reply, self.node(ino));
+        tri!(reply, self.do_fsyncdir(&node));
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = tri!(reply, self.do_statfs());
+        reply.statfs(
+            s.f_blocks,
+            s.f_bfree,
+            s.f_bavail,
+            s.f_files,
+            s.f_ffree,
+            s.f_bsize as u32,
+            s.f_namemax as u32,
+            s.f_frsize as u32,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let node = tri!(reply, self.node(ino));
+        tri!(reply, self.do_setxattr(&node, name, value, flags));
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let node = tri!(reply, self.node(ino));
+        let v = tri!(reply, self.do_getxattr(&node, name));
+        xattr_reply(reply, size, v);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let node = tri!(reply, self.node(ino));
+        let v = tri!(reply, self.do_listxattr(&node));
+        xattr_reply(reply, size, v);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let node = tri!(reply, self.node(ino));
+        tri!(reply, self.do_removexattr(&node, name));
+        reply.ok();
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        tri!(reply, self.node(ino));
+        if mask.contains(AccessFlags::W_OK) && self.stack.writable_upper().is_none() {
+            return reply.error(FuseErrno::from_i32(libc::EROFS));
+        }
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let p = tri!(reply, self.node(parent));
+        let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, req.uid(), req.gid()));
+        let fh = self.add_file(node.id, std::fs::File::from(fd));
+        reply.created(&self.ttl, &self.attr(&node, &st), Generation(0), FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        tri!(reply, self.do_fallocate(ino.0, fh.0, offset, length, mode));
+        reply.ok();
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let o = tri!(reply, self.do_lseek(ino.0, fh.0, offset, whence));
+        reply.offset(o);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let n =
+            tri!(reply, self.do_copy_file_range(ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len));
+        reply.written(n);
+    }
+}

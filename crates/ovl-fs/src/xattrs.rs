@@ -1,0 +1,65 @@
+//! Extended attributes through the mount. Names in the overlay's own namespace are escaped as
+//! the kernel does (`trusted.overlay.X` is stored as `trusted.overlay.overlay.X`), so overlay
+//! metadata can never be read, set or removed by a user.
+
+use std::ffi::{CString, OsStr};
+use std::sync::Arc;
+
+use ovl_core::sys;
+use ovl_core::{Errno, Result};
+
+use crate::fs::OverlayFs;
+use crate::inode::Node;
+
+fn cname(name: &OsStr) -> Result<CString> {
+    CString::new(name.as_encoded_bytes()).map_err(|_| Errno::INVAL.into())
+}
+
+impl OverlayFs {
+    /// Runs `f` on the real object of `node` as (parent dir, Some(name)) or (dir, None) for the
+    /// root of a layer.
+    fn on_real<T>(
+        &self,
+        node: &Node,
+        f: impl FnOnce(std::os::fd::BorrowedFd<'_>, Option<&std::ffi::CStr>) -> Result<T>,
+    ) -> Result<T> {
+        let (root, path) = self.real_location(node)?;
+        if path.as_os_str().is_empty() {
+            return f(root, None);
+        }
+        let (dir, name) = sys::open_parent(root, &path)?;
+        f(std::os::fd::AsFd::as_fd(&dir), Some(&name))
+    }
+
+    pub(crate) fn do_getxattr(&self, node: &Node, name: &OsStr) -> Result<Vec<u8>> {
+        let key = cname(&self.stack.names().escape(name))?;
+        self.on_real(node, |d, n| sys::get_xattr(d, n, &key))?.ok_or_else(|| Errno::NODATA.into())
+    }
+
+    pub(crate) fn do_listxattr(&self, node: &Node) -> Result<Vec<u8>> {
+        let names = self.on_real(node, |d, n| sys::list_xattrs(d, n))?;
+        let mut out = Vec::new();
+        for n in names {
+            if let Some(shown) = self.stack.names().unescape(&n) {
+                out.extend_from_slice(shown.as_encoded_bytes());
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn do_setxattr(&self, node: &Arc<Node>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let key = cname(&self.stack.names().escape(name))?;
+        self.ensure_upper(node)?;
+        self.on_real(node, |d, n| sys::set_xattr(d, n, &key, value, flags))
+    }
+
+    pub(crate) fn do_removexattr(&self, node: &Arc<Node>, name: &OsStr) -> Result<()> {
+        let key = cname(&self.stack.names().escape(name))?;
+        if self.on_real(node, |d, n| sys::get_xattr(d, n, &key))?.is_none() {
+            return Err(Errno::NODATA.into());
+        }
+        self.ensure_upper(node)?;
+        self.on_real(node, |d, n| sys::remove_xattr(d, n, &key))
+    }
+}

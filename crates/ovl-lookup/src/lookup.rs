@@ -1,0 +1,199 @@
+//! Lookup of one name down the stack.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use ovl_core::sys;
+use ovl_core::{Errno, LayerId, LayerStack, Opaque, Result, is_whiteout_stat};
+use rustix::fs::{FileType, Stat};
+
+/// A directory of a lower layer that takes part in a merged directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LowerDir {
+    /// The layer.
+    pub layer: LayerId,
+    /// The directory's path inside the layer (differs from the overlay path after a redirect).
+    pub path: PathBuf,
+    /// The dir's `opaque` xattr is `x`: regular files in it may be xwhiteouts.
+    pub xwhiteouts: bool,
+}
+
+/// Where one directory of the merged view lives: in the upper layer (at its overlay path) and in
+/// which lower directories, top first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirLayers {
+    /// The dir's path in the upper layer, when it exists there.
+    pub upper: Option<PathBuf>,
+    /// The lower dirs that merge into it (empty for an opaque or pure-upper dir).
+    pub lowers: Vec<LowerDir>,
+}
+
+impl DirLayers {
+    /// The root of the stack: the root of every layer (the upper's root is opaque only if it
+    /// says so).
+    pub fn root(stack: &LayerStack) -> Result<Self> {
+        let names = stack.names();
+        let upper_opaque = match stack.upper() {
+            Some(u) => {
+                Opaque::from_value(sys::get_xattr(u.layer().root(), None, &names.opaque)?.as_deref()) == Opaque::Yes
+            }
+            None => false,
+        };
+        let mut lowers = Vec::new();
+        if !upper_opaque {
+            for l in stack.lowers() {
+                let opaque = Opaque::from_value(sys::get_xattr(l.root(), None, &names.opaque)?.as_deref());
+                lowers.push(LowerDir { layer: l.id(), path: PathBuf::new(), xwhiteouts: opaque == Opaque::XWhiteouts });
+                if opaque == Opaque::Yes {
+                    break;
+                }
+            }
+        }
+        Ok(Self { upper: stack.upper().map(|_| PathBuf::new()), lowers })
+    }
+
+    /// True when lower layers contribute to this directory.
+    pub fn is_merged(&self) -> bool {
+        !self.lowers.is_empty()
+    }
+}
+
+/// A non-directory object in a lower layer.
+#[derive(Debug, Clone)]
+pub struct LowerObject {
+    /// The layer.
+    pub layer: LayerId,
+    /// Its path inside the layer.
+    pub path: PathBuf,
+    /// Its `lstat`.
+    pub stat: Stat,
+}
+
+/// What a name is in the merged view.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The type of the object shown.
+    pub kind: FileType,
+    /// The `lstat` of the object shown (the upper one when it exists).
+    pub stat: Stat,
+    /// The object in the upper layer, if any.
+    pub upper: Option<Stat>,
+    /// For a non-dir only in lower layers: the topmost one.
+    pub lower: Option<LowerObject>,
+    /// For a dir: where it lives in each layer.
+    pub dir: Option<DirLayers>,
+    /// For a dir: the upper dir is opaque (`y`).
+    pub opaque: bool,
+}
+
+/// Looks `name` up in the merged directory `parent`. `Ok(None)` when the name does not exist or
+/// is hidden by a whiteout.
+pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Option<Entry>> {
+    let names = stack.names();
+    let cname = sys::name_cstr(name)?;
+    let mut found: Option<Entry> = None;
+
+    if let (Some(up), Some(upper)) = (&parent.upper, stack.upper()) {
+        let root = upper.layer().root();
+        let path = up.join(name);
+        match stat_in(root, &path) {
+            Ok(None) => {}
+            Ok(Some(st)) if is_whiteout_stat(&st) => return Ok(None),
+            Ok(Some(st)) => {
+                let kind = FileType::from_raw_mode(st.st_mode);
+                if kind != FileType::Directory {
+                    return Ok(Some(Entry { kind, stat: st, upper: Some(st), lower: None, dir: None, opaque: false }));
+                }
+                let (pfd, _) = sys::open_parent(root, &path)?;
+                let opaque =
+                    Opaque::from_value(sys::get_xattr(&pfd, Some(&cname), &names.opaque)?.as_deref()) == Opaque::Yes;
+                found = Some(Entry {
+                    kind,
+                    stat: st,
+                    upper: Some(st),
+                    lower: None,
+                    dir: Some(DirLayers { upper: Some(path), lowers: Vec::new() }),
+                    opaque,
+                });
+                if opaque {
+                    return Ok(found);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+
+    for ld in &parent.lowers {
+        let layer = stack.layer(ld.layer);
+        let path = ld.path.join(name);
+        let Some(st) = stat_in(layer.root(), &path)? else { continue };
+        if is_whiteout_stat(&st) || (ld.xwhiteouts && is_xwhiteout(stack, layer.root(), &path, &st)?) {
+            break;
+        }
+        let kind = FileType::from_raw_mode(st.st_mode);
+        match &mut found {
+            None if kind != FileType::Directory => {
+                let lower = LowerObject { layer: ld.layer, path, stat: st };
+                return Ok(Some(Entry { kind, stat: st, upper: None, lower: Some(lower), dir: None, opaque: false }));
+            }
+            None => {
+                found = Some(Entry {
+                    kind,
+                    stat: st,
+                    upper: None,
+                    lower: None,
+                    dir: Some(DirLayers { upper: None, lowers: Vec::new() }),
+                    opaque: false,
+                });
+            }
+            Some(_) if kind != FileType::Directory => break,
+            Some(_) => {}
+        }
+        let (pfd, _) = sys::open_parent(layer.root(), &path)?;
+        let opaque = Opaque::from_value(sys::get_xattr(&pfd, Some(&cname), &names.opaque)?.as_deref());
+        let dir = found.as_mut().and_then(|f| f.dir.as_mut()).expect("a dir entry");
+        dir.lowers.push(LowerDir { layer: ld.layer, path, xwhiteouts: opaque == Opaque::XWhiteouts });
+        if opaque == Opaque::Yes {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+/// True when a lower layer of `parent` has a positive entry (not a whiteout) named `name`:
+/// removing or renaming away that name in the merged view then needs a whiteout.
+pub fn lower_has_name(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<bool> {
+    for ld in &parent.lowers {
+        let layer = stack.layer(ld.layer);
+        let path = ld.path.join(name);
+        let Some(st) = stat_in(layer.root(), &path)? else { continue };
+        if is_whiteout_stat(&st) || (ld.xwhiteouts && is_xwhiteout(stack, layer.root(), &path, &st)?) {
+            return Ok(false);
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// `lstat` of `path` in a layer; `None` when it does not exist (or a component is not a dir).
+pub(crate) fn stat_in(root: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<Option<Stat>> {
+    match sys::lstat_beneath(root, path) {
+        Ok(st) => Ok(Some(st)),
+        Err(e) if e.errno() == Errno::NOENT || e.errno() == Errno::NOTDIR => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// An xwhiteout: a zero-size regular file carrying `overlay.whiteout`.
+pub(crate) fn is_xwhiteout(
+    stack: &LayerStack,
+    root: std::os::fd::BorrowedFd<'_>,
+    path: &Path,
+    st: &Stat,
+) -> Result<bool> {
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size != 0 {
+        return Ok(false);
+    }
+    let (pfd, name) = sys::open_parent(root, path)?;
+    Ok(sys::get_xattr(&pfd, Some(&name), &stack.names().whiteout)?.is_some())
+}

@@ -1,0 +1,87 @@
+//! The merged directory listing.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+
+use ovl_core::sys;
+use ovl_core::{LayerId, LayerStack, Result, is_whiteout_stat};
+use rustix::fs::FileType;
+
+use crate::DirLayers;
+use crate::lookup::{is_xwhiteout, stat_in};
+
+/// One entry of a merged directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergedEntry {
+    /// The name.
+    pub name: OsString,
+    /// The type of the object shown.
+    pub file_type: FileType,
+    /// The inode number in the layer the entry comes from.
+    pub ino: u64,
+    /// The layer the entry comes from.
+    pub layer: LayerId,
+}
+
+/// Lists the merged directory `dir`: upper entries first, then each lower layer's entries not
+/// already seen. Whiteouts (and xwhiteouts in `opaque=x` dirs) hide the name in the layers below
+/// and are not listed. Order is stable for a given set of layers.
+pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntry>> {
+    let mut seen: HashSet<OsString> = HashSet::new();
+    let mut out = Vec::new();
+    let merged = dir.is_merged();
+    if let (Some(up), Some(upper)) = (&dir.upper, stack.upper()) {
+        let root = upper.layer().root();
+        for e in sys::read_dir(root, up)? {
+            let ft = resolve_type(root, &up.join(&e.name), e.file_type)?;
+            if ft == FileType::CharacterDevice {
+                if let Some(st) = stat_in(root, &up.join(&e.name))? {
+                    if is_whiteout_stat(&st) {
+                        if merged {
+                            seen.insert(e.name);
+                        }
+                        continue;
+                    }
+                }
+            }
+            if merged {
+                seen.insert(e.name.clone());
+            }
+            out.push(MergedEntry { name: e.name, file_type: ft, ino: e.ino, layer: upper.layer().id() });
+        }
+    }
+    for (i, ld) in dir.lowers.iter().enumerate() {
+        let layer = stack.layer(ld.layer);
+        let root = layer.root();
+        let last = i + 1 == dir.lowers.len();
+        for e in sys::read_dir(root, &ld.path)? {
+            if seen.contains(&e.name) {
+                continue;
+            }
+            let path = ld.path.join(&e.name);
+            let ft = resolve_type(root, &path, e.file_type)?;
+            let hidden = match ft {
+                FileType::CharacterDevice => stat_in(root, &path)?.is_some_and(|st| is_whiteout_stat(&st)),
+                FileType::RegularFile if ld.xwhiteouts => match stat_in(root, &path)? {
+                    Some(st) => is_xwhiteout(stack, root, &path, &st)?,
+                    None => false,
+                },
+                _ => false,
+            };
+            if !last {
+                seen.insert(e.name.clone());
+            }
+            if !hidden {
+                out.push(MergedEntry { name: e.name, file_type: ft, ino: e.ino, layer: ld.layer });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn resolve_type(root: std::os::fd::BorrowedFd<'_>, path: &std::path::Path, ft: FileType) -> Result<FileType> {
+    if ft != FileType::Unknown {
+        return Ok(ft);
+    }
+    Ok(stat_in(root, path)?.map(|st| FileType::from_raw_mode(st.st_mode)).unwrap_or(FileType::Unknown))
+}

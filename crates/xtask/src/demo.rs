@@ -1,0 +1,185 @@
+//! `cargo xtask demo`: the product end to end, told as a story. Each step prints a line of narrative, then
+//! the commands and their output; each result is also checked, so the demo doubles as a smoke test.
+//!
+//! Everything happens on a scratch tmpfs that is unmounted and removed at the end, even on error (guards
+//! with `Drop`). The parts are functions run in order: `demo_ovlfs`, then `demo_snapshots`.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd::{cmd, say, sh};
+use crate::mount::{build_ovlfs, mount_ovlfs};
+use crate::mountinfo::{self, MountGuard};
+use crate::prereqs;
+use crate::sample::{MERGED, Sample};
+use crate::tree::Tree;
+
+/// Runs every part of the demo in a scratch directory.
+pub fn run() -> Result<()> {
+    if !prereqs::is_root()? {
+        bail!("the demo mounts a tmpfs and the kernel's overlay, so it must run as root");
+    }
+    let scratch = Scratch::create()?;
+    demo_ovlfs(&scratch.dir)?;
+    demo_snapshots(&scratch.dir)?;
+    say("That's all; cleaning up.");
+    Ok(())
+}
+
+/// ovlfs: mount sample layers, read, copy up, delete, create; then the kernel's overlay mounts the same
+/// layers and must show the same tree.
+fn demo_ovlfs(scratch: &Path) -> Result<()> {
+    say("Build ovlfs.");
+    let ovlfs = build_ovlfs()?;
+
+    say("Make two lower layers. lower1 sits on top of lower2; both have a dir shared/.");
+    let sample = Sample::at(&scratch.join("ovlfs"))?;
+    sample.create()?;
+    let dir = sample.root.as_path();
+    println!("$ cd {}", dir.display());
+    sh(dir, "find lower1 lower2 | sort")?;
+    say("lower1/secret.txt is a whiteout, a character device 0:0: it hides lower2/secret.txt.");
+    sh(dir, "ls -l lower1/secret.txt")?;
+
+    say("Mount them with ovlfs, with an empty upper dir to take the changes.");
+    let mut ovlfs_mount = MountGuard::new(&sample.mnt);
+    mount_ovlfs(&ovlfs, &sample)?;
+
+    say("The merged view: shared/ has both layers' files, both.txt is lower1's, secret.txt is hidden.");
+    sh(dir, "ls -l mnt mnt/shared")?;
+    sh(dir, "cat mnt/shared/both.txt")?;
+    check_paths(dir, "mnt", MERGED)?;
+    check_same_file(dir, "mnt/shared/both.txt", "lower1/shared/both.txt")?;
+
+    say("A file from the bottom layer reads as it is.");
+    sh(dir, "cat mnt/shared/from-lower2.txt")?;
+    check_same_file(dir, "mnt/shared/from-lower2.txt", "lower2/shared/from-lower2.txt")?;
+
+    say("Modify a lower file: ovlfs first copies it up into upper. The lower layer is never written.");
+    let original = read(&sample.lower2.join("README.txt"))?;
+    sh(dir, "echo 'edited through ovlfs' >> mnt/README.txt")?;
+    sh(dir, "cat mnt/README.txt")?;
+    sh(dir, "ls -l upper")?;
+    sh(dir, "cat upper/README.txt")?;
+    sh(dir, "cat lower2/README.txt")?;
+    let edited = format!("{original}edited through ovlfs\n");
+    check(read(&sample.upper.join("README.txt"))? == edited, "upper/README.txt holds the edited file")?;
+    check(read(&sample.lower2.join("README.txt"))? == original, "lower2/README.txt is unchanged")?;
+
+    say("Delete a lower file: ovlfs copies up its parent dir and leaves a whiteout (c 0,0) in its place.");
+    sh(dir, "rm mnt/docs/guide.txt")?;
+    sh(dir, "ls -l mnt/docs upper/docs")?;
+    check(!sample.mnt.join("docs/guide.txt").exists(), "mnt/docs/guide.txt is gone")?;
+    check(is_whiteout(&sample.upper.join("docs/guide.txt")), "upper/docs/guide.txt is a whiteout")?;
+    check(sample.lower2.join("docs/guide.txt").is_file(), "lower2/docs/guide.txt is still there")?;
+
+    say("Create a directory: it exists only in upper.");
+    sh(dir, "mkdir mnt/projects && echo hello > mnt/projects/hello.txt")?;
+    sh(dir, "ls -l upper upper/projects")?;
+    check(read(&sample.upper.join("projects/hello.txt"))? == "hello\n", "upper/projects/hello.txt exists")?;
+    let mut expected: Vec<&str> = MERGED.iter().copied().filter(|path| *path != "docs/guide.txt").collect();
+    expected.extend(["projects/", "projects/hello.txt"]);
+    expected.sort_unstable();
+    check_paths(dir, "mnt", &expected)?;
+    let seen_by_ovlfs = Tree::read(&sample.mnt)?;
+
+    say("Unmount ovlfs.");
+    ovlfs_mount.unmount()?;
+
+    say("Mount the same layers with the kernel's overlay (and a fresh work dir): same on-disk format, same tree.");
+    let kernel_work = sample.root.join("work-kernel");
+    fs::create_dir(&kernel_work).with_context(|| format!("creating {}", kernel_work.display()))?;
+    let mut kernel_mount = MountGuard::new(&sample.mnt);
+    cmd("mount").args(["-t", "overlay", "overlay", "-o"]).arg(sample.options(&kernel_work)).arg(&sample.mnt).run()?;
+    sh(dir, "ls -l mnt mnt/docs mnt/projects")?;
+    let seen_by_kernel = Tree::read(&sample.mnt)?;
+    let differences = seen_by_ovlfs.differences("ovlfs", &seen_by_kernel, "the kernel");
+    if !differences.is_empty() {
+        bail!("the kernel's overlay shows a different tree:\n  {}", differences.join("\n  "));
+    }
+    println!(
+        "ok: the kernel shows the same {} entries (types, modes, owners, contents) as ovlfs",
+        seen_by_kernel.len()
+    );
+
+    say("Unmount the kernel's overlay.");
+    kernel_mount.unmount()
+}
+
+/// Snapshots with `ovlsnap`: mount, take, list, diff, browse. Comes with issue 5.
+fn demo_snapshots(_scratch: &Path) -> Result<()> {
+    say("snapshots: not yet implemented (issue 5)");
+    Ok(())
+}
+
+/// A tmpfs mounted on a fresh temporary directory: the demo's files never touch a real disk, and one
+/// unmount removes them all. Dropping it unmounts and removes the directory.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn create() -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("ovlfs-demo.{}", std::process::id()));
+        fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let scratch = Scratch { dir };
+        say(&format!("Work in a scratch tmpfs at {}.", scratch.dir.display()));
+        cmd("mount").args(["-t", "tmpfs", "-o", "size=64m,mode=0755", "ovlfs-demo"]).arg(&scratch.dir).run()?;
+        Ok(scratch)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if mountinfo::is_mounted(&self.dir).unwrap_or(false) {
+            let unmounted =
+                cmd("umount").arg(&self.dir).succeeds() || cmd("umount").arg("-l").arg(&self.dir).succeeds();
+            if !unmounted {
+                eprintln!("warning: could not unmount {}", self.dir.display());
+            }
+        }
+        // Never delete through a mount that is still there: it could be a layer someone else uses.
+        if mountinfo::has_mounts_under(&self.dir).unwrap_or(true) {
+            eprintln!("warning: left {} in place: something is still mounted there", self.dir.display());
+        } else if let Err(err) = fs::remove_dir_all(&self.dir) {
+            eprintln!("warning: could not remove {}: {err}", self.dir.display());
+        }
+    }
+}
+
+fn check(holds: bool, what: &str) -> Result<()> {
+    if !holds {
+        bail!("check failed: {what}");
+    }
+    println!("ok: {what}");
+    Ok(())
+}
+
+/// Checks that the tree below `dir/name` holds exactly `expected` (sorted; dirs end in `/`).
+fn check_paths(dir: &Path, name: &str, expected: &[&str]) -> Result<()> {
+    let tree = Tree::read(&dir.join(name))?;
+    let found = tree.paths();
+    if found != expected {
+        bail!("check failed: {name} shows {found:?}, expected {expected:?}");
+    }
+    println!("ok: {name} shows exactly the expected {} entries", expected.len());
+    Ok(())
+}
+
+/// Checks that `dir/seen` and `dir/source` have the same contents.
+fn check_same_file(dir: &Path, seen: &str, source: &str) -> Result<()> {
+    let same = fs::read(dir.join(seen)).with_context(|| format!("reading {seen}"))?
+        == fs::read(dir.join(source)).with_context(|| format!("reading {source}"))?;
+    check(same, &format!("{seen} has the contents of {source}"))
+}
+
+fn read(path: &Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn is_whiteout(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_char_device() && meta.rdev() == 0)
+}

@@ -1,0 +1,130 @@
+//! `cargo xtask`: the project's own automation, written in Rust so it runs wherever cargo does.
+//!
+//! `cargo xtask` is an alias (see `.cargo/config.toml`) for `cargo run --package xtask --`.
+//!
+//! What this crate owns:
+//! - `test` / `ci`: check the machine (root, `/dev/fuse`, the kernel's overlay, the tools the tests shell
+//!   out to; install missing packages with apt-get when root), then `cargo fmt --check`, `cargo clippy`
+//!   and `cargo test` over the workspace. `.ci/run` ends in `cargo xtask test`.
+//! - `install`: release build of the binaries, copied into `PREFIX/bin`.
+//! - `mount`: a sample set of layers in a directory, mounted with `ovlfs`, left for a person to explore.
+//! - `demo`: the product end to end with narrated steps, checking each result and cleaning up after itself.
+//!
+//! Architecture Invariant: xtask knows nothing about the workspace's crates as code. It never depends on
+//! them; it only builds them with cargo and runs the binaries they produce, exactly as a user would.
+//! It stays small: `anyhow` and `clap` only, no `unsafe`, no libc.
+
+mod cmd;
+mod demo;
+mod install;
+mod mount;
+mod mountinfo;
+mod prereqs;
+mod sample;
+mod testing;
+mod tree;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Project automation for ovlsnap.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check prerequisites, then run fmt, clippy and the whole test suite.
+    Test {
+        /// Extra arguments for `cargo test`, after `--` (e.g. `-- copy_up` or `-- -- --nocapture`).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// What CI runs after installing packages (same as `test`).
+    Ci,
+    /// Build release binaries and copy them into PREFIX/bin.
+    Install {
+        /// Installation prefix.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+    },
+    /// Build ovlfs, create sample layers in DIR and mount them at DIR/mnt.
+    Mount {
+        /// Where to put the layers and the mount point.
+        #[arg(long, default_value = "/tmp/ovlfs-demo")]
+        dir: PathBuf,
+    },
+    /// Show ovlfs end to end on sample layers, then clean up (needs root).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line; no backtrace: these are user-facing.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Test { cargo_test_args } => testing::run(&cargo_test_args),
+        Task::Ci => testing::run(&[]),
+        Task::Install { prefix } => install::run(&prefix),
+        Task::Mount { dir } => mount::run(&dir),
+        Task::Demo => demo::run(),
+    }
+}
+
+/// The workspace root: xtask lives at `ROOT/crates/xtask`.
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).expect("xtask lives two levels below the workspace root")
+}
+
+/// Cargo's target directory for the workspace, honouring `CARGO_TARGET_DIR` as cargo does.
+fn target_dir() -> PathBuf {
+    let configured = std::env::var_os("CARGO_TARGET_DIR")
+        .or_else(|| std::env::var_os("CARGO_BUILD_TARGET_DIR"))
+        .filter(|dir| !dir.is_empty());
+    match configured {
+        // cargo resolves a relative target dir against its working directory, which for us is the root.
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_everything_after_the_separator_to_cargo_test() {
+        let cli = Cli::parse_from(["xtask", "test", "--", "-p", "ovl-core", "--", "--nocapture"]);
+        let Task::Test { cargo_test_args } = cli.task else {
+            panic!("expected the test task");
+        };
+        assert_eq!(cargo_test_args, ["-p", "ovl-core", "--", "--nocapture"]);
+    }
+
+    #[test]
+    fn workspace_root_holds_the_workspace_manifest() {
+        assert!(workspace_root().join("Cargo.toml").is_file());
+        assert!(workspace_root().join("crates/xtask").is_dir());
+    }
+}
