@@ -107,7 +107,24 @@ fn run() -> anyhow::Result<()> {
         }
         rustix::stdio::dup2_stdin(&null)?;
     }
+    unmount_on_signal(mount.mountpoint().to_path_buf())?;
     mount.run()
+}
+
+/// On SIGTERM, SIGINT or SIGHUP, detach the mount: the kernel then ends the session once no one
+/// uses the filesystem any more, and `run` returns, instead of leaving a dead mount behind.
+fn unmount_on_signal(mnt: PathBuf) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(sig, "unmounting on signal");
+            if let Err(e) = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH) {
+                tracing::warn!("unmount {mnt:?}: {e}");
+            }
+        }
+    })?;
+    Ok(())
 }
 
 /// Runs ourselves with `-f` in a new process group and waits until it reports the mount live
