@@ -1,0 +1,463 @@
+//! Every FUSE operation of ovlfs, exercised through a real mount over three lower layers and
+//! compared with the kernel overlay doing the same on identical layers: each step's result
+//! (value or errno), the final view, the upper layer, and the kernel's view of our upper layer.
+//! Also the `ovlfs` command line: background start, the mount.fuse3 form, bad input.
+
+#![allow(clippy::vec_init_then_push)]
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{
+    Backend, KERNEL_OPTS, Layers, MountGuard, apply_fixture, assert_same_tree, assert_same_upper, mount_fstype,
+    mount_point, ovlfs_bin, snapshot_tree, snapshot_upper, tempdir,
+};
+use rustix::fs::{AtFlags, CWD, FallocateFlags, RenameFlags, XattrFlags};
+
+/// Three lower layers with merged dirs, whiteouts, an opaque dir, a file over a dir, symlinks,
+/// a fifo, xattrs and a sparse file.
+const FIXTURE: &str = "
+l3 file top3.txt from-l3
+l3 file merged/deep.txt in-l3
+l3 dir merged/sub3
+l3 file merged/sub3/x from-l3
+l3 file hidden.txt l3-hidden
+l3 dir opaq
+l3 file opaq/below.txt hidden-by-opaque
+l3 dir fileoverdir
+l3 file fileoverdir/inner inner
+l2 file merged/mid.txt in-l2
+l2 dir merged/sub2
+l2 wh hidden.txt
+l2 link merged/link-to-deep deep.txt
+l2 fifo merged/pipe
+l2 file empty-me/only l2
+l2 xattr merged/mid.txt user.color blue
+l1 file merged/top.txt in-l1
+l1 opaque opaq
+l1 file opaq/mine.txt l1-opaque
+l1 file fileoverdir l1-file
+l1 dir emptydir
+l1 file a.txt aaa
+l1 file b.txt bbb
+l1 mode a.txt 0640
+";
+
+/// One step's outcome as text, so the two mounts' logs can be compared line by line.
+fn res<T: std::fmt::Debug, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> String {
+    match r {
+        Ok(v) => format!("{what}: ok {v:?}"),
+        Err(e) => format!("{what}: err {e}"),
+    }
+}
+
+fn io<T>(r: std::io::Result<T>) -> Result<T, String> {
+    r.map_err(|e| match e.raw_os_error() {
+        Some(code) => rustix::io::Errno::from_raw_os_error(code).to_string(),
+        None => e.to_string(),
+    })
+}
+
+fn rx<T>(r: rustix::io::Result<T>) -> Result<T, String> {
+    r.map_err(|e| e.to_string())
+}
+
+/// The scripted operations; returns a log of every result.
+fn script(m: &Path) -> Vec<String> {
+    let p = |s: &str| m.join(s);
+    let mut log = Vec::new();
+    // Reads through the stack.
+    log.push(res("read top3 through 3 layers", io(fs::read_to_string(p("top3.txt")))));
+    log.push(res("read merged/deep.txt", io(fs::read_to_string(p("merged/deep.txt")))));
+    log.push(res("hidden by whiteout", io(fs::metadata(p("hidden.txt")).map(|_| ()))));
+    log.push(res("hidden by opaque", io(fs::metadata(p("opaq/below.txt")).map(|_| ()))));
+    log.push(res("file over dir", io(fs::read_to_string(p("fileoverdir")))));
+    let mut names: Vec<String> =
+        fs::read_dir(p("merged")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    log.push(format!("readdir merged: {names:?}"));
+    log.push(res("readlink", io(fs::read_link(p("merged/link-to-deep")))));
+    log.push(res("merged dir nlink", io(fs::metadata(p("merged")).map(|m| m.nlink()))));
+
+    // setattr on lower objects: each copies up.
+    log.push(res("chmod lower", io(fs::set_permissions(p("a.txt"), fs::Permissions::from_mode(0o604)))));
+    log.push(res("chown lower", io(std::os::unix::fs::chown(p("b.txt"), Some(1234), Some(4321)))));
+    log.push(res("truncate lower", io(OpenOptions::new().write(true).open(p("top3.txt")).and_then(|f| f.set_len(3)))));
+    log.push(res("read truncated", io(fs::read_to_string(p("top3.txt")))));
+    let t = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec { tv_sec: 1_000_000_000, tv_nsec: 5 },
+        last_modification: rustix::fs::Timespec { tv_sec: 1_100_000_000, tv_nsec: 7 },
+    };
+    log.push(res("utimens lower", rx(rustix::fs::utimensat(CWD, p("merged/mid.txt"), &t, AtFlags::empty()))));
+    log.push(res("mtime after utimens", io(fs::metadata(p("merged/mid.txt")).map(|m| (m.mtime(), m.mtime_nsec())))));
+
+    // Creating objects, including over whiteouts.
+    log.push(res(
+        "mknod fifo",
+        rx(rustix::fs::mknodat(CWD, p("newfifo"), rustix::fs::FileType::Fifo, 0o640.into(), 0)),
+    ));
+    log.push(res("mkdir", io(fs::create_dir(p("newdir")))));
+    log.push(res("mkdir existing", io(fs::create_dir(p("merged")))));
+    log.push(res("unlink lower file", io(fs::remove_file(p("merged/deep.txt")))));
+    log.push(res("mkdir over whiteout", io(fs::create_dir(p("merged/deep.txt")))));
+    log.push(res("readdir new opaque dir", io(fs::read_dir(p("merged/deep.txt")).map(|d| d.count()))));
+    log.push(res("symlink", io(std::os::unix::fs::symlink("../a.txt", p("newdir/ln")))));
+    log.push(res("read via new symlink", io(fs::read_to_string(p("newdir/ln")))));
+    log.push(res("rmdir nonempty merged", io(fs::remove_dir(p("merged")))));
+    log.push(res("unlink only child", io(fs::remove_file(p("empty-me/only")))));
+    log.push(res("rmdir emptied lower dir", io(fs::remove_dir(p("empty-me")))));
+    log.push(res("rmdir empty lower dir", io(fs::remove_dir(p("emptydir")))));
+    log.push(res("recreate removed dir", io(fs::create_dir(p("emptydir")))));
+    log.push(res("create file in recreated", io(fs::write(p("emptydir/f"), b"new"))));
+    log.push(res("unlink missing", io(fs::remove_file(p("nope")))));
+    log.push(res("unlink dir", io(fs::remove_file(p("newdir")))));
+    log.push(res("rmdir file", io(fs::remove_dir(p("a.txt")))));
+
+    // Renames.
+    log.push(res("rename lower file", io(fs::rename(p("b.txt"), p("newdir/b-moved.txt")))));
+    log.push(res("rename over existing", io(fs::rename(p("newdir/b-moved.txt"), p("a.txt")))));
+    log.push(res("read renamed", io(fs::read_to_string(p("a.txt")))));
+    log.push(res(
+        "rename noreplace onto existing",
+        rx(rustix::fs::renameat_with(CWD, p("top3.txt"), CWD, p("merged/mid.txt"), RenameFlags::NOREPLACE)),
+    ));
+    log.push(res(
+        "rename exchange files",
+        rx(rustix::fs::renameat_with(CWD, p("top3.txt"), CWD, p("merged/mid.txt"), RenameFlags::EXCHANGE)),
+    ));
+    log.push(res("read exchanged", io(fs::read_to_string(p("top3.txt")))));
+    log.push(res("rename lower dir", io(fs::rename(p("merged/sub3"), p("sub3-moved")))));
+    log.push(res("rename merged dir", io(fs::rename(p("merged"), p("merged2")))));
+    log.push(res("rename upper dir", io(fs::rename(p("newdir"), p("newdir2")))));
+    log.push(res("rename upper dir into merged parent", io(fs::rename(p("newdir2"), p("merged/newdir3")))));
+    log.push(res("read after dir renames", io(fs::read_to_string(p("merged/newdir3/ln")))));
+
+    // Hard links.
+    log.push(res("link lower file", io(fs::hard_link(p("merged/top.txt"), p("top-link.txt")))));
+    log.push(res("nlink after link", io(fs::metadata(p("top-link.txt")).map(|m| m.nlink()))));
+    log.push(res("write through one link", io(fs::write(p("top-link.txt"), b"via link"))));
+    log.push(res("read other link", io(fs::read_to_string(p("merged/top.txt")))));
+    log.push(res("unlink one link", io(fs::remove_file(p("merged/top.txt")))));
+    log.push(res("nlink after unlink", io(fs::metadata(p("top-link.txt")).map(|m| m.nlink()))));
+
+    // open/create/read/write/append/fsync.
+    let r = (|| -> std::io::Result<String> {
+        let mut f = OpenOptions::new().create_new(true).write(true).mode(0o600).open(p("created.txt"))?;
+        f.write_all(b"hello ")?;
+        f.sync_all()?;
+        let mut a = OpenOptions::new().append(true).open(p("created.txt"))?;
+        a.write_all(b"world")?;
+        a.sync_data()?;
+        let mut s = String::new();
+        File::open(p("created.txt"))?.read_to_string(&mut s)?;
+        Ok(s)
+    })();
+    log.push(res("create/write/append/fsync", io(r)));
+    log.push(res("mode of created", io(fs::metadata(p("created.txt")).map(|m| m.mode() & 0o7777))));
+    let r = (|| -> std::io::Result<Vec<u8>> {
+        let f = OpenOptions::new().read(true).write(true).open(p("merged/sub3/x"))?;
+        f.write_all_at(b"XY", 2)?;
+        let mut buf = vec![0; 16];
+        let n = f.read_at(&mut buf, 0)?;
+        buf.truncate(n);
+        Ok(buf)
+    })();
+    log.push(res("pwrite/pread lower file", io(r)));
+    log.push(res("fsyncdir", io(File::open(p("merged"))).and_then(|d| rx(rustix::fs::fsync(&d)))));
+    log.push(res("statfs", rx(rustix::fs::statvfs(m).map(|s| s.f_namemax))));
+    log.push(res("access R", rx(rustix::fs::access(p("a.txt"), rustix::fs::Access::READ_OK))));
+    log.push(res("access W", rx(rustix::fs::access(p("a.txt"), rustix::fs::Access::WRITE_OK))));
+
+    // xattrs.
+    log.push(res("getxattr lower", rx(xget(&p("merged/mid.txt"), "user.color"))));
+    log.push(res("setxattr lower", rx(rustix::fs::lsetxattr(p("merged/sub2"), "user.k", b"v", XattrFlags::empty()))));
+    log.push(res("getxattr after set", rx(xget(&p("merged/sub2"), "user.k"))));
+    log.push(res("listxattr", rx(xlist(&p("merged/sub2")))));
+    log.push(res("removexattr", rx(rustix::fs::lremovexattr(p("merged/sub2"), "user.k"))));
+    log.push(res("removexattr missing", rx(rustix::fs::lremovexattr(p("merged/sub2"), "user.k"))));
+    log.push(res("overlay xattr hidden", rx(xget(&p("opaq"), "trusted.overlay.opaque"))));
+    log.push(res("list hides overlay xattrs", rx(xlist(&p("opaq")))));
+    log.push(res(
+        "set overlay-named xattr",
+        rx(rustix::fs::lsetxattr(p("opaq"), "trusted.overlay.mine", b"1", XattrFlags::empty())),
+    ));
+    log.push(res("get overlay-named xattr", rx(xget(&p("opaq"), "trusted.overlay.mine"))));
+    log.push(res("opaque still intact", io(fs::read_dir(p("opaq")).map(|d| d.count()))));
+
+    // fallocate, lseek SEEK_DATA/SEEK_HOLE, copy_file_range.
+    let r = (|| -> Result<(u64, u64, u64), String> {
+        let f = io(OpenOptions::new().create(true).truncate(true).read(true).write(true).open(p("sparse")))?;
+        rx(rustix::fs::fallocate(&f, FallocateFlags::empty(), 1 << 20, 4096))?;
+        io(f.write_all_at(b"data", 4 << 20))?;
+        let data = rx(rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(0)))?;
+        let hole = rx(rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(data)))?;
+        Ok((data, hole, io(f.metadata())?.len()))
+    })();
+    log.push(res("fallocate + seek data/hole", r));
+    let r = (|| -> Result<String, String> {
+        let src = io(File::open(p("created.txt")))?;
+        let dst = io(OpenOptions::new().create(true).truncate(true).write(true).open(p("copied.txt")))?;
+        let n = rx(rustix::fs::copy_file_range(&src, None, &dst, None, 1024))?;
+        drop(dst);
+        let mut s = io(fs::read_to_string(p("copied.txt")))?;
+        s.push_str(&format!(" ({n} bytes)"));
+        let mut f = io(File::open(p("copied.txt")))?;
+        io(f.seek(SeekFrom::End(-5)))?;
+        Ok(s)
+    })();
+    log.push(res("copy_file_range", r));
+    log
+}
+
+fn xget(path: &Path, name: &str) -> rustix::io::Result<String> {
+    let mut buf = vec![0u8; 256];
+    let n = rustix::fs::lgetxattr(path, name, &mut buf[..])?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn xlist(path: &Path) -> rustix::io::Result<Vec<String>> {
+    let mut buf = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(path, &mut buf[..])?;
+    let mut v: Vec<String> = buf[..n]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+#[test]
+fn every_op_matches_the_kernel_through_three_lowers() {
+    let tmp = tempdir("ops");
+    let a = Layers::create(&tmp.path().join("a"), 3);
+    apply_fixture(&a, FIXTURE);
+    let b = a.copy_to(&tmp.path().join("b"));
+    let (ka, kb);
+    {
+        let ma = MountGuard::mount(Backend::Kernel, &a, KERNEL_OPTS, &mount_point(tmp.path(), "ma"));
+        let mb = MountGuard::mount(Backend::Ovlfs, &b, "", &mount_point(tmp.path(), "mb"));
+        assert_eq!(mb.fstype(), "fuse.ovlfs");
+        let la = script(ma.path());
+        let lb = script(mb.path());
+        eprintln!("{}", lb.join("\n"));
+        for (x, y) in la.iter().zip(&lb) {
+            assert_eq!(x, y, "kernel (left) and ovlfs (right) disagree");
+        }
+        assert_eq!(la.len(), lb.len());
+        ka = snapshot_tree(ma.path());
+        kb = snapshot_tree(mb.path());
+        assert_same_tree("views after the script", "kernel", &ka, "ovlfs", &kb);
+        mb.unmount().expect("ovlfs exits cleanly on umount");
+    }
+    assert_same_upper("upper layers", "kernel", &snapshot_upper(&a.upper), "ovlfs", &snapshot_upper(&b.upper));
+    // The kernel reads our upper layer as we showed it.
+    let b2 = b.with_fresh_work(tmp.path().join("b/work2"));
+    let kb2 = MountGuard::mount(Backend::Kernel, &b2, KERNEL_OPTS, &mount_point(tmp.path(), "kb"));
+    assert_same_tree("kernel view of ovlfs's upper", "ovlfs", &kb, "kernel", &snapshot_tree(kb2.path()));
+}
+
+#[test]
+fn readdir_offsets_survive_seekdir() {
+    let tmp = tempdir("seekdir");
+    let l = Layers::create(&tmp.path().join("a"), 3);
+    let mut fixture = String::new();
+    for i in 0..300 {
+        fixture.push_str(&format!("l{} file d/f{i:03} x\n", i % 3 + 1));
+    }
+    fixture.push_str("l1 wh d/f002\nl2 wh d/f000\nl1 wh d/f001\n");
+    apply_fixture(&l, &fixture);
+    let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m"));
+    let read_from = |off: Option<i64>| {
+        let fd =
+            rustix::fs::open(m.path().join("d"), rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY, 0.into())
+                .unwrap();
+        let mut dir = rustix::fs::Dir::new(fd).unwrap();
+        if let Some(o) = off {
+            dir.seek(o).unwrap();
+        }
+        let mut out = Vec::new();
+        while let Some(e) = dir.read() {
+            let e = e.unwrap();
+            out.push((e.file_name().to_string_lossy().into_owned(), e.offset()));
+        }
+        out
+    };
+    let all = read_from(None);
+    let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).filter(|n| !n.starts_with('.')).collect();
+    assert_eq!(names.len(), 298, "300 files minus two hidden by whiteouts (the third whiteout is below its file)");
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len(), "no duplicates");
+    assert!(!names.contains(&"f002") && !names.contains(&"f001") && names.contains(&"f000"));
+    // Resume from the middle: the rest comes again, in the same order.
+    let mid = all.len() / 2;
+    let rest = read_from(Some(all[mid].1));
+    assert_eq!(rest, all[mid + 1..].to_vec());
+}
+
+#[test]
+fn read_only_without_upper() {
+    let tmp = tempdir("ro");
+    let l = Layers::create(&tmp.path().join("a"), 2);
+    apply_fixture(&l, "l1 file f one\nl2 file g two\n");
+    let mnt = mount_point(tmp.path(), "m");
+    let lowers: Vec<String> = l.lowers.iter().map(|p| p.display().to_string()).collect();
+    let st =
+        Command::new(ovlfs_bin()).arg("-o").arg(format!("lowerdir={}", lowers.join(":"))).arg(&mnt).status().unwrap();
+    assert!(st.success());
+    let _guard = Unmount(mnt.clone());
+    assert_eq!(fs::read_to_string(mnt.join("g")).unwrap(), "two\n");
+    let e = fs::write(mnt.join("f"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    let e = fs::create_dir(mnt.join("d")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+}
+
+/// Unmounts a mount made by the background `ovlfs` on drop.
+struct Unmount(PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+#[test]
+fn background_start_returns_live_and_mount_fuse3_form_works() {
+    let tmp = tempdir("bg");
+    let l = Layers::create(&tmp.path().join("a"), 1);
+    apply_fixture(&l, "l1 file f one\n");
+    let mnt = mount_point(tmp.path(), "m");
+    // mount.fuse3 calls `ovlfs SOURCE MNT -o rw,dev,suid,...`.
+    let out = Command::new(ovlfs_bin())
+        .arg("ovlfs")
+        .arg(&mnt)
+        .arg("-o")
+        .arg(format!("rw,dev,suid,{}", l.mount_options("")))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _guard = Unmount(mnt.clone());
+    // Live as soon as the command returned: no waiting.
+    assert_eq!(mount_fstype(&mnt).as_deref(), Some("fuse.ovlfs"));
+    assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "one\n");
+    fs::write(mnt.join("g"), b"two").unwrap();
+    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
+    assert_eq!(mount_fstype(&mnt), None);
+    assert_eq!(fs::read(l.upper.join("g")).unwrap(), b"two");
+}
+
+#[test]
+fn bad_input_is_one_line_exit_1_and_changes_nothing() {
+    let tmp = tempdir("bad");
+    let l = Layers::create(&tmp.path().join("a"), 2);
+    apply_fixture(&l, "l1 file f one\nl2 dir d\n");
+    fs::create_dir_all(l.work.join("work/#stale")).unwrap();
+    let mnt = mount_point(tmp.path(), "m");
+    let busy = mount_point(tmp.path(), "busy");
+    let _busy = MountGuard::mount(
+        Backend::Kernel,
+        &Layers { upper: tmp.path().join("u2"), work: tmp.path().join("w2"), ..l.clone() }.tap_create(),
+        "",
+        &busy,
+    );
+    let before = snapshot_all(&l);
+    let lo = |s: &str| l.lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":") + s;
+    let (u, w) = (l.upper.display().to_string(), l.work.display().to_string());
+    let cases: Vec<(String, PathBuf, &str)> = vec![
+        (format!("lowerdir={}", lo(":/nonexistent")), mnt.clone(), "no such directory"),
+        (
+            format!("lowerdir={},upperdir={u},workdir={w}", l.lowers[0].join("f").display()),
+            mnt.clone(),
+            "not a directory",
+        ),
+        (format!("lowerdir={},upperdir={},workdir={w}", lo(""), l.lowers[1].display()), mnt.clone(), "same directory"),
+        (
+            format!("lowerdir={},upperdir={},workdir={w}", lo(""), l.lowers[1].join("d").display()),
+            mnt.clone(),
+            "inside",
+        ),
+        (
+            format!("lowerdir={},upperdir={u},workdir={}", lo(""), l.upper.join("w").display()),
+            mnt.clone(),
+            "no such directory",
+        ),
+        (format!("lowerdir={},upperdir={u},workdir=/dev/shm", lo("")), mnt.clone(), "same filesystem"),
+        (format!("lowerdir={},upperdir={u},workdir={w},frob", lo("")), mnt.clone(), "unknown mount option"),
+        (format!("lowerdir={},upperdir={u},workdir={w}", lo("")), busy.clone(), "already in use"),
+        (format!("lowerdir={},upperdir={u},workdir={w}", lo("")), tmp.path().join("nomnt"), "no such directory"),
+    ];
+    for (opts, target, want) in cases {
+        let out = Command::new(ovlfs_bin()).arg("-o").arg(&opts).arg(&target).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "-o {opts}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "-o {opts}: one line expected: {err}");
+        assert!(err.contains(want), "-o {opts}: want `{want}` in `{err}`");
+        assert_eq!(mount_fstype(&mnt), None);
+    }
+    assert_eq!(before, snapshot_all(&l), "a failed mount changed a layer");
+}
+
+/// Every file of every layer, including the work dir.
+fn snapshot_all(l: &Layers) -> Vec<(PathBuf, common::UpperState)> {
+    l.lowers.iter().chain([&l.upper, &l.work]).map(|d| (d.clone(), snapshot_upper(d))).collect()
+}
+
+trait TapCreate {
+    fn tap_create(self) -> Self;
+}
+impl TapCreate for Layers {
+    fn tap_create(self) -> Self {
+        fs::create_dir_all(&self.upper).unwrap();
+        fs::create_dir_all(&self.work).unwrap();
+        self
+    }
+}
+
+#[test]
+fn concurrent_writers_and_readers() {
+    let tmp = tempdir("conc");
+    let l = Layers::create(&tmp.path().join("a"), 2);
+    let mut fixture = String::new();
+    for i in 0..16 {
+        fixture.push_str(&format!("l2 file d{}/f{i} base-{i}\n", i % 4));
+    }
+    apply_fixture(&l, &fixture);
+    let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m"));
+    let root = m.path().to_path_buf();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let root = root.clone();
+            s.spawn(move || {
+                for round in 0..20 {
+                    let i = (t + round) % 16;
+                    let f = root.join(format!("d{}/f{i}", i % 4));
+                    let mut h = OpenOptions::new().append(true).open(&f).unwrap();
+                    writeln!(h, "t{t}r{round}").unwrap();
+                    drop(h);
+                    let text = fs::read_to_string(&f).unwrap();
+                    assert!(text.starts_with(&format!("base-{i}\n")), "{f:?}: {text}");
+                    let newf = root.join(format!("d{}/new-{t}-{round}", t % 4));
+                    fs::write(&newf, b"n").unwrap();
+                    if round % 2 == 0 {
+                        fs::remove_file(&newf).unwrap();
+                    }
+                    assert!(fs::read_dir(root.join(format!("d{}", t % 4))).unwrap().count() >= 4);
+                }
+            });
+        }
+    });
+    // Every append landed exactly once.
+    let mut total = 0;
+    for i in 0..16 {
+        let text = fs::read_to_string(root.join(format!("d{}/f{i}", i % 4))).unwrap();
+        total += text.lines().count() - 1;
+    }
+    assert_eq!(total, 8 * 20);
+}
