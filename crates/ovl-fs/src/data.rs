@@ -66,21 +66,28 @@ impl OverlayFs {
         if flags & libc::O_TRUNC != 0 {
             rustix::fs::ftruncate(&fd, 0)?;
         }
-        Ok(self.add_file(node.id, File::from(fd)))
+        let on_lower = !node.state.read().upper;
+        Ok(self.add_file(node, flags, File::from(fd), on_lower))
     }
 
-    pub(crate) fn add_file(&self, node: u64, file: File) -> u64 {
+    pub(crate) fn add_file(&self, node: &Arc<Node>, flags: i32, file: File, on_lower: bool) -> u64 {
         let fh = self.handles.next_id();
-        self.handles.files.write().insert(fh, Arc::new(OpenFile { node, file }));
+        let of = OpenFile {
+            node: node.clone(),
+            flags,
+            file: parking_lot::RwLock::new(Arc::new(file)),
+            on_lower: std::sync::atomic::AtomicBool::new(on_lower),
+        };
+        self.handles.files.write().insert(fh, Arc::new(of));
         fh
     }
 
     pub(crate) fn do_read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let f = self.handles.file(fh, ino)?;
+        let f = self.file(fh, ino)?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
-            match f.file.read_at(&mut buf[done..], offset + done as u64) {
+            match f.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -92,17 +99,17 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let f = self.handles.file(fh, ino)?;
-        f.file.write_all_at(data, offset)?;
+        let f = self.file(fh, ino)?;
+        f.write_all_at(data, offset)?;
         Ok(data.len() as u32)
     }
 
     pub(crate) fn do_fsync(&self, ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        let f = self.handles.file(fh, ino)?;
+        let f = self.file(fh, ino)?;
         if datasync {
-            rustix::fs::fdatasync(&f.file)?
+            rustix::fs::fdatasync(&f)?
         } else {
-            rustix::fs::fsync(&f.file)?
+            rustix::fs::fsync(&f)?
         }
         Ok(())
     }
@@ -112,13 +119,13 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_fallocate(&self, ino: u64, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
-        let f = self.handles.file(fh, ino)?;
-        rustix::fs::fallocate(&f.file, FallocateFlags::from_bits_retain(mode as _), offset, length)?;
+        let f = self.file(fh, ino)?;
+        rustix::fs::fallocate(&f, FallocateFlags::from_bits_retain(mode as _), offset, length)?;
         Ok(())
     }
 
     pub(crate) fn do_lseek(&self, ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        let f = self.handles.file(fh, ino)?;
+        let f = self.file(fh, ino)?;
         let pos = match whence {
             libc::SEEK_SET => SeekFrom::Start(offset as u64),
             libc::SEEK_CUR => SeekFrom::Current(offset),
@@ -127,7 +134,7 @@ impl OverlayFs {
             libc::SEEK_HOLE => SeekFrom::Hole(offset as u64),
             _ => return Err(Errno::INVAL.into()),
         };
-        Ok(rustix::fs::seek(&f.file, pos)? as i64)
+        Ok(rustix::fs::seek(&f, pos)? as i64)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -141,13 +148,13 @@ impl OverlayFs {
         off_out: u64,
         len: u64,
     ) -> Result<u32> {
-        let fin = self.handles.file(fh_in, ino_in)?;
-        let fout = self.handles.file(fh_out, ino_out)?;
+        let fin = self.file(fh_in, ino_in)?;
+        let fout = self.file(fh_out, ino_out)?;
         let (mut i, mut o) = (off_in, off_out);
         let n = rustix::fs::copy_file_range(
-            &fin.file,
+            &*fin,
             Some(&mut i),
-            &fout.file,
+            &*fout,
             Some(&mut o),
             len.min(u32::MAX as u64 / 2) as usize,
         )?;
@@ -181,8 +188,8 @@ impl OverlayFs {
             }
         }
         if let Some(size) = a.size {
-            match a.fh.and_then(|fh| self.handles.file(fh, node.id).ok()) {
-                Some(f) => rustix::fs::ftruncate(&f.file, size)?,
+            match a.fh.and_then(|fh| self.file(fh, node.id).ok()) {
+                Some(f) => rustix::fs::ftruncate(&f, size)?,
                 None => {
                     let fd = sys::open_beneath(root, &path, OFlags::WRONLY, Mode::empty())?;
                     rustix::fs::ftruncate(&fd, size)?;

@@ -6,7 +6,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType as FuseType, INodeNo};
@@ -18,11 +18,15 @@ use rustix::fs::{FileType, Stat};
 
 use crate::inode::{Key, Node, NodeState, ROOT, Table};
 
-/// An open regular file: the real file in the layer it was opened in.
+/// An open regular file: the real file it reads and writes. A file opened in a lower layer
+/// switches to the upper copy once the node is copied up, so a descriptor opened before the
+/// copy-up sees what is written through others after it (as with the kernel since 4.19).
 #[derive(Debug)]
 pub(crate) struct OpenFile {
-    pub node: u64,
-    pub file: File,
+    pub node: Arc<Node>,
+    pub flags: i32,
+    pub file: RwLock<Arc<File>>,
+    pub on_lower: AtomicBool,
 }
 
 /// An open directory: its merged listing, taken at opendir and again at each rewind, so offsets
@@ -46,9 +50,9 @@ impl Handles {
     }
 
     /// The open file `fh`, checked to belong to node `ino`.
-    pub fn file(&self, fh: u64, ino: u64) -> Result<Arc<OpenFile>> {
+    pub fn get(&self, fh: u64, ino: u64) -> Result<Arc<OpenFile>> {
         match self.files.read().get(&fh) {
-            Some(f) if f.node == ino => Ok(f.clone()),
+            Some(f) if f.node.id == ino => Ok(f.clone()),
             _ => Err(Errno::BADF.into()),
         }
     }
@@ -272,6 +276,23 @@ impl OverlayFs {
         let u = self.stack.writable_upper().ok_or(Errno::ROFS)?;
         let fd = sys::open_dir_path(u.layer().root(), &path)?;
         Ok((path, fd))
+    }
+
+    /// The real file behind handle `fh` of node `ino`, switched to the upper copy if the node was
+    /// copied up since the handle was opened in a lower layer.
+    pub(crate) fn file(&self, fh: u64, ino: u64) -> Result<Arc<File>> {
+        let of = self.handles.get(fh, ino)?;
+        if of.on_lower.load(Ordering::Acquire) && of.node.state.read().upper {
+            let mut slot = of.file.write();
+            if of.on_lower.load(Ordering::Acquire) {
+                let (root, path) = self.real_location(&of.node)?;
+                let fd =
+                    sys::open_beneath(root, &path, crate::data::backing_flags(of.flags), rustix::fs::Mode::empty())?;
+                *slot = Arc::new(File::from(fd));
+                of.on_lower.store(false, Ordering::Release);
+            }
+        }
+        Ok(of.file.read().clone())
     }
 
     /// The layer root and path where `node`'s object is read from now.

@@ -65,8 +65,8 @@ impl Filesystem for OverlayFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let node = tri!(reply, self.node(ino));
-        let st = match fh.and_then(|fh| self.handles.file(fh.0, ino.0).ok()) {
-            Some(f) => tri!(reply, rustix::fs::fstat(&f.file).map_err(Error::from)),
+        let st = match fh.and_then(|fh| self.file(fh.0, ino.0).ok()) {
+            Some(f) => tri!(reply, rustix::fs::fstat(&*f).map_err(Error::from)),
             None => tri!(reply, self.real_stat(&node)),
         };
         reply.attr(&self.ttl, &self.attr(&node, &st));
@@ -332,7 +332,7 @@ impl Filesystem for OverlayFs {
     ) {
         let p = tri!(reply, self.node(parent));
         let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, req.uid(), req.gid()));
-        let fh = self.add_file(node.id, std::fs::File::from(fd));
+        let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
         reply.created(&self.ttl, &self.attr(&node, &st), Generation(0), FileHandle(fh), FopenFlags::empty());
     }
 

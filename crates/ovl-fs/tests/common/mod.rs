@@ -8,6 +8,9 @@
 //! - [`snapshot_tree`] records a mounted view and [`snapshot_upper`] an upper dir as stored on disk;
 //!   [`assert_same_tree`] and [`assert_same_upper`] print the first differences on mismatch.
 //!
+//! An ovlfs daemon still mounted after `OVL_DIFF_HANG_SECS` (120) is presumed hung and killed,
+//! so a deadlock fails the test (blocked calls get ENOTCONN) instead of stalling the run.
+//!
 //! Times: every object the fixtures make gets an mtime before [`OLD_TIME_CUTOFF`], and tests set
 //! explicit times before it too; an mtime at or after the cutoff means "set by the clock". The
 //! comparisons check mtimes only when one side is old, so copy-up must keep times but two clocks
@@ -44,6 +47,13 @@ const MOUNT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long an ovlfs daemon may take to exit after its unmount before it is killed.
 const EXIT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long an ovlfs mount may live before the daemon is presumed hung and killed (which fails
+/// the blocked syscalls with ENOTCONN instead of hanging the test run); `OVL_DIFF_HANG_SECS`.
+fn hang_limit() -> Duration {
+    let secs = std::env::var("OVL_DIFF_HANG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(120);
+    Duration::from_secs(secs)
+}
 
 /// Which implementation serves a mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +175,8 @@ pub struct MountGuard {
     log: Option<PathBuf>,
     fstype: String,
     mounted: bool,
+    /// Dropping it stops the hang watchdog of an ovlfs daemon.
+    watchdog: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl MountGuard {
@@ -174,7 +186,8 @@ impl MountGuard {
     pub fn mount(backend: Backend, layers: &Layers, extra: &str, mnt: &Path) -> MountGuard {
         let mnt = fs::canonicalize(mnt).expect("mount point exists");
         let opts = layers.mount_options(extra);
-        let mut guard = MountGuard { mnt, backend, child: None, log: None, fstype: String::new(), mounted: false };
+        let mut guard =
+            MountGuard { mnt, backend, child: None, log: None, fstype: String::new(), mounted: false, watchdog: None };
         match backend {
             Backend::Kernel => {
                 let data = std::ffi::CString::new(opts.clone()).unwrap();
@@ -194,6 +207,7 @@ impl MountGuard {
                     .stderr(out)
                     .spawn()
                     .unwrap_or_else(|e| panic!("spawn {:?}: {e}", ovlfs_bin()));
+                guard.watchdog = Some(watchdog(&child, &guard.mnt));
                 guard.child = Some(child);
                 guard.log = Some(log);
             }
@@ -258,6 +272,7 @@ impl MountGuard {
 
     /// Unmounts (retrying on EBUSY, then detaching) and reaps the daemon.
     fn teardown(&mut self) -> Result<(), String> {
+        self.watchdog = None;
         let mut problems = Vec::new();
         // A mount that appeared after a failed wait is ours too: the mount point is our temp dir.
         if self.mounted || mount_fstype(&self.mnt).is_some() {
@@ -311,6 +326,22 @@ impl Drop for MountGuard {
             eprintln!("MountGuard({}): {e}", self.mnt.display());
         }
     }
+}
+
+/// Starts a thread that kills the daemon `child` if the mount at `mnt` lives longer than
+/// [`hang_limit`]; dropping the returned sender stops it.
+fn watchdog(child: &Child, mnt: &Path) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let pid = rustix::process::Pid::from_child(child);
+    let mnt = mnt.to_owned();
+    let limit = hang_limit();
+    std::thread::spawn(move || {
+        if rx.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            eprintln!("ovlfs at {} still mounted after {limit:?}: presumed hung, killing it", mnt.display());
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    });
+    tx
 }
 
 /// The filesystem type of the top mount at `mnt` per `/proc/self/mountinfo`, if one is there.
@@ -567,14 +598,14 @@ impl LayerGen<'_> {
             self.dir(root, rel, depth + 1, below == Some(true) && !opaque);
             return;
         }
-        if roll >= 86 && roll < 92 && !self.files.is_empty() {
+        if (86..92).contains(&roll) && !self.files.is_empty() {
             let target = self.files.choose(self.rng).unwrap().clone();
             fs::hard_link(root.join(target), &path).unwrap();
-        } else if roll >= 75 && roll < 86 {
+        } else if (75..86).contains(&roll) {
             let target = *LINK_TARGETS.choose(self.rng).unwrap();
             symlink(target, &path).unwrap();
             set_owner_mode(&path, uid, gid, None);
-        } else if roll >= 92 && roll < 98 {
+        } else if (92..98).contains(&roll) {
             rustix::fs::mknodat(CWD, &path, FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
             set_owner_mode(&path, uid, gid, Some(*[0o644, 0o600, 0o666].choose(self.rng).unwrap()));
         } else if roll >= 98 {

@@ -1,0 +1,213 @@
+//! Copy-up through a real ovlfs mount: clone-up on reflink filesystems (XFS, btrfs loop images),
+//! hole-preserving copies, descriptors opened before a copy-up, and many threads racing to copy
+//! up the same and different files.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Backend, KERNEL_OPTS, Layers, MountGuard, apply_fixture, mount_point, tempdir};
+
+/// A filesystem in a loop image, mounted at `dir`; unmounted (and its loop device freed) on drop.
+struct LoopFs {
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl LoopFs {
+    /// Makes a `size`-byte image with `mkfs` (`xfs` with reflink, or `btrfs`) and mounts it.
+    fn new(kind: &str, size: u64) -> LoopFs {
+        let tmp = tempdir(&format!("loop-{kind}"));
+        let img = tmp.path().join("img");
+        File::create(&img).unwrap().set_len(size).unwrap();
+        let mkfs = match kind {
+            "xfs" => Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&img).output(),
+            "btrfs" => Command::new("mkfs.btrfs").arg("-q").arg(&img).output(),
+            _ => unreachable!(),
+        }
+        .unwrap();
+        assert!(mkfs.status.success(), "mkfs.{kind}: {}", String::from_utf8_lossy(&mkfs.stderr));
+        let dir = tmp.path().join("mnt");
+        fs::create_dir(&dir).unwrap();
+        let out = Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&dir).output().unwrap();
+        assert!(out.status.success(), "mount {kind} image: {}", String::from_utf8_lossy(&out.stderr));
+        LoopFs { dir, _tmp: tmp }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::empty()).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// Writes `len` bytes of a position-dependent pattern at `off`.
+fn pattern(f: &File, off: u64, len: usize, seed: u8) {
+    let buf: Vec<u8> = (0..len).map(|i| ((off as usize + i) as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    f.write_all_at(&buf, off).unwrap();
+}
+
+/// Bytes of the file shared with another file, per `filefrag -v` (extents flagged `shared`).
+fn shared_extents(path: &Path) -> usize {
+    let out = Command::new("filefrag").arg("-v").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("shared")).count()
+}
+
+fn clone_up_on(kind: &str) {
+    let lfs = LoopFs::new(kind, 1 << 30);
+    let l = Layers::create(&lfs.dir.join("layers"), 1);
+    let big = l.lowers[0].join("big");
+    let f = File::create(&big).unwrap();
+    for i in 0..64 {
+        pattern(&f, i << 20, 1 << 20, 7);
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let m = MountGuard::mount(Backend::Ovlfs, &l, "", &lfs.dir.join("m").tap_mkdir());
+    let f = OpenOptions::new().write(true).open(m.path().join("big")).unwrap();
+    f.write_all_at(b"changed", 0).unwrap();
+    drop(f);
+    let upper = l.upper.join("big");
+    assert_eq!(fs::metadata(&upper).unwrap().len(), 64 << 20);
+    assert!(shared_extents(&upper) > 0, "{kind}: the copy-up should share extents with the lower file");
+    let data = fs::read(m.path().join("big")).unwrap();
+    assert_eq!(&data[..7], b"changed");
+    let lower = fs::read(&big).unwrap();
+    assert_eq!(data[7..], lower[7..], "{kind}: copied data");
+    assert_ne!(&lower[..7], b"changed", "the lower file is untouched");
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+#[test]
+fn clone_up_on_xfs_shares_extents() {
+    clone_up_on("xfs");
+}
+
+#[test]
+fn clone_up_on_btrfs_shares_extents() {
+    clone_up_on("btrfs");
+}
+
+#[test]
+fn copy_up_keeps_holes_on_ext4() {
+    let tmp = tempdir("holes");
+    let l = Layers::create(&tmp.path().join("a"), 1);
+    let f = File::create(l.lowers[0].join("sparse")).unwrap();
+    f.set_len(4 << 30).unwrap();
+    pattern(&f, 1 << 30, 4096, 1);
+    pattern(&f, 3 << 30, 4096, 2);
+    drop(f);
+    let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m"));
+    let f = OpenOptions::new().write(true).open(m.path().join("sparse")).unwrap();
+    f.write_all_at(b"x", 0).unwrap();
+    drop(f);
+    let meta = fs::metadata(l.upper.join("sparse")).unwrap();
+    assert_eq!(meta.len(), 4 << 30);
+    assert!(meta.blocks() * 512 < 1 << 20, "holes stay holes: {} bytes allocated", meta.blocks() * 512);
+    let mut buf = vec![0u8; 4096];
+    File::open(m.path().join("sparse")).unwrap().read_exact_at(&mut buf, 3 << 30).unwrap();
+    let want: Vec<u8> =
+        (0..4096).map(|i| ((((3u64 << 30) as usize + i) as u8).wrapping_mul(31)).wrapping_add(2)).collect();
+    assert_eq!(buf, want);
+}
+
+/// What a descriptor opened read-only before a copy-up reads after another descriptor wrote.
+fn read_after_copy_up(mnt: &Path) -> (Vec<u8>, u64) {
+    let old = File::open(mnt.join("f")).unwrap();
+    let mut buf = vec![0u8; 5];
+    old.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, b"lower");
+    let w = OpenOptions::new().write(true).open(mnt.join("f")).unwrap();
+    w.write_all_at(b"UPPER and more", 0).unwrap();
+    w.sync_all().unwrap();
+    drop(w);
+    // Drop cached pages so the read reaches the filesystem.
+    rustix::fs::fadvise(&old, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = old.read_at(&mut buf, 0).unwrap();
+    buf.truncate(n);
+    (buf, old.metadata().unwrap().len())
+}
+
+#[test]
+fn fd_opened_before_copy_up_sees_later_writes_like_the_kernel() {
+    let tmp = tempdir("fd");
+    let a = Layers::create(&tmp.path().join("a"), 1);
+    apply_fixture(&a, "l1 file f lower\n");
+    let b = a.copy_to(&tmp.path().join("b"));
+    let ka = MountGuard::mount(Backend::Kernel, &a, KERNEL_OPTS, &mount_point(tmp.path(), "ka"));
+    let mb = MountGuard::mount(Backend::Ovlfs, &b, "", &mount_point(tmp.path(), "mb"));
+    let kernel = read_after_copy_up(ka.path());
+    assert_eq!(kernel.0, b"UPPER and more", "the kernel's behaviour this test assumes");
+    assert_eq!(read_after_copy_up(mb.path()), kernel);
+}
+
+#[test]
+fn racing_copy_ups_make_one_copy_and_lose_no_write() {
+    let tmp = tempdir("race");
+    let l = Layers::create(&tmp.path().join("a"), 2);
+    let mut fixture = String::new();
+    for d in 0..4 {
+        for f in 0..4 {
+            fixture.push_str(&format!("l2 file d{d}/sub/f{f} base\n"));
+        }
+    }
+    apply_fixture(&l, &fixture);
+    let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m"));
+    let root = m.path().to_path_buf();
+    // 8 threads: each owns a disjoint 64-byte slot in every file and writes it after reads, so
+    // every file must end with all 8 slots intact whatever order the copy-ups happened in.
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let root = root.clone();
+            s.spawn(move || {
+                for round in 0..6u64 {
+                    for d in 0..4 {
+                        let f = (t + round + d) % 4;
+                        let path = root.join(format!("d{d}/sub/f{f}"));
+                        let r = fs::read(&path).unwrap();
+                        assert!(r.starts_with(b"base"), "{path:?}");
+                        let h = OpenOptions::new().write(true).open(&path).unwrap();
+                        let slot = vec![b'a' + t as u8; 64];
+                        h.write_all_at(&slot, 64 * (t + 1)).unwrap();
+                        let _ = fs::metadata(root.join(format!("d{}/sub", (d + 1) % 4))).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    for d in 0..4 {
+        for f in 0..4 {
+            let path = root.join(format!("d{d}/sub/f{f}"));
+            let data = fs::read(&path).unwrap();
+            assert_eq!(&data[..4], b"base");
+            for t in 0..8u64 {
+                let s = &data[(64 * (t + 1)) as usize..(64 * (t + 2)) as usize];
+                assert!(s.iter().all(|c| *c == b'a' + t as u8), "{path:?} slot {t}");
+            }
+        }
+    }
+    // Exactly one upper object per file, nothing left in the work dir.
+    assert_eq!(fs::read_dir(l.work.join("work")).unwrap().count(), 0);
+    for d in 0..4 {
+        assert_eq!(fs::read_dir(l.upper.join(format!("d{d}/sub"))).unwrap().count(), 4);
+    }
+}
