@@ -33,7 +33,7 @@ pub struct MountOptions {
     pub read_only: bool,
     /// Redirect policy.
     pub redirect_dir: RedirectDir,
-    /// Skip the fsyncs that make copy-up durable (the kernel's `volatile`).
+    /// Skip the fsyncs that make copy-up durable (the kernel's `volatile` or `fsync=volatile`).
     pub volatile: bool,
     /// Options meant for the FUSE layer or mount(8) that we accept and ignore.
     pub ignored: Vec<String>,
@@ -118,6 +118,13 @@ impl MountOptions {
                 ("userxattr", None) => self.userxattr = true,
                 ("ro", None) => self.read_only = true,
                 ("volatile", None) => self.volatile = true,
+                ("fsync", Some(v)) => {
+                    self.volatile = match v {
+                        "volatile" => true,
+                        "strict" | "auto" => false,
+                        _ => return Err(bad(key, "expected strict, auto or volatile")),
+                    }
+                }
                 ("redirect_dir", Some(v)) => {
                     self.redirect_dir = match v {
                         "on" => RedirectDir::On,
@@ -200,6 +207,14 @@ mod tests {
         assert!(o.userxattr);
         assert!(!o.is_read_only());
         assert_eq!(o.ignored, vec!["rw".to_string()]);
+    }
+
+    #[test]
+    fn volatile_both_spellings() {
+        assert!(MountOptions::parse("lowerdir=/a,volatile").unwrap().volatile);
+        assert!(MountOptions::parse("lowerdir=/a,fsync=volatile").unwrap().volatile);
+        assert!(!MountOptions::parse("lowerdir=/a,fsync=strict").unwrap().volatile);
+        assert!(MountOptions::parse("lowerdir=/a,fsync=sometimes").is_err());
     }
 
     #[test]
