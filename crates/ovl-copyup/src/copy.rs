@@ -23,7 +23,49 @@ pub struct Source {
 /// overlay path) must already exist in the upper layer. A directory is copied without its
 /// entries (they stay in the lower layers and merge). Returns the new upper object's `lstat`.
 /// The parent's timestamps are left as they were.
-pub fn copy_up(stack: &LayerStack, src: &Source, upper_parent: &Path) -> Result<Stat> {
+///
+/// `publish` is called with the finished object's `lstat` just before it becomes visible in the
+/// upper layer, so the caller can record its identity before anyone can look it up.
+pub fn copy_up(stack: &LayerStack, src: &Source, upper_parent: &Path, publish: &dyn Fn(&Stat)) -> Result<Stat> {
+    copy_up_with(stack, src, upper_parent, false, publish)
+}
+
+/// Like [`copy_up`], but a regular file gets only its metadata (owner, mode, times, xattrs, size
+/// as a hole) and `overlay.metacopy`: its data stays in `src` until [`copy_up_data`].
+pub fn copy_up_meta(stack: &LayerStack, src: &Source, upper_parent: &Path, publish: &dyn Fn(&Stat)) -> Result<Stat> {
+    copy_up_with(stack, src, upper_parent, true, publish)
+}
+
+/// Copies the data of the metacopy file `upper_path` in from `data`, then clears its
+/// `overlay.metacopy`. A crash before the xattr is removed leaves a metacopy file whose data
+/// still comes from `data`, so nothing is lost.
+pub fn copy_up_data(stack: &LayerStack, data: &Source, upper_path: &Path) -> Result<Stat> {
+    let upper = upper_of(stack)?;
+    let lower = stack.layer(data.layer);
+    let src = sys::open_beneath(lower.root(), &data.path, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())?;
+    let dst = sys::open_beneath(upper.layer().root(), upper_path, OFlags::RDWR | OFlags::NOFOLLOW, Mode::empty())?;
+    let before = rustix::fs::fstat(&dst)?;
+    let len = rustix::fs::fstat(&src)?.st_size as u64;
+    rustix::fs::ftruncate(&dst, 0)?;
+    copy_data(&src, &dst, len)?;
+    rustix::fs::futimens(&dst, &times_of(&before))?;
+    if !stack.options().volatile {
+        rustix::fs::fsync(&dst)?;
+    }
+    match rustix::fs::fremovexattr(&dst, &stack.names().metacopy) {
+        Ok(()) | Err(Errno::NODATA) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(rustix::fs::fstat(&dst)?)
+}
+
+fn copy_up_with(
+    stack: &LayerStack,
+    src: &Source,
+    upper_parent: &Path,
+    meta_only: bool,
+    publish: &dyn Fn(&Stat),
+) -> Result<Stat> {
     let upper = upper_of(stack)?;
     let name = src.path.file_name().ok_or(Errno::INVAL)?;
     let name = sys::name_cstr(name)?;
@@ -34,7 +76,7 @@ pub fn copy_up(stack: &LayerStack, src: &Source, upper_parent: &Path) -> Result<
     let parent_st = rustix::fs::fstat(&uparent)?;
     let ft = FileType::from_raw_mode(st.st_mode);
     if ft == FileType::RegularFile {
-        copy_regular(stack, upper, &lparent, &lname, &st, &uparent, &name)?;
+        copy_regular(stack, upper, (&lparent, &lname), &st, (&uparent, &name), meta_only, publish)?;
     } else {
         let tmp = temp_name();
         let work = upper.work();
@@ -47,6 +89,7 @@ pub fn copy_up(stack: &LayerStack, src: &Source, upper_parent: &Path) -> Result<
             _ => rustix::fs::mknodat(work, &tmp, ft, Mode::from_raw_mode(0o600), st.st_rdev)?,
         }
         let done = copy_meta_at(&lparent, &lname, &st, work, &tmp).and_then(|()| {
+            publish(&sys::lstat_at(work, &tmp)?);
             Ok(rustix::fs::renameat_with(work, &tmp, &uparent, &name, rustix::fs::RenameFlags::NOREPLACE)?)
         });
         if let Err(e) = done {
@@ -69,11 +112,11 @@ pub fn copy_up(stack: &LayerStack, src: &Source, upper_parent: &Path) -> Result<
 fn copy_regular(
     stack: &LayerStack,
     upper: &UpperLayer,
-    lparent: &OwnedFd,
-    lname: &CStr,
+    (lparent, lname): (&OwnedFd, &CStr),
     st: &Stat,
-    uparent: &OwnedFd,
-    name: &CStr,
+    (uparent, name): (&OwnedFd, &CStr),
+    meta_only: bool,
+    publish: &dyn Fn(&Stat),
 ) -> Result<()> {
     let src = rustix::fs::openat(lparent, lname, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
     let dst = rustix::fs::openat(
@@ -82,7 +125,12 @@ fn copy_regular(
         OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
     )?;
-    copy_data(&src, &dst, st.st_size as u64)?;
+    if meta_only {
+        rustix::fs::ftruncate(&dst, st.st_size as u64)?;
+        rustix::fs::fsetxattr(&dst, &stack.names().metacopy, b"", rustix::fs::XattrFlags::empty())?;
+    } else {
+        copy_data(&src, &dst, st.st_size as u64)?;
+    }
     copy_xattrs(lparent, lname, &dst)?;
     rustix::fs::fchown(&dst, Some(uid(st.st_uid)), Some(gid(st.st_gid)))?;
     rustix::fs::fchmod(&dst, Mode::from_raw_mode(st.st_mode & 0o7777))?;
@@ -90,6 +138,7 @@ fn copy_regular(
     if !stack.options().volatile {
         rustix::fs::fsync(&dst)?;
     }
+    publish(&rustix::fs::fstat(&dst)?);
     rustix::fs::linkat(&dst, c"", uparent, name, AtFlags::EMPTY_PATH)?;
     Ok(())
 }

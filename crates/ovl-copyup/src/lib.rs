@@ -16,11 +16,11 @@
 //! # use ovl_core::{LayerStack, MountOptions, LayerId};
 //! # let stack = LayerStack::open(&MountOptions::parse("lowerdir=/l,upperdir=/u,workdir=/w").unwrap()).unwrap();
 //! let src = ovl_copyup::Source { layer: LayerId(1), path: "a/b".into() };
-//! ovl_copyup::copy_up(&stack, &src, "a".as_ref()).unwrap();
+//! ovl_copyup::copy_up(&stack, &src, "a".as_ref(), &|_| {}).unwrap();
 //! ```
 
 mod copy;
 mod upper;
 
-pub use copy::{Source, copy_up};
+pub use copy::{Source, copy_up, copy_up_data, copy_up_meta};
 pub use upper::{Created, clear_dir, create_over_whiteout, remove_upper, replace_with_whiteout, set_opaque, whiteout};

@@ -35,6 +35,9 @@ pub struct MountOptions {
     pub redirect_dir: RedirectDir,
     /// Skip the fsyncs that make copy-up durable (the kernel's `volatile` or `fsync=volatile`).
     pub volatile: bool,
+    /// Copy up only metadata on chmod/chown/utimes/xattr changes; data on first write
+    /// (the kernel's `metacopy=on`).
+    pub metacopy: bool,
     /// Options meant for the FUSE layer or mount(8) that we accept and ignore.
     pub ignored: Vec<String>,
 }
@@ -78,7 +81,6 @@ const IGNORED: &[&str] = &[
 /// Kernel overlay options that we accept with any of the listed values and do not act on yet.
 const ACCEPTED_KERNEL: &[(&str, &[&str])] = &[
     ("index", &["on", "off"]),
-    ("metacopy", &["off"]),
     ("xino", &["on", "off", "auto"]),
     ("nfs_export", &["off"]),
     ("uuid", &["on", "off", "null", "auto"]),
@@ -123,6 +125,13 @@ impl MountOptions {
                         "volatile" => true,
                         "strict" | "auto" => false,
                         _ => return Err(bad(key, "expected strict, auto or volatile")),
+                    }
+                }
+                ("metacopy", Some(v)) => {
+                    self.metacopy = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad(key, "expected on or off")),
                     }
                 }
                 ("redirect_dir", Some(v)) => {

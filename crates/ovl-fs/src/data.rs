@@ -61,12 +61,12 @@ impl OverlayFs {
         if writes {
             self.ensure_upper(node)?;
         }
-        let (root, path) = self.real_location(node)?;
+        let (root, path) = self.data_location(node)?;
         let fd = sys::open_beneath(root, &path, backing_flags(flags), Mode::empty())?;
         if flags & libc::O_TRUNC != 0 {
             rustix::fs::ftruncate(&fd, 0)?;
         }
-        let on_lower = !node.state.read().upper;
+        let on_lower = !node.state.read().has_upper_data();
         Ok(self.add_file(node, flags, File::from(fd), on_lower))
     }
 
@@ -164,7 +164,11 @@ impl OverlayFs {
     /// Applies a setattr: copy-up first (attributes of a lower object never change), then each
     /// change on the upper object. Returns the new `lstat`.
     pub(crate) fn do_setattr(&self, node: &Arc<Node>, a: &SetAttr) -> Result<Stat> {
-        self.ensure_upper(node)?;
+        if a.size.is_some() {
+            self.ensure_upper(node)?;
+        } else {
+            self.ensure_upper_meta(node)?;
+        }
         let upper = self.stack.writable_upper().ok_or(Errno::ROFS)?;
         let path = self.path_of(node)?;
         let root = upper.layer().root();

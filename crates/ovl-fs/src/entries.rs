@@ -101,6 +101,7 @@ impl OverlayFs {
             lower: None,
             lower_dirs: Vec::new(),
             opaque: is_dir && over_whiteout,
+            data: None,
             keys: Vec::new(),
         });
         Ok((node, st, out))
@@ -259,29 +260,34 @@ impl OverlayFs {
             return Ok(());
         }
         let src_dir = src.kind == FileType::Directory;
+        // The checks the VFS makes before the filesystem sees a rename.
         if let Some(d) = &dst {
             if flags.contains(RenameFlags::NOREPLACE) {
                 return Err(Errno::EXIST.into());
             }
             let dst_dir = d.kind == FileType::Directory;
-            if !exchange {
-                if src_dir && !dst_dir {
-                    return Err(Errno::NOTDIR.into());
-                }
-                if !src_dir && dst_dir {
-                    return Err(Errno::ISDIR.into());
-                }
-                if dst_dir && !ovl_lookup::read_merged(&self.stack, d.dir.as_ref().ok_or(Errno::IO)?)?.is_empty() {
-                    return Err(Errno::NOTEMPTY.into());
-                }
+            if !exchange && src_dir && !dst_dir {
+                return Err(Errno::NOTDIR.into());
+            }
+            if !exchange && !src_dir && dst_dir {
+                return Err(Errno::ISDIR.into());
             }
         } else if exchange {
             return Err(Errno::NOENT.into());
         }
-        // Without redirects a directory that has lower parts cannot move.
+        // Then the overlay's, in the kernel's order: without redirects a directory that has
+        // lower parts cannot move; a replaced directory must be empty in the merged view.
         let has_lower_dir = |e: &ovl_lookup::Entry| e.dir.as_ref().is_some_and(|d| d.is_merged());
         if has_lower_dir(&src) || (exchange && dst.as_ref().is_some_and(has_lower_dir)) {
             return Err(Errno::XDEV.into());
+        }
+        // A pure-upper target is left to the real rename (which fails if it is not empty, after
+        // the source was made opaque, exactly as in the kernel).
+        let merged_target = dst.as_ref().filter(|d| !exchange && has_lower_dir(d));
+        if let Some(d) = merged_target {
+            if !ovl_lookup::read_merged(&self.stack, d.dir.as_ref().ok_or(Errno::IO)?)?.is_empty() {
+                return Err(Errno::NOTEMPTY.into());
+            }
         }
 
         let src_node = self.table.by_key(self.key_of(&src));
@@ -325,11 +331,9 @@ impl OverlayFs {
                 Err(e) => return Err(e),
             };
             let onto_whiteout = target.as_ref().is_some_and(is_whiteout_stat);
-            if let Some(d) = &dst {
-                if d.kind == FileType::Directory && d.upper.is_some() {
-                    // An empty merged dir may still hold whiteouts in its upper part.
-                    ovl_copyup::clear_dir(&self.stack, &npath.join(newname))?;
-                }
+            if merged_target.is_some_and(|d| d.upper.is_some()) {
+                // An empty merged dir may still hold whiteouts in its upper part.
+                ovl_copyup::clear_dir(&self.stack, &npath.join(newname))?;
             }
             if src_dir && onto_whiteout {
                 rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, RenameFlags::EXCHANGE)?;

@@ -71,15 +71,22 @@ impl OverlayFs {
     pub fn new(stack: LayerStack) -> Result<Self> {
         let root = DirLayers::root(&stack)?;
         let (root_key, upper) = match stack.upper() {
-            Some(u) => (Key { fs: u.layer().fs_index(), ino: rustix::fs::fstat(u.layer().root())?.st_ino }, true),
+            Some(u) => (Key::new(u.layer().fs_index(), rustix::fs::fstat(u.layer().root())?.st_ino), true),
             None => {
                 let l = &stack.lowers()[0];
-                (Key { fs: l.fs_index(), ino: rustix::fs::fstat(l.root())?.st_ino }, false)
+                (Key::new(l.fs_index(), rustix::fs::fstat(l.root())?.st_ino), false)
             }
         };
         let opaque = stack.upper().is_some() && root.lowers.is_empty();
-        let state =
-            NodeState { names: Vec::new(), upper, lower: None, lower_dirs: root.lowers, opaque, keys: vec![root_key] };
+        let state = NodeState {
+            names: Vec::new(),
+            upper,
+            lower: None,
+            data: None,
+            lower_dirs: root.lowers,
+            opaque,
+            keys: vec![root_key],
+        };
         Ok(Self { table: Table::new(root_key, state), stack, handles: Handles::default(), ttl: Duration::from_secs(1) })
     }
 
@@ -126,25 +133,32 @@ impl OverlayFs {
     /// The identity of what a lookup found.
     pub(crate) fn key_of(&self, e: &Entry) -> Key {
         if let (Some(st), Some(u)) = (&e.upper, self.stack.upper()) {
-            return Key { fs: u.layer().fs_index(), ino: st.st_ino };
+            return Key::new(u.layer().fs_index(), st.st_ino);
         }
         let layer = match (&e.lower, &e.dir) {
             (Some(l), _) => l.layer,
             (None, Some(d)) => d.lowers.first().map(|l| l.layer).unwrap_or(ovl_core::LayerId(0)),
             (None, None) => ovl_core::LayerId(0),
         };
-        Key { fs: self.stack.layer(layer).fs_index(), ino: e.stat.st_ino }
+        let mut key = Key::new(self.stack.layer(layer).fs_index(), e.stat.st_ino);
+        if let Some(l) = e.lower.as_ref().filter(|l| l.stat.st_nlink > 1) {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (l.layer, &l.path).hash(&mut h);
+            key.name = h.finish() | 1;
+        }
+        key
     }
 
     /// The identity of an object listed from `layer`.
     pub(crate) fn key_in(&self, layer: ovl_core::LayerId, ino: u64) -> Key {
-        Key { fs: self.stack.layer(layer).fs_index(), ino }
+        Key::new(self.stack.layer(layer).fs_index(), ino)
     }
 
     /// The identity of a new object in the upper layer.
     pub(crate) fn upper_key(&self, st: &Stat) -> Key {
         let fs = self.stack.upper().map(|u| u.layer().fs_index()).unwrap_or(0);
-        Key { fs, ino: st.st_ino }
+        Key::new(fs, st.st_ino)
     }
 
     /// Registers what a lookup found under `(parent, name)` and counts one kernel lookup.
@@ -154,15 +168,17 @@ impl OverlayFs {
             names: vec![(parent, name.to_os_string())],
             upper: e.upper.is_some(),
             lower: e.lower.clone(),
+            data: e.data.clone(),
             lower_dirs: e.dir.as_ref().map(|d| d.lowers.clone()).unwrap_or_default(),
             opaque: e.opaque,
             keys: Vec::new(),
         });
         if !fresh {
             let mut st = node.state.write();
-            if e.upper.is_some() {
+            if e.upper.is_some() && !st.upper {
                 st.upper = true;
                 st.lower = None;
+                st.data = e.data.clone();
             }
             if !st.names.iter().any(|(p, n)| *p == parent && n == name) {
                 st.names.push((parent, name.to_os_string()));
@@ -179,21 +195,16 @@ impl OverlayFs {
 
     /// The real object's `lstat` as the mount shows it.
     pub(crate) fn real_stat(&self, node: &Node) -> Result<Stat> {
-        let (upper, lower, first_dir) = {
-            let st = node.state.read();
-            (st.upper, st.lower.clone(), st.lower_dirs.first().cloned())
-        };
-        if upper {
-            let u = self.stack.upper().ok_or(Errno::IO)?;
-            return sys::lstat_beneath(u.layer().root(), &self.path_of(node)?);
+        let (root, path) = self.real_location(node)?;
+        let mut st = sys::lstat_beneath(root, &path)?;
+        let data = node.state.read().data.clone();
+        if let Some(d) = data {
+            // A metacopy file shows the size and blocks of the file holding its data.
+            let ds = sys::lstat_beneath(self.stack.layer(d.layer).root(), &d.path)?;
+            st.st_size = ds.st_size;
+            st.st_blocks = ds.st_blocks;
         }
-        if let Some(l) = lower {
-            return sys::lstat_beneath(self.stack.layer(l.layer).root(), &l.path);
-        }
-        if let Some(d) = first_dir {
-            return sys::lstat_beneath(self.stack.layer(d.layer).root(), &d.path);
-        }
-        Err(Errno::NOENT.into())
+        Ok(st)
     }
 
     /// The attributes the kernel sees for `node`, built from its real object's `lstat`.
@@ -225,50 +236,6 @@ impl OverlayFs {
         }
     }
 
-    /// Makes sure `node` exists in the upper layer, copying it (and, first, its parents) up.
-    /// One copy is made however many threads ask at once.
-    pub(crate) fn ensure_upper(&self, node: &Arc<Node>) -> Result<()> {
-        if node.state.read().upper {
-            return Ok(());
-        }
-        if self.stack.writable_upper().is_none() {
-            return Err(Errno::ROFS.into());
-        }
-        let _guard = node.copy_lock.lock();
-        let (parent_id, src) = {
-            let st = node.state.read();
-            if st.upper {
-                return Ok(());
-            }
-            let parent = st.names.first().map(|(p, _)| *p).ok_or(Errno::NOENT)?;
-            let src = match (&st.lower, st.lower_dirs.first()) {
-                (Some(l), _) => ovl_copyup::Source { layer: l.layer, path: l.path.clone() },
-                (None, Some(d)) => ovl_copyup::Source { layer: d.layer, path: d.path.clone() },
-                (None, None) => return Err(Errno::IO.into()),
-            };
-            (parent, src)
-        };
-        let parent = self.table.get(parent_id).ok_or(Errno::NOENT)?;
-        self.ensure_upper(&parent)?;
-        let parent_path = self.path_of(&parent)?;
-        // The upper name must be the overlay name, which differs from the lower name after a
-        // rename of a lower dir into this position.
-        let name = node.state.read().names.first().map(|(_, n)| n.clone()).ok_or(Errno::NOENT)?;
-        let st = if src.path.file_name() == Some(name.as_os_str()) {
-            ovl_copyup::copy_up(&self.stack, &src, &parent_path)?
-        } else {
-            return Err(Errno::XDEV.into());
-        };
-        {
-            let mut s = node.state.write();
-            s.upper = true;
-            s.lower = None;
-        }
-        self.table.add_key(node, self.upper_key(&st));
-        tracing::debug!(path = ?parent_path.join(&name), "copied up");
-        Ok(())
-    }
-
     /// The upper directory `node` as an `O_PATH` fd, after copying it up.
     pub(crate) fn upper_dir(&self, node: &Arc<Node>) -> Result<(PathBuf, std::os::fd::OwnedFd)> {
         self.ensure_upper(node)?;
@@ -282,10 +249,10 @@ impl OverlayFs {
     /// copied up since the handle was opened in a lower layer.
     pub(crate) fn file(&self, fh: u64, ino: u64) -> Result<Arc<File>> {
         let of = self.handles.get(fh, ino)?;
-        if of.on_lower.load(Ordering::Acquire) && of.node.state.read().upper {
+        if of.on_lower.load(Ordering::Acquire) && of.node.state.read().has_upper_data() {
             let mut slot = of.file.write();
             if of.on_lower.load(Ordering::Acquire) {
-                let (root, path) = self.real_location(&of.node)?;
+                let (root, path) = self.data_location(&of.node)?;
                 let fd =
                     sys::open_beneath(root, &path, crate::data::backing_flags(of.flags), rustix::fs::Mode::empty())?;
                 *slot = Arc::new(File::from(fd));
@@ -295,7 +262,16 @@ impl OverlayFs {
         Ok(of.file.read().clone())
     }
 
-    /// The layer root and path where `node`'s object is read from now.
+    /// The layer root and path of the file holding `node`'s data: the lower data of a metacopy
+    /// file, else the object itself.
+    pub(crate) fn data_location(&self, node: &Node) -> Result<(std::os::fd::BorrowedFd<'_>, PathBuf)> {
+        if let Some(d) = &node.state.read().data {
+            return Ok((self.stack.layer(d.layer).root(), d.path.clone()));
+        }
+        self.real_location(node)
+    }
+
+    /// The layer root and path where `node`'s object (its metadata) is read from now.
     pub(crate) fn real_location(&self, node: &Node) -> Result<(std::os::fd::BorrowedFd<'_>, PathBuf)> {
         let st = node.state.read();
         if st.upper {

@@ -26,6 +26,16 @@ pub(crate) const ROOT: u64 = 1;
 pub(crate) struct Key {
     pub fs: u8,
     pub ino: u64,
+    /// Nonzero for one name of a hard-linked lower file: without an index, copying up one name
+    /// breaks the link (as in the kernel with `index=off`), so each name is its own object.
+    pub name: u64,
+}
+
+impl Key {
+    /// The identity of the real object `ino` on filesystem `fs`.
+    pub fn new(fs: u8, ino: u64) -> Self {
+        Self { fs, ino, name: 0 }
+    }
 }
 
 /// Where a node's object lives in the layers. Guarded by the node's `state` lock.
@@ -38,12 +48,21 @@ pub(crate) struct NodeState {
     pub upper: bool,
     /// For a non-dir not (yet) in the upper layer: the lower object shown.
     pub lower: Option<LowerObject>,
+    /// For a metacopy file: the lower file that still holds the data.
+    pub data: Option<LowerObject>,
     /// For a dir: the lower dirs that merge into it.
     pub lower_dirs: Vec<ovl_lookup::LowerDir>,
     /// For a dir: the upper dir is opaque.
     pub opaque: bool,
     /// The identities that map to this node.
     pub keys: Vec<Key>,
+}
+
+impl NodeState {
+    /// The object's data lives in the upper layer (copied up, and not metacopy).
+    pub fn has_upper_data(&self) -> bool {
+        self.upper && self.data.is_none()
+    }
 }
 
 /// One overlay object the kernel holds a reference to.
@@ -197,5 +216,5 @@ impl Table {
 /// byte so numbers from different filesystems never collide; numbers that do not fit are
 /// allocated from the top half.
 fn derive(key: Key) -> u64 {
-    if key.ino < (1 << 56) { ((key.fs as u64) << 56) | key.ino } else { 0 }
+    if key.ino < (1 << 56) && key.name == 0 { ((key.fs as u64) << 56) | key.ino } else { 0 }
 }

@@ -17,6 +17,7 @@
 //! session.run().unwrap(); // until `umount /mnt`
 //! ```
 
+mod copyup;
 mod data;
 mod dirs;
 mod entries;

@@ -50,7 +50,7 @@ impl OverlayFs {
 
     pub(crate) fn do_setxattr(&self, node: &Arc<Node>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let key = cname(&self.stack.names().escape(name))?;
-        self.ensure_upper(node)?;
+        self.ensure_upper_meta(node)?;
         self.on_real(node, |d, n| sys::set_xattr(d, n, &key, value, flags))
     }
 
@@ -59,7 +59,7 @@ impl OverlayFs {
         if self.on_real(node, |d, n| sys::get_xattr(d, n, &key))?.is_none() {
             return Err(Errno::NODATA.into());
         }
-        self.ensure_upper(node)?;
+        self.ensure_upper_meta(node)?;
         self.on_real(node, |d, n| sys::remove_xattr(d, n, &key))
     }
 }

@@ -97,7 +97,7 @@ enum Op {
     /// `mknod` of a fifo.
     Mkfifo { path: PathBuf, mode: Perm },
     /// `lsetxattr` with no flag, `XATTR_CREATE` or `XATTR_REPLACE`.
-    SetXattr { path: PathBuf, name: String, value: Vec<u8>, flags: XattrFlags },
+    SetXattr { path: PathBuf, name: String, value: Bytes, flags: XattrFlags },
     /// `lremovexattr`.
     RemoveXattr { path: PathBuf, name: String },
     /// `lgetxattr` of one name.
@@ -174,9 +174,9 @@ enum Payload {
     /// An `lstat` result.
     Entry(Entry),
     /// Xattr names and values, sorted.
-    Xattrs(Vec<(OsString, Vec<u8>)>),
+    Xattrs(Vec<(OsString, Bytes)>),
     /// One xattr value.
-    Value(Vec<u8>),
+    Value(Bytes),
 }
 
 /// The result of one operation: a payload or an errno.
@@ -272,13 +272,15 @@ fn apply(root: &Path, op: &Op) -> Outcome {
         Op::Mkfifo { path, mode } => {
             done(rustix::fs::mknodat(CWD, p(path), FileType::Fifo, Mode::from_raw_mode(mode.0), 0))
         }
-        Op::SetXattr { path, name, value, flags } => done(rustix::fs::lsetxattr(p(path), name.as_str(), value, *flags)),
+        Op::SetXattr { path, name, value, flags } => {
+            done(rustix::fs::lsetxattr(p(path), name.as_str(), &value.0, *flags))
+        }
         Op::RemoveXattr { path, name } => done(rustix::fs::lremovexattr(p(path), name.as_str())),
         Op::GetXattr { path, name } => {
             let mut buf = vec![0u8; 64 * 1024];
             let n = rustix::fs::lgetxattr(p(path), name.as_str(), &mut buf[..]).map_err(rx)?;
             buf.truncate(n);
-            Ok(Payload::Value(buf))
+            Ok(Payload::Value(Bytes(buf)))
         }
         Op::ListXattr { path } => xattrs(&p(path), |_| true).map(Payload::Xattrs).map_err(io),
         Op::Read { path } => {
@@ -486,7 +488,7 @@ fn gen_ops(rng: &mut StdRng, v: &View, a: &Path) -> Vec<Op> {
                 .choose(rng)
                 .unwrap())
             .to_owned(),
-            value: data(rng.random_range(0..64), rng.random()),
+            value: Bytes(data(rng.random_range(0..64), rng.random())),
             flags: *[XattrFlags::empty(), XattrFlags::empty(), XattrFlags::CREATE, XattrFlags::REPLACE]
                 .choose(rng)
                 .unwrap(),
@@ -597,6 +599,16 @@ fn show(o: &Outcome) -> String {
     }
 }
 
+/// For two `lstat` results, the differing fields (kernel first), one per line; else nothing.
+fn entry_diff(a: &Outcome, b: &Outcome) -> String {
+    match (a, b) {
+        (Ok(Payload::Entry(x)), Ok(Payload::Entry(y))) => {
+            x.diff(y).iter().map(|d| format!("  differs: {d}\n")).collect()
+        }
+        _ => String::new(),
+    }
+}
+
 /// Counts of results per operation kind.
 #[derive(Default)]
 struct Stats {
@@ -673,9 +685,10 @@ fn run_sequence(cfg: &Config, seed: u64, stats: &mut Stats) {
             if !same(&ra, &rb) {
                 let history: Vec<String> = recent.iter().cloned().collect();
                 panic!(
-                    "seed {seed} op {index}: {op:?}\n  kernel: {}\n  SUT:    {}\nprevious ops:\n  {}\n(reproduce: OVL_DIFF_SEED={seed} OVL_DIFF_SEQS=1 OVL_DIFF_VERBOSE=1)\n{}",
+                    "seed {seed} op {index}: {op:?}\n  kernel: {}\n  SUT:    {}\n{}previous ops:\n  {}\n(reproduce: OVL_DIFF_SEED={seed} OVL_DIFF_SEQS=1 OVL_DIFF_VERBOSE=1)\n{}",
                     show(&ra),
                     show(&rb),
+                    entry_diff(&ra, &rb),
                     history.join("\n  "),
                     mb.log_tail()
                 );

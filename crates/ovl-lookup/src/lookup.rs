@@ -84,6 +84,9 @@ pub struct Entry {
     pub dir: Option<DirLayers>,
     /// For a dir: the upper dir is opaque (`y`).
     pub opaque: bool,
+    /// For a metacopy file (metadata copied up, data not yet): the lower file holding the data.
+    /// `stat` already shows that file's size and blocks.
+    pub data: Option<LowerObject>,
 }
 
 /// Looks `name` up in the merged directory `parent`. `Ok(None)` when the name does not exist or
@@ -102,7 +105,12 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             Ok(Some(st)) => {
                 let kind = FileType::from_raw_mode(st.st_mode);
                 if kind != FileType::Directory {
-                    return Ok(Some(Entry { kind, stat: st, upper: Some(st), lower: None, dir: None, opaque: false }));
+                    let mut e =
+                        Entry { kind, stat: st, upper: Some(st), lower: None, dir: None, opaque: false, data: None };
+                    if kind == FileType::RegularFile && has_xattr(root, &path, &names.metacopy)? {
+                        e.set_data(find_data(stack, &parent.lowers, name)?);
+                    }
+                    return Ok(Some(e));
                 }
                 let (pfd, _) = sys::open_parent(root, &path)?;
                 let opaque =
@@ -114,6 +122,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                     lower: None,
                     dir: Some(DirLayers { upper: Some(path), lowers: Vec::new() }),
                     opaque,
+                    data: None,
                 });
                 if opaque {
                     return Ok(found);
@@ -123,7 +132,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         }
     }
 
-    for ld in &parent.lowers {
+    for (i, ld) in parent.lowers.iter().enumerate() {
         let layer = stack.layer(ld.layer);
         let path = ld.path.join(name);
         let Some(st) = stat_in(layer.root(), &path)? else { continue };
@@ -133,8 +142,14 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         let kind = FileType::from_raw_mode(st.st_mode);
         match &mut found {
             None if kind != FileType::Directory => {
+                let meta = kind == FileType::RegularFile && has_xattr(layer.root(), &path, &names.metacopy)?;
                 let lower = LowerObject { layer: ld.layer, path, stat: st };
-                return Ok(Some(Entry { kind, stat: st, upper: None, lower: Some(lower), dir: None, opaque: false }));
+                let mut e =
+                    Entry { kind, stat: st, upper: None, lower: Some(lower), dir: None, opaque: false, data: None };
+                if meta {
+                    e.set_data(find_data(stack, &parent.lowers[i + 1..], name)?);
+                }
+                return Ok(Some(e));
             }
             None => {
                 found = Some(Entry {
@@ -144,6 +159,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                     lower: None,
                     dir: Some(DirLayers { upper: None, lowers: Vec::new() }),
                     opaque: false,
+                    data: None,
                 });
             }
             Some(_) if kind != FileType::Directory => break,
@@ -158,6 +174,37 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         }
     }
     Ok(found)
+}
+
+impl Entry {
+    fn set_data(&mut self, data: LowerObject) {
+        self.stat.st_size = data.stat.st_size;
+        self.stat.st_blocks = data.stat.st_blocks;
+        self.data = Some(data);
+    }
+}
+
+/// The lower regular file holding the data of a metacopy file named `name`: the first regular
+/// file that is not itself metacopy in `lowers`. A metacopy file without data is corrupt (`EIO`).
+fn find_data(stack: &LayerStack, lowers: &[LowerDir], name: &OsStr) -> Result<LowerObject> {
+    for ld in lowers {
+        let layer = stack.layer(ld.layer);
+        let path = ld.path.join(name);
+        let Some(st) = stat_in(layer.root(), &path)? else { continue };
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            break;
+        }
+        if has_xattr(layer.root(), &path, &stack.names().metacopy)? {
+            continue;
+        }
+        return Ok(LowerObject { layer: ld.layer, path, stat: st });
+    }
+    Err(ovl_core::Error::corrupt(format!("metacopy file {name:?} has no lower data")))
+}
+
+fn has_xattr(root: std::os::fd::BorrowedFd<'_>, path: &Path, key: &std::ffi::CStr) -> Result<bool> {
+    let (pfd, name) = sys::open_parent(root, path)?;
+    Ok(sys::get_xattr(&pfd, Some(&name), key)?.is_some())
 }
 
 /// True when a lower layer of `parent` has a positive entry (not a whiteout) named `name`:

@@ -772,7 +772,7 @@ pub struct Entry {
     /// Major and minor of a device.
     pub rdev: Option<(u32, u32)>,
     /// `user.*` and `trusted.*` xattrs with values, sorted by name.
-    pub xattrs: Vec<(OsString, Vec<u8>)>,
+    pub xattrs: Vec<(OsString, Bytes)>,
     /// Link count of a non-directory.
     pub nlink: Option<u64>,
     /// Modification time (seconds, nanoseconds); compared only when old (see module docs).
@@ -871,7 +871,7 @@ impl Fnv {
 }
 
 /// The xattrs of `path` (not following symlinks) whose names pass `keep`, sorted by name.
-pub fn xattrs(path: &Path, keep: impl Fn(&[u8]) -> bool) -> std::io::Result<Vec<(OsString, Vec<u8>)>> {
+pub fn xattrs(path: &Path, keep: impl Fn(&[u8]) -> bool) -> std::io::Result<Vec<(OsString, Bytes)>> {
     let mut names = vec![0u8; 64 * 1024];
     let n = rustix::fs::llistxattr(path, &mut names[..])?;
     let mut out = Vec::new();
@@ -880,10 +880,21 @@ pub fn xattrs(path: &Path, keep: impl Fn(&[u8]) -> bool) -> std::io::Result<Vec<
         let mut value = vec![0u8; 64 * 1024];
         let len = rustix::fs::lgetxattr(path, name, &mut value[..])?;
         value.truncate(len);
-        out.push((name.to_owned(), value));
+        out.push((name.to_owned(), Bytes(value)));
     }
     out.sort();
     Ok(out)
+}
+
+/// An xattr value; `Debug` shows it as an escaped byte string.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bytes(pub Vec<u8>);
+
+impl Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let escaped: String = self.0.iter().flat_map(|b| std::ascii::escape_default(*b)).map(char::from).collect();
+        write!(f, "b\"{escaped}\"")
+    }
 }
 
 /// One object of an upper layer as stored on disk, as [`snapshot_upper`] records it.
@@ -893,7 +904,7 @@ pub struct UpperEntry {
     pub kind: Kind,
     /// Whether it is a whiteout (character device 0:0).
     pub whiteout: bool,
-    /// Value of `trusted.overlay.opaque`, if set.
+    /// Value of `trusted.overlay.opaque` (or `user.overlay.opaque` of a `userxattr` layer), if set.
     pub opaque: Option<Vec<u8>>,
     /// Permission bits including set-id and sticky.
     pub perm: u32,
@@ -909,9 +920,9 @@ pub struct UpperEntry {
     pub target: Option<OsString>,
     /// Major and minor of a device other than a whiteout.
     pub rdev: Option<(u32, u32)>,
-    /// `user.*` and `trusted.*` xattrs, sorted by name; overlay's own `trusted.overlay.*` are left
-    /// out, escaped `trusted.overlay.overlay.*` (user data) kept.
-    pub xattrs: Vec<(OsString, Vec<u8>)>,
+    /// `user.*` and `trusted.*` xattrs, sorted by name; overlay's own `trusted.overlay.*` and
+    /// `user.overlay.*` are left out, escaped `*.overlay.overlay.*` (user data) kept.
+    pub xattrs: Vec<(OsString, Bytes)>,
 }
 
 impl UpperEntry {
@@ -919,10 +930,16 @@ impl UpperEntry {
     pub fn of(path: &Path) -> std::io::Result<UpperEntry> {
         let e = Entry::of(path)?;
         let whiteout = e.kind == Kind::Char && e.rdev == Some((0, 0));
-        let opaque = xattrs(path, |n| n == b"trusted.overlay.opaque")?.pop().map(|(_, v)| v);
-        // Overlay's own xattrs are not compared, but escaped ones (`trusted.overlay.overlay.*`,
-        // what a user's `trusted.overlay.*` becomes in a layer) are user data.
-        let own = |n: &[u8]| n.starts_with(b"trusted.overlay.") && !n.starts_with(b"trusted.overlay.overlay.");
+        let is_opaque = |n: &[u8]| n == b"trusted.overlay.opaque" || n == b"user.overlay.opaque";
+        let opaque = xattrs(path, is_opaque)?.pop().map(|(_, v)| v.0);
+        // Overlay's own xattrs (also the `user.overlay.` ones of `userxattr` layers) are not
+        // compared, but escaped ones (`*.overlay.overlay.*`: what a user's `trusted.overlay.*`
+        // becomes in a layer) are user data.
+        let own = |n: &[u8]| {
+            [&b"trusted.overlay."[..], b"user.overlay."]
+                .iter()
+                .any(|p| n.starts_with(p) && !n[p.len()..].starts_with(b"overlay."))
+        };
         let xattrs = e.xattrs.into_iter().filter(|(n, _)| !own(n.as_bytes())).collect();
         Ok(UpperEntry {
             kind: e.kind,

@@ -1,0 +1,97 @@
+//! Copy-up of a node: parents first, one copy however many threads ask, metadata only when the
+//! mount has `metacopy=on` and only metadata changes.
+
+use std::sync::Arc;
+
+use ovl_core::{Errno, Result};
+use rustix::fs::FileType;
+
+use crate::fs::OverlayFs;
+use crate::inode::Node;
+
+/// How much of an object a change needs in the upper layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// Owner, mode, times or xattrs change: with `metacopy=on` a regular file's data may stay
+    /// below.
+    Meta,
+    /// The data changes (or the object moves): everything comes up.
+    Data,
+}
+
+impl OverlayFs {
+    /// Makes sure `node` exists in the upper layer with its data, copying it (and, first, its
+    /// parents) up.
+    pub(crate) fn ensure_upper(&self, node: &Arc<Node>) -> Result<()> {
+        self.ensure(node, Need::Data)
+    }
+
+    /// Makes sure `node` exists in the upper layer, copying up only metadata where the mount
+    /// allows it.
+    pub(crate) fn ensure_upper_meta(&self, node: &Arc<Node>) -> Result<()> {
+        self.ensure(node, Need::Meta)
+    }
+
+    fn ensure(&self, node: &Arc<Node>, need: Need) -> Result<()> {
+        {
+            let st = node.state.read();
+            if st.upper && (need == Need::Meta || st.data.is_none()) {
+                return Ok(());
+            }
+        }
+        if self.stack.writable_upper().is_none() {
+            return Err(Errno::ROFS.into());
+        }
+        let _guard = node.copy_lock.lock();
+        let (upper, parent_id, name, src, data) = {
+            let st = node.state.read();
+            let (parent, name) = st.names.first().cloned().ok_or(Errno::NOENT)?;
+            let src = match (&st.lower, st.lower_dirs.first()) {
+                (Some(l), _) => Some(ovl_copyup::Source { layer: l.layer, path: l.path.clone() }),
+                (None, Some(d)) => Some(ovl_copyup::Source { layer: d.layer, path: d.path.clone() }),
+                (None, None) => None,
+            };
+            let data = st.data.as_ref().map(|d| ovl_copyup::Source { layer: d.layer, path: d.path.clone() });
+            (st.upper, parent, name, src, data)
+        };
+        let parent = self.table.get(parent_id).ok_or(Errno::NOENT)?;
+        self.ensure_upper(&parent)?;
+        let parent_path = self.path_of(&parent)?;
+        if !upper {
+            let src = src.ok_or(Errno::IO)?;
+            // Without redirects the upper name must be the lower name.
+            if src.path.file_name() != Some(name.as_os_str()) {
+                return Err(Errno::XDEV.into());
+            }
+            let regular = node.kind == FileType::RegularFile;
+            let meta_only = regular && (data.is_some() || (need == Need::Meta && self.stack.options().metacopy));
+            // The upper identity must map to this node before the copy is visible, or a racing
+            // lookup would make a second node (and the kernel a second inode) for it.
+            let publish = |st: &rustix::fs::Stat| self.table.add_key(node, self.upper_key(st));
+            if meta_only {
+                ovl_copyup::copy_up_meta(&self.stack, &src, &parent_path, &publish)?;
+            } else {
+                ovl_copyup::copy_up(&self.stack, &src, &parent_path, &publish)?;
+            }
+            {
+                let mut s = node.state.write();
+                s.upper = true;
+                if meta_only && s.data.is_none() {
+                    s.data = s.lower.take();
+                }
+                s.lower = None;
+            }
+            tracing::debug!(path = ?parent_path.join(&name), meta_only, "copied up");
+        }
+        if need == Need::Data {
+            let data =
+                node.state.read().data.as_ref().map(|d| ovl_copyup::Source { layer: d.layer, path: d.path.clone() });
+            if let Some(d) = data {
+                ovl_copyup::copy_up_data(&self.stack, &d, &parent_path.join(&name))?;
+                node.state.write().data = None;
+                tracing::debug!(path = ?parent_path.join(&name), "copied up data");
+            }
+        }
+        Ok(())
+    }
+}
