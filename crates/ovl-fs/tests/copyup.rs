@@ -211,3 +211,90 @@ fn racing_copy_ups_make_one_copy_and_lose_no_write() {
         assert_eq!(fs::read_dir(l.upper.join(format!("d{d}/sub"))).unwrap().count(), 4);
     }
 }
+
+/// Metadata changes on lower files with `metacopy=on`; then a write pulls the data up.
+fn metacopy_script(m: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = |s: &str| m.join(s);
+    let mut log = vec![];
+    let mut step = |what: &str, r: std::io::Result<String>| log.push(format!("{what}: {r:?}"));
+    step("chmod", fs::set_permissions(p("big"), fs::Permissions::from_mode(0o600)).map(|()| String::new()));
+    step("chown", std::os::unix::fs::chown(p("small"), Some(7), Some(8)).map(|()| String::new()));
+    step(
+        "setxattr",
+        rustix::fs::lsetxattr(p("x"), "user.k", b"v", rustix::fs::XattrFlags::empty())
+            .map(|()| String::new())
+            .map_err(std::io::Error::from),
+    );
+    step("size after chmod", fs::metadata(p("big")).map(|m| m.len().to_string()));
+    step(
+        "read after chmod",
+        fs::read(p("big")).map(|d| format!("{} bytes, sum {}", d.len(), d.iter().map(|b| *b as u64).sum::<u64>())),
+    );
+    step(
+        "append",
+        OpenOptions::new()
+            .append(true)
+            .open(p("small"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"+"))
+            .map(|()| String::new()),
+    );
+    step("read after append", fs::read_to_string(p("small")));
+    step("truncate", OpenOptions::new().write(true).open(p("x")).and_then(|f| f.set_len(2)).map(|()| String::new()));
+    step("read after truncate", fs::read_to_string(p("x")));
+    log
+}
+
+#[test]
+fn metacopy_copies_data_only_when_written_like_the_kernel() {
+    let tmp = tempdir("metacopy");
+    let a = Layers::create(&tmp.path().join("a"), 1);
+    let f = File::create(a.lowers[0].join("big")).unwrap();
+    for i in 0..8 {
+        pattern(&f, i << 20, 1 << 20, 3);
+    }
+    drop(f);
+    fs::write(a.lowers[0].join("small"), b"small").unwrap();
+    fs::write(a.lowers[0].join("x"), b"xxxx").unwrap();
+    let b = a.copy_to(&tmp.path().join("b"));
+    // The kernel turns redirect_dir on with metacopy.
+    let kopts = "metacopy=on,redirect_dir=on,index=off,xino=off";
+    let view = {
+        let ka = MountGuard::mount(Backend::Kernel, &a, kopts, &mount_point(tmp.path(), "ka"));
+        let mb = MountGuard::mount(Backend::Ovlfs, &b, "metacopy=on", &mount_point(tmp.path(), "mb"));
+        let (la, lb) = (metacopy_script(ka.path()), metacopy_script(mb.path()));
+        assert_eq!(la, lb, "kernel (left) and ovlfs (right)");
+        common::assert_same_tree(
+            "metacopy",
+            "kernel",
+            &common::snapshot_tree(ka.path()),
+            "ovlfs",
+            &common::snapshot_tree(mb.path()),
+        );
+        common::snapshot_tree(mb.path())
+    };
+    // After chmod only, the upper copy of `big` holds no data, in both.
+    for l in [&a, &b] {
+        let m = fs::metadata(l.upper.join("big")).unwrap();
+        assert_eq!(m.len(), 8 << 20);
+        assert!(m.blocks() * 512 < 1 << 20, "metacopy upper file should be sparse: {} bytes", m.blocks() * 512);
+        let mut v = [0u8; 64];
+        let n = rustix::fs::lgetxattr(l.upper.join("big"), "trusted.overlay.metacopy", &mut v[..]).unwrap();
+        assert_eq!(n, 0, "empty metacopy xattr");
+        assert!(
+            rustix::fs::lgetxattr(l.upper.join("small"), "trusted.overlay.metacopy", &mut v[..]).is_err(),
+            "data copied up on append"
+        );
+    }
+    common::assert_same_upper(
+        "metacopy",
+        "kernel",
+        &common::snapshot_upper(&a.upper),
+        "ovlfs",
+        &common::snapshot_upper(&b.upper),
+    );
+    // The kernel reads our metacopy layer.
+    let b2 = b.with_fresh_work(tmp.path().join("b/work2"));
+    let k = MountGuard::mount(Backend::Kernel, &b2, kopts, &mount_point(tmp.path(), "kb"));
+    common::assert_same_tree("metacopy remount", "ovlfs", &view, "kernel", &common::snapshot_tree(k.path()));
+}
