@@ -28,11 +28,20 @@ pub(crate) fn restore_dir_times(dir: BorrowedFd<'_>, st: &Stat) {
     let _ = sys::set_times(dir, &times_of(st));
 }
 
-/// Creates a whiteout at `upper_parent/name`, where nothing exists in the upper layer yet.
+/// Creates a whiteout at `upper_parent/name`, where nothing exists in the upper layer yet. Like
+/// the kernel, it is made in the work dir and renamed into place, so it never inherits a
+/// set-group-ID parent's group.
 pub fn whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
     let upper = upper_of(stack)?;
     let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
-    make_whiteout(&dir, name)
+    let work = upper.work();
+    let tmp = temp_name();
+    make_whiteout(work, &tmp)?;
+    if let Err(e) = rustix::fs::renameat_with(work, &tmp, &dir, name, RenameFlags::NOREPLACE) {
+        let _ = rustix::fs::unlinkat(work, &tmp, AtFlags::empty());
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 /// Atomically replaces the upper object `upper_parent/name` (a file, or a directory whose
