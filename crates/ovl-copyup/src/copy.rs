@@ -75,8 +75,14 @@ fn copy_up_with(
     let uparent = sys::open_dir_path(upper.layer().root(), upper_parent)?;
     let parent_st = rustix::fs::fstat(&uparent)?;
     let ft = FileType::from_raw_mode(st.st_mode);
+    // Like the kernel with index=off: no origin for a hard-linked lower file.
+    let origin = if ft == FileType::RegularFile && st.st_nlink > 1 { None } else { origin_of(lower, &lparent, &lname) };
+    if origin.is_some() {
+        mark_impure(stack, &uparent)?;
+    }
+    let origin = origin.as_deref();
     if ft == FileType::RegularFile {
-        copy_regular(stack, upper, (&lparent, &lname), &st, (&uparent, &name), meta_only, publish)?;
+        copy_regular(stack, upper, (&lparent, &lname), &st, (&uparent, &name), (meta_only, origin), publish)?;
     } else {
         let tmp = temp_name();
         let work = upper.work();
@@ -89,6 +95,9 @@ fn copy_up_with(
             _ => rustix::fs::mknodat(work, &tmp, ft, Mode::from_raw_mode(0o600), st.st_rdev)?,
         }
         let done = copy_meta_at(&lparent, &lname, &st, work, &tmp).and_then(|()| {
+            if let Some(o) = origin {
+                sys::set_xattr(work, Some(&tmp), &stack.names().origin, o, 0)?;
+            }
             publish(&sys::lstat_at(work, &tmp)?);
             Ok(rustix::fs::renameat_with(work, &tmp, &uparent, &name, rustix::fs::RenameFlags::NOREPLACE)?)
         });
@@ -115,7 +124,7 @@ fn copy_regular(
     (lparent, lname): (&OwnedFd, &CStr),
     st: &Stat,
     (uparent, name): (&OwnedFd, &CStr),
-    meta_only: bool,
+    (meta_only, origin): (bool, Option<&[u8]>),
     publish: &dyn Fn(&Stat),
 ) -> Result<()> {
     let src = rustix::fs::openat(lparent, lname, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
@@ -138,8 +147,30 @@ fn copy_regular(
     if !stack.options().volatile {
         rustix::fs::fsync(&dst)?;
     }
+    if let Some(o) = origin {
+        rustix::fs::fsetxattr(&dst, &stack.names().origin, o, rustix::fs::XattrFlags::empty())?;
+    }
     publish(&rustix::fs::fstat(&dst)?);
     rustix::fs::linkat(&dst, c"", uparent, name, AtFlags::EMPTY_PATH)?;
+    Ok(())
+}
+
+/// The encoded `overlay.origin` for the lower object `lname` in `lparent`, or `None` when its
+/// filesystem cannot make file handles (the kernel then copies up without origin too).
+fn origin_of(lower: &ovl_core::Layer, lparent: &OwnedFd, lname: &CStr) -> Option<Vec<u8>> {
+    let handle = sys::name_to_handle(lparent, lname).ok()?;
+    let origin = ovl_core::Origin { uuid: lower.uuid(), handle, path_upper: false };
+    let v = origin.encode();
+    (v.len() <= ovl_core::origin::MAX_LEN).then_some(v)
+}
+
+/// Sets `overlay.impure` on an upper dir about to hold an entry with an origin (the kernel uses
+/// it to fix `d_ino` in listings); kept if already there.
+fn mark_impure(stack: &LayerStack, dir: &OwnedFd) -> Result<()> {
+    let key = &stack.names().impure;
+    if sys::get_xattr(dir, None, key)?.is_none() {
+        sys::set_xattr(dir, None, key, b"y", 0)?;
+    }
     Ok(())
 }
 

@@ -20,6 +20,7 @@ pub struct Layer {
     root: OwnedFd,
     dev: u64,
     fs_index: u8,
+    uuid: [u8; 16],
 }
 
 impl Layer {
@@ -44,6 +45,11 @@ impl Layer {
     /// filesystems apart.
     pub fn fs_index(&self) -> u8 {
         self.fs_index
+    }
+    /// The UUID of the layer's filesystem (all zeros if it has none), as recorded in
+    /// `overlay.origin`.
+    pub fn uuid(&self) -> [u8; 16] {
+        self.uuid
     }
 }
 
@@ -112,8 +118,18 @@ impl LayerStack {
             }
             check_disjoint(("upperdir", &upath), ("workdir", &wpath))?;
             let idx = fs_index(ust.st_dev);
-            upper_parts =
-                Some((Layer { id: LayerId(0), path: upath, root: ufd, dev: ust.st_dev, fs_index: idx }, wpath, wfd));
+            upper_parts = Some((
+                Layer {
+                    id: LayerId(0),
+                    uuid: sys::fs_uuid(&ufd),
+                    path: upath,
+                    root: ufd,
+                    dev: ust.st_dev,
+                    fs_index: idx,
+                },
+                wpath,
+                wfd,
+            ));
             next_id = 1;
         }
         let mut lowers = Vec::new();
@@ -124,7 +140,14 @@ impl LayerStack {
                 check_disjoint(("workdir", w), ("lowerdir", &path))?;
             }
             let idx = fs_index(st.st_dev);
-            lowers.push(Layer { id: LayerId(next_id), path, root: fd, dev: st.st_dev, fs_index: idx });
+            lowers.push(Layer {
+                id: LayerId(next_id),
+                uuid: sys::fs_uuid(&fd),
+                path,
+                root: fd,
+                dev: st.st_dev,
+                fs_index: idx,
+            });
             next_id += 1;
         }
         let upper = match upper_parts {
@@ -171,6 +194,16 @@ impl LayerStack {
     pub fn options(&self) -> &MountOptions {
         &self.options
     }
+    /// A layer on the filesystem with device `dev`, if any.
+    pub fn layer_on_dev(&self, dev: u64) -> Option<&Layer> {
+        self.upper.iter().map(|u| &u.layer).chain(self.lowers.iter()).find(|l| l.dev == dev)
+    }
+
+    /// The lower layers whose filesystem has UUID `uuid`.
+    pub fn lowers_with_uuid(&self, uuid: &[u8; 16]) -> impl Iterator<Item = &Layer> {
+        self.lowers.iter().filter(move |l| &l.uuid == uuid)
+    }
+
     /// How many distinct filesystems the layers live on.
     pub fn fs_count(&self) -> u8 {
         self.fs_count

@@ -22,9 +22,11 @@ mod error;
 mod format;
 mod layer;
 mod options;
+pub mod origin;
 pub mod sys;
 
 pub use error::{Errno, Error, Result, StackError};
 pub use format::{Opaque, XattrNames, is_whiteout_stat, make_whiteout};
 pub use layer::{Layer, LayerId, LayerStack, UpperLayer};
 pub use options::{MountOptions, RedirectDir};
+pub use origin::{Origin, OriginError};

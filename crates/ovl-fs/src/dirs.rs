@@ -20,7 +20,11 @@ impl OverlayFs {
         out.push((OsString::from("."), FuseType::Directory, node.id));
         out.push((OsString::from(".."), FuseType::Directory, parent));
         for e in entries {
-            let ino = self.table.ino_for(self.key_in(e.layer, e.ino));
+            let key = match e.identity {
+                Some(id) => crate::inode::Key::new(id.fs_index, id.ino),
+                None => self.key_in(e.layer, e.ino),
+            };
+            let ino = self.table.ino_for(key);
             out.push((e.name, fuse_type(e.file_type), ino));
         }
         Ok(out)
@@ -70,16 +74,32 @@ impl OverlayFs {
             d.entries = self.listing(node)?;
         }
         let self_attr = self.attr(node, &self.real_stat(node)?);
-        for (i, (name, _, _)) in d.entries.iter().enumerate().skip(offset as usize) {
+        for (i, (name, kind, ino)) in d.entries.iter().enumerate().skip(offset as usize) {
             let off = i as u64 + 1;
             if name == OsStr::new(".") || name == OsStr::new("..") {
-                // The kernel links no inode for these two.
-                if reply.add(INodeNo(0), off, name, &self.ttl, &self_attr, Generation(0)) {
+                // The kernel links no inode for these two, whatever their number.
+                let mut attr = self_attr;
+                attr.ino = INodeNo(*ino);
+                if reply.add(INodeNo(*ino), off, name, &self.ttl, &attr, Generation(0)) {
                     break;
                 }
                 continue;
             }
-            let Ok((child, st)) = self.do_lookup(node, name) else { continue };
+            let (child, st) = match self.do_lookup(node, name) {
+                Ok(found) => found,
+                Err(e) => {
+                    // Still list the name, as plain readdir would, with a zero time-to-live so
+                    // the kernel looks it up again on first use and then sees the error.
+                    tracing::debug!(?name, "readdirplus lookup: {e}");
+                    let mut attr = self_attr;
+                    attr.ino = INodeNo(*ino);
+                    attr.kind = *kind;
+                    if reply.add(INodeNo(*ino), off, name, &std::time::Duration::ZERO, &attr, Generation(0)) {
+                        break;
+                    }
+                    continue;
+                }
+            };
             let attr = self.attr(&child, &st);
             if reply.add(INodeNo(child.id), off, name, &self.ttl, &attr, Generation(0)) {
                 self.table.forget(child.id, 1);

@@ -130,17 +130,10 @@ impl OverlayFs {
         Ok((path, layers))
     }
 
-    /// The identity of what a lookup found.
+    /// The identity of what a lookup found: its origin's (see `ovl_lookup::identity`), except
+    /// that each name of a hard-linked lower file is its own object until copied up.
     pub(crate) fn key_of(&self, e: &Entry) -> Key {
-        if let (Some(st), Some(u)) = (&e.upper, self.stack.upper()) {
-            return Key::new(u.layer().fs_index(), st.st_ino);
-        }
-        let layer = match (&e.lower, &e.dir) {
-            (Some(l), _) => l.layer,
-            (None, Some(d)) => d.lowers.first().map(|l| l.layer).unwrap_or(ovl_core::LayerId(0)),
-            (None, None) => ovl_core::LayerId(0),
-        };
-        let mut key = Key::new(self.stack.layer(layer).fs_index(), e.stat.st_ino);
+        let mut key = Key::new(e.identity.fs_index, e.identity.ino);
         if let Some(l) = e.lower.as_ref().filter(|l| l.stat.st_nlink > 1) {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -592,3 +592,116 @@ fn inode_numbers_stay_through_copy_up_and_match_readdir() {
         assert_eq!(fs::symlink_metadata(d.join(n)).unwrap().dev(), dev, "one st_dev for the whole mount");
     }
 }
+
+/// `st_ino` of each path, and `d_ino` of each listed entry, under `m`.
+fn inos(m: &Path, paths: &[&str]) -> (Vec<u64>, Vec<(String, u64)>) {
+    let st = paths.iter().map(|p| fs::symlink_metadata(m.join(p)).unwrap().ino()).collect();
+    let mut d = Vec::new();
+    for dir in ["", "d"] {
+        for e in fs::read_dir(m.join(dir)).unwrap() {
+            let e = e.unwrap();
+            let name = Path::new(dir).join(e.file_name()).display().to_string();
+            d.push((name, std::os::unix::fs::DirEntryExt::ino(&e)));
+        }
+    }
+    d.sort();
+    (st, d)
+}
+
+fn assert_d_ino_matches(m: &Path, d: &[(String, u64)]) {
+    for (name, ino) in d {
+        assert_eq!(fs::symlink_metadata(m.join(name)).unwrap().ino(), *ino, "d_ino of {name} agrees with st_ino");
+    }
+}
+
+#[test]
+fn inode_numbers_survive_copy_up_remount_and_rotation() {
+    let tmp = tempdir("ino-stable");
+    let l = Layers::create(&tmp.path().join("a"), 1);
+    apply_fixture(&l, "l1 file f one\nl1 file g two\nl1 file d/h three\nl1 dir d/sub\n");
+    let paths = ["f", "g", "d", "d/h", "d/sub"];
+    let moved = ["f", "g2", "d", "d/h", "d/sub"];
+    let (before, _) = {
+        let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m1"));
+        let r = inos(m.path(), &paths);
+        assert_d_ino_matches(m.path(), &r.1);
+        fs::write(m.path().join("f"), b"changed").unwrap();
+        fs::set_permissions(m.path().join("d"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(m.path().join("d/h"), b"changed too").unwrap();
+        fs::rename(m.path().join("g"), m.path().join("g2")).unwrap();
+        let after = inos(m.path(), &moved);
+        assert_eq!(after.0, r.0, "copy-up and rename keep st_ino");
+        assert_d_ino_matches(m.path(), &after.1);
+        r
+    };
+    // The kernel reads the same numbers from our origins, and a remount of ovlfs keeps them.
+    {
+        let lk = l.with_fresh_work(tmp.path().join("a/workk"));
+        let k = MountGuard::mount(Backend::Kernel, &lk, KERNEL_OPTS, &mount_point(tmp.path(), "k"));
+        assert_eq!(inos(k.path(), &moved).0, before, "the kernel agrees on st_ino");
+    }
+    {
+        let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m2"));
+        let r = inos(m.path(), &moved);
+        assert_eq!(r.0, before, "remount keeps st_ino");
+        assert_d_ino_matches(m.path(), &r.1);
+    }
+    // Rotation: today's upper becomes a lower of a new mount.
+    let rotated = Layers {
+        root: l.root.clone(),
+        lowers: vec![l.upper.clone(), l.lowers[0].clone()],
+        upper: tmp.path().join("a/upper2"),
+        work: tmp.path().join("a/work2"),
+    };
+    fs::create_dir_all(&rotated.upper).unwrap();
+    fs::create_dir_all(&rotated.work).unwrap();
+    let m = MountGuard::mount(Backend::Ovlfs, &rotated, "", &mount_point(tmp.path(), "m3"));
+    assert_eq!(inos(m.path(), &moved).0, before, "rotation keeps st_ino");
+    fs::write(m.path().join("f"), b"changed again").unwrap();
+    fs::write(m.path().join("d/sub/new"), b"n").unwrap();
+    let r = inos(m.path(), &moved);
+    assert_eq!(r.0, before, "copy-up from a rotated layer keeps st_ino");
+    assert_d_ino_matches(m.path(), &r.1);
+}
+
+#[test]
+fn hostile_origins_never_break_the_mount() {
+    let tmp = tempdir("bad-origin");
+    let l = Layers::create(&tmp.path().join("a"), 1);
+    apply_fixture(&l, "l1 file ok x\nl1 file stale x\nu file corrupt x\nu file foreign x\nu file long x\n");
+    // An origin naming a file that no longer exists, one from an unknown filesystem UUID, a
+    // truncated one and an oversized one.
+    let stale = tmp.path().join("a/l1/gone");
+    fs::write(&stale, b"").unwrap();
+    let handle = {
+        let dir = File::open(tmp.path().join("a/l1")).unwrap();
+        ovl_core_handle(&dir, "gone")
+    };
+    fs::remove_file(&stale).unwrap();
+    let set = |name: &str, v: &[u8]| {
+        rustix::fs::lsetxattr(l.upper.join(name), "trusted.overlay.origin", v, XattrFlags::empty()).unwrap()
+    };
+    fs::copy(l.lowers[0].join("stale"), l.upper.join("stale")).unwrap();
+    set("stale", &handle);
+    let mut foreign = handle.clone();
+    foreign[5..21].copy_from_slice(&[0xab; 16]);
+    set("foreign", &foreign);
+    set("corrupt", &handle[..10]);
+    set("long", &vec![0u8; 3000]);
+    let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m"));
+    // The kernel ignores all four (checked on 6.18): the files stay readable, each with its own
+    // inode number.
+    for name in ["ok", "stale", "foreign", "corrupt", "long"] {
+        assert_eq!(fs::read_to_string(m.path().join(name)).unwrap(), "x\n", "{name} still readable");
+    }
+    let own = fs::metadata(l.upper.join("corrupt")).unwrap().ino();
+    assert_eq!(fs::metadata(m.path().join("corrupt")).unwrap().ino(), own);
+    let names: Vec<_> = fs::read_dir(m.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 5, "the directory still lists: {names:?}");
+}
+
+/// The `overlay.origin` value the kernel would write for `name` in `dir` (ext4 here: null UUID).
+fn ovl_core_handle(dir: &File, name: &str) -> Vec<u8> {
+    let handle = ovl_core::sys::name_to_handle(dir, &std::ffi::CString::new(name).unwrap()).unwrap();
+    ovl_core::Origin { uuid: ovl_core::sys::fs_uuid(dir), handle, path_upper: false }.encode()
+}

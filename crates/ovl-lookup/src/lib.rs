@@ -18,8 +18,10 @@
 //! }
 //! ```
 
+mod identity;
 mod lookup;
 mod readdir;
 
+pub use identity::{Identity, identity};
 pub use lookup::{DirLayers, Entry, LowerDir, LowerObject, lookup, lower_has_name};
 pub use readdir::{MergedEntry, read_merged};

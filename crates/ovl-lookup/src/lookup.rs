@@ -84,6 +84,8 @@ pub struct Entry {
     pub dir: Option<DirLayers>,
     /// For a dir: the upper dir is opaque (`y`).
     pub opaque: bool,
+    /// The object's stable identity (see [`crate::identity`]).
+    pub identity: crate::Identity,
     /// For a metacopy file (metadata copied up, data not yet): the lower file holding the data.
     /// `stat` already shows that file's size and blocks.
     pub data: Option<LowerObject>,
@@ -105,8 +107,17 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             Ok(Some(st)) => {
                 let kind = FileType::from_raw_mode(st.st_mode);
                 if kind != FileType::Directory {
-                    let mut e =
-                        Entry { kind, stat: st, upper: Some(st), lower: None, dir: None, opaque: false, data: None };
+                    let identity = crate::identity(stack, upper.layer(), &path, &st)?;
+                    let mut e = Entry {
+                        kind,
+                        stat: st,
+                        upper: Some(st),
+                        lower: None,
+                        dir: None,
+                        opaque: false,
+                        data: None,
+                        identity,
+                    };
                     if kind == FileType::RegularFile && has_xattr(root, &path, &names.metacopy)? {
                         e.set_data(find_data(stack, &parent.lowers, name)?);
                     }
@@ -116,6 +127,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                 let opaque =
                     Opaque::from_value(sys::get_xattr(&pfd, Some(&cname), &names.opaque)?.as_deref()) == Opaque::Yes;
                 found = Some(Entry {
+                    identity: crate::identity(stack, upper.layer(), &path, &st)?,
                     kind,
                     stat: st,
                     upper: Some(st),
@@ -143,9 +155,18 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         match &mut found {
             None if kind != FileType::Directory => {
                 let meta = kind == FileType::RegularFile && has_xattr(layer.root(), &path, &names.metacopy)?;
+                let identity = crate::identity(stack, layer, &path, &st)?;
                 let lower = LowerObject { layer: ld.layer, path, stat: st };
-                let mut e =
-                    Entry { kind, stat: st, upper: None, lower: Some(lower), dir: None, opaque: false, data: None };
+                let mut e = Entry {
+                    kind,
+                    stat: st,
+                    upper: None,
+                    lower: Some(lower),
+                    dir: None,
+                    opaque: false,
+                    data: None,
+                    identity,
+                };
                 if meta {
                     e.set_data(find_data(stack, &parent.lowers[i + 1..], name)?);
                 }
@@ -153,6 +174,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             }
             None => {
                 found = Some(Entry {
+                    identity: crate::identity(stack, layer, &path, &st)?,
                     kind,
                     stat: st,
                     upper: None,

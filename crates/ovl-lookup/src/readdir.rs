@@ -21,6 +21,9 @@ pub struct MergedEntry {
     pub ino: u64,
     /// The layer the entry comes from.
     pub layer: LayerId,
+    /// For an entry of an `impure` dir (one holding copied-up objects): its stable identity, so
+    /// `d_ino` can agree with `st_ino`.
+    pub identity: Option<crate::Identity>,
 }
 
 /// Lists the merged directory `dir`: upper entries first, then each lower layer's entries not
@@ -32,6 +35,7 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
     let merged = dir.is_merged();
     if let (Some(up), Some(upper)) = (&dir.upper, stack.upper()) {
         let root = upper.layer().root();
+        let impure = is_impure(stack, root, up)?;
         for e in sys::read_dir(root, up)? {
             let ft = resolve_type(root, &up.join(&e.name), e.file_type)?;
             if ft == FileType::CharacterDevice {
@@ -47,13 +51,15 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
             if merged {
                 seen.insert(e.name.clone());
             }
-            out.push(MergedEntry { name: e.name, file_type: ft, ino: e.ino, layer: upper.layer().id() });
+            let identity = if impure { identity_of(stack, upper.layer(), &up.join(&e.name))? } else { None };
+            out.push(MergedEntry { name: e.name, file_type: ft, ino: e.ino, layer: upper.layer().id(), identity });
         }
     }
     for (i, ld) in dir.lowers.iter().enumerate() {
         let layer = stack.layer(ld.layer);
         let root = layer.root();
         let last = i + 1 == dir.lowers.len();
+        let impure = is_impure(stack, root, &ld.path)?;
         for e in sys::read_dir(root, &ld.path)? {
             if seen.contains(&e.name) {
                 continue;
@@ -72,7 +78,8 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
                 seen.insert(e.name.clone());
             }
             if !hidden {
-                out.push(MergedEntry { name: e.name, file_type: ft, ino: e.ino, layer: ld.layer });
+                let identity = if impure { identity_of(stack, layer, &path)? } else { None };
+                out.push(MergedEntry { name: e.name, file_type: ft, ino: e.ino, layer: ld.layer, identity });
             }
         }
     }
@@ -84,4 +91,21 @@ fn resolve_type(root: std::os::fd::BorrowedFd<'_>, path: &std::path::Path, ft: F
         return Ok(ft);
     }
     Ok(stat_in(root, path)?.map(|st| FileType::from_raw_mode(st.st_mode)).unwrap_or(FileType::Unknown))
+}
+
+fn is_impure(stack: &LayerStack, root: std::os::fd::BorrowedFd<'_>, dir: &std::path::Path) -> Result<bool> {
+    let key = &stack.names().impure;
+    Ok(if dir.as_os_str().is_empty() {
+        sys::get_xattr(root, None, key)?.is_some()
+    } else {
+        let (p, n) = sys::open_parent(root, dir)?;
+        sys::get_xattr(&p, Some(&n), key)?.is_some()
+    })
+}
+
+fn identity_of(stack: &LayerStack, layer: &ovl_core::Layer, path: &std::path::Path) -> Result<Option<crate::Identity>> {
+    match stat_in(layer.root(), path)? {
+        Some(st) => Ok(Some(crate::identity(stack, layer, path, &st)?)),
+        None => Ok(None),
+    }
 }

@@ -12,6 +12,9 @@ use rustix::io::Errno;
 
 use crate::Result;
 
+mod handle;
+pub use handle::{FileHandle, fs_uuid, name_to_handle, open_by_handle};
+
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
 /// A relative path inside a layer as a C string; the empty path is the layer root (`.`).

@@ -1,0 +1,67 @@
+//! Stable identities for inode numbers, from `overlay.origin`.
+//!
+//! An object copied up keeps the identity of the lower object it came from; an object in a
+//! lower layer that was itself once copied up (a layer rotated down from upper) keeps the
+//! identity of *its* origin. Following that chain gives an inode number that survives copy-up,
+//! remount and layer rotation.
+
+use std::path::Path;
+
+use ovl_core::sys;
+use ovl_core::{Layer, LayerStack, Origin, OriginError, Result};
+use rustix::fs::Stat;
+
+/// Where the oldest known copy of an object lives: a filesystem of the stack and an inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// The filesystem's index in the stack ([`Layer::fs_index`]).
+    pub fs_index: u8,
+    /// The inode number there.
+    pub ino: u64,
+}
+
+/// The most origins we follow (a chain of rotated layers); deeper chains stop there.
+const MAX_CHAIN: usize = 16;
+
+/// The identity of the object at `path` in `layer`, whose `lstat` is `st`. A stale, foreign or
+/// corrupt origin is ignored (the object is its own identity), as by the kernel: identity only
+/// feeds inode numbers, so bad metadata must never make an object unreachable.
+pub fn identity(stack: &LayerStack, layer: &Layer, path: &Path, st: &Stat) -> Result<Identity> {
+    let mut id = Identity { fs_index: layer.fs_index(), ino: st.st_ino };
+    let key = &stack.names().origin;
+    let mut value = if path.as_os_str().is_empty() {
+        sys::get_xattr(layer.root(), None, key)?
+    } else {
+        let (dir, name) = sys::open_parent(layer.root(), path)?;
+        sys::get_xattr(&dir, Some(&name), key)?
+    };
+    for _ in 0..MAX_CHAIN {
+        let Some(v) = value else { break };
+        let origin = match Origin::decode(&v) {
+            Ok(o) => o,
+            Err(OriginError::OtherEndian) => break,
+            Err(OriginError::Corrupt) => {
+                tracing::warn!(?path, "ignoring an invalid overlay.origin");
+                break;
+            }
+        };
+        let Some(fd) = decode(stack, &origin) else { break };
+        let st = rustix::fs::fstat(&fd)?;
+        let Some(found) = stack.layer_on_dev(st.st_dev) else { break };
+        id = Identity { fs_index: found.fs_index(), ino: st.st_ino };
+        value = sys::get_xattr(&fd, None, key)?;
+    }
+    Ok(id)
+}
+
+/// Opens the object an origin names, if it still exists on a lower layer's filesystem.
+fn decode(stack: &LayerStack, origin: &Origin) -> Option<std::os::fd::OwnedFd> {
+    let mut candidates = stack.lowers_with_uuid(&origin.uuid).peekable();
+    let first = candidates.peek()?;
+    // A null UUID names no filesystem in particular: only trust it when every lower layer is
+    // on one filesystem.
+    if origin.uuid == [0; 16] && stack.lowers().iter().any(|l| l.dev() != first.dev()) {
+        return None;
+    }
+    sys::open_by_handle(first.root(), &origin.handle).ok()
+}
