@@ -966,7 +966,12 @@ impl UpperEntry {
                 }
             )*};
         }
-        field!(kind, whiteout, uid, gid, size, hash, target, rdev, xattrs);
+        field!(kind, whiteout, size, hash, target, rdev, xattrs);
+        // A whiteout's owner carries no meaning, and the kernel's depends on how it made it
+        // (shared in the work dir, or by RENAME_WHITEOUT inheriting a directory's group).
+        if !(self.whiteout && other.whiteout) {
+            field!(uid, gid);
+        }
         if self.opaque != other.opaque {
             let show = |o: &Option<Vec<u8>>| o.as_ref().map(|v| String::from_utf8_lossy(v).into_owned());
             out.push(format!("opaque: {:?} != {:?}", show(&self.opaque), show(&other.opaque)));
