@@ -166,7 +166,7 @@ fn origin_of(lower: &ovl_core::Layer, lparent: &OwnedFd, lname: &CStr) -> Option
 
 /// Sets `overlay.impure` on an upper dir about to hold an entry with an origin (the kernel uses
 /// it to fix `d_ino` in listings); kept if already there.
-fn mark_impure(stack: &LayerStack, dir: &OwnedFd) -> Result<()> {
+pub(crate) fn mark_impure(stack: &LayerStack, dir: &OwnedFd) -> Result<()> {
     let key = &stack.names().impure;
     if sys::get_xattr(dir, None, key)?.is_none() {
         sys::set_xattr(dir, None, key, b"y", 0)?;

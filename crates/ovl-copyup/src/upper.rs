@@ -95,6 +95,21 @@ pub fn set_opaque(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
     sys::set_xattr(&dir, None, &stack.names().opaque, b"y", 0)
 }
 
+/// Sets `overlay.redirect` on the upper directory `upper_dir`: where the lower layers hold it.
+pub fn set_redirect(stack: &LayerStack, upper_dir: &Path, value: &[u8]) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_dir)?;
+    sys::set_xattr(&dir, None, &stack.names().redirect, value, 0)
+}
+
+/// Marks the upper directory `upper_dir` `impure`: it holds entries with an origin or a redirect
+/// (the kernel uses it to fix `d_ino` in listings). Kept if already there.
+pub fn mark_impure(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_dir)?;
+    crate::copy::mark_impure(stack, &dir)
+}
+
 /// What [`create_over_whiteout`] asks its builder to make.
 #[derive(Debug)]
 pub struct Created<'a> {

@@ -78,6 +78,7 @@ impl OverlayFs {
         let cname = sys::name_cstr(name)?;
         let (ppath, pfd) = self.upper_dir(parent)?;
         let is_dir = kind == FileType::Directory;
+        // Whether the new dir ends up opaque.
         let mut over_whiteout = false;
         let out = match sys::lstat_at(&pfd, &cname) {
             Err(e) if e.errno() == Errno::NOENT => build(pfd.as_fd(), &cname)?,
@@ -93,6 +94,15 @@ impl OverlayFs {
             Ok(_) => return Err(Errno::EXIST.into()),
             Err(e) => return Err(e),
         };
+        // With redirects on, the kernel makes a new dir in a merged parent opaque (an
+        // optimization that also keeps a later redirect from merging it with lower dirs).
+        if is_dir && !over_whiteout && self.stack.options().redirect_dir == ovl_core::RedirectDir::On {
+            let (_, players) = self.dir_of(parent)?;
+            if players.is_merged() {
+                ovl_copyup::set_opaque(&self.stack, &ppath.join(name))?;
+                over_whiteout = true;
+            }
+        }
         let st = sys::lstat_at(&pfd, &cname)?;
         let key = self.upper_key(&st);
         let (node, _) = self.table.lookup_or_insert(key, FileType::from_raw_mode(st.st_mode), || NodeState {
@@ -278,7 +288,8 @@ impl OverlayFs {
         // Then the overlay's, in the kernel's order: without redirects a directory that has
         // lower parts cannot move; a replaced directory must be empty in the merged view.
         let has_lower_dir = |e: &ovl_lookup::Entry| e.dir.as_ref().is_some_and(|d| d.is_merged());
-        if has_lower_dir(&src) || (exchange && dst.as_ref().is_some_and(has_lower_dir)) {
+        let redirects = self.stack.options().redirect_dir == ovl_core::RedirectDir::On;
+        if !redirects && (has_lower_dir(&src) || (exchange && dst.as_ref().is_some_and(has_lower_dir))) {
             return Err(Errno::XDEV.into());
         }
         // A pure-upper target is left to the real rename (which fails if it is not empty, after
@@ -313,13 +324,23 @@ impl OverlayFs {
 
         // A pure-upper dir moving into a merged parent must not let that parent's lower
         // entries of the same name show through it.
-        let src_opaque = src_dir && !src.opaque && nplayers.is_merged();
+        let src_opaque = src_dir && !src.opaque && !has_lower_dir(&src) && nplayers.is_merged();
         if src_opaque {
             ovl_copyup::set_opaque(&self.stack, &ppath.join(name))?;
         }
+        // A dir with lower parts keeps finding them through a redirect to where they are.
+        let samedir = parent.id == newparent.id;
+        if has_lower_dir(&src) {
+            self.set_redirect(&src_node, &ppath.join(name), samedir, &players)?;
+            ovl_copyup::mark_impure(&self.stack, &npath)?;
+        }
         if exchange {
             let d = dst.as_ref().ok_or(Errno::IO)?;
-            if d.kind == FileType::Directory && !d.opaque && players.is_merged() {
+            if has_lower_dir(d) {
+                let dn = self.table.by_key(self.key_of(d)).ok_or(Errno::IO)?;
+                self.set_redirect(&dn, &npath.join(newname), samedir, &nplayers)?;
+                ovl_copyup::mark_impure(&self.stack, &ppath)?;
+            } else if d.kind == FileType::Directory && !d.opaque && players.is_merged() {
                 ovl_copyup::set_opaque(&self.stack, &npath.join(newname))?;
             }
             rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, RenameFlags::EXCHANGE)?;
@@ -372,6 +393,35 @@ impl OverlayFs {
             rename_alias(&src_node, (parent.id, name), (newparent.id, newname));
         }
         Ok(())
+    }
+
+    /// Writes `overlay.redirect` on the upper dir `upper_path` of `node` (about to be renamed):
+    /// the dir's path in the top lower layer, as a bare name when it stays in the same parent
+    /// and that parent's lower dir is still its lower parent, else absolute. Longer than the
+    /// kernel's `redirect_max` (256): `EXDEV`, as in the kernel.
+    fn set_redirect(
+        &self,
+        node: &Node,
+        upper_path: &Path,
+        samedir: bool,
+        parent_layers: &ovl_lookup::DirLayers,
+    ) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let lower = node.state.read().lower_dirs.first().map(|d| d.path.clone()).ok_or(Errno::IO)?;
+        let name = lower.file_name().ok_or(Errno::XDEV)?;
+        let relative =
+            samedir && parent_layers.lowers.first().is_some_and(|p| lower.parent() == Some(p.path.as_path()));
+        let value = if relative {
+            name.as_bytes().to_vec()
+        } else {
+            let mut v = b"/".to_vec();
+            v.extend_from_slice(lower.as_os_str().as_bytes());
+            v
+        };
+        if value.len() > 256 {
+            return Err(Errno::XDEV.into());
+        }
+        ovl_copyup::set_redirect(&self.stack, upper_path, &value)
     }
 
     /// A node for an entry the kernel has not looked up (it always has, but a stale cache must

@@ -44,6 +44,8 @@ struct Config {
     verbose: bool,
     /// Compare views (and upper dirs, minus contents) every this many operations; 0 = at the end.
     check_every: usize,
+    /// Mount options for both sides.
+    opts: String,
 }
 
 impl Config {
@@ -59,6 +61,15 @@ impl Config {
             sut: Backend::sut_from_env(),
             verbose: std::env::var_os("OVL_DIFF_VERBOSE").is_some(),
             check_every: num("OVL_DIFF_CHECK_EVERY", 0) as usize,
+            opts: KERNEL_OPTS.to_string(),
+        }
+    }
+
+    /// The options for the system under test: `OVL_DIFF_SUT_OPTS` if set, else the kernel's.
+    fn sut_opts(&self) -> String {
+        match self.sut {
+            Backend::Kernel => self.opts.clone(),
+            Backend::Ovlfs => std::env::var("OVL_DIFF_SUT_OPTS").unwrap_or(self.opts.clone()),
         }
     }
 }
@@ -652,13 +663,29 @@ fn differential_random_sequences() {
     stats.print(cfg.sut, start.elapsed().as_secs_f64());
 }
 
+/// The same with `redirect_dir=on` on both sides: directories with lower parts move, through
+/// `overlay.redirect`, and each side must follow the other's redirects.
+#[test]
+fn differential_random_sequences_with_redirects() {
+    let mut cfg = Config::from_env();
+    cfg.opts = KERNEL_OPTS.replace("redirect_dir=off", "redirect_dir=on");
+    cfg.seed += 1000;
+    let start = Instant::now();
+    let mut stats = Stats::default();
+    for seed in cfg.seed..cfg.seed + cfg.seqs {
+        run_sequence(&cfg, seed, &mut stats);
+        stats.seqs += 1;
+    }
+    stats.print(cfg.sut, start.elapsed().as_secs_f64());
+}
+
 /// One seed: generate, copy, mount both, run the operations, compare everything.
 fn run_sequence(cfg: &Config, seed: u64, stats: &mut Stats) {
     let tmp = tempdir(&format!("ovl-diff-{seed}-"));
     let la = generate_layers(&tmp.path().join("a"), seed, 3, seed % 3 != 0);
     let lb = la.copy_to(&tmp.path().join("b"));
-    let ma = MountGuard::mount(Backend::Kernel, &la, KERNEL_OPTS, &mount_point(tmp.path(), "mnt-a"));
-    let mb = MountGuard::mount(cfg.sut, &lb, &cfg.sut.extra_options(), &mount_point(tmp.path(), "mnt-b"));
+    let ma = MountGuard::mount(Backend::Kernel, &la, &cfg.opts, &mount_point(tmp.path(), "mnt-a"));
+    let mb = MountGuard::mount(cfg.sut, &lb, &cfg.sut_opts(), &mount_point(tmp.path(), "mnt-b"));
     if cfg.sut == Backend::Ovlfs && std::env::var_os("OVL_DIFF_OVLFS").is_none() {
         assert_eq!(mb.fstype(), "fuse.ovlfs", "mount type of ovlfs in mountinfo");
     }
@@ -729,7 +756,7 @@ fn run_sequence(cfg: &Config, seed: u64, stats: &mut Stats) {
     let kb = MountGuard::mount(
         Backend::Kernel,
         &lb.with_fresh_work(tmp.path().join("b/work2")),
-        KERNEL_OPTS,
+        &cfg.opts,
         &mount_point(tmp.path(), "mnt-kb"),
     );
     assert_same_tree(
@@ -742,7 +769,7 @@ fn run_sequence(cfg: &Config, seed: u64, stats: &mut Stats) {
     kb.unmount().unwrap_or_else(|e| panic!("seed {seed}: unmount: {e}"));
 
     let la2 = la.with_fresh_work(tmp.path().join("a/work2"));
-    let sa = MountGuard::mount(cfg.sut, &la2, &cfg.sut.extra_options(), &mount_point(tmp.path(), "mnt-sa"));
+    let sa = MountGuard::mount(cfg.sut, &la2, &cfg.sut_opts(), &mount_point(tmp.path(), "mnt-sa"));
     assert_same_tree(
         &format!("seed {seed}: SUT reading kernel's upper"),
         "kernel",

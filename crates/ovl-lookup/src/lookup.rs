@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Opaque, Result, is_whiteout_stat};
+
 use rustix::fs::{FileType, Stat};
 
 /// A directory of a lower layer that takes part in a merged directory.
@@ -97,6 +98,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
     let names = stack.names();
     let cname = sys::name_cstr(name)?;
     let mut found: Option<Entry> = None;
+    let mut target = Target::Rel(name.to_os_string());
 
     if let (Some(up), Some(upper)) = (&parent.upper, stack.upper()) {
         let root = upper.layer().root();
@@ -139,16 +141,32 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                 if opaque {
                     return Ok(found);
                 }
+                if let Some(t) = redirect_of(stack, &pfd, &cname, &up.join(name))? {
+                    target = t;
+                }
             }
             Err(e) => return Err(e),
         }
     }
 
-    for (i, ld) in parent.lowers.iter().enumerate() {
+    // The lower dirs to search, and where in them: the parent's dirs joined with the name, or
+    // (after an absolute redirect) a path from the root of every lower layer below.
+    let mut list: std::borrow::Cow<'_, [LowerDir]> = match target {
+        Target::Abs(_) => root_lowers(stack, None).into(),
+        Target::Rel(_) => (&parent.lowers[..]).into(),
+    };
+    let mut i = 0;
+    while i < list.len() {
+        let ld = &list[i];
+        i += 1;
         let layer = stack.layer(ld.layer);
-        let path = ld.path.join(name);
+        let path = match &target {
+            Target::Rel(n) => ld.path.join(n),
+            Target::Abs(p) => p.clone(),
+        };
         let Some(st) = stat_in(layer.root(), &path)? else { continue };
-        if is_whiteout_stat(&st) || (ld.xwhiteouts && is_xwhiteout(stack, layer.root(), &path, &st)?) {
+        let xwhiteouts = ld.xwhiteouts && matches!(target, Target::Rel(_));
+        if is_whiteout_stat(&st) || (xwhiteouts && is_xwhiteout(stack, layer.root(), &path, &st)?) {
             break;
         }
         let kind = FileType::from_raw_mode(st.st_mode);
@@ -168,7 +186,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                     identity,
                 };
                 if meta {
-                    e.set_data(find_data(stack, &parent.lowers[i + 1..], name)?);
+                    e.set_data(find_data(stack, &list[i..], name)?);
                 }
                 return Ok(Some(e));
             }
@@ -187,12 +205,24 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             Some(_) if kind != FileType::Directory => break,
             Some(_) => {}
         }
-        let (pfd, _) = sys::open_parent(layer.root(), &path)?;
-        let opaque = Opaque::from_value(sys::get_xattr(&pfd, Some(&cname), &names.opaque)?.as_deref());
-        let dir = found.as_mut().and_then(|f| f.dir.as_mut()).expect("a dir entry");
+        let (pfd, lname) = sys::open_parent(layer.root(), &path)?;
+        let opaque = Opaque::from_value(sys::get_xattr(&pfd, Some(&lname), &names.opaque)?.as_deref());
+        let redirect = redirect_of(stack, &pfd, &lname, &path)?;
+        let dir = found.as_mut().and_then(|f| f.dir.as_mut()).ok_or(Errno::IO)?;
         dir.lowers.push(LowerDir { layer: ld.layer, path, xwhiteouts: opaque == Opaque::XWhiteouts });
         if opaque == Opaque::Yes {
             break;
+        }
+        // A dir renamed in a layer that was once an upper layer: the layers below hold it
+        // where its redirect says.
+        match redirect {
+            Some(Target::Abs(p)) => {
+                target = Target::Abs(p);
+                list = root_lowers(stack, Some(ld.layer)).into();
+                i = 0;
+            }
+            Some(rel) => target = rel,
+            None => {}
         }
     }
     Ok(found)
@@ -227,6 +257,67 @@ fn find_data(stack: &LayerStack, lowers: &[LowerDir], name: &OsStr) -> Result<Lo
 fn has_xattr(root: std::os::fd::BorrowedFd<'_>, path: &Path, key: &std::ffi::CStr) -> Result<bool> {
     let (pfd, name) = sys::open_parent(root, path)?;
     Ok(sys::get_xattr(&pfd, Some(&name), key)?.is_some())
+}
+
+/// Where the layers below look for a name: joined to the parent's lower dirs (possibly renamed,
+/// after a relative redirect), or from each layer's root (after an absolute one).
+#[derive(Debug, Clone)]
+enum Target {
+    Rel(std::ffi::OsString),
+    Abs(PathBuf),
+}
+
+/// The lower layers below `after` (all of them for `None`), each searched from its root.
+fn root_lowers(stack: &LayerStack, after: Option<LayerId>) -> Vec<LowerDir> {
+    stack
+        .lowers()
+        .iter()
+        .filter(|l| after.is_none_or(|a| l.id() > a))
+        .map(|l| LowerDir { layer: l.id(), path: PathBuf::new(), xwhiteouts: false })
+        .collect()
+}
+
+/// The longest redirect we accept (the kernel reads at most a path's worth).
+const MAX_REDIRECT: usize = 4096;
+
+/// The `overlay.redirect` of `name` in `dir`, when the mount follows redirects. A value that is
+/// not a valid name or absolute path is corrupt (`EIO`): it can never point outside the layer,
+/// since every component must be a plain name and paths are opened beneath the layer root.
+fn redirect_of(
+    stack: &LayerStack,
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::CStr,
+    path: &Path,
+) -> Result<Option<Target>> {
+    use ovl_core::RedirectDir;
+    if matches!(stack.options().redirect_dir, RedirectDir::Off | RedirectDir::NoFollow) {
+        return Ok(None);
+    }
+    let Some(v) = sys::get_xattr(dir, Some(name), &stack.names().redirect)? else { return Ok(None) };
+    parse_redirect(&v).map(Some).ok_or_else(|| {
+        ovl_core::Error::corrupt(format!("invalid overlay.redirect {:?} on {path:?}", String::from_utf8_lossy(&v)))
+    })
+}
+
+/// Parses a redirect: a single name (relative) or `/a/b` (absolute, from the layer root).
+fn parse_redirect(v: &[u8]) -> Option<Target> {
+    use std::os::unix::ffi::OsStrExt;
+    let ok = |c: &[u8]| !c.is_empty() && c != b"." && c != b".." && !c.contains(&0) && !c.contains(&b'/');
+    if v.is_empty() || v.len() > MAX_REDIRECT {
+        return None;
+    }
+    if let Some(rest) = v.strip_prefix(b"/") {
+        let mut p = PathBuf::new();
+        for c in rest.split(|b| *b == b'/') {
+            if !ok(c) {
+                return None;
+            }
+            p.push(OsStr::from_bytes(c));
+        }
+        (!p.as_os_str().is_empty()).then_some(Target::Abs(p))
+    } else {
+        ok(v).then(|| Target::Rel(OsStr::from_bytes(v).to_os_string()))
+    }
 }
 
 /// True when a lower layer of `parent` has a positive entry (not a whiteout) named `name`:
@@ -265,4 +356,19 @@ pub(crate) fn is_xwhiteout(
     }
     let (pfd, name) = sys::open_parent(root, path)?;
     Ok(sys::get_xattr(&pfd, Some(&name), &stack.names().whiteout)?.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_are_plain_names_or_clean_absolute_paths() {
+        assert!(matches!(parse_redirect(b"b"), Some(Target::Rel(n)) if n == "b"));
+        assert!(matches!(parse_redirect(b"/a/b"), Some(Target::Abs(p)) if p == Path::new("a/b")));
+        for bad in [&b""[..], b"/", b"..", b".", b"/a/../../etc", b"/a//b", b"a/b", b"/a/./b", b"x\0y", b"/etc/"] {
+            assert!(parse_redirect(bad).is_none(), "{:?} must be refused", String::from_utf8_lossy(bad));
+        }
+        assert!(parse_redirect(&vec![b'a'; 5000]).is_none());
+    }
 }
