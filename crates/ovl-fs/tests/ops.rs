@@ -705,3 +705,105 @@ fn ovl_core_handle(dir: &File, name: &str) -> Vec<u8> {
     let handle = ovl_core::sys::name_to_handle(dir, &std::ffi::CString::new(name).unwrap()).unwrap();
     ovl_core::Origin { uuid: ovl_core::sys::fs_uuid(dir), handle, path_upper: false }.encode()
 }
+
+#[test]
+fn hostile_redirects_never_leave_the_layer() {
+    let tmp = tempdir("bad-redirect");
+    let l = Layers::create(&tmp.path().join("a"), 1);
+    apply_fixture(
+        &l,
+        "l1 file real/sub/f secret\nl1 wh gone\nu dir a\nu dir b\nu dir c\nu dir d\nu dir e\nu dir f\nu dir g\n",
+    );
+    let set = |name: &str, v: &[u8]| {
+        rustix::fs::lsetxattr(l.upper.join(name), "trusted.overlay.redirect", v, XattrFlags::empty()).unwrap()
+    };
+    set("a", b"../../etc");
+    set("b", b"/../../etc");
+    set("c", format!("/{}", "x".repeat(300)).as_bytes());
+    set("d", b"/gone");
+    set("e", b"/real");
+    set("f", b"/real/\xff\xfe");
+    set("g", &vec![b'/'; 3000]);
+    let m = MountGuard::mount(Backend::Ovlfs, &l, "redirect_dir=on", &mount_point(tmp.path(), "m"));
+    let list = |n: &str| -> Result<Vec<String>, i32> {
+        fs::read_dir(m.path().join(n))
+            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .map_err(|e| e.raw_os_error().unwrap_or(0))
+    };
+    // Invalid values (a relative path, `..`, empty components): an error, never the target.
+    // The kernel answers EINVAL and EACCES for the first two; we answer EIO for all of them.
+    for bad in ["a", "b", "g"] {
+        assert_eq!(list(bad), Err(libc::EIO), "{bad}");
+    }
+    // Valid but pointing nowhere, or at a whiteout: an empty dir, as in the kernel.
+    assert_eq!(list("c"), Ok(vec![]));
+    assert_eq!(list("d"), Ok(vec![]));
+    assert_eq!(list("f"), Ok(vec![]), "non-UTF-8 names are just names");
+    // A good redirect is followed.
+    assert_eq!(list("e"), Ok(vec!["sub".to_string()]));
+    assert_eq!(fs::read_to_string(m.path().join("e/sub/f")).unwrap(), "secret\n");
+    // The mount as a whole keeps working.
+    assert_eq!(list("").map(|v| v.len()), Ok(8));
+}
+
+fn dir_rename_script(m: &Path) -> Vec<String> {
+    let p = |s: &str| m.join(s);
+    vec![
+        res("rename lower dir in place", io(fs::rename(p("d"), p("d2")))),
+        res("rename it again, across dirs", io(fs::rename(p("d2"), p("other/d3")))),
+        res("read through two redirects", io(fs::read_to_string(p("other/d3/sub/f")))),
+        res("new file in moved dir", io(fs::write(p("other/d3/new"), b"n"))),
+        res("unlink lower child", io(fs::remove_file(p("other/d3/sub/f")))),
+        res("old name is gone", io(fs::metadata(p("d")).map(|_| ()))),
+        res("mkdir at the old name", io(fs::create_dir(p("d")))),
+        res("old name is empty", io(fs::read_dir(p("d")).map(|d| d.count()))),
+        res("rename merged dir", io(fs::rename(p("m"), p("m2")))),
+        res(
+            "merged contents follow",
+            io(fs::read_dir(p("m2")).map(|d| {
+                let mut v: Vec<_> = d.map(|e| e.unwrap().file_name()).collect();
+                v.sort();
+                v
+            })),
+        ),
+        res(
+            "rename then rmdir",
+            io(fs::rename(p("empty"), p("other/e2")).and_then(|()| fs::remove_dir(p("other/e2")))),
+        ),
+        res("rename onto a whiteout", io(fs::remove_dir(p("x")).and_then(|()| fs::rename(p("m2"), p("x"))))),
+        res("contents after", io(fs::read_dir(p("x")).map(|d| d.count()))),
+    ]
+}
+
+#[test]
+fn directory_renames_with_redirects_match_the_kernel() {
+    let tmp = tempdir("redirect");
+    let a = Layers::create(&tmp.path().join("a"), 2);
+    apply_fixture(
+        &a,
+        "l2 file d/sub/f deep\nl2 file d/g g\nl1 dir other\nl2 file m/low x\nl1 file m/high y\nl1 dir empty\nl2 dir x/y\n",
+    );
+    let b = a.copy_to(&tmp.path().join("b"));
+    let opts = "redirect_dir=on,index=off,metacopy=off,xino=off";
+    let view = {
+        let ka = MountGuard::mount(Backend::Kernel, &a, opts, &mount_point(tmp.path(), "ka"));
+        let mb = MountGuard::mount(Backend::Ovlfs, &b, opts, &mount_point(tmp.path(), "mb"));
+        assert_eq!(dir_rename_script(ka.path()), dir_rename_script(mb.path()), "kernel (left) and ovlfs (right)");
+        let v = snapshot_tree(mb.path());
+        assert_same_tree("redirects", "kernel", &snapshot_tree(ka.path()), "ovlfs", &v);
+        v
+    };
+    assert_same_upper("redirects", "kernel", &snapshot_upper(&a.upper), "ovlfs", &snapshot_upper(&b.upper));
+    let redirect = |l: &Layers, p: &str| {
+        let mut buf = [0u8; 300];
+        let n = rustix::fs::lgetxattr(l.upper.join(p), "trusted.overlay.redirect", &mut buf[..]).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(redirect(&b, "other/d3"), "/d", "absolute after a move across dirs");
+    assert_eq!(redirect(&b, "other/d3"), redirect(&a, "other/d3"));
+    // Only the moved dirs themselves were copied up, not their contents.
+    assert!(!b.upper.join("other/d3/g").exists());
+    let b2 = b.with_fresh_work(tmp.path().join("b/work2"));
+    let k = MountGuard::mount(Backend::Kernel, &b2, opts, &mount_point(tmp.path(), "kb"));
+    assert_same_tree("redirects remount", "ovlfs", &view, "kernel", &snapshot_tree(k.path()));
+}

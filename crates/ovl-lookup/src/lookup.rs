@@ -339,7 +339,7 @@ pub fn lower_has_name(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> R
 pub(crate) fn stat_in(root: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<Option<Stat>> {
     match sys::lstat_beneath(root, path) {
         Ok(st) => Ok(Some(st)),
-        Err(e) if e.errno() == Errno::NOENT || e.errno() == Errno::NOTDIR => Ok(None),
+        Err(e) if matches!(e.errno(), Errno::NOENT | Errno::NOTDIR | Errno::NAMETOOLONG) => Ok(None),
         Err(e) => Err(e),
     }
 }

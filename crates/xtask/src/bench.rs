@@ -1,0 +1,249 @@
+//! `cargo xtask bench-compare [--quick] [--json]`: the same workload on the kernel's overlayfs,
+//! fuse-overlayfs (when installed) and a release build of `ovlfs`, side by side (issue 7).
+//!
+//! One run generates the layers once in a scratch directory on the filesystem of the temp dir (two
+//! lower layers with merged directories, two big files of real data, a 1000-entry directory), then
+//! for each repetition mounts every backend in turn on a fresh, empty upper and work dir and runs the
+//! measurements of [`ops`]. A second phase repeats the big copy-up on XFS with reflink in a loop
+//! image. The medians and their ratios to the kernel go to a table ([`report`]), or with `--json`
+//! to stdout as JSON (the table and the progress then go to stderr).
+//!
+//! Every mount, the loop device and the scratch directory have a guard that undoes them on drop, so
+//! an error or a panic halfway still leaves the machine as it was.
+//!
+//! Snapshot measurements (take at 1k/10k/100k files, write throughput with a snapshot active) are
+//! reported as "n/a (issue 5)" until `ovlsnap` exists.
+
+mod layers;
+mod mounts;
+mod ops;
+mod report;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use self::layers::{Layers, Scale, Scratch, XfsImage};
+use self::mounts::{Backend, Mounted, RunDirs};
+use self::ops::Outcome;
+use self::report::{Metric, Pressure, Results};
+use crate::prereqs;
+
+/// What the user asked for.
+pub struct Options {
+    /// Fewer repetitions and a scaled-down workload, for a run of a few minutes.
+    pub quick: bool,
+    /// Print the results as JSON on stdout (everything else goes to stderr).
+    pub json: bool,
+    /// Override the number of repetitions.
+    pub runs: Option<usize>,
+}
+
+/// Runs the whole comparison.
+pub fn run(options: &Options) -> Result<()> {
+    if !prereqs::is_root()? {
+        bail!("bench-compare mounts overlays, drops caches and sets up a loop device, so it must run as root");
+    }
+    let started = Instant::now();
+    let pressure = Pressure::read();
+    let scale = if options.quick { Scale::quick() } else { Scale::full() };
+    let runs = options.runs.unwrap_or(scale.runs).max(1);
+    let backends = Backend::available();
+
+    progress("==> building release ovlfs (cargo build --release -p ovl-fs)");
+    let ovlfs = build_release_ovlfs()?;
+
+    let scratch = Scratch::create()?;
+    progress(&format!("==> generating layers in {} ({})", scratch.dir.display(), scale.describe()));
+    let generated = Instant::now();
+    let layers = Layers::generate(&scratch.dir, &scale)?;
+    progress(&format!("    done in {:.1}s", generated.elapsed().as_secs_f64()));
+
+    let mut results = Results::new(&backends, runs, scale.clone());
+    for rep in 1..=runs {
+        for &backend in &backends {
+            progress(&format!("==> ext4 run {rep}/{runs}: {}", backend.name()));
+            ext4_run(backend, &ovlfs, &scratch, &layers, &scale, &mut results)?;
+        }
+    }
+
+    progress("==> XFS with reflink: loop image");
+    xfs_phase(&backends, &ovlfs, &scratch, &scale, runs, &mut results)?;
+
+    results.set_elapsed(started.elapsed(), pressure.and_then(Pressure::since));
+    drop(scratch);
+    let table = results.table();
+    if options.json {
+        eprintln!("\n{table}");
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{}", results.json()).context("writing the JSON results")?;
+    } else {
+        println!("\n{table}");
+    }
+    Ok(())
+}
+
+/// One repetition of the ext4 measurements for one backend: the main sequence on one mount, then the
+/// big copy-up again on a second mount with `volatile`.
+fn ext4_run(
+    backend: Backend,
+    ovlfs: &Path,
+    scratch: &Scratch,
+    layers: &Layers,
+    scale: &Scale,
+    results: &mut Results,
+) -> Result<()> {
+    let dirs = RunDirs::create(&scratch.dir, "ext4")?;
+    let mnt = scratch.dir.join("mnt");
+    let mounted = Mounted::mount(backend, ovlfs, &layers.lowers, &dirs, &mnt, false);
+    match mounted {
+        Ok(mut mounted) => {
+            main_sequence(backend, &mnt, layers, scale, results)?;
+            mounted.unmount()?;
+        }
+        Err(err) => {
+            progress(&format!("    mount failed: {err:#}"));
+            for metric in Metric::EXT4_MAIN {
+                results.record(*metric, backend, Outcome::Failed(format!("mount: {err:#}")));
+            }
+        }
+    }
+    dirs.remove()?;
+
+    let dirs = RunDirs::create(&scratch.dir, "ext4-volatile")?;
+    let outcome = match Mounted::mount(backend, ovlfs, &layers.lowers, &dirs, &mnt, true) {
+        Ok(mut mounted) => {
+            ops::warm(&layers.big_lower)?;
+            let outcome = ops::copy_up_append(&mnt.join(layers::BIG));
+            mounted.unmount()?;
+            outcome
+        }
+        Err(err) => Outcome::Failed(format!("mount: {err:#}")),
+    };
+    progress(&format!("    {:<24} {}", Metric::CopyupBigVolatile.id(), outcome.show(Metric::CopyupBigVolatile)));
+    results.record(Metric::CopyupBigVolatile, backend, outcome);
+    dirs.remove()
+}
+
+/// The measurements that share one mount, in an order where each leaves the next a known state:
+/// reads first, then the copy-ups, then the changes to the tree.
+fn main_sequence(backend: Backend, mnt: &Path, layers: &Layers, scale: &Scale, results: &mut Results) -> Result<()> {
+    let mut record = |metric: Metric, outcome: Outcome| {
+        progress(&format!("    {:<24} {}", metric.id(), outcome.show(metric)));
+        results.record(metric, backend, outcome);
+    };
+
+    ops::drop_caches()?;
+    record(Metric::WalkCold, ops::walk(mnt, layers.entries));
+    record(Metric::WalkHot, ops::walk(mnt, layers.entries));
+
+    record(Metric::ReadBigHot, ops::read_hot(&mnt.join(layers::BIG)));
+
+    ops::sync()?;
+    record(Metric::CopyupBig, ops::copy_up_append(&mnt.join(layers::BIG)));
+
+    ops::warm(&layers.big2_lower)?;
+    ops::sync()?;
+    let stat_targets: Vec<PathBuf> = layers.stat_targets.iter().map(|path| mnt.join(path)).collect();
+    let (worst, p99) = ops::stat_during_copy_up(&mnt.join(layers::BIG2), &stat_targets);
+    record(Metric::StatDuringCopyupMax, worst);
+    record(Metric::StatDuringCopyupP99, p99);
+
+    ops::sync()?;
+    record(Metric::Create5k, ops::create_files(&mnt.join("created"), scale.create_files));
+
+    ops::sync()?;
+    let victims: Vec<PathBuf> = layers.unlink_victims.iter().map(|path| mnt.join(path)).collect();
+    record(Metric::Unlink2kLower, ops::unlink_all(&victims));
+
+    ops::sync()?;
+    let renamed = match ops::rename_dir(&mnt.join(layers::RENAME_DIR), &mnt.join("renamed")) {
+        // Ours will rename with redirects (issue 3); until then say so rather than just "EXDEV".
+        Outcome::Unsupported(why) if backend == Backend::Ovlfs => {
+            Outcome::Unsupported(format!("{why} (not supported yet)"))
+        }
+        outcome => outcome,
+    };
+    record(Metric::RenameDir1k, renamed);
+    ops::sync()?;
+    record(Metric::MvDir1k, ops::mv_dir(&mnt.join(layers::MV_DIR), &mnt.join("moved")));
+    Ok(())
+}
+
+/// Copy-up of the big file on XFS with reflink, every backend, `runs` times.
+fn xfs_phase(
+    backends: &[Backend],
+    ovlfs: &Path,
+    scratch: &Scratch,
+    scale: &Scale,
+    runs: usize,
+    results: &mut Results,
+) -> Result<()> {
+    let image = match XfsImage::create(&scratch.dir) {
+        Ok(image) => image,
+        Err(err) => {
+            progress(&format!("    no XFS image: {err:#}"));
+            for &backend in backends {
+                results.record(Metric::CopyupBigXfs, backend, Outcome::Failed(format!("XFS image: {err:#}")));
+            }
+            return Ok(());
+        }
+    };
+    let lower = image.dir.join("lower");
+    let big = lower.join(layers::BIG);
+    std::fs::create_dir_all(big.parent().expect("BIG has a parent")).context("creating the XFS lower layer")?;
+    layers::write_big_file(&big, scale.big_mib, 7)?;
+    let lowers = vec![lower];
+    let mnt = scratch.dir.join("mnt");
+    for rep in 1..=runs {
+        for &backend in backends {
+            let dirs = RunDirs::create(&image.dir, "xfs")?;
+            let outcome = match Mounted::mount(backend, ovlfs, &lowers, &dirs, &mnt, false) {
+                Ok(mut mounted) => {
+                    ops::warm(&big)?;
+                    ops::sync()?;
+                    let outcome = ops::copy_up_append(&mnt.join(layers::BIG));
+                    mounted.unmount()?;
+                    outcome
+                }
+                Err(err) => Outcome::Failed(format!("mount: {err:#}")),
+            };
+            progress(&format!(
+                "    xfs run {rep}/{runs} {:<15} {}",
+                backend.name(),
+                outcome.show(Metric::CopyupBigXfs)
+            ));
+            results.record(Metric::CopyupBigXfs, backend, outcome);
+            dirs.remove()?;
+        }
+    }
+    Ok(())
+}
+
+/// `cargo build --release -p ovl-fs`, its output on stderr; returns the `ovlfs` binary.
+fn build_release_ovlfs() -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "ovl-fs"])
+        .current_dir(crate::workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .context("could not start cargo")?;
+    if !status.success() {
+        bail!("`cargo build --release -p ovl-fs` failed ({status})");
+    }
+    let binary = crate::target_dir().join("release/ovlfs");
+    if !binary.is_file() {
+        bail!("the build produced no {}", binary.display());
+    }
+    Ok(binary)
+}
+
+/// A progress line, always on stderr so that `--json` output on stdout stays clean.
+fn progress(text: &str) {
+    eprintln!("{text}");
+}

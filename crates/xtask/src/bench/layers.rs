@@ -1,0 +1,276 @@
+//! The workload's layers, generated once per run, and the scratch places they live in: a directory
+//! on the temp dir's filesystem and an XFS loop image with reflink. Each place is a guard that
+//! removes itself on drop.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use super::mounts::{quiet, quiet_output};
+use crate::mountinfo;
+
+/// The big file that is read and copied up, relative to the overlay root.
+pub const BIG: &str = "big/big.bin";
+/// A second big file, copied up while another thread times `lstat` on [`STAT_TARGET`].
+pub const BIG2: &str = "big/big2.bin";
+/// The directory of many entries that is renamed (it lives in the bottom lower layer only).
+pub const RENAME_DIR: &str = "rename-me";
+/// A copy of [`RENAME_DIR`] that is moved with `mv`, which copies and deletes when rename gives `EXDEV`.
+pub const MV_DIR: &str = "move-me";
+
+/// How big the workload is.
+#[derive(Debug, Clone)]
+pub struct Scale {
+    /// Whether this is the `--quick` scale.
+    pub quick: bool,
+    /// Repetitions of each measurement (the median is reported).
+    pub runs: usize,
+    /// Top-level directories of small files.
+    pub dirs: usize,
+    /// Small files per directory (in the merged view).
+    pub files_per_dir: usize,
+    /// Size of each big file in MiB.
+    pub big_mib: u64,
+    /// Files of 4 KiB that `create_5k` creates.
+    pub create_files: usize,
+    /// Lower files that `unlink_2k_lower` removes.
+    pub unlink_files: usize,
+    /// Entries of the directory that `rename_dir_1k` renames.
+    pub rename_dir_files: usize,
+}
+
+impl Scale {
+    /// The workload of issue 7, five repetitions.
+    pub fn full() -> Scale {
+        Scale {
+            quick: false,
+            runs: 5,
+            dirs: 100,
+            files_per_dir: 200,
+            big_mib: 512,
+            create_files: 5000,
+            unlink_files: 2000,
+            rename_dir_files: 1000,
+        }
+    }
+
+    /// One repetition of the same workload (under a minute here; the full scale is cheap enough
+    /// that scaling it down would only make quick numbers incomparable with full ones).
+    pub fn quick() -> Scale {
+        Scale { quick: true, runs: 1, ..Scale::full() }
+    }
+
+    /// One line for the reader.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}{} dirs x {} files (half the dirs merged), 2 x {} MiB big files, create {}, unlink {}, \
+             rename a dir of {}",
+            if self.quick { "--quick (1 run, full workload): " } else { "" },
+            self.dirs,
+            self.files_per_dir,
+            self.big_mib,
+            self.create_files,
+            self.unlink_files,
+            self.rename_dir_files
+        )
+    }
+}
+
+/// The generated lower layers and what the measurements need to know about them.
+pub struct Layers {
+    /// `lowerdir` order: the top layer first.
+    pub lowers: Vec<PathBuf>,
+    /// Entries below the overlay root in the merged view (what a full walk must see).
+    pub entries: u64,
+    /// [`BIG`] in the lower layer that holds it.
+    pub big_lower: PathBuf,
+    /// [`BIG2`] in the lower layer that holds it.
+    pub big2_lower: PathBuf,
+    /// Paths (relative to the overlay root) of lower files that `unlink_2k_lower` removes.
+    pub unlink_victims: Vec<PathBuf>,
+    /// Files (relative to the overlay root) away from `big/` and from the unlink victims, whose
+    /// `lstat` latency is sampled during a copy-up: every file of the second half of the dirs.
+    pub stat_targets: Vec<PathBuf>,
+}
+
+impl Layers {
+    /// Creates `dir/lower1` (top) and `dir/lower2` (bottom):
+    /// - `dNNN/`: even dirs in both layers (lower1 has the first 60% of the names, lower2 the last
+    ///   60%, so a fifth of the names are shadowed); dirs `4k+1` only in lower1, `4k+3` only in lower2;
+    /// - `big/big.bin`, `big/big2.bin` in lower2: real data (a pattern), not sparse;
+    /// - `rename-me/` and `move-me/` in lower2 with their small files.
+    pub fn generate(dir: &Path, scale: &Scale) -> Result<Layers> {
+        let lower1 = dir.join("lower1");
+        let lower2 = dir.join("lower2");
+        let content = [b'x'; 512];
+        let mut entries = 0u64;
+        let mut unlink_victims = Vec::new();
+        let mut stat_targets = Vec::new();
+        let per_dir = scale.files_per_dir;
+        let (top_end, bottom_start) = (per_dir * 3 / 5, per_dir * 2 / 5);
+        for d in 0..scale.dirs {
+            let name = format!("d{d:03}");
+            let ranges: &[(&Path, std::ops::Range<usize>)] = match d % 4 {
+                0 | 2 => &[(&lower1, 0..top_end), (&lower2, bottom_start..per_dir)],
+                1 => &[(&lower1, 0..per_dir)],
+                _ => &[(&lower2, 0..per_dir)],
+            };
+            for (layer, range) in ranges {
+                let sub = layer.join(&name);
+                fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
+                for f in range.clone() {
+                    write_file(&sub.join(format!("f{f:03}")), &content)?;
+                }
+            }
+            entries += 1 + per_dir as u64;
+            if d >= scale.dirs / 2 {
+                stat_targets.extend((0..per_dir).map(|f| Path::new(&name).join(format!("f{f:03}"))));
+            }
+            if d % 2 == 1 && unlink_victims.len() < scale.unlink_files {
+                let take = (scale.unlink_files - unlink_victims.len()).min(per_dir);
+                unlink_victims.extend((0..take).map(|f| Path::new(&name).join(format!("f{f:03}"))));
+            }
+        }
+        let victims_end = unlink_victims.last().and_then(|p| p.parent()).map(Path::to_owned);
+        if unlink_victims.len() < scale.unlink_files
+            || victims_end.is_some_and(|dir| stat_targets.iter().any(|p| p.starts_with(&dir)))
+        {
+            bail!(
+                "the scale has too few lower-only files to unlink {} apart from the stat targets",
+                scale.unlink_files
+            );
+        }
+
+        let big_dir = lower2.join("big");
+        fs::create_dir_all(&big_dir).with_context(|| format!("creating {}", big_dir.display()))?;
+        let (big_lower, big2_lower) = (lower2.join(BIG), lower2.join(BIG2));
+        write_big_file(&big_lower, scale.big_mib, 1)?;
+        write_big_file(&big2_lower, scale.big_mib, 2)?;
+        entries += 3;
+
+        for name in [RENAME_DIR, MV_DIR] {
+            let dir = lower2.join(name);
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for f in 0..scale.rename_dir_files {
+                write_file(&dir.join(format!("r{f:04}")), &content[..64])?;
+            }
+            entries += 1 + scale.rename_dir_files as u64;
+        }
+
+        Ok(Layers { lowers: vec![lower1, lower2], entries, big_lower, big2_lower, unlink_victims, stat_targets })
+    }
+}
+
+fn write_file(path: &Path, content: &[u8]) -> Result<()> {
+    fs::write(path, content).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes `mib` MiB of real data (a pseudo-random pattern, different per `seed` and per MiB, so no
+/// block is a hole, all zeroes or a duplicate of another) and flushes it to disk.
+pub fn write_big_file(path: &Path, mib: u64, seed: u64) -> Result<()> {
+    let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut block: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            // xorshift64: cheap, and enough to keep the data from being trivially compressible.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    for index in 0..mib {
+        block[..8].copy_from_slice(&index.to_le_bytes());
+        file.write_all(&block).with_context(|| format!("writing {}", path.display()))?;
+    }
+    file.sync_all().with_context(|| format!("flushing {}", path.display()))
+}
+
+/// A fresh directory in the temp dir for one run; removed on drop, unless something is still
+/// mounted below it (we never delete through a mount).
+pub struct Scratch {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl Scratch {
+    /// Creates `TMPDIR/ovlfs-bench.PID` (refusing characters that the mount options cannot carry).
+    pub fn create() -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("ovlfs-bench.{}", std::process::id()));
+        let dir = std::path::absolute(&dir).context("making the scratch dir absolute")?;
+        if dir.to_string_lossy().contains([',', ':', '\\']) {
+            bail!("the temp dir may not contain ',', ':' or '\\': {}", dir.display());
+        }
+        fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let scratch = Scratch { dir };
+        fs::create_dir(scratch.dir.join("mnt")).context("creating the mount point")?;
+        Ok(scratch)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if mountinfo::has_mounts_under(&self.dir).unwrap_or(true) {
+            eprintln!("warning: left {} in place: something is still mounted there", self.dir.display());
+        } else if let Err(err) = fs::remove_dir_all(&self.dir) {
+            eprintln!("warning: could not remove {}: {err}", self.dir.display());
+        }
+    }
+}
+
+/// A 3 GiB XFS filesystem with reflink (`mkfs.xfs -m reflink=1`) in an image file, attached to a
+/// loop device and mounted. Dropping it unmounts, detaches the loop device and deletes the image.
+pub struct XfsImage {
+    /// Where the filesystem is mounted.
+    pub dir: PathBuf,
+    image: PathBuf,
+    device: Option<String>,
+}
+
+impl XfsImage {
+    /// Makes and mounts the image below `scratch`.
+    pub fn create(scratch: &Path) -> Result<XfsImage> {
+        let image = scratch.join("xfs.img");
+        let dir = scratch.join("xfs");
+        fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // The image itself may be sparse: what matters is that the files inside hold real data.
+        File::create(&image)
+            .and_then(|file| file.set_len(3 << 30))
+            .with_context(|| format!("creating {}", image.display()))?;
+        let mut xfs = XfsImage { dir, image, device: None };
+        let device = quiet_output("losetup", &["--find".as_ref(), "--show".as_ref(), xfs.image.as_os_str()])?;
+        let device = device.trim().to_owned();
+        if !device.starts_with("/dev/") {
+            bail!("losetup printed no device: {device:?}");
+        }
+        xfs.device = Some(device.clone());
+        quiet("mkfs.xfs", &["-q".as_ref(), "-f".as_ref(), "-m".as_ref(), "reflink=1".as_ref(), device.as_ref()])?;
+        quiet("mount", &[device.as_ref(), xfs.dir.as_os_str()])?;
+        mountinfo::wait_until_mounted(&xfs.dir)?;
+        Ok(xfs)
+    }
+}
+
+impl Drop for XfsImage {
+    fn drop(&mut self) {
+        if mountinfo::is_mounted(&self.dir).unwrap_or(false)
+            && quiet("umount", &[self.dir.as_os_str()]).is_err()
+            && quiet("umount", &["-l".as_ref(), self.dir.as_os_str()]).is_err()
+        {
+            eprintln!("warning: could not unmount {}", self.dir.display());
+        }
+        if let Some(device) = &self.device {
+            if quiet("losetup", &["-d".as_ref(), device.as_ref()]).is_err() {
+                eprintln!("warning: could not detach {device}; run: losetup -d {device}");
+            }
+        }
+        if !mountinfo::is_mounted(&self.dir).unwrap_or(true) {
+            let _ = fs::remove_dir(&self.dir);
+            if let Err(err) = fs::remove_file(&self.image) {
+                eprintln!("warning: could not remove {}: {err}", self.image.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The measurements themselves: plain file operations through a mount point, timed from the caller's
+//! side exactly as an application would see them. Each returns an [`Outcome`] in the metric's unit
+//! (milliseconds, or MB/s for reads) rather than failing the whole run.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::mounts::quiet;
+
+/// What one measurement gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A number in the metric's unit.
+    Value(f64),
+    /// The backend refuses the operation by design, for now (e.g. `EXDEV` for a directory rename).
+    Unsupported(String),
+    /// Something went wrong: the mount, the operation, or a wrong result.
+    Failed(String),
+}
+
+impl Outcome {
+    fn millis(elapsed: Duration) -> Outcome {
+        Outcome::Value(elapsed.as_secs_f64() * 1e3)
+    }
+
+    fn from_io(what: &str, result: io::Result<Duration>) -> Outcome {
+        match result {
+            Ok(elapsed) => Outcome::millis(elapsed),
+            Err(err) => Outcome::Failed(format!("{what}: {err}")),
+        }
+    }
+}
+
+/// Flushes every filesystem (`sync`), so writeback of an earlier step does not land in the next one.
+pub fn sync() -> Result<()> {
+    quiet("sync", &[])
+}
+
+/// Flushes and then drops the page cache, dentries and inodes of every filesystem.
+pub fn drop_caches() -> Result<()> {
+    sync()?;
+    fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches")
+}
+
+/// Reads `path` once, untimed, so that it is in the page cache (used on lower files directly).
+pub fn warm(path: &Path) -> Result<()> {
+    read_all(path).map(drop).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Walks the whole tree below `root` with `readdir` and an `lstat` of every entry; checks that it
+/// saw `expected` entries. Milliseconds.
+pub fn walk(root: &Path, expected: u64) -> Outcome {
+    let start = Instant::now();
+    let mut count = 0;
+    if let Err(err) = walk_dir(root, &mut count) {
+        return Outcome::Failed(format!("walk: {err}"));
+    }
+    let elapsed = start.elapsed();
+    if count != expected {
+        return Outcome::Failed(format!("walk saw {count} entries, expected {expected}"));
+    }
+    Outcome::millis(elapsed)
+}
+
+fn walk_dir(dir: &Path, count: &mut u64) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        // `DirEntry::metadata` is an lstat relative to the open directory, like `find` or `ls -l`.
+        let meta = entry.metadata()?;
+        *count += 1;
+        if meta.is_dir() {
+            walk_dir(&entry.path(), count)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads `path` sequentially once to warm the caches, then again timed. MB/s (10^6 bytes).
+pub fn read_hot(path: &Path) -> Outcome {
+    let timed = read_all(path).and_then(|_| {
+        let start = Instant::now();
+        let bytes = read_all(path)?;
+        Ok((bytes, start.elapsed()))
+    });
+    match timed {
+        Ok((bytes, elapsed)) => Outcome::Value(bytes as f64 / elapsed.as_secs_f64() / 1e6),
+        Err(err) => Outcome::Failed(format!("read: {err}")),
+    }
+}
+
+fn read_all(path: &Path) -> io::Result<u64> {
+    let mut file = File::open(path)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match file.read(&mut buffer)? {
+            0 => return Ok(total),
+            n => total += n as u64,
+        }
+    }
+}
+
+/// Opens a lower file for appending, writes one byte and closes it: the time of its copy-up.
+/// Milliseconds.
+pub fn copy_up_append(path: &Path) -> Outcome {
+    Outcome::from_io("copy-up", append_byte(path))
+}
+
+fn append_byte(path: &Path) -> io::Result<Duration> {
+    let start = Instant::now();
+    let mut file = OpenOptions::new().append(true).open(path)?;
+    file.write_all(b"!")?;
+    drop(file);
+    Ok(start.elapsed())
+}
+
+/// Copies up `copy_target` (as [`copy_up_append`]) while another thread `lstat`s unrelated files in
+/// a tight loop, cycling through `stat_targets`. Returns the worst and the 99th percentile `lstat`
+/// latency, in milliseconds.
+///
+/// Cycling through many files rather than one is deliberate: a FUSE overlay answers a repeated
+/// `lstat` of one file from the kernel's attribute cache (1 s in ovlfs), so at most one request
+/// would reach the daemon during the copy-up, and a daemon that blocks every request while it
+/// copies (a global lock) would go unnoticed.
+pub fn stat_during_copy_up(copy_target: &Path, stat_targets: &[PathBuf]) -> (Outcome, Outcome) {
+    let stop = AtomicBool::new(false);
+    let (copy, sampled) = thread::scope(|scope| {
+        let sampler = scope.spawn(|| sample_lstat(stat_targets, &stop));
+        // Let the sampler get going, so that the copy-up starts under observation.
+        thread::sleep(Duration::from_millis(10));
+        let copy = append_byte(copy_target);
+        stop.store(true, Ordering::Relaxed);
+        (copy, sampler.join())
+    });
+    let failed = |why: String| (Outcome::Failed(why.clone()), Outcome::Failed(why));
+    if let Err(err) = copy {
+        return failed(format!("copy-up: {err}"));
+    }
+    let mut latencies = match sampled {
+        Ok(Ok(latencies)) if !latencies.is_empty() => latencies,
+        Ok(Ok(_)) => return failed("no lstat completed during the copy-up".to_owned()),
+        Ok(Err(err)) => return failed(format!("lstat: {err}")),
+        Err(_) => return failed("the lstat thread panicked".to_owned()),
+    };
+    latencies.sort_unstable();
+    let worst = latencies[latencies.len() - 1];
+    let p99 = latencies[(latencies.len() * 99).div_ceil(100) - 1];
+    (Outcome::millis(worst), Outcome::millis(p99))
+}
+
+fn sample_lstat(paths: &[PathBuf], stop: &AtomicBool) -> io::Result<Vec<Duration>> {
+    let mut latencies = Vec::with_capacity(1 << 20);
+    for path in paths.iter().cycle() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let start = Instant::now();
+        fs::symlink_metadata(path)?;
+        latencies.push(start.elapsed());
+    }
+    Ok(latencies)
+}
+
+/// Creates `dir`, then `count` files of 4 KiB in it. Milliseconds.
+pub fn create_files(dir: &Path, count: usize) -> Outcome {
+    let content = [b'c'; 4096];
+    let create = || -> io::Result<Duration> {
+        let start = Instant::now();
+        fs::create_dir(dir)?;
+        for i in 0..count {
+            File::create(dir.join(format!("f{i:05}")))?.write_all(&content)?;
+        }
+        Ok(start.elapsed())
+    };
+    Outcome::from_io("create", create())
+}
+
+/// Unlinks every path (files that live in a lower layer, so each needs a whiteout). Milliseconds.
+pub fn unlink_all(paths: &[PathBuf]) -> Outcome {
+    let unlink = || -> io::Result<Duration> {
+        let start = Instant::now();
+        for path in paths {
+            fs::remove_file(path)?;
+        }
+        Ok(start.elapsed())
+    };
+    Outcome::from_io("unlink", unlink())
+}
+
+/// Renames a directory that lives in a lower layer with `rename(2)`. Milliseconds; `EXDEV` (what an
+/// overlay without redirects answers) is reported as not supported rather than as a failure.
+pub fn rename_dir(from: &Path, to: &Path) -> Outcome {
+    let start = Instant::now();
+    match fs::rename(from, to) {
+        Ok(()) => Outcome::millis(start.elapsed()),
+        Err(err) if err.kind() == io::ErrorKind::CrossesDevices => Outcome::Unsupported("EXDEV".to_owned()),
+        Err(err) => Outcome::Failed(format!("rename: {err}")),
+    }
+}
+
+/// Moves a directory with `mv`, as a user would: a rename, or a copy and delete when the rename
+/// gives `EXDEV`. Milliseconds (including starting `mv`, about a millisecond).
+pub fn mv_dir(from: &Path, to: &Path) -> Outcome {
+    let start = Instant::now();
+    match quiet("mv", &[from.as_os_str(), to.as_os_str()]) {
+        Ok(()) => Outcome::millis(start.elapsed()),
+        Err(err) => Outcome::Failed(format!("{err:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_counts_every_entry_and_checks_the_count() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("xtask-bench-walk-{}", std::process::id()));
+        fs::create_dir_all(root.join("a/b"))?;
+        fs::write(root.join("a/f"), "x")?;
+        fs::write(root.join("a/b/g"), "y")?;
+        let right = walk(&root, 4);
+        let wrong = walk(&root, 5);
+        let renamed = rename_dir(&root.join("a/b"), &root.join("c"));
+        let moved = mv_dir(&root.join("c"), &root.join("d"));
+        fs::remove_dir_all(&root)?;
+        assert!(matches!(right, Outcome::Value(ms) if ms >= 0.0), "{right:?}");
+        assert_eq!(wrong, Outcome::Failed("walk saw 4 entries, expected 5".to_owned()));
+        assert!(matches!(renamed, Outcome::Value(_)), "{renamed:?}");
+        assert!(matches!(moved, Outcome::Value(_)), "{moved:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn stat_latency_is_sampled_during_a_copy() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("xtask-bench-stat-{}", std::process::id()));
+        fs::create_dir_all(&root)?;
+        fs::write(root.join("big"), vec![0u8; 1 << 20])?;
+        fs::write(root.join("other"), "x")?;
+        let (worst, p99) = stat_during_copy_up(&root.join("big"), &[root.join("other"), root.join("big")]);
+        let grown = fs::metadata(root.join("big"))?.len();
+        fs::remove_dir_all(&root)?;
+        let (Outcome::Value(worst), Outcome::Value(p99)) = (worst, p99) else {
+            panic!("expected values");
+        };
+        assert!(p99 <= worst);
+        assert_eq!(grown, (1 << 20) + 1);
+        Ok(())
+    }
+}

@@ -1,0 +1,614 @@
+//! What is measured, the targets of issue 7, and the results: medians, ratios to the kernel, a table
+//! for people and JSON for machines (written by hand: xtask keeps to `anyhow` and `clap`).
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use super::layers::Scale;
+use super::mounts::{Backend, fuse_overlayfs_version};
+use super::ops::Outcome;
+use crate::mountinfo;
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Full tree walk with `lstat` of every entry, after dropping all caches.
+    WalkCold,
+    /// The same walk again, caches warm.
+    WalkHot,
+    /// Sequential read of the big file, after one warm-up read.
+    ReadBigHot,
+    /// Copy-up of the big file (open for append, write a byte, close), on ext4.
+    CopyupBig,
+    /// The same on a mount with `volatile` (no fsync).
+    CopyupBigVolatile,
+    /// The same on XFS with reflink.
+    CopyupBigXfs,
+    /// Worst `lstat` latency on an unrelated file during a big copy-up.
+    StatDuringCopyupMax,
+    /// 99th percentile of the same.
+    StatDuringCopyupP99,
+    /// Create 5000 files of 4 KiB.
+    Create5k,
+    /// Unlink 2000 files that live in a lower layer.
+    Unlink2kLower,
+    /// Rename a lower directory of 1000 entries with `rename(2)`.
+    RenameDir1k,
+    /// Move another such directory with `mv` (copy and delete where rename gives `EXDEV`).
+    MvDir1k,
+    /// Snapshot take with 1k files (issue 5).
+    SnapshotTake1k,
+    /// Snapshot take with 10k files (issue 5).
+    SnapshotTake10k,
+    /// Snapshot take with 100k files (issue 5).
+    SnapshotTake100k,
+    /// Write throughput with a snapshot active, relative to without (issue 5).
+    WriteWithSnapshot,
+}
+
+/// How a metric is judged against the kernel.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// ovlfs's time is at most this many times the kernel's.
+    Ratio(f64),
+    /// ovlfs's time is at most this many times the kernel's time for another metric.
+    RatioTo(Metric, f64),
+    /// ovlfs's value is at most this many milliseconds.
+    Millis(f64),
+    /// No target; reported for information.
+    None,
+    /// A target for a measurement that does not exist yet.
+    Pending(&'static str),
+}
+
+impl Metric {
+    /// Every row, in table order.
+    pub const ALL: &'static [Metric] = &[
+        Metric::WalkCold,
+        Metric::WalkHot,
+        Metric::ReadBigHot,
+        Metric::CopyupBig,
+        Metric::CopyupBigVolatile,
+        Metric::CopyupBigXfs,
+        Metric::Create5k,
+        Metric::Unlink2kLower,
+        Metric::RenameDir1k,
+        Metric::MvDir1k,
+        Metric::StatDuringCopyupMax,
+        Metric::StatDuringCopyupP99,
+        Metric::SnapshotTake1k,
+        Metric::SnapshotTake10k,
+        Metric::SnapshotTake100k,
+        Metric::WriteWithSnapshot,
+    ];
+
+    /// The metrics of the main ext4 sequence (one mount).
+    pub const EXT4_MAIN: &'static [Metric] = &[
+        Metric::WalkCold,
+        Metric::WalkHot,
+        Metric::ReadBigHot,
+        Metric::CopyupBig,
+        Metric::StatDuringCopyupMax,
+        Metric::StatDuringCopyupP99,
+        Metric::Create5k,
+        Metric::Unlink2kLower,
+        Metric::RenameDir1k,
+        Metric::MvDir1k,
+    ];
+
+    /// The stable name (also the JSON key).
+    pub fn id(self) -> &'static str {
+        match self {
+            Metric::WalkCold => "walk_cold",
+            Metric::WalkHot => "walk_hot",
+            Metric::ReadBigHot => "read_big_hot",
+            Metric::CopyupBig => "copyup_big",
+            Metric::CopyupBigVolatile => "copyup_big_volatile",
+            Metric::CopyupBigXfs => "copyup_big_xfs_reflink",
+            Metric::StatDuringCopyupMax => "stat_during_copyup_max",
+            Metric::StatDuringCopyupP99 => "stat_during_copyup_p99",
+            Metric::Create5k => "create_5k",
+            Metric::Unlink2kLower => "unlink_2k_lower",
+            Metric::RenameDir1k => "rename_dir_1k",
+            Metric::MvDir1k => "mv_dir_1k",
+            Metric::SnapshotTake1k => "snapshot_take_1k",
+            Metric::SnapshotTake10k => "snapshot_take_10k",
+            Metric::SnapshotTake100k => "snapshot_take_100k",
+            Metric::WriteWithSnapshot => "write_with_snapshot",
+        }
+    }
+
+    /// The unit of the values.
+    fn unit(self) -> &'static str {
+        match self {
+            Metric::ReadBigHot => "MB/s",
+            Metric::WriteWithSnapshot => "ratio",
+            _ => "ms",
+        }
+    }
+
+    /// Higher values are better (throughput); ratios are then inverted so that, for every row,
+    /// a ratio above 1 means slower than the kernel.
+    fn higher_is_better(self) -> bool {
+        matches!(self, Metric::ReadBigHot | Metric::WriteWithSnapshot)
+    }
+
+    fn target(self) -> Target {
+        match self {
+            Metric::WalkCold => Target::Ratio(1.5),
+            Metric::WalkHot => Target::Ratio(1.0),
+            Metric::ReadBigHot => Target::Ratio(1.1),
+            Metric::CopyupBig => Target::Ratio(1.0),
+            Metric::CopyupBigVolatile => Target::RatioTo(Metric::CopyupBig, 0.5),
+            Metric::CopyupBigXfs => Target::None,
+            Metric::StatDuringCopyupMax => Target::Millis(5.0),
+            Metric::StatDuringCopyupP99 => Target::None,
+            Metric::Create5k => Target::Ratio(2.0),
+            Metric::Unlink2kLower => Target::Ratio(2.0),
+            Metric::RenameDir1k => Target::Ratio(3.0),
+            Metric::MvDir1k => Target::None,
+            Metric::SnapshotTake1k | Metric::SnapshotTake10k | Metric::SnapshotTake100k => {
+                Target::Pending("<= 10 ms, flat in tree size")
+            }
+            Metric::WriteWithSnapshot => Target::Pending(">= 0.9 of without"),
+        }
+    }
+
+    fn target_text(self) -> String {
+        match self.target() {
+            Target::Ratio(ratio) => format!("<= {ratio}x kernel"),
+            Target::RatioTo(other, ratio) => format!("<= {ratio}x kernel {}", other.id()),
+            Target::Millis(ms) => format!("<= {ms} ms"),
+            Target::None => "-".to_owned(),
+            Target::Pending(text) => text.to_owned(),
+        }
+    }
+
+    /// Not measurable until `ovlsnap` exists.
+    fn pending(self) -> bool {
+        matches!(self.target(), Target::Pending(_))
+    }
+}
+
+impl Outcome {
+    /// The outcome as a table cell would show it.
+    pub fn show(&self, metric: Metric) -> String {
+        match self {
+            Outcome::Value(value) => format!("{} {}", number(*value), metric.unit()),
+            Outcome::Unsupported(why) => why.clone(),
+            Outcome::Failed(why) => format!("FAILED: {why}"),
+        }
+    }
+}
+
+/// The median of a metric for one backend, or why there is none.
+#[derive(Debug, Clone, PartialEq)]
+enum Summary {
+    Median { median: f64, values: Vec<f64>, failures: usize },
+    Unsupported(String),
+    Failed(String),
+    Missing,
+}
+
+/// Every sample of a run, and the context to report them in.
+pub struct Results {
+    backends: Vec<Backend>,
+    runs: usize,
+    scale: Scale,
+    samples: Vec<(Metric, Backend, Outcome)>,
+    elapsed: Duration,
+    pressure: Option<Pressure>,
+}
+
+/// Pressure stall totals (`/proc/pressure/{cpu,io}`, "some" line, microseconds): how much of a
+/// run some task waited for a CPU or for I/O. Other work on a shared machine shows up here; so
+/// does the benchmark's own (it syncs, and it keeps both cores of a small machine busy).
+#[derive(Debug, Clone, Copy)]
+pub struct Pressure {
+    cpu_us: u64,
+    io_us: u64,
+}
+
+impl Pressure {
+    /// The totals now; `None` without PSI (kernel without `CONFIG_PSI`).
+    pub fn read() -> Option<Pressure> {
+        let total = |resource: &str| -> Option<u64> {
+            let text = std::fs::read_to_string(format!("/proc/pressure/{resource}")).ok()?;
+            let some = text.lines().find(|l| l.starts_with("some"))?;
+            some.split_whitespace().find_map(|field| field.strip_prefix("total="))?.parse().ok()
+        };
+        Some(Pressure { cpu_us: total("cpu")?, io_us: total("io")? })
+    }
+
+    /// What accumulated since `start`.
+    pub fn since(start: Pressure) -> Option<Pressure> {
+        let now = Pressure::read()?;
+        Some(Pressure { cpu_us: now.cpu_us.saturating_sub(start.cpu_us), io_us: now.io_us.saturating_sub(start.io_us) })
+    }
+}
+
+impl Results {
+    /// No samples yet.
+    pub fn new(backends: &[Backend], runs: usize, scale: Scale) -> Results {
+        Results {
+            backends: backends.to_vec(),
+            runs,
+            scale,
+            samples: Vec::new(),
+            elapsed: Duration::ZERO,
+            pressure: None,
+        }
+    }
+
+    /// Adds one sample.
+    pub fn record(&mut self, metric: Metric, backend: Backend, outcome: Outcome) {
+        self.samples.push((metric, backend, outcome));
+    }
+
+    /// How long the whole run took, and the pressure stalls during it.
+    pub fn set_elapsed(&mut self, elapsed: Duration, pressure: Option<Pressure>) {
+        self.elapsed = elapsed;
+        self.pressure = pressure;
+    }
+
+    /// The stall shares of the run as percentages of its wall time (cpu, io).
+    fn pressure_percent(&self) -> Option<(f64, f64)> {
+        let pressure = self.pressure?;
+        let wall_us = self.elapsed.as_secs_f64() * 1e6;
+        (wall_us > 0.0).then(|| (pressure.cpu_us as f64 / wall_us * 100.0, pressure.io_us as f64 / wall_us * 100.0))
+    }
+
+    fn summary(&self, metric: Metric, backend: Backend) -> Summary {
+        let outcomes: Vec<&Outcome> =
+            self.samples.iter().filter(|(m, b, _)| *m == metric && *b == backend).map(|(_, _, o)| o).collect();
+        let mut values: Vec<f64> =
+            outcomes.iter().filter_map(|o| if let Outcome::Value(v) = o { Some(*v) } else { None }).collect();
+        let failures = outcomes.iter().filter(|o| matches!(o, Outcome::Failed(_))).count();
+        if let Some(median) = median(&mut values) {
+            return Summary::Median { median, values, failures };
+        }
+        let unsupported = outcomes.iter().find_map(|o| if let Outcome::Unsupported(w) = o { Some(w) } else { None });
+        let failed = outcomes.iter().find_map(|o| if let Outcome::Failed(w) = o { Some(w) } else { None });
+        match (unsupported, failed) {
+            (Some(why), _) => Summary::Unsupported(why.clone()),
+            (None, Some(why)) => Summary::Failed(why.clone()),
+            (None, None) => Summary::Missing,
+        }
+    }
+
+    fn median_of(&self, metric: Metric, backend: Backend) -> Option<f64> {
+        match self.summary(metric, backend) {
+            Summary::Median { median, .. } => Some(median),
+            _ => None,
+        }
+    }
+
+    /// The backend's median relative to the kernel's, as a time ratio (> 1 = slower).
+    fn ratio(&self, metric: Metric, backend: Backend) -> Option<f64> {
+        let ours = self.median_of(metric, backend)?;
+        let kernel = self.median_of(metric, Backend::Kernel)?;
+        let ratio = if metric.higher_is_better() { kernel / ours } else { ours / kernel };
+        ratio.is_finite().then_some(ratio)
+    }
+
+    /// Whether ovlfs meets the metric's target: `None` when there is no target or no number.
+    fn target_met(&self, metric: Metric) -> Option<bool> {
+        match metric.target() {
+            Target::Ratio(limit) => Some(self.ratio(metric, Backend::Ovlfs)? <= limit),
+            Target::RatioTo(other, limit) => {
+                let ours = self.median_of(metric, Backend::Ovlfs)?;
+                Some(ours / self.median_of(other, Backend::Kernel)? <= limit)
+            }
+            Target::Millis(limit) => Some(self.median_of(metric, Backend::Ovlfs)? <= limit),
+            Target::None | Target::Pending(_) => None,
+        }
+    }
+
+    fn verdict(&self, metric: Metric) -> String {
+        if metric.pending() {
+            return "n/a (issue 5)".to_owned();
+        }
+        match (self.target_met(metric), self.summary(metric, Backend::Ovlfs), metric.target()) {
+            (Some(true), ..) => "met".to_owned(),
+            (Some(false), ..) => "NOT met".to_owned(),
+            (None, _, Target::None) => "-".to_owned(),
+            (None, Summary::Unsupported(_), _) => "not supported yet".to_owned(),
+            (None, ..) => "unknown (no number)".to_owned(),
+        }
+    }
+
+    fn cell(&self, metric: Metric, backend: Backend) -> String {
+        if metric.pending() {
+            return "n/a (issue 5)".to_owned();
+        }
+        match self.summary(metric, backend) {
+            Summary::Median { median, failures, .. } => {
+                let mut cell = number(median);
+                if backend != Backend::Kernel {
+                    if let Some(ratio) = self.ratio(metric, backend) {
+                        let _ = write!(cell, " ({ratio:.2}x)");
+                    }
+                }
+                if failures > 0 {
+                    let _ = write!(cell, " [{failures} failed]");
+                }
+                cell
+            }
+            Summary::Unsupported(why) => why,
+            Summary::Failed(_) => "FAILED (see below)".to_owned(),
+            Summary::Missing => "-".to_owned(),
+        }
+    }
+
+    /// The table for people: the context, one row per metric, then the failures in full.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "bench-compare: medians of {} run(s); {}", self.runs, self.scale.describe());
+        for (key, value) in machine() {
+            let _ = writeln!(out, "  {key}: {value}");
+        }
+        let _ = writeln!(out, "  total time: {:.0}s", self.elapsed.as_secs_f64());
+        if let Some((cpu, io)) = self.pressure_percent() {
+            let _ = writeln!(out, "  stalls during the run (PSI \"some\"): cpu {cpu:.0}%, io {io:.0}% of the time");
+        }
+        let _ = writeln!(
+            out,
+            "(x) = time relative to the kernel overlay in the same run (for MB/s: kernel's MB/s / this); \
+             above 1 = slower.\n"
+        );
+        let mut header = vec!["metric".to_owned(), "unit".to_owned()];
+        header.extend(self.backends.iter().map(|b| b.name().to_owned()));
+        header.extend(["target (ovlfs)".to_owned(), "ovlfs vs target".to_owned()]);
+        let mut rows = vec![header];
+        for &metric in Metric::ALL {
+            let mut row = vec![metric.id().to_owned(), metric.unit().to_owned()];
+            row.extend(self.backends.iter().map(|&b| self.cell(metric, b)));
+            row.extend([metric.target_text(), self.verdict(metric)]);
+            rows.push(row);
+        }
+        out.push_str(&markdown_table(&rows));
+        let failures: Vec<String> = self
+            .samples
+            .iter()
+            .filter_map(|(m, b, o)| match o {
+                Outcome::Failed(why) => Some(format!("  {} / {}: {why}", m.id(), b.name())),
+                _ => None,
+            })
+            .collect();
+        if !failures.is_empty() {
+            let _ = writeln!(out, "\nfailures:\n{}", failures.join("\n"));
+        }
+        out
+    }
+
+    /// The results for machines.
+    pub fn json(&self) -> String {
+        let mut out = String::from("{\n");
+        let _ = writeln!(out, "  \"schema\": \"ovlsnap-bench-compare/1\",");
+        let _ = writeln!(out, "  \"quick\": {},", self.scale.quick);
+        let _ = writeln!(out, "  \"runs\": {},", self.runs);
+        let s = &self.scale;
+        let _ = writeln!(
+            out,
+            "  \"scale\": {{\"dirs\": {}, \"files_per_dir\": {}, \"big_mib\": {}, \"create_files\": {}, \
+             \"unlink_files\": {}, \"rename_dir_files\": {}}},",
+            s.dirs, s.files_per_dir, s.big_mib, s.create_files, s.unlink_files, s.rename_dir_files
+        );
+        let machine: Vec<String> = machine().iter().map(|(k, v)| format!("{}: {}", string(k), string(v))).collect();
+        let _ = writeln!(out, "  \"machine\": {{{}}},", machine.join(", "));
+        let _ = writeln!(out, "  \"elapsed_s\": {},", json_number(self.elapsed.as_secs_f64()));
+        if let Some((cpu, io)) = self.pressure_percent() {
+            let _ =
+                writeln!(out, "  \"stall_percent\": {{\"cpu\": {}, \"io\": {}}},", json_number(cpu), json_number(io));
+        }
+        let backends: Vec<String> = self.backends.iter().map(|b| string(b.name())).collect();
+        let _ = writeln!(out, "  \"backends\": [{}],", backends.join(", "));
+        out.push_str("  \"metrics\": [\n");
+        let metrics: Vec<String> = Metric::ALL.iter().map(|&m| self.metric_json(m)).collect();
+        out.push_str(&metrics.join(",\n"));
+        out.push_str("\n  ]\n}");
+        out
+    }
+
+    fn metric_json(&self, metric: Metric) -> String {
+        let met = match self.target_met(metric) {
+            Some(met) => met.to_string(),
+            None => "null".to_owned(),
+        };
+        let mut results = Vec::new();
+        for &backend in &self.backends {
+            let body = if metric.pending() {
+                "{\"status\": \"n/a\", \"detail\": \"needs ovlsnap (issue 5)\"}".to_owned()
+            } else {
+                match self.summary(metric, backend) {
+                    Summary::Median { median, values, failures } => {
+                        let values: Vec<String> = values.iter().map(|v| json_number(*v)).collect();
+                        let ratio = self.ratio(metric, backend).map_or("null".to_owned(), json_number);
+                        format!(
+                            "{{\"status\": \"ok\", \"median\": {}, \"ratio_to_kernel\": {ratio}, \"samples\": [{}], \
+                             \"failed_samples\": {failures}}}",
+                            json_number(median),
+                            values.join(", ")
+                        )
+                    }
+                    Summary::Unsupported(why) => {
+                        format!("{{\"status\": \"unsupported\", \"detail\": {}}}", string(&why))
+                    }
+                    Summary::Failed(why) => format!("{{\"status\": \"failed\", \"detail\": {}}}", string(&why)),
+                    Summary::Missing => "{\"status\": \"missing\"}".to_owned(),
+                }
+            };
+            results.push(format!("{}: {body}", string(backend.name())));
+        }
+        format!(
+            "    {{\"id\": {}, \"unit\": {}, \"higher_is_better\": {}, \"target\": {}, \"ovlfs_target_met\": {met}, \
+             \"results\": {{{}}}}}",
+            string(metric.id()),
+            string(metric.unit()),
+            metric.higher_is_better(),
+            string(&metric.target_text()),
+            results.join(", ")
+        )
+    }
+}
+
+/// The median, sorting `values`; `None` when empty.
+fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// A number with about three significant digits.
+fn number(value: f64) -> String {
+    let magnitude = value.abs();
+    if magnitude >= 100.0 {
+        format!("{value:.0}")
+    } else if magnitude >= 10.0 {
+        format!("{value:.1}")
+    } else if magnitude >= 1.0 {
+        format!("{value:.2}")
+    } else {
+        format!("{value:.3}")
+    }
+}
+
+fn json_number(value: f64) -> String {
+    if value.is_finite() { format!("{value}") } else { "null".to_owned() }
+}
+
+/// A JSON string literal.
+fn string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A Markdown table with padded columns (readable in a terminal and pasteable into BENCHMARKS.md).
+fn markdown_table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    let line = |row: &[String]| {
+        let cells: Vec<String> =
+            widths.iter().enumerate().map(|(c, &w)| format!("{:<w$}", row.get(c).map_or("", String::as_str))).collect();
+        format!("| {} |\n", cells.join(" | "))
+    };
+    let mut out = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        out.push_str(&line(row));
+        if i == 0 {
+            let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+            out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
+        }
+    }
+    out
+}
+
+/// What the numbers were measured on.
+fn machine() -> Vec<(&'static str, String)> {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_owned()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let memory = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or("unknown".to_owned(), |kib| format!("{:.1} GiB", kib as f64 / (1u64 << 20) as f64));
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let temp = std::env::temp_dir();
+    let fs_type = mountinfo::mounts()
+        .ok()
+        .and_then(|mounts| {
+            mounts
+                .into_iter()
+                .filter(|m| temp.starts_with(&m.mount_point))
+                .max_by_key(|m| m.mount_point.as_os_str().len())
+                .map(|m| format!("{} ({})", m.fs_type, temp.display()))
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    vec![
+        ("cpu", format!("{nproc} x {cpu}")),
+        ("memory", memory),
+        ("kernel", read("/proc/sys/kernel/osrelease").trim().to_owned()),
+        ("layers on", fs_type),
+        ("fuse-overlayfs", fuse_overlayfs_version().unwrap_or_else(|| "not installed".to_owned())),
+        ("ovlfs", git_describe()),
+    ]
+}
+
+fn git_describe() -> String {
+    let output = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(crate::workspace_root())
+        .stderr(std::process::Stdio::null())
+        .output();
+    match output {
+        Ok(output) if output.status.success() => {
+            format!("release build of {}", String::from_utf8_lossy(&output.stdout).trim())
+        }
+        _ => "release build".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&mut []), None);
+    }
+
+    #[test]
+    fn ratios_are_time_ratios_and_targets_are_judged() {
+        let backends = [Backend::Kernel, Backend::Ovlfs];
+        let mut results = Results::new(&backends, 1, Scale::quick());
+        results.record(Metric::WalkCold, Backend::Kernel, Outcome::Value(100.0));
+        results.record(Metric::WalkCold, Backend::Ovlfs, Outcome::Value(140.0));
+        results.record(Metric::ReadBigHot, Backend::Kernel, Outcome::Value(2000.0));
+        results.record(Metric::ReadBigHot, Backend::Ovlfs, Outcome::Value(1000.0));
+        results.record(Metric::RenameDir1k, Backend::Kernel, Outcome::Value(1.0));
+        results.record(Metric::RenameDir1k, Backend::Ovlfs, Outcome::Unsupported("EXDEV (not supported yet)".into()));
+        assert_eq!(results.ratio(Metric::WalkCold, Backend::Ovlfs), Some(1.4));
+        assert_eq!(results.ratio(Metric::ReadBigHot, Backend::Ovlfs), Some(2.0));
+        assert_eq!(results.verdict(Metric::WalkCold), "met");
+        assert_eq!(results.verdict(Metric::ReadBigHot), "NOT met");
+        assert_eq!(results.verdict(Metric::RenameDir1k), "not supported yet");
+        assert_eq!(results.verdict(Metric::SnapshotTake1k), "n/a (issue 5)");
+        assert_eq!(results.cell(Metric::WalkCold, Backend::Ovlfs), "140 (1.40x)");
+        let table = results.table();
+        assert!(table.contains("EXDEV (not supported yet)"), "{table}");
+        let json = results.json();
+        assert!(json.contains("\"ratio_to_kernel\": 1.4"), "{json}");
+        assert!(json.contains("\"status\": \"unsupported\""), "{json}");
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(string("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\u0001\"");
+    }
+}
