@@ -27,6 +27,19 @@ fn errno(e: Error) -> FuseErrno {
     FuseErrno::from_i32(code)
 }
 
+/// Runs a handler so that a bug that panics answers `EIO` (the dropped reply does that) and is
+/// logged, instead of taking a worker thread, and eventually the mount, down with it.
+fn guarded(op: &str, f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(op, "handler panicked: {msg}");
+    }
+}
+
 macro_rules! tri {
     ($reply:ident, $e:expr) => {
         match $e {
@@ -54,9 +67,11 @@ impl Filesystem for OverlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let p = tri!(reply, self.node(parent));
-        let (node, st) = tri!(reply, self.do_lookup(&p, name));
-        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        guarded("lookup", || {
+            let p = tri!(reply, self.node(parent));
+            let (node, st) = tri!(reply, self.do_lookup(&p, name));
+            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        });
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -64,12 +79,14 @@ impl Filesystem for OverlayFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let node = tri!(reply, self.node(ino));
-        let st = match fh.and_then(|fh| self.file(fh.0, ino.0).ok()) {
-            Some(f) => tri!(reply, rustix::fs::fstat(&*f).map_err(Error::from)),
-            None => tri!(reply, self.real_stat(&node)),
-        };
-        reply.attr(&self.ttl, &self.attr(&node, &st));
+        guarded("getattr", || {
+            let node = tri!(reply, self.node(ino));
+            let st = match fh.and_then(|fh| self.file(fh.0, ino.0).ok()) {
+                Some(f) => tri!(reply, rustix::fs::fstat(&*f).map_err(Error::from)),
+                None => tri!(reply, self.real_stat(&node)),
+            };
+            reply.attr(&self.ttl, &self.attr(&node, &st));
+        });
     }
 
     fn setattr(
@@ -90,16 +107,20 @@ impl Filesystem for OverlayFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let node = tri!(reply, self.node(ino));
-        let a = SetAttr { mode, uid, gid, size, atime, mtime, fh: fh.map(|f| f.0) };
-        let st = tri!(reply, self.do_setattr(&node, &a));
-        reply.attr(&self.ttl, &self.attr(&node, &st));
+        guarded("setattr", || {
+            let node = tri!(reply, self.node(ino));
+            let a = SetAttr { mode, uid, gid, size, atime, mtime, fh: fh.map(|f| f.0) };
+            let st = tri!(reply, self.do_setattr(&node, &a));
+            reply.attr(&self.ttl, &self.attr(&node, &st));
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let node = tri!(reply, self.node(ino));
-        let v = tri!(reply, self.do_readlink(&node));
-        reply.data(&v);
+        guarded("readlink", || {
+            let node = tri!(reply, self.node(ino));
+            let v = tri!(reply, self.do_readlink(&node));
+            reply.data(&v);
+        });
     }
 
     fn mknod(
@@ -112,33 +133,43 @@ impl Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let p = tri!(reply, self.node(parent));
-        let (node, st) = tri!(reply, self.do_mknod(&p, name, mode, rdev, req.uid(), req.gid()));
-        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        guarded("mknod", || {
+            let p = tri!(reply, self.node(parent));
+            let (node, st) = tri!(reply, self.do_mknod(&p, name, mode, rdev, req.uid(), req.gid()));
+            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let p = tri!(reply, self.node(parent));
-        let (node, st) = tri!(reply, self.do_mkdir(&p, name, mode, req.uid(), req.gid()));
-        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        guarded("mkdir", || {
+            let p = tri!(reply, self.node(parent));
+            let (node, st) = tri!(reply, self.do_mkdir(&p, name, mode, req.uid(), req.gid()));
+            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let p = tri!(reply, self.node(parent));
-        tri!(reply, self.do_unlink(&p, name, false));
-        reply.ok();
+        guarded("unlink", || {
+            let p = tri!(reply, self.node(parent));
+            tri!(reply, self.do_unlink(&p, name, false));
+            reply.ok();
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let p = tri!(reply, self.node(parent));
-        tri!(reply, self.do_unlink(&p, name, true));
-        reply.ok();
+        guarded("rmdir", || {
+            let p = tri!(reply, self.node(parent));
+            tri!(reply, self.do_unlink(&p, name, true));
+            reply.ok();
+        });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let p = tri!(reply, self.node(parent));
-        let (node, st) = tri!(reply, self.do_symlink(&p, link_name, target, req.uid(), req.gid()));
-        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        guarded("symlink", || {
+            let p = tri!(reply, self.node(parent));
+            let (node, st) = tri!(reply, self.do_symlink(&p, link_name, target, req.uid(), req.gid()));
+            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        });
     }
 
     fn rename(
@@ -151,25 +182,31 @@ impl Filesystem for OverlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let p = tri!(reply, self.node(parent));
-        let np = tri!(reply, self.node(newparent));
-        let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
-        tri!(reply, self.do_rename(&p, name, &np, newname, flags));
-        reply.ok();
+        guarded("rename", || {
+            let p = tri!(reply, self.node(parent));
+            let np = tri!(reply, self.node(newparent));
+            let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
+            tri!(reply, self.do_rename(&p, name, &np, newname, flags));
+            reply.ok();
+        });
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let node = tri!(reply, self.node(ino));
-        let np = tri!(reply, self.node(newparent));
-        let st = tri!(reply, self.do_link(&node, &np, newname));
-        self.table.add_lookup(&node);
-        reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        guarded("link", || {
+            let node = tri!(reply, self.node(ino));
+            let np = tri!(reply, self.node(newparent));
+            let st = tri!(reply, self.do_link(&node, &np, newname));
+            self.table.add_lookup(&node);
+            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let node = tri!(reply, self.node(ino));
-        let fh = tri!(reply, self.do_open(&node, flags.0));
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        guarded("open", || {
+            let node = tri!(reply, self.node(ino));
+            let fh = tri!(reply, self.do_open(&node, flags.0));
+            reply.opened(FileHandle(fh), FopenFlags::empty());
+        });
     }
 
     fn read(
@@ -183,8 +220,10 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let v = tri!(reply, self.do_read(ino.0, fh.0, offset, size));
-        reply.data(&v);
+        guarded("read", || {
+            let v = tri!(reply, self.do_read(ino.0, fh.0, offset, size));
+            reply.data(&v);
+        });
     }
 
     fn write(
@@ -199,12 +238,16 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let n = tri!(reply, self.do_write(ino.0, fh.0, offset, data));
-        reply.written(n);
+        guarded("write", || {
+            let n = tri!(reply, self.do_write(ino.0, fh.0, offset, data));
+            reply.written(n);
+        });
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        guarded("flush", || {
+            reply.ok();
+        });
     }
 
     fn release(
@@ -217,66 +260,82 @@ impl Filesystem for OverlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.do_release(fh.0);
-        reply.ok();
+        guarded("release", || {
+            self.do_release(fh.0);
+            reply.ok();
+        });
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        tri!(reply, self.do_fsync(ino.0, fh.0, datasync));
-        reply.ok();
+        guarded("fsync", || {
+            tri!(reply, self.do_fsync(ino.0, fh.0, datasync));
+            reply.ok();
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let node = tri!(reply, self.node(ino));
-        let fh = tri!(reply, self.do_opendir(&node));
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        guarded("opendir", || {
+            let node = tri!(reply, self.node(ino));
+            let fh = tri!(reply, self.do_opendir(&node));
+            reply.opened(FileHandle(fh), FopenFlags::empty());
+        });
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        let node = match self.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(errno(e)),
-        };
-        match self.do_readdir(&node, fh.0, offset, reply) {
-            Ok(r) => r.ok(),
-            Err(e) => tracing::warn!("readdir: {e}"),
-        }
+        guarded("readdir", || {
+            let node = match self.node(ino) {
+                Ok(n) => n,
+                Err(e) => return reply.error(errno(e)),
+            };
+            match self.do_readdir(&node, fh.0, offset, reply) {
+                Ok(r) => r.ok(),
+                Err(e) => tracing::warn!("readdir: {e}"),
+            }
+        });
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
-        let node = match self.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(errno(e)),
-        };
-        match self.do_readdirplus(&node, fh.0, offset, reply) {
-            Ok(r) => r.ok(),
-            Err(e) => tracing::warn!("readdirplus: {e}"),
-        }
+        guarded("readdirplus", || {
+            let node = match self.node(ino) {
+                Ok(n) => n,
+                Err(e) => return reply.error(errno(e)),
+            };
+            match self.do_readdirplus(&node, fh.0, offset, reply) {
+                Ok(r) => r.ok(),
+                Err(e) => tracing::warn!("readdirplus: {e}"),
+            }
+        });
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.do_releasedir(fh.0);
-        reply.ok();
+        guarded("releasedir", || {
+            self.do_releasedir(fh.0);
+            reply.ok();
+        });
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let node = tri!(reply, self.node(ino));
-        tri!(reply, self.do_fsyncdir(&node));
-        reply.ok();
+        guarded("fsyncdir", || {
+            let node = tri!(reply, self.node(ino));
+            tri!(reply, self.do_fsyncdir(&node));
+            reply.ok();
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let s = tri!(reply, self.do_statfs());
-        reply.statfs(
-            s.f_blocks,
-            s.f_bfree,
-            s.f_bavail,
-            s.f_files,
-            s.f_ffree,
-            s.f_bsize as u32,
-            s.f_namemax as u32,
-            s.f_frsize as u32,
-        );
+        guarded("statfs", || {
+            let s = tri!(reply, self.do_statfs());
+            reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            );
+        });
     }
 
     fn setxattr(
@@ -289,35 +348,45 @@ impl Filesystem for OverlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let node = tri!(reply, self.node(ino));
-        tri!(reply, self.do_setxattr(&node, name, value, flags));
-        reply.ok();
+        guarded("setxattr", || {
+            let node = tri!(reply, self.node(ino));
+            tri!(reply, self.do_setxattr(&node, name, value, flags));
+            reply.ok();
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let node = tri!(reply, self.node(ino));
-        let v = tri!(reply, self.do_getxattr(&node, name));
-        xattr_reply(reply, size, v);
+        guarded("getxattr", || {
+            let node = tri!(reply, self.node(ino));
+            let v = tri!(reply, self.do_getxattr(&node, name));
+            xattr_reply(reply, size, v);
+        });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let node = tri!(reply, self.node(ino));
-        let v = tri!(reply, self.do_listxattr(&node));
-        xattr_reply(reply, size, v);
+        guarded("listxattr", || {
+            let node = tri!(reply, self.node(ino));
+            let v = tri!(reply, self.do_listxattr(&node));
+            xattr_reply(reply, size, v);
+        });
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let node = tri!(reply, self.node(ino));
-        tri!(reply, self.do_removexattr(&node, name));
-        reply.ok();
+        guarded("removexattr", || {
+            let node = tri!(reply, self.node(ino));
+            tri!(reply, self.do_removexattr(&node, name));
+            reply.ok();
+        });
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        tri!(reply, self.node(ino));
-        if mask.contains(AccessFlags::W_OK) && self.stack.writable_upper().is_none() {
-            return reply.error(FuseErrno::from_i32(libc::EROFS));
-        }
-        reply.ok();
+        guarded("access", || {
+            tri!(reply, self.node(ino));
+            if mask.contains(AccessFlags::W_OK) && self.stack.writable_upper().is_none() {
+                return reply.error(FuseErrno::from_i32(libc::EROFS));
+            }
+            reply.ok();
+        });
     }
 
     fn create(
@@ -330,10 +399,12 @@ impl Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let p = tri!(reply, self.node(parent));
-        let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, req.uid(), req.gid()));
-        let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
-        reply.created(&self.ttl, &self.attr(&node, &st), Generation(0), FileHandle(fh), FopenFlags::empty());
+        guarded("create", || {
+            let p = tri!(reply, self.node(parent));
+            let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, req.uid(), req.gid()));
+            let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
+            reply.created(&self.ttl, &self.attr(&node, &st), Generation(0), FileHandle(fh), FopenFlags::empty());
+        });
     }
 
     fn fallocate(
@@ -346,13 +417,17 @@ impl Filesystem for OverlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        tri!(reply, self.do_fallocate(ino.0, fh.0, offset, length, mode));
-        reply.ok();
+        guarded("fallocate", || {
+            tri!(reply, self.do_fallocate(ino.0, fh.0, offset, length, mode));
+            reply.ok();
+        });
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        let o = tri!(reply, self.do_lseek(ino.0, fh.0, offset, whence));
-        reply.offset(o);
+        guarded("lseek", || {
+            let o = tri!(reply, self.do_lseek(ino.0, fh.0, offset, whence));
+            reply.offset(o);
+        });
     }
 
     fn copy_file_range(
@@ -368,8 +443,12 @@ impl Filesystem for OverlayFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let n =
-            tri!(reply, self.do_copy_file_range(ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len));
-        reply.written(n);
+        guarded("copy_file_range", || {
+            let n = tri!(
+                reply,
+                self.do_copy_file_range(ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len)
+            );
+            reply.written(n);
+        });
     }
 }
