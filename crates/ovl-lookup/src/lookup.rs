@@ -339,7 +339,8 @@ pub fn lower_has_name(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> R
 pub(crate) fn stat_in(root: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<Option<Stat>> {
     match sys::lstat_beneath(root, path) {
         Ok(st) => Ok(Some(st)),
-        Err(e) if matches!(e.errno(), Errno::NOENT | Errno::NOTDIR | Errno::NAMETOOLONG) => Ok(None),
+        // A symlink where a directory should be (ELOOP from openat2) means nothing is there.
+        Err(e) if matches!(e.errno(), Errno::NOENT | Errno::NOTDIR | Errno::NAMETOOLONG | Errno::LOOP) => Ok(None),
         Err(e) => Err(e),
     }
 }
