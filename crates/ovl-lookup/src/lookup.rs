@@ -164,7 +164,23 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             Target::Rel(n) => ld.path.join(n),
             Target::Abs(p) => p.clone(),
         };
-        let Some(st) = stat_in(layer.root(), &path)? else { continue };
+        let mut last_layer = false;
+        if let Target::Abs(p) = &target {
+            // An absolute path is walked component by component, as the kernel does: a
+            // non-directory or whiteout on the way hides everything below, an opaque directory on
+            // the way stops the layers below this one.
+            match walk_ancestors(stack, layer, p)? {
+                Walk::Missing => continue,
+                Walk::Blocked => break,
+                Walk::Open { opaque } => last_layer = opaque,
+            }
+        }
+        let Some(st) = stat_in(layer.root(), &path)? else {
+            if last_layer {
+                break;
+            }
+            continue;
+        };
         let xwhiteouts = ld.xwhiteouts && matches!(target, Target::Rel(_));
         if is_whiteout_stat(&st) || (xwhiteouts && is_xwhiteout(stack, layer.root(), &path, &st)?) {
             break;
@@ -210,7 +226,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         let redirect = redirect_of(stack, &pfd, &lname, &path)?;
         let dir = found.as_mut().and_then(|f| f.dir.as_mut()).ok_or(Errno::IO)?;
         dir.lowers.push(LowerDir { layer: ld.layer, path, xwhiteouts: opaque == Opaque::XWhiteouts });
-        if opaque == Opaque::Yes {
+        if opaque == Opaque::Yes || last_layer {
             break;
         }
         // A dir renamed in a layer that was once an upper layer: the layers below hold it
@@ -265,6 +281,34 @@ fn has_xattr(root: std::os::fd::BorrowedFd<'_>, path: &Path, key: &std::ffi::CSt
 enum Target {
     Rel(std::ffi::OsString),
     Abs(PathBuf),
+}
+
+/// What lies on the way to an absolute path in one layer.
+enum Walk {
+    /// Every ancestor is a directory; `opaque` if one of them is opaque.
+    Open { opaque: bool },
+    /// An ancestor is missing: nothing here, look further down.
+    Missing,
+    /// An ancestor is a non-directory or a whiteout: nothing here or below.
+    Blocked,
+}
+
+/// Checks the ancestors of `path` (not `path` itself) in `layer`.
+fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> Result<Walk> {
+    let mut cur = PathBuf::new();
+    let mut opaque = false;
+    let comps: Vec<_> = path.components().collect();
+    for c in &comps[..comps.len().saturating_sub(1)] {
+        cur.push(c);
+        let Some(st) = stat_in(layer.root(), &cur)? else { return Ok(Walk::Missing) };
+        if is_whiteout_stat(&st) || FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            return Ok(Walk::Blocked);
+        }
+        let (pfd, name) = sys::open_parent(layer.root(), &cur)?;
+        opaque |=
+            Opaque::from_value(sys::get_xattr(&pfd, Some(&name), &stack.names().opaque)?.as_deref()) == Opaque::Yes;
+    }
+    Ok(Walk::Open { opaque })
 }
 
 /// The lower layers below `after` (all of them for `None`), each searched from its root.
