@@ -1,15 +1,16 @@
 //! `cargo xtask bench-compare [--quick] [--json]`: the same workload on the kernel's overlayfs,
 //! fuse-overlayfs (when installed) and a release build of `ovlfs`, side by side (issue 7).
 //!
-//! One run generates the layers once in a scratch directory on the filesystem of the temp dir (two
-//! lower layers with merged directories, two big files of real data, a 1000-entry directory), then
-//! for each repetition mounts every backend in turn on a fresh, empty upper and work dir and runs the
-//! measurements of [`ops`]. A second phase repeats the big copy-up on XFS with reflink in a loop
-//! image. The medians and their ratios to the kernel go to a table ([`report`]), or with `--json`
+//! One run generates the layers once (two lower layers with merged directories, two big files of
+//! real data, directories of 1000 entries) in a fresh ext4 filesystem in a loop image in the temp
+//! dir (why not the temp dir itself: see [`layers::LoopFs`]), then for each repetition mounts every
+//! backend in turn on a fresh, empty upper and work dir on that ext4 and runs the measurements of
+//! [`ops`]. A second phase repeats the big copy-up on XFS with reflink, in another loop image. The medians and their ratios to the kernel go to a table ([`report`]), or with `--json`
 //! to stdout as JSON (the table and the progress then go to stderr).
 //!
-//! Every mount, the loop device and the scratch directory have a guard that undoes them on drop, so
-//! an error or a panic halfway still leaves the machine as it was.
+//! Every mount, loop device and scratch directory has a guard that undoes it on drop, so an error
+//! or a panic halfway still leaves the machine as it was (an interrupt with Ctrl-C does not run
+//! them: then `umount` the mounts under `$TMPDIR/ovlfs-bench.PID` and `losetup -d` its devices).
 //!
 //! Snapshot measurements (take at 1k/10k/100k files, write throughput with a snapshot active) are
 //! reported as "n/a (issue 5)" until `ovlsnap` exists.
@@ -26,7 +27,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use self::layers::{Layers, Scale, Scratch, XfsImage};
+use self::layers::{FsKind, Layers, LoopFs, Scale, Scratch};
 use self::mounts::{Backend, Mounted, RunDirs};
 use self::ops::Outcome;
 use self::report::{Metric, Pressure, Results};
@@ -57,16 +58,17 @@ pub fn run(options: &Options) -> Result<()> {
     let ovlfs = build_release_ovlfs()?;
 
     let scratch = Scratch::create()?;
-    progress(&format!("==> generating layers in {} ({})", scratch.dir.display(), scale.describe()));
+    let ext4 = LoopFs::create(&scratch.dir, "ext4", FsKind::Ext4, 6)?;
+    progress(&format!("==> generating layers in {} ({})", ext4.dir.display(), scale.describe()));
     let generated = Instant::now();
-    let layers = Layers::generate(&scratch.dir, &scale)?;
+    let layers = Layers::generate(&ext4.dir, &scale)?;
     progress(&format!("    done in {:.1}s", generated.elapsed().as_secs_f64()));
 
     let mut results = Results::new(&backends, runs, scale.clone());
     for rep in 1..=runs {
         for &backend in &backends {
             progress(&format!("==> ext4 run {rep}/{runs}: {}", backend.name()));
-            ext4_run(backend, &ovlfs, &scratch, &layers, &scale, &mut results)?;
+            ext4_run(backend, &ovlfs, &scratch, &ext4, &layers, &scale, &mut results)?;
         }
     }
 
@@ -74,6 +76,7 @@ pub fn run(options: &Options) -> Result<()> {
     xfs_phase(&backends, &ovlfs, &scratch, &scale, runs, &mut results)?;
 
     results.set_elapsed(started.elapsed(), pressure.and_then(Pressure::since));
+    drop(ext4);
     drop(scratch);
     let table = results.table();
     if options.json {
@@ -92,11 +95,12 @@ fn ext4_run(
     backend: Backend,
     ovlfs: &Path,
     scratch: &Scratch,
+    ext4: &LoopFs,
     layers: &Layers,
     scale: &Scale,
     results: &mut Results,
 ) -> Result<()> {
-    let dirs = RunDirs::create(&scratch.dir, "ext4")?;
+    let dirs = RunDirs::create(&ext4.dir, "ext4")?;
     let mnt = scratch.dir.join("mnt");
     let mounted = Mounted::mount(backend, ovlfs, &layers.lowers, &dirs, &mnt, false);
     match mounted {
@@ -113,7 +117,7 @@ fn ext4_run(
     }
     dirs.remove()?;
 
-    let dirs = RunDirs::create(&scratch.dir, "ext4-volatile")?;
+    let dirs = RunDirs::create(&ext4.dir, "ext4-volatile")?;
     let outcome = match Mounted::mount(backend, ovlfs, &layers.lowers, &dirs, &mnt, true) {
         Ok(mut mounted) => {
             ops::warm(&layers.big_lower)?;
@@ -182,7 +186,7 @@ fn xfs_phase(
     runs: usize,
     results: &mut Results,
 ) -> Result<()> {
-    let image = match XfsImage::create(&scratch.dir) {
+    let image = match LoopFs::create(&scratch.dir, "xfs", FsKind::XfsReflink, 3) {
         Ok(image) => image,
         Err(err) => {
             progress(&format!("    no XFS image: {err:#}"));

@@ -46,12 +46,12 @@ impl Backend {
     }
 }
 
-/// `fuse-overlayfs --version`'s first line (e.g. `fuse-overlayfs: version 1.10`), if it is installed.
+/// What `fuse-overlayfs --version` says of itself (e.g. `version 1.10`), if it is installed.
 pub fn fuse_overlayfs_version() -> Option<String> {
     let output = Command::new("fuse-overlayfs").arg("--version").stdin(Stdio::null()).output().ok()?;
     let text = String::from_utf8_lossy(&output.stdout);
     let line = text.lines().find(|line| line.starts_with("fuse-overlayfs"))?;
-    Some(line.trim().to_owned())
+    Some(line.trim_start_matches("fuse-overlayfs:").trim().to_owned())
 }
 
 /// A fresh, empty upper and work dir for one mount, on the filesystem of `base`.

@@ -545,7 +545,7 @@ fn machine() -> Vec<(&'static str, String)> {
                 .into_iter()
                 .filter(|m| temp.starts_with(&m.mount_point))
                 .max_by_key(|m| m.mount_point.as_os_str().len())
-                .map(|m| format!("{} ({})", m.fs_type, temp.display()))
+                .map(|m| format!("fresh ext4 / XFS loop images in {} (on {})", temp.display(), m.fs_type))
         })
         .unwrap_or_else(|| "unknown".to_owned());
     vec![
