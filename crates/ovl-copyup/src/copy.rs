@@ -47,9 +47,9 @@ pub fn copy_up_data(stack: &LayerStack, data: &Source, upper_path: &Path) -> Res
     let before = rustix::fs::fstat(&dst)?;
     let len = rustix::fs::fstat(&src)?.st_size as u64;
     rustix::fs::ftruncate(&dst, 0)?;
-    copy_data(&src, &dst, len)?;
+    let cloned = copy_data(&src, &dst, len)?;
     rustix::fs::futimens(&dst, &times_of(&before))?;
-    if !stack.options().volatile {
+    if !stack.options().volatile && !cloned {
         rustix::fs::fsync(&dst)?;
     }
     match rustix::fs::fremovexattr(&dst, &stack.names().metacopy) {
@@ -107,14 +107,6 @@ fn copy_up_with(
         }
     }
     restore_dir_times(uparent.as_fd(), &parent_st);
-    if !stack.options().volatile {
-        rustix::fs::fsync(sys::open_beneath(
-            upper.layer().root(),
-            upper_parent,
-            OFlags::RDONLY | OFlags::DIRECTORY,
-            Mode::empty(),
-        )?)?;
-    }
     sys::lstat_at(&uparent, &name)
 }
 
@@ -134,17 +126,20 @@ fn copy_regular(
         OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
     )?;
-    if meta_only {
+    // Data written by copying must be durable before the copy becomes visible (as in the
+    // kernel); a metacopy has no data, and a clone shares already durable extents.
+    let needs_sync = if meta_only {
         rustix::fs::ftruncate(&dst, st.st_size as u64)?;
         rustix::fs::fsetxattr(&dst, &stack.names().metacopy, b"", rustix::fs::XattrFlags::empty())?;
+        false
     } else {
-        copy_data(&src, &dst, st.st_size as u64)?;
-    }
+        !copy_data(&src, &dst, st.st_size as u64)?
+    };
     copy_xattrs(lparent, lname, &dst)?;
     rustix::fs::fchown(&dst, Some(uid(st.st_uid)), Some(gid(st.st_gid)))?;
     rustix::fs::fchmod(&dst, Mode::from_raw_mode(st.st_mode & 0o7777))?;
     rustix::fs::futimens(&dst, &times_of(st))?;
-    if !stack.options().volatile {
+    if !stack.options().volatile && needs_sync {
         rustix::fs::fsync(&dst)?;
     }
     if let Some(o) = origin {
@@ -176,12 +171,13 @@ pub(crate) fn mark_impure(stack: &LayerStack, dir: &OwnedFd) -> Result<()> {
 
 /// Copies `len` bytes: a reflink when the filesystem can share extents, otherwise
 /// `copy_file_range` over the data segments only, so holes stay holes.
-fn copy_data(src: &OwnedFd, dst: &OwnedFd, len: u64) -> Result<()> {
+/// Returns whether the data was cloned (nothing new to make durable).
+fn copy_data(src: &OwnedFd, dst: &OwnedFd, len: u64) -> Result<bool> {
     if len == 0 {
-        return Ok(());
+        return Ok(true);
     }
     if rustix::fs::ioctl_ficlone(dst, src).is_ok() {
-        return Ok(());
+        return Ok(true);
     }
     let mut pos = 0u64;
     while pos < len {
@@ -207,7 +203,7 @@ fn copy_data(src: &OwnedFd, dst: &OwnedFd, len: u64) -> Result<()> {
         pos = hole;
     }
     rustix::fs::ftruncate(dst, len)?;
-    Ok(())
+    Ok(false)
 }
 
 /// Copies owner, mode (not for symlinks), times and non-overlay xattrs from `lparent/lname` to

@@ -205,7 +205,9 @@ impl Filesystem for OverlayFs {
         guarded("open", || {
             let node = tri!(reply, self.node(ino));
             let fh = tri!(reply, self.do_open(&node, flags.0));
-            reply.opened(FileHandle(fh), FopenFlags::empty());
+            // Every change reaches the files through this mount, so the kernel's page cache of
+            // an inode stays right across opens (and across a copy-up, which keeps contents).
+            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
         });
     }
 
@@ -277,7 +279,8 @@ impl Filesystem for OverlayFs {
         guarded("opendir", || {
             let node = tri!(reply, self.node(ino));
             let fh = tri!(reply, self.do_opendir(&node));
-            reply.opened(FileHandle(fh), FopenFlags::empty());
+            // Listings may be cached: the kernel drops the cache when an entry op changes the dir.
+            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR);
         });
     }
 
