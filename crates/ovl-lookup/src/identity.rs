@@ -27,14 +27,25 @@ const MAX_CHAIN: usize = 16;
 /// corrupt origin is ignored (the object is its own identity), as by the kernel: identity only
 /// feeds inode numbers, so bad metadata must never make an object unreachable.
 pub fn identity(stack: &LayerStack, layer: &Layer, path: &Path, st: &Stat) -> Result<Identity> {
-    let mut id = Identity { fs_index: layer.fs_index(), ino: st.st_ino };
-    let key = &stack.names().origin;
-    let mut value = if path.as_os_str().is_empty() {
-        sys::get_xattr(layer.root(), None, key)?
+    let value = if path.as_os_str().is_empty() {
+        sys::get_xattr(layer.root(), None, &stack.names().origin)?
     } else {
         let (dir, name) = sys::open_parent(layer.root(), path)?;
-        sys::get_xattr(&dir, Some(&name), key)?
+        sys::get_xattr(&dir, Some(&name), &stack.names().origin)?
     };
+    identity_from(stack, layer, path, st, value)
+}
+
+/// [`identity`] when the object's `overlay.origin` value was already read.
+pub(crate) fn identity_from(
+    stack: &LayerStack,
+    layer: &Layer,
+    path: &Path,
+    st: &Stat,
+    mut value: Option<Vec<u8>>,
+) -> Result<Identity> {
+    let mut id = Identity { fs_index: layer.fs_index(), ino: st.st_ino };
+    let key = &stack.names().origin;
     for _ in 0..MAX_CHAIN {
         let Some(v) = value else { break };
         let origin = match Origin::decode(&v) {

@@ -20,6 +20,7 @@
 
 mod identity;
 mod lookup;
+mod probe;
 mod readdir;
 
 pub use identity::{Identity, identity};

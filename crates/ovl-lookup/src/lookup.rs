@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Opaque, Result, is_whiteout_stat};
 
+use crate::identity::identity_from;
+use crate::probe::Probe;
+
 use rustix::fs::{FileType, Stat};
 
 /// A directory of a lower layer that takes part in a merged directory.
@@ -96,56 +99,53 @@ pub struct Entry {
 /// is hidden by a whiteout.
 pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Option<Entry>> {
     let names = stack.names();
-    let cname = sys::name_cstr(name)?;
+    sys::name_cstr(name)?;
     let mut found: Option<Entry> = None;
     let mut target = Target::Rel(name.to_os_string());
 
     if let (Some(up), Some(upper)) = (&parent.upper, stack.upper()) {
-        let root = upper.layer().root();
         let path = up.join(name);
-        match stat_in(root, &path) {
-            Ok(None) => {}
-            Ok(Some(st)) if is_whiteout_stat(&st) => return Ok(None),
-            Ok(Some(st)) => {
-                let kind = FileType::from_raw_mode(st.st_mode);
-                if kind != FileType::Directory {
-                    let identity = crate::identity(stack, upper.layer(), &path, &st)?;
-                    let mut e = Entry {
-                        kind,
-                        stat: st,
-                        upper: Some(st),
-                        lower: None,
-                        dir: None,
-                        opaque: false,
-                        data: None,
-                        identity,
-                    };
-                    if kind == FileType::RegularFile && has_xattr(root, &path, &names.metacopy)? {
-                        e.set_data(find_data(stack, &parent.lowers, name)?);
-                    }
-                    return Ok(Some(e));
-                }
-                let (pfd, _) = sys::open_parent(root, &path)?;
-                let opaque =
-                    Opaque::from_value(sys::get_xattr(&pfd, Some(&cname), &names.opaque)?.as_deref()) == Opaque::Yes;
-                found = Some(Entry {
-                    identity: crate::identity(stack, upper.layer(), &path, &st)?,
+        if let Some(mut p) = Probe::open(upper.layer().root(), &path)? {
+            let st = p.st;
+            if is_whiteout_stat(&st) {
+                return Ok(None);
+            }
+            let kind = FileType::from_raw_mode(st.st_mode);
+            let identity = identity_from(stack, upper.layer(), &path, &st, p.xattr(&names.origin)?)?;
+            if kind != FileType::Directory {
+                let mut e = Entry {
                     kind,
                     stat: st,
                     upper: Some(st),
                     lower: None,
-                    dir: Some(DirLayers { upper: Some(path), lowers: Vec::new() }),
-                    opaque,
+                    dir: None,
+                    opaque: false,
                     data: None,
-                });
-                if opaque {
-                    return Ok(found);
+                    identity,
+                };
+                if kind == FileType::RegularFile && p.xattr(&names.metacopy)?.is_some() {
+                    e.set_data(find_data(stack, &parent.lowers, name)?);
                 }
-                if let Some(t) = redirect_of(stack, &pfd, &cname, &up.join(name))? {
-                    target = t;
-                }
+                return Ok(Some(e));
             }
-            Err(e) => return Err(e),
+            let opaque = Opaque::from_value(p.xattr(&names.opaque)?.as_deref()) == Opaque::Yes;
+            let redirect = if opaque { None } else { redirect_of(stack, &mut p, &path)? };
+            found = Some(Entry {
+                identity,
+                kind,
+                stat: st,
+                upper: Some(st),
+                lower: None,
+                dir: Some(DirLayers { upper: Some(path), lowers: Vec::new() }),
+                opaque,
+                data: None,
+            });
+            if opaque {
+                return Ok(found);
+            }
+            if let Some(t) = redirect {
+                target = t;
+            }
         }
     }
 
@@ -175,21 +175,25 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                 Walk::Open { opaque } => last_layer = opaque,
             }
         }
-        let Some(st) = stat_in(layer.root(), &path)? else {
+        let Some(mut p) = Probe::open(layer.root(), &path)? else {
             if last_layer {
                 break;
             }
             continue;
         };
-        let xwhiteouts = ld.xwhiteouts && matches!(target, Target::Rel(_));
-        if is_whiteout_stat(&st) || (xwhiteouts && is_xwhiteout(stack, layer.root(), &path, &st)?) {
+        let st = p.st;
+        if is_whiteout_stat(&st) {
             break;
         }
         let kind = FileType::from_raw_mode(st.st_mode);
+        let xwhiteouts = ld.xwhiteouts && matches!(target, Target::Rel(_));
+        if xwhiteouts && kind == FileType::RegularFile && st.st_size == 0 && p.xattr(&names.whiteout)?.is_some() {
+            break;
+        }
         match &mut found {
             None if kind != FileType::Directory => {
-                let meta = kind == FileType::RegularFile && has_xattr(layer.root(), &path, &names.metacopy)?;
-                let identity = crate::identity(stack, layer, &path, &st)?;
+                let meta = kind == FileType::RegularFile && p.xattr(&names.metacopy)?.is_some();
+                let identity = identity_from(stack, layer, &path, &st, p.xattr(&names.origin)?)?;
                 let lower = LowerObject { layer: ld.layer, path, stat: st };
                 let mut e = Entry {
                     kind,
@@ -208,7 +212,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             }
             None => {
                 found = Some(Entry {
-                    identity: crate::identity(stack, layer, &path, &st)?,
+                    identity: identity_from(stack, layer, &path, &st, p.xattr(&names.origin)?)?,
                     kind,
                     stat: st,
                     upper: None,
@@ -221,9 +225,8 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             Some(_) if kind != FileType::Directory => break,
             Some(_) => {}
         }
-        let (pfd, lname) = sys::open_parent(layer.root(), &path)?;
-        let opaque = Opaque::from_value(sys::get_xattr(&pfd, Some(&lname), &names.opaque)?.as_deref());
-        let redirect = redirect_of(stack, &pfd, &lname, &path)?;
+        let opaque = Opaque::from_value(p.xattr(&names.opaque)?.as_deref());
+        let redirect = redirect_of(stack, &mut p, &path)?;
         let dir = found.as_mut().and_then(|f| f.dir.as_mut()).ok_or(Errno::IO)?;
         dir.lowers.push(LowerDir { layer: ld.layer, path, xwhiteouts: opaque == Opaque::XWhiteouts });
         if opaque == Opaque::Yes || last_layer {
@@ -327,17 +330,12 @@ const MAX_REDIRECT: usize = 4096;
 /// The `overlay.redirect` of `name` in `dir`, when the mount follows redirects. A value that is
 /// not a valid name or absolute path is corrupt (`EIO`): it can never point outside the layer,
 /// since every component must be a plain name and paths are opened beneath the layer root.
-fn redirect_of(
-    stack: &LayerStack,
-    dir: &std::os::fd::OwnedFd,
-    name: &std::ffi::CStr,
-    path: &Path,
-) -> Result<Option<Target>> {
+fn redirect_of(stack: &LayerStack, p: &mut Probe, path: &Path) -> Result<Option<Target>> {
     use ovl_core::RedirectDir;
     if matches!(stack.options().redirect_dir, RedirectDir::Off | RedirectDir::NoFollow) {
         return Ok(None);
     }
-    let Some(v) = sys::get_xattr(dir, Some(name), &stack.names().redirect)? else { return Ok(None) };
+    let Some(v) = p.xattr(&stack.names().redirect)? else { return Ok(None) };
     parse_redirect(&v).map(Some).ok_or_else(|| {
         ovl_core::Error::corrupt(format!("invalid overlay.redirect {:?} on {path:?}", String::from_utf8_lossy(&v)))
     })
@@ -383,8 +381,7 @@ pub fn lower_has_name(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> R
 pub(crate) fn stat_in(root: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<Option<Stat>> {
     match sys::lstat_beneath(root, path) {
         Ok(st) => Ok(Some(st)),
-        // A symlink where a directory should be (ELOOP from openat2) means nothing is there.
-        Err(e) if matches!(e.errno(), Errno::NOENT | Errno::NOTDIR | Errno::NAMETOOLONG | Errno::LOOP) => Ok(None),
+        Err(e) if crate::probe::is_absent(e.errno()) => Ok(None),
         Err(e) => Err(e),
     }
 }
