@@ -24,6 +24,7 @@ mod mountinfo;
 mod prereqs;
 mod sample;
 mod testing;
+mod tidy;
 mod tree;
 
 use std::path::{Path, PathBuf};
