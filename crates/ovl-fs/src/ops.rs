@@ -207,7 +207,8 @@ impl Filesystem for OverlayFs {
             let fh = tri!(reply, self.do_open(&node, flags.0));
             // Every change reaches the files through this mount, so the kernel's page cache of
             // an inode stays right across opens (and across a copy-up, which keeps contents).
-            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            // Our flush does nothing, so the kernel need not send it.
+            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH);
         });
     }
 
@@ -406,7 +407,7 @@ impl Filesystem for OverlayFs {
             let p = tri!(reply, self.node(parent));
             let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, req.uid(), req.gid()));
             let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
-            reply.created(&self.ttl, &self.attr(&node, &st), Generation(0), FileHandle(fh), FopenFlags::empty());
+            reply.created(&self.ttl, &self.attr(&node, &st), Generation(0), FileHandle(fh), FopenFlags::FOPEN_NOFLUSH);
         });
     }
 
