@@ -305,13 +305,13 @@ impl OverlayFs {
         let dst_node = dst.as_ref().and_then(|d| self.table.by_key(self.key_of(d)));
         let src_node = match src_node {
             Some(n) => n,
-            None => self.remember_transient(parent.id, name, &src),
+            None => self.remember(parent.id, name, &src),
         };
         self.ensure_upper(&src_node)?;
         if let (Some(d), true) = (&dst, exchange) {
             let dn = match &dst_node {
                 Some(n) => n.clone(),
-                None => self.remember_transient(newparent.id, newname, d),
+                None => self.remember(newparent.id, newname, d),
             };
             self.ensure_upper(&dn)?;
         }
@@ -422,11 +422,5 @@ impl OverlayFs {
             return Err(Errno::XDEV.into());
         }
         ovl_copyup::set_redirect(&self.stack, upper_path, &value)
-    }
-
-    /// A node for an entry the kernel has not looked up (it always has, but a stale cache must
-    /// not break a rename); it is registered like a lookup and forgotten with the others.
-    fn remember_transient(&self, parent: u64, name: &OsStr, e: &ovl_lookup::Entry) -> Arc<Node> {
-        self.remember(parent, name, e)
     }
 }
