@@ -237,8 +237,12 @@ impl OverlayFs {
             }
         }
         let cname = sys::name_cstr(name)?;
-        let (_, players) = self.dir_of(parent)?;
-        let needs_whiteout = ovl_lookup::lower_has_name(&self.stack, &players, name)?;
+        // An entry found only in lower layers obviously needs hiding; one in the upper layer
+        // does if a lower layer also has the name.
+        let needs_whiteout = e.upper.is_none() || {
+            let (_, players) = self.dir_of(parent)?;
+            ovl_lookup::lower_has_name(&self.stack, &players, name)?
+        };
         let (ppath, _) = self.upper_dir(parent)?;
         match (e.upper.is_some(), needs_whiteout) {
             (true, true) => ovl_copyup::replace_with_whiteout(&self.stack, &ppath, &cname)?,
