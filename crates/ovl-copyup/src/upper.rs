@@ -32,31 +32,34 @@ pub(crate) fn restore_dir_times(dir: BorrowedFd<'_>, st: &Stat) {
 /// the kernel, it is made in the work dir and renamed into place, so it never inherits a
 /// set-group-ID parent's group.
 pub fn whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+    put_whiteout(stack, upper_parent, name, RenameFlags::NOREPLACE).map(drop)
+}
+
+/// Makes a whiteout in the work dir and renames it onto `upper_parent/name` with `flags`;
+/// returns the work dir and the temporary name (which holds the old object after an exchange).
+fn put_whiteout<'a>(
+    stack: &'a LayerStack,
+    upper_parent: &Path,
+    name: &CStr,
+    flags: RenameFlags,
+) -> Result<(BorrowedFd<'a>, CString)> {
     let upper = upper_of(stack)?;
     let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
     let work = upper.work();
     let tmp = temp_name();
     make_whiteout(work, &tmp)?;
-    if let Err(e) = rustix::fs::renameat_with(work, &tmp, &dir, name, RenameFlags::NOREPLACE) {
+    if let Err(e) = rustix::fs::renameat_with(work, &tmp, &dir, name, flags) {
         let _ = rustix::fs::unlinkat(work, &tmp, AtFlags::empty());
         return Err(e.into());
     }
-    Ok(())
+    Ok((work, tmp))
 }
 
 /// Atomically replaces the upper object `upper_parent/name` (a file, or a directory whose
 /// entries are at most whiteouts) with a whiteout, then removes the old object.
 pub fn replace_with_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
-    let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
-    let work = upper.work();
-    let tmp = temp_name();
-    make_whiteout(work, &tmp)?;
-    if let Err(e) = rustix::fs::renameat_with(work, &tmp, &dir, name, RenameFlags::EXCHANGE) {
-        let _ = rustix::fs::unlinkat(work, &tmp, AtFlags::empty());
-        return Err(e.into());
-    }
-    sys::remove_tree_at(work, &tmp)
+    let (work, old) = put_whiteout(stack, upper_parent, name, RenameFlags::EXCHANGE)?;
+    sys::remove_tree_at(work, &old)
 }
 
 /// Removes the upper object `upper_parent/name` where no lower object needs hiding. A directory

@@ -653,14 +653,7 @@ impl Stats {
 /// the final views, the final upper dirs, and when each side's layers are read by the other.
 #[test]
 fn differential_random_sequences() {
-    let cfg = Config::from_env();
-    let start = Instant::now();
-    let mut stats = Stats::default();
-    for seed in cfg.seed..cfg.seed + cfg.seqs {
-        run_sequence(&cfg, seed, &mut stats);
-        stats.seqs += 1;
-    }
-    stats.print(cfg.sut, start.elapsed().as_secs_f64());
+    run_all(&Config::from_env());
 }
 
 /// The same with `redirect_dir=on` on both sides: directories with lower parts move, through
@@ -670,10 +663,15 @@ fn differential_random_sequences_with_redirects() {
     let mut cfg = Config::from_env();
     cfg.opts = KERNEL_OPTS.replace("redirect_dir=off", "redirect_dir=on");
     cfg.seed += 1000;
+    run_all(&cfg);
+}
+
+/// Runs every configured seed and prints the per-op statistics.
+fn run_all(cfg: &Config) {
     let start = Instant::now();
     let mut stats = Stats::default();
     for seed in cfg.seed..cfg.seed + cfg.seqs {
-        run_sequence(&cfg, seed, &mut stats);
+        run_sequence(cfg, seed, &mut stats);
         stats.seqs += 1;
     }
     stats.print(cfg.sut, start.elapsed().as_secs_f64());

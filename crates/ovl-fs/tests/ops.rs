@@ -507,6 +507,15 @@ fn metadata_free(mut u: common::UpperState) -> common::UpperState {
     u
 }
 
+/// The lower layer `small_script` works on; each test adds its top layer.
+const SMALL_BASE: &str = "
+    l2 file d/a from-l2
+    l2 file d/b from-l2
+    l2 file d/c from-l2
+    l2 file e/only x
+    l2 file o/hidden x
+";
+
 fn small_script(m: &Path) -> Vec<String> {
     let p = |s: &str| m.join(s);
     vec![
@@ -533,32 +542,24 @@ fn small_script(m: &Path) -> Vec<String> {
 
 #[test]
 fn xwhiteouts_in_lower_layers_hide_like_the_kernel() {
-    let fixture = "
-        l2 file d/a from-l2
-        l2 file d/b from-l2
-        l2 file d/c from-l2
-        l2 file e/only x
-        l2 file o/hidden x
+    let fixture = SMALL_BASE.to_string()
+        + "
         l1 file d/a
         l1 xattr d/a trusted.overlay.whiteout y
         l1 xattr d trusted.overlay.opaque x
         l1 opaque o
     ";
-    compare_with_kernel("xwhiteout", fixture, "", small_script);
+    compare_with_kernel("xwhiteout", &fixture, "", small_script);
 }
 
 #[test]
 fn userxattr_mounts_use_the_user_namespace() {
-    let fixture = "
-        l2 file d/a from-l2
-        l2 file d/b from-l2
-        l2 file d/c from-l2
-        l2 file e/only x
-        l2 file o/hidden x
+    let fixture = SMALL_BASE.to_string()
+        + "
         l1 dir o
         l1 xattr o user.overlay.opaque y
     ";
-    compare_with_kernel("userxattr", fixture, "userxattr", small_script);
+    compare_with_kernel("userxattr", &fixture, "userxattr", small_script);
 }
 
 #[test]
