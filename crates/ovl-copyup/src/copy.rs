@@ -27,13 +27,27 @@ pub struct Source {
 /// `publish` is called with the finished object's `lstat` just before it becomes visible in the
 /// upper layer, so the caller can record its identity before anyone can look it up.
 pub fn copy_up(stack: &LayerStack, src: &Source, upper_parent: &Path, publish: &dyn Fn(&Stat)) -> Result<Stat> {
-    copy_up_with(stack, src, upper_parent, false, publish)
+    copy_up_with(stack, src, upper_parent, Kind::Full, publish)
+}
+
+/// Like [`copy_up`] for a non-directory, but atomically replaces the upper object of the same
+/// name (the snapshot store uses it to turn a shared hard link into a private copy).
+pub fn copy_up_replacing(stack: &LayerStack, src: &Source, upper_parent: &Path) -> Result<Stat> {
+    copy_up_with(stack, src, upper_parent, Kind::Replace, &|_| {})
+}
+
+/// What kind of copy [`copy_up_with`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Full,
+    Meta,
+    Replace,
 }
 
 /// Like [`copy_up`], but a regular file gets only its metadata (owner, mode, times, xattrs, size
 /// as a hole) and `overlay.metacopy`: its data stays in `src` until [`copy_up_data`].
 pub fn copy_up_meta(stack: &LayerStack, src: &Source, upper_parent: &Path, publish: &dyn Fn(&Stat)) -> Result<Stat> {
-    copy_up_with(stack, src, upper_parent, true, publish)
+    copy_up_with(stack, src, upper_parent, Kind::Meta, publish)
 }
 
 /// Copies the data of the metacopy file `upper_path` in from `data`, then clears its
@@ -63,9 +77,11 @@ fn copy_up_with(
     stack: &LayerStack,
     src: &Source,
     upper_parent: &Path,
-    meta_only: bool,
+    how: Kind,
     publish: &dyn Fn(&Stat),
 ) -> Result<Stat> {
+    let meta_only = how == Kind::Meta;
+    let replace = how == Kind::Replace;
     let upper = upper_of(stack)?;
     let name = src.path.file_name().ok_or(Errno::INVAL)?;
     let name = sys::name_cstr(name)?;
@@ -82,7 +98,7 @@ fn copy_up_with(
     }
     let origin = origin.as_deref();
     if ft == FileType::RegularFile {
-        copy_regular(stack, upper, (&lparent, &lname), &st, (&uparent, &name), (meta_only, origin), publish)?;
+        copy_regular(stack, upper, (&lparent, &lname), &st, (&uparent, &name), (meta_only, replace, origin), publish)?;
     } else {
         let tmp = temp_name();
         let work = upper.work();
@@ -99,7 +115,8 @@ fn copy_up_with(
                 sys::set_xattr(work, Some(&tmp), &stack.names().origin, o, 0)?;
             }
             publish(&sys::lstat_at(work, &tmp)?);
-            Ok(rustix::fs::renameat_with(work, &tmp, &uparent, &name, rustix::fs::RenameFlags::NOREPLACE)?)
+            let flags = if replace { rustix::fs::RenameFlags::empty() } else { rustix::fs::RenameFlags::NOREPLACE };
+            Ok(rustix::fs::renameat_with(work, &tmp, &uparent, &name, flags)?)
         });
         if let Err(e) = done {
             let _ = sys::remove_tree_at(work, &tmp);
@@ -116,7 +133,7 @@ fn copy_regular(
     (lparent, lname): (&OwnedFd, &CStr),
     st: &Stat,
     (uparent, name): (&OwnedFd, &CStr),
-    (meta_only, origin): (bool, Option<&[u8]>),
+    (meta_only, replace, origin): (bool, bool, Option<&[u8]>),
     publish: &dyn Fn(&Stat),
 ) -> Result<()> {
     let src = rustix::fs::openat(lparent, lname, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
@@ -146,7 +163,16 @@ fn copy_regular(
         rustix::fs::fsetxattr(&dst, &stack.names().origin, o, rustix::fs::XattrFlags::empty())?;
     }
     publish(&rustix::fs::fstat(&dst)?);
-    rustix::fs::linkat(&dst, c"", uparent, name, AtFlags::EMPTY_PATH)?;
+    if replace {
+        let tmp = temp_name();
+        rustix::fs::linkat(&dst, c"", upper.work(), &tmp, AtFlags::EMPTY_PATH)?;
+        if let Err(e) = rustix::fs::renameat(upper.work(), &tmp, uparent, name) {
+            let _ = rustix::fs::unlinkat(upper.work(), &tmp, AtFlags::empty());
+            return Err(e.into());
+        }
+    } else {
+        rustix::fs::linkat(&dst, c"", uparent, name, AtFlags::EMPTY_PATH)?;
+    }
     Ok(())
 }
 

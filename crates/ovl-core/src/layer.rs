@@ -166,6 +166,48 @@ impl LayerStack {
         Ok(Self { lowers, upper, names: XattrNames::new(opts.userxattr), options: opts.clone(), fs_count })
     }
 
+    /// Builds a stack from directories the caller already holds open, without the path checks
+    /// of [`LayerStack::open`]: layers may nest (the snapshot store lives inside the directory it
+    /// snapshots, hidden from every view) and there may be no lower layer at all. `work` is the
+    /// open `WORKDIR/work` of the upper layer; it is used as is, not cleaned. Paths are kept only
+    /// to name the layers in messages.
+    pub fn from_open_dirs(
+        lowers: Vec<(PathBuf, OwnedFd)>,
+        upper: Option<(PathBuf, OwnedFd, OwnedFd)>,
+        mut options: MountOptions,
+    ) -> Result<Self, Error> {
+        options.lowerdirs = lowers.iter().map(|(p, _)| p.clone()).collect();
+        options.upperdir = upper.as_ref().map(|(p, _, _)| p.clone());
+        options.workdir = options.upperdir.clone();
+        let mut devs: Vec<u64> = Vec::new();
+        let mut layer = |id: u16, path: PathBuf, root: OwnedFd| -> Result<Layer, Error> {
+            let dev = rustix::fs::fstat(&root)?.st_dev;
+            let fs_index = match devs.iter().position(|d| *d == dev) {
+                Some(i) => i as u8,
+                None => {
+                    devs.push(dev);
+                    (devs.len() - 1) as u8
+                }
+            };
+            Ok(Layer { id: LayerId(id), uuid: sys::fs_uuid(&root), path, root, dev, fs_index })
+        };
+        let mut next = 0u16;
+        let upper = match upper {
+            Some((path, root, work)) => {
+                next = 1;
+                Some(UpperLayer { layer: layer(0, path.clone(), root)?, workdir: path, work })
+            }
+            None => None,
+        };
+        let mut out = Vec::new();
+        for (path, root) in lowers {
+            out.push(layer(next, path, root)?);
+            next += 1;
+        }
+        let fs_count = devs.len().max(1) as u8;
+        Ok(Self { lowers: out, upper, names: XattrNames::new(options.userxattr), options, fs_count })
+    }
+
     /// The lower layers, top first.
     pub fn lowers(&self) -> &[Layer] {
         &self.lowers

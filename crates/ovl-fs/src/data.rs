@@ -58,7 +58,9 @@ impl OverlayFs {
     /// Opens the real file of `node`, copying it up first when the open may write.
     pub(crate) fn do_open(&self, node: &Arc<Node>, flags: i32) -> Result<u64> {
         let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let _gate = if writes { self.gate_for(node) } else { None };
         if writes {
+            self.hook_modify(node)?;
             self.ensure_upper(node)?;
         }
         let (root, path) = self.data_location(node)?;
@@ -68,6 +70,17 @@ impl OverlayFs {
         }
         let on_lower = !node.state.read().has_upper_data();
         Ok(self.add_file(node, flags, File::from(fd), on_lower))
+    }
+
+    /// Enters the change gate for a change of the file open as `fh` and tells the hook.
+    fn gate_handle(&self, fh: u64, ino: u64) -> Result<Option<crate::hook::GateGuard<'_>>> {
+        if self.hook.is_none() {
+            return Ok(None);
+        }
+        let of = self.handles.get(fh, ino)?;
+        let gate = self.gate_for(&of.node);
+        self.hook_modify(&of.node)?;
+        Ok(gate)
     }
 
     pub(crate) fn add_file(&self, node: &Arc<Node>, flags: i32, file: File, on_lower: bool) -> u64 {
@@ -99,6 +112,7 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let _gate = self.gate_handle(fh, ino)?;
         let f = self.file(fh, ino)?;
         f.write_all_at(data, offset)?;
         Ok(data.len() as u32)
@@ -119,6 +133,7 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_fallocate(&self, ino: u64, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let _gate = self.gate_handle(fh, ino)?;
         let f = self.file(fh, ino)?;
         rustix::fs::fallocate(&f, FallocateFlags::from_bits_retain(mode as _), offset, length)?;
         Ok(())
@@ -148,6 +163,7 @@ impl OverlayFs {
         off_out: u64,
         len: u64,
     ) -> Result<u32> {
+        let _gate = self.gate_handle(fh_out, ino_out)?;
         let fin = self.file(fh_in, ino_in)?;
         let fout = self.file(fh_out, ino_out)?;
         let (mut i, mut o) = (off_in, off_out);
@@ -164,6 +180,8 @@ impl OverlayFs {
     /// Applies a setattr: copy-up first (attributes of a lower object never change), then each
     /// change on the upper object. Returns the new `lstat`.
     pub(crate) fn do_setattr(&self, node: &Arc<Node>, a: &SetAttr) -> Result<Stat> {
+        let _gate = self.gate_for(node);
+        self.hook_modify(node)?;
         if a.size.is_some() {
             self.ensure_upper(node)?;
         } else {

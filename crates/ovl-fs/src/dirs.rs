@@ -20,6 +20,9 @@ impl OverlayFs {
         out.push((OsString::from("."), FuseType::Directory, node.id));
         out.push((OsString::from(".."), FuseType::Directory, parent));
         for e in entries {
+            if self.is_hidden(node, &e.name) {
+                continue;
+            }
             let key = match e.identity {
                 Some(id) => crate::inode::Key::new(id.fs_index, id.ino),
                 None => self.key_in(e.layer, e.ino),

@@ -60,6 +60,9 @@ impl NewOwner {
 impl OverlayFs {
     /// Looks up `name` in `parent` and counts a kernel lookup of the result.
     pub(crate) fn do_lookup(&self, parent: &Node, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
+        if self.is_hidden(parent, name) {
+            return Err(Errno::NOENT.into());
+        }
         let e = self.find(parent, name)?.ok_or(Errno::NOENT)?;
         let node = self.remember(parent.id, name, &e);
         Ok((node, e.stat))
@@ -75,7 +78,15 @@ impl OverlayFs {
         kind: FileType,
         build: impl FnOnce(BorrowedFd<'_>, &CStr) -> Result<T>,
     ) -> Result<(Arc<Node>, Stat, T)> {
+        let _gate = self.gate();
+        if self.is_hidden(parent, name) {
+            return Err(Errno::PERM.into());
+        }
         let cname = sys::name_cstr(name)?;
+        if sys::lstat_at(self.upper_dir(parent)?.1, &cname).is_ok_and(|st| !is_whiteout_stat(&st)) {
+            return Err(Errno::EXIST.into());
+        }
+        self.hook_create(parent, name)?;
         let (ppath, pfd) = self.upper_dir(parent)?;
         let is_dir = kind == FileType::Directory;
         // Whether the new dir ends up opaque.
@@ -222,6 +233,10 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_unlink(&self, parent: &Arc<Node>, name: &OsStr, want_dir: bool) -> Result<()> {
+        let _gate = self.gate();
+        if self.is_hidden(parent, name) {
+            return Err(Errno::NOENT.into());
+        }
         let e = self.find(parent, name)?.ok_or(Errno::NOENT)?;
         let is_dir = e.kind == FileType::Directory;
         if want_dir && !is_dir {
@@ -244,6 +259,7 @@ impl OverlayFs {
             ovl_lookup::lower_has_name(&self.stack, &players, name)?
         };
         let (ppath, _) = self.upper_dir(parent)?;
+        self.hook_remove(parent, name)?;
         match (e.upper.is_some(), needs_whiteout) {
             (true, true) => ovl_copyup::replace_with_whiteout(&self.stack, &ppath, &cname)?,
             (true, false) => ovl_copyup::remove_upper(&self.stack, &ppath, &cname, is_dir)?,
@@ -267,6 +283,13 @@ impl OverlayFs {
         let exchange = flags.contains(RenameFlags::EXCHANGE);
         if flags.contains(RenameFlags::WHITEOUT) || (exchange && flags.contains(RenameFlags::NOREPLACE)) {
             return Err(Errno::INVAL.into());
+        }
+        let _gate = self.gate();
+        if self.is_hidden(parent, name) {
+            return Err(Errno::NOENT.into());
+        }
+        if self.is_hidden(newparent, newname) {
+            return Err(Errno::PERM.into());
         }
         let src = self.find(parent, name)?.ok_or(Errno::NOENT)?;
         let dst = self.find(newparent, newname)?;
@@ -305,6 +328,16 @@ impl OverlayFs {
             }
         }
 
+        if let Some(d) = dst.as_ref().filter(|_| !exchange && self.hook.is_some()) {
+            // The hook saves what the rename destroys, so the rename must not fail after it.
+            if d.kind == FileType::Directory
+                && !ovl_lookup::read_merged(&self.stack, d.dir.as_ref().ok_or(Errno::IO)?)?.is_empty()
+            {
+                return Err(Errno::NOTEMPTY.into());
+            }
+            self.hook_remove(newparent, newname)?;
+        }
+        self.hook_rename((parent, name), (newparent, newname), exchange)?;
         let src_node = self.table.by_key(self.key_of(&src));
         let dst_node = dst.as_ref().and_then(|d| self.table.by_key(self.key_of(d)));
         let src_node = match src_node {

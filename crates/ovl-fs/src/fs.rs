@@ -16,6 +16,7 @@ use ovl_lookup::{DirLayers, Entry};
 use parking_lot::{Mutex, RwLock};
 use rustix::fs::{FileType, Stat};
 
+use crate::hook::{ChangeHook, GateGuard};
 use crate::inode::{Key, Node, NodeState, ROOT, Table};
 
 /// An open regular file: the real file it reads and writes. A file opened in a lower layer
@@ -64,6 +65,10 @@ pub struct OverlayFs {
     pub(crate) table: Table,
     pub(crate) handles: Handles,
     pub(crate) ttl: Duration,
+    /// Told of every change before it is made (the snapshot filesystem).
+    pub(crate) hook: Option<Arc<dyn ChangeHook>>,
+    /// Names in the root dir that do not exist for the mount's users.
+    pub(crate) hidden: Vec<OsString>,
 }
 
 impl OverlayFs {
@@ -87,7 +92,86 @@ impl OverlayFs {
             opaque,
             keys: vec![root_key],
         };
-        Ok(Self { table: Table::new(root_key, state), stack, handles: Handles::default(), ttl: Duration::from_secs(1) })
+        Ok(Self {
+            table: Table::new(root_key, state),
+            stack,
+            handles: Handles::default(),
+            ttl: Duration::from_secs(1),
+            hook: None,
+            hidden: Vec::new(),
+        })
+    }
+
+    /// Calls `hook` before every change (see [`crate::hook`]).
+    pub fn with_hook(mut self, hook: Arc<dyn ChangeHook>) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// Makes `name` in the root dir invisible: lookups fail with `ENOENT`, listings skip it, and
+    /// nothing can be created, renamed or removed under that name (`EPERM`).
+    pub fn hide_root_name(mut self, name: &OsStr) -> Self {
+        self.hidden.push(name.to_os_string());
+        self
+    }
+
+    /// True when `name` in `parent` is hidden from the mount's users.
+    pub(crate) fn is_hidden(&self, parent: &Node, name: &OsStr) -> bool {
+        parent.id == ROOT && self.hidden.iter().any(|h| h == name)
+    }
+
+    /// The change gate for an operation that may call any hook, when there is a hook.
+    pub(crate) fn gate(&self) -> Option<GateGuard<'_>> {
+        self.hook.as_ref().map(|h| h.gate(false))
+    }
+
+    /// The change gate for an operation that changes `node` only: quiet when the node was
+    /// already told in the current generation (which changes only while the gate is closed).
+    pub(crate) fn gate_for(&self, node: &Node) -> Option<GateGuard<'_>> {
+        let h = self.hook.as_deref()?;
+        loop {
+            let quiet = node.hooked.load(Ordering::Acquire) == h.generation();
+            let g = h.gate(quiet);
+            if !quiet || node.hooked.load(Ordering::Acquire) == h.generation() {
+                return Some(g);
+            }
+        }
+    }
+
+    /// The hook's generation, `0` when there is nothing to tell.
+    fn hook_generation(&self) -> Option<(&dyn ChangeHook, u64)> {
+        let h = self.hook.as_deref()?;
+        let g = h.generation();
+        (g != 0).then_some((h, g))
+    }
+
+    /// Tells the hook that `node` is about to change, once per generation.
+    pub(crate) fn hook_modify(&self, node: &Node) -> Result<()> {
+        let Some((h, g)) = self.hook_generation() else { return Ok(()) };
+        if node.hooked.load(Ordering::Acquire) == g {
+            return Ok(());
+        }
+        h.before_modify(&self.path_of(node)?)?;
+        node.hooked.store(g, Ordering::Release);
+        Ok(())
+    }
+
+    /// Tells the hook that `name` is about to be created in `parent`.
+    pub(crate) fn hook_create(&self, parent: &Node, name: &OsStr) -> Result<()> {
+        let Some((h, _)) = self.hook_generation() else { return Ok(()) };
+        h.before_create(&self.path_of(parent)?.join(name))
+    }
+
+    /// Tells the hook that `name` in `parent` is about to be removed.
+    pub(crate) fn hook_remove(&self, parent: &Node, name: &OsStr) -> Result<()> {
+        let Some((h, _)) = self.hook_generation() else { return Ok(()) };
+        h.before_remove(&self.path_of(parent)?.join(name))
+    }
+
+    /// Tells the hook about a rename.
+    pub(crate) fn hook_rename(&self, from: (&Node, &OsStr), to: (&Node, &OsStr), exchange: bool) -> Result<()> {
+        let Some((h, _)) = self.hook_generation() else { return Ok(()) };
+        h.before_rename(&self.path_of(from.0)?.join(from.1), &self.path_of(to.0)?.join(to.1), exchange)
     }
 
     /// The layer stack being served.

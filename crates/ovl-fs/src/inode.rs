@@ -74,6 +74,8 @@ pub(crate) struct Node {
     pub state: RwLock<NodeState>,
     /// Held while this node is copied up, so one copy is made however many callers race.
     pub copy_lock: Mutex<()>,
+    /// The change-hook generation in which `before_modify` last succeeded for this node.
+    pub hooked: AtomicU64,
 }
 
 impl Node {
@@ -108,6 +110,7 @@ impl Table {
             lookups: AtomicU64::new(1),
             state: RwLock::new(root),
             copy_lock: Mutex::new(()),
+            hooked: AtomicU64::new(0),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT, node);
@@ -157,6 +160,7 @@ impl Table {
             lookups: AtomicU64::new(1),
             state: RwLock::new(state),
             copy_lock: Mutex::new(()),
+            hooked: AtomicU64::new(0),
         });
         inner.nodes.insert(id, node.clone());
         inner.keys.insert(key, id);

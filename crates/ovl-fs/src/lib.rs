@@ -22,6 +22,7 @@ mod data;
 mod dirs;
 mod entries;
 mod fs;
+pub mod hook;
 mod inode;
 pub mod mount;
 mod ops;

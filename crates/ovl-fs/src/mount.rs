@@ -61,7 +61,7 @@ pub fn check_mountpoint(mnt: &Path) -> anyhow::Result<PathBuf> {
 /// Opens /dev/fuse and mounts it at `mnt` as type `fuse.ovlfs`, the way mount.fuse3 would:
 /// other users allowed, the kernel checking permissions, device files and set-ID bits honoured
 /// (as on a kernel overlay mount).
-fn mount_fuse(mnt: &Path, source: &str, read_only: bool) -> anyhow::Result<OwnedFd> {
+fn mount_fuse(mnt: &Path, source: &str, fstype: &str, read_only: bool) -> anyhow::Result<OwnedFd> {
     let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").context("opening /dev/fuse")?;
     let root = rustix::fs::stat(mnt)?;
     let data = format!(
@@ -73,9 +73,33 @@ fn mount_fuse(mnt: &Path, source: &str, read_only: bool) -> anyhow::Result<Owned
     );
     let flags = if read_only { rustix::mount::MountFlags::RDONLY } else { rustix::mount::MountFlags::empty() };
     let data = std::ffi::CString::new(data)?;
-    rustix::mount::mount(source, mnt, "fuse.ovlfs", flags, data.as_c_str())
+    rustix::mount::mount(source, mnt, fstype, flags, data.as_c_str())
         .with_context(|| format!("mount({mnt:?}) failed"))?;
     Ok(OwnedFd::from(dev))
+}
+
+/// Mounts `/dev/fuse` at `mnt` (a canonical path) as type `fstype` and completes the FUSE
+/// handshake for `fs`; the session then serves requests with [`Session::run`]. Used for the
+/// snapshot filesystem too, which stacks its own `Filesystem` over this crate's overlay.
+pub fn mount_session<F: fuser::Filesystem>(
+    fs: F,
+    mnt: &Path,
+    source: &str,
+    fstype: &str,
+    read_only: bool,
+) -> anyhow::Result<Session<F>> {
+    let mut config = Config::default();
+    config.acl = SessionACL::All;
+    config.n_threads = Some(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(4, 16));
+    config.clone_fd = true;
+    let fuse = mount_fuse(mnt, source, fstype, read_only)?;
+    match Session::from_fd(fs, fuse, SessionACL::All, config) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let _ = rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::DETACH);
+            Err(e).with_context(|| format!("FUSE handshake on {mnt:?}"))
+        }
+    }
 }
 
 impl Mount {
@@ -86,18 +110,7 @@ impl Mount {
         let stack = LayerStack::open(opts)?;
         let read_only = opts.is_read_only();
         let fs = OverlayFs::new(stack).context("reading the layer roots")?;
-        let mut config = Config::default();
-        config.acl = SessionACL::All;
-        config.n_threads = Some(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(4, 16));
-        config.clone_fd = true;
-        let fuse = mount_fuse(&mountpoint, source, read_only)?;
-        let session = match Session::from_fd(fs, fuse, SessionACL::All, config) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH);
-                return Err(e).with_context(|| format!("FUSE handshake on {mountpoint:?}"));
-            }
-        };
+        let session = mount_session(fs, &mountpoint, source, "fuse.ovlfs", read_only)?;
         Ok(Self { session, mountpoint })
     }
 

@@ -50,6 +50,8 @@ impl OverlayFs {
 
     pub(crate) fn do_setxattr(&self, node: &Arc<Node>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let key = cname(&self.stack.names().escape(name))?;
+        let _gate = self.gate_for(node);
+        self.hook_modify(node)?;
         self.ensure_upper_meta(node)?;
         self.on_real(node, |d, n| sys::set_xattr(d, n, &key, value, flags))
     }
@@ -59,6 +61,8 @@ impl OverlayFs {
         if self.on_real(node, |d, n| sys::get_xattr(d, n, &key))?.is_none() {
             return Err(Errno::NODATA.into());
         }
+        let _gate = self.gate_for(node);
+        self.hook_modify(node)?;
         self.ensure_upper_meta(node)?;
         self.on_real(node, |d, n| sys::remove_xattr(d, n, &key))
     }

@@ -1,8 +1,308 @@
-//! `ovlsnap`, the snapshot command line (issue 5): a thin client of the snap-fs control socket,
-//! plus offline commands that read the store directly. It must hold no filesystem logic.
-//! Nothing is implemented yet.
+//! `ovlsnap`, the snapshot command line: a thin client of the snap-fs control socket, plus the
+//! daemon entry (`mount` without `--foreground` re-runs itself in the background) and offline
+//! commands that read the store directly. It holds no filesystem logic.
 
-fn main() {
-    eprintln!("ovlsnap: snapshots are not implemented yet (see issue 5)");
-    std::process::exit(1);
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use snap_fs::control::{self, Request, Status};
+use snap_fs::daemon;
+use snap_fs::snapper::Listed;
+
+/// Set in the background daemon's environment: print "ready" once the mount is live.
+const NOTIFY: &str = "OVLSNAP_NOTIFY_READY";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ovlsnap",
+    version,
+    about = "Online copy-on-write snapshots of any directory, as kernel overlay layers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start serving LIVE with snapshots at MNT (default: over LIVE itself).
+    #[command(after_help = "Examples:\n  ovlsnap mount /data\n  ovlsnap mount --store /data/.snaps /data /mnt/data")]
+    Mount {
+        /// The directory to snapshot.
+        live: PathBuf,
+        /// Where to mount; LIVE itself when left out.
+        mnt: Option<PathBuf>,
+        /// The snapshot store (default LIVE/.ovlsnap); must be on LIVE's filesystem.
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Stay in the foreground (logs go to stderr; RUST_LOG sets the level).
+        #[arg(short, long)]
+        foreground: bool,
+    },
+    /// Flush and unmount a snapshot mount; the daemon exits.
+    #[command(after_help = "Example:\n  ovlsnap umount /data")]
+    Umount {
+        /// The mount (default: the one containing the current directory).
+        mnt: Option<PathBuf>,
+    },
+    /// Take a snapshot now (online, in constant time).
+    #[command(after_help = "Examples:\n  ovlsnap take before-upgrade\n  ovlsnap take --mount /data")]
+    Take {
+        /// Its name (default: the current UTC time).
+        name: Option<String>,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// List the snapshots.
+    #[command(after_help = "Examples:\n  ovlsnap list\n  ovlsnap list --json --mount /data")]
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The mount, or a LIVE directory that is not mounted (its store is read directly).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Print the stock-kernel command that mounts snapshot NAME read-only at DIR.
+    #[command(name = "mount-cmd", after_help = "Example:\n  sh -c \"$(ovlsnap mount-cmd before-upgrade /mnt/old)\"")]
+    MountCmd {
+        /// The snapshot.
+        name: String,
+        /// Where it would be mounted.
+        dir: PathBuf,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Who serves a mount: daemon pid, LIVE, store.
+    Status {
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ovlsnap: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Mount { live, mnt, store, foreground } => {
+            let cfg = daemon::Config { mount: mnt.unwrap_or_else(|| live.clone()), live, store };
+            if foreground { serve(&cfg) } else { spawn_background(&cfg) }
+        }
+        Cmd::Umount { mnt } => umount(&resolve_mount(mnt)?),
+        Cmd::Take { name, mount } => {
+            let mnt = resolve_mount(mount)?;
+            let v = control::call(&mnt, &Request::Take { name })?;
+            let name = v.get("name").and_then(|n| n.as_str()).context("the daemon's answer has no name")?;
+            println!("{name}");
+            Ok(())
+        }
+        Cmd::List { json, mount } => list(mount, json),
+        Cmd::MountCmd { name, dir, mount } => {
+            let mnt = resolve_mount(mount)?;
+            let dir = std::path::absolute(&dir)?;
+            let v = control::call(&mnt, &Request::MountCmd { name, dir })?;
+            println!("{}", v.as_str().context("bad answer")?);
+            Ok(())
+        }
+        Cmd::Status { mount, json } => {
+            let mnt = resolve_mount(mount)?;
+            let v = control::call(&mnt, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let s: Status = serde_json::from_value(v)?;
+                println!(
+                    "mount  {}\nlive   {}\nstore  {}\npid    {}",
+                    s.mount.display(),
+                    s.live.display(),
+                    s.store.display(),
+                    s.pid
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The snapshot mount to talk to: the one given (which must be an ovlsnap mount), or the one
+/// containing the current directory.
+fn resolve_mount(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(p) => {
+            let c = std::fs::canonicalize(&p).with_context(|| format!("{p:?}: no such directory"))?;
+            if !daemon::mounts_of_type(daemon::FSTYPE)?.contains(&c) {
+                bail!("no ovlsnap daemon on {}: run `ovlsnap mount {}`", c.display(), c.display());
+            }
+            Ok(c)
+        }
+        None => {
+            let cwd = std::env::current_dir()?;
+            daemon::mount_containing(&cwd)?.with_context(|| {
+                format!(
+                    "{} is not inside an ovlsnap mount: pass --mount MNT, or run `ovlsnap mount DIR`",
+                    cwd.display()
+                )
+            })
+        }
+    }
+}
+
+fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let mounted = match &mount {
+        Some(p) => {
+            let c = std::fs::canonicalize(p).with_context(|| format!("{p:?}: no such directory"))?;
+            daemon::mounts_of_type(daemon::FSTYPE)?.contains(&c).then_some(c)
+        }
+        None => Some(resolve_mount(None)?),
+    };
+    let items: Vec<Listed> = match mounted {
+        Some(mnt) => serde_json::from_value(control::call(&mnt, &Request::List)?)?,
+        None => {
+            // Not mounted: read the store of that LIVE directly.
+            let live = mount.expect("checked above");
+            let store = live.join(snap_fs::store::DEFAULT_NAME);
+            let fd = rustix::fs::open(
+                &store,
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+                rustix::fs::Mode::empty(),
+            )
+            .with_context(|| format!("no ovlsnap daemon on {} and no store at {}", live.display(), store.display()))?;
+            snap_fs::store::list_offline(&fd)?
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(());
+    }
+    println!("{:<4} {:<28} {:<21} {:>12} {:>8}", "ID", "NAME", "CREATED", "LAYER", "ENTRIES");
+    for l in items {
+        println!("{:<4} {:<28} {:<21} {:>12} {:>8}", l.id, l.name, l.created, human(l.layer_bytes), l.entries);
+    }
+    Ok(())
+}
+
+fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", units[i]) }
+}
+
+/// Syncs and unmounts `mnt`, then waits for its daemon to exit.
+fn umount(mnt: &Path) -> anyhow::Result<()> {
+    let pid =
+        control::call(mnt, &Request::Status).ok().and_then(|v| serde_json::from_value::<Status>(v).ok()).map(|s| s.pid);
+    if let Ok(f) = std::fs::File::open(mnt) {
+        let _ = rustix::fs::syncfs(&f);
+    }
+    rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::empty()).map_err(|e| match e {
+        rustix::io::Errno::BUSY => {
+            anyhow::anyhow!("{} is busy (files open or a process inside it); close them and retry", mnt.display())
+        }
+        e => anyhow::anyhow!("unmounting {}: {e}", mnt.display()),
+    })?;
+    if let Some(pid) = pid {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.split(' ').nth(2) == Some("Z") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// The daemon itself: mount and serve until unmounted.
+fn serve(cfg: &daemon::Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let prepared = daemon::prepare(cfg)?;
+    let mnt = std::fs::canonicalize(&cfg.mount)?;
+    unmount_on_signal(mnt)?;
+    daemon::run(prepared, || {
+        if std::env::var_os(NOTIFY).is_some() {
+            println!("ready");
+            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                let _ = rustix::stdio::dup2_stdout(&null);
+                if std::env::var_os("RUST_LOG").is_none() {
+                    let _ = rustix::stdio::dup2_stderr(&null);
+                }
+                let _ = rustix::stdio::dup2_stdin(&null);
+            }
+        }
+    })
+}
+
+/// On SIGTERM, SIGINT or SIGHUP, detach the mount so the daemon ends once it is unused.
+fn unmount_on_signal(mnt: PathBuf) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(sig, "unmounting on signal");
+            let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
+        }
+    })?;
+    Ok(())
+}
+
+/// Runs ourselves with `--foreground` in a new process group and waits until it reports the
+/// mount live (exit 0) or fails (its error, exit 1).
+fn spawn_background(cfg: &daemon::Config) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding our own executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount").arg("--foreground");
+    if let Some(s) = &cfg.store {
+        cmd.arg("--store").arg(std::path::absolute(s)?);
+    }
+    cmd.arg(std::path::absolute(&cfg.live)?).arg(std::path::absolute(&cfg.mount)?);
+    let mut child = cmd
+        .env(NOTIFY, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("starting the background daemon")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        return Ok(());
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let _ = child.wait();
+    let err = err.trim().trim_start_matches("ovlsnap: ");
+    if err.is_empty() { bail!("the daemon exited before the mount was live") } else { bail!("{err}") }
 }

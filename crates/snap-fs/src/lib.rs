@@ -1,7 +1,22 @@
-//! The snapshot filesystem (issue 5): a passthrough stacking filesystem over a LIVE directory
-//! that, before any change reaches LIVE, saves the old state into the newest snapshot's layer
-//! (a plain kernel overlay upper dir), plus the snapshot store, `.snapshots/NAME` views,
-//! take/delete/restore and the control socket server.
+//! The snapshot filesystem (issue 5): online copy-on-write snapshots of a directory LIVE.
 //!
-//! It will build on `ovl-fs`, `ovl-copyup` and `ovl-lookup`; it must never write a layer in a
-//! format the stock kernel overlay cannot mount. Nothing is implemented yet.
+//! It owns the snapshot store (`store`: one kernel overlay layer per snapshot and the list of
+//! snapshots), the copy-on-write rules that save the old state into the newest layer before a
+//! change reaches LIVE (`cow`), the take gate and hook the live overlay calls (`snapper`), the
+//! read-only `.snapshots/NAME` views (`view`), the FUSE routing between the live overlay and
+//! the views (`fs`), the control socket (`control`) and the daemon's setup (`daemon`). The live
+//! tree is `ovl-fs`'s overlay with LIVE as its only (upper) layer.
+//!
+//! It must never write a layer the stock kernel overlay cannot mount as `lowerdir=u_k:...:LIVE`,
+//! never let a change reach LIVE before the state it destroys is saved, and never serve a view
+//! that changes.
+
+pub mod control;
+mod cow;
+pub mod daemon;
+mod fs;
+pub mod snapper;
+pub mod store;
+mod view;
+
+pub use view::SNAPDIR_NAME;

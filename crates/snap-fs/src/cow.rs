@@ -1,0 +1,442 @@
+//! The copy-on-write rules (DESIGN.md §4): before a change reaches LIVE, the state it destroys
+//! is saved into the newest snapshot's layer `u_N`, so that the read-only overlay
+//! `u_N : LIVE` keeps showing the tree as it was when snapshot N was taken.
+//!
+//! `u_N` is an overlay upper layer over LIVE, but "inverted": LIVE keeps changing and `u_N`
+//! records the difference. Paths in `u_N` are *snapshot paths* (where an object was at take
+//! time); an object's LIVE path differs once it or a parent was renamed. Renamed directories
+//! get an absolute `overlay.redirect` to their current LIVE path, kept up to date as LIVE
+//! changes; this module keeps those redirects in a table (snapshot path → LIVE path) to map
+//! a LIVE path back to its snapshot path.
+//!
+//! Saving: a modified object is copied (clone on XFS/btrfs); a removed non-directory with one
+//! link is hard-linked into `u_N` (no copy: the LIVE name goes away right after); a new name
+//! gets a whiteout; a removed directory becomes an opaque copy; a renamed directory becomes a
+//! metadata copy with a redirect. A snapshot path that the layer already decides (an entry, a
+//! whiteout, an opaque parent) needs nothing: only the first change after a take costs.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use ovl_copyup::Source;
+use ovl_core::sys;
+use ovl_core::{Errno, LayerId, LayerStack, Result, is_whiteout_stat};
+use rustix::fs::{AtFlags, FileType, Stat};
+
+/// `u_N` in the copy-up stack.
+const UPPER: LayerId = LayerId(0);
+/// LIVE in the copy-up stack.
+const LIVE: LayerId = LayerId(1);
+
+/// What `u_N` says about a snapshot path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// A parent in `u_N` is a whiteout, a non-dir or opaque: `u_N` alone decides.
+    Covered,
+    /// Nothing in `u_N`: the view shows LIVE at the lower path.
+    Absent,
+    /// A whiteout: not in the snapshot.
+    Whiteout,
+    /// A saved non-directory.
+    File(u64, u64),
+    /// A saved directory.
+    Dir { opaque: bool },
+}
+
+/// A snapshot path as `u_N` resolves it.
+#[derive(Debug)]
+struct Walk {
+    state: State,
+    /// Where the view looks in LIVE for this path (when `u_N` does not decide alone).
+    lower: PathBuf,
+}
+
+/// The CoW target: the newest snapshot's layer.
+#[derive(Debug)]
+pub(crate) struct Cow {
+    /// Upper = `u_N`, its work dir = the store's, lower = LIVE.
+    stack: LayerStack,
+    /// Renamed directories of `u_N`: (snapshot path, LIVE path it redirects to).
+    redirects: Vec<(PathBuf, PathBuf)>,
+    /// LIVE root names that are not part of any snapshot (the store).
+    hidden: Vec<OsString>,
+}
+
+fn rel(p: &Path) -> impl Iterator<Item = &OsStr> {
+    p.components().filter_map(|c| match c {
+        Component::Normal(n) => Some(n),
+        _ => None,
+    })
+}
+
+fn split(p: &Path) -> Result<(&Path, &OsStr)> {
+    Ok((p.parent().unwrap_or(Path::new("")), p.file_name().ok_or(Errno::INVAL)?))
+}
+
+impl Cow {
+    /// The CoW target `layer` (open) over LIVE (`live`, open), with the work dir `work`.
+    pub fn new(
+        layer: (PathBuf, OwnedFd),
+        work: OwnedFd,
+        live: (PathBuf, OwnedFd),
+        hidden: Vec<OsString>,
+    ) -> Result<Self> {
+        let stack =
+            LayerStack::from_open_dirs(vec![live], Some((layer.0, layer.1, work)), ovl_core::MountOptions::default())?;
+        let mut cow = Self { stack, redirects: Vec::new(), hidden };
+        cow.redirects = cow.scan_redirects()?;
+        Ok(cow)
+    }
+
+    fn upper(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stack.layer(UPPER).root()
+    }
+
+    fn live(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stack.layer(LIVE).root()
+    }
+
+    /// The redirects already in `u_N` (after a remount).
+    fn scan_redirects(&self) -> Result<Vec<(PathBuf, PathBuf)>> {
+        let mut out = Vec::new();
+        let mut todo = vec![PathBuf::new()];
+        while let Some(dir) = todo.pop() {
+            for e in sys::read_dir(self.upper(), &dir)? {
+                if e.file_type != FileType::Directory {
+                    continue;
+                }
+                let p = dir.join(&e.name);
+                let fd = sys::open_dir_path(self.upper(), &p)?;
+                if let Some(v) = sys::get_xattr(&fd, None, &self.stack.names().redirect)? {
+                    if let Some(abs) = v.strip_prefix(b"/") {
+                        out.push((p.clone(), PathBuf::from(OsStr::from_bytes(abs))));
+                    }
+                }
+                todo.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    fn lstat_upper(&self, s: &Path) -> Result<Option<Stat>> {
+        match sys::lstat_beneath(self.upper(), s) {
+            Ok(st) => Ok(Some(st)),
+            Err(e) if matches!(e.errno(), Errno::NOENT | Errno::NOTDIR) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lstat_live(&self, p: &Path) -> Result<Stat> {
+        sys::lstat_beneath(self.live(), p)
+    }
+
+    /// Resolves snapshot path `s` in `u_N` the way the kernel's lookup would.
+    fn walk(&self, s: &Path) -> Result<Walk> {
+        let names = self.stack.names();
+        let comps: Vec<&OsStr> = rel(s).collect();
+        let mut lower = PathBuf::new();
+        let mut cur = PathBuf::new();
+        let mut absent = false;
+        for (i, c) in comps.iter().enumerate() {
+            let last = i + 1 == comps.len();
+            cur.push(c);
+            if absent {
+                lower.push(c);
+                continue;
+            }
+            let Some(st) = self.lstat_upper(&cur)? else {
+                absent = true;
+                lower.push(c);
+                continue;
+            };
+            let ft = FileType::from_raw_mode(st.st_mode);
+            if ft != FileType::Directory {
+                lower.push(c);
+                let state = match (last, is_whiteout_stat(&st)) {
+                    (false, _) => State::Covered,
+                    (true, true) => State::Whiteout,
+                    (true, false) => State::File(st.st_dev, st.st_ino),
+                };
+                return Ok(Walk { state, lower });
+            }
+            let fd = sys::open_dir_path(self.upper(), &cur)?;
+            match sys::get_xattr(&fd, None, &names.redirect)? {
+                Some(r) => match r.strip_prefix(b"/") {
+                    Some(abs) => lower = PathBuf::from(OsStr::from_bytes(abs)),
+                    None => lower.push(OsStr::from_bytes(&r)),
+                },
+                None => lower.push(c),
+            }
+            let opaque = ovl_core::Opaque::from_value(sys::get_xattr(&fd, None, &names.opaque)?.as_deref())
+                == ovl_core::Opaque::Yes;
+            if last {
+                return Ok(Walk { state: State::Dir { opaque }, lower });
+            }
+            if opaque {
+                return Ok(Walk { state: State::Covered, lower });
+            }
+        }
+        // Only the root (no components) gets here without `absent`.
+        let state = if absent { State::Absent } else { State::Dir { opaque: false } };
+        Ok(Walk { state, lower })
+    }
+
+    /// The snapshot path of the object now at LIVE path `p`, if the snapshot shows it there
+    /// (through LIVE, or as a shared link saved before a removal that then failed).
+    fn snap_path(&self, p: &Path) -> Result<Option<(PathBuf, Walk)>> {
+        if rel(p).next().is_some_and(|first| self.hidden.iter().any(|h| h == first)) {
+            return Ok(None);
+        }
+        let mut cands: Vec<(usize, PathBuf)> = self
+            .redirects
+            .iter()
+            .filter_map(|(s, t)| p.strip_prefix(t).ok().map(|rest| (t.as_os_str().len(), s.join(rest))))
+            .collect();
+        cands.sort_by(|a, b| b.0.cmp(&a.0));
+        cands.push((0, p.to_path_buf()));
+        for (_, s) in cands {
+            let w = self.walk(&s)?;
+            let shows_live = matches!(w.state, State::Absent | State::Dir { opaque: false } | State::File(..));
+            if shows_live && w.lower == p {
+                return Ok(Some((s, w)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes every parent of snapshot path `s` exist in `u_N`, copying LIVE's dirs (metadata
+    /// only: their entries keep showing through).
+    fn ensure_parents(&self, s: &Path) -> Result<()> {
+        let mut cur = PathBuf::new();
+        let comps: Vec<&OsStr> = rel(s).collect();
+        for c in comps.iter().take(comps.len().saturating_sub(1)) {
+            let parent = cur.clone();
+            cur.push(c);
+            if self.lstat_upper(&cur)?.is_some() {
+                continue;
+            }
+            let w = self.walk(&cur)?;
+            if w.state != State::Absent {
+                return Err(ovl_core::Error::corrupt(format!("snapshot path {cur:?} is not a directory in the layer")));
+            }
+            ovl_copyup::copy_up(&self.stack, &Source { layer: LIVE, path: w.lower }, &parent, &|_| {})?;
+        }
+        Ok(())
+    }
+
+    /// Copies LIVE `p` to snapshot path `s` (whose parents exist); a directory without entries.
+    fn copy(&self, p: &Path, s: &Path) -> Result<()> {
+        let (sparent, _) = split(s)?;
+        ovl_copyup::copy_up(&self.stack, &Source { layer: LIVE, path: p.to_path_buf() }, sparent, &|_| {})?;
+        Ok(())
+    }
+
+    /// True when `u_N`'s saved file `(dev, ino)` is the very inode at LIVE `p` (a hard link made
+    /// for a removal that did not happen).
+    fn shares_inode(&self, saved: (u64, u64), p: &Path) -> Result<bool> {
+        let st = self.lstat_live(p)?;
+        Ok((st.st_dev, st.st_ino) == saved)
+    }
+
+    /// Object at LIVE `p` is about to change. Returns the LIVE inodes whose old state was copied.
+    pub fn before_modify(&self, p: &Path) -> Result<Vec<u64>> {
+        let Some((s, w)) = self.snap_path(p)? else { return Ok(Vec::new()) };
+        let st = self.lstat_live(p)?;
+        match w.state {
+            State::Absent => {
+                self.ensure_parents(&s)?;
+                self.copy(p, &s)?;
+                if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && st.st_nlink > 1 {
+                    self.save_other_names(p, &s, &st)?;
+                }
+                Ok(vec![st.st_ino])
+            }
+            State::File(dev, ino) if self.shares_inode((dev, ino), p)? => {
+                let (sparent, _) = split(&s)?;
+                ovl_copyup::copy_up_replacing(&self.stack, &Source { layer: LIVE, path: p.to_path_buf() }, sparent)?;
+                Ok(vec![st.st_ino])
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// A file with several LIVE names was saved at `s` (from LIVE `p`): its other names in the
+    /// snapshot become links to that copy, so none of them sees the coming change.
+    fn save_other_names(&self, p: &Path, s: &Path, st: &Stat) -> Result<()> {
+        let (sdir, sname) = sys::open_parent(self.upper(), s)?;
+        for q in self.live_names(st)? {
+            if q == p {
+                continue;
+            }
+            let Some((sq, wq)) = self.snap_path(&q)? else { continue };
+            if wq.state != State::Absent {
+                continue;
+            }
+            self.ensure_parents(&sq)?;
+            let (qdir, qname) = sys::open_parent(self.upper(), &sq)?;
+            rustix::fs::linkat(&sdir, &sname, &qdir, &qname, AtFlags::empty())?;
+        }
+        Ok(())
+    }
+
+    /// Every LIVE path of the inode `st` (a walk of LIVE; only for files with several links).
+    fn live_names(&self, st: &Stat) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let mut todo = vec![PathBuf::new()];
+        while let Some(dir) = todo.pop() {
+            for e in sys::read_dir(self.live(), &dir)? {
+                if dir.as_os_str().is_empty() && self.hidden.iter().any(|h| *h == e.name) {
+                    continue;
+                }
+                let p = dir.join(&e.name);
+                match e.file_type {
+                    FileType::Directory => todo.push(p),
+                    FileType::RegularFile if e.ino == st.st_ino => out.push(p),
+                    FileType::Unknown => {
+                        let s2 = self.lstat_live(&p)?;
+                        match FileType::from_raw_mode(s2.st_mode) {
+                            FileType::Directory => todo.push(p),
+                            _ if s2.st_ino == st.st_ino => out.push(p),
+                            _ => {}
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A new object is about to appear at LIVE `p`.
+    pub fn before_create(&self, p: &Path) -> Result<()> {
+        let (parent, name) = split(p)?;
+        let Some((sp, wp)) = self.snap_path(parent)? else { return Ok(()) };
+        if !matches!(wp.state, State::Dir { opaque: false } | State::Absent) {
+            return Ok(());
+        }
+        let s = sp.join(name);
+        if self.walk(&s)?.state != State::Absent {
+            return Ok(());
+        }
+        self.ensure_parents(&s)?;
+        let (sparent, sname) = split(&s)?;
+        ovl_copyup::whiteout(&self.stack, sparent, &sys::name_cstr(sname)?)
+    }
+
+    /// The object at LIVE `p` is about to be removed (a dir: it is empty).
+    pub fn before_remove(&mut self, p: &Path) -> Result<()> {
+        let Some((s, w)) = self.snap_path(p)? else { return Ok(()) };
+        match w.state {
+            State::Absent => {
+                self.ensure_parents(&s)?;
+                let st = self.lstat_live(p)?;
+                let ft = FileType::from_raw_mode(st.st_mode);
+                if ft == FileType::Directory {
+                    self.copy(p, &s)?;
+                    ovl_copyup::set_opaque(&self.stack, &s)?;
+                } else if st.st_nlink == 1 {
+                    let (ldir, lname) = sys::open_parent(self.live(), p)?;
+                    let (udir, uname) = sys::open_parent(self.upper(), &s)?;
+                    rustix::fs::linkat(&ldir, &lname, &udir, &uname, AtFlags::empty())?;
+                } else {
+                    self.copy(p, &s)?;
+                }
+            }
+            State::Dir { opaque: false } => {
+                // LIVE's dir is empty, so everything the snapshot had in it is saved here;
+                // whiteouts would only hide LIVE entries, and none are left.
+                let fd = sys::open_dir_path(self.upper(), &s)?;
+                for e in sys::read_dir(self.upper(), &s)? {
+                    let n = sys::name_cstr(&e.name)?;
+                    if e.file_type == FileType::CharacterDevice && is_whiteout_stat(&sys::lstat_at(&fd, &n)?) {
+                        rustix::fs::unlinkat(&fd, &n, AtFlags::empty())?;
+                    }
+                }
+                ovl_copyup::set_opaque(&self.stack, &s)?;
+                self.drop_redirect(&s);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// `p1` is about to move to `p2` (swapping with it when `exchange`); a replaced target was
+    /// already passed to [`Cow::before_remove`]. Returns the LIVE inodes whose state was copied.
+    pub fn before_rename(&mut self, p1: &Path, p2: &Path, exchange: bool) -> Result<Vec<u64>> {
+        let s1 = self.snap_path(p1)?;
+        let s2 = if exchange { self.snap_path(p2)? } else { None };
+        if !exchange {
+            self.before_create(p2)?;
+        }
+        let mut copied = Vec::new();
+        let mut new_redirects = Vec::new();
+        for (from, to, saved) in [(p1, p2, s1), (p2, p1, s2)] {
+            if let Some((s, w)) = saved {
+                let (c, r) = self.save_moving(from, to, &s, w)?;
+                copied.extend(c);
+                new_redirects.extend(r);
+            }
+        }
+        // Redirects into the moved subtrees follow them (both ways for an exchange).
+        let key = self.stack.names().redirect.clone();
+        let upper = self.stack.layer(UPPER).root();
+        for (s, t) in self.redirects.iter_mut() {
+            if new_redirects.iter().any(|(ns, _)| ns == s) {
+                continue;
+            }
+            let moved = match (t.strip_prefix(p1), exchange) {
+                (Ok(rest), _) => Some(p2.join(rest)),
+                (Err(_), true) => t.strip_prefix(p2).ok().map(|rest| p1.join(rest)),
+                (Err(_), false) => None,
+            };
+            if let Some(nt) = moved {
+                let fd = sys::open_dir_path(upper, s)?;
+                sys::set_xattr(&fd, None, &key, &redirect_value(&nt), 0)?;
+                *t = nt;
+            }
+        }
+        for (s, t) in new_redirects {
+            ovl_copyup::set_redirect(&self.stack, &s, &redirect_value(&t))?;
+            self.redirects.retain(|(rs, _)| *rs != s);
+            self.redirects.push((s, t));
+        }
+        Ok(copied)
+    }
+
+    /// Saves the object moving away from LIVE `from` (to `to`), at snapshot path `s`. Returns
+    /// the LIVE inodes copied and the redirect the saved dir needs (set by the caller).
+    #[allow(clippy::type_complexity)]
+    fn save_moving(&self, from: &Path, to: &Path, s: &Path, w: Walk) -> Result<(Vec<u64>, Option<(PathBuf, PathBuf)>)> {
+        let st = self.lstat_live(from)?;
+        let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+        let redirect = Some((s.to_path_buf(), to.to_path_buf()));
+        match w.state {
+            State::Absent => {
+                self.ensure_parents(s)?;
+                self.copy(from, s)?;
+                if is_dir { Ok((Vec::new(), redirect)) } else { Ok((vec![st.st_ino], None)) }
+            }
+            State::Dir { opaque: false } if is_dir => Ok((Vec::new(), redirect)),
+            State::File(dev, ino) if self.shares_inode((dev, ino), from)? => {
+                let (sparent, _) = split(s)?;
+                ovl_copyup::copy_up_replacing(&self.stack, &Source { layer: LIVE, path: from.to_path_buf() }, sparent)?;
+                Ok((vec![st.st_ino], None))
+            }
+            _ => Ok((Vec::new(), None)),
+        }
+    }
+
+    /// Forgets redirects of dirs that became opaque (their LIVE side is gone).
+    fn drop_redirect(&mut self, s: &Path) {
+        self.redirects.retain(|(rs, _)| rs != s);
+    }
+}
+
+/// The `overlay.redirect` value for LIVE path `p`: absolute from the overlay root.
+fn redirect_value(p: &Path) -> Vec<u8> {
+    let mut v = b"/".to_vec();
+    v.extend_from_slice(p.as_os_str().as_bytes());
+    v
+}

@@ -1,0 +1,155 @@
+//! The snapshot daemon: checks, opens LIVE and its store, mounts the FUSE filesystem at MNT
+//! (stacked over LIVE when MNT is LIVE), serves the control socket, and runs until unmounted.
+
+use std::ffi::OsString;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use ovl_core::LayerStack;
+use ovl_fs::OverlayFs;
+use rustix::fs::{Mode, OFlags};
+
+use crate::control::{self, Status};
+use crate::fs::SnapFs;
+use crate::snapper::Snapper;
+use crate::store::{DEFAULT_NAME, Store};
+use crate::view::SNAPDIR_NAME;
+
+/// The mount's filesystem type in /proc/mounts.
+pub const FSTYPE: &str = "fuse.ovlsnap";
+
+/// What to serve.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The directory to snapshot.
+    pub live: PathBuf,
+    /// Where to mount (LIVE itself by default).
+    pub mount: PathBuf,
+    /// The store (`LIVE/.ovlsnap` by default).
+    pub store: Option<PathBuf>,
+}
+
+/// The mount points of `fstype` mounts, from /proc/self/mountinfo.
+pub fn mounts_of_type(fstype: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for l in info.lines() {
+        let Some((left, right)) = l.split_once(" - ") else { continue };
+        if right.split(' ').next() == Some(fstype) {
+            if let Some(mp) = left.split(' ').nth(4) {
+                out.push(PathBuf::from(unescape(mp)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn unescape(s: &str) -> OsString {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    std::os::unix::ffi::OsStringExt::from_vec(out)
+}
+
+/// Everything checked and opened, the mount not made yet.
+pub struct Prepared {
+    fs: SnapFs,
+    snapper: Arc<Snapper>,
+    status: Status,
+}
+
+/// Checks the configuration and opens LIVE and the store; changes nothing on a failed check.
+pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
+    let live = std::fs::canonicalize(&cfg.live).with_context(|| format!("LIVE {:?}: no such directory", cfg.live))?;
+    if !live.is_dir() {
+        bail!("LIVE {live:?} is not a directory");
+    }
+    let mnt =
+        std::fs::canonicalize(&cfg.mount).with_context(|| format!("mount point {:?}: no such directory", cfg.mount))?;
+    if !mnt.is_dir() {
+        bail!("mount point {mnt:?} is not a directory");
+    }
+    let served = mounts_of_type(FSTYPE)?;
+    for p in [&live, &mnt] {
+        if served.contains(p) {
+            bail!("{p:?} is already an ovlsnap mount (run `ovlsnap umount {}` first)", p.display());
+        }
+    }
+    let live_fd = rustix::fs::open(&live, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .with_context(|| format!("opening {live:?}"))?;
+    let (store_path, hidden_store) = match &cfg.store {
+        None => (None, Some(OsString::from(DEFAULT_NAME))),
+        Some(p) => {
+            std::fs::create_dir_all(p).with_context(|| format!("creating the store {p:?}"))?;
+            let p = std::fs::canonicalize(p)?;
+            if p == live {
+                bail!("the store cannot be LIVE itself");
+            }
+            if p.parent() == Some(live.as_path()) {
+                (Some(p.clone()), p.file_name().map(|n| n.to_os_string()))
+            } else if p.starts_with(&live) {
+                bail!("a store inside LIVE must be directly in its root (like the default {DEFAULT_NAME})");
+            } else {
+                (Some(p), None)
+            }
+        }
+    };
+    let store = Store::open(std::os::fd::AsFd::as_fd(&live_fd), &live, store_path.as_deref())?;
+    let store_at = store.path().to_path_buf();
+    let hidden: Vec<OsString> = hidden_store.into_iter().collect();
+    let (workdir, work) = store.work()?;
+    drop(workdir);
+    let snapper = Arc::new(Snapper::new(rustix::io::dup(&live_fd)?, live.clone(), store, hidden.clone())?);
+    let stack = LayerStack::from_open_dirs(Vec::new(), Some((live.clone(), live_fd, work)), Default::default())?;
+    let mut overlay = OverlayFs::new(stack)?.with_hook(snapper.clone()).hide_root_name(SNAPDIR_NAME.as_ref());
+    for h in &hidden {
+        overlay = overlay.hide_root_name(h);
+    }
+    let fs = SnapFs::new(overlay, snapper.views.clone());
+    let status = Status { pid: std::process::id(), live, mount: mnt, store: store_at };
+    Ok(Prepared { fs, snapper, status })
+}
+
+/// Mounts `prepared`, calls `ready` once the mount is live, and serves until it is unmounted.
+pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
+    let Prepared { fs, snapper, status } = prepared;
+    std::fs::create_dir_all(control::RUN_DIR).context("creating /run/ovlsnap")?;
+    let sock = control::socket_path(&status.mount);
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("binding the control socket {sock:?}"))?;
+    let source = status.live.display().to_string();
+    let session = ovl_fs::mount::mount_session(fs, &status.mount, &source, FSTYPE, false)?;
+    {
+        let (snapper, status) = (snapper.clone(), status.clone());
+        std::thread::spawn(move || control::serve(listener, snapper, status));
+    }
+    tracing::info!(live = ?status.live, mount = ?status.mount, store = ?status.store, "ovlsnap mount is live");
+    ready();
+    let out = session.run().context("serving the mount");
+    let _ = std::fs::remove_file(&sock);
+    out
+}
+
+/// True when `path` is (inside) an ovlsnap mount: returns that mount point.
+pub fn mount_containing(path: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let mut best: Option<PathBuf> = None;
+    for m in mounts_of_type(FSTYPE)? {
+        if path.starts_with(&m) && best.as_ref().is_none_or(|b| m.as_os_str().len() > b.as_os_str().len()) {
+            best = Some(m);
+        }
+    }
+    Ok(best)
+}

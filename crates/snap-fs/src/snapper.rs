@@ -1,0 +1,266 @@
+//! The snapshot state of one mount: the store, the CoW target, the views, and the gate that
+//! makes a take one instant. It is the live overlay's [`ChangeHook`].
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use ovl_core::sys;
+use ovl_fs::hook::{ChangeHook, GateGuard};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::cow::Cow;
+use crate::store::{SnapshotInfo, Store, layer_usage};
+use crate::view::Views;
+
+/// One line of `ovlsnap list`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Listed {
+    /// Snapshot name.
+    pub name: String,
+    /// Snapshot id (order of creation).
+    pub id: u64,
+    /// Creation time, RFC 3339 (UTC).
+    pub created: String,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+    /// Bytes allocated by the snapshot's layer (what it holds of the old state).
+    pub layer_bytes: u64,
+    /// Entries in the layer: saved objects, whiteouts, saved dirs.
+    pub entries: u64,
+}
+
+/// The snapshot machinery of a mount.
+pub struct Snapper {
+    /// Shared by every change, exclusive for a take.
+    gate: RwLock<()>,
+    /// The newest snapshot's id; 0 without snapshots.
+    generation: AtomicU64,
+    store: Mutex<Store>,
+    cow: Mutex<Option<Cow>>,
+    pub(crate) views: Arc<Views>,
+    live: OwnedFd,
+    live_path: PathBuf,
+    hidden: Vec<OsString>,
+}
+
+impl Snapper {
+    /// The snapshot state of LIVE (`live`, open) with its opened `store`; `hidden` are the LIVE
+    /// root names that belong to no snapshot.
+    pub fn new(live: OwnedFd, live_path: PathBuf, store: Store, hidden: Vec<OsString>) -> anyhow::Result<Self> {
+        let views = Arc::new(Views::new(hidden.clone()));
+        let s = Self {
+            gate: RwLock::new(()),
+            generation: AtomicU64::new(0),
+            store: Mutex::new(store),
+            cow: Mutex::new(None),
+            views,
+            live,
+            live_path,
+            hidden,
+        };
+        s.switch()?;
+        Ok(s)
+    }
+
+    /// Points the CoW rules at the newest snapshot and rebuilds the views. Changes must be
+    /// stopped (or not started yet).
+    fn switch(&self) -> anyhow::Result<()> {
+        let store = self.store.lock();
+        let snaps = store.snapshots().to_vec();
+        let Some(newest) = snaps.last() else {
+            *self.cow.lock() = None;
+            self.generation.store(0, Ordering::Release);
+            self.views.set(Vec::new())?;
+            return Ok(());
+        };
+        let (_, work) = store.work()?;
+        let cow = Cow::new(
+            (store.path().join(Store::layer_rel(newest.id)), store.open_layer(newest.id)?),
+            work,
+            (self.live_path.clone(), rustix::io::dup(&self.live)?),
+            self.hidden.clone(),
+        )
+        .context("opening the newest snapshot's layer")?;
+        let mut views = Vec::new();
+        for (i, s) in snaps.iter().enumerate() {
+            let mut layers = Vec::new();
+            for t in &snaps[i..] {
+                layers.push((store.path().join(Store::layer_rel(t.id)), store.open_layer(t.id)?));
+            }
+            layers.push((self.live_path.clone(), rustix::io::dup(&self.live)?));
+            views.push((s.id, s.name.clone(), layers));
+        }
+        self.views.set(views)?;
+        *self.cow.lock() = Some(cow);
+        self.generation.store(newest.id, Ordering::Release);
+        Ok(())
+    }
+
+    /// Takes snapshot `name`: waits for changes in flight, stops new ones, starts the new layer,
+    /// lets changes go on.
+    pub fn take(&self, name: &str) -> anyhow::Result<SnapshotInfo> {
+        let _gate = self.gate.write();
+        let _views = self.views.lock.write();
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let live = self.live.as_fd();
+        let info = self.store.lock().add(name, created, |layer| copy_root_meta(live, layer))?;
+        if let Err(e) = self.switch() {
+            // The snapshot is recorded; without its layer as the CoW target it would silently
+            // change, so stop serving changes rather than go on.
+            tracing::error!("switching to snapshot {name:?} failed: {e:#}");
+            return Err(e);
+        }
+        tracing::info!(name, id = info.id, "snapshot taken");
+        Ok(info)
+    }
+
+    /// The snapshots with their layer usage.
+    pub fn list(&self) -> anyhow::Result<Vec<Listed>> {
+        let store = self.store.lock();
+        list_store(&store)
+    }
+
+    /// The stock-kernel command that mounts snapshot `name` read-only at `dir`, given the
+    /// mount point `mnt` of this daemon (its LIVE view) and this process's store fd path.
+    pub fn mount_cmd(&self, name: &str, dir: &Path, mnt: &Path) -> anyhow::Result<String> {
+        let store = self.store.lock();
+        let snaps = store.snapshots();
+        let i = snaps.iter().position(|s| s.name == name).with_context(|| format!("no snapshot named {name:?}"))?;
+        use std::os::fd::AsRawFd;
+        let base = format!("/proc/{}/fd/{}", std::process::id(), store.root().as_raw_fd());
+        let mut lowers: Vec<String> =
+            snaps[i..].iter().map(|s| escape_opt(&format!("{base}/{}", Store::layer_rel(s.id).display()))).collect();
+        lowers.push(escape_opt(&mnt.display().to_string()));
+        Ok(format!(
+            "mount -t overlay overlay -o ro,redirect_dir=follow,lowerdir={} {}",
+            lowers.join(":"),
+            shell_quote(&dir.display().to_string())
+        ))
+    }
+}
+
+/// Lists a store's snapshots with their usage.
+pub fn list_store(store: &Store) -> anyhow::Result<Vec<Listed>> {
+    let mut out = Vec::new();
+    for s in store.snapshots() {
+        let (bytes, entries) = layer_usage(store.open_layer(s.id)?.as_fd())?;
+        out.push(Listed {
+            name: s.name.clone(),
+            id: s.id,
+            created: rfc3339(s.created),
+            created_unix: s.created,
+            layer_bytes: bytes,
+            entries,
+        });
+    }
+    Ok(out)
+}
+
+/// A new layer's root carries LIVE root's owner, mode and xattrs at take time: the kernel shows
+/// the top layer's root.
+fn copy_root_meta(live: std::os::fd::BorrowedFd<'_>, layer: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()> {
+    let st = rustix::fs::fstat(live)?;
+    for key in sys::list_xattrs(live, None)? {
+        if ovl_core::XattrNames::is_any_overlay(key.as_encoded_bytes()) {
+            continue;
+        }
+        let key = std::ffi::CString::new(key.as_encoded_bytes())?;
+        if let Some(v) = sys::get_xattr(live, None, &key)? {
+            sys::set_xattr(layer, None, &key, &v, 0)?;
+        }
+    }
+    rustix::fs::fchown(layer, Some(rustix::fs::Uid::from_raw(st.st_uid)), Some(rustix::fs::Gid::from_raw(st.st_gid)))?;
+    rustix::fs::fchmod(layer, rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7777))?;
+    Ok(())
+}
+
+/// Escapes a path for the overlay's `lowerdir=` list (`:` and `,` and `\` are special).
+fn escape_opt(p: &str) -> String {
+    let mut out = String::new();
+    for c in p.chars() {
+        if matches!(c, ':' | ',' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(secs: u64) -> String {
+    let days = secs / 86400;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+impl ChangeHook for Snapper {
+    fn gate(&self, quiet: bool) -> GateGuard<'_> {
+        let g = self.gate.read();
+        if quiet || self.generation.load(Ordering::Acquire) == 0 {
+            Box::new(g)
+        } else {
+            Box::new((g, self.views.lock.write()))
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn before_modify(&self, path: &Path) -> ovl_core::Result<()> {
+        let copied = match self.cow.lock().as_ref() {
+            Some(c) => c.before_modify(path)?,
+            None => return Ok(()),
+        };
+        self.views.refresh(&copied);
+        Ok(())
+    }
+
+    fn before_create(&self, path: &Path) -> ovl_core::Result<()> {
+        match self.cow.lock().as_ref() {
+            Some(c) => c.before_create(path),
+            None => Ok(()),
+        }
+    }
+
+    fn before_remove(&self, path: &Path) -> ovl_core::Result<()> {
+        match self.cow.lock().as_mut() {
+            Some(c) => c.before_remove(path),
+            None => Ok(()),
+        }
+    }
+
+    fn before_rename(&self, from: &Path, to: &Path, exchange: bool) -> ovl_core::Result<()> {
+        let copied = match self.cow.lock().as_mut() {
+            Some(c) => c.before_rename(from, to, exchange)?,
+            None => return Ok(()),
+        };
+        self.views.refresh(&copied);
+        Ok(())
+    }
+}

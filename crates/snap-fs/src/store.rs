@@ -1,0 +1,331 @@
+//! The snapshot store: one directory on LIVE's filesystem holding a kernel overlay layer per
+//! snapshot (`layers/ID/`), the work dir copy-ups are built in (`work/work/`), the list of
+//! snapshots (`snapshots.json`, replaced atomically), and a lock file that one daemon holds.
+//!
+//! The commit point of a take is the rename of the new `snapshots.json`: a layer dir that the
+//! list does not name is the leftover of an interrupted take and is removed at the next open.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use ovl_core::sys;
+use rustix::fs::{FlockOperation, Mode, OFlags};
+use serde::{Deserialize, Serialize};
+
+/// The store's name inside LIVE when no `--store` is given.
+pub const DEFAULT_NAME: &str = ".ovlsnap";
+
+const META: &str = "snapshots.json";
+
+/// One snapshot as recorded in the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Unique, never reused; also the name of its layer dir.
+    pub id: u64,
+    /// The user's name for it.
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+}
+
+/// The directory the store belongs to: its filesystem UUID and inode.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LiveId {
+    /// Filesystem UUID as hex (all zeros when the fs has none).
+    pub fs: String,
+    /// Inode number of LIVE's root.
+    pub ino: u64,
+}
+
+/// The store's metadata, `snapshots.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    /// Format version (1).
+    pub version: u32,
+    /// The directory whose snapshots these are.
+    pub live: LiveId,
+    /// The id the next snapshot gets.
+    pub next_id: u64,
+    /// Snapshots, oldest first.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// An open store, locked by this process.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    root: OwnedFd,
+    layers: OwnedFd,
+    work: OwnedFd,
+    workdir: OwnedFd,
+    _lock: File,
+    meta: Meta,
+}
+
+fn open_dir_at(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )?)
+}
+
+fn mkdir_open(dir: BorrowedFd<'_>, name: &str, mode: u32) -> std::io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    open_dir_at(dir, name)
+}
+
+/// Reads and checks `snapshots.json` in the store dir `root`; `None` if there is none yet.
+pub fn read_meta(root: BorrowedFd<'_>) -> anyhow::Result<Option<Meta>> {
+    let fd = match rustix::fs::openat(root, META, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e).context("opening snapshots.json"),
+    };
+    let text = std::io::read_to_string(File::from(fd)).context("reading snapshots.json")?;
+    let meta: Meta = serde_json::from_str(&text).context("snapshots.json is corrupt")?;
+    if meta.version != 1 {
+        bail!("snapshots.json has format version {}, this ovlsnap reads version 1", meta.version);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in &meta.snapshots {
+        if s.id == 0 || s.id >= meta.next_id || !seen.insert(s.name.clone()) || !valid_name(&s.name) {
+            bail!("snapshots.json is corrupt: bad snapshot entry {:?} (id {})", s.name, s.id);
+        }
+    }
+    Ok(Some(meta))
+}
+
+/// Whether `name` may name a snapshot: a plain file name, printable, at most 200 bytes.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.chars().any(|c| c.is_control())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store of LIVE (`live`, open), at `path` (`None`: the
+    /// default inside LIVE), takes its lock, and removes what an interrupted take or copy-up left.
+    pub fn open(live: BorrowedFd<'_>, live_path: &Path, path: Option<&Path>) -> anyhow::Result<Self> {
+        let live_st = rustix::fs::fstat(live)?;
+        let (path, root) = match path {
+            None => {
+                let root = mkdir_open(live, DEFAULT_NAME, 0o700)
+                    .with_context(|| format!("creating the store {:?}", live_path.join(DEFAULT_NAME)))?;
+                (live_path.join(DEFAULT_NAME), root)
+            }
+            Some(p) => {
+                std::fs::create_dir_all(p).with_context(|| format!("creating the store {p:?}"))?;
+                let root = rustix::fs::open(p, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                    .with_context(|| format!("opening the store {p:?}"))?;
+                (p.to_path_buf(), root)
+            }
+        };
+        let st = rustix::fs::fstat(&root)?;
+        if st.st_dev != live_st.st_dev {
+            bail!(
+                "the store {path:?} is on another filesystem than {live_path:?}; a store must be on LIVE's \
+                 filesystem (copy-ups are renamed and cloned into it)"
+            );
+        }
+        let lock = rustix::fs::openat(
+            &root,
+            "lock",
+            OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        if let Err(e) = rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
+            if e == rustix::io::Errno::WOULDBLOCK {
+                bail!("another ovlsnap daemon already serves {live_path:?} (its store {path:?} is locked)");
+            }
+            return Err(e).context("locking the store");
+        }
+        let live_id =
+            LiveId { fs: sys::fs_uuid(live).iter().map(|b| format!("{b:02x}")).collect(), ino: live_st.st_ino };
+        let meta = match read_meta(root.as_fd())? {
+            Some(m) => {
+                if m.live.ino != live_id.ino || m.live.fs != live_id.fs {
+                    bail!("the store {path:?} belongs to another directory than {live_path:?}");
+                }
+                m
+            }
+            None => Meta { version: 1, live: live_id, next_id: 1, snapshots: Vec::new() },
+        };
+        let layers = mkdir_open(root.as_fd(), "layers", 0o700)?;
+        let workdir = mkdir_open(root.as_fd(), "work", 0o700)?;
+        let work = mkdir_open(workdir.as_fd(), "work", 0o700)?;
+        let store = Self { path, root, layers, work, workdir, _lock: File::from(lock), meta };
+        store.write_meta(&store.meta)?;
+        store.clean()?;
+        Ok(store)
+    }
+
+    /// Removes layer dirs no snapshot names and everything in the work dir.
+    fn clean(&self) -> anyhow::Result<()> {
+        for e in sys::read_dir_fd(rustix::io::dup(&self.work)?)? {
+            tracing::info!(name = ?e.name, "removing a half-made copy from the work dir");
+            sys::remove_tree_at(&self.work, &sys::name_cstr(&e.name)?)?;
+        }
+        for e in sys::read_dir_fd(rustix::io::dup(&self.layers)?)? {
+            let known = e.name.to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|id| self.info(id).is_some());
+            if !known {
+                tracing::info!(name = ?e.name, "removing a layer no snapshot owns (interrupted take)");
+                sys::remove_tree_at(&self.layers, &sys::name_cstr(&e.name)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces `snapshots.json` atomically and durably.
+    fn write_meta(&self, meta: &Meta) -> anyhow::Result<()> {
+        let tmp = "snapshots.json.tmp";
+        let fd = rustix::fs::openat(
+            &self.root,
+            tmp,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut f = File::from(fd);
+        f.write_all(serde_json::to_string_pretty(meta)?.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        rustix::fs::renameat(&self.root, tmp, &self.root, META)?;
+        rustix::fs::fsync(&self.root)?;
+        Ok(())
+    }
+
+    /// Where the store is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The store dir, open.
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// The snapshots, oldest first.
+    pub fn snapshots(&self) -> &[SnapshotInfo] {
+        &self.meta.snapshots
+    }
+
+    /// The snapshot with id `id`.
+    pub fn info(&self, id: u64) -> Option<&SnapshotInfo> {
+        self.meta.snapshots.iter().find(|s| s.id == id)
+    }
+
+    /// The snapshot named `name`.
+    pub fn by_name(&self, name: &str) -> Option<&SnapshotInfo> {
+        self.meta.snapshots.iter().find(|s| s.name == name)
+    }
+
+    /// The layer dir of snapshot `id`, open.
+    pub fn open_layer(&self, id: u64) -> anyhow::Result<OwnedFd> {
+        open_dir_at(self.layers.as_fd(), &id.to_string()).with_context(|| format!("opening layer {id}"))
+    }
+
+    /// The work dir (`work/work`) and the workdir holding it.
+    pub fn work(&self) -> anyhow::Result<(OwnedFd, OwnedFd)> {
+        Ok((rustix::io::dup(&self.workdir)?, rustix::io::dup(&self.work)?))
+    }
+
+    /// The path of layer `id` relative to the store.
+    pub fn layer_rel(id: u64) -> PathBuf {
+        Path::new("layers").join(id.to_string())
+    }
+
+    /// Records a new snapshot `name` with an empty layer; returns it. The caller makes sure no
+    /// change runs meanwhile.
+    pub fn add(
+        &mut self,
+        name: &str,
+        created: u64,
+        prepare: impl FnOnce(BorrowedFd<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<SnapshotInfo> {
+        if !valid_name(name) {
+            bail!("{name:?} is not a valid snapshot name (a file name without '/' or control characters)");
+        }
+        if self.by_name(name).is_some() {
+            bail!("a snapshot named {name:?} already exists");
+        }
+        let id = self.meta.next_id;
+        let ids = id.to_string();
+        rustix::fs::mkdirat(&self.layers, ids.as_str(), Mode::from_raw_mode(0o755))
+            .with_context(|| format!("creating layer {id}"))?;
+        let prepared = self.open_layer(id).and_then(|fd| {
+            prepare(fd.as_fd())?;
+            rustix::fs::fsync(&fd)?;
+            Ok(())
+        });
+        if let Err(e) = prepared {
+            let _ = sys::remove_tree_at(&self.layers, &sys::name_cstr(std::ffi::OsStr::new(&ids))?);
+            return Err(e);
+        }
+        rustix::fs::fsync(&self.layers)?;
+        let info = SnapshotInfo { id, name: name.to_string(), created };
+        let mut meta = self.meta.clone();
+        meta.next_id = id + 1;
+        meta.snapshots.push(info.clone());
+        if let Err(e) = self.write_meta(&meta) {
+            let _ = rustix::fs::unlinkat(&self.layers, ids.as_str(), rustix::fs::AtFlags::REMOVEDIR);
+            return Err(e);
+        }
+        self.meta = meta;
+        Ok(info)
+    }
+}
+
+/// Size and entry count of a layer: bytes allocated and entries (whiteouts included).
+pub fn layer_usage(layer: BorrowedFd<'_>) -> anyhow::Result<(u64, u64)> {
+    let mut bytes = 0u64;
+    let mut entries = 0u64;
+    let mut stack = vec![rustix::io::dup(layer)?];
+    while let Some(dir) = stack.pop() {
+        for e in sys::read_dir_fd(rustix::io::dup(&dir)?)? {
+            let name = sys::name_cstr(&e.name)?;
+            let st = sys::lstat_at(&dir, &name)?;
+            entries += 1;
+            bytes += st.st_blocks as u64 * 512;
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+                stack.push(rustix::fs::openat(
+                    &dir,
+                    &name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?);
+            }
+        }
+    }
+    Ok((bytes, entries))
+}
+
+/// The snapshots of the store dir `root` with their usage, read without taking the lock (for
+/// `ovlsnap list` when no daemon runs).
+pub fn list_offline(root: &OwnedFd) -> anyhow::Result<Vec<crate::snapper::Listed>> {
+    let meta = read_meta(root.as_fd())?.context("the store has no snapshots.json")?;
+    let layers = open_dir_at(root.as_fd(), "layers")?;
+    let mut out = Vec::new();
+    for s in meta.snapshots {
+        let l = open_dir_at(layers.as_fd(), &s.id.to_string())?;
+        let (bytes, entries) = layer_usage(l.as_fd())?;
+        out.push(crate::snapper::Listed {
+            name: s.name,
+            id: s.id,
+            created: crate::snapper::rfc3339(s.created),
+            created_unix: s.created,
+            layer_bytes: bytes,
+            entries,
+        });
+    }
+    Ok(out)
+}

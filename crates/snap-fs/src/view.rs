@@ -1,0 +1,457 @@
+//! Snapshot views: `MNT/.snapshots/NAME/`, the read-only overlay `u_k : ... : u_N : LIVE` of
+//! snapshot k, served by the same daemon.
+//!
+//! View nodes are named by path (snapshot, path inside it) and every operation resolves the
+//! path through the layers again, so a view never holds on to a LIVE object that the CoW rules
+//! have since saved into a layer. An open view file that reads a LIVE file is switched to the
+//! saved copy when the CoW rules copy it ([`Views::refresh`]), before LIVE changes, so readers
+//! keep seeing the snapshot's bytes.
+//!
+//! Consistency: the CoW rules change a layer and LIVE in several steps; `lock` is held
+//! exclusively by a change that runs them, and shared by every view operation that resolves a
+//! path, so no view sees a half-made change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType as FuseType, INodeNo};
+use ovl_core::sys;
+use ovl_core::{Errno, LayerId, LayerStack, Result};
+use ovl_lookup::DirLayers;
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::{FileType, Mode, OFlags, Stat};
+
+/// Node ids from here up to `1 << 63` belong to views (the live overlay's ids never fall
+/// there: see `ovl-fs`'s inode table).
+pub(crate) const VIEW_BASE: u64 = 1 << 62;
+/// The `.snapshots` directory.
+pub(crate) const SNAPDIR: u64 = VIEW_BASE;
+/// Its name in the mount's root.
+pub const SNAPDIR_NAME: &str = ".snapshots";
+
+/// One view's layers.
+struct ViewStack {
+    stack: LayerStack,
+    root: DirLayers,
+    /// The id of LIVE in `stack` (the bottom layer).
+    live: LayerId,
+}
+
+/// What a view path resolves to.
+pub(crate) struct Resolved {
+    pub stat: Stat,
+    pub kind: FileType,
+    /// Where the object is: layer and path in it (a dir: its top layer).
+    pub layer: LayerId,
+    pub path: PathBuf,
+    /// For a dir: its layers.
+    pub dir: Option<DirLayers>,
+}
+
+#[derive(Default)]
+struct Nodes {
+    by_id: HashMap<u64, (u64, PathBuf, u64)>,
+    by_path: HashMap<(u64, PathBuf), u64>,
+    next: u64,
+}
+
+/// An open view file.
+struct ViewFile {
+    snap: u64,
+    path: PathBuf,
+    file: RwLock<Arc<File>>,
+    /// The LIVE inode it reads, 0 when it reads a layer.
+    live_ino: AtomicU64,
+}
+
+/// A directory listing taken at opendir.
+pub(crate) type Listing = Vec<(OsString, FuseType, u64)>;
+
+/// All snapshot views of one mount.
+pub(crate) struct Views {
+    /// Held exclusively while the CoW rules change layers and LIVE (see the module docs).
+    pub lock: RwLock<()>,
+    stacks: RwLock<BTreeMap<u64, Arc<ViewStack>>>,
+    names: RwLock<BTreeMap<String, u64>>,
+    nodes: Mutex<Nodes>,
+    files: RwLock<HashMap<u64, Arc<ViewFile>>>,
+    dirs: RwLock<HashMap<u64, Arc<Listing>>>,
+    next_fh: AtomicU64,
+    /// LIVE root names that are not part of the tree (the store).
+    hidden: Vec<OsString>,
+    born: SystemTime,
+}
+
+impl Views {
+    pub fn new(hidden: Vec<OsString>) -> Self {
+        Self {
+            lock: RwLock::new(()),
+            stacks: RwLock::new(BTreeMap::new()),
+            names: RwLock::new(BTreeMap::new()),
+            nodes: Mutex::new(Nodes { next: 1, ..Default::default() }),
+            files: RwLock::new(HashMap::new()),
+            dirs: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            hidden,
+            born: SystemTime::now(),
+        }
+    }
+
+    /// Replaces the set of views: for each snapshot (id, name), its layers top first and LIVE.
+    pub fn set(&self, views: Vec<(u64, String, Vec<(PathBuf, std::os::fd::OwnedFd)>)>) -> Result<()> {
+        let mut stacks = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        for (id, name, layers) in views {
+            let live = LayerId(layers.len() as u16 - 1);
+            let stack = LayerStack::from_open_dirs(
+                layers,
+                None,
+                ovl_core::MountOptions { read_only: true, ..Default::default() },
+            )?;
+            let root = DirLayers::root(&stack)?;
+            stacks.insert(id, Arc::new(ViewStack { stack, root, live }));
+            names.insert(name, id);
+        }
+        *self.stacks.write() = stacks;
+        *self.names.write() = names;
+        Ok(())
+    }
+
+    fn stack(&self, snap: u64) -> Result<Arc<ViewStack>> {
+        self.stacks.read().get(&snap).cloned().ok_or_else(|| Errno::STALE.into())
+    }
+
+    /// Resolves `path` in snapshot `snap`.
+    fn resolve(&self, snap: u64, path: &Path) -> Result<Resolved> {
+        let vs = self.stack(snap)?;
+        let mut dir = vs.root.clone();
+        let top = dir.lowers.first().ok_or(Errno::IO)?.layer;
+        let mut out = Resolved {
+            stat: sys::lstat_beneath(vs.stack.layer(top).root(), Path::new(""))?,
+            kind: FileType::Directory,
+            layer: top,
+            path: PathBuf::new(),
+            dir: Some(dir.clone()),
+        };
+        for (i, c) in path.iter().enumerate() {
+            if out.kind != FileType::Directory {
+                return Err(Errno::NOTDIR.into());
+            }
+            if i == 0 && self.hidden.iter().any(|h| h == c) {
+                return Err(Errno::NOENT.into());
+            }
+            let e = ovl_lookup::lookup(&vs.stack, &dir, c)?.ok_or(Errno::NOENT)?;
+            let (layer, p) = match (&e.lower, &e.dir) {
+                (Some(l), _) => (l.layer, l.path.clone()),
+                (None, Some(d)) => {
+                    let l = d.lowers.first().ok_or(Errno::IO)?;
+                    (l.layer, l.path.clone())
+                }
+                (None, None) => return Err(Errno::IO.into()),
+            };
+            out = Resolved { stat: e.stat, kind: e.kind, layer, path: p, dir: e.dir.clone() };
+            if let Some(d) = e.dir {
+                dir = d;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The node id for (snap, path), counting one kernel lookup.
+    fn node_for(&self, snap: u64, path: &Path) -> u64 {
+        let mut n = self.nodes.lock();
+        if let Some(&id) = n.by_path.get(&(snap, path.to_path_buf())) {
+            if let Some(e) = n.by_id.get_mut(&id) {
+                e.2 += 1;
+            }
+            return id;
+        }
+        n.next += 1;
+        let id = VIEW_BASE + n.next;
+        n.by_id.insert(id, (snap, path.to_path_buf(), 1));
+        n.by_path.insert((snap, path.to_path_buf()), id);
+        id
+    }
+
+    fn node(&self, id: u64) -> Result<(u64, PathBuf)> {
+        self.nodes.lock().by_id.get(&id).map(|(s, p, _)| (*s, p.clone())).ok_or_else(|| Errno::STALE.into())
+    }
+
+    /// Drops `n` kernel lookups of node `id`.
+    pub fn forget(&self, id: u64, n: u64) {
+        let mut nodes = self.nodes.lock();
+        let gone = match nodes.by_id.get_mut(&id) {
+            Some(e) => {
+                e.2 = e.2.saturating_sub(n);
+                e.2 == 0
+            }
+            None => false,
+        };
+        if gone {
+            if let Some((s, p, _)) = nodes.by_id.remove(&id) {
+                nodes.by_path.remove(&(s, p));
+            }
+        }
+    }
+
+    fn attr(&self, id: u64, st: &Stat) -> FileAttr {
+        let time = |s: i64, ns: i64| {
+            if s >= 0 {
+                UNIX_EPOCH + Duration::new(s as u64, ns as u32)
+            } else {
+                UNIX_EPOCH - Duration::from_secs(s.unsigned_abs())
+            }
+        };
+        let kind = FileType::from_raw_mode(st.st_mode);
+        FileAttr {
+            ino: INodeNo(id),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: time(st.st_atime, st.st_atime_nsec as i64),
+            mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
+            crtime: UNIX_EPOCH,
+            kind: fuse_type(kind),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: if kind == FileType::Directory { 1 } else { st.st_nlink as u32 },
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    /// The attributes of `.snapshots`.
+    pub fn snapdir_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(SNAPDIR),
+            size: 0,
+            blocks: 0,
+            atime: self.born,
+            mtime: self.born,
+            ctime: self.born,
+            crtime: UNIX_EPOCH,
+            kind: FuseType::Directory,
+            perm: 0o555,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// Looks `name` up in view dir `parent` (or in `.snapshots`).
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
+        let _g = self.lock.read();
+        let (snap, path) = if parent == SNAPDIR {
+            let id = *self.names.read().get(name.to_str().ok_or(Errno::NOENT)?).ok_or(Errno::NOENT)?;
+            (id, PathBuf::new())
+        } else {
+            let (snap, p) = self.node(parent)?;
+            (snap, p.join(name))
+        };
+        let r = self.resolve(snap, &path)?;
+        let id = self.node_for(snap, &path);
+        Ok(self.attr(id, &r.stat))
+    }
+
+    /// The attributes of view node `id`.
+    pub fn getattr(&self, id: u64) -> Result<FileAttr> {
+        if id == SNAPDIR {
+            return Ok(self.snapdir_attr());
+        }
+        let _g = self.lock.read();
+        let (snap, path) = self.node(id)?;
+        Ok(self.attr(id, &self.resolve(snap, &path)?.stat))
+    }
+
+    /// The target of view symlink `id`.
+    pub fn readlink(&self, id: u64) -> Result<Vec<u8>> {
+        let _g = self.lock.read();
+        let (snap, path) = self.node(id)?;
+        let r = self.resolve(snap, &path)?;
+        let vs = self.stack(snap)?;
+        let (dir, name) = sys::open_parent(vs.stack.layer(r.layer).root(), &r.path)?;
+        Ok(rustix::fs::readlinkat(&dir, &name, Vec::new())?.into_bytes())
+    }
+
+    /// Opens view file `id` for reading.
+    pub fn open(&self, id: u64, flags: i32) -> Result<u64> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return Err(Errno::ROFS.into());
+        }
+        let _g = self.lock.read();
+        let (snap, path) = self.node(id)?;
+        let (file, live_ino) = self.open_real(snap, &path)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let vf = ViewFile { snap, path, file: RwLock::new(Arc::new(file)), live_ino: AtomicU64::new(live_ino) };
+        self.files.write().insert(fh, Arc::new(vf));
+        Ok(fh)
+    }
+
+    fn open_real(&self, snap: u64, path: &Path) -> Result<(File, u64)> {
+        let r = self.resolve(snap, path)?;
+        if r.kind != FileType::RegularFile {
+            return Err(Errno::INVAL.into());
+        }
+        let vs = self.stack(snap)?;
+        let fd = sys::open_beneath(vs.stack.layer(r.layer).root(), &r.path, OFlags::RDONLY, Mode::empty())?;
+        let live_ino = if r.layer == vs.live { r.stat.st_ino } else { 0 };
+        Ok((File::from(fd), live_ino))
+    }
+
+    /// Reads from open view file `fh`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let f = self.files.read().get(&fh).cloned().ok_or(Errno::BADF)?;
+        let file = f.file.read().clone();
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Closes view file `fh`.
+    pub fn release(&self, fh: u64) {
+        self.files.write().remove(&fh);
+    }
+
+    /// The LIVE inodes in `inos` were just saved into the newest layer and are about to
+    /// change: open view files reading them switch to what their path shows now (the saved
+    /// copy). Called with `lock` held exclusively.
+    pub fn refresh(&self, inos: &[u64]) {
+        if inos.is_empty() {
+            return;
+        }
+        let files: Vec<Arc<ViewFile>> = self
+            .files
+            .read()
+            .values()
+            .filter(|f| inos.contains(&f.live_ino.load(Ordering::Acquire)))
+            .cloned()
+            .collect();
+        for f in files {
+            match self.open_real(f.snap, &f.path) {
+                Ok((file, ino)) => {
+                    *f.file.write() = Arc::new(file);
+                    f.live_ino.store(ino, Ordering::Release);
+                }
+                Err(e) => {
+                    tracing::warn!(path = ?f.path, "could not switch an open snapshot file to its saved copy: {e}")
+                }
+            }
+        }
+    }
+
+    /// Opens view dir `id` (or `.snapshots`): its listing, taken now.
+    pub fn opendir(&self, id: u64) -> Result<u64> {
+        let listing = if id == SNAPDIR {
+            let mut out: Listing =
+                vec![(".".into(), FuseType::Directory, SNAPDIR), ("..".into(), FuseType::Directory, 1)];
+            for name in self.names.read().keys() {
+                out.push((name.into(), FuseType::Directory, SNAPDIR));
+            }
+            out
+        } else {
+            let _g = self.lock.read();
+            let (snap, path) = self.node(id)?;
+            let r = self.resolve(snap, &path)?;
+            let dir = r.dir.ok_or(Errno::NOTDIR)?;
+            let vs = self.stack(snap)?;
+            let mut out: Listing =
+                vec![(".".into(), FuseType::Directory, id), ("..".into(), FuseType::Directory, SNAPDIR)];
+            for e in ovl_lookup::read_merged(&vs.stack, &dir)? {
+                if path.as_os_str().is_empty() && self.hidden.contains(&e.name) {
+                    continue;
+                }
+                out.push((e.name, fuse_type(e.file_type), e.ino));
+            }
+            out
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.write().insert(fh, Arc::new(listing));
+        Ok(fh)
+    }
+
+    /// The listing of open dir `fh`.
+    pub fn listing(&self, fh: u64) -> Result<Arc<Listing>> {
+        self.dirs.read().get(&fh).cloned().ok_or_else(|| Errno::BADF.into())
+    }
+
+    /// Closes dir `fh`.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.write().remove(&fh);
+    }
+
+    /// The xattr `name` of view node `id`.
+    pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
+        let _g = self.lock.read();
+        let (snap, path) = self.node(id)?;
+        let r = self.resolve(snap, &path)?;
+        let vs = self.stack(snap)?;
+        let names = vs.stack.names();
+        let real = names.escape(name);
+        let key = std::ffi::CString::new(real.as_encoded_bytes()).map_err(|_| Errno::INVAL)?;
+        let root = vs.stack.layer(r.layer).root();
+        let v = if r.path.as_os_str().is_empty() {
+            sys::get_xattr(root, None, &key)?
+        } else {
+            let (d, n) = sys::open_parent(root, &r.path)?;
+            sys::get_xattr(&d, Some(&n), &key)?
+        };
+        v.ok_or_else(|| Errno::NODATA.into())
+    }
+
+    /// The xattr names of view node `id`, NUL-terminated.
+    pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
+        let _g = self.lock.read();
+        let (snap, path) = self.node(id)?;
+        let r = self.resolve(snap, &path)?;
+        let vs = self.stack(snap)?;
+        let names = vs.stack.names();
+        let root = vs.stack.layer(r.layer).root();
+        let list = if r.path.as_os_str().is_empty() {
+            sys::list_xattrs(root, None)?
+        } else {
+            let (d, n) = sys::open_parent(root, &r.path)?;
+            sys::list_xattrs(&d, Some(&n))?
+        };
+        let mut out = Vec::new();
+        for k in list {
+            if let Some(shown) = names.unescape(&k) {
+                out.extend_from_slice(shown.as_encoded_bytes());
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The FUSE file type of a real file type.
+fn fuse_type(ft: FileType) -> FuseType {
+    match ft {
+        FileType::Directory => FuseType::Directory,
+        FileType::Symlink => FuseType::Symlink,
+        FileType::Fifo => FuseType::NamedPipe,
+        FileType::Socket => FuseType::Socket,
+        FileType::CharacterDevice => FuseType::CharDevice,
+        FileType::BlockDevice => FuseType::BlockDevice,
+        _ => FuseType::RegularFile,
+    }
+}
