@@ -23,7 +23,8 @@ use std::path::{Component, Path, PathBuf};
 use ovl_copyup::Source;
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Result, is_whiteout_stat};
-use rustix::fs::{AtFlags, FileType, Stat};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use serde::{Deserialize, Serialize};
 
 /// `u_N` in the copy-up stack.
 const UPPER: LayerId = LayerId(0);
@@ -62,7 +63,26 @@ pub(crate) struct Cow {
     redirects: Vec<(PathBuf, PathBuf)>,
     /// LIVE root names that are not part of any snapshot (the store).
     hidden: Vec<OsString>,
+    /// The store dir, where a rename in progress is recorded.
+    journal: OwnedFd,
+    /// The redirect changes of the rename in progress, to undo if it does not happen.
+    pending: Option<Pending>,
 }
+
+/// A directory rename whose redirects are already written while LIVE may not have moved yet:
+/// kept in `JOURNAL` until the rename is known to have happened, so that a rename that fails,
+/// or a daemon killed in between, leaves the redirects matching LIVE.
+#[derive(Debug, Serialize, Deserialize)]
+struct Pending {
+    /// The moved object's inode and where the rename puts it.
+    moved: u64,
+    to: PathBuf,
+    /// Each changed redirect: snapshot path and its previous target (`None`: it had none).
+    undo: Vec<(PathBuf, Option<PathBuf>)>,
+}
+
+/// The journal file in the store.
+const JOURNAL: &str = "rename-in-progress.json";
 
 fn rel(p: &Path) -> impl Iterator<Item = &OsStr> {
     p.components().filter_map(|c| match c {
@@ -82,12 +102,70 @@ impl Cow {
         work: OwnedFd,
         live: (PathBuf, OwnedFd),
         hidden: Vec<OsString>,
+        journal: OwnedFd,
     ) -> Result<Self> {
         let stack =
             LayerStack::from_open_dirs(vec![live], Some((layer.0, layer.1, work)), ovl_core::MountOptions::default())?;
-        let mut cow = Self { stack, redirects: Vec::new(), hidden };
+        let mut cow = Self { stack, redirects: Vec::new(), hidden, journal, pending: None };
         cow.redirects = cow.scan_redirects()?;
+        if let Ok(fd) = rustix::fs::openat(&cow.journal, JOURNAL, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+            let text = std::io::read_to_string(std::fs::File::from(fd)).map_err(ovl_core::Error::from)?;
+            match serde_json::from_str::<Pending>(&text) {
+                Ok(p) => {
+                    tracing::info!(to = ?p.to, "settling a directory rename interrupted by a stop");
+                    cow.pending = Some(p);
+                    cow.finish()?;
+                }
+                Err(e) => {
+                    tracing::warn!("ignoring an unreadable {JOURNAL}: {e}");
+                    let _ = rustix::fs::unlinkat(&cow.journal, JOURNAL, AtFlags::empty());
+                }
+            }
+        }
         Ok(cow)
+    }
+
+    /// Ends the change in progress: a rename that did not happen gets its redirects back.
+    pub fn finish(&mut self) -> Result<()> {
+        let Some(p) = self.pending.take() else { return Ok(()) };
+        let happened = self.lstat_live(&p.to).is_ok_and(|st| st.st_ino == p.moved);
+        if !happened {
+            let key = self.stack.names().redirect.clone();
+            for (s, old) in p.undo.iter().rev() {
+                let Ok(fd) = sys::open_dir_path(self.upper(), s) else { continue };
+                self.redirects.retain(|(rs, _)| rs != s);
+                match old {
+                    Some(t) => {
+                        sys::set_xattr(&fd, None, &key, &redirect_value(t), 0)?;
+                        self.redirects.push((s.clone(), t.clone()));
+                    }
+                    None => match sys::remove_xattr(&fd, None, &key) {
+                        Ok(()) => {}
+                        Err(e) if e.errno() == Errno::NODATA => {}
+                        Err(e) => return Err(e),
+                    },
+                }
+            }
+        }
+        match rustix::fs::unlinkat(&self.journal, JOURNAL, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records `p` in the journal before its redirects are written.
+    fn begin(&mut self, p: Pending) -> Result<()> {
+        use std::io::Write;
+        let fd = rustix::fs::openat(
+            &self.journal,
+            JOURNAL,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let text = serde_json::to_vec(&p).map_err(|_| Errno::INVAL)?;
+        std::fs::File::from(fd).write_all(&text).map_err(ovl_core::Error::from)?;
+        self.pending = Some(p);
+        Ok(())
     }
 
     fn upper(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -365,6 +443,8 @@ impl Cow {
     /// `p1` is about to move to `p2` (swapping with it when `exchange`); a replaced target was
     /// already passed to [`Cow::before_remove`]. Returns the LIVE inodes whose state was copied.
     pub fn before_rename(&mut self, p1: &Path, p2: &Path, exchange: bool) -> Result<Vec<u64>> {
+        self.finish()?;
+        let moved_ino = self.lstat_live(p1)?.st_ino;
         let s1 = self.snap_path(p1)?;
         let s2 = if exchange { self.snap_path(p2)? } else { None };
         if !exchange {
@@ -380,9 +460,8 @@ impl Cow {
             }
         }
         // Redirects into the moved subtrees follow them (both ways for an exchange).
-        let key = self.stack.names().redirect.clone();
-        let upper = self.stack.layer(UPPER).root();
-        for (s, t) in self.redirects.iter_mut() {
+        let mut changes: Vec<(PathBuf, PathBuf)> = Vec::new();
+        for (s, t) in &self.redirects {
             if new_redirects.iter().any(|(ns, _)| ns == s) {
                 continue;
             }
@@ -392,13 +471,22 @@ impl Cow {
                 (Err(_), false) => None,
             };
             if let Some(nt) = moved {
-                let fd = sys::open_dir_path(upper, s)?;
-                sys::set_xattr(&fd, None, &key, &redirect_value(&nt), 0)?;
-                *t = nt;
+                changes.push((s.clone(), nt));
             }
         }
-        for (s, t) in new_redirects {
-            ovl_copyup::set_redirect(&self.stack, &s, &redirect_value(&t))?;
+        changes.extend(new_redirects);
+        if changes.is_empty() {
+            return Ok(copied);
+        }
+        let undo = changes
+            .iter()
+            .map(|(s, _)| (s.clone(), self.redirects.iter().find(|(rs, _)| rs == s).map(|(_, t)| t.clone())))
+            .collect();
+        self.begin(Pending { moved: moved_ino, to: p2.to_path_buf(), undo })?;
+        let key = self.stack.names().redirect.clone();
+        for (s, t) in changes {
+            let fd = sys::open_dir_path(self.upper(), &s)?;
+            sys::set_xattr(&fd, None, &key, &redirect_value(&t), 0)?;
             self.redirects.retain(|(rs, _)| *rs != s);
             self.redirects.push((s, t));
         }

@@ -85,6 +85,7 @@ impl Snapper {
             work,
             (self.live_path.clone(), rustix::io::dup(&self.live)?),
             self.hidden.clone(),
+            rustix::io::dup(store.root())?,
         )
         .context("opening the newest snapshot's layer")?;
         let mut views = Vec::new();
@@ -218,13 +219,27 @@ pub fn rfc3339(secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Ends a change that may have run CoW rules (dropped before the locks it sits with).
+struct Finish<'a>(&'a Snapper);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.cow.lock().as_mut() {
+            if let Err(e) = c.finish() {
+                tracing::error!("settling a directory rename: {e}");
+            }
+        }
+    }
+}
+
 impl ChangeHook for Snapper {
     fn gate(&self, quiet: bool) -> GateGuard<'_> {
         let g = self.gate.read();
         if quiet || self.generation.load(Ordering::Acquire) == 0 {
             Box::new(g)
         } else {
-            Box::new((g, self.views.lock.write()))
+            // Fields drop in order: `Finish` runs while both locks are still held.
+            Box::new((Finish(self), self.views.lock.write(), g))
         }
     }
 
