@@ -165,19 +165,32 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             Target::Abs(p) => p.clone(),
         };
         let mut last_layer = false;
+        // After an absolute redirect: where the layers below this one look (ancestors in this
+        // layer may carry redirects of their own, which rewrite the path, as in the kernel).
+        let mut below: Option<PathBuf> = None;
         if let Target::Abs(p) = &target {
             // An absolute path is walked component by component, as the kernel does: a
             // non-directory or whiteout on the way hides everything below, an opaque directory on
-            // the way stops the layers below this one.
+            // the way stops the layers below this one (unless a redirect further down restarts
+            // them), and a redirect on the way rewrites the path for the layers below.
             match walk_ancestors(stack, layer, p)? {
-                Walk::Missing => continue,
+                Walk::Missing { below } => {
+                    target = Target::Abs(below);
+                    continue;
+                }
                 Walk::Blocked => break,
-                Walk::Open { opaque } => last_layer = opaque,
+                Walk::Open { stop, below: b } => {
+                    last_layer = stop;
+                    below = Some(b);
+                }
             }
         }
         let Some(mut p) = Probe::open(layer.root(), &path)? else {
             if last_layer {
                 break;
+            }
+            if let Some(b) = below {
+                target = Target::Abs(b);
             }
             continue;
         };
@@ -226,22 +239,26 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             Some(_) => {}
         }
         let opaque = Opaque::from_value(p.xattr(&names.opaque)?.as_deref());
-        let redirect = redirect_of(stack, &mut p, &path)?;
+        // The kernel reads no redirect of an opaque dir.
+        let redirect = if opaque == Opaque::Yes { None } else { redirect_of(stack, &mut p, &path)? };
         let dir = found.as_mut().and_then(|f| f.dir.as_mut()).ok_or(Errno::IO)?;
         dir.lowers.push(LowerDir { layer: ld.layer, path, xwhiteouts: opaque == Opaque::XWhiteouts });
-        if opaque == Opaque::Yes || last_layer {
+        // An absolute redirect restarts the layers below even under an opaque ancestor.
+        if opaque == Opaque::Yes || (last_layer && !matches!(redirect, Some(Target::Abs(_)))) {
             break;
         }
         // A dir renamed in a layer that was once an upper layer: the layers below hold it
         // where its redirect says.
-        match redirect {
-            Some(Target::Abs(p)) => {
+        match (redirect, below) {
+            (Some(Target::Abs(p)), _) => {
                 target = Target::Abs(p);
                 list = root_lowers(stack, Some(ld.layer)).into();
                 i = 0;
             }
-            Some(rel) => target = rel,
-            None => {}
+            (Some(Target::Rel(n)), Some(b)) => target = Target::Abs(b.with_file_name(n)),
+            (Some(rel), None) => target = rel,
+            (None, Some(b)) => target = Target::Abs(b),
+            (None, None) => {}
         }
     }
     Ok(found)
@@ -288,30 +305,56 @@ enum Target {
 
 /// What lies on the way to an absolute path in one layer.
 enum Walk {
-    /// Every ancestor is a directory; `opaque` if one of them is opaque.
-    Open { opaque: bool },
-    /// An ancestor is missing: nothing here, look further down.
-    Missing,
+    /// Every ancestor is a directory. `stop`: an opaque one stops the layers below (no later
+    /// absolute redirect restarted them); `below`: the path the layers below look up.
+    Open { stop: bool, below: PathBuf },
+    /// An ancestor is missing: nothing here; the layers below look up `below`.
+    Missing { below: PathBuf },
     /// An ancestor is a non-directory or a whiteout: nothing here or below.
     Blocked,
 }
 
-/// Checks the ancestors of `path` (not `path` itself) in `layer`.
+/// Checks the ancestors of `path` (not `path` itself) in `layer`, the way the kernel walks an
+/// absolute redirect through one layer: the walk stays on `path` in this layer, while each
+/// redirect on the way rewrites what the layers below look for.
 fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> Result<Walk> {
     let mut cur = PathBuf::new();
-    let mut opaque = false;
+    let mut below = PathBuf::new();
+    let mut stop = false;
     let comps: Vec<_> = path.components().collect();
-    for c in &comps[..comps.len().saturating_sub(1)] {
+    let (last, ancestors) = match comps.split_last() {
+        Some((l, a)) => (l.as_os_str(), a),
+        None => return Ok(Walk::Open { stop, below }),
+    };
+    for (i, c) in ancestors.iter().enumerate() {
         cur.push(c);
-        let Some(st) = stat_in(layer.root(), &cur)? else { return Ok(Walk::Missing) };
+        let Some(st) = stat_in(layer.root(), &cur)? else {
+            for rest in &ancestors[i..] {
+                below.push(rest);
+            }
+            below.push(last);
+            return Ok(Walk::Missing { below });
+        };
         if is_whiteout_stat(&st) || FileType::from_raw_mode(st.st_mode) != FileType::Directory {
             return Ok(Walk::Blocked);
         }
-        let (pfd, name) = sys::open_parent(layer.root(), &cur)?;
-        opaque |=
-            Opaque::from_value(sys::get_xattr(&pfd, Some(&name), &stack.names().opaque)?.as_deref()) == Opaque::Yes;
+        let Some(mut p) = Probe::open(layer.root(), &cur)? else { return Ok(Walk::Blocked) };
+        if Opaque::from_value(p.xattr(&stack.names().opaque)?.as_deref()) == Opaque::Yes {
+            stop = true;
+            below.push(c);
+            continue;
+        }
+        match redirect_of(stack, &mut p, &cur)? {
+            Some(Target::Abs(r)) => {
+                stop = false;
+                below = r;
+            }
+            Some(Target::Rel(n)) => below.push(n),
+            None => below.push(c),
+        }
     }
-    Ok(Walk::Open { opaque })
+    below.push(last);
+    Ok(Walk::Open { stop, below })
 }
 
 /// The lower layers below `after` (all of them for `None`), each searched from its root.

@@ -210,13 +210,16 @@ impl Cow {
         sys::lstat_beneath(self.live(), p)
     }
 
-    /// Resolves snapshot path `s` in `u_N` the way the kernel's lookup would.
+    /// Resolves snapshot path `s` in `u_N` the way the kernel's lookup would: an opaque dir on
+    /// the way stops the lookup in LIVE, unless an absolute redirect further down restarts it;
+    /// redirects rewrite where in LIVE the lookup goes.
     fn walk(&self, s: &Path) -> Result<Walk> {
         let names = self.stack.names();
         let comps: Vec<&OsStr> = rel(s).collect();
         let mut lower = PathBuf::new();
         let mut cur = PathBuf::new();
         let mut absent = false;
+        let mut stopped = false;
         for (i, c) in comps.iter().enumerate() {
             let last = i + 1 == comps.len();
             cur.push(c);
@@ -240,24 +243,38 @@ impl Cow {
                 return Ok(Walk { state, lower });
             }
             let fd = sys::open_dir_path(self.upper(), &cur)?;
+            let opaque = ovl_core::Opaque::from_value(sys::get_xattr(&fd, None, &names.opaque)?.as_deref())
+                == ovl_core::Opaque::Yes;
+            if opaque {
+                // The kernel reads no redirect of an opaque dir.
+                stopped = true;
+                lower.push(c);
+                if last {
+                    return Ok(Walk { state: State::Dir { opaque: true }, lower });
+                }
+                continue;
+            }
             match sys::get_xattr(&fd, None, &names.redirect)? {
                 Some(r) => match r.strip_prefix(b"/") {
-                    Some(abs) => lower = PathBuf::from(OsStr::from_bytes(abs)),
+                    Some(abs) => {
+                        lower = PathBuf::from(OsStr::from_bytes(abs));
+                        stopped = false;
+                    }
                     None => lower.push(OsStr::from_bytes(&r)),
                 },
                 None => lower.push(c),
             }
-            let opaque = ovl_core::Opaque::from_value(sys::get_xattr(&fd, None, &names.opaque)?.as_deref())
-                == ovl_core::Opaque::Yes;
             if last {
-                return Ok(Walk { state: State::Dir { opaque }, lower });
-            }
-            if opaque {
-                return Ok(Walk { state: State::Covered, lower });
+                let state = if stopped { State::Covered } else { State::Dir { opaque: false } };
+                return Ok(Walk { state, lower });
             }
         }
         // Only the root (no components) gets here without `absent`.
-        let state = if absent { State::Absent } else { State::Dir { opaque: false } };
+        let state = match (absent, stopped) {
+            (true, true) => State::Covered,
+            (true, false) => State::Absent,
+            (false, _) => State::Dir { opaque: false },
+        };
         Ok(Walk { state, lower })
     }
 
@@ -320,15 +337,16 @@ impl Cow {
 
     /// Object at LIVE `p` is about to change. Returns the LIVE inodes whose old state was copied.
     pub fn before_modify(&self, p: &Path) -> Result<Vec<u64>> {
-        let Some((s, w)) = self.snap_path(p)? else { return Ok(Vec::new()) };
         let st = self.lstat_live(p)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && st.st_nlink > 1 {
+            // Every name of the file may show it in the snapshot, not only the one used now.
+            return self.save_all_names(&st);
+        }
+        let Some((s, w)) = self.snap_path(p)? else { return Ok(Vec::new()) };
         match w.state {
             State::Absent => {
                 self.ensure_parents(&s)?;
                 self.copy(p, &s)?;
-                if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && st.st_nlink > 1 {
-                    self.save_other_names(p, &s, &st)?;
-                }
                 Ok(vec![st.st_ino])
             }
             State::File(dev, ino) if self.shares_inode((dev, ino), p)? => {
@@ -340,23 +358,35 @@ impl Cow {
         }
     }
 
-    /// A file with several LIVE names was saved at `s` (from LIVE `p`): its other names in the
-    /// snapshot become links to that copy, so none of them sees the coming change.
-    fn save_other_names(&self, p: &Path, s: &Path, st: &Stat) -> Result<()> {
-        let (sdir, sname) = sys::open_parent(self.upper(), s)?;
+    /// Saves a file with several LIVE names (`st`) under each name the snapshot shows it by: one
+    /// copy, and links to it for the other names.
+    fn save_all_names(&self, st: &Stat) -> Result<Vec<u64>> {
+        let mut first: Option<PathBuf> = None;
         for q in self.live_names(st)? {
-            if q == p {
-                continue;
+            let Some((s, w)) = self.snap_path(&q)? else { continue };
+            match w.state {
+                State::Absent => {
+                    self.ensure_parents(&s)?;
+                    match &first {
+                        None => {
+                            self.copy(&q, &s)?;
+                            first = Some(s);
+                        }
+                        Some(f) => {
+                            let (fdir, fname) = sys::open_parent(self.upper(), f)?;
+                            let (qdir, qname) = sys::open_parent(self.upper(), &s)?;
+                            rustix::fs::linkat(&fdir, &fname, &qdir, &qname, AtFlags::empty())?;
+                        }
+                    }
+                }
+                State::File(dev, ino) if (dev, ino) == (st.st_dev, st.st_ino) => {
+                    let (sparent, _) = split(&s)?;
+                    ovl_copyup::copy_up_replacing(&self.stack, &Source { layer: LIVE, path: q.clone() }, sparent)?;
+                }
+                _ => {}
             }
-            let Some((sq, wq)) = self.snap_path(&q)? else { continue };
-            if wq.state != State::Absent {
-                continue;
-            }
-            self.ensure_parents(&sq)?;
-            let (qdir, qname) = sys::open_parent(self.upper(), &sq)?;
-            rustix::fs::linkat(&sdir, &sname, &qdir, &qname, AtFlags::empty())?;
         }
-        Ok(())
+        Ok(vec![st.st_ino])
     }
 
     /// Every LIVE path of the inode `st` (a walk of LIVE; only for files with several links).
