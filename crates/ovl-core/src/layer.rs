@@ -2,6 +2,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{Mode, OFlags};
 
@@ -17,7 +18,7 @@ pub struct LayerId(pub u16);
 pub struct Layer {
     id: LayerId,
     path: PathBuf,
-    root: OwnedFd,
+    root: Arc<OwnedFd>,
     dev: u64,
     fs_index: u8,
     uuid: [u8; 16],
@@ -123,7 +124,7 @@ impl LayerStack {
                     id: LayerId(0),
                     uuid: sys::fs_uuid(&ufd),
                     path: upath,
-                    root: ufd,
+                    root: Arc::new(ufd),
                     dev: ust.st_dev,
                     fs_index: idx,
                 },
@@ -144,7 +145,7 @@ impl LayerStack {
                 id: LayerId(next_id),
                 uuid: sys::fs_uuid(&fd),
                 path,
-                root: fd,
+                root: Arc::new(fd),
                 dev: st.st_dev,
                 fs_index: idx,
             });
@@ -170,17 +171,18 @@ impl LayerStack {
     /// of [`LayerStack::open`]: layers may nest (the snapshot store lives inside the directory it
     /// snapshots, hidden from every view) and there may be no lower layer at all. `work` is the
     /// open `WORKDIR/work` of the upper layer; it is used as is, not cleaned. Paths are kept only
-    /// to name the layers in messages.
+    /// to name the layers in messages. The directories are shared, so many stacks over the same
+    /// layers (the snapshot views) cost one descriptor per layer.
     pub fn from_open_dirs(
-        lowers: Vec<(PathBuf, OwnedFd)>,
-        upper: Option<(PathBuf, OwnedFd, OwnedFd)>,
+        lowers: Vec<(PathBuf, Arc<OwnedFd>)>,
+        upper: Option<(PathBuf, Arc<OwnedFd>, OwnedFd)>,
         mut options: MountOptions,
     ) -> Result<Self, Error> {
         options.lowerdirs = lowers.iter().map(|(p, _)| p.clone()).collect();
         options.upperdir = upper.as_ref().map(|(p, _, _)| p.clone());
         options.workdir = options.upperdir.clone();
         let mut devs: Vec<u64> = Vec::new();
-        let mut layer = |id: u16, path: PathBuf, root: OwnedFd| -> Result<Layer, Error> {
+        let mut layer = |id: u16, path: PathBuf, root: Arc<OwnedFd>| -> Result<Layer, Error> {
             let dev = rustix::fs::fstat(&root)?.st_dev;
             let fs_index = match devs.iter().position(|d| *d == dev) {
                 Some(i) => i as u8,

@@ -244,6 +244,12 @@ fn serve(cfg: &daemon::Config) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     rustix::process::umask(rustix::fs::Mode::empty());
+    // Open files of the mount's users are open files of ours: allow as many as we may.
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let _ = rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit { current: lim.maximum, maximum: lim.maximum },
+    );
     let prepared = daemon::prepare(cfg)?;
     let mnt = std::fs::canonicalize(&cfg.mount)?;
     unmount_on_signal(mnt)?;

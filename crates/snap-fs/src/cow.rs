@@ -19,6 +19,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use ovl_copyup::Source;
 use ovl_core::sys;
@@ -98,9 +99,9 @@ fn split(p: &Path) -> Result<(&Path, &OsStr)> {
 impl Cow {
     /// The CoW target `layer` (open) over LIVE (`live`, open), with the work dir `work`.
     pub fn new(
-        layer: (PathBuf, OwnedFd),
+        layer: (PathBuf, Arc<OwnedFd>),
         work: OwnedFd,
-        live: (PathBuf, OwnedFd),
+        live: (PathBuf, Arc<OwnedFd>),
         hidden: Vec<OsString>,
         journal: OwnedFd,
     ) -> Result<Self> {

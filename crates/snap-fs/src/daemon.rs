@@ -113,7 +113,8 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     let (workdir, work) = store.work()?;
     drop(workdir);
     let snapper = Arc::new(Snapper::new(rustix::io::dup(&live_fd)?, live.clone(), store, hidden.clone())?);
-    let stack = LayerStack::from_open_dirs(Vec::new(), Some((live.clone(), live_fd, work)), Default::default())?;
+    let stack =
+        LayerStack::from_open_dirs(Vec::new(), Some((live.clone(), Arc::new(live_fd), work)), Default::default())?;
     let mut overlay = OverlayFs::new(stack)?.with_hook(snapper.clone()).hide_root_name(SNAPDIR_NAME.as_ref());
     for h in &hidden {
         overlay = overlay.hide_root_name(h);

@@ -44,8 +44,10 @@ pub struct Snapper {
     store: Mutex<Store>,
     cow: Mutex<Option<Cow>>,
     pub(crate) views: Arc<Views>,
-    live: OwnedFd,
+    live: Arc<OwnedFd>,
     live_path: PathBuf,
+    /// Each snapshot layer, open.
+    layer_fds: Mutex<std::collections::HashMap<u64, Arc<OwnedFd>>>,
     hidden: Vec<OsString>,
 }
 
@@ -60,8 +62,9 @@ impl Snapper {
             store: Mutex::new(store),
             cow: Mutex::new(None),
             views,
-            live,
+            live: Arc::new(live),
             live_path,
+            layer_fds: Mutex::new(Default::default()),
             hidden,
         };
         s.switch()?;
@@ -73,31 +76,35 @@ impl Snapper {
     fn switch(&self) -> anyhow::Result<()> {
         let store = self.store.lock();
         let snaps = store.snapshots().to_vec();
+        // One open descriptor per layer, shared by the CoW target and every view.
+        let mut fds = self.layer_fds.lock();
+        fds.retain(|id, _| snaps.iter().any(|s| s.id == *id));
+        for s in &snaps {
+            if !fds.contains_key(&s.id) {
+                fds.insert(s.id, Arc::new(store.open_layer(s.id)?));
+            }
+        }
+        let layer = |id: u64| (store.path().join(Store::layer_rel(id)), fds[&id].clone());
+        let live = (self.live_path.clone(), self.live.clone());
         let Some(newest) = snaps.last() else {
             *self.cow.lock() = None;
             self.generation.store(0, Ordering::Release);
-            self.views.set(Vec::new())?;
+            self.views.set(Vec::new());
             return Ok(());
         };
         let (_, work) = store.work()?;
-        let cow = Cow::new(
-            (store.path().join(Store::layer_rel(newest.id)), store.open_layer(newest.id)?),
-            work,
-            (self.live_path.clone(), rustix::io::dup(&self.live)?),
-            self.hidden.clone(),
-            rustix::io::dup(store.root())?,
-        )
-        .context("opening the newest snapshot's layer")?;
-        let mut views = Vec::new();
-        for (i, s) in snaps.iter().enumerate() {
-            let mut layers = Vec::new();
-            for t in &snaps[i..] {
-                layers.push((store.path().join(Store::layer_rel(t.id)), store.open_layer(t.id)?));
-            }
-            layers.push((self.live_path.clone(), rustix::io::dup(&self.live)?));
-            views.push((s.id, s.name.clone(), layers));
-        }
-        self.views.set(views)?;
+        let cow = Cow::new(layer(newest.id), work, live.clone(), self.hidden.clone(), rustix::io::dup(store.root())?)
+            .context("opening the newest snapshot's layer")?;
+        let views = snaps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut layers: Vec<_> = snaps[i..].iter().map(|t| layer(t.id)).collect();
+                layers.push(live.clone());
+                (s.id, s.name.clone(), layers)
+            })
+            .collect();
+        self.views.set(views);
         *self.cow.lock() = Some(cow);
         self.generation.store(newest.id, Ordering::Release);
         Ok(())

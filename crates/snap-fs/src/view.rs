@@ -14,10 +14,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType as FuseType, INodeNo};
@@ -41,6 +42,12 @@ struct ViewStack {
     root: DirLayers,
     /// The id of LIVE in `stack` (the bottom layer).
     live: LayerId,
+}
+
+/// A view's layers, and its stack once built.
+struct ViewDef {
+    layers: Vec<(PathBuf, Arc<OwnedFd>)>,
+    built: OnceLock<Arc<ViewStack>>,
 }
 
 /// What a view path resolves to.
@@ -77,7 +84,7 @@ pub(crate) type Listing = Vec<(OsString, FuseType, u64)>;
 pub(crate) struct Views {
     /// Held exclusively while the CoW rules change layers and LIVE (see the module docs).
     pub lock: RwLock<()>,
-    stacks: RwLock<BTreeMap<u64, Arc<ViewStack>>>,
+    stacks: RwLock<BTreeMap<u64, Arc<ViewDef>>>,
     names: RwLock<BTreeMap<String, u64>>,
     nodes: Mutex<Nodes>,
     files: RwLock<HashMap<u64, Arc<ViewFile>>>,
@@ -104,27 +111,31 @@ impl Views {
     }
 
     /// Replaces the set of views: for each snapshot (id, name), its layers top first and LIVE.
-    pub fn set(&self, views: Vec<(u64, String, Vec<(PathBuf, std::os::fd::OwnedFd)>)>) -> Result<()> {
+    /// A view's stack is built on its first use, so a take costs no work per view.
+    pub fn set(&self, views: Vec<(u64, String, Vec<(PathBuf, Arc<OwnedFd>)>)>) {
         let mut stacks = BTreeMap::new();
         let mut names = BTreeMap::new();
         for (id, name, layers) in views {
-            let live = LayerId(layers.len() as u16 - 1);
-            let stack = LayerStack::from_open_dirs(
-                layers,
-                None,
-                ovl_core::MountOptions { read_only: true, ..Default::default() },
-            )?;
-            let root = DirLayers::root(&stack)?;
-            stacks.insert(id, Arc::new(ViewStack { stack, root, live }));
+            stacks.insert(id, Arc::new(ViewDef { layers, built: OnceLock::new() }));
             names.insert(name, id);
         }
         *self.stacks.write() = stacks;
         *self.names.write() = names;
-        Ok(())
     }
 
     fn stack(&self, snap: u64) -> Result<Arc<ViewStack>> {
-        self.stacks.read().get(&snap).cloned().ok_or_else(|| Errno::STALE.into())
+        let def = self.stacks.read().get(&snap).cloned().ok_or(Errno::STALE)?;
+        if let Some(vs) = def.built.get() {
+            return Ok(vs.clone());
+        }
+        let live = LayerId(def.layers.len() as u16 - 1);
+        let stack = LayerStack::from_open_dirs(
+            def.layers.clone(),
+            None,
+            ovl_core::MountOptions { read_only: true, ..Default::default() },
+        )?;
+        let root = DirLayers::root(&stack)?;
+        Ok(def.built.get_or_init(|| Arc::new(ViewStack { stack, root, live })).clone())
     }
 
     /// Resolves `path` in snapshot `snap`.

@@ -452,6 +452,12 @@ impl SnapMount {
         self.watchdog = Some(watchdog(self.scratch.root.clone(), self.mnt.clone()));
     }
 
+    /// Records that the mount went away without `ovlsnap umount` (a killed daemon, detached).
+    pub fn mark_unmounted(&mut self) {
+        self.watchdog = None;
+        self.mounted = false;
+    }
+
     /// Runs `ovlsnap umount MNT` and checks that it returned after the unmount and the daemon's exit.
     pub fn umount(&mut self) {
         assert!(self.mounted, "not mounted");

@@ -1,0 +1,145 @@
+//! Failures the snapshot store must survive (issue 5, bad input): a full disk during a copy-on-write
+//! copy, and a daemon killed with SIGKILL.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use common::*;
+use rustix::mount::{MountFlags, UnmountFlags};
+
+/// Bytes that differ per seed, so copies cannot be confused.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+fn append(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    OpenOptions::new().append(true).open(path)?.write_all(data)
+}
+
+/// Entries left in the store's work dir (half-made copies).
+fn work_leftovers(live: &Path) -> Vec<String> {
+    names_in(&live.join(".ovlsnap/work/work"))
+}
+
+#[test]
+fn a_full_disk_fails_the_change_and_keeps_the_snapshot() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    // LIVE on a 6 MiB tmpfs, filled so that the copy a change needs does not fit.
+    rustix::mount::mount("tmpfs", m.live(), "tmpfs", MountFlags::empty(), c"size=6m,mode=0755")
+        .expect("mount a small tmpfs on LIVE");
+    let big = pattern(2 << 20, 7);
+    fs::write(m.live().join("big"), &big).unwrap();
+    fs::write(m.live().join("small"), b"small\n").unwrap();
+    m.mount();
+    m.take(Some("s1"));
+    let before = record_tree(&m.view("s1"));
+
+    // A new file costs no copy; it fills the disk so the 2 MiB copy of `big` cannot be made.
+    let filler = m.mnt().join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    let mut written = 0usize;
+    let chunk = vec![0x5au8; 64 << 10];
+    while written < (5 << 20) {
+        match f.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling the disk: {e}");
+                break;
+            }
+        }
+    }
+    drop(f);
+    // Leave less room than `big` needs, but some.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len((written as u64).saturating_sub(1 << 20))
+        .unwrap();
+
+    let err = append(&m.mnt().join("big"), b"more").expect_err("a change whose copy does not fit must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "the change fails with ENOSPC: {err}");
+    assert_eq!(fs::read(m.mnt().join("big")).unwrap(), big, "the failed change did not reach LIVE");
+    assert_same_tree(&before, &record_tree(&m.view("s1")), "s1 after the failed change");
+    assert!(work_leftovers(m.live()).is_empty(), "the failed copy left {:?} in the work dir", work_leftovers(m.live()));
+
+    // With room again the same change goes through, and the snapshot still has the old bytes.
+    fs::remove_file(&filler).unwrap();
+    // The kernel sends FUSE RELEASE after close(2) returns: the space comes back a moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while rustix::fs::statvfs(m.live()).map(|v| v.f_bavail * v.f_frsize).unwrap_or(0) < (5 << 19)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    append(&m.mnt().join("big"), b"more").expect("the change fits now");
+    assert_eq!(fs::read(m.mnt().join("big")).unwrap().len(), big.len() + 4);
+    assert_same_tree(&before, &record_tree(&m.view("s1")), "s1 after the change");
+    let kernel_dir = m.scratch().mkdir("kernel");
+    let k = KernelMount::snapshot(&m, "s1", &kernel_dir);
+    assert_same_tree(&before, &record_tree(k.path()), "kernel view of s1");
+    drop(k);
+    m.umount();
+    rustix::mount::unmount(m.live(), UnmountFlags::DETACH).expect("unmount the tmpfs");
+}
+
+/// The pid of the daemon serving `mnt`.
+fn daemon_pid(mnt: &Path) -> i32 {
+    let out = ovlsnap(&["status".as_ref(), "--json".as_ref(), "--mount".as_ref(), mnt.as_os_str()]);
+    let text = out.expect_ok("ovlsnap status");
+    let at = text.find("\"pid\"").expect("status has a pid");
+    text[at + 6..].trim_start_matches([':', ' ']).split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_killed_daemon_loses_no_snapshot_and_remount_cleans_up() {
+    for form in [Form::Stacked, Form::Separate] {
+        let mut m = SnapMount::start(form, |live| {
+            fs::create_dir_all(live.join("d/e")).unwrap();
+            fs::write(live.join("d/e/f"), b"one\n").unwrap();
+            fs::write(live.join("g"), pattern(100_000, 1)).unwrap();
+            fs::set_permissions(live.join("g"), fs::Permissions::from_mode(0o640)).unwrap();
+        });
+        m.take(Some("s1"));
+        let s1 = record_tree(m.mnt());
+        fs::write(m.mnt().join("d/e/f"), b"two\n").unwrap();
+        fs::rename(m.mnt().join("d"), m.mnt().join("d2")).unwrap();
+        fs::remove_file(m.mnt().join("g")).unwrap();
+        fs::write(m.mnt().join("h"), b"new\n").unwrap();
+        m.take(Some("s2"));
+        let s2 = record_tree(m.mnt());
+        fs::write(m.mnt().join("d2/e/f"), b"three\n").unwrap();
+        let live_now = record_tree(m.mnt());
+
+        let pid = daemon_pid(m.mnt());
+        rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
+            .expect("kill -9 the daemon");
+        while Path::new(&format!("/proc/{pid}/exe")).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // The dead mount answers ENOTCONN until it is detached, as for any FUSE daemon.
+        rustix::mount::unmount(m.mnt(), UnmountFlags::DETACH).expect("detach the dead mount");
+        // What a crash in the middle of a copy or a take leaves: a half-made copy in the work dir
+        // and a layer no snapshot owns yet.
+        fs::write(m.live().join(".ovlsnap/work/work/#ovl.half-made"), b"partial").unwrap();
+        fs::create_dir(m.live().join(".ovlsnap/layers/99")).unwrap();
+
+        m.mark_unmounted();
+        m.mount();
+        assert_same_tree(&s1, &record_tree(&m.view("s1")), "s1 after the kill and remount");
+        assert_same_tree(&s2, &record_tree(&m.view("s2")), "s2 after the kill and remount");
+        assert_same_tree(&live_now, &record_tree(m.mnt()), "LIVE after the kill and remount");
+        let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["s1", "s2"]);
+        // Changes after the remount still go through the copy-on-write rules.
+        fs::write(m.mnt().join("d2/e/f"), b"four\n").unwrap();
+        assert_same_tree(&s2, &record_tree(&m.view("s2")), "s2 after a change following the remount");
+        m.umount();
+        assert!(work_leftovers(m.live()).is_empty(), "the half-made copy was not removed");
+        assert!(!m.live().join(".ovlsnap/layers/99").exists(), "the orphan layer was not removed");
+    }
+}
