@@ -28,6 +28,7 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::enum_variant_names)] // `MountCmd` is the `mount-cmd` subcommand
 enum Cmd {
     /// Start serving LIVE with snapshots at MNT (default: over LIVE itself).
     #[command(after_help = "Examples:\n  ovlsnap mount /data\n  ovlsnap mount --store /data/.snaps /data /mnt/data")]

@@ -290,7 +290,7 @@ impl Cow {
             .iter()
             .filter_map(|(s, t)| p.strip_prefix(t).ok().map(|rest| (t.as_os_str().len(), s.join(rest))))
             .collect();
-        cands.sort_by(|a, b| b.0.cmp(&a.0));
+        cands.sort_by_key(|c| std::cmp::Reverse(c.0));
         cands.push((0, p.to_path_buf()));
         for (_, s) in cands {
             let w = self.walk(&s)?;
@@ -396,7 +396,7 @@ impl Cow {
         let mut todo = vec![PathBuf::new()];
         while let Some(dir) = todo.pop() {
             for e in sys::read_dir(self.live(), &dir)? {
-                if dir.as_os_str().is_empty() && self.hidden.iter().any(|h| *h == e.name) {
+                if dir.as_os_str().is_empty() && self.hidden.contains(&e.name) {
                     continue;
                 }
                 let p = dir.join(&e.name);

@@ -64,12 +64,12 @@ impl SnapFs {
     }
 }
 
-macro_rules! route_ro {
-    ($self:ident, $ino:expr, $reply:ident, $live:expr) => {
+/// Answers `EROFS` for a change aimed at a view.
+macro_rules! refuse_in_view {
+    ($ino:expr, $reply:ident) => {
         if is_view($ino) {
             return $reply.error(erofs());
         }
-        $live
     };
 }
 
@@ -129,7 +129,7 @@ impl Filesystem for SnapFs {
         flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        route_ro!(self, ino, reply, ());
+        refuse_in_view!(ino, reply);
         self.live
             .setattr(req, ino, mode, uid, gid, size, atime, mtime, ctime, fh, crtime, chgtime, bkuptime, flags, reply)
     }
@@ -145,27 +145,27 @@ impl Filesystem for SnapFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        route_ro!(self, parent, reply, ());
+        refuse_in_view!(parent, reply);
         self.live.mknod(req, parent, name, mode, umask, rdev, reply)
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        route_ro!(self, parent, reply, ());
+        refuse_in_view!(parent, reply);
         self.live.mkdir(req, parent, name, mode, umask, reply)
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        route_ro!(self, parent, reply, ());
+        refuse_in_view!(parent, reply);
         self.live.unlink(req, parent, name, reply)
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        route_ro!(self, parent, reply, ());
+        refuse_in_view!(parent, reply);
         self.live.rmdir(req, parent, name, reply)
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        route_ro!(self, parent, reply, ());
+        refuse_in_view!(parent, reply);
         self.live.symlink(req, parent, link_name, target, reply)
     }
 
@@ -237,7 +237,7 @@ impl Filesystem for SnapFs {
         lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        route_ro!(self, ino, reply, ());
+        refuse_in_view!(ino, reply);
         self.live.write(req, ino, fh, offset, data, write_flags, flags, lock_owner, reply)
     }
 
@@ -366,7 +366,7 @@ impl Filesystem for SnapFs {
         position: u32,
         reply: ReplyEmpty,
     ) {
-        route_ro!(self, ino, reply, ());
+        refuse_in_view!(ino, reply);
         self.live.setxattr(req, ino, name, value, flags, position, reply)
     }
 
@@ -394,7 +394,7 @@ impl Filesystem for SnapFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        route_ro!(self, ino, reply, ());
+        refuse_in_view!(ino, reply);
         self.live.removexattr(req, ino, name, reply)
     }
 
@@ -418,7 +418,7 @@ impl Filesystem for SnapFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        route_ro!(self, parent, reply, ());
+        refuse_in_view!(parent, reply);
         self.live.create(req, parent, name, mode, umask, flags, reply)
     }
 
@@ -432,7 +432,7 @@ impl Filesystem for SnapFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        route_ro!(self, ino, reply, ());
+        refuse_in_view!(ino, reply);
         self.live.fallocate(req, ino, fh, offset, length, mode, reply)
     }
 

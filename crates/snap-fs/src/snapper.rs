@@ -80,8 +80,8 @@ impl Snapper {
         let mut fds = self.layer_fds.lock();
         fds.retain(|id, _| snaps.iter().any(|s| s.id == *id));
         for s in &snaps {
-            if !fds.contains_key(&s.id) {
-                fds.insert(s.id, Arc::new(store.open_layer(s.id)?));
+            if let std::collections::hash_map::Entry::Vacant(e) = fds.entry(s.id) {
+                e.insert(Arc::new(store.open_layer(s.id)?));
             }
         }
         let layer = |id: u64| (store.path().join(Store::layer_rel(id)), fds[&id].clone());

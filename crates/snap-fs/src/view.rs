@@ -44,9 +44,12 @@ struct ViewStack {
     live: LayerId,
 }
 
+/// A layer's path (for messages) and its open root, shared by every stack that uses it.
+pub(crate) type SharedLayer = (PathBuf, Arc<OwnedFd>);
+
 /// A view's layers, and its stack once built.
 struct ViewDef {
-    layers: Vec<(PathBuf, Arc<OwnedFd>)>,
+    layers: Vec<SharedLayer>,
     built: OnceLock<Arc<ViewStack>>,
 }
 
@@ -112,7 +115,7 @@ impl Views {
 
     /// Replaces the set of views: for each snapshot (id, name), its layers top first and LIVE.
     /// A view's stack is built on its first use, so a take costs no work per view.
-    pub fn set(&self, views: Vec<(u64, String, Vec<(PathBuf, Arc<OwnedFd>)>)>) {
+    pub fn set(&self, views: Vec<(u64, String, Vec<SharedLayer>)>) {
         let mut stacks = BTreeMap::new();
         let mut names = BTreeMap::new();
         for (id, name, layers) in views {
