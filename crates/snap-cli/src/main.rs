@@ -80,6 +80,34 @@ enum Cmd {
         #[arg(long)]
         mount: Option<PathBuf>,
     },
+    /// What changed from snapshot A to snapshot B (default: the live tree): `+` added, `-` deleted,
+    /// `M` modified (data, type or metadata), `R` renamed directory.
+    #[command(after_help = "Examples:\n  ovlsnap diff monday\n  ovlsnap diff monday tuesday --json")]
+    Diff {
+        /// The older snapshot.
+        a: String,
+        /// The newer snapshot (default: the live tree).
+        b: Option<String>,
+        /// Print JSON: {\"changes\": [...], \"examined\": N}.
+        #[arg(long)]
+        json: bool,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Make the live tree exactly snapshot NAME's tree, online. Every snapshot survives: the
+    /// restore's own changes are saved into the newest one like any other change.
+    #[command(after_help = "Examples:\n  ovlsnap restore monday --dry-run\n  ovlsnap restore monday")]
+    Restore {
+        /// The snapshot.
+        name: String,
+        /// Only print what would change.
+        #[arg(long)]
+        dry_run: bool,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
     /// Who serves a mount: daemon pid, LIVE, store.
     Status {
         /// The mount (default: the one containing the current directory).
@@ -124,6 +152,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", v.as_str().context("bad answer")?);
             Ok(())
         }
+        Cmd::Diff { a, b, json, mount } => {
+            let mnt = resolve_mount(mount)?;
+            let v = control::call(&mnt, &Request::Diff { a, b })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let report: snap_fs::diff::Report = serde_json::from_value(v)?;
+                for c in &report.changes {
+                    println!("{}", snap_fs::diff::show(c));
+                }
+            }
+            Ok(())
+        }
+        Cmd::Restore { name, dry_run, mount } => restore(&resolve_mount(mount)?, &name, dry_run),
         Cmd::Status { mount, json } => {
             let mnt = resolve_mount(mount)?;
             let v = control::call(&mnt, &Request::Status)?;
@@ -199,6 +241,60 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         println!("{:<4} {:<28} {:<21} {:>12} {:>8}", l.id, l.name, l.created, human(l.layer_bytes), l.entries);
     }
     Ok(())
+}
+
+/// Replays the differences from snapshot `name` to LIVE through the mount until there are none.
+fn restore(mnt: &Path, name: &str, dry_run: bool) -> anyhow::Result<()> {
+    use snap_fs::diff::{Change, Report};
+    use snap_fs::restore::shown;
+    let view = mnt.join(snap_fs::SNAPDIR_NAME).join(name);
+    const ROUNDS: usize = 8;
+    for round in 0..ROUNDS {
+        let report: Report =
+            serde_json::from_value(control::call(mnt, &Request::Diff { a: name.to_string(), b: None })?)?;
+        if report.changes.is_empty() {
+            if round == 0 {
+                println!("{} already equals snapshot {name}", mnt.display());
+            } else {
+                println!("restored {} to snapshot {name}", mnt.display());
+            }
+            return Ok(());
+        }
+        if dry_run {
+            for c in &report.changes {
+                match c {
+                    Change::Added { path } => println!("remove   {}", shown(path).display()),
+                    Change::Deleted { path, .. } => println!("restore  {}", shown(path).display()),
+                    Change::Modified { path, .. } => println!("replace  {}", shown(path).display()),
+                    Change::Renamed { path, to } => {
+                        println!("move     {} back to {}", shown(to).display(), shown(path).display())
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let bar = progress(report.changes.len() as u64, &format!("restoring {name}"));
+        snap_fs::restore::apply(mnt, &view, &report.changes, &|_| bar.inc(1))?;
+        bar.finish_and_clear();
+    }
+    bail!(
+        "{} still differs from snapshot {name} after {ROUNDS} rounds (is something changing it meanwhile?)",
+        mnt.display()
+    )
+}
+
+/// A progress bar on stderr when it is a terminal, else nothing.
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
 }
 
 fn human(b: u64) -> String {

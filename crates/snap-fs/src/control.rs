@@ -37,6 +37,13 @@ pub enum Request {
     },
     /// Who serves the mount.
     Status,
+    /// The differences from snapshot `a` to snapshot `b` (or LIVE).
+    Diff {
+        /// The older snapshot.
+        a: String,
+        /// The newer snapshot; LIVE when absent.
+        b: Option<String>,
+    },
 }
 
 /// The daemon's answer.
@@ -138,6 +145,7 @@ fn answer(req: Request, snapper: &Snapper, status: &Status) -> anyhow::Result<se
         Request::List => serde_json::to_value(snapper.list()?)?,
         Request::MountCmd { name, dir } => serde_json::to_value(snapper.mount_cmd(&name, &dir, &status.mount)?)?,
         Request::Status => serde_json::to_value(status)?,
+        Request::Diff { a, b } => serde_json::to_value(snapper.diff(&a, b.as_deref())?)?,
     })
 }
 

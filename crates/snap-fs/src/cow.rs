@@ -18,10 +18,12 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ovl_copyup::Source;
+
+use crate::layerwalk::{State, Walk, layer_walk, rel};
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Result, is_whiteout_stat};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
@@ -31,29 +33,6 @@ use serde::{Deserialize, Serialize};
 const UPPER: LayerId = LayerId(0);
 /// LIVE in the copy-up stack.
 const LIVE: LayerId = LayerId(1);
-
-/// What `u_N` says about a snapshot path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum State {
-    /// A parent in `u_N` is a whiteout, a non-dir or opaque: `u_N` alone decides.
-    Covered,
-    /// Nothing in `u_N`: the view shows LIVE at the lower path.
-    Absent,
-    /// A whiteout: not in the snapshot.
-    Whiteout,
-    /// A saved non-directory.
-    File(u64, u64),
-    /// A saved directory.
-    Dir { opaque: bool },
-}
-
-/// A snapshot path as `u_N` resolves it.
-#[derive(Debug)]
-struct Walk {
-    state: State,
-    /// Where the view looks in LIVE for this path (when `u_N` does not decide alone).
-    lower: PathBuf,
-}
 
 /// The CoW target: the newest snapshot's layer.
 #[derive(Debug)]
@@ -84,13 +63,6 @@ struct Pending {
 
 /// The journal file in the store.
 const JOURNAL: &str = "rename-in-progress.json";
-
-fn rel(p: &Path) -> impl Iterator<Item = &OsStr> {
-    p.components().filter_map(|c| match c {
-        Component::Normal(n) => Some(n),
-        _ => None,
-    })
-}
 
 fn split(p: &Path) -> Result<(&Path, &OsStr)> {
     Ok((p.parent().unwrap_or(Path::new("")), p.file_name().ok_or(Errno::INVAL)?))
@@ -211,72 +183,9 @@ impl Cow {
         sys::lstat_beneath(self.live(), p)
     }
 
-    /// Resolves snapshot path `s` in `u_N` the way the kernel's lookup would: an opaque dir on
-    /// the way stops the lookup in LIVE, unless an absolute redirect further down restarts it;
-    /// redirects rewrite where in LIVE the lookup goes.
+    /// Resolves snapshot path `s` in `u_N` (see [`layer_walk`]).
     fn walk(&self, s: &Path) -> Result<Walk> {
-        let names = self.stack.names();
-        let comps: Vec<&OsStr> = rel(s).collect();
-        let mut lower = PathBuf::new();
-        let mut cur = PathBuf::new();
-        let mut absent = false;
-        let mut stopped = false;
-        for (i, c) in comps.iter().enumerate() {
-            let last = i + 1 == comps.len();
-            cur.push(c);
-            if absent {
-                lower.push(c);
-                continue;
-            }
-            let Some(st) = self.lstat_upper(&cur)? else {
-                absent = true;
-                lower.push(c);
-                continue;
-            };
-            let ft = FileType::from_raw_mode(st.st_mode);
-            if ft != FileType::Directory {
-                lower.push(c);
-                let state = match (last, is_whiteout_stat(&st)) {
-                    (false, _) => State::Covered,
-                    (true, true) => State::Whiteout,
-                    (true, false) => State::File(st.st_dev, st.st_ino),
-                };
-                return Ok(Walk { state, lower });
-            }
-            let fd = sys::open_dir_path(self.upper(), &cur)?;
-            let opaque = ovl_core::Opaque::from_value(sys::get_xattr(&fd, None, &names.opaque)?.as_deref())
-                == ovl_core::Opaque::Yes;
-            if opaque {
-                // The kernel reads no redirect of an opaque dir.
-                stopped = true;
-                lower.push(c);
-                if last {
-                    return Ok(Walk { state: State::Dir { opaque: true }, lower });
-                }
-                continue;
-            }
-            match sys::get_xattr(&fd, None, &names.redirect)? {
-                Some(r) => match r.strip_prefix(b"/") {
-                    Some(abs) => {
-                        lower = PathBuf::from(OsStr::from_bytes(abs));
-                        stopped = false;
-                    }
-                    None => lower.push(OsStr::from_bytes(&r)),
-                },
-                None => lower.push(c),
-            }
-            if last {
-                let state = if stopped { State::Covered } else { State::Dir { opaque: false } };
-                return Ok(Walk { state, lower });
-            }
-        }
-        // Only the root (no components) gets here without `absent`.
-        let state = match (absent, stopped) {
-            (true, true) => State::Covered,
-            (true, false) => State::Absent,
-            (false, _) => State::Dir { opaque: false },
-        };
-        Ok(Walk { state, lower })
+        layer_walk(self.upper(), self.stack.names(), s)
     }
 
     /// The snapshot path of the object now at LIVE path `p`, if the snapshot shows it there

@@ -14,7 +14,10 @@
 pub mod control;
 mod cow;
 pub mod daemon;
+pub mod diff;
 mod fs;
+mod layerwalk;
+pub mod restore;
 pub mod snapper;
 pub mod store;
 mod view;

@@ -153,6 +153,38 @@ impl Snapper {
     }
 }
 
+impl Snapper {
+    /// The differences from snapshot `a` to snapshot `b` (newer), or to LIVE without `b`.
+    pub fn diff(&self, a: &str, b: Option<&str>) -> anyhow::Result<crate::diff::Report> {
+        // No change is half-made while we read the layers.
+        let _views = self.views.lock.read();
+        let store = self.store.lock();
+        let snaps = store.snapshots();
+        let index =
+            |n: &str| snaps.iter().position(|s| s.name == n).with_context(|| format!("no snapshot named {n:?}"));
+        let ia = index(a)?;
+        let ib = match b {
+            Some(b) => index(b)?,
+            None => snaps.len(),
+        };
+        if ib < ia {
+            anyhow::bail!("{a:?} is newer than {:?}: give the older snapshot first", b.unwrap_or("LIVE"));
+        }
+        let fds = self.layer_fds.lock();
+        let layer =
+            |id: u64| -> (PathBuf, Arc<OwnedFd>) { (store.path().join(Store::layer_rel(id)), fds[&id].clone()) };
+        let live = (self.live_path.clone(), self.live.clone());
+        let stack = |from: usize| -> anyhow::Result<ovl_core::LayerStack> {
+            let mut layers: Vec<_> = snaps[from..].iter().map(|s| layer(s.id)).collect();
+            layers.push(live.clone());
+            let opts = ovl_core::MountOptions { read_only: true, ..Default::default() };
+            Ok(ovl_core::LayerStack::from_open_dirs(layers, None, opts)?)
+        };
+        let (sa, sb) = (stack(ia)?, stack(ib)?);
+        Ok(crate::diff::Differ::new(&sa, &sb, ib - ia, &self.hidden).run()?)
+    }
+}
+
 /// Lists a store's snapshots with their usage.
 pub fn list_store(store: &Store) -> anyhow::Result<Vec<Listed>> {
     let mut out = Vec::new();

@@ -1,0 +1,196 @@
+//! Restore: make LIVE equal to a snapshot's tree, online, by replaying the differences as ordinary
+//! changes through the mount. The changes go through the CoW rules like any other, so every
+//! snapshot, newer ones included, keeps its tree. Each round diffs again and applies what is left,
+//! so a restore interrupted by a kill is finished by running it again.
+//!
+//! Objects come from the snapshot's view (`MNT/.snapshots/NAME`); a replaced file is written next
+//! to its target and renamed over it, so LIVE never shows a half-written file.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rustix::fs::{AtFlags, CWD, Timespec, Timestamps};
+
+use crate::diff::Change;
+
+/// Applies `changes` (from the snapshot whose view is `view` to the live tree at `mnt`); calls
+/// `step` after each. Renames come first (outermost first) and end the round when there are any;
+/// then removals, then copies.
+pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)) -> Result<()> {
+    let live = |p: &Path| mnt.join(p);
+    let snap = |p: &Path| view.join(p);
+    let mut renames: Vec<&Change> = changes.iter().filter(|c| matches!(c, Change::Renamed { .. })).collect();
+    renames.sort_by_key(|c| match c {
+        Change::Renamed { path, .. } => path.components().count(),
+        _ => 0,
+    });
+    // Moving dirs changes where everything below them is: the next round diffs again.
+    let moved = !renames.is_empty();
+    for c in renames {
+        let Change::Renamed { path, to } = c else { continue };
+        // Only when the place is free of anything but what the snapshot has there, and the
+        // parent exists: otherwise a later round does it (or a copy takes its place).
+        if live(path).parent().is_some_and(|p| p.is_dir()) && live(to).is_dir() && !path.starts_with(to) {
+            if fs::symlink_metadata(live(path)).is_ok() {
+                remove(&live(path))?;
+            }
+            fs::rename(live(to), live(path))
+                .with_context(|| format!("moving /{} back to /{}", to.display(), path.display()))?;
+        }
+        step(c);
+    }
+    if moved {
+        return Ok(());
+    }
+    for c in changes {
+        if let Change::Added { path } = c {
+            if fs::symlink_metadata(live(path)).is_ok() {
+                remove(&live(path))?;
+            }
+            step(c);
+        }
+    }
+    for c in changes {
+        match c {
+            Change::Deleted { path, at } => {
+                if fs::symlink_metadata(live(at)).is_ok() {
+                    remove(&live(at))?;
+                }
+                if live(at).parent().is_some_and(|p| p.is_dir()) {
+                    copy_tree(&snap(path), &live(at))?;
+                }
+                step(c);
+            }
+            Change::Modified { path, at } => {
+                let src = fs::symlink_metadata(snap(path)).with_context(|| format!("reading /{}", path.display()))?;
+                let dst = fs::symlink_metadata(live(at)).ok();
+                match dst {
+                    Some(d) if d.is_dir() && src.is_dir() => copy_meta(&snap(path), &live(at), &src)?,
+                    Some(d) if d.is_dir() => {
+                        remove(&live(at))?;
+                        copy_tree(&snap(path), &live(at))?;
+                    }
+                    _ => replace(&snap(path), &live(at), &src)?,
+                }
+                step(c);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Removes a file or a whole tree.
+fn remove(p: &Path) -> Result<()> {
+    let m = fs::symlink_metadata(p)?;
+    if m.is_dir() { fs::remove_dir_all(p) } else { fs::remove_file(p) }
+        .with_context(|| format!("removing {}", p.display()))
+}
+
+/// Puts a copy of `src` (not a dir) at `dst`, atomically replacing what is there.
+fn replace(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<()> {
+    if meta.is_dir() {
+        if fs::symlink_metadata(dst).is_ok() {
+            remove(dst)?;
+        }
+        return copy_tree(src, dst);
+    }
+    let name = dst.file_name().context("no file name")?;
+    let mut tmp_name = b".ovlsnap-restore.".to_vec();
+    tmp_name.extend_from_slice(name.as_bytes());
+    let tmp = dst.with_file_name(OsStr::from_bytes(&tmp_name));
+    let _ = fs::remove_file(&tmp);
+    copy_tree(src, &tmp)?;
+    fs::rename(&tmp, dst).with_context(|| format!("replacing {}", dst.display()))?;
+    Ok(())
+}
+
+/// Copies `src` to `dst` (which must not exist): type, data, owner, mode, times, xattrs; dirs with
+/// everything below them.
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    let m = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
+    let ft = m.file_type();
+    if ft.is_dir() {
+        fs::create_dir(dst).with_context(|| format!("creating {}", dst.display()))?;
+        for e in fs::read_dir(src)? {
+            let e = e?;
+            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+        }
+    } else if ft.is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
+    } else if ft.is_file() {
+        fs::copy(src, dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    } else {
+        let kind = if ft.is_fifo() {
+            rustix::fs::FileType::Fifo
+        } else if ft.is_char_device() {
+            rustix::fs::FileType::CharacterDevice
+        } else if ft.is_block_device() {
+            rustix::fs::FileType::BlockDevice
+        } else {
+            rustix::fs::FileType::Socket
+        };
+        rustix::fs::mknodat(CWD, dst, kind, rustix::fs::Mode::from_raw_mode(0o600), m.rdev())?;
+    }
+    copy_meta(src, dst, &m)
+}
+
+/// Gives `dst` the owner, mode, xattrs and times of `src` (metadata `m`).
+fn copy_meta(src: &Path, dst: &Path, m: &fs::Metadata) -> Result<()> {
+    let symlink = m.file_type().is_symlink();
+    rustix::fs::chownat(
+        CWD,
+        dst,
+        Some(rustix::fs::Uid::from_raw(m.uid())),
+        Some(rustix::fs::Gid::from_raw(m.gid())),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    if !symlink {
+        fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        let want = list(src);
+        let have = list(dst);
+        for k in &have {
+            if !want.contains(k) && !k.starts_with(b"security.") {
+                let _ = rustix::fs::removexattr(dst, k.as_slice());
+            }
+        }
+        for k in &want {
+            if k.starts_with(b"security.") {
+                continue;
+            }
+            if let Some(v) = get(src, k) {
+                rustix::fs::setxattr(dst, k.as_slice(), &v, rustix::fs::XattrFlags::empty())?;
+            }
+        }
+    }
+    let ts = |s: i64, ns: i64| Timespec { tv_sec: s as _, tv_nsec: ns as _ };
+    let times =
+        Timestamps { last_access: ts(m.atime(), m.atime_nsec()), last_modification: ts(m.mtime(), m.mtime_nsec()) };
+    rustix::fs::utimensat(CWD, dst, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// The xattr names of `p` (not following a symlink there is not needed: never called on one).
+fn list(p: &Path) -> Vec<Vec<u8>> {
+    let Ok(n) = rustix::fs::listxattr_query(p) else { return Vec::new() };
+    let mut raw = vec![0u8; n];
+    let Ok(len) = rustix::fs::listxattr(p, &mut raw[..]) else { return Vec::new() };
+    raw[..len].split(|b| *b == 0).filter(|k| !k.is_empty()).map(|k| k.to_vec()).collect()
+}
+
+fn get(p: &Path, k: &[u8]) -> Option<Vec<u8>> {
+    let n = rustix::fs::getxattr_query(p, k).ok()?;
+    let mut v = vec![0u8; n];
+    let len = rustix::fs::getxattr(p, k, &mut v[..]).ok()?;
+    v.truncate(len);
+    Some(v)
+}
+
+/// Where the live copy of snapshot path `p` goes: for messages.
+pub fn shown(p: &Path) -> PathBuf {
+    Path::new("/").join(p)
+}
