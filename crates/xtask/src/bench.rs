@@ -1,24 +1,38 @@
-//! `cargo xtask bench-compare [--quick] [--json]`: the same workload on the kernel's overlayfs,
-//! fuse-overlayfs (when installed) and a release build of `ovlfs`, side by side (issue 7).
+//! `cargo xtask bench-compare [--quick] [--json] [--runs N] [--only PHASE]`: the same workload on
+//! the kernel's overlayfs, fuse-overlayfs (when installed) and a release build of `ovlfs`, side by
+//! side (issue 7), and the snapshots of a release build of `ovlsnap` (issue 5).
 //!
-//! One run generates the layers once (two lower layers with merged directories, two big files of
-//! real data, directories of 1000 entries) in a fresh ext4 filesystem in a loop image in the temp
-//! dir (why not the temp dir itself: see [`layers::LoopFs`]), then for each repetition mounts every
-//! backend in turn on a fresh, empty upper and work dir on that ext4 and runs the measurements of
-//! [`ops`]. A second phase repeats the big copy-up on XFS with reflink, in another loop image. The medians and their ratios to the kernel go to a table ([`report`]), or with `--json`
-//! to stdout as JSON (the table and the progress then go to stderr).
+//! A run has three phases ([`Phase`]; `--only` picks one):
+//! - `ext4`: generates the layers once (two lower layers with merged directories, two big files of
+//!   real data, directories of 1000 entries) in a fresh ext4 filesystem in a loop image in the temp
+//!   dir (why not the temp dir itself: see [`layers::LoopFs`]), then for each repetition mounts
+//!   every backend in turn on a fresh, empty upper and work dir on that ext4 and runs the
+//!   measurements of [`ops`];
+//! - `xfs`: repeats the big copy-up on XFS with reflink, in another loop image;
+//! - `snapshots`: `ovlsnap` on a third, ext4, loop image ([`snapshots`]): the latency of a take
+//!   with 1k, 10k and 100k files in the tree (the `ovlsnap take` command from start to exit, and
+//!   the control-socket request alone) and with 100 snapshots in the store, and sequential write
+//!   throughput (1 MiB writes, `fsync`) on a mount with a snapshot against without one (a new
+//!   file, and an existing file overwritten in place, whose first write after a take copies it).
+//!   Only ovlsnap has snapshots: these rows are "n/a" for the kernel and fuse-overlayfs, and
+//!   ovlsnap's numbers stand in the ovlfs column.
 //!
-//! Every mount, loop device and scratch directory has a guard that undoes it on drop, so an error
-//! or a panic halfway still leaves the machine as it was (an interrupt with Ctrl-C does not run
-//! them: then `umount` the mounts under `$TMPDIR/ovlfs-bench.PID` and `losetup -d` its devices).
+//! The medians, their ratios to the kernel and the targets go to a table ([`report`]), or with
+//! `--json` to stdout as JSON (the table and the progress then go to stderr). The release builds
+//! (`cargo build --release -p ovl-fs`, `-p snap-cli`) use the workspace's target dir
+//! (`CARGO_TARGET_DIR` honoured); if `ovlsnap` does not build, the snapshot rows say so and the
+//! other phases still run.
 //!
-//! Snapshot measurements (take at 1k/10k/100k files, write throughput with a snapshot active) are
-//! reported as "n/a (issue 5)" until `ovlsnap` exists.
+//! Every mount (overlays and `ovlsnap` alike), loop device and scratch directory has a guard that
+//! undoes it on drop, so an error or a panic halfway still leaves the machine as it was (an
+//! interrupt with Ctrl-C does not run them: then `umount` the mounts under
+//! `$TMPDIR/ovlfs-bench.PID`, which ends their daemons, and `losetup -d` its devices).
 
 mod layers;
 mod mounts;
 mod ops;
 mod report;
+mod snapshots;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,9 +55,36 @@ pub struct Options {
     pub json: bool,
     /// Override the number of repetitions.
     pub runs: Option<usize>,
+    /// Run only this phase.
+    pub only: Option<Phase>,
 }
 
-/// Runs the whole comparison.
+/// A part of the run, with its own loop image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    /// The overlay workload on ext4 (every row but the XFS copy-up and the snapshot rows).
+    Ext4,
+    /// The big copy-up on XFS with reflink.
+    Xfs,
+    /// ovlsnap: take latency at 1k/10k/100k files, write throughput with and without a snapshot.
+    Snapshots,
+}
+
+impl Phase {
+    /// Every phase, in the order a run goes through them.
+    pub const ALL: [Phase; 3] = [Phase::Ext4, Phase::Xfs, Phase::Snapshots];
+
+    /// The name on the command line and in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Ext4 => "ext4",
+            Phase::Xfs => "xfs",
+            Phase::Snapshots => "snapshots",
+        }
+    }
+}
+
+/// Runs the whole comparison (or the one phase asked for).
 pub fn run(options: &Options) -> Result<()> {
     if !prereqs::is_root()? {
         bail!("bench-compare mounts overlays, drops caches and sets up a loop device, so it must run as root");
@@ -52,31 +93,51 @@ pub fn run(options: &Options) -> Result<()> {
     let pressure = Pressure::read();
     let scale = if options.quick { Scale::quick() } else { Scale::full() };
     let runs = options.runs.unwrap_or(scale.runs).max(1);
+    let phases: Vec<Phase> = options.only.map_or(Phase::ALL.to_vec(), |phase| vec![phase]);
+    let overlays = phases.iter().any(|phase| *phase != Phase::Snapshots);
     let backends = Backend::available();
 
-    progress("==> building release ovlfs (cargo build --release -p ovl-fs)");
-    let ovlfs = build_release_ovlfs()?;
+    let ovlfs = if overlays {
+        progress("==> building release ovlfs (cargo build --release -p ovl-fs)");
+        Some(build_release("ovl-fs", "ovlfs")?)
+    } else {
+        None
+    };
+    let ovlsnap = if phases.contains(&Phase::Snapshots) {
+        progress("==> building release ovlsnap (cargo build --release -p snap-cli)");
+        match build_release("snap-cli", "ovlsnap") {
+            // With nothing else to measure, a failed build is the answer.
+            Err(err) if !overlays => return Err(err),
+            built => Some(built),
+        }
+    } else {
+        None
+    };
 
     let scratch = Scratch::create()?;
-    let ext4 = LoopFs::create(&scratch.dir, "ext4", FsKind::Ext4, 6)?;
-    progress(&format!("==> generating layers in {} ({})", ext4.dir.display(), scale.describe()));
-    let generated = Instant::now();
-    let layers = Layers::generate(&ext4.dir, &scale)?;
-    progress(&format!("    done in {:.1}s", generated.elapsed().as_secs_f64()));
-
-    let mut results = Results::new(&backends, runs, scale.clone());
-    for rep in 1..=runs {
-        for &backend in &backends {
-            progress(&format!("==> ext4 run {rep}/{runs}: {}", backend.name()));
-            ext4_run(backend, &ovlfs, &scratch, &ext4, &layers, &scale, &mut results)?;
+    let mut results = Results::new(&backends, &phases, runs, scale.clone());
+    if let Some(ovlfs) = &ovlfs {
+        if phases.contains(&Phase::Ext4) {
+            ext4_phase(&backends, ovlfs, &scratch, &scale, runs, &mut results)?;
+        }
+        if phases.contains(&Phase::Xfs) {
+            progress("==> XFS with reflink: loop image");
+            xfs_phase(&backends, ovlfs, &scratch, &scale, runs, &mut results)?;
         }
     }
-
-    progress("==> XFS with reflink: loop image");
-    xfs_phase(&backends, &ovlfs, &scratch, &scale, runs, &mut results)?;
+    match &ovlsnap {
+        Some(Ok(ovlsnap)) => {
+            progress("==> snapshots: ext4 loop image");
+            snapshots::phase(ovlsnap, &scratch, &scale, runs, &mut results)?;
+        }
+        Some(Err(err)) => {
+            progress(&format!("==> snapshots: skipped, ovlsnap did not build: {err:#}"));
+            snapshots::record_failed(&mut results, &format!("build: {err:#}"));
+        }
+        None => {}
+    }
 
     results.set_elapsed(started.elapsed(), pressure.and_then(Pressure::since));
-    drop(ext4);
     drop(scratch);
     let table = results.table();
     if options.json {
@@ -85,6 +146,30 @@ pub fn run(options: &Options) -> Result<()> {
         writeln!(stdout, "{}", results.json()).context("writing the JSON results")?;
     } else {
         println!("\n{table}");
+    }
+    Ok(())
+}
+
+/// The ext4 phase: the layers, generated once in their loop image, then `runs` repetitions of
+/// every backend.
+fn ext4_phase(
+    backends: &[Backend],
+    ovlfs: &Path,
+    scratch: &Scratch,
+    scale: &Scale,
+    runs: usize,
+    results: &mut Results,
+) -> Result<()> {
+    let ext4 = LoopFs::create(&scratch.dir, "ext4", FsKind::Ext4, 6)?;
+    progress(&format!("==> generating layers in {} ({})", ext4.dir.display(), scale.describe()));
+    let generated = Instant::now();
+    let layers = Layers::generate(&ext4.dir, scale)?;
+    progress(&format!("    done in {:.1}s", generated.elapsed().as_secs_f64()));
+    for rep in 1..=runs {
+        for &backend in backends {
+            progress(&format!("==> ext4 run {rep}/{runs}: {}", backend.name()));
+            ext4_run(backend, ovlfs, scratch, &ext4, &layers, scale, results)?;
+        }
     }
     Ok(())
 }
@@ -227,20 +312,21 @@ fn xfs_phase(
     Ok(())
 }
 
-/// `cargo build --release -p ovl-fs`, its output on stderr; returns the `ovlfs` binary.
-fn build_release_ovlfs() -> Result<PathBuf> {
+/// `cargo build --release -p PACKAGE`, its output on stderr; returns its binary `name` in the
+/// workspace's target dir.
+fn build_release(package: &str, name: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "-p", "ovl-fs"])
+        .args(["build", "--release", "-p", package])
         .current_dir(crate::workspace_root())
         .stdin(Stdio::null())
         .stdout(Stdio::from(std::io::stderr()))
         .status()
         .context("could not start cargo")?;
     if !status.success() {
-        bail!("`cargo build --release -p ovl-fs` failed ({status})");
+        bail!("`cargo build --release -p {package}` failed ({status})");
     }
-    let binary = crate::target_dir().join("release/ovlfs");
+    let binary = crate::target_dir().join("release").join(name);
     if !binary.is_file() {
         bail!("the build produced no {}", binary.display());
     }

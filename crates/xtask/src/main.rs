@@ -9,7 +9,8 @@
 //! - `install`: release build of the binaries, copied into `PREFIX/bin`.
 //! - `mount`: a sample set of layers in a directory, mounted with `ovlfs`, left for a person to explore.
 //! - `demo`: the product end to end with narrated steps, checking each result and cleaning up after itself.
-//! - `bench-compare`: the same workload on the kernel's overlay, fuse-overlayfs and ovlfs; medians and ratios.
+//! - `bench-compare`: the same workload on the kernel's overlay, fuse-overlayfs and ovlfs; medians and ratios;
+//!   and ovlsnap's snapshots (take latency, write throughput with a snapshot).
 //!
 //! Architecture Invariant: xtask knows nothing about the workspace's crates as code. It never depends on
 //! them; it only builds them with cargo and runs the binaries they produce, exactly as a user would.
@@ -65,17 +66,23 @@ enum Task {
     },
     /// Show ovlfs end to end on sample layers, then clean up (needs root).
     Demo,
-    /// Time the kernel overlay, fuse-overlayfs and a release ovlfs on the same layers (needs root).
+    /// Time the kernel overlay, fuse-overlayfs and a release ovlfs on the same layers, and a
+    /// release ovlsnap's snapshots (needs root).
     BenchCompare {
-        /// One run instead of five (same workload): under a minute instead of a few.
+        /// One run instead of five (same overlay workload; fewer snapshot takes, 64 MiB snapshot
+        /// writes): under a minute instead of a few.
         #[arg(long)]
         quick: bool,
         /// Print the results as JSON on stdout (the table and progress go to stderr).
         #[arg(long)]
         json: bool,
         /// Repetitions of each measurement (default: 5, or 1 with --quick); the median is reported.
+        /// Snapshot takes are repeated 15 times per tree and way (7 with --quick) regardless.
         #[arg(long)]
         runs: Option<usize>,
+        /// Run only this phase (e.g. `--only snapshots` for ovlsnap alone).
+        #[arg(long, value_enum, value_name = "PHASE")]
+        only: Option<bench::Phase>,
     },
 }
 
@@ -97,7 +104,7 @@ fn run(task: Task) -> Result<()> {
         Task::Install { prefix } => install::run(&prefix),
         Task::Mount { dir } => mount::run(&dir),
         Task::Demo => demo::run(),
-        Task::BenchCompare { quick, json, runs } => bench::run(&bench::Options { quick, json, runs }),
+        Task::BenchCompare { quick, json, runs, only } => bench::run(&bench::Options { quick, json, runs, only }),
     }
 }
 

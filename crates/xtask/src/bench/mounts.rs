@@ -175,15 +175,16 @@ pub fn quiet(program: impl AsRef<OsStr>, args: &[&OsStr]) -> Result<()> {
 }
 
 /// Runs `program` and returns what it printed on stdout; fails unless it exits 0.
-pub fn quiet_output(program: &str, args: &[&OsStr]) -> Result<String> {
+pub fn quiet_output(program: impl AsRef<OsStr>, args: &[&OsStr]) -> Result<String> {
+    let program = program.as_ref();
     let output = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
-        .with_context(|| format!("could not start {program}"))?;
+        .with_context(|| format!("could not start {}", program.to_string_lossy()))?;
     if !output.status.success() {
-        bail!("`{}` failed ({})", shown(program.as_ref(), args), output.status);
+        bail!("`{}` failed ({})", shown(program, args), output.status);
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

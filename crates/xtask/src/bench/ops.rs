@@ -1,6 +1,6 @@
 //! The measurements themselves: plain file operations through a mount point, timed from the caller's
 //! side exactly as an application would see them. Each returns an [`Outcome`] in the metric's unit
-//! (milliseconds, or MB/s for reads) rather than failing the whole run.
+//! (milliseconds, MB/s for reads, MiB/s for writes) rather than failing the whole run.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::layers::{mark_block, pattern_block};
 use super::mounts::quiet;
 
 /// What one measurement gave.
@@ -25,7 +26,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn millis(elapsed: Duration) -> Outcome {
+    /// A duration in milliseconds.
+    pub fn millis(elapsed: Duration) -> Outcome {
         Outcome::Value(elapsed.as_secs_f64() * 1e3)
     }
 
@@ -167,6 +169,39 @@ fn sample_lstat(paths: &[PathBuf], stop: &AtomicBool) -> io::Result<Vec<Duration
     Ok(latencies)
 }
 
+/// Where [`write_seq`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteInto {
+    /// A new file (`O_CREAT | O_EXCL`).
+    NewFile,
+    /// An existing file of at least the size written, from offset 0, without truncating it.
+    InPlace,
+}
+
+/// Opens `path`, writes `mib` MiB of pseudo-random data in writes of 1 MiB, `fsync`s and closes
+/// it; the time covers all of that. MiB/s.
+pub fn write_seq(path: &Path, mib: u64, into: WriteInto) -> Outcome {
+    let mut block = pattern_block(mib ^ 0x5eed);
+    let mut write = || -> io::Result<Duration> {
+        let start = Instant::now();
+        let mut file = match into {
+            WriteInto::NewFile => OpenOptions::new().write(true).create_new(true).open(path)?,
+            WriteInto::InPlace => OpenOptions::new().write(true).open(path)?,
+        };
+        for index in 0..mib {
+            mark_block(&mut block, index);
+            file.write_all(&block)?;
+        }
+        file.sync_all()?;
+        drop(file);
+        Ok(start.elapsed())
+    };
+    match write() {
+        Ok(elapsed) => Outcome::Value(mib as f64 / elapsed.as_secs_f64()),
+        Err(err) => Outcome::Failed(format!("write {}: {err}", path.display())),
+    }
+}
+
 /// Creates `dir`, then `count` files of 4 KiB in it. Milliseconds.
 pub fn create_files(dir: &Path, count: usize) -> Outcome {
     let content = [b'c'; 4096];
@@ -233,6 +268,25 @@ mod tests {
         assert_eq!(wrong, Outcome::Failed("walk saw 4 entries, expected 5".to_owned()));
         assert!(matches!(renamed, Outcome::Value(_)), "{renamed:?}");
         assert!(matches!(moved, Outcome::Value(_)), "{moved:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn sequential_writes_create_or_overwrite_in_place() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("xtask-bench-write-{}", std::process::id()));
+        fs::create_dir_all(&root)?;
+        fs::write(root.join("old"), vec![0u8; 3 << 20])?;
+        let fresh = write_seq(&root.join("new"), 2, WriteInto::NewFile);
+        let again = write_seq(&root.join("new"), 2, WriteInto::NewFile);
+        let in_place = write_seq(&root.join("old"), 2, WriteInto::InPlace);
+        let (new_len, old) = (fs::metadata(root.join("new"))?.len(), fs::read(root.join("old"))?);
+        fs::remove_dir_all(&root)?;
+        assert!(matches!(fresh, Outcome::Value(v) if v > 0.0), "{fresh:?}");
+        assert!(matches!(again, Outcome::Failed(_)), "a second write into a new file must fail: {again:?}");
+        assert!(matches!(in_place, Outcome::Value(_)), "{in_place:?}");
+        assert_eq!(new_len, 2 << 20);
+        assert_eq!(old.len(), 3 << 20, "an in-place write does not truncate");
+        assert!(old[..2 << 20].iter().any(|&b| b != 0) && old[2 << 20..].iter().all(|&b| b == 0));
         Ok(())
     }
 

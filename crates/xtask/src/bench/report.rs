@@ -1,9 +1,13 @@
-//! What is measured, the targets of issue 7, and the results: medians, ratios to the kernel, a table
-//! for people and JSON for machines (written by hand: xtask keeps to `anyhow` and `clap`).
+//! What is measured, the targets of issues 5 and 7, and the results: medians, ratios to the kernel,
+//! a table for people and JSON for machines (written by hand: xtask keeps to `anyhow` and `clap`).
+//!
+//! The snapshot rows measure `ovlsnap`, which only we have: they go in the `ovlfs` column (our
+//! release build) and are "n/a" for the kernel and fuse-overlayfs.
 
 use std::fmt::Write;
 use std::time::Duration;
 
+use super::Phase;
 use super::layers::Scale;
 use super::mounts::{Backend, fuse_overlayfs_version};
 use super::ops::Outcome;
@@ -36,14 +40,35 @@ pub enum Metric {
     RenameDir1k,
     /// Move another such directory with `mv` (copy and delete where rename gives `EXDEV`).
     MvDir1k,
-    /// Snapshot take with 1k files (issue 5).
+    /// `ovlsnap take` with 1k files in LIVE, from the command's start to its exit.
     SnapshotTake1k,
-    /// Snapshot take with 10k files (issue 5).
+    /// The same with 10k files.
     SnapshotTake10k,
-    /// Snapshot take with 100k files (issue 5).
+    /// The same with 100k files.
     SnapshotTake100k,
-    /// Write throughput with a snapshot active, relative to without (issue 5).
+    /// `ovlsnap take` with 1k files and [`MANY_SNAPSHOTS`] snapshots already in the store.
+    SnapshotTakeManySnapshots,
+    /// A take as one request on the daemon's control socket (connect, request, reply), 1k files.
+    SnapshotTakeSocket1k,
+    /// The same with 10k files.
+    SnapshotTakeSocket10k,
+    /// The same with 100k files.
+    SnapshotTakeSocket100k,
+    /// Sequential write (1 MiB writes, fsync) of a new file on an ovlsnap mount, no snapshot.
+    WriteNoSnapshot,
+    /// The same into another new file after a take: a new file needs no copy, so this is the
+    /// per-write cost of the copy-on-write check.
+    WriteNewWithSnapshot,
+    /// [`Metric::WriteNewWithSnapshot`] / [`Metric::WriteNoSnapshot`], per run.
     WriteWithSnapshot,
+    /// Overwrite of an existing file in place (no truncate, from offset 0), no snapshot.
+    OverwriteNoSnapshot,
+    /// The same right after a take: the first write copies the whole file into the snapshot.
+    OverwriteFirstAfterTake,
+    /// The same once more: the file is saved, so writes should run at full speed again.
+    OverwriteAgainAfterTake,
+    /// [`Metric::OverwriteFirstAfterTake`] / [`Metric::OverwriteNoSnapshot`], per run.
+    OverwriteAfterTakeRatio,
 }
 
 /// How a metric is judged against the kernel.
@@ -55,11 +80,23 @@ enum Target {
     RatioTo(Metric, f64),
     /// ovlfs's value is at most this many milliseconds.
     Millis(f64),
+    /// At most this many milliseconds, and flat in tree size: at most [`FLAT_FACTOR`] times the
+    /// median of `base` (the smallest tree) plus [`FLAT_SLACK_MS`] (so that noise on a
+    /// millisecond does not count as growth).
+    MillisFlat(f64, Metric),
+    /// The value (a ratio) is at least this.
+    AtLeast(f64),
     /// No target; reported for information.
     None,
-    /// A target for a measurement that does not exist yet.
-    Pending(&'static str),
 }
+
+/// How many snapshots exist before the takes of [`Metric::SnapshotTakeManySnapshots`].
+pub const MANY_SNAPSHOTS: usize = 100;
+
+/// How much slower than with the smallest tree a take may be and still count as flat.
+const FLAT_FACTOR: f64 = 2.0;
+/// Added to the allowance of [`FLAT_FACTOR`].
+const FLAT_SLACK_MS: f64 = 1.0;
 
 impl Metric {
     /// Every row, in table order.
@@ -79,7 +116,17 @@ impl Metric {
         Metric::SnapshotTake1k,
         Metric::SnapshotTake10k,
         Metric::SnapshotTake100k,
+        Metric::SnapshotTakeManySnapshots,
+        Metric::SnapshotTakeSocket1k,
+        Metric::SnapshotTakeSocket10k,
+        Metric::SnapshotTakeSocket100k,
+        Metric::WriteNoSnapshot,
+        Metric::WriteNewWithSnapshot,
         Metric::WriteWithSnapshot,
+        Metric::OverwriteNoSnapshot,
+        Metric::OverwriteFirstAfterTake,
+        Metric::OverwriteAgainAfterTake,
+        Metric::OverwriteAfterTakeRatio,
     ];
 
     /// The metrics of the main ext4 sequence (one mount).
@@ -114,15 +161,57 @@ impl Metric {
             Metric::SnapshotTake1k => "snapshot_take_1k",
             Metric::SnapshotTake10k => "snapshot_take_10k",
             Metric::SnapshotTake100k => "snapshot_take_100k",
+            Metric::SnapshotTakeManySnapshots => "snapshot_take_1k_100_snapshots",
+            Metric::SnapshotTakeSocket1k => "snapshot_take_socket_1k",
+            Metric::SnapshotTakeSocket10k => "snapshot_take_socket_10k",
+            Metric::SnapshotTakeSocket100k => "snapshot_take_socket_100k",
+            Metric::WriteNoSnapshot => "write_no_snapshot",
+            Metric::WriteNewWithSnapshot => "write_new_with_snapshot",
             Metric::WriteWithSnapshot => "write_with_snapshot",
+            Metric::OverwriteNoSnapshot => "overwrite_no_snapshot",
+            Metric::OverwriteFirstAfterTake => "overwrite_first_after_take",
+            Metric::OverwriteAgainAfterTake => "overwrite_again_after_take",
+            Metric::OverwriteAfterTakeRatio => "overwrite_after_take_ratio",
         }
+    }
+
+    /// The phase of the run that measures it.
+    pub fn phase(self) -> Phase {
+        match self {
+            Metric::CopyupBigXfs => Phase::Xfs,
+            Metric::SnapshotTake1k
+            | Metric::SnapshotTake10k
+            | Metric::SnapshotTake100k
+            | Metric::SnapshotTakeManySnapshots
+            | Metric::SnapshotTakeSocket1k
+            | Metric::SnapshotTakeSocket10k
+            | Metric::SnapshotTakeSocket100k
+            | Metric::WriteNoSnapshot
+            | Metric::WriteNewWithSnapshot
+            | Metric::WriteWithSnapshot
+            | Metric::OverwriteNoSnapshot
+            | Metric::OverwriteFirstAfterTake
+            | Metric::OverwriteAgainAfterTake
+            | Metric::OverwriteAfterTakeRatio => Phase::Snapshots,
+            _ => Phase::Ext4,
+        }
+    }
+
+    /// Measured on ovlsnap only (in the ovlfs column; the overlays have no snapshots).
+    fn ovlsnap_only(self) -> bool {
+        self.phase() == Phase::Snapshots
     }
 
     /// The unit of the values.
     fn unit(self) -> &'static str {
         match self {
             Metric::ReadBigHot => "MB/s",
-            Metric::WriteWithSnapshot => "ratio",
+            Metric::WriteNoSnapshot
+            | Metric::WriteNewWithSnapshot
+            | Metric::OverwriteNoSnapshot
+            | Metric::OverwriteFirstAfterTake
+            | Metric::OverwriteAgainAfterTake => "MiB/s",
+            Metric::WriteWithSnapshot | Metric::OverwriteAfterTakeRatio => "ratio",
             _ => "ms",
         }
     }
@@ -130,7 +219,7 @@ impl Metric {
     /// Higher values are better (throughput); ratios are then inverted so that, for every row,
     /// a ratio above 1 means slower than the kernel.
     fn higher_is_better(self) -> bool {
-        matches!(self, Metric::ReadBigHot | Metric::WriteWithSnapshot)
+        matches!(self.unit(), "MB/s" | "MiB/s" | "ratio")
     }
 
     fn target(self) -> Target {
@@ -148,9 +237,19 @@ impl Metric {
             Metric::RenameDir1k => Target::Ratio(3.0),
             Metric::MvDir1k => Target::None,
             Metric::SnapshotTake1k | Metric::SnapshotTake10k | Metric::SnapshotTake100k => {
-                Target::Pending("<= 10 ms, flat in tree size")
+                Target::MillisFlat(10.0, Metric::SnapshotTake1k)
             }
-            Metric::WriteWithSnapshot => Target::Pending(">= 0.9 of without"),
+            Metric::SnapshotTakeSocket1k | Metric::SnapshotTakeSocket10k | Metric::SnapshotTakeSocket100k => {
+                Target::MillisFlat(10.0, Metric::SnapshotTakeSocket1k)
+            }
+            Metric::SnapshotTakeManySnapshots => Target::Millis(10.0),
+            Metric::WriteWithSnapshot => Target::AtLeast(0.9),
+            Metric::WriteNoSnapshot
+            | Metric::WriteNewWithSnapshot
+            | Metric::OverwriteNoSnapshot
+            | Metric::OverwriteFirstAfterTake
+            | Metric::OverwriteAgainAfterTake
+            | Metric::OverwriteAfterTakeRatio => Target::None,
         }
     }
 
@@ -159,14 +258,10 @@ impl Metric {
             Target::Ratio(ratio) => format!("<= {ratio}x kernel"),
             Target::RatioTo(other, ratio) => format!("<= {ratio}x kernel {}", other.id()),
             Target::Millis(ms) => format!("<= {ms} ms"),
+            Target::MillisFlat(ms, _) => format!("<= {ms} ms, flat in tree size"),
+            Target::AtLeast(ratio) => format!(">= {ratio} (with / without)"),
             Target::None => "-".to_owned(),
-            Target::Pending(text) => text.to_owned(),
         }
-    }
-
-    /// Not measurable until `ovlsnap` exists.
-    fn pending(self) -> bool {
-        matches!(self.target(), Target::Pending(_))
     }
 }
 
@@ -193,6 +288,7 @@ enum Summary {
 /// Every sample of a run, and the context to report them in.
 pub struct Results {
     backends: Vec<Backend>,
+    phases: Vec<Phase>,
     runs: usize,
     scale: Scale,
     samples: Vec<(Metric, Backend, Outcome)>,
@@ -228,10 +324,11 @@ impl Pressure {
 }
 
 impl Results {
-    /// No samples yet.
-    pub fn new(backends: &[Backend], runs: usize, scale: Scale) -> Results {
+    /// No samples yet; the report will show the metrics of `phases`.
+    pub fn new(backends: &[Backend], phases: &[Phase], runs: usize, scale: Scale) -> Results {
         Results {
             backends: backends.to_vec(),
+            phases: phases.to_vec(),
             runs,
             scale,
             samples: Vec::new(),
@@ -243,6 +340,11 @@ impl Results {
     /// Adds one sample.
     pub fn record(&mut self, metric: Metric, backend: Backend, outcome: Outcome) {
         self.samples.push((metric, backend, outcome));
+    }
+
+    /// The metrics of the phases that ran, in table order.
+    fn metrics(&self) -> impl Iterator<Item = Metric> + '_ {
+        Metric::ALL.iter().copied().filter(|m| self.phases.contains(&m.phase()))
     }
 
     /// How long the whole run took, and the pressure stalls during it.
@@ -300,14 +402,18 @@ impl Results {
                 Some(ours / self.median_of(other, Backend::Kernel)? <= limit)
             }
             Target::Millis(limit) => Some(self.median_of(metric, Backend::Ovlfs)? <= limit),
-            Target::None | Target::Pending(_) => None,
+            Target::MillisFlat(limit, base) => {
+                let ours = self.median_of(metric, Backend::Ovlfs)?;
+                let flat =
+                    metric == base || ours <= FLAT_FACTOR * self.median_of(base, Backend::Ovlfs)? + FLAT_SLACK_MS;
+                Some(ours <= limit && flat)
+            }
+            Target::AtLeast(limit) => Some(self.median_of(metric, Backend::Ovlfs)? >= limit),
+            Target::None => None,
         }
     }
 
     fn verdict(&self, metric: Metric) -> String {
-        if metric.pending() {
-            return "n/a (issue 5)".to_owned();
-        }
         match (self.target_met(metric), self.summary(metric, Backend::Ovlfs), metric.target()) {
             (Some(true), ..) => "met".to_owned(),
             (Some(false), ..) => "NOT met".to_owned(),
@@ -318,8 +424,8 @@ impl Results {
     }
 
     fn cell(&self, metric: Metric, backend: Backend) -> String {
-        if metric.pending() {
-            return "n/a (issue 5)".to_owned();
+        if metric.ovlsnap_only() && backend != Backend::Ovlfs {
+            return "n/a".to_owned();
         }
         match self.summary(metric, backend) {
             Summary::Median { median, failures, .. } => {
@@ -354,27 +460,43 @@ impl Results {
         let _ = writeln!(
             out,
             "(x) = time relative to the kernel overlay in the same run (for MB/s: kernel's MB/s / this); \
-             above 1 = slower.\n"
+             above 1 = slower."
         );
+        if self.phases.contains(&Phase::Snapshots) {
+            let _ = writeln!(
+                out,
+                "snapshot rows measure ovlsnap (release build), shown in the ovlfs column; the overlays have no \
+                 snapshots.\n  snapshot_take_*: `ovlsnap take` from start to exit, in a fresh store (up to {} \
+                 snapshots; *_100_snapshots: with {MANY_SNAPSHOTS}); snapshot_take_socket_*: the control-socket \
+                 request alone.\n  write_*/overwrite_*: 1 MiB writes + fsync through an ovlsnap \
+                 mount on ext4; *_ratio and write_with_snapshot: with / without a snapshot, per run.",
+                2 * self.scale.snapshot_takes
+            );
+        }
+        out.push('\n');
         let mut header = vec!["metric".to_owned(), "unit".to_owned()];
         header.extend(self.backends.iter().map(|b| b.name().to_owned()));
         header.extend(["target (ovlfs)".to_owned(), "ovlfs vs target".to_owned()]);
         let mut rows = vec![header];
-        for &metric in Metric::ALL {
+        for metric in self.metrics() {
             let mut row = vec![metric.id().to_owned(), metric.unit().to_owned()];
             row.extend(self.backends.iter().map(|&b| self.cell(metric, b)));
             row.extend([metric.target_text(), self.verdict(metric)]);
             rows.push(row);
         }
         out.push_str(&markdown_table(&rows));
-        let failures: Vec<String> = self
-            .samples
-            .iter()
-            .filter_map(|(m, b, o)| match o {
-                Outcome::Failed(why) => Some(format!("  {} / {}: {why}", m.id(), b.name())),
-                _ => None,
-            })
-            .collect();
+        // One line per backend and reason (a failed build fails every snapshot row alike).
+        let mut grouped: Vec<(Backend, &str, Vec<&str>)> = Vec::new();
+        for (metric, backend, outcome) in &self.samples {
+            let Outcome::Failed(why) = outcome else { continue };
+            match grouped.iter_mut().find(|(b, w, _)| b == backend && w == why) {
+                Some((_, _, ids)) if ids.contains(&metric.id()) => {}
+                Some((_, _, ids)) => ids.push(metric.id()),
+                None => grouped.push((*backend, why, vec![metric.id()])),
+            }
+        }
+        let failures: Vec<String> =
+            grouped.iter().map(|(b, why, ids)| format!("  {} / {}: {why}", ids.join(", "), b.name())).collect();
         if !failures.is_empty() {
             let _ = writeln!(out, "\nfailures:\n{}", failures.join("\n"));
         }
@@ -387,12 +509,21 @@ impl Results {
         let _ = writeln!(out, "  \"schema\": \"ovlsnap-bench-compare/1\",");
         let _ = writeln!(out, "  \"quick\": {},", self.scale.quick);
         let _ = writeln!(out, "  \"runs\": {},", self.runs);
+        let phases: Vec<String> = self.phases.iter().map(|p| string(p.name())).collect();
+        let _ = writeln!(out, "  \"phases\": [{}],", phases.join(", "));
         let s = &self.scale;
         let _ = writeln!(
             out,
             "  \"scale\": {{\"dirs\": {}, \"files_per_dir\": {}, \"big_mib\": {}, \"create_files\": {}, \
-             \"unlink_files\": {}, \"rename_dir_files\": {}}},",
-            s.dirs, s.files_per_dir, s.big_mib, s.create_files, s.unlink_files, s.rename_dir_files
+             \"unlink_files\": {}, \"rename_dir_files\": {}, \"snapshot_takes\": {}, \"snapshot_write_mib\": {}}},",
+            s.dirs,
+            s.files_per_dir,
+            s.big_mib,
+            s.create_files,
+            s.unlink_files,
+            s.rename_dir_files,
+            s.snapshot_takes,
+            s.snapshot_write_mib
         );
         let machine: Vec<String> = machine().iter().map(|(k, v)| format!("{}: {}", string(k), string(v))).collect();
         let _ = writeln!(out, "  \"machine\": {{{}}},", machine.join(", "));
@@ -404,7 +535,7 @@ impl Results {
         let backends: Vec<String> = self.backends.iter().map(|b| string(b.name())).collect();
         let _ = writeln!(out, "  \"backends\": [{}],", backends.join(", "));
         out.push_str("  \"metrics\": [\n");
-        let metrics: Vec<String> = Metric::ALL.iter().map(|&m| self.metric_json(m)).collect();
+        let metrics: Vec<String> = self.metrics().map(|m| self.metric_json(m)).collect();
         out.push_str(&metrics.join(",\n"));
         out.push_str("\n  ]\n}");
         out
@@ -417,8 +548,8 @@ impl Results {
         };
         let mut results = Vec::new();
         for &backend in &self.backends {
-            let body = if metric.pending() {
-                "{\"status\": \"n/a\", \"detail\": \"needs ovlsnap (issue 5)\"}".to_owned()
+            let body = if metric.ovlsnap_only() && backend != Backend::Ovlfs {
+                "{\"status\": \"n/a\", \"detail\": \"no snapshots\"}".to_owned()
             } else {
                 match self.summary(metric, backend) {
                     Summary::Median { median, values, failures } => {
@@ -440,10 +571,13 @@ impl Results {
             };
             results.push(format!("{}: {body}", string(backend.name())));
         }
+        // Which of ours the `ovlfs` result measures.
+        let system = if metric.ovlsnap_only() { "ovlsnap" } else { "ovlfs" };
         format!(
-            "    {{\"id\": {}, \"unit\": {}, \"higher_is_better\": {}, \"target\": {}, \"ovlfs_target_met\": {met}, \
-             \"results\": {{{}}}}}",
+            "    {{\"id\": {}, \"system\": {}, \"unit\": {}, \"higher_is_better\": {}, \"target\": {}, \
+             \"ovlfs_target_met\": {met}, \"results\": {{{}}}}}",
             string(metric.id()),
+            string(system),
             string(metric.unit()),
             metric.higher_is_better(),
             string(&metric.target_text()),
@@ -586,7 +720,7 @@ mod tests {
     #[test]
     fn ratios_are_time_ratios_and_targets_are_judged() {
         let backends = [Backend::Kernel, Backend::Ovlfs];
-        let mut results = Results::new(&backends, 1, Scale::quick());
+        let mut results = Results::new(&backends, &[Phase::Ext4], 1, Scale::quick());
         results.record(Metric::WalkCold, Backend::Kernel, Outcome::Value(100.0));
         results.record(Metric::WalkCold, Backend::Ovlfs, Outcome::Value(140.0));
         results.record(Metric::ReadBigHot, Backend::Kernel, Outcome::Value(2000.0));
@@ -598,13 +732,55 @@ mod tests {
         assert_eq!(results.verdict(Metric::WalkCold), "met");
         assert_eq!(results.verdict(Metric::ReadBigHot), "NOT met");
         assert_eq!(results.verdict(Metric::RenameDir1k), "not supported yet");
-        assert_eq!(results.verdict(Metric::SnapshotTake1k), "n/a (issue 5)");
         assert_eq!(results.cell(Metric::WalkCold, Backend::Ovlfs), "140 (1.40x)");
         let table = results.table();
         assert!(table.contains("EXDEV (not supported yet)"), "{table}");
+        assert!(!table.contains("snapshot_take_1k") && !table.contains("copyup_big_xfs"), "{table}");
         let json = results.json();
         assert!(json.contains("\"ratio_to_kernel\": 1.4"), "{json}");
         assert!(json.contains("\"status\": \"unsupported\""), "{json}");
+    }
+
+    #[test]
+    fn snapshot_rows_are_ovlsnap_only_and_judged_flat_and_by_ratio() {
+        let backends = [Backend::Kernel, Backend::Ovlfs];
+        let mut results = Results::new(&backends, &[Phase::Snapshots], 1, Scale::quick());
+        for (metric, ms) in [
+            (Metric::SnapshotTake1k, 2.0),
+            (Metric::SnapshotTake10k, 4.5),
+            (Metric::SnapshotTake100k, 6.0),
+            (Metric::SnapshotTakeSocket1k, 1.0),
+            (Metric::SnapshotTakeSocket100k, 12.0),
+            (Metric::WriteWithSnapshot, 0.95),
+            (Metric::OverwriteAfterTakeRatio, 0.4),
+        ] {
+            results.record(metric, Backend::Ovlfs, Outcome::Value(ms));
+        }
+        assert_eq!(results.verdict(Metric::SnapshotTake1k), "met");
+        assert_eq!(results.verdict(Metric::SnapshotTake10k), "met", "4.5 <= 2 x 2.0 + 1");
+        assert_eq!(results.verdict(Metric::SnapshotTake100k), "NOT met", "6.0 > 2 x 2.0 + 1: grows");
+        assert_eq!(results.verdict(Metric::SnapshotTakeSocket100k), "NOT met", "over 10 ms");
+        assert_eq!(results.verdict(Metric::SnapshotTakeSocket10k), "unknown (no number)");
+        assert_eq!(results.verdict(Metric::WriteWithSnapshot), "met");
+        assert_eq!(results.verdict(Metric::OverwriteAfterTakeRatio), "-");
+        assert_eq!(results.cell(Metric::SnapshotTake1k, Backend::Kernel), "n/a");
+        assert_eq!(results.cell(Metric::SnapshotTake1k, Backend::Ovlfs), "2.00");
+        let table = results.table();
+        assert!(table.contains("snapshot rows measure ovlsnap") && !table.contains("walk_cold"), "{table}");
+        let json = results.json();
+        assert!(json.contains("\"system\": \"ovlsnap\"") && json.contains("\"status\": \"n/a\""), "{json}");
+    }
+
+    #[test]
+    fn failures_are_listed_once_per_reason() {
+        let mut results = Results::new(&[Backend::Ovlfs], &[Phase::Snapshots], 2, Scale::quick());
+        for metric in [Metric::SnapshotTake1k, Metric::SnapshotTake1k, Metric::WriteNoSnapshot] {
+            results.record(metric, Backend::Ovlfs, Outcome::Failed("build".to_owned()));
+        }
+        results.record(Metric::WriteNoSnapshot, Backend::Ovlfs, Outcome::Failed("EIO".to_owned()));
+        let table = results.table();
+        assert!(table.contains("\n  snapshot_take_1k, write_no_snapshot / ovlfs: build\n"), "{table}");
+        assert!(table.contains("\n  write_no_snapshot / ovlfs: EIO"), "{table}");
     }
 
     #[test]
