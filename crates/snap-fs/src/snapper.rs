@@ -89,22 +89,16 @@ impl Snapper {
         let Some(newest) = snaps.last() else {
             *self.cow.lock() = None;
             self.generation.store(0, Ordering::Release);
-            self.views.set(Vec::new());
+            self.views.set(Vec::new(), Vec::new());
             return Ok(());
         };
         let (_, work) = store.work()?;
         let cow = Cow::new(layer(newest.id), work, live.clone(), self.hidden.clone(), rustix::io::dup(store.root())?)
             .context("opening the newest snapshot's layer")?;
-        let views = snaps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let mut layers: Vec<_> = snaps[i..].iter().map(|t| layer(t.id)).collect();
-                layers.push(live.clone());
-                (s.id, s.name.clone(), layers)
-            })
-            .collect();
-        self.views.set(views);
+        let mut all: Vec<_> = snaps.iter().map(|s| layer(s.id)).collect();
+        all.push(live);
+        let views = snaps.iter().enumerate().map(|(i, s)| (s.id, s.name.clone(), i)).collect();
+        self.views.set(all, views);
         *self.cow.lock() = Some(cow);
         self.generation.store(newest.id, Ordering::Release);
         Ok(())

@@ -49,7 +49,9 @@ pub(crate) type SharedLayer = (PathBuf, Arc<OwnedFd>);
 
 /// A view's layers, and its stack once built.
 struct ViewDef {
-    layers: Vec<SharedLayer>,
+    /// Every layer, oldest snapshot's first, LIVE last; this view uses `layers[from..]`.
+    layers: Arc<Vec<SharedLayer>>,
+    from: usize,
     built: OnceLock<Arc<ViewStack>>,
 }
 
@@ -113,13 +115,16 @@ impl Views {
         }
     }
 
-    /// Replaces the set of views: for each snapshot (id, name), its layers top first and LIVE.
-    /// A view's stack is built on its first use, so a take costs no work per view.
-    pub fn set(&self, views: Vec<(u64, String, Vec<SharedLayer>)>) {
+    /// Replaces the set of views: `layers` are every snapshot's layer, oldest first, then LIVE;
+    /// `views` gives each snapshot's id, name and the index of its own layer in `layers` (its view
+    /// is `layers[index..]`). A view's stack is built on its first use, so a take costs no work
+    /// per view.
+    pub fn set(&self, layers: Vec<SharedLayer>, views: Vec<(u64, String, usize)>) {
+        let layers = Arc::new(layers);
         let mut stacks = BTreeMap::new();
         let mut names = BTreeMap::new();
-        for (id, name, layers) in views {
-            stacks.insert(id, Arc::new(ViewDef { layers, built: OnceLock::new() }));
+        for (id, name, from) in views {
+            stacks.insert(id, Arc::new(ViewDef { layers: layers.clone(), from, built: OnceLock::new() }));
             names.insert(name, id);
         }
         *self.stacks.write() = stacks;
@@ -131,12 +136,10 @@ impl Views {
         if let Some(vs) = def.built.get() {
             return Ok(vs.clone());
         }
-        let live = LayerId(def.layers.len() as u16 - 1);
-        let stack = LayerStack::from_open_dirs(
-            def.layers.clone(),
-            None,
-            ovl_core::MountOptions { read_only: true, ..Default::default() },
-        )?;
+        let layers = def.layers[def.from..].to_vec();
+        let live = LayerId(layers.len() as u16 - 1);
+        let stack =
+            LayerStack::from_open_dirs(layers, None, ovl_core::MountOptions { read_only: true, ..Default::default() })?;
         let root = DirLayers::root(&stack)?;
         Ok(def.built.get_or_init(|| Arc::new(ViewStack { stack, root, live })).clone())
     }
