@@ -95,6 +95,16 @@ enum Cmd {
         #[arg(long)]
         mount: Option<PathBuf>,
     },
+    /// Delete a snapshot, online. Any one: the oldest just loses its layer; another has its layer
+    /// merged into the next older one, and every other snapshot stays as it was.
+    #[command(after_help = "Example:\n  ovlsnap delete monday")]
+    Delete {
+        /// The snapshot.
+        name: String,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
     /// Make the live tree exactly snapshot NAME's tree, online. Every snapshot survives: the
     /// restore's own changes are saved into the newest one like any other change.
     #[command(after_help = "Examples:\n  ovlsnap restore monday --dry-run\n  ovlsnap restore monday")]
@@ -163,6 +173,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", snap_fs::diff::show(c));
                 }
             }
+            Ok(())
+        }
+        Cmd::Delete { name, mount } => {
+            let mnt = resolve_mount(mount)?;
+            let spinner = spinner(&format!("deleting {name}"));
+            let out = control::call(&mnt, &Request::Delete { name: name.clone() });
+            spinner.finish_and_clear();
+            out?;
+            println!("deleted {name}");
             Ok(())
         }
         Cmd::Restore { name, dry_run, mount } => restore(&resolve_mount(mount)?, &name, dry_run),
@@ -263,7 +282,7 @@ fn restore(mnt: &Path, name: &str, dry_run: bool) -> anyhow::Result<()> {
         if dry_run {
             for c in &report.changes {
                 match c {
-                    Change::Added { path } => println!("remove   {}", shown(path).display()),
+                    Change::Added { path, .. } => println!("remove   {}", shown(path).display()),
                     Change::Deleted { path, .. } => println!("restore  {}", shown(path).display()),
                     Change::Modified { path, .. } => println!("replace  {}", shown(path).display()),
                     Change::Renamed { path, to } => {
@@ -294,6 +313,18 @@ fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());
+    bar
+}
+
+/// A spinner on stderr while the daemon works, when stderr is a terminal.
+fn spinner(what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
     bar
 }
 

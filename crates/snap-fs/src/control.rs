@@ -37,6 +37,11 @@ pub enum Request {
     },
     /// Who serves the mount.
     Status,
+    /// Delete a snapshot.
+    Delete {
+        /// Its name.
+        name: String,
+    },
     /// The differences from snapshot `a` to snapshot `b` (or LIVE).
     Diff {
         /// The older snapshot.
@@ -145,6 +150,7 @@ fn answer(req: Request, snapper: &Snapper, status: &Status) -> anyhow::Result<se
         Request::List => serde_json::to_value(snapper.list()?)?,
         Request::MountCmd { name, dir } => serde_json::to_value(snapper.mount_cmd(&name, &dir, &status.mount)?)?,
         Request::Status => serde_json::to_value(status)?,
+        Request::Delete { name } => serde_json::to_value(snapper.delete(&name)?)?,
         Request::Diff { a, b } => serde_json::to_value(snapper.diff(&a, b.as_deref())?)?,
     })
 }

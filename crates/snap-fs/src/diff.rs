@@ -29,6 +29,8 @@ pub enum Change {
     Added {
         /// Where, in B.
         path: PathBuf,
+        /// The same place in A (its parent may have moved).
+        at: PathBuf,
     },
     /// `path` of A does not exist in B; `at` is where it would be in B.
     Deleted {
@@ -62,6 +64,37 @@ pub struct Report {
     pub examined: u64,
 }
 
+/// Where in B the layers below the `range` top layers of `a` continue for A path `pa`; `None`
+/// when the range layers alone decide what `pa` is.
+pub(crate) fn translate(a: &LayerStack, range: u16, pa: &Path) -> Result<Option<PathBuf>> {
+    let mut t = pa.to_path_buf();
+    for k in 0..range {
+        let w = layer_walk(a.layer(LayerId(k)).root(), a.names(), &t)?;
+        match w.state {
+            State::Absent | State::Dir { opaque: false } => t = w.lower,
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(t))
+}
+
+impl Report {
+    /// The report as users read it: a dir reported as renamed is not also "added" at its new
+    /// place (the complete report, which merges need, lists both).
+    pub fn for_display(mut self) -> Self {
+        let targets: Vec<PathBuf> = self
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Renamed { to, .. } => Some(to.clone()),
+                _ => None,
+            })
+            .collect();
+        self.changes.retain(|c| !matches!(c, Change::Added { path, .. } if targets.contains(path)));
+        self
+    }
+}
+
 /// Diffs view `a` (whose `range` top layers are the difference) against view `b`.
 pub(crate) struct Differ<'a> {
     a: &'a LayerStack,
@@ -82,36 +115,11 @@ impl<'a> Differ<'a> {
         let da = DirLayers::root(self.a)?;
         let db = DirLayers::root(self.b)?;
         self.dir(Path::new(""), Path::new(""), &da, Some(&db), false)?;
-        // A dir reported as renamed is not also "added" at its new place.
-        let targets: Vec<PathBuf> = self
-            .report
-            .changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Renamed { to, .. } => Some(to.clone()),
-                _ => None,
-            })
-            .collect();
-        self.report.changes.retain(|c| !matches!(c, Change::Added { path } if targets.contains(path)));
         Ok(self.report)
     }
 
-    fn names(&self) -> &XattrNames {
-        self.a.names()
-    }
-
-    /// Where in B the layers below the range continue for A path `pa`; `None` when the range
-    /// layers alone decide what `pa` is.
     fn translate(&self, pa: &Path) -> Result<Option<PathBuf>> {
-        let mut t = pa.to_path_buf();
-        for k in 0..self.range {
-            let w = layer_walk(self.a.layer(LayerId(k)).root(), self.names(), &t)?;
-            match w.state {
-                State::Absent | State::Dir { opaque: false } => t = w.lower,
-                _ => return Ok(None),
-            }
-        }
-        Ok(Some(t))
+        translate(self.a, self.range, pa)
     }
 
     /// Resolves `p` from the root of view B.
@@ -162,7 +170,7 @@ impl<'a> Differ<'a> {
         let changes = &mut self.report.changes;
         let Some(ea) = ea else {
             if eb.is_some() {
-                changes.push(Change::Added { path: pbx.to_path_buf() });
+                changes.push(Change::Added { path: pbx.to_path_buf(), at: pax.to_path_buf() });
             }
             return Ok(());
         };
@@ -194,7 +202,7 @@ impl<'a> Differ<'a> {
                     _ => self.report.changes.push(deleted),
                 }
                 if eb.is_some() {
-                    self.report.changes.push(Change::Added { path: pbx.to_path_buf() });
+                    self.report.changes.push(Change::Added { path: pbx.to_path_buf(), at: pax.to_path_buf() });
                 }
             }
             merged => match eb {
@@ -214,7 +222,7 @@ impl<'a> Differ<'a> {
     }
 
     /// Where an entry's object is: its layer's root and its path there.
-    fn location<'s>(stack: &'s LayerStack, e: &Entry) -> Result<(std::os::fd::BorrowedFd<'s>, PathBuf)> {
+    pub(crate) fn location<'s>(stack: &'s LayerStack, e: &Entry) -> Result<(std::os::fd::BorrowedFd<'s>, PathBuf)> {
         match (&e.lower, &e.dir) {
             (Some(l), _) => Ok((stack.layer(l.layer).root(), l.path.clone())),
             (None, Some(d)) => {
@@ -254,7 +262,7 @@ impl<'a> Differ<'a> {
 }
 
 /// The user-visible xattrs of `path` in a layer (overlay metadata left out), sorted.
-fn xattrs(root: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<Vec<(OsString, Vec<u8>)>> {
+pub(crate) fn xattrs(root: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<Vec<(OsString, Vec<u8>)>> {
     let (dir, name) = if path.as_os_str().is_empty() {
         (rustix::io::dup(root)?, None)
     } else {
@@ -320,7 +328,7 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
 pub fn show(c: &Change) -> String {
     let p = |p: &Path| Path::new("/").join(p).display().to_string();
     match c {
-        Change::Added { path } => format!("+\t{}", p(path)),
+        Change::Added { path, .. } => format!("+\t{}", p(path)),
         Change::Deleted { path, .. } => format!("-\t{}", p(path)),
         Change::Modified { path, .. } => format!("M\t{}", p(path)),
         Change::Renamed { path, to } => format!("R\t{} -> {}", p(path), p(to)),

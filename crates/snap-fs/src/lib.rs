@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod diff;
 mod fs;
 mod layerwalk;
+mod merge;
 pub mod restore;
 pub mod snapper;
 pub mod store;

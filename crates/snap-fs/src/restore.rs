@@ -47,7 +47,7 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
         return Ok(());
     }
     for c in changes {
-        if let Change::Added { path } = c {
+        if let Change::Added { path, .. } = c {
             if fs::symlink_metadata(live(path)).is_ok() {
                 remove(&live(path))?;
             }

@@ -175,8 +175,77 @@ impl Snapper {
             Ok(ovl_core::LayerStack::from_open_dirs(layers, None, opts)?)
         };
         let (sa, sb) = (stack(ia)?, stack(ib)?);
-        Ok(crate::diff::Differ::new(&sa, &sb, ib - ia, &self.hidden).run()?)
+        Ok(crate::diff::Differ::new(&sa, &sb, ib - ia, &self.hidden).run()?.for_display())
     }
+}
+
+impl Snapper {
+    /// Deletes snapshot `name`, online: the oldest just loses its layer; any other has its layer
+    /// merged into the next older one, leaving every other view as it was. Changes wait meanwhile
+    /// (the merge reads LIVE when the newest snapshot is deleted). Refused while a view of the
+    /// snapshot is open or mounted.
+    pub fn delete(&self, name: &str) -> anyhow::Result<crate::store::SnapshotInfo> {
+        let _gate = self.gate.write();
+        let _views = self.views.lock.write();
+        let mut store = self.store.lock();
+        let snaps = store.snapshots().to_vec();
+        let i = snaps.iter().position(|s| s.name == name).with_context(|| format!("no snapshot named {name:?}"))?;
+        let info = snaps[i].clone();
+        if self.views.in_use(info.id) {
+            anyhow::bail!(
+                "snapshot {name:?} is in use: files or directories of .snapshots/{name} are open; close them and retry"
+            );
+        }
+        if let Some(at) = kernel_mount_of(&store, info.id)? {
+            anyhow::bail!(
+                "snapshot {name:?} is mounted at {} (from `ovlsnap mount-cmd`); unmount it first",
+                at.display()
+            );
+        }
+        if i == 0 {
+            store.delete(info.id, None)?;
+        } else {
+            let fds = self.layer_fds.lock().clone();
+            let layer =
+                |id: u64| -> (PathBuf, Arc<OwnedFd>) { (store.path().join(Store::layer_rel(id)), fds[&id].clone()) };
+            let live = (self.live_path.clone(), self.live.clone());
+            let stack = |from: usize| -> anyhow::Result<ovl_core::LayerStack> {
+                let mut layers: Vec<_> = snaps[from..].iter().map(|s| layer(s.id)).collect();
+                layers.push(live.clone());
+                let opts = ovl_core::MountOptions { read_only: true, ..Default::default() };
+                Ok(ovl_core::LayerStack::from_open_dirs(layers, None, opts)?)
+            };
+            let (a, b) = (stack(i - 1)?, stack(i + 1)?);
+            let into = snaps[i - 1].id;
+            let (dir_name, dir) = store.merge_dir(into)?;
+            crate::merge::build(&a, &b, &self.hidden, std::os::fd::AsFd::as_fd(&dir))
+                .with_context(|| format!("merging snapshot {name:?} into {:?}", snaps[i - 1].name))?;
+            rustix::fs::fsync(&dir)?;
+            drop((a, b));
+            store.delete(info.id, Some((into, &dir_name)))?;
+            self.layer_fds.lock().remove(&into);
+        }
+        self.layer_fds.lock().remove(&info.id);
+        drop(store);
+        self.switch()?;
+        tracing::info!(name, id = info.id, "snapshot deleted");
+        Ok(info)
+    }
+}
+
+/// Where a kernel overlay made from `mount-cmd` uses layer `id` of this daemon's store, if it does.
+fn kernel_mount_of(store: &Store, id: u64) -> anyhow::Result<Option<PathBuf>> {
+    use std::os::fd::AsRawFd;
+    let needle =
+        format!("/proc/{}/fd/{}/{}", std::process::id(), store.root().as_raw_fd(), Store::layer_rel(id).display());
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    for l in info.lines() {
+        let Some((left, right)) = l.split_once(" - ") else { continue };
+        if right.starts_with("overlay ") && right.split([',', ':', '=']).any(|opt| opt == needle) {
+            return Ok(left.split(' ').nth(4).map(PathBuf::from));
+        }
+    }
+    Ok(None)
 }
 
 /// Lists a store's snapshots with their usage.

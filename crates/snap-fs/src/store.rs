@@ -164,8 +164,9 @@ impl Store {
         let layers = mkdir_open(root.as_fd(), "layers", 0o700)?;
         let workdir = mkdir_open(root.as_fd(), "work", 0o700)?;
         let work = mkdir_open(workdir.as_fd(), "work", 0o700)?;
-        let store = Self { path, root, layers, work, workdir, _lock: File::from(lock), meta };
+        let mut store = Self { path, root, layers, work, workdir, _lock: File::from(lock), meta };
         store.write_meta(&store.meta)?;
+        store.recover_delete()?;
         store.clean()?;
         Ok(store)
     }
@@ -282,6 +283,92 @@ impl Store {
         }
         self.meta = meta;
         Ok(info)
+    }
+}
+
+/// A deletion by merge between the swap of the merged layer into place and the commit.
+#[derive(Debug, Serialize, Deserialize)]
+struct Merging {
+    /// The snapshot whose layer gets the merged one.
+    into: u64,
+    /// The snapshot being deleted.
+    drop: u64,
+    /// The inode of the merged layer dir (to tell whether the swap happened).
+    merged: u64,
+}
+
+const MERGING: &str = "delete-in-progress.json";
+
+impl Store {
+    /// Deletes snapshot `id` from the list and removes its layer. For the oldest snapshot that
+    /// is all; otherwise `merged` (a dir in `layers/`, built by the caller) first replaces the
+    /// next older snapshot's layer, in one atomic swap. The list is the commit point; a crash
+    /// before it leaves the snapshot as it was, after it the next open finishes the cleanup.
+    pub fn delete(&mut self, id: u64, merged: Option<(u64, &str)>) -> anyhow::Result<()> {
+        if let Some((into, name)) = merged {
+            let ino = rustix::fs::statat(&self.layers, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?.st_ino;
+            self.write_json(MERGING, &Merging { into, drop: id, merged: ino })?;
+            rustix::fs::renameat_with(
+                &self.layers,
+                name,
+                &self.layers,
+                into.to_string().as_str(),
+                rustix::fs::RenameFlags::EXCHANGE,
+            )
+            .context("swapping the merged layer into place")?;
+        }
+        let mut meta = self.meta.clone();
+        meta.snapshots.retain(|s| s.id != id);
+        self.write_meta(&meta)?;
+        self.meta = meta;
+        let _ = rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty());
+        self.clean()
+    }
+
+    /// Finishes or undoes a deletion a crash interrupted (see [`Store::delete`]).
+    fn recover_delete(&mut self) -> anyhow::Result<()> {
+        let fd = match rustix::fs::openat(&self.root, MERGING, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let m: Merging = serde_json::from_str(&std::io::read_to_string(File::from(fd))?)
+            .context("reading delete-in-progress.json")?;
+        let swapped =
+            rustix::fs::statat(&self.layers, m.into.to_string().as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| st.st_ino == m.merged);
+        if swapped && self.info(m.drop).is_some() {
+            tracing::info!(id = m.drop, "finishing a snapshot deletion interrupted by a stop");
+            let mut meta = self.meta.clone();
+            meta.snapshots.retain(|s| s.id != m.drop);
+            self.write_meta(&meta)?;
+            self.meta = meta;
+        }
+        rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty())?;
+        Ok(())
+    }
+
+    /// Writes `value` as `name` in the store dir, durably.
+    fn write_json(&self, name: &str, value: &impl Serialize) -> anyhow::Result<()> {
+        let fd = rustix::fs::openat(
+            &self.root,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut f = File::from(fd);
+        f.write_all(&serde_json::to_vec(value)?)?;
+        f.sync_all()?;
+        Ok(())
+    }
+
+    /// A fresh empty dir in `layers/` to build a merged layer in; its name.
+    pub fn merge_dir(&self, into: u64) -> anyhow::Result<(String, OwnedFd)> {
+        let name = format!("{into}.merging");
+        let _ = sys::remove_tree_at(&self.layers, &sys::name_cstr(std::ffi::OsStr::new(&name))?);
+        rustix::fs::mkdirat(&self.layers, name.as_str(), Mode::from_raw_mode(0o755))?;
+        let fd = open_dir_at(self.layers.as_fd(), &name)?;
+        Ok((name, fd))
     }
 }
 

@@ -93,7 +93,8 @@ pub(crate) struct Views {
     names: RwLock<BTreeMap<String, u64>>,
     nodes: Mutex<Nodes>,
     files: RwLock<HashMap<u64, Arc<ViewFile>>>,
-    dirs: RwLock<HashMap<u64, Arc<Listing>>>,
+    /// Open dirs: the snapshot they belong to (0: `.snapshots`) and their listing.
+    dirs: RwLock<HashMap<u64, (u64, Arc<Listing>)>>,
     next_fh: AtomicU64,
     /// LIVE root names that are not part of the tree (the store).
     hidden: Vec<OsString>,
@@ -344,6 +345,14 @@ impl Views {
         Ok(buf)
     }
 
+    /// True while files or directories of snapshot `snap`'s view are open.
+    pub fn in_use(&self, snap: u64) -> bool {
+        if self.files.read().values().any(|f| f.snap == snap) {
+            return true;
+        }
+        self.dirs.read().values().any(|d| d.0 == snap)
+    }
+
     /// Closes view file `fh`.
     pub fn release(&self, fh: u64) {
         self.files.write().remove(&fh);
@@ -378,13 +387,13 @@ impl Views {
 
     /// Opens view dir `id` (or `.snapshots`): its listing, taken now.
     pub fn opendir(&self, id: u64) -> Result<u64> {
-        let listing = if id == SNAPDIR {
+        let (snap_of, listing) = if id == SNAPDIR {
             let mut out: Listing =
                 vec![(".".into(), FuseType::Directory, SNAPDIR), ("..".into(), FuseType::Directory, 1)];
             for name in self.names.read().keys() {
                 out.push((name.into(), FuseType::Directory, SNAPDIR));
             }
-            out
+            (0, out)
         } else {
             let _g = self.lock.read();
             let (snap, path) = self.node(id)?;
@@ -399,16 +408,16 @@ impl Views {
                 }
                 out.push((e.name, fuse_type(e.file_type), e.ino));
             }
-            out
+            (snap, out)
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.write().insert(fh, Arc::new(listing));
+        self.dirs.write().insert(fh, (snap_of, Arc::new(listing)));
         Ok(fh)
     }
 
     /// The listing of open dir `fh`.
     pub fn listing(&self, fh: u64) -> Result<Arc<Listing>> {
-        self.dirs.read().get(&fh).cloned().ok_or_else(|| Errno::BADF.into())
+        self.dirs.read().get(&fh).map(|d| d.1.clone()).ok_or_else(|| Errno::BADF.into())
     }
 
     /// Closes dir `fh`.

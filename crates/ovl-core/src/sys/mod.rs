@@ -170,9 +170,12 @@ pub fn read_dir(root: impl AsFd, rel: &Path) -> Result<Vec<RawEntry>> {
     read_dir_fd(fd)
 }
 
-/// Reads all entries of an open directory, without `.` and `..`.
+/// Reads all entries of an open directory, without `.` and `..`. The directory is opened afresh
+/// (its own offset), so a descriptor read before, or a `dup` of one, still gives every entry.
 pub fn read_dir_fd(fd: OwnedFd) -> Result<Vec<RawEntry>> {
-    let mut dir = rustix::fs::Dir::new(fd)?;
+    let fresh = rustix::fs::openat(&fd, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    drop(fd);
+    let mut dir = rustix::fs::Dir::new(fresh)?;
     let mut out = Vec::new();
     while let Some(e) = dir.read() {
         let e = e?;

@@ -1,0 +1,278 @@
+//! Deleting a snapshot that is not the oldest: its layer `u_k` is merged into the next older layer
+//! `u_(k-1)`, so that the older snapshot's view stays the same to the byte without `u_k`.
+//!
+//! View A (the older snapshot) is `u_(k-1) : u_k : rest` and view B (the next newer snapshot, or
+//! LIVE) is `rest`. The merged layer `m` must give `m : rest == A`: it holds exactly what differs
+//! between A and B, found by the diff (which only visits what those two layers touch), written in
+//! A's paths: a whiteout where B has something A has not; A's object where A has something B has
+//! not or has differently (files are hard links to the inode in `u_(k-1)` or `u_k`, which both go
+//! away, so nothing is copied); a directory whose A side the two layers alone decide (opaque, new)
+//! is taken whole and opaque; a directory that moved gets an absolute redirect to its place in B;
+//! the directories on the way get A's metadata and a redirect where their place in B differs.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use ovl_core::sys;
+use ovl_core::{Errno, LayerStack, Result, XattrNames, make_whiteout};
+use ovl_lookup::{DirLayers, Entry};
+use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps};
+
+use crate::diff::{Change, Differ, Report, translate};
+
+/// Builds the merged layer into the empty directory `out` from views `a` (two range layers over
+/// `b`) and `b`; returns the diff it was built from.
+pub(crate) fn build(
+    a: &LayerStack,
+    b: &LayerStack,
+    hidden: &[std::ffi::OsString],
+    out: BorrowedFd<'_>,
+) -> Result<Report> {
+    let report = Differ::new(a, b, 2, hidden).run()?;
+    let m = Merge { a, out, made: BTreeSet::new() };
+    m.root_meta()?;
+    m.apply(&report)?;
+    Ok(report)
+}
+
+struct Merge<'a> {
+    a: &'a LayerStack,
+    out: BorrowedFd<'a>,
+    made: BTreeSet<PathBuf>,
+}
+
+impl Merge<'_> {
+    fn names(&self) -> &XattrNames {
+        self.a.names()
+    }
+
+    /// Resolves `p` in view A.
+    fn resolve(&self, p: &Path) -> Result<Option<Entry>> {
+        let mut dir = DirLayers::root(self.a)?;
+        let mut found = None;
+        for c in p.iter() {
+            let Some(e) = ovl_lookup::lookup(self.a, &dir, c)? else { return Ok(None) };
+            if let Some(d) = &e.dir {
+                dir = d.clone();
+            }
+            found = Some(e);
+        }
+        Ok(found)
+    }
+
+    /// The merged layer's root gets A's root metadata (the kernel shows the top layer's root).
+    fn root_meta(&self) -> Result<()> {
+        let root = DirLayers::root(self.a)?;
+        let top = root.lowers.first().ok_or(Errno::IO)?;
+        let src = self.a.layer(top.layer).root();
+        let st = rustix::fs::fstat(src)?;
+        copy_meta(src, None, &st, self.out, None)
+    }
+
+    fn apply(mut self, report: &Report) -> Result<()> {
+        // The shallowest A dirs the two layers alone decide: each is taken whole.
+        let mut whole: BTreeSet<PathBuf> = BTreeSet::new();
+        for c in &report.changes {
+            let pa = match c {
+                Change::Added { at, .. } => at,
+                Change::Deleted { path, .. } | Change::Modified { path, .. } | Change::Renamed { path, .. } => path,
+            };
+            if let Some(w) = self.decided_ancestor(pa)? {
+                whole.insert(w);
+            }
+        }
+        let under = |p: &Path| whole.iter().any(|w| p.starts_with(w));
+        let whole_list: Vec<PathBuf> = whole.iter().cloned().collect();
+        for w in &whole_list {
+            if whole_list.iter().any(|o| o != w && w.starts_with(o)) {
+                continue;
+            }
+            self.ensure_parents(w)?;
+            self.take_whole(w)?;
+        }
+        for c in &report.changes {
+            match c {
+                Change::Renamed { path, to } if !under(path) => self.ensure_dir(path, Some(to))?,
+                Change::Modified { path, .. } if !under(path) => {
+                    let e = self.resolve(path)?.ok_or(Errno::IO)?;
+                    if e.kind == FileType::Directory && self.translate(path)?.is_some() {
+                        self.ensure_dir(path, None)?;
+                    } else {
+                        self.ensure_parents(path)?;
+                        self.take_whole(path)?;
+                    }
+                }
+                Change::Deleted { path, .. } if !under(path) => {
+                    self.ensure_parents(path)?;
+                    self.take_whole(path)?;
+                }
+                // Where A has an object of its own (a moved dir's old place), that object,
+                // written above, already hides B's.
+                Change::Added { at, .. } if !under(at) && self.resolve(at)?.is_none() => {
+                    self.ensure_parents(at)?;
+                    let (dir, name) = self.parent_of(at)?;
+                    make_whiteout(&dir, &name)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn translate(&self, pa: &Path) -> Result<Option<PathBuf>> {
+        translate(self.a, 2, pa)
+    }
+
+    /// The shallowest existing A dir at or above `pa` (excluding the root) that the two layers
+    /// alone decide.
+    fn decided_ancestor(&self, pa: &Path) -> Result<Option<PathBuf>> {
+        let mut cur = PathBuf::new();
+        for c in pa.iter() {
+            cur.push(c);
+            match self.resolve(&cur)? {
+                Some(e) if e.kind == FileType::Directory => {
+                    if self.translate(&cur)?.is_none() {
+                        return Ok(Some(cur));
+                    }
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    fn parent_of(&self, p: &Path) -> Result<(std::os::fd::OwnedFd, std::ffi::CString)> {
+        sys::open_parent(self.out, p)
+    }
+
+    /// Makes every parent of `pa` exist in the merged layer.
+    fn ensure_parents(&mut self, pa: &Path) -> Result<()> {
+        if let Some(parent) = pa.parent().filter(|p| !p.as_os_str().is_empty()) {
+            self.ensure_dir(parent, None)?;
+        }
+        Ok(())
+    }
+
+    /// Makes dir `pa` exist in the merged layer with A's metadata, merging with B: with a
+    /// redirect to `to` (or to wherever B has it, when that is not the default place).
+    fn ensure_dir(&mut self, pa: &Path, to: Option<&PathBuf>) -> Result<()> {
+        self.ensure_parents(pa)?;
+        let (dir, name) = self.parent_of(pa)?;
+        if !self.made.contains(pa) {
+            let e = self.resolve(pa)?.ok_or(Errno::IO)?;
+            let (root, path) = Differ::location(self.a, &e)?;
+            rustix::fs::mkdirat(&dir, &name, Mode::from_raw_mode(0o700))?;
+            let (sdir, sname) = open_at(root, &path)?;
+            copy_meta(sdir.as_ref().map_or(root, |d| d.as_fd()), sname.as_deref(), &e.stat, dir.as_fd(), Some(&name))?;
+            self.made.insert(pa.to_path_buf());
+        }
+        let target = match to {
+            Some(t) => Some(t.clone()),
+            None => self.translate(pa)?,
+        };
+        let default = match pa.parent() {
+            Some(p) => self.translate(p)?.map(|t| t.join(pa.file_name().unwrap_or_default())),
+            None => Some(pa.to_path_buf()),
+        };
+        if let Some(t) = target.filter(|t| Some(t) != default.as_ref()) {
+            let mut v = b"/".to_vec();
+            v.extend_from_slice(t.as_os_str().as_encoded_bytes());
+            sys::set_xattr(&dir, Some(&name), &self.names().redirect, &v, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Puts A's object at `pa` into the merged layer, a dir with everything below it (opaque).
+    fn take_whole(&mut self, pa: &Path) -> Result<()> {
+        let e = self.resolve(pa)?.ok_or(Errno::IO)?;
+        let (dir, name) = self.parent_of(pa)?;
+        if e.kind == FileType::Directory {
+            if self.made.contains(pa) {
+                // Made as a parent already: it becomes the whole dir.
+                sys::remove_tree_at(&dir, &name)?;
+                self.made.remove(pa);
+            }
+            self.copy_dir(&e, pa, &dir, &name)?;
+            sys::set_xattr(&dir, Some(&name), &self.names().opaque, b"y", 0)?;
+        } else {
+            let (root, path) = Differ::location(self.a, &e)?;
+            let (sdir, sname) = sys::open_parent(root, &path)?;
+            rustix::fs::linkat(&sdir, &sname, &dir, &name, AtFlags::empty())?;
+        }
+        Ok(())
+    }
+
+    /// Copies A's dir `e` (at A path `pa`) to `dir/name`: the dir, then every entry below it
+    /// (files as hard links to the range layers' inodes).
+    fn copy_dir(&mut self, e: &Entry, pa: &Path, dir: &std::os::fd::OwnedFd, name: &std::ffi::CStr) -> Result<()> {
+        let (root, path) = Differ::location(self.a, e)?;
+        rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))?;
+        let (sdir, sname) = open_at(root, &path)?;
+        copy_meta(sdir.as_ref().map_or(root, |d| d.as_fd()), sname.as_deref(), &e.stat, dir.as_fd(), Some(name))?;
+        let layers = e.dir.as_ref().ok_or(Errno::IO)?;
+        let out =
+            rustix::fs::openat(dir, name, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY, Mode::empty())?;
+        for child in ovl_lookup::read_merged(self.a, layers)? {
+            let ce = ovl_lookup::lookup(self.a, layers, &child.name)?.ok_or(Errno::IO)?;
+            let cname = sys::name_cstr(&child.name)?;
+            if ce.kind == FileType::Directory {
+                self.copy_dir(&ce, &pa.join(&child.name), &out, &cname)?;
+            } else {
+                let (croot, cpath) = Differ::location(self.a, &ce)?;
+                let (sd, sn) = sys::open_parent(croot, &cpath)?;
+                rustix::fs::linkat(&sd, &sn, &out, &cname, AtFlags::empty())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The parent dir and name of `path` in a layer, or `None` for the layer root itself.
+fn open_at(root: BorrowedFd<'_>, path: &Path) -> Result<(Option<std::os::fd::OwnedFd>, Option<std::ffi::CString>)> {
+    if path.as_os_str().is_empty() {
+        return Ok((None, None));
+    }
+    let (d, n) = sys::open_parent(root, path)?;
+    Ok((Some(d), Some(n)))
+}
+
+/// Gives `dst_dir/dst_name` (or `dst_dir` itself) the owner, mode, times and user-visible
+/// xattrs of `src_dir/src_name` (whose `lstat` is `st`).
+fn copy_meta(
+    src_dir: BorrowedFd<'_>,
+    src_name: Option<&std::ffi::CStr>,
+    st: &rustix::fs::Stat,
+    dst_dir: BorrowedFd<'_>,
+    dst_name: Option<&std::ffi::CStr>,
+) -> Result<()> {
+    for key in sys::list_xattrs(src_dir, src_name)? {
+        if XattrNames::is_any_overlay(key.as_encoded_bytes()) {
+            continue;
+        }
+        let k = std::ffi::CString::new(key.as_encoded_bytes()).map_err(|_| Errno::INVAL)?;
+        if let Some(v) = sys::get_xattr(src_dir, src_name, &k)? {
+            sys::set_xattr(dst_dir, dst_name, &k, &v, 0)?;
+        }
+    }
+    let uid = Some(rustix::fs::Uid::from_raw(st.st_uid));
+    let gid = Some(rustix::fs::Gid::from_raw(st.st_gid));
+    let mode = Mode::from_raw_mode(st.st_mode & 0o7777);
+    let times = Timestamps {
+        last_access: Timespec { tv_sec: st.st_atime as _, tv_nsec: st.st_atime_nsec as _ },
+        last_modification: Timespec { tv_sec: st.st_mtime as _, tv_nsec: st.st_mtime_nsec as _ },
+    };
+    match dst_name {
+        Some(n) => {
+            rustix::fs::chownat(dst_dir, n, uid, gid, AtFlags::SYMLINK_NOFOLLOW)?;
+            rustix::fs::chmodat(dst_dir, n, mode, AtFlags::empty())?;
+            rustix::fs::utimensat(dst_dir, n, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        None => {
+            rustix::fs::fchown(dst_dir, uid, gid)?;
+            rustix::fs::fchmod(dst_dir, mode)?;
+            sys::set_times(dst_dir, &times)?;
+        }
+    }
+    Ok(())
+}
