@@ -221,15 +221,46 @@ fn copy_data(src: &OwnedFd, dst: &OwnedFd, len: u64) -> Result<bool> {
         let mut off_out = data;
         while off_in < hole {
             let want = (hole - off_in).min(1 << 30) as usize;
-            let n = rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)?;
-            if n == 0 {
-                break;
+            match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
+                Ok(0) => break,
+                Ok(_) => {}
+                // Layers on different filesystems (or one that cannot): plain reads and writes.
+                Err(Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+                    copy_by_hand(src, dst, off_in, hole)?;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
             }
         }
         pos = hole;
     }
     rustix::fs::ftruncate(dst, len)?;
     Ok(false)
+}
+
+/// Copies bytes `from..to` of `src` to the same offsets of `dst` with reads and writes.
+fn copy_by_hand(src: &OwnedFd, dst: &OwnedFd, from: u64, to: u64) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = from;
+    while off < to {
+        let want = ((to - off) as usize).min(buf.len());
+        let n = match rustix::io::pread(src, &mut buf[..want], off) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut done = 0;
+        while done < n {
+            match rustix::io::pwrite(dst, &buf[done..n], off + done as u64) {
+                Ok(k) => done += k,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// Copies owner, mode (not for symlinks), times and non-overlay xattrs from `lparent/lname` to

@@ -105,6 +105,51 @@ enum Cmd {
         #[arg(long)]
         mount: Option<PathBuf>,
     },
+    /// Mount a writable copy of snapshot NAME's tree at DIR (an ovlfs overlay over the
+    /// snapshot's view, changes kept in its own upper dir); the snapshot itself never changes.
+    /// Unmount it with `umount DIR`.
+    #[command(after_help = "Example:\n  ovlsnap clone monday /mnt/monday-test")]
+    Clone {
+        /// The snapshot.
+        name: String,
+        /// Where to mount the clone (an existing empty directory).
+        dir: PathBuf,
+        /// Where the clone keeps its changes (default: `.DIRNAME.clone` next to DIR); reused if
+        /// it exists, so a clone can be mounted again.
+        #[arg(long)]
+        upper: Option<PathBuf>,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// Stay in the foreground serving the clone.
+        #[arg(short, long)]
+        foreground: bool,
+    },
+    /// Write snapshot B to stdout as a tar stream in the OCI image layer format: the whole tree,
+    /// or with --from A only what changed since A (whiteouts `.wh.NAME` for removals). Standard
+    /// tools read it (`tar -tvf`); `ovlsnap receive` applies it.
+    #[command(
+        after_help = "Examples:\n  ovlsnap send monday > monday.tar\n  ovlsnap send --from monday tuesday > monday-tuesday.tar"
+    )]
+    Send {
+        /// The snapshot to send.
+        b: String,
+        /// Send only the changes since this older snapshot.
+        #[arg(long)]
+        from: Option<String>,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Apply a stream from `ovlsnap send` (read from stdin) to directory TARGET. A truncated or
+    /// corrupt stream is refused before TARGET is touched.
+    #[command(
+        after_help = "Examples:\n  ovlsnap receive /backup/data < monday.tar\n  ovlsnap receive /backup/data < monday-tuesday.tar"
+    )]
+    Receive {
+        /// The directory to apply the stream to (a plain directory or a snapshot mount).
+        target: PathBuf,
+    },
     /// Make the live tree exactly snapshot NAME's tree, online. Every snapshot survives: the
     /// restore's own changes are saved into the newest one like any other change.
     #[command(after_help = "Examples:\n  ovlsnap restore monday --dry-run\n  ovlsnap restore monday")]
@@ -182,6 +227,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spinner.finish_and_clear();
             out?;
             println!("deleted {name}");
+            Ok(())
+        }
+        Cmd::Clone { name, dir, upper, mount, foreground } => clone(&name, &dir, upper, mount, foreground),
+        Cmd::Send { b, from, mount } => {
+            let mnt = resolve_mount(mount)?;
+            let view = mnt.join(snap_fs::SNAPDIR_NAME).join(&b);
+            if !view.is_dir() {
+                bail!("no snapshot named {b:?} on {}", mnt.display());
+            }
+            let changes = match from {
+                Some(a) => {
+                    let report: snap_fs::diff::Report =
+                        serde_json::from_value(control::call(&mnt, &Request::Diff { a, b: Some(b.clone()) })?)?;
+                    Some(report.changes)
+                }
+                None => None,
+            };
+            let bar = spinner(&format!("sending {b}"));
+            let out = std::io::BufWriter::new(std::io::stdout().lock());
+            let n = snap_fs::stream::send(&view, changes.as_deref(), out, &|| bar.tick())?;
+            bar.finish_and_clear();
+            eprintln!("sent {n} entries of {b}");
+            Ok(())
+        }
+        Cmd::Receive { target } => {
+            let bar = spinner(&format!("receiving into {}", target.display()));
+            let n = snap_fs::stream::receive(&target, std::io::stdin().lock(), &|| bar.tick())?;
+            bar.finish_and_clear();
+            eprintln!("received {n} entries into {}", target.display());
             Ok(())
         }
         Cmd::Restore { name, dry_run, mount } => restore(&resolve_mount(mount)?, &name, dry_run),
@@ -316,6 +390,52 @@ fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// Mounts a writable ovlfs overlay of snapshot `name`'s view at `dir`.
+fn clone(
+    name: &str,
+    dir: &Path,
+    upper: Option<PathBuf>,
+    mount: Option<PathBuf>,
+    foreground: bool,
+) -> anyhow::Result<()> {
+    let mnt = resolve_mount(mount)?;
+    let view = mnt.join(snap_fs::SNAPDIR_NAME).join(name);
+    if !view.is_dir() {
+        bail!("no snapshot named {name:?} on {}", mnt.display());
+    }
+    let dir = std::path::absolute(dir)?;
+    let base = match upper {
+        Some(u) => std::path::absolute(u)?,
+        None => {
+            let leaf = dir.file_name().context("DIR has no name")?.to_string_lossy().into_owned();
+            dir.with_file_name(format!(".{leaf}.clone"))
+        }
+    };
+    let (up, work) = (base.join("upper"), base.join("work"));
+    for d in [&up, &work] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let opts = format!("lowerdir={},upperdir={},workdir={}", esc(&view), esc(&up), esc(&work));
+    if !foreground {
+        let exe = std::env::current_exe().context("finding our own executable")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["clone", "--foreground", "--mount"]).arg(&mnt).arg("--upper").arg(&base).arg(name).arg(&dir);
+        return wait_ready(cmd);
+    }
+    init_logs();
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let options = ovl_core::MountOptions::parse(&opts)?;
+    let m = ovl_fs::mount::Mount::new(&options, &dir, &format!("ovlsnap-clone:{name}"))?;
+    unmount_on_signal(dir.clone())?;
+    notify_ready();
+    m.run()
+}
+
+/// Escapes a path for a `lowerdir=`-style option list.
+fn esc(p: &Path) -> String {
+    p.display().to_string().replace('\\', "\\\\").replace(',', "\\,").replace(':', "\\:")
+}
+
 /// A spinner on stderr while the daemon works, when stderr is a terminal.
 fn spinner(what: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
@@ -367,10 +487,7 @@ fn umount(mnt: &Path) -> anyhow::Result<()> {
 
 /// The daemon itself: mount and serve until unmounted.
 fn serve(cfg: &daemon::Config) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs();
     rustix::process::umask(rustix::fs::Mode::empty());
     // Open files of the mount's users are open files of ours: allow as many as we may.
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
@@ -381,18 +498,29 @@ fn serve(cfg: &daemon::Config) -> anyhow::Result<()> {
     let prepared = daemon::prepare(cfg)?;
     let mnt = std::fs::canonicalize(&cfg.mount)?;
     unmount_on_signal(mnt)?;
-    daemon::run(prepared, || {
-        if std::env::var_os(NOTIFY).is_some() {
-            println!("ready");
-            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-                let _ = rustix::stdio::dup2_stdout(&null);
-                if std::env::var_os("RUST_LOG").is_none() {
-                    let _ = rustix::stdio::dup2_stderr(&null);
-                }
-                let _ = rustix::stdio::dup2_stdin(&null);
+    daemon::run(prepared, notify_ready)
+}
+
+fn init_logs() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Tells the parent that started us in the background that the mount is live, then lets go of
+/// its pipes so readers of our output do not wait for the unmount.
+fn notify_ready() {
+    if std::env::var_os(NOTIFY).is_some() {
+        println!("ready");
+        if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+            let _ = rustix::stdio::dup2_stdout(&null);
+            if std::env::var_os("RUST_LOG").is_none() {
+                let _ = rustix::stdio::dup2_stderr(&null);
             }
+            let _ = rustix::stdio::dup2_stdin(&null);
         }
-    })
+    }
 }
 
 /// On SIGTERM, SIGINT or SIGHUP, detach the mount so the daemon ends once it is unused.
@@ -418,6 +546,12 @@ fn spawn_background(cfg: &daemon::Config) -> anyhow::Result<()> {
         cmd.arg("--store").arg(std::path::absolute(s)?);
     }
     cmd.arg(std::path::absolute(&cfg.live)?).arg(std::path::absolute(&cfg.mount)?);
+    wait_ready(cmd)
+}
+
+/// Starts `cmd` (ourselves in the foreground mode) in its own process group and waits for
+/// "ready" on its stdout.
+fn wait_ready(mut cmd: Command) -> anyhow::Result<()> {
     let mut child = cmd
         .env(NOTIFY, "1")
         .stdin(Stdio::null())

@@ -21,6 +21,7 @@ mod merge;
 pub mod restore;
 pub mod snapper;
 pub mod store;
+pub mod stream;
 mod view;
 
 pub use view::SNAPDIR_NAME;
