@@ -412,9 +412,12 @@ fn clone(
         }
     };
     let (up, work) = (base.join("upper"), base.join("work"));
-    for d in [&up, &work] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    if !up.exists() {
+        std::fs::create_dir_all(&up).with_context(|| format!("creating {}", up.display()))?;
+        // The overlay shows the upper root's own owner, mode and xattrs for the root.
+        snap_fs::restore::copy_metadata(&view, &up)?;
     }
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let opts = format!("lowerdir={},upperdir={},workdir={}", esc(&view), esc(&up), esc(&work));
     if !foreground {
         let exe = std::env::current_exe().context("finding our own executable")?;

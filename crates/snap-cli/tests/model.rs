@@ -21,6 +21,7 @@
 mod common;
 
 use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
@@ -369,6 +370,16 @@ impl Model<'_> {
             self.take();
             return;
         }
+        if takes && !self.taken.is_empty() {
+            // The snapshot lifecycle (issue 6), now and then between changes.
+            match self.rng.random_range(0..120) {
+                0..=3 => return self.diff(),
+                4..=5 => return self.delete(),
+                6 => return self.restore(),
+                7 => return self.clone_check(),
+                _ => {}
+            }
+        }
         for op in self.plan() {
             self.run(&op);
         }
@@ -578,13 +589,144 @@ impl Model<'_> {
     /// Takes a snapshot (named, or in 1 of 5 named by ovlsnap), records MNT right after it, and
     /// checks the live view and every snapshot view.
     fn take(&mut self) {
-        let name = self.rng.random_bool(0.8).then(|| format!("model-{}", self.taken.len() + 1));
+        let name = self.rng.random_bool(0.8).then(|| format!("model-{}", self.steps));
         let got = self.snap.take(name.as_deref());
         self.note(format!("step {}: take {name:?} -> {got}", self.steps));
         assert!(!self.taken.iter().any(|t| t.name == got), "take printed a name already in use: {got:?}");
         let tree = self.check_live(&format!("right after take {got}"));
         self.taken.push(Taken { name: got, tree, after_step: self.steps });
         self.check_views(&format!("after take {}", self.taken.len()));
+    }
+
+    /// `ovlsnap diff A [B] --json` between two random snapshots (or one and LIVE): empty exactly
+    /// when the recorded trees are equal, and every change it reports is a real difference.
+    fn diff(&mut self) {
+        let i = self.rng.random_range(0..self.taken.len());
+        let j = self.rng.random_range(i..=self.taken.len());
+        let a = self.taken[i].name.clone();
+        let (b, tb) = match self.taken.get(j) {
+            Some(t) if j > i => (Some(t.name.clone()), t.tree.clone()),
+            _ => (None, record_tree(self.snap.mnt())),
+        };
+        let ta = self.taken[i].tree.clone();
+        let mut args: Vec<OsString> = vec!["diff".into(), a.clone().into()];
+        args.extend(b.clone().map(OsString::from));
+        args.extend(["--json".into(), "--mount".into(), self.snap.mnt().into()]);
+        let out = ovlsnap(&args);
+        let text = out.expect_ok("ovlsnap diff").to_string();
+        self.note(format!("step {}: diff {a} {b:?}", self.steps));
+        let report = parse_json(&text).unwrap_or_else(|e| panic!("diff --json is not JSON ({e}): {text}"));
+        let changes = match report.get("changes") {
+            Some(Json::Arr(c)) => c.clone(),
+            other => panic!("diff --json has no changes array: {other:?}"),
+        };
+        let field = |c: &Json, k: &str| match c.get(k) {
+            Some(Json::Str(s)) => PathBuf::from(s),
+            other => panic!("diff change without {k}: {other:?} in {text}"),
+        };
+        let equal = ta == tb;
+        assert_eq!(
+            changes.is_empty(),
+            equal,
+            "diff {a} {b:?}: reported {} changes for trees that are {}equal: {text}",
+            changes.len(),
+            if equal { "" } else { "not " }
+        );
+        for c in &changes {
+            let kind = match c.get("change") {
+                Some(Json::Str(s)) => s.clone(),
+                other => panic!("diff change without a kind: {other:?}"),
+            };
+            match kind.as_str() {
+                "added" => {
+                    // Where A has something at the same place, it is a dir that moved away.
+                    let (p, at) = (field(c, "path"), field(c, "at"));
+                    let moved_away = changes
+                        .iter()
+                        .any(|o| o.get("change") == Some(&Json::Str("renamed".into())) && o.get("path") == c.get("at"));
+                    assert!(
+                        tb.contains_key(&p) && (!ta.contains_key(&at) || moved_away),
+                        "diff {a} {b:?}: bogus {c:?}"
+                    );
+                }
+                "deleted" => {
+                    let p = field(c, "path");
+                    assert!(ta.contains_key(&p) && !tb.contains_key(&field(c, "at")), "diff {a} {b:?}: bogus {c:?}");
+                }
+                "modified" => {
+                    let (p, at) = (field(c, "path"), field(c, "at"));
+                    assert!(
+                        ta.get(&p).is_some() && tb.get(&at).is_some() && ta.get(&p) != tb.get(&at),
+                        "diff {a} {b:?}: {c:?} but the recorded objects are equal"
+                    );
+                }
+                "renamed" => {
+                    let (p, to) = (field(c, "path"), field(c, "to"));
+                    assert!(
+                        ta.get(&p).is_some_and(|e| e.kind == Kind::Dir)
+                            && tb.get(&to).is_some_and(|e| e.kind == Kind::Dir),
+                        "diff {a} {b:?}: bogus {c:?}"
+                    );
+                }
+                k => panic!("diff: unknown change kind {k}"),
+            }
+        }
+    }
+
+    /// `ovlsnap delete` of a random snapshot: every other view stays as recorded.
+    fn delete(&mut self) {
+        let i = self.rng.random_range(0..self.taken.len());
+        let name = self.taken[i].name.clone();
+        let out = ovlsnap(&["delete".as_ref(), OsStr::new(&name), "--mount".as_ref(), self.snap.mnt().as_os_str()]);
+        self.note(format!("step {}: delete {name}", self.steps));
+        out.expect_ok("ovlsnap delete");
+        self.taken.remove(i);
+        self.check_views(&format!("after deleting {name}"));
+        self.check_live(&format!("after deleting {name}"));
+    }
+
+    /// `ovlsnap restore` of a random snapshot: LIVE becomes its tree, every view stays; the
+    /// shadow is then reset to that tree.
+    fn restore(&mut self) {
+        let i = self.rng.random_range(0..self.taken.len());
+        let name = self.taken[i].name.clone();
+        let out = ovlsnap(&["restore".as_ref(), OsStr::new(&name), "--mount".as_ref(), self.snap.mnt().as_os_str()]);
+        self.note(format!("step {}: restore {name}", self.steps));
+        out.expect_ok("ovlsnap restore");
+        assert_same_tree(&self.taken[i].tree, &record_tree(self.snap.mnt()), &format!("LIVE after restore {name}"));
+        self.check_views(&format!("after restoring {name}"));
+        // The shadow follows: the same tree, copied from LIVE (which may keep hard links among
+        // files the restore did not need to touch; the views do not show links).
+        fs::remove_dir_all(&self.shadow).unwrap();
+        fs::create_dir(&self.shadow).unwrap();
+        let view = self.snap.mnt().to_path_buf();
+        let cp = std::process::Command::new("cp").arg("-a").arg(view.join(".")).arg(&self.shadow).status().expect("cp");
+        assert!(cp.success(), "copying {} to the shadow", view.display());
+        fs::set_permissions(&self.shadow, fs::metadata(&view).unwrap().permissions()).unwrap();
+        self.state = State { all: list_kinds(&self.shadow) };
+        self.check_live(&format!("after restore {name}: shadow reset"));
+    }
+
+    /// `ovlsnap clone` of a random snapshot: the clone shows its tree, takes writes, and the
+    /// snapshot does not change.
+    fn clone_check(&mut self) {
+        let i = self.rng.random_range(0..self.taken.len());
+        let name = self.taken[i].name.clone();
+        let dir = self.snap.scratch().mkdir(&format!("clone-{}", self.steps));
+        let out = ovlsnap(&[
+            "clone".as_ref(),
+            OsStr::new(&name),
+            dir.as_os_str(),
+            "--mount".as_ref(),
+            self.snap.mnt().as_os_str(),
+        ]);
+        self.note(format!("step {}: clone {name}", self.steps));
+        out.expect_ok("ovlsnap clone");
+        let guard = KernelMount::adopt(&dir);
+        assert_same_tree(&self.taken[i].tree, &record_tree(&dir), &format!("clone of {name}"));
+        fs::write(dir.join("written-in-clone"), b"clone\n").expect("write into the clone");
+        drop(guard);
+        self.check_views(&format!("after writing into a clone of {name}"));
     }
 
     /// Records MNT and checks it against the shadow (and, at a separate MNT, against LIVE read

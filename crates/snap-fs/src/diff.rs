@@ -114,6 +114,16 @@ impl<'a> Differ<'a> {
     pub fn run(mut self) -> Result<Report> {
         let da = DirLayers::root(self.a)?;
         let db = DirLayers::root(self.b)?;
+        // The root shows its top layer's root: owner, mode, xattrs.
+        let (ta, tb) = (da.lowers.first(), db.lowers.first());
+        if let (Some(ta), Some(tb)) = (ta, tb) {
+            let (ra, rb) = (self.a.layer(ta.layer).root(), self.b.layer(tb.layer).root());
+            let (sa, sb) = (rustix::fs::fstat(ra)?, rustix::fs::fstat(rb)?);
+            let meta = |s: &rustix::fs::Stat| (s.st_mode, s.st_uid, s.st_gid);
+            if meta(&sa) != meta(&sb) || xattrs(ra, Path::new(""))? != xattrs(rb, Path::new(""))? {
+                self.report.changes.push(Change::Modified { path: PathBuf::new(), at: PathBuf::new() });
+            }
+        }
         self.dir(Path::new(""), Path::new(""), &da, Some(&db), false)?;
         Ok(self.report)
     }

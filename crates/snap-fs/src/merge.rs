@@ -93,6 +93,8 @@ impl Merge<'_> {
         }
         for c in &report.changes {
             match c {
+                // The root's metadata is A's already (see `root_meta`).
+                Change::Modified { path, .. } if path.as_os_str().is_empty() => {}
                 Change::Renamed { path, to } if !under(path) => self.ensure_dir(path, Some(to))?,
                 Change::Modified { path, .. } if !under(path) => {
                     let e = self.resolve(path)?.ok_or(Errno::IO)?;

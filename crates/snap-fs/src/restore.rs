@@ -139,6 +139,12 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     copy_meta(src, dst, &m)
 }
 
+/// Gives `dst` the owner, mode, xattrs and times of `src`.
+pub fn copy_metadata(src: &Path, dst: &Path) -> Result<()> {
+    let m = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
+    copy_meta(src, dst, &m)
+}
+
 /// Gives `dst` the owner, mode, xattrs and times of `src` (metadata `m`).
 fn copy_meta(src: &Path, dst: &Path, m: &fs::Metadata) -> Result<()> {
     let symlink = m.file_type().is_symlink();

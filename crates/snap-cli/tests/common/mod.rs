@@ -609,6 +609,11 @@ impl KernelMount {
         guard
     }
 
+    /// Takes over whatever is mounted at `dir` (a clone), to unmount it on drop.
+    pub fn adopt(dir: &Path) -> KernelMount {
+        KernelMount { dir: dir.to_owned() }
+    }
+
     /// Mounts a fresh tmpfs at `dir`.
     pub fn tmpfs(dir: &Path) -> KernelMount {
         rustix::mount::mount("tmpfs", dir, "tmpfs", MountFlags::empty(), c"size=64m")
