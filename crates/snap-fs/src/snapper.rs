@@ -39,8 +39,10 @@ pub struct Listed {
 pub struct Snapper {
     /// Shared by every change, exclusive for a take.
     gate: RwLock<()>,
-    /// The newest snapshot's id; 0 without snapshots.
+    /// Changes with every switch of the CoW target; 0 without snapshots.
     generation: AtomicU64,
+    /// How many times the CoW target was switched: the source of generations.
+    switches: AtomicU64,
     store: Mutex<Store>,
     cow: Mutex<Option<Cow>>,
     pub(crate) views: Arc<Views>,
@@ -59,6 +61,7 @@ impl Snapper {
         let s = Self {
             gate: RwLock::new(()),
             generation: AtomicU64::new(0),
+            switches: AtomicU64::new(0),
             store: Mutex::new(store),
             cow: Mutex::new(None),
             views,
@@ -100,7 +103,10 @@ impl Snapper {
         let views = snaps.iter().enumerate().map(|(i, s)| (s.id, s.name.clone(), i)).collect();
         self.views.set(all, views);
         *self.cow.lock() = Some(cow);
-        self.generation.store(newest.id, Ordering::Release);
+        // A new number at every switch, never reused (not the snapshot id: a delete can make an
+        // older layer the target again, and what nodes were told under that id no longer holds).
+        let next = self.switches.fetch_add(1, Ordering::AcqRel) + 1;
+        self.generation.store(next, Ordering::Release);
         Ok(())
     }
 
