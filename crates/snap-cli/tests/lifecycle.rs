@@ -1,0 +1,122 @@
+//! The snapshot lifecycle beyond the model test (issue 6): what diff costs, what delete refuses,
+//! restore's dry run and a restore killed halfway.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+fn cli(args: &[&OsStr]) -> CliOutput {
+    ovlsnap(args)
+}
+
+#[test]
+fn diff_reads_the_changes_not_the_tree() {
+    // 100 dirs of 1000 files: 100k entries, then 10 changes.
+    let m = SnapMount::start(Form::Separate, |live| {
+        for d in 0..100 {
+            let dir = live.join(format!("d{d:03}"));
+            fs::create_dir(&dir).unwrap();
+            for f in 0..1000 {
+                fs::write(dir.join(format!("f{f:04}")), b"").unwrap();
+            }
+        }
+    });
+    m.take(Some("s1"));
+    let mnt = m.mnt();
+    for d in [3, 17, 42, 66, 99] {
+        fs::write(mnt.join(format!("d{d:03}/f0500")), b"changed").unwrap();
+    }
+    for d in [5, 50, 95] {
+        fs::write(mnt.join(format!("d{d:03}/new")), b"new").unwrap();
+    }
+    fs::remove_file(mnt.join("d010/f0001")).unwrap();
+    fs::remove_file(mnt.join("d020/f0002")).unwrap();
+    let out = cli(&["diff".as_ref(), "s1".as_ref(), "--json".as_ref(), "--mount".as_ref(), mnt.as_os_str()]);
+    let report = parse_json(out.expect_ok("ovlsnap diff")).unwrap();
+    let changes = match report.get("changes") {
+        Some(Json::Arr(c)) => c.len(),
+        other => panic!("no changes array: {other:?}"),
+    };
+    let examined = match report.get("examined") {
+        Some(Json::Num(n)) => *n as u64,
+        other => panic!("no examined count: {other:?}"),
+    };
+    assert_eq!(changes, 10, "the 10 changes: {}", out.expect_ok(""));
+    // Each change costs its name plus the dirs on its way, whatever the size of the tree.
+    assert!(examined <= 40, "diff examined {examined} names for 10 changes in a tree of 100k");
+}
+
+#[test]
+fn delete_refuses_a_snapshot_in_use() {
+    let m = SnapMount::start(Form::Stacked, |live| fs::write(live.join("f"), b"one").unwrap());
+    m.take(Some("s1"));
+    fs::write(m.mnt().join("f"), b"two").unwrap();
+    let mnt = m.mnt().as_os_str();
+    {
+        let _open = fs::File::open(m.view("s1").join("f")).unwrap();
+        let out = cli(&["delete".as_ref(), "s1".as_ref(), "--mount".as_ref(), mnt]);
+        assert!(!out.success() && out.stderr.contains("in use"), "delete with an open file: {out}");
+    }
+    let dir = m.scratch().mkdir("kernel");
+    {
+        let _k = KernelMount::snapshot(&m, "s1", &dir);
+        let out = cli(&["delete".as_ref(), "s1".as_ref(), "--mount".as_ref(), mnt]);
+        assert!(!out.success() && out.stderr.contains("mounted"), "delete while kernel-mounted: {out}");
+    }
+    assert_eq!(fs::read(m.view("s1").join("f")).unwrap(), b"one", "the refused deletes changed nothing");
+    cli(&["delete".as_ref(), "s1".as_ref(), "--mount".as_ref(), mnt]).expect_ok("delete once unused");
+    assert!(m.list().is_empty());
+    let out = cli(&["delete".as_ref(), "s1".as_ref(), "--mount".as_ref(), mnt]);
+    assert!(!out.success() && out.stderr.contains("no snapshot named"), "deleting an unknown name: {out}");
+}
+
+/// A tree with enough files that a restore takes a while.
+fn fill(root: &Path, tag: &str) {
+    for d in 0..20 {
+        let dir = root.join(format!("d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..50 {
+            fs::write(dir.join(format!("f{f}")), format!("{tag} {d} {f}\n").repeat(200)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn restore_dry_run_changes_nothing_and_a_killed_restore_finishes_when_rerun() {
+    let m = SnapMount::start(Form::Separate, |live| fill(live, "old"));
+    m.take(Some("s1"));
+    let s1 = record_tree(m.mnt());
+    let mnt = m.mnt();
+    for d in 0..20 {
+        fs::remove_dir_all(mnt.join(format!("d{d}"))).unwrap();
+    }
+    fill(mnt, "new");
+    fs::rename(mnt.join("d3"), mnt.join("moved")).unwrap();
+    m.take(Some("s2"));
+    let s2 = record_tree(mnt);
+
+    let out = cli(&["restore".as_ref(), "s1".as_ref(), "--dry-run".as_ref(), "--mount".as_ref(), mnt.as_os_str()]);
+    assert!(out.expect_ok("restore --dry-run").lines().count() >= 20, "dry run lists the changes: {out}");
+    assert_same_tree(&s2, &record_tree(mnt), "LIVE after a dry run");
+
+    // Kill a restore halfway, then run it again.
+    let mut child = std::process::Command::new(ovlsnap_bin())
+        .args(["restore".as_ref(), "s1".as_ref(), "--mount".as_ref(), mnt.as_os_str()])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let _ = child.kill();
+    let _ = child.wait();
+    cli(&["restore".as_ref(), "s1".as_ref(), "--mount".as_ref(), mnt.as_os_str()]).expect_ok("restore again");
+    assert_same_tree(&s1, &record_tree(mnt), "LIVE after the rerun restore");
+    assert_same_tree(&s1, &record_tree(&m.view("s1")), "s1 after the restores");
+    assert_same_tree(&s2, &record_tree(&m.view("s2")), "s2 after the restores");
+    // Leftover temp files of the killed run are not part of LIVE.
+    let out = cli(&["diff".as_ref(), "s1".as_ref(), "--mount".as_ref(), mnt.as_os_str()]);
+    assert_eq!(out.expect_ok("diff"), "", "LIVE differs from s1 after the restore");
+}
