@@ -109,8 +109,8 @@ fn demo_ovlfs(scratch: &Path) -> Result<()> {
     kernel_mount.unmount()
 }
 
-/// Snapshots with `ovlsnap`: mount a plain directory, change it, take snapshots, list and browse them,
-/// mount one with the stock kernel overlay, unmount.
+/// Snapshots with `ovlsnap`: mount a plain directory, change it, take snapshots, list, diff and browse
+/// them, mount one with the stock kernel overlay, restore one, delete one, unmount.
 fn demo_snapshots(scratch: &Path) -> Result<()> {
     say("Build ovlsnap.");
     cargo().args(["build", "-p", "snap-cli"]).run()?;
@@ -149,6 +149,8 @@ fn demo_snapshots(scratch: &Path) -> Result<()> {
 
     say("List the snapshots: a layer holds only what changed after its snapshot.");
     run("ovlsnap list --mount data")?;
+    say("What changed since monday, read from the layers (constant in the tree size, grows with the changes).");
+    run("ovlsnap diff monday --mount data")?;
     say("Browse: each snapshot is a read-only tree under .snapshots/NAME, served by the same daemon.");
     run("ls data/.snapshots && cat data/.snapshots/monday/notes.txt && ls data/.snapshots/monday")?;
     run("cat data/.snapshots/tuesday/notes.txt && cat data/notes.txt")?;
@@ -173,8 +175,25 @@ fn demo_snapshots(scratch: &Path) -> Result<()> {
     println!("ok: the kernel shows monday as it was taken");
     kernel.unmount()?;
 
+    say(
+        "Restore monday, online: data/ becomes monday's tree. The restore's own changes are saved into the newest snapshot like any other change, so tuesday survives.",
+    );
+    run("ovlsnap restore monday --mount data && cat data/notes.txt && ls data")?;
+    let differences = monday_tree.differences("monday", &Tree::read(&dir.join("data"))?, "data/ after restore");
+    if !differences.is_empty() {
+        bail!("data/ after the restore differs from monday:\n  {}", differences.join("\n  "));
+    }
+    println!("ok: data/ equals monday again");
+    let seen = Tree::read(&dir.join("data/.snapshots/tuesday"))?;
+    if !tuesday_tree.differences("taken", &seen, "browsed").is_empty() {
+        bail!("tuesday changed during the restore");
+    }
+    println!("ok: tuesday is unchanged");
+    say("Delete monday (the oldest: its layer just goes away); tuesday stays as it was.");
+    run("ovlsnap delete monday --mount data && ovlsnap list --mount data")?;
+
     say("Unmount: the snapshots stay in data/.ovlsnap, one layer per snapshot; a new mount brings them back.");
-    run("ovlsnap umount data && ls data/.ovlsnap data/.ovlsnap/layers")?;
+    run("ovlsnap umount data && ls data/.ovlsnap/layers")?;
     mount.unmount()
 }
 
