@@ -129,6 +129,35 @@ fn copy_up_keeps_holes_on_ext4() {
     assert_eq!(buf, want);
 }
 
+/// The lower layer on its own tmpfs: copy_file_range cannot cross filesystems (EXDEV) and the
+/// copy falls back to reads and writes, keeping every byte.
+#[test]
+fn copy_up_from_a_lower_on_another_filesystem() {
+    let tmp = tempdir("xfs-lower");
+    let l = Layers::create(&tmp.path().join("a"), 1);
+    let out =
+        Command::new("mount").args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"]).arg(&l.lowers[0]).output().unwrap();
+    assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _lower = Unmount(l.lowers[0].clone());
+    let data: Vec<u8> = (0..(3 << 20) + 123).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    fs::write(l.lowers[0].join("big"), &data).unwrap();
+    let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m"));
+    let f = OpenOptions::new().write(true).open(m.path().join("big")).unwrap();
+    f.write_all_at(b"X", 10).unwrap();
+    drop(f);
+    let mut want = data.clone();
+    want[10] = b'X';
+    assert_eq!(fs::read(l.upper.join("big")).unwrap(), want, "the upper copy holds every byte");
+    assert_eq!(fs::read(l.lowers[0].join("big")).unwrap(), data, "the lower file is untouched");
+    drop(m);
+}
+
 /// What a descriptor opened read-only before a copy-up reads after another descriptor wrote.
 fn read_after_copy_up(mnt: &Path) -> (Vec<u8>, u64) {
     let old = File::open(mnt.join("f")).unwrap();
