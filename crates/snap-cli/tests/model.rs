@@ -290,6 +290,8 @@ struct Model<'c> {
     shadow: PathBuf,
     state: State,
     taken: Vec<Taken>,
+    /// Takes made so far (deleted ones included), for unique names.
+    takes_made: usize,
     /// The dir renamed last, to rename again (ignored once it no longer exists).
     hot_dir: Option<PathBuf>,
     steps: usize,
@@ -337,6 +339,7 @@ fn run_sequence(cfg: &Config, seed: u64) {
         shadow,
         state,
         taken: Vec::new(),
+        takes_made: 0,
         hot_dir: None,
         steps: 0,
         ops_tried: 0,
@@ -589,7 +592,8 @@ impl Model<'_> {
     /// Takes a snapshot (named, or in 1 of 5 named by ovlsnap), records MNT right after it, and
     /// checks the live view and every snapshot view.
     fn take(&mut self) {
-        let name = self.rng.random_bool(0.8).then(|| format!("model-{}", self.steps));
+        self.takes_made += 1;
+        let name = self.rng.random_bool(0.8).then(|| format!("model-{}", self.takes_made));
         let got = self.snap.take(name.as_deref());
         self.note(format!("step {}: take {name:?} -> {got}", self.steps));
         assert!(!self.taken.iter().any(|t| t.name == got), "take printed a name already in use: {got:?}");
