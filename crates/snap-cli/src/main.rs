@@ -163,6 +163,12 @@ enum Cmd {
         #[arg(long)]
         mount: Option<PathBuf>,
     },
+    /// Write shell completions and man pages into DIR (used by `cargo xtask dist`).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory.
+        dir: PathBuf,
+    },
     /// Who serves a mount: daemon pid, LIVE, store.
     Status {
         /// The mount (default: the one containing the current directory).
@@ -259,6 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Restore { name, dry_run, mount } => restore(&resolve_mount(mount)?, &name, dry_run),
+        Cmd::GenerateDocs { dir } => generate_docs(&dir),
         Cmd::Status { mount, json } => {
             let mnt = resolve_mount(mount)?;
             let v = control::call(&mnt, &Request::Status)?;
@@ -437,6 +444,22 @@ fn clone(
 /// Escapes a path for a `lowerdir=`-style option list.
 fn esc(p: &Path) -> String {
     p.display().to_string().replace('\\', "\\\\").replace(',', "\\,").replace(':', "\\:")
+}
+
+/// Shell completions (bash, zsh, fish) and a man page per command into `dir`.
+fn generate_docs(dir: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let completions = dir.join("completions");
+    let man = dir.join("man/man1");
+    std::fs::create_dir_all(&completions)?;
+    std::fs::create_dir_all(&man)?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "ovlsnap", &completions)?;
+    }
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd, &man)?;
+    println!("wrote {} and {}", completions.display(), man.display());
+    Ok(())
 }
 
 /// A spinner on stderr while the daemon works, when stderr is a terminal.

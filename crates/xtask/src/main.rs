@@ -19,6 +19,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod dist;
 mod install;
 mod mount;
 mod mountinfo;
@@ -58,6 +59,9 @@ enum Task {
         #[arg(long, default_value = "/usr/local")]
         prefix: PathBuf,
     },
+    /// Release binaries, shell completions, man pages and examples (fstab, systemd) into
+    /// target/dist/.
+    Dist,
     /// Build ovlfs, create sample layers in DIR and mount them at DIR/mnt.
     Mount {
         /// Where to put the layers and the mount point.
@@ -104,6 +108,7 @@ fn run(task: Task) -> Result<()> {
         Task::Install { prefix } => install::run(&prefix),
         Task::Mount { dir } => mount::run(&dir),
         Task::Demo => demo::run(),
+        Task::Dist => dist::run(),
         Task::BenchCompare { quick, json, runs, only } => bench::run(&bench::Options { quick, json, runs, only }),
     }
 }

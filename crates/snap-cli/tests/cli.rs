@@ -1,0 +1,41 @@
+//! The command line itself: help, version, generated completions and man pages, and errors that
+//! say what to do next.
+
+mod common;
+
+use std::fs;
+
+use common::*;
+
+#[test]
+fn help_version_and_generated_docs() {
+    let help = ovlsnap(&["--help"]);
+    let text = help.expect_ok("--help");
+    for cmd in ["mount", "umount", "take", "list", "diff", "delete", "restore", "clone", "send", "receive", "mount-cmd"]
+    {
+        assert!(text.contains(cmd), "--help does not list {cmd}:\n{text}");
+    }
+    assert!(ovlsnap(&["--version"]).expect_ok("--version").starts_with("ovlsnap "));
+    assert!(ovlsnap(&["take", "--help"]).expect_ok("take --help").contains("Examples"), "take --help has examples");
+
+    let s = Scratch::new();
+    let dir = s.mkdir("dist");
+    ovlsnap(&["generate-docs".as_ref(), dir.as_os_str()]).expect_ok("generate-docs");
+    for f in ["completions/ovlsnap.bash", "completions/_ovlsnap", "completions/ovlsnap.fish", "man/man1/ovlsnap.1"] {
+        let len = fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 100, "{f} was not generated (or is empty)");
+    }
+    let page = fs::read_to_string(dir.join("man/man1/ovlsnap-restore.1")).expect("a page per command");
+    assert!(page.contains("restore"), "the restore page is about restore");
+}
+
+#[test]
+fn errors_say_what_to_do_next() {
+    let s = Scratch::new();
+    let plain = s.mkdir("plain");
+    let out = ovlsnap(&["take".as_ref(), "x".as_ref(), "--mount".as_ref(), plain.as_os_str()]);
+    let err = out.expect_failure("take on a plain dir");
+    assert!(err.contains("ovlsnap mount"), "the error names the command to run: {err}");
+    let out = ovlsnap(&["mount".as_ref(), s.path().join("missing").as_os_str()]);
+    assert!(out.expect_failure("mount of a missing dir").contains("no such directory"));
+}
