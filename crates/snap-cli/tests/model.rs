@@ -660,7 +660,7 @@ impl Model<'_> {
                 "modified" => {
                     let (p, at) = (field(c, "path"), field(c, "at"));
                     assert!(
-                        ta.get(&p).is_some() && tb.get(&at).is_some() && ta.get(&p) != tb.get(&at),
+                        ta.contains_key(&p) && tb.contains_key(&at) && ta.get(&p) != tb.get(&at),
                         "diff {a} {b:?}: {c:?} but the recorded objects are equal"
                     );
                 }

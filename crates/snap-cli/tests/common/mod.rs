@@ -23,9 +23,11 @@ mod json;
 mod sys;
 mod tree;
 
+#[allow(unused_imports)] // each test binary uses its own subset
 pub use json::*;
 #[allow(unused_imports)] // not every test binary maps files
 pub use sys::*;
+#[allow(unused_imports)]
 pub use tree::*;
 
 use std::ffi::{OsStr, OsString};
