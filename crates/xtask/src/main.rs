@@ -23,6 +23,7 @@ mod dist;
 mod install;
 mod mount;
 mod mountinfo;
+mod pictures;
 mod prereqs;
 mod sample;
 mod testing;
@@ -62,6 +63,8 @@ enum Task {
     /// Release binaries, shell completions, man pages and examples (fstab, systemd) into
     /// target/dist/.
     Dist,
+    /// Draw the SVG pictures in docs/pictures/ from their text sources.
+    Pictures,
     /// Build ovlfs, create sample layers in DIR and mount them at DIR/mnt.
     Mount {
         /// Where to put the layers and the mount point.
@@ -109,6 +112,7 @@ fn run(task: Task) -> Result<()> {
         Task::Mount { dir } => mount::run(&dir),
         Task::Demo => demo::run(),
         Task::Dist => dist::run(),
+        Task::Pictures => pictures::run(),
         Task::BenchCompare { quick, json, runs, only } => bench::run(&bench::Options { quick, json, runs, only }),
     }
 }

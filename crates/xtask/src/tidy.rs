@@ -64,4 +64,14 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn pictures_match_their_sources() {
+        let pictures = crate::pictures::sources().unwrap();
+        assert!(pictures.len() >= 2, "the layer stack and the snapshot chain");
+        for (svg, want) in pictures {
+            let have = std::fs::read_to_string(&svg).unwrap_or_default();
+            assert!(have == want, "{} is stale: run `cargo xtask pictures`", svg.display());
+        }
+    }
 }
