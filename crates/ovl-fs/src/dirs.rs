@@ -33,10 +33,12 @@ impl OverlayFs {
         Ok(out)
     }
 
+    /// Opens a directory stream. The listing is taken at the first read, not here: with the
+    /// kernel's directory cache most opens are never read.
     pub(crate) fn do_opendir(&self, node: &Node) -> Result<u64> {
-        let entries = self.listing(node)?;
+        self.dir_of(node)?;
         let fh = self.handles.next_id();
-        self.handles.dirs.write().insert(fh, Arc::new(Mutex::new(OpenDir { entries })));
+        self.handles.dirs.write().insert(fh, Arc::new(Mutex::new(OpenDir::default())));
         Ok(fh)
     }
 
@@ -53,7 +55,8 @@ impl OverlayFs {
     ) -> Result<ReplyDirectory> {
         let dir = self.open_dir(fh)?;
         let mut d = dir.lock();
-        if offset == 0 {
+        // Taken at the first read and again at each rewind (a listing always has `.` and `..`).
+        if offset == 0 || d.entries.is_empty() {
             d.entries = self.listing(node)?;
         }
         for (i, (name, kind, ino)) in d.entries.iter().enumerate().skip(offset as usize) {
@@ -73,7 +76,8 @@ impl OverlayFs {
     ) -> Result<ReplyDirectoryPlus> {
         let dir = self.open_dir(fh)?;
         let mut d = dir.lock();
-        if offset == 0 {
+        // Taken at the first read and again at each rewind (a listing always has `.` and `..`).
+        if offset == 0 || d.entries.is_empty() {
             d.entries = self.listing(node)?;
         }
         let self_attr = self.attr(node, &self.real_stat(node)?);

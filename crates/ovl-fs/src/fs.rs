@@ -30,8 +30,8 @@ pub(crate) struct OpenFile {
     pub on_lower: AtomicBool,
 }
 
-/// An open directory: its merged listing, taken at opendir and again at each rewind, so offsets
-/// stay valid across readdir calls and seekdir.
+/// An open directory: its merged listing, taken at the first readdir and again at each rewind, so
+/// offsets stay valid across readdir calls and seekdir.
 #[derive(Debug, Default)]
 pub(crate) struct OpenDir {
     pub entries: Vec<(OsString, FuseType, u64)>,
