@@ -1,7 +1,8 @@
 //! Shared helpers for the ovl-fs integration tests (they run as root on Linux).
 //!
 //! - [`MountGuard`] mounts the kernel overlay or an `ovlfs` daemon over a [`Layers`] set, waits for
-//!   the mount to show in `/proc/self/mountinfo`, and unmounts on drop, also while a test panics.
+//!   the mount to show in `/proc/self/mountinfo`, and unmounts on drop, also while a test panics;
+//!   [`MountGuard::kill_daemon`] does what a crash does instead (SIGKILL, then `umount -l`).
 //! - [`generate_layers`] builds random lower layers (and optionally an upper) from a seed;
 //!   [`apply_fixture`] builds layers from a small text format instead.
 //! - [`Layers::copy_to`] clones a layer set with `cp -a` (owners, times, xattrs, whiteouts, links).
