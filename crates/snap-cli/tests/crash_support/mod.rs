@@ -390,6 +390,9 @@ impl Round {
     /// The last checks ([`check_kernel_and_cow`](Self::check_kernel_and_cow)), then `ovlsnap umount`.
     pub fn finish(mut self) {
         self.check_kernel_and_cow();
+        // Closed first: `umount` fails if a process holds a descriptor under the test dir, and
+        // a child that another test forks from this process holds ours until it execs.
+        self.live_dir = None;
         self.m.umount();
     }
 }
