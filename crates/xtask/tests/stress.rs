@@ -44,7 +44,7 @@ fn stress(args: &[&str]) -> (bool, String) {
 #[test]
 fn a_short_stress_run_passes() {
     let skip = "readback,listing,mkdir,mvshared";
-    let (passed, out) = stress(&["--secs", "3", "--procs", "3", "--seed", "1", "--take-every", "1", "--skip", skip]);
+    let (passed, out) = stress(&["--secs", "2", "--procs", "3", "--seed", "1", "--take-every", "1", "--skip", skip]);
     assert!(passed, "{out}");
     for want in ["== ovlfs", "== ovlsnap", "operations in", "no mismatch", "open descriptors", "snapshots: "] {
         assert!(out.contains(want), "the summary lacks {want:?}:\n{out}");
