@@ -449,3 +449,33 @@ fn receive() {
         Outcome { live: state, finished: crash.finished }
     });
 }
+
+/// Regression (found by `delete` with OVLSNAP_CRASH_SEED=1000 OVLSNAP_CRASH_ROUNDS=40, round
+/// 1002): a daemon killed while it was writing `delete-in-progress.json` left the journal empty,
+/// and every later `ovlsnap mount` failed on it ("EOF while parsing").
+#[test]
+fn a_delete_journal_cut_short_is_ignored_at_mount() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut m = SnapMount::start(Form::Separate, |live| build_tree(live, &mut rng, 3, 3));
+    m.take(Some("s1"));
+    churn(m.mnt(), &mut rng, 20);
+    m.take(Some("s2"));
+    churn(m.mnt(), &mut rng, 20);
+    let (s1, s2, live) = (record_tree(&m.view("s1")), record_tree(&m.view("s2")), record_tree(m.mnt()));
+    m.umount();
+    // What a kill leaves between creating the journal and writing it: the merged layer being
+    // built, and an empty journal; the swap comes after the journal.
+    let store = m.live().join(".ovlsnap");
+    fs::create_dir(store.join("layers/1.merging")).unwrap();
+    fs::write(store.join("layers/1.merging/half"), b"x").unwrap();
+    fs::write(store.join("delete-in-progress.json"), b"").unwrap();
+    m.mount();
+    assert_same_tree(&s1, &record_tree(&m.view("s1")), "s1 after the remount");
+    assert_same_tree(&s2, &record_tree(&m.view("s2")), "s2 after the remount");
+    assert_same_tree(&live, &record_tree(m.mnt()), "LIVE after the remount");
+    let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["s1", "s2"]);
+    m.umount();
+    assert!(!store.join("delete-in-progress.json").exists(), "the journal is still there");
+    assert!(!store.join("layers/1.merging").exists(), "the half-built merged layer is still there");
+}

@@ -332,8 +332,17 @@ impl Store {
             Err(rustix::io::Errno::NOENT) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let m: Merging = serde_json::from_str(&std::io::read_to_string(File::from(fd))?)
-            .context("reading delete-in-progress.json")?;
+        // The journal is written and synced before the swap: one that does not parse was cut
+        // short by a stop while it was being written, so nothing was swapped yet (`clean` then
+        // removes the merged layer that was being built).
+        let m: Merging = match serde_json::from_str(&std::io::read_to_string(File::from(fd))?) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("ignoring an unreadable {MERGING}: {e}");
+                rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty())?;
+                return Ok(());
+            }
+        };
         let swapped =
             rustix::fs::statat(&self.layers, m.into.to_string().as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|st| st.st_ino == m.merged);
