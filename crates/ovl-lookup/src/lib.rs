@@ -24,5 +24,5 @@ mod probe;
 mod readdir;
 
 pub use identity::{Identity, identity};
-pub use lookup::{DirLayers, Entry, LowerDir, LowerObject, lookup, lower_has_name};
+pub use lookup::{DirLayers, Entry, LowerDir, LowerObject, lookup, lower_has_name, parse_redirect_value};
 pub use readdir::{MergedEntry, read_merged};

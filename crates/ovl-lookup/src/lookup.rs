@@ -384,6 +384,16 @@ fn redirect_of(stack: &LayerStack, p: &mut Probe, path: &Path) -> Result<Option<
     })
 }
 
+/// Parses an untrusted `overlay.redirect` value: `Some((absolute, path))` for a single plain name
+/// (relative) or `/a/b` (absolute, from the layer root), `None` for anything else (empty, `.` or
+/// `..` components, NUL bytes, too long). A path it returns never leaves a layer root.
+pub fn parse_redirect_value(v: &[u8]) -> Option<(bool, PathBuf)> {
+    match parse_redirect(v)? {
+        Target::Abs(p) => Some((true, p)),
+        Target::Rel(n) => Some((false, PathBuf::from(n))),
+    }
+}
+
 /// Parses a redirect: a single name (relative) or `/a/b` (absolute, from the layer root).
 fn parse_redirect(v: &[u8]) -> Option<Target> {
     use std::os::unix::ffi::OsStrExt;

@@ -90,7 +90,12 @@ pub fn read_meta(root: BorrowedFd<'_>) -> anyhow::Result<Option<Meta>> {
         Err(e) => return Err(e).context("opening snapshots.json"),
     };
     let text = std::io::read_to_string(File::from(fd)).context("reading snapshots.json")?;
-    let meta: Meta = serde_json::from_str(&text).context("snapshots.json is corrupt")?;
+    parse_meta(&text).map(Some)
+}
+
+/// Parses and checks the text of `snapshots.json` (untrusted: it may be hand-edited or corrupt).
+pub fn parse_meta(text: &str) -> anyhow::Result<Meta> {
+    let meta: Meta = serde_json::from_str(text).context("snapshots.json is corrupt")?;
     if meta.version != 1 {
         bail!("snapshots.json has format version {}, this ovlsnap reads version 1", meta.version);
     }
@@ -100,7 +105,7 @@ pub fn read_meta(root: BorrowedFd<'_>) -> anyhow::Result<Option<Meta>> {
             bail!("snapshots.json is corrupt: bad snapshot entry {:?} (id {})", s.name, s.id);
         }
     }
-    Ok(Some(meta))
+    Ok(meta)
 }
 
 /// Whether `name` may name a snapshot: a plain file name, printable, at most 200 bytes.
