@@ -90,6 +90,12 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     }
     let live_fd = rustix::fs::open(&live, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .with_context(|| format!("opening {live:?}"))?;
+    if rustix::fs::statat(&live_fd, SNAPDIR_NAME, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+        bail!(
+            "{live:?} contains {SNAPDIR_NAME}, a name the mount reserves for the snapshot views (it would be \
+             hidden): rename it first"
+        );
+    }
     let (store_path, hidden_store) = match &cfg.store {
         None => (None, Some(OsString::from(DEFAULT_NAME))),
         Some(p) => {
