@@ -200,6 +200,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Umount { mnt } => umount(&resolve_mount(mnt)?),
         Cmd::Take { name, mount } => {
             let mnt = resolve_mount(mount)?;
+            // Dirty pages of shared writable mappings reach the daemon only as writes at
+            // writeback: flush them so they land before the snapshot's instant.
+            if let Ok(f) = std::fs::File::open(&mnt) {
+                let _ = rustix::fs::syncfs(&f);
+            }
             let v = control::call(&mnt, &Request::Take { name })?;
             let name = v.get("name").and_then(|n| n.as_str()).context("the daemon's answer has no name")?;
             println!("{name}");
