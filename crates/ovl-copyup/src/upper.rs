@@ -158,3 +158,25 @@ pub fn create_over_whiteout(
         }
     }
 }
+
+/// Creates a new object at `upper_parent/name`, where the name is free, in one step as others see
+/// it: `build` makes it complete (owner, mode, xattrs) under a temporary name in the work dir, then
+/// it is renamed into place (never over anything). A crash in between leaves only a work entry,
+/// which the next mount removes; never an object with a half-set owner or mode.
+pub fn create_fresh(
+    stack: &LayerStack,
+    upper_parent: &Path,
+    name: &CStr,
+    build: impl FnOnce(Created<'_>) -> Result<()>,
+) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let work = upper.work();
+    let tmp = temp_name();
+    let made = build(Created { work, name: &tmp })
+        .and_then(|()| Ok(rustix::fs::renameat_with(work, &tmp, &dir, name, RenameFlags::NOREPLACE)?));
+    if made.is_err() {
+        let _ = sys::remove_tree_at(work.as_fd(), &tmp);
+    }
+    made
+}
