@@ -382,5 +382,7 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 
 mod layers;
 mod snapshot;
+#[allow(unused_imports)] // each test binary uses its own subset
 pub use layers::*;
+#[allow(unused_imports)]
 pub use snapshot::*;
