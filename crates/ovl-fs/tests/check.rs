@@ -453,7 +453,7 @@ fn a_repair_removes_the_phantoms_of_whiteouts_in_unmerged_dirs() {
 }
 
 #[test]
-fn a_volatile_mount_left_dirty_is_an_error_a_repair_keeps() {
+fn a_volatile_marker_is_an_error_a_repair_keeps() {
     let tmp = tempdir("ovl-check-volatile-");
     let root = fs::canonicalize(tmp.path()).unwrap();
     let layers = Layers::create(&root.join("layers"), 1);
@@ -463,10 +463,10 @@ fn a_volatile_mount_left_dirty_is_an_error_a_repair_keeps() {
         fs::write(k.path().join("f"), b"written without fsync").unwrap();
     }
     let marker = layers.work.join("work/incompat/volatile");
-    assert!(marker.is_dir(), "the kernel leaves its volatile marker at unmount");
+    assert!(marker.is_dir(), "the kernel leaves its volatile marker even at a clean unmount");
     let out = check_layers(&layers, "", &["--repair"]);
     assert_eq!(out.code, 1, "{}", out.stdout);
-    assert_eq!(out.set("findings"), as_set(&[("error", "volatile-dirty", marker.clone())]), "{}", out.stdout);
+    assert_eq!(out.set("findings"), as_set(&[("error", "volatile-incompat", marker.clone())]), "{}", out.stdout);
     assert!(marker.is_dir(), "a repair must not remove the marker");
 }
 

@@ -28,7 +28,7 @@
 //! | `metacopy-not-enabled` | warning | metacopy files, but no `metacopy=on` |
 //! | `opaque-invalid`, `impure-on-non-dir`, `unknown-xattr` | warning | odd overlay xattrs |
 //! | `lookup-error` | error | the overlay cannot look a directory up |
-//! | `volatile-dirty` | error | `WORKDIR/work/incompat/volatile`: the kernel refuses to mount |
+//! | `volatile-incompat` | error | `WORKDIR/work/incompat/volatile` (any volatile mount leaves it): the kernel refuses to mount |
 //! | `index-not-checked` | warning | an `index=on` layout (`WORKDIR/index`) is not checked |
 //! | `layers-in-use` | warning | a mount or a process uses the layers (a repair is refused) |
 //!
@@ -125,13 +125,18 @@ pub fn check_workdir(workdir: &Path) -> Result<Report> {
         if e.name == "incompat" {
             for feature in entries(&dir, "work/incompat")?.unwrap_or_default() {
                 let detail = if feature.name == "volatile" {
-                    "a volatile mount used these layers and was never cleanly unmounted (the kernel leaves \
-                     this marker): it refuses to mount them, as they may have lost writes; remove the marker only \
-                     if the system did not crash since"
+                    "a volatile mount used these layers (the kernel leaves this marker even at a clean \
+                     unmount): the kernel refuses to mount them while it is there, as a crash may have lost \
+                     writes; remove it only if the system did not crash since that mount"
                 } else {
                     "an incompatible feature the kernel refuses to mount with"
                 };
-                report.findings.push(Finding::new(Severity::Error, "volatile-dirty", path.join(&feature.name), detail));
+                report.findings.push(Finding::new(
+                    Severity::Error,
+                    "volatile-incompat",
+                    path.join(&feature.name),
+                    detail,
+                ));
             }
             continue;
         }
