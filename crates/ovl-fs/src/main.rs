@@ -133,11 +133,7 @@ fn check_main(args: &[String]) -> ExitCode {
     use ovl_fs::check::CheckError;
     match ovl_fs::check::check_options(&options, repair) {
         Ok(report) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report.json()).unwrap_or_default());
-            } else {
-                print!("{}", report.human());
-            }
+            print!("{}", report.render(json));
             ExitCode::from(report.exit_code())
         }
         Err(e @ (CheckError::Stack(_) | CheckError::NoUpper)) => usage(&e.to_string()),

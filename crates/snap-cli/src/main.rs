@@ -377,11 +377,7 @@ fn check(live: Option<PathBuf>, store: Option<PathBuf>, repair: bool, json: bool
     let Some(live) = live else { return ExitCode::from(2) };
     match snap_fs::check::check_store(&live, store.as_deref(), repair) {
         Ok(report) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report.json()).unwrap_or_default());
-            } else {
-                print!("{}", report.human());
-            }
+            print!("{}", report.render(json));
             ExitCode::from(report.exit_code())
         }
         Err(e) => {

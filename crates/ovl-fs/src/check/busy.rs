@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use crate::mount::unescape_mountinfo;
+
 /// One line per user of any of `dirs` (canonical paths), this process excluded: `kernel overlay
 /// mounted at MNT` or `process PID (COMM)`. Empty when nobody uses them.
 pub fn users_of(dirs: &[&Path]) -> Vec<String> {
@@ -25,31 +27,14 @@ fn kernel_mounts_of(dirs: &[&Path]) -> Vec<String> {
         let options = fields.nth(1).unwrap_or_default();
         let named = options.split(',').filter_map(|o| o.split_once('=')).any(|(key, value)| {
             matches!(key, "lowerdir" | "lowerdir+" | "datadir+" | "upperdir" | "workdir")
-                && value.split(':').any(|v| dirs.iter().any(|d| d.as_os_str() == unescape(v).as_str()))
+                && value.split(':').any(|v| dirs.contains(&unescape_mountinfo(v).as_path()))
         });
         if named {
             let point = left.split(' ').nth(4).unwrap_or("?");
-            out.push(format!("kernel overlay mounted at {}", unescape(point)));
+            out.push(format!("kernel overlay mounted at {}", unescape_mountinfo(point).display()));
         }
     }
     out
-}
-
-/// mountinfo escapes spaces, tabs, newlines and backslashes as `\ooo`.
-fn unescape(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push(b[i + 1..i + 4].iter().fold(0u8, |acc, c| acc.wrapping_mul(8) + (c - b'0')));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Processes other than this one with an open descriptor (or working directory) on one of
@@ -72,16 +57,4 @@ fn processes_holding(dirs: &[&Path]) -> Vec<String> {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape(r"/a\040b"), "/a b");
-        assert_eq!(unescape(r"/a\\b"), r"/a\\b");
-        assert_eq!(unescape("/plain"), "/plain");
-    }
 }

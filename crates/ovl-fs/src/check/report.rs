@@ -123,6 +123,11 @@ impl Report {
         out
     }
 
+    /// What a command prints: [`Report::json`] (pretty) or [`Report::human`].
+    pub fn render(&self, json: bool) -> String {
+        if json { format!("{:#}\n", self.json()) } else { self.human() }
+    }
+
     /// The report for scripts: `{"clean", "errors", "warnings", "fixable", "checked",
     /// "findings": [{"severity", "kind", "path", "detail"}], "repaired": [...]}`. `clean` means
     /// no errors (the exit code is 0).
