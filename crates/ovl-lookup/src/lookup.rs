@@ -368,7 +368,14 @@ fn root_lowers(stack: &LayerStack, after: Option<LayerId>) -> Vec<LowerDir> {
 }
 
 /// The longest redirect we accept (the kernel reads at most a path's worth).
-const MAX_REDIRECT: usize = 4096;
+pub const MAX_REDIRECT: usize = 4096;
+
+/// True when `v` is an `overlay.redirect` value lookup follows: a single name (relative: same
+/// parent), or `/a/b` whose every component is a plain name (absolute, from the root of the
+/// layers below), at most [`MAX_REDIRECT`] bytes. Anything else fails the lookup with `EIO`.
+pub fn redirect_is_valid(v: &[u8]) -> bool {
+    parse_redirect(v).is_some()
+}
 
 /// The `overlay.redirect` of `name` in `dir`, when the mount follows redirects. A value that is
 /// not a valid name or absolute path is corrupt (`EIO`): it can never point outside the layer,
