@@ -11,6 +11,8 @@
 //! - `demo`: the product end to end with narrated steps, checking each result and cleaning up after itself.
 //! - `bench-compare`: the same workload on the kernel's overlay, fuse-overlayfs and ovlfs; medians and ratios;
 //!   and ovlsnap's snapshots (take latency, write throughput with a snapshot).
+//! - `stress`: random file operations from several workers with data checks, through ovlfs and through an
+//!   ovlsnap mount taking and deleting snapshots; fails on mismatches, hangs, leaked descriptors.
 //!
 //! Architecture Invariant: xtask knows nothing about the workspace's crates as code. It never depends on
 //! them; it only builds them with cargo and runs the binaries they produce, exactly as a user would.
@@ -27,6 +29,7 @@ mod mountinfo;
 mod pictures;
 mod prereqs;
 mod sample;
+mod stress;
 mod testing;
 mod tidy;
 mod tree;
@@ -100,6 +103,43 @@ enum Task {
         #[arg(long, value_enum, value_name = "PHASE")]
         only: Option<bench::Phase>,
     },
+    /// Random file operations with data checks from several workers at once, through ovlfs
+    /// over two lower layers and through an ovlsnap mount taking a snapshot every few seconds
+    /// and deleting old ones; fails on a data mismatch, a stuck operation, descriptors the
+    /// daemon leaks or gross growth of its memory (needs root).
+    Stress {
+        /// Seconds of operations per mount.
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+        /// Workers (threads making syscalls through the mount).
+        #[arg(long, default_value_t = 4)]
+        procs: u64,
+        /// Seed of the random choices (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stress only this mount.
+        #[arg(long, value_enum)]
+        only: Option<stress::Target>,
+        /// Seconds one operation, take or delete may take before the run fails as hung.
+        #[arg(long, default_value_t = 60)]
+        op_deadline: u64,
+        /// Seconds between takes on the ovlsnap mount.
+        #[arg(long, default_value_t = 3)]
+        take_every: u64,
+        /// Stress release builds.
+        #[arg(long)]
+        release: bool,
+        /// Use this ovlfs binary instead of building one.
+        #[arg(long, value_name = "PATH")]
+        ovlfs: Option<PathBuf>,
+        /// Use this ovlsnap binary instead of building one.
+        #[arg(long, value_name = "PATH")]
+        ovlsnap: Option<PathBuf>,
+        /// Kinds of operations to leave out, comma-separated (write, read, truncate, verify,
+        /// fsync, reopen, mvdir, publish, rename, unlink, readback, mvshared, mkdir, listing).
+        #[arg(long, value_delimiter = ',', value_name = "KINDS")]
+        skip: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -124,6 +164,10 @@ fn run(task: Task) -> Result<()> {
         Task::Pictures => pictures::run(),
         Task::Fuzz { secs, targets } => fuzz::run(secs, &targets),
         Task::BenchCompare { quick, json, runs, only } => bench::run(&bench::Options { quick, json, runs, only }),
+        Task::Stress { secs, procs, seed, only, op_deadline, take_every, release, ovlfs, ovlsnap, skip } => {
+            let o = stress::Options { secs, procs, seed, only, op_deadline, take_every, release, ovlfs, ovlsnap, skip };
+            stress::run(&o)
+        }
     }
 }
 

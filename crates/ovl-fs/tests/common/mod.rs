@@ -1,7 +1,8 @@
 //! Shared helpers for the ovl-fs integration tests (they run as root on Linux).
 //!
 //! - [`MountGuard`] mounts the kernel overlay or an `ovlfs` daemon over a [`Layers`] set, waits for
-//!   the mount to show in `/proc/self/mountinfo`, and unmounts on drop, also while a test panics.
+//!   the mount to show in `/proc/self/mountinfo`, and unmounts on drop, also while a test panics;
+//!   [`MountGuard::kill_daemon`] does what a crash does instead (SIGKILL, then `umount -l`).
 //! - [`generate_layers`] builds random lower layers (and optionally an upper) from a seed;
 //!   [`apply_fixture`] builds layers from a small text format instead.
 //! - [`Layers::copy_to`] clones a layer set with `cp -a` (owners, times, xattrs, whiteouts, links).
@@ -266,6 +267,39 @@ impl MountGuard {
         format!("--- ovlfs output ({}) ---\n{tail}", log.display())
     }
 
+    /// The pid of the ovlfs daemon (`None` for a kernel mount).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// What a crash leaves: kills the daemon with SIGKILL, waits until it is gone, then detaches
+    /// the dead mount (`umount -l`). Fails if the daemon is still there after 5 s (then its FUSE
+    /// connection `conn`, see [`fuse_connection`], is aborted so that nothing hangs).
+    pub fn kill_daemon(mut self, conn: u64) -> Result<(), String> {
+        self.watchdog = None;
+        let mut result = Ok(());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > EXIT_DEADLINE {
+                    let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1");
+                    let _ = child.wait();
+                    result = Err(format!("ovlfs still there {EXIT_DEADLINE:?} after SIGKILL\n{}", self.log_tail()));
+                    break;
+                }
+                sleep(Duration::from_millis(2));
+            }
+        }
+        if self.mounted {
+            self.mounted = false;
+            if let Err(e) = rustix::mount::unmount(&self.mnt, UnmountFlags::DETACH) {
+                result = result.and(Err(format!("umount -l {}: {e}", self.mnt.display())));
+            }
+        }
+        result
+    }
+
     /// Unmounts now and reports whether the daemon exited cleanly (status 0 within 5 s).
     pub fn unmount(mut self) -> Result<(), String> {
         self.teardown()
@@ -343,6 +377,12 @@ fn watchdog(child: &Child, mnt: &Path) -> std::sync::mpsc::Sender<()> {
         }
     });
     tx
+}
+
+/// The FUSE connection of the mount at `mnt`: its name in `/sys/fs/fuse/connections`.
+pub fn fuse_connection(mnt: &Path) -> u64 {
+    let dev = rustix::fs::stat(mnt).expect("stat the mount").st_dev;
+    (u64::from(rustix::fs::major(dev)) << 20) | u64::from(rustix::fs::minor(dev))
 }
 
 /// The filesystem type of the top mount at `mnt` per `/proc/self/mountinfo`, if one is there.

@@ -1,0 +1,449 @@
+//! Crash safety (issue 8): the ovlsnap daemon is killed with SIGKILL at a random instant while
+//! one operation is in flight; the dead mount is detached (`umount -l`) and LIVE mounted again
+//! with `ovlsnap mount`. Then every snapshot view must equal the tree recorded when it was
+//! taken, LIVE must be the tree from just before or just after the interrupted operation, and
+//! the store must be clean: `work/work` empty, no journal left, `snapshots.json` readable and
+//! naming exactly the layer dirs there are. The newest snapshot is also mounted with the stock
+//! kernel overlay and compared, and a change after the remount must still be saved.
+//!
+//! One test per kind of operation, each running `OVLSNAP_CRASH_ROUNDS` rounds on a fresh LIVE
+//! (stacked or separate mount, chosen by the round's seed):
+//! - `copy_up`: the first write after a take to a 64-72 MiB file (its copy into the snapshot
+//!   layer takes a while): `pwrite`, append, truncate, or `O_TRUNC` and a write;
+//! - `removals`: a sequence of unlinks and `rm -rf`s of names the snapshots have (saved into the
+//!   layer by a hard link, or as an opaque copy of the dir);
+//! - `creates` (ignored: it finds a bug, see there): mostly creates, mkdirs and symlinks of new
+//!   names and of removed ones (saved as whiteouts, or already decided by the layer);
+//! - `dir_renames`: a sequence of `mv`s of directories that exist in the snapshots, in a layer
+//!   already holding redirects (so a rename rewrites them under `rename-in-progress.json`);
+//! - `take` (ignored: it finds a bug, see there) and `delete` (of a middle or the newest
+//!   snapshot, merged with many changes): sent on the control socket itself, so the kill is
+//!   timed against the daemon's work and not the start of a CLI process;
+//! - `restore` and `receive` (an incremental stream into the mount): the `ovlsnap` command.
+//!
+//! After the checks each round mounts the newest snapshot with the kernel, makes a change and
+//! checks that the snapshot did not see it; `take` and `delete` also take a new snapshot.
+//!
+//! "Before or after": a sequence's thread counts the steps that returned; LIVE must be the
+//! state after that many steps, or one more (the step in flight may have reached LIVE without
+//! its answer reaching us); a step that returned before the kill must be in LIVE. `take` and
+//! `delete` leave LIVE as it is and the list is the old one or the new one. `restore` and
+//! `receive` are many ordinary changes made by a client through the mount, multi-step by
+//! design: LIVE may also be in between, provided that running the same command again
+//! finishes the job. Their leftovers: restore's temp files `.ovlsnap-restore.*` may show only
+//! in such an in-between state (the rerun's diff lists them as additions and removes them);
+//! the stage dir `.ovlsnap-receive.PID` a killed receive leaves next to its target is not
+//! part of LIVE for the comparison (a rerun makes its own and cannot know whose the old one
+//! is); the test counts and then removes it.
+//!
+//! The kill instant: a random fraction (from the seed) of a bound that adapts to how long the
+//! operation takes here (a kill that came after the operation had returned shrinks it, a late
+//! kill that still found it in flight grows it), so most kills land inside. The seed fixes the
+//! choices, not the timing; failures print the delay.
+//!
+//! Environment (all optional):
+//! - `OVLSNAP_CRASH_SEED` (1): round i of each kind uses seed SEED + i
+//! - `OVLSNAP_CRASH_ROUNDS` (15): rounds per kind
+//! - `OVLSNAP_CRASH_VERBOSE=1`: print each round's steps
+//! - `cargo test -p snap-cli --test crash -- --ignored` runs the tests that find known bugs
+//! - see `common/mod.rs` for `OVLSNAP_BIN`, `OVLSNAP_TEST_KEEP` and the deadlines
+
+mod common;
+mod crash_support;
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use crash_support::*;
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+
+#[test]
+fn copy_up() {
+    run_kind("copy-up", "copy_up", Duration::from_millis(300), |r| {
+        let len = (r.rng.random_range(64..=72) << 20) + r.rng.random_range(0..4096);
+        r.start(|live, rng| {
+            build_tree(live, rng, 3, 4);
+            fs::write(live.join("big"), big_data(len, rng)).unwrap();
+        });
+        r.take("s1");
+        churn(&r.mnt(), &mut r.rng, 10);
+        let before = r.take("s2");
+        let big = r.mnt().join("big");
+        let old = before[Path::new("big")].data.clone().unwrap();
+        let mut states = vec![before.clone(), before.clone(), before.clone()];
+        let with = |data: Vec<u8>| {
+            let mut t = before.clone();
+            t.get_mut(Path::new("big")).unwrap().data = Some(data);
+            t
+        };
+        let patch = bytes(&mut r.rng, 4096);
+        let op: Op = match r.rng.random_range(0..4) {
+            0 => {
+                let off = r.rng.random_range(0..len - 4096);
+                let mut new = old.clone();
+                new[off..off + 4096].copy_from_slice(&patch);
+                states[2] = with(new);
+                r.log(format!("op: open for write and pwrite 4 KiB at {off} of {len}"));
+                Box::new(move |done| {
+                    let f = OpenOptions::new().write(true).open(&big).map_err(|e| format!("open: {e}"))?;
+                    done.fetch_add(1, Ordering::SeqCst);
+                    io_step(done, "pwrite", f.write_all_at(&patch, off as u64))
+                })
+            }
+            1 => {
+                let mut new = old.clone();
+                new.extend_from_slice(&patch);
+                states[2] = with(new);
+                r.log(format!("op: append 4 KiB to {len}"));
+                Box::new(move |done| {
+                    let mut f = OpenOptions::new().append(true).open(&big).map_err(|e| format!("open: {e}"))?;
+                    done.fetch_add(1, Ordering::SeqCst);
+                    io_step(done, "append", f.write_all(&patch))
+                })
+            }
+            2 => {
+                let cut = r.rng.random_range(0..len);
+                states[2] = with(old[..cut].to_vec());
+                r.log(format!("op: truncate {len} to {cut}"));
+                Box::new(move |done| {
+                    let f = OpenOptions::new().write(true).open(&big).map_err(|e| format!("open: {e}"))?;
+                    done.fetch_add(1, Ordering::SeqCst);
+                    io_step(done, "ftruncate", f.set_len(cut as u64))
+                })
+            }
+            _ => {
+                states[1] = with(Vec::new());
+                states[2] = with(patch.clone());
+                r.log(format!("op: open O_TRUNC ({len} bytes) and write 4 KiB"));
+                Box::new(move |done| {
+                    let mut f =
+                        OpenOptions::new().write(true).truncate(true).open(&big).map_err(|e| format!("open: {e}"))?;
+                    done.fetch_add(1, Ordering::SeqCst);
+                    io_step(done, "write", f.write_all(&patch))
+                })
+            }
+        };
+        let crash = r.crash("first write to big after a take", op);
+        r.check_snapshots();
+        let live = r.check_live(&states, &crash);
+        Outcome { live, finished: crash.finished }
+    });
+}
+
+/// What a planned sequence of changes is made of.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mix {
+    /// Unlinks and `rm -rf`s of names the snapshots have (saved into the layer by a hard link,
+    /// an opaque copy of a removed dir).
+    Removals,
+    /// Mostly creates, mkdirs and symlinks of new names and of removed ones (saved as
+    /// whiteouts, or already decided by the layer), with some removals.
+    Creates,
+}
+
+/// `len` changes (or fewer when nothing is left to remove) planned on the tree `before`.
+fn plan(rng: &mut StdRng, before: &Tree, mix: Mix, len: usize) -> Vec<Change> {
+    let mut tree = before.clone();
+    let mut plan = Vec::new();
+    let mut removed: Vec<PathBuf> = Vec::new();
+    while plan.len() < len {
+        let (dirs, others) = split_kinds(&tree);
+        let mut changes = Vec::new();
+        let roll = rng.random_range(0..100);
+        if mix == Mix::Creates && roll < 75 {
+            let again = removed.iter().filter(|p| !tree.contains_key(*p) && tree.contains_key(p.parent().unwrap()));
+            let again: Vec<&PathBuf> = again.collect();
+            let path = match again.choose(rng) {
+                Some(p) if rng.random_bool(0.5) => (*p).clone(),
+                _ => dirs.choose(rng).unwrap().join(format!("new{}", plan.len())),
+            };
+            match roll {
+                0..45 => {
+                    let len = rng.random_range(1..3000);
+                    changes.push(Change::Create(path.clone()));
+                    changes.push(Change::Write(path, bytes(rng, len)));
+                }
+                45..65 => changes.push(Change::Mkdir(path)),
+                _ => changes.push(Change::Symlink(path, "x/y".into())),
+            }
+        } else if dirs.len() > 1 && (roll % 4 == 0 || others.is_empty()) {
+            let d = dirs[1..].choose(rng).unwrap();
+            let mut below: Vec<(&PathBuf, &Entry)> = tree.iter().filter(|(p, _)| p.starts_with(d)).collect();
+            below.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+            for (p, e) in below {
+                changes.push(if e.kind == Kind::Dir { Change::Rmdir(p.clone()) } else { Change::Unlink(p.clone()) });
+            }
+        } else if let Some(p) = others.choose(rng) {
+            changes.push(Change::Unlink(p.clone()));
+        } else {
+            break;
+        }
+        for c in changes {
+            if let Change::Unlink(p) | Change::Rmdir(p) = &c {
+                removed.push(p.clone());
+            }
+            tree = c.model(&tree);
+            plan.push(c);
+        }
+    }
+    plan
+}
+
+/// A round of a planned sequence of removals or creates after two takes.
+fn sequence_round(r: &mut Round, mix: Mix) -> Outcome {
+    r.start(|live, rng| build_tree(live, rng, 6, 6));
+    r.take("s1");
+    churn(&r.mnt(), &mut r.rng, 20);
+    let before = r.take("s2");
+    let plan = plan(&mut r.rng, &before, mix, 60);
+    r.log(format!("op: {} changes: {plan:?}", plan.len()));
+    let states = states_of(&before, &plan);
+    let crash = r.crash("the planned changes", run_plan(r.mnt(), plan));
+    r.check_snapshots();
+    let live = r.check_live(&states, &crash);
+    Outcome { live, finished: crash.finished }
+}
+
+#[test]
+fn removals() {
+    run_kind("removals", "removals", Duration::from_millis(100), |r| sequence_round(r, Mix::Removals));
+}
+
+// Bug (found by this test): ovl-fs makes a new file, dir or symlink directly in the upper dir
+// with mode 0600 (a dir with the umask applied) and the daemon's owner, then chowns and chmods
+// it (`NewOwner::apply` in crates/ovl-fs/src/entries.rs). A daemon killed in between leaves the
+// new object visible with the wrong mode and owner: neither the tree before the create nor the
+// one after it. Seen with OVLSNAP_CRASH_SEED=11 (`d5/new1` mode 0600 instead of 0644); the
+// window is hit in most runs of 15 rounds.
+#[test]
+fn creates() {
+    run_kind("creates", "creates -- --ignored", Duration::from_millis(100), |r| sequence_round(r, Mix::Creates));
+}
+
+#[test]
+fn dir_renames() {
+    run_kind("dir-renames", "dir_renames", Duration::from_millis(60), |r| {
+        r.start(|live, rng| {
+            for i in 0..6 {
+                let q = live.join(format!("p/q{i}"));
+                fs::create_dir_all(q.join("r")).unwrap();
+                for f in ["a", "b", "r/c"] {
+                    fs::write(q.join(f), bytes(rng, 100)).unwrap();
+                }
+            }
+            for d in ["t", "u/v"] {
+                fs::create_dir_all(live.join(d)).unwrap();
+                fs::write(live.join(d).join("f"), bytes(rng, 100)).unwrap();
+            }
+        });
+        r.take("s1");
+        let mnt = r.mnt();
+        fs::write(mnt.join("p/q3/a"), b"changed").unwrap();
+        fs::rename(mnt.join("p/q4"), mnt.join("t/q4")).unwrap();
+        r.take("s2");
+        // Redirects in the newest layer, which later renames of their parents rewrite.
+        for (from, to) in [("p/q0", "p/q0a"), ("p/q1", "t/q1"), ("p/q2/r", "u/r2"), ("t/q4", "u/v/q4")] {
+            fs::rename(mnt.join(from), mnt.join(to)).unwrap();
+        }
+        let before = record_tree(&mnt);
+        let mut tree = before.clone();
+        let mut plan = Vec::new();
+        for k in 0..10 {
+            let (dirs, _) = split_kinds(&tree);
+            let from = dirs[1..].choose(&mut r.rng).unwrap().clone();
+            let parents: Vec<&PathBuf> = dirs.iter().filter(|d| !d.starts_with(&from)).collect();
+            let to = parents.choose(&mut r.rng).unwrap().join(format!("m{k}"));
+            let c = Change::Rename(from, to);
+            tree = c.model(&tree);
+            plan.push(c);
+        }
+        r.log(format!("op: {plan:?}"));
+        let states = states_of(&before, &plan);
+        let crash = r.crash("directory renames", run_plan(mnt, plan));
+        r.check_snapshots();
+        let live = r.check_live(&states, &crash);
+        Outcome { live, finished: crash.finished }
+    });
+}
+
+/// Whether snapshot `name` is listed.
+fn listed(r: &Round, name: &str) -> bool {
+    r.m.list().iter().any(|s| s.name == name)
+}
+
+/// A take after the crash works, and shows the live tree.
+fn take_again(r: &mut Round) {
+    let live = record_tree(&r.mnt());
+    let tree = r.take("after-crash");
+    assert_same_tree(&live, &tree, "MNT right after a take following the crash");
+    assert_same_tree(&live, &record_tree(&r.m.view("after-crash")), "a snapshot taken after the crash");
+}
+
+// Bug (found by this test): a daemon killed while it serves a take can hang forever in the
+// kernel, unkillable, with its FUSE connection alive. To flush shared mappings, the take handler
+// (`answer` in crates/snap-fs/src/control.rs) opens the mount point and `syncfs`es it, i.e. the
+// daemon makes requests to its own mount. Once one of its FUSE threads has read such a request,
+// the kernel waits for the answer uninterruptibly; SIGKILL then ends the FUSE threads, but the
+// waiting thread never returns, so /dev/fuse is never closed and the request never aborted
+// (only `echo 1 > /sys/fs/fuse/connections/N/abort` frees it, which `kill_and_wait` does before
+// failing). Seen with OVLSNAP_CRASH_SEED=8: the control thread stuck in `fuse_dir_open` ->
+// `request_wait_answer`. A fix: do the syncfs in a child process, which may block but cannot
+// keep the daemon from dying.
+#[test]
+fn take() {
+    run_kind("take", "take -- --ignored", Duration::from_millis(10), |r| {
+        r.start(|live, rng| build_tree(live, rng, 4, 4));
+        r.take("s1");
+        churn(&r.mnt(), &mut r.rng, 20);
+        let live = record_tree(&r.mnt());
+        let mnt = r.mnt();
+        let crash = r.crash("take s2", move |done| step(done, control(&mnt, r#"{"cmd":"take","name":"s2"}"#)));
+        let taken = listed(r, "s2");
+        assert!(taken || crash.done == 0, "take s2 returned before the kill, but s2 is gone after the remount");
+        if taken {
+            r.snaps.push(("s2".into(), live.clone()));
+        }
+        r.check_snapshots();
+        r.check_live(&[live], &crash);
+        take_again(r);
+        Outcome { live: if taken { Live::After } else { Live::Before }, finished: crash.finished }
+    });
+}
+
+#[test]
+fn delete() {
+    run_kind("delete", "delete", Duration::from_millis(100), |r| {
+        r.start(|live, rng| build_tree(live, rng, 8, 8));
+        r.take("s1");
+        churn(&r.mnt(), &mut r.rng, 150);
+        r.take("s2");
+        churn(&r.mnt(), &mut r.rng, 150);
+        r.take("s3");
+        churn(&r.mnt(), &mut r.rng, 30);
+        let live = record_tree(&r.mnt());
+        // A middle snapshot (merged into s1) or the newest (merged, reading LIVE).
+        let victim = if r.rng.random_ratio(2, 3) { "s2" } else { "s3" };
+        let mnt = r.mnt();
+        let request = format!(r#"{{"cmd":"delete","name":"{victim}"}}"#);
+        let crash = r.crash(&format!("delete {victim}"), move |done| step(done, control(&mnt, &request)));
+        let gone = !listed(r, victim);
+        assert!(gone || crash.done == 0, "delete {victim} returned before the kill, but it is back after the remount");
+        if gone {
+            r.snaps.retain(|(n, _)| n != victim);
+        }
+        r.check_snapshots();
+        r.check_live(&[live], &crash);
+        take_again(r);
+        Outcome { live: if gone { Live::After } else { Live::Before }, finished: crash.finished }
+    });
+}
+
+#[test]
+fn restore() {
+    run_kind("restore", "restore", Duration::from_millis(300), |r| {
+        r.start(|live, rng| build_tree(live, rng, 8, 8));
+        let s1 = r.take("s1");
+        churn(&r.mnt(), &mut r.rng, 120);
+        r.take("s2");
+        churn(&r.mnt(), &mut r.rng, 40);
+        let before = record_tree(&r.mnt());
+        let args: Vec<OsString> = vec!["restore".into(), "s1".into(), "--mount".into(), r.mnt().into()];
+        let again = args.clone();
+        let crash = r.crash("ovlsnap restore s1", move |done| step(done, ovlsnap_step(&args, None)));
+        r.check_snapshots();
+        let live = record_tree(&r.mnt());
+        let state = if diff_trees(&s1, &live).is_empty() {
+            Live::After
+        } else {
+            assert!(crash.done == 0, "restore returned before the kill, but LIVE is not s1");
+            if diff_trees(&before, &live).is_empty() { Live::Before } else { Live::Between }
+        };
+        if state != Live::After {
+            r.log(format!("LIVE {state:?}: running the restore again"));
+            ovlsnap(&again).expect_ok("ovlsnap restore again after the crash");
+            assert_same_tree(&s1, &record_tree(&r.mnt()), "LIVE after running the killed restore again");
+            r.check_snapshots();
+        }
+        Outcome { live: state, finished: crash.finished }
+    });
+}
+
+/// `ovlsnap send B [--from A]` of `m` into `out`.
+fn send_to(m: &SnapMount, b: &str, from: Option<&str>, out: &Path) {
+    let mut cmd = Command::new(ovlsnap_bin());
+    cmd.args(["send", b, "--mount"]).arg(m.mnt());
+    if let Some(a) = from {
+        cmd.args(["--from", a]);
+    }
+    let o = cmd.stdin(Stdio::null()).stdout(File::create(out).unwrap()).output().expect("run ovlsnap send");
+    assert!(o.status.success(), "ovlsnap send {b}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn receive() {
+    // The streams: a full one of snapshot a and an incremental one from a to b.
+    let mut rng = StdRng::seed_from_u64(Config::from_env().seed);
+    let mut src = SnapMount::start(Form::Separate, |live| {
+        build_tree(live, &mut rng, 10, 10);
+        for i in 0..4 {
+            fs::write(live.join(format!("big{i}")), bytes(&mut rng, 1 << 20)).unwrap();
+        }
+    });
+    src.take(Some("a"));
+    churn(src.mnt(), &mut rng, 120);
+    src.take(Some("b"));
+    let tb = record_tree(&src.view("b"));
+    let dir = src.scratch().mkdir("streams");
+    let (full, incr) = (dir.join("full.tar"), dir.join("incr.tar"));
+    send_to(&src, "a", None, &full);
+    send_to(&src, "b", Some("a"), &incr);
+    src.umount();
+
+    run_kind("receive", "receive", Duration::from_millis(300), |r| {
+        // Into the mount's root (the stage is outside the mount) or a dir in it (inside).
+        let into_root = r.rng.random_bool(0.5);
+        r.start(|live, rng| {
+            if !into_root {
+                build_tree(live, rng, 2, 3);
+            }
+        });
+        let target = if into_root { r.mnt() } else { r.mnt().join("backup") };
+        ovlsnap_step(&["receive".into(), target.clone().into()], Some(&full)).expect("receive the full stream");
+        r.take("t1");
+        let before = record_tree(&r.mnt());
+        let after = if into_root { tb.clone() } else { graft(&before, Path::new("backup"), &tb) };
+        let args: Vec<OsString> = vec!["receive".into(), target.into()];
+        let again = args.clone();
+        let stream = incr.clone();
+        let crash =
+            r.crash("ovlsnap receive (incremental)", move |done| step(done, ovlsnap_step(&args, Some(&stream))));
+        r.check_snapshots();
+        let (live, stages) = without_stages(&record_tree(&r.mnt()));
+        r.leftovers += stages.len() as u64;
+        for s in &stages {
+            fs::remove_dir_all(r.mnt().join(s)).expect("remove a stage left by the killed receive");
+        }
+        let state = if diff_trees(&after, &live).is_empty() {
+            Live::After
+        } else {
+            assert!(crash.done == 0, "receive returned before the kill, but LIVE is not the stream's tree");
+            if diff_trees(&before, &live).is_empty() { Live::Before } else { Live::Between }
+        };
+        if state != Live::After {
+            r.log(format!("LIVE {state:?}: receiving again"));
+            ovlsnap_step(&again, Some(&incr)).expect("receive again after the crash");
+            assert_same_tree(&after, &record_tree(&r.mnt()), "LIVE after receiving again");
+            r.check_snapshots();
+        }
+        Outcome { live: state, finished: crash.finished }
+    });
+}
