@@ -24,6 +24,6 @@ mod upper;
 
 pub use copy::{Source, copy_up, copy_up_data, copy_up_meta, copy_up_replacing};
 pub use upper::{
-    Created, clear_dir, create_over_whiteout, mark_impure, remove_upper, replace_with_whiteout, set_opaque,
-    set_redirect, whiteout,
+    Created, clear_dir, create_fresh, create_over_whiteout, mark_impure, remove_upper, remove_whiteout,
+    replace_with_whiteout, set_opaque, set_redirect, whiteout,
 };

@@ -81,6 +81,21 @@ pub fn remove_upper(stack: &LayerStack, upper_parent: &Path, name: &CStr, is_dir
     sys::remove_tree_at(work, &tmp)
 }
 
+/// Removes the whiteout `upper_parent/name` that hides nothing (a repair: `ovlfs check
+/// --repair`), keeping the parent's times so the merged view does not change. Anything but a
+/// whiteout there is left alone (`EINVAL`).
+pub fn remove_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    if !ovl_core::is_whiteout_stat(&sys::lstat_at(&dir, name)?) {
+        return Err(Errno::INVAL.into());
+    }
+    let times = rustix::fs::fstat(&dir)?;
+    rustix::fs::unlinkat(&dir, name, AtFlags::empty())?;
+    restore_dir_times(dir.as_fd(), &times);
+    Ok(())
+}
+
 /// Removes every entry (whiteouts) of the upper directory `upper_dir`.
 pub fn clear_dir(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
     let upper = upper_of(stack)?;
@@ -157,4 +172,26 @@ pub fn create_over_whiteout(
             Err(e)
         }
     }
+}
+
+/// Creates a new object at `upper_parent/name`, where the name is free, in one step as others see
+/// it: `build` makes it complete (owner, mode, xattrs) under a temporary name in the work dir, then
+/// it is renamed into place (never over anything). A crash in between leaves only a work entry,
+/// which the next mount removes; never an object with a half-set owner or mode.
+pub fn create_fresh(
+    stack: &LayerStack,
+    upper_parent: &Path,
+    name: &CStr,
+    build: impl FnOnce(Created<'_>) -> Result<()>,
+) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let work = upper.work();
+    let tmp = temp_name();
+    let made = build(Created { work, name: &tmp })
+        .and_then(|()| Ok(rustix::fs::renameat_with(work, &tmp, &dir, name, RenameFlags::NOREPLACE)?));
+    if made.is_err() {
+        let _ = sys::remove_tree_at(work.as_fd(), &tmp);
+    }
+    made
 }

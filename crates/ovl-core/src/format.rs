@@ -118,6 +118,29 @@ impl Opaque {
     }
 }
 
+/// Every key the kernel's overlay keeps under its prefix (`trusted.overlay.KEY`); anything else
+/// there (except escaped user names, `overlay.*`) is unknown to it.
+pub const KNOWN_KEYS: &[&str] =
+    &["opaque", "redirect", "origin", "impure", "metacopy", "whiteout", "nlink", "upper", "uuid", "protattr"];
+
+/// True when an `overlay.metacopy` value is one the kernel accepts: empty (the original form), or
+/// the versioned header `u8 version (0), u8 len (the value's size), u8 flags (bit 0: a digest
+/// follows), u8 digest algorithm` and at most a 64-byte digest. Any other value fails the
+/// kernel's lookup of the file with `EIO`.
+pub fn metacopy_value_is_valid(v: &[u8]) -> bool {
+    const HEADER: usize = 4;
+    const FLAG_DIGEST: u8 = 1;
+    if v.is_empty() {
+        return true;
+    }
+    let (version, len, flags) = match v {
+        [version, len, flags, _algo, ..] => (*version, *len as usize, *flags),
+        _ => return false,
+    };
+    let digest = v.len() - HEADER;
+    version == 0 && len == v.len() && flags & !FLAG_DIGEST == 0 && digest <= 64
+}
+
 /// True if `st` describes a whiteout: a character device with device number 0:0.
 pub fn is_whiteout_stat(st: &Stat) -> bool {
     FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0
@@ -132,6 +155,18 @@ pub fn make_whiteout(dir: impl AsFd, name: &CStr) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metacopy_values() {
+        assert!(metacopy_value_is_valid(b""));
+        assert!(metacopy_value_is_valid(&[0, 4, 0, 0]));
+        let mut digest = vec![0, 36, 1, 1];
+        digest.extend_from_slice(&[7; 32]);
+        assert!(metacopy_value_is_valid(&digest));
+        for bad in [&[0u8][..], &[1, 4, 0, 0], &[0, 5, 0, 0], &[0, 4, 2, 0], &[0, 6, 0, 0, 9]] {
+            assert!(!metacopy_value_is_valid(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn escapes_like_the_kernel() {

@@ -26,7 +26,7 @@ pub mod origin;
 pub mod sys;
 
 pub use error::{Errno, Error, Result, StackError};
-pub use format::{Opaque, XattrNames, is_whiteout_stat, make_whiteout};
+pub use format::{KNOWN_KEYS, Opaque, XattrNames, is_whiteout_stat, make_whiteout, metacopy_value_is_valid};
 pub use layer::{Layer, LayerId, LayerStack, UpperLayer};
 pub use options::{MountOptions, RedirectDir};
 pub use origin::{Origin, OriginError};

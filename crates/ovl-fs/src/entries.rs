@@ -1,7 +1,7 @@
 //! Operations on names: lookup, creating objects, unlink, rmdir, rename, link.
 
 use std::ffi::{CStr, OsStr};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -68,9 +68,10 @@ impl OverlayFs {
         Ok((node, e.stat))
     }
 
-    /// Creates a new object `name` in `parent` with `build(dir, name)`: directly in the upper
-    /// dir when the name is free there, or under a temporary name and then over the whiteout
-    /// that holds the name. Registers the new node (one kernel lookup).
+    /// Creates a new object `name` in `parent` with `build(dir, name)`, always complete under a
+    /// temporary name in the work dir first, then renamed into place (over the whiteout that
+    /// holds the name, if one does): a crash never leaves a half-made object in the upper layer.
+    /// Registers the new node (one kernel lookup).
     pub(crate) fn create_object<T>(
         &self,
         parent: &Arc<Node>,
@@ -92,7 +93,14 @@ impl OverlayFs {
         // Whether the new dir ends up opaque.
         let mut over_whiteout = false;
         let out = match sys::lstat_at(&pfd, &cname) {
-            Err(e) if e.errno() == Errno::NOENT => build(pfd.as_fd(), &cname)?,
+            Err(e) if e.errno() == Errno::NOENT => {
+                let mut out = None;
+                ovl_copyup::create_fresh(&self.stack, &ppath, &cname, |c| {
+                    out = Some(build(c.work, c.name)?);
+                    Ok(())
+                })?;
+                out.ok_or(Errno::IO)?
+            }
             Ok(st) if is_whiteout_stat(&st) => {
                 over_whiteout = true;
                 let mut out = None;

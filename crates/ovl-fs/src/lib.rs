@@ -17,6 +17,7 @@
 //! session.run().unwrap(); // until `umount /mnt`
 //! ```
 
+pub mod check;
 mod copyup;
 mod data;
 mod dirs;

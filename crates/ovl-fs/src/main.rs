@@ -1,6 +1,6 @@
 //! The `ovlfs` binary: parse the kernel overlay's mount options, check them, mount, and serve
 //! until `umount`. Without `-f` it returns once the mount is live and serves from the
-//! background.
+//! background. `ovlfs check -o OPTS` checks the layers offline instead (`ovl_fs::check`).
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
@@ -12,6 +12,7 @@ use ovl_core::MountOptions;
 
 const USAGE: &str = "usage: ovlfs [-f] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,userxattr][,ro] MOUNTPOINT
        ovlfs SOURCE MOUNTPOINT -o OPTIONS      (the form mount.fuse3 uses)
+       ovlfs check -o lowerdir=L1:L2,upperdir=U,workdir=W [--repair] [--json]
 
   -f         stay in the foreground
   -o OPTS    overlay mount options, as for `mount -t overlay`
@@ -75,7 +76,79 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     Ok(Some(Args { foreground, options, source, mountpoint: PathBuf::from(mountpoint), raw }))
 }
 
+const CHECK_USAGE: &str = "usage: ovlfs check -o lowerdir=L1:L2,upperdir=U,workdir=W [--repair] [--json]
+
+Checks the upper layer U over the lower layers, and the work dir W, offline (unmount first):
+whiteouts that hide nothing, broken redirects, origins, metacopy files without data, odd overlay
+xattrs, leftovers in W/work. Each finding has a path and a severity: error, warning or fixable.
+
+  -o OPTS    the overlay's mount options, as for `mount -t overlay` (metacopy=on, redirect_dir=,
+             userxattr count)
+  --repair   remove the fixable findings (they never show in the view), then check again
+  --json     print the report as JSON
+
+Exit status: 0 no errors (warnings and fixable findings allowed), 1 errors remain, 2 bad usage.
+Example:
+  ovlfs check -o lowerdir=/l1:/l2,upperdir=/u,workdir=/w --repair";
+
+/// `ovlfs check ARGS`: parses by hand like the mount form, runs, prints, and gives the exit code.
+fn check_main(args: &[String]) -> ExitCode {
+    let usage = |msg: &str| {
+        let first = CHECK_USAGE.lines().next().unwrap_or_default();
+        eprintln!("ovlfs check: {msg}\n{first}\n(`ovlfs check --help` for more)");
+        ExitCode::from(2)
+    };
+    let (mut opts, mut repair, mut json) = (String::new(), false, false);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let more = match a.as_str() {
+            "-h" | "--help" => {
+                println!("{CHECK_USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "--repair" => {
+                repair = true;
+                continue;
+            }
+            "--json" => {
+                json = true;
+                continue;
+            }
+            "-o" => match it.next() {
+                Some(o) => o.as_str(),
+                None => return usage("-o needs an argument"),
+            },
+            s if s.starts_with("-o") => &s[2..],
+            s => return usage(&format!("unexpected argument `{s}`")),
+        };
+        if !opts.is_empty() {
+            opts.push(',');
+        }
+        opts.push_str(more);
+    }
+    let options = match MountOptions::parse(&opts) {
+        Ok(o) => o,
+        Err(e) => return usage(&e.to_string()),
+    };
+    use ovl_fs::check::CheckError;
+    match ovl_fs::check::check_options(&options, repair) {
+        Ok(report) => {
+            print!("{}", report.render(json));
+            ExitCode::from(report.exit_code())
+        }
+        Err(e @ (CheckError::Stack(_) | CheckError::NoUpper)) => usage(&e.to_string()),
+        Err(e) => {
+            eprintln!("ovlfs check: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "check") {
+        return check_main(&args[1..]);
+    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

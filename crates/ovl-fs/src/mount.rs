@@ -28,7 +28,8 @@ pub fn is_mountpoint(path: &Path) -> anyhow::Result<bool> {
     Ok(info.lines().any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(path)))
 }
 
-fn unescape_mountinfo(s: &str) -> PathBuf {
+/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+pub(crate) fn unescape_mountinfo(s: &str) -> PathBuf {
     let mut out = Vec::new();
     let b = s.as_bytes();
     let mut i = 0;

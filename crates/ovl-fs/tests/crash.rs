@@ -1,9 +1,9 @@
 //! Crash safety of ovlfs (issue 8): the daemon is killed with SIGKILL at a random instant while
-//! it copies up a big lower file, or while it renames merged directories (`redirect_dir=on`);
-//! the dead mount is detached and the same layers are mounted again. The view must then be the
-//! tree from before or after the operation in flight, `WORKDIR/work` must be empty (the remount
-//! removes what a copy left there), and the stock kernel overlay must mount the layers and show
-//! the same tree.
+//! it copies up a big lower file, renames merged directories (`redirect_dir=on`) or creates
+//! files; the dead mount is detached and the same layers are mounted again. The view must then
+//! be the tree from before or after the operation in flight, `WORKDIR/work` must be empty (the
+//! remount removes what a copy left there), and the stock kernel overlay must mount the layers
+//! and show the same tree.
 //!
 //! Each round builds fresh layers: two lowers with merged directories and, for the copy-up, a
 //! 48-80 MiB file in the bottom (or top) lower. The copy-up is a `pwrite`, an append, a
@@ -359,16 +359,13 @@ fn rename_of_merged_dirs() {
     });
 }
 
-// Bug (found by the snapshot crash tests, reproduced here): ovlfs makes a new file, dir or
-// symlink whose name is free in the upper dir directly there with mode 0600 (a dir with the
-// daemon's umask) and the daemon's owner, then chowns and chmods it (`NewOwner::apply` in
-// src/entries.rs). A daemon killed in between leaves the object in the upper layer with the
-// wrong mode and owner: neither the view before the create nor after it. (The kernel creates it
-// with the caller's credentials and mode in one call.)
+// Regression: ovlfs made a new file, dir or symlink whose name was free in the upper dir
+// directly there with mode 0600 and the daemon's owner, then chowned and chmodded it; a daemon
+// killed in between left it in the upper layer with the wrong mode and owner. New objects are
+// now built complete in the work dir and renamed into place.
 #[test]
-#[ignore = "bug: a create killed midway leaves the new object with mode 0600 (ovlfs creates, then chmods)"]
 fn creates_of_new_names() {
-    crash_rounds("creates_of_new_names -- --ignored", Duration::from_millis(30), |rng, layers, mnt| {
+    crash_rounds("creates_of_new_names", Duration::from_millis(30), |rng, layers, mnt| {
         for (i, l) in layers.lowers.iter().enumerate() {
             fs::create_dir_all(l.join("m")).unwrap();
             fs::write(l.join(format!("m/f{i}")), b"lower\n").unwrap();

@@ -65,9 +65,15 @@ t write-setuid sh -c 'echo more >> setuid'
 t mode-setuid stat -c %a setuid
 t write-setgid sh -c 'echo more >> setgid'
 t mode-setgid stat -c %a setgid
+t chmod-setgid-again chmod 2775 setgid
 t truncate-setgid truncate -s 1 setgid
+t mode-after-truncate stat -c %a setgid
 t chmod-own-setuid chmod 4755 setuid
 t mode-after-chmod stat -c %a setuid
+t otrunc-setuid sh -c ': > setuid'
+t mode-after-otrunc stat -c %a setuid
+t chmod-setuid-again chmod 4755 setuid
+t root-keeps-setuid-mode stat -c %a setuid
 t list-rootdir ls rootdir
 "#;
 

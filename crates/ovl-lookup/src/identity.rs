@@ -67,12 +67,36 @@ pub(crate) fn identity_from(
 
 /// Opens the object an origin names, if it still exists on a lower layer's filesystem.
 fn decode(stack: &LayerStack, origin: &Origin) -> Option<std::os::fd::OwnedFd> {
-    let mut candidates = stack.lowers_with_uuid(&origin.uuid).peekable();
-    let first = candidates.peek()?;
-    // A null UUID names no filesystem in particular: only trust it when every lower layer is
-    // on one filesystem.
-    if origin.uuid == [0; 16] && stack.lowers().iter().any(|l| l.dev() != first.dev()) {
-        return None;
+    match resolve_origin(stack, origin) {
+        OriginTarget::Found(fd) => Some(fd),
+        OriginTarget::Foreign | OriginTarget::Stale(_) => None,
     }
-    sys::open_by_handle(first.root(), &origin.handle).ok()
+}
+
+/// What a decoded `overlay.origin` names, seen from a stack.
+#[derive(Debug)]
+pub enum OriginTarget {
+    /// The object, open (`O_PATH`).
+    Found(std::os::fd::OwnedFd),
+    /// No lower layer is on the filesystem the origin names (or, for a null UUID, the lower
+    /// layers are on several filesystems, so it names none for sure).
+    Foreign,
+    /// The filesystem is there but the handle no longer opens (the object was deleted): the
+    /// errno of `open_by_handle_at`.
+    Stale(ovl_core::Errno),
+}
+
+/// Opens the object `origin` names on the filesystem of a lower layer, as the kernel decodes an
+/// origin: the handle must belong to a lower layer's filesystem (by UUID; a null UUID only when
+/// every lower layer is on one filesystem).
+pub fn resolve_origin(stack: &LayerStack, origin: &Origin) -> OriginTarget {
+    let mut candidates = stack.lowers_with_uuid(&origin.uuid).peekable();
+    let Some(first) = candidates.peek() else { return OriginTarget::Foreign };
+    if origin.uuid == [0; 16] && stack.lowers().iter().any(|l| l.dev() != first.dev()) {
+        return OriginTarget::Foreign;
+    }
+    match sys::open_by_handle(first.root(), &origin.handle) {
+        Ok(fd) => OriginTarget::Found(fd),
+        Err(e) => OriginTarget::Stale(e.errno()),
+    }
 }

@@ -23,6 +23,9 @@ mod lookup;
 mod probe;
 mod readdir;
 
-pub use identity::{Identity, identity};
-pub use lookup::{DirLayers, Entry, LowerDir, LowerObject, lookup, lower_has_name};
+pub use identity::{Identity, OriginTarget, identity, resolve_origin};
+pub use lookup::{
+    DirLayers, Entry, LowerDir, LowerObject, MAX_REDIRECT, lookup, lower_has_name, parse_redirect_value,
+    redirect_is_valid,
+};
 pub use readdir::{MergedEntry, read_merged};

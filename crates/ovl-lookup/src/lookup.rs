@@ -368,7 +368,14 @@ fn root_lowers(stack: &LayerStack, after: Option<LayerId>) -> Vec<LowerDir> {
 }
 
 /// The longest redirect we accept (the kernel reads at most a path's worth).
-const MAX_REDIRECT: usize = 4096;
+pub const MAX_REDIRECT: usize = 4096;
+
+/// True when `v` is an `overlay.redirect` value lookup follows: a single name (relative: same
+/// parent), or `/a/b` whose every component is a plain name (absolute, from the root of the
+/// layers below), at most [`MAX_REDIRECT`] bytes. Anything else fails the lookup with `EIO`.
+pub fn redirect_is_valid(v: &[u8]) -> bool {
+    parse_redirect(v).is_some()
+}
 
 /// The `overlay.redirect` of `name` in `dir`, when the mount follows redirects. A value that is
 /// not a valid name or absolute path is corrupt (`EIO`): it can never point outside the layer,
@@ -382,6 +389,16 @@ fn redirect_of(stack: &LayerStack, p: &mut Probe, path: &Path) -> Result<Option<
     parse_redirect(&v).map(Some).ok_or_else(|| {
         ovl_core::Error::corrupt(format!("invalid overlay.redirect {:?} on {path:?}", String::from_utf8_lossy(&v)))
     })
+}
+
+/// Parses an untrusted `overlay.redirect` value: `Some((absolute, path))` for a single plain name
+/// (relative) or `/a/b` (absolute, from the layer root), `None` for anything else (empty, `.` or
+/// `..` components, NUL bytes, too long). A path it returns never leaves a layer root.
+pub fn parse_redirect_value(v: &[u8]) -> Option<(bool, PathBuf)> {
+    match parse_redirect(v)? {
+        Target::Abs(p) => Some((true, p)),
+        Target::Rel(n) => Some((false, PathBuf::from(n))),
+    }
 }
 
 /// Parses a redirect: a single name (relative) or `/a/b` (absolute, from the layer root).

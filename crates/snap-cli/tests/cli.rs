@@ -38,4 +38,10 @@ fn errors_say_what_to_do_next() {
     assert!(err.contains("ovlsnap mount"), "the error names the command to run: {err}");
     let out = ovlsnap(&["mount".as_ref(), s.path().join("missing").as_os_str()]);
     assert!(out.expect_failure("mount of a missing dir").contains("no such directory"));
+    // A LIVE that has its own `.snapshots` would lose sight of it: refused, nothing changed.
+    let live = s.mkdir("live");
+    fs::create_dir(live.join(".snapshots")).unwrap();
+    let out = ovlsnap(&["mount".as_ref(), live.as_os_str()]);
+    assert!(out.expect_failure("mount over a .snapshots").contains("rename it first"));
+    assert!(!live.join(".ovlsnap").exists() && !is_fuse_mount(&live), "the refused mount changed LIVE");
 }

@@ -12,13 +12,13 @@
 //!   layer takes a while): `pwrite`, append, truncate, or `O_TRUNC` and a write;
 //! - `removals`: a sequence of unlinks and `rm -rf`s of names the snapshots have (saved into the
 //!   layer by a hard link, or as an opaque copy of the dir);
-//! - `creates` (ignored: it finds a bug, see there): mostly creates, mkdirs and symlinks of new
-//!   names and of removed ones (saved as whiteouts, or already decided by the layer);
+//! - `creates`: mostly creates, mkdirs and symlinks of new names and of removed ones (saved as
+//!   whiteouts, or already decided by the layer);
 //! - `dir_renames`: a sequence of `mv`s of directories that exist in the snapshots, in a layer
 //!   already holding redirects (so a rename rewrites them under `rename-in-progress.json`);
-//! - `take` (ignored: it finds a bug, see there) and `delete` (of a middle or the newest
-//!   snapshot, merged with many changes): sent on the control socket itself, so the kill is
-//!   timed against the daemon's work and not the start of a CLI process;
+//! - `take` and `delete` (of a middle or the newest snapshot, merged with many changes): sent
+//!   on the control socket itself, so the kill is timed against the daemon's work and not the
+//!   start of a CLI process;
 //! - `restore` and `receive` (an incremental stream into the mount): the `ovlsnap` command.
 //!
 //! After the checks each round mounts the newest snapshot with the kernel, makes a change and
@@ -45,13 +45,12 @@
 //! - `OVLSNAP_CRASH_SEED` (1): round i of each kind uses seed SEED + i
 //! - `OVLSNAP_CRASH_ROUNDS` (15): rounds per kind
 //! - `OVLSNAP_CRASH_VERBOSE=1`: print each round's steps
-//! - `cargo test -p snap-cli --test crash -- --ignored` runs the tests that find known bugs
 //! - see `common/mod.rs` for `OVLSNAP_BIN`, `OVLSNAP_TEST_KEEP` and the deadlines
 
 mod common;
 mod crash_support;
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -218,16 +217,13 @@ fn removals() {
     run_kind("removals", "removals", Duration::from_millis(100), |r| sequence_round(r, Mix::Removals));
 }
 
-// Bug (found by this test): ovl-fs makes a new file, dir or symlink directly in the upper dir
-// with mode 0600 (a dir with the umask applied) and the daemon's owner, then chowns and chmods
-// it (`NewOwner::apply` in crates/ovl-fs/src/entries.rs). A daemon killed in between leaves the
-// new object visible with the wrong mode and owner: neither the tree before the create nor the
-// one after it. Seen with OVLSNAP_CRASH_SEED=11 (`d5/new1` mode 0600 instead of 0644); the
-// window is hit in most runs of 15 rounds.
+// Regression: ovl-fs made a new file, dir or symlink directly in the upper dir with mode 0600
+// and the daemon's owner, then chowned and chmodded it; a daemon killed in between left it
+// visible with the wrong mode and owner (seen with OVLSNAP_CRASH_SEED=11, `d5/new1` mode 0600
+// instead of 0644). New objects are now built complete in the work dir and renamed into place.
 #[test]
-#[ignore = "bug: a create killed midway leaves the new object with mode 0600 (ovl-fs creates, then chmods)"]
 fn creates() {
-    run_kind("creates", "creates -- --ignored", Duration::from_millis(100), |r| sequence_round(r, Mix::Creates));
+    run_kind("creates", "creates", Duration::from_millis(100), |r| sequence_round(r, Mix::Creates));
 }
 
 #[test]
@@ -289,20 +285,15 @@ fn take_again(r: &mut Round) {
     assert_same_tree(&live, &record_tree(&r.m.view("after-crash")), "a snapshot taken after the crash");
 }
 
-// Bug (found by this test): a daemon killed while it serves a take can hang forever in the
-// kernel, unkillable, with its FUSE connection alive. To flush shared mappings, the take handler
-// (`answer` in crates/snap-fs/src/control.rs) opens the mount point and `syncfs`es it, i.e. the
-// daemon makes requests to its own mount. Once one of its FUSE threads has read such a request,
-// the kernel waits for the answer uninterruptibly; SIGKILL then ends the FUSE threads, but the
-// waiting thread never returns, so /dev/fuse is never closed and the request never aborted
-// (only `echo 1 > /sys/fs/fuse/connections/N/abort` frees it, which `kill_and_wait` does before
-// failing). Seen with OVLSNAP_CRASH_SEED=8: the control thread stuck in `fuse_dir_open` ->
-// `request_wait_answer`. A fix: do the syncfs in a child process, which may block but cannot
-// keep the daemon from dying.
+// Regression: the daemon opened and `syncfs`ed its own mount when it served a take. A kill
+// while one of its FUSE threads had read such a request left it unkillable for good (the kernel
+// waits for that answer uninterruptibly, and the connection ends only when the last thread
+// closes /dev/fuse), its control thread stuck in `fuse_dir_open` -> `request_wait_answer` (seen
+// with OVLSNAP_CRASH_SEED=8). The client syncs now; `kill_and_wait` aborts the connection
+// through fusectl and fails if a daemon does not die.
 #[test]
-#[ignore = "bug: a daemon killed during a take can hang unkillably (it opens and syncfs()es its own mount)"]
 fn take() {
-    run_kind("take", "take -- --ignored", Duration::from_millis(10), |r| {
+    run_kind("take", "take", Duration::from_millis(10), |r| {
         r.start(|live, rng| build_tree(live, rng, 4, 4));
         r.take("s1");
         churn(&r.mnt(), &mut r.rng, 20);
@@ -451,8 +442,8 @@ fn receive() {
 }
 
 /// Regression (found by `delete` with OVLSNAP_CRASH_SEED=1000 OVLSNAP_CRASH_ROUNDS=40, round
-/// 1002): a daemon killed while it was writing `delete-in-progress.json` left the journal empty,
-/// and every later `ovlsnap mount` failed on it ("EOF while parsing").
+/// 1002): a daemon killed between creating `delete-in-progress.json` and writing it left the
+/// journal empty, and every later `ovlsnap mount` failed on it ("EOF while parsing").
 #[test]
 fn a_delete_journal_cut_short_is_ignored_at_mount() {
     let mut rng = StdRng::seed_from_u64(1);
@@ -469,6 +460,9 @@ fn a_delete_journal_cut_short_is_ignored_at_mount() {
     fs::create_dir(store.join("layers/1.merging")).unwrap();
     fs::write(store.join("layers/1.merging/half"), b"x").unwrap();
     fs::write(store.join("delete-in-progress.json"), b"").unwrap();
+    let out = ovlsnap(&[OsStr::new("check"), m.live().as_os_str()]);
+    let text = out.expect_ok("ovlsnap check: an empty delete journal is no error");
+    assert!(text.contains("delete-in-progress") && text.contains("removes it"), "ovlsnap check\n{out}");
     m.mount();
     assert_same_tree(&s1, &record_tree(&m.view("s1")), "s1 after the remount");
     assert_same_tree(&s2, &record_tree(&m.view("s2")), "s2 after the remount");

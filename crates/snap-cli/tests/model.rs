@@ -792,6 +792,7 @@ impl Model<'_> {
         self.snap.umount();
         assert_same_tree(&final_live, &record_tree(self.snap.live()), "LIVE after ovlsnap umount vs MNT before it");
         assert!(self.snap.live().join(".ovlsnap").is_dir(), "no default store LIVE/.ovlsnap after umount");
+        self.check_store();
         self.snap.mount();
         check_hidden_names(self.snap.mnt());
         assert_eq!(self.check_list("after remount"), ids, "names and ids after remount");
@@ -814,6 +815,33 @@ impl Model<'_> {
         let (ok, tried) = (self.ops_ok, self.ops_tried);
         assert!(ok * 2 >= tried, "harness: only {ok} of {tried} operations succeeded; the generator is off");
         eprintln!("seed {}: {tried} operations ({ok} ok), {} takes", self.seed, self.taken.len());
+    }
+}
+
+impl Model<'_> {
+    /// `ovlsnap check` of the unmounted store: no errors, only what a healthy store may have
+    /// (whiteouts that hide nothing since a removal, origins of copies whose LIVE file is gone),
+    /// and `--repair` leaves warnings only. The remount that follows checks every view.
+    fn check_store(&mut self) {
+        let live = self.snap.live().to_path_buf();
+        for repair in [false, true] {
+            let mut args = vec![OsStr::new("check"), OsStr::new("--json"), live.as_os_str()];
+            if repair {
+                args.push(OsStr::new("--repair"));
+            }
+            let out = ovlsnap(&args);
+            assert_eq!(out.status.code(), Some(0), "ovlsnap check (repair: {repair}) of a store the model made\n{out}");
+            let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("check --json");
+            for f in report["findings"].as_array().expect("findings") {
+                let (sev, kind) = (f["severity"].as_str().unwrap_or(""), f["kind"].as_str().unwrap_or(""));
+                let healthy = matches!((sev, kind), ("fixable", "orphan-whiteout") | ("warning", "origin-stale"));
+                assert!(healthy && !(repair && sev == "fixable"), "check (repair: {repair}): {f}\n{out}");
+            }
+            self.note(format!(
+                "ovlsnap check (repair: {repair}): {} findings",
+                report["findings"].as_array().map_or(0, Vec::len)
+            ));
+        }
     }
 }
 

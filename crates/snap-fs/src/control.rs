@@ -136,11 +136,8 @@ fn handle(conn: UnixStream, snapper: &Snapper, status: &Status) -> anyhow::Resul
 fn answer(req: Request, snapper: &Snapper, status: &Status) -> anyhow::Result<serde_json::Value> {
     Ok(match req {
         Request::Take { name } => {
-            // Dirty pages of shared writable mappings reach us only as writes at writeback;
-            // flush them first so they land before the snapshot's instant.
-            if let Ok(f) = std::fs::File::open(&status.mount) {
-                let _ = rustix::fs::syncfs(&f);
-            }
+            // The client syncs the mount first (see `ovlsnap take`): the daemon must never wait
+            // on its own mount, or a kill during the wait leaves an unkillable process.
             let name = match name {
                 Some(n) => n,
                 None => default_name(snapper)?,

@@ -16,7 +16,7 @@
 //! whiteout, an opaque parent) needs nothing: only the first change after a take costs.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,16 +53,34 @@ pub(crate) struct Cow {
 /// kept in `JOURNAL` until the rename is known to have happened, so that a rename that fails,
 /// or a daemon killed in between, leaves the redirects matching LIVE.
 #[derive(Debug, Serialize, Deserialize)]
-struct Pending {
+pub(crate) struct Pending {
     /// The moved object's inode and where the rename puts it.
-    moved: u64,
-    to: PathBuf,
+    pub moved: u64,
+    pub to: PathBuf,
     /// Each changed redirect: snapshot path and its previous target (`None`: it had none).
-    undo: Vec<(PathBuf, Option<PathBuf>)>,
+    pub undo: Vec<(PathBuf, Option<PathBuf>)>,
 }
 
 /// The journal file in the store.
-const JOURNAL: &str = "rename-in-progress.json";
+pub(crate) const JOURNAL: &str = "rename-in-progress.json";
+
+/// The rename journal of the store dir `journal`, if there is one: the pending rename, or why
+/// it does not parse (the next open then drops it).
+pub(crate) fn read_journal(journal: BorrowedFd<'_>) -> Result<Option<std::result::Result<Pending, serde_json::Error>>> {
+    let fd = match rustix::fs::openat(journal, JOURNAL, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let text = std::io::read_to_string(std::fs::File::from(fd)).map_err(ovl_core::Error::from)?;
+    Ok(Some(serde_json::from_str::<Pending>(&text)))
+}
+
+/// Whether the rename `p` happened: LIVE (`live`) shows the moved inode at its new path. If not,
+/// its redirects are put back.
+pub(crate) fn rename_happened(live: BorrowedFd<'_>, p: &Pending) -> bool {
+    sys::lstat_beneath(live, &p.to).is_ok_and(|st| st.st_ino == p.moved)
+}
 
 fn split(p: &Path) -> Result<(&Path, &OsStr)> {
     Ok((p.parent().unwrap_or(Path::new("")), p.file_name().ok_or(Errno::INVAL)?))
@@ -81,9 +99,8 @@ impl Cow {
             LayerStack::from_open_dirs(vec![live], Some((layer.0, layer.1, work)), ovl_core::MountOptions::default())?;
         let mut cow = Self { stack, redirects: Vec::new(), hidden, journal, pending: None };
         cow.redirects = cow.scan_redirects()?;
-        if let Ok(fd) = rustix::fs::openat(&cow.journal, JOURNAL, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
-            let text = std::io::read_to_string(std::fs::File::from(fd)).map_err(ovl_core::Error::from)?;
-            match serde_json::from_str::<Pending>(&text) {
+        if let Some(journal) = read_journal(cow.journal.as_fd())? {
+            match journal {
                 Ok(p) => {
                     tracing::info!(to = ?p.to, "settling a directory rename interrupted by a stop");
                     cow.pending = Some(p);
@@ -101,7 +118,7 @@ impl Cow {
     /// Ends the change in progress: a rename that did not happen gets its redirects back.
     pub fn finish(&mut self) -> Result<()> {
         let Some(p) = self.pending.take() else { return Ok(()) };
-        let happened = self.lstat_live(&p.to).is_ok_and(|st| st.st_ino == p.moved);
+        let happened = rename_happened(self.live(), &p);
         if !happened {
             let key = self.stack.names().redirect.clone();
             for (s, old) in p.undo.iter().rev() {

@@ -2,6 +2,7 @@
 //! (stacked over LIVE when MNT is LIVE), serves the control socket, and runs until unmounted.
 
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,26 +72,33 @@ pub struct Prepared {
     status: Status,
 }
 
-/// Checks the configuration and opens LIVE and the store; changes nothing on a failed check.
-pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
-    let live = std::fs::canonicalize(&cfg.live).with_context(|| format!("LIVE {:?}: no such directory", cfg.live))?;
+/// LIVE and its store, opened as every mount opens them first: the store locked, an interrupted
+/// delete finished or undone, layers no snapshot owns and work dir leftovers removed, and an
+/// interrupted directory rename settled (by the CoW target's setup).
+pub struct Opened {
+    /// LIVE, canonical.
+    pub live: PathBuf,
+    live_fd: OwnedFd,
+    /// Where the store is.
+    pub store: PathBuf,
+    hidden: Vec<OsString>,
+    snapper: Arc<Snapper>,
+}
+
+/// Opens LIVE and its store (`store`: `None` for the default inside LIVE) the way a mount does,
+/// which settles what an interrupted run left (see [`Opened`]). Refuses a LIVE that a daemon
+/// serves; changes nothing on a failed check.
+pub fn open_store(live: &Path, store: Option<&Path>) -> anyhow::Result<Opened> {
+    let live = std::fs::canonicalize(live).with_context(|| format!("LIVE {live:?}: no such directory"))?;
     if !live.is_dir() {
         bail!("LIVE {live:?} is not a directory");
     }
-    let mnt =
-        std::fs::canonicalize(&cfg.mount).with_context(|| format!("mount point {:?}: no such directory", cfg.mount))?;
-    if !mnt.is_dir() {
-        bail!("mount point {mnt:?} is not a directory");
-    }
-    let served = mounts_of_type(FSTYPE)?;
-    for p in [&live, &mnt] {
-        if served.contains(p) {
-            bail!("{p:?} is already an ovlsnap mount (run `ovlsnap umount {}` first)", p.display());
-        }
+    if mounts_of_type(FSTYPE)?.contains(&live) {
+        bail!("{live:?} is already an ovlsnap mount (run `ovlsnap umount {}` first)", live.display());
     }
     let live_fd = rustix::fs::open(&live, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .with_context(|| format!("opening {live:?}"))?;
-    let (store_path, hidden_store) = match &cfg.store {
+    let (store_path, hidden_store) = match store {
         None => (None, Some(OsString::from(DEFAULT_NAME))),
         Some(p) => {
             std::fs::create_dir_all(p).with_context(|| format!("creating the store {p:?}"))?;
@@ -110,9 +118,31 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     let store = Store::open(std::os::fd::AsFd::as_fd(&live_fd), &live, store_path.as_deref())?;
     let store_at = store.path().to_path_buf();
     let hidden: Vec<OsString> = hidden_store.into_iter().collect();
-    let (workdir, work) = store.work()?;
-    drop(workdir);
     let snapper = Arc::new(Snapper::new(rustix::io::dup(&live_fd)?, live.clone(), store, hidden.clone())?);
+    Ok(Opened { live, live_fd, store: store_at, hidden, snapper })
+}
+
+/// Checks the configuration and opens LIVE and the store; changes nothing on a failed check.
+pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
+    let mnt =
+        std::fs::canonicalize(&cfg.mount).with_context(|| format!("mount point {:?}: no such directory", cfg.mount))?;
+    if !mnt.is_dir() {
+        bail!("mount point {mnt:?} is not a directory");
+    }
+    if mounts_of_type(FSTYPE)?.contains(&mnt) {
+        bail!("{mnt:?} is already an ovlsnap mount (run `ovlsnap umount {}` first)", mnt.display());
+    }
+    // Before anything is created in LIVE: a LIVE with its own `.snapshots` would lose sight of it.
+    if std::fs::symlink_metadata(cfg.live.join(SNAPDIR_NAME)).is_ok() {
+        bail!(
+            "{:?} contains {SNAPDIR_NAME}, a name the mount reserves for the snapshot views (it would be \
+             hidden): rename it first",
+            cfg.live
+        );
+    }
+    let Opened { live, live_fd, store: store_at, hidden, snapper } = open_store(&cfg.live, cfg.store.as_deref())?;
+    let (workdir, work) = snapper.store_work()?;
+    drop(workdir);
     let stack =
         LayerStack::from_open_dirs(Vec::new(), Some((live.clone(), Arc::new(live_fd), work)), Default::default())?;
     let mut overlay = OverlayFs::new(stack)?.with_hook(snapper.clone()).hide_root_name(SNAPDIR_NAME.as_ref());

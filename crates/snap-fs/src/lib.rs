@@ -11,6 +11,7 @@
 //! never let a change reach LIVE before the state it destroys is saved, and never serve a view
 //! that changes.
 
+pub mod check;
 pub mod control;
 mod cow;
 pub mod daemon;

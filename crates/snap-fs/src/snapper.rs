@@ -128,6 +128,11 @@ impl Snapper {
         Ok(info)
     }
 
+    /// The store's work dir (`work/work`) and the workdir holding it.
+    pub(crate) fn store_work(&self) -> anyhow::Result<(OwnedFd, OwnedFd)> {
+        self.store.lock().work()
+    }
+
     /// The snapshots with their layer usage.
     pub fn list(&self) -> anyhow::Result<Vec<Listed>> {
         let store = self.store.lock();

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 /// The store's name inside LIVE when no `--store` is given.
 pub const DEFAULT_NAME: &str = ".ovlsnap";
 
-const META: &str = "snapshots.json";
+pub(crate) const META: &str = "snapshots.json";
 
 /// One snapshot as recorded in the store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -90,7 +90,12 @@ pub fn read_meta(root: BorrowedFd<'_>) -> anyhow::Result<Option<Meta>> {
         Err(e) => return Err(e).context("opening snapshots.json"),
     };
     let text = std::io::read_to_string(File::from(fd)).context("reading snapshots.json")?;
-    let meta: Meta = serde_json::from_str(&text).context("snapshots.json is corrupt")?;
+    parse_meta(&text).map(Some)
+}
+
+/// Parses and checks the text of `snapshots.json` (untrusted: it may be hand-edited or corrupt).
+pub fn parse_meta(text: &str) -> anyhow::Result<Meta> {
+    let meta: Meta = serde_json::from_str(text).context("snapshots.json is corrupt")?;
     if meta.version != 1 {
         bail!("snapshots.json has format version {}, this ovlsnap reads version 1", meta.version);
     }
@@ -100,7 +105,13 @@ pub fn read_meta(root: BorrowedFd<'_>) -> anyhow::Result<Option<Meta>> {
             bail!("snapshots.json is corrupt: bad snapshot entry {:?} (id {})", s.name, s.id);
         }
     }
-    Ok(Some(meta))
+    Ok(meta)
+}
+
+/// What `snapshots.json` records of LIVE (`live`, open): its filesystem's UUID and its inode.
+pub(crate) fn live_id(live: BorrowedFd<'_>) -> anyhow::Result<LiveId> {
+    let st = rustix::fs::fstat(live)?;
+    Ok(LiveId { fs: sys::fs_uuid(live).iter().map(|b| format!("{b:02x}")).collect(), ino: st.st_ino })
 }
 
 /// Whether `name` may name a snapshot: a plain file name, printable, at most 200 bytes.
@@ -150,8 +161,7 @@ impl Store {
             }
             return Err(e).context("locking the store");
         }
-        let live_id =
-            LiveId { fs: sys::fs_uuid(live).iter().map(|b| format!("{b:02x}")).collect(), ino: live_st.st_ino };
+        let live_id = live_id(live)?;
         let meta = match read_meta(root.as_fd())? {
             Some(m) => {
                 if m.live.ino != live_id.ino || m.live.fs != live_id.fs {
@@ -288,16 +298,38 @@ impl Store {
 
 /// A deletion by merge between the swap of the merged layer into place and the commit.
 #[derive(Debug, Serialize, Deserialize)]
-struct Merging {
+pub(crate) struct Merging {
     /// The snapshot whose layer gets the merged one.
-    into: u64,
+    pub into: u64,
     /// The snapshot being deleted.
-    drop: u64,
+    pub drop: u64,
     /// The inode of the merged layer dir (to tell whether the swap happened).
-    merged: u64,
+    pub merged: u64,
 }
 
-const MERGING: &str = "delete-in-progress.json";
+pub(crate) const MERGING: &str = "delete-in-progress.json";
+
+/// The delete journal of the store dir `root`, if there is one, and whether its swap happened
+/// (`layers/INTO` is the merged dir): then the next open finishes the delete, else it undoes it.
+pub(crate) fn pending_delete(root: BorrowedFd<'_>, layers: BorrowedFd<'_>) -> anyhow::Result<Option<(Merging, bool)>> {
+    let fd = match rustix::fs::openat(root, MERGING, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let m: Merging =
+        serde_json::from_str(&std::io::read_to_string(File::from(fd))?).context("reading delete-in-progress.json")?;
+    let swapped = rustix::fs::statat(layers, m.into.to_string().as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| st.st_ino == m.merged);
+    Ok(Some((m, swapped)))
+}
+
+/// Whether the delete journal of the store dir `root` is there but empty: what a stop between
+/// creating it and its one write leaves. The journal comes before the swap, so nothing was
+/// swapped yet: the next open removes it (and `clean` the merged layer that was being built).
+pub(crate) fn delete_journal_cut_short(root: BorrowedFd<'_>) -> bool {
+    rustix::fs::statat(root, MERGING, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| st.st_size == 0)
+}
 
 impl Store {
     /// Deletes snapshot `id` from the list and removes its layer. For the oldest snapshot that
@@ -327,25 +359,12 @@ impl Store {
 
     /// Finishes or undoes a deletion a crash interrupted (see [`Store::delete`]).
     fn recover_delete(&mut self) -> anyhow::Result<()> {
-        let fd = match rustix::fs::openat(&self.root, MERGING, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::NOENT) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        // The journal is written and synced before the swap: one that does not parse was cut
-        // short by a stop while it was being written, so nothing was swapped yet (`clean` then
-        // removes the merged layer that was being built).
-        let m: Merging = match serde_json::from_str(&std::io::read_to_string(File::from(fd))?) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("ignoring an unreadable {MERGING}: {e}");
-                rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty())?;
-                return Ok(());
-            }
-        };
-        let swapped =
-            rustix::fs::statat(&self.layers, m.into.to_string().as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| st.st_ino == m.merged);
+        if delete_journal_cut_short(self.root.as_fd()) {
+            tracing::warn!("removing an empty {MERGING}: a stop while it was written, before the swap");
+            rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty())?;
+            return Ok(());
+        }
+        let Some((m, swapped)) = pending_delete(self.root.as_fd(), self.layers.as_fd())? else { return Ok(()) };
         if swapped && self.info(m.drop).is_some() {
             tracing::info!(id = m.drop, "finishing a snapshot deletion interrupted by a stop");
             let mut meta = self.meta.clone();

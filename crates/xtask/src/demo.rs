@@ -110,7 +110,8 @@ fn demo_ovlfs(scratch: &Path) -> Result<()> {
 }
 
 /// Snapshots with `ovlsnap`: mount a plain directory, change it, take snapshots, list, diff and browse
-/// them, mount one with the stock kernel overlay, restore one, delete one, unmount.
+/// them, mount one with the stock kernel overlay, clone one, send and receive them, restore one,
+/// delete one, unmount.
 fn demo_snapshots(scratch: &Path) -> Result<()> {
     say("Build ovlsnap.");
     cargo().args(["build", "-p", "snap-cli"]).run()?;
@@ -174,6 +175,25 @@ fn demo_snapshots(scratch: &Path) -> Result<()> {
     }
     println!("ok: the kernel shows monday as it was taken");
     kernel.unmount()?;
+
+    say("Clone monday: a writable copy of its tree; what is written there stays there.");
+    let mut clone = MountGuard::new(&dir.join("clone"));
+    fs::create_dir_all(dir.join("clone"))?;
+    run("ovlsnap clone monday clone --mount data && echo draft > clone/draft.txt && ls clone")?;
+    check(!dir.join("data/.snapshots/monday/draft.txt").exists(), "monday did not get the clone's file")?;
+    clone.unmount()?;
+
+    say(
+        "Send monday as a tar stream (the OCI layer format), then what changed until tuesday; receive both into a fresh directory.",
+    );
+    fs::create_dir_all(dir.join("backup"))?;
+    run("ovlsnap send monday --mount data > monday.tar && ovlsnap send --from monday tuesday --mount data > incr.tar")?;
+    run("tar -tvf incr.tar && ovlsnap receive backup < monday.tar && ovlsnap receive backup < incr.tar")?;
+    let differences = tuesday_tree.differences("tuesday", &Tree::read(&dir.join("backup"))?, "received");
+    if !differences.is_empty() {
+        bail!("the received tree differs from tuesday:\n  {}", differences.join("\n  "));
+    }
+    println!("ok: backup/ equals tuesday");
 
     say(
         "Restore monday, online: data/ becomes monday's tree. The restore's own changes are saved into the newest snapshot like any other change, so tuesday survives.",

@@ -23,6 +23,9 @@ ovlfs \- the Linux overlay filesystem, served over FUSE
 .br
 .B mount \-t fuse.ovlfs
 ovlfs \fIMOUNTPOINT\fR \fB\-o\fR \fIOPTIONS\fR
+.br
+.B ovlfs check
+\fB\-o\fR lowerdir=\fIL1\fR:\fIL2\fR,upperdir=\fIU\fR,workdir=\fIW\fR [\fB\-\-repair\fR] [\fB\-\-json\fR]
 .SH DESCRIPTION
 A drop-in for the kernel's overlayfs: the same mount options and the same on-disk format (whiteouts,
 opaque and redirected directories, origin file handles), so layers move freely between ovlfs and the
@@ -53,9 +56,18 @@ Skip the fsyncs that make copy-up durable.
 .TP
 .B \-f
 Stay in the foreground.
+.SH CHECKING LAYERS
+\fBovlfs check\fR checks unmounted layers as the kernel reads them: the upper layer over the lower
+layers (whiteouts that hide nothing, malformed, dangling or looping redirects, origins that do not
+decode or name nothing, metacopy files without data, unknown overlay xattrs) and the work dir
+(leftovers of an interrupted copy-up, the marker a volatile mount leaves). Each finding has a path and a
+severity: \fBerror\fR, \fBwarning\fR or \fBfixable\fR. \fB\-\-repair\fR removes the fixable ones (they are
+no part of the tree), then checks again; \fB\-\-json\fR prints the report as JSON.
 .SH EXIT STATUS
 0 once the mount is live (or, with \fB\-f\fR, after it is unmounted); 1 with a one-line error on bad
 options, missing or overlapping directories, or a failed mount. Nothing is changed on error.
+\fBovlfs check\fR: 0 without errors (warnings and fixable findings allowed), 1 while errors remain,
+2 on bad usage.
 .SH SEE ALSO
 \fBovlsnap\fR(1), \fBmount\fR(8), the kernel's Documentation/filesystems/overlayfs.rst
 "#;

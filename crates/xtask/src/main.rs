@@ -22,6 +22,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod dist;
+mod fuzz;
 mod install;
 mod mount;
 mod mountinfo;
@@ -66,6 +67,14 @@ enum Task {
     /// Release binaries, shell completions, man pages and examples (fstab, systemd) into
     /// target/dist/.
     Dist,
+    /// Fuzz the decoders of untrusted input (needs nightly and cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Targets (default: all).
+        targets: Vec<String>,
+    },
     /// Draw the SVG pictures in docs/pictures/ from their text sources.
     Pictures,
     /// Build ovlfs, create sample layers in DIR and mount them at DIR/mnt.
@@ -153,6 +162,7 @@ fn run(task: Task) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Dist => dist::run(),
         Task::Pictures => pictures::run(),
+        Task::Fuzz { secs, targets } => fuzz::run(secs, &targets),
         Task::BenchCompare { quick, json, runs, only } => bench::run(&bench::Options { quick, json, runs, only }),
         Task::Stress { secs, procs, seed, only, op_deadline, take_every, release, ovlfs, ovlsnap, skip } => {
             let o = stress::Options { secs, procs, seed, only, op_deadline, take_every, release, ovlfs, ovlsnap, skip };

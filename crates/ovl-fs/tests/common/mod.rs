@@ -6,6 +6,7 @@
 //! - [`generate_layers`] builds random lower layers (and optionally an upper) from a seed;
 //!   [`apply_fixture`] builds layers from a small text format instead.
 //! - [`Layers::copy_to`] clones a layer set with `cp -a` (owners, times, xattrs, whiteouts, links).
+//! - [`gen_ops`] and [`apply`] are the differential test's random operations (`workload.rs`).
 //! - [`snapshot_tree`] records a mounted view and [`snapshot_upper`] an upper dir as stored on disk;
 //!   [`assert_same_tree`] and [`assert_same_upper`] print the first differences on mismatch.
 //!
@@ -422,6 +423,10 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 
 mod layers;
 mod snapshot;
+mod workload;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use layers::*;
+#[allow(unused_imports)]
 pub use snapshot::*;
+#[allow(unused_imports)]
+pub use workload::*;
