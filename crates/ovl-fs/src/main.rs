@@ -91,6 +91,21 @@ Exit status: 0 no errors (warnings and fixable findings allowed), 1 errors remai
 Example:
   ovlfs check -o lowerdir=/l1:/l2,upperdir=/u,workdir=/w --repair";
 
+/// True for `ovlfs check [-o OPTS]... [FLAGS]`. A mount point after `check` makes it the
+/// mount.fuse3 form `ovlfs SOURCE MNT -o OPTS` with a source named `check`.
+fn is_check(args: &[String]) -> bool {
+    let Some((first, rest)) = args.split_first() else { return false };
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        if a == "-o" {
+            it.next();
+        } else if !a.starts_with('-') {
+            return false;
+        }
+    }
+    first == "check"
+}
+
 /// `ovlfs check ARGS`: parses by hand like the mount form, runs, prints, and gives the exit code.
 fn check_main(args: &[String]) -> ExitCode {
     let usage = |msg: &str| {
@@ -146,7 +161,7 @@ fn check_main(args: &[String]) -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().is_some_and(|a| a == "check") {
+    if is_check(&args) {
         return check_main(&args[1..]);
     }
     match run() {

@@ -509,4 +509,11 @@ fn usage_errors_and_layers_in_use() {
         assert!(layers.upper.join("ghost").exists(), "{backend:?}: nothing repaired while mounted");
         m.unmount().unwrap();
     }
+    // mount.fuse3's form with a source named `check` still mounts.
+    let mnt = mount_point(&root, "mnt-check-source");
+    let out =
+        Command::new(ovlfs_bin()).arg("check").arg(&mnt).arg("-o").arg(layers.mount_options("")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(mount_fstype(&mnt).as_deref(), Some("fuse.ovlfs"));
+    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
 }

@@ -550,8 +550,11 @@ fn umount(mnt: &Path) -> anyhow::Result<()> {
     if let Some(pid) = pid {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
+            // A zombie has closed its files (the store's lock among them) only once its other
+            // threads are gone too.
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            if stat.split(' ').nth(2) == Some("Z") {
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+            if stat.split(' ').nth(2) == Some("Z") && threads <= 1 {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));

@@ -41,6 +41,9 @@ use crate::cow::{JOURNAL, read_journal, rename_happened};
 use crate::daemon::{self, FSTYPE};
 use crate::store::{DEFAULT_NAME, MERGING, META, Meta, delete_journal_cut_short, live_id, pending_delete, valid_name};
 
+/// How many times (20 ms apart) the store's lock is tried before it counts as a daemon's.
+const LOCK_TRIES: u32 = 50;
+
 /// Store errors that keep a repair from opening the store (the mount would refuse it too, or
 /// would take it for a new store and drop every layer).
 const BLOCKING: &[&str] = &[
@@ -189,11 +192,15 @@ impl Target {
             Err(rustix::io::Errno::NOENT) => return Ok(Some(StoreLock { _file: None })),
             Err(e) => return Err(e).context("opening the store's lock"),
         };
-        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Some(StoreLock { _file: Some(File::from(fd)) })),
-            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(e).context("locking the store"),
+        // A daemon that is exiting lets go within moments; one that serves, never.
+        for _ in 0..LOCK_TRIES {
+            match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(Some(StoreLock { _file: Some(File::from(fd)) })),
+                Err(rustix::io::Errno::WOULDBLOCK) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Err(e) => return Err(e).context("locking the store"),
+            }
         }
+        Ok(None)
     }
 
     fn finding(&self, report: &mut Report, severity: Severity, kind: &'static str, rel: &str, detail: String) {
