@@ -30,3 +30,5 @@ mod ops;
 mod xattrs;
 
 pub use fs::OverlayFs;
+/// Reply helpers shared with filesystems that stack over this one (snap-fs).
+pub use ops::{guarded, xattr_reply};

@@ -28,14 +28,16 @@ pub fn is_mountpoint(path: &Path) -> anyhow::Result<bool> {
     Ok(info.lines().any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(path)))
 }
 
-/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
-pub(crate) fn unescape_mountinfo(s: &str) -> PathBuf {
-    let mut out = Vec::new();
+/// A mount point as /proc/self/mountinfo prints it, with its octal escapes (`\040` for a space,
+/// and so on) undone, byte for byte.
+pub fn unescape_mountinfo(s: &str) -> PathBuf {
     let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+            let code = std::str::from_utf8(&b[i + 1..i + 4]).ok().and_then(|d| u8::from_str_radix(d, 8).ok());
+            if let Some(v) = code {
                 out.push(v);
                 i += 4;
                 continue;
@@ -44,7 +46,7 @@ pub(crate) fn unescape_mountinfo(s: &str) -> PathBuf {
         out.push(b[i]);
         i += 1;
     }
-    PathBuf::from(std::ffi::OsString::from(String::from_utf8_lossy(&out).into_owned()))
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
 }
 
 /// Checks the mountpoint: an existing directory that is not already a mount point.

@@ -29,7 +29,7 @@ fn errno(e: Error) -> FuseErrno {
 
 /// Runs a handler so that a bug that panics answers `EIO` (the dropped reply does that) and is
 /// logged, instead of taking a worker thread, and eventually the mount, down with it.
-fn guarded(op: &str, f: impl FnOnce()) {
+pub fn guarded(op: &str, f: impl FnOnce()) {
     if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         let msg = panic
             .downcast_ref::<&str>()
@@ -49,7 +49,8 @@ macro_rules! tri {
     };
 }
 
-fn xattr_reply(reply: ReplyXattr, size: u32, data: Vec<u8>) {
+/// Answers a getxattr/listxattr: the size when asked for it, the data if it fits, else ERANGE.
+pub fn xattr_reply(reply: ReplyXattr, size: u32, data: Vec<u8>) {
     if size == 0 {
         reply.size(data.len() as u32);
     } else if data.len() > size as usize {

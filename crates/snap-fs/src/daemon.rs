@@ -40,29 +40,11 @@ pub fn mounts_of_type(fstype: &str) -> anyhow::Result<Vec<PathBuf>> {
         let Some((left, right)) = l.split_once(" - ") else { continue };
         if right.split(' ').next() == Some(fstype) {
             if let Some(mp) = left.split(' ').nth(4) {
-                out.push(PathBuf::from(unescape(mp)));
+                out.push(ovl_fs::mount::unescape_mountinfo(mp));
             }
         }
     }
     Ok(out)
-}
-
-fn unescape(s: &str) -> OsString {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    std::os::unix::ffi::OsStringExt::from_vec(out)
 }
 
 /// Everything checked and opened, the mount not made yet.

@@ -13,7 +13,7 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     TimeOrNow, WriteFlags,
 };
-use ovl_fs::OverlayFs;
+use ovl_fs::{OverlayFs, guarded, xattr_reply};
 
 use crate::view::{SNAPDIR, SNAPDIR_NAME, VIEW_BASE, Views};
 
@@ -33,13 +33,6 @@ fn errno(e: ovl_core::Error) -> FuseErrno {
 
 fn erofs() -> FuseErrno {
     FuseErrno::from_i32(libc::EROFS)
-}
-
-/// Runs a view handler; a panic answers EIO (the dropped reply) and is logged.
-fn guarded(op: &str, f: impl FnOnce()) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
-        tracing::error!(op, "snapshot view handler panicked");
-    }
 }
 
 macro_rules! tri {
@@ -461,15 +454,5 @@ impl Filesystem for SnapFs {
             return reply.error(FuseErrno::from_i32(libc::EXDEV));
         }
         self.live.copy_file_range(req, ino_in, fh_in, offset_in, ino_out, fh_out, offset_out, len, flags, reply)
-    }
-}
-
-fn xattr_reply(reply: ReplyXattr, size: u32, data: Vec<u8>) {
-    if size == 0 {
-        reply.size(data.len() as u32);
-    } else if data.len() > size as usize {
-        reply.error(FuseErrno::from_i32(libc::ERANGE));
-    } else {
-        reply.data(&data);
     }
 }

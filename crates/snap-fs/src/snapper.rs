@@ -159,6 +159,19 @@ impl Snapper {
 }
 
 impl Snapper {
+    /// The read-only stack of the view whose layers are those of `snaps` (top first), then LIVE.
+    fn view_stack(&self, store: &Store, snaps: &[SnapshotInfo]) -> anyhow::Result<ovl_core::LayerStack> {
+        let fds = self.layer_fds.lock();
+        let mut layers = Vec::with_capacity(snaps.len() + 1);
+        for s in snaps {
+            let fd = fds.get(&s.id).with_context(|| format!("layer {} is not open", s.id))?;
+            layers.push((store.path().join(Store::layer_rel(s.id)), fd.clone()));
+        }
+        layers.push((self.live_path.clone(), self.live.clone()));
+        let opts = ovl_core::MountOptions { read_only: true, ..Default::default() };
+        Ok(ovl_core::LayerStack::from_open_dirs(layers, None, opts)?)
+    }
+
     /// The differences from snapshot `a` to snapshot `b` (newer), or to LIVE without `b`.
     pub fn diff(&self, a: &str, b: Option<&str>) -> anyhow::Result<crate::diff::Report> {
         // No change is half-made while we read the layers.
@@ -175,17 +188,7 @@ impl Snapper {
         if ib < ia {
             anyhow::bail!("{a:?} is newer than {:?}: give the older snapshot first", b.unwrap_or("LIVE"));
         }
-        let fds = self.layer_fds.lock();
-        let layer =
-            |id: u64| -> (PathBuf, Arc<OwnedFd>) { (store.path().join(Store::layer_rel(id)), fds[&id].clone()) };
-        let live = (self.live_path.clone(), self.live.clone());
-        let stack = |from: usize| -> anyhow::Result<ovl_core::LayerStack> {
-            let mut layers: Vec<_> = snaps[from..].iter().map(|s| layer(s.id)).collect();
-            layers.push(live.clone());
-            let opts = ovl_core::MountOptions { read_only: true, ..Default::default() };
-            Ok(ovl_core::LayerStack::from_open_dirs(layers, None, opts)?)
-        };
-        let (sa, sb) = (stack(ia)?, stack(ib)?);
+        let (sa, sb) = (self.view_stack(&store, &snaps[ia..])?, self.view_stack(&store, &snaps[ib..])?);
         Ok(crate::diff::Differ::new(&sa, &sb, ib - ia, &self.hidden).run()?.for_display())
     }
 }
@@ -216,17 +219,7 @@ impl Snapper {
         if i == 0 {
             store.delete(info.id, None)?;
         } else {
-            let fds = self.layer_fds.lock().clone();
-            let layer =
-                |id: u64| -> (PathBuf, Arc<OwnedFd>) { (store.path().join(Store::layer_rel(id)), fds[&id].clone()) };
-            let live = (self.live_path.clone(), self.live.clone());
-            let stack = |from: usize| -> anyhow::Result<ovl_core::LayerStack> {
-                let mut layers: Vec<_> = snaps[from..].iter().map(|s| layer(s.id)).collect();
-                layers.push(live.clone());
-                let opts = ovl_core::MountOptions { read_only: true, ..Default::default() };
-                Ok(ovl_core::LayerStack::from_open_dirs(layers, None, opts)?)
-            };
-            let (a, b) = (stack(i - 1)?, stack(i + 1)?);
+            let (a, b) = (self.view_stack(&store, &snaps[i - 1..])?, self.view_stack(&store, &snaps[i + 1..])?);
             let into = snaps[i - 1].id;
             let (dir_name, dir) = store.merge_dir(into)?;
             crate::merge::build(&a, &b, &self.hidden, std::os::fd::AsFd::as_fd(&dir))
