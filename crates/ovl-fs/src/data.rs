@@ -63,12 +63,14 @@ impl OverlayFs {
             self.hook_modify(node)?;
             self.ensure_upper(node)?;
         }
+        // Judged before the open: a copy-up finishing in between then only makes the file
+        // switch to the upper copy at its first use.
+        let on_lower = !node.state.read().has_upper_data();
         let (root, path) = self.data_location(node)?;
         let fd = sys::open_beneath(root, &path, backing_flags(flags), Mode::empty())?;
         if flags & libc::O_TRUNC != 0 {
             rustix::fs::ftruncate(&fd, 0)?;
         }
-        let on_lower = !node.state.read().has_upper_data();
         Ok(self.add_file(node, flags, File::from(fd), on_lower))
     }
 

@@ -69,6 +69,12 @@ pub struct OverlayFs {
     pub(crate) hook: Option<Arc<dyn ChangeHook>>,
     /// Names in the root dir that do not exist for the mount's users.
     pub(crate) hidden: Vec<OsString>,
+    /// The namespace lock. Objects are reached by path from a layer root, so a path must not
+    /// change between being computed from the node table and being used: every operation that
+    /// resolves paths holds this shared, and the operations that move or remove names (rename,
+    /// unlink, rmdir) hold it exclusive while they change the layers and the table. It is taken
+    /// once per request, before the change hook's gate.
+    pub(crate) ns: RwLock<()>,
 }
 
 impl OverlayFs {
@@ -99,6 +105,7 @@ impl OverlayFs {
             ttl: Duration::from_secs(1),
             hook: None,
             hidden: Vec::new(),
+            ns: RwLock::new(()),
         })
     }
 
@@ -327,6 +334,8 @@ impl OverlayFs {
     pub(crate) fn file(&self, fh: u64, ino: u64) -> Result<Arc<File>> {
         let of = self.handles.get(fh, ino)?;
         if of.on_lower.load(Ordering::Acquire) && of.node.state.read().has_upper_data() {
+            // Recursive: the caller may hold it already (setattr of an open file).
+            let _ns = self.ns.read_recursive();
             let mut slot = of.file.write();
             if of.on_lower.load(Ordering::Acquire) {
                 let (root, path) = self.data_location(&of.node)?;

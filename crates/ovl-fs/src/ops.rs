@@ -69,6 +69,7 @@ impl Filesystem for OverlayFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
+            let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
             let (node, st) = tri!(reply, self.do_lookup(&p, name));
             reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
@@ -81,6 +82,7 @@ impl Filesystem for OverlayFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         guarded("getattr", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             let st = match fh.and_then(|fh| self.file(fh.0, ino.0).ok()) {
                 Some(f) => tri!(reply, rustix::fs::fstat(&*f).map_err(Error::from)),
@@ -109,6 +111,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyAttr,
     ) {
         guarded("setattr", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             let a = SetAttr { mode, uid, gid, size, atime, mtime, fh: fh.map(|f| f.0) };
             let st = tri!(reply, self.do_setattr(&node, &a));
@@ -118,6 +121,7 @@ impl Filesystem for OverlayFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         guarded("readlink", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             let v = tri!(reply, self.do_readlink(&node));
             reply.data(&v);
@@ -135,6 +139,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         guarded("mknod", || {
+            let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
             let (node, st) = tri!(reply, self.do_mknod(&p, name, mode, rdev, req.uid(), req.gid()));
             reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
@@ -143,6 +148,7 @@ impl Filesystem for OverlayFs {
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         guarded("mkdir", || {
+            let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
             let (node, st) = tri!(reply, self.do_mkdir(&p, name, mode, req.uid(), req.gid()));
             reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
@@ -151,6 +157,7 @@ impl Filesystem for OverlayFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("unlink", || {
+            let _ns = self.ns.write();
             let p = tri!(reply, self.node(parent));
             tri!(reply, self.do_unlink(&p, name, false));
             reply.ok();
@@ -159,6 +166,7 @@ impl Filesystem for OverlayFs {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("rmdir", || {
+            let _ns = self.ns.write();
             let p = tri!(reply, self.node(parent));
             tri!(reply, self.do_unlink(&p, name, true));
             reply.ok();
@@ -167,6 +175,7 @@ impl Filesystem for OverlayFs {
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         guarded("symlink", || {
+            let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
             let (node, st) = tri!(reply, self.do_symlink(&p, link_name, target, req.uid(), req.gid()));
             reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
@@ -184,6 +193,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         guarded("rename", || {
+            let _ns = self.ns.write();
             let p = tri!(reply, self.node(parent));
             let np = tri!(reply, self.node(newparent));
             let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
@@ -194,6 +204,7 @@ impl Filesystem for OverlayFs {
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         guarded("link", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             let np = tri!(reply, self.node(newparent));
             let st = tri!(reply, self.do_link(&node, &np, newname));
@@ -204,6 +215,7 @@ impl Filesystem for OverlayFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             let fh = tri!(reply, self.do_open(&node, flags.0));
             // Every change reaches the files through this mount, so the kernel's page cache of
@@ -279,6 +291,7 @@ impl Filesystem for OverlayFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         guarded("opendir", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             let fh = tri!(reply, self.do_opendir(&node));
             // Listings may be cached: the kernel drops the cache when an entry op changes the dir.
@@ -288,6 +301,7 @@ impl Filesystem for OverlayFs {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
         guarded("readdir", || {
+            let _ns = self.ns.read();
             let node = match self.node(ino) {
                 Ok(n) => n,
                 Err(e) => return reply.error(errno(e)),
@@ -301,6 +315,7 @@ impl Filesystem for OverlayFs {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
         guarded("readdirplus", || {
+            let _ns = self.ns.read();
             let node = match self.node(ino) {
                 Ok(n) => n,
                 Err(e) => return reply.error(errno(e)),
@@ -321,6 +336,7 @@ impl Filesystem for OverlayFs {
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         guarded("fsyncdir", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             tri!(reply, self.do_fsyncdir(&node));
             reply.ok();
@@ -354,6 +370,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         guarded("setxattr", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             tri!(reply, self.do_setxattr(&node, name, value, flags));
             reply.ok();
@@ -362,6 +379,7 @@ impl Filesystem for OverlayFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guarded("getxattr", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             let v = tri!(reply, self.do_getxattr(&node, name));
             xattr_reply(reply, size, v);
@@ -370,6 +388,7 @@ impl Filesystem for OverlayFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         guarded("listxattr", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             let v = tri!(reply, self.do_listxattr(&node));
             xattr_reply(reply, size, v);
@@ -378,6 +397,7 @@ impl Filesystem for OverlayFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("removexattr", || {
+            let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             tri!(reply, self.do_removexattr(&node, name));
             reply.ok();
@@ -386,6 +406,7 @@ impl Filesystem for OverlayFs {
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         guarded("access", || {
+            let _ns = self.ns.read();
             tri!(reply, self.node(ino));
             if mask.contains(AccessFlags::W_OK) && self.stack.writable_upper().is_none() {
                 return reply.error(FuseErrno::from_i32(libc::EROFS));
@@ -405,6 +426,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyCreate,
     ) {
         guarded("create", || {
+            let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
             let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, req.uid(), req.gid()));
             let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
