@@ -1,7 +1,7 @@
 //! Copy-up of one lower object into its (already present) upper parent directory.
 
 use std::ffi::CStr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use ovl_core::sys;
@@ -98,7 +98,8 @@ fn copy_up_with(
     }
     let origin = origin.as_deref();
     if ft == FileType::RegularFile {
-        copy_regular(stack, upper, (&lparent, &lname), &st, (&uparent, &name), (meta_only, replace, origin), publish)?;
+        let into = (uparent.as_fd(), name.as_c_str());
+        copy_regular(stack, upper, (&lparent, &lname), &st, into, (meta_only, replace, origin), publish)?;
     } else {
         let tmp = temp_name();
         let work = upper.work();
@@ -127,12 +128,25 @@ fn copy_up_with(
     sys::lstat_at(&uparent, &name)
 }
 
+/// Copies the regular file `lname` in `lparent` (whose `lstat` is `st`) as `name` in `dir`
+/// (any dir on the upper fs, the index dir for an indexed copy-up).
+pub(crate) fn copy_regular_into(
+    stack: &LayerStack,
+    (lparent, lname): (&OwnedFd, &CStr),
+    st: &Stat,
+    into: (BorrowedFd<'_>, &CStr),
+    origin: Option<&[u8]>,
+    publish: &dyn Fn(&Stat),
+) -> Result<()> {
+    copy_regular(stack, upper_of(stack)?, (lparent, lname), st, into, (false, false, origin), publish)
+}
+
 fn copy_regular(
     stack: &LayerStack,
     upper: &UpperLayer,
     (lparent, lname): (&OwnedFd, &CStr),
     st: &Stat,
-    (uparent, name): (&OwnedFd, &CStr),
+    (uparent, name): (BorrowedFd<'_>, &CStr),
     (meta_only, replace, origin): (bool, bool, Option<&[u8]>),
     publish: &dyn Fn(&Stat),
 ) -> Result<()> {
@@ -179,10 +193,7 @@ fn copy_regular(
 /// The encoded `overlay.origin` for the lower object `lname` in `lparent`, or `None` when its
 /// filesystem cannot make file handles (the kernel then copies up without origin too).
 fn origin_of(lower: &ovl_core::Layer, lparent: &OwnedFd, lname: &CStr) -> Option<Vec<u8>> {
-    let handle = sys::name_to_handle(lparent, lname).ok()?;
-    let origin = ovl_core::Origin { uuid: lower.uuid(), handle, path_upper: false };
-    let v = origin.encode();
-    (v.len() <= ovl_core::origin::MAX_LEN).then_some(v)
+    ovl_core::index::origin_value(lower, lparent, lname)
 }
 
 /// Sets `overlay.impure` on an upper dir about to hold an entry with an origin (the kernel uses

@@ -117,6 +117,16 @@ pub enum StackError {
         /// The upperdir.
         upper: PathBuf,
     },
+    /// The inode index (`index=on`) cannot be used with these layers.
+    #[error(
+        "index=on: {what}: {source} (mount with index=off, or use the workdir and upperdir made with these lower layers)"
+    )]
+    Index {
+        /// What is wrong.
+        what: String,
+        /// The error.
+        source: Error,
+    },
     /// Setting up the work directory failed.
     #[error("cannot prepare workdir {path:?}: {source}")]
     Workdir {

@@ -26,6 +26,8 @@ pub struct XattrNames {
     pub whiteout: CString,
     /// `overlay.nlink`: link count bookkeeping on index entries.
     pub nlink: CString,
+    /// `overlay.upper`: on the index dir, the upper root it belongs to.
+    pub upper: CString,
 }
 
 impl XattrNames {
@@ -42,6 +44,7 @@ impl XattrNames {
             metacopy: n("metacopy"),
             whiteout: n("whiteout"),
             nlink: n("nlink"),
+            upper: n("upper"),
         }
     }
 

@@ -60,6 +60,7 @@ pub struct UpperLayer {
     layer: Layer,
     workdir: PathBuf,
     work: OwnedFd,
+    index: Option<OwnedFd>,
 }
 
 impl UpperLayer {
@@ -74,6 +75,10 @@ impl UpperLayer {
     /// The workdir given at mount.
     pub fn workdir(&self) -> &Path {
         &self.workdir
+    }
+    /// `WORKDIR/index` of an `index=on` stack (see [`crate::index`]).
+    pub fn index(&self) -> Option<BorrowedFd<'_>> {
+        self.index.as_ref().map(|f| f.as_fd())
     }
 }
 
@@ -159,7 +164,13 @@ impl LayerStack {
                     rustix::io::dup(&wfd)
                         .map_err(|e| StackError::Workdir { path: workdir.clone(), source: e.into() })?
                 };
-                Some(UpperLayer { layer, workdir, work })
+                let index = match (opts.index, lowers.first()) {
+                    (true, Some(l0)) => {
+                        crate::index::open_index(&layer, &wfd, l0, &XattrNames::new(opts.userxattr), writable)?
+                    }
+                    _ => None,
+                };
+                Some(UpperLayer { layer, workdir, work, index })
             }
             None => None,
         };
@@ -197,7 +208,7 @@ impl LayerStack {
         let upper = match upper {
             Some((path, root, work)) => {
                 next = 1;
-                Some(UpperLayer { layer: layer(0, path.clone(), root)?, workdir: path, work })
+                Some(UpperLayer { layer: layer(0, path.clone(), root)?, workdir: path, work, index: None })
             }
             None => None,
         };

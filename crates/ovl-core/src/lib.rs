@@ -20,6 +20,7 @@
 
 mod error;
 mod format;
+pub mod index;
 mod layer;
 mod options;
 pub mod origin;

@@ -38,6 +38,9 @@ pub struct MountOptions {
     /// Copy up only metadata on chmod/chown/utimes/xattr changes; data on first write
     /// (the kernel's `metacopy=on`).
     pub metacopy: bool,
+    /// Keep lower hard links linked across copy-up through `WORKDIR/index` (the kernel's
+    /// `index=on`, see [`crate::index`]).
+    pub index: bool,
     /// Options meant for the FUSE layer or mount(8) that we accept and ignore.
     pub ignored: Vec<String>,
 }
@@ -80,7 +83,6 @@ const IGNORED: &[&str] = &[
 
 /// Kernel overlay options that we accept with any of the listed values and do not act on yet.
 const ACCEPTED_KERNEL: &[(&str, &[&str])] = &[
-    ("index", &["on", "off"]),
     ("xino", &["on", "off", "auto"]),
     ("nfs_export", &["off"]),
     ("uuid", &["on", "off", "null", "auto"]),
@@ -129,6 +131,13 @@ impl MountOptions {
                 }
                 ("metacopy", Some(v)) => {
                     self.metacopy = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad(key, "expected on or off")),
+                    }
+                }
+                ("index", Some(v)) => {
+                    self.index = match v {
                         "on" => true,
                         "off" => false,
                         _ => return Err(bad(key, "expected on or off")),

@@ -43,7 +43,7 @@ impl OverlayFs {
             return Err(Errno::ROFS.into());
         }
         let _guard = node.copy_lock.lock();
-        let (upper, parent_id, name, src, data) = {
+        let (upper, parent_id, name, src, data, index) = {
             let st = node.state.read();
             let (parent, name) = st.names.first().cloned().ok_or(Errno::NOENT)?;
             let src = match (&st.lower, st.lower_dirs.first()) {
@@ -52,13 +52,24 @@ impl OverlayFs {
                 (None, None) => None,
             };
             let data = st.data.as_ref().map(|d| ovl_copyup::Source { layer: d.layer, path: d.path.clone() });
-            (st.upper, parent, name, src, data)
+            (st.upper, parent, name, src, data, st.index.clone().map(|i| (i, st.lower_nlink)))
         };
         let parent = self.table.get(parent_id).ok_or(Errno::NOENT)?;
         self.ensure_upper(&parent)?;
         let parent_path = self.path_of(&parent)?;
         if !upper {
             let src = src.ok_or(Errno::IO)?;
+            if let Some((ix, lower_nlink)) = index {
+                // A lower hard link: the copy goes into the index and the name it is known
+                // by is linked up, as the kernel links up the name it copies up through.
+                let publish = |st: &rustix::fs::Stat| self.table.add_key(node, self.upper_key(st));
+                ovl_copyup::copy_up_to_index(&self.stack, &src, &ix, &publish)?;
+                let cname = ovl_core::sys::name_cstr(&name)?;
+                ovl_copyup::link_up(&self.stack, &ix, &parent_path, &cname, lower_nlink, lower_nlink)?;
+                node.state.write().upper = true;
+                tracing::debug!(path = ?parent_path.join(&name), "copied up into the index");
+                return Ok(());
+            }
             // Without redirects the upper name must be the lower name.
             if src.path.file_name() != Some(name.as_os_str()) {
                 return Err(Errno::XDEV.into());
@@ -93,5 +104,36 @@ impl OverlayFs {
             }
         }
         Ok(())
+    }
+
+    /// For a node in the inode index (`index=on`): makes sure its name `name` in `parent`
+    /// exists in the upper layer, linked to the index entry (`linked` says it already is).
+    /// The kernel links a name up before removing or renaming it, so the index can count it.
+    /// Returns the index entry's name, `None` for a node not in the index.
+    pub(crate) fn link_up_name(
+        &self,
+        node: &Arc<Node>,
+        parent: &Arc<Node>,
+        name: &std::ffi::OsStr,
+        linked: bool,
+    ) -> Result<Option<std::ffi::CString>> {
+        let Some(ix) = node.state.read().index.clone() else { return Ok(None) };
+        self.ensure_upper(node)?;
+        if linked {
+            return Ok(Some(ix));
+        }
+        let _guard = node.copy_lock.lock();
+        let (ppath, pfd) = self.upper_dir(parent)?;
+        let cname = ovl_core::sys::name_cstr(name)?;
+        match ovl_core::sys::lstat_at(&pfd, &cname) {
+            Ok(st) if !ovl_core::is_whiteout_stat(&st) => return Ok(Some(ix)),
+            Ok(_) => return Err(Errno::IO.into()),
+            Err(e) if e.errno() == Errno::NOENT => {}
+            Err(e) => return Err(e),
+        }
+        let union = self.index_nlink(node)?.ok_or(Errno::IO)?;
+        let lower_nlink = node.state.read().lower_nlink;
+        ovl_copyup::link_up(&self.stack, &ix, &ppath, &cname, union, lower_nlink)?;
+        Ok(Some(ix))
     }
 }

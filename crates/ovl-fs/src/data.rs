@@ -189,9 +189,9 @@ impl OverlayFs {
         } else {
             self.ensure_upper_meta(node)?;
         }
-        let upper = self.stack.writable_upper().ok_or(Errno::ROFS)?;
-        let path = self.path_of(node)?;
-        let root = upper.layer().root();
+        self.stack.writable_upper().ok_or(Errno::ROFS)?;
+        // The upper object (an indexed file's index entry).
+        let (root, path) = self.real_location(node)?;
         let (dir, name) = if path.as_os_str().is_empty() {
             (rustix::io::dup(root)?, None)
         } else {

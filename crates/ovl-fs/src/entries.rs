@@ -64,8 +64,10 @@ impl OverlayFs {
             return Err(Errno::NOENT.into());
         }
         let e = self.find(parent, name)?.ok_or(Errno::NOENT)?;
-        let node = self.remember(parent.id, name, &e);
-        Ok((node, e.stat))
+        let node = self.remember(parent.id, name, &e)?;
+        // An indexed file is shown as its index entry's inode, with the overlay's link count.
+        let st = if node.state.read().index.is_some() { self.real_stat(&node)? } else { e.stat };
+        Ok((node, st))
     }
 
     /// Creates a new object `name` in `parent` with `build(dir, name)`, always complete under a
@@ -132,6 +134,8 @@ impl OverlayFs {
             opaque: is_dir && over_whiteout,
             data: None,
             keys: Vec::new(),
+            index: None,
+            lower_nlink: 0,
         });
         Ok((node, st, out))
     }
@@ -224,9 +228,21 @@ impl OverlayFs {
             return Err(Errno::PERM.into());
         }
         self.ensure_upper(node)?;
-        let src = self.path_of(node)?;
-        let upper = self.stack.writable_upper().ok_or(Errno::ROFS)?;
-        let (sdir, sname) = sys::open_parent(upper.layer().root(), &src)?;
+        let index = node.state.read().index.clone();
+        let (sdir, sname) = match &index {
+            // A file in the inode index gains a name: linked to its index entry, counted first.
+            Some(ix) => {
+                let union = self.index_nlink(node)?.ok_or(Errno::IO)?;
+                ovl_copyup::set_nlink_upper(&self.stack, ix, union)?;
+                let dir = self.stack.upper().and_then(|u| u.index()).ok_or(Errno::IO)?;
+                (rustix::io::dup(dir)?, ix.clone())
+            }
+            None => {
+                let src = self.path_of(node)?;
+                let upper = self.stack.writable_upper().ok_or(Errno::ROFS)?;
+                sys::open_parent(upper.layer().root(), &src)?
+            }
+        };
         let (_, st, ()) = self.create_object(newparent, newname, FileType::RegularFile, |dir, n| {
             rustix::fs::linkat(&sdir, &sname, dir, n, AtFlags::empty())?;
             Ok(())
@@ -238,6 +254,20 @@ impl OverlayFs {
             }
         }
         Ok(st)
+    }
+
+    /// True when the mount keeps an inode index (`index=on`).
+    fn indexed(&self) -> bool {
+        self.stack.upper().is_some_and(|u| u.index().is_some())
+    }
+
+    /// The node for what a lookup found as `name` in `parent` (the kernel has looked it up, so
+    /// it is normally known; otherwise it is registered).
+    fn node_of(&self, parent: &Node, name: &OsStr, e: &ovl_lookup::Entry) -> Result<Arc<Node>> {
+        match self.table.by_key(self.key_of(e)) {
+            Some(n) => Ok(n),
+            None => self.remember(parent.id, name, e),
+        }
     }
 
     pub(crate) fn do_unlink(&self, parent: &Arc<Node>, name: &OsStr, want_dir: bool) -> Result<()> {
@@ -260,19 +290,35 @@ impl OverlayFs {
             }
         }
         let cname = sys::name_cstr(name)?;
+        // A name of a file in the inode index is linked up first and counted down in the index
+        // (as the kernel does); the index entry goes with the last name.
+        let mut in_upper = e.upper.is_some();
+        let mut index_left = None;
+        if !is_dir && self.indexed() {
+            let node = self.node_of(parent, name, &e)?;
+            if let Some(ix) = self.link_up_name(&node, parent, name, in_upper)? {
+                in_upper = true;
+                let union = self.index_nlink(&node)?.ok_or(Errno::IO)?;
+                ovl_copyup::set_nlink_upper(&self.stack, &ix, union)?;
+                index_left = Some((ix, union - 1));
+            }
+        }
         // An entry found only in lower layers obviously needs hiding; one in the upper layer
         // does if a lower layer also has the name.
-        let needs_whiteout = e.upper.is_none() || {
+        let needs_whiteout = !in_upper || {
             let (_, players) = self.dir_of(parent)?;
             ovl_lookup::lower_has_name(&self.stack, &players, name)?
         };
         let (ppath, _) = self.upper_dir(parent)?;
         self.hook_remove(parent, name)?;
-        match (e.upper.is_some(), needs_whiteout) {
+        match (in_upper, needs_whiteout) {
             (true, true) => ovl_copyup::replace_with_whiteout(&self.stack, &ppath, &cname)?,
             (true, false) => ovl_copyup::remove_upper(&self.stack, &ppath, &cname, is_dir)?,
             (false, true) => ovl_copyup::whiteout(&self.stack, &ppath, &cname)?,
             (false, false) => return Err(Errno::IO.into()),
+        }
+        if let Some((ix, 0)) = &index_left {
+            ovl_copyup::remove_index(&self.stack, ix)?;
         }
         if let Some(node) = self.table.by_key(self.key_of(&e)) {
             self.table.unlink_name(&node, parent.id, name);
@@ -350,13 +396,27 @@ impl OverlayFs {
         let dst_node = dst.as_ref().and_then(|d| self.table.by_key(self.key_of(d)));
         let src_node = match src_node {
             Some(n) => n,
-            None => self.remember(parent.id, name, &src),
+            None => self.remember(parent.id, name, &src)?,
         };
         self.ensure_upper(&src_node)?;
+        if !src_dir {
+            self.link_up_name(&src_node, parent, name, src.upper.is_some())?;
+        }
+        let mut index_left = None;
+        if let Some(d) = dst.as_ref().filter(|d| d.kind != FileType::Directory && self.indexed()) {
+            let dn = self.node_of(newparent, newname, d)?;
+            if let Some(ix) = self.link_up_name(&dn, newparent, newname, d.upper.is_some())? {
+                if !exchange {
+                    let union = self.index_nlink(&dn)?.ok_or(Errno::IO)?;
+                    ovl_copyup::set_nlink_upper(&self.stack, &ix, union)?;
+                    index_left = Some((ix, union - 1));
+                }
+            }
+        }
         if let (Some(d), true) = (&dst, exchange) {
             let dn = match &dst_node {
                 Some(n) => n.clone(),
-                None => self.remember(newparent.id, newname, d),
+                None => self.remember(newparent.id, newname, d)?,
             };
             self.ensure_upper(&dn)?;
         }
@@ -410,6 +470,9 @@ impl OverlayFs {
                 let f = if needs_whiteout { RenameFlags::WHITEOUT } else { RenameFlags::empty() };
                 rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, f)?;
             }
+        }
+        if let Some((ix, 0)) = &index_left {
+            ovl_copyup::remove_index(&self.stack, ix)?;
         }
         // Bookkeeping: the moved node now answers to the new name.
         let rename_alias = |node: &Node, from: (u64, &OsStr), to: (u64, &OsStr)| {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,6 +98,8 @@ impl OverlayFs {
             lower_dirs: root.lowers,
             opaque,
             keys: vec![root_key],
+            index: None,
+            lower_nlink: 0,
         };
         Ok(Self {
             table: Table::new(root_key, state),
@@ -225,7 +228,8 @@ impl OverlayFs {
     /// that each name of a hard-linked lower file is its own object until copied up.
     pub(crate) fn key_of(&self, e: &Entry) -> Key {
         let mut key = Key::new(e.identity.fs_index, e.identity.ino);
-        if let Some(l) = e.lower.as_ref().filter(|l| l.stat.st_nlink > 1) {
+        let index = self.stack.upper().is_some_and(|u| u.index().is_some());
+        if let Some(l) = e.lower.as_ref().filter(|l| l.stat.st_nlink > 1 && !index) {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (l.layer, &l.path).hash(&mut h);
@@ -246,20 +250,29 @@ impl OverlayFs {
     }
 
     /// Registers what a lookup found under `(parent, name)` and counts one kernel lookup.
-    pub(crate) fn remember(&self, parent: u64, name: &OsStr, e: &Entry) -> Arc<Node> {
+    pub(crate) fn remember(&self, parent: u64, name: &OsStr, e: &Entry) -> Result<Arc<Node>> {
         let key = self.key_of(e);
+        let index = self.index_of(parent, name, e)?;
         let (node, fresh) = self.table.lookup_or_insert(key, e.kind, || NodeState {
             names: vec![(parent, name.to_os_string())],
-            upper: e.upper.is_some(),
+            upper: e.upper.is_some() || index.as_ref().is_some_and(|i| i.present),
             lower: e.lower.clone(),
             data: e.data.clone(),
             lower_dirs: e.dir.as_ref().map(|d| d.lowers.clone()).unwrap_or_default(),
             opaque: e.opaque,
             keys: Vec::new(),
+            index: index.as_ref().map(|i| i.name.clone()),
+            lower_nlink: index.as_ref().map_or(0, |i| i.lower_nlink),
         });
         if !fresh {
             let mut st = node.state.write();
-            if e.upper.is_some() && !st.upper {
+            if let Some(i) = index {
+                if st.index.is_none() {
+                    st.index = Some(i.name);
+                }
+                st.upper |= i.present;
+                st.lower_nlink = st.lower_nlink.max(i.lower_nlink);
+            } else if e.upper.is_some() && !st.upper {
                 st.upper = true;
                 st.lower = None;
                 st.data = e.data.clone();
@@ -268,7 +281,19 @@ impl OverlayFs {
                 st.names.push((parent, name.to_os_string()));
             }
         }
-        node
+        Ok(node)
+    }
+
+    /// The index entry of what a lookup found as `name` in `parent` (`index=on` only).
+    fn index_of(&self, parent: u64, name: &OsStr, e: &Entry) -> Result<Option<ovl_lookup::IndexRef>> {
+        if self.stack.upper().is_none_or(|u| u.index().is_none()) || e.kind != FileType::RegularFile {
+            return Ok(None);
+        }
+        let path = match &e.upper {
+            Some(_) => self.path_of(&*self.table.get(parent).ok_or(Errno::NOENT)?)?.join(name),
+            None => PathBuf::new(),
+        };
+        ovl_lookup::index_of(&self.stack, e, &path)
     }
 
     /// Looks `name` up in directory `parent`.
@@ -281,6 +306,9 @@ impl OverlayFs {
     pub(crate) fn real_stat(&self, node: &Node) -> Result<Stat> {
         let (root, path) = self.real_location(node)?;
         let mut st = sys::lstat_beneath(root, &path)?;
+        if let Some(n) = self.index_nlink(node)? {
+            st.st_nlink = n;
+        }
         let data = node.state.read().data.clone();
         if let Some(d) = data {
             // A metacopy file shows the size and blocks of the file holding its data.
@@ -357,9 +385,27 @@ impl OverlayFs {
         self.real_location(node)
     }
 
+    /// The overlay link count of an indexed node with an index entry (`index=on`).
+    pub(crate) fn index_nlink(&self, node: &Node) -> Result<Option<u64>> {
+        let (name, lower_nlink) = {
+            let st = node.state.read();
+            match (&st.index, st.upper) {
+                (Some(n), true) => (n.clone(), st.lower_nlink),
+                _ => return Ok(None),
+            }
+        };
+        let ix = self.stack.upper().and_then(|u| u.index()).ok_or(Errno::IO)?;
+        let (n, _) = ovl_core::index::entry_nlink(ix, &name, &self.stack.names().nlink, lower_nlink)?;
+        Ok(Some(n))
+    }
+
     /// The layer root and path where `node`'s object (its metadata) is read from now.
     pub(crate) fn real_location(&self, node: &Node) -> Result<(std::os::fd::BorrowedFd<'_>, PathBuf)> {
         let st = node.state.read();
+        if let (Some(ix), true) = (&st.index, st.upper) {
+            let dir = self.stack.upper().and_then(|u| u.index()).ok_or(Errno::IO)?;
+            return Ok((dir, PathBuf::from(std::ffi::OsStr::from_bytes(ix.as_bytes()))));
+        }
         if st.upper {
             drop(st);
             let u = self.stack.upper().ok_or(Errno::IO)?;

@@ -56,6 +56,12 @@ pub(crate) struct NodeState {
     pub opaque: bool,
     /// The identities that map to this node.
     pub keys: Vec<Key>,
+    /// With `index=on`, for a lower file with several links: its entry in `WORKDIR/index`.
+    /// Once `upper` is set the object is that entry's inode (shared by every linked-up name),
+    /// read and written there whichever name the kernel used.
+    pub index: Option<std::ffi::CString>,
+    /// The lower file's link count (for `overlay.nlink`), when `index` is set.
+    pub lower_nlink: u64,
 }
 
 impl NodeState {

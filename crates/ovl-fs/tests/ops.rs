@@ -808,3 +808,95 @@ fn directory_renames_with_redirects_match_the_kernel() {
     let k = MountGuard::mount(Backend::Kernel, &b2, opts, &mount_point(tmp.path(), "kb"));
     assert_same_tree("redirects remount", "ovlfs", &view, "kernel", &snapshot_tree(k.path()));
 }
+
+/// What `index_script` does to a mount: writes, chmods, links, unlinks and renames through the
+/// names of lower hard-linked files, reporting contents, link counts and whether all names of
+/// one file still share one inode number.
+fn index_script(m: &Path) -> Vec<String> {
+    let p = |s: &str| m.join(s);
+    let meta = |s: &str| res(s, fs::symlink_metadata(p(s)).map(|st| (st.nlink(), st.len(), st.mode() & 0o7777)));
+    let ino = |s: &str| fs::symlink_metadata(p(s)).map(|st| st.ino()).unwrap_or(0);
+    let mut out = Vec::new();
+    let group = [ino("d/a"), ino("d/b"), ino("c")];
+    out.push(format!("one inode before: {}", group.iter().all(|i| *i == group[0])));
+    out.push(res("write d/a", fs::write(p("d/a"), b"through a")));
+    out.push(res("read d/b", fs::read_to_string(p("d/b"))));
+    out.push(res("chmod c", fs::set_permissions(p("c"), fs::Permissions::from_mode(0o600))));
+    out.extend(["d/a", "d/b", "c"].map(meta));
+    out.push(res("rm c", fs::remove_file(p("c"))));
+    out.push(res("ln d/b d/e", fs::hard_link(p("d/b"), p("d/e"))));
+    out.push(res("mv d/b d/f", fs::rename(p("d/b"), p("d/f"))));
+    out.push(format!("one inode after: {}", [ino("d/a"), ino("d/e"), ino("d/f")].iter().all(|i| *i == group[0])));
+    out.extend(["d/a", "d/e", "d/f"].map(meta));
+    // A second file: one name renamed over, the other removed: its index entry goes.
+    out.push(res("mv q x/p1", fs::rename(p("q"), p("x/p1"))));
+    out.extend(["x/p1", "x/p2"].map(meta));
+    out.push(res("rm x/p2", fs::remove_file(p("x/p2"))));
+    out.push(res("read x/p1", fs::read_to_string(p("x/p1"))));
+    out
+}
+
+const INDEX_FIXTURE: &str = "
+    l2 file d/a lower-data
+    l2 hard d/b d/a
+    l2 hard c d/a
+    l2 file x/p1 pair
+    l2 hard x/p2 x/p1
+    l1 file q plain
+";
+
+/// With `index=on`, copying up one name of a lower hard-linked file keeps every name linked to
+/// one upper inode, with the kernel's link counts, on both sides; each reads the other's layers
+/// (with its index) the same; and after rotation (the upper pushed down as a lower of a new
+/// mount) ovlfs and the kernel still agree.
+#[test]
+fn hard_links_stay_linked_with_index_like_the_kernel() {
+    let tmp = tempdir("index-links");
+    let a = Layers::create(&tmp.path().join("a"), 2);
+    apply_fixture(&a, INDEX_FIXTURE);
+    let b = a.copy_to(&tmp.path().join("b"));
+    let opts = KERNEL_OPTS.replace("redirect_dir=off", "redirect_dir=on").replace("index=off", "index=on");
+    let view = {
+        let ma = MountGuard::mount(Backend::Kernel, &a, &opts, &mount_point(tmp.path(), "ma"));
+        let mb = MountGuard::mount(Backend::Ovlfs, &b, &opts, &mount_point(tmp.path(), "mb"));
+        let (ra, rb) = (index_script(ma.path()), index_script(mb.path()));
+        assert!(ra.contains(&"one inode after: true".to_string()), "kernel: {ra:#?}");
+        assert_eq!(ra, rb, "kernel (left) and ovlfs (right) disagree");
+        let (ka, kb) = (snapshot_tree(ma.path()), snapshot_tree(mb.path()));
+        assert_same_tree("index", "kernel", &ka, "ovlfs", &kb);
+        kb
+    };
+    // (The kernel also keeps its shared whiteout, `#N`, in the index dir: its work dir then.)
+    let index_entries = |l: &Layers| {
+        let names = fs::read_dir(l.work.join("index")).unwrap().map(|e| e.unwrap().file_name());
+        names.filter(|n| !n.as_encoded_bytes().starts_with(b"#")).count()
+    };
+    assert_eq!(index_entries(&b), index_entries(&a), "index entries (the pair's went with its last name)");
+    for (label, l, backend, mnt) in
+        [("kernel on ovlfs's layers", &b, Backend::Kernel, "kb"), ("ovlfs on the kernel's", &a, Backend::Ovlfs, "oa")]
+    {
+        let m = MountGuard::mount(backend, l, &opts, &mount_point(tmp.path(), mnt));
+        assert_same_tree("index", "ovlfs", &view, label, &snapshot_tree(m.path()));
+    }
+    let rotate = |l: &Layers, dir: &str| {
+        let r = Layers {
+            root: l.root.clone(),
+            lowers: [vec![l.upper.clone()], l.lowers.clone()].concat(),
+            upper: tmp.path().join(dir).join("upper2"),
+            work: tmp.path().join(dir).join("work2"),
+        };
+        fs::create_dir_all(&r.upper).unwrap();
+        fs::create_dir_all(&r.work).unwrap();
+        r
+    };
+    let (ra, rb) = (rotate(&a, "a"), rotate(&b, "b"));
+    let ka = MountGuard::mount(Backend::Kernel, &ra, &opts, &mount_point(tmp.path(), "ra"));
+    let kb = MountGuard::mount(Backend::Ovlfs, &rb, &opts, &mount_point(tmp.path(), "rb"));
+    assert_same_tree("rotated", "kernel", &snapshot_tree(ka.path()), "ovlfs", &snapshot_tree(kb.path()));
+    // st_ino stays the first lower file's (the kernel reports the rotated layer's own inode
+    // number there: issue 3 asks ovlfs to keep it).
+    for f in ["d/a", "d/e", "d/f"] {
+        let orig = fs::metadata(b.lowers.last().unwrap().join("d/a")).unwrap().ino();
+        assert_eq!(fs::metadata(kb.path().join(f)).unwrap().ino(), orig, "{f}: st_ino after rotation");
+    }
+}

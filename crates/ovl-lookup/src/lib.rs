@@ -19,11 +19,13 @@
 //! ```
 
 mod identity;
+mod index;
 mod lookup;
 mod probe;
 mod readdir;
 
 pub use identity::{Identity, OriginTarget, identity, resolve_origin};
+pub use index::{IndexRef, index_of};
 pub use lookup::{
     DirLayers, Entry, LowerDir, LowerObject, MAX_REDIRECT, lookup, lower_has_name, parse_redirect_value,
     redirect_is_valid,

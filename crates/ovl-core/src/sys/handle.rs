@@ -29,6 +29,10 @@ struct RawHandle {
 
 /// The file handle of `name` in `dir` (not following a final symlink).
 pub fn name_to_handle(dir: impl AsFd, name: &CStr) -> Result<FileHandle> {
+    name_to_handle_flags(dir, name, 0)
+}
+
+fn name_to_handle_flags(dir: impl AsFd, name: &CStr, flags: libc::c_int) -> Result<FileHandle> {
     let mut raw = RawHandle { handle_bytes: MAX_HANDLE_SZ as u32, handle_type: 0, f_handle: [0; MAX_HANDLE_SZ] };
     let mut mount_id: libc::c_int = 0;
     // SAFETY: `raw` is a `struct file_handle` with room for `handle_bytes` bytes of f_handle,
@@ -39,7 +43,7 @@ pub fn name_to_handle(dir: impl AsFd, name: &CStr) -> Result<FileHandle> {
             name.as_ptr(),
             (&mut raw as *mut RawHandle).cast::<libc::file_handle>(),
             &mut mount_id,
-            0,
+            flags,
         )
     };
     if rc != 0 {
@@ -96,4 +100,9 @@ pub fn fs_uuid(fd: impl AsFd) -> [u8; 16] {
     // SAFETY: FS_IOC_GETFSUUID writes at most `sizeof(struct fsuuid2)` bytes into `out`.
     let rc = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), FS_IOC_GETFSUUID, &mut out as *mut FsUuid2) };
     if rc == 0 && out.len as usize == 16 { out.uuid } else { [0; 16] }
+}
+
+/// The file handle of the object `fd` is open on (a layer root, say).
+pub fn fd_to_handle(fd: impl AsFd) -> Result<FileHandle> {
+    name_to_handle_flags(fd, c"", libc::AT_EMPTY_PATH)
 }

@@ -13,7 +13,7 @@ use rustix::io::Errno;
 use crate::Result;
 
 mod handle;
-pub use handle::{FileHandle, fs_uuid, name_to_handle, open_by_handle};
+pub use handle::{FileHandle, fd_to_handle, fs_uuid, name_to_handle, open_by_handle};
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 

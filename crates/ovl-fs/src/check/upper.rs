@@ -232,7 +232,7 @@ impl Walker<'_> {
         }
         // The kernel decodes the origin of a directory only for its index (index=on); without it
         // a stale one means nothing (a saved copy of a directory removed since, in a snapshot).
-        let index = self.stack.options().ignored.iter().any(|o| o == "index=on");
+        let index = self.stack.options().index;
         if obj.kind() == FileType::Directory && !index {
             return Ok(());
         }
