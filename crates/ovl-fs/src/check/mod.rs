@@ -15,12 +15,12 @@
 //! | `orphan-whiteout` | fixable | a whiteout whose name no layer below shows |
 //! | `whiteout-in-opaque-dir` | fixable | a whiteout in an opaque dir (hides nothing; listed) |
 //! | `stale-work-entry` | fixable | a half-made object left in `WORKDIR/work` |
-//! | `redirect-malformed` | error | not a name or an absolute path of names (lookup fails, `EIO`) |
+//! | `redirect-malformed` | error | not a name or an absolute path of names (lookup fails: `EINVAL`, `EACCES` for `.`/`..`) |
 //! | `redirect-dangling` | warning | nothing below where it points: merges nothing |
 //! | `redirect-loop` | error | merges the lower dir an ancestor already shows |
 //! | `redirect-duplicate` | error | merges a lower dir that also shows elsewhere |
 //! | `redirect-on-non-dir` | error | on a symlink, device, fifo or socket |
-//! | `redirect-not-followed` | warning | the options do not follow redirects |
+//! | `redirect-not-followed` | warning | `redirect_dir=nofollow`: the kernel refuses such lookups (`EPERM`) |
 //! | `origin-corrupt` | error | `overlay.origin` is not a valid file handle |
 //! | `origin-stale`, `origin-foreign` | warning | names a deleted object / no lower fs: ignored (dirs: only with `index=on`) |
 //! | `metacopy-no-data` | error | a metadata-only copy with no data below (lookup fails, `EIO`) |
