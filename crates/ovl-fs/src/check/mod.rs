@@ -78,9 +78,8 @@ pub fn check_options(opts: &MountOptions, repair: bool) -> std::result::Result<R
     if opts.upperdir.is_none() || opts.workdir.is_none() {
         return Err(CheckError::NoUpper);
     }
-    let mut opts = opts.clone();
-    opts.read_only = true;
-    let stack = LayerStack::open(&opts)?;
+    // A mount would refuse a work dir marked incompatible; the check reports the marker instead.
+    let stack = LayerStack::open_to_check(opts)?;
     let upper = stack.upper().ok_or(CheckError::NoUpper)?;
     let work = upper.workdir().join("work");
     let users = users_of(&[upper.layer().path(), upper.workdir(), &work]);
