@@ -127,6 +127,20 @@ pub enum StackError {
         /// The error.
         source: Error,
     },
+    /// The work dir holds the kernel's marker of an incompatible feature (`work/incompat/NAME`),
+    /// which makes the kernel refuse the layers.
+    #[error(
+        "workdir {workdir:?} is marked with the incompatible feature {feature:?} \
+         (work/incompat/{}); the kernel's overlay refuses these layers too. {}",
+        feature.to_string_lossy(),
+        incompat_advice(feature)
+    )]
+    Incompat {
+        /// The workdir.
+        workdir: PathBuf,
+        /// The feature's name (the entry in `work/incompat`).
+        feature: std::ffi::OsString,
+    },
     /// Setting up the work directory failed.
     #[error("cannot prepare workdir {path:?}: {source}")]
     Workdir {
@@ -135,4 +149,16 @@ pub enum StackError {
         /// The error.
         source: Error,
     },
+}
+
+/// What to do about an incompatible-feature marker in a work dir.
+fn incompat_advice(feature: &std::ffi::OsStr) -> &'static str {
+    if feature == "volatile" {
+        "A volatile mount used them (the kernel leaves this marker even at a clean unmount), and a \
+         crash since then may have lost writes: if the system has not crashed since that mount, remove \
+         the work/incompat/volatile directory and mount again; otherwise start over with a new upper \
+         and work dir"
+    } else {
+        "Mount them with a kernel that knows this feature"
+    }
 }

@@ -96,7 +96,21 @@ impl LayerStack {
     /// Validates the layers named in `opts` and opens them. With an upper layer (and not `ro`),
     /// prepares `WORKDIR/work` and removes what an earlier, interrupted mount left in it.
     /// Nothing in any layer is changed unless every check passed.
+    /// A work dir marked with an incompatible feature of the kernel (`WORKDIR/work/incompat/*`,
+    /// which every `volatile` mount leaves) is refused, as the kernel refuses it.
     pub fn open(opts: &MountOptions) -> Result<Self, StackError> {
+        Self::open_inner(opts, true)
+    }
+
+    /// Opens the stack read-only for an offline check, as [`LayerStack::open`] does, but accepts a
+    /// work dir marked with an incompatible feature (the check reports the marker).
+    pub fn open_to_check(opts: &MountOptions) -> Result<Self, StackError> {
+        let mut opts = opts.clone();
+        opts.read_only = true;
+        Self::open_inner(&opts, false)
+    }
+
+    fn open_inner(opts: &MountOptions, refuse_incompat: bool) -> Result<Self, StackError> {
         if opts.lowerdirs.is_empty() {
             return Err(StackError::NoLower);
         }
@@ -155,6 +169,9 @@ impl LayerStack {
                 fs_index: idx,
             });
             next_id += 1;
+        }
+        if let (Some((_, wpath, wfd)), true) = (&upper_parts, refuse_incompat) {
+            check_incompat(wfd, wpath)?;
         }
         let upper = match upper_parts {
             Some((layer, workdir, wfd)) => {
@@ -294,6 +311,23 @@ fn check_disjoint(a: (&'static str, &Path), b: (&'static str, &Path)) -> Result<
     Err(StackError::Overlap { a: a.0, a_path: a.1.to_path_buf(), b: b.0, b_path: b.1.to_path_buf(), why })
 }
 
+/// Refuses a work dir holding the kernel's marker of an incompatible feature: an entry in
+/// `WORKDIR/work/incompat/`, such as `volatile`, which every kernel `volatile` mount leaves (also
+/// at a clean unmount). The kernel then refuses every mount of the layers, read-only ones too
+/// (`EINVAL`, "overlay with incompat feature 'volatile' cannot be mounted"), as writes may have
+/// been lost in a crash since; so do we, before anything in the work dir is touched.
+fn check_incompat(workdir: &OwnedFd, path: &Path) -> Result<(), StackError> {
+    let entries = match sys::read_dir(workdir, Path::new("work/incompat")) {
+        Ok(entries) => entries,
+        Err(e) if matches!(e.errno(), rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return Ok(()),
+        Err(source) => return Err(StackError::Workdir { path: path.to_path_buf(), source }),
+    };
+    match entries.into_iter().map(|e| e.name).min() {
+        Some(feature) => Err(StackError::Incompat { workdir: path.to_path_buf(), feature }),
+        None => Ok(()),
+    }
+}
+
 /// Makes sure `WORKDIR/work` exists and is empty, and returns it open.
 fn prepare_work(workdir: &OwnedFd) -> Result<OwnedFd, Error> {
     match rustix::fs::mkdirat(workdir, c"work", Mode::from_raw_mode(0o700)) {
@@ -340,6 +374,27 @@ mod tests {
             assert!(e.contains(want), "{opts}: {e}");
         }
         assert!(!d.join("w/work").exists(), "a failed open must not touch the workdir");
+    }
+
+    #[test]
+    fn refuses_the_kernels_volatile_marker_and_leaves_it() {
+        let t = tmp();
+        let d = t.path();
+        for n in ["l1", "u", "w/work/incompat/volatile"] {
+            std::fs::create_dir_all(d.join(n)).unwrap();
+        }
+        std::fs::write(d.join("w/work/incompat/volatile/dirty"), b"").unwrap();
+        let opts = |extra: &str| {
+            let p = |s: &str| d.join(s).display().to_string();
+            MountOptions::parse(&format!("lowerdir={},upperdir={},workdir={}{extra}", p("l1"), p("u"), p("w"))).unwrap()
+        };
+        for extra in ["", ",ro", ",volatile"] {
+            let e = LayerStack::open(&opts(extra)).unwrap_err().to_string();
+            assert!(e.contains("volatile") && e.contains("incompat"), "{extra}: {e}");
+        }
+        assert!(d.join("w/work/incompat/volatile/dirty").exists(), "the marker stays");
+        std::fs::remove_dir_all(d.join("w/work/incompat/volatile")).unwrap();
+        LayerStack::open(&opts("")).expect("an empty incompat dir is no marker");
     }
 
     #[test]

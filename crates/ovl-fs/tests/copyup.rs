@@ -327,3 +327,81 @@ fn metacopy_copies_data_only_when_written_like_the_kernel() {
     let k = MountGuard::mount(Backend::Kernel, &b2, kopts, &mount_point(tmp.path(), "kb"));
     common::assert_same_tree("metacopy remount", "ovlfs", &view, "kernel", &common::snapshot_tree(k.path()));
 }
+
+/// Regression (renamed metacopy files read EIO): with `metacopy=on,redirect_dir=on` the kernel
+/// renames a file whose data is still below by giving its metadata-only upper copy an
+/// `overlay.redirect` (relative within a dir, absolute across dirs). ovlfs, mounted on the layers
+/// the kernel wrote, must find the data through those redirects (also through a renamed parent,
+/// a file renamed twice, and a second lower layer), ignore the redirect left on a file whose
+/// data was copied up since, and show what the kernel showed; `ovlfs check` finds them clean.
+#[test]
+fn a_kernel_renamed_metacopy_file_reads_its_data_through_its_redirect() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempdir("metacopy-rename");
+    let l = Layers::create(&tmp.path().join("a"), 2);
+    apply_fixture(
+        &l,
+        "l1 file f top data\n\
+         l1 file d/g in d\n\
+         l1 file d/h to the root\n\
+         l1 dir e\n\
+         l1 file twice moved twice\n\
+         l1 file d2/k in a dir that moves\n\
+         l1 file written data copied up later\n\
+         l2 file low from the second lower\n\
+         l2 file d/deep from the second lower, in a merged dir\n",
+    );
+    let kopts = "metacopy=on,redirect_dir=on,index=off,xino=off";
+    let (view, inos) = {
+        let k = MountGuard::mount(Backend::Kernel, &l, kopts, &mount_point(tmp.path(), "k"));
+        let m = k.path();
+        for f in ["f", "d/g", "d/h", "twice", "d2/k", "written", "low", "d/deep"] {
+            fs::set_permissions(m.join(f), fs::Permissions::from_mode(0o640)).unwrap();
+        }
+        fs::rename(m.join("f"), m.join("f2")).unwrap();
+        fs::rename(m.join("d/g"), m.join("e/g2")).unwrap();
+        fs::rename(m.join("d/h"), m.join("h3")).unwrap();
+        fs::rename(m.join("twice"), m.join("e/once")).unwrap();
+        fs::rename(m.join("e/once"), m.join("d/twice2")).unwrap();
+        fs::rename(m.join("d2"), m.join("d2-moved")).unwrap();
+        fs::rename(m.join("written"), m.join("e/written2")).unwrap();
+        OpenOptions::new().append(true).open(m.join("e/written2")).unwrap().write_all_at(b"+", 100).unwrap();
+        fs::rename(m.join("low"), m.join("e/low2")).unwrap();
+        fs::rename(m.join("d/deep"), m.join("deep2")).unwrap();
+        let names = ["f2", "e/g2", "h3", "d/twice2", "d2-moved/k", "e/written2", "e/low2", "deep2"];
+        let inos: Vec<u64> = names.iter().map(|n| fs::metadata(m.join(n)).unwrap().ino()).collect();
+        (common::snapshot_tree(m), inos)
+    };
+    // What the kernel wrote: metadata-only copies carrying redirects.
+    let xattr = |p: &str, name: &str| {
+        let mut v = vec![0u8; 256];
+        rustix::fs::lgetxattr(l.upper.join(p), name, &mut v[..]).map(|n| v[..n].to_vec()).ok()
+    };
+    for (p, redirect) in [("f2", &b"f"[..]), ("e/g2", b"/d/g"), ("h3", b"/d/h"), ("d/twice2", b"/twice")] {
+        assert_eq!(xattr(p, "trusted.overlay.redirect").as_deref(), Some(redirect), "{p}");
+        assert_eq!(xattr(p, "trusted.overlay.metacopy").as_deref(), Some(&b""[..]), "{p}");
+    }
+    assert!(xattr("e/written2", "trusted.overlay.redirect").is_some(), "the kernel leaves the redirect");
+    assert!(xattr("e/written2", "trusted.overlay.metacopy").is_none(), "its data was copied up");
+
+    let fresh = l.with_fresh_work(tmp.path().join("a/work2"));
+    let o = MountGuard::mount(Backend::Ovlfs, &fresh, "metacopy=on,redirect_dir=on", &mount_point(tmp.path(), "o"));
+    common::assert_same_tree("renamed metacopy files", "kernel", &view, "ovlfs", &common::snapshot_tree(o.path()));
+    let names = ["f2", "e/g2", "h3", "d/twice2", "d2-moved/k", "e/written2", "e/low2", "deep2"];
+    let ours: Vec<u64> = names.iter().map(|n| fs::metadata(o.path().join(n)).unwrap().ino()).collect();
+    assert_eq!(inos, ours, "inode numbers of {names:?}: kernel (left) and ovlfs (right)");
+    assert_eq!(fs::read_to_string(o.path().join("h3")).unwrap(), "to the root\n");
+    drop(o);
+
+    let out = Command::new(common::ovlfs_bin())
+        .args(["check", "-o"])
+        .arg(fresh.mount_options("metacopy=on,redirect_dir=on"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("clean"),
+        "ovlfs check: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

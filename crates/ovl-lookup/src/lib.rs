@@ -23,11 +23,10 @@ mod index;
 mod lookup;
 mod probe;
 mod readdir;
+mod redirect;
 
 pub use identity::{Identity, OriginTarget, identity, resolve_origin};
 pub use index::{IndexRef, index_of};
-pub use lookup::{
-    DirLayers, Entry, LowerDir, LowerObject, MAX_REDIRECT, lookup, lower_has_name, parse_redirect_value,
-    redirect_is_valid,
-};
+pub use lookup::{DirLayers, Entry, LowerDir, LowerObject, lookup, lower_has_name};
 pub use readdir::{MergedEntry, read_merged};
+pub use redirect::{MAX_REDIRECT, parse_redirect_value, redirect_error, redirect_is_valid};

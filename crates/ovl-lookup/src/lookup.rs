@@ -1,5 +1,6 @@
 //! Lookup of one name down the stack.
 
+use std::borrow::Cow;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,7 @@ use ovl_core::{Errno, LayerId, LayerStack, Opaque, Result, is_whiteout_stat};
 
 use crate::identity::identity_from;
 use crate::probe::Probe;
+use crate::redirect::{self, Target, check_component};
 
 use rustix::fs::{FileType, Stat};
 
@@ -112,6 +114,8 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             }
             let kind = FileType::from_raw_mode(st.st_mode);
             let identity = identity_from(stack, upper.layer(), &path, &st, p.xattr(&names.origin)?)?;
+            // With `nofollow` the kernel reads a redirect only where lower layers are left.
+            let reads = reads_redirect(stack, None, parent.is_merged());
             if kind != FileType::Directory {
                 let mut e = Entry {
                     kind,
@@ -123,13 +127,20 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                     data: None,
                     identity,
                 };
-                if kind == FileType::RegularFile && p.xattr(&names.metacopy)?.is_some() {
-                    e.set_data(find_data(stack, &parent.lowers, name)?);
+                if let Some(redirect) = metacopy_redirect(stack, &mut p, &path, reads)? {
+                    // A metadata-only copy: its data is below, under its name or where its
+                    // redirect says (the kernel writes one when it renames such a file).
+                    let target = redirect.unwrap_or(target);
+                    let list = match target {
+                        Target::Abs(_) => root_lowers(stack, None).into(),
+                        Target::Rel(_) => (&parent.lowers[..]).into(),
+                    };
+                    e.set_data(find_data(stack, list, 0, target, &path)?);
                 }
                 return Ok(Some(e));
             }
             let opaque = Opaque::from_value(p.xattr(&names.opaque)?.as_deref()) == Opaque::Yes;
-            let redirect = if opaque { None } else { redirect_of(stack, &mut p, &path)? };
+            let redirect = if opaque || !reads { None } else { dir_redirect(stack, &mut p, &path)? };
             found = Some(Entry {
                 identity,
                 kind,
@@ -151,29 +162,29 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
 
     // The lower dirs to search, and where in them: the parent's dirs joined with the name, or
     // (after an absolute redirect) a path from the root of every lower layer below.
-    let mut list: std::borrow::Cow<'_, [LowerDir]> = match target {
+    let mut list: Cow<'_, [LowerDir]> = match target {
         Target::Abs(_) => root_lowers(stack, None).into(),
         Target::Rel(_) => (&parent.lowers[..]).into(),
     };
     let mut i = 0;
     while i < list.len() {
-        let ld = &list[i];
+        let ld = list[i].clone();
         i += 1;
         let layer = stack.layer(ld.layer);
-        let path = match &target {
-            Target::Rel(n) => ld.path.join(n),
-            Target::Abs(p) => p.clone(),
-        };
         let mut last_layer = false;
         // After an absolute redirect: where the layers below this one look (ancestors in this
         // layer may carry redirects of their own, which rewrite the path, as in the kernel).
         let mut below: Option<PathBuf> = None;
-        if let Target::Abs(p) = &target {
+        let path = match &target {
+            Target::Rel(n) => {
+                check_component(n)?;
+                ld.path.join(n)
+            }
             // An absolute path is walked component by component, as the kernel does: a
             // non-directory or whiteout on the way hides everything below, an opaque directory on
             // the way stops the layers below this one (unless a redirect further down restarts
             // them), and a redirect on the way rewrites the path for the layers below.
-            match walk_ancestors(stack, layer, p)? {
+            Target::Abs(p) => match walk_ancestors(stack, layer, p)? {
                 Walk::Missing { below } => {
                     target = Target::Abs(below);
                     continue;
@@ -182,9 +193,10 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                 Walk::Open { stop, below: b } => {
                     last_layer = stop;
                     below = Some(b);
+                    p.clone()
                 }
-            }
-        }
+            },
+        };
         let Some(mut p) = Probe::open(layer.root(), &path)? else {
             if last_layer {
                 break;
@@ -203,23 +215,24 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         if xwhiteouts && kind == FileType::RegularFile && st.st_size == 0 && p.xattr(&names.whiteout)?.is_some() {
             break;
         }
+        let reads = reads_redirect(stack, Some(ld.layer), i < list.len());
         match &mut found {
             None if kind != FileType::Directory => {
-                let meta = kind == FileType::RegularFile && p.xattr(&names.metacopy)?.is_some();
                 let identity = identity_from(stack, layer, &path, &st, p.xattr(&names.origin)?)?;
-                let lower = LowerObject { layer: ld.layer, path, stat: st };
+                let meta = metacopy_redirect(stack, &mut p, &path, reads)?;
                 let mut e = Entry {
                     kind,
                     stat: st,
                     upper: None,
-                    lower: Some(lower),
+                    lower: Some(LowerObject { layer: ld.layer, path: path.clone(), stat: st }),
                     dir: None,
                     opaque: false,
                     data: None,
                     identity,
                 };
-                if meta {
-                    e.set_data(find_data(stack, &list[i..], name)?);
+                if let Some(redirect) = meta {
+                    let (list, i, target) = advance(stack, list, i, ld.layer, target, below, redirect);
+                    e.set_data(find_data(stack, list, i, target, &path)?);
                 }
                 return Ok(Some(e));
             }
@@ -240,7 +253,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         }
         let opaque = Opaque::from_value(p.xattr(&names.opaque)?.as_deref());
         // The kernel reads no redirect of an opaque dir.
-        let redirect = if opaque == Opaque::Yes { None } else { redirect_of(stack, &mut p, &path)? };
+        let redirect = if opaque == Opaque::Yes || !reads { None } else { dir_redirect(stack, &mut p, &path)? };
         let dir = found.as_mut().and_then(|f| f.dir.as_mut()).ok_or(Errno::IO)?;
         dir.lowers.push(LowerDir { layer: ld.layer, path, xwhiteouts: opaque == Opaque::XWhiteouts });
         // An absolute redirect restarts the layers below even under an opaque ancestor.
@@ -249,17 +262,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         }
         // A dir renamed in a layer that was once an upper layer: the layers below hold it
         // where its redirect says.
-        match (redirect, below) {
-            (Some(Target::Abs(p)), _) => {
-                target = Target::Abs(p);
-                list = root_lowers(stack, Some(ld.layer)).into();
-                i = 0;
-            }
-            (Some(Target::Rel(n)), Some(b)) => target = Target::Abs(b.with_file_name(n)),
-            (Some(rel), None) => target = rel,
-            (None, Some(b)) => target = Target::Abs(b),
-            (None, None) => {}
-        }
+        (list, i, target) = advance(stack, list, i, ld.layer, target, below, redirect);
     }
     Ok(found)
 }
@@ -272,35 +275,148 @@ impl Entry {
     }
 }
 
-/// The lower regular file holding the data of a metacopy file named `name`: the first regular
-/// file that is not itself metacopy in `lowers`. A metacopy file without data is corrupt (`EIO`).
-fn find_data(stack: &LayerStack, lowers: &[LowerDir], name: &OsStr) -> Result<LowerObject> {
-    for ld in lowers {
+/// Where the layers below the object just found in layer `layer` (at `list[i - 1]`) look: the
+/// object's own redirect wins (an absolute one restarts from the roots of the layers below
+/// `layer`), else the rewritten path `below` of an absolute walk, else `target` unchanged.
+fn advance<'a>(
+    stack: &LayerStack,
+    list: Cow<'a, [LowerDir]>,
+    i: usize,
+    layer: LayerId,
+    target: Target,
+    below: Option<PathBuf>,
+    redirect: Option<Target>,
+) -> (Cow<'a, [LowerDir]>, usize, Target) {
+    match (redirect, below) {
+        (Some(Target::Abs(p)), _) => (root_lowers(stack, Some(layer)).into(), 0, Target::Abs(p)),
+        (Some(Target::Rel(n)), Some(b)) => (list, i, Target::Abs(b.with_file_name(n))),
+        (Some(rel), None) => (list, i, rel),
+        (None, Some(b)) => (list, i, Target::Abs(b)),
+        (None, None) => (list, i, target),
+    }
+}
+
+/// The lower regular file holding the data of the metacopy file at `meta_path`, looked up from
+/// `list[i..]` at `target` the way the kernel does: the first regular file that is not itself
+/// metacopy; a whiteout, a non-regular file or a non-directory on the way ends the search, and
+/// a lower metacopy file on the way sends it on where its own redirect says. A metacopy file
+/// without data is corrupt (`EIO`).
+fn find_data(
+    stack: &LayerStack,
+    mut list: Cow<'_, [LowerDir]>,
+    mut i: usize,
+    mut target: Target,
+    meta_path: &Path,
+) -> Result<LowerObject> {
+    let names = stack.names();
+    while i < list.len() {
+        let ld = list[i].clone();
+        i += 1;
         let layer = stack.layer(ld.layer);
-        let path = ld.path.join(name);
-        let Some(st) = stat_in(layer.root(), &path)? else { continue };
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        let (path, stop, below) = match &target {
+            Target::Rel(n) => {
+                check_component(n)?;
+                (ld.path.join(n), false, None)
+            }
+            Target::Abs(p) => match walk_ancestors(stack, layer, p)? {
+                Walk::Missing { below } => {
+                    target = Target::Abs(below);
+                    continue;
+                }
+                Walk::Blocked => break,
+                Walk::Open { stop, below } => (p.clone(), stop, Some(below)),
+            },
+        };
+        let Some(mut p) = Probe::open(layer.root(), &path)? else {
+            // An opaque ancestor stops the layers below, unless a metacopy file is found here.
+            if stop {
+                break;
+            }
+            if let Some(b) = below {
+                target = Target::Abs(b);
+            }
+            continue;
+        };
+        let st = p.st;
+        if is_whiteout_stat(&st) || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             break;
         }
-        if has_xattr(layer.root(), &path, &stack.names().metacopy)? {
-            continue;
+        let xwhiteouts = ld.xwhiteouts && matches!(target, Target::Rel(_));
+        if xwhiteouts && st.st_size == 0 && p.xattr(&names.whiteout)?.is_some() {
+            break;
         }
-        return Ok(LowerObject { layer: ld.layer, path, stat: st });
+        let reads = reads_redirect(stack, Some(ld.layer), i < list.len());
+        match metacopy_redirect(stack, &mut p, &path, reads)? {
+            None => return Ok(LowerObject { layer: ld.layer, path, stat: st }),
+            Some(redirect) => (list, i, target) = advance(stack, list, i, ld.layer, target, below, redirect),
+        }
     }
-    Err(ovl_core::Error::corrupt(format!("metacopy file {name:?} has no lower data")))
+    Err(ovl_core::Error::corrupt(format!("metacopy file {meta_path:?} has no lower data")))
 }
 
-fn has_xattr(root: std::os::fd::BorrowedFd<'_>, path: &Path, key: &std::ffi::CStr) -> Result<bool> {
-    let (pfd, name) = sys::open_parent(root, path)?;
-    Ok(sys::get_xattr(&pfd, Some(&name), key)?.is_some())
+/// For a regular file carrying `overlay.metacopy`, its redirect (`Some(None)` when it has none
+/// or the kernel would not read it, see [`reads_redirect`]); `None` for any other object.
+/// Fails as the kernel does: `EIO` for a metacopy value too short to be one, `EINVAL` for a
+/// redirect it refuses, `EPERM` when the options do not follow metacopy files (`metacopy=off`)
+/// or redirects (`redirect_dir=nofollow`). A redirect on a file that is not metacopy (one whose
+/// data was copied up after a rename) is never read.
+fn metacopy_redirect(stack: &LayerStack, p: &mut Probe, path: &Path, reads: bool) -> Result<Option<Option<Target>>> {
+    if FileType::from_raw_mode(p.st.st_mode) != FileType::RegularFile {
+        return Ok(None);
+    }
+    let Some(meta) = p.xattr(&stack.names().metacopy)? else { return Ok(None) };
+    if (1..4).contains(&meta.len()) {
+        return Err(ovl_core::Error::corrupt(format!("overlay.metacopy of {path:?} is too short")));
+    }
+    let redirect = if reads { read_redirect(stack, p, path)? } else { None };
+    refuse_unfollowed(stack, redirect.is_some(), path)?;
+    if !stack.options().metacopy {
+        return Err(ovl_core::Error::new(Errno::PERM).context(format!("metacopy file {path:?} without metacopy=on")));
+    }
+    Ok(Some(redirect))
 }
 
-/// Where the layers below look for a name: joined to the parent's lower dirs (possibly renamed,
-/// after a relative redirect), or from each layer's root (after an absolute one).
-#[derive(Debug, Clone)]
-enum Target {
-    Rel(std::ffi::OsString),
-    Abs(PathBuf),
+/// The redirect of a directory the kernel reads it of ([`reads_redirect`]); `EPERM` with
+/// `redirect_dir=nofollow`.
+fn dir_redirect(stack: &LayerStack, p: &mut Probe, path: &Path) -> Result<Option<Target>> {
+    let redirect = read_redirect(stack, p, path)?;
+    refuse_unfollowed(stack, redirect.is_some(), path)?;
+    Ok(redirect)
+}
+
+/// The kernel refuses a lookup that would follow a redirect when the options say `nofollow`.
+fn refuse_unfollowed(stack: &LayerStack, has_redirect: bool, path: &Path) -> Result<()> {
+    if has_redirect && !follows(stack) {
+        return Err(ovl_core::Error::new(Errno::PERM).context(format!("redirect on {path:?} with nofollow")));
+    }
+    Ok(())
+}
+
+/// True unless the options say `redirect_dir=nofollow`. `off` follows: the kernel's default
+/// configuration (`CONFIG_OVERLAY_FS_REDIRECT_ALWAYS_FOLLOW`) turns it into `follow`.
+fn follows(stack: &LayerStack) -> bool {
+    stack.options().redirect_dir != ovl_core::RedirectDir::NoFollow
+}
+
+/// Whether the kernel reads the redirect of an object met in `layer` (`None`: the upper layer).
+/// Following redirects, it reads them everywhere but in the bottom layer, below which there is
+/// nothing to follow them into. With `nofollow` it reads them (and then refuses the lookup)
+/// only where lower dirs are left in the parent's list (`more`).
+fn reads_redirect(stack: &LayerStack, layer: Option<LayerId>, more: bool) -> bool {
+    if !follows(stack) {
+        return more;
+    }
+    layer.is_none() || layer != stack.lowers().last().map(|l| l.id())
+}
+
+/// The `overlay.redirect` of the object `p` at `path`, parsed as the kernel does (see
+/// [`crate::redirect`]); a value the kernel refuses fails the lookup with `EINVAL`.
+fn read_redirect(stack: &LayerStack, p: &mut Probe, path: &Path) -> Result<Option<Target>> {
+    let Some(v) = p.xattr(&stack.names().redirect)? else { return Ok(None) };
+    redirect::parse(&v).map(Some).map_err(|e| {
+        ovl_core::Error::new(e)
+            .context(format!("invalid overlay.redirect {:?} on {path:?}", String::from_utf8_lossy(&v)))
+    })
 }
 
 /// What lies on the way to an absolute path in one layer.
@@ -316,7 +432,8 @@ enum Walk {
 
 /// Checks the ancestors of `path` (not `path` itself) in `layer`, the way the kernel walks an
 /// absolute redirect through one layer: the walk stays on `path` in this layer, while each
-/// redirect on the way rewrites what the layers below look for.
+/// redirect on the way rewrites what the layers below look for. Reaching a component the
+/// kernel refuses (`.`, `..`, empty) fails with `EACCES`, as in the kernel.
 fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> Result<Walk> {
     let mut cur = PathBuf::new();
     let mut below = PathBuf::new();
@@ -326,7 +443,9 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
         Some((l, a)) => (l.as_os_str(), a),
         None => return Ok(Walk::Open { stop, below }),
     };
+    let reads = reads_redirect(stack, Some(layer.id()), true);
     for (i, c) in ancestors.iter().enumerate() {
+        check_component(c.as_os_str())?;
         cur.push(c);
         let Some(st) = stat_in(layer.root(), &cur)? else {
             for rest in &ancestors[i..] {
@@ -339,12 +458,16 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
             return Ok(Walk::Blocked);
         }
         let Some(mut p) = Probe::open(layer.root(), &cur)? else { return Ok(Walk::Blocked) };
+        if !reads {
+            below.push(c);
+            continue;
+        }
         if Opaque::from_value(p.xattr(&stack.names().opaque)?.as_deref()) == Opaque::Yes {
             stop = true;
             below.push(c);
             continue;
         }
-        match redirect_of(stack, &mut p, &cur)? {
+        match dir_redirect(stack, &mut p, &cur)? {
             Some(Target::Abs(r)) => {
                 stop = false;
                 below = r;
@@ -353,6 +476,7 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
             None => below.push(c),
         }
     }
+    check_component(last)?;
     below.push(last);
     Ok(Walk::Open { stop, below })
 }
@@ -365,61 +489,6 @@ fn root_lowers(stack: &LayerStack, after: Option<LayerId>) -> Vec<LowerDir> {
         .filter(|l| after.is_none_or(|a| l.id() > a))
         .map(|l| LowerDir { layer: l.id(), path: PathBuf::new(), xwhiteouts: false })
         .collect()
-}
-
-/// The longest redirect we accept (the kernel reads at most a path's worth).
-pub const MAX_REDIRECT: usize = 4096;
-
-/// True when `v` is an `overlay.redirect` value lookup follows: a single name (relative: same
-/// parent), or `/a/b` whose every component is a plain name (absolute, from the root of the
-/// layers below), at most [`MAX_REDIRECT`] bytes. Anything else fails the lookup with `EIO`.
-pub fn redirect_is_valid(v: &[u8]) -> bool {
-    parse_redirect(v).is_some()
-}
-
-/// The `overlay.redirect` of `name` in `dir`, when the mount follows redirects. A value that is
-/// not a valid name or absolute path is corrupt (`EIO`): it can never point outside the layer,
-/// since every component must be a plain name and paths are opened beneath the layer root.
-fn redirect_of(stack: &LayerStack, p: &mut Probe, path: &Path) -> Result<Option<Target>> {
-    use ovl_core::RedirectDir;
-    if matches!(stack.options().redirect_dir, RedirectDir::Off | RedirectDir::NoFollow) {
-        return Ok(None);
-    }
-    let Some(v) = p.xattr(&stack.names().redirect)? else { return Ok(None) };
-    parse_redirect(&v).map(Some).ok_or_else(|| {
-        ovl_core::Error::corrupt(format!("invalid overlay.redirect {:?} on {path:?}", String::from_utf8_lossy(&v)))
-    })
-}
-
-/// Parses an untrusted `overlay.redirect` value: `Some((absolute, path))` for a single plain name
-/// (relative) or `/a/b` (absolute, from the layer root), `None` for anything else (empty, `.` or
-/// `..` components, NUL bytes, too long). A path it returns never leaves a layer root.
-pub fn parse_redirect_value(v: &[u8]) -> Option<(bool, PathBuf)> {
-    match parse_redirect(v)? {
-        Target::Abs(p) => Some((true, p)),
-        Target::Rel(n) => Some((false, PathBuf::from(n))),
-    }
-}
-
-/// Parses a redirect: a single name (relative) or `/a/b` (absolute, from the layer root).
-fn parse_redirect(v: &[u8]) -> Option<Target> {
-    use std::os::unix::ffi::OsStrExt;
-    let ok = |c: &[u8]| !c.is_empty() && c != b"." && c != b".." && !c.contains(&0) && !c.contains(&b'/');
-    if v.is_empty() || v.len() > MAX_REDIRECT {
-        return None;
-    }
-    if let Some(rest) = v.strip_prefix(b"/") {
-        let mut p = PathBuf::new();
-        for c in rest.split(|b| *b == b'/') {
-            if !ok(c) {
-                return None;
-            }
-            p.push(OsStr::from_bytes(c));
-        }
-        (!p.as_os_str().is_empty()).then_some(Target::Abs(p))
-    } else {
-        ok(v).then(|| Target::Rel(OsStr::from_bytes(v).to_os_string()))
-    }
 }
 
 /// True when a lower layer of `parent` has a positive entry (not a whiteout) named `name`:
@@ -458,19 +527,4 @@ pub(crate) fn is_xwhiteout(
     }
     let (pfd, name) = sys::open_parent(root, path)?;
     Ok(sys::get_xattr(&pfd, Some(&name), &stack.names().whiteout)?.is_some())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirects_are_plain_names_or_clean_absolute_paths() {
-        assert!(matches!(parse_redirect(b"b"), Some(Target::Rel(n)) if n == "b"));
-        assert!(matches!(parse_redirect(b"/a/b"), Some(Target::Abs(p)) if p == Path::new("a/b")));
-        for bad in [&b""[..], b"/", b"..", b".", b"/a/../../etc", b"/a//b", b"a/b", b"/a/./b", b"x\0y", b"/etc/"] {
-            assert!(parse_redirect(bad).is_none(), "{:?} must be refused", String::from_utf8_lossy(bad));
-        }
-        assert!(parse_redirect(&vec![b'a'; 5000]).is_none());
-    }
 }

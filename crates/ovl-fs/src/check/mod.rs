@@ -15,12 +15,12 @@
 //! | `orphan-whiteout` | fixable | a whiteout whose name no layer below shows |
 //! | `whiteout-in-opaque-dir` | fixable | a whiteout in an opaque dir (hides nothing; listed) |
 //! | `stale-work-entry` | fixable | a half-made object left in `WORKDIR/work` |
-//! | `redirect-malformed` | error | not a name or an absolute path of names (lookup fails, `EIO`) |
+//! | `redirect-malformed` | error | not a name or an absolute path of names (lookup fails: `EINVAL`, `EACCES` for `.`/`..`) |
 //! | `redirect-dangling` | warning | nothing below where it points: merges nothing |
 //! | `redirect-loop` | error | merges the lower dir an ancestor already shows |
 //! | `redirect-duplicate` | error | merges a lower dir that also shows elsewhere |
 //! | `redirect-on-non-dir` | error | on a symlink, device, fifo or socket |
-//! | `redirect-not-followed` | warning | the options do not follow redirects |
+//! | `redirect-not-followed` | warning | `redirect_dir=nofollow`: the kernel refuses such lookups (`EPERM`) |
 //! | `origin-corrupt` | error | `overlay.origin` is not a valid file handle |
 //! | `origin-stale`, `origin-foreign` | warning | names a deleted object / no lower fs: ignored (dirs: only with `index=on`) |
 //! | `metacopy-no-data` | error | a metadata-only copy with no data below (lookup fails, `EIO`) |
@@ -78,9 +78,8 @@ pub fn check_options(opts: &MountOptions, repair: bool) -> std::result::Result<R
     if opts.upperdir.is_none() || opts.workdir.is_none() {
         return Err(CheckError::NoUpper);
     }
-    let mut opts = opts.clone();
-    opts.read_only = true;
-    let stack = LayerStack::open(&opts)?;
+    // A mount would refuse a work dir marked incompatible; the check reports the marker instead.
+    let stack = LayerStack::open_to_check(opts)?;
     let upper = stack.upper().ok_or(CheckError::NoUpper)?;
     let work = upper.workdir().join("work");
     let users = users_of(&[upper.layer().path(), upper.workdir(), &work]);

@@ -25,7 +25,7 @@ pub fn check_upper(stack: &LayerStack) -> Result<Report> {
         stack,
         root: upper.root(),
         top: upper.path().to_path_buf(),
-        follows: matches!(stack.options().redirect_dir, RedirectDir::On | RedirectDir::Follow),
+        follows: stack.options().redirect_dir != RedirectDir::NoFollow,
         report: Report::default(),
         redirected: HashMap::new(),
     };
@@ -49,7 +49,8 @@ struct Walker<'a> {
     root: BorrowedFd<'a>,
     /// The layer's path, to name objects in findings.
     top: PathBuf,
-    /// The options follow redirects (`redirect_dir=on` or `follow`).
+    /// The options follow redirects (all but `redirect_dir=nofollow`; `off` follows, as in the kernel's
+    /// default configuration).
     follows: bool,
     report: Report,
     /// Lower dirs merged into a redirected dir, and where: each may show at one place only.
@@ -267,8 +268,8 @@ impl Walker<'_> {
         let redirect = if opaque { None } else { obj.get(&names.redirect)? };
         if let Some(v) = &redirect {
             if !self.follows {
-                let detail = "overlay.redirect is not followed with these options (redirect_dir=off or nofollow): \
-                              the directory shows without its lower part (nofollow: the kernel refuses it)";
+                let detail = "overlay.redirect is not followed with these options (redirect_dir=nofollow): the \
+                              kernel refuses the lookup (EPERM) where lower layers are left to look in";
                 self.finding(Severity::Warning, "redirect-not-followed", &obj.path, detail);
             } else if !ovl_lookup::redirect_is_valid(v) {
                 self.bad_redirect(&obj.path, v);
@@ -301,14 +302,11 @@ impl Walker<'_> {
     }
 
     fn bad_redirect(&mut self, path: &Path, v: &[u8]) {
-        let detail = if v.len() > ovl_lookup::MAX_REDIRECT {
-            format!("overlay.redirect is {} bytes, longer than a path may be: the lookup fails (EIO)", v.len())
-        } else {
-            format!(
-                "overlay.redirect {:?} is neither a name nor an absolute path of names: the lookup fails (EIO)",
-                String::from_utf8_lossy(v)
-            )
+        let why = match ovl_lookup::redirect_error(v) {
+            Some(Errno::ACCESS) => "has a `.`, `..` or empty component: the lookup fails (EACCES)",
+            _ => "is neither a name nor an absolute path of names: the lookup fails (EINVAL)",
         };
+        let detail = format!("overlay.redirect {:?} {why}", String::from_utf8_lossy(v));
         self.finding(Severity::Error, "redirect-malformed", path, detail);
     }
 
@@ -382,11 +380,12 @@ impl Walker<'_> {
     }
 }
 
-/// The view path a redirect on the dir at `path` points to.
+/// The view path a (valid) redirect on the dir at `path` points to.
 fn redirect_target(path: &Path, v: &[u8]) -> PathBuf {
-    match v.strip_prefix(b"/") {
-        Some(abs) => PathBuf::from(OsStr::from_bytes(abs)),
-        None => path.parent().unwrap_or(Path::new("")).join(OsStr::from_bytes(v)),
+    match ovl_lookup::parse_redirect_value(v) {
+        Some((true, abs)) => abs,
+        Some((false, name)) => path.parent().unwrap_or(Path::new("")).join(name),
+        None => path.to_path_buf(),
     }
 }
 
@@ -412,9 +411,8 @@ fn resolve(stack: &LayerStack, mut dir: DirLayers, path: &Path) -> Result<Option
 /// absolute: from the root of every lower layer), else by its name.
 fn metacopy_data(stack: &LayerStack, layers: &DirLayers, name: &OsStr, redirect: Option<&[u8]>) -> Result<bool> {
     let below = |lowers: Vec<LowerDir>| DirLayers { upper: None, lowers };
-    let (dir, name) = match redirect {
-        Some(abs) if abs.starts_with(b"/") => {
-            let path = Path::new(OsStr::from_bytes(&abs[1..]));
+    let (dir, name) = match redirect.and_then(ovl_lookup::parse_redirect_value) {
+        Some((true, path)) => {
             let (Some(parent), Some(leaf)) = (path.parent(), path.file_name()) else { return Ok(false) };
             let roots = stack
                 .lowers()
@@ -428,18 +426,26 @@ fn metacopy_data(stack: &LayerStack, layers: &DirLayers, name: &OsStr, redirect:
             match resolve(stack, below(roots), parent) {
                 Ok(Some(dir)) => (dir, leaf.to_os_string()),
                 Ok(None) => return Ok(false),
-                Err(e) if e.errno() == Errno::IO => return Ok(false),
+                Err(e) if lookup_fails(e.errno()) => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
-        Some(rel) => (below(layers.lowers.clone()), OsStr::from_bytes(rel).to_os_string()),
+        Some((false, rel)) => (below(layers.lowers.clone()), rel.into_os_string()),
         None => (below(layers.lowers.clone()), name.to_os_string()),
     };
     match ovl_lookup::lookup(stack, &dir, &name) {
         Ok(Some(e)) => Ok(e.kind == FileType::RegularFile),
         Ok(None) => Ok(false),
-        // A lower metacopy file without data of its own.
-        Err(e) if e.errno() == Errno::IO => Ok(false),
+        // A lower metacopy file (or a dir on the way) the options refuse to follow: the
+        // warnings about the options say so.
+        Err(e) if e.errno() == Errno::PERM => Ok(true),
+        // A lower metacopy file without data of its own, or a bad redirect on the way.
+        Err(e) if lookup_fails(e.errno()) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// The errnos with which the kernel's lookup refuses what it finds in the layers.
+fn lookup_fails(e: Errno) -> bool {
+    matches!(e, Errno::IO | Errno::INVAL | Errno::ACCESS)
 }
