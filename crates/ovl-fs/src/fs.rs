@@ -76,6 +76,9 @@ pub struct OverlayFs {
     /// unlink, rmdir) hold it exclusive while they change the layers and the table. It is taken
     /// once per request, before the change hook's gate.
     pub(crate) ns: RwLock<()>,
+    /// Tells the kernel to drop cached attributes, once the session is up (see
+    /// [`OverlayFs::notifier_slot`]).
+    pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 impl OverlayFs {
@@ -109,6 +112,7 @@ impl OverlayFs {
             hook: None,
             hidden: Vec::new(),
             ns: RwLock::new(()),
+            notifier: Arc::default(),
         })
     }
 
@@ -182,6 +186,26 @@ impl OverlayFs {
     pub(crate) fn hook_rename(&self, from: (&Node, &OsStr), to: (&Node, &OsStr), exchange: bool) -> Result<()> {
         let Some((h, _)) = self.hook_generation() else { return Ok(()) };
         h.before_rename(&self.path_of(from.0)?.join(from.1), &self.path_of(to.0)?.join(to.1), exchange)
+    }
+
+    /// Where the mount puts the session's notifier once the session exists (the filesystem
+    /// moves into the session, so it cannot be given one before).
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Makes the kernel drop the cached attributes of `ids`. For a change the kernel does not
+    /// expect: a rename that fails in the upper layer after changing it (ext4 restores the
+    /// source entry of a failed `RENAME_WHITEOUT`, which updates the source dir's times). Only
+    /// attributes (offset -1): no page is locked, so it is safe while the kernel waits on us.
+    pub(crate) fn forget_attrs(&self, ids: &[u64]) {
+        if let Some(n) = self.notifier.get() {
+            for id in ids {
+                if let Err(e) = n.inval_inode(INodeNo(*id), -1, 0) {
+                    tracing::debug!(id, %e, "attribute invalidation not sent");
+                }
+            }
+        }
     }
 
     /// The layer stack being served.

@@ -113,7 +113,9 @@ impl Mount {
         let stack = LayerStack::open(opts)?;
         let read_only = opts.is_read_only();
         let fs = OverlayFs::new(stack).context("reading the layer roots")?;
+        let notifier = fs.notifier_slot();
         let session = mount_session(fs, &mountpoint, source, "fuse.ovlfs", read_only)?;
+        let _ = notifier.set(session.notifier());
         Ok(Self { session, mountpoint })
     }
 

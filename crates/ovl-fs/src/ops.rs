@@ -197,7 +197,11 @@ impl Filesystem for OverlayFs {
             let p = tri!(reply, self.node(parent));
             let np = tri!(reply, self.node(newparent));
             let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
-            tri!(reply, self.do_rename(&p, name, &np, newname, flags));
+            let r = self.do_rename(&p, name, &np, newname, flags);
+            if r.is_err() {
+                self.forget_attrs(&[p.id, np.id]);
+            }
+            tri!(reply, r);
             reply.ok();
         });
     }

@@ -144,7 +144,9 @@ pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).with_context(|| format!("binding the control socket {sock:?}"))?;
     let source = status.live.display().to_string();
+    let notifier = fs.notifier_slot();
     let session = ovl_fs::mount::mount_session(fs, &status.mount, &source, FSTYPE, false)?;
+    let _ = notifier.set(session.notifier());
     {
         let (snapper, status) = (snapper.clone(), status.clone());
         std::thread::spawn(move || control::serve(listener, snapper, status));

@@ -52,6 +52,11 @@ pub struct SnapFs {
 
 impl SnapFs {
     /// The live overlay `live` (built with the snapshot hook) and the views.
+    /// The live overlay's notifier slot (see `OverlayFs::notifier_slot`).
+    pub(crate) fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.live.notifier_slot()
+    }
+
     pub(crate) fn new(live: OverlayFs, views: Arc<Views>) -> Self {
         Self { live, views }
     }
