@@ -69,6 +69,8 @@ pub struct OverlayFs {
     pub(crate) hook: Option<Arc<dyn ChangeHook>>,
     /// Names in the root dir that do not exist for the mount's users.
     pub(crate) hidden: Vec<OsString>,
+    /// How open files are served: by the daemon or passed through (`crate::passthrough`).
+    pub(crate) passthrough: crate::passthrough::Passthrough,
 }
 
 impl OverlayFs {
@@ -99,6 +101,7 @@ impl OverlayFs {
             ttl: Duration::from_secs(1),
             hook: None,
             hidden: Vec::new(),
+            passthrough: Default::default(),
         })
     }
 
