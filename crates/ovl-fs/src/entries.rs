@@ -86,7 +86,10 @@ impl OverlayFs {
             return Err(Errno::PERM.into());
         }
         let cname = sys::name_cstr(name)?;
-        if sys::lstat_at(self.upper_dir(parent)?.1, &cname).is_ok_and(|st| !is_whiteout_stat(&st)) {
+        // A hook is told only of creates that will happen; without one, the check below does.
+        if self.hook.is_some()
+            && sys::lstat_at(self.upper_dir(parent)?.1, &cname).is_ok_and(|st| !is_whiteout_stat(&st))
+        {
             return Err(Errno::EXIST.into());
         }
         self.hook_create(parent, name)?;
@@ -309,7 +312,8 @@ impl OverlayFs {
             let (_, players) = self.dir_of(parent)?;
             ovl_lookup::lower_has_name(&self.stack, &players, name)?
         };
-        let (ppath, _) = self.upper_dir(parent)?;
+        self.ensure_upper(parent)?;
+        let ppath = self.path_of(parent)?;
         self.hook_remove(parent, name)?;
         match (in_upper, needs_whiteout) {
             (true, true) => ovl_copyup::replace_with_whiteout(&self.stack, &ppath, &cname)?,

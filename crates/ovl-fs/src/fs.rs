@@ -79,6 +79,8 @@ pub struct OverlayFs {
     /// Tells the kernel to drop cached attributes, once the session is up (see
     /// [`OverlayFs::notifier_slot`]).
     pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// How open files are served: by the daemon or passed through (`crate::passthrough`).
+    pub(crate) passthrough: crate::passthrough::Passthrough,
 }
 
 impl OverlayFs {
@@ -113,6 +115,7 @@ impl OverlayFs {
             hidden: Vec::new(),
             ns: RwLock::new(()),
             notifier: Arc::default(),
+            passthrough: Default::default(),
         })
     }
 

@@ -27,6 +27,7 @@ pub mod hook;
 mod inode;
 pub mod mount;
 mod ops;
+mod passthrough;
 mod xattrs;
 
 pub use fs::OverlayFs;

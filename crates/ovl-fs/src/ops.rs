@@ -15,6 +15,7 @@ use ovl_core::Error;
 
 use crate::data::SetAttr;
 use crate::fs::OverlayFs;
+use crate::passthrough::IoMode;
 
 /// The errno a FUSE reply carries for `e`; unexpected errors are logged.
 fn errno(e: Error) -> FuseErrno {
@@ -64,6 +65,7 @@ impl Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let want = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
         let _ = config.add_capabilities(want & config.capabilities());
+        self.negotiate_passthrough(config);
         Ok(())
     }
 
@@ -224,8 +226,14 @@ impl Filesystem for OverlayFs {
             let fh = tri!(reply, self.do_open(&node, flags.0));
             // Every change reaches the files through this mount, so the kernel's page cache of
             // an inode stays right across opens (and across a copy-up, which keeps contents).
-            // Our flush does nothing, so the kernel need not send it.
-            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH);
+            // Our flush does nothing, so the kernel need not send it. A passthrough open must
+            // not keep the cache (the kernel refuses it).
+            match self.passthrough_open(&node, fh, |fd| reply.open_backing(fd)) {
+                IoMode::Passthrough(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id),
+                IoMode::Cached => {
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH)
+                }
+            }
         });
     }
 
@@ -282,6 +290,7 @@ impl Filesystem for OverlayFs {
     ) {
         guarded("release", || {
             self.do_release(fh.0);
+            self.passthrough_release(fh.0);
             reply.ok();
         });
     }
@@ -434,7 +443,12 @@ impl Filesystem for OverlayFs {
             let p = tri!(reply, self.node(parent));
             let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, req.uid(), req.gid()));
             let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
-            reply.created(&self.ttl, &self.attr(&node, &st), Generation(0), FileHandle(fh), FopenFlags::FOPEN_NOFLUSH);
+            let attr = self.attr(&node, &st);
+            let (ttl, fh, noflush) = (&self.ttl, FileHandle(fh), FopenFlags::FOPEN_NOFLUSH);
+            match self.passthrough_open(&node, fh.0, |fd| reply.open_backing(fd)) {
+                IoMode::Passthrough(id) => reply.created_passthrough(ttl, &attr, Generation(0), fh, noflush, &id),
+                IoMode::Cached => reply.created(ttl, &attr, Generation(0), fh, noflush),
+            }
         });
     }
 

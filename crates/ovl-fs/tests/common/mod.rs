@@ -186,6 +186,11 @@ impl MountGuard {
     /// then waits until the mount shows in `/proc/self/mountinfo`. Panics on failure with the
     /// reason (and the daemon's output for ovlfs).
     pub fn mount(backend: Backend, layers: &Layers, extra: &str, mnt: &Path) -> MountGuard {
+        Self::mount_env(backend, layers, extra, mnt, &[])
+    }
+
+    /// [`MountGuard::mount`] with extra environment variables for the ovlfs daemon.
+    pub fn mount_env(backend: Backend, layers: &Layers, extra: &str, mnt: &Path, env: &[(&str, &str)]) -> MountGuard {
         let mnt = fs::canonicalize(mnt).expect("mount point exists");
         let opts = layers.mount_options(extra);
         let mut guard =
@@ -204,6 +209,7 @@ impl MountGuard {
                     .arg("-o")
                     .arg(&opts)
                     .arg(&guard.mnt)
+                    .envs(env.iter().copied())
                     .stdin(Stdio::null())
                     .stdout(out.try_clone().unwrap())
                     .stderr(out)
@@ -265,6 +271,11 @@ impl MountGuard {
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
         format!("--- ovlfs output ({}) ---\n{tail}", log.display())
+    }
+
+    /// Everything the daemon wrote so far (empty for a kernel mount).
+    pub fn log_text(&self) -> String {
+        self.log.as_ref().map(|log| fs::read_to_string(log).unwrap_or_default()).unwrap_or_default()
     }
 
     /// The pid of the ovlfs daemon (`None` for a kernel mount).
