@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use crate::cmd::header;
 
 /// Every target in fuzz/Cargo.toml.
-pub const TARGETS: &[&str] = &["origin", "redirect", "store_meta", "stream"];
+pub const TARGETS: &[&str] = &["origin", "redirect", "store_meta", "stream", "layer_values"];
 
 /// Runs `targets` (all when empty) for `secs` seconds each.
 pub fn run(secs: u64, targets: &[String]) -> Result<()> {
