@@ -28,6 +28,33 @@ pub(crate) fn restore_dir_times(dir: BorrowedFd<'_>, st: &Stat) {
     let _ = sys::set_times(dir, &times_of(st));
 }
 
+/// The whiteout kept in the work dir that new whiteouts are hard links of, as the kernel keeps
+/// one: a link is one directory entry, while `mknod` makes an inode (0.5 ms each on the ext4
+/// here, against 13 us for a link). The next mount removes it with the other work entries.
+pub const SHARED_WHITEOUT: &CStr = c"#ovl.whiteout";
+
+/// Makes a whiteout `tmp` in the work dir: a link of the shared whiteout, made first if missing
+/// and made anew when it has reached the filesystem's link limit; a plain `mknod` when linking
+/// fails otherwise.
+fn whiteout_in_work(work: BorrowedFd<'_>, tmp: &CStr) -> Result<()> {
+    for _ in 0..3 {
+        match rustix::fs::linkat(work, SHARED_WHITEOUT, work, tmp, AtFlags::empty()) {
+            Ok(()) => return Ok(()),
+            Err(e @ (Errno::NOENT | Errno::MLINK)) => {
+                let fresh = temp_name();
+                make_whiteout(work, &fresh)?;
+                // A racing thread may have made one first; either is fine.
+                let flags = if e == Errno::NOENT { RenameFlags::NOREPLACE } else { RenameFlags::empty() };
+                if rustix::fs::renameat_with(work, &fresh, work, SHARED_WHITEOUT, flags).is_err() {
+                    let _ = rustix::fs::unlinkat(work, &fresh, AtFlags::empty());
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    make_whiteout(work, tmp)
+}
+
 /// Creates a whiteout at `upper_parent/name`, where nothing exists in the upper layer yet. Like
 /// the kernel, it is made in the work dir and renamed into place, so it never inherits a
 /// set-group-ID parent's group.
@@ -47,7 +74,7 @@ fn put_whiteout<'a>(
     let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
     let work = upper.work();
     let tmp = temp_name();
-    make_whiteout(work, &tmp)?;
+    whiteout_in_work(work, &tmp)?;
     if let Err(e) = rustix::fs::renameat_with(work, &tmp, &dir, name, flags) {
         let _ = rustix::fs::unlinkat(work, &tmp, AtFlags::empty());
         return Err(e.into());

@@ -162,10 +162,12 @@ fn entries(dir: &OwnedFd, rel: &str) -> Result<Option<Vec<sys::RawEntry>>> {
 }
 
 /// The kernel keeps one whiteout in `WORKDIR/work` (named `#` and a hex number) to hard-link
-/// whiteouts from, and leaves it there at unmount; its next mount removes it.
+/// whiteouts from, and leaves it there at unmount; its next mount removes it. ovlfs keeps one
+/// too (`ovl_copyup::SHARED_WHITEOUT`).
 fn is_kernel_whiteout_cache(workdir: &OwnedFd, name: &std::ffi::OsStr) -> Result<bool> {
     let b = name.as_encoded_bytes();
-    let named = b.len() > 1 && b[0] == b'#' && b[1..].iter().all(u8::is_ascii_hexdigit);
+    let named = (b.len() > 1 && b[0] == b'#' && b[1..].iter().all(u8::is_ascii_hexdigit))
+        || b == ovl_copyup::SHARED_WHITEOUT.to_bytes();
     if !named {
         return Ok(false);
     }
