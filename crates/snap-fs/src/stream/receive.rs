@@ -446,6 +446,21 @@ impl Staged {
         Ok(())
     }
 
+    /// Gives the staged objects their metadata before they are renamed into place, so none shows
+    /// under its name with the stage's mode or owner (they are set again after the rename, for
+    /// objects copied instead). Children first. Directories only as root: a non-root receive
+    /// could lose the right to move children out of a staged directory it has made read-only.
+    fn premeta(&self, tree: BorrowedFd<'_>) -> anyhow::Result<()> {
+        let root = rustix::process::geteuid().is_root();
+        for (p, item) in self.entries.iter().rev() {
+            if item.kind != Kind::Dir || root {
+                let (dir, name) = sys::open_parent(tree, p)?;
+                set_meta(dir.as_fd(), &name, item).with_context(|| format!("staging /{}", p.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Applies the staged stream to `root`: whiteouts, opaque markers, objects (renamed from
     /// `tree`, or copied across filesystems) with their metadata, then times.
     fn apply(&self, root: BorrowedFd<'_>, tree: BorrowedFd<'_>, step: &dyn Fn()) -> anyhow::Result<u64> {
@@ -469,6 +484,9 @@ impl Staged {
             n += 1;
         }
         let mut copy = rustix::fs::fstat(tree)?.st_dev != rustix::fs::fstat(root)?.st_dev;
+        if !copy {
+            self.premeta(tree)?;
+        }
         let mut moved: Option<&Path> = None;
         for (p, item) in &self.entries {
             let shown = || format!("/{}", p.display());
