@@ -142,7 +142,9 @@ enum Cmd {
         mount: Option<PathBuf>,
     },
     /// Apply a stream from `ovlsnap send` (read from stdin) to directory TARGET. A truncated or
-    /// corrupt stream is refused before TARGET is touched.
+    /// corrupt stream is refused before TARGET is touched. The stream is staged in
+    /// `.ovlsnap-receive.PID` next to TARGET; if a receive was killed, run it again: it finishes
+    /// the job and removes the stage the killed one left.
     #[command(
         after_help = "Examples:\n  ovlsnap receive /backup/data < monday.tar\n  ovlsnap receive /backup/data < monday-tuesday.tar"
     )]

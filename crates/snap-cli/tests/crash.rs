@@ -1,5 +1,5 @@
-//! Crash safety (issue 8): the ovlsnap daemon is killed with SIGKILL at a random instant while
-//! one operation is in flight; the dead mount is detached (`umount -l`) and LIVE mounted again
+//! Crash safety (issue 8): the ovlsnap daemon (or, in two tests, the `ovlsnap` client) is
+//! killed with SIGKILL at a random instant while one operation is in flight; the dead mount is detached (`umount -l`) and LIVE mounted again
 //! with `ovlsnap mount`. Then every snapshot view must equal the tree recorded when it was
 //! taken, LIVE must be the tree from just before or just after the interrupted operation, and
 //! the store must be clean: `work/work` empty, no journal left, `snapshots.json` readable and
@@ -19,7 +19,8 @@
 //! - `take` and `delete` (of a middle or the newest snapshot, merged with many changes): sent
 //!   on the control socket itself, so the kill is timed against the daemon's work and not the
 //!   start of a CLI process;
-//! - `restore` and `receive` (an incremental stream into the mount): the `ovlsnap` command.
+//! - `restore` and `receive` (an incremental stream into the mount): the `ovlsnap` command;
+//!   `restore_client_killed` and `receive_client_killed` kill that command instead of the daemon.
 //!
 //! After the checks each round mounts the newest snapshot with the kernel, makes a change and
 //! checks that the snapshot did not see it; `take` and `delete` also take a new snapshot.
@@ -30,11 +31,12 @@
 //! `delete` leave LIVE as it is and the list is the old one or the new one. `restore` and
 //! `receive` are many ordinary changes made by a client through the mount, multi-step by
 //! design: LIVE may also be in between, provided that running the same command again
-//! finishes the job. Their leftovers: restore's temp files `.ovlsnap-restore.*` may show only
-//! in such an in-between state (the rerun's diff lists them as additions and removes them);
-//! the stage dir `.ovlsnap-receive.PID` a killed receive leaves next to its target is not
-//! part of LIVE for the comparison (a rerun makes its own and cannot know whose the old one
-//! is); the test counts and then removes it.
+//! finishes the job. Their leftovers: restore's temporary names `.ovlsnap-restore.*` (every
+//! object it writes is built under one beside its target, then renamed into place) may show
+//! only in such an in-between state, and after the rerun none may be left anywhere in LIVE;
+//! the stage dir `.ovlsnap-receive.PID` a killed receive leaves next to its target is not part
+//! of LIVE for the comparison, and after the next receive into the same parent (the rerun, or
+//! one into a sibling of the target when the killed one had finished) none may be left.
 //!
 //! The kill instant: a random fraction (from the seed) of a bound that adapts to how long the
 //! operation takes here (a kill that came after the operation had returned shrinks it, a late
@@ -340,34 +342,81 @@ fn delete() {
     });
 }
 
+/// Which process a round kills.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    /// The daemon (the mount is detached and mounted again).
+    Daemon,
+    /// The `ovlsnap` client itself (the daemon serves on).
+    Client,
+}
+
+/// Runs the `ovlsnap` command `args` (stdin from `input`) in a round and kills `who` meanwhile.
+fn crash_command(r: &mut Round, who: Kill, what: &str, args: Vec<OsString>, input: Option<PathBuf>) -> Crash {
+    match who {
+        Kill::Daemon => r.crash(what, move |done| step(done, ovlsnap_step(&args, input.as_deref()))),
+        Kill::Client => {
+            let mut cmd = Command::new(ovlsnap_bin());
+            cmd.args(&args);
+            cmd.stdin(match &input {
+                Some(p) => Stdio::from(File::open(p).expect("open the stream")),
+                None => Stdio::null(),
+            });
+            let crash = r.kill_client(what, cmd);
+            r.settle();
+            crash
+        }
+    }
+}
+
+/// A restore of s1 over many changes, killed. No object of LIVE may be half-made (each is one
+/// of the trees before the restore or of s1, under some name) but under a temporary name; a
+/// rerun must finish the restore, removing every temporary name the killed one left
+/// (`.ovlsnap-restore.*`) anywhere in LIVE.
+fn restore_round(r: &mut Round, who: Kill) -> Outcome {
+    r.start(|live, rng| build_tree(live, rng, 8, 8));
+    let s1 = r.take("s1");
+    churn(&r.mnt(), &mut r.rng, 120);
+    r.take("s2");
+    churn(&r.mnt(), &mut r.rng, 40);
+    let before = record_tree(&r.mnt());
+    let args: Vec<OsString> = vec!["restore".into(), "s1".into(), "--mount".into(), r.mnt().into()];
+    let crash = crash_command(r, who, "ovlsnap restore s1", args.clone(), None);
+    r.check_snapshots();
+    let live = record_tree(&r.mnt());
+    let temps = restore_temps(&live);
+    let state = if diff_trees(&s1, &live).is_empty() {
+        Live::After
+    } else {
+        assert!(crash.done == 0, "restore returned before the kill, but LIVE is not s1");
+        if diff_trees(&before, &live).is_empty() { Live::Before } else { Live::Between }
+    };
+    r.leftovers += temps.len() as u64;
+    let half = half_made(&live, &[&before, &s1]);
+    assert!(half.is_empty(), "half-made objects in LIVE after the kill ({state:?}):\n  {}", half.join("\n  "));
+    if state != Live::After {
+        r.log(format!("LIVE {state:?} with {} temporary name(s) {temps:?}: running the restore again", temps.len()));
+        ovlsnap(&args).expect_ok("ovlsnap restore again after the crash");
+        let again = record_tree(&r.mnt());
+        let left = restore_temps(&again);
+        assert!(left.is_empty(), "temporary names of the killed restore left after the rerun: {left:?}");
+        assert_same_tree(&s1, &again, "LIVE after running the killed restore again");
+        r.check_snapshots();
+    }
+    Outcome { live: state, finished: crash.finished }
+}
+
 #[test]
 fn restore() {
-    run_kind("restore", "restore", Duration::from_millis(300), |r| {
-        r.start(|live, rng| build_tree(live, rng, 8, 8));
-        let s1 = r.take("s1");
-        churn(&r.mnt(), &mut r.rng, 120);
-        r.take("s2");
-        churn(&r.mnt(), &mut r.rng, 40);
-        let before = record_tree(&r.mnt());
-        let args: Vec<OsString> = vec!["restore".into(), "s1".into(), "--mount".into(), r.mnt().into()];
-        let again = args.clone();
-        let crash = r.crash("ovlsnap restore s1", move |done| step(done, ovlsnap_step(&args, None)));
-        r.check_snapshots();
-        let live = record_tree(&r.mnt());
-        let state = if diff_trees(&s1, &live).is_empty() {
-            Live::After
-        } else {
-            assert!(crash.done == 0, "restore returned before the kill, but LIVE is not s1");
-            if diff_trees(&before, &live).is_empty() { Live::Before } else { Live::Between }
-        };
-        if state != Live::After {
-            r.log(format!("LIVE {state:?}: running the restore again"));
-            ovlsnap(&again).expect_ok("ovlsnap restore again after the crash");
-            assert_same_tree(&s1, &record_tree(&r.mnt()), "LIVE after running the killed restore again");
-            r.check_snapshots();
-        }
-        Outcome { live: state, finished: crash.finished }
-    });
+    run_kind("restore", "restore", Duration::from_millis(300), |r| restore_round(r, Kill::Daemon));
+}
+
+// Issue 8: restore wrote a file deleted since the snapshot straight to its final name, so a
+// killed restore left it half-written there until a rerun. Every object is now built under a
+// temporary name beside its target and renamed into place; the rerun removes the temporaries.
+#[test]
+fn restore_client_killed() {
+    run_kind("restore-client", "restore_client_killed", Duration::from_millis(300), |r| restore_round(r, Kill::Client));
 }
 
 /// `ovlsnap send B [--from A]` of `m` into `out`.
@@ -381,9 +430,18 @@ fn send_to(m: &SnapMount, b: &str, from: Option<&str>, out: &Path) {
     assert!(o.status.success(), "ovlsnap send {b}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-#[test]
-fn receive() {
-    // The streams: a full one of snapshot a and an incremental one from a to b.
+/// The streams of the receive rounds: a full one of snapshot a and an incremental one from a to b,
+/// with the trees of a and b.
+struct Streams {
+    full: PathBuf,
+    incr: PathBuf,
+    ta: Tree,
+    tb: Tree,
+    /// Holds the stream files.
+    _src: SnapMount,
+}
+
+fn streams() -> Streams {
     let mut rng = StdRng::seed_from_u64(Config::from_env().seed);
     let mut src = SnapMount::start(Form::Separate, |live| {
         build_tree(live, &mut rng, 10, 10);
@@ -392,6 +450,7 @@ fn receive() {
         }
     });
     src.take(Some("a"));
+    let ta = record_tree(&src.view("a"));
     churn(src.mnt(), &mut rng, 120);
     src.take(Some("b"));
     let tb = record_tree(&src.view("b"));
@@ -400,44 +459,77 @@ fn receive() {
     send_to(&src, "a", None, &full);
     send_to(&src, "b", Some("a"), &incr);
     src.umount();
+    Streams { full, incr, ta, tb, _src: src }
+}
 
-    run_kind("receive", "receive", Duration::from_millis(300), |r| {
-        // Into the mount's root (the stage is outside the mount) or a dir in it (inside).
-        let into_root = r.rng.random_bool(0.5);
-        r.start(|live, rng| {
-            if !into_root {
-                build_tree(live, rng, 2, 3);
-            }
-        });
-        let target = if into_root { r.mnt() } else { r.mnt().join("backup") };
-        ovlsnap_step(&["receive".into(), target.clone().into()], Some(&full)).expect("receive the full stream");
-        r.take("t1");
-        let before = record_tree(&r.mnt());
-        let after = if into_root { tb.clone() } else { graft(&before, Path::new("backup"), &tb) };
-        let args: Vec<OsString> = vec!["receive".into(), target.into()];
-        let again = args.clone();
-        let stream = incr.clone();
-        let crash =
-            r.crash("ovlsnap receive (incremental)", move |done| step(done, ovlsnap_step(&args, Some(&stream))));
+/// An incremental receive into the mount's root or a dir in it, killed. The stage the killed
+/// receive left (inside LIVE when the target is a dir in it) is not part of LIVE for the
+/// comparison. The next receive into the same parent (the rerun, or when the killed one had
+/// finished, a full stream into a sibling of the target) must remove it and leave none.
+fn receive_round(r: &mut Round, s: &Streams, who: Kill) -> Outcome {
+    // Into the mount's root (the stage is outside the mount) or a dir in it (inside).
+    let into_root = r.rng.random_bool(0.5);
+    r.start(|live, rng| {
+        if !into_root {
+            build_tree(live, rng, 2, 3);
+        }
+    });
+    let target = if into_root { r.mnt() } else { r.mnt().join("backup") };
+    let parent = target.parent().unwrap().to_owned();
+    ovlsnap_step(&["receive".into(), target.clone().into()], Some(&s.full)).expect("receive the full stream");
+    r.take("t1");
+    let before = record_tree(&r.mnt());
+    let after = if into_root { s.tb.clone() } else { graft(&before, Path::new("backup"), &s.tb) };
+    let args: Vec<OsString> = vec!["receive".into(), target.into()];
+    let crash = crash_command(r, who, "ovlsnap receive (incremental)", args.clone(), Some(s.incr.clone()));
+    r.check_snapshots();
+    let stages = stages_in(&parent);
+    r.leftovers += stages.len() as u64;
+    let (live, _) = without_stages(&record_tree(&r.mnt()));
+    if !into_root {
+        // Staged on the target's fs: every object is renamed into place complete. (Into the root
+        // the stage is on another fs and objects are copied at their names: a known weakness.)
+        let half = half_made(&live, &[&before, &after]);
+        assert!(half.is_empty(), "half-made objects in LIVE after the kill:\n  {}", half.join("\n  "));
+    }
+    let state = if diff_trees(&after, &live).is_empty() {
+        Live::After
+    } else {
+        assert!(crash.done == 0, "receive returned before the kill, but LIVE is not the stream's tree");
+        if diff_trees(&before, &live).is_empty() { Live::Before } else { Live::Between }
+    };
+    if state != Live::After {
+        r.log(format!("LIVE {state:?}, stages {stages:?}: receiving again"));
+        ovlsnap_step(&args, Some(&s.incr)).expect("receive again after the crash");
+    } else {
+        r.log(format!("LIVE after, stages {stages:?}: a full stream into a sibling"));
+        let sibling = parent.join("sibling");
+        ovlsnap_step(&["receive".into(), sibling.clone().into()], Some(&s.full)).expect("receive into a sibling");
+        assert_same_tree(&s.ta, &record_tree(&sibling), "the sibling after its receive");
+        fs::remove_dir_all(&sibling).expect("remove the sibling");
+    }
+    let left = stages_in(&parent);
+    assert!(left.is_empty(), "stage dirs in {} after the next receive there: {left:?}", parent.display());
+    assert_same_tree(&after, &record_tree(&r.mnt()), "LIVE after the next receive");
+    if state != Live::After {
         r.check_snapshots();
-        let (live, stages) = without_stages(&record_tree(&r.mnt()));
-        r.leftovers += stages.len() as u64;
-        for s in &stages {
-            fs::remove_dir_all(r.mnt().join(s)).expect("remove a stage left by the killed receive");
-        }
-        let state = if diff_trees(&after, &live).is_empty() {
-            Live::After
-        } else {
-            assert!(crash.done == 0, "receive returned before the kill, but LIVE is not the stream's tree");
-            if diff_trees(&before, &live).is_empty() { Live::Before } else { Live::Between }
-        };
-        if state != Live::After {
-            r.log(format!("LIVE {state:?}: receiving again"));
-            ovlsnap_step(&again, Some(&incr)).expect("receive again after the crash");
-            assert_same_tree(&after, &record_tree(&r.mnt()), "LIVE after receiving again");
-            r.check_snapshots();
-        }
-        Outcome { live: state, finished: crash.finished }
+    }
+    Outcome { live: state, finished: crash.finished }
+}
+
+#[test]
+fn receive() {
+    let s = streams();
+    run_kind("receive", "receive", Duration::from_millis(300), |r| receive_round(r, &s, Kill::Daemon));
+}
+
+// Issue 8: a killed `ovlsnap receive` left its stage dir `.ovlsnap-receive.PID` next to the
+// target for good. Each receive now removes the stages there that no live receive holds.
+#[test]
+fn receive_client_killed() {
+    let s = streams();
+    run_kind("receive-client", "receive_client_killed", Duration::from_millis(300), |r| {
+        receive_round(r, &s, Kill::Client)
     });
 }
 

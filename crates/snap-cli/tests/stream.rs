@@ -614,3 +614,72 @@ fn random_changes_round_trip_through_incremental_streams() {
         assert_same(&m.view("s3"), &skip, false, &context("after s0→s3"));
     }
 }
+
+// Issue 8: a killed receive left its stage dir next to the target for good. A receive now
+// removes the stages there that no live receive holds (their `lock` is free, or they have none
+// yet and their process is gone), and never a running receive's.
+#[test]
+fn a_receive_removes_stages_of_dead_receives_and_keeps_live_ones() {
+    use std::process::{Command, Stdio};
+    let s = Scratch::new();
+    let parent = s.mkdir("parent");
+    let stream = s.path().join("one.tar");
+    write(&stream, &archive(&[ustar(b"f", b'0', 0o644, b"", b"data")]));
+    // A receive that runs (it waits for its stream) holds its stage.
+    let mut running = Command::new(ovlsnap_bin())
+        .arg("receive")
+        .arg(parent.join("slow"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ovlsnap receive");
+    let running_stage = parent.join(format!(".ovlsnap-receive.{}", running.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !running_stage.join("lock").exists() {
+        assert!(std::time::Instant::now() < deadline, "the running receive made no locked stage");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+
+    // Made after the running receive swept the parent at its start.
+    // A dead process's stage without a lock (killed right after making it).
+    let dead = Command::new("true").spawn().expect("spawn true");
+    let dead_pid = dead.id();
+    let mut dead = dead;
+    dead.wait().unwrap();
+    let no_lock_dead = parent.join(format!(".ovlsnap-receive.{dead_pid}"));
+    mkdirs(&no_lock_dead.join("tree/a"));
+    write(&no_lock_dead.join("stream"), b"half a stream");
+    // A stage whose lock nobody holds, named after a live process (a reused pid): the lock decides.
+    let me = std::process::id();
+    let free_lock = parent.join(format!(".ovlsnap-receive.{me}.3"));
+    mkdirs(&free_lock.join("tree"));
+    write(&free_lock.join("lock"), b"");
+    // A stage of a live process without a lock yet (one being made now): kept.
+    let being_made = parent.join(format!(".ovlsnap-receive.{me}.4"));
+    mkdirs(&being_made);
+    // Not a stage: kept.
+    write(&parent.join(".ovlsnap-receive.notes"), b"someone's file");
+
+    receive(&parent.join("t"), &stream);
+    assert_eq!(fs::read(parent.join("t/f")).unwrap(), b"data");
+    let mut left = stages_in(&parent);
+    left.sort();
+    let mut want = vec![
+        ".ovlsnap-receive.notes".to_owned(),
+        format!(".ovlsnap-receive.{}", running.id()),
+        format!(".ovlsnap-receive.{me}.4"),
+    ];
+    want.sort();
+    assert_eq!(left, want, "stages after a receive next to them");
+
+    let mut stdin = running.stdin.take().unwrap();
+    stdin.write_all(&fs::read(&stream).unwrap()).unwrap();
+    drop(stdin);
+    let out = running.wait_with_output().unwrap();
+    assert!(out.status.success(), "the running receive: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read(parent.join("slow/f")).unwrap(), b"data");
+    fs::remove_dir(&being_made).unwrap();
+    fs::remove_file(parent.join(".ovlsnap-receive.notes")).unwrap();
+    assert_eq!(stages_in(&parent), Vec::<String>::new(), "stages after both receives");
+}

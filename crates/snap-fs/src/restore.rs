@@ -3,17 +3,21 @@
 //! snapshot, newer ones included, keeps its tree. Each round diffs again and applies what is left,
 //! so a restore interrupted by a kill is finished by running it again.
 //!
-//! Objects come from the snapshot's view (`MNT/.snapshots/NAME`); a replaced file is written next
-//! to its target and renamed over it, so LIVE never shows a half-written file.
+//! Objects come from the snapshot's view (`MNT/.snapshots/NAME`). Every object restore writes
+//! (a file, or a directory with everything below it) is built whole under a temporary name
+//! beside its target ([`TEMP_PREFIX`]`PID.N`), its file data synced, and then renamed into place:
+//! with `RENAME_NOREPLACE` where the name must be free, over the old object where it replaces
+//! one. So LIVE never shows a half-made object under a name of the snapshot. A restore killed
+//! midway may leave such temporary names; they are new since the snapshot, so the next
+//! restore's diff lists them as additions and it removes them before anything else.
 
-use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
-use rustix::fs::{AtFlags, CWD, Timespec, Timestamps};
+use rustix::fs::{AtFlags, CWD, RenameFlags, Timespec, Timestamps};
 
 use crate::diff::Change;
 
@@ -28,6 +32,16 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
         Change::Renamed { path, .. } => path.components().count(),
         _ => 0,
     });
+    // First the leftovers of a restore killed midway, which are no part of the snapshot.
+    for c in changes {
+        let Change::Added { path, .. } = c else { continue };
+        if is_temp(path) {
+            if fs::symlink_metadata(live(path)).is_ok() {
+                remove(&live(path))?;
+            }
+            step(c);
+        }
+    }
     // Moving dirs changes where everything below them is: the next round diffs again.
     let moved = !renames.is_empty();
     for c in renames {
@@ -47,7 +61,8 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
         return Ok(());
     }
     for c in changes {
-        if let Change::Added { path, .. } = c {
+        let Change::Added { path, .. } = c else { continue };
+        if !is_temp(path) {
             if fs::symlink_metadata(live(path)).is_ok() {
                 remove(&live(path))?;
             }
@@ -61,7 +76,7 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
                     remove(&live(at))?;
                 }
                 if live(at).parent().is_some_and(|p| p.is_dir()) {
-                    copy_tree(&snap(path), &live(at))?;
+                    install(&snap(path), &live(at), false)?;
                 }
                 step(c);
             }
@@ -70,11 +85,8 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
                 let dst = fs::symlink_metadata(live(at)).ok();
                 match dst {
                     Some(d) if d.is_dir() && src.is_dir() => copy_meta(&snap(path), &live(at), &src)?,
-                    Some(d) if d.is_dir() => {
-                        remove(&live(at))?;
-                        copy_tree(&snap(path), &live(at))?;
-                    }
-                    _ => replace(&snap(path), &live(at), &src)?,
+                    Some(d) => install(&snap(path), &live(at), !d.is_dir() && !src.is_dir())?,
+                    None => install(&snap(path), &live(at), false)?,
                 }
                 step(c);
             }
@@ -91,26 +103,49 @@ fn remove(p: &Path) -> Result<()> {
         .with_context(|| format!("removing {}", p.display()))
 }
 
-/// Puts a copy of `src` (not a dir) at `dst`, atomically replacing what is there.
-fn replace(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<()> {
-    if meta.is_dir() {
-        if fs::symlink_metadata(dst).is_ok() {
-            remove(dst)?;
-        }
-        return copy_tree(src, dst);
-    }
-    let name = dst.file_name().context("no file name")?;
-    let mut tmp_name = b".ovlsnap-restore.".to_vec();
-    tmp_name.extend_from_slice(name.as_bytes());
-    let tmp = dst.with_file_name(OsStr::from_bytes(&tmp_name));
-    let _ = fs::remove_file(&tmp);
-    copy_tree(src, &tmp)?;
-    fs::rename(&tmp, dst).with_context(|| format!("replacing {}", dst.display()))?;
-    Ok(())
+/// The prefix of the temporary names restore builds objects under (`.ovlsnap-restore.PID.N`).
+pub const TEMP_PREFIX: &str = ".ovlsnap-restore.";
+
+/// Whether the last component of `p` is one of restore's temporary names.
+pub fn is_temp(p: &Path) -> bool {
+    p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(TEMP_PREFIX.as_bytes()))
 }
 
-/// Copies `src` to `dst` (which must not exist): type, data, owner, mode, times, xattrs; dirs with
-/// everything below them.
+/// A temporary name beside `dst` that is free now.
+fn temp_beside(dst: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let pid = std::process::id();
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = dst.with_file_name(format!("{TEMP_PREFIX}{pid}.{n}"));
+        if fs::symlink_metadata(&tmp).is_err() {
+            return tmp;
+        }
+    }
+}
+
+/// Puts a copy of `src` (with everything below it) at `dst`: built whole under a temporary name
+/// beside `dst`, then renamed into place. `over`: `dst` holds a non-directory and `src` is one,
+/// and the rename replaces it atomically. Otherwise what `dst` holds (a directory, or an object
+/// of the other kind) is removed first and the name must then be free (`RENAME_NOREPLACE`).
+fn install(src: &Path, dst: &Path, over: bool) -> Result<()> {
+    let tmp = temp_beside(dst);
+    let built = copy_tree(src, &tmp).and_then(|()| {
+        if !over && fs::symlink_metadata(dst).is_ok() {
+            remove(dst)?;
+        }
+        let flags = if over { RenameFlags::empty() } else { RenameFlags::NOREPLACE };
+        rustix::fs::renameat_with(CWD, &tmp, CWD, dst, flags)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))
+    });
+    if built.is_err() && fs::symlink_metadata(&tmp).is_ok() {
+        let _ = remove(&tmp);
+    }
+    built
+}
+
+/// Copies `src` to `dst` (which must not exist): type, data (synced), owner, mode, times, xattrs;
+/// dirs with everything below them.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     let m = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
     let ft = m.file_type();
@@ -136,7 +171,12 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
         };
         rustix::fs::mknodat(CWD, dst, kind, rustix::fs::Mode::from_raw_mode(0o600), m.rdev())?;
     }
-    copy_meta(src, dst, &m)
+    copy_meta(src, dst, &m)?;
+    if ft.is_file() {
+        // Durable before a rename makes it visible under a name of the snapshot.
+        fs::File::open(dst).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", dst.display()))?;
+    }
+    Ok(())
 }
 
 /// Gives `dst` the owner, mode, xattrs and times of `src`.

@@ -113,7 +113,7 @@ impl fmt::Display for Stats {
             self.rounds, self.in_flight, self.before, self.after, self.between
         )?;
         if self.leftovers > 0 {
-            write!(f, "; receive stages left {}", self.leftovers)?;
+            write!(f, "; leftovers after the kill (receive stages, restore temporaries) {}", self.leftovers)?;
         }
         Ok(())
     }
@@ -196,7 +196,7 @@ pub struct Round {
     pub delay: Duration,
     /// How long the operation took, when it returned before the kill.
     pub took: Option<Duration>,
-    /// Receive stages found in LIVE after the remount.
+    /// Receive stages or restore temporaries found after the kill (a rerun must remove them).
     pub leftovers: u64,
     /// What to print if the round fails.
     pub note: PanicNote,
@@ -293,6 +293,32 @@ impl Round {
         self.m.mark_unmounted();
         self.m.mount();
         Crash { done, error: result.err(), finished }
+    }
+
+    /// Runs `cmd` (an `ovlsnap` client: the daemon is not touched) and kills it with SIGKILL after
+    /// a random delay; one step when it succeeded before the kill.
+    pub fn kill_client(&mut self, what: &str, cmd: Command) -> Crash {
+        self.delay = self.max.mul_f64(self.rng.random());
+        let (crash, took) = kill_client_after(cmd, self.delay);
+        self.took = took;
+        self.log(format!(
+            "{what}: client killed after {:?} (bound {:?}); {}: {:?}",
+            self.delay,
+            self.max,
+            if crash.finished { "it had returned" } else { "it was in flight" },
+            crash.error,
+        ));
+        crash
+    }
+
+    /// Waits (with a deadline) until the daemon has finished what a killed client had asked of
+    /// it: its copies in `work/work` are built and renamed in.
+    pub fn settle(&self) {
+        let work = self.store().join("work/work");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !names_in(&work).is_empty() && Instant::now() < deadline {
+            sleep(Duration::from_millis(5));
+        }
     }
 
     /// Checks the store, the list and every view after the remount.
@@ -397,6 +423,30 @@ impl Round {
         self.live_dir = None;
         self.m.umount();
     }
+}
+
+/// Runs `cmd` and kills it with SIGKILL after `delay` unless it exited before; how long it
+/// took when it had.
+pub fn kill_client_after(mut cmd: Command, delay: Duration) -> (Crash, Option<Duration>) {
+    let start = Instant::now();
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn the client");
+    let mut exited = None;
+    while exited.is_none() && start.elapsed() < delay {
+        exited = child.try_wait().expect("wait for the client").map(|st| (st, start.elapsed()));
+        sleep(Duration::from_micros(200).min(delay.saturating_sub(start.elapsed())));
+    }
+    if exited.is_none() {
+        exited = child.try_wait().expect("wait for the client").map(|st| (st, start.elapsed()));
+    }
+    let finished = exited.is_some();
+    if !finished {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("wait for the client");
+    let error = (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    let error = if finished { error } else { Some(error.unwrap_or_else(|| "killed".into())) };
+    let done = usize::from(finished && error.is_none());
+    (Crash { done, error, finished }, exited.map(|(_, t)| t))
 }
 
 /// FNV-1a 64, as the daemon names its control socket.

@@ -254,3 +254,25 @@ pub fn without_stages(tree: &Tree) -> (Tree, Vec<PathBuf>) {
     let stages = tree.keys().filter(|p| p.components().count() == 1 && stage(p)).cloned().collect();
     (tree.iter().filter(|(p, _)| !stage(p)).map(|(p, e)| (p.clone(), e.clone())).collect(), stages)
 }
+
+/// The paths in `tree` whose name is one of restore's temporary names (`.ovlsnap-restore.*`).
+pub fn restore_temps(tree: &Tree) -> Vec<PathBuf> {
+    let temp = |p: &Path| p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b".ovlsnap-restore."));
+    tree.keys().filter(|p| temp(p)).cloned().collect()
+}
+
+/// The receive stage dirs (`.ovlsnap-receive.*`) in `dir`.
+pub fn stages_in(dir: &Path) -> Vec<String> {
+    names_in(dir).into_iter().filter(|n| n.starts_with(".ovlsnap-receive.")).collect()
+}
+
+/// The objects of `live` (outside restore's temporary names) that are in none of `trees` under
+/// any name: half-made ones (data cut short, mode or xattrs not set yet).
+pub fn half_made(live: &Tree, trees: &[&Tree]) -> Vec<String> {
+    let temp = |p: &Path| p.iter().any(|c| c.as_encoded_bytes().starts_with(b".ovlsnap-restore."));
+    let known: Vec<&Entry> = trees.iter().flat_map(|t| t.values()).collect();
+    live.iter()
+        .filter(|(p, e)| !temp(p) && !known.contains(e))
+        .map(|(p, e)| format!("/{}: {e:?}", p.display()))
+        .collect()
+}

@@ -8,8 +8,10 @@
 //! that differ. OCI has no rename, so a directory renamed since A is sent whole at its new place
 //! followed by the opaque marker `DIR/.wh..wh..opq`.
 //!
-//! Receiving treats the stream as hostile. It is spooled to a file in a stage dir (next to the
-//! target when possible), checked down to its end-of-archive marker and unpacked into the stage
+//! Receiving treats the stream as hostile. It is spooled to a file in a stage dir
+//! (`.ovlsnap-receive.PID` next to the target when possible, else in the temp dir; the receive
+//! holds `flock` on its `lock` file while it lives, and each receive first removes the stages
+//! there whose lock nobody holds, left by killed receives), checked down to its end-of-archive marker and unpacked into the stage
 //! with `*at` calls that never follow a symlink (names with `..`, absolute names and entries below
 //! a non-directory are refused) before the target is touched. Then whiteouts and opaque markers
 //! are applied, the staged objects are renamed into place (copied when the target is another

@@ -47,17 +47,24 @@ fn bad(what: impl fmt::Display) -> anyhow::Error {
     Bad(what.to_string()).into()
 }
 
-/// The stage dir: the spooled stream (`stream`) and the objects unpacked from it (`tree`).
-/// Removed with everything in it when dropped.
+/// The prefix of stage dir names (`.ovlsnap-receive.PID`, `.ovlsnap-receive.PID.N`).
+const STAGE_PREFIX: &str = ".ovlsnap-receive.";
+
+/// The stage dir: the spooled stream (`stream`) and the objects unpacked from it (`tree`), and
+/// `lock`, which the receive holds locked (`flock`) while it lives. Removed with everything in it
+/// when dropped; one a killed receive left is removed by the next receive next to it.
 struct Stage {
     parent: OwnedFd,
     name: CString,
     dir: OwnedFd,
+    /// Held for the life of the stage: tells other receives it is in use.
+    _lock: OwnedFd,
     shown: PathBuf,
 }
 
 impl Stage {
     /// `.ovlsnap-receive.PID` next to `target`, or in the temp dir when that is not writable.
+    /// Stages that killed receives left there are removed first.
     fn new(target: &Path) -> anyhow::Result<Stage> {
         let pid = std::process::id();
         let near = target.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf);
@@ -66,14 +73,23 @@ impl Stage {
             else {
                 continue;
             };
+            remove_stale_stages(parent.as_fd(), &base);
             for n in 0..100 {
-                let name =
-                    if n == 0 { format!(".ovlsnap-receive.{pid}") } else { format!(".ovlsnap-receive.{pid}.{n}") };
+                let name = if n == 0 { format!("{STAGE_PREFIX}{pid}") } else { format!("{STAGE_PREFIX}{pid}.{n}") };
                 match rustix::fs::mkdirat(&parent, name.as_str(), Mode::from_raw_mode(0o700)) {
                     Ok(()) => {
-                        let dir = sys::open_dir_path(&parent, Path::new(&name))?;
                         let shown = base.join(&name);
-                        return Ok(Stage { parent, name: CString::new(name)?, dir, shown });
+                        let name = CString::new(name)?;
+                        let made = sys::open_dir_path(&parent, Path::new(OsStr::from_bytes(name.to_bytes())))
+                            .map_err(anyhow::Error::from)
+                            .and_then(|dir| Ok((lock_stage(dir.as_fd())?, dir)));
+                        return match made {
+                            Ok((lock, dir)) => Ok(Stage { parent, name, dir, _lock: lock, shown }),
+                            Err(e) => {
+                                let _ = sys::remove_tree_at(&parent, &name);
+                                Err(e.context(format!("making the stage {}", shown.display())))
+                            }
+                        };
                     }
                     Err(Errno::EXIST) => continue,
                     Err(_) => break,
@@ -122,6 +138,79 @@ impl Drop for Stage {
         if let Err(e) = sys::remove_tree_at(&self.parent, &self.name) {
             tracing::warn!("removing the stage {}: {e}", self.shown.display());
         }
+    }
+}
+
+/// Makes `lock` in the new stage `dir`, locked before it has its name: a `lock` a receive can
+/// see is held for as long as the receive that made it lives (the kernel drops the lock when
+/// the process dies, killed or not).
+fn lock_stage(dir: BorrowedFd<'_>) -> anyhow::Result<OwnedFd> {
+    let flags = OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, "lock.new", flags, Mode::from_raw_mode(0o600)).context("creating the lock")?;
+    rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive).context("locking the stage")?;
+    rustix::fs::renameat(dir, "lock.new", dir, "lock").context("naming the lock")?;
+    Ok(fd)
+}
+
+/// Removes the stages in `parent` (shown as `base`) that no live receive uses: their `lock` is
+/// not held, or, if they have none yet (a receive killed right after making the dir, or one that
+/// is making it now), the process their name gives is gone. Never fails: a stage it cannot judge
+/// or remove stays, with a log line.
+fn remove_stale_stages(parent: BorrowedFd<'_>, base: &Path) {
+    let Ok(entries) = rustix::io::dup(parent).map_err(ovl_core::Error::from).and_then(sys::read_dir_fd) else {
+        return;
+    };
+    for e in entries {
+        let Some(rest) = e.name.as_bytes().strip_prefix(STAGE_PREFIX.as_bytes()) else { continue };
+        let pid = rest.split(|b| *b == b'.').next().and_then(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        let Ok(name) = sys::name_cstr(&e.name) else { continue };
+        let shown = base.join(&e.name);
+        // Kept locked (when it has a lock) until the stage is gone.
+        let lock = match stage_owner(parent, &name, pid) {
+            Ok(Owner::Dead(lock)) => lock,
+            Ok(Owner::Keep) => continue,
+            Err(err) => {
+                tracing::warn!("leaving {}: {err}", shown.display());
+                continue;
+            }
+        };
+        match sys::remove_tree_at(parent, &name) {
+            Ok(()) => tracing::info!("removed {}, left by a receive that was killed", shown.display()),
+            Err(err) => tracing::warn!("removing {}, left by a receive that was killed: {err}", shown.display()),
+        }
+        drop(lock);
+    }
+}
+
+/// Who a stage dir belongs to.
+enum Owner {
+    /// A live receive, or not a stage at all: leave it.
+    Keep,
+    /// A receive that died; its lock (when it has one), held now by the caller.
+    Dead(Option<OwnedFd>),
+}
+
+/// Who stage `name` in `parent` (named after process `pid`) belongs to.
+fn stage_owner(parent: BorrowedFd<'_>, name: &CStr, pid: u32) -> anyhow::Result<Owner> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dir = match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+        Ok(d) => d,
+        // Not a dir (not ours), or gone meanwhile.
+        Err(Errno::NOTDIR | Errno::LOOP | Errno::NOENT) => return Ok(Owner::Keep),
+        Err(e) => return Err(e.into()),
+    };
+    match rustix::fs::openat(&dir, "lock", OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(lock) => match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Owner::Dead(Some(lock))),
+            Err(Errno::WOULDBLOCK) => Ok(Owner::Keep),
+            Err(e) => Err(anyhow::Error::from(e).context("locking its lock")),
+        },
+        Err(Errno::NOENT) => {
+            let alive = Path::new("/proc").join(pid.to_string()).exists();
+            Ok(if alive { Owner::Keep } else { Owner::Dead(None) })
+        }
+        Err(e) => Err(anyhow::Error::from(e).context("opening its lock")),
     }
 }
 
@@ -357,6 +446,21 @@ impl Staged {
         Ok(())
     }
 
+    /// Gives the staged objects their metadata before they are renamed into place, so none shows
+    /// under its name with the stage's mode or owner (they are set again after the rename, for
+    /// objects copied instead). Children first. Directories only as root: a non-root receive
+    /// could lose the right to move children out of a staged directory it has made read-only.
+    fn premeta(&self, tree: BorrowedFd<'_>) -> anyhow::Result<()> {
+        let root = rustix::process::geteuid().is_root();
+        for (p, item) in self.entries.iter().rev() {
+            if item.kind != Kind::Dir || root {
+                let (dir, name) = sys::open_parent(tree, p)?;
+                set_meta(dir.as_fd(), &name, item).with_context(|| format!("staging /{}", p.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Applies the staged stream to `root`: whiteouts, opaque markers, objects (renamed from
     /// `tree`, or copied across filesystems) with their metadata, then times.
     fn apply(&self, root: BorrowedFd<'_>, tree: BorrowedFd<'_>, step: &dyn Fn()) -> anyhow::Result<u64> {
@@ -380,6 +484,9 @@ impl Staged {
             n += 1;
         }
         let mut copy = rustix::fs::fstat(tree)?.st_dev != rustix::fs::fstat(root)?.st_dev;
+        if !copy {
+            self.premeta(tree)?;
+        }
         let mut moved: Option<&Path> = None;
         for (p, item) in &self.entries {
             let shown = || format!("/{}", p.display());
