@@ -231,7 +231,9 @@ fn copy_data(src: &OwnedFd, dst: &OwnedFd, len: u64) -> Result<bool> {
         let mut off_in = data;
         let mut off_out = data;
         while off_in < hole {
-            let want = (hole - off_in).min(1 << 30) as usize;
+            // In chunks, as the kernel copies up (1 MiB there): each call returns to user
+            // space, so the copying thread does not hold a CPU for the whole file.
+            let want = (hole - off_in).min(4 << 20) as usize;
             match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
                 Ok(0) => break,
                 Ok(_) => {}
