@@ -72,7 +72,7 @@ impl OverlayFs {
         node: &Node,
         fh: u64,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) -> Result<ReplyDirectoryPlus> {
         let dir = self.open_dir(fh)?;
         let mut d = dir.lock();
@@ -81,7 +81,22 @@ impl OverlayFs {
             d.entries = self.listing(node)?;
         }
         let self_attr = self.attr(node, &self.real_stat(node)?);
-        for (i, (name, kind, ino)) in d.entries.iter().enumerate().skip(offset as usize) {
+        // Every entry is looked up in the same parent dirs: each layer's is opened once. Safe
+        // under the namespace lock the request holds (no name changes meanwhile).
+        ovl_lookup::with_dir_cache(|| self.add_plus_entries(node, &d.entries, offset, self_attr, reply))
+    }
+
+    /// Adds the entries of a listing from `offset` on to a readdirplus reply, with their
+    /// attributes (each one looked up, and counted as a kernel lookup when it fits).
+    fn add_plus_entries(
+        &self,
+        node: &Node,
+        entries: &[(std::ffi::OsString, fuser::FileType, u64)],
+        offset: u64,
+        self_attr: fuser::FileAttr,
+        mut reply: ReplyDirectoryPlus,
+    ) -> Result<ReplyDirectoryPlus> {
+        for (i, (name, kind, ino)) in entries.iter().enumerate().skip(offset as usize) {
             let off = i as u64 + 1;
             if name == OsStr::new(".") || name == OsStr::new("..") {
                 // The kernel links no inode for these two, whatever their number.

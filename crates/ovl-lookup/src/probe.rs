@@ -2,10 +2,13 @@
 //! xattr names listed at most once, so that asking for several overlay xattrs of an object that
 //! has none (the common case) costs one `llistxattr` instead of one `getxattr` each.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsString};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use ovl_core::sys;
 use ovl_core::{Errno, Result};
@@ -13,7 +16,7 @@ use rustix::fs::Stat;
 
 /// An object found in a layer.
 pub(crate) struct Probe {
-    dir: OwnedFd,
+    dir: Rc<OwnedFd>,
     name: CString,
     /// The object's `lstat`.
     pub st: Stat,
@@ -26,14 +29,59 @@ pub(crate) fn is_absent(e: Errno) -> bool {
     matches!(e, Errno::NOENT | Errno::NOTDIR | Errno::NAMETOOLONG | Errno::LOOP)
 }
 
+/// Parent directories opened during a [`with_dir_cache`] scope, by layer root and path; `None`
+/// for a parent that is absent in that layer.
+type DirCache = HashMap<(RawFd, PathBuf), Option<Rc<OwnedFd>>>;
+
+thread_local! {
+    static DIR_CACHE: RefCell<Option<DirCache>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with the parent directories of the objects it probes opened once per layer instead
+/// of once per object (a listing's entries all share their parent). The caller guarantees that
+/// no name in the layers changes meanwhile (ovl-fs holds its namespace lock); scopes nest.
+pub fn with_dir_cache<R>(f: impl FnOnce() -> R) -> R {
+    let outer = DIR_CACHE.with(|c| c.borrow().is_some());
+    if outer {
+        return f();
+    }
+    DIR_CACHE.with(|c| *c.borrow_mut() = Some(HashMap::new()));
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            DIR_CACHE.with(|c| *c.borrow_mut() = None);
+        }
+    }
+    let _clear = Clear;
+    f()
+}
+
+/// The directory `parent` beneath `root`: from the scope's cache when there is one.
+fn open_dir(root: BorrowedFd<'_>, parent: &Path) -> Result<Option<Rc<OwnedFd>>> {
+    let open = || match sys::open_dir_path(root, parent) {
+        Ok(fd) => Ok(Some(Rc::new(fd))),
+        Err(e) if is_absent(e.errno()) => Ok(None),
+        Err(e) => Err(e),
+    };
+    DIR_CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(cache) = c.as_mut() else { return open() };
+        let key = (root.as_raw_fd(), parent.to_path_buf());
+        if let Some(hit) = cache.get(&key) {
+            return Ok(hit.clone());
+        }
+        let dir = open()?;
+        cache.insert(key, dir.clone());
+        Ok(dir)
+    })
+}
+
 impl Probe {
     /// Looks at `path` (not the layer root) beneath `root`; `None` when nothing is there.
     pub fn open(root: BorrowedFd<'_>, path: &Path) -> Result<Option<Self>> {
-        let (dir, name) = match sys::open_parent(root, path) {
-            Ok(x) => x,
-            Err(e) if is_absent(e.errno()) => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        let Some(name) = path.file_name() else { return Err(Errno::INVAL.into()) };
+        let name = sys::name_cstr(name)?;
+        let Some(dir) = open_dir(root, path.parent().unwrap_or(Path::new("")))? else { return Ok(None) };
         match sys::lstat_at(&dir, &name) {
             Ok(st) => Ok(Some(Self { dir, name, st, names: None })),
             Err(e) if is_absent(e.errno()) => Ok(None),
@@ -44,12 +92,12 @@ impl Probe {
     /// The value of xattr `key`, if the object has it.
     pub fn xattr(&mut self, key: &CStr) -> Result<Option<Vec<u8>>> {
         if self.names.is_none() {
-            self.names = Some(sys::list_xattrs(&self.dir, Some(&self.name))?);
+            self.names = Some(sys::list_xattrs(&*self.dir, Some(&self.name))?);
         }
         let listed = self.names.as_deref().unwrap_or_default();
         if !listed.iter().any(|n| n.as_bytes() == key.to_bytes()) {
             return Ok(None);
         }
-        sys::get_xattr(&self.dir, Some(&self.name), key)
+        sys::get_xattr(&*self.dir, Some(&self.name), key)
     }
 }
