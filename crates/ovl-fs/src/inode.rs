@@ -82,6 +82,9 @@ pub(crate) struct Node {
     pub copy_lock: Mutex<()>,
     /// The change-hook generation in which `before_modify` last succeeded for this node.
     pub hooked: AtomicU64,
+    /// An open of this node was served through the kernel's page cache (see
+    /// `crate::passthrough`): its cache may be warm, so it is not passed through.
+    pub cached_once: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -117,6 +120,7 @@ impl Table {
             state: RwLock::new(root),
             copy_lock: Mutex::new(()),
             hooked: AtomicU64::new(0),
+            cached_once: std::sync::atomic::AtomicBool::new(false),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT, node);
@@ -167,6 +171,7 @@ impl Table {
             state: RwLock::new(state),
             copy_lock: Mutex::new(()),
             hooked: AtomicU64::new(0),
+            cached_once: std::sync::atomic::AtomicBool::new(false),
         });
         inner.nodes.insert(id, node.clone());
         inner.keys.insert(key, id);

@@ -23,6 +23,10 @@
 //! replies and forgets it when `RELEASE` arrives, after the kernel dropped it, so its counts are
 //! never below the kernel's and its choice never conflicts with the kernel's mode.
 //!
+//! A node that had an open served through the page cache is never passed through until the
+//! kernel forgets it: its cache may be warm, and a passthrough open would make the kernel drop
+//! it while other requests on the inode wait.
+//!
 //! The kernel's page cache of the inode needs no extra care: a passthrough open (without
 //! `FOPEN_KEEP_CACHE`) empties it, and nothing can fill it while the inode is in passthrough
 //! mode, so the first cached open after the last passthrough close starts from an empty cache.
@@ -39,7 +43,11 @@ use rustix::fs::FileType;
 use crate::fs::OverlayFs;
 use crate::inode::Node;
 
-/// Set to `0` to keep passthrough off (every open served by the daemon), for comparisons.
+/// Set to `1` to turn passthrough on. It is off by default: in `cargo xtask bench-compare` it
+/// gained nothing on the measured rows (a 4 KiB file's saved `WRITE` round trip costs about
+/// what the backing-file registration costs, and the hot read is of a lower file), while
+/// `stat` of other files during a big copy-up stalled up to 30 ms with it (4 ms without; cause
+/// not found yet). It does speed up hot reads of files already in the upper layer.
 pub const ENV_SWITCH: &str = "OVLFS_PASSTHROUGH";
 
 /// How one open is served.
@@ -155,7 +163,7 @@ impl Passthrough {
 impl OverlayFs {
     /// Asks the kernel for passthrough at init, when it offers it and this mount may use it.
     pub(crate) fn negotiate_passthrough(&mut self, config: &mut KernelConfig) {
-        if self.hook.is_some() || std::env::var_os(ENV_SWITCH).is_some_and(|v| v == "0") {
+        if self.hook.is_some() || std::env::var_os(ENV_SWITCH).is_none_or(|v| v != "1") {
             return;
         }
         let Some(upper) = self.stack.writable_upper() else { return };
@@ -188,8 +196,17 @@ impl OverlayFs {
         let Ok(file) = self.handles.get(fh, node.id).map(|of| of.file.read().clone()) else {
             return IoMode::Cached;
         };
-        let eligible = self.hook.is_none() && node.kind == FileType::RegularFile && node.state.read().has_upper_data();
+        // A node once opened through the page cache stays there: switching it to passthrough
+        // makes the kernel drop its cached pages while the open waits, and other requests on
+        // the inode with it (33 ms stat stalls after a 512 MiB file was read, then copied up).
+        let eligible = self.hook.is_none()
+            && node.kind == FileType::RegularFile
+            && !node.cached_once.load(Ordering::Relaxed)
+            && node.state.read().has_upper_data();
         let mode = self.passthrough.open(node.id, fh, eligible, file.as_fd(), open_backing);
+        if matches!(mode, IoMode::Cached) {
+            node.cached_once.store(true, Ordering::Relaxed);
+        }
         tracing::debug!(node = node.id, fh, passthrough = matches!(mode, IoMode::Passthrough(_)), "open");
         mode
     }

@@ -27,7 +27,8 @@ l1 file low.txt lower-data
 l1 file dir/low2.txt second
 ";
 
-const DEBUG: &[(&str, &str)] = &[("RUST_LOG", "ovl_fs::passthrough=debug"), ("NO_COLOR", "1")];
+const DEBUG: &[(&str, &str)] =
+    &[("RUST_LOG", "ovl_fs::passthrough=debug"), ("NO_COLOR", "1"), ("OVLFS_PASSTHROUGH", "1")];
 
 /// How many opens the daemon logged as passed through and as served by itself.
 fn served(m: &MountGuard) -> (usize, usize) {
@@ -49,6 +50,9 @@ fn open_until_passthrough(m: &MountGuard, path: &Path) -> File {
         assert!(Instant::now() < deadline, "no passthrough open of {}\n{}", path.display(), m.log_tail());
         drop(f);
         std::thread::sleep(Duration::from_millis(5));
+        // A node once opened through the page cache stays there until the kernel forgets it
+        // (src/passthrough.rs): let the kernel drop unused inodes.
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
     }
 }
 
@@ -139,7 +143,7 @@ fn lower_descriptors_and_copy_up_never_mix_modes() {
     assert_eq!(served(&m), (0, 3), "all three opens served by the daemon\n{}", m.log_tail());
     drop((lower, w, third));
 
-    // All closed: later opens pass through and see the same bytes, and writes through them
+    // All closed (and the node forgotten): later opens pass through and see the same bytes, and writes through them
     // reach every later reader.
     let first = open_until_passthrough(&m, &path);
     let mut buf = [0u8; 10];
