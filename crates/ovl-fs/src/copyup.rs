@@ -84,13 +84,18 @@ impl OverlayFs {
             } else {
                 ovl_copyup::copy_up(&self.stack, &src, &parent_path, &publish)?;
             }
-            {
+            let broke_link = {
                 let mut s = node.state.write();
                 s.upper = true;
                 if meta_only && s.data.is_none() {
                     s.data = s.lower.take();
                 }
-                s.lower = None;
+                s.lower.take().is_some_and(|l| !node.is_dir() && l.stat.st_nlink > 1)
+            };
+            // Copying up one name of a lower hard link breaks the link (no index): the link count
+            // the kernel holds for this node is wrong now, and nothing else makes it ask again.
+            if broke_link {
+                self.forget_attrs(&[node.id]);
             }
             tracing::debug!(path = ?parent_path.join(&name), meta_only, "copied up");
         }

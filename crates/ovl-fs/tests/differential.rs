@@ -149,7 +149,6 @@ fn run_sequence(cfg: &Config, seed: u64, stats: &mut Stats) {
         assert_eq!(mb.fstype(), "fuse.ovlfs", "mount type of ovlfs in mountinfo");
     }
     let mut rng = StdRng::seed_from_u64(seed ^ 0x0d1f_f5eed);
-    let mut view = View::load(ma.path());
     assert_same_tree(
         &format!("seed {seed}: initial views"),
         "kernel",
@@ -157,12 +156,147 @@ fn run_sequence(cfg: &Config, seed: u64, stats: &mut Stats) {
         "SUT",
         &snapshot_tree(mb.path()),
     );
+    let index = run_ops(cfg, seed, &mut rng, (&ma, &mb), (&la, &lb), 0, cfg.ops, stats);
+    let sut_inos = inode_numbers(mb.path());
+    let want = snapshot_tree(ma.path());
+    assert_same_tree(
+        &format!("seed {seed}: views after {index} ops"),
+        "kernel",
+        &want,
+        "SUT",
+        &snapshot_tree(mb.path()),
+    );
+    ma.unmount().unwrap_or_else(|e| panic!("seed {seed}: kernel unmount: {e}"));
+    mb.unmount().unwrap_or_else(|e| panic!("seed {seed}: SUT unmount: {e}"));
+    let indexed = cfg.opts.contains("index=on");
+    let (mut ua, mut ub) = (upper_state(&la.upper, indexed), upper_state(&lb.upper, indexed));
+    if indexed {
+        drop_alias_parents(&mut ua, &ub);
+        drop_alias_parents(&mut ub, &ua);
+    }
+    assert_same_upper(&format!("seed {seed}: upper dirs"), "kernel", &ua, "SUT", &ub);
+
+    // Remount and rotation: each side's upper becomes the top lower layer of a new mount with a fresh upper
+    // and work dir. The two must still agree, the SUT's inode numbers must not change, and both
+    // go on with more operations. Not with an index: without its index a hard-linked file shows
+    // each name's own layer, and which names each side linked up differs (see `upper_state`).
+    if !indexed {
+        rotate_and_go_on(cfg, seed, tmp.path(), (&la, &lb), &sut_inos, index, &mut rng, stats);
+    }
+
+    // With an index, each side's layers are only complete with its own work dir.
+    let fresh = |l: &Layers, dir: &str| if indexed { l.clone() } else { l.with_fresh_work(tmp.path().join(dir)) };
+    let kb = MountGuard::mount(Backend::Kernel, &fresh(&lb, "b/work2"), &cfg.opts, &mount_point(tmp.path(), "mnt-kb"));
+    assert_same_tree(
+        &format!("seed {seed}: kernel reading SUT's upper"),
+        "kernel",
+        &want,
+        "kernel on B",
+        &snapshot_tree(kb.path()),
+    );
+    kb.unmount().unwrap_or_else(|e| panic!("seed {seed}: unmount: {e}"));
+
+    let la2 = fresh(&la, "a/work2");
+    let sa = MountGuard::mount(cfg.sut, &la2, &cfg.sut_opts(), &mount_point(tmp.path(), "mnt-sa"));
+    assert_same_tree(
+        &format!("seed {seed}: SUT reading kernel's upper"),
+        "kernel",
+        &want,
+        "SUT on A",
+        &snapshot_tree(sa.path()),
+    );
+    sa.unmount().unwrap_or_else(|e| panic!("seed {seed}: SUT unmount: {e}"));
+}
+
+/// The remount and rotation checks of a sequence (see `run_sequence`), from operation `index` on.
+#[allow(clippy::too_many_arguments)]
+fn rotate_and_go_on(
+    cfg: &Config,
+    seed: u64,
+    tmp: &Path,
+    (la, lb): (&Layers, &Layers),
+    sut_inos: &BTreeMap<std::path::PathBuf, (u64, u64)>,
+    index: usize,
+    rng: &mut StdRng,
+    stats: &mut Stats,
+) {
+    // Stable numbers: not for the names of a hard-linked file. Without an index each name of a
+    // lower hard link is its own object (as in the kernel), and FUSE makes a node's number its
+    // st_ino, so each gets a number from the allocator (the top half) instead of the kernel's
+    // shared lower one, also after the copy-up that breaks the link (where the kernel's changes
+    // too).
+    let same_numbers = |what: &str, now: &BTreeMap<std::path::PathBuf, (u64, u64)>| {
+        if cfg.sut != Backend::Ovlfs {
+            return;
+        }
+        for (path, (ino, nlink)) in sut_inos {
+            if let Some((n, _)) = now.get(path).filter(|_| *nlink == 1 && *ino < 1 << 63) {
+                assert_eq!(n, ino, "seed {seed}: st_ino of {} changed by the {what}", path.display());
+            }
+        }
+    };
+    let m = MountGuard::mount(
+        cfg.sut,
+        &lb.with_fresh_work(tmp.join("b/work-re")),
+        &cfg.sut_opts(),
+        &mount_point(tmp, "mnt-re"),
+    );
+    same_numbers("remount", &inode_numbers(m.path()));
+    m.unmount().unwrap_or_else(|e| panic!("seed {seed}: SUT unmount: {e}"));
+    let rotate = |l: &Layers, dir: &str| {
+        let r = Layers {
+            root: l.root.clone(),
+            lowers: [vec![l.upper.clone()], l.lowers.clone()].concat(),
+            upper: tmp.join(dir).join("upper"),
+            work: tmp.join(dir).join("work"),
+        };
+        fs::create_dir_all(&r.upper).expect("rotated upper");
+        fs::create_dir_all(&r.work).expect("rotated work");
+        r
+    };
+    let (ra, rb) = (rotate(la, "a-rot"), rotate(lb, "b-rot"));
+    let ka = MountGuard::mount(Backend::Kernel, &ra, &cfg.opts, &mount_point(tmp, "mnt-ra"));
+    let kb = MountGuard::mount(cfg.sut, &rb, &cfg.sut_opts(), &mount_point(tmp, "mnt-rb"));
+    let what = format!("seed {seed}: views after rotation");
+    assert_same_tree(&what, "kernel", &snapshot_tree(ka.path()), "SUT", &snapshot_tree(kb.path()));
+    same_numbers("rotation", &inode_numbers(kb.path()));
+    let index = run_ops(cfg, seed, rng, (&ka, &kb), (&ra, &rb), index, cfg.ops / 3, stats);
+    let what = format!("seed {seed}: views after {index} ops (rotated)");
+    assert_same_tree(&what, "kernel", &snapshot_tree(ka.path()), "SUT", &snapshot_tree(kb.path()));
+    ka.unmount().unwrap_or_else(|e| panic!("seed {seed}: kernel unmount: {e}"));
+    kb.unmount().unwrap_or_else(|e| panic!("seed {seed}: SUT unmount: {e}"));
+}
+
+/// Every path of a mounted view with its `st_ino` and link count (1 for directories).
+fn inode_numbers(root: &Path) -> BTreeMap<std::path::PathBuf, (u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let of = |m: fs::Metadata| (m.ino(), if m.is_dir() { 1 } else { m.nlink() });
+    list_tree(root)
+        .into_iter()
+        .filter_map(|(p, _)| fs::symlink_metadata(root.join(&p)).ok().map(|m| (p, of(m))))
+        .collect()
+}
+
+/// Applies `count` random operations to both mounts, numbered from `first`, each result
+/// compared; returns the next operation's number.
+#[allow(clippy::too_many_arguments)]
+fn run_ops(
+    cfg: &Config,
+    seed: u64,
+    rng: &mut StdRng,
+    (ma, mb): (&MountGuard, &MountGuard),
+    (la, lb): (&Layers, &Layers),
+    first: usize,
+    count: usize,
+    stats: &mut Stats,
+) -> usize {
+    let mut view = View::load(ma.path());
     let mut recent: VecDeque<String> = VecDeque::new();
-    let mut index = 0;
-    let mut last_check = 0;
-    while index < cfg.ops {
+    let mut index = first;
+    let mut last_check = first / cfg.check_every.max(1);
+    while index < first + count {
         let mut dirty = false;
-        for op in gen_ops(&mut rng, &view, ma.path()) {
+        for op in gen_ops(rng, &view, ma.path()) {
             let (ra, rb) = (apply(ma.path(), &op), apply(mb.path(), &op));
             stats.record(&op, &ra);
             if cfg.verbose {
@@ -191,49 +325,10 @@ fn run_sequence(cfg: &Config, seed: u64, stats: &mut Stats) {
         }
         if cfg.check_every > 0 && index / cfg.check_every != last_check {
             last_check = index / cfg.check_every;
-            check_midway(seed, index, &ma, &mb, &la, &lb);
+            check_midway(seed, index, ma, mb, la, lb);
         }
     }
-    let want = snapshot_tree(ma.path());
-    assert_same_tree(
-        &format!("seed {seed}: views after {index} ops"),
-        "kernel",
-        &want,
-        "SUT",
-        &snapshot_tree(mb.path()),
-    );
-    ma.unmount().unwrap_or_else(|e| panic!("seed {seed}: kernel unmount: {e}"));
-    mb.unmount().unwrap_or_else(|e| panic!("seed {seed}: SUT unmount: {e}"));
-    let index = cfg.opts.contains("index=on");
-    let (mut ua, mut ub) = (upper_state(&la.upper, index), upper_state(&lb.upper, index));
-    if index {
-        drop_alias_parents(&mut ua, &ub);
-        drop_alias_parents(&mut ub, &ua);
-    }
-    assert_same_upper(&format!("seed {seed}: upper dirs"), "kernel", &ua, "SUT", &ub);
-
-    // With an index, each side's layers are only complete with its own work dir.
-    let fresh = |l: &Layers, dir: &str| if index { l.clone() } else { l.with_fresh_work(tmp.path().join(dir)) };
-    let kb = MountGuard::mount(Backend::Kernel, &fresh(&lb, "b/work2"), &cfg.opts, &mount_point(tmp.path(), "mnt-kb"));
-    assert_same_tree(
-        &format!("seed {seed}: kernel reading SUT's upper"),
-        "kernel",
-        &want,
-        "kernel on B",
-        &snapshot_tree(kb.path()),
-    );
-    kb.unmount().unwrap_or_else(|e| panic!("seed {seed}: unmount: {e}"));
-
-    let la2 = fresh(&la, "a/work2");
-    let sa = MountGuard::mount(cfg.sut, &la2, &cfg.sut_opts(), &mount_point(tmp.path(), "mnt-sa"));
-    assert_same_tree(
-        &format!("seed {seed}: SUT reading kernel's upper"),
-        "kernel",
-        &want,
-        "SUT on A",
-        &snapshot_tree(sa.path()),
-    );
-    sa.unmount().unwrap_or_else(|e| panic!("seed {seed}: SUT unmount: {e}"));
+    index
 }
 
 /// The upper dir's state as compared between the two sides. With an index, names linked up to
