@@ -130,7 +130,39 @@ pub(crate) fn open_index(
         .map_err(|e| err("the upper root's origin does not name the first lower layer's root", e))?;
     verify_or_set(index.as_fd(), &names.upper, &upper_handle, writable)
         .map_err(|e| err("the index dir belongs to another upper layer (its `upper` xattr)", e))?;
+    if writable {
+        remove_orphans(&index, names).map_err(|e| err("cannot clean the index dir", e))?;
+    }
     Ok(Some(index))
+}
+
+/// Removes what the kernel's mount removes from the index dir too: entries of files whose every
+/// name is gone (only the index holds the inode, and `overlay.nlink` counts no name: a kill
+/// between removing the last name and removing its entry leaves that), and temporary names
+/// (`#...`: the kernel uses the index dir as its work dir). Entries whose count is relative to
+/// the lower file are kept: their lower names may still show them.
+fn remove_orphans(index: &OwnedFd, names: &XattrNames) -> Result<(), Error> {
+    for e in sys::read_dir_fd(rustix::io::dup(index)?)? {
+        let name = CString::new(e.name.as_encoded_bytes()).map_err(|_| Error::from(Errno::INVAL))?;
+        let temp = e.name.as_encoded_bytes().first() == Some(&b'#');
+        let st = match sys::lstat_at(index, &name) {
+            Ok(st) => st,
+            Err(e) if e.errno() == Errno::NOENT => continue,
+            Err(e) => return Err(e),
+        };
+        let dir = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+        let orphan = !dir && st.st_nlink == 1 && {
+            let v = sys::get_xattr(index, Some(&name), &names.nlink)?;
+            v.as_deref().is_some_and(|v| v.first() == Some(&b'U') && union_nlink(v, 1, 0).is_none())
+        };
+        if (temp && !dir) || orphan {
+            match rustix::fs::unlinkat(index, &name, rustix::fs::AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `fd` holds `key = want`, setting it when absent (and `set`); `ESTALE` when it

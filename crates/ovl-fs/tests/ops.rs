@@ -936,3 +936,60 @@ fn hard_links_stay_linked_with_index_like_the_kernel() {
         assert_eq!(fs::metadata(kb.path().join(f)).unwrap().ino(), orig, "{f}: st_ino after rotation");
     }
 }
+
+/// With `index=on`, a mount removes index entries whose file has no name left (only the index
+/// holds the inode and `overlay.nlink` counts no name: what a kill between removing the last
+/// name and its entry leaves), as the kernel's mount does, and keeps the others.
+#[test]
+fn orphan_index_entries_are_removed_at_mount_like_the_kernel() {
+    let tmp = tempdir("index-orphans");
+    let opts = KERNEL_OPTS.replace("redirect_dir=off", "redirect_dir=on").replace("index=off", "index=on");
+    let entries = |l: &Layers| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<_> = fs::read_dir(l.work.join("index"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| !n.as_encoded_bytes().starts_with(b"#"))
+            .collect();
+        v.sort();
+        v
+    };
+    // Each side gets its own layers (an index is bound to its layers: a copy would not mount).
+    let prepare = |dir: &str| {
+        let l = Layers::create(&tmp.path().join(dir), 2);
+        apply_fixture(&l, INDEX_FIXTURE);
+        {
+            let m = MountGuard::mount(Backend::Ovlfs, &l, &opts, &mount_point(tmp.path(), &format!("{dir}-1")));
+            fs::write(m.path().join("d/a"), b"copied up").unwrap();
+            fs::write(m.path().join("x/p1"), b"kept").unwrap();
+        }
+        let before = entries(&l);
+        assert_eq!(before.len(), 2, "one entry per copied-up hard-linked file");
+        // What a kill leaves: every name of d/a's file gone (whiteouts), its entry still there
+        // with a count of no name; and a temporary name from the kernel's work in the index.
+        let up = fs::metadata(l.upper.join("d/a")).unwrap().ino();
+        let orphan = before
+            .iter()
+            .find(|n| fs::metadata(l.work.join("index").join(n)).unwrap().ino() == up)
+            .expect("d/a's entry")
+            .clone();
+        fs::remove_file(l.upper.join("d/a")).unwrap();
+        for w in ["d/a", "d/b", "c"] {
+            common::make_whiteout(&l.upper.join(w));
+        }
+        let ix = l.work.join("index").join(&orphan);
+        rustix::fs::setxattr(&ix, "trusted.overlay.nlink", b"U-1", rustix::fs::XattrFlags::empty()).unwrap();
+        fs::write(l.work.join("index/#1f"), b"").unwrap();
+        let kept: Vec<_> = before.into_iter().filter(|n| *n != orphan).collect();
+        (l, kept)
+    };
+    for (backend, dir) in [(Backend::Ovlfs, "a"), (Backend::Kernel, "b")] {
+        let (l, kept) = prepare(dir);
+        let m = MountGuard::mount(backend, &l, &opts, &mount_point(tmp.path(), &format!("{dir}-2")));
+        assert_eq!(entries(&l), kept, "{backend:?}: the orphan goes, the other entry stays");
+        assert_eq!(fs::read(m.path().join("x/p2")).unwrap(), b"kept", "{backend:?}");
+        assert!(fs::symlink_metadata(m.path().join("d/b")).is_err(), "{backend:?}");
+        if backend == Backend::Ovlfs {
+            assert!(!l.work.join("index/#1f").exists(), "ovlfs removes temporary names in the index dir");
+        }
+    }
+}
