@@ -33,6 +33,8 @@ pub(crate) struct SetAttr {
     pub atime: Option<TimeOrNow>,
     pub mtime: Option<TimeOrNow>,
     pub fh: Option<u64>,
+    /// Clear the set-ID bits after truncating (`FUSE_HANDLE_KILLPRIV_V2`).
+    pub kill_suidgid: bool,
 }
 
 fn timespec(t: Option<TimeOrNow>) -> Timespec {
@@ -56,7 +58,7 @@ fn timespec(t: Option<TimeOrNow>) -> Timespec {
 
 impl OverlayFs {
     /// Opens the real file of `node`, copying it up first when the open may write.
-    pub(crate) fn do_open(&self, node: &Arc<Node>, flags: i32) -> Result<u64> {
+    pub(crate) fn do_open(&self, node: &Arc<Node>, flags: i32, kill_suidgid: bool) -> Result<u64> {
         let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let _gate = if writes { self.gate_for(node) } else { None };
         if writes {
@@ -70,8 +72,29 @@ impl OverlayFs {
         let fd = sys::open_beneath(root, &path, backing_flags(flags), Mode::empty())?;
         if flags & libc::O_TRUNC != 0 {
             rustix::fs::ftruncate(&fd, 0)?;
+            if kill_suidgid {
+                self.kill_suidgid(node, &fd)?;
+            }
         }
         Ok(self.add_file(node, flags, File::from(fd), on_lower))
+    }
+
+    /// Clears the set-UID bit, and the set-GID bit of a group-executable file, of the file open
+    /// as `file`, as the kernel does when a caller without `CAP_FSETID` writes or truncates it
+    /// (with `FUSE_HANDLE_KILLPRIV_V2` negotiated that is ours to do). The kernel keeps the mode
+    /// it cached, so it is told to drop it. (`security.capability` needs nothing: the daemon's
+    /// own write removes it from the real file.)
+    pub(crate) fn kill_suidgid(&self, node: &Node, file: &impl AsFd) -> Result<()> {
+        let mode = rustix::fs::fstat(file)?.st_mode;
+        let mut kill = libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kill |= libc::S_ISGID;
+        }
+        if mode & kill != 0 {
+            rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777 & !kill))?;
+            self.forget_attrs(&[node.id]);
+        }
+        Ok(())
     }
 
     /// Enters the change gate for a change of the file open as `fh` and tells the hook.
@@ -113,9 +136,13 @@ impl OverlayFs {
         Ok(buf)
     }
 
-    pub(crate) fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    pub(crate) fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<u32> {
         let _gate = self.gate_handle(fh, ino)?;
         let f = self.file(fh, ino)?;
+        if kill_suidgid {
+            let node = self.handles.get(fh, ino)?.node.clone();
+            self.kill_suidgid(&node, &*f)?;
+        }
         f.write_all_at(data, offset)?;
         Ok(data.len() as u32)
     }
@@ -213,10 +240,18 @@ impl OverlayFs {
         }
         if let Some(size) = a.size {
             match a.fh.and_then(|fh| self.file(fh, node.id).ok()) {
-                Some(f) => rustix::fs::ftruncate(&f, size)?,
+                Some(f) => {
+                    rustix::fs::ftruncate(&f, size)?;
+                    if a.kill_suidgid {
+                        self.kill_suidgid(node, &*f)?;
+                    }
+                }
                 None => {
                     let fd = sys::open_beneath(root, &path, OFlags::WRONLY, Mode::empty())?;
                     rustix::fs::ftruncate(&fd, size)?;
+                    if a.kill_suidgid {
+                        self.kill_suidgid(node, &fd)?;
+                    }
                 }
             }
         }

@@ -81,6 +81,9 @@ pub struct OverlayFs {
     pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// How open files are served: by the daemon or passed through (`crate::passthrough`).
     pub(crate) passthrough: crate::passthrough::Passthrough,
+    /// `FUSE_HANDLE_KILLPRIV_V2` was negotiated: the daemon clears set-ID bits on writes,
+    /// truncates and `O_TRUNC` opens by callers without `CAP_FSETID` (see `kill_suidgid`).
+    pub(crate) killpriv: bool,
 }
 
 impl OverlayFs {
@@ -115,6 +118,7 @@ impl OverlayFs {
             hidden: Vec::new(),
             ns: RwLock::new(()),
             notifier: Arc::default(),
+            killpriv: false,
             passthrough: Default::default(),
         })
     }

@@ -65,6 +65,10 @@ impl Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let want = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
         let _ = config.add_capabilities(want & config.capabilities());
+        // Without it the kernel asks for `security.capability` before every write (one round
+        // trip each); with it the daemon clears set-ID bits itself (`OverlayFs::kill_suidgid`).
+        let killpriv = InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+        self.killpriv = config.capabilities().contains(killpriv) && config.add_capabilities(killpriv).is_ok();
         self.negotiate_passthrough(config);
         Ok(())
     }
@@ -96,7 +100,7 @@ impl Filesystem for OverlayFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -115,7 +119,10 @@ impl Filesystem for OverlayFs {
         guarded("setattr", || {
             let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
-            let a = SetAttr { mode, uid, gid, size, atime, mtime, fh: fh.map(|f| f.0) };
+            // fuser does not pass FATTR_KILL_SUIDGID (sent for a truncate by a caller without
+            // CAP_FSETID): root stands for CAP_FSETID.
+            let kill_suidgid = self.killpriv && size.is_some() && req.uid() != 0;
+            let a = SetAttr { mode, uid, gid, size, atime, mtime, fh: fh.map(|f| f.0), kill_suidgid };
             let st = tri!(reply, self.do_setattr(&node, &a));
             reply.attr(&self.ttl, &self.attr(&node, &st));
         });
@@ -219,11 +226,14 @@ impl Filesystem for OverlayFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || {
             let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
-            let fh = tri!(reply, self.do_open(&node, flags.0));
+            // As for truncate: FUSE_OPEN_KILL_SUIDGID is not passed by fuser; root stands for
+            // CAP_FSETID.
+            let kill = self.killpriv && flags.0 & libc::O_TRUNC != 0 && req.uid() != 0;
+            let fh = tri!(reply, self.do_open(&node, flags.0, kill));
             // Every change reaches the files through this mount, so the kernel's page cache of
             // an inode stays right across opens (and across a copy-up, which keeps contents).
             // Our flush does nothing, so the kernel need not send it. A passthrough open must
@@ -261,13 +271,14 @@ impl Filesystem for OverlayFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         guarded("write", || {
-            let n = tri!(reply, self.do_write(ino.0, fh.0, offset, data));
+            let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+            let n = tri!(reply, self.do_write(ino.0, fh.0, offset, data, kill));
             reply.written(n);
         });
     }
