@@ -348,7 +348,17 @@ fn background_start_returns_live_and_mount_fuse3_form_works() {
     assert_eq!(mount_fstype(&mnt).as_deref(), Some("fuse.ovlfs"));
     assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "one\n");
     fs::write(mnt.join("g"), b"two").unwrap();
-    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
+    // The kernel hands the closed file to the daemon (RELEASE) after close(2) returns and keeps
+    // the mount busy until the daemon answers: under load a plain umount can come first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()) {
+            Err(rustix::io::Errno::BUSY) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => break r.unwrap(),
+        }
+    }
     assert_eq!(mount_fstype(&mnt), None);
     assert_eq!(fs::read(l.upper.join("g")).unwrap(), b"two");
 }
