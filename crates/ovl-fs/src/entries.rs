@@ -259,11 +259,6 @@ impl OverlayFs {
         Ok(st)
     }
 
-    /// True when the mount keeps an inode index (`index=on`).
-    fn indexed(&self) -> bool {
-        self.stack.upper().is_some_and(|u| u.index().is_some())
-    }
-
     /// The node for what a lookup found as `name` in `parent` (the kernel has looked it up, so
     /// it is normally known; otherwise it is registered).
     fn node_of(&self, parent: &Node, name: &OsStr, e: &ovl_lookup::Entry) -> Result<Arc<Node>> {

@@ -255,12 +255,16 @@ impl OverlayFs {
         Ok((path, layers))
     }
 
+    /// True when the mount keeps an inode index (`index=on`).
+    pub(crate) fn indexed(&self) -> bool {
+        self.stack.upper().is_some_and(|u| u.index().is_some())
+    }
+
     /// The identity of what a lookup found: its origin's (see `ovl_lookup::identity`), except
     /// that each name of a hard-linked lower file is its own object until copied up.
     pub(crate) fn key_of(&self, e: &Entry) -> Key {
         let mut key = Key::new(e.identity.fs_index, e.identity.ino);
-        let index = self.stack.upper().is_some_and(|u| u.index().is_some());
-        if let Some(l) = e.lower.as_ref().filter(|l| l.stat.st_nlink > 1 && !index) {
+        if let Some(l) = e.lower.as_ref().filter(|l| l.stat.st_nlink > 1 && !self.indexed()) {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (l.layer, &l.path).hash(&mut h);
@@ -317,7 +321,7 @@ impl OverlayFs {
 
     /// The index entry of what a lookup found as `name` in `parent` (`index=on` only).
     fn index_of(&self, parent: u64, name: &OsStr, e: &Entry) -> Result<Option<ovl_lookup::IndexRef>> {
-        if self.stack.upper().is_none_or(|u| u.index().is_none()) || e.kind != FileType::RegularFile {
+        if !self.indexed() || e.kind != FileType::RegularFile {
             return Ok(None);
         }
         let path = match &e.upper {
