@@ -13,6 +13,7 @@ use rustix::io::Errno;
 use crate::Result;
 
 mod handle;
+mod xattr_at;
 pub use handle::{FileHandle, fd_to_handle, fs_uuid, name_to_handle, open_by_handle};
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
@@ -80,13 +81,19 @@ fn proc_path(dir: BorrowedFd<'_>, name: Option<&CStr>) -> CString {
 /// Reads xattr `key` of `name` in `dir` (or of `dir` itself when `name` is `None`).
 /// `Ok(None)` when the attribute does not exist or the fs does not support xattrs.
 pub fn get_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr) -> Result<Option<Vec<u8>>> {
-    let p = proc_path(dir.as_fd(), name);
+    let dir = dir.as_fd();
     let mut buf = vec![0u8; 256];
     loop {
-        let r = if name.is_some() {
-            rustix::fs::lgetxattr(&p, key, &mut buf[..])
-        } else {
-            rustix::fs::getxattr(&p, key, &mut buf[..])
+        let r = match name.and_then(|n| xattr_at::get(dir, n, key, &mut buf[..])) {
+            Some(r) => r,
+            None => {
+                let p = proc_path(dir, name);
+                if name.is_some() {
+                    rustix::fs::lgetxattr(&p, key, &mut buf[..])
+                } else {
+                    rustix::fs::getxattr(&p, key, &mut buf[..])
+                }
+            }
         };
         match r {
             Ok(n) => {
@@ -102,7 +109,11 @@ pub fn get_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr) -> Result<Opti
 
 /// Sets xattr `key` on `name` in `dir` (or on `dir` itself).
 pub fn set_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr, value: &[u8], flags: i32) -> Result<()> {
-    let p = proc_path(dir.as_fd(), name);
+    let dir = dir.as_fd();
+    if let Some(r) = name.and_then(|n| xattr_at::set(dir, n, key, value, flags as u32)) {
+        return Ok(r?);
+    }
+    let p = proc_path(dir, name);
     let flags = rustix::fs::XattrFlags::from_bits_retain(flags as _);
     if name.is_some() {
         rustix::fs::lsetxattr(&p, key, value, flags)?;
@@ -114,7 +125,11 @@ pub fn set_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr, value: &[u8], 
 
 /// Removes xattr `key` from `name` in `dir` (or from `dir` itself).
 pub fn remove_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr) -> Result<()> {
-    let p = proc_path(dir.as_fd(), name);
+    let dir = dir.as_fd();
+    if let Some(r) = name.and_then(|n| xattr_at::remove(dir, n, key)) {
+        return Ok(r?);
+    }
+    let p = proc_path(dir, name);
     if name.is_some() {
         rustix::fs::lremovexattr(&p, key)?;
     } else {
@@ -125,13 +140,19 @@ pub fn remove_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr) -> Result<(
 
 /// Lists the xattr names of `name` in `dir` (or of `dir` itself).
 pub fn list_xattrs(dir: impl AsFd, name: Option<&CStr>) -> Result<Vec<OsString>> {
-    let p = proc_path(dir.as_fd(), name);
+    let dir = dir.as_fd();
     let mut buf = vec![0u8; 1024];
     loop {
-        let r = if name.is_some() {
-            rustix::fs::llistxattr(&p, &mut buf[..])
-        } else {
-            rustix::fs::listxattr(&p, &mut buf[..])
+        let r = match name.and_then(|n| xattr_at::list(dir, n, &mut buf[..])) {
+            Some(r) => r,
+            None => {
+                let p = proc_path(dir, name);
+                if name.is_some() {
+                    rustix::fs::llistxattr(&p, &mut buf[..])
+                } else {
+                    rustix::fs::listxattr(&p, &mut buf[..])
+                }
+            }
         };
         match r {
             Ok(n) => {
