@@ -78,13 +78,26 @@ fn proc_path(dir: BorrowedFd<'_>, name: Option<&CStr>) -> CString {
     CString::new(s).expect("no NUL")
 }
 
+/// Runs a directory-relative xattr call for `name` in `dir`, or for `dir` itself through `.`
+/// (which names a directory; any other object answers `ENOTDIR` there). `None`: take the
+/// procfs path instead.
+fn via_at<T>(
+    name: Option<&CStr>,
+    call: impl FnOnce(&CStr) -> Option<std::result::Result<T, Errno>>,
+) -> Option<std::result::Result<T, Errno>> {
+    match (name, call(name.unwrap_or(c"."))) {
+        (None, Some(Err(Errno::NOTDIR))) => None,
+        (_, r) => r,
+    }
+}
+
 /// Reads xattr `key` of `name` in `dir` (or of `dir` itself when `name` is `None`).
 /// `Ok(None)` when the attribute does not exist or the fs does not support xattrs.
 pub fn get_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr) -> Result<Option<Vec<u8>>> {
     let dir = dir.as_fd();
     let mut buf = vec![0u8; 256];
     loop {
-        let r = match name.and_then(|n| xattr_at::get(dir, n, key, &mut buf[..])) {
+        let r = match via_at(name, |n| xattr_at::get(dir, n, key, &mut buf[..])) {
             Some(r) => r,
             None => {
                 let p = proc_path(dir, name);
@@ -110,7 +123,7 @@ pub fn get_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr) -> Result<Opti
 /// Sets xattr `key` on `name` in `dir` (or on `dir` itself).
 pub fn set_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr, value: &[u8], flags: i32) -> Result<()> {
     let dir = dir.as_fd();
-    if let Some(r) = name.and_then(|n| xattr_at::set(dir, n, key, value, flags as u32)) {
+    if let Some(r) = via_at(name, |n| xattr_at::set(dir, n, key, value, flags as u32)) {
         return Ok(r?);
     }
     let p = proc_path(dir, name);
@@ -126,7 +139,7 @@ pub fn set_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr, value: &[u8], 
 /// Removes xattr `key` from `name` in `dir` (or from `dir` itself).
 pub fn remove_xattr(dir: impl AsFd, name: Option<&CStr>, key: &CStr) -> Result<()> {
     let dir = dir.as_fd();
-    if let Some(r) = name.and_then(|n| xattr_at::remove(dir, n, key)) {
+    if let Some(r) = via_at(name, |n| xattr_at::remove(dir, n, key)) {
         return Ok(r?);
     }
     let p = proc_path(dir, name);
@@ -143,7 +156,7 @@ pub fn list_xattrs(dir: impl AsFd, name: Option<&CStr>) -> Result<Vec<OsString>>
     let dir = dir.as_fd();
     let mut buf = vec![0u8; 1024];
     loop {
-        let r = match name.and_then(|n| xattr_at::list(dir, n, &mut buf[..])) {
+        let r = match via_at(name, |n| xattr_at::list(dir, n, &mut buf[..])) {
             Some(r) => r,
             None => {
                 let p = proc_path(dir, name);
@@ -169,6 +182,11 @@ pub fn list_xattrs(dir: impl AsFd, name: Option<&CStr>) -> Result<Vec<OsString>>
 
 /// Sets atime and mtime of the object `fd` refers to (works on `O_PATH` descriptors).
 pub fn set_times(fd: BorrowedFd<'_>, times: &rustix::fs::Timestamps) -> Result<()> {
+    // A directory is reached as its own `.`, without a walk through procfs.
+    match rustix::fs::utimensat(fd, c".", times, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOTDIR) => {}
+        r => return Ok(r?),
+    }
     let p = proc_path(fd, None);
     rustix::fs::utimensat(rustix::fs::CWD, &p, times, AtFlags::empty())?;
     Ok(())

@@ -4,9 +4,9 @@
 //! about 3 us more per call; a readdirplus lists the xattrs of every entry. No libc or rustix
 //! wraps these calls yet, so they are raw `syscall(2)`s here. Each returns `None` when the kernel
 //! (or a seccomp filter) does not know the call, and the caller falls back to the procfs path;
-//! the first `ENOSYS` is remembered so later calls skip straight to the fallback. Only names in a
-//! directory go this way: `AT_EMPTY_PATH` on the `O_PATH` descriptors the layers are held by
-//! gives `EBADF`, so an object's own xattrs keep the procfs path.
+//! the first `ENOSYS` is remembered so later calls skip straight to the fallback. `AT_EMPTY_PATH`
+//! on the `O_PATH` descriptors the layers are held by gives `EBADF`, so an object's own xattrs go
+//! through its `.` when it is a directory (`sys::via_at`) and keep the procfs path otherwise.
 
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -156,5 +156,44 @@ mod tests {
         remove(dir, c"link", c"trusted.t").unwrap().unwrap();
         assert_eq!(list(dir, c"link", &mut buf).unwrap(), Ok(0));
         assert_eq!(remove(dir, c"missing", c"trusted.t").unwrap(), Err(Errno::NOENT));
+    }
+
+    /// An object's own xattrs and times, through an `O_PATH` descriptor: a directory by its `.`,
+    /// anything else (here a file and a symlink) by the procfs path; both reach the object itself.
+    #[test]
+    fn own_xattrs_and_times_reach_dirs_files_and_symlinks_through_o_path() {
+        use crate::sys;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("d")).unwrap();
+        std::fs::write(tmp.path().join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink("f", tmp.path().join("l")).unwrap();
+        let root = std::fs::File::open(tmp.path()).unwrap();
+        for (i, name) in ["d", "f", "l"].into_iter().enumerate() {
+            let fd = rustix::fs::openat(
+                &root,
+                name,
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap();
+            let fd = std::os::fd::AsFd::as_fd(&fd);
+            sys::set_xattr(fd, None, c"trusted.own", name.as_bytes(), 0).unwrap();
+            assert_eq!(sys::get_xattr(fd, None, c"trusted.own").unwrap().as_deref(), Some(name.as_bytes()));
+            let path = c(&tmp.path().join(name));
+            let mut buf = [0u8; 16];
+            let n = rustix::fs::lgetxattr(path.as_c_str(), c"trusted.own", &mut buf).unwrap();
+            assert_eq!(&buf[..n], name.as_bytes(), "{name}: the object itself, not a symlink's target");
+            assert!(sys::list_xattrs(fd, None).unwrap().iter().any(|x| x == "trusted.own"));
+            sys::remove_xattr(fd, None, c"trusted.own").unwrap();
+            assert_eq!(sys::get_xattr(fd, None, c"trusted.own").unwrap(), None);
+            let when = rustix::fs::Timespec { tv_sec: 1_000_000 + i as i64, tv_nsec: 5 };
+            sys::set_times(fd, &rustix::fs::Timestamps { last_access: when, last_modification: when }).unwrap();
+            let st = rustix::fs::lstat(path.as_c_str()).unwrap();
+            assert_eq!((st.st_mtime, st.st_mtime_nsec), (1_000_000 + i as i64, 5), "{name}");
+        }
+        assert_eq!(
+            std::fs::metadata(tmp.path().join("f")).unwrap().modified().unwrap(),
+            std::time::UNIX_EPOCH + std::time::Duration::new(1_000_001, 5)
+        );
     }
 }

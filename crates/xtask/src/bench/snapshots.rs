@@ -18,7 +18,9 @@
 //! from offset 0); then, after one take, another new file (no copy: the cost of the copy-on-write
 //! check per write), the existing file overwritten again (its first write copies the whole file
 //! into the snapshot; ext4 has no clone, so a real copy), and once more (saved by then: full speed
-//! again). The ratios with / without a snapshot are taken within each run. The image is
+//! again). The ratios with / without a snapshot are taken within each run, the new-file one
+//! also for [`EXTRA_WRITE_PAIRS`] more pairs (delete the snapshot, a new file, take, a new file).
+//! The image is
 //! preallocated ([`Image::Preallocated`]) so that new files do not time the host's allocation,
 //! and a first run warms it up unrecorded.
 //!
@@ -71,7 +73,7 @@ const RUN_DIR: &str = "/run/ovlsnap";
 /// Runs the whole phase with the `ovlsnap` binary: takes at each tree size, then `runs` write runs.
 pub fn phase(ovlsnap: &Path, scratch: &Scratch, scale: &Scale, runs: usize, results: &mut Results) -> Result<()> {
     // 100k small files (~0.5 GiB of blocks) plus up to four files of the write size at a time.
-    let gib = 2 + (4 * scale.snapshot_write_mib).div_ceil(1024);
+    let gib = 2 + ((4 + 2 * EXTRA_WRITE_PAIRS as u64) * scale.snapshot_write_mib).div_ceil(1024);
     let image = match LoopFs::create_in(&scratch.dir, "snap", FsKind::Ext4, gib, Image::Preallocated) {
         Ok(image) => image,
         Err(err) => {
@@ -276,18 +278,36 @@ fn write_run(ovlsnap: &Path, base: &Path, rep: usize, mib: u64, out: &mut Vec<(M
     }
     let overwrite_first = note(out, Metric::OverwriteFirstAfterTake, overwrite_first);
     note(out, Metric::OverwriteAgainAfterTake, write("old.bin", WriteInto::InPlace)?);
-    for (metric, with, without) in [
-        (Metric::WriteWithSnapshot, &with, &without),
-        (Metric::OverwriteAfterTakeRatio, &overwrite_first, &overwrite_without),
-    ] {
-        let ratio = match (with, without) {
-            (Outcome::Value(with), Outcome::Value(without)) => Outcome::Value(with / without),
-            _ => Outcome::Failed("a measurement of the pair failed".to_owned()),
-        };
-        note(out, metric, ratio);
+    let ratio = |with: &Outcome, without: &Outcome| match (with, without) {
+        (Outcome::Value(with), Outcome::Value(without)) => Outcome::Value(with / without),
+        _ => Outcome::Failed("a measurement of the pair failed".to_owned()),
+    };
+    note(out, Metric::WriteWithSnapshot, ratio(&with, &without));
+    note(out, Metric::OverwriteAfterTakeRatio, ratio(&overwrite_first, &overwrite_without));
+    // One pair of sequential writes swings with this VM's disk far more than a snapshot costs:
+    // more pairs, each a write with no snapshot left (the last one deleted) right before a
+    // write after a fresh take, so that both halves of a ratio meet the same disk.
+    for pair in 1..=EXTRA_WRITE_PAIRS {
+        if let Outcome::Failed(why) = mount.delete_command(&format!("write-test{}", pair_suffix(pair - 1))) {
+            bail!("delete: {why}");
+        }
+        let without = write(&format!("new-a{pair}.bin"), WriteInto::NewFile)?;
+        if let Outcome::Failed(why) = mount.take_command(&format!("write-test{}", pair_suffix(pair))) {
+            bail!("take: {why}");
+        }
+        let with = write(&format!("new-b{pair}.bin"), WriteInto::NewFile)?;
+        note(out, Metric::WriteWithSnapshot, ratio(&with, &without));
     }
     mount.unmount()?;
     fs::remove_dir_all(&live).with_context(|| format!("removing {}", live.display()))
+}
+
+/// Pairs of new-file writes without and with a snapshot per write run, after the first.
+const EXTRA_WRITE_PAIRS: usize = 2;
+
+/// The suffix of the snapshot taken for pair `pair` (0: the run's first take).
+fn pair_suffix(pair: usize) -> String {
+    if pair == 0 { String::new() } else { format!("-{pair}") }
 }
 
 /// Shows an outcome as progress and keeps it; returns it for the ratios.
@@ -352,6 +372,24 @@ impl SnapMount {
                 String::from_utf8_lossy(&output.stdout).trim()
             )),
             Ok(_) => Outcome::millis(elapsed),
+        }
+    }
+
+    /// `ovlsnap delete NAME --mount MNT`. Milliseconds.
+    pub fn delete_command(&self, name: &str) -> Outcome {
+        let start = Instant::now();
+        let output = Command::new(&self.ovlsnap)
+            .args(["delete".as_ref(), name.as_ref(), "--mount".as_ref(), self.mnt.as_os_str()])
+            .stdin(Stdio::null())
+            .output();
+        match output {
+            Err(err) => Outcome::Failed(format!("could not start {}: {err}", self.ovlsnap.display())),
+            Ok(output) if !output.status.success() => Outcome::Failed(format!(
+                "`ovlsnap delete` failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+            Ok(_) => Outcome::millis(start.elapsed()),
         }
     }
 
