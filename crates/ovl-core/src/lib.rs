@@ -18,6 +18,7 @@
 //! assert_eq!(stack.lowers().len(), 2);
 //! ```
 
+pub mod acl;
 mod error;
 mod format;
 pub mod index;

@@ -81,9 +81,12 @@ impl OverlayFs {
             d.entries = self.listing(node)?;
         }
         let self_attr = self.attr(node, &self.real_stat(node)?);
-        // Every entry is looked up in the same parent dirs: each layer's is opened once. Safe
-        // under the namespace lock the request holds (no name changes meanwhile).
-        ovl_lookup::with_dir_cache(|| self.add_plus_entries(node, &d.entries, offset, self_attr, reply))
+        // Every entry is looked up in the same parent dirs: each layer's is opened once (the lower
+        // layers' once per open dir). Safe under the namespace lock the request holds: only
+        // copy-up and creation change names meanwhile, and only in the upper layer.
+        let upper_root = self.stack.upper().map(|u| u.layer().root());
+        let OpenDir { entries, kept } = &mut *d;
+        ovl_lookup::with_dir_cache(upper_root, kept, || self.add_plus_entries(node, entries, offset, self_attr, reply))
     }
 
     /// Adds the entries of a listing from `offset` on to a readdirplus reply, with their

@@ -12,12 +12,21 @@ use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, RenameFlags, Stat, Uid};
 use crate::fs::OverlayFs;
 use crate::inode::{Node, NodeState};
 
-/// Who owns a new object and with which mode, as the kernel would decide for the caller.
-#[derive(Debug, Clone, Copy)]
+/// Who makes a new object: uid, gid, and the umask the kernel passed (applied by the daemon
+/// when `FUSE_DONT_MASK` was negotiated, see [`OverlayFs::new_owner`]).
+pub(crate) type Caller = (u32, u32, u32);
+
+/// Who owns a new object, with which mode and inherited ACLs, as the kernel would decide for the
+/// caller.
+#[derive(Debug, Clone)]
 pub(crate) struct NewOwner {
     pub uid: u32,
     pub gid: u32,
     pub mode: u32,
+    /// `system.posix_acl_access` to store, inherited from the parent's default ACL.
+    pub acl: Option<Vec<u8>>,
+    /// `system.posix_acl_default` to store (a new directory inherits its parent's).
+    pub default_acl: Option<Vec<u8>>,
 }
 
 impl NewOwner {
@@ -28,30 +37,34 @@ impl NewOwner {
         let sgid = parent.st_mode & libc::S_ISGID != 0;
         let gid = if sgid { parent.st_gid } else { gid };
         let mode = if sgid && is_dir { mode | libc::S_ISGID } else { mode };
-        Self { uid, gid, mode: mode & 0o7777 }
+        Self { uid, gid, mode: mode & 0o7777, acl: None, default_acl: None }
     }
 
-    /// Sets owner, then mode (chown may clear set-ID bits), on `dir/name`; on failure the half
-    /// made object is removed.
+    /// Sets owner, inherited ACLs, then mode (chown may clear set-ID bits), on `dir/name`; on
+    /// failure the half made object is removed.
     fn apply(&self, dir: BorrowedFd<'_>, name: &CStr, kind: FileType) -> Result<()> {
-        let done = rustix::fs::chownat(
-            dir,
-            name,
-            Some(Uid::from_raw(self.uid)),
-            Some(Gid::from_raw(self.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .and_then(|()| {
+        let done = (|| -> Result<()> {
+            rustix::fs::chownat(
+                dir,
+                name,
+                Some(Uid::from_raw(self.uid)),
+                Some(Gid::from_raw(self.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
             if kind == FileType::Symlink {
-                Ok(())
-            } else {
-                rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty())
+                return Ok(());
             }
-        });
+            for (key, value) in [(ovl_core::acl::ACCESS, &self.acl), (ovl_core::acl::DEFAULT, &self.default_acl)] {
+                if let Some(v) = value {
+                    sys::set_xattr(dir, Some(name), key, v, 0)?;
+                }
+            }
+            Ok(rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty())?)
+        })();
         if let Err(e) = done {
             let flags = if kind == FileType::Directory { AtFlags::REMOVEDIR } else { AtFlags::empty() };
             let _ = rustix::fs::unlinkat(dir, name, flags);
-            return Err(e.into());
+            return Err(e);
         }
         Ok(())
     }
@@ -148,15 +161,47 @@ impl OverlayFs {
         self.real_stat(parent)
     }
 
+    /// The owner, mode and ACLs of a new object of `kind` made by `caller` in `parent`. With
+    /// `FUSE_POSIX_ACL` the kernel leaves the umask to us and we do what its `posix_acl_create`
+    /// does: the parent's default ACL, if it has one, narrows the mode and gives the access ACL
+    /// (and, to a directory, the default ACL itself); otherwise the umask applies.
+    fn new_owner(&self, parent: &Node, (uid, gid, umask): Caller, mode: u32, kind: FileType) -> Result<NewOwner> {
+        let is_dir = kind == FileType::Directory;
+        let mut owner = NewOwner::new(uid, gid, mode, &self.parent_stat(parent)?, is_dir);
+        if !self.posix_acl || kind == FileType::Symlink {
+            return Ok(owner);
+        }
+        let default = match self.do_getxattr(parent, OsStr::new("system.posix_acl_default")) {
+            Ok(v) => match ovl_core::acl::Acl::parse(&v) {
+                Ok(acl) => Some(acl),
+                Err(e) => {
+                    tracing::warn!("ignoring a malformed default ACL of a parent dir: {e}");
+                    None
+                }
+            },
+            Err(e) if e.errno() == Errno::NODATA => None,
+            Err(e) => return Err(e),
+        };
+        match default {
+            None => owner.mode &= !(umask & 0o777),
+            Some(acl) => {
+                let (mode, access) = acl.inherit(owner.mode);
+                owner.mode = mode;
+                owner.acl = access.map(|a| a.to_bytes());
+                owner.default_acl = is_dir.then(|| acl.to_bytes());
+            }
+        }
+        Ok(owner)
+    }
+
     pub(crate) fn do_mkdir(
         &self,
         parent: &Arc<Node>,
         name: &OsStr,
         mode: u32,
-        uid: u32,
-        gid: u32,
+        caller: Caller,
     ) -> Result<(Arc<Node>, Stat)> {
-        let owner = NewOwner::new(uid, gid, mode, &self.parent_stat(parent)?, true);
+        let owner = self.new_owner(parent, caller, mode & 0o7777, FileType::Directory)?;
         let (node, st, ()) = self.create_object(parent, name, FileType::Directory, |dir, n| {
             rustix::fs::mkdirat(dir, n, Mode::from_raw_mode(owner.mode & 0o777))?;
             owner.apply(dir, n, FileType::Directory)
@@ -170,11 +215,10 @@ impl OverlayFs {
         name: &OsStr,
         mode: u32,
         rdev: u32,
-        uid: u32,
-        gid: u32,
+        caller: Caller,
     ) -> Result<(Arc<Node>, Stat)> {
         let kind = FileType::from_raw_mode(mode);
-        let owner = NewOwner::new(uid, gid, mode & 0o7777, &self.parent_stat(parent)?, false);
+        let owner = self.new_owner(parent, caller, mode & 0o7777, kind)?;
         let (node, st, ()) = self.create_object(parent, name, kind, |dir, n| {
             if kind == FileType::RegularFile {
                 drop(rustix::fs::openat(
@@ -214,10 +258,9 @@ impl OverlayFs {
         name: &OsStr,
         mode: u32,
         flags: i32,
-        uid: u32,
-        gid: u32,
+        caller: Caller,
     ) -> Result<(Arc<Node>, Stat, OwnedFd)> {
-        let owner = NewOwner::new(uid, gid, mode & 0o7777, &self.parent_stat(parent)?, false);
+        let owner = self.new_owner(parent, caller, mode & 0o7777, FileType::RegularFile)?;
         let oflags = crate::data::backing_flags(flags) | OFlags::CREATE | OFlags::EXCL;
         self.create_object(parent, name, FileType::RegularFile, |dir, n| {
             let fd = rustix::fs::openat(dir, n, oflags, Mode::from_raw_mode(0o600))?;

@@ -32,10 +32,12 @@ pub(crate) struct OpenFile {
 }
 
 /// An open directory: its merged listing, taken at the first readdir and again at each rewind, so
-/// offsets stay valid across readdir calls and seekdir.
-#[derive(Debug, Default)]
+/// offsets stay valid across readdir calls and seekdir; and its lower layers' dirs as readdirplus
+/// looks up its entries (see [`ovl_lookup::KeptDirs`]).
+#[derive(Default)]
 pub(crate) struct OpenDir {
     pub entries: Vec<(OsString, FuseType, u64)>,
+    pub kept: ovl_lookup::KeptDirs,
 }
 
 /// The open file and directory handles.
@@ -84,6 +86,9 @@ pub struct OverlayFs {
     /// `FUSE_HANDLE_KILLPRIV_V2` was negotiated: the daemon clears set-ID bits on writes,
     /// truncates and `O_TRUNC` opens by callers without `CAP_FSETID` (see `kill_suidgid`).
     pub(crate) killpriv: bool,
+    /// `FUSE_POSIX_ACL` and `FUSE_DONT_MASK` were negotiated: the kernel enforces and caches
+    /// ACLs, and the daemon applies the umask or, instead, the parent's default ACL to new objects.
+    pub(crate) posix_acl: bool,
 }
 
 impl OverlayFs {
@@ -119,6 +124,7 @@ impl OverlayFs {
             ns: RwLock::new(()),
             notifier: Arc::default(),
             killpriv: false,
+            posix_acl: false,
             passthrough: Default::default(),
         })
     }

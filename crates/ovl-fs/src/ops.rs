@@ -69,6 +69,12 @@ impl Filesystem for OverlayFs {
         // trip each); with it the daemon clears set-ID bits itself (`OverlayFs::kill_suidgid`).
         let killpriv = InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         self.killpriv = config.capabilities().contains(killpriv) && config.add_capabilities(killpriv).is_ok();
+        // Without it the kernel checks the mode bits only: a named user's deny entry in an ACL
+        // did not keep that user out, as it does through the kernel overlay. With it the kernel
+        // enforces and caches ACLs, and leaves the umask to the daemon, which a parent's default
+        // ACL replaces (`OverlayFs::new_owner`).
+        let acl = InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK;
+        self.posix_acl = config.capabilities().contains(acl) && config.add_capabilities(acl).is_ok();
         self.negotiate_passthrough(config);
         Ok(())
     }
@@ -137,29 +143,20 @@ impl Filesystem for OverlayFs {
         });
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         guarded("mknod", || {
             let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
-            let (node, st) = tri!(reply, self.do_mknod(&p, name, mode, rdev, req.uid(), req.gid()));
+            let (node, st) = tri!(reply, self.do_mknod(&p, name, mode, rdev, (req.uid(), req.gid(), umask)));
             reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
         });
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         guarded("mkdir", || {
             let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
-            let (node, st) = tri!(reply, self.do_mkdir(&p, name, mode, req.uid(), req.gid()));
+            let (node, st) = tri!(reply, self.do_mkdir(&p, name, mode, (req.uid(), req.gid(), umask)));
             reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
         });
     }
@@ -445,14 +442,14 @@ impl Filesystem for OverlayFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         guarded("create", || {
             let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
-            let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, req.uid(), req.gid()));
+            let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, (req.uid(), req.gid(), umask)));
             let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
             let attr = self.attr(&node, &st);
             let (ttl, fh, noflush) = (&self.ttl, FileHandle(fh), FopenFlags::FOPEN_NOFLUSH);

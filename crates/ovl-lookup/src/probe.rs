@@ -8,7 +8,8 @@ use std::ffi::{CStr, CString, OsString};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use ovl_core::sys;
 use ovl_core::{Errno, Result};
@@ -16,7 +17,7 @@ use rustix::fs::Stat;
 
 /// An object found in a layer.
 pub(crate) struct Probe {
-    dir: Rc<OwnedFd>,
+    dir: Arc<OwnedFd>,
     name: CString,
     /// The object's `lstat`.
     pub st: Stat,
@@ -33,25 +34,31 @@ pub(crate) fn is_absent(e: Errno) -> bool {
 /// for a parent that is absent in that layer.
 type DirCache = HashMap<(RawFd, PathBuf), Option<CachedDir>>;
 
-/// Probes of one directory after which a scope reads its listing: from then on a name missing
-/// from the listing is answered without an `lstat` (a merged directory's names are mostly
-/// missing from all but one of its layers). Below it, a few `lstat`s cost less than a listing.
+/// Probes of one directory after which its listing is read: from then on a name missing from the
+/// listing is answered without an `lstat` (a merged directory's names are mostly missing from all
+/// but one of its layers). Below it, a few `lstat`s cost less than a listing.
 const LIST_AFTER: u32 = 4;
 
 /// A directory opened in a [`with_dir_cache`] scope.
 #[derive(Clone)]
 struct CachedDir {
-    fd: Rc<OwnedFd>,
-    probes: Rc<std::cell::Cell<u32>>,
+    fd: Arc<OwnedFd>,
+    /// Whether its listing may answer for absent names: only in a lower layer, which nothing
+    /// changes while mounted. The upper layer changes under readers (copy-up holds the namespace
+    /// lock shared), so there every name is asked of `lstat` at the moment it is needed.
+    listable: bool,
+    probes: Arc<AtomicU32>,
     /// The names in the directory, once listed (`None` inside: listing failed, so ask `lstat`).
-    names: Rc<std::cell::OnceCell<Option<HashSet<OsString>>>>,
+    names: Arc<OnceLock<Option<HashSet<OsString>>>>,
 }
 
 impl CachedDir {
     /// Whether `name` is certainly absent: only known once the listing has been read.
     fn certainly_lacks(&self, name: &CStr) -> bool {
-        let n = self.probes.get() + 1;
-        self.probes.set(n);
+        if !self.listable {
+            return false;
+        }
+        let n = self.probes.fetch_add(1, Ordering::Relaxed) + 1;
         if n < LIST_AFTER && self.names.get().is_none() {
             return false;
         }
@@ -63,46 +70,70 @@ impl CachedDir {
     }
 }
 
+/// The lower-layer directories (and their listings) of [`with_dir_cache`] scopes, kept from one
+/// scope to the next: an open directory's readdirplus requests each list a few dozen entries of
+/// the same parents, and reading a parent's listing again per request would cost the size of the
+/// directory per request. Lower layers do not change while mounted, so these never go stale.
+#[derive(Default)]
+pub struct KeptDirs {
+    dirs: DirCache,
+}
+
+/// A scope's state: its dirs, and the upper layer's root (never listed, never kept).
+struct Scope {
+    dirs: DirCache,
+    upper_root: Option<RawFd>,
+}
+
 thread_local! {
-    static DIR_CACHE: RefCell<Option<DirCache>> = const { RefCell::new(None) };
+    static DIR_CACHE: RefCell<Option<Scope>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with the parent directories of the objects it probes opened once per layer instead
 /// of once per object (a listing's entries all share their parent). The caller guarantees that
-/// no name in the layers changes meanwhile (ovl-fs holds its namespace lock); scopes nest.
-pub fn with_dir_cache<R>(f: impl FnOnce() -> R) -> R {
+/// no name in the layers changes meanwhile except through copy-up and creation in the upper
+/// layer, whose root is `upper_root` (ovl-fs holds its namespace lock); scopes nest. `kept`
+/// carries lower-layer dirs into the scope and back out of it.
+pub fn with_dir_cache<R>(upper_root: Option<BorrowedFd<'_>>, kept: &mut KeptDirs, f: impl FnOnce() -> R) -> R {
     let outer = DIR_CACHE.with(|c| c.borrow().is_some());
     if outer {
         return f();
     }
-    DIR_CACHE.with(|c| *c.borrow_mut() = Some(HashMap::new()));
-    struct Clear;
-    impl Drop for Clear {
+    let dirs = std::mem::take(&mut kept.dirs);
+    let upper_root = upper_root.map(|r| r.as_raw_fd());
+    DIR_CACHE.with(|c| *c.borrow_mut() = Some(Scope { dirs, upper_root }));
+    /// Ends the scope, also when `f` panics: lower-layer dirs go back to `kept`.
+    struct Clear<'k>(&'k mut KeptDirs);
+    impl Drop for Clear<'_> {
         fn drop(&mut self) {
-            DIR_CACHE.with(|c| *c.borrow_mut() = None);
+            if let Some(scope) = DIR_CACHE.with(|c| c.borrow_mut().take()) {
+                self.0.dirs = scope.dirs.into_iter().filter(|((root, _), _)| Some(*root) != scope.upper_root).collect();
+            }
         }
     }
-    let _clear = Clear;
+    let _clear = Clear(kept);
     f()
 }
 
 /// The directory `parent` beneath `root`, `None` when absent; in a scope, from its cache, and
 /// also `None` when the cached listing shows that `name` is not in it.
-fn open_dir(root: BorrowedFd<'_>, parent: &Path, name: &CStr) -> Result<Option<Rc<OwnedFd>>> {
+fn open_dir(root: BorrowedFd<'_>, parent: &Path, name: &CStr) -> Result<Option<Arc<OwnedFd>>> {
     let open = || match sys::open_dir_path(root, parent) {
-        Ok(fd) => Ok(Some(Rc::new(fd))),
+        Ok(fd) => Ok(Some(Arc::new(fd))),
         Err(e) if is_absent(e.errno()) => Ok(None),
         Err(e) => Err(e),
     };
     DIR_CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        let Some(cache) = c.as_mut() else { return open() };
+        let Some(scope) = c.as_mut() else { return open() };
         let key = (root.as_raw_fd(), parent.to_path_buf());
-        let dir = match cache.get(&key) {
+        let dir = match scope.dirs.get(&key) {
             Some(hit) => hit.clone(),
             None => {
-                let dir = open()?.map(|fd| CachedDir { fd, probes: Default::default(), names: Default::default() });
-                cache.insert(key, dir.clone());
+                let listable = Some(root.as_raw_fd()) != scope.upper_root;
+                let dir =
+                    open()?.map(|fd| CachedDir { fd, listable, probes: Default::default(), names: Default::default() });
+                scope.dirs.insert(key, dir.clone());
                 dir
             }
         };
