@@ -3,15 +3,13 @@
 //! kernel's); injected store corruptions are reported with their path and severity; what a
 //! killed daemon leaves is fixable; a running daemon is checked read-only and never repaired.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// The findings a healthy store may have: whiteouts a later removal from LIVE left with nothing
 /// to hide, and origins of copies whose LIVE file is gone since.

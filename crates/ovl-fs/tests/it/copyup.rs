@@ -2,14 +2,12 @@
 //! hole-preserving copies, descriptors opened before a copy-up, and many threads racing to copy
 //! up the same and different files.
 
-mod common;
-
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Backend, KERNEL_OPTS, Layers, MountGuard, apply_fixture, mount_point, tempdir};
+use crate::common::{self, Backend, KERNEL_OPTS, Layers, MountGuard, apply_fixture, mount_point, tempdir};
 
 /// A filesystem in a loop image, mounted at `dir`; unmounted (and its loop device freed) on drop.
 struct LoopFs {

@@ -2,15 +2,13 @@
 //! and one more, paths near PATH_MAX, deep trees, a directory of 100k entries, symlink loops,
 //! names with newlines and invalid UTF-8, and an upper layer that runs out of space or inodes.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Backend, KERNEL_OPTS, Layers, MountGuard, assert_same_tree, mount_point, snapshot_tree, tempdir};
+use crate::common::{Backend, KERNEL_OPTS, Layers, MountGuard, assert_same_tree, mount_point, snapshot_tree, tempdir};
 
 fn errno<T>(r: std::io::Result<T>) -> String {
     match r {

@@ -20,8 +20,6 @@
 //! - `OVL_CRASH_ROUNDS` (8): rounds per test
 //! - see `common/mod.rs` for `OVL_DIFF_OVLFS` and `OVL_DIFF_KEEP`
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
@@ -34,7 +32,7 @@ use std::sync::mpsc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, RngCore, SeedableRng};
@@ -161,7 +159,7 @@ fn crash_rounds(test: &str, first: Duration, round: impl Fn(&mut StdRng, &Layers
         let mut note = Note(
             format!(
                 "ovlfs crash round failed: {test}, seed {seed}; reproduce with OVL_CRASH_SEED={seed} OVL_CRASH_ROUNDS=1 \
-                 cargo test -p ovl-fs --test crash {test}"
+                 cargo test -p ovl-fs --test it -- --exact crash::{test}"
             ),
             Vec::new(),
         );

@@ -5,15 +5,13 @@
 //! descriptor or a shared mapping that was set up before the take. Each snapshot is checked
 //! through `MNT/.snapshots/NAME` and through the stock kernel overlay (`ovlsnap mount-cmd`).
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// Reads a whole file through `path`.
 fn read(path: &Path) -> Vec<u8> {

@@ -9,10 +9,8 @@
 //! served; the tests read that log to know that passthrough really was used.
 
 #[allow(dead_code)] // shared with snap-cli's tests, which use all of it
-#[path = "../../snap-cli/tests/common/sys/mod.rs"]
+#[path = "../../../snap-cli/tests/it/common/sys/mod.rs"]
 mod sys;
-
-mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -20,7 +18,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Backend, Layers, MountGuard, apply_fixture, mount_point, tempdir};
+use crate::common::{Backend, Layers, MountGuard, apply_fixture, mount_point, tempdir};
 
 const FIXTURE: &str = "
 l1 file low.txt lower-data
@@ -51,7 +49,8 @@ fn open_until_passthrough(m: &MountGuard, path: &Path) -> File {
         drop(f);
         std::thread::sleep(Duration::from_millis(5));
         // A node once opened through the page cache stays there until the kernel forgets it
-        // (src/passthrough.rs): let the kernel drop unused inodes.
+        // (src/passthrough.rs): let the kernel drop unused inodes. Machine-wide, while the other
+        // tests of this binary run: like memory pressure, it must not change what they see.
         fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
     }
 }

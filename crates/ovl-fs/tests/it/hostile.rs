@@ -14,15 +14,13 @@
 //! on a symlink: ignored. Without `metacopy=on` every metacopy file fails with `EPERM` (after the
 //! redirect's `EINVAL` check); with `nofollow` so does every redirect in a merged parent.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, symlink};
 use std::path::Path;
 
-use common::{Backend, Layers, MountGuard, make_whiteout, mount_point, tempdir};
+use crate::common::{self, Backend, Layers, MountGuard, make_whiteout, mount_point, tempdir};
 use rustix::fs::XattrFlags;
 
 /// What a file outside the layers holds; no probe may ever read it.

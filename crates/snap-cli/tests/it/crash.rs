@@ -49,9 +49,6 @@
 //! - `OVLSNAP_CRASH_VERBOSE=1`: print each round's steps
 //! - see `common/mod.rs` for `OVLSNAP_BIN`, `OVLSNAP_TEST_KEEP` and the deadlines
 
-mod common;
-mod crash_support;
-
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -61,8 +58,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
-use crash_support::*;
+use crate::common::*;
+use crate::crash_support::*;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};

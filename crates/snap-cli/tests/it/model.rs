@@ -18,8 +18,6 @@
 //! - `OVLSNAP_MODEL_VERBOSE=1`: print every operation and take
 //! - see `common/mod.rs` for `OVLSNAP_BIN`, `OVLSNAP_TEST_KEEP` and the deadlines
 
-mod common;
-
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, OpenOptions};
@@ -27,7 +25,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};

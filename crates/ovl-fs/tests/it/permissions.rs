@@ -3,14 +3,12 @@
 //! kernel overlay and on ovlfs over identical layers; every answer and the resulting modes must
 //! agree, and overlay metadata stays out of reach.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::Path;
 use std::process::Command;
 
-use common::{Backend, KERNEL_OPTS, Layers, MountGuard, mount_point, tempdir};
+use crate::common::{Backend, KERNEL_OPTS, Layers, MountGuard, mount_point, tempdir};
 
 /// The lower layer: root's and users' files, a sticky dir, set-ID files.
 fn build(lower: &Path) {

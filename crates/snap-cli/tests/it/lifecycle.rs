@@ -1,14 +1,12 @@
 //! The snapshot lifecycle beyond the model test (issue 6): what diff costs, what delete refuses,
 //! restore's dry run and a restore killed halfway.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn cli(args: &[&OsStr]) -> CliOutput {
     ovlsnap(args)

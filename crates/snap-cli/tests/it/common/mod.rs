@@ -17,17 +17,13 @@
 //! - `OVLSNAP_TEST_HANG_SECS` (300): a mount older than this is presumed hung and its daemon is
 //!   killed, so blocked syscalls fail (ENOTCONN) instead of stalling the run
 //! - `OVLSNAP_TEST_KEEP=1`: keep the temp dirs (after unmounting)
-#![allow(dead_code)] // each test binary uses its own subset
 
 mod json;
 mod sys;
 mod tree;
 
-#[allow(unused_imports)] // each test binary uses its own subset
 pub use json::*;
-#[allow(unused_imports)] // not every test binary maps files
 pub use sys::*;
-#[allow(unused_imports)]
 pub use tree::*;
 
 use std::ffi::{OsStr, OsString};
@@ -320,7 +316,8 @@ pub fn kill_processes_using(root: &Path) -> Vec<Proc> {
 /// (and then removes it unless `OVLSNAP_TEST_KEEP` is set).
 pub struct Scratch {
     root: PathBuf,
-    dir: tempfile::TempDir,
+    /// Held for its drop, which removes the dir (after [`Drop::drop`] swept it).
+    _dir: tempfile::TempDir,
 }
 
 impl Scratch {
@@ -332,7 +329,7 @@ impl Scratch {
             eprintln!("keeping {}", dir.path().display());
         }
         let root = fs::canonicalize(dir.path()).expect("canonical tempdir");
-        Scratch { root, dir }
+        Scratch { root, _dir: dir }
     }
 
     /// The temp dir.

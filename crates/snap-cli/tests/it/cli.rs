@@ -1,11 +1,9 @@
 //! The command line itself: help, version, generated completions and man pages, and errors that
 //! say what to do next.
 
-mod common;
-
 use std::fs;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn help_version_and_generated_docs() {

@@ -19,14 +19,12 @@
 //! - `OVL_DIFF_HANG_SECS` (120): an ovlfs mount older than this is presumed hung; its daemon is
 //!   killed so blocked calls fail instead of hanging (raise it for very long sequences)
 
-mod common;
-
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rustix::fs::{AtFlags, CWD, Mode, RenameFlags, XattrFlags};

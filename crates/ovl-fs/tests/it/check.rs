@@ -6,8 +6,6 @@
 //! Environment: `OVL_CHECK_SEEDS` (3) random workloads per configuration, `OVL_CHECK_OPS` (150)
 //! operations each.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
@@ -16,7 +14,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rustix::fs::XattrFlags;
@@ -210,7 +208,9 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) {
 fn stale_origin(lower: &Path, name: &str) -> Vec<u8> {
     let path = lower.join(name);
     fs::write(&path, b"soon gone").unwrap();
-    let dir = rustix::fs::open(lower, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
+    // CLOEXEC like every std open: the daemons other tests spawn meanwhile must not inherit it.
+    let flags = rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC;
+    let dir = rustix::fs::open(lower, flags, rustix::fs::Mode::empty()).unwrap();
     let handle = ovl_core::sys::name_to_handle(&dir, &std::ffi::CString::new(name).unwrap()).unwrap();
     let value = ovl_core::Origin { uuid: ovl_core::sys::fs_uuid(&dir), handle, path_upper: false }.encode();
     fs::remove_file(&path).unwrap();

@@ -145,7 +145,7 @@ pub fn run_kind(kind: &'static str, test: &str, first_max: Duration, mut round: 
         let mut r = Round::new(kind, seed, cfg.verbose, tuner.max);
         r.note.text = format!(
             "crash round failed: {kind}, seed {seed} ({:?}); reproduce with OVLSNAP_CRASH_SEED={seed} \
-             OVLSNAP_CRASH_ROUNDS=1 cargo test -p snap-cli --test crash {test}",
+             OVLSNAP_CRASH_ROUNDS=1 cargo test -p snap-cli --test it -- --exact crash::{test}",
             r.m.form()
         );
         let out = round(&mut r);

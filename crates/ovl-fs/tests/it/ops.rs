@@ -3,18 +3,14 @@
 //! (value or errno), the final view, the upper layer, and the kernel's view of our upper layer.
 //! Also the `ovlfs` command line: background start, the mount.fuse3 form, bad input.
 
-#![allow(clippy::vec_init_then_push)]
-
-mod common;
-
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{
-    Backend, KERNEL_OPTS, Layers, MountGuard, apply_fixture, assert_same_tree, assert_same_upper, mount_fstype,
+use crate::common::{
+    self, Backend, KERNEL_OPTS, Layers, MountGuard, apply_fixture, assert_same_tree, assert_same_upper, mount_fstype,
     mount_point, ovlfs_bin, snapshot_tree, snapshot_upper, tempdir,
 };
 use rustix::fs::{AtFlags, CWD, FallocateFlags, RenameFlags, XattrFlags};
@@ -68,6 +64,7 @@ fn rx<T>(r: rustix::io::Result<T>) -> Result<T, String> {
 }
 
 /// The scripted operations; returns a log of every result.
+#[allow(clippy::vec_init_then_push)] // one push per step, each with its comment
 fn script(m: &Path) -> Vec<String> {
     let p = |s: &str| m.join(s);
     let mut log = Vec::new();
@@ -274,9 +271,9 @@ fn readdir_offsets_survive_seekdir() {
     apply_fixture(&l, &fixture);
     let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m"));
     let read_from = |off: Option<i64>| {
-        let fd =
-            rustix::fs::open(m.path().join("d"), rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY, 0.into())
-                .unwrap();
+        // CLOEXEC like every std open: the daemons other tests spawn meanwhile must not inherit it.
+        let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+        let fd = rustix::fs::open(m.path().join("d"), flags, 0.into()).unwrap();
         let mut dir = rustix::fs::Dir::new(fd).unwrap();
         if let Some(o) = off {
             dir.seek(o).unwrap();

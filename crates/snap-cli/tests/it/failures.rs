@@ -1,14 +1,12 @@
 //! Failures the snapshot store must survive (issue 5, bad input): a full disk during a copy-on-write
 //! copy, and a daemon killed with SIGKILL.
 
-mod common;
-
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use rustix::mount::{MountFlags, UnmountFlags};
 
 /// Bytes that differ per seed, so copies cannot be confused.

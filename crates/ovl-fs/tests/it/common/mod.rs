@@ -17,7 +17,6 @@
 //! explicit times before it too; an mtime at or after the cutoff means "set by the clock". The
 //! comparisons check mtimes only when one side is old, so copy-up must keep times but two clocks
 //! never have to agree.
-#![allow(dead_code)] // each test binary uses its own subset
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -172,7 +171,6 @@ fn run(cmd: &mut Command) {
 /// Declare it after the `TempDir` holding its layers, so it drops (unmounts) first.
 pub struct MountGuard {
     mnt: PathBuf,
-    backend: Backend,
     child: Option<Child>,
     log: Option<PathBuf>,
     fstype: String,
@@ -194,7 +192,7 @@ impl MountGuard {
         let mnt = fs::canonicalize(mnt).expect("mount point exists");
         let opts = layers.mount_options(extra);
         let mut guard =
-            MountGuard { mnt, backend, child: None, log: None, fstype: String::new(), mounted: false, watchdog: None };
+            MountGuard { mnt, child: None, log: None, fstype: String::new(), mounted: false, watchdog: None };
         match backend {
             Backend::Kernel => {
                 let data = std::ffi::CString::new(opts.clone()).unwrap();
@@ -254,11 +252,6 @@ impl MountGuard {
         &self.mnt
     }
 
-    /// The backend serving this mount.
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
     /// The filesystem type mountinfo reports (`overlay` or `fuse.ovlfs`).
     pub fn fstype(&self) -> &str {
         &self.fstype
@@ -276,11 +269,6 @@ impl MountGuard {
     /// Everything the daemon wrote so far (empty for a kernel mount).
     pub fn log_text(&self) -> String {
         self.log.as_ref().map(|log| fs::read_to_string(log).unwrap_or_default()).unwrap_or_default()
-    }
-
-    /// The pid of the ovlfs daemon (`None` for a kernel mount).
-    pub fn daemon_pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
     }
 
     /// What a crash leaves: kills the daemon with SIGKILL, waits until it is gone, then detaches
@@ -435,9 +423,6 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 mod layers;
 mod snapshot;
 mod workload;
-#[allow(unused_imports)] // each test binary uses its own subset
 pub use layers::*;
-#[allow(unused_imports)]
 pub use snapshot::*;
-#[allow(unused_imports)]
 pub use workload::*;
