@@ -9,6 +9,7 @@
 
 mod common;
 
+mod acl;
 mod check;
 mod copyup;
 mod crash;

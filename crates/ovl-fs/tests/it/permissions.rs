@@ -86,6 +86,19 @@ fn run_as_user(mnt: &Path) -> String {
 
 #[test]
 fn an_unprivileged_user_may_do_what_the_kernel_overlay_allows() {
+    compare_with_the_kernel(&[]);
+}
+
+/// With passthrough, the kernel writes to backing files with the daemon's credentials: writes by
+/// the user must still clear set-ID bits (set-ID files are served by the daemon).
+#[test]
+fn an_unprivileged_user_may_do_what_the_kernel_overlay_allows_with_passthrough() {
+    compare_with_the_kernel(&[("OVLFS_PASSTHROUGH", "1")]);
+}
+
+/// Runs the script as uid 1000 on the kernel overlay and on ovlfs (its daemon started with
+/// `env`) over identical layers; every answer must agree.
+fn compare_with_the_kernel(env: &[(&str, &str)]) {
     let tmp = tempdir("perm");
     // The user must be able to reach the mounts.
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -100,7 +113,7 @@ fn an_unprivileged_user_may_do_what_the_kernel_overlay_allows() {
         fs::set_permissions(m, fs::Permissions::from_mode(0o755)).unwrap();
     }
     let kernel = MountGuard::mount(Backend::Kernel, &base, KERNEL_OPTS, &km);
-    let ovlfs = MountGuard::mount(Backend::Ovlfs, &ours, "", &om);
+    let ovlfs = MountGuard::mount_env(Backend::Ovlfs, &ours, "", &om, env);
     let want = run_as_user(kernel.path());
     let got = run_as_user(ovlfs.path());
     assert!(want.lines().count() >= 25, "the script ran: {want}");

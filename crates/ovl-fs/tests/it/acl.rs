@@ -5,14 +5,12 @@
 //! script runs as uid 1000 on a kernel overlay and on ovlfs over identical layers; then root
 //! lists modes and raw ACL xattrs on both. Every line must agree.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::Path;
 use std::process::Command;
 
-use common::{Backend, KERNEL_OPTS, Layers, MountGuard, mount_point, tempdir};
+use crate::common::{Backend, KERNEL_OPTS, Layers, MountGuard, mount_point, tempdir};
 
 const ANY: u32 = u32::MAX;
 const USER_OBJ: u16 = 0x01;
