@@ -43,9 +43,9 @@ impl OverlayFs {
             return Err(Errno::ROFS.into());
         }
         let _guard = node.copy_lock.lock();
+        let (parent, name) = self.live_name(node).ok_or(Errno::NOENT)?;
         let (upper, parent_id, name, src, data, index) = {
             let st = node.state.read();
-            let (parent, name) = st.names.first().cloned().ok_or(Errno::NOENT)?;
             let src = match (&st.lower, st.lower_dirs.first()) {
                 (Some(l), _) => Some(ovl_copyup::Source { layer: l.layer, path: l.path.clone() }),
                 (None, Some(d)) => Some(ovl_copyup::Source { layer: d.layer, path: d.path.clone() }),

@@ -15,7 +15,7 @@ impl OverlayFs {
     fn listing(&self, node: &Node) -> Result<Vec<(OsString, FuseType, u64)>> {
         let (_, layers) = self.dir_of(node)?;
         let entries = ovl_lookup::read_merged(&self.stack, &layers)?;
-        let parent = node.state.read().names.first().map(|(p, _)| *p).unwrap_or(ROOT);
+        let parent = self.live_name(node).map_or(ROOT, |(p, _)| p);
         let mut out = Vec::with_capacity(entries.len() + 2);
         out.push((OsString::from("."), FuseType::Directory, node.id));
         out.push((OsString::from(".."), FuseType::Directory, parent));

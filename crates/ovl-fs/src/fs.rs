@@ -230,10 +230,19 @@ impl OverlayFs {
         self.table.get(ino.0).ok_or_else(|| Errno::STALE.into())
     }
 
-    /// The overlay path of a node (`""` for the root), from its first name up to the root.
+    /// The first name of `node` whose parent the kernel still knows (or the root). A hard-linked
+    /// file keeps names under parents the kernel has since forgotten (`drop_caches`, memory
+    /// pressure): its dentry there went, and the inode lives on through another name. Such a
+    /// name is still on disk, but no path can be built through a node that is gone.
+    pub(crate) fn live_name(&self, node: &Node) -> Option<(u64, OsString)> {
+        let st = node.state.read();
+        st.names.iter().find(|(p, _)| *p == ROOT || self.table.get(*p).is_some()).cloned()
+    }
+
+    /// The overlay path of a node (`""` for the root), from its first live name up to the root.
     pub(crate) fn path_of(&self, node: &Node) -> Result<PathBuf> {
         let mut parts: Vec<OsString> = Vec::new();
-        let mut cur = node.state.read().names.first().cloned();
+        let mut cur = self.live_name(node);
         let mut id = node.id;
         while id != ROOT {
             let Some((parent, name)) = cur else { return Err(Errno::NOENT.into()) };
@@ -242,11 +251,7 @@ impl OverlayFs {
             if parts.len() > 4096 {
                 return Err(Errno::LOOP.into());
             }
-            cur = if id == ROOT {
-                None
-            } else {
-                self.table.get(id).ok_or(Errno::NOENT)?.state.read().names.first().cloned()
-            };
+            cur = if id == ROOT { None } else { self.live_name(&*self.table.get(id).ok_or(Errno::NOENT)?) };
         }
         Ok(parts.iter().rev().collect())
     }

@@ -583,6 +583,36 @@ fn small_script(m: &Path) -> Vec<String> {
     ]
 }
 
+/// A hard link made through the mount, held open while the kernel drops its caches: the dentries
+/// of the file's first name and of the dirs above it go (`echo 2 > drop_caches`, or memory
+/// pressure), the inode lives on through the open link. Opening it by the link's path again
+/// gave `ENOENT`: the daemon built the file's path from its first name, under a parent the
+/// kernel had forgotten (found by the differential tests under cache drops).
+fn link_then_drop_caches_script(m: &Path) -> Vec<String> {
+    let p = |s: &str| m.join(s);
+    let mut out = vec![res("link", io(fs::hard_link(p("c/f/c/a"), p("b/n808"))))];
+    let held = File::open(p("b/n808")).unwrap();
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    out.push(res("read by the link", io(fs::read_to_string(p("b/n808")))));
+    out.push(res(
+        "append by the link",
+        io(OpenOptions::new().append(true).open(p("b/n808")).and_then(|mut f| f.write_all(b"more\n"))),
+    ));
+    out.push(res("read by the first name", io(fs::read_to_string(p("c/f/c/a")))));
+    out.push(res("links", io(fs::metadata(p("b/n808")).map(|m| m.nlink()))));
+    drop(held);
+    out
+}
+
+#[test]
+fn a_link_held_open_across_a_cache_drop_stays_reachable_like_the_kernel() {
+    let fixture = "
+        l2 file c/f/c/a from-l2
+        l2 file b/x x
+    ";
+    compare_with_kernel("link-drop", fixture, "", link_then_drop_caches_script);
+}
+
 #[test]
 fn xwhiteouts_in_lower_layers_hide_like_the_kernel() {
     let fixture = SMALL_BASE.to_string()
