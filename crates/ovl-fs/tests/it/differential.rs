@@ -16,6 +16,8 @@
 //! - `OVL_DIFF_CHECK_EVERY=N`: also compare views and upper dirs every N operations (finds the
 //!   first divergence that no single result shows)
 //! - `OVL_DIFF_KEEP=1`: keep the temp dirs (layers, logs) for inspection
+//! - `OVL_DIFF_DROP_EVERY=N`: drop the kernel's dentry and inode caches every N operations (the
+//!   `_with_cache_drops` variant defaults to 10 and runs at most 8 sequences)
 //! - `OVL_DIFF_HANG_SECS` (120): an ovlfs mount older than this is presumed hung; its daemon is
 //!   killed so blocked calls fail instead of hanging (raise it for very long sequences)
 
@@ -40,6 +42,9 @@ struct Config {
     check_every: usize,
     /// Mount options for both sides.
     opts: String,
+    /// Drop the kernel's dentry and inode caches (machine-wide) every this many operations; 0 =
+    /// never. Forgotten parents of still-live inodes are states no ordinary sequence reaches.
+    drop_every: usize,
 }
 
 impl Config {
@@ -56,6 +61,7 @@ impl Config {
             verbose: std::env::var_os("OVL_DIFF_VERBOSE").is_some(),
             check_every: num("OVL_DIFF_CHECK_EVERY", 0) as usize,
             opts: KERNEL_OPTS.to_string(),
+            drop_every: num("OVL_DIFF_DROP_EVERY", 0) as usize,
         }
     }
 
@@ -122,6 +128,20 @@ fn differential_random_sequences_with_index() {
     let mut cfg = Config::from_env();
     cfg.opts = KERNEL_OPTS.replace("redirect_dir=off", "redirect_dir=on").replace("index=off", "index=on");
     cfg.seed += 2000;
+    run_all(&cfg);
+}
+
+/// The same with the kernel's dentry and inode caches dropped every few operations (hard links
+/// whose first name's parent the kernel forgot gave `ENOENT`: `OverlayFs::live_name`).
+#[test]
+fn differential_random_sequences_with_cache_drops() {
+    let mut cfg = Config::from_env();
+    cfg.opts = KERNEL_OPTS.replace("redirect_dir=off", "redirect_dir=on").replace("index=off", "index=on");
+    cfg.seed += 3000;
+    cfg.seqs = cfg.seqs.min(8);
+    if cfg.drop_every == 0 {
+        cfg.drop_every = 10;
+    }
     run_all(&cfg);
 }
 
@@ -317,6 +337,9 @@ fn run_ops(
             }
             dirty |= op.mutates() && ra.is_ok();
             index += 1;
+            if cfg.drop_every > 0 && index % cfg.drop_every == 0 {
+                fs::write("/proc/sys/vm/drop_caches", "2").expect("drop caches");
+            }
         }
         if dirty {
             view.reload(ma.path());
