@@ -19,7 +19,8 @@
 //! check per write), the existing file overwritten again (its first write copies the whole file
 //! into the snapshot; ext4 has no clone, so a real copy), and once more (saved by then: full speed
 //! again). The ratios with / without a snapshot are taken within each run, the new-file one
-//! also for [`EXTRA_WRITE_PAIRS`] more pairs (delete the snapshot, a new file, take, a new file).
+//! also for [`EXTRA_WRITE_PAIRS`] more pairs (a new file with no snapshot and one after a fresh
+//! take, in alternating order, each pair's files removed afterwards).
 //! The write runs have an ext4 image of their own, in RAM (`/dev/shm`) when there is room, so
 //! that the ratios compare ovlsnap with itself rather than two moods of the VM's disk; it is
 //! preallocated ([`Image::Preallocated`]) so that new files do not time the host's allocation,
@@ -105,7 +106,9 @@ pub fn phase(ovlsnap: &Path, scratch: &Scratch, scale: &Scale, runs: usize, resu
     // pair of fsync'ed 256 MiB writes gave ratios from 0.19 to 2.45 within one run, the disk's
     // moods rather than the snapshot's cost, which is what the ratio is for.
     let mib = scale.snapshot_write_mib;
-    let write_gib = 1 + ((2 + 2 * (1 + EXTRA_WRITE_PAIRS as u64)) * mib).div_ceil(1024);
+    // Twice the most the runs hold at once (old.bin, its saved copy, two new files): ext4 slows
+    // down as it fills.
+    let write_gib = 1 + (2 * 4 * mib).div_ceil(1024);
     let ram = RamDir::create(write_gib);
     let base = ram.as_ref().map_or(scratch.dir.as_path(), |r| r.dir.as_path());
     progress(&format!(
@@ -332,29 +335,56 @@ fn write_run(ovlsnap: &Path, base: &Path, rep: usize, mib: u64, out: &mut Vec<(M
     note(out, Metric::WriteWithSnapshot, ratio(&with, &without));
     note(out, Metric::OverwriteAfterTakeRatio, ratio(&overwrite_first, &overwrite_without));
     // One pair of sequential writes swings with this VM's disk far more than a snapshot costs:
-    // more pairs, each a write with no snapshot left (the last one deleted) right before a
-    // write after a fresh take, so that both halves of a ratio meet the same disk.
+    // more pairs, each a write with no snapshot left (the last one deleted) next to a write
+    // after a fresh take. The order alternates within pairs and each pair's files go afterwards:
+    // new files in this ext4 get slower as it fills up, which put every second half at a
+    // disadvantage (ratios of 0.15-0.23 in the last pair of every run, none in the others).
+    for name in ["new-a.bin", "new-b.bin"] {
+        fs::remove_file(mnt.join(name)).with_context(|| format!("removing {name}"))?;
+    }
+    let mut taken = String::from("write-test");
     for pair in 1..=EXTRA_WRITE_PAIRS {
-        if let Outcome::Failed(why) = mount.delete_command(&format!("write-test{}", pair_suffix(pair - 1))) {
-            bail!("delete: {why}");
-        }
-        let without = write(&format!("new-a{pair}.bin"), WriteInto::NewFile)?;
-        if let Outcome::Failed(why) = mount.take_command(&format!("write-test{}", pair_suffix(pair))) {
-            bail!("take: {why}");
-        }
-        let with = write(&format!("new-b{pair}.bin"), WriteInto::NewFile)?;
+        let (a, b) = (format!("new-a{pair}.bin"), format!("new-b{pair}.bin"));
+        let (with, without) = if pair % 2 == 1 {
+            delete(&mount, &taken)?;
+            let without = write(&a, WriteInto::NewFile)?;
+            taken = format!("write-test-{pair}");
+            take(&mount, &taken)?;
+            (write(&b, WriteInto::NewFile)?, without)
+        } else {
+            let with = write(&b, WriteInto::NewFile)?;
+            delete(&mount, &taken)?;
+            let without = write(&a, WriteInto::NewFile)?;
+            taken = format!("write-test-{pair}");
+            take(&mount, &taken)?;
+            (with, without)
+        };
         note(out, Metric::WriteWithSnapshot, ratio(&with, &without));
+        for name in [&a, &b] {
+            fs::remove_file(mnt.join(name)).with_context(|| format!("removing {name}"))?;
+        }
     }
     mount.unmount()?;
     fs::remove_dir_all(&live).with_context(|| format!("removing {}", live.display()))
 }
 
 /// Pairs of new-file writes without and with a snapshot per write run, after the first.
-const EXTRA_WRITE_PAIRS: usize = 2;
+const EXTRA_WRITE_PAIRS: usize = 4;
 
-/// The suffix of the snapshot taken for pair `pair` (0: the run's first take).
-fn pair_suffix(pair: usize) -> String {
-    if pair == 0 { String::new() } else { format!("-{pair}") }
+/// `ovlsnap take NAME`, or the run fails.
+fn take(mount: &SnapMount, name: &str) -> Result<()> {
+    match mount.take_command(name) {
+        Outcome::Failed(why) => bail!("take {name}: {why}"),
+        _ => Ok(()),
+    }
+}
+
+/// `ovlsnap delete NAME`, or the run fails.
+fn delete(mount: &SnapMount, name: &str) -> Result<()> {
+    match mount.delete_command(name) {
+        Outcome::Failed(why) => bail!("delete {name}: {why}"),
+        _ => Ok(()),
+    }
 }
 
 /// Shows an outcome as progress and keeps it; returns it for the ratios.
