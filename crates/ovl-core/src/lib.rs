@@ -4,7 +4,7 @@
 //! names of the overlay xattrs (`trusted.overlay.*`, or `user.overlay.*` with `userxattr`),
 //! whiteouts (0/0 character devices, and "xwhiteouts" in `opaque=x` directories), opaque
 //! directories, the mount options and the validated [`LayerStack`] of lower, upper and work
-//! directories. It also holds the thin [`sys`] wrappers that every crate uses to touch a layer
+//! directories, and the POSIX ACL xattr format ([`acl`]: what a new object inherits). It also holds the thin [`sys`] wrappers that every crate uses to touch a layer
 //! (`openat2` confined beneath the layer root, xattrs by directory fd, `FICLONE`) and the
 //! [`Error`] type that maps to an errno at the FUSE boundary.
 //!
