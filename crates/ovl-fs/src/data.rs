@@ -227,7 +227,16 @@ impl OverlayFs {
         };
         let name_ref = name.as_deref().unwrap_or(c"");
         let at = if name.is_some() { AtFlags::SYMLINK_NOFOLLOW } else { AtFlags::EMPTY_PATH };
-        if a.uid.is_some() || a.gid.is_some() {
+        // `chown(f, -1, -1)` reaches us as a SETATTR with nothing in it (only the kernel's ctime):
+        // it still kills set-ID bits and capabilities, for root too, which with
+        // `FUSE_HANDLE_KILLPRIV_V2` is ours to do. The upper fs's own chown does exactly that.
+        let bare_chown = a.mode.is_none()
+            && a.uid.is_none()
+            && a.gid.is_none()
+            && a.size.is_none()
+            && a.atime.is_none()
+            && a.mtime.is_none();
+        if a.uid.is_some() || a.gid.is_some() || bare_chown {
             rustix::fs::chownat(&dir, name_ref, a.uid.map(Uid::from_raw), a.gid.map(Gid::from_raw), at)?;
         }
         if let Some(mode) = a.mode {

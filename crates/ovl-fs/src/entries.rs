@@ -142,6 +142,11 @@ impl OverlayFs {
         }
         let st = sys::lstat_at(&pfd, &cname)?;
         let key = self.upper_key(&st);
+        // A brand-new inode (not a link to one, which `do_link` also makes here): whatever node
+        // still maps its number belonged to a dead object.
+        if kind == FileType::Directory || st.st_nlink <= 1 {
+            self.table.detach_key(key);
+        }
         let (node, _) = self.table.lookup_or_insert(key, FileType::from_raw_mode(st.st_mode), || NodeState {
             names: vec![(parent.id, name.to_os_string())],
             upper: true,

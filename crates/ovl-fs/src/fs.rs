@@ -298,6 +298,19 @@ impl OverlayFs {
     /// Registers what a lookup found under `(parent, name)` and counts one kernel lookup.
     pub(crate) fn remember(&self, parent: u64, name: &OsStr, e: &Entry) -> Result<Arc<Node>> {
         let key = self.key_of(e);
+        // An upper object known by its own inode number, found under a name its node does not
+        // have: a hard link made behind our back, or a new object whose inode number the upper
+        // fs reused from a dead one we still map (its node's names now lead elsewhere). Only the
+        // first may share the node.
+        if e.upper.is_some() && key == self.upper_key(&e.stat) {
+            if let Some(old) = self.table.by_key(key) {
+                let known = old.state.read().names.iter().any(|(p, n)| *p == parent && n == name);
+                if !known && !self.real_stat(&old).is_ok_and(|st| st.st_ino == key.ino) {
+                    tracing::debug!(node = old.id, ?name, "inode number reused: a new node");
+                    self.table.detach_key(key);
+                }
+            }
+        }
         let index = self.index_of(parent, name, e)?;
         let (node, fresh) = self.table.lookup_or_insert(key, e.kind, || NodeState {
             names: vec![(parent, name.to_os_string())],

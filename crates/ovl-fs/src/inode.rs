@@ -140,6 +140,19 @@ impl Table {
         inner.keys.get(&key).and_then(|id| inner.nodes.get(id)).cloned()
     }
 
+    /// Forgets that `key` names an existing node: that node's object is gone and its inode
+    /// number was reused by the filesystem for the object being registered. The node itself
+    /// lives on (the kernel may still hold it) but is no longer found by that identity, so the
+    /// new object gets a node (and kernel inode) of its own.
+    pub fn detach_key(&self, key: Key) {
+        let mut inner = self.inner.write();
+        if let Some(id) = inner.keys.remove(&key) {
+            if let Some(node) = inner.nodes.get(&id) {
+                node.state.write().keys.retain(|k| *k != key);
+            }
+        }
+    }
+
     /// The node id an identity has or would get; for `d_ino` in directory listings.
     pub fn ino_for(&self, key: Key) -> u64 {
         self.inner.read().keys.get(&key).copied().unwrap_or_else(|| match derive(key) {
