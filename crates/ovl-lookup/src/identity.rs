@@ -58,6 +58,13 @@ pub(crate) fn identity_from(
         };
         let Some(fd) = decode(stack, &origin) else { break };
         let st = rustix::fs::fstat(&fd)?;
+        // As the kernel: a non-dir whose origin has several links takes the origin's number
+        // only with an index (which proves the link unbroken); without one, each copied-up name
+        // is an object of its own (two of them would otherwise share one identity).
+        let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+        if !is_dir && st.st_nlink > 1 && stack.upper().and_then(|u| u.index()).is_none() {
+            break;
+        }
         let Some(found) = stack.layer_on_dev(st.st_dev) else { break };
         id = Identity { fs_index: found.fs_index(), ino: st.st_ino };
         value = sys::get_xattr(&fd, None, key)?;
