@@ -304,6 +304,11 @@ impl OverlayFs {
                 s.names.push((newparent.id, newname.to_os_string()));
             }
         }
+        // The reply's attributes are the kernel's until they expire: an indexed file shows the
+        // overlay's link count (its lower names count too), not the new upper name's.
+        if index.is_some() {
+            return self.real_stat(node);
+        }
         Ok(st)
     }
 

@@ -155,12 +155,15 @@ fn differential_random_sequences_with_cache_drops() {
 }
 
 /// Seeds beyond the CI range that once failed, each with its options (no cache drops): 7012
-/// (`chown(f, -1, -1)` kept set-ID bits) and 12060 (two copied-up names of a lower hard-linked
-/// symlink shared one identity, so one showed the other's times after rotation).
+/// (`chown(f, -1, -1)` kept set-ID bits), 12060 (two copied-up names of a lower hard-linked
+/// symlink shared one identity, so one showed the other's times after rotation) and, with
+/// `index=on`, 14029 (a `link` reply carried the upper name's link count, not the overlay's).
 #[test]
 fn differential_regression_seeds() {
-    for seed in [7012, 12060] {
+    let index = KERNEL_OPTS.replace("redirect_dir=off", "redirect_dir=on").replace("index=off", "index=on");
+    for (opts, seed) in [(KERNEL_OPTS.to_string(), 7012), (KERNEL_OPTS.to_string(), 12060), (index, 14029)] {
         let mut cfg = Config::from_env();
+        cfg.opts = opts;
         cfg.seed = seed;
         cfg.seqs = 1;
         run_all(&cfg);
