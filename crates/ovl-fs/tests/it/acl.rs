@@ -10,7 +10,7 @@ use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{Backend, KERNEL_OPTS, Layers, MountGuard, mount_point, tempdir};
+use crate::common::{UserPair, assert_same_lines};
 
 const ANY: u32 = u32::MAX;
 const USER_OBJ: u16 = 0x01;
@@ -122,20 +122,8 @@ fn run(mnt: &Path, as_user: bool, script: &str) -> String {
 
 #[test]
 fn acls_are_enforced_inherited_and_set_as_through_the_kernel_overlay() {
-    let tmp = tempdir("acl");
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let base = Layers::create(&tmp.path().join("k"), 1);
-    build(&base.lowers[0]);
-    for d in [&base.root, &base.lowers[0], &base.upper] {
-        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let ours = base.copy_to(&tmp.path().join("o"));
-    let (km, om) = (mount_point(tmp.path(), "km"), mount_point(tmp.path(), "om"));
-    for m in [&km, &om] {
-        fs::set_permissions(m, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let kernel = MountGuard::mount(Backend::Kernel, &base, KERNEL_OPTS, &km);
-    let ovlfs = MountGuard::mount(Backend::Ovlfs, &ours, "", &om);
+    let pair = UserPair::mount("acl", build, &[]);
+    let (kernel, ovlfs) = (&pair.kernel, &pair.ovlfs);
     let mut want = run(kernel.path(), true, USER_SCRIPT);
     let mut got = run(ovlfs.path(), true, USER_SCRIPT);
     want += &run(kernel.path(), false, ROOT_SCRIPT);
@@ -157,12 +145,5 @@ fn acls_are_enforced_inherited_and_set_as_through_the_kernel_overlay() {
         assert!(want.lines().any(|l| l == line), "sanity: the kernel shows {line:?}:\n{want}");
     }
     assert!(want.contains("inherit/f system.posix_acl_access =0x"), "an inherited access ACL:\n{want}");
-    let diffs: Vec<String> = want
-        .lines()
-        .zip(got.lines())
-        .filter(|(w, g)| w != g)
-        .map(|(w, g)| format!("kernel: {w:<60} ovlfs: {g}"))
-        .collect();
-    assert!(diffs.is_empty(), "ovlfs differs from the kernel overlay:\n{}", diffs.join("\n"));
-    assert_eq!(want.lines().count(), got.lines().count(), "kernel:\n{want}\novlfs:\n{got}");
+    assert_same_lines("as uid 1000 and root", &want, &got);
 }

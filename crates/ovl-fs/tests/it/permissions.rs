@@ -8,7 +8,7 @@ use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{Backend, KERNEL_OPTS, Layers, MountGuard, mount_point, tempdir};
+use crate::common::{UserPair, assert_same_lines};
 
 /// The lower layer: root's and users' files, a sticky dir, set-ID files.
 fn build(lower: &Path) {
@@ -99,31 +99,10 @@ fn an_unprivileged_user_may_do_what_the_kernel_overlay_allows_with_passthrough()
 /// Runs the script as uid 1000 on the kernel overlay and on ovlfs (its daemon started with
 /// `env`) over identical layers; every answer must agree.
 fn compare_with_the_kernel(env: &[(&str, &str)]) {
-    let tmp = tempdir("perm");
-    // The user must be able to reach the mounts.
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let base = Layers::create(&tmp.path().join("k"), 1);
-    build(&base.lowers[0]);
-    for d in [&base.root, &base.lowers[0], &base.upper] {
-        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let ours = base.copy_to(&tmp.path().join("o"));
-    let (km, om) = (mount_point(tmp.path(), "km"), mount_point(tmp.path(), "om"));
-    for m in [&km, &om] {
-        fs::set_permissions(m, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let kernel = MountGuard::mount(Backend::Kernel, &base, KERNEL_OPTS, &km);
-    let ovlfs = MountGuard::mount_env(Backend::Ovlfs, &ours, "", &om, env);
-    let want = run_as_user(kernel.path());
-    let got = run_as_user(ovlfs.path());
+    let pair = UserPair::mount("perm", build, env);
+    let want = run_as_user(pair.kernel.path());
+    let got = run_as_user(pair.ovlfs.path());
     assert!(want.lines().count() >= 25, "the script ran: {want}");
     assert!(want.contains("read-secret 1"), "sanity: the kernel refuses the secret: {want}");
-    let diffs: Vec<String> = want
-        .lines()
-        .zip(got.lines())
-        .filter(|(w, g)| w != g)
-        .map(|(w, g)| format!("kernel: {w:<40} ovlfs: {g}"))
-        .collect();
-    assert!(diffs.is_empty(), "as uid 1000, ovlfs differs from the kernel overlay:\n{}", diffs.join("\n"));
-    assert_eq!(want.lines().count(), got.lines().count());
+    assert_same_lines("as uid 1000", &want, &got);
 }

@@ -420,6 +420,48 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
+/// A kernel overlay and an ovlfs mount (its daemon started with `env`) over identical copies
+/// of one lower layer made by `build`, both reachable by an unprivileged user: for scripts run as
+/// uid 1000 on each side. Fields drop in order: the mounts before their temp dir.
+pub struct UserPair {
+    pub kernel: MountGuard,
+    pub ovlfs: MountGuard,
+    _tmp: tempfile::TempDir,
+}
+
+impl UserPair {
+    pub fn mount(name: &str, build: impl FnOnce(&Path), env: &[(&str, &str)]) -> UserPair {
+        use std::os::unix::fs::PermissionsExt;
+        let open = |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        let tmp = tempdir(name);
+        open(tmp.path());
+        let base = Layers::create(&tmp.path().join("k"), 1);
+        build(&base.lowers[0]);
+        for d in [&base.root, &base.lowers[0], &base.upper] {
+            open(d);
+        }
+        let ours = base.copy_to(&tmp.path().join("o"));
+        let (km, om) = (mount_point(tmp.path(), "km"), mount_point(tmp.path(), "om"));
+        open(&km);
+        open(&om);
+        let kernel = MountGuard::mount(Backend::Kernel, &base, KERNEL_OPTS, &km);
+        let ovlfs = MountGuard::mount_env(Backend::Ovlfs, &ours, "", &om, env);
+        UserPair { kernel, ovlfs, _tmp: tmp }
+    }
+}
+
+/// Asserts that two scripts' outputs agree line by line, showing every differing pair.
+pub fn assert_same_lines(what: &str, want: &str, got: &str) {
+    let diffs: Vec<String> = want
+        .lines()
+        .zip(got.lines())
+        .filter(|(w, g)| w != g)
+        .map(|(w, g)| format!("kernel: {w:<60} ovlfs: {g}"))
+        .collect();
+    assert!(diffs.is_empty(), "{what}, ovlfs differs from the kernel overlay:\n{}", diffs.join("\n"));
+    assert_eq!(want.lines().count(), got.lines().count(), "{what}: kernel:\n{want}\novlfs:\n{got}");
+}
+
 mod layers;
 mod snapshot;
 mod workload;
