@@ -102,6 +102,34 @@ impl Acl {
         }
         (mode, (!equivalent).then_some(acl))
     }
+
+    /// Whether this access ACL grants `want` (`rwx` bits as 4/2/1) to a caller with fsuid `uid`
+    /// who is in the groups `in_group` accepts, on an object owned by `owner`/`group`, as the
+    /// kernel's `posix_acl_permission`: the owner entry for the owner; else a named user entry,
+    /// limited by the mask; else every matching group entry (owning group or named), limited by
+    /// the mask, and denial if some matched but none grants; else the other entry.
+    pub fn permits(&self, uid: u32, in_group: impl Fn(u32) -> bool, owner: u32, group: u32, want: u16) -> bool {
+        let mask = self.entries.iter().find(|e| e.tag == MASK).map_or(7, |e| e.perm);
+        let grants = |perm: u16| perm & want == want;
+        let mut group_matched = false;
+        for e in &self.entries {
+            match e.tag {
+                USER_OBJ if uid == owner => return grants(e.perm),
+                USER if e.id == uid => return grants(e.perm & mask),
+                GROUP_OBJ | GROUP => {
+                    let gid = if e.tag == GROUP_OBJ { group } else { e.id };
+                    if in_group(gid) {
+                        group_matched = true;
+                        if grants(e.perm & mask) {
+                            return true;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        !group_matched && self.entries.iter().any(|e| e.tag == OTHER && grants(e.perm))
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +165,25 @@ mod tests {
         assert_eq!(d.inherit(0o666), (0o644, None));
         assert_eq!(d.inherit(0o777), (0o755, None));
         assert_eq!(d.inherit(0o4777), (0o4755, None), "bits beyond rwx pass through");
+    }
+
+    #[test]
+    fn permission_follows_the_kernels_order_owner_named_user_groups_other() {
+        let a = acl(&[
+            (USER_OBJ, 7, ANY),
+            (USER, 7, 1000),
+            (GROUP_OBJ, 4, ANY),
+            (GROUP, 0, 50),
+            (MASK, 5, ANY),
+            (OTHER, 4, ANY),
+        ]);
+        let none = |_| false;
+        assert!(a.permits(0, none, 0, 0, 7), "the owner entry, not limited by the mask");
+        assert!(a.permits(1000, none, 0, 0, 5) && !a.permits(1000, none, 0, 0, 2), "named user, masked");
+        assert!(a.permits(7, |g| g == 0, 0, 0, 4), "owning group reads");
+        assert!(!a.permits(7, |g| g == 50, 0, 0, 4), "a matching group that grants nothing denies, other is not asked");
+        assert!(a.permits(7, |g| g == 50 || g == 0, 0, 0, 4), "any matching group may grant");
+        assert!(a.permits(7, none, 0, 0, 4) && !a.permits(7, none, 0, 0, 1), "other");
     }
 
     #[test]

@@ -11,7 +11,10 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use snap_fs::control::{self, Request, Status};
 use snap_fs::daemon;
+use snap_fs::policy::Perm;
 use snap_fs::snapper::Listed;
+
+mod delegation;
 
 /// Set in the background daemon's environment: print "ready" once the mount is live.
 const NOTIFY: &str = "OVLSNAP_NOTIFY_READY";
@@ -196,6 +199,41 @@ enum Cmd {
         /// Output directory.
         dir: PathBuf,
     },
+    /// Let a user or the members of a group change this mount's snapshots, as `zfs allow` does;
+    /// without arguments, list who may. Only root and the owner of LIVE may grant; they and root
+    /// may always do everything. Reads (list, diff, status, mount-cmd) need no grant: whoever can
+    /// read LIVE's root may, and diff shows only names its caller could list in the trees.
+    #[command(
+        after_help = "Examples:\n  ovlsnap allow alice take,delete\n  ovlsnap allow @backup all\n  ovlsnap allow \
+                            --list --json\n\nPermissions: take, delete, restore, clone (all: every one)."
+    )]
+    Allow {
+        /// USER or @GROUP, by name or number.
+        #[arg(requires = "perms", conflicts_with = "list")]
+        who: Option<String>,
+        /// Comma-separated permissions.
+        perms: Option<String>,
+        /// List the grants (also what `ovlsnap allow` alone does).
+        #[arg(long)]
+        list: bool,
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Take back permissions given with `allow` (all of USER's or @GROUP's without PERMS).
+    #[command(after_help = "Examples:\n  ovlsnap unallow alice delete\n  ovlsnap unallow @backup")]
+    Unallow {
+        /// USER or @GROUP, by name or number.
+        who: String,
+        /// Comma-separated permissions; all when left out.
+        perms: Option<String>,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
     /// Who serves a mount: daemon pid, LIVE, store.
     Status {
         /// The mount (default: the one containing the current directory).
@@ -299,9 +337,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("received {n} entries into {}", target.display());
             Ok(())
         }
-        Cmd::Restore { name, dry_run, mount } => restore(&resolve_mount(mount)?, &name, dry_run),
+        Cmd::Restore { name, dry_run, mount } => {
+            let mnt = resolve_mount(mount)?;
+            if !dry_run {
+                delegation::authorize(&mnt, Perm::Restore)?;
+            }
+            restore(&mnt, &name, dry_run)
+        }
         Cmd::Check { .. } => unreachable!("handled in main, for its exit code"),
         Cmd::GenerateDocs { dir } => generate_docs(&dir),
+        Cmd::Allow { who, perms, list: _, json, mount } => {
+            let mnt = resolve_mount(mount)?;
+            match (who, perms) {
+                (Some(who), Some(perms)) => delegation::allow(&mnt, &who, &perms),
+                _ => delegation::list(&mnt, json),
+            }
+        }
+        Cmd::Unallow { who, perms, mount } => delegation::unallow(&resolve_mount(mount)?, &who, perms.as_deref()),
         Cmd::Status { mount, json } => {
             let mnt = resolve_mount(mount)?;
             let v = control::call(&mnt, &Request::Status)?;
@@ -457,6 +509,7 @@ fn clone(
     foreground: bool,
 ) -> anyhow::Result<()> {
     let mnt = resolve_mount(mount)?;
+    delegation::authorize(&mnt, Perm::Clone)?;
     let view = mnt.join(snap_fs::SNAPDIR_NAME).join(name);
     if !view.is_dir() {
         bail!("no snapshot named {name:?} on {}", mnt.display());

@@ -83,7 +83,9 @@ pub fn open_store(live: &Path, store: Option<&Path>) -> anyhow::Result<Opened> {
     let (store_path, hidden_store) = match store {
         None => (None, Some(OsString::from(DEFAULT_NAME))),
         Some(p) => {
-            std::fs::create_dir_all(p).with_context(|| format!("creating the store {p:?}"))?;
+            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+                .create(p)
+                .with_context(|| format!("creating the store {p:?}"))?;
             let p = std::fs::canonicalize(p)?;
             if p == live {
                 bail!("the store cannot be LIVE itself");
@@ -106,6 +108,9 @@ pub fn open_store(live: &Path, store: Option<&Path>) -> anyhow::Result<Opened> {
 
 /// Checks the configuration and opens LIVE and the store; changes nothing on a failed check.
 pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("ovlsnap mount needs root: it mounts a FUSE filesystem for every user and its control socket is root's");
+    }
     let mnt =
         std::fs::canonicalize(&cfg.mount).with_context(|| format!("mount point {:?}: no such directory", cfg.mount))?;
     if !mnt.is_dir() {
@@ -139,10 +144,7 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
 /// Mounts `prepared`, calls `ready` once the mount is live, and serves until it is unmounted.
 pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
     let Prepared { fs, snapper, status } = prepared;
-    std::fs::create_dir_all(control::RUN_DIR).context("creating /run/ovlsnap")?;
-    let sock = control::socket_path(&status.mount);
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).with_context(|| format!("binding the control socket {sock:?}"))?;
+    let (listener, sock) = bind_control(&status.mount)?;
     let source = status.live.display().to_string();
     let notifier = fs.notifier_slot();
     let session = ovl_fs::mount::mount_session(fs, &status.mount, &source, FSTYPE, false)?;
@@ -154,8 +156,70 @@ pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
     tracing::info!(live = ?status.live, mount = ?status.mount, store = ?status.store, "ovlsnap mount is live");
     ready();
     let out = session.run().context("serving the mount");
-    let _ = std::fs::remove_file(&sock);
+    sock.remove();
     out
+}
+
+/// The control socket of a daemon and its pid file, removed when the daemon ends unless a newer
+/// daemon of the same mount point replaced them.
+struct ControlFiles {
+    sock: PathBuf,
+    pid: PathBuf,
+    ino: u64,
+}
+
+impl ControlFiles {
+    fn remove(self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.sock).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.pid);
+            let _ = std::fs::remove_file(&self.sock);
+        }
+    }
+}
+
+/// Makes (or repairs) root's socket directory: a real directory of root's, mode 0755, so no one
+/// else can plant a socket or pid file in it. An older ovlsnap made it world-writable.
+fn secure_run_dir() -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = Path::new(control::RUN_DIR);
+    match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).context("creating /run/ovlsnap"),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != 0 {
+        bail!("{dir:?} is not a directory of root's (uid {}): remove it and mount again", meta.uid());
+    }
+    if meta.mode() & 0o7777 != 0o755 {
+        tracing::warn!(mode = format!("{:o}", meta.mode() & 0o7777), "making /run/ovlsnap mode 0755");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+/// Binds the control socket of the mount at `mnt` (anyone may connect: each request is
+/// authorized by its caller's credentials) and records our pid beside it.
+fn bind_control(mnt: &Path) -> anyhow::Result<(UnixListener, ControlFiles)> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    secure_run_dir()?;
+    let sock = control::socket_path(mnt);
+    // Whatever is there is a dead daemon's (a live one would have its mount here, refused above).
+    match std::fs::remove_file(&sock) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the stale control socket {sock:?}")),
+    }
+    let listener = UnixListener::bind(&sock).with_context(|| format!("binding the control socket {sock:?}"))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))?;
+    let ino = std::fs::symlink_metadata(&sock)?.ino();
+    let pid = control::pid_path(mnt);
+    let tmp = pid.with_extension(format!("pid.{}", std::process::id()));
+    std::fs::write(&tmp, format!("{}\n", std::process::id())).with_context(|| format!("writing {tmp:?}"))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, &pid).with_context(|| format!("writing {pid:?}"))?;
+    Ok((listener, ControlFiles { sock, pid, ino }))
 }
 
 /// True when `path` is (inside) an ovlsnap mount: returns that mount point.

@@ -2,7 +2,7 @@
 //! makes a take one instant. It is the live overlay's [`ChangeHook`].
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +14,10 @@ use ovl_fs::hook::{ChangeHook, GateGuard};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
+use crate::access::{Peer, Sight};
 use crate::cow::Cow;
+use crate::diff::Change;
+use crate::policy::Grant;
 use crate::store::{SnapshotInfo, Store, layer_usage};
 use crate::view::Views;
 
@@ -172,8 +175,10 @@ impl Snapper {
         Ok(ovl_core::LayerStack::from_open_dirs(layers, None, opts)?)
     }
 
-    /// The differences from snapshot `a` to snapshot `b` (newer), or to LIVE without `b`.
-    pub fn diff(&self, a: &str, b: Option<&str>) -> anyhow::Result<crate::diff::Report> {
+    /// The differences from snapshot `a` to snapshot `b` (newer), or to LIVE without `b`, as
+    /// `peer` may know them: a change whose name it could not list in the tree it is in (A for
+    /// what was there, B for what is there) is left out.
+    pub fn diff(&self, a: &str, b: Option<&str>, peer: &Peer) -> anyhow::Result<crate::diff::Report> {
         // No change is half-made while we read the layers.
         let _views = self.views.lock.read();
         let store = self.store.lock();
@@ -189,7 +194,43 @@ impl Snapper {
             anyhow::bail!("{a:?} is newer than {:?}: give the older snapshot first", b.unwrap_or("LIVE"));
         }
         let (sa, sb) = (self.view_stack(&store, &snaps[ia..])?, self.view_stack(&store, &snaps[ib..])?);
-        Ok(crate::diff::Differ::new(&sa, &sb, ib - ia, &self.hidden).run()?.for_display())
+        let mut report = crate::diff::Differ::new(&sa, &sb, ib - ia, &self.hidden).run()?.for_display();
+        if !peer.is_root() {
+            let (mut in_a, mut in_b) = (Sight::new(&sa, peer), Sight::new(&sb, peer));
+            let mut kept = Vec::with_capacity(report.changes.len());
+            for c in report.changes {
+                let seen = match &c {
+                    Change::Added { path, .. } => in_b.sees(path)?,
+                    Change::Deleted { path, .. } => in_a.sees(path)?,
+                    Change::Modified { path, at } | Change::Renamed { path, to: at } => {
+                        in_a.sees(path)? && in_b.sees(at)?
+                    }
+                };
+                if seen {
+                    kept.push(c);
+                }
+            }
+            report.changes = kept;
+        }
+        Ok(report)
+    }
+
+    /// LIVE's root, open (who may read it may read the snapshots).
+    pub fn live_root(&self) -> BorrowedFd<'_> {
+        self.live.as_fd()
+    }
+
+    /// Who besides root and LIVE's owner may change snapshots.
+    pub fn grants(&self) -> Vec<Grant> {
+        self.store.lock().grants().to_vec()
+    }
+
+    /// Changes the grants with `f`, durably.
+    pub fn change_grants(&self, f: impl FnOnce(Vec<Grant>) -> Vec<Grant>) -> anyhow::Result<Vec<Grant>> {
+        let mut store = self.store.lock();
+        let grants = f(store.grants().to_vec());
+        store.set_grants(grants.clone())?;
+        Ok(grants)
     }
 }
 

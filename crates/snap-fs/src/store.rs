@@ -51,6 +51,9 @@ pub struct Meta {
     pub next_id: u64,
     /// Snapshots, oldest first.
     pub snapshots: Vec<SnapshotInfo>,
+    /// Who besides root and LIVE's owner may change snapshots (`ovlsnap allow`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<crate::policy::Grant>,
 }
 
 /// An open store, locked by this process.
@@ -136,13 +139,25 @@ impl Store {
                 (live_path.join(DEFAULT_NAME), root)
             }
             Some(p) => {
-                std::fs::create_dir_all(p).with_context(|| format!("creating the store {p:?}"))?;
+                std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+                    .create(p)
+                    .with_context(|| format!("creating the store {p:?}"))?;
                 let root = rustix::fs::open(p, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
                     .with_context(|| format!("opening the store {p:?}"))?;
                 (p.to_path_buf(), root)
             }
         };
         let st = rustix::fs::fstat(&root)?;
+        // Whoever can write the store can rewrite history: only root and LIVE's owner may.
+        let trusted = |uid: u32| uid == 0 || uid == live_st.st_uid || uid == rustix::process::geteuid().as_raw();
+        if !trusted(st.st_uid) || st.st_mode & 0o022 != 0 {
+            bail!(
+                "the store {path:?} (uid {}, mode {:o}) can be written by others than root and LIVE's owner: \
+                 `chown` it to one of them and `chmod go-w` it",
+                st.st_uid,
+                st.st_mode & 0o7777
+            );
+        }
         if st.st_dev != live_st.st_dev {
             bail!(
                 "the store {path:?} is on another filesystem than {live_path:?}; a store must be on LIVE's \
@@ -169,7 +184,7 @@ impl Store {
                 }
                 m
             }
-            None => Meta { version: 1, live: live_id, next_id: 1, snapshots: Vec::new() },
+            None => Meta { version: 1, live: live_id, next_id: 1, snapshots: Vec::new(), allow: Vec::new() },
         };
         let layers = mkdir_open(root.as_fd(), "layers", 0o700)?;
         let workdir = mkdir_open(root.as_fd(), "work", 0o700)?;
@@ -238,6 +253,20 @@ impl Store {
     /// The snapshot named `name`.
     pub fn by_name(&self, name: &str) -> Option<&SnapshotInfo> {
         self.meta.snapshots.iter().find(|s| s.name == name)
+    }
+
+    /// Who besides root and LIVE's owner may change snapshots.
+    pub fn grants(&self) -> &[crate::policy::Grant] {
+        &self.meta.allow
+    }
+
+    /// Replaces the grants, durably (the list is rewritten atomically).
+    pub fn set_grants(&mut self, grants: Vec<crate::policy::Grant>) -> anyhow::Result<()> {
+        let mut meta = self.meta.clone();
+        meta.allow = grants;
+        self.write_meta(&meta)?;
+        self.meta = meta;
+        Ok(())
     }
 
     /// The layer dir of snapshot `id`, open.

@@ -1,0 +1,110 @@
+//! The client's side of the control socket. Before it believes a word, it checks that the
+//! socket is the one the mount's daemon made: in a directory only root can write, owned by root
+//! or the mount's owner, and that the process listening on it (as the kernel reports it) runs
+//! as one of those and is the pid the daemon recorded. A planted or stale socket gives a clear
+//! error and no output.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+
+use super::{RUN_DIR, Reply, Request, pid_path, socket_path};
+use crate::access::Peer;
+
+/// Sends `req` to the daemon of `mnt` (a canonical `fuse.ovlsnap` mount point) and returns its
+/// value, or its error.
+pub fn call(mnt: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    let mut s = connect(mnt)?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).context("reading the daemon's answer")?;
+    if answer.is_empty() {
+        bail!("the ovlsnap daemon for {mnt:?} closed the connection without answering");
+    }
+    let reply: Reply = serde_json::from_str(&answer).context("the daemon's answer is not valid")?;
+    match reply.error {
+        Some(e) => Err(anyhow::anyhow!(e)),
+        None => Ok(reply.value),
+    }
+}
+
+/// Connects to the daemon of `mnt` once the socket and its listener pass the checks.
+fn connect(mnt: &Path) -> anyhow::Result<UnixStream> {
+    let owner = mount_owner(mnt)?;
+    let trusted = |uid: u32| uid == 0 || uid == owner;
+    let refuse = |why: String| -> anyhow::Error {
+        anyhow::anyhow!("refusing to trust the control socket of {}: {why}", mnt.display())
+    };
+    let dir = std::fs::symlink_metadata(RUN_DIR)
+        .with_context(|| format!("no ovlsnap daemon answers for {mnt:?} ({RUN_DIR} is missing)"))?;
+    if !dir.is_dir() || dir.uid() != 0 || dir.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "{RUN_DIR} must be a directory of root's that no one else can write (it is uid {}, mode {:o}); an \
+             older ovlsnap made it world-writable: `chmod 755 {RUN_DIR}` as root, or mount again",
+            dir.uid(),
+            dir.mode() & 0o7777
+        )));
+    }
+    let sock = socket_path(mnt);
+    let meta = std::fs::symlink_metadata(&sock)
+        .with_context(|| format!("no ovlsnap daemon answers for {mnt:?} (no control socket {sock:?})"))?;
+    if !meta.file_type().is_socket() || !trusted(meta.uid()) {
+        return Err(refuse(format!("{sock:?} is not a socket made by root or the mount's owner (uid {owner})")));
+    }
+    let pid = recorded_pid(mnt, &trusted).map_err(|e| refuse(format!("{e:#}")))?;
+    let s = match UnixStream::connect(&sock) {
+        Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => bail!(
+            "the ovlsnap daemon of {} (pid {pid}) is gone and its mount is dead: run `umount -l {}`, then \
+             `ovlsnap mount` again",
+            mnt.display(),
+            mnt.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("no ovlsnap daemon answers for {mnt:?}")),
+    };
+    let peer = Peer::of(&s).context("reading the credentials of the daemon")?;
+    if !trusted(peer.uid) {
+        return Err(refuse(format!(
+            "it is served by uid {} (pid {}), neither root nor the mount's owner (uid {owner}): a socket planted by \
+             another user?",
+            peer.uid, peer.pid
+        )));
+    }
+    if peer.pid != pid {
+        return Err(refuse(format!("it is served by pid {}, but the daemon recorded pid {pid}", peer.pid)));
+    }
+    Ok(s)
+}
+
+/// The pid the daemon of `mnt` recorded beside its socket, from a file a `trusted` uid owns.
+fn recorded_pid(mnt: &Path, trusted: &dyn Fn(u32) -> bool) -> anyhow::Result<u32> {
+    let path = pid_path(mnt);
+    let meta = std::fs::symlink_metadata(&path).with_context(|| format!("no pid file {path:?}"))?;
+    if !meta.is_file() || !trusted(meta.uid()) {
+        bail!("{path:?} is not a file made by root or the mount's owner");
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path:?}"))?;
+    text.trim().parse().with_context(|| format!("{path:?} holds no pid"))
+}
+
+/// The uid that made the FUSE mount at `mnt` (its `user_id=` option; root when absent).
+fn mount_owner(mnt: &Path) -> anyhow::Result<u32> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mut owner = None;
+    for l in info.lines() {
+        let Some((left, right)) = l.split_once(" - ") else { continue };
+        let Some(point) = left.split(' ').nth(4) else { continue };
+        if ovl_fs::mount::unescape_mountinfo(point) != mnt {
+            continue;
+        }
+        // The last mount on top wins: "fstype source super_options".
+        let supers = right.split(' ').nth(2).unwrap_or("");
+        owner = Some(supers.split(',').find_map(|o| o.strip_prefix("user_id=")?.parse().ok()).unwrap_or(0));
+    }
+    owner.with_context(|| format!("{mnt:?} is not mounted"))
+}

@@ -1,0 +1,127 @@
+//! The control socket: how `ovlsnap` talks to the daemon of a mount. One JSON request per
+//! connection, one JSON reply, each on one line.
+//!
+//! The socket lives in `/run/ovlsnap/` (root's, mode 0755), named after the mount point, because
+//! the store may be hidden under the mount itself; beside it the daemon's pid file. Trust runs
+//! both ways and rests on the kernel, never on what the other side says: the daemon authorizes
+//! each request by the caller's credentials (`server`, `crate::policy`), and the client talks
+//! only to a socket in a directory no one else can write, whose listener is root or the mount's
+//! owner and is the pid the daemon recorded (`client`).
+
+mod client;
+mod server;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use client::call;
+pub use server::serve;
+
+use crate::policy::{Perm, Who};
+
+/// Where the control sockets of root's daemons live.
+pub const RUN_DIR: &str = "/run/ovlsnap";
+
+/// The longest request line the daemon reads: far above any valid one (names are at most 255
+/// bytes, paths 4096).
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// A request to the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Take a snapshot; a name is made up when none is given.
+    Take {
+        /// The snapshot's name.
+        name: Option<String>,
+    },
+    /// The snapshots.
+    List,
+    /// The kernel mount command for a snapshot.
+    MountCmd {
+        /// Snapshot name.
+        name: String,
+        /// Where it would be mounted.
+        dir: PathBuf,
+    },
+    /// Who serves the mount.
+    Status,
+    /// Delete a snapshot.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+    /// The differences from snapshot `a` to snapshot `b` (or LIVE).
+    Diff {
+        /// The older snapshot.
+        a: String,
+        /// The newer snapshot; LIVE when absent.
+        b: Option<String>,
+    },
+    /// Whether the caller may do `perm`, which the client does itself through the mount (restore,
+    /// clone): an error if not.
+    Authorize {
+        /// What it is about to do.
+        perm: Perm,
+    },
+    /// Grant `perms` to `who` (root or LIVE's owner only).
+    Allow {
+        /// Whom.
+        who: Who,
+        /// What.
+        perms: BTreeSet<Perm>,
+    },
+    /// Take `perms` (all when empty) from `who` (root or LIVE's owner only).
+    Unallow {
+        /// Whom.
+        who: Who,
+        /// What; everything when empty.
+        perms: BTreeSet<Perm>,
+    },
+    /// The grants.
+    Grants,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    /// The error, when the request failed.
+    pub error: Option<String>,
+    /// The result.
+    pub value: serde_json::Value,
+}
+
+/// What `Status` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's pid.
+    pub pid: u32,
+    /// LIVE.
+    pub live: PathBuf,
+    /// The mount point.
+    pub mount: PathBuf,
+    /// The store.
+    pub store: PathBuf,
+}
+
+/// The control socket of the mount at `mnt` (canonical).
+pub fn socket_path(mnt: &Path) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{:016x}.sock", mount_hash(mnt)))
+}
+
+/// The file in which the daemon of the mount at `mnt` records its pid, beside its socket.
+pub fn pid_path(mnt: &Path) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{:016x}.pid", mount_hash(mnt)))
+}
+
+/// FNV-1a of the mount point: stable across builds, unlike the std hasher.
+fn mount_hash(mnt: &Path) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in mnt.as_os_str().as_encoded_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}

@@ -1,0 +1,161 @@
+//! The daemon's side of the control socket: each connection's caller is taken from the kernel
+//! (`Peer::of`), its request read with a size and time limit, authorized by `crate::policy`, and
+//! answered on a thread of its own. A caller can hold at most [`MAX_IN_FLIGHT`] connections at a
+//! time (root is never turned away), so no user can starve the others or exhaust the daemon.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use parking_lot::Mutex;
+
+use super::{MAX_REQUEST, Reply, Request, Status};
+use crate::access::Peer;
+use crate::policy::{self, Need, Perm};
+use crate::snapper::Snapper;
+
+/// Connections one non-root uid may have open at once; more are answered "busy" and closed.
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// How long a caller may take to send its request, and the daemon to hand over its answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves control requests for `snapper` (described by `status`) on `listener` until the
+/// process ends.
+pub fn serve(listener: UnixListener, snapper: Arc<Snapper>, status: Status) {
+    let in_flight: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let peer = match Peer::of(&conn) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("control connection without credentials: {e}");
+                continue;
+            }
+        };
+        {
+            let mut counts = in_flight.lock();
+            let n = counts.entry(peer.uid).or_default();
+            if *n >= MAX_IN_FLIGHT && !peer.is_root() {
+                drop(counts);
+                tracing::warn!(uid = peer.uid, pid = peer.pid, "control socket: too many connections, refusing one");
+                let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
+                let _ = reply(&conn, Err(anyhow::anyhow!("the daemon is busy with this user's other requests")));
+                continue;
+            }
+            *n += 1;
+        }
+        let (snapper, status, in_flight) = (snapper.clone(), status.clone(), in_flight.clone());
+        let spawned = std::thread::Builder::new().name("control".into()).spawn(move || {
+            if let Err(e) = handle(&conn, &peer, &snapper, &status) {
+                tracing::warn!(uid = peer.uid, pid = peer.pid, "control connection: {e:#}");
+            }
+            let mut counts = in_flight.lock();
+            if let Some(n) = counts.get_mut(&peer.uid) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&peer.uid);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("control connection: no thread for it: {e}");
+        }
+    }
+}
+
+fn handle(conn: &UnixStream, peer: &Peer, snapper: &Snapper, status: &Status) -> anyhow::Result<()> {
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let result = read_request(conn).and_then(|req| {
+        tracing::debug!(uid = peer.uid, pid = peer.pid, ?req, "control request");
+        answer(req, peer, snapper, status)
+    });
+    if let Err(e) = &result {
+        tracing::info!(uid = peer.uid, pid = peer.pid, "control request refused or failed: {e:#}");
+    }
+    reply(conn, result)
+}
+
+/// Reads one request line of at most [`MAX_REQUEST`] bytes.
+fn read_request(conn: &UnixStream) -> anyhow::Result<Request> {
+    let mut line = Vec::new();
+    BufReader::new(conn.take(MAX_REQUEST as u64 + 1)).read_until(b'\n', &mut line).context("reading the request")?;
+    if line.len() > MAX_REQUEST {
+        bail!("request too large (over {MAX_REQUEST} bytes)");
+    }
+    if line.last() != Some(&b'\n') {
+        bail!("incomplete request (no end of line)");
+    }
+    serde_json::from_slice(&line).context("bad request")
+}
+
+fn reply(conn: &UnixStream, result: anyhow::Result<serde_json::Value>) -> anyhow::Result<()> {
+    let reply = match result {
+        Ok(value) => Reply { error: None, value },
+        Err(e) => Reply { error: Some(format!("{e:#}")), value: serde_json::Value::Null },
+    };
+    let mut out = serde_json::to_string(&reply)?;
+    out.push('\n');
+    let mut w = conn;
+    w.write_all(out.as_bytes())?;
+    Ok(())
+}
+
+/// What `req` needs of its caller.
+fn need(req: &Request) -> Need {
+    match req {
+        Request::Take { .. } => Need::Change(Perm::Take),
+        Request::Delete { .. } => Need::Change(Perm::Delete),
+        Request::Authorize { perm } => Need::Change(*perm),
+        Request::Allow { .. } | Request::Unallow { .. } => Need::Delegate,
+        Request::List | Request::Status | Request::Diff { .. } | Request::MountCmd { .. } | Request::Grants => {
+            Need::Read
+        }
+    }
+}
+
+fn answer(req: Request, peer: &Peer, snapper: &Snapper, status: &Status) -> anyhow::Result<serde_json::Value> {
+    policy::authorize(peer, snapper.live_root(), &snapper.grants(), need(&req))?;
+    Ok(match req {
+        Request::Take { name } => {
+            // The client syncs the mount first (see `ovlsnap take`): the daemon must never wait
+            // on its own mount, or a kill during the wait leaves an unkillable process.
+            let name = match name {
+                Some(n) => n,
+                None => default_name(snapper)?,
+            };
+            serde_json::to_value(snapper.take(&name)?)?
+        }
+        Request::List => serde_json::to_value(snapper.list()?)?,
+        Request::MountCmd { name, dir } => serde_json::to_value(snapper.mount_cmd(&name, &dir, &status.mount)?)?,
+        Request::Status => serde_json::to_value(status)?,
+        Request::Delete { name } => serde_json::to_value(snapper.delete(&name)?)?,
+        Request::Diff { a, b } => serde_json::to_value(snapper.diff(&a, b.as_deref(), peer)?)?,
+        Request::Authorize { .. } => serde_json::Value::Null,
+        Request::Allow { who, perms } => {
+            serde_json::to_value(snapper.change_grants(|g| policy::allow(g, who, &perms))?)?
+        }
+        Request::Unallow { who, perms } => {
+            serde_json::to_value(snapper.change_grants(|g| policy::unallow(g, who, &perms))?)?
+        }
+        Request::Grants => serde_json::to_value(snapper.grants())?,
+    })
+}
+
+/// A name for an unnamed snapshot: the UTC time, made unique with a suffix.
+fn default_name(snapper: &Snapper) -> anyhow::Result<String> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let base = crate::snapper::rfc3339(now);
+    let taken: Vec<String> = snapper.list()?.into_iter().map(|l| l.name).collect();
+    let mut name = base.clone();
+    let mut n = 2;
+    while taken.contains(&name) {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    Ok(name)
+}
