@@ -18,4 +18,5 @@ mod failures;
 mod lifecycle;
 mod model;
 mod open_files;
+mod security;
 mod stream;
