@@ -17,5 +17,6 @@ mod crash;
 mod failures;
 mod lifecycle;
 mod model;
+mod mount_cmd;
 mod open_files;
 mod stream;
