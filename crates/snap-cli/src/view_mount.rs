@@ -249,5 +249,8 @@ mod tests {
         let l = check(&["/proc/4242/fd/7/layers/3", "/data"]).unwrap();
         let err = format!("{:#}", mount_cmd(&l, Path::new("/t\nreboot")).unwrap_err());
         assert!(err.contains("control character"), "{err}");
+        let latin1 = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"/t/caf\xe9");
+        let err = format!("{:#}", mount_cmd(&l, Path::new(latin1)).unwrap_err());
+        assert!(err.contains("not UTF-8") && err.contains("mount-view"), "{err}");
     }
 }
