@@ -15,6 +15,7 @@ use snap_fs::policy::Perm;
 use snap_fs::snapper::Listed;
 
 mod delegation;
+mod view_mount;
 
 /// Set in the background daemon's environment: print "ready" once the mount is live.
 const NOTIFY: &str = "OVLSNAP_NOTIFY_READY";
@@ -72,12 +73,25 @@ enum Cmd {
         #[arg(long)]
         mount: Option<PathBuf>,
     },
-    /// Print the stock-kernel command that mounts snapshot NAME read-only at DIR.
+    /// Print the stock-kernel command that mounts snapshot NAME read-only at DIR, quoted for the
+    /// shell. Paths mount(8) cannot pass intact (with `,` or `"`) are refused: use mount-view.
     #[command(name = "mount-cmd", after_help = "Example:\n  sh -c \"$(ovlsnap mount-cmd before-upgrade /mnt/old)\"")]
     MountCmd {
         /// The snapshot.
         name: String,
         /// Where it would be mounted.
+        dir: PathBuf,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Mount snapshot NAME read-only at DIR with the stock kernel overlay (Linux 6.8+), without a
+    /// shell or mount(8). It works while the daemon runs; unmount it with `umount DIR`.
+    #[command(name = "mount-view", after_help = "Example:\n  ovlsnap mount-view before-upgrade /mnt/old")]
+    MountView {
+        /// The snapshot.
+        name: String,
+        /// Where to mount it (an existing directory).
         dir: PathBuf,
         /// The mount (default: the one containing the current directory).
         #[arg(long)]
@@ -282,9 +296,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::MountCmd { name, dir, mount } => {
             let mnt = resolve_mount(mount)?;
             let dir = std::path::absolute(&dir)?;
-            let v = control::call(&mnt, &Request::MountCmd { name, dir })?;
-            println!("{}", v.as_str().context("bad answer")?);
+            let layers = view_mount::fetch(&mnt, &name)?;
+            println!("{}", view_mount::mount_cmd(&layers, &dir)?);
             Ok(())
+        }
+        Cmd::MountView { name, dir, mount } => {
+            let mnt = resolve_mount(mount)?;
+            let dir = std::path::absolute(&dir)?;
+            view_mount::mount_view(&view_mount::fetch(&mnt, &name)?, &dir)
         }
         Cmd::Diff { a, b, json, mount } => {
             let mnt = resolve_mount(mount)?;

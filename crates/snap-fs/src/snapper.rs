@@ -142,23 +142,36 @@ impl Snapper {
         list_store(&store)
     }
 
-    /// The stock-kernel command that mounts snapshot `name` read-only at `dir`, given the
-    /// mount point `mnt` of this daemon (its LIVE view) and this process's store fd path.
-    pub fn mount_cmd(&self, name: &str, dir: &Path, mnt: &Path) -> anyhow::Result<String> {
+    /// The layers of snapshot `name`'s view as the kernel overlay can mount them, given the mount
+    /// point `mnt` of this daemon (its LIVE view). The client builds the mount from them itself
+    /// (`ovlsnap mount-cmd`, `ovlsnap mount-view`): a daemon answering with a shell command would
+    /// be trusted to run anything as root, so the answer is data the client can check.
+    pub fn view_layers(&self, name: &str, mnt: &Path) -> anyhow::Result<ViewLayers> {
         let store = self.store.lock();
         let snaps = store.snapshots();
         let i = snaps.iter().position(|s| s.name == name).with_context(|| format!("no snapshot named {name:?}"))?;
-        use std::os::fd::AsRawFd;
-        let base = format!("/proc/{}/fd/{}", std::process::id(), store.root().as_raw_fd());
-        let mut lowers: Vec<String> =
-            snaps[i..].iter().map(|s| escape_opt(&format!("{base}/{}", Store::layer_rel(s.id).display()))).collect();
-        lowers.push(escape_opt(&mnt.display().to_string()));
-        Ok(format!(
-            "mount -t overlay overlay -o ro,redirect_dir=follow,lowerdir={} {}",
-            lowers.join(":"),
-            shell_quote(&dir.display().to_string())
-        ))
+        // The kernel refuses nested layers and the default store is inside LIVE: the layers are
+        // reached through our own descriptor of the store, and LIVE through the mount, which
+        // hides the store.
+        let mut lowers: Vec<PathBuf> = snaps[i..].iter().map(|s| layer_proc_path(&store, s.id)).collect();
+        lowers.push(mnt.to_owned());
+        Ok(ViewLayers { lowers })
     }
+}
+
+/// The lower layers of a snapshot's view for the kernel overlay, top first: each snapshot layer as
+/// `/proc/<daemon pid>/fd/<store fd>/layers/<id>`, then the mount point of LIVE last.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ViewLayers {
+    /// The layers, top first.
+    pub lowers: Vec<PathBuf>,
+}
+
+/// Layer `id` of `store` through this process's descriptor of the store.
+fn layer_proc_path(store: &Store, id: u64) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let base = format!("/proc/{}/fd/{}", std::process::id(), store.root().as_raw_fd());
+    Path::new(&base).join(Store::layer_rel(id))
 }
 
 impl Snapper {
@@ -253,7 +266,7 @@ impl Snapper {
         }
         if let Some(at) = kernel_mount_of(&store, info.id)? {
             anyhow::bail!(
-                "snapshot {name:?} is mounted at {} (from `ovlsnap mount-cmd`); unmount it first",
+                "snapshot {name:?} is mounted at {} (from `ovlsnap mount-view` or `mount-cmd`); unmount it first",
                 at.display()
             );
         }
@@ -278,16 +291,19 @@ impl Snapper {
     }
 }
 
-/// Where a kernel overlay made from `mount-cmd` uses layer `id` of this daemon's store, if it does.
+/// Where a kernel overlay made from `mount-cmd` or `mount-view` uses layer `id` of this daemon's
+/// store, if it does.
 fn kernel_mount_of(store: &Store, id: u64) -> anyhow::Result<Option<PathBuf>> {
-    use std::os::fd::AsRawFd;
-    let needle =
-        format!("/proc/{}/fd/{}/{}", std::process::id(), store.root().as_raw_fd(), Store::layer_rel(id).display());
+    let needle = layer_proc_path(store, id);
+    let needle = needle.to_str().context("a layer path is not UTF-8")?;
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     for l in info.lines() {
         let Some((left, right)) = l.split_once(" - ") else { continue };
+        // `mount-cmd` shows as one `lowerdir=A:B:C`, `mount-view` as `lowerdir+=A,lowerdir+=B,..`;
+        // our layer paths hold none of `,:=\` (nor anything mountinfo escapes), so a plain split
+        // finds them in either form.
         if right.starts_with("overlay ") && right.split([',', ':', '=']).any(|opt| opt == needle) {
-            return Ok(left.split(' ').nth(4).map(PathBuf::from));
+            return Ok(left.split(' ').nth(4).map(ovl_fs::mount::unescape_mountinfo));
         }
     }
     Ok(None)
@@ -326,26 +342,6 @@ fn copy_root_meta(live: std::os::fd::BorrowedFd<'_>, layer: std::os::fd::Borrowe
     rustix::fs::fchown(layer, Some(rustix::fs::Uid::from_raw(st.st_uid)), Some(rustix::fs::Gid::from_raw(st.st_gid)))?;
     rustix::fs::fchmod(layer, rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7777))?;
     Ok(())
-}
-
-/// Escapes a path for the overlay's `lowerdir=` list (`:` and `,` and `\` are special).
-fn escape_opt(p: &str) -> String {
-    let mut out = String::new();
-    for c in p.chars() {
-        if matches!(c, ':' | ',' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn shell_quote(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=".contains(c)) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
 }
 
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.

@@ -166,15 +166,16 @@ fn demo_snapshots(scratch: &Path) -> Result<()> {
     check(fs::read(dir.join("data/.snapshots/monday/photos/cat.jpg"))? == photo, "the deleted photo is in monday")?;
 
     say("Every snapshot is a stack of plain kernel overlay layers: the stock kernel mounts monday too.");
-    run("ovlsnap mount-cmd monday kernel-view --mount data")?;
     let mut kernel = MountGuard::new(&dir.join("kernel-view"));
-    run("sh -c \"$(ovlsnap mount-cmd monday kernel-view --mount data)\" && ls kernel-view kernel-view/photos")?;
+    run("ovlsnap mount-view monday kernel-view --mount data && ls kernel-view kernel-view/photos")?;
     let differences = monday_tree.differences("taken", &Tree::read(&dir.join("kernel-view"))?, "the kernel");
     if !differences.is_empty() {
         bail!("the kernel's view of monday differs:\n  {}", differences.join("\n  "));
     }
     println!("ok: the kernel shows monday as it was taken");
     kernel.unmount()?;
+    say("mount-cmd prints the same mount as a command, every path quoted for the shell:");
+    run("ovlsnap mount-cmd monday kernel-view --mount data")?;
 
     say("Clone monday: a writable copy of its tree; what is written there stays there.");
     let mut clone = MountGuard::new(&dir.join("clone"));

@@ -9,8 +9,22 @@ use crate::common::*;
 fn help_version_and_generated_docs() {
     let help = ovlsnap(&["--help"]);
     let text = help.expect_ok("--help");
-    for cmd in ["mount", "umount", "take", "list", "diff", "delete", "restore", "clone", "send", "receive", "mount-cmd"]
-    {
+    for cmd in [
+        "mount",
+        "umount",
+        "take",
+        "list",
+        "diff",
+        "delete",
+        "restore",
+        "clone",
+        "send",
+        "receive",
+        "mount-cmd",
+        "mount-view",
+        "allow",
+        "unallow",
+    ] {
         assert!(text.contains(cmd), "--help does not list {cmd}:\n{text}");
     }
     assert!(ovlsnap(&["--version"]).expect_ok("--version").starts_with("ovlsnap "));

@@ -17,6 +17,7 @@ mod crash;
 mod failures;
 mod lifecycle;
 mod model;
+mod mount_cmd;
 mod open_files;
 mod security;
 mod stream;

@@ -39,12 +39,11 @@ pub enum Request {
     },
     /// The snapshots.
     List,
-    /// The kernel mount command for a snapshot.
+    /// The lower layers of a snapshot's view (`snapper::ViewLayers`), from which the client
+    /// builds, after checking them, `mount-cmd`'s command and `mount-view`'s mount.
     MountCmd {
         /// Snapshot name.
         name: String,
-        /// Where it would be mounted.
-        dir: PathBuf,
     },
     /// Who serves the mount.
     Status,

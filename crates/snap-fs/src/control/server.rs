@@ -131,7 +131,7 @@ fn answer(req: Request, peer: &Peer, snapper: &Snapper, status: &Status) -> anyh
             serde_json::to_value(snapper.take(&name)?)?
         }
         Request::List => serde_json::to_value(snapper.list()?)?,
-        Request::MountCmd { name, dir } => serde_json::to_value(snapper.mount_cmd(&name, &dir, &status.mount)?)?,
+        Request::MountCmd { name } => serde_json::to_value(snapper.view_layers(&name, &status.mount)?)?,
         Request::Status => serde_json::to_value(status)?,
         Request::Delete { name } => serde_json::to_value(snapper.delete(&name)?)?,
         Request::Diff { a, b } => serde_json::to_value(snapper.diff(&a, b.as_deref(), peer)?)?,

@@ -5,8 +5,9 @@
 //!   every process still using it, also while a test panics.
 //! - [`SnapMount`] makes LIVE in a [`Scratch`], mounts it with `ovlsnap mount` (stacked over LIVE or
 //!   at a separate MNT) and unmounts with `ovlsnap umount` on drop, falling back to the scratch sweep.
-//! - [`KernelMount`] mounts a snapshot with the stock kernel overlay through `ovlsnap mount-cmd` (or
-//!   a tmpfs) and unmounts on drop.
+//! - [`KernelMount`] mounts a snapshot with the stock kernel overlay through `ovlsnap mount-cmd` or
+//!   `ovlsnap mount-view` (or a tmpfs) and unmounts on drop; [`shell_words`] and
+//!   [`overlay_options`] read a printed mount command back as a shell and the kernel would.
 //! - [`record_tree`] records a tree and [`assert_same_tree`] compares two recordings (`tree.rs`);
 //!   [`parse_list`] reads `ovlsnap list --json` (`json.rs`); [`SharedMap`] is a shared writable
 //!   mapping (`sys/`, the only unsafe code).
@@ -19,10 +20,12 @@
 //! - `OVLSNAP_TEST_KEEP=1`: keep the temp dirs (after unmounting)
 
 mod json;
+mod shell;
 mod sys;
 mod tree;
 
 pub use json::*;
+pub use shell::*;
 pub use sys::*;
 pub use tree::*;
 
@@ -41,8 +44,9 @@ use rustix::io::Errno;
 use rustix::mount::{MountFlags, UnmountFlags};
 use rustix::process::{Pid, Signal};
 
-/// The start of every line `ovlsnap mount-cmd` prints; the options that follow must include `ro`
-/// and a `lowerdir=`, and no `upperdir=` (the order of the options is free).
+/// The start of every line `ovlsnap mount-cmd` prints; the options that follow (one shell word,
+/// quoted) must include `ro` and a `lowerdir=`, and no `upperdir=` (the order of the options is
+/// free); the last word is DIR.
 pub const MOUNT_CMD_PREFIX: &str = "mount -t overlay overlay -o ";
 
 /// How long a process that got the caller's pipes may keep them open after it exits.
@@ -405,12 +409,20 @@ pub struct SnapMount {
 impl SnapMount {
     /// Makes an empty LIVE (mode 0755) and, for [`Form::Separate`], an empty MNT; mounts nothing yet.
     pub fn prepare(form: Form) -> SnapMount {
+        SnapMount::prepare_under(form, "")
+    }
+
+    /// [`prepare`](Self::prepare) with LIVE and MNT in the dir `sub` of the temp dir (one path
+    /// component, any bytes but `/`): for paths that a shell or an option parser could misread.
+    pub fn prepare_under(form: Form, sub: &str) -> SnapMount {
+        assert!(!sub.contains('/'), "{sub:?}: one component");
         let scratch = Scratch::new();
-        let live = scratch.mkdir("live");
+        let at = |leaf: &str| if sub.is_empty() { leaf.to_owned() } else { format!("{sub}/{leaf}") };
+        let live = scratch.mkdir(&at("live"));
         fs::set_permissions(&live, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod LIVE");
         let mnt = match form {
             Form::Stacked => live.clone(),
-            Form::Separate => scratch.mkdir("mnt"),
+            Form::Separate => scratch.mkdir(&at("mnt")),
         };
         SnapMount { live, mnt, form, store: None, mounted: false, watchdog: None, scratch }
     }
@@ -539,22 +551,37 @@ impl SnapMount {
         names
     }
 
-    /// The one line `ovlsnap mount-cmd NAME DIR --mount MNT` prints.
-    pub fn mount_cmd(&self, name: &str, dir: &Path) -> String {
+    /// Runs `ovlsnap mount-cmd NAME DIR --mount MNT`.
+    pub fn try_mount_cmd(&self, name: &str, dir: &Path) -> CliOutput {
         let args =
             [OsStr::new("mount-cmd"), OsStr::new(name), dir.as_os_str(), OsStr::new("--mount"), self.mnt.as_os_str()];
-        let out = ovlsnap(&args);
+        ovlsnap(&args)
+    }
+
+    /// The one line `ovlsnap mount-cmd NAME DIR --mount MNT` prints, checked as a shell would read
+    /// it: one plain command, `mount -t overlay overlay -o OPTS DIR`, a read-only overlay whose
+    /// bottom layer is MNT, mounted at exactly `dir` (absolute).
+    pub fn mount_cmd(&self, name: &str, dir: &Path) -> String {
+        let out = self.try_mount_cmd(name, dir);
         let line = out.expect_ok("ovlsnap mount-cmd").trim();
         assert!(!line.contains('\n'), "mount-cmd must print one line\n{out}");
-        let Some(rest) = line.strip_prefix(MOUNT_CMD_PREFIX) else {
-            panic!("mount-cmd must print `{MOUNT_CMD_PREFIX}ro,lowerdir=...`\n{out}")
+        assert!(
+            line.starts_with(MOUNT_CMD_PREFIX),
+            "mount-cmd must print `{MOUNT_CMD_PREFIX}'ro,lowerdir=...'`\n{out}"
+        );
+        let words = shell_words(line).unwrap_or_else(|e| panic!("mount-cmd: {e}\n{out}"));
+        let [mount, t, ty, src, o, opts, at] = &words[..] else {
+            panic!("mount-cmd must print `{MOUNT_CMD_PREFIX}OPTS DIR`, got the words {words:?}\n{out}")
         };
-        let opts: Vec<&str> = rest.split(' ').next().unwrap_or_default().split(',').collect();
-        let read_only = opts.contains(&"ro") && !opts.iter().any(|o| o.starts_with("upperdir="));
+        assert_eq!([mount, t, ty, src, o], ["mount", "-t", "overlay", "overlay", "-o"], "mount-cmd\n{out}");
+        assert_eq!(Path::new(at), dir, "mount-cmd: the mount point\n{out}");
+        let (opts, lowers) = overlay_options(opts);
+        let read_only = opts.iter().any(|o| o == "ro") && !opts.iter().any(|o| o.starts_with("upperdir="));
         assert!(
             read_only && opts.iter().any(|o| o.starts_with("lowerdir=")),
             "mount-cmd: not a read-only overlay\n{out}"
         );
+        assert_eq!(lowers.last().map(Path::new), Some(self.mnt.as_path()), "mount-cmd: the bottom layer\n{out}");
         line.to_owned()
     }
 }
@@ -609,6 +636,28 @@ impl KernelMount {
             mounts_at(dir).last().map(String::as_str),
             Some("overlay"),
             "after `{line}` no kernel overlay is mounted at {}",
+            dir.display()
+        );
+        guard
+    }
+
+    /// Mounts snapshot `name` of `snap` read-only at `dir` (an existing dir) with
+    /// `ovlsnap mount-view`, and checks that an overlay is mounted there.
+    pub fn view(snap: &SnapMount, name: &str, dir: &Path) -> KernelMount {
+        let out = ovlsnap(&[
+            OsStr::new("mount-view"),
+            OsStr::new(name),
+            dir.as_os_str(),
+            OsStr::new("--mount"),
+            snap.mnt().as_os_str(),
+        ]);
+        let guard = KernelMount { dir: dir.to_owned() };
+        out.expect_ok(&format!("ovlsnap mount-view {name}"));
+        assert!(out.stdout.is_empty(), "mount-view prints nothing\n{out}");
+        assert_eq!(
+            mounts_at(dir).last().map(String::as_str),
+            Some("overlay"),
+            "after mount-view no kernel overlay is mounted at {}",
             dir.display()
         );
         guard
