@@ -31,6 +31,8 @@ pub const TOOLS: &[Tool] = &[
     Tool { name: "getfattr", package: "attr" },
     Tool { name: "setfattr", package: "attr" },
     Tool { name: "fuse-overlayfs", package: "fuse-overlayfs" },
+    // The security tests run fake daemons and connection floods as other users.
+    Tool { name: "python3", package: "python3" },
 ];
 
 /// Checks everything and installs what is missing when we may. Warns, without failing, when not root.
