@@ -7,7 +7,8 @@
 //!
 //! | kind | severity | what |
 //! |---|---|---|
-//! | `snapshot-list-missing`, `snapshot-list-corrupt` | error | `snapshots.json` absent (with layers) or unreadable |
+//! | `snapshot-list-missing`, `snapshot-list-corrupt` | error | `snapshots.json` absent (with layers or a backup) or unreadable; a repair rebuilds it |
+//! | `snapshot-list-rebuilt` | fixable (repaired) | what a repair did to rebuild a lost list: restored the backup, adopted a layer, left out a snapshot without one |
 //! | `snapshot-entry-invalid` | error | an id 0, not below `next_id`, or twice; a bad or repeated name |
 //! | `store-of-other-live` | error | the list names another directory than LIVE |
 //! | `layer-missing` | error | a listed snapshot without `layers/ID` |
@@ -21,9 +22,10 @@
 //! A repair settles the store the way the next mount would, by the same code
 //! ([`daemon::open_store`]: journals settled, unowned layers and work leftovers removed), then
 //! removes the layers' whiteouts that hide nothing, and checks again. It needs the store's lock
-//! (no daemon running), and repairs nothing while the snapshot list is unusable or a listed
-//! layer is missing (a mount would refuse the store, or take it for a new one and drop every
-//! layer; and layers judged over a wrong stack would lose whiteouts they need).
+//! (no daemon running). A lost or unreadable snapshot list is rebuilt first (`store::rebuild_meta`:
+//! the backup list, every layer it does not name adopted as `recovered-ID`; no layer is ever
+//! removed for it); otherwise it repairs nothing while the list is unusable or a listed layer is
+//! missing (layers judged over a wrong stack would lose whiteouts they need).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -39,7 +41,7 @@ use rustix::fs::{FlockOperation, Mode, OFlags};
 use crate::control::{self, Request, Status};
 use crate::cow::{JOURNAL, read_journal, rename_happened};
 use crate::daemon::{self, FSTYPE};
-use crate::store::{DEFAULT_NAME, MERGING, META, Meta, delete_journal_cut_short, live_id, pending_delete, valid_name};
+use crate::store::{DEFAULT_NAME, MERGING, META, META_BACKUP, Meta, delete_journal_cut_short, live_id, pending_delete, valid_name};
 
 /// How many times (20 ms apart) the store's lock is tried before it counts as a daemon's.
 const LOCK_TRIES: u32 = 50;
@@ -91,14 +93,36 @@ pub fn check_store(live: &Path, store: Option<&Path>, repair: bool) -> anyhow::R
         report.sort();
         return Ok(report);
     }
-    let report = target.inspect()?;
+    let mut report = target.inspect()?;
+    let mut rebuilt = Vec::new();
+    if repair {
+        let lost: Vec<Finding> = report
+            .findings
+            .iter()
+            .filter(|f| matches!(f.kind, "snapshot-list-missing" | "snapshot-list-corrupt"))
+            .cloned()
+            .collect();
+        if !lost.is_empty() {
+            // The list is lost: rebuild it from its backup and the layers, never dropping one.
+            let (meta, notes) = crate::store::rebuild_meta(target.root.as_fd(), &live_id(target.live.1.as_fd())?)?;
+            crate::store::write_meta_at(target.root.as_fd(), META, &meta)?;
+            crate::store::write_meta_at(target.root.as_fd(), crate::store::META_BACKUP, &meta)?;
+            for n in notes {
+                tracing::warn!("rebuilding the snapshot list: {n}");
+                rebuilt.push(Finding::new(Severity::Fixable, "snapshot-list-rebuilt", target.store.join(META), n));
+            }
+            rebuilt.extend(lost);
+            report = target.inspect()?;
+        }
+    }
     // With the list unusable or a layer missing, the mount would refuse the store (or take it
     // for a new one), and the layers' findings are judged against a wrong stack: repair nothing.
     let blocked = report.findings.iter().any(|f| BLOCKING.contains(&f.kind));
     if !repair || blocked || report.fixable().next().is_none() {
+        report.repaired = rebuilt;
         return Ok(report);
     }
-    let mut repaired = Vec::new();
+    let mut repaired = rebuilt;
     let store_level: Vec<Finding> = report.fixable().filter(|f| !is_layer_fix(f)).cloned().collect();
     if !store_level.is_empty() {
         // The mount's own recovery, under the store's lock (ours is let go for it).
@@ -259,9 +283,11 @@ impl Target {
         let fd = match rustix::fs::openat(&self.root, META, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
             Ok(fd) => fd,
             Err(rustix::io::Errno::NOENT) => {
-                if has_layers {
-                    let detail = "the snapshot list is missing while layers are there: a mount would take this \
-                                  for a new store and remove every layer"
+                let backup =
+                    rustix::fs::statat(&self.root, META_BACKUP, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok();
+                if has_layers || backup {
+                    let detail = "the snapshot list is missing while layers (or its backup) are there: no mount \
+                                  starts; --repair rebuilds it from the backup and adopts every layer"
                         .to_string();
                     self.finding(report, Severity::Error, "snapshot-list-missing", META, detail);
                 }
@@ -273,7 +299,10 @@ impl Target {
         let meta: Meta = match serde_json::from_str(&text) {
             Ok(m) => m,
             Err(e) => {
-                let detail = format!("the snapshot list does not parse ({e}): no daemon starts on this store");
+                let detail = format!(
+                    "the snapshot list does not parse ({e}): no daemon starts on this store; --repair rebuilds it \
+                     from the backup and adopts every layer"
+                );
                 self.finding(report, Severity::Error, "snapshot-list-corrupt", META, detail);
                 return Ok(None);
             }

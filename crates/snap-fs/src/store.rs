@@ -20,6 +20,10 @@ pub const DEFAULT_NAME: &str = ".ovlsnap";
 
 pub(crate) const META: &str = "snapshots.json";
 
+/// The copy of `snapshots.json` written after it, for `ovlsnap check --repair` when the list is
+/// lost or corrupt.
+pub(crate) const META_BACKUP: &str = "snapshots.json.bak";
+
 /// One snapshot as recorded in the store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -87,13 +91,29 @@ fn mkdir_open(dir: BorrowedFd<'_>, name: &str, mode: u32) -> std::io::Result<Own
 
 /// Reads and checks `snapshots.json` in the store dir `root`; `None` if there is none yet.
 pub fn read_meta(root: BorrowedFd<'_>) -> anyhow::Result<Option<Meta>> {
-    let fd = match rustix::fs::openat(root, META, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+    read_meta_named(root, META)
+}
+
+/// Reads and checks the list `name` (`snapshots.json` or its backup) in the store dir `root`.
+pub(crate) fn read_meta_named(root: BorrowedFd<'_>, name: &str) -> anyhow::Result<Option<Meta>> {
+    let fd = match rustix::fs::openat(root, name, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
+    {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(e).context("opening snapshots.json"),
+        Err(e) => return Err(e).with_context(|| format!("opening {name}")),
     };
-    let text = std::io::read_to_string(File::from(fd)).context("reading snapshots.json")?;
+    let text = std::io::read_to_string(File::from(fd)).with_context(|| format!("reading {name}"))?;
     parse_meta(&text).map(Some)
+}
+
+/// The ids of the numbered layer dirs in `layers` (merges in progress and other names left out).
+pub(crate) fn layer_ids(layers: BorrowedFd<'_>) -> anyhow::Result<Vec<u64>> {
+    let mut ids: Vec<u64> = sys::read_dir_fd(rustix::io::dup(layers)?)?
+        .into_iter()
+        .filter_map(|e| e.name.to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 /// Parses and checks the text of `snapshots.json` (untrusted: it may be hand-edited or corrupt).
@@ -177,14 +197,33 @@ impl Store {
             return Err(e).context("locking the store");
         }
         let live_id = live_id(live)?;
-        let meta = match read_meta(root.as_fd())? {
+        let repair = || format!("nothing was changed; `ovlsnap check {} --repair` rebuilds the list", live_path.display());
+        let meta = match read_meta(root.as_fd()).with_context(repair)? {
             Some(m) => {
                 if m.live.ino != live_id.ino || m.live.fs != live_id.fs {
                     bail!("the store {path:?} belongs to another directory than {live_path:?}");
                 }
                 m
             }
-            None => Meta { version: 1, live: live_id, next_id: 1, snapshots: Vec::new(), allow: Vec::new() },
+            None => {
+                // A store that holds layers or a backup list but no list lost it: taking it for
+                // a new store would drop every snapshot.
+                let layers = match open_dir_at(root.as_fd(), "layers") {
+                    Ok(fd) => layer_ids(fd.as_fd())?.len(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                    Err(e) => return Err(e).context("opening the store's layers"),
+                };
+                let backup = rustix::fs::statat(&root, META_BACKUP, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok();
+                if layers > 0 || backup {
+                    bail!(
+                        "the snapshot list {:?} is missing, but the store holds {layers} snapshot layer(s){}: {}",
+                        path.join(META),
+                        if backup { " and a backup of the list" } else { "" },
+                        repair()
+                    );
+                }
+                Meta { version: 1, live: live_id, next_id: 1, snapshots: Vec::new(), allow: Vec::new() }
+            }
         };
         let layers = mkdir_open(root.as_fd(), "layers", 0o700)?;
         let workdir = mkdir_open(root.as_fd(), "work", 0o700)?;
@@ -212,22 +251,12 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces `snapshots.json` atomically and durably.
+    /// Replaces `snapshots.json` atomically and durably (the commit point), then its backup.
     fn write_meta(&self, meta: &Meta) -> anyhow::Result<()> {
-        let tmp = "snapshots.json.tmp";
-        let fd = rustix::fs::openat(
-            &self.root,
-            tmp,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )?;
-        let mut f = File::from(fd);
-        f.write_all(serde_json::to_string_pretty(meta)?.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        rustix::fs::renameat(&self.root, tmp, &self.root, META)?;
-        rustix::fs::fsync(&self.root)?;
-        Ok(())
+        write_meta_at(self.root.as_fd(), META, meta)?;
+        // A stop before this leaves the backup one change behind, which a repair knows how to
+        // read (it adopts the layers the backup does not name).
+        write_meta_at(self.root.as_fd(), META_BACKUP, meta)
     }
 
     /// Where the store is.
@@ -323,6 +352,75 @@ impl Store {
         self.meta = meta;
         Ok(info)
     }
+}
+
+/// A snapshot list for the store dir `root` of LIVE `live` whose list is lost or unreadable
+/// (`ovlsnap check --repair`): the backup list if it is usable and LIVE's, else an empty one;
+/// then every numbered layer it does not name is adopted as snapshot `recovered-ID` (created: the
+/// layer dir's mtime), and every snapshot whose layer is gone is left out. Layers keep their order
+/// (ids grow with every take), so each view shows what it showed. Removes nothing. Returns the
+/// list and one line per thing it decided, for the report.
+pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Result<(Meta, Vec<String>)> {
+    let mut notes = Vec::new();
+    let fresh = Meta { version: 1, live: live.clone(), next_id: 1, snapshots: Vec::new(), allow: Vec::new() };
+    let mut meta = match read_meta_named(root, META_BACKUP) {
+        Ok(Some(m)) if &m.live == live => {
+            notes.push(format!("the list was restored from {META_BACKUP}"));
+            m
+        }
+        Ok(Some(_)) => {
+            notes.push(format!("{META_BACKUP} belongs to another directory: not used"));
+            fresh
+        }
+        Ok(None) => fresh,
+        Err(e) => {
+            notes.push(format!("{META_BACKUP} is unusable too ({e:#})"));
+            fresh
+        }
+    };
+    let layers = open_dir_at(root, "layers").context("opening the store's layers")?;
+    let ids = layer_ids(layers.as_fd())?;
+    meta.snapshots.retain(|s| {
+        let kept = ids.contains(&s.id);
+        if !kept {
+            notes.push(format!("snapshot {:?} (id {}) is listed but its layer is gone: left out", s.name, s.id));
+        }
+        kept
+    });
+    for &id in &ids {
+        if meta.snapshots.iter().any(|s| s.id == id) {
+            continue;
+        }
+        let mut name = format!("recovered-{id}");
+        while meta.snapshots.iter().any(|s| s.name == name) {
+            name.push('~');
+        }
+        let created = rustix::fs::statat(&layers, id.to_string().as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map_or(0, |st| st.st_mtime.max(0) as u64);
+        notes.push(format!("layer {id} is adopted as snapshot {name:?}"));
+        meta.snapshots.push(SnapshotInfo { id, name, created });
+    }
+    meta.snapshots.sort_by_key(|s| s.id);
+    meta.next_id = meta.next_id.max(ids.last().map_or(1, |m| m + 1));
+    Ok((meta, notes))
+}
+
+/// Writes `meta` as `name` in the store dir `root`: a temp file, fsync, rename, fsync of the dir.
+pub(crate) fn write_meta_at(root: BorrowedFd<'_>, name: &str, meta: &Meta) -> anyhow::Result<()> {
+    let tmp = format!("{name}.tmp");
+    let fd = rustix::fs::openat(
+        root,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )?;
+    let mut f = File::from(fd);
+    f.write_all(serde_json::to_string_pretty(meta)?.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    rustix::fs::renameat(root, tmp.as_str(), root, name)?;
+    rustix::fs::fsync(root)?;
+    Ok(())
 }
 
 /// A deletion by merge between the swap of the merged layer into place and the commit.

@@ -1,6 +1,7 @@
 //! Failures the snapshot store must survive (issue 5, bad input): a full disk during a copy-on-write
 //! copy, and a daemon killed with SIGKILL.
 
+use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -144,4 +145,74 @@ fn a_killed_daemon_loses_no_snapshot_and_remount_cleans_up() {
         assert!(work_leftovers(m.live()).is_empty(), "the half-made copy was not removed");
         assert!(!m.live().join(".ovlsnap/layers/99").exists(), "the orphan layer was not removed");
     }
+}
+
+/// Layer dirs of the store of `live` (the default store), sorted.
+fn layer_dirs(live: &Path) -> Vec<String> {
+    names_in(&live.join(".ovlsnap/layers"))
+}
+
+/// Issue 16.1: a lost `snapshots.json` used to make the next mount take the store for a new one
+/// and remove every layer, silently. Now the mount refuses, nothing is touched, and `check
+/// --repair` brings the list back: from its backup, or by adopting the layers.
+#[test]
+fn a_lost_snapshot_list_refuses_the_mount_and_a_repair_brings_every_snapshot_back() {
+    for lose_backup_too in [false, true] {
+        let mut m = SnapMount::prepare(Form::Separate);
+        fs::write(m.live().join("f"), b"v1\n").unwrap();
+        m.mount();
+        m.take(Some("s1"));
+        fs::write(m.mnt().join("f"), b"v2\n").unwrap();
+        m.take(Some("s2"));
+        fs::write(m.mnt().join("f"), b"v3\n").unwrap();
+        m.umount();
+        let store = m.live().join(".ovlsnap");
+        let layers = layer_dirs(m.live());
+        assert_eq!(layers.len(), 2);
+        fs::remove_file(store.join("snapshots.json")).unwrap();
+        if lose_backup_too {
+            fs::remove_file(store.join("snapshots.json.bak")).unwrap();
+        }
+        let out = ovlsnap(&m.mount_args());
+        let err = out.expect_failure("mount with a lost list");
+        assert!(err.contains("missing") && err.contains("check") && err.contains("--repair"), "{out}");
+        assert!(!is_fuse_mount(m.mnt()), "a refused mount must not be left mounted");
+        assert_eq!(layer_dirs(m.live()), layers, "a refused mount removed layers");
+
+        let check = ovlsnap(&[OsStr::new("check"), m.live().as_os_str()]);
+        assert!(!check.success() && check.stdout.contains("snapshot-list-missing"), "{check}");
+        ovlsnap(&[OsStr::new("check"), m.live().as_os_str(), OsStr::new("--repair")]).expect_ok("check --repair");
+        assert_eq!(layer_dirs(m.live()), layers, "the repair removed layers");
+        m.mount();
+        let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
+        let want = if lose_backup_too { ["recovered-1", "recovered-2"] } else { ["s1", "s2"] };
+        assert_eq!(names, want);
+        assert_eq!(fs::read(m.view(want[0]).join("f")).unwrap(), b"v1\n");
+        assert_eq!(fs::read(m.view(want[1]).join("f")).unwrap(), b"v2\n");
+        assert_eq!(fs::read(m.mnt().join("f")).unwrap(), b"v3\n");
+        m.umount();
+    }
+}
+
+/// A corrupt list (a torn or hand-edited file) refuses the mount the same way; the repair
+/// restores the backup, which the daemon keeps in step with every change.
+#[test]
+fn a_corrupt_snapshot_list_refuses_the_mount_and_the_backup_restores_it() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("f"), b"v1\n").unwrap();
+    m.mount();
+    for n in ["a", "b", "c"] {
+        m.take(Some(n));
+    }
+    ovlsnap(&[OsStr::new("delete"), OsStr::new("b"), OsStr::new("--mount"), m.mnt().as_os_str()])
+        .expect_ok("delete b");
+    m.umount();
+    let list = m.live().join(".ovlsnap/snapshots.json");
+    fs::write(&list, b"{\"version\": 1, \"snap").unwrap();
+    let out = ovlsnap(&m.mount_args());
+    assert!(out.expect_failure("mount with a corrupt list").contains("--repair"), "{out}");
+    ovlsnap(&[OsStr::new("check"), m.live().as_os_str(), OsStr::new("--repair")]).expect_ok("check --repair");
+    m.mount();
+    let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["a", "c"], "the backup follows every change, the delete included");
 }
