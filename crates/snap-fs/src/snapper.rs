@@ -122,10 +122,12 @@ impl Snapper {
         let live = self.live.as_fd();
         let info = self.store.lock().add(name, created, |layer| copy_root_meta(live, layer))?;
         if let Err(e) = self.switch() {
-            // The snapshot is recorded; without its layer as the CoW target it would silently
-            // change, so stop serving changes rather than go on.
+            // Without its layer as the CoW target the new snapshot would silently take in later
+            // changes: take it back. Its layer is empty (no change ran since `add`), and a failed
+            // switch left the previous target in place.
             tracing::error!("switching to snapshot {name:?} failed: {e:#}");
-            return Err(e);
+            self.store.lock().delete(info.id, None).context("taking back the snapshot that could not start")?;
+            return Err(e.context(format!("snapshot {name:?} was not taken")));
         }
         tracing::info!(name, id = info.id, "snapshot taken");
         Ok(info)

@@ -216,3 +216,34 @@ fn a_corrupt_snapshot_list_refuses_the_mount_and_the_backup_restores_it() {
     let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["a", "c"], "the backup follows every change, the delete included");
 }
+
+/// Issue 16.3: a take whose layer cannot be opened (the daemon's descriptors exhausted) used to
+/// fail yet stay recorded, its view then showing data written after it. Now it is taken back:
+/// the failed name is not listed, before or after a remount, and every other view is exact.
+#[test]
+fn a_take_that_cannot_start_its_layer_is_taken_back() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("a"), b"0\n").unwrap();
+    // A hard limit the daemon cannot raise: it runs out after a dozen snapshots or so.
+    m.mount_wrapped(&["prlimit", "--nofile=40:40"]);
+    let mut failed = None;
+    for i in 1..=60 {
+        fs::write(m.mnt().join("a"), format!("{i}\n")).unwrap_or_else(|e| panic!("write {i}: {e}"));
+        let out = m.try_take(Some(&format!("t{i}")));
+        if !out.success() {
+            assert!(out.stderr.contains("was not taken"), "the failure must say the snapshot was not taken\n{out}");
+            failed = Some(i);
+            break;
+        }
+    }
+    let failed = failed.expect("no take failed under a hard limit of 40 descriptors");
+    fs::write(m.mnt().join("a"), b"after\n").unwrap();
+    m.umount();
+    m.mount();
+    let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
+    let want: Vec<String> = (1..failed).map(|i| format!("t{i}")).collect();
+    assert_eq!(names, want, "the failed take t{failed} must not be recorded");
+    for i in 1..failed {
+        assert_eq!(fs::read_to_string(m.view(&format!("t{i}")).join("a")).unwrap(), format!("{i}\n"), "view t{i}");
+    }
+}

@@ -455,8 +455,21 @@ impl SnapMount {
 
     /// Runs `ovlsnap mount` and checks that the FUSE mount is live when it returns.
     pub fn mount(&mut self) {
+        self.mount_wrapped(&[]);
+    }
+
+    /// [`mount`](Self::mount) with `ovlsnap mount` run by `wrapper` (e.g. `prlimit --nofile=40`).
+    pub fn mount_wrapped(&mut self, wrapper: &[&str]) {
         assert!(!self.mounted, "already mounted");
-        let out = ovlsnap(&self.mount_args());
+        let out = match wrapper.split_first() {
+            None => ovlsnap(&self.mount_args()),
+            Some((program, rest)) => {
+                let mut args: Vec<OsString> = rest.iter().map(OsString::from).collect();
+                args.push(ovlsnap_bin().into());
+                args.extend(self.mount_args());
+                run_with_deadline(OsStr::new(program), &args).unwrap_or_else(|e| panic!("{e}"))
+            }
+        };
         // From here on Drop tries `ovlsnap umount` first (the scratch sweep catches the rest).
         self.mounted = out.success() || is_fuse_mount(&self.mnt);
         out.expect_ok("ovlsnap mount");
