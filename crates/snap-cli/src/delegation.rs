@@ -65,16 +65,16 @@ pub fn list(mnt: &Path, json: bool) -> anyhow::Result<()> {
     if json {
         let rows: Vec<Shown> =
             grants.iter().map(|g| Shown { who: g.who, name: shown(g.who), perms: &g.perms }).collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        say!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("root and the owner of LIVE may do everything; besides them:");
+    say!("root and the owner of LIVE may do everything; besides them:");
     if grants.is_empty() {
-        println!("  nobody");
+        say!("  nobody");
     }
     for g in &grants {
         let perms: Vec<&str> = g.perms.iter().map(|p| p.name()).collect();
-        println!("  {:<24} {}", shown(g.who), perms.join(","));
+        say!("  {:<24} {}", shown(g.who), perms.join(","));
     }
     Ok(())
 }

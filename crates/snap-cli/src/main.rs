@@ -14,7 +14,17 @@ use snap_fs::daemon;
 use snap_fs::policy::Perm;
 use snap_fs::snapper::Listed;
 
+/// `println!` that hands back a failed write (a full disk, a closed pipe when SIGPIPE is ignored)
+/// as an error instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        anyhow::Context::context(writeln!(std::io::stdout().lock(), $($arg)*), "writing to stdout")?
+    }};
+}
+
 mod delegation;
+mod sys;
 mod view_mount;
 
 /// Set in the background daemon's environment: print "ready" once the mount is live.
@@ -261,6 +271,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let daemon = matches!(cli.cmd, Cmd::Mount { foreground: true, .. } | Cmd::Clone { foreground: true, .. });
+    if !daemon {
+        sys::default_sigpipe();
+    }
     if let Cmd::Check { live, mount, store, repair, json } = cli.cmd {
         return check(live.or(mount), store, repair, json);
     }
@@ -289,7 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let v = control::call(&mnt, &Request::Take { name })?;
             let name = v.get("name").and_then(|n| n.as_str()).context("the daemon's answer has no name")?;
-            println!("{name}");
+            say!("{name}");
             Ok(())
         }
         Cmd::List { json, mount } => list(mount, json),
@@ -297,7 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mnt = resolve_mount(mount)?;
             let dir = std::path::absolute(&dir)?;
             let layers = view_mount::fetch(&mnt, &name)?;
-            println!("{}", view_mount::mount_cmd(&layers, &dir)?);
+            say!("{}", view_mount::mount_cmd(&layers, &dir)?);
             Ok(())
         }
         Cmd::MountView { name, dir, mount } => {
@@ -309,11 +323,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mnt = resolve_mount(mount)?;
             let v = control::call(&mnt, &Request::Diff { a, b })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let report: snap_fs::diff::Report = serde_json::from_value(v)?;
                 for c in &report.changes {
-                    println!("{}", snap_fs::diff::show(c));
+                    say!("{}", snap_fs::diff::show(c));
                 }
             }
             Ok(())
@@ -324,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = control::call(&mnt, &Request::Delete { name: name.clone() });
             spinner.finish_and_clear();
             out?;
-            println!("deleted {name}");
+            say!("deleted {name}");
             Ok(())
         }
         Cmd::Clone { name, dir, upper, mount, foreground } => clone(&name, &dir, upper, mount, foreground),
@@ -377,10 +391,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mnt = resolve_mount(mount)?;
             let v = control::call(&mnt, &Request::Status)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let s: Status = serde_json::from_value(v)?;
-                println!(
+                say!(
                     "mount  {}\nlive   {}\nstore  {}\npid    {}",
                     s.mount.display(),
                     s.live.display(),
@@ -440,12 +454,12 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         }
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&items)?);
+        say!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
     }
-    println!("{:<4} {:<28} {:<21} {:>12} {:>8}", "ID", "NAME", "CREATED", "LAYER", "ENTRIES");
+    say!("{:<4} {:<28} {:<21} {:>12} {:>8}", "ID", "NAME", "CREATED", "LAYER", "ENTRIES");
     for l in items {
-        println!("{:<4} {:<28} {:<21} {:>12} {:>8}", l.id, l.name, l.created, human(l.layer_bytes), l.entries);
+        say!("{:<4} {:<28} {:<21} {:>12} {:>8}", l.id, l.name, l.created, human(l.layer_bytes), l.entries);
     }
     Ok(())
 }
@@ -455,7 +469,11 @@ fn check(live: Option<PathBuf>, store: Option<PathBuf>, repair: bool, json: bool
     let Some(live) = live else { return ExitCode::from(2) };
     match snap_fs::check::check_store(&live, store.as_deref(), repair) {
         Ok(report) => {
-            print!("{}", report.render(json));
+            use std::io::Write as _;
+            if let Err(e) = write!(std::io::stdout().lock(), "{}", report.render(json)) {
+                eprintln!("ovlsnap check: writing to stdout: {e}");
+                return ExitCode::from(1);
+            }
             ExitCode::from(report.exit_code())
         }
         Err(e) => {
@@ -476,20 +494,20 @@ fn restore(mnt: &Path, name: &str, dry_run: bool) -> anyhow::Result<()> {
             serde_json::from_value(control::call(mnt, &Request::Diff { a: name.to_string(), b: None })?)?;
         if report.changes.is_empty() {
             if round == 0 {
-                println!("{} already equals snapshot {name}", mnt.display());
+                say!("{} already equals snapshot {name}", mnt.display());
             } else {
-                println!("restored {} to snapshot {name}", mnt.display());
+                say!("restored {} to snapshot {name}", mnt.display());
             }
             return Ok(());
         }
         if dry_run {
             for c in &report.changes {
                 match c {
-                    Change::Added { path, .. } => println!("remove   {}", shown(path).display()),
-                    Change::Deleted { path, .. } => println!("restore  {}", shown(path).display()),
-                    Change::Modified { path, .. } => println!("replace  {}", shown(path).display()),
+                    Change::Added { path, .. } => say!("remove   {}", shown(path).display()),
+                    Change::Deleted { path, .. } => say!("restore  {}", shown(path).display()),
+                    Change::Modified { path, .. } => say!("replace  {}", shown(path).display()),
                     Change::Renamed { path, to } => {
-                        println!("move     {} back to {}", shown(to).display(), shown(path).display())
+                        say!("move     {} back to {}", shown(to).display(), shown(path).display())
                     }
                 }
             }
@@ -581,7 +599,7 @@ fn generate_docs(dir: &Path) -> anyhow::Result<()> {
     }
     let cmd = Cli::command();
     clap_mangen::generate_to(cmd, &man)?;
-    println!("wrote {} and {}", completions.display(), man.display());
+    say!("wrote {} and {}", completions.display(), man.display());
     Ok(())
 }
 

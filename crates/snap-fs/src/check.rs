@@ -41,7 +41,9 @@ use rustix::fs::{FlockOperation, Mode, OFlags};
 use crate::control::{self, Request, Status};
 use crate::cow::{JOURNAL, read_journal, rename_happened};
 use crate::daemon::{self, FSTYPE};
-use crate::store::{DEFAULT_NAME, MERGING, META, META_BACKUP, Meta, delete_journal_cut_short, live_id, pending_delete, valid_name};
+use crate::store::{
+    DEFAULT_NAME, MERGING, META, META_BACKUP, Meta, delete_journal_cut_short, live_id, pending_delete, valid_name,
+};
 
 /// How many times (20 ms apart) the store's lock is tried before it counts as a daemon's.
 const LOCK_TRIES: u32 = 50;
@@ -283,8 +285,7 @@ impl Target {
         let fd = match rustix::fs::openat(&self.root, META, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
             Ok(fd) => fd,
             Err(rustix::io::Errno::NOENT) => {
-                let backup =
-                    rustix::fs::statat(&self.root, META_BACKUP, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok();
+                let backup = rustix::fs::statat(&self.root, META_BACKUP, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok();
                 if has_layers || backup {
                     let detail = "the snapshot list is missing while layers (or its backup) are there: no mount \
                                   starts; --repair rebuilds it from the backup and adopts every layer"

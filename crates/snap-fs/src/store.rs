@@ -96,8 +96,7 @@ pub fn read_meta(root: BorrowedFd<'_>) -> anyhow::Result<Option<Meta>> {
 
 /// Reads and checks the list `name` (`snapshots.json` or its backup) in the store dir `root`.
 pub(crate) fn read_meta_named(root: BorrowedFd<'_>, name: &str) -> anyhow::Result<Option<Meta>> {
-    let fd = match rustix::fs::openat(root, name, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
-    {
+    let fd = match rustix::fs::openat(root, name, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty()) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("opening {name}")),
@@ -197,7 +196,8 @@ impl Store {
             return Err(e).context("locking the store");
         }
         let live_id = live_id(live)?;
-        let repair = || format!("nothing was changed; `ovlsnap check {} --repair` rebuilds the list", live_path.display());
+        let repair =
+            || format!("nothing was changed; `ovlsnap check {} --repair` rebuilds the list", live_path.display());
         let meta = match read_meta(root.as_fd()).with_context(repair)? {
             Some(m) => {
                 if m.live.ino != live_id.ino || m.live.fs != live_id.fs {

@@ -57,3 +57,36 @@ fn errors_say_what_to_do_next() {
     assert!(out.expect_failure("mount over a .snapshots").contains("rename it first"));
     assert!(!live.join(".ovlsnap").exists() && !is_fuse_mount(&live), "the refused mount changed LIVE");
 }
+
+/// Issue 16.7: `ovlsnap list | head` ended in a panic on the closed pipe. Output commands now end
+/// quietly, as other Unix tools do (killed by SIGPIPE, nothing on stderr), and the daemon lives on.
+#[test]
+fn a_closed_pipe_ends_output_commands_quietly() {
+    let m = SnapMount::start(Form::Separate, |live| fs::write(live.join("f"), b"1\n").unwrap());
+    m.take(Some("t1"));
+    fs::write(m.mnt().join("f"), b"2\n").unwrap();
+    for cmd in ["list", "diff t1", "status", "send t1"] {
+        // The reader is gone before ovlsnap has connected to its daemon, let alone written.
+        let script = format!("\"$0\" {cmd} --mount \"$1\" 2>&1 | true; echo \"${{PIPESTATUS[0]}}\"");
+        let out = run_with_deadline(
+            std::ffi::OsStr::new("bash"),
+            &["-c".into(), script.into(), ovlsnap_bin().into(), m.mnt().into()],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let status = out.stdout.trim();
+        assert!(status == "141" || status == "0", "{cmd} | true: exit {status}, expected SIGPIPE (141)\n{out}");
+        assert!(!out.stderr.contains("panicked"), "{cmd}: {out}");
+    }
+    let out = run_with_deadline(
+        std::ffi::OsStr::new("bash"),
+        &[
+            "-c".into(),
+            "\"$0\" list --mount \"$1\" 2>&1 >/dev/full; echo $?".into(),
+            ovlsnap_bin().into(),
+            m.mnt().into(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!out.stdout.contains("panicked"), "a full disk on stdout: {out}");
+    m.take(Some("t2"));
+}

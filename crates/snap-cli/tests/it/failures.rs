@@ -204,8 +204,7 @@ fn a_corrupt_snapshot_list_refuses_the_mount_and_the_backup_restores_it() {
     for n in ["a", "b", "c"] {
         m.take(Some(n));
     }
-    ovlsnap(&[OsStr::new("delete"), OsStr::new("b"), OsStr::new("--mount"), m.mnt().as_os_str()])
-        .expect_ok("delete b");
+    ovlsnap(&[OsStr::new("delete"), OsStr::new("b"), OsStr::new("--mount"), m.mnt().as_os_str()]).expect_ok("delete b");
     m.umount();
     let list = m.live().join(".ovlsnap/snapshots.json");
     fs::write(&list, b"{\"version\": 1, \"snap").unwrap();
