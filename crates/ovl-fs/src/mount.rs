@@ -105,6 +105,109 @@ pub fn mount_session<F: fuser::Filesystem>(
     }
 }
 
+/// Mounts `fs` at `mnt` without root, the way libfuse does: the setuid `fusermount3` mounts
+/// `/dev/fuse` as type `fuse.SUBTYPE` and hands us the descriptor over a socket. The mount is for
+/// the mounting user alone (no `allow_other`: other users would reach files with our rights),
+/// the kernel checking permissions (`default_permissions`).
+pub fn mount_session_user<F: fuser::Filesystem>(
+    fs: F,
+    mnt: &Path,
+    source: &str,
+    subtype: &str,
+) -> anyhow::Result<Session<F>> {
+    let fuse = fusermount(mnt, source, subtype)?;
+    let mut config = Config::default();
+    config.acl = SessionACL::Owner;
+    config.n_threads = Some(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(4, 16));
+    config.clone_fd = true;
+    match Session::from_fd(fs, fuse, SessionACL::Owner, config) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let _ = unmount(mnt, true);
+            Err(e).with_context(|| format!("FUSE handshake on {mnt:?}"))
+        }
+    }
+}
+
+/// Runs `fusermount3 -o OPTS -- MNT` with one end of a socket pair in `_FUSE_COMMFD` and returns
+/// the `/dev/fuse` descriptor it sends back (`SCM_RIGHTS`).
+fn fusermount(mnt: &Path, source: &str, subtype: &str) -> anyhow::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags, SocketType};
+    if source.contains([',', '\\']) || subtype.contains([',', '\\']) {
+        bail!("the mount's source {source:?} cannot be passed to fusermount3 (a comma or backslash)");
+    }
+    // Ours is closed in the child; the child's end must survive exec, so it is made without
+    // CLOEXEC and closed here right after the spawn.
+    let (ours, theirs) = rustix::net::socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    let theirs = {
+        let inherited = rustix::io::fcntl_dupfd_cloexec(&theirs, 3)?;
+        rustix::io::fcntl_setfd(&inherited, rustix::io::FdFlags::empty())?;
+        // Only the child may hold the other end, or our receive never sees it close.
+        drop(theirs);
+        inherited
+    };
+    let opts = format!("fsname={source},subtype={subtype},default_permissions");
+    let child = std::process::Command::new("fusermount3")
+        .arg("-o")
+        .arg(&opts)
+        .arg("--")
+        .arg(mnt)
+        .env("_FUSE_COMMFD", theirs.as_raw_fd().to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    drop(theirs);
+    let child = child.context("running fusermount3 (install fuse3)")?;
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let got =
+        rustix::net::recvmsg(&ours, &mut [std::io::IoSliceMut::new(&mut byte)], &mut control, RecvFlags::CMSG_CLOEXEC);
+    let out = child.wait_with_output().context("waiting for fusermount3")?;
+    let mut fd = None;
+    if got.is_ok() {
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+                fd = fds.next();
+            }
+        }
+    }
+    match fd {
+        Some(fd) if out.status.success() => Ok(fd),
+        _ => bail!(
+            "fusermount3 could not mount {}: {}",
+            mnt.display(),
+            String::from_utf8_lossy(&out.stderr).trim().trim_start_matches("fusermount3: ")
+        ),
+    }
+}
+
+/// Unmounts the FUSE mount at `mnt` (lazily: detached now, gone when unused): with umount(2) as
+/// root, else through `fusermount3 -u`, which lets a user unmount what they mounted.
+pub fn unmount(mnt: &Path, lazy: bool) -> anyhow::Result<()> {
+    let flags = if lazy { rustix::mount::UnmountFlags::DETACH } else { rustix::mount::UnmountFlags::empty() };
+    match rustix::mount::unmount(mnt, flags) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::PERM) if !rustix::process::geteuid().is_root() => {
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u").arg("-q");
+            if lazy {
+                cmd.arg("-z");
+            }
+            let out = cmd.arg("--").arg(mnt).output().context("running fusermount3 -u")?;
+            if out.status.success() {
+                return Ok(());
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("busy") {
+                return Err(anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EBUSY)));
+            }
+            bail!("unmounting {}: {}", mnt.display(), err.trim().trim_start_matches("fusermount3: "))
+        }
+        Err(e) => Err(anyhow::Error::new(std::io::Error::from(e))),
+    }
+}
+
 impl Mount {
     /// Validates everything, then mounts. Returns once the kernel has completed the FUSE
     /// handshake, so the mount is live.

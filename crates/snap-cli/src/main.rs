@@ -633,11 +633,13 @@ fn umount(mnt: &Path) -> anyhow::Result<()> {
     if let Ok(f) = std::fs::File::open(mnt) {
         let _ = rustix::fs::syncfs(&f);
     }
-    rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::empty()).map_err(|e| match e {
-        rustix::io::Errno::BUSY => {
+    ovl_fs::mount::unmount(mnt, false).map_err(|e| {
+        let busy = e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(libc::EBUSY);
+        if busy {
             anyhow::anyhow!("{} is busy (files open or a process inside it); close them and retry", mnt.display())
+        } else {
+            e.context(format!("unmounting {}", mnt.display()))
         }
-        e => anyhow::anyhow!("unmounting {}: {e}", mnt.display()),
     })?;
     if let Some(pid) = pid {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -700,7 +702,7 @@ fn unmount_on_signal(mnt: PathBuf) -> anyhow::Result<()> {
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(sig, "unmounting on signal");
-            let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
+            let _ = ovl_fs::mount::unmount(&mnt, true);
         }
     })?;
     Ok(())

@@ -23,6 +23,8 @@ const CMD_PREFIX: &str = "mount -t overlay overlay -o ";
 #[derive(Debug)]
 pub struct CheckedLayers {
     lowers: Vec<PathBuf>,
+    /// The kernel must read `user.overlay.*` (`userxattr`).
+    userxattr: bool,
 }
 
 /// Asks the daemon of `mnt` (canonical) for the layers of snapshot `name` and checks them.
@@ -55,7 +57,7 @@ pub fn check_layers(answer: serde_json::Value, pid: u32, mnt: &Path) -> anyhow::
             return Err(invalid(format!("{p:?} is in another store than the layer above it")));
         }
     }
-    Ok(CheckedLayers { lowers: layers.lowers })
+    Ok(CheckedLayers { lowers: layers.lowers, userxattr: layers.userxattr })
 }
 
 /// The store descriptor in `p` when it is exactly `/proc/<pid>/fd/<fd>/layers/<id>` (decimal
@@ -89,7 +91,8 @@ pub fn mount_cmd(layers: &CheckedLayers, dir: &Path) -> anyhow::Result<String> {
         }
         lowers.push(escape_lowerdir(s));
     }
-    let opts = format!("ro,redirect_dir=follow,lowerdir={}", lowers.join(":"));
+    let user = if layers.userxattr { "userxattr," } else { "" };
+    let opts = format!("ro,{user}redirect_dir=follow,lowerdir={}", lowers.join(":"));
     Ok(format!("{CMD_PREFIX}{} {}", shell_quote(&opts), shell_quote(dir)))
 }
 
@@ -146,6 +149,9 @@ pub fn mount_view(layers: &CheckedLayers, dir: &Path) -> anyhow::Result<()> {
     // What mount(8) calls it, so both kinds of mount look alike in mountinfo and df.
     fsconfig_set_string(&fs, "source", "overlay").map_err(|e| with_log(e, "setting the source".into()))?;
     fsconfig_set_string(&fs, "redirect_dir", "follow").map_err(|e| with_log(e, "setting redirect_dir".into()))?;
+    if layers.userxattr {
+        fsconfig_set_flag(&fs, "userxattr").map_err(|e| with_log(e, "setting userxattr".into()))?;
+    }
     fsconfig_set_flag(&fs, "ro").map_err(|e| with_log(e, "setting ro".into()))?;
     fsconfig_create(&fs).map_err(|e| with_log(e, "creating the overlay".into()))?;
     let m = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::MOUNT_ATTR_RDONLY)

@@ -459,7 +459,7 @@ impl Target {
                 Ok(w) => w,
                 Err(_) => rustix::io::dup(&self.root)?,
             };
-            let options = MountOptions { read_only: !writable, ..Default::default() };
+            let options = MountOptions { read_only: !writable, userxattr: meta.userxattr, ..Default::default() };
             let stack = LayerStack::from_open_dirs(lowers, Some((path.clone(), fd.clone(), work)), options)?;
             out.push(f(&stack)?);
         }

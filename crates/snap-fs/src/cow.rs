@@ -87,16 +87,17 @@ fn split(p: &Path) -> Result<(&Path, &OsStr)> {
 }
 
 impl Cow {
-    /// The CoW target `layer` (open) over LIVE (`live`, open), with the work dir `work`.
+    /// The CoW target `layer` (open) over LIVE (`live`, open), with the work dir `work`, read and
+    /// written with the store's overlay options `opts` (its xattr namespace).
     pub fn new(
         layer: (PathBuf, Arc<OwnedFd>),
         work: OwnedFd,
         live: (PathBuf, Arc<OwnedFd>),
         hidden: Vec<OsString>,
         journal: OwnedFd,
+        opts: ovl_core::MountOptions,
     ) -> Result<Self> {
-        let stack =
-            LayerStack::from_open_dirs(vec![live], Some((layer.0, layer.1, work)), ovl_core::MountOptions::default())?;
+        let stack = LayerStack::from_open_dirs(vec![live], Some((layer.0, layer.1, work)), opts)?;
         let mut cow = Self { stack, redirects: Vec::new(), hidden, journal, pending: None };
         cow.redirects = cow.scan_redirects()?;
         if let Some(journal) = read_journal(cow.journal.as_fd())? {

@@ -108,8 +108,20 @@ pub fn open_store(live: &Path, store: Option<&Path>) -> anyhow::Result<Opened> {
 
 /// Checks the configuration and opens LIVE and the store; changes nothing on a failed check.
 pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
-    if !rustix::process::geteuid().is_root() {
-        bail!("ovlsnap mount needs root: it mounts a FUSE filesystem for every user and its control socket is root's");
+    let euid = rustix::process::geteuid();
+    if !euid.is_root() {
+        // Without root we serve our own directory to ourselves alone: nothing we could not reach.
+        use std::os::unix::fs::MetadataExt;
+        for (what, dir) in [("LIVE", &cfg.live), ("the mount point", &cfg.mount)] {
+            let owner = std::fs::metadata(dir).with_context(|| format!("{what} {dir:?}: no such directory"))?.uid();
+            if owner != euid.as_raw() {
+                bail!(
+                    "without root you can only mount a directory you own: {what} {dir:?} is uid {owner}'s, you are \
+                     uid {}",
+                    euid.as_raw()
+                );
+            }
+        }
     }
     let mnt =
         std::fs::canonicalize(&cfg.mount).with_context(|| format!("mount point {:?}: no such directory", cfg.mount))?;
@@ -130,8 +142,11 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     let Opened { live, live_fd, store: store_at, hidden, snapper } = open_store(&cfg.live, cfg.store.as_deref())?;
     let (workdir, work) = snapper.store_work()?;
     drop(workdir);
-    let stack =
-        LayerStack::from_open_dirs(Vec::new(), Some((live.clone(), Arc::new(live_fd), work)), Default::default())?;
+    let stack = LayerStack::from_open_dirs(
+        Vec::new(),
+        Some((live.clone(), Arc::new(live_fd), work)),
+        snapper.overlay_options(),
+    )?;
     let mut overlay = OverlayFs::new(stack)?.with_hook(snapper.clone()).hide_root_name(SNAPDIR_NAME.as_ref());
     for h in &hidden {
         overlay = overlay.hide_root_name(h);
@@ -147,7 +162,12 @@ pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
     let (listener, sock) = bind_control(&status.mount)?;
     let source = status.live.display().to_string();
     let notifier = fs.notifier_slot();
-    let session = ovl_fs::mount::mount_session(fs, &status.mount, &source, FSTYPE, false)?;
+    let session = if rustix::process::geteuid().is_root() {
+        ovl_fs::mount::mount_session(fs, &status.mount, &source, FSTYPE, false)?
+    } else {
+        let subtype = FSTYPE.trim_start_matches("fuse.");
+        ovl_fs::mount::mount_session_user(fs, &status.mount, &source, subtype)?
+    };
     let _ = notifier.set(session.notifier());
     {
         let (snapper, status) = (snapper.clone(), status.clone());
@@ -178,23 +198,26 @@ impl ControlFiles {
     }
 }
 
-/// Makes (or repairs) root's socket directory: a real directory of root's, mode 0755, so no one
-/// else can plant a socket or pid file in it. An older ovlsnap made it world-writable.
-fn secure_run_dir() -> anyhow::Result<()> {
+/// Makes (or repairs) our socket directory ([`control::run_dir`]): root's `/run/ovlsnap`, mode
+/// 0755, or a user's own, mode 0700, so no one else can plant a socket or pid file in it. An
+/// older ovlsnap made `/run/ovlsnap` world-writable; a user's dir that someone else made (it may
+/// be in `/tmp`) is refused.
+fn secure_run_dir(uid: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let dir = Path::new(control::RUN_DIR);
-    match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+    let dir = control::run_dir(uid);
+    let mode = if uid == 0 { 0o755 } else { 0o700 };
+    match std::fs::DirBuilder::new().mode(mode).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e).context("creating /run/ovlsnap"),
+        Err(e) => return Err(e).with_context(|| format!("creating {dir:?}")),
     }
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() || meta.uid() != 0 {
-        bail!("{dir:?} is not a directory of root's (uid {}): remove it and mount again", meta.uid());
+    let meta = std::fs::symlink_metadata(&dir)?;
+    if !meta.is_dir() || meta.uid() != uid {
+        bail!("{dir:?} is not a directory of uid {uid}'s (it is uid {}): remove it and mount again", meta.uid());
     }
-    if meta.mode() & 0o7777 != 0o755 {
-        tracing::warn!(mode = format!("{:o}", meta.mode() & 0o7777), "making /run/ovlsnap mode 0755");
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    if meta.mode() & 0o7777 != mode {
+        tracing::warn!(mode = format!("{:o}", meta.mode() & 0o7777), "making {dir:?} mode {mode:o}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
 }
@@ -203,8 +226,9 @@ fn secure_run_dir() -> anyhow::Result<()> {
 /// authorized by its caller's credentials) and records our pid beside it.
 fn bind_control(mnt: &Path) -> anyhow::Result<(UnixListener, ControlFiles)> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    secure_run_dir()?;
-    let sock = control::socket_path(mnt);
+    let uid = rustix::process::geteuid().as_raw();
+    secure_run_dir(uid)?;
+    let sock = control::socket_path(mnt, uid);
     // Whatever is there is a dead daemon's (a live one would have its mount here, refused above).
     match std::fs::remove_file(&sock) {
         Ok(()) => {}
@@ -214,7 +238,7 @@ fn bind_control(mnt: &Path) -> anyhow::Result<(UnixListener, ControlFiles)> {
     let listener = UnixListener::bind(&sock).with_context(|| format!("binding the control socket {sock:?}"))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))?;
     let ino = std::fs::symlink_metadata(&sock)?.ino();
-    let pid = control::pid_path(mnt);
+    let pid = control::pid_path(mnt, uid);
     let tmp = pid.with_extension(format!("pid.{}", std::process::id()));
     std::fs::write(&tmp, format!("{}\n", std::process::id())).with_context(|| format!("writing {tmp:?}"))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;

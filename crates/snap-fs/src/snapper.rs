@@ -60,7 +60,8 @@ impl Snapper {
     /// The snapshot state of LIVE (`live`, open) with its opened `store`; `hidden` are the LIVE
     /// root names that belong to no snapshot.
     pub fn new(live: OwnedFd, live_path: PathBuf, store: Store, hidden: Vec<OsString>) -> anyhow::Result<Self> {
-        let views = Arc::new(Views::new(hidden.clone()));
+        let opts = store.overlay_options();
+        let views = Arc::new(Views::new(hidden.clone(), opts.clone()));
         let s = Self {
             gate: RwLock::new(()),
             generation: AtomicU64::new(0),
@@ -99,7 +100,8 @@ impl Snapper {
             return Ok(());
         };
         let (_, work) = store.work()?;
-        let cow = Cow::new(layer(newest.id), work, live.clone(), self.hidden.clone(), rustix::io::dup(store.root())?)
+        let (hidden, journal) = (self.hidden.clone(), rustix::io::dup(store.root())?);
+        let cow = Cow::new(layer(newest.id), work, live.clone(), hidden, journal, store.overlay_options())
             .context("opening the newest snapshot's layer")?;
         let mut all: Vec<_> = snaps.iter().map(|s| layer(s.id)).collect();
         all.push(live);
@@ -157,7 +159,7 @@ impl Snapper {
         // hides the store.
         let mut lowers: Vec<PathBuf> = snaps[i..].iter().map(|s| layer_proc_path(&store, s.id)).collect();
         lowers.push(mnt.to_owned());
-        Ok(ViewLayers { lowers })
+        Ok(ViewLayers { lowers, userxattr: store.overlay_options().userxattr })
     }
 }
 
@@ -167,6 +169,9 @@ impl Snapper {
 pub struct ViewLayers {
     /// The layers, top first.
     pub lowers: Vec<PathBuf>,
+    /// The layers' overlay metadata is in `user.overlay.*`: the kernel needs `userxattr`.
+    #[serde(default)]
+    pub userxattr: bool,
 }
 
 /// Layer `id` of `store` through this process's descriptor of the store.
@@ -186,7 +191,7 @@ impl Snapper {
             layers.push((store.path().join(Store::layer_rel(s.id)), fd.clone()));
         }
         layers.push((self.live_path.clone(), self.live.clone()));
-        let opts = ovl_core::MountOptions { read_only: true, ..Default::default() };
+        let opts = ovl_core::MountOptions { read_only: true, ..store.overlay_options() };
         Ok(ovl_core::LayerStack::from_open_dirs(layers, None, opts)?)
     }
 
@@ -228,6 +233,11 @@ impl Snapper {
             report.changes = kept;
         }
         Ok(report)
+    }
+
+    /// The options every stack over the store's layers is read with (its xattr namespace).
+    pub fn overlay_options(&self) -> ovl_core::MountOptions {
+        self.store.lock().overlay_options()
     }
 
     /// LIVE's root, open (who may read it may read the snapshots).

@@ -58,6 +58,10 @@ pub struct Meta {
     /// Who besides root and LIVE's owner may change snapshots (`ovlsnap allow`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<crate::policy::Grant>,
+    /// The layers keep their overlay metadata in `user.overlay.*` (a store made without root,
+    /// mounted by the kernel with `userxattr`), not `trusted.overlay.*`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub userxattr: bool,
 }
 
 /// An open store, locked by this process.
@@ -222,9 +226,17 @@ impl Store {
                         repair()
                     );
                 }
-                Meta { version: 1, live: live_id, next_id: 1, snapshots: Vec::new(), allow: Vec::new() }
+                // Without root, `trusted.*` cannot be written: such a store uses `user.*`.
+                let userxattr = !rustix::process::geteuid().is_root();
+                Meta { version: 1, live: live_id, next_id: 1, snapshots: Vec::new(), allow: Vec::new(), userxattr }
             }
         };
+        if !meta.userxattr && !rustix::process::geteuid().is_root() {
+            bail!(
+                "the store {path:?} keeps its overlay metadata in trusted.* xattrs, which only root can write: \
+                 mount {live_path:?} as root"
+            );
+        }
         let layers = mkdir_open(root.as_fd(), "layers", 0o700)?;
         let workdir = mkdir_open(root.as_fd(), "work", 0o700)?;
         let work = mkdir_open(workdir.as_fd(), "work", 0o700)?;
@@ -282,6 +294,12 @@ impl Store {
     /// The snapshot named `name`.
     pub fn by_name(&self, name: &str) -> Option<&SnapshotInfo> {
         self.meta.snapshots.iter().find(|s| s.name == name)
+    }
+
+    /// The overlay options every stack of this store's layers is read with: the xattr namespace
+    /// its layers were written in.
+    pub fn overlay_options(&self) -> ovl_core::MountOptions {
+        ovl_core::MountOptions { userxattr: self.meta.userxattr, ..Default::default() }
     }
 
     /// Who besides root and LIVE's owner may change snapshots.
@@ -362,7 +380,9 @@ impl Store {
 /// list and one line per thing it decided, for the report.
 pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Result<(Meta, Vec<String>)> {
     let mut notes = Vec::new();
-    let fresh = Meta { version: 1, live: live.clone(), next_id: 1, snapshots: Vec::new(), allow: Vec::new() };
+    let userxattr = !rustix::process::geteuid().is_root();
+    let fresh =
+        Meta { version: 1, live: live.clone(), next_id: 1, snapshots: Vec::new(), allow: Vec::new(), userxattr };
     let mut meta = match read_meta_named(root, META_BACKUP) {
         Ok(Some(m)) if &m.live == live => {
             notes.push(format!("the list was restored from {META_BACKUP}"));

@@ -98,11 +98,13 @@ pub(crate) struct Views {
     next_fh: AtomicU64,
     /// LIVE root names that are not part of the tree (the store).
     hidden: Vec<OsString>,
+    /// The store's overlay options (its xattr namespace).
+    opts: ovl_core::MountOptions,
     born: SystemTime,
 }
 
 impl Views {
-    pub fn new(hidden: Vec<OsString>) -> Self {
+    pub fn new(hidden: Vec<OsString>, opts: ovl_core::MountOptions) -> Self {
         Self {
             lock: RwLock::new(()),
             stacks: RwLock::new(BTreeMap::new()),
@@ -112,6 +114,7 @@ impl Views {
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             hidden,
+            opts: ovl_core::MountOptions { read_only: true, ..opts },
             born: SystemTime::now(),
         }
     }
@@ -139,8 +142,7 @@ impl Views {
         }
         let layers = def.layers[def.from..].to_vec();
         let live = LayerId(layers.len() as u16 - 1);
-        let stack =
-            LayerStack::from_open_dirs(layers, None, ovl_core::MountOptions { read_only: true, ..Default::default() })?;
+        let stack = LayerStack::from_open_dirs(layers, None, self.opts.clone())?;
         let root = DirLayers::root(&stack)?;
         Ok(def.built.get_or_init(|| Arc::new(ViewStack { stack, root, live })).clone())
     }

@@ -219,15 +219,28 @@ fn injected_store_corruptions_are_reported() {
         fs::write(&meta_path, &meta).unwrap();
     }
 
-    // No list while layers are there: an error, and a repair must not take it for a new store.
+    // No list while layers are there: an error; a repair must not take it for a new store (it
+    // used to be refused; since issue 16.1 it rebuilds the list from its backup, exactly).
     fs::rename(&meta_path, st.join("saved.json")).unwrap();
-    let (code, report, out) = check(&[live.as_os_str(), OsStr::new("--repair")]);
+    let (code, report, out) = check(&[live.as_os_str()]);
     assert_eq!(code, 1, "{out}");
     assert!(
         set(&report, "findings").contains(&("error".into(), "snapshot-list-missing".into(), list.clone())),
         "{out}"
     );
+    let (code, report, out) = check(&[live.as_os_str(), OsStr::new("--repair")]);
+    assert_eq!(code, 0, "the repair rebuilds a lost list\n{out}");
+    assert!(
+        set(&report, "repaired").contains(&("error".into(), "snapshot-list-missing".into(), list.clone())),
+        "{out}"
+    );
     assert!(newest.is_dir(), "a repair without a list must not remove the layers");
+    let listed = |text: &str| {
+        let j: serde_json::Value = serde_json::from_str(text).unwrap();
+        j["snapshots"].as_array().unwrap().iter().map(|s| (s["id"].clone(), s["name"].clone())).collect::<Vec<_>>()
+    };
+    let saved = fs::read_to_string(st.join("saved.json")).unwrap();
+    assert_eq!(listed(&fs::read_to_string(&meta_path).unwrap()), listed(&saved), "the rebuilt list is the backup");
     fs::rename(st.join("saved.json"), &meta_path).unwrap();
 
     // A listed snapshot without its layer (moved away: also an unowned dir, left alone).

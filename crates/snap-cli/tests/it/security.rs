@@ -388,11 +388,130 @@ fn a_dead_daemon_is_reported_not_trusted() {
     assert!(err.contains("is gone") && err.contains(&pid.to_string()), "{out}");
 }
 
+/// Gives unprivileged users FUSE access, as a stock system does (udev makes `/dev/fuse` 0666;
+/// some containers leave it 0600 for root alone).
+fn fuse_for_everyone() {
+    let m = fs::metadata("/dev/fuse").expect("/dev/fuse");
+    if m.mode() & 0o006 != 0o006 {
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).expect("chmod /dev/fuse");
+    }
+}
+
+/// Runs `script` with `sh -c` as `user` in `dir`.
+fn sh_as(user: User, dir: &Path, script: &str) -> CliOutput {
+    let argv: Vec<OsString> = vec![
+        "--reuid".into(),
+        user.uid.to_string().into(),
+        "--regid".into(),
+        user.gid.to_string().into(),
+        "--clear-groups".into(),
+        "sh".into(),
+        "-c".into(),
+        format!("cd '{}' && {script}", dir.display()).into(),
+    ];
+    run_with_deadline(OsStr::new("setpriv"), &argv).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A LIVE and a MNT owned by `user`, in a scratch dir others can traverse.
+fn users_dirs(user: User) -> (Scratch, PathBuf, PathBuf) {
+    let s = Scratch::new();
+    fs::set_permissions(s.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (live, mnt) = (s.mkdir("live"), s.mkdir("mnt"));
+    fs::write(live.join("f"), b"v1\n").unwrap();
+    fs::create_dir(live.join("d")).unwrap();
+    fs::write(live.join("d/x"), b"x1\n").unwrap();
+    for p in [&live, &mnt, &live.join("f"), &live.join("d"), &live.join("d/x")] {
+        std::os::unix::fs::chown(p, Some(user.uid), Some(user.gid)).unwrap();
+    }
+    (s, live, mnt)
+}
+
 #[test]
-fn mounting_needs_root() {
-    let m = SnapMount::prepare(Form::Separate);
-    fs::set_permissions(m.scratch().path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let out = as_user(ALICE, &[OsStr::new("mount"), m.live().as_os_str(), m.mnt().as_os_str()]);
-    assert!(out.expect_failure("mount as uid 1000").contains("needs root"), "{out}");
-    assert!(!is_fuse_mount(m.mnt()));
+fn without_root_only_your_own_directory_mounts() {
+    fuse_for_everyone();
+    let (_s, live, mnt) = users_dirs(BOB);
+    let out = as_user(
+        ALICE,
+        &[live.as_os_str(), mnt.as_os_str()].iter().fold(vec![OsString::from("mount")], |mut v, a| {
+            v.push(a.into());
+            v
+        }),
+    );
+    assert!(out.expect_failure("mount of another user's dir").contains("only mount a directory you own"), "{out}");
+    assert!(!is_fuse_mount(&mnt));
+}
+
+/// The user's socket directory is theirs alone: one made by someone else (it may be in /tmp) is
+/// refused, and nothing is mounted.
+#[test]
+fn a_squatted_socket_directory_is_refused() {
+    fuse_for_everyone();
+    let carol = User { uid: 1002, gid: 1002, groups: &[] };
+    let run = PathBuf::from("/tmp/ovlsnap-1002");
+    let _ = fs::remove_dir_all(&run);
+    fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(BOB.uid), Some(BOB.gid)).unwrap();
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o777)).unwrap();
+    let (_s, live, mnt) = users_dirs(carol);
+    let out = as_user(carol, &[OsString::from("mount"), live.clone().into(), mnt.clone().into()]);
+    let _ = fs::remove_dir_all(&run);
+    let err = out.expect_failure("mount with a squatted socket dir");
+    assert!(err.contains("/tmp/ovlsnap-1002") && err.contains("1001"), "{out}");
+    assert!(!is_fuse_mount(&mnt), "{out}");
+}
+
+/// Issue 15: a user who owns LIVE and may use FUSE snapshots it without root. The daemon runs as
+/// them (so it reaches nothing they could not), the mount is theirs alone, the layers carry
+/// `user.overlay.*` (no `trusted.*`, which they cannot write), and root's client still talks to
+/// the user's daemon, trusting it as the mount's owner.
+#[test]
+fn an_unprivileged_owner_snapshots_their_own_directory() {
+    fuse_for_everyone();
+    let (_s, live, mnt) = users_dirs(ALICE);
+    let mount = as_user(ALICE, &[OsString::from("mount"), live.clone().into(), mnt.clone().into()]);
+    mount.expect_ok("mount as its owner");
+    assert!(is_fuse_mount(&mnt), "{mount}");
+    let me = |args: &[&str]| {
+        let mut v: Vec<OsString> = args.iter().map(OsString::from).collect();
+        v.extend(["--mount".into(), mnt.clone().into()]);
+        as_user(ALICE, &v)
+    };
+    me(&["take", "t1"]).expect_ok("take");
+    sh_as(ALICE, &mnt, "echo v2 > f && mv d e && echo x2 > e/x && mkdir new").expect_ok("changes as alice");
+    let views = sh_as(ALICE, &mnt, "cat .snapshots/t1/f .snapshots/t1/d/x f e/x; ls .snapshots/t1");
+    assert_eq!(views.expect_ok("read the view"), "v1\nx1\nv2\nx2\nd\nf\n", "{views}");
+    let diff = me(&["diff", "t1"]);
+    let text = diff.expect_ok("diff");
+    assert!(text.contains("/new") && text.contains("/f"), "{diff}");
+    // t1's layer holds what the changes saved: a copy, a redirect, a whiteout.
+    let mut names = Vec::new();
+    let dump = std::process::Command::new("getfattr")
+        .args(["-R", "-d", "-m", "-", "--absolute-names"])
+        .arg(live.join(".ovlsnap/layers"))
+        .output()
+        .expect("getfattr");
+    for line in String::from_utf8_lossy(&dump.stdout).lines() {
+        if let Some((name, _)) = line.split_once('=') {
+            names.push(name.to_owned());
+        }
+    }
+    assert!(names.iter().any(|n| n.starts_with("user.overlay.")), "no user.overlay.* in the layers: {names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("trusted.")), "trusted.* in a user's layers: {names:?}");
+
+    me(&["take", "t2"]).expect_ok("take t2");
+    me(&["delete", "t1"]).expect_ok("delete t1");
+
+    // Another user cannot even look (no allow_other): the mount gives them nothing new.
+    let peek = sh_as(BOB, Path::new("/"), &format!("ls '{}'", mnt.display()));
+    assert!(!peek.success(), "another user listed alice's mount\n{peek}");
+    let listed = ovlsnap(&[OsStr::new("list"), OsStr::new("--mount"), mnt.as_os_str()]);
+    assert!(listed.expect_ok("root lists the user's mount").contains("t2"), "{listed}");
+
+    as_user(ALICE, &[OsString::from("umount"), mnt.clone().into()]).expect_ok("umount as its owner");
+    assert!(!is_fuse_mount(&mnt));
+    // Root can serve the user's store too: it reads the namespace the store was made with.
+    ovlsnap(&[OsStr::new("mount"), live.as_os_str(), mnt.as_os_str()]).expect_ok("root mounts the user's store");
+    let f = fs::read_to_string(mnt.join(".snapshots/t2/f"));
+    let _ = ovlsnap(&[OsStr::new("umount"), mnt.as_os_str()]);
+    assert_eq!(f.unwrap(), "v2\n");
 }

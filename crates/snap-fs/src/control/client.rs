@@ -11,7 +11,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
-use super::{RUN_DIR, Reply, Request, pid_path, socket_path};
+use super::{Reply, Request, pid_path, run_dir, socket_path};
 use crate::access::Peer;
 
 /// Sends `req` to the daemon of `mnt` (a canonical `fuse.ovlsnap` mount point) and returns its
@@ -40,23 +40,25 @@ fn connect(mnt: &Path) -> anyhow::Result<UnixStream> {
     let refuse = |why: String| -> anyhow::Error {
         anyhow::anyhow!("refusing to trust the control socket of {}: {why}", mnt.display())
     };
-    let dir = std::fs::symlink_metadata(RUN_DIR)
-        .with_context(|| format!("no ovlsnap daemon answers for {mnt:?} ({RUN_DIR} is missing)"))?;
-    if !dir.is_dir() || dir.uid() != 0 || dir.mode() & 0o022 != 0 {
+    let run = run_dir(owner);
+    let dir = std::fs::symlink_metadata(&run)
+        .with_context(|| format!("no ovlsnap daemon answers for {mnt:?} ({} is missing)", run.display()))?;
+    if !dir.is_dir() || dir.uid() != owner || dir.mode() & 0o022 != 0 {
         return Err(refuse(format!(
-            "{RUN_DIR} must be a directory of root's that no one else can write (it is uid {}, mode {:o}); an \
-             older ovlsnap made it world-writable: `chmod 755 {RUN_DIR}` as root, or mount again",
+            "{} must be a directory of uid {owner}'s that no one else can write (it is uid {}, mode {:o}); an \
+             older ovlsnap made /run/ovlsnap world-writable: `chmod 755 /run/ovlsnap` as root, or mount again",
+            run.display(),
             dir.uid(),
             dir.mode() & 0o7777
         )));
     }
-    let sock = socket_path(mnt);
+    let sock = socket_path(mnt, owner);
     let meta = std::fs::symlink_metadata(&sock)
         .with_context(|| format!("no ovlsnap daemon answers for {mnt:?} (no control socket {sock:?})"))?;
     if !meta.file_type().is_socket() || !trusted(meta.uid()) {
         return Err(refuse(format!("{sock:?} is not a socket made by root or the mount's owner (uid {owner})")));
     }
-    let pid = recorded_pid(mnt, &trusted).map_err(|e| refuse(format!("{e:#}")))?;
+    let pid = recorded_pid(&pid_path(mnt, owner), &trusted).map_err(|e| refuse(format!("{e:#}")))?;
     let s = match UnixStream::connect(&sock) {
         Ok(s) => s,
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => bail!(
@@ -81,14 +83,13 @@ fn connect(mnt: &Path) -> anyhow::Result<UnixStream> {
     Ok(s)
 }
 
-/// The pid the daemon of `mnt` recorded beside its socket, from a file a `trusted` uid owns.
-fn recorded_pid(mnt: &Path, trusted: &dyn Fn(u32) -> bool) -> anyhow::Result<u32> {
-    let path = pid_path(mnt);
-    let meta = std::fs::symlink_metadata(&path).with_context(|| format!("no pid file {path:?}"))?;
+/// The pid a daemon recorded in `path` beside its socket, from a file a `trusted` uid owns.
+fn recorded_pid(path: &Path, trusted: &dyn Fn(u32) -> bool) -> anyhow::Result<u32> {
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("no pid file {path:?}"))?;
     if !meta.is_file() || !trusted(meta.uid()) {
         bail!("{path:?} is not a file made by root or the mount's owner");
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path:?}"))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path:?}"))?;
     text.trim().parse().with_context(|| format!("{path:?} holds no pid"))
 }
 

@@ -1,7 +1,8 @@
 //! The control socket: how `ovlsnap` talks to the daemon of a mount. One JSON request per
 //! connection, one JSON reply, each on one line.
 //!
-//! The socket lives in `/run/ovlsnap/` (root's, mode 0755), named after the mount point, because
+//! The socket lives in `/run/ovlsnap/` (root's, mode 0755) for root's daemons, or in a directory
+//! of the user's own (mode 0700, [`run_dir`]) for a user's, named after the mount point, because
 //! the store may be hidden under the mount itself; beside it the daemon's pid file. Trust runs
 //! both ways and rests on the kernel, never on what the other side says: the daemon authorizes
 //! each request by the caller's credentials (`server`, `crate::policy`), and the client talks
@@ -105,14 +106,31 @@ pub struct Status {
     pub store: PathBuf,
 }
 
-/// The control socket of the mount at `mnt` (canonical).
-pub fn socket_path(mnt: &Path) -> PathBuf {
-    Path::new(RUN_DIR).join(format!("{:016x}.sock", mount_hash(mnt)))
+/// Where the control sockets of `uid`'s daemons live: [`RUN_DIR`] for root; for another user
+/// `/run/user/UID/ovlsnap` when the user's runtime dir is there (and theirs), else
+/// `/tmp/ovlsnap-UID` (which the daemon refuses to use unless it is the user's own, mode 0700).
+/// Client and daemon compute it alike from the uid alone.
+pub fn run_dir(uid: u32) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    if uid == 0 {
+        return PathBuf::from(RUN_DIR);
+    }
+    let runtime = PathBuf::from(format!("/run/user/{uid}"));
+    match std::fs::symlink_metadata(&runtime) {
+        Ok(m) if m.is_dir() && m.uid() == uid => runtime.join("ovlsnap"),
+        _ => PathBuf::from(format!("/tmp/ovlsnap-{uid}")),
+    }
 }
 
-/// The file in which the daemon of the mount at `mnt` records its pid, beside its socket.
-pub fn pid_path(mnt: &Path) -> PathBuf {
-    Path::new(RUN_DIR).join(format!("{:016x}.pid", mount_hash(mnt)))
+/// The control socket of the mount at `mnt` (canonical) served by a daemon of `uid`.
+pub fn socket_path(mnt: &Path, uid: u32) -> PathBuf {
+    run_dir(uid).join(format!("{:016x}.sock", mount_hash(mnt)))
+}
+
+/// The file in which the daemon of `uid` serving the mount at `mnt` records its pid, beside its
+/// socket.
+pub fn pid_path(mnt: &Path, uid: u32) -> PathBuf {
+    run_dir(uid).join(format!("{:016x}.pid", mount_hash(mnt)))
 }
 
 /// FNV-1a of the mount point: stable across builds, unlike the std hasher.
