@@ -397,13 +397,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let s: Status = serde_json::from_value(v)?;
-                say!(
-                    "mount  {}\nlive   {}\nstore  {}\npid    {}",
-                    s.mount.display(),
-                    s.live.display(),
-                    s.store.display(),
-                    s.pid
-                );
+                use std::os::unix::ffi::OsStrExt;
+                let esc = |p: &Path| snap_fs::names::escape(p.as_os_str().as_bytes());
+                say!("mount  {}\nlive   {}\nstore  {}\npid    {}", esc(&s.mount), esc(&s.live), esc(&s.store), s.pid);
             }
             Ok(())
         }
