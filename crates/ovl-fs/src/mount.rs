@@ -24,8 +24,29 @@ impl std::fmt::Debug for Mount {
 
 /// True if `path` is a mount point (listed in /proc/self/mountinfo).
 pub fn is_mountpoint(path: &Path) -> anyhow::Result<bool> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info = read_mountinfo()?;
     Ok(info.lines().any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(path)))
+}
+
+/// /proc/self/mountinfo as text. The kernel escapes only space, tab, newline and backslash (as
+/// `\NNN` octal) and leaves other bytes of paths as they are; here each byte that is not UTF-8 is
+/// escaped the same way, so any mount on the system (not only ours) can be read, and
+/// [`unescape_mountinfo`] still gives back every byte.
+pub fn read_mountinfo() -> anyhow::Result<String> {
+    let raw = std::fs::read("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(mountinfo_text(&raw))
+}
+
+/// Mountinfo bytes as text, each byte that is not UTF-8 escaped as `\NNN` (see [`read_mountinfo`]).
+fn mountinfo_text(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for chunk in raw.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\{b:03o}"));
+        }
+    }
+    out
 }
 
 /// A mount point as /proc/self/mountinfo prints it, with its octal escapes (`\040` for a space,
@@ -230,5 +251,23 @@ impl Mount {
     /// Serves requests until the filesystem is unmounted.
     pub fn run(self) -> anyhow::Result<()> {
         self.session.run().context("serving the mount")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::ffi::OsStrExt;
+
+    use super::*;
+
+    // A mount point that is not UTF-8 anywhere on the system made every reader of mountinfo as
+    // text fail (issue 16.5): each such byte is escaped the kernel's way, and comes back whole.
+    #[test]
+    fn mountinfo_with_bytes_that_are_not_utf8_reads_back_every_byte() {
+        let raw = b"45 27 0:40 / /tmp/odd\xff\\040dir rw - fuse.x src rw\n";
+        let text = mountinfo_text(raw);
+        assert!(text.contains(r"/tmp/odd\377\040dir"), "{text}");
+        let point = text.split(' ').nth(4).unwrap();
+        assert_eq!(unescape_mountinfo(point).as_os_str().as_bytes(), b"/tmp/odd\xff dir");
     }
 }

@@ -108,14 +108,16 @@ enum Cmd {
         mount: Option<PathBuf>,
     },
     /// What changed from snapshot A to snapshot B (default: the live tree): `+` added, `-` deleted,
-    /// `M` modified (data, type or metadata), `R` renamed directory.
+    /// `M` modified (data, type or metadata), `R` renamed directory. Names are escaped as by
+    /// `ls -b` (`\n`, `\ `, `\377` for a byte that is not UTF-8), one change per line.
     #[command(after_help = "Examples:\n  ovlsnap diff monday\n  ovlsnap diff monday tuesday --json")]
     Diff {
         /// The older snapshot.
         a: String,
         /// The newer snapshot (default: the live tree).
         b: Option<String>,
-        /// Print JSON: {\"changes\": [...], \"examined\": N}.
+        /// Print JSON: {\"changes\": [...], \"examined\": N}; a path that is not UTF-8 is
+        /// {\"bytes\": [...]} instead of a string.
         #[arg(long)]
         json: bool,
         /// The mount (default: the one containing the current directory).
@@ -154,7 +156,8 @@ enum Cmd {
     },
     /// Write snapshot B to stdout as a tar stream in the OCI image layer format: the whole tree,
     /// or with --from A only what changed since A (whiteouts `.wh.NAME` for removals). Standard
-    /// tools read it (`tar -tvf`); `ovlsnap receive` applies it.
+    /// tools read it (`tar -tvf`); `ovlsnap receive` applies it. A snapshot holding a name that
+    /// starts with `.wh.` (reserved by OCI for whiteouts) is refused.
     #[command(
         after_help = "Examples:\n  ovlsnap send monday > monday.tar\n  ovlsnap send --from monday tuesday > monday-tuesday.tar"
     )]
@@ -394,13 +397,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let s: Status = serde_json::from_value(v)?;
-                say!(
-                    "mount  {}\nlive   {}\nstore  {}\npid    {}",
-                    s.mount.display(),
-                    s.live.display(),
-                    s.store.display(),
-                    s.pid
-                );
+                use std::os::unix::ffi::OsStrExt;
+                let esc = |p: &Path| snap_fs::names::escape(p.as_os_str().as_bytes());
+                say!("mount  {}\nlive   {}\nstore  {}\npid    {}", esc(&s.mount), esc(&s.live), esc(&s.store), s.pid);
             }
             Ok(())
         }
@@ -503,12 +502,10 @@ fn restore(mnt: &Path, name: &str, dry_run: bool) -> anyhow::Result<()> {
         if dry_run {
             for c in &report.changes {
                 match c {
-                    Change::Added { path, .. } => say!("remove   {}", shown(path).display()),
-                    Change::Deleted { path, .. } => say!("restore  {}", shown(path).display()),
-                    Change::Modified { path, .. } => say!("replace  {}", shown(path).display()),
-                    Change::Renamed { path, to } => {
-                        say!("move     {} back to {}", shown(to).display(), shown(path).display())
-                    }
+                    Change::Added { path, .. } => say!("remove   {}", shown(path)),
+                    Change::Deleted { path, .. } => say!("restore  {}", shown(path)),
+                    Change::Modified { path, .. } => say!("replace  {}", shown(path)),
+                    Change::Renamed { path, to } => say!("move     {} back to {}", shown(to), shown(path)),
                 }
             }
             return Ok(());

@@ -52,13 +52,36 @@ pub(crate) struct Cow {
 /// A directory rename whose redirects are already written while LIVE may not have moved yet:
 /// kept in `JOURNAL` until the rename is known to have happened, so that a rename that fails,
 /// or a daemon killed in between, leaves the redirects matching LIVE.
+/// Paths in it are written as [`crate::names`] says (bytes when not UTF-8).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Pending {
     /// The moved object's inode and where the rename puts it.
     pub moved: u64,
+    #[serde(with = "crate::names::json_path")]
     pub to: PathBuf,
     /// Each changed redirect: snapshot path and its previous target (`None`: it had none).
+    #[serde(with = "undo_json")]
     pub undo: Vec<(PathBuf, Option<PathBuf>)>,
+}
+
+/// `Pending::undo` in JSON: each path in the form of [`crate::names::json_path`].
+mod undo_json {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::names::JsonPath;
+
+    type Undo = Vec<(PathBuf, Option<PathBuf>)>;
+
+    pub fn serialize<S: Serializer>(undo: &Undo, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(undo.iter().map(|(p, t)| (JsonPath(p.clone()), t.clone().map(JsonPath))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Undo, D::Error> {
+        let v = Vec::<(JsonPath, Option<JsonPath>)>::deserialize(d)?;
+        Ok(v.into_iter().map(|(p, t)| (p.0, t.map(|t| t.0))).collect())
+    }
 }
 
 /// The journal file in the store.
@@ -147,13 +170,14 @@ impl Cow {
     /// Records `p` in the journal before its redirects are written.
     fn begin(&mut self, p: Pending) -> Result<()> {
         use std::io::Write;
+        // Before the file exists: a journal that cannot be written must leave none behind.
+        let text = serde_json::to_vec(&p).map_err(|_| Errno::INVAL)?;
         let fd = rustix::fs::openat(
             &self.journal,
             JOURNAL,
             OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )?;
-        let text = serde_json::to_vec(&p).map_err(|_| Errno::INVAL)?;
         std::fs::File::from(fd).write_all(&text).map_err(ovl_core::Error::from)?;
         self.pending = Some(p);
         Ok(())

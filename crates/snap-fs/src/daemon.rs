@@ -34,7 +34,7 @@ pub struct Config {
 
 /// The mount points of `fstype` mounts, from /proc/self/mountinfo.
 pub fn mounts_of_type(fstype: &str) -> anyhow::Result<Vec<PathBuf>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info = ovl_fs::mount::read_mountinfo()?;
     let mut out = Vec::new();
     for l in info.lines() {
         let Some((left, right)) = l.split_once(" - ") else { continue };

@@ -21,36 +21,45 @@ use serde::{Deserialize, Serialize};
 
 use crate::layerwalk::{State, layer_walk};
 
-/// One difference. Paths are relative to the root of the tree.
+/// One difference. Paths are relative to the root of the tree. In JSON each path is a string, or
+/// `{"bytes": [...]}` when it is not UTF-8 ([`crate::names`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "change", rename_all = "lowercase")]
 pub enum Change {
     /// `path` exists in B, not in A.
     Added {
         /// Where, in B.
+        #[serde(with = "crate::names::json_path")]
         path: PathBuf,
         /// The same place in A (its parent may have moved).
+        #[serde(with = "crate::names::json_path")]
         at: PathBuf,
     },
     /// `path` of A does not exist in B; `at` is where it would be in B.
     Deleted {
         /// Where, in A.
+        #[serde(with = "crate::names::json_path")]
         path: PathBuf,
         /// The same place in B (its parent may have moved).
+        #[serde(with = "crate::names::json_path")]
         at: PathBuf,
     },
     /// The object at `path` in A differs (data, type or metadata) from the one at `at` in B.
     Modified {
         /// Where, in A.
+        #[serde(with = "crate::names::json_path")]
         path: PathBuf,
         /// Where, in B.
+        #[serde(with = "crate::names::json_path")]
         at: PathBuf,
     },
     /// The directory at `path` in A is at `to` in B (differences inside are listed too).
     Renamed {
         /// Where, in A.
+        #[serde(with = "crate::names::json_path")]
         path: PathBuf,
         /// Where, in B.
+        #[serde(with = "crate::names::json_path")]
         to: PathBuf,
     },
 }
@@ -334,13 +343,44 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
     Ok(n)
 }
 
-/// One line of `ovlsnap diff` in the style of `zfs diff`: `+`, `-`, `M`, `R`.
+/// One line of `ovlsnap diff` in the style of `zfs diff`: `+`, `-`, `M`, `R`, a tab and the path,
+/// escaped as `ls -b` does ([`crate::names::shown`]): one line per change whatever the names hold.
 pub fn show(c: &Change) -> String {
-    let p = |p: &Path| Path::new("/").join(p).display().to_string();
+    use crate::names::shown as p;
     match c {
         Change::Added { path, .. } => format!("+\t{}", p(path)),
         Change::Deleted { path, .. } => format!("-\t{}", p(path)),
         Change::Modified { path, .. } => format!("M\t{}", p(path)),
         Change::Renamed { path, to } => format!("R\t{} -> {}", p(path), p(to)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    use super::*;
+
+    // Issue 16.5: a name that is not UTF-8 made the whole diff fail to serialize.
+    #[test]
+    fn changes_with_any_bytes_round_trip_through_json() {
+        let p = |b: &[u8]| PathBuf::from(OsString::from_vec(b.to_vec()));
+        let report = Report {
+            changes: vec![
+                Change::Added { path: p(b"caf\xff"), at: p(b"caf\xff") },
+                Change::Deleted { path: p(b"new\nline"), at: p(b"new\nline") },
+                Change::Modified { path: p(b"d\xfe/x"), at: p(b"d\xfe/x") },
+                Change::Renamed { path: p(b"old"), to: p(b"n\x80ew") },
+            ],
+            examined: 4,
+        };
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(text.contains(r#"{"change":"deleted","path":"new\nline","at":"new\nline"}"#), "{text}");
+        assert!(text.contains(r#""path":{"bytes":[99,97,102,255]}"#), "{text}");
+        let back: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.changes, report.changes);
+        let shown: Vec<String> = report.changes.iter().map(show).collect();
+        assert_eq!(shown, ["+\t/caf\\377", "-\t/new\\nline", "M\t/d\\376/x", "R\t/old -> /n\\200ew"]);
     }
 }

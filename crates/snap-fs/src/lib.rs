@@ -5,7 +5,7 @@
 //! change reaches LIVE (`cow`), the take gate and hook the live overlay calls (`snapper`), the
 //! read-only `.snapshots/NAME` views (`view`), the FUSE routing between the live overlay and
 //! the views (`fs`), the control socket (`control`), who may ask it what (`access`: the caller
-//! as the kernel recorded it; `policy`: the grants) and the daemon's setup (`daemon`). The live
+//! as the kernel recorded it; `policy`: the grants) and the daemon's setup (`daemon`); `names` says how paths are printed and written in JSON. The live
 //! tree is `ovl-fs`'s overlay with LIVE as its only (upper) layer.
 //!
 //! It must never write a layer the stock kernel overlay cannot mount as `lowerdir=u_k:...:LIVE`,
@@ -22,6 +22,7 @@ pub mod diff;
 mod fs;
 mod layerwalk;
 mod merge;
+pub mod names;
 pub mod policy;
 pub mod restore;
 pub mod snapper;

@@ -236,7 +236,8 @@ fn get(p: &Path, k: &[u8]) -> Option<Vec<u8>> {
     Some(v)
 }
 
-/// Where the live copy of snapshot path `p` goes: for messages.
-pub fn shown(p: &Path) -> PathBuf {
-    Path::new("/").join(p)
+/// Where the live copy of snapshot path `p` goes: for messages, escaped as `ls -b` does
+/// ([`crate::names::shown`]).
+pub fn shown(p: &Path) -> String {
+    crate::names::shown(p)
 }

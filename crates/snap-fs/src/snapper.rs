@@ -167,11 +167,29 @@ impl Snapper {
 /// `/proc/<daemon pid>/fd/<store fd>/layers/<id>`, then the mount point of LIVE last.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ViewLayers {
-    /// The layers, top first.
+    /// The layers, top first (in JSON each as [`crate::names`] says).
+    #[serde(with = "lowers_json")]
     pub lowers: Vec<PathBuf>,
     /// The layers' overlay metadata is in `user.overlay.*`: the kernel needs `userxattr`.
     #[serde(default)]
     pub userxattr: bool,
+}
+
+/// `ViewLayers::lowers` in JSON: a path that is not UTF-8 (the mount point may be) as bytes.
+mod lowers_json {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::names::JsonPath;
+
+    pub fn serialize<S: Serializer>(lowers: &[PathBuf], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(lowers.iter().map(|p| JsonPath(p.clone())))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+        Ok(Vec::<JsonPath>::deserialize(d)?.into_iter().map(|p| p.0).collect())
+    }
 }
 
 /// Layer `id` of `store` through this process's descriptor of the store.
@@ -308,7 +326,7 @@ impl Snapper {
 fn kernel_mount_of(store: &Store, id: u64) -> anyhow::Result<Option<PathBuf>> {
     let needle = layer_proc_path(store, id);
     let needle = needle.to_str().context("a layer path is not UTF-8")?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let info = ovl_fs::mount::read_mountinfo()?;
     for l in info.lines() {
         let Some((left, right)) = l.split_once(" - ") else { continue };
         // `mount-cmd` shows as one `lowerdir=A:B:C`, `mount-view` as `lowerdir+=A,lowerdir+=B,..`;

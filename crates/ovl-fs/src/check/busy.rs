@@ -16,7 +16,8 @@ pub fn users_of(dirs: &[&Path]) -> Vec<String> {
 
 /// Kernel overlay mounts whose `lowerdir=`, `upperdir=` or `workdir=` names one of `dirs`.
 fn kernel_mounts_of(dirs: &[&Path]) -> Vec<String> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    // Every byte kept: a mount elsewhere with a name that is not UTF-8 must not hide these.
+    let Ok(info) = crate::mount::read_mountinfo() else { return Vec::new() };
     let mut out = Vec::new();
     for line in info.lines() {
         let Some((left, right)) = line.split_once(" - ") else { continue };

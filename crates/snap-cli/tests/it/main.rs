@@ -18,6 +18,7 @@ mod failures;
 mod lifecycle;
 mod model;
 mod mount_cmd;
+mod odd_names;
 mod open_files;
 mod security;
 mod stream;

@@ -22,7 +22,7 @@ use rustix::fs::{AtFlags, CWD, FileType, Gid, Mode, Uid, XattrFlags};
 
 /// Runs `ovlsnap ARGS <INPUT >OUTPUT` (`/dev/null` for what is not given), with the deadline of
 /// the other CLI calls.
-fn ovlsnap_io(args: &[&OsStr], input: Option<&Path>, output: Option<&Path>) -> CliOutput {
+pub(crate) fn ovlsnap_io(args: &[&OsStr], input: Option<&Path>, output: Option<&Path>) -> CliOutput {
     let null = Path::new("/dev/null");
     let mut argv: Vec<OsString> =
         vec!["-c".into(), r#"i=$1; o=$2; shift 2; exec "$@" <"$i" >"$o""#.into(), "sh".into()];
@@ -34,7 +34,7 @@ fn ovlsnap_io(args: &[&OsStr], input: Option<&Path>, output: Option<&Path>) -> C
 }
 
 /// `ovlsnap send B [--from A] --mount MNT > out`.
-fn send(m: &SnapMount, b: &str, from: Option<&str>, out: &Path) {
+pub(crate) fn send(m: &SnapMount, b: &str, from: Option<&str>, out: &Path) {
     let mut args = vec![OsStr::new("send"), OsStr::new(b), OsStr::new("--mount"), m.mnt().as_os_str()];
     if let Some(a) = from {
         args.extend([OsStr::new("--from"), OsStr::new(a)]);
@@ -43,11 +43,11 @@ fn send(m: &SnapMount, b: &str, from: Option<&str>, out: &Path) {
 }
 
 /// `ovlsnap receive DIR < stream`.
-fn try_receive(dir: &Path, stream: &Path) -> CliOutput {
+pub(crate) fn try_receive(dir: &Path, stream: &Path) -> CliOutput {
     ovlsnap_io(&[OsStr::new("receive"), dir.as_os_str()], Some(stream), None)
 }
 
-fn receive(dir: &Path, stream: &Path) {
+pub(crate) fn receive(dir: &Path, stream: &Path) {
     try_receive(dir, stream).expect_ok(&format!("ovlsnap receive {} < {}", dir.display(), stream.display()));
 }
 
@@ -63,7 +63,7 @@ fn listed(listing: &str, name: &str) -> bool {
 }
 
 /// Stage dirs `ovlsnap receive` left in `dir`.
-fn stages_in(dir: &Path) -> Vec<String> {
+pub(crate) fn stages_in(dir: &Path) -> Vec<String> {
     names_in(dir).into_iter().filter(|n| n.starts_with(".ovlsnap-receive")).collect()
 }
 
@@ -89,7 +89,7 @@ fn owners_times(root: &Path, dir_times: bool) -> BTreeMap<PathBuf, Owned> {
 }
 
 /// Panics unless `got` is the tree of `want` (what record_tree compares, plus owners and times).
-fn assert_same(want: &Path, got: &Path, dir_times: bool, context: &str) {
+pub(crate) fn assert_same(want: &Path, got: &Path, dir_times: bool, context: &str) {
     assert_same_tree(&record_tree(want), &record_tree(got), context);
     let (w, g) = (owners_times(want, dir_times), owners_times(got, dir_times));
     let diffs: Vec<String> = w
@@ -111,11 +111,11 @@ fn random(rng: &mut StdRng, len: usize) -> Vec<u8> {
     v
 }
 
-fn write(p: &Path, data: &[u8]) {
+pub(crate) fn write(p: &Path, data: &[u8]) {
     fs::write(p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
 }
 
-fn mkdirs(p: &Path) {
+pub(crate) fn mkdirs(p: &Path) {
     fs::create_dir_all(p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
 }
 
@@ -423,7 +423,7 @@ fn truncated_and_corrupt_streams_change_nothing() {
 }
 
 /// One ustar header (and its data, padded) written by hand: streams no sender makes.
-fn ustar(name: &[u8], typeflag: u8, mode: u32, link: &[u8], data: &[u8]) -> Vec<u8> {
+pub(crate) fn ustar(name: &[u8], typeflag: u8, mode: u32, link: &[u8], data: &[u8]) -> Vec<u8> {
     let mut h = [0u8; 512];
     h[..name.len()].copy_from_slice(name);
     h[100..108].copy_from_slice(format!("{mode:07o}\0").as_bytes());
@@ -443,7 +443,7 @@ fn ustar(name: &[u8], typeflag: u8, mode: u32, link: &[u8], data: &[u8]) -> Vec<
     out
 }
 
-fn archive(entries: &[Vec<u8>]) -> Vec<u8> {
+pub(crate) fn archive(entries: &[Vec<u8>]) -> Vec<u8> {
     let mut out = entries.concat();
     out.resize(out.len() + 1024, 0);
     out

@@ -95,7 +95,7 @@ fn recorded_pid(path: &Path, trusted: &dyn Fn(u32) -> bool) -> anyhow::Result<u3
 
 /// The uid that made the FUSE mount at `mnt` (its `user_id=` option; root when absent).
 fn mount_owner(mnt: &Path) -> anyhow::Result<u32> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info = ovl_fs::mount::read_mountinfo()?;
     let mut owner = None;
     for l in info.lines() {
         let Some((left, right)) = l.split_once(" - ") else { continue };

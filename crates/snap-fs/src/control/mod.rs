@@ -93,16 +93,19 @@ pub struct Reply {
     pub value: serde_json::Value,
 }
 
-/// What `Status` answers.
+/// What `Status` answers. Paths in the JSON form of [`crate::names`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     /// The daemon's pid.
     pub pid: u32,
     /// LIVE.
+    #[serde(with = "crate::names::json_path")]
     pub live: PathBuf,
     /// The mount point.
+    #[serde(with = "crate::names::json_path")]
     pub mount: PathBuf,
     /// The store.
+    #[serde(with = "crate::names::json_path")]
     pub store: PathBuf,
 }
 

@@ -8,6 +8,14 @@
 //! that differ. OCI has no rename, so a directory renamed since A is sent whole at its new place
 //! followed by the opaque marker `DIR/.wh..wh..opq`.
 //!
+//! Names starting with `.wh.` are reserved by OCI for those markers and there is no escape for
+//! them, so a tree holding one is refused by `send`, with its path, instead of sent: every
+//! receiver (ours, or any OCI tool) would take the object for a marker and delete what it names.
+//! `receive` applies a marker only when it is an empty regular file and nothing is below it;
+//! any other object under a reserved name is refused as a stream no sender should make. Whiteouts
+//! remove exactly the names they give from the target (which plays the lower layers), and opaque
+//! markers empty their directory there; neither touches the stream's own entries.
+//!
 //! Receiving treats the stream as hostile. It is spooled to a file in a stage dir
 //! (`.ovlsnap-receive.PID` next to the target when possible, else in the temp dir; the receive
 //! holds `flock` on its `lock` file while it lives, and each receive first removes the stages

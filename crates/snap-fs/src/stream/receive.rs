@@ -345,9 +345,21 @@ impl Staged {
             // The root itself (`./`, as `tar -C DIR .` writes it): the target stays as it is.
             return if et == EntryType::Directory { Ok(()) } else { Err(bad("a non-directory entry for the root")) };
         };
-        let shown = format!("/{}", path.display());
+        let shown = crate::names::shown(&path);
         let (parent, name) = split(&path).map_err(|e| bad(format!("entry {shown}: {e}")))?;
         let name_b = name.to_bytes();
+        // OCI reserves these names: a whiteout or opaque marker is an empty file, and nothing
+        // lives below one. Anything else under such a name is not a marker (a sender that does
+        // not reserve the names sent a file of its tree): refused, never taken as a deletion.
+        if parent.iter().any(|c| c.as_bytes().starts_with(WHITEOUT)) {
+            return Err(bad(format!("entry {shown}: below a whiteout name (`.wh.`), which OCI reserves")));
+        }
+        if name_b.starts_with(WHITEOUT) && (!matches!(et, EntryType::Regular | EntryType::Continuous) || e.size() != 0)
+        {
+            return Err(bad(format!(
+                "entry {shown}: a name OCI reserves for whiteouts (`.wh.`) on an object that is not an empty file"
+            )));
+        }
         if name_b == OPAQUE {
             push_new(&mut self.opaque, parent.to_path_buf());
             return Ok(());
@@ -400,7 +412,10 @@ impl Staged {
         if et == EntryType::Link {
             let t = clean(&link)?.ok_or_else(|| bad(format!("entry {shown}: a hard link without a target")))?;
             let Some(Item { kind: Kind::File, meta }) = self.entries.get(&t) else {
-                return Err(bad(format!("entry {shown}: a hard link to /{}, not a file before it", t.display())));
+                return Err(bad(format!(
+                    "entry {shown}: a hard link to {}, not a file before it",
+                    crate::names::shown(&t)
+                )));
             };
             // Both names go into place by rename, or become two files when copied.
             item.meta = meta.clone();
@@ -437,9 +452,12 @@ impl Staged {
                 match sys::lstat_beneath(root, &q) {
                     Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
                     Ok(_) if self.entries.contains_key(&q) => break,
-                    Ok(_) => bail!("the stream was made for another tree: /{} is not a directory here", q.display()),
+                    Ok(_) => bail!(
+                        "the stream was made for another tree: {} is not a directory here",
+                        crate::names::shown(&q)
+                    ),
                     Err(e) if e.errno() == Errno::NOENT => break,
-                    Err(e) => return Err(anyhow::Error::from(e).context(format!("/{}", q.display()))),
+                    Err(e) => return Err(anyhow::Error::from(e).context(crate::names::shown(&q))),
                 }
             }
         }
@@ -455,7 +473,7 @@ impl Staged {
         for (p, item) in self.entries.iter().rev() {
             if item.kind != Kind::Dir || root {
                 let (dir, name) = sys::open_parent(tree, p)?;
-                set_meta(dir.as_fd(), &name, item).with_context(|| format!("staging /{}", p.display()))?;
+                set_meta(dir.as_fd(), &name, item).with_context(|| format!("staging {}", crate::names::shown(p)))?;
             }
         }
         Ok(())
@@ -468,7 +486,7 @@ impl Staged {
         for w in &self.whiteouts {
             let (parent, name) = split(w)?;
             if let Some(dir) = existing_dir(root, parent)? {
-                sys::remove_tree_at(&dir, &name).with_context(|| format!("removing /{}", w.display()))?;
+                sys::remove_tree_at(&dir, &name).with_context(|| format!("removing {}", crate::names::shown(w)))?;
             }
             step();
             n += 1;
@@ -477,7 +495,7 @@ impl Staged {
             if let Some(dir) = existing_dir(root, d)? {
                 for e in sys::read_dir_fd(rustix::io::dup(&dir)?)? {
                     sys::remove_tree_at(&dir, &sys::name_cstr(&e.name)?)
-                        .with_context(|| format!("emptying /{}", d.display()))?;
+                        .with_context(|| format!("emptying {}", crate::names::shown(d)))?;
                 }
             }
             step();
@@ -489,7 +507,7 @@ impl Staged {
         }
         let mut moved: Option<&Path> = None;
         for (p, item) in &self.entries {
-            let shown = || format!("/{}", p.display());
+            let shown = || crate::names::shown(p);
             let (parent, name) = split(p)?;
             let dir = make_dirs(root, parent, &mut |_| {}).with_context(shown)?;
             if !moved.is_some_and(|m| p.starts_with(m))
@@ -507,7 +525,7 @@ impl Staged {
             let times = Timestamps { last_access: ts(item.meta.atime), last_modification: ts(item.meta.mtime) };
             let (dir, name) = sys::open_parent(root, p)?;
             rustix::fs::utimensat(&dir, &name, &times, AtFlags::SYMLINK_NOFOLLOW)
-                .with_context(|| format!("setting the times of /{}", p.display()))?;
+                .with_context(|| format!("setting the times of {}", crate::names::shown(p)))?;
         }
         Ok(n)
     }

@@ -123,10 +123,12 @@ impl<W: Write> Sender<'_, W> {
             return Ok(());
         };
         let plan = Plan::new(changes, |p| {
-            let st = sys::lstat_beneath(&self.root, p).with_context(|| format!("the snapshot's /{}", p.display()))?;
+            let st = sys::lstat_beneath(&self.root, p)
+                .with_context(|| format!("the snapshot's {}", crate::names::shown(p)))?;
             Ok(FileType::from_raw_mode(st.st_mode) == FileType::Directory)
         })?;
         for w in &plan.whiteouts {
+            refuse_reserved(w)?;
             let (Some(dir), Some(name)) = (w.parent(), w.file_name()) else { continue };
             self.marker(dir, &[WHITEOUT, name.as_bytes()].concat())?;
         }
@@ -145,7 +147,7 @@ impl<W: Write> Sender<'_, W> {
     /// The names in directory `p` of the view, sorted.
     fn children(&self, p: &Path) -> anyhow::Result<Vec<std::ffi::OsString>> {
         let mut names: Vec<_> = sys::read_dir(&self.root, p)
-            .with_context(|| format!("listing /{}", p.display()))?
+            .with_context(|| format!("listing {}", crate::names::shown(p)))?
             .into_iter()
             .map(|e| e.name)
             .collect();
@@ -181,7 +183,8 @@ impl<W: Write> Sender<'_, W> {
 
     /// Sends the object at `p` alone; returns its type (`None` for a socket, which tar cannot hold).
     fn entry(&mut self, p: &Path) -> anyhow::Result<Option<FileType>> {
-        let shown = || format!("/{}", p.display());
+        refuse_reserved(p)?;
+        let shown = || crate::names::shown(p);
         let (dir, name) = sys::open_parent(&self.root, p).with_context(shown)?;
         let st = sys::lstat_at(&dir, &name).with_context(shown)?;
         let kind = FileType::from_raw_mode(st.st_mode);
@@ -230,6 +233,22 @@ impl<W: Write> Sender<'_, W> {
         (self.step)();
         Ok(())
     }
+}
+
+/// Refuses a path with a name the OCI layer format reserves (`.wh.` and what follows): a receiver
+/// would take the object for a whiteout or an opaque marker and delete what it names in the
+/// target. Refused rather than escaped: OCI has no escape, and every other tool reading the stream
+/// would still delete.
+fn refuse_reserved(p: &Path) -> anyhow::Result<()> {
+    if p.iter().any(|c| c.as_bytes().starts_with(WHITEOUT)) {
+        bail!(
+            "{}: names starting with `.wh.` are whiteouts in the OCI layer format, so a stream cannot carry \
+             this one (a receiver would delete what it names); rename it in the live tree and take a new \
+             snapshot to send it",
+            crate::names::shown(p)
+        );
+    }
+    Ok(())
 }
 
 /// The header of `name` in `dir` (`st` its lstat) sent as `p`, with the PAX records it needs

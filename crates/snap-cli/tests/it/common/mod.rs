@@ -415,14 +415,26 @@ impl SnapMount {
     /// [`prepare`](Self::prepare) with LIVE and MNT in the dir `sub` of the temp dir (one path
     /// component, any bytes but `/`): for paths that a shell or an option parser could misread.
     pub fn prepare_under(form: Form, sub: &str) -> SnapMount {
-        assert!(!sub.contains('/'), "{sub:?}: one component");
+        SnapMount::prepare_in(form, OsStr::new(sub), OsStr::new(sub))
+    }
+
+    /// [`prepare`](Self::prepare) with LIVE in the dir `live_sub` and MNT in the dir `mnt_sub` of
+    /// the temp dir (one component each, any bytes but `/`, not UTF-8 say).
+    pub fn prepare_in(form: Form, live_sub: &OsStr, mnt_sub: &OsStr) -> SnapMount {
+        for sub in [live_sub, mnt_sub] {
+            assert!(!sub.as_bytes().contains(&b'/'), "{sub:?}: one component");
+        }
         let scratch = Scratch::new();
-        let at = |leaf: &str| if sub.is_empty() { leaf.to_owned() } else { format!("{sub}/{leaf}") };
-        let live = scratch.mkdir(&at("live"));
+        let at = |sub: &OsStr, leaf: &str| {
+            let p = scratch.path().join(sub).join(leaf);
+            fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+            p
+        };
+        let live = at(live_sub, "live");
         fs::set_permissions(&live, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod LIVE");
         let mnt = match form {
             Form::Stacked => live.clone(),
-            Form::Separate => scratch.mkdir(&at("mnt")),
+            Form::Separate => at(mnt_sub, "mnt"),
         };
         SnapMount { live, mnt, form, store: None, mounted: false, watchdog: None, scratch }
     }
