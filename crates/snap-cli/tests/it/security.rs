@@ -202,6 +202,13 @@ fn reads_need_live_readable_and_show_no_name_the_caller_cannot_list() {
     for args in [&["list"][..], &["status"], &["diff", "t1"], &["allow", "--list"]] {
         as_user(ALICE, &mnt_args(&m, args)).expect_ok("a reader of LIVE may read");
     }
+    // check reads the store through the daemon's descriptors, which only root may: it fails, and
+    // tells nothing of the secret names.
+    let checked = as_user(ALICE, &mnt_args(&m, &["check", "--json"]));
+    assert!(!checked.success(), "{checked}");
+    for n in secret_names {
+        assert!(!checked.stdout.contains(n) && !checked.stderr.contains(n), "check revealed {n}\n{checked}");
+    }
 
     // LIVE's root closed to others: nothing is told, not even the list.
     fs::set_permissions(m.live(), fs::Permissions::from_mode(0o700)).unwrap();
