@@ -456,9 +456,23 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         say!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
     }
-    say!("{:<4} {:<28} {:<21} {:>12} {:>8}", "ID", "NAME", "CREATED", "LAYER", "ENTRIES");
-    for l in items {
-        say!("{:<4} {:<28} {:<21} {:>12} {:>8}", l.id, l.name, l.created, human(l.layer_bytes), l.entries);
+    say!("{:<4} {:<28} {:<21} {:>12} {:>8}  {}", "ID", "NAME", "CREATED", "LAYER", "ENTRIES", "STATE");
+    let mut damaged = 0;
+    for l in &items {
+        // A snapshot LIVE changed behind the daemon's back is never shown as if intact.
+        let state = match &l.damage {
+            None => "ok",
+            Some(d) if d.unverified => "UNVERIFIED",
+            Some(_) => "CHANGED",
+        };
+        damaged += usize::from(l.damage.is_some());
+        say!("{:<4} {:<28} {:<21} {:>12} {:>8}  {state}", l.id, l.name, l.created, human(l.layer_bytes), l.entries);
+    }
+    if damaged > 0 {
+        eprintln!(
+            "ovlsnap: {damaged} snapshot(s) are not as taken: LIVE was changed while no daemon served it; `ovlsnap \
+             check` names what (reads of those paths in their views fail with EIO)"
+        );
     }
     Ok(())
 }
@@ -627,6 +641,12 @@ fn human(b: u64) -> String {
 fn umount(mnt: &Path) -> anyhow::Result<()> {
     let pid =
         control::call(mnt, &Request::Status).ok().and_then(|v| serde_json::from_value::<Status>(v).ok()).map(|s| s.pid);
+    // While LIVE is still guarded: the seal the next mount checks LIVE against.
+    if let Err(e) = control::call(mnt, &Request::Seal) {
+        eprintln!(
+            "ovlsnap: warning: LIVE not sealed before the unmount ({e:#}); the next mount may mark snapshots unverified"
+        );
+    }
     if let Ok(f) = std::fs::File::open(mnt) {
         let _ = rustix::fs::syncfs(&f);
     }

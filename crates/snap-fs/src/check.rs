@@ -18,6 +18,8 @@
 //! | `delete-journal-corrupt` | error | an unreadable delete journal: no daemon starts |
 //! | `snapshot-list-temp` | fixable | `snapshots.json.tmp` of an interrupted write |
 //! | `store-in-use` | warning | a daemon serves the store: checked as it runs |
+//! | `snapshot-changed-unserved` | error | LIVE changed paths this snapshot shows while no daemon served it (found at a mount) |
+//! | `snapshot-unverified` | warning | no seal to check LIVE against at a mount: changes while unserved cannot be ruled out |
 //!
 //! A repair settles the store the way the next mount would, by the same code
 //! ([`daemon::open_store`]: journals settled, unowned layers and work leftovers removed), then
@@ -257,6 +259,7 @@ impl Target {
         let meta = self.meta(&mut report, !dirs.is_empty())?;
         if let (Some(meta), Some(layers)) = (&meta, &layers) {
             self.layer_dirs(&mut report, meta, &dirs);
+            self.damage(&mut report, meta);
             self.journals(&mut report, meta, layers.as_fd())?;
             let checks =
                 self.each_layer(meta, layers.as_fd(), false, |stack| Ok(ovl_fs::check::check_upper(stack)?))?;
@@ -346,6 +349,31 @@ impl Target {
             }
         }
         Ok(Some(meta))
+    }
+
+    /// Snapshots a mount found changed behind the daemon's back (`crate::seal`): each is an
+    /// error, with the paths; one that cannot be verified at all is a warning.
+    fn damage(&self, report: &mut Report, meta: &Meta) {
+        for (id, d) in &meta.damage {
+            let name =
+                meta.snapshots.iter().find(|s| s.id == *id).map_or(format!("id {id}"), |s| format!("{:?}", s.name));
+            let rel = format!("layers/{id}");
+            const SHOWN: usize = 20;
+            let mut paths: Vec<String> = d.paths.iter().take(SHOWN).map(|p| crate::names::shown(&p.0)).collect();
+            if d.paths.len() > SHOWN {
+                paths.push(format!("and {} more", d.paths.len() - SHOWN));
+            }
+            let detail = if paths.is_empty() {
+                format!("snapshot {name}: {}", d.reason)
+            } else {
+                format!("snapshot {name}: {}: {}", d.reason, paths.join(", "))
+            };
+            if d.unverified {
+                self.finding(report, Severity::Warning, "snapshot-unverified", &rel, detail);
+            } else {
+                self.finding(report, Severity::Error, "snapshot-changed-unserved", &rel, detail);
+            }
+        }
     }
 
     /// Every listed snapshot has its layer; every layer dir belongs to one.

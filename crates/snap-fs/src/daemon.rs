@@ -140,6 +140,8 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
         );
     }
     let Opened { live, live_fd, store: store_at, hidden, snapper } = open_store(&cfg.live, cfg.store.as_deref())?;
+    // Before anything is served: what LIVE changed while no daemon guarded it.
+    snapper.verify_live().context("checking LIVE against its seal")?;
     let (workdir, work) = snapper.store_work()?;
     drop(workdir);
     let stack = LayerStack::from_open_dirs(

@@ -25,6 +25,7 @@ mod merge;
 pub mod names;
 pub mod policy;
 pub mod restore;
+mod seal;
 pub mod snapper;
 pub mod store;
 pub mod stream;

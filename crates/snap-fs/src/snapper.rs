@@ -36,6 +36,10 @@ pub struct Listed {
     pub layer_bytes: u64,
     /// Entries in the layer: saved objects, whiteouts, saved dirs.
     pub entries: u64,
+    /// Why the snapshot's view is no longer what was taken (LIVE changed while not served);
+    /// absent while it is intact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damage: Option<crate::store::Damage>,
 }
 
 /// The snapshot machinery of a mount.
@@ -54,6 +58,10 @@ pub struct Snapper {
     /// Each snapshot layer, open.
     layer_fds: Mutex<std::collections::HashMap<u64, Arc<OwnedFd>>>,
     hidden: Vec<OsString>,
+    /// One seal is made at a time.
+    sealing: Mutex<()>,
+    /// The generation the last seal written was made for.
+    sealed: AtomicU64,
 }
 
 impl Snapper {
@@ -73,6 +81,8 @@ impl Snapper {
             live_path,
             layer_fds: Mutex::new(Default::default()),
             hidden,
+            sealing: Mutex::new(()),
+            sealed: AtomicU64::new(u64::MAX),
         };
         s.switch()?;
         Ok(s)
@@ -107,6 +117,13 @@ impl Snapper {
         all.push(live);
         let views = snaps.iter().enumerate().map(|(i, s)| (s.id, s.name.clone(), i)).collect();
         self.views.set(all, views);
+        // Only what certainly changed fails; an unverified path may well be as taken.
+        let damaged = store
+            .damage()
+            .iter()
+            .filter(|(_, d)| !d.unverified)
+            .map(|(id, d)| (*id, d.paths.iter().map(|p| p.0.clone()).collect()));
+        self.views.set_damaged(damaged.collect());
         *self.cow.lock() = Some(cow);
         // A new number at every switch, never reused (not the snapshot id: a delete can make an
         // older layer the target again, and what nodes were told under that id no longer holds).
@@ -278,6 +295,173 @@ impl Snapper {
 }
 
 impl Snapper {
+    /// At mount, before anything is served: compares LIVE with the seal the last serving left
+    /// (`crate::seal`), marks every snapshot whose view shows what changed (their views then
+    /// fail those paths with EIO, `list` and `check` say so), and seals LIVE anew.
+    pub fn verify_live(&self) -> anyhow::Result<()> {
+        let _seal = self.sealing.lock();
+        let mut store = self.store.lock();
+        let snaps = store.snapshots().to_vec();
+        let Some(newest) = snaps.last() else {
+            // Sealed even without snapshots: should we stop right after the first take, before
+            // its seal, the next mount still checks everything LIVE showed then.
+            let marks = crate::seal::record(&self.view_stack(&store, &[])?, &self.hidden)?;
+            crate::seal::write(store.root(), &crate::seal::Seal { newest: 0, marks })?;
+            self.sealed.store(self.generation.load(Ordering::Acquire), Ordering::Release);
+            return Ok(());
+        };
+        let now = crate::seal::record(&self.view_stack(&store, &snaps[snaps.len() - 1..])?, &self.hidden)?;
+        let when = rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+        let mut found: std::collections::BTreeMap<u64, crate::store::Damage> = Default::default();
+        match crate::seal::read(store.root())? {
+            None => {
+                let reason = format!(
+                    "found unverified at the mount of {when}: LIVE was never sealed for this store (made by an \
+                     older ovlsnap, or stopped before its first seal), so changes made while it was not served \
+                     cannot be ruled out"
+                );
+                for s in &snaps {
+                    found.insert(
+                        s.id,
+                        crate::store::Damage { reason: reason.clone(), paths: Vec::new(), unverified: true },
+                    );
+                }
+            }
+            Some(old) => {
+                let drift = crate::seal::drift(&old, &now);
+                // Where the newest view shows each drifted path from LIVE now (a gone path: nothing).
+                let newest_stack = self.view_stack(&store, &snaps[snaps.len() - 1..])?;
+                let mut at_newest = Vec::with_capacity(drift.len());
+                for p in &drift {
+                    at_newest.push(crate::seal::shown_at(&newest_stack, &self.hidden, p)?);
+                }
+                // From the newest layer down: does a layer at or above snapshot i redirect dirs?
+                let mut redirected = vec![false; snaps.len()];
+                if !drift.is_empty() {
+                    let names = newest_stack.names().clone();
+                    let mut any = false;
+                    for i in (0..snaps.len()).rev() {
+                        let fds = self.layer_fds.lock().get(&snaps[i].id).cloned();
+                        if let Some(fd) = fds {
+                            any |= crate::seal::has_redirects(fd.as_fd(), &names)?;
+                        }
+                        redirected[i] = any;
+                    }
+                }
+                for (i, s) in snaps.iter().enumerate() {
+                    if drift.is_empty() {
+                        break;
+                    }
+                    let stack = self.view_stack(&store, &snaps[i..])?;
+                    // The seal guarded snapshots up to its newest: for them a difference they
+                    // show is a change behind our back; a newer one may show a change made before
+                    // its take that the seal missed.
+                    let guarded = s.id <= old.newest;
+                    let (mut sure, mut maybe) = (Vec::new(), false);
+                    for (p, now_at) in drift.iter().zip(&at_newest) {
+                        let here = crate::seal::shown_at(&stack, &self.hidden, p)?;
+                        let same = match (now_at, &here) {
+                            (crate::seal::Shown::Live(q), crate::seal::Shown::Live(r)) => q == r,
+                            (crate::seal::Shown::Layer, crate::seal::Shown::Missing) => true,
+                            (crate::seal::Shown::Missing, crate::seal::Shown::Missing) => true,
+                            _ => false,
+                        };
+                        if same {
+                            sure.push(crate::names::JsonPath(p.clone()));
+                        } else if redirected[i] && here != crate::seal::Shown::Layer {
+                            // A redirect may show LIVE's object under another path here.
+                            maybe = true;
+                        }
+                    }
+                    if sure.is_empty() && !maybe {
+                        continue;
+                    }
+                    let unverified = !guarded || sure.is_empty();
+                    let reason = if guarded && !sure.is_empty() {
+                        format!(
+                            "found at the mount of {when}: LIVE changed {} path(s) this snapshot shows while no \
+                             daemon served it",
+                            sure.len()
+                        )
+                    } else if guarded {
+                        format!(
+                            "found unverified at the mount of {when}: LIVE changed while no daemon served it, \
+                             under directories this snapshot shows renamed; what it shows cannot be matched"
+                        )
+                    } else {
+                        format!(
+                            "found unverified at the mount of {when}: the daemon stopped before it sealed LIVE for \
+                             this snapshot, and {} path(s) it shows differ from the last seal (changed before the \
+                             take, or while not served)",
+                            sure.len()
+                        )
+                    };
+                    found.insert(s.id, crate::store::Damage { reason, paths: sure, unverified });
+                }
+            }
+        }
+        if !found.is_empty() {
+            for (id, d) in &found {
+                tracing::error!(id, "snapshot no longer as taken: {}", d.reason);
+            }
+            store.add_damage(found)?;
+        }
+        crate::seal::write(store.root(), &crate::seal::Seal { newest: newest.id, marks: now })?;
+        drop(store);
+        self.switch()?;
+        self.sealed.store(self.generation.load(Ordering::Acquire), Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes sure the seal is made for the current newest snapshot, waiting for one in flight:
+    /// `ovlsnap umount` asks for it before it unmounts, while LIVE is still guarded, so that a
+    /// clean stop never leaves a seal a take behind.
+    pub fn seal_now(&self) -> anyhow::Result<()> {
+        let _seal = self.sealing.lock();
+        if self.sealed.load(Ordering::Acquire) == self.generation.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.reseal_locked()
+    }
+
+    /// Seals LIVE as the newest view shows it now (after a take or a delete changed the newest
+    /// snapshot). Runs beside the mount's work: changes go on meanwhile (see `crate::seal` for why
+    /// that is safe); the seal is written only if no take or delete came in between.
+    pub fn reseal(&self) -> anyhow::Result<()> {
+        let _seal = self.sealing.lock();
+        self.reseal_locked()
+    }
+
+    fn reseal_locked(&self) -> anyhow::Result<()> {
+        for _ in 0..3 {
+            let generation = self.generation.load(Ordering::Acquire);
+            let (stack, newest) = {
+                let _views = self.views.lock.read();
+                let store = self.store.lock();
+                let snaps = store.snapshots();
+                let Some(newest) = snaps.last() else { return Ok(()) };
+                (self.view_stack(&store, &snaps[snaps.len() - 1..])?, newest.id)
+            };
+            let marks = match crate::seal::record(&stack, &self.hidden) {
+                Err(e) if e.errno() == ovl_core::Errno::AGAIN => continue,
+                other => other?,
+            };
+            if !crate::seal::consistent(&stack, &self.hidden, &marks)? {
+                continue;
+            }
+            let store = self.store.lock();
+            if self.generation.load(Ordering::Acquire) == generation {
+                crate::seal::write(store.root(), &crate::seal::Seal { newest, marks })?;
+                self.sealed.store(generation, Ordering::Release);
+                return Ok(());
+            }
+        }
+        tracing::warn!("LIVE not sealed: snapshots or directories kept changing; the next take or umount seals it");
+        Ok(())
+    }
+}
+
+impl Snapper {
     /// Deletes snapshot `name`, online: the oldest just loses its layer; any other has its layer
     /// merged into the next older one, leaving every other view as it was. Changes wait meanwhile
     /// (the merge reads LIVE when the newest snapshot is deleted). Refused while a view of the
@@ -351,6 +535,7 @@ pub fn list_store(store: &Store) -> anyhow::Result<Vec<Listed>> {
             created_unix: s.created,
             layer_bytes: bytes,
             entries,
+            damage: store.damage().get(&s.id).cloned(),
         });
     }
     Ok(out)

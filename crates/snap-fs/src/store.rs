@@ -62,6 +62,24 @@ pub struct Meta {
     /// mounted by the kernel with `userxattr`), not `trusted.overlay.*`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub userxattr: bool,
+    /// Snapshots whose views no longer show, or can no longer be shown to show, the tree as it
+    /// was: LIVE changed while no daemon served it (`crate::seal`). By snapshot id.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub damage: std::collections::BTreeMap<u64, Damage>,
+}
+
+/// Why a snapshot's view is no longer what was taken, found at a mount (`crate::seal`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Damage {
+    /// In words, with when it was found.
+    pub reason: String,
+    /// The paths of its view that LIVE changed, added or removed while not served (those its view
+    /// shows from LIVE); their reads fail with EIO rather than show what was not there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<crate::names::JsonPath>,
+    /// True when what changed cannot be known (no seal): the whole view is unverified.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
 }
 
 /// An open store, locked by this process.
@@ -228,7 +246,15 @@ impl Store {
                 }
                 // Without root, `trusted.*` cannot be written: such a store uses `user.*`.
                 let userxattr = !rustix::process::geteuid().is_root();
-                Meta { version: 1, live: live_id, next_id: 1, snapshots: Vec::new(), allow: Vec::new(), userxattr }
+                Meta {
+                    version: 1,
+                    live: live_id,
+                    next_id: 1,
+                    snapshots: Vec::new(),
+                    allow: Vec::new(),
+                    userxattr,
+                    damage: Default::default(),
+                }
             }
         };
         if !meta.userxattr && !rustix::process::geteuid().is_root() {
@@ -300,6 +326,29 @@ impl Store {
     /// its layers were written in.
     pub fn overlay_options(&self) -> ovl_core::MountOptions {
         ovl_core::MountOptions { userxattr: self.meta.userxattr, ..Default::default() }
+    }
+
+    /// The snapshots found damaged, by id.
+    pub fn damage(&self) -> &std::collections::BTreeMap<u64, Damage> {
+        &self.meta.damage
+    }
+
+    /// Records damage found at a mount, durably; a snapshot already marked keeps its first
+    /// reason and gains the new paths.
+    pub fn add_damage(&mut self, found: std::collections::BTreeMap<u64, Damage>) -> anyhow::Result<()> {
+        let mut meta = self.meta.clone();
+        for (id, d) in found {
+            let e = meta.damage.entry(id).or_insert_with(|| Damage { reason: d.reason.clone(), ..Default::default() });
+            e.unverified |= d.unverified;
+            for p in d.paths {
+                if !e.paths.contains(&p) {
+                    e.paths.push(p);
+                }
+            }
+        }
+        self.write_meta(&meta)?;
+        self.meta = meta;
+        Ok(())
     }
 
     /// Who besides root and LIVE's owner may change snapshots.
@@ -381,8 +430,15 @@ impl Store {
 pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Result<(Meta, Vec<String>)> {
     let mut notes = Vec::new();
     let userxattr = !rustix::process::geteuid().is_root();
-    let fresh =
-        Meta { version: 1, live: live.clone(), next_id: 1, snapshots: Vec::new(), allow: Vec::new(), userxattr };
+    let fresh = Meta {
+        version: 1,
+        live: live.clone(),
+        next_id: 1,
+        snapshots: Vec::new(),
+        allow: Vec::new(),
+        userxattr,
+        damage: Default::default(),
+    };
     let mut meta = match read_meta_named(root, META_BACKUP) {
         Ok(Some(m)) if &m.live == live => {
             notes.push(format!("the list was restored from {META_BACKUP}"));
@@ -498,6 +554,7 @@ impl Store {
         }
         let mut meta = self.meta.clone();
         meta.snapshots.retain(|s| s.id != id);
+        meta.damage.remove(&id);
         self.write_meta(&meta)?;
         self.meta = meta;
         let _ = rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty());
@@ -587,6 +644,7 @@ pub fn list_offline(root: &OwnedFd) -> anyhow::Result<Vec<crate::snapper::Listed
             created_unix: s.created,
             layer_bytes: bytes,
             entries,
+            damage: meta.damage.get(&s.id).cloned(),
         });
     }
     Ok(out)

@@ -100,6 +100,9 @@ pub(crate) struct Views {
     hidden: Vec<OsString>,
     /// The store's overlay options (its xattr namespace).
     opts: ovl_core::MountOptions,
+    /// Per snapshot, the paths LIVE changed behind the daemon's back (`crate::seal`): they fail
+    /// with EIO instead of showing what was never taken.
+    damaged: RwLock<HashMap<u64, std::collections::HashSet<PathBuf>>>,
     born: SystemTime,
 }
 
@@ -115,6 +118,7 @@ impl Views {
             next_fh: AtomicU64::new(1),
             hidden,
             opts: ovl_core::MountOptions { read_only: true, ..opts },
+            damaged: RwLock::new(HashMap::new()),
             born: SystemTime::now(),
         }
     }
@@ -133,6 +137,11 @@ impl Views {
         }
         *self.stacks.write() = stacks;
         *self.names.write() = names;
+    }
+
+    /// Replaces the damaged paths of each snapshot (`crate::store::Damage`).
+    pub fn set_damaged(&self, damaged: HashMap<u64, std::collections::HashSet<PathBuf>>) {
+        *self.damaged.write() = damaged;
     }
 
     fn stack(&self, snap: u64) -> Result<Arc<ViewStack>> {
@@ -179,6 +188,11 @@ impl Views {
             if let Some(d) = e.dir {
                 dir = d;
             }
+        }
+        // A file LIVE changed behind the daemon's back is not what was taken: say so. (A dir's
+        // own change is reported by `list` and `check`; its entries answer for themselves.)
+        if out.kind != FileType::Directory && self.damaged.read().get(&snap).is_some_and(|d| d.contains(path)) {
+            return Err(Errno::IO.into());
         }
         Ok(out)
     }

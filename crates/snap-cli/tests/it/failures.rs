@@ -246,3 +246,87 @@ fn a_take_that_cannot_start_its_layer_is_taken_back() {
         assert_eq!(fs::read_to_string(m.view(&format!("t{i}")).join("a")).unwrap(), format!("{i}\n"), "view t{i}");
     }
 }
+
+/// `damage` of snapshot `name` in `ovlsnap list --json` (`None`: intact).
+fn damage_of(m: &SnapMount, name: &str) -> Option<serde_json::Value> {
+    let out = ovlsnap(&[OsStr::new("list"), OsStr::new("--json"), OsStr::new("--mount"), m.mnt().as_os_str()]);
+    let items: serde_json::Value = serde_json::from_str(out.expect_ok("list --json")).unwrap();
+    let item =
+        items.as_array().unwrap().iter().find(|i| i["name"] == name).unwrap_or_else(|| panic!("no {name}\n{out}"));
+    item.get("damage").cloned()
+}
+
+/// Issue 16.2: writes to LIVE while no daemon served it used to change snapshots silently. Now the
+/// mount compares LIVE with the seal the last serving left: every snapshot that shows a changed
+/// path is marked (list, check), and its view fails exactly those paths with EIO, while what the
+/// snapshots saved themselves stays readable. Nothing is flagged when nothing changed.
+#[test]
+fn writes_to_live_while_unmounted_are_found_and_never_shown_as_taken() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    let live = m.live().to_path_buf();
+    fs::write(live.join("f"), b"f1\n").unwrap();
+    fs::write(live.join("g"), b"g1\n").unwrap();
+    fs::create_dir(live.join("d")).unwrap();
+    fs::write(live.join("d/x"), b"x1\n").unwrap();
+    fs::write(live.join("h1"), b"h\n").unwrap();
+    fs::hard_link(live.join("h1"), live.join("h2")).unwrap();
+    m.mount();
+    m.take(Some("t1"));
+    fs::write(m.mnt().join("g"), b"g2\n").unwrap();
+    fs::remove_file(m.mnt().join("h2")).unwrap();
+    fs::rename(m.mnt().join("d"), m.mnt().join("d2")).unwrap();
+    fs::rename(m.mnt().join("d2"), m.mnt().join("d")).unwrap();
+    m.take(Some("t2"));
+    // Served changes only, then a clean round trip: nothing may be flagged.
+    m.umount();
+    m.mount();
+    assert_eq!(damage_of(&m, "t1"), None, "a clean umount and mount flagged t1");
+    assert_eq!(damage_of(&m, "t2"), None, "a clean umount and mount flagged t2");
+    m.umount();
+
+    // Behind the daemon's back.
+    fs::write(live.join("f"), b"tampered\n").unwrap();
+    fs::write(live.join("d/new"), b"new\n").unwrap();
+    m.mount();
+    for name in ["t1", "t2"] {
+        let d = damage_of(&m, name).unwrap_or_else(|| panic!("{name} not marked after LIVE changed unserved"));
+        let paths = d["paths"].to_string();
+        assert!(paths.contains("\"f\"") && paths.contains("d/new"), "{name}: {d}");
+        assert_ne!(d.get("unverified"), Some(&serde_json::Value::Bool(true)), "{name}: a sure change: {d}");
+        let err = fs::read(m.view(name).join("f")).expect_err("a changed file must not read as taken");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{name}/f: {err}");
+        assert!(fs::read(m.view(name).join("d/new")).is_err(), "{name}/d/new was never taken");
+        assert_eq!(fs::read(m.view(name).join("d/x")).unwrap(), b"x1\n", "{name}/d/x is intact");
+    }
+    assert_eq!(fs::read(m.view("t1").join("g")).unwrap(), b"g1\n", "what t1 saved itself stays readable");
+    assert_eq!(fs::read(m.view("t2").join("g")).unwrap(), b"g2\n");
+    let human = ovlsnap(&[OsStr::new("list"), OsStr::new("--mount"), m.mnt().as_os_str()]);
+    assert!(human.expect_ok("list").contains("CHANGED") && human.stderr.contains("not as taken"), "{human}");
+    let check = ovlsnap(&[OsStr::new("check"), OsStr::new("--mount"), m.mnt().as_os_str()]);
+    assert!(!check.success() && check.stdout.contains("snapshot-changed-unserved"), "{check}");
+    // The mark stays across remounts and goes with the snapshot.
+    m.umount();
+    m.mount();
+    assert!(damage_of(&m, "t1").is_some(), "the mark must survive a remount");
+    ovlsnap(&[OsStr::new("delete"), OsStr::new("t1"), OsStr::new("--mount"), m.mnt().as_os_str()])
+        .expect_ok("delete t1");
+    assert!(damage_of(&m, "t2").is_some());
+    m.take(Some("t3"));
+    assert_eq!(damage_of(&m, "t3"), None, "a snapshot taken after the mount is intact");
+}
+
+/// A store that was never sealed (made by an older ovlsnap, or the seal lost): its snapshots
+/// cannot be vouched for, so they are marked unverified, yet stay readable.
+#[test]
+fn snapshots_without_a_seal_are_marked_unverified() {
+    let mut m = SnapMount::start(Form::Separate, |live| fs::write(live.join("f"), b"1\n").unwrap());
+    m.take(Some("old"));
+    m.umount();
+    fs::remove_file(m.live().join(".ovlsnap/seal")).unwrap();
+    m.mount();
+    let d = damage_of(&m, "old").expect("an unsealed store's snapshot is marked");
+    assert_eq!(d["unverified"], serde_json::Value::Bool(true), "{d}");
+    assert_eq!(fs::read(m.view("old").join("f")).unwrap(), b"1\n", "unverified views stay readable");
+    let human = ovlsnap(&[OsStr::new("list"), OsStr::new("--mount"), m.mnt().as_os_str()]);
+    assert!(human.expect_ok("list").contains("UNVERIFIED"), "{human}");
+}

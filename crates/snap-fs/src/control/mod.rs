@@ -82,6 +82,9 @@ pub enum Request {
     },
     /// The grants.
     Grants,
+    /// Seal LIVE for the newest snapshot now, if the last seal is older (`ovlsnap umount` asks
+    /// before it unmounts).
+    Seal,
 }
 
 /// The daemon's answer.

@@ -67,7 +67,7 @@ pub fn serve(listener: UnixListener, snapper: Arc<Snapper>, status: Status) {
     }
 }
 
-fn handle(conn: &UnixStream, peer: &Peer, snapper: &Snapper, status: &Status) -> anyhow::Result<()> {
+fn handle(conn: &UnixStream, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(IO_TIMEOUT))?;
     conn.set_write_timeout(Some(IO_TIMEOUT))?;
     let result = read_request(conn).and_then(|req| {
@@ -112,13 +112,16 @@ fn need(req: &Request) -> Need {
         Request::Delete { .. } => Need::Change(Perm::Delete),
         Request::Authorize { perm } => Need::Change(*perm),
         Request::Allow { .. } | Request::Unallow { .. } => Need::Delegate,
-        Request::List | Request::Status | Request::Diff { .. } | Request::MountCmd { .. } | Request::Grants => {
-            Need::Read
-        }
+        Request::List
+        | Request::Status
+        | Request::Diff { .. }
+        | Request::MountCmd { .. }
+        | Request::Grants
+        | Request::Seal => Need::Read,
     }
 }
 
-fn answer(req: Request, peer: &Peer, snapper: &Snapper, status: &Status) -> anyhow::Result<serde_json::Value> {
+fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) -> anyhow::Result<serde_json::Value> {
     policy::authorize(peer, snapper.live_root(), &snapper.grants(), need(&req))?;
     Ok(match req {
         Request::Take { name } => {
@@ -128,12 +131,18 @@ fn answer(req: Request, peer: &Peer, snapper: &Snapper, status: &Status) -> anyh
                 Some(n) => n,
                 None => default_name(snapper)?,
             };
-            serde_json::to_value(snapper.take(&name)?)?
+            let taken = serde_json::to_value(snapper.take(&name)?)?;
+            reseal(snapper);
+            taken
         }
         Request::List => serde_json::to_value(snapper.list()?)?,
         Request::MountCmd { name } => serde_json::to_value(snapper.view_layers(&name, &status.mount)?)?,
         Request::Status => serde_json::to_value(status)?,
-        Request::Delete { name } => serde_json::to_value(snapper.delete(&name)?)?,
+        Request::Delete { name } => {
+            let deleted = serde_json::to_value(snapper.delete(&name)?)?;
+            reseal(snapper);
+            deleted
+        }
         Request::Diff { a, b } => serde_json::to_value(snapper.diff(&a, b.as_deref(), peer)?)?,
         Request::Authorize { .. } => serde_json::Value::Null,
         Request::Allow { who, perms } => {
@@ -143,7 +152,25 @@ fn answer(req: Request, peer: &Peer, snapper: &Snapper, status: &Status) -> anyh
             serde_json::to_value(snapper.change_grants(|g| policy::unallow(g, who, &perms))?)?
         }
         Request::Grants => serde_json::to_value(snapper.grants())?,
+        // Harmless to ask: no work unless a take or delete since the last seal.
+        Request::Seal => {
+            snapper.seal_now()?;
+            serde_json::Value::Null
+        }
     })
+}
+
+/// Seals LIVE for the new newest snapshot, beside the mount's work (`crate::seal`).
+fn reseal(snapper: &Arc<Snapper>) {
+    let snapper = snapper.clone();
+    let spawned = std::thread::Builder::new().name("seal".into()).spawn(move || {
+        if let Err(e) = snapper.reseal() {
+            tracing::warn!("sealing LIVE: {e:#}");
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("sealing LIVE: no thread for it: {e}");
+    }
 }
 
 /// A name for an unnamed snapshot: the UTC time, made unique with a suffix.
