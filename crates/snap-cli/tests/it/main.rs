@@ -20,4 +20,5 @@ mod model;
 mod mount_cmd;
 mod open_files;
 mod security;
+mod snapshot_stress;
 mod stream;
