@@ -21,4 +21,5 @@ mod mount_cmd;
 mod odd_names;
 mod open_files;
 mod security;
+mod snapshot_stress;
 mod stream;
