@@ -12,10 +12,10 @@
 //! every take; it stays true while the mount is served, through a crash too. At the next mount the same walk finds
 //! what LIVE changed behind our back, and [`affected`] which snapshots show it.
 //!
-//! A seal made before the newest take (a stop before the background seal of that take ended)
-//! still proves every snapshot it covers; a snapshot taken since that shows a difference may show
-//! a change made legitimately before its take, so it is reported as unverified (with the paths),
-//! not as changed.
+//! A seal made before the newest take or delete (a stop before the background seal ended)
+//! describes another view than the newest, whose paths may lead to other LIVE objects (a
+//! directory renamed in between) and which may show changes made legitimately before the take: a
+//! difference is then reported as unverified (with the paths, readable), never as changed.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

@@ -353,10 +353,12 @@ impl Snapper {
                         break;
                     }
                     let stack = self.view_stack(&store, &snaps[i..])?;
-                    // The seal guarded snapshots up to its newest: for them a difference they
-                    // show is a change behind our back; a newer one may show a change made before
-                    // its take that the seal missed.
-                    let guarded = s.id <= old.newest;
+                    // A seal of the current newest view vouches for every snapshot: a difference
+                    // one shows at the same LIVE object is a change behind our back. A seal made
+                    // before a take (a stop before its seal) or before the newest was deleted
+                    // describes another view, whose paths may lead to other objects (a directory
+                    // renamed in between): then a difference is only unverified.
+                    let guarded = old.newest == newest.id;
                     let (mut sure, mut maybe) = (Vec::new(), false);
                     for (p, now_at) in drift.iter().zip(&at_newest) {
                         let here = crate::seal::shown_at(&stack, &self.hidden, p)?;
@@ -390,9 +392,9 @@ impl Snapper {
                         )
                     } else {
                         format!(
-                            "found unverified at the mount of {when}: the daemon stopped before it sealed LIVE for \
-                             this snapshot, and {} path(s) it shows differ from the last seal (changed before the \
-                             take, or while not served)",
+                            "found unverified at the mount of {when}: the daemon stopped before it sealed LIVE after \
+                             the last take or delete, and {} path(s) this snapshot shows differ from the last seal \
+                             (changed while served before that, or while not served)",
                             sure.len()
                         )
                     };
