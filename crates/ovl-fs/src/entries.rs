@@ -94,6 +94,19 @@ impl OverlayFs {
         kind: FileType,
         build: impl FnOnce(BorrowedFd<'_>, &CStr) -> Result<T>,
     ) -> Result<(Arc<Node>, Stat, T)> {
+        self.create_object_linking(parent, name, kind, None, build)
+    }
+
+    /// [`Self::create_object`] for a new name of `linked` (a hard link), which the hook is told
+    /// about as a change of `linked` first, inside the same gate: its link count changes.
+    fn create_object_linking<T>(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        kind: FileType,
+        linked: Option<&Node>,
+        build: impl FnOnce(BorrowedFd<'_>, &CStr) -> Result<T>,
+    ) -> Result<(Arc<Node>, Stat, T)> {
         let _gate = self.gate();
         if self.is_hidden(parent, name) {
             return Err(Errno::PERM.into());
@@ -104,6 +117,9 @@ impl OverlayFs {
             && sys::lstat_at(self.upper_dir(parent)?.1, &cname).is_ok_and(|st| !is_whiteout_stat(&st))
         {
             return Err(Errno::EXIST.into());
+        }
+        if let Some(node) = linked {
+            self.hook_modify(node)?;
         }
         self.hook_create(parent, name)?;
         let (ppath, pfd) = self.upper_dir(parent)?;
@@ -294,10 +310,11 @@ impl OverlayFs {
                 sys::open_parent(upper.layer().root(), &src)?
             }
         };
-        let (_, st, ()) = self.create_object(newparent, newname, FileType::RegularFile, |dir, n| {
-            rustix::fs::linkat(&sdir, &sname, dir, n, AtFlags::empty())?;
-            Ok(())
-        })?;
+        let (_, st, ()) =
+            self.create_object_linking(newparent, newname, FileType::RegularFile, Some(node), |dir, n| {
+                rustix::fs::linkat(&sdir, &sname, dir, n, AtFlags::empty())?;
+                Ok(())
+            })?;
         {
             let mut s = node.state.write();
             if !s.names.iter().any(|(p, n)| *p == newparent.id && n == newname) {

@@ -14,6 +14,13 @@
 //! gets a whiteout; a removed directory becomes an opaque copy; a renamed directory becomes a
 //! metadata copy with a redirect. A snapshot path that the layer already decides (an entry, a
 //! whiteout, an opaque parent) needs nothing: only the first change after a take costs.
+//!
+//! Hard links (issue 16.4): a non-directory with several links is saved under every name the
+//! snapshot shows it by at once, as one copy and links to it, whatever the change (write,
+//! chmod, unlink, rename of one name, or `link`, which the live overlay reports as a change of
+//! the file), so a view shows all its names as one inode with the link count of take time.
+//! A saved directory keeps its take-time times: an entry made in it (whiteout, link) puts them
+//! back.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -287,10 +294,36 @@ impl Cow {
         Ok((st.st_dev, st.st_ino) == saved)
     }
 
+    /// Runs `f`, which adds or removes an entry of `u_N`'s directory `dir`, and puts back the
+    /// directory's times: a saved directory shows its take-time times in the views (the kernel
+    /// shows the top layer's).
+    fn keep_times<T>(&self, dir: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let before = self.lstat_upper(dir)?;
+        let out = f()?;
+        if let Some(st) = before {
+            let times = rustix::fs::Timestamps {
+                last_access: rustix::fs::Timespec { tv_sec: st.st_atime as _, tv_nsec: st.st_atime_nsec as _ },
+                last_modification: rustix::fs::Timespec { tv_sec: st.st_mtime as _, tv_nsec: st.st_mtime_nsec as _ },
+            };
+            sys::set_times(sys::open_dir_path(self.upper(), dir)?.as_fd(), &times)?;
+        }
+        Ok(out)
+    }
+
+    /// Hard-links `u_N`'s `from` to `to` (whose parent exists), keeping the parent's times.
+    fn link_in_layer(&self, from: &Path, to: &Path) -> Result<()> {
+        let (fdir, fname) = sys::open_parent(self.upper(), from)?;
+        let (tparent, _) = split(to)?;
+        self.keep_times(tparent, || {
+            let (qdir, qname) = sys::open_parent(self.upper(), to)?;
+            Ok(rustix::fs::linkat(&fdir, &fname, &qdir, &qname, AtFlags::empty())?)
+        })
+    }
+
     /// Object at LIVE `p` is about to change. Returns the LIVE inodes whose old state was copied.
     pub fn before_modify(&self, p: &Path) -> Result<Vec<u64>> {
         let st = self.lstat_live(p)?;
-        if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && st.st_nlink > 1 {
+        if is_linked(&st) {
             // Every name of the file may show it in the snapshot, not only the one used now.
             return self.save_all_names(&st);
         }
@@ -324,11 +357,7 @@ impl Cow {
                             self.copy(&q, &s)?;
                             first = Some(s);
                         }
-                        Some(f) => {
-                            let (fdir, fname) = sys::open_parent(self.upper(), f)?;
-                            let (qdir, qname) = sys::open_parent(self.upper(), &s)?;
-                            rustix::fs::linkat(&fdir, &fname, &qdir, &qname, AtFlags::empty())?;
-                        }
+                        Some(f) => self.link_in_layer(f, &s)?,
                     }
                 }
                 State::File(dev, ino) if (dev, ino) == (st.st_dev, st.st_ino) => {
@@ -353,7 +382,6 @@ impl Cow {
                 let p = dir.join(&e.name);
                 match e.file_type {
                     FileType::Directory => todo.push(p),
-                    FileType::RegularFile if e.ino == st.st_ino => out.push(p),
                     FileType::Unknown => {
                         let s2 = self.lstat_live(&p)?;
                         match FileType::from_raw_mode(s2.st_mode) {
@@ -362,6 +390,8 @@ impl Cow {
                             _ => {}
                         }
                     }
+                    // Any non-directory: hard-linked symlinks and special files count too.
+                    _ if e.ino == st.st_ino => out.push(p),
                     _ => {}
                 }
             }
@@ -382,38 +412,46 @@ impl Cow {
         }
         self.ensure_parents(&s)?;
         let (sparent, sname) = split(&s)?;
-        ovl_copyup::whiteout(&self.stack, sparent, &sys::name_cstr(sname)?)
+        self.keep_times(sparent, || ovl_copyup::whiteout(&self.stack, sparent, &sys::name_cstr(sname)?))
     }
 
     /// The object at LIVE `p` is about to be removed (a dir: it is empty).
     pub fn before_remove(&mut self, p: &Path) -> Result<()> {
+        let st = self.lstat_live(p)?;
+        if is_linked(&st) {
+            // Its other names lose a link: all of them are saved as one object.
+            self.save_all_names(&st)?;
+            return Ok(());
+        }
         let Some((s, w)) = self.snap_path(p)? else { return Ok(()) };
         match w.state {
             State::Absent => {
                 self.ensure_parents(&s)?;
-                let st = self.lstat_live(p)?;
                 let ft = FileType::from_raw_mode(st.st_mode);
                 if ft == FileType::Directory {
                     self.copy(p, &s)?;
                     ovl_copyup::set_opaque(&self.stack, &s)?;
-                } else if st.st_nlink == 1 {
-                    let (ldir, lname) = sys::open_parent(self.live(), p)?;
-                    let (udir, uname) = sys::open_parent(self.upper(), &s)?;
-                    rustix::fs::linkat(&ldir, &lname, &udir, &uname, AtFlags::empty())?;
                 } else {
-                    self.copy(p, &s)?;
+                    let (ldir, lname) = sys::open_parent(self.live(), p)?;
+                    self.keep_times(split(&s)?.0, || {
+                        let (udir, uname) = sys::open_parent(self.upper(), &s)?;
+                        Ok(rustix::fs::linkat(&ldir, &lname, &udir, &uname, AtFlags::empty())?)
+                    })?;
                 }
             }
             State::Dir { opaque: false } => {
                 // LIVE's dir is empty, so everything the snapshot had in it is saved here;
                 // whiteouts would only hide LIVE entries, and none are left.
                 let fd = sys::open_dir_path(self.upper(), &s)?;
-                for e in sys::read_dir(self.upper(), &s)? {
-                    let n = sys::name_cstr(&e.name)?;
-                    if e.file_type == FileType::CharacterDevice && is_whiteout_stat(&sys::lstat_at(&fd, &n)?) {
-                        rustix::fs::unlinkat(&fd, &n, AtFlags::empty())?;
+                self.keep_times(&s, || {
+                    for e in sys::read_dir(self.upper(), &s)? {
+                        let n = sys::name_cstr(&e.name)?;
+                        if e.file_type == FileType::CharacterDevice && is_whiteout_stat(&sys::lstat_at(&fd, &n)?) {
+                            rustix::fs::unlinkat(&fd, &n, AtFlags::empty())?;
+                        }
                     }
-                }
+                    Ok(())
+                })?;
                 ovl_copyup::set_opaque(&self.stack, &s)?;
                 self.drop_redirect(&s);
             }
@@ -480,6 +518,10 @@ impl Cow {
     #[allow(clippy::type_complexity)]
     fn save_moving(&self, from: &Path, to: &Path, s: &Path, w: Walk) -> Result<(Vec<u64>, Option<(PathBuf, PathBuf)>)> {
         let st = self.lstat_live(from)?;
+        if is_linked(&st) {
+            // The other names stay: the snapshot's names are saved as one object.
+            return Ok((self.save_all_names(&st)?, None));
+        }
         let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
         let redirect = Some((s.to_path_buf(), to.to_path_buf()));
         match w.state {
@@ -502,6 +544,11 @@ impl Cow {
     fn drop_redirect(&mut self, s: &Path) {
         self.redirects.retain(|(rs, _)| rs != s);
     }
+}
+
+/// A non-directory with more than one link: its names are saved together.
+fn is_linked(st: &Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) != FileType::Directory && st.st_nlink > 1
 }
 
 /// The `overlay.redirect` value for LIVE path `p`: absolute from the overlay root.

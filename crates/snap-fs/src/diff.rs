@@ -264,6 +264,8 @@ impl<'a> Differ<'a> {
             || sa.st_gid != sb.st_gid
             || sa.st_rdev != sb.st_rdev
             || (ea.kind != FileType::Directory && sa.st_size != sb.st_size)
+            // A file that gained or lost names (issue 16.4): restore and send redo its links.
+            || (ea.kind != FileType::Directory && sa.st_nlink != sb.st_nlink)
         {
             return Ok(true);
         }

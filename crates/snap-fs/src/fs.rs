@@ -23,6 +23,14 @@ fn is_view(id: INodeNo) -> bool {
     (VIEW_BASE..1 << 63).contains(&id.0)
 }
 
+/// How long the kernel may keep a view name without asking again. A non-directory's node is its
+/// object (`VIEW_BASE | ino`, issue 16.4), and the CoW rules move a view name to a saved copy (a
+/// new node) when LIVE changes: the kernel must look the name up again each time, or it keeps
+/// showing LIVE's changed object under it. Directories are named by path and keep the TTL.
+fn view_entry_ttl(attr: &fuser::FileAttr) -> Duration {
+    if attr.kind == fuser::FileType::Directory { TTL } else { Duration::ZERO }
+}
+
 fn errno(e: ovl_core::Error) -> FuseErrno {
     let code = e.errno().raw_os_error();
     if code == libc::EIO {
@@ -83,7 +91,7 @@ impl Filesystem for SnapFs {
         if is_view(parent) {
             return guarded("lookup", || {
                 let attr = tri!(reply, self.views.lookup(parent.0, name));
-                reply.entry(&TTL, &attr, Generation(0));
+                reply.entry_with_ttls(&TTL, &view_entry_ttl(&attr), &attr, Generation(0));
             });
         }
         self.live.lookup(req, parent, name, reply)
@@ -196,8 +204,9 @@ impl Filesystem for SnapFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if is_view(ino) {
             return guarded("open", || {
-                let fh = tri!(reply, self.views.open(ino.0, flags.0));
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH);
+                let (fh, keep) = tri!(reply, self.views.open(ino.0, flags.0));
+                let cache = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                reply.opened(FileHandle(fh), cache | FopenFlags::FOPEN_NOFLUSH);
             });
         }
         self.live.open(req, ino, flags, reply)
@@ -311,7 +320,7 @@ impl Filesystem for SnapFs {
                     let looked = if name == "." || name == ".." { None } else { self.views.lookup(ino.0, name).ok() };
                     let full = match looked {
                         Some(attr) => {
-                            let full = reply.add(attr.ino, off, name, &TTL, &attr, Generation(0));
+                            let full = reply.add(attr.ino, off, name, &view_entry_ttl(&attr), &attr, Generation(0));
                             if full {
                                 self.views.forget(attr.ino.0, 1);
                             }

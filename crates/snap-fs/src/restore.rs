@@ -11,6 +11,7 @@
 //! midway may leave such temporary names; they are new since the snapshot, so the next
 //! restore's diff lists them as additions and it removes them before anything else.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ use crate::diff::Change;
 /// `step` after each. Renames come first (outermost first) and end the round when there are any;
 /// then removals, then copies.
 pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)) -> Result<()> {
+    let mut linked = Linked::new();
+    let mut put = |src: &Path, dst: &Path, over: bool| install(src, dst, over, &mut linked);
     let live = |p: &Path| mnt.join(p);
     let snap = |p: &Path| view.join(p);
     let mut renames: Vec<&Change> = changes.iter().filter(|c| matches!(c, Change::Renamed { .. })).collect();
@@ -76,7 +79,7 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
                     remove(&live(at))?;
                 }
                 if live(at).parent().is_some_and(|p| p.is_dir()) {
-                    install(&snap(path), &live(at), false)?;
+                    put(&snap(path), &live(at), false)?;
                 }
                 step(c);
             }
@@ -85,8 +88,8 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
                 let dst = fs::symlink_metadata(live(at)).ok();
                 match dst {
                     Some(d) if d.is_dir() && src.is_dir() => copy_meta(&snap(path), &live(at), &src)?,
-                    Some(d) => install(&snap(path), &live(at), !d.is_dir() && !src.is_dir())?,
-                    None => install(&snap(path), &live(at), false)?,
+                    Some(d) => put(&snap(path), &live(at), !d.is_dir() && !src.is_dir())?,
+                    None => put(&snap(path), &live(at), false)?,
                 }
                 step(c);
             }
@@ -124,13 +127,27 @@ fn temp_beside(dst: &Path) -> PathBuf {
     }
 }
 
+/// The LIVE name restore gave each non-directory of the view with several links, by the view's
+/// (device, inode): its other names become links to it (issue 16.4). A name of such a file that
+/// the diff does not list yet is linked in a later round, once its link count differs.
+type Linked = HashMap<(u64, u64), PathBuf>;
+
 /// Puts a copy of `src` (with everything below it) at `dst`: built whole under a temporary name
-/// beside `dst`, then renamed into place. `over`: `dst` holds a non-directory and `src` is one,
-/// and the rename replaces it atomically. Otherwise what `dst` holds (a directory, or an object
-/// of the other kind) is removed first and the name must then be free (`RENAME_NOREPLACE`).
-fn install(src: &Path, dst: &Path, over: bool) -> Result<()> {
+/// beside `dst`, then renamed into place; another name of a hard-linked file already installed
+/// (`linked`) is linked to that file instead. `over`: `dst` holds a non-directory and `src` is
+/// one, and the rename replaces it atomically. Otherwise what `dst` holds (a directory, or an
+/// object of the other kind) is removed first and the name must then be free
+/// (`RENAME_NOREPLACE`).
+fn install(src: &Path, dst: &Path, over: bool, linked: &mut Linked) -> Result<()> {
+    let m = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
+    let key = (!m.is_dir() && m.nlink() > 1).then_some((m.dev(), m.ino()));
+    let first = key.and_then(|k| linked.get(&k)).filter(|f| fs::symlink_metadata(f).is_ok()).cloned();
     let tmp = temp_beside(dst);
-    let built = copy_tree(src, &tmp).and_then(|()| {
+    let made = match &first {
+        Some(f) => fs::hard_link(f, &tmp).with_context(|| format!("linking {} to {}", tmp.display(), f.display())),
+        None => copy_tree(src, &tmp),
+    };
+    let built = made.and_then(|()| {
         if !over && fs::symlink_metadata(dst).is_ok() {
             remove(dst)?;
         }
@@ -140,6 +157,9 @@ fn install(src: &Path, dst: &Path, over: bool) -> Result<()> {
     });
     if built.is_err() && fs::symlink_metadata(&tmp).is_ok() {
         let _ = remove(&tmp);
+    }
+    if let (Some(k), None, Ok(())) = (key, &first, &built) {
+        linked.insert(k, dst.to_path_buf());
     }
     built
 }

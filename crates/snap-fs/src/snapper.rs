@@ -543,8 +543,8 @@ pub fn list_store(store: &Store) -> anyhow::Result<Vec<Listed>> {
     Ok(out)
 }
 
-/// A new layer's root carries LIVE root's owner, mode and xattrs at take time: the kernel shows
-/// the top layer's root.
+/// A new layer's root carries LIVE root's owner, mode, xattrs and times at take time: the kernel
+/// shows the top layer's root.
 fn copy_root_meta(live: std::os::fd::BorrowedFd<'_>, layer: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()> {
     let st = rustix::fs::fstat(live)?;
     for key in sys::list_xattrs(live, None)? {
@@ -558,6 +558,12 @@ fn copy_root_meta(live: std::os::fd::BorrowedFd<'_>, layer: std::os::fd::Borrowe
     }
     rustix::fs::fchown(layer, Some(rustix::fs::Uid::from_raw(st.st_uid)), Some(rustix::fs::Gid::from_raw(st.st_gid)))?;
     rustix::fs::fchmod(layer, rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7777))?;
+    let ts = |sec: i64, nsec: u64| rustix::fs::Timespec { tv_sec: sec as _, tv_nsec: nsec as _ };
+    let times = rustix::fs::Timestamps {
+        last_access: ts(st.st_atime as i64, st.st_atime_nsec as u64),
+        last_modification: ts(st.st_mtime as i64, st.st_mtime_nsec as u64),
+    };
+    sys::set_times(layer, &times)?;
     Ok(())
 }
 

@@ -10,6 +10,15 @@
 //! Consistency: the CoW rules change a layer and LIVE in several steps; `lock` is held
 //! exclusively by a change that runs them, and shared by every view operation that resolves a
 //! path, so no view sees a half-made change.
+//!
+//! Inode numbers (issue 16.4): a non-directory's node id, which FUSE also reports as its
+//! `st_ino`, is `VIEW_BASE | n`, `n` the inode number of the object in the layer that shows
+//! it: every name of one file (all of them resolve to one object, see the CoW rules) is one
+//! node, and the number survives cache drops and remounts. `n` is what the kernel's read-only
+//! overlay of the same layers shows; the tag bit cannot go: the kernel shows a LIVE object by
+//! the live mount's own number, and the same node id in this one FUSE mount would make the
+//! read-only view name an alias of the writable live inode. Directories are named by path
+//! (the kernel's numbers for them are not persistent either).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -33,6 +42,9 @@ use rustix::fs::{FileType, Mode, OFlags, Stat};
 pub(crate) const VIEW_BASE: u64 = 1 << 62;
 /// The `.snapshots` directory.
 pub(crate) const SNAPDIR: u64 = VIEW_BASE;
+/// Non-directories whose inode number is below this are `VIEW_BASE | ino`; directories (and the
+/// rare larger inode numbers) get ids from here up.
+const BY_PATH_BASE: u64 = VIEW_BASE | (1 << 61);
 /// Its name in the mount's root.
 pub const SNAPDIR_NAME: &str = ".snapshots";
 
@@ -66,11 +78,40 @@ pub(crate) struct Resolved {
     pub dir: Option<DirLayers>,
 }
 
+/// One view node: the names (snapshot, path) the kernel looked it up by, and its lookup count.
+struct ViewNode {
+    names: Vec<(u64, PathBuf)>,
+    lookups: u64,
+}
+
 #[derive(Default)]
 struct Nodes {
-    by_id: HashMap<u64, (u64, PathBuf, u64)>,
+    by_id: HashMap<u64, ViewNode>,
+    /// Directories by name.
     by_path: HashMap<(u64, PathBuf), u64>,
+    /// Ids given to inode numbers too large for `VIEW_BASE | ino`.
+    big: HashMap<u64, u64>,
     next: u64,
+}
+
+impl Nodes {
+    /// The id of a non-directory whose object has inode number `ino` in its layer.
+    fn object_id(&mut self, ino: u64) -> u64 {
+        if ino < 1 << 61 {
+            return VIEW_BASE | ino;
+        }
+        if let Some(&id) = self.big.get(&ino) {
+            return id;
+        }
+        let id = self.alloc();
+        self.big.insert(ino, id);
+        id
+    }
+
+    fn alloc(&mut self) -> u64 {
+        self.next += 1;
+        BY_PATH_BASE + self.next
+    }
 }
 
 /// An open view file.
@@ -197,24 +238,54 @@ impl Views {
         Ok(out)
     }
 
-    /// The node id for (snap, path), counting one kernel lookup.
-    fn node_for(&self, snap: u64, path: &Path) -> u64 {
+    /// The node id for (snap, path), resolved to `r`, counting one kernel lookup.
+    fn node_for(&self, snap: u64, path: &Path, r: &Resolved) -> u64 {
         let mut n = self.nodes.lock();
-        if let Some(&id) = n.by_path.get(&(snap, path.to_path_buf())) {
-            if let Some(e) = n.by_id.get_mut(&id) {
-                e.2 += 1;
+        let id = if r.kind == FileType::Directory {
+            match n.by_path.get(&(snap, path.to_path_buf())) {
+                Some(&id) => id,
+                None => {
+                    let id = n.alloc();
+                    n.by_path.insert((snap, path.to_path_buf()), id);
+                    id
+                }
             }
-            return id;
+        } else {
+            n.object_id(r.stat.st_ino)
+        };
+        let node = n.by_id.entry(id).or_insert_with(|| ViewNode { names: Vec::new(), lookups: 0 });
+        node.lookups += 1;
+        if !node.names.iter().any(|(s, p)| *s == snap && p == path) {
+            node.names.push((snap, path.to_path_buf()));
         }
-        n.next += 1;
-        let id = VIEW_BASE + n.next;
-        n.by_id.insert(id, (snap, path.to_path_buf(), 1));
-        n.by_path.insert((snap, path.to_path_buf()), id);
         id
     }
 
-    fn node(&self, id: u64) -> Result<(u64, PathBuf)> {
-        self.nodes.lock().by_id.get(&id).map(|(s, p, _)| (*s, p.clone())).ok_or_else(|| Errno::STALE.into())
+    /// The names of node `id`.
+    fn names_of(&self, id: u64) -> Result<Vec<(u64, PathBuf)>> {
+        self.nodes.lock().by_id.get(&id).map(|v| v.names.clone()).ok_or_else(|| Errno::STALE.into())
+    }
+
+    /// A name of node `id` and what it resolves to now. A non-directory prefers a name that
+    /// still shows the object the id stands for (another may have been saved or removed since);
+    /// failing that, the first name that resolves (the kernel looks it up again after its TTL).
+    fn node(&self, id: u64) -> Result<(u64, PathBuf, Resolved)> {
+        let names = self.names_of(id)?;
+        let mut first = None;
+        let mut last_err = None;
+        for (snap, path) in names {
+            match self.resolve(snap, &path) {
+                Ok(r) => {
+                    let same = r.kind == FileType::Directory || self.nodes.lock().object_id(r.stat.st_ino) == id;
+                    if same {
+                        return Ok((snap, path, r));
+                    }
+                    first.get_or_insert((snap, path, r));
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        first.ok_or_else(|| last_err.unwrap_or_else(|| Errno::STALE.into()))
     }
 
     /// Drops `n` kernel lookups of node `id`.
@@ -222,19 +293,27 @@ impl Views {
         let mut nodes = self.nodes.lock();
         let gone = match nodes.by_id.get_mut(&id) {
             Some(e) => {
-                e.2 = e.2.saturating_sub(n);
-                e.2 == 0
+                e.lookups = e.lookups.saturating_sub(n);
+                e.lookups == 0
             }
             None => false,
         };
         if gone {
-            if let Some((s, p, _)) = nodes.by_id.remove(&id) {
-                nodes.by_path.remove(&(s, p));
+            if let Some(node) = nodes.by_id.remove(&id) {
+                for key in node.names {
+                    if nodes.by_path.get(&key) == Some(&id) {
+                        nodes.by_path.remove(&key);
+                    }
+                }
             }
         }
     }
 
-    fn attr(&self, id: u64, st: &Stat) -> FileAttr {
+    /// The attributes of resolved object `r` as node `id`. A directory merged from several
+    /// layers has one link, one that a single layer shows has that dir's count, as in the
+    /// kernel's overlay.
+    fn attr(&self, id: u64, r: &Resolved) -> FileAttr {
+        let st = &r.stat;
         let time = |s: i64, ns: i64| {
             if s >= 0 {
                 UNIX_EPOCH + Duration::new(s as u64, ns as u32)
@@ -253,7 +332,10 @@ impl Views {
             crtime: UNIX_EPOCH,
             kind: fuse_type(kind),
             perm: (st.st_mode & 0o7777) as u16,
-            nlink: if kind == FileType::Directory { 1 } else { st.st_nlink as u32 },
+            nlink: match &r.dir {
+                Some(d) if d.lowers.len() > 1 => 1,
+                _ => st.st_nlink as u32,
+            },
             uid: st.st_uid,
             gid: st.st_gid,
             rdev: st.st_rdev as u32,
@@ -290,12 +372,13 @@ impl Views {
             let id = *self.names.read().get(name.to_str().ok_or(Errno::NOENT)?).ok_or(Errno::NOENT)?;
             (id, PathBuf::new())
         } else {
-            let (snap, p) = self.node(parent)?;
+            // A directory node has one name.
+            let (snap, p) = self.names_of(parent)?.into_iter().next().ok_or(Errno::STALE)?;
             (snap, p.join(name))
         };
         let r = self.resolve(snap, &path)?;
-        let id = self.node_for(snap, &path);
-        Ok(self.attr(id, &r.stat))
+        let id = self.node_for(snap, &path, &r);
+        Ok(self.attr(id, &r))
     }
 
     /// The attributes of view node `id`.
@@ -304,32 +387,33 @@ impl Views {
             return Ok(self.snapdir_attr());
         }
         let _g = self.lock.read();
-        let (snap, path) = self.node(id)?;
-        Ok(self.attr(id, &self.resolve(snap, &path)?.stat))
+        let (_, _, r) = self.node(id)?;
+        Ok(self.attr(id, &r))
     }
 
     /// The target of view symlink `id`.
     pub fn readlink(&self, id: u64) -> Result<Vec<u8>> {
         let _g = self.lock.read();
-        let (snap, path) = self.node(id)?;
-        let r = self.resolve(snap, &path)?;
+        let (snap, _, r) = self.node(id)?;
         let vs = self.stack(snap)?;
         let (dir, name) = sys::open_parent(vs.stack.layer(r.layer).root(), &r.path)?;
         Ok(rustix::fs::readlinkat(&dir, &name, Vec::new())?.into_bytes())
     }
 
-    /// Opens view file `id` for reading.
-    pub fn open(&self, id: u64, flags: i32) -> Result<u64> {
+    /// Opens view file `id` for reading. Also says whether the kernel may keep its cached pages:
+    /// not for a file of LIVE, whose content a later take and change give to the same node id
+    /// (`VIEW_BASE | ino` of the LIVE inode) while the old content moves to a saved copy.
+    pub fn open(&self, id: u64, flags: i32) -> Result<(u64, bool)> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return Err(Errno::ROFS.into());
         }
         let _g = self.lock.read();
-        let (snap, path) = self.node(id)?;
+        let (snap, path, _) = self.node(id)?;
         let (file, live_ino) = self.open_real(snap, &path)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let vf = ViewFile { snap, path, file: RwLock::new(Arc::new(file)), live_ino: AtomicU64::new(live_ino) };
         self.files.write().insert(fh, Arc::new(vf));
-        Ok(fh)
+        Ok((fh, live_ino == 0))
     }
 
     fn open_real(&self, snap: u64, path: &Path) -> Result<(File, u64)> {
@@ -412,8 +496,7 @@ impl Views {
             (0, out)
         } else {
             let _g = self.lock.read();
-            let (snap, path) = self.node(id)?;
-            let r = self.resolve(snap, &path)?;
+            let (snap, path, r) = self.node(id)?;
             let dir = r.dir.ok_or(Errno::NOTDIR)?;
             let vs = self.stack(snap)?;
             let mut out: Listing =
@@ -422,7 +505,9 @@ impl Views {
                 if path.as_os_str().is_empty() && self.hidden.contains(&e.name) {
                     continue;
                 }
-                out.push((e.name, fuse_type(e.file_type), e.ino));
+                // A non-directory's `d_ino` is its `st_ino`, as `ls -i` and `find` expect.
+                let ino = if e.file_type == FileType::Directory { e.ino } else { self.nodes.lock().object_id(e.ino) };
+                out.push((e.name, fuse_type(e.file_type), ino));
             }
             (snap, out)
         };
@@ -444,8 +529,7 @@ impl Views {
     /// The xattr `name` of view node `id`.
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
         let _g = self.lock.read();
-        let (snap, path) = self.node(id)?;
-        let r = self.resolve(snap, &path)?;
+        let (snap, _, r) = self.node(id)?;
         let vs = self.stack(snap)?;
         let names = vs.stack.names();
         let real = names.escape(name);
@@ -463,8 +547,7 @@ impl Views {
     /// The xattr names of view node `id`, NUL-terminated.
     pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
         let _g = self.lock.read();
-        let (snap, path) = self.node(id)?;
-        let r = self.resolve(snap, &path)?;
+        let (snap, _, r) = self.node(id)?;
         let vs = self.stack(snap)?;
         let names = vs.stack.names();
         let root = vs.stack.layer(r.layer).root();

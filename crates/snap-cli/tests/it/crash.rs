@@ -250,7 +250,7 @@ fn dir_renames() {
         for (from, to) in [("p/q0", "p/q0a"), ("p/q1", "t/q1"), ("p/q2/r", "u/r2"), ("t/q4", "u/v/q4")] {
             fs::rename(mnt.join(from), mnt.join(to)).unwrap();
         }
-        let before = record_tree(&mnt);
+        let before = record_unlinked(&mnt);
         let mut tree = before.clone();
         let mut plan = Vec::new();
         for k in 0..10 {
@@ -278,10 +278,10 @@ fn listed(r: &Round, name: &str) -> bool {
 
 /// A take after the crash works, and shows the live tree.
 fn take_again(r: &mut Round) {
-    let live = record_tree(&r.mnt());
+    let live = record_unlinked(&r.mnt());
     let tree = r.take("after-crash");
     assert_same_tree(&live, &tree, "MNT right after a take following the crash");
-    assert_same_tree(&live, &record_tree(&r.m.view("after-crash")), "a snapshot taken after the crash");
+    assert_same_tree(&live, &record_unlinked(&r.m.view("after-crash")), "a snapshot taken after the crash");
 }
 
 // Regression: the daemon opened and `syncfs`ed its own mount when it served a take. A kill
@@ -296,7 +296,7 @@ fn take() {
         r.start(|live, rng| build_tree(live, rng, 4, 4));
         r.take("s1");
         churn(&r.mnt(), &mut r.rng, 20);
-        let live = record_tree(&r.mnt());
+        let live = record_unlinked(&r.mnt());
         let mnt = r.mnt();
         let crash = r.crash("take s2", move |done| step(done, control(&mnt, r#"{"cmd":"take","name":"s2"}"#)));
         let taken = listed(r, "s2");
@@ -321,7 +321,7 @@ fn delete() {
         churn(&r.mnt(), &mut r.rng, 150);
         r.take("s3");
         churn(&r.mnt(), &mut r.rng, 30);
-        let live = record_tree(&r.mnt());
+        let live = record_unlinked(&r.mnt());
         // A middle snapshot (merged into s1) or the newest (merged, reading LIVE).
         let victim = if r.rng.random_ratio(2, 3) { "s2" } else { "s3" };
         let mnt = r.mnt();
@@ -376,11 +376,11 @@ fn restore_round(r: &mut Round, who: Kill) -> Outcome {
     churn(&r.mnt(), &mut r.rng, 120);
     r.take("s2");
     churn(&r.mnt(), &mut r.rng, 40);
-    let before = record_tree(&r.mnt());
+    let before = record_unlinked(&r.mnt());
     let args: Vec<OsString> = vec!["restore".into(), "s1".into(), "--mount".into(), r.mnt().into()];
     let crash = crash_command(r, who, "ovlsnap restore s1", args.clone(), None);
     r.check_snapshots();
-    let live = record_tree(&r.mnt());
+    let live = record_unlinked(&r.mnt());
     let temps = restore_temps(&live);
     let state = if diff_trees(&s1, &live).is_empty() {
         Live::After
@@ -394,7 +394,7 @@ fn restore_round(r: &mut Round, who: Kill) -> Outcome {
     if state != Live::After {
         r.log(format!("LIVE {state:?} with {} temporary name(s) {temps:?}: running the restore again", temps.len()));
         ovlsnap(&args).expect_ok("ovlsnap restore again after the crash");
-        let again = record_tree(&r.mnt());
+        let again = record_unlinked(&r.mnt());
         let left = restore_temps(&again);
         assert!(left.is_empty(), "temporary names of the killed restore left after the rerun: {left:?}");
         assert_same_tree(&s1, &again, "LIVE after running the killed restore again");
@@ -447,10 +447,10 @@ fn streams() -> Streams {
         }
     });
     src.take(Some("a"));
-    let ta = record_tree(&src.view("a"));
+    let ta = record_unlinked(&src.view("a"));
     churn(src.mnt(), &mut rng, 120);
     src.take(Some("b"));
-    let tb = record_tree(&src.view("b"));
+    let tb = record_unlinked(&src.view("b"));
     let dir = src.scratch().mkdir("streams");
     let (full, incr) = (dir.join("full.tar"), dir.join("incr.tar"));
     send_to(&src, "a", None, &full);
@@ -475,14 +475,14 @@ fn receive_round(r: &mut Round, s: &Streams, who: Kill) -> Outcome {
     let parent = target.parent().unwrap().to_owned();
     ovlsnap_step(&["receive".into(), target.clone().into()], Some(&s.full)).expect("receive the full stream");
     r.take("t1");
-    let before = record_tree(&r.mnt());
+    let before = record_unlinked(&r.mnt());
     let after = if into_root { s.tb.clone() } else { graft(&before, Path::new("backup"), &s.tb) };
     let args: Vec<OsString> = vec!["receive".into(), target.into()];
     let crash = crash_command(r, who, "ovlsnap receive (incremental)", args.clone(), Some(s.incr.clone()));
     r.check_snapshots();
     let stages = stages_in(&parent);
     r.leftovers += stages.len() as u64;
-    let (live, _) = without_stages(&record_tree(&r.mnt()));
+    let (live, _) = without_stages(&record_unlinked(&r.mnt()));
     if !into_root {
         // Staged on the target's fs: every object is renamed into place complete. (Into the root
         // the stage is on another fs and objects are copied at their names: a known weakness.)
@@ -502,12 +502,12 @@ fn receive_round(r: &mut Round, s: &Streams, who: Kill) -> Outcome {
         r.log(format!("LIVE after, stages {stages:?}: a full stream into a sibling"));
         let sibling = parent.join("sibling");
         ovlsnap_step(&["receive".into(), sibling.clone().into()], Some(&s.full)).expect("receive into a sibling");
-        assert_same_tree(&s.ta, &record_tree(&sibling), "the sibling after its receive");
+        assert_same_tree(&s.ta, &record_unlinked(&sibling), "the sibling after its receive");
         fs::remove_dir_all(&sibling).expect("remove the sibling");
     }
     let left = stages_in(&parent);
     assert!(left.is_empty(), "stage dirs in {} after the next receive there: {left:?}", parent.display());
-    assert_same_tree(&after, &record_tree(&r.mnt()), "LIVE after the next receive");
+    assert_same_tree(&after, &record_unlinked(&r.mnt()), "LIVE after the next receive");
     if state != Live::After {
         r.check_snapshots();
     }
@@ -541,7 +541,7 @@ fn a_delete_journal_cut_short_is_ignored_at_mount() {
     churn(m.mnt(), &mut rng, 20);
     m.take(Some("s2"));
     churn(m.mnt(), &mut rng, 20);
-    let (s1, s2, live) = (record_tree(&m.view("s1")), record_tree(&m.view("s2")), record_tree(m.mnt()));
+    let (s1, s2, live) = (record_unlinked(&m.view("s1")), record_unlinked(&m.view("s2")), record_unlinked(m.mnt()));
     m.umount();
     // What a kill leaves between creating the journal and writing it: the merged layer being
     // built, and an empty journal; the swap comes after the journal.
@@ -553,9 +553,9 @@ fn a_delete_journal_cut_short_is_ignored_at_mount() {
     let text = out.expect_ok("ovlsnap check: an empty delete journal is no error");
     assert!(text.contains("delete-in-progress") && text.contains("removes it"), "ovlsnap check\n{out}");
     m.mount();
-    assert_same_tree(&s1, &record_tree(&m.view("s1")), "s1 after the remount");
-    assert_same_tree(&s2, &record_tree(&m.view("s2")), "s2 after the remount");
-    assert_same_tree(&live, &record_tree(m.mnt()), "LIVE after the remount");
+    assert_same_tree(&s1, &record_unlinked(&m.view("s1")), "s1 after the remount");
+    assert_same_tree(&s2, &record_unlinked(&m.view("s2")), "s2 after the remount");
+    assert_same_tree(&live, &record_unlinked(m.mnt()), "LIVE after the remount");
     let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["s1", "s2"]);
     m.umount();

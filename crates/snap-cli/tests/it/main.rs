@@ -15,6 +15,7 @@ mod check;
 mod cli;
 mod crash;
 mod failures;
+mod hardlinks;
 mod lifecycle;
 mod model;
 mod mount_cmd;

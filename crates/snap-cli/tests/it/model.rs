@@ -12,10 +12,21 @@
 //! live tree), `ovlsnap mount` again (every view, the list and MNT must be as before), and a
 //! few more operations and a take after the remount.
 //!
+//! Hard links (issue 16.4): recordings hold each non-directory's link count and which names are
+//! one object, so views, the kernel's mounts, received streams (each snapshot sent whole and
+//! received at the end) and LIVE after a restore must keep the groups of take time. Views must
+//! also keep every owner and mtime of take time (directories included), their inode numbers
+//! must survive the cache drops made at every third take. (The kernel's mount is compared by
+//! link groups, not numbers: it shows a LIVE object by the live mount's number, which is not
+//! LIVE's inode number when the live overlay had to allocate one; `hardlinks.rs` compares
+//! numbers where it is.)
+//!
 //! Environment (all optional):
 //! - `OVLSNAP_MODEL_SEED` (1): first seed; sequence i uses SEED + i (reproduce one with SEQS=1)
 //! - `OVLSNAP_MODEL_SEQS` (8), `OVLSNAP_MODEL_OPS` (200): sequences, and steps per sequence
 //! - `OVLSNAP_MODEL_VERBOSE=1`: print every operation and take
+//! - `OVLSNAP_MODEL_INCREMENTAL=1`: also check incremental streams between the snapshots (known
+//!   to fail, see `check_streams`)
 //! - see `common/mod.rs` for `OVLSNAP_BIN`, `OVLSNAP_TEST_KEEP` and the deadlines
 
 use std::collections::VecDeque;
@@ -275,8 +286,26 @@ impl State {
 struct Taken {
     name: String,
     tree: Tree,
+    /// Owners and mtimes at take time.
+    meta: std::collections::BTreeMap<PathBuf, Meta>,
+    /// A delete merged a newer snapshot into this one's layer or an older one's below it. Known
+    /// gaps of the merge (`merge.rs`, not fixed yet, issue 16.4): the merged layer's directories
+    /// have the times of the merge, and it can split a hard-link group (seed 7); so directory
+    /// mtimes, link counts and groups are not compared for such a view.
+    merged: bool,
     /// Steps done before it was taken (for messages).
     after_step: usize,
+}
+
+impl Taken {
+    /// `tree` as it is compared for this snapshot: without link counts and groups once a merge
+    /// touched it (see `merged`).
+    fn links(&self, tree: &Tree) -> Tree {
+        if !self.merged {
+            return tree.clone();
+        }
+        tree.iter().map(|(p, e)| (p.clone(), Entry { nlink: None, group: None, ..e.clone() })).collect()
+    }
 }
 
 /// One sequence: the mount, the shadow oracle, the snapshots taken so far.
@@ -596,7 +625,8 @@ impl Model<'_> {
         self.note(format!("step {}: take {name:?} -> {got}", self.steps));
         assert!(!self.taken.iter().any(|t| t.name == got), "take printed a name already in use: {got:?}");
         let tree = self.check_live(&format!("right after take {got}"));
-        self.taken.push(Taken { name: got, tree, after_step: self.steps });
+        let meta = record_meta(self.snap.mnt());
+        self.taken.push(Taken { name: got, tree, meta, merged: false, after_step: self.steps });
         self.check_views(&format!("after take {}", self.taken.len()));
     }
 
@@ -683,6 +713,12 @@ impl Model<'_> {
         self.note(format!("step {}: delete {name}", self.steps));
         out.expect_ok("ovlsnap delete");
         self.taken.remove(i);
+        if i > 0 {
+            // Older views see the merged layer where their own layers do not decide.
+            for t in &mut self.taken[..i] {
+                t.merged = true;
+            }
+        }
         self.check_views(&format!("after deleting {name}"));
         self.check_live(&format!("after deleting {name}"));
     }
@@ -697,8 +733,7 @@ impl Model<'_> {
         out.expect_ok("ovlsnap restore");
         assert_same_tree(&self.taken[i].tree, &record_tree(self.snap.mnt()), &format!("LIVE after restore {name}"));
         self.check_views(&format!("after restoring {name}"));
-        // The shadow follows: the same tree, copied from LIVE (which may keep hard links among
-        // files the restore did not need to touch; the views do not show links).
+        // The shadow follows: the same tree, copied from LIVE with its hard links (`cp -a`).
         fs::remove_dir_all(&self.shadow).unwrap();
         fs::create_dir(&self.shadow).unwrap();
         let view = self.snap.mnt().to_path_buf();
@@ -725,7 +760,16 @@ impl Model<'_> {
         self.note(format!("step {}: clone {name}", self.steps));
         out.expect_ok("ovlsnap clone");
         let guard = KernelMount::adopt(&dir);
-        assert_same_tree(&self.taken[i].tree, &record_tree(&dir), &format!("clone of {name}"));
+        // An ovlfs mount without an index shows each name of a lower hard link as its own
+        // inode (ARCHITECTURE: known weaknesses), so the clone is compared without groups.
+        let ungrouped =
+            |t: &Tree| -> Tree { t.iter().map(|(p, e)| (p.clone(), Entry { group: None, ..e.clone() })).collect() };
+        let t = &self.taken[i];
+        assert_same_tree(
+            &t.links(&ungrouped(&t.tree)),
+            &t.links(&ungrouped(&record_tree(&dir))),
+            &format!("clone of {name}"),
+        );
         fs::write(dir.join("written-in-clone"), b"clone\n").expect("write into the clone");
         drop(guard);
         self.check_views(&format!("after writing into a clone of {name}"));
@@ -747,10 +791,52 @@ impl Model<'_> {
         let mut names: Vec<String> = self.taken.iter().map(|t| t.name.clone()).collect();
         names.sort();
         assert_eq!(self.snap.listed_views(), names, "{when}: names listed in .snapshots");
+        let mut inos = Vec::new();
         for t in &self.taken {
             let what = format!("{when}: .snapshots/{} (taken after step {})", t.name, t.after_step);
-            assert_store_hidden(&self.snap.view(&t.name), &what);
-            assert_same_tree(&t.tree, &record_tree(&self.snap.view(&t.name)), &what);
+            let view = self.snap.view(&t.name);
+            assert_store_hidden(&view, &what);
+            assert_same_tree(&t.links(&t.tree), &t.links(&record_tree(&view)), &what);
+            assert_same_meta(t, &record_meta(&view), &what);
+            inos.push(inode_numbers(&view));
+        }
+        if self.takes_made % 3 == 0 {
+            drop_caches();
+            for (t, before) in self.taken.iter().zip(inos) {
+                let what = format!("{when}: .snapshots/{} after a cache drop", t.name);
+                let view = self.snap.view(&t.name);
+                assert_eq!(inode_numbers(&view), before, "{what}: inode numbers");
+                assert_same_tree(&t.links(&t.tree), &t.links(&record_tree(&view)), &what);
+            }
+        }
+    }
+
+    /// Each snapshot sent whole and received into an empty dir must be its recorded tree, hard
+    /// links included; with `OVLSNAP_MODEL_INCREMENTAL` set, each also as an incremental stream
+    /// from the one before it, received over that one.
+    fn check_streams(&self) {
+        // A stream holds what is below the root, not the root's own metadata.
+        let below_root = |t: &Tree| -> Tree {
+            t.iter().filter(|(p, _)| !p.as_os_str().is_empty()).map(|(p, e)| (p.clone(), e.clone())).collect()
+        };
+        for (i, t) in self.taken.iter().enumerate() {
+            let stream = self.snap.scratch().path().join(format!("stream-{i}.tar"));
+            crate::stream::send(&self.snap, &t.name, None, &stream);
+            let dir = self.snap.scratch().path().join(format!("received-{i}"));
+            crate::stream::receive(&dir, &stream);
+            let what = format!("{} sent and received", t.name);
+            assert_same_tree(&t.links(&below_root(&t.tree)), &t.links(&below_root(&record_tree(&dir))), &what);
+            // Opt-in: incremental streams between model snapshots still fail for reasons other
+            // than hard links (seed 3 loses symlinks, xattrs and data; not investigated yet).
+            if i > 0 && std::env::var_os("OVLSNAP_MODEL_INCREMENTAL").is_some() {
+                let prev = self.snap.scratch().path().join(format!("received-{}", i - 1));
+                let incr = self.snap.scratch().path().join(format!("incr-{i}.tar"));
+                crate::stream::send(&self.snap, &t.name, Some(&self.taken[i - 1].name), &incr);
+                crate::stream::receive(&prev, &incr);
+                let what = format!("{} received as changes since {}", t.name, self.taken[i - 1].name);
+                assert_same_tree(&below_root(&t.tree), &below_root(&record_tree(&prev)), &what);
+                fs::remove_dir_all(&prev).unwrap();
+            }
         }
     }
 
@@ -784,9 +870,11 @@ impl Model<'_> {
             for (t, k) in self.taken.iter().zip(&kernel) {
                 let what = format!("kernel overlay view of {} (taken after step {})", t.name, t.after_step);
                 assert_store_hidden(k.path(), &what);
-                assert_same_tree(&t.tree, &record_tree(k.path()), &what);
+                assert_same_tree(&t.links(&t.tree), &t.links(&record_tree(k.path())), &what);
+                assert_same_meta(t, &record_meta(k.path()), &what);
             }
         }
+        self.check_streams();
         self.snap.umount();
         assert_same_tree(&final_live, &record_tree(self.snap.live()), "LIVE after ovlsnap umount vs MNT before it");
         assert!(self.snap.live().join(".ovlsnap").is_dir(), "no default store LIVE/.ovlsnap after umount");
@@ -841,6 +929,33 @@ impl Model<'_> {
             ));
         }
     }
+}
+
+/// Drops the kernel's page, dentry and inode caches.
+fn drop_caches() {
+    fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches");
+}
+
+/// Panics unless owners and mtimes `got` equal those recorded for `t` (directory mtimes only
+/// while no delete merged into its layer).
+fn assert_same_meta(t: &Taken, got: &std::collections::BTreeMap<PathBuf, Meta>, what: &str) {
+    let dir_times = !t.merged;
+    let same = |p: &Path, w: &Meta, g: &Meta| {
+        let is_dir = t.tree.get(p).is_some_and(|e| e.kind == Kind::Dir);
+        if is_dir && !dir_times { (w.0, w.1) == (g.0, g.1) } else { w == g }
+    };
+    let diffs: Vec<String> = t
+        .meta
+        .iter()
+        .filter(|(p, w)| !got.get(*p).is_some_and(|g| same(p, w, g)))
+        .map(|(p, w)| format!("  /{}: want {w:?}, got {:?}", p.display(), got.get(p)))
+        .take(10)
+        .collect();
+    assert!(
+        diffs.is_empty() && t.meta.len() == got.len(),
+        "{what}: owner, group, mtime (uid, gid, (s, ns))\n{}",
+        diffs.join("\n")
+    );
 }
 
 impl Drop for Model<'_> {

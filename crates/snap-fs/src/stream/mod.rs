@@ -25,7 +25,7 @@
 //! are applied, the staged objects are renamed into place (copied when the target is another
 //! filesystem, e.g. a snapshot mount), and their metadata and finally their times are set.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fmt;
 use std::fs::File;

@@ -411,14 +411,14 @@ impl Staged {
         let link = find(b"linkpath").or_else(|| e.link_name_bytes().map(|l| l.into_owned())).unwrap_or_default();
         if et == EntryType::Link {
             let t = clean(&link)?.ok_or_else(|| bad(format!("entry {shown}: a hard link without a target")))?;
-            let Some(Item { kind: Kind::File, meta }) = self.entries.get(&t) else {
+            let Some(target) = self.entries.get(&t).filter(|i| i.kind != Kind::Dir) else {
                 return Err(bad(format!(
-                    "entry {shown}: a hard link to {}, not a file before it",
+                    "entry {shown}: a hard link to {}, not a non-directory before it",
                     crate::names::shown(&t)
                 )));
             };
-            // Both names go into place by rename, or become two files when copied.
-            item.meta = meta.clone();
+            // Both names go into place by rename (one inode), or are linked again when copied.
+            item = target.clone();
             let (tdir, tname) = sys::open_parent(tree, &t)?;
             rustix::fs::linkat(&tdir, &tname, &dir, &name, AtFlags::empty())?;
         } else {
@@ -506,14 +506,29 @@ impl Staged {
             self.premeta(tree)?;
         }
         let mut moved: Option<&Path> = None;
+        // Where each staged object with several links was placed: when objects are copied, its
+        // other names are linked to that copy (renamed objects keep their links by themselves).
+        let mut placed: HashMap<(u64, u64), &Path> = HashMap::new();
         for (p, item) in &self.entries {
             let shown = || crate::names::shown(p);
             let (parent, name) = split(p)?;
             let dir = make_dirs(root, parent, &mut |_| {}).with_context(shown)?;
-            if !moved.is_some_and(|m| p.starts_with(m))
+            let linked = if item.kind == Kind::Dir || moved.is_some_and(|m| p.starts_with(m)) {
+                None
+            } else {
+                let (sdir, sname) = sys::open_parent(tree, p).with_context(shown)?;
+                Some(sys::lstat_at(&sdir, &sname).with_context(shown)?).filter(|st| st.st_nlink > 1)
+            };
+            let first = linked.and_then(|st| placed.get(&(st.st_dev, st.st_ino)).copied());
+            if let Some(first) = first.filter(|_| copy) {
+                link_placed(root, first, dir.as_fd(), &name).with_context(shown)?;
+            } else if !moved.is_some_and(|m| p.starts_with(m))
                 && place(tree, dir.as_fd(), p, &name, item, &mut copy).with_context(shown)?
             {
                 moved = Some(p);
+            }
+            if let Some(st) = linked {
+                placed.entry((st.st_dev, st.st_ino)).or_insert(p);
             }
             set_meta(dir.as_fd(), &name, item).with_context(shown)?;
             step();
@@ -695,6 +710,20 @@ fn place(
         Kind::Block(d) => rustix::fs::mknodat(dir, name, FileType::BlockDevice, private, d)?,
     }
     Ok(false)
+}
+
+/// Makes `name` in `dir` (replacing a non-directory there) another name of the object placed at
+/// `first` beneath `root`.
+fn link_placed(root: BorrowedFd<'_>, first: &Path, dir: BorrowedFd<'_>, name: &CString) -> anyhow::Result<()> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => sys::remove_tree_at(dir, name)?,
+        Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty())?,
+        Err(Errno::NOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let (fdir, fname) = sys::open_parent(root, first)?;
+    rustix::fs::linkat(&fdir, &fname, dir, name, AtFlags::empty())?;
+    Ok(())
 }
 
 /// Gives `name` in `dir` the owner (when root), mode and exactly the xattrs of `item` (leaving

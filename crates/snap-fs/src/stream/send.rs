@@ -9,7 +9,9 @@ use super::*;
 pub fn send(view: &Path, changes: Option<&[Change]>, out: impl Write, step: &dyn Fn()) -> anyhow::Result<u64> {
     let root = rustix::fs::open(view, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .with_context(|| format!("opening {}", view.display()))?;
-    let mut s = Sender { root, tar: tar::Builder::new(Poison { inner: out, poisoned: false }), step, count: 0 };
+    let tar = tar::Builder::new(Poison { inner: out, poisoned: false });
+    let mut s =
+        Sender { root, tar, step, count: 0, linked: HashMap::new(), nlinks: HashMap::new(), sent_names: Vec::new() };
     if let Err(e) = s.run(changes) {
         // The builder writes the end-of-archive marker when dropped: a failed stream must not
         // look complete to a receiver.
@@ -110,6 +112,13 @@ struct Sender<'a, W: Write> {
     tar: tar::Builder<Poison<W>>,
     step: &'a dyn Fn(),
     count: u64,
+    /// The first path sent of each object with several links, by (device, inode) in the view:
+    /// its other names are sent as hard links to it (issue 16.4).
+    linked: HashMap<(u64, u64), PathBuf>,
+    /// The link count of each object in `linked`.
+    nlinks: HashMap<(u64, u64), u64>,
+    /// Every name sent of an object with several links.
+    sent_names: Vec<(PathBuf, (u64, u64))>,
 }
 
 impl<W: Write> Sender<'_, W> {
@@ -133,12 +142,53 @@ impl<W: Write> Sender<'_, W> {
             self.marker(dir, &[WHITEOUT, name.as_bytes()].concat())?;
         }
         for (p, how) in &plan.objects {
+            // The root's own metadata is no entry of a stream (a full stream has none either,
+            // and a receiver keeps its target's): a change of it alone made the send fail.
+            if p.as_os_str().is_empty() {
+                continue;
+            }
             match how {
                 How::Entry => {
                     self.entry(p)?;
                 }
                 How::Whole => self.tree(p, false)?,
                 How::WholeOpaque => self.tree(p, true)?,
+            }
+        }
+        self.other_names()
+    }
+
+    /// An incremental stream that sent one name of a file with several links sends its other
+    /// names too, as links: the receiver's unchanged names would otherwise stay a separate
+    /// file. Finding them takes a walk of the view, done only when such a file was sent.
+    fn other_names(&mut self) -> anyhow::Result<()> {
+        let mut sent: HashMap<(u64, u64), u64> = HashMap::new();
+        for key in self.sent_names.iter().map(|(_, k)| *k) {
+            *sent.entry(key).or_default() += 1;
+        }
+        if !self
+            .linked
+            .iter()
+            .any(|(k, _)| sent.get(k).copied().unwrap_or(0) < self.nlinks.get(k).copied().unwrap_or(0))
+        {
+            return Ok(());
+        }
+        let done: HashSet<PathBuf> = self.sent_names.iter().map(|(p, _)| p.clone()).collect();
+        let mut todo = vec![PathBuf::new()];
+        while let Some(dir) = todo.pop() {
+            for name in self.children(&dir)? {
+                if dir.as_os_str().is_empty() && name == SNAPDIR_NAME {
+                    continue;
+                }
+                let p = dir.join(name);
+                let st = sys::lstat_beneath(&self.root, &p).with_context(|| crate::names::shown(&p))?;
+                if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                    todo.push(p);
+                } else if let Some(first) = self.linked.get(&(st.st_dev, st.st_ino)).cloned() {
+                    if !done.contains(&p) {
+                        self.hard_link(&p, &first, &st)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -188,6 +238,15 @@ impl<W: Write> Sender<'_, W> {
         let (dir, name) = sys::open_parent(&self.root, p).with_context(shown)?;
         let st = sys::lstat_at(&dir, &name).with_context(shown)?;
         let kind = FileType::from_raw_mode(st.st_mode);
+        let key = (st.st_dev, st.st_ino);
+        if kind != FileType::Directory && st.st_nlink > 1 {
+            self.sent_names.push((p.to_path_buf(), key));
+            self.nlinks.insert(key, st.st_nlink as u64);
+            if let Some(first) = self.linked.get(&key).cloned() {
+                self.hard_link(p, &first, &st)?;
+                return Ok(Some(kind));
+            }
+        }
         let Some((h, mut pax)) = header(p, &st, dir.as_fd(), &name).with_context(shown)? else {
             tracing::warn!("send: {} is a socket, which a tar stream cannot hold: skipped", shown());
             return Ok(None);
@@ -201,6 +260,9 @@ impl<W: Write> Sender<'_, W> {
             }
         }
         let base = p.file_name().map_or(&b""[..], |n| n.as_bytes());
+        if kind != FileType::Directory && st.st_nlink > 1 {
+            self.linked.insert(key, p.to_path_buf());
+        }
         if kind == FileType::RegularFile {
             let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             let file = File::from(rustix::fs::openat(&dir, &name, flags, Mode::empty()).with_context(shown)?);
@@ -210,6 +272,29 @@ impl<W: Write> Sender<'_, W> {
             self.write(h, pax, base, io::empty()).with_context(shown)?;
         }
         Ok(Some(kind))
+    }
+
+    /// A hard-link entry: `p` is another name of the object (`st`) sent as `first`. Its owner and
+    /// time are informative (a receiver takes the object's from `first`), within the ustar fields.
+    fn hard_link(&mut self, p: &Path, first: &Path, st: &Stat) -> anyhow::Result<()> {
+        let mut h = Header::new_ustar();
+        let mut pax = PaxRecords::default();
+        set_path(&mut h, p.as_os_str().as_bytes(), &mut pax);
+        h.set_entry_type(EntryType::Link);
+        let target = first.as_os_str().as_bytes();
+        let field = &mut h.as_ustar_mut().expect("a ustar header").linkname;
+        if target.len() > field.len() {
+            pax.add(b"linkpath", target);
+        }
+        let n = target.len().min(field.len());
+        field[..n].copy_from_slice(&target[..n]);
+        h.set_mode(st.st_mode & 0o7777);
+        h.set_uid(u64::from(st.st_uid).min(MAX_OCTAL_7));
+        h.set_gid(u64::from(st.st_gid).min(MAX_OCTAL_7));
+        h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0).min(MAX_OCTAL_11));
+        h.set_size(0);
+        let base = p.file_name().map_or(&b""[..], |n| n.as_bytes());
+        self.write(h, pax, base, io::empty())
     }
 
     /// Appends one entry, preceded by its PAX header when it has records.

@@ -1,8 +1,10 @@
 //! Recording a directory tree (what a user can see of it) and comparing two recordings.
 //!
 //! A recording keeps, per path: the file type, the permission bits, a regular file's whole
-//! content, a symlink's target and the xattrs other than `security.*`. It leaves out what a
-//! snapshot need not keep: times, inode numbers, link counts, owners and directory sizes.
+//! content, a symlink's target, the xattrs other than `security.*`, and for a non-directory its
+//! link count and which names in the tree are the same object (issue 16.4: hard links). It
+//! leaves out times, inode numbers, owners and directory sizes and link counts (a merged
+//! directory of an overlay has one link); see `record_meta` for owners and times.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -69,6 +71,11 @@ pub struct Entry {
     pub target: Option<OsString>,
     /// Xattrs other than `security.*`, sorted by name.
     pub xattrs: Vec<(OsString, Vec<u8>)>,
+    /// A non-directory's link count.
+    pub nlink: Option<u64>,
+    /// For a non-directory with several links: the first path (in path order) of the recorded
+    /// tree that is the same object (device and inode), so equal trees have equal link groups.
+    pub group: Option<PathBuf>,
 }
 
 impl fmt::Debug for Entry {
@@ -83,6 +90,12 @@ impl fmt::Debug for Entry {
         if !self.xattrs.is_empty() {
             write!(f, " xattrs {}", show_xattrs(&self.xattrs))?;
         }
+        if let Some(n) = self.nlink.filter(|n| *n != 1) {
+            write!(f, " nlink {n}")?;
+        }
+        if let Some(g) = &self.group {
+            write!(f, " same as /{}", g.display())?;
+        }
         Ok(())
     }
 }
@@ -96,7 +109,8 @@ pub fn record_entry(path: &Path) -> std::io::Result<Entry> {
     let kind = Kind::of(m.file_type());
     let data = if kind == Kind::File { Some(read_nofollow(path)?) } else { None };
     let target = if kind == Kind::Symlink { Some(fs::read_link(path)?.into_os_string()) } else { None };
-    Ok(Entry { kind, mode: m.mode() & 0o7777, data, target, xattrs: xattrs(path)? })
+    let nlink = (kind != Kind::Dir).then_some(m.nlink());
+    Ok(Entry { kind, mode: m.mode() & 0o7777, data, target, xattrs: xattrs(path)?, nlink, group: None })
 }
 
 /// Walks `root` without following symlinks and records every object, `root` itself as `""`; the
@@ -126,7 +140,51 @@ pub fn record_tree(root: &Path) -> Tree {
     let mut tree = Tree::new();
     tree.insert(PathBuf::new(), record_entry(root).unwrap_or_else(|e| panic!("record {}: {e}", root.display())));
     walk(root, Path::new(""), &mut tree);
+    set_groups(root, &mut tree);
     tree
+}
+
+/// Fills in [`Entry::group`] from the device and inode of each non-directory with several links.
+fn set_groups(root: &Path, tree: &mut Tree) {
+    let mut first: BTreeMap<(u64, u64), PathBuf> = BTreeMap::new();
+    for (p, e) in tree.iter_mut() {
+        if e.kind == Kind::Dir || e.nlink.unwrap_or(1) < 2 {
+            continue;
+        }
+        // Gone since the walk (a tree changing while it is recorded): no group to tell.
+        let Ok(m) = fs::symlink_metadata(root.join(p)) else { continue };
+        e.group = Some(first.entry((m.dev(), m.ino())).or_insert_with(|| p.clone()).clone());
+    }
+}
+
+/// The inode number of every non-directory below `root` (the root and [`HIDDEN_AT_ROOT`] left
+/// out).
+pub fn inode_numbers(root: &Path) -> BTreeMap<PathBuf, u64> {
+    list_kinds(root)
+        .into_iter()
+        .filter(|(_, k)| *k != Kind::Dir)
+        .map(|(p, _)| {
+            let ino =
+                fs::symlink_metadata(root.join(&p)).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display())).ino();
+            (p, ino)
+        })
+        .collect()
+}
+
+/// Owner, group and mtime (seconds, nanoseconds) of an object.
+pub type Meta = (u32, u32, (i64, i64));
+
+/// Owner, group and mtime of every object below `root`, the root included as `""`.
+pub fn record_meta(root: &Path) -> BTreeMap<PathBuf, Meta> {
+    let mut paths = vec![PathBuf::new()];
+    paths.extend(list_kinds(root).into_iter().map(|(p, _)| p));
+    paths
+        .into_iter()
+        .map(|p| {
+            let m = fs::symlink_metadata(root.join(&p)).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+            (p, (m.uid(), m.gid(), (m.mtime(), m.mtime_nsec())))
+        })
+        .collect()
 }
 
 /// Every path under `root` (relative, the root and [`HIDDEN_AT_ROOT`] left out) with its kind,
@@ -219,6 +277,12 @@ fn diff_entry(want: &Entry, got: &Entry) -> Vec<String> {
     }
     if want.xattrs != got.xattrs {
         out.push(format!("xattrs: want {}, got {}", show_xattrs(&want.xattrs), show_xattrs(&got.xattrs)));
+    }
+    if want.nlink != got.nlink && want.kind == got.kind {
+        out.push(format!("link count: want {:?}, got {:?}", want.nlink, got.nlink));
+    }
+    if want.group != got.group {
+        out.push(format!("hard-link group: want {:?}, got {:?}", want.group, got.group));
     }
     out
 }

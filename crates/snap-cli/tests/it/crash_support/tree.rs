@@ -119,6 +119,22 @@ pub fn churn(mnt: &Path, rng: &mut StdRng, n: usize) {
     }
 }
 
+/// [`record_tree`] without link counts and hard-link groups: the crash tests model each change
+/// without following links, and judge atomicity; `hardlinks.rs` and the model test judge links.
+pub fn record_unlinked(root: &Path) -> Tree {
+    unlinked(&record_tree(root))
+}
+
+/// [`record_entry`] without link count and group.
+pub fn record_entry_unlinked(path: &Path) -> std::io::Result<Entry> {
+    Ok(Entry { nlink: None, group: None, ..record_entry(path)? })
+}
+
+/// `tree` without link counts and hard-link groups.
+pub fn unlinked(tree: &Tree) -> Tree {
+    tree.iter().map(|(p, e)| (p.clone(), Entry { nlink: None, group: None, ..e.clone() })).collect()
+}
+
 /// `tree` with the subtree at `from` moved to `to`.
 pub fn moved(tree: &Tree, from: &Path, to: &Path) -> Tree {
     tree.iter()
@@ -136,7 +152,8 @@ pub fn new_entry(kind: Kind, data: Option<Vec<u8>>, target: Option<&str>) -> Ent
         Kind::Dir => 0o755 & !umask(),
         _ => 0o777,
     };
-    Entry { kind, mode, data, target: target.map(OsString::from), xattrs: Vec::new() }
+    let nlink = (kind != Kind::Dir).then_some(1);
+    Entry { kind, mode, data, target: target.map(OsString::from), xattrs: Vec::new(), nlink, group: None }
 }
 
 /// One change of a planned sequence: one syscall that changes the tree (and opens and closes).
