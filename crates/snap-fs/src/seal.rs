@@ -294,29 +294,19 @@ pub(crate) fn read(root: BorrowedFd<'_>) -> anyhow::Result<Option<Seal>> {
 
 /// Writes `seal` into the store dir `root`, atomically and durably.
 pub(crate) fn write(root: BorrowedFd<'_>, seal: &Seal) -> anyhow::Result<()> {
-    let tmp = format!("{SEAL}.tmp");
-    let fd = rustix::fs::openat(
-        root,
-        tmp.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::from_raw_mode(0o600),
-    )?;
-    let mut f = std::io::BufWriter::new(File::from(fd));
-    writeln!(f, "{HEADER} newest={}", seal.newest)?;
-    for (p, m) in &seal.marks {
-        // Paths as hex: any bytes, one line each ("-" for the root).
-        let hex: String = if p.is_empty() { "-".into() } else { p.iter().map(|b| format!("{b:02x}")).collect() };
-        writeln!(
-            f,
-            "{} {} {} {} {} {} {} {} {} {} {hex}",
-            m.ino, m.ctime.0, m.ctime.1, m.mtime.0, m.mtime.1, m.size, m.mode, m.owner.0, m.owner.1, m.nlink
-        )?;
-    }
-    let f = f.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
-    rustix::fs::renameat(root, tmp.as_str(), root, SEAL)?;
-    rustix::fs::fsync(root)?;
-    Ok(())
+    crate::store::replace_file(root, SEAL, |f| {
+        writeln!(f, "{HEADER} newest={}", seal.newest)?;
+        for (p, m) in &seal.marks {
+            // Paths as hex: any bytes, one line each ("-" for the root).
+            let hex: String = if p.is_empty() { "-".into() } else { p.iter().map(|b| format!("{b:02x}")).collect() };
+            writeln!(
+                f,
+                "{} {} {} {} {} {} {} {} {} {} {hex}",
+                m.ino, m.ctime.0, m.ctime.1, m.mtime.0, m.mtime.1, m.size, m.mode, m.owner.0, m.owner.1, m.nlink
+            )?;
+        }
+        Ok(())
+    })
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {

@@ -481,8 +481,22 @@ pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Resul
     Ok((meta, notes))
 }
 
-/// Writes `meta` as `name` in the store dir `root`: a temp file, fsync, rename, fsync of the dir.
+/// Writes `meta` as `name` in the store dir `root`, atomically and durably.
 pub(crate) fn write_meta_at(root: BorrowedFd<'_>, name: &str, meta: &Meta) -> anyhow::Result<()> {
+    replace_file(root, name, |f| {
+        f.write_all(serde_json::to_string_pretty(meta)?.as_bytes())?;
+        f.write_all(b"\n")?;
+        Ok(())
+    })
+}
+
+/// Replaces the file `name` in the store dir `root` with what `fill` writes: a temp file (mode
+/// 0600, never through a symlink), fsync, rename over `name`, fsync of the dir.
+pub(crate) fn replace_file(
+    root: BorrowedFd<'_>,
+    name: &str,
+    fill: impl FnOnce(&mut std::io::BufWriter<File>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let tmp = format!("{name}.tmp");
     let fd = rustix::fs::openat(
         root,
@@ -490,9 +504,9 @@ pub(crate) fn write_meta_at(root: BorrowedFd<'_>, name: &str, meta: &Meta) -> an
         OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::from_raw_mode(0o600),
     )?;
-    let mut f = File::from(fd);
-    f.write_all(serde_json::to_string_pretty(meta)?.as_bytes())?;
-    f.write_all(b"\n")?;
+    let mut w = std::io::BufWriter::new(File::from(fd));
+    fill(&mut w)?;
+    let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     rustix::fs::renameat(root, tmp.as_str(), root, name)?;
     rustix::fs::fsync(root)?;
