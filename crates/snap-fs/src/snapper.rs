@@ -306,14 +306,20 @@ impl Snapper {
             // Sealed even without snapshots: should we stop right after the first take, before
             // its seal, the next mount still checks everything LIVE showed then.
             let marks = crate::seal::record(&self.view_stack(&store, &[])?, &self.hidden)?;
-            crate::seal::write(store.root(), &crate::seal::Seal { newest: 0, marks })?;
+            write_seal_or_warn(store.root(), &crate::seal::Seal { newest: 0, marks });
             self.sealed.store(self.generation.load(Ordering::Acquire), Ordering::Release);
             return Ok(());
         };
         let now = crate::seal::record(&self.view_stack(&store, &snaps[snaps.len() - 1..])?, &self.hidden)?;
         let when = rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
         let mut found: std::collections::BTreeMap<u64, crate::store::Damage> = Default::default();
-        match crate::seal::read(store.root())? {
+        // A seal that cannot be read is no seal: the snapshots are then unverified, and the mount
+        // goes on (refusing it would leave no way to the data).
+        let sealed = crate::seal::read(store.root()).unwrap_or_else(|e| {
+            tracing::error!("the seal cannot be read ({e:#}): every snapshot is marked unverified");
+            None
+        });
+        match sealed {
             None => {
                 let reason = format!(
                     "found unverified at the mount of {when}: LIVE was never sealed for this store (made by an \
@@ -408,7 +414,7 @@ impl Snapper {
             }
             store.add_damage(found)?;
         }
-        crate::seal::write(store.root(), &crate::seal::Seal { newest: newest.id, marks: now })?;
+        write_seal_or_warn(store.root(), &crate::seal::Seal { newest: newest.id, marks: now });
         drop(store);
         self.switch()?;
         self.sealed.store(self.generation.load(Ordering::Acquire), Ordering::Release);
@@ -583,6 +589,14 @@ pub fn rfc3339(secs: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Writes the mount's seal; a failure (a full disk) does not refuse the mount: the old seal stays,
+/// which still holds while LIVE is served, and what it cannot vouch for shows as unverified.
+fn write_seal_or_warn(root: std::os::fd::BorrowedFd<'_>, seal: &crate::seal::Seal) {
+    if let Err(e) = crate::seal::write(root, seal) {
+        tracing::error!("sealing LIVE at the mount: {e:#}");
+    }
 }
 
 /// Ends a change that may have run CoW rules (dropped before the locks it sits with).

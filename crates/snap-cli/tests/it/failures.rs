@@ -329,4 +329,12 @@ fn snapshots_without_a_seal_are_marked_unverified() {
     assert_eq!(fs::read(m.view("old").join("f")).unwrap(), b"1\n", "unverified views stay readable");
     let human = ovlsnap(&[OsStr::new("list"), OsStr::new("--mount"), m.mnt().as_os_str()]);
     assert!(human.expect_ok("list").contains("UNVERIFIED"), "{human}");
+    // A corrupt seal is no seal either: the mount goes on, nothing is taken for intact.
+    m.take(Some("new"));
+    m.umount();
+    fs::write(m.live().join(".ovlsnap/seal"), b"ovlsnap-seal 2 newest=\xff garbage\n").unwrap();
+    m.mount();
+    let d = damage_of(&m, "new").expect("a snapshot checked against a corrupt seal is marked");
+    assert_eq!(d["unverified"], serde_json::Value::Bool(true), "{d}");
+    assert_eq!(fs::read(m.view("new").join("f")).unwrap(), b"1\n");
 }
