@@ -146,10 +146,25 @@ fn copy_regular(
     upper: &UpperLayer,
     (lparent, lname): (&OwnedFd, &CStr),
     st: &Stat,
-    (uparent, name): (BorrowedFd<'_>, &CStr),
+    into: (BorrowedFd<'_>, &CStr),
     (meta_only, replace, origin): (bool, bool, Option<&[u8]>),
     publish: &dyn Fn(&Stat),
 ) -> Result<()> {
+    let dst = fill_regular(stack, upper, (lparent, lname), st, meta_only, origin)?;
+    publish(&rustix::fs::fstat(&dst)?);
+    link_regular(upper, &dst, into, replace)
+}
+
+/// Makes an unnamed file in the work dir with the data (or, `meta_only`, only the size) and the
+/// metadata of the regular file `lname` in `lparent`, whose `lstat` is `st`, durable.
+fn fill_regular(
+    stack: &LayerStack,
+    upper: &UpperLayer,
+    (lparent, lname): (&OwnedFd, &CStr),
+    st: &Stat,
+    meta_only: bool,
+    origin: Option<&[u8]>,
+) -> Result<OwnedFd> {
     let src = rustix::fs::openat(lparent, lname, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
     let dst = rustix::fs::openat(
         upper.work(),
@@ -176,18 +191,84 @@ fn copy_regular(
     if let Some(o) = origin {
         rustix::fs::fsetxattr(&dst, &stack.names().origin, o, rustix::fs::XattrFlags::empty())?;
     }
-    publish(&rustix::fs::fstat(&dst)?);
+    Ok(dst)
+}
+
+/// Links the unnamed work file `dst` in as `name` in `uparent`, atomically replacing an object
+/// of that name when `replace`.
+fn link_regular(
+    upper: &UpperLayer,
+    dst: &OwnedFd,
+    (uparent, name): (BorrowedFd<'_>, &CStr),
+    replace: bool,
+) -> Result<()> {
     if replace {
         let tmp = temp_name();
-        rustix::fs::linkat(&dst, c"", upper.work(), &tmp, AtFlags::EMPTY_PATH)?;
+        rustix::fs::linkat(dst, c"", upper.work(), &tmp, AtFlags::EMPTY_PATH)?;
         if let Err(e) = rustix::fs::renameat(upper.work(), &tmp, uparent, name) {
             let _ = rustix::fs::unlinkat(upper.work(), &tmp, AtFlags::empty());
             return Err(e.into());
         }
     } else {
-        rustix::fs::linkat(&dst, c"", uparent, name, AtFlags::EMPTY_PATH)?;
+        rustix::fs::linkat(dst, c"", uparent, name, AtFlags::EMPTY_PATH)?;
     }
     Ok(())
+}
+
+/// A full copy of a lower regular file made ahead of its copy-up, with no name yet (an
+/// `O_TMPFILE` in the work dir): the slow part of a copy-up, done by [`prepare_copy`] while the
+/// caller holds none of its locks, and put in place later by [`place_copy`] in an instant. The
+/// caller must make sure the file did not change in between ([`PreparedCopy::source`] is its
+/// `lstat` from before the copy began); dropping an unplaced copy frees it.
+#[derive(Debug)]
+pub struct PreparedCopy {
+    file: OwnedFd,
+    source: Stat,
+    with_origin: bool,
+}
+
+impl PreparedCopy {
+    /// The source's `lstat`, taken before its data was read.
+    pub fn source(&self) -> &Stat {
+        &self.source
+    }
+}
+
+/// Copies the lower regular file `src` into the upper layer's work dir, to be placed by
+/// [`place_copy`]; other kinds of object give `EINVAL` (they are quick to copy in place).
+pub fn prepare_copy(stack: &LayerStack, src: &Source) -> Result<PreparedCopy> {
+    let upper = upper_of(stack)?;
+    let lower = stack.layer(src.layer);
+    let (lparent, lname) = sys::open_parent(lower.root(), &src.path)?;
+    let st = sys::lstat_at(&lparent, &lname)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(Errno::INVAL.into());
+    }
+    let origin = if st.st_nlink > 1 { None } else { origin_of(lower, &lparent, &lname) };
+    let file = fill_regular(stack, upper, (&lparent, &lname), &st, false, origin.as_deref())?;
+    Ok(PreparedCopy { file, source: st, with_origin: origin.is_some() })
+}
+
+/// Puts `copy` in the upper layer as `name` in `upper_parent` (which must exist), atomically
+/// replacing an object of that name when `replace`, as [`copy_up`] or [`copy_up_replacing`]
+/// would have. Returns the new upper object's `lstat`.
+pub fn place_copy(
+    stack: &LayerStack,
+    copy: PreparedCopy,
+    upper_parent: &Path,
+    name: &std::ffi::OsStr,
+    replace: bool,
+) -> Result<Stat> {
+    let name = sys::name_cstr(name)?;
+    let upper = upper_of(stack)?;
+    let uparent = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let parent_st = rustix::fs::fstat(&uparent)?;
+    if copy.with_origin {
+        mark_impure(stack, &uparent)?;
+    }
+    link_regular(upper, &copy.file, (uparent.as_fd(), &name), replace)?;
+    restore_dir_times(uparent.as_fd(), &parent_st);
+    sys::lstat_at(&uparent, &name)
 }
 
 /// The encoded `overlay.origin` for the lower object `lname` in `lparent`, or `None` when its

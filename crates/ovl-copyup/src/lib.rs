@@ -23,7 +23,9 @@ mod copy;
 mod index;
 mod upper;
 
-pub use copy::{Source, copy_up, copy_up_data, copy_up_meta, copy_up_replacing};
+pub use copy::{
+    PreparedCopy, Source, copy_up, copy_up_data, copy_up_meta, copy_up_replacing, place_copy, prepare_copy,
+};
 pub use index::{copy_up_to_index, link_up, remove_index, set_nlink_upper};
 pub use upper::{
     Created, SHARED_WHITEOUT, clear_dir, create_fresh, create_over_whiteout, mark_impure, remove_upper,

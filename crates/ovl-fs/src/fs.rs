@@ -156,6 +156,7 @@ impl OverlayFs {
     /// already told in the current generation (which changes only while the gate is closed).
     pub(crate) fn gate_for(&self, node: &Node) -> Option<GateGuard<'_>> {
         let h = self.hook.as_deref()?;
+        self.hook_prepare(node);
         loop {
             let quiet = node.hooked.load(Ordering::Acquire) == h.generation();
             let g = h.gate(quiet);
@@ -170,6 +171,26 @@ impl OverlayFs {
         let h = self.hook.as_deref()?;
         let g = h.generation();
         (g != 0).then_some((h, g))
+    }
+
+    /// Before the gate: lets the hook prepare for the first change of `node` in this generation
+    /// (see [`ChangeHook::prepare`]).
+    pub(crate) fn hook_prepare(&self, node: &Node) {
+        let Some((h, g)) = self.hook_generation() else { return };
+        if node.hooked.load(Ordering::Acquire) != g {
+            if let Ok(path) = self.path_of(node) {
+                h.prepare(&path, false);
+            }
+        }
+    }
+
+    /// Before the gate: lets the hook prepare for a change of `name` in `parent` (a rename of it,
+    /// or its removal when `removal`).
+    pub(crate) fn hook_prepare_at(&self, parent: &Node, name: &OsStr, removal: bool) {
+        let Some((h, _)) = self.hook_generation() else { return };
+        if let Ok(path) = self.path_of(parent) {
+            h.prepare(&path.join(name), removal);
+        }
     }
 
     /// Tells the hook that `node` is about to change, once per generation.

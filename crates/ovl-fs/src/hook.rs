@@ -25,6 +25,12 @@ pub trait ChangeHook: Send + Sync + 'static {
     /// the caller expects no hook work (a node already told in the current generation), so
     /// the hook owner need not keep readers of its own state out.
     fn gate(&self, quiet: bool) -> GateGuard<'_>;
+    /// Called before the gate by a change that may be the first of `path`'s object in this
+    /// generation (`removal`: it is about to be removed): the hook may do the slow part of its
+    /// `before_*` work now, holding none of the locks the gate stands for, so that other changes
+    /// need not wait for it. Only a hint: the change itself still calls `before_*` inside the
+    /// gate, which must be right whatever happened here.
+    fn prepare(&self, _path: &Path, _removal: bool) {}
     /// The current generation (read inside the gate). `0`: no hook work at all. A node whose
     /// `before_modify` succeeded in generation `g` is not asked again while it stays `g`.
     fn generation(&self) -> u64;

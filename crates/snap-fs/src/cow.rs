@@ -28,9 +28,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ovl_copyup::Source;
+use ovl_copyup::{PreparedCopy, Source};
 
 use crate::layerwalk::{State, Walk, layer_walk, rel};
+use crate::precopy::Precopies;
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Result, is_whiteout_stat};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
@@ -39,13 +40,15 @@ use serde::{Deserialize, Serialize};
 /// `u_N` in the copy-up stack.
 const UPPER: LayerId = LayerId(0);
 /// LIVE in the copy-up stack.
-const LIVE: LayerId = LayerId(1);
+pub(crate) const LIVE: LayerId = LayerId(1);
 
 /// The CoW target: the newest snapshot's layer.
 #[derive(Debug)]
 pub(crate) struct Cow {
-    /// Upper = `u_N`, its work dir = the store's, lower = LIVE.
-    stack: LayerStack,
+    /// Upper = `u_N`, its work dir = the store's, lower = LIVE (shared with copies made ahead).
+    stack: Arc<LayerStack>,
+    /// Copies made ahead of the rules, taken by the rule that saves their file.
+    pre: Arc<Precopies>,
     /// Renamed directories of `u_N`: (snapshot path, LIVE path it redirects to).
     redirects: Vec<(PathBuf, PathBuf)>,
     /// LIVE root names that are not part of any snapshot (the store).
@@ -126,9 +129,10 @@ impl Cow {
         hidden: Vec<OsString>,
         journal: OwnedFd,
         opts: ovl_core::MountOptions,
+        pre: Arc<Precopies>,
     ) -> Result<Self> {
-        let stack = LayerStack::from_open_dirs(vec![live], Some((layer.0, layer.1, work)), opts)?;
-        let mut cow = Self { stack, redirects: Vec::new(), hidden, journal, pending: None };
+        let stack = Arc::new(LayerStack::from_open_dirs(vec![live], Some((layer.0, layer.1, work)), opts)?);
+        let mut cow = Self { stack, pre, redirects: Vec::new(), hidden, journal, pending: None };
         cow.redirects = cow.scan_redirects()?;
         if let Some(journal) = read_journal(cow.journal.as_fd())? {
             match journal {
@@ -280,11 +284,53 @@ impl Cow {
         Ok(())
     }
 
+    /// The stack copies are made with: `u_N` over LIVE.
+    pub fn stack(&self) -> Arc<LayerStack> {
+        self.stack.clone()
+    }
+
+    /// Whether the file at LIVE `p` (`st`, about to change) has its state saved by nothing in
+    /// `u_N` yet, so that its first change will copy it.
+    pub fn needs_copy(&self, p: &Path, st: &Stat) -> Result<bool> {
+        let Some((_, w)) = self.snap_path(p)? else { return Ok(false) };
+        Ok(match w.state {
+            State::Absent => true,
+            State::File(dev, ino) => (dev, ino) == (st.st_dev, st.st_ino),
+            _ => false,
+        })
+    }
+
     /// Copies LIVE `p` to snapshot path `s` (whose parents exist); a directory without entries.
-    fn copy(&self, p: &Path, s: &Path) -> Result<()> {
-        let (sparent, _) = split(s)?;
-        ovl_copyup::copy_up(&self.stack, &Source { layer: LIVE, path: p.to_path_buf() }, sparent, &|_| {})?;
+    /// A copy of the file made ahead (`pre`) is used instead when there is one.
+    fn copy(&self, p: &Path, s: &Path, pre: &mut Option<PreparedCopy>) -> Result<()> {
+        let (sparent, sname) = split(s)?;
+        match pre.take() {
+            Some(c) => ovl_copyup::place_copy(&self.stack, c, sparent, sname, false)?,
+            None => ovl_copyup::copy_up(&self.stack, &Source { layer: LIVE, path: p.to_path_buf() }, sparent, &|_| {})?,
+        };
         Ok(())
+    }
+
+    /// Replaces `u_N`'s `s`, a link of the LIVE file `p`, by a copy of it (from `pre` if made ahead).
+    fn copy_replacing(&self, p: &Path, s: &Path, pre: &mut Option<PreparedCopy>) -> Result<()> {
+        let (sparent, sname) = split(s)?;
+        match pre.take() {
+            Some(c) => ovl_copyup::place_copy(&self.stack, c, sparent, sname, true)?,
+            None => {
+                ovl_copyup::copy_up_replacing(&self.stack, &Source { layer: LIVE, path: p.to_path_buf() }, sparent)?
+            }
+        };
+        Ok(())
+    }
+
+    /// The copy made ahead of the LIVE file `st`, about to change (see `crate::precopy`): every
+    /// rule run for a file takes its slot, so that a copy made before this change is not used
+    /// after it.
+    fn precopied(&self, st: &Stat) -> Option<PreparedCopy> {
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return None;
+        }
+        self.pre.take(st)
     }
 
     /// True when `u_N`'s saved file `(dev, ino)` is the very inode at LIVE `p` (a hard link made
@@ -323,20 +369,20 @@ impl Cow {
     /// Object at LIVE `p` is about to change. Returns the LIVE inodes whose old state was copied.
     pub fn before_modify(&self, p: &Path) -> Result<Vec<u64>> {
         let st = self.lstat_live(p)?;
+        let mut pre = self.precopied(&st);
         if is_linked(&st) {
             // Every name of the file may show it in the snapshot, not only the one used now.
-            return self.save_all_names(&st);
+            return self.save_all_names(&st, &mut pre);
         }
         let Some((s, w)) = self.snap_path(p)? else { return Ok(Vec::new()) };
         match w.state {
             State::Absent => {
                 self.ensure_parents(&s)?;
-                self.copy(p, &s)?;
+                self.copy(p, &s, &mut pre)?;
                 Ok(vec![st.st_ino])
             }
             State::File(dev, ino) if self.shares_inode((dev, ino), p)? => {
-                let (sparent, _) = split(&s)?;
-                ovl_copyup::copy_up_replacing(&self.stack, &Source { layer: LIVE, path: p.to_path_buf() }, sparent)?;
+                self.copy_replacing(p, &s, &mut pre)?;
                 Ok(vec![st.st_ino])
             }
             _ => Ok(Vec::new()),
@@ -345,7 +391,7 @@ impl Cow {
 
     /// Saves a file with several LIVE names (`st`) under each name the snapshot shows it by: one
     /// copy, and links to it for the other names.
-    fn save_all_names(&self, st: &Stat) -> Result<Vec<u64>> {
+    fn save_all_names(&self, st: &Stat, pre: &mut Option<PreparedCopy>) -> Result<Vec<u64>> {
         let mut first: Option<PathBuf> = None;
         for q in self.live_names(st)? {
             let Some((s, w)) = self.snap_path(&q)? else { continue };
@@ -354,16 +400,13 @@ impl Cow {
                     self.ensure_parents(&s)?;
                     match &first {
                         None => {
-                            self.copy(&q, &s)?;
+                            self.copy(&q, &s, pre)?;
                             first = Some(s);
                         }
                         Some(f) => self.link_in_layer(f, &s)?,
                     }
                 }
-                State::File(dev, ino) if (dev, ino) == (st.st_dev, st.st_ino) => {
-                    let (sparent, _) = split(&s)?;
-                    ovl_copyup::copy_up_replacing(&self.stack, &Source { layer: LIVE, path: q.clone() }, sparent)?;
-                }
+                State::File(dev, ino) if (dev, ino) == (st.st_dev, st.st_ino) => self.copy_replacing(&q, &s, pre)?,
                 _ => {}
             }
         }
@@ -418,9 +461,10 @@ impl Cow {
     /// The object at LIVE `p` is about to be removed (a dir: it is empty).
     pub fn before_remove(&mut self, p: &Path) -> Result<()> {
         let st = self.lstat_live(p)?;
+        let mut pre = self.precopied(&st);
         if is_linked(&st) {
             // Its other names lose a link: all of them are saved as one object.
-            self.save_all_names(&st)?;
+            self.save_all_names(&st, &mut pre)?;
             return Ok(());
         }
         let Some((s, w)) = self.snap_path(p)? else { return Ok(()) };
@@ -429,7 +473,7 @@ impl Cow {
                 self.ensure_parents(&s)?;
                 let ft = FileType::from_raw_mode(st.st_mode);
                 if ft == FileType::Directory {
-                    self.copy(p, &s)?;
+                    self.copy(p, &s, &mut None)?;
                     ovl_copyup::set_opaque(&self.stack, &s)?;
                 } else {
                     let (ldir, lname) = sys::open_parent(self.live(), p)?;
@@ -464,9 +508,18 @@ impl Cow {
     /// already passed to [`Cow::before_remove`]. Returns the LIVE inodes whose state was copied.
     pub fn before_rename(&mut self, p1: &Path, p2: &Path, exchange: bool) -> Result<Vec<u64>> {
         self.finish()?;
-        let moved_ino = self.lstat_live(p1)?.st_ino;
+        let moved = self.lstat_live(p1)?;
+        let moved_ino = moved.st_ino;
         let s1 = self.snap_path(p1)?;
         let s2 = if exchange { self.snap_path(p2)? } else { None };
+        // A file the snapshot does not show needs no copy, but a copy made ahead of it must not
+        // outlive this change (`save_moving` takes it for the others).
+        if s1.is_none() {
+            self.precopied(&moved);
+        }
+        if exchange && s2.is_none() {
+            self.precopied(&self.lstat_live(p2)?);
+        }
         if !exchange {
             self.before_create(p2)?;
         }
@@ -518,22 +571,22 @@ impl Cow {
     #[allow(clippy::type_complexity)]
     fn save_moving(&self, from: &Path, to: &Path, s: &Path, w: Walk) -> Result<(Vec<u64>, Option<(PathBuf, PathBuf)>)> {
         let st = self.lstat_live(from)?;
+        let mut pre = self.precopied(&st);
         if is_linked(&st) {
             // The other names stay: the snapshot's names are saved as one object.
-            return Ok((self.save_all_names(&st)?, None));
+            return Ok((self.save_all_names(&st, &mut pre)?, None));
         }
         let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
         let redirect = Some((s.to_path_buf(), to.to_path_buf()));
         match w.state {
             State::Absent => {
                 self.ensure_parents(s)?;
-                self.copy(from, s)?;
+                self.copy(from, s, &mut pre)?;
                 if is_dir { Ok((Vec::new(), redirect)) } else { Ok((vec![st.st_ino], None)) }
             }
             State::Dir { opaque: false } if is_dir => Ok((Vec::new(), redirect)),
             State::File(dev, ino) if self.shares_inode((dev, ino), from)? => {
-                let (sparent, _) = split(s)?;
-                ovl_copyup::copy_up_replacing(&self.stack, &Source { layer: LIVE, path: from.to_path_buf() }, sparent)?;
+                self.copy_replacing(from, s, &mut pre)?;
                 Ok((vec![st.st_ino], None))
             }
             _ => Ok((Vec::new(), None)),

@@ -24,6 +24,7 @@ mod layerwalk;
 mod merge;
 pub mod names;
 pub mod policy;
+mod precopy;
 pub mod restore;
 mod seal;
 pub mod snapper;

@@ -62,6 +62,8 @@ pub struct Snapper {
     sealing: Mutex<()>,
     /// The generation the last seal written was made for.
     sealed: AtomicU64,
+    /// Copies of files made ahead of their first change (`crate::precopy`).
+    precopies: Arc<crate::precopy::Precopies>,
 }
 
 impl Snapper {
@@ -83,6 +85,7 @@ impl Snapper {
             hidden,
             sealing: Mutex::new(()),
             sealed: AtomicU64::new(u64::MAX),
+            precopies: Arc::default(),
         };
         s.switch()?;
         Ok(s)
@@ -111,7 +114,8 @@ impl Snapper {
         };
         let (_, work) = store.work()?;
         let (hidden, journal) = (self.hidden.clone(), rustix::io::dup(store.root())?);
-        let cow = Cow::new(layer(newest.id), work, live.clone(), hidden, journal, store.overlay_options())
+        let pre = self.precopies.clone();
+        let cow = Cow::new(layer(newest.id), work, live.clone(), hidden, journal, store.overlay_options(), pre)
             .context("opening the newest snapshot's layer")?;
         let mut all: Vec<_> = snaps.iter().map(|s| layer(s.id)).collect();
         all.push(live);
@@ -612,7 +616,49 @@ impl Drop for Finish<'_> {
     }
 }
 
+impl Snapper {
+    /// Copies the file at LIVE `path` ahead of its first change, when the newest snapshot will
+    /// need its state (see `crate::precopy`); waits for a copy another change of it started.
+    fn precopy(&self, path: &Path, removal: bool) -> ovl_core::Result<()> {
+        use crate::precopy::Claim;
+        if self.generation.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let st = sys::lstat_beneath(self.live.as_fd(), path)?;
+        let regular = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+        // An empty file is copied in no time; the last name of a removed file is linked, not copied.
+        if !regular || st.st_size == 0 || (removal && st.st_nlink < 2) {
+            return Ok(());
+        }
+        let (claim, stack) = {
+            let cow = self.cow.lock();
+            let Some(c) = cow.as_ref() else { return Ok(()) };
+            (self.precopies.claim(&st, || c.needs_copy(path, &st))?, c.stack())
+        };
+        match claim {
+            Claim::Skip => {}
+            Claim::Wait(slot) => slot.wait(),
+            Claim::Copy(slot) => {
+                let src = ovl_copyup::Source { layer: crate::cow::LIVE, path: path.to_owned() };
+                let copy = ovl_copyup::prepare_copy(&stack, &src).and_then(|c| {
+                    // The path may lead to another file by now: then this copy is not the slot's.
+                    let same = (c.source().st_dev, c.source().st_ino) == (st.st_dev, st.st_ino);
+                    if same { Ok(c) } else { Err(ovl_core::Errno::AGAIN.into()) }
+                });
+                slot.fill(copy);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ChangeHook for Snapper {
+    fn prepare(&self, path: &Path, removal: bool) {
+        if let Err(e) = self.precopy(path, removal) {
+            tracing::debug!(?path, "no copy ahead: {e}");
+        }
+    }
+
     fn gate(&self, quiet: bool) -> GateGuard<'_> {
         let g = self.gate.read();
         if quiet || self.generation.load(Ordering::Acquire) == 0 {

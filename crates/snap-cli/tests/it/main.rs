@@ -11,6 +11,7 @@
 mod common;
 mod crash_support;
 
+mod big_copy;
 mod check;
 mod cli;
 mod crash;
