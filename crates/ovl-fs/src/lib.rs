@@ -25,6 +25,7 @@ mod entries;
 mod fs;
 pub mod hook;
 mod inode;
+pub mod limits;
 pub mod mount;
 mod ops;
 mod passthrough;

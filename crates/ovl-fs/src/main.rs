@@ -184,6 +184,8 @@ fn run() -> anyhow::Result<()> {
         .init();
     // Objects we create get exactly the modes we ask for.
     rustix::process::umask(rustix::fs::Mode::empty());
+    // One descriptor per layer, and every file open through the mount is one of ours.
+    ovl_fs::limits::raise();
     let mount = ovl_fs::mount::Mount::new(&args.options, &args.mountpoint, &args.source)?;
     if std::env::var_os(NOTIFY).is_some() {
         println!("ready");

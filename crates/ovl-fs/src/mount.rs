@@ -102,6 +102,19 @@ fn mount_fuse(mnt: &Path, source: &str, fstype: &str, read_only: bool) -> anyhow
     Ok(OwnedFd::from(dev))
 }
 
+/// The threads serving a session, each reading its own clone of the `/dev/fuse` descriptor.
+pub fn session_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(4, 16)
+}
+
+/// Before the mount is made: the session's threads clone `/dev/fuse` only when it starts
+/// serving, after the mount was reported live; without descriptors for them (and some to
+/// serve with) it would die right there, leaving a mount that answers ENOTCONN.
+fn ensure_session_fds() -> anyhow::Result<()> {
+    crate::limits::ensure_free(session_threads() + crate::limits::SERVE_RESERVE, false)
+        .context("the mount could not be served: no mount was made")
+}
+
 /// Mounts `/dev/fuse` at `mnt` (a canonical path) as type `fstype` and completes the FUSE
 /// handshake for `fs`; the session then serves requests with [`Session::run`]. Used for the
 /// snapshot filesystem too, which stacks its own `Filesystem` over this crate's overlay.
@@ -114,8 +127,9 @@ pub fn mount_session<F: fuser::Filesystem>(
 ) -> anyhow::Result<Session<F>> {
     let mut config = Config::default();
     config.acl = SessionACL::All;
-    config.n_threads = Some(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(4, 16));
+    config.n_threads = Some(session_threads());
     config.clone_fd = true;
+    ensure_session_fds()?;
     let fuse = mount_fuse(mnt, source, fstype, read_only)?;
     match Session::from_fd(fs, fuse, SessionACL::All, config) {
         Ok(s) => Ok(s),
@@ -136,10 +150,11 @@ pub fn mount_session_user<F: fuser::Filesystem>(
     source: &str,
     subtype: &str,
 ) -> anyhow::Result<Session<F>> {
+    ensure_session_fds()?;
     let fuse = fusermount(mnt, source, subtype)?;
     let mut config = Config::default();
     config.acl = SessionACL::Owner;
-    config.n_threads = Some(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(4, 16));
+    config.n_threads = Some(session_threads());
     config.clone_fd = true;
     match Session::from_fd(fs, fuse, SessionACL::Owner, config) {
         Ok(s) => Ok(s),
@@ -234,7 +249,7 @@ impl Mount {
     /// handshake, so the mount is live.
     pub fn new(opts: &MountOptions, mnt: &Path, source: &str) -> anyhow::Result<Self> {
         let mountpoint = check_mountpoint(mnt)?;
-        let stack = LayerStack::open(opts)?;
+        let stack = LayerStack::open(opts).map_err(|e| crate::limits::explain(e.into()))?;
         let read_only = opts.is_read_only();
         let fs = OverlayFs::new(stack).context("reading the layer roots")?;
         let notifier = fs.notifier_slot();

@@ -45,7 +45,10 @@ struct Cli {
 #[allow(clippy::enum_variant_names)] // `MountCmd` is the `mount-cmd` subcommand
 enum Cmd {
     /// Start serving LIVE with snapshots at MNT (default: over LIVE itself).
-    #[command(after_help = "Examples:\n  ovlsnap mount /data\n  ovlsnap mount --store /data/.snaps /data /mnt/data")]
+    #[command(after_help = "The daemon holds one open file per snapshot and raises its soft open-file limit \
+                             (ulimit -n) to the hard one; a mount, or a take, that would leave too few free to serve \
+                             with is refused, the limit named.\n\nExamples:\n  ovlsnap mount /data\n  ovlsnap \
+                             mount --store /data/.snaps /data /mnt/data")]
     Mount {
         /// The directory to snapshot.
         live: PathBuf,
@@ -678,12 +681,9 @@ fn umount(mnt: &Path) -> anyhow::Result<()> {
 fn serve(cfg: &daemon::Config) -> anyhow::Result<()> {
     init_logs();
     rustix::process::umask(rustix::fs::Mode::empty());
-    // Open files of the mount's users are open files of ours: allow as many as we may.
-    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    let _ = rustix::process::setrlimit(
-        rustix::process::Resource::Nofile,
-        rustix::process::Rlimit { current: lim.maximum, maximum: lim.maximum },
-    );
+    // One descriptor per snapshot layer, and the mount's users' open files are ours too: allow as
+    // many as we may.
+    ovl_fs::limits::raise();
     let prepared = daemon::prepare(cfg)?;
     let mnt = std::fs::canonicalize(&cfg.mount)?;
     unmount_on_signal(mnt)?;

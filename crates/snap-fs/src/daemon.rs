@@ -139,9 +139,15 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
             cfg.live
         );
     }
-    let Opened { live, live_fd, store: store_at, hidden, snapper } = open_store(&cfg.live, cfg.store.as_deref())?;
+    let Opened { live, live_fd, store: store_at, hidden, snapper } =
+        open_store(&cfg.live, cfg.store.as_deref()).map_err(ovl_fs::limits::explain)?;
     // Before anything is served: what LIVE changed while no daemon guarded it.
-    snapper.verify_live().context("checking LIVE against its seal")?;
+    snapper.verify_live().context("checking LIVE against its seal").map_err(ovl_fs::limits::explain)?;
+    // Every layer is open now; serving them needs more (see `Snapper::serve_headroom`), and a
+    // mount that ran out of descriptors would die after it was reported live.
+    let layers = snapper.layer_count();
+    ovl_fs::limits::ensure_free(Snapper::serve_headroom(layers) + ovl_fs::mount::session_threads(), false)
+        .with_context(|| format!("LIVE cannot be served with its {layers} snapshot(s), one descriptor each"))?;
     let (workdir, work) = snapper.store_work()?;
     drop(workdir);
     let stack = LayerStack::from_open_dirs(

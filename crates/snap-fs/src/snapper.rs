@@ -21,6 +21,11 @@ use crate::policy::Grant;
 use crate::store::{SnapshotInfo, Store, layer_usage};
 use crate::view::Views;
 
+/// Descriptors a take uses for a while besides its layer's own: the layer while it is prepared,
+/// the list's temp file, the new CoW target's work dir and journal while the old target is still
+/// open, the walk for its redirects.
+const TAKE_FDS: usize = 8;
+
 /// One line of `ovlsnap list`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Listed {
@@ -141,6 +146,15 @@ impl Snapper {
     pub fn take(&self, name: &str) -> anyhow::Result<SnapshotInfo> {
         let _gate = self.gate.write();
         let _views = self.views.lock.write();
+        // Refused up front rather than run out of descriptors halfway (issue 16.3): the daemon
+        // holds one per layer and must keep serving after the take.
+        let layers = self.layer_count() + 1;
+        ovl_fs::limits::ensure_free(TAKE_FDS + Self::serve_headroom(layers), true).with_context(|| {
+            format!("snapshot {name:?} was not taken: it would make {layers} snapshot layers, one descriptor each")
+        })?;
+        // Set aside, so that taking the snapshot back never lacks the descriptor it writes with.
+        let spare = rustix::io::dup(self.store.lock().root())
+            .with_context(|| format!("snapshot {name:?} was not taken: no descriptor free"))?;
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let live = self.live.as_fd();
         let info = self.store.lock().add(name, created, |layer| copy_root_meta(live, layer))?;
@@ -149,11 +163,23 @@ impl Snapper {
             // changes: take it back. Its layer is empty (no change ran since `add`), and a failed
             // switch left the previous target in place.
             tracing::error!("switching to snapshot {name:?} failed: {e:#}");
+            drop(spare);
             self.store.lock().delete(info.id, None).context("taking back the snapshot that could not start")?;
             return Err(e.context(format!("snapshot {name:?} was not taken")));
         }
         tracing::info!(name, id = info.id, "snapshot taken");
         Ok(info)
+    }
+
+    /// How many snapshot layers are open.
+    pub fn layer_count(&self) -> usize {
+        self.store.lock().snapshots().len()
+    }
+
+    /// Descriptors to keep free while `layers` snapshot layers are open: a listing in the oldest
+    /// view holds a directory of each layer open at once, and users' files and lookups need more.
+    pub fn serve_headroom(layers: usize) -> usize {
+        layers + ovl_fs::limits::SERVE_RESERVE
     }
 
     /// The store's work dir (`work/work`) and the workdir holding it.

@@ -293,8 +293,13 @@ impl Store {
     fn write_meta(&self, meta: &Meta) -> anyhow::Result<()> {
         write_meta_at(self.root.as_fd(), META, meta)?;
         // A stop before this leaves the backup one change behind, which a repair knows how to
-        // read (it adopts the layers the backup does not name).
-        write_meta_at(self.root.as_fd(), META_BACKUP, meta)
+        // read (it adopts the layers the backup does not name). So does a failure here (out of
+        // descriptors, say): the change is made, and reporting it failed would have the caller
+        // take back in memory what the list already holds.
+        if let Err(e) = write_meta_at(self.root.as_fd(), META_BACKUP, meta) {
+            tracing::error!("the backup {META_BACKUP} stays one change behind: {e:#}");
+        }
+        Ok(())
     }
 
     /// Where the store is.

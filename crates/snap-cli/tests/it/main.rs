@@ -16,6 +16,7 @@ mod check;
 mod cli;
 mod crash;
 mod failures;
+mod fd_limits;
 mod hardlinks;
 mod lifecycle;
 mod model;

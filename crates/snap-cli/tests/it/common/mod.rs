@@ -472,6 +472,15 @@ impl SnapMount {
 
     /// [`mount`](Self::mount) with `ovlsnap mount` run by `wrapper` (e.g. `prlimit --nofile=40`).
     pub fn mount_wrapped(&mut self, wrapper: &[&str]) {
+        let out = self.try_mount_wrapped(wrapper);
+        out.expect_ok("ovlsnap mount");
+        self.expect_served(&out);
+    }
+
+    /// Runs `ovlsnap mount` through `wrapper` (as [`mount_wrapped`](Self::mount_wrapped)) and
+    /// returns what it did, whether it failed or not; on success the caller should check the
+    /// mount with [`expect_served`](Self::expect_served).
+    pub fn try_mount_wrapped(&mut self, wrapper: &[&str]) -> CliOutput {
         assert!(!self.mounted, "already mounted");
         let out = match wrapper.split_first() {
             None => ovlsnap(&self.mount_args()),
@@ -484,7 +493,12 @@ impl SnapMount {
         };
         // From here on Drop tries `ovlsnap umount` first (the scratch sweep catches the rest).
         self.mounted = out.success() || is_fuse_mount(&self.mnt);
-        out.expect_ok("ovlsnap mount");
+        out
+    }
+
+    /// After an `ovlsnap mount` (`out`) that succeeded: the FUSE mount is on top at MNT; starts
+    /// the hang watchdog.
+    pub fn expect_served(&mut self, out: &CliOutput) {
         assert!(
             is_fuse_mount(&self.mnt),
             "`ovlsnap mount` returned but no FUSE mount is on top at {} (mounts there: {:?})\n{out}",

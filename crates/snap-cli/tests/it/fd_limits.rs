@@ -1,0 +1,129 @@
+//! The daemon's open-file limit (issue 16.3): it holds one descriptor per snapshot layer, so a
+//! low `RLIMIT_NOFILE` runs out after a number of takes. Whatever the limit, a command that fails
+//! leaves no trace: a refused `take` records no snapshot (before or after a remount) and leaves
+//! the daemon serving, and an `ovlsnap mount` that could not serve fails before it returns 0.
+//!
+//! The limits are set with `prlimit --nofile=N:N` on `ovlsnap mount` (the daemon inherits them,
+//! and cannot raise a hard limit).
+
+use std::ffi::OsStr;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use crate::common::*;
+
+fn append(path: &Path, line: &str) {
+    let mut f = OpenOptions::new().append(true).create(true).open(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    f.write_all(line.as_bytes()).unwrap_or_else(|e| panic!("append to {path:?}: {e}"));
+}
+
+/// `1\n2\n...i\n`: what `LIVE/a` holds after `i` appends.
+fn lines_upto(i: usize) -> String {
+    (1..=i).map(|k| format!("{k}\n")).collect()
+}
+
+fn list_names(m: &SnapMount) -> Vec<String> {
+    m.list().into_iter().map(|s| s.name).collect()
+}
+
+/// A refusal for want of descriptors says so and says how to raise the limit.
+fn assert_explains_the_limit(out: &CliOutput, what: &str) {
+    let err = &out.stderr;
+    assert!(err.contains("open-file limit"), "{what}: the failure must name the open-file limit\n{out}");
+    assert!(err.contains("prlimit") || err.contains("ulimit"), "{what}: the failure must say how to raise it\n{out}");
+}
+
+/// The issue's loop: `echo $i >> a; ovlsnap take tN` under a hard limit of 60 descriptors. Takes
+/// succeed until the daemon lacks headroom, then are refused up front with the limit named; a
+/// refused take is never listed, the daemon keeps serving (list, views, LIVE), and after a
+/// remount every snapshot shows exactly what was written before it.
+#[test]
+fn takes_under_a_low_open_file_limit_leave_no_failed_snapshot() {
+    let mut m = SnapMount::prepare(Form::Stacked);
+    m.mount_wrapped(&["prlimit", "--nofile=60:60"]);
+    let a = m.mnt().join("a");
+    let mut taken = Vec::new();
+    let mut refused = 0;
+    for i in 1..=50 {
+        append(&a, &format!("{i}\n"));
+        let name = format!("t{i}");
+        let out = m.try_take(Some(&name));
+        if out.success() {
+            // Possibly after a refusal too: the daemon's background work (the seal) holds
+            // descriptors for a moment.
+            taken.push(i);
+            continue;
+        }
+        refused += 1;
+        // The daemon serves on: nothing it needs was used up by the refused take.
+        let listed = ovlsnap(&[OsStr::new("list"), OsStr::new("--mount"), m.mnt().as_os_str()]);
+        listed.expect_ok("list after a refused take");
+        let want: Vec<String> = taken.iter().map(|k| format!("t{k}")).collect();
+        assert_eq!(list_names(&m), want, "after the refused {name}");
+        if let Some(&k) = taken.first() {
+            let oldest = fs::read_to_string(m.view(&format!("t{k}")).join("a")).unwrap();
+            assert_eq!(oldest, lines_upto(k), "oldest view after the refused {name}");
+        }
+        assert_eq!(fs::read_to_string(&a).unwrap(), lines_upto(i), "LIVE after {name}");
+        assert!(out.stderr.contains("was not taken"), "{name}: the failure must say it was not taken\n{out}");
+        assert_explains_the_limit(&out, &name);
+        if refused == 5 {
+            break;
+        }
+    }
+    assert!(!taken.is_empty(), "no take succeeded under a limit of 60");
+    assert_eq!(refused, 5, "no take was refused under a limit of 60 ({} taken)", taken.len());
+    append(&a, "after\n");
+    m.umount();
+    m.mount();
+    let want: Vec<String> = taken.iter().map(|k| format!("t{k}")).collect();
+    assert_eq!(list_names(&m), want, "after a remount: only the takes that succeeded");
+    for &k in &taken {
+        let got = fs::read_to_string(m.view(&format!("t{k}")).join("a")).unwrap();
+        assert_eq!(got, lines_upto(k), "view t{k} after a remount");
+    }
+}
+
+/// Near the hard limit `ovlsnap mount` used to return 0 with a daemon that died right after
+/// (its FUSE threads could not clone `/dev/fuse`), leaving LIVE answering ENOTCONN. Under every
+/// limit around what 30 snapshots need, the mount now either serves (LIVE, the oldest view, list
+/// and umount work) or fails with the limit named, no mount left behind.
+#[test]
+fn a_mount_near_the_open_file_limit_serves_or_fails_before_returning() {
+    let mut m = SnapMount::prepare(Form::Stacked);
+    m.mount();
+    let a = m.mnt().join("a");
+    const SNAPS: usize = 30;
+    for i in 1..=SNAPS {
+        append(&a, &format!("{i}\n"));
+        m.take(Some(&format!("t{i}")));
+    }
+    m.umount();
+    let (mut served, mut failed) = (0, Vec::new());
+    for limit in (SNAPS + 10..=SNAPS * 3 + 40).step_by(2) {
+        let nofile = format!("--nofile={limit}:{limit}");
+        let out = m.try_mount_wrapped(&["prlimit", &nofile]);
+        if !out.success() {
+            assert!(!is_fuse_mount(m.mnt()), "a failed mount under {limit} left a FUSE mount\n{out}");
+            m.mark_unmounted();
+            failed.push((limit, out));
+            continue;
+        }
+        m.expect_served(&out);
+        let live = fs::read_to_string(&a).unwrap_or_else(|e| panic!("LIVE after a mount under {limit}: {e}\n{out}"));
+        assert_eq!(live, lines_upto(SNAPS), "LIVE under {limit}");
+        let oldest = fs::read_to_string(m.view("t1").join("a"))
+            .unwrap_or_else(|e| panic!("oldest view after a mount under {limit}: {e}\n{out}"));
+        assert_eq!(oldest, lines_upto(1), "t1 under {limit}");
+        assert_eq!(m.listed_views().len(), SNAPS, "views under {limit}");
+        assert_eq!(list_names(&m).len(), SNAPS, "list under {limit}");
+        m.umount();
+        served += 1;
+    }
+    for (limit, out) in &failed {
+        assert_explains_the_limit(out, &format!("mount under {limit}"));
+    }
+    let failed = failed.len();
+    assert!(failed > 0 && served > 0, "the limits tried should cover both outcomes: {failed} failed, {served} served");
+}
