@@ -294,7 +294,6 @@ impl OverlayFs {
         if node.is_dir() {
             return Err(Errno::PERM.into());
         }
-        self.hook_prepare(node);
         self.ensure_upper(node)?;
         let index = node.state.read().index.clone();
         let (sdir, sname) = match &index {
@@ -340,9 +339,6 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_unlink(&self, parent: &Arc<Node>, name: &OsStr, want_dir: bool) -> Result<()> {
-        if !want_dir {
-            self.hook_prepare_at(parent, name, true);
-        }
         let _gate = self.gate();
         if self.is_hidden(parent, name) {
             return Err(Errno::NOENT.into());
@@ -410,12 +406,6 @@ impl OverlayFs {
         let exchange = flags.contains(RenameFlags::EXCHANGE);
         if flags.contains(RenameFlags::WHITEOUT) || (exchange && flags.contains(RenameFlags::NOREPLACE)) {
             return Err(Errno::INVAL.into());
-        }
-        if !self.is_hidden(parent, name) && !self.is_hidden(newparent, newname) {
-            self.hook_prepare_at(parent, name, false);
-            if exchange {
-                self.hook_prepare_at(newparent, newname, false);
-            }
         }
         let _gate = self.gate();
         if self.is_hidden(parent, name) {

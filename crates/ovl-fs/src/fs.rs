@@ -156,7 +156,6 @@ impl OverlayFs {
     /// already told in the current generation (which changes only while the gate is closed).
     pub(crate) fn gate_for(&self, node: &Node) -> Option<GateGuard<'_>> {
         let h = self.hook.as_deref()?;
-        self.hook_prepare(node);
         loop {
             let quiet = node.hooked.load(Ordering::Acquire) == h.generation();
             let g = h.gate(quiet);
@@ -173,22 +172,28 @@ impl OverlayFs {
         (g != 0).then_some((h, g))
     }
 
-    /// Before the gate: lets the hook prepare for the first change of `node` in this generation
-    /// (see [`ChangeHook::prepare`]).
-    pub(crate) fn hook_prepare(&self, node: &Node) {
+    /// First thing in a request that may change node `ino`, before the namespace lock and the
+    /// gate: lets the hook prepare for the node's first change in this generation (see
+    /// [`ChangeHook::prepare`]; a big copy then holds no lock other requests need). The path is
+    /// read without the namespace lock: a rename racing with it only makes the hint useless.
+    pub(crate) fn prepare_change(&self, ino: INodeNo) {
         let Some((h, g)) = self.hook_generation() else { return };
+        let Ok(node) = self.node(ino) else { return };
         if node.hooked.load(Ordering::Acquire) != g {
-            if let Ok(path) = self.path_of(node) {
+            if let Ok(path) = self.path_of(&node) {
                 h.prepare(&path, false);
             }
         }
     }
 
-    /// Before the gate: lets the hook prepare for a change of `name` in `parent` (a rename of it,
-    /// or its removal when `removal`).
-    pub(crate) fn hook_prepare_at(&self, parent: &Node, name: &OsStr, removal: bool) {
+    /// Like [`Self::prepare_change`] for `name` in `parent` (renamed, or removed when `removal`).
+    pub(crate) fn prepare_change_at(&self, parent: INodeNo, name: &OsStr, removal: bool) {
         let Some((h, _)) = self.hook_generation() else { return };
-        if let Ok(path) = self.path_of(parent) {
+        let Ok(parent) = self.node(parent) else { return };
+        if self.is_hidden(&parent, name) {
+            return;
+        }
+        if let Ok(path) = self.path_of(&parent) {
             h.prepare(&path.join(name), removal);
         }
     }

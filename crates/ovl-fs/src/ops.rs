@@ -123,6 +123,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyAttr,
     ) {
         guarded("setattr", || {
+            self.prepare_change(ino);
             let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             // fuser does not pass FATTR_KILL_SUIDGID (sent for a truncate by a caller without
@@ -163,6 +164,7 @@ impl Filesystem for OverlayFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("unlink", || {
+            self.prepare_change_at(parent, name, true);
             let _ns = self.ns.write();
             let p = tri!(reply, self.node(parent));
             tri!(reply, self.do_unlink(&p, name, false));
@@ -199,6 +201,10 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         guarded("rename", || {
+            self.prepare_change_at(parent, name, false);
+            if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                self.prepare_change_at(newparent, newname, false);
+            }
             let _ns = self.ns.write();
             let p = tri!(reply, self.node(parent));
             let np = tri!(reply, self.node(newparent));
@@ -214,6 +220,7 @@ impl Filesystem for OverlayFs {
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         guarded("link", || {
+            self.prepare_change(ino);
             let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             let np = tri!(reply, self.node(newparent));
@@ -225,6 +232,9 @@ impl Filesystem for OverlayFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || {
+            if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+                self.prepare_change(ino);
+            }
             let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             // As for truncate: FUSE_OPEN_KILL_SUIDGID is not passed by fuser; root stands for
@@ -274,6 +284,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyWrite,
     ) {
         guarded("write", || {
+            self.prepare_change(ino);
             let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
             let n = tri!(reply, self.do_write(ino.0, fh.0, offset, data, kill));
             reply.written(n);
@@ -391,6 +402,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         guarded("setxattr", || {
+            self.prepare_change(ino);
             let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             tri!(reply, self.do_setxattr(&node, name, value, flags));
@@ -418,6 +430,7 @@ impl Filesystem for OverlayFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("removexattr", || {
+            self.prepare_change(ino);
             let _ns = self.ns.read();
             let node = tri!(reply, self.node(ino));
             tri!(reply, self.do_removexattr(&node, name));
@@ -471,6 +484,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         guarded("fallocate", || {
+            self.prepare_change(ino);
             tri!(reply, self.do_fallocate(ino.0, fh.0, offset, length, mode));
             reply.ok();
         });
@@ -497,6 +511,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyWrite,
     ) {
         guarded("copy_file_range", || {
+            self.prepare_change(ino_out);
             let n = tri!(
                 reply,
                 self.do_copy_file_range(ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len)

@@ -28,10 +28,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ovl_copyup::{PreparedCopy, Source};
+use ovl_copyup::Source;
 
 use crate::layerwalk::{State, Walk, layer_walk, rel};
-use crate::precopy::Precopies;
+use crate::precopy::{Ahead, Precopies};
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Result, is_whiteout_stat};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
@@ -302,9 +302,9 @@ impl Cow {
 
     /// Copies LIVE `p` to snapshot path `s` (whose parents exist); a directory without entries.
     /// A copy of the file made ahead (`pre`) is used instead when there is one.
-    fn copy(&self, p: &Path, s: &Path, pre: &mut Option<PreparedCopy>) -> Result<()> {
+    fn copy(&self, p: &Path, s: &Path, pre: &mut Option<Ahead>) -> Result<()> {
         let (sparent, sname) = split(s)?;
-        match pre.take() {
+        match pre.as_mut().and_then(|a| a.copy.take()) {
             Some(c) => ovl_copyup::place_copy(&self.stack, c, sparent, sname, false)?,
             None => ovl_copyup::copy_up(&self.stack, &Source { layer: LIVE, path: p.to_path_buf() }, sparent, &|_| {})?,
         };
@@ -312,9 +312,9 @@ impl Cow {
     }
 
     /// Replaces `u_N`'s `s`, a link of the LIVE file `p`, by a copy of it (from `pre` if made ahead).
-    fn copy_replacing(&self, p: &Path, s: &Path, pre: &mut Option<PreparedCopy>) -> Result<()> {
+    fn copy_replacing(&self, p: &Path, s: &Path, pre: &mut Option<Ahead>) -> Result<()> {
         let (sparent, sname) = split(s)?;
-        match pre.take() {
+        match pre.as_mut().and_then(|a| a.copy.take()) {
             Some(c) => ovl_copyup::place_copy(&self.stack, c, sparent, sname, true)?,
             None => {
                 ovl_copyup::copy_up_replacing(&self.stack, &Source { layer: LIVE, path: p.to_path_buf() }, sparent)?
@@ -323,11 +323,11 @@ impl Cow {
         Ok(())
     }
 
-    /// The copy made ahead of the LIVE file `st`, about to change (see `crate::precopy`): every
-    /// rule run for a file takes its slot, so that a copy made before this change is not used
-    /// after it.
-    fn precopied(&self, st: &Stat) -> Option<PreparedCopy> {
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+    /// What was made ahead for the LIVE file `st`, about to change (see `crate::precopy`): every
+    /// rule run for a file takes its slot, so that nothing made before this change is used after
+    /// it.
+    fn precopied(&self, st: &Stat) -> Option<Ahead> {
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
             return None;
         }
         self.pre.take(st)
@@ -391,9 +391,14 @@ impl Cow {
 
     /// Saves a file with several LIVE names (`st`) under each name the snapshot shows it by: one
     /// copy, and links to it for the other names.
-    fn save_all_names(&self, st: &Stat, pre: &mut Option<PreparedCopy>) -> Result<Vec<u64>> {
+    fn save_all_names(&self, st: &Stat, pre: &mut Option<Ahead>) -> Result<Vec<u64>> {
         let mut first: Option<PathBuf> = None;
-        for q in self.live_names(st)? {
+        let found = pre.as_mut().and_then(|a| a.names.take()).filter(|n| self.all_names(st, n));
+        let names = match found {
+            Some(n) => n,
+            None => live_names(self.live(), &self.hidden, st)?,
+        };
+        for q in names {
             let Some((s, w)) = self.snap_path(&q)? else { continue };
             match w.state {
                 State::Absent => {
@@ -413,33 +418,13 @@ impl Cow {
         Ok(vec![st.st_ino])
     }
 
-    /// Every LIVE path of the inode `st` (a walk of LIVE; only for files with several links).
-    fn live_names(&self, st: &Stat) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        let mut todo = vec![PathBuf::new()];
-        while let Some(dir) = todo.pop() {
-            for e in sys::read_dir(self.live(), &dir)? {
-                if dir.as_os_str().is_empty() && self.hidden.contains(&e.name) {
-                    continue;
-                }
-                let p = dir.join(&e.name);
-                match e.file_type {
-                    FileType::Directory => todo.push(p),
-                    FileType::Unknown => {
-                        let s2 = self.lstat_live(&p)?;
-                        match FileType::from_raw_mode(s2.st_mode) {
-                            FileType::Directory => todo.push(p),
-                            _ if s2.st_ino == st.st_ino => out.push(p),
-                            _ => {}
-                        }
-                    }
-                    // Any non-directory: hard-linked symlinks and special files count too.
-                    _ if e.ino == st.st_ino => out.push(p),
-                    _ => {}
-                }
-            }
-        }
-        Ok(out)
+    /// Whether `names`, found ahead, are still every LIVE name of the file `st`: as many as it
+    /// has links, each still naming it.
+    fn all_names(&self, st: &Stat, names: &[PathBuf]) -> bool {
+        let distinct: std::collections::HashSet<&PathBuf> = names.iter().collect();
+        distinct.len() == names.len()
+            && names.len() as u64 == st.st_nlink
+            && names.iter().all(|q| self.lstat_live(q).is_ok_and(|s2| (s2.st_dev, s2.st_ino) == (st.st_dev, st.st_ino)))
     }
 
     /// A new object is about to appear at LIVE `p`.
@@ -609,4 +594,34 @@ fn redirect_value(p: &Path) -> Vec<u8> {
     let mut v = b"/".to_vec();
     v.extend_from_slice(p.as_os_str().as_bytes());
     v
+}
+
+/// Every path in LIVE (`live`, skipping the root names `hidden`) of the inode `st`: a walk of
+/// LIVE, only for files with several links.
+pub(crate) fn live_names(live: BorrowedFd<'_>, hidden: &[OsString], st: &Stat) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(dir) = todo.pop() {
+        for e in sys::read_dir(live, &dir)? {
+            if dir.as_os_str().is_empty() && hidden.contains(&e.name) {
+                continue;
+            }
+            let p = dir.join(&e.name);
+            match e.file_type {
+                FileType::Directory => todo.push(p),
+                FileType::Unknown => {
+                    let s2 = sys::lstat_beneath(live, &p)?;
+                    match FileType::from_raw_mode(s2.st_mode) {
+                        FileType::Directory => todo.push(p),
+                        _ if s2.st_ino == st.st_ino => out.push(p),
+                        _ => {}
+                    }
+                }
+                // Any non-directory: hard-linked symlinks and special files count too.
+                _ if e.ino == st.st_ino => out.push(p),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
 }

@@ -17,8 +17,13 @@
 //! file (inode, size, times) before use.
 //!
 //! Writers of the same file wait for the copy in progress, before the gate; nobody else waits.
+//!
+//! A file with several links is saved under every name the snapshot shows it by, and finding its
+//! names walks LIVE: that walk is made ahead too, and used only if it is still complete (as many
+//! names as links, each still that file).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,9 +52,20 @@ pub(crate) struct Slot {
 #[derive(Debug)]
 enum State {
     Copying,
-    Ready(PreparedCopy, Instant),
+    Ready(Box<Ahead>, Instant),
     /// Taken, dropped, or failed.
     Gone,
+}
+
+/// What was made ahead for one file.
+#[derive(Debug)]
+pub(crate) struct Ahead {
+    /// The file's `lstat` before anything was read.
+    pub source: Stat,
+    /// A copy of its data and metadata (regular files with data).
+    pub copy: Option<PreparedCopy>,
+    /// Its LIVE names (files with several links).
+    pub names: Option<Vec<PathBuf>>,
 }
 
 /// What a caller of [`Precopies::claim`] does next.
@@ -83,13 +99,13 @@ impl Precopies {
     }
 
     /// Takes out the slot of the LIVE file `st`, about to change, under the CoW target's lock:
-    /// its finished copy when it shows the file as `st` is, else nothing (a copy in progress is
-    /// dropped when it ends).
-    pub fn take(&self, st: &Stat) -> Option<PreparedCopy> {
+    /// what was made ahead when it shows the file as `st` is, else nothing (a copy in progress
+    /// is dropped when it ends).
+    pub fn take(&self, st: &Stat) -> Option<Ahead> {
         let slot = self.slots.lock().remove(&(st.st_dev, st.st_ino))?;
         let mut state = slot.state.lock();
         match std::mem::replace(&mut *state, State::Gone) {
-            State::Ready(copy, _) if same_file(copy.source(), st) => Some(copy),
+            State::Ready(ahead, _) if same_file(&ahead.source, st) => Some(*ahead),
             State::Ready(..) => {
                 tracing::warn!(ino = st.st_ino, "a copy made ahead no longer matches its file; copying again");
                 None
@@ -109,11 +125,11 @@ impl Slot {
     }
 
     /// Ends the copy with its result; a copy whose slot was taken meanwhile is dropped.
-    pub fn fill(&self, copy: Result<PreparedCopy>) {
+    pub fn fill(&self, ahead: Result<Ahead>) {
         let mut state = self.state.lock();
         if matches!(*state, State::Copying) {
-            *state = match copy {
-                Ok(c) => State::Ready(c, Instant::now()),
+            *state = match ahead {
+                Ok(c) => State::Ready(Box::new(c), Instant::now()),
                 Err(e) => {
                     tracing::debug!("copy ahead failed ({e}); the change copies inside the gate");
                     State::Gone

@@ -643,17 +643,21 @@ impl Drop for Finish<'_> {
 }
 
 impl Snapper {
-    /// Copies the file at LIVE `path` ahead of its first change, when the newest snapshot will
-    /// need its state (see `crate::precopy`); waits for a copy another change of it started.
+    /// Copies the file at LIVE `path` ahead of its first change, and finds its names when it has
+    /// several links, when the newest snapshot will need its state (see `crate::precopy`); waits
+    /// for such work another change of it started.
     fn precopy(&self, path: &Path, removal: bool) -> ovl_core::Result<()> {
-        use crate::precopy::Claim;
+        use crate::precopy::{Ahead, Claim};
+        use rustix::fs::FileType;
         if self.generation.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
         let st = sys::lstat_beneath(self.live.as_fd(), path)?;
-        let regular = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+        let kind = FileType::from_raw_mode(st.st_mode);
         // An empty file is copied in no time; the last name of a removed file is linked, not copied.
-        if !regular || st.st_size == 0 || (removal && st.st_nlink < 2) {
+        let copy = kind == FileType::RegularFile && st.st_size > 0 && (!removal || st.st_nlink > 1);
+        let names = kind != FileType::Directory && st.st_nlink > 1;
+        if !copy && !names {
             return Ok(());
         }
         let (claim, stack) = {
@@ -661,19 +665,30 @@ impl Snapper {
             let Some(c) = cow.as_ref() else { return Ok(()) };
             (self.precopies.claim(&st, || c.needs_copy(path, &st))?, c.stack())
         };
-        match claim {
-            Claim::Skip => {}
-            Claim::Wait(slot) => slot.wait(),
-            Claim::Copy(slot) => {
-                let src = ovl_copyup::Source { layer: crate::cow::LIVE, path: path.to_owned() };
-                let copy = ovl_copyup::prepare_copy(&stack, &src).and_then(|c| {
-                    // The path may lead to another file by now: then this copy is not the slot's.
-                    let same = (c.source().st_dev, c.source().st_ino) == (st.st_dev, st.st_ino);
-                    if same { Ok(c) } else { Err(ovl_core::Errno::AGAIN.into()) }
-                });
-                slot.fill(copy);
+        let slot = match claim {
+            Claim::Skip => return Ok(()),
+            Claim::Wait(slot) => {
+                slot.wait();
+                return Ok(());
             }
-        }
+            Claim::Copy(slot) => slot,
+        };
+        let made = (|| {
+            let names = if names { Some(crate::cow::live_names(self.live.as_fd(), &self.hidden, &st)?) } else { None };
+            let copy = if copy {
+                let src = ovl_copyup::Source { layer: crate::cow::LIVE, path: path.to_owned() };
+                let c = ovl_copyup::prepare_copy(&stack, &src)?;
+                // The path may lead to another file by now: then this copy is not the slot's.
+                if (c.source().st_dev, c.source().st_ino) != (st.st_dev, st.st_ino) {
+                    return Err(ovl_core::Errno::AGAIN.into());
+                }
+                Some(c)
+            } else {
+                None
+            };
+            Ok(Ahead { source: st, copy, names })
+        })();
+        slot.fill(made);
         Ok(())
     }
 }

@@ -120,8 +120,8 @@ fn in_view(snap: &SnapMount, name: &str, rel: &str) -> PathBuf {
 }
 
 /// While the first write to a 1 GiB file after `take s1` copies it: a create and a first write
-/// in another dir, a `stat`, a read of the snapshot's view and `take s2` all return before that
-/// write does. (On the build before, each of them waited for the whole copy.) The copy, made
+/// in another dir, a `stat`, a read of the snapshot's view, a rename, an unlink and `take s2` all
+/// return before that write does. (On the build before, each of them waited for the whole copy.) The copy, made
 /// for s1 but finished after s2 was taken, is what s2 saves; both views show the old file.
 #[test]
 fn a_big_copy_blocks_only_its_own_file() {
@@ -136,8 +136,12 @@ fn a_big_copy_blocks_only_its_own_file() {
     fs::write(mnt.join("other/small"), b"small after").expect("first write of another file");
     fs::metadata(mnt.join("other/small")).expect("stat during the copy");
     assert_eq!(fs::read(in_view(&snap, "s1", "other/small")).unwrap(), b"small before");
+    // A rename and an unlink lock the live overlay's namespace exclusively.
+    fs::write(mnt.join("other/gone"), b"x").unwrap();
+    fs::rename(mnt.join("other/gone"), mnt.join("other/moved")).expect("rename during the copy");
+    fs::remove_file(mnt.join("other/moved")).expect("unlink during the copy");
     let during = [
-        ("create, write, stat and view read", done.load(Ordering::SeqCst)),
+        ("create, write, stat, view read, rename and unlink", done.load(Ordering::SeqCst)),
         ("take s2", {
             snap.take(Some("s2"));
             done.load(Ordering::SeqCst)
