@@ -69,6 +69,12 @@ pub enum Metric {
     OverwriteAgainAfterTake,
     /// [`Metric::OverwriteFirstAfterTake`] / [`Metric::OverwriteNoSnapshot`], per run.
     OverwriteAfterTakeRatio,
+    /// The slowest create + stat + unlink of a small file in another dir of the mount (one every
+    /// 2 ms) while [`Metric::OverwriteNoSnapshot`] runs: no copy.
+    ProbeWhileWriting,
+    /// The same while [`Metric::OverwriteFirstAfterTake`] runs, whose first write copies the whole
+    /// file into the snapshot (issue 16.6: nobody else may wait for that copy).
+    ProbeWhileCopying,
 }
 
 /// How a metric is judged against the kernel.
@@ -86,6 +92,8 @@ enum Target {
     MillisFlat(f64, Metric),
     /// The value (a ratio) is at least this.
     AtLeast(f64),
+    /// At most this many times ovlfs's (ovlsnap's) own value of another metric.
+    OwnTimes(Metric, f64),
     /// No target; reported for information.
     None,
 }
@@ -127,6 +135,8 @@ impl Metric {
         Metric::OverwriteFirstAfterTake,
         Metric::OverwriteAgainAfterTake,
         Metric::OverwriteAfterTakeRatio,
+        Metric::ProbeWhileWriting,
+        Metric::ProbeWhileCopying,
     ];
 
     /// The metrics of the main ext4 sequence (one mount).
@@ -172,6 +182,8 @@ impl Metric {
             Metric::OverwriteFirstAfterTake => "overwrite_first_after_take",
             Metric::OverwriteAgainAfterTake => "overwrite_again_after_take",
             Metric::OverwriteAfterTakeRatio => "overwrite_after_take_ratio",
+            Metric::ProbeWhileWriting => "probe_max_while_writing",
+            Metric::ProbeWhileCopying => "probe_max_while_copying",
         }
     }
 
@@ -192,7 +204,9 @@ impl Metric {
             | Metric::OverwriteNoSnapshot
             | Metric::OverwriteFirstAfterTake
             | Metric::OverwriteAgainAfterTake
-            | Metric::OverwriteAfterTakeRatio => Phase::Snapshots,
+            | Metric::OverwriteAfterTakeRatio
+            | Metric::ProbeWhileWriting
+            | Metric::ProbeWhileCopying => Phase::Snapshots,
             _ => Phase::Ext4,
         }
     }
@@ -249,7 +263,9 @@ impl Metric {
             | Metric::OverwriteNoSnapshot
             | Metric::OverwriteFirstAfterTake
             | Metric::OverwriteAgainAfterTake
-            | Metric::OverwriteAfterTakeRatio => Target::None,
+            | Metric::OverwriteAfterTakeRatio
+            | Metric::ProbeWhileWriting => Target::None,
+            Metric::ProbeWhileCopying => Target::OwnTimes(Metric::ProbeWhileWriting, 2.0),
         }
     }
 
@@ -260,6 +276,7 @@ impl Metric {
             Target::Millis(ms) => format!("<= {ms} ms"),
             Target::MillisFlat(ms, _) => format!("<= {ms} ms, flat in tree size"),
             Target::AtLeast(ratio) => format!(">= {ratio} (with / without)"),
+            Target::OwnTimes(other, times) => format!("<= {times}x {}", other.id()),
             Target::None => "-".to_owned(),
         }
     }
@@ -409,6 +426,9 @@ impl Results {
                 Some(ours <= limit && flat)
             }
             Target::AtLeast(limit) => Some(self.median_of(metric, Backend::Ovlfs)? >= limit),
+            Target::OwnTimes(other, times) => {
+                Some(self.median_of(metric, Backend::Ovlfs)? <= times * self.median_of(other, Backend::Ovlfs)?)
+            }
             Target::None => None,
         }
     }

@@ -59,7 +59,7 @@ const FILES_PER_DIR: usize = 500;
 const CHANGES_PER_TAKE: usize = 3;
 
 /// The metrics of one write run, in the order they are measured.
-const WRITE_METRICS: [Metric; 7] = [
+const WRITE_METRICS: [Metric; 9] = [
     Metric::WriteNoSnapshot,
     Metric::OverwriteNoSnapshot,
     Metric::WriteNewWithSnapshot,
@@ -67,6 +67,8 @@ const WRITE_METRICS: [Metric; 7] = [
     Metric::OverwriteAgainAfterTake,
     Metric::WriteWithSnapshot,
     Metric::OverwriteAfterTakeRatio,
+    Metric::ProbeWhileWriting,
+    Metric::ProbeWhileCopying,
 ];
 
 /// Where the daemons' control sockets live (snap-fs's `control::RUN_DIR`).
@@ -315,12 +317,16 @@ fn write_run(ovlsnap: &Path, base: &Path, rep: usize, mib: u64, out: &mut Vec<(M
         Ok(ops::write_seq(&mnt.join(name), mib, into))
     };
     let without = note(out, Metric::WriteNoSnapshot, write("new-a.bin", WriteInto::NewFile)?);
-    let overwrite_without = note(out, Metric::OverwriteNoSnapshot, write("old.bin", WriteInto::InPlace)?);
+    let (overwrite_without, probe) = probed(&mnt, || write("old.bin", WriteInto::InPlace));
+    let overwrite_without = note(out, Metric::OverwriteNoSnapshot, overwrite_without?);
+    note(out, Metric::ProbeWhileWriting, probe);
     if let Outcome::Failed(why) = mount.take_command("write-test") {
         bail!("take: {why}");
     }
     let with = note(out, Metric::WriteNewWithSnapshot, write("new-b.bin", WriteInto::NewFile)?);
-    let mut overwrite_first = write("old.bin", WriteInto::InPlace)?;
+    let (overwrite_first, probe) = probed(&mnt, || write("old.bin", WriteInto::InPlace));
+    let mut overwrite_first = overwrite_first?;
+    note(out, Metric::ProbeWhileCopying, probe);
     // Without the copy the first overwrite would be a fast number that means nothing.
     let saved = mount.layer_bytes()?;
     if saved < mib << 20 && matches!(overwrite_first, Outcome::Value(_)) {
@@ -366,6 +372,37 @@ fn write_run(ovlsnap: &Path, base: &Path, rep: usize, mib: u64, out: &mut Vec<(M
     }
     mount.unmount()?;
     fs::remove_dir_all(&live).with_context(|| format!("removing {}", live.display()))
+}
+
+/// Runs `f` while another thread creates, stats and removes a small file in `MNT/probe` every
+/// 2 ms; returns what `f` returned and the slowest probe in ms.
+fn probed<T>(mnt: &Path, f: impl FnOnce() -> T) -> (T, Outcome) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = mnt.join("probe");
+    if let Err(e) = fs::create_dir_all(&dir) {
+        return (f(), Outcome::Failed(format!("mkdir {}: {e}", dir.display())));
+    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let (mut worst, mut n) = (0f64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let p = dir.join(format!("p{n}"));
+                let start = Instant::now();
+                let probe = fs::write(&p, b"p").and_then(|()| fs::metadata(&p)).and_then(|_| fs::remove_file(&p));
+                if let Err(e) = probe {
+                    return Outcome::Failed(format!("probe {}: {e}", p.display()));
+                }
+                worst = worst.max(start.elapsed().as_secs_f64() * 1e3);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if n == 0 { Outcome::Failed("no probe ran".to_owned()) } else { Outcome::Value(worst) }
+        });
+        let out = f();
+        stop.store(true, Ordering::Relaxed);
+        (out, prober.join().unwrap_or_else(|_| Outcome::Failed("the probe thread panicked".to_owned())))
+    })
 }
 
 /// Pairs of new-file writes without and with a snapshot per write run, after the first.
