@@ -240,8 +240,7 @@ impl OverlayFs {
         // in an override xattr (`xattr_permissions=`), they go there and the inode keeps its own.
         let uid = a.uid.map(|u| self.stored_owner(u, 0).0);
         let gid = a.gid.map(|g| self.stored_owner(0, g).1);
-        let recorded = (uid.is_some() || gid.is_some() || a.mode.is_some())
-            && self.set_recorded(node, &self.real_stat(node)?, (dir.as_fd(), name.as_deref()), uid, gid, a.mode)?;
+        let recorded = self.set_recorded(node, (dir.as_fd(), name.as_deref()), uid, gid, a.mode)?;
         if !recorded && (uid.is_some() || gid.is_some() || bare_chown) {
             match rustix::fs::chownat(&dir, name_ref, uid.map(Uid::from_raw), gid.map(Gid::from_raw), at) {
                 Err(e) if self.chown_may_fail() && !bare_chown => {

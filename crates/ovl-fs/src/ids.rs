@@ -97,7 +97,7 @@ impl OverlayFs {
 
     /// The override xattr kept on `node`'s object, if its layer keeps one for its type.
     fn override_of(&self, node: &Node, st: &Stat) -> Option<OverrideXattr> {
-        if !carries_override(st) {
+        if !self.owners.any_override() || !carries_override(st) {
             return None;
         }
         self.meta_layer(node).and_then(|l| self.owners.of(l))
@@ -171,18 +171,21 @@ impl OverlayFs {
         self.owners.shift.is_squashing()
     }
 
-    /// Records owner and mode changes of `node`'s upper object (`real` its `lstat`, `uid`/`gid`
-    /// already stored IDs) in its override xattr, if its layer keeps one; returns false if the
-    /// inode itself is to be changed.
+    /// Records owner and mode changes of `node`'s upper object (`uid`/`gid` already stored IDs)
+    /// in its override xattr, if its layer keeps one; returns false if the inode itself is to be
+    /// changed.
     pub(crate) fn set_recorded(
         &self,
         node: &Node,
-        real: &Stat,
         (dir, name): (BorrowedFd<'_>, Option<&CStr>),
         uid: Option<u32>,
         gid: Option<u32>,
         mode: Option<u32>,
     ) -> Result<bool> {
+        if !self.owners.any_override() || (uid.is_none() && gid.is_none() && mode.is_none()) {
+            return Ok(false);
+        }
+        let real = &self.real_stat(node)?;
         let Some(x) = self.override_of(node, real) else { return Ok(false) };
         let mut o = match sys::get_xattr(dir, name, x.name())? {
             Some(v) => StatOverride::parse(&v).unwrap_or_else(|_| StatOverride::from_stat(real)),
