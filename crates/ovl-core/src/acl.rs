@@ -55,6 +55,18 @@ impl Acl {
         Ok(Acl { entries })
     }
 
+    /// Maps the IDs of the named user (`uid`) and named group (`gid`) entries, for a mount that
+    /// shows other IDs than its layers store.
+    pub fn map_ids(&mut self, uid: impl Fn(u32) -> u32, gid: impl Fn(u32) -> u32) {
+        for e in &mut self.entries {
+            match e.tag {
+                USER => e.id = uid(e.id),
+                GROUP => e.id = gid(e.id),
+                _ => {}
+            }
+        }
+    }
+
     /// The xattr value.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = VERSION.to_le_bytes().to_vec();

@@ -21,10 +21,12 @@
 pub mod acl;
 mod error;
 mod format;
+pub mod idmap;
 pub mod index;
 mod layer;
 mod options;
 pub mod origin;
+pub mod statoverride;
 pub mod sys;
 
 pub use error::{Errno, Error, Result, StackError};

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use crate::StackError;
+use crate::idmap::{IdMap, IdShift};
+use crate::statoverride::OverrideXattr;
 
 /// How renamed directories are handled (the kernel's `redirect_dir=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,6 +43,12 @@ pub struct MountOptions {
     /// Keep lower hard links linked across copy-up through `WORKDIR/index` (the kernel's
     /// `index=on`, see [`crate::index`]).
     pub index: bool,
+    /// Owners shown and written through the mount (`uidmapping=`, `gidmapping=`,
+    /// `squash_to_uid=`, `squash_to_gid=`, `squash_to_root`: see [`crate::idmap`]).
+    pub ids: IdShift,
+    /// `xattr_permissions=1|2`: the upper layer keeps owner and mode in this xattr instead of
+    /// the real inode (see [`crate::statoverride`]); `0` or absent: only where a layer root says so.
+    pub xattr_permissions: Option<OverrideXattr>,
     /// Options meant for the FUSE layer or mount(8) that we accept and ignore.
     pub ignored: Vec<String>,
 }
@@ -153,7 +161,30 @@ impl MountOptions {
                     }
                 }
                 (k, None) if IGNORED.contains(&k) => self.ignored.push(opt.clone()),
-                ("fsname" | "subtype" | "source", Some(_)) => self.ignored.push(opt.clone()),
+                ("uidmapping", Some(v)) => self.ids.uids = IdMap::parse(v).map_err(|e| bad(key, &e))?,
+                ("gidmapping", Some(v)) => self.ids.gids = IdMap::parse(v).map_err(|e| bad(key, &e))?,
+                ("squash_to_uid", Some(v)) => self.ids.squash_uid = Some(id(key, v)?),
+                ("squash_to_gid", Some(v)) => self.ids.squash_gid = Some(id(key, v)?),
+                ("squash_to_root", None) => self.ids.squash_to_root = true,
+                ("xattr_permissions", Some(v)) => {
+                    self.xattr_permissions = match v {
+                        "0" => None,
+                        "1" => Some(OverrideXattr::Privileged),
+                        "2" => Some(OverrideXattr::Containers),
+                        _ => {
+                            return Err(bad(
+                                key,
+                                "expected 0 (off), 1 (security.fuseoverlayfs.override_stat) \
+                                 or 2 (user.containers.override_stat)",
+                            ));
+                        }
+                    }
+                }
+                // SELinux labels (containers/storage adds `context="..."`): FUSE mounts made
+                // here carry none.
+                ("fsname" | "subtype" | "source" | "context" | "fscontext" | "defcontext" | "rootcontext", Some(_)) => {
+                    self.ignored.push(opt.clone())
+                }
                 (k, Some(v)) => match ACCEPTED_KERNEL.iter().find(|(name, _)| *name == k) {
                     Some((_, values)) if values.contains(&v) => self.ignored.push(opt.clone()),
                     Some((_, values)) => {
@@ -173,16 +204,29 @@ impl MountOptions {
     }
 }
 
+/// A numeric user or group ID.
+fn id(option: &str, v: &str) -> Result<u32, StackError> {
+    v.parse().map_err(|_| bad(option, &format!("`{v}` is not an ID (0 to 4294967295)")))
+}
+
 fn bad(option: &str, reason: &str) -> StackError {
     StackError::BadValue { option: option.to_string(), reason: reason.to_string() }
 }
 
-/// Splits at `sep` unless it is escaped with a backslash; escapes are kept for [`unescape`].
+/// Splits at `sep` unless it is escaped with a backslash or, in an SELinux `*context=` value,
+/// inside double quotes (`context="system_u:object_r:container_file_t:s0:c1,c2"`); escapes
+/// and quotes are kept.
 fn split_escaped(s: &str, sep: char) -> Vec<String> {
     let mut out = vec![String::new()];
     let mut chars = s.chars();
+    let mut quoted = false;
     while let Some(c) = chars.next() {
-        if c == '\\' {
+        if c == '"' && (quoted || is_context(out.last().expect("never empty"))) {
+            quoted = !quoted;
+            out.last_mut().expect("never empty").push(c);
+        } else if quoted {
+            out.last_mut().expect("never empty").push(c);
+        } else if c == '\\' {
             let last = out.last_mut().expect("never empty");
             last.push('\\');
             if let Some(n) = chars.next() {
@@ -195,6 +239,11 @@ fn split_escaped(s: &str, sep: char) -> Vec<String> {
         }
     }
     out
+}
+
+/// True if `elem` (an option so far) is an SELinux context option about to get its value.
+fn is_context(elem: &str) -> bool {
+    elem.split_once('=').is_some_and(|(k, v)| k.ends_with("context") && v.is_empty())
 }
 
 fn unescape(s: &str) -> String {
@@ -247,5 +296,43 @@ mod tests {
         assert_eq!(e.to_string(), "unknown mount option `frobnicate`");
         let e = MountOptions::parse("lowerdir=/a,redirect_dir=maybe").unwrap_err();
         assert!(e.to_string().contains("redirect_dir"), "{e}");
+    }
+
+    /// Regression (issue 18): the option strings containers/storage hands its mount program.
+    #[test]
+    fn issue_18_accepts_what_podman_passes() {
+        let o = MountOptions::parse(
+            "lowerdir=/l/A:/l/B,upperdir=/d/diff,workdir=/d/work,,volatile,nodev,metacopy=on,\
+             context=\"system_u:object_r:container_file_t:s0:c1,c2\",\
+             uidmapping=:0:100000:65536,gidmapping=:0:100000:65536,xattr_permissions=2",
+        )
+        .unwrap();
+        assert_eq!(o.lowerdirs, vec![PathBuf::from("/l/A"), PathBuf::from("/l/B")]);
+        assert!(o.volatile && o.metacopy);
+        assert_eq!(o.ids.uids.shown(0), 100000);
+        assert_eq!(o.ids.gids.stored(100007), 7);
+        assert_eq!(o.xattr_permissions, Some(OverrideXattr::Containers));
+        assert!(o.ignored.iter().any(|i| i.starts_with("context=\"system_u") && i.ends_with("c1,c2\"")));
+        let q = MountOptions::parse("lowerdir=/a:/b,squash_to_uid=1000,squash_to_gid=1001,squash_to_root").unwrap();
+        assert_eq!((q.ids.squash_uid, q.ids.squash_gid, q.ids.squash_to_root), (Some(1000), Some(1001), true));
+        assert!(q.is_read_only());
+        assert_eq!(MountOptions::parse("lowerdir=/a,xattr_permissions=0").unwrap().xattr_permissions, None);
+        let keep_id = MountOptions::parse("lowerdir=/a,uidmapping=:0:1:1000:1000:0:1:1001:1001:64536").unwrap();
+        assert_eq!(keep_id.ids.uids.ranges().len(), 3);
+    }
+
+    #[test]
+    fn issue_18_bad_id_options_name_the_option_and_the_problem() {
+        let msg = |s: &str| MountOptions::parse(s).unwrap_err().to_string();
+        let m = msg("lowerdir=/a,uidmapping=:0:100000");
+        assert!(m.contains("uidmapping") && m.contains("groups of three"), "{m}");
+        let m = msg("lowerdir=/a,gidmapping=0:100000:65536:10:100010:5");
+        assert!(m.contains("gidmapping") && m.contains("overlap"), "{m}");
+        let m = msg("lowerdir=/a,squash_to_uid=-1");
+        assert!(m.contains("squash_to_uid") && m.contains("not an ID"), "{m}");
+        let m = msg("lowerdir=/a,xattr_permissions=3");
+        assert!(m.contains("xattr_permissions") && m.contains("user.containers.override_stat"), "{m}");
+        let m = msg("lowerdir=/a,uidmapping=");
+        assert!(m.contains("no ranges"), "{m}");
     }
 }

@@ -236,10 +236,20 @@ impl OverlayFs {
             && a.size.is_none()
             && a.atime.is_none()
             && a.mtime.is_none();
-        if a.uid.is_some() || a.gid.is_some() || bare_chown {
-            rustix::fs::chownat(&dir, name_ref, a.uid.map(Uid::from_raw), a.gid.map(Gid::from_raw), at)?;
+        // Owners the caller writes are shifted to stored IDs; where the layer keeps owner and mode
+        // in an override xattr (`xattr_permissions=`), they go there and the inode keeps its own.
+        let uid = a.uid.map(|u| self.stored_owner(u, 0).0);
+        let gid = a.gid.map(|g| self.stored_owner(0, g).1);
+        let recorded = self.set_recorded(node, (dir.as_fd(), name.as_deref()), uid, gid, a.mode)?;
+        if !recorded && (uid.is_some() || gid.is_some() || bare_chown) {
+            match rustix::fs::chownat(&dir, name_ref, uid.map(Uid::from_raw), gid.map(Gid::from_raw), at) {
+                Err(e) if self.chown_may_fail() && !bare_chown => {
+                    tracing::debug!("chown failed, ignored under a squash option: {e}");
+                }
+                r => r?,
+            }
         }
-        if let Some(mode) = a.mode {
+        if let Some(mode) = a.mode.filter(|_| !recorded) {
             if node.kind != rustix::fs::FileType::Symlink {
                 match &name {
                     Some(n) => rustix::fs::chmodat(&dir, n, Mode::from_raw_mode(mode & 0o7777), AtFlags::empty())?,

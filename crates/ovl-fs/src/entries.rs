@@ -27,30 +27,59 @@ pub(crate) struct NewOwner {
     pub acl: Option<Vec<u8>>,
     /// `system.posix_acl_default` to store (a new directory inherits its parent's).
     pub default_acl: Option<Vec<u8>>,
+    /// Owner and mode go into this xattr instead of the inode (`xattr_permissions=`).
+    pub record: Option<ovl_core::statoverride::OverrideXattr>,
+    /// A failed `chown` is not an error (squash options: see `OverlayFs::chown_may_fail`).
+    pub chown_may_fail: bool,
 }
 
 impl NewOwner {
-    /// The owner for a new object made by `uid`/`gid` with permission bits `mode` in a directory
-    /// with attributes `parent`: a set-group-ID directory passes on its group (and, to new
-    /// directories, the bit itself).
+    /// The owner for a new object made by `uid`/`gid` (stored IDs) with permission bits `mode`
+    /// in a directory with recorded attributes `parent`: a set-group-ID directory passes on its
+    /// group (and, to new directories, the bit itself).
     pub fn new(uid: u32, gid: u32, mode: u32, parent: &Stat, is_dir: bool) -> Self {
         let sgid = parent.st_mode & libc::S_ISGID != 0;
         let gid = if sgid { parent.st_gid } else { gid };
         let mode = if sgid && is_dir { mode | libc::S_ISGID } else { mode };
-        Self { uid, gid, mode: mode & 0o7777, acl: None, default_acl: None }
+        Self { uid, gid, mode: mode & 0o7777, acl: None, default_acl: None, record: None, chown_may_fail: false }
+    }
+
+    /// The override xattr an object of `kind` gets (only files and directories carry one).
+    fn record_for(&self, kind: FileType) -> Option<ovl_core::statoverride::OverrideXattr> {
+        self.record.filter(|_| matches!(kind, FileType::RegularFile | FileType::Directory))
+    }
+
+    /// The mode of the inode: with an override xattr its owner (the daemon) keeps access
+    /// whatever mode the xattr records.
+    fn real_mode(&self, kind: FileType) -> u32 {
+        match (self.record_for(kind), kind) {
+            (Some(_), FileType::Directory) => self.mode | 0o700,
+            (Some(_), _) => self.mode | 0o600,
+            (None, _) => self.mode,
+        }
+    }
+
+    /// Sets the owner: on the inode, or in the override xattr for types that carry one.
+    fn set_owner(&self, dir: BorrowedFd<'_>, name: &CStr, kind: FileType) -> Result<()> {
+        if let Some(x) = self.record_for(kind) {
+            let o = ovl_core::statoverride::StatOverride { uid: self.uid, gid: self.gid, mode: self.mode, rdev: None };
+            return sys::set_xattr(dir, Some(name), x.name(), &o.to_bytes(), 0);
+        }
+        let owner = (Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.gid)));
+        match rustix::fs::chownat(dir, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(e) if self.chown_may_fail || self.record.is_some() => {
+                tracing::debug!("chown of a new object failed, ignored (squash or xattr_permissions): {e}");
+                Ok(())
+            }
+            r => Ok(r?),
+        }
     }
 
     /// Sets owner, inherited ACLs, then mode (chown may clear set-ID bits), on `dir/name`; on
     /// failure the half made object is removed.
     fn apply(&self, dir: BorrowedFd<'_>, name: &CStr, kind: FileType) -> Result<()> {
         let done = (|| -> Result<()> {
-            rustix::fs::chownat(
-                dir,
-                name,
-                Some(Uid::from_raw(self.uid)),
-                Some(Gid::from_raw(self.gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )?;
+            self.set_owner(dir, name, kind)?;
             if kind == FileType::Symlink {
                 return Ok(());
             }
@@ -59,7 +88,7 @@ impl NewOwner {
                     sys::set_xattr(dir, Some(name), key, v, 0)?;
                 }
             }
-            Ok(rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty())?)
+            Ok(rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.real_mode(kind)), AtFlags::empty())?)
         })();
         if let Err(e) = done {
             let flags = if kind == FileType::Directory { AtFlags::REMOVEDIR } else { AtFlags::empty() };
@@ -179,7 +208,16 @@ impl OverlayFs {
 
     /// The attributes of `parent` as the owner rules need them.
     fn parent_stat(&self, parent: &Node) -> Result<Stat> {
-        self.real_stat(parent)
+        Ok(self.recorded(parent, &self.real_stat(parent)?))
+    }
+
+    /// The owner of a new object made by a caller with `uid`/`gid` (as the mount shows IDs).
+    fn owner_for(&self, parent: &Node, (uid, gid): (u32, u32), mode: u32, is_dir: bool) -> Result<NewOwner> {
+        let (uid, gid) = self.stored_owner(uid, gid);
+        let mut owner = NewOwner::new(uid, gid, mode, &self.parent_stat(parent)?, is_dir);
+        owner.record = self.upper_override();
+        owner.chown_may_fail = self.chown_may_fail();
+        Ok(owner)
     }
 
     /// The owner, mode and ACLs of a new object of `kind` made by `caller` in `parent`. With
@@ -188,11 +226,11 @@ impl OverlayFs {
     /// (and, to a directory, the default ACL itself); otherwise the umask applies.
     fn new_owner(&self, parent: &Node, (uid, gid, umask): Caller, mode: u32, kind: FileType) -> Result<NewOwner> {
         let is_dir = kind == FileType::Directory;
-        let mut owner = NewOwner::new(uid, gid, mode, &self.parent_stat(parent)?, is_dir);
+        let mut owner = self.owner_for(parent, (uid, gid), mode, is_dir)?;
         if !self.posix_acl || kind == FileType::Symlink {
             return Ok(owner);
         }
-        let default = match self.do_getxattr(parent, OsStr::new("system.posix_acl_default")) {
+        let default = match self.stored_xattr(parent, OsStr::new("system.posix_acl_default")) {
             Ok(v) => match ovl_core::acl::Acl::parse(&v) {
                 Ok(acl) => Some(acl),
                 Err(e) => {
@@ -264,7 +302,7 @@ impl OverlayFs {
         uid: u32,
         gid: u32,
     ) -> Result<(Arc<Node>, Stat)> {
-        let owner = NewOwner::new(uid, gid, 0o777, &self.parent_stat(parent)?, false);
+        let owner = self.owner_for(parent, (uid, gid), 0o777, false)?;
         let (node, st, ()) = self.create_object(parent, name, FileType::Symlink, |dir, n| {
             rustix::fs::symlinkat(target, dir, n)?;
             owner.apply(dir, n, FileType::Symlink)

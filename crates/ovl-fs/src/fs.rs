@@ -89,6 +89,8 @@ pub struct OverlayFs {
     /// `FUSE_POSIX_ACL` and `FUSE_DONT_MASK` were negotiated: the kernel enforces and caches
     /// ACLs, and the daemon applies the umask or, instead, the parent's default ACL to new objects.
     pub(crate) posix_acl: bool,
+    /// ID shift and override xattrs: how owners and modes read and write (`crate::ids`).
+    pub(crate) owners: crate::ids::Owners,
 }
 
 impl OverlayFs {
@@ -103,6 +105,7 @@ impl OverlayFs {
             }
         };
         let opaque = stack.upper().is_some() && root.lowers.is_empty();
+        let owners = crate::ids::Owners::open(&stack)?;
         let state = NodeState {
             names: Vec::new(),
             upper,
@@ -126,6 +129,7 @@ impl OverlayFs {
             killpriv: false,
             posix_acl: false,
             passthrough: Default::default(),
+            owners,
         })
     }
 
@@ -404,8 +408,10 @@ impl OverlayFs {
         Ok(st)
     }
 
-    /// The attributes the kernel sees for `node`, built from its real object's `lstat`.
+    /// The attributes the kernel sees for `node`, built from its real object's `lstat` (owner
+    /// and mode as recorded and shifted: `crate::ids`).
     pub(crate) fn attr(&self, node: &Node, st: &Stat) -> FileAttr {
+        let st = &self.shown(node, st);
         let merged_dir = node.is_dir() && !node.state.read().lower_dirs.is_empty();
         let time = |s: i64, ns: i64| {
             if s >= 0 {

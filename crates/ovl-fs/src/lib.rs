@@ -24,6 +24,7 @@ mod dirs;
 mod entries;
 mod fs;
 pub mod hook;
+mod ids;
 mod inode;
 pub mod limits;
 pub mod mount;

@@ -18,7 +18,7 @@ fn cname(name: &OsStr) -> Result<CString> {
 impl OverlayFs {
     /// Runs `f` on the real object of `node` as (parent dir, Some(name)) or (dir, None) for the
     /// root of a layer.
-    fn on_real<T>(
+    pub(crate) fn on_real<T>(
         &self,
         node: &Node,
         f: impl FnOnce(std::os::fd::BorrowedFd<'_>, Option<&std::ffi::CStr>) -> Result<T>,
@@ -31,7 +31,17 @@ impl OverlayFs {
         f(std::os::fd::AsFd::as_fd(&dir), Some(&name))
     }
 
+    /// The value of xattr `name` as callers see it (ACL IDs shifted: `crate::ids`).
     pub(crate) fn do_getxattr(&self, node: &Node, name: &OsStr) -> Result<Vec<u8>> {
+        if self.is_private_xattr(name.as_encoded_bytes()) {
+            return Err(Errno::NODATA.into());
+        }
+        let v = self.stored_xattr(node, name)?;
+        Ok(self.shift_acl(name.as_encoded_bytes(), v, true))
+    }
+
+    /// The value of xattr `name` as the layer stores it.
+    pub(crate) fn stored_xattr(&self, node: &Node, name: &OsStr) -> Result<Vec<u8>> {
         let key = cname(&self.stack.names().escape(name))?;
         self.on_real(node, |d, n| sys::get_xattr(d, n, &key))?.ok_or_else(|| Errno::NODATA.into())
     }
@@ -40,7 +50,9 @@ impl OverlayFs {
         let names = self.on_real(node, |d, n| sys::list_xattrs(d, n))?;
         let mut out = Vec::new();
         for n in names {
-            if let Some(shown) = self.stack.names().unescape(&n) {
+            if let Some(shown) =
+                self.stack.names().unescape(&n).filter(|s| !self.is_private_xattr(s.as_encoded_bytes()))
+            {
                 out.extend_from_slice(shown.as_encoded_bytes());
                 out.push(0);
             }
@@ -49,6 +61,10 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_setxattr(&self, node: &Arc<Node>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if self.is_private_xattr(name.as_encoded_bytes()) {
+            return Err(Errno::PERM.into());
+        }
+        let value = &self.shift_acl(name.as_encoded_bytes(), value.to_vec(), false);
         let key = cname(&self.stack.names().escape(name))?;
         let _gate = self.gate_for(node);
         self.hook_modify(node)?;
@@ -57,6 +73,9 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_removexattr(&self, node: &Arc<Node>, name: &OsStr) -> Result<()> {
+        if self.is_private_xattr(name.as_encoded_bytes()) {
+            return Err(Errno::PERM.into());
+        }
         let key = cname(&self.stack.names().escape(name))?;
         if self.on_real(node, |d, n| sys::get_xattr(d, n, &key))?.is_none() {
             return Err(Errno::NODATA.into());

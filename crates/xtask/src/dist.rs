@@ -54,8 +54,32 @@ Copy up only metadata on chmod, chown, utimes and xattr changes.
 .B volatile, fsync=volatile
 Skip the fsyncs that make copy-up durable.
 .TP
+.B uidmapping=\fISTORED\fR:\fISHOWN\fR:\fILEN\fR[:...], gidmapping=...
+Shift owners: IDs \fISTORED\fR.. in the layers are shown as \fISHOWN\fR.., and IDs callers write (chown,
+owners of new objects, named ACL entries) are stored shifted back. IDs outside every range become 65534.
+Empty fields are skipped (containers/storage writes \fBuidmapping=:0:100000:65536\fR); ranges may not
+overlap.
+.TP
+.B squash_to_uid=\fIUID\fR, squash_to_gid=\fIGID\fR, squash_to_root
+Show every object owned by \fIUID\fR/\fIGID\fR (or 0); what callers write is only mapped, and a chown
+that fails is ignored. \fBsquash_to_uid\fR/\fBsquash_to_gid\fR take precedence over \fBsquash_to_root\fR.
+.TP
+.B xattr_permissions=0|1|2
+Keep owner and mode of new and changed files and directories of the upper layer in an xattr
+(\fB1\fR: security.fuseoverlayfs.override_stat, \fB2\fR: user.containers.override_stat) instead of on the
+inode, for stores where the daemon cannot chown. Any layer whose root carries one of these xattrs
+(or user.fuseoverlayfs.override_stat) is read that way whatever the option says. The value is
+\fIUID\fR:\fIGID\fR:\fIOCTAL-MODE\fR[:\fITYPE\fR], TYPE one of file, dir, symlink, pipe, socket,
+block-\fIMAJ\fR-\fIMIN\fR, char-\fIMAJ\fR-\fIMIN\fR; the xattr itself is hidden from callers.
+.TP
+.B context=\fILABEL\fR
+Accepted and ignored (containers/storage adds it under SELinux).
+.TP
 .B \-f
 Stay in the foreground.
+.TP
+.B \-V, \-\-version
+Print \fBovlfs\fR \fIVERSION\fR on one line (what \fBpodman info\fR shows).
 .SH CHECKING LAYERS
 \fBovlfs check\fR checks unmounted layers as the kernel reads them: the upper layer over the lower
 layers (whiteouts that hide nothing, malformed, dangling or looping redirects, origins that do not

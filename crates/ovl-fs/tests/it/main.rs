@@ -19,3 +19,4 @@ mod limits;
 mod ops;
 mod passthrough;
 mod permissions;
+mod podman;
