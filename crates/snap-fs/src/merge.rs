@@ -9,8 +9,13 @@
 //! away, so nothing is copied); a directory whose A side the two layers alone decide (opaque, new)
 //! is taken whole and opaque; a directory that moved gets an absolute redirect to its place in B;
 //! the directories on the way get A's metadata and a redirect where their place in B differs.
+//!
+//! Two things the diff does not see are kept as well (issue 16.4): every name A shows of a
+//! hard-linked file of the two layers is put in `m` as a link of it (else a name the diff found
+//! equal in B would show B's object, splitting the group), and every directory made in `m` gets
+//! A's times back once all its entries are in (making them moved its mtime).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
@@ -30,9 +35,11 @@ pub(crate) fn build(
     out: BorrowedFd<'_>,
 ) -> Result<Report> {
     let report = Differ::new(a, b, 2, hidden).run()?;
-    let m = Merge { a, out, made: BTreeSet::new() };
+    let mut m = Merge { a, out, made: BTreeSet::new(), times: Vec::new() };
     m.root_meta()?;
     m.apply(&report)?;
+    m.keep_link_groups()?;
+    m.put_back_dir_times()?;
     Ok(report)
 }
 
@@ -40,6 +47,8 @@ struct Merge<'a> {
     a: &'a LayerStack,
     out: BorrowedFd<'a>,
     made: BTreeSet<PathBuf>,
+    /// Every directory made in the merged layer, with A's times for it.
+    times: Vec<(PathBuf, Timestamps)>,
 }
 
 impl Merge<'_> {
@@ -62,15 +71,16 @@ impl Merge<'_> {
     }
 
     /// The merged layer's root gets A's root metadata (the kernel shows the top layer's root).
-    fn root_meta(&self) -> Result<()> {
+    fn root_meta(&mut self) -> Result<()> {
         let root = DirLayers::root(self.a)?;
         let top = root.lowers.first().ok_or(Errno::IO)?;
         let src = self.a.layer(top.layer).root();
         let st = rustix::fs::fstat(src)?;
+        self.times.push((PathBuf::new(), times_of(&st)));
         copy_meta(src, None, &st, self.out, None)
     }
 
-    fn apply(mut self, report: &Report) -> Result<()> {
+    fn apply(&mut self, report: &Report) -> Result<()> {
         // The shallowest A dirs the two layers alone decide: each is taken whole.
         let mut whole: BTreeSet<PathBuf> = BTreeSet::new();
         for c in &report.changes {
@@ -168,6 +178,7 @@ impl Merge<'_> {
             let (sdir, sname) = open_at(root, &path)?;
             copy_meta(sdir.as_ref().map_or(root, |d| d.as_fd()), sname.as_deref(), &e.stat, dir.as_fd(), Some(&name))?;
             self.made.insert(pa.to_path_buf());
+            self.times.push((pa.to_path_buf(), times_of(&e.stat)));
         }
         let target = match to {
             Some(t) => Some(t.clone()),
@@ -212,6 +223,7 @@ impl Merge<'_> {
         rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))?;
         let (sdir, sname) = open_at(root, &path)?;
         copy_meta(sdir.as_ref().map_or(root, |d| d.as_fd()), sname.as_deref(), &e.stat, dir.as_fd(), Some(name))?;
+        self.times.push((pa.to_path_buf(), times_of(&e.stat)));
         let layers = e.dir.as_ref().ok_or(Errno::IO)?;
         let out =
             rustix::fs::openat(dir, name, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY, Mode::empty())?;
@@ -227,6 +239,83 @@ impl Merge<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Merge<'_> {
+    /// Puts in the merged layer every name A shows of each hard-linked file of the two merged
+    /// layers that is not there yet, as a link of that file.
+    fn keep_link_groups(&mut self) -> Result<()> {
+        for layer in [ovl_core::LayerId(0), ovl_core::LayerId(1)] {
+            let root = self.a.layer(layer).root();
+            for ((dev, ino), names) in linked_files(root)? {
+                for p in names {
+                    // Only names A shows as this very file (an upper layer may hide some).
+                    let shown = self.resolve(&p)?.is_some_and(|e| (e.stat.st_dev, e.stat.st_ino) == (dev, ino));
+                    if !shown || present(self.out, &p)? {
+                        continue;
+                    }
+                    self.ensure_parents(&p)?;
+                    self.take_whole(&p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives each directory made in the merged layer A's times again, now that its entries are in.
+    fn put_back_dir_times(&self) -> Result<()> {
+        for (p, times) in &self.times {
+            let fd = match sys::open_dir_path(self.out, p) {
+                Ok(fd) => fd,
+                // Made as a parent, then replaced by a whole copy (recorded again).
+                Err(e) if e.errno() == Errno::NOENT => continue,
+                Err(e) => return Err(e),
+            };
+            sys::set_times(fd.as_fd(), times)?;
+        }
+        Ok(())
+    }
+}
+
+/// The non-directories of the layer `root` with several links (whiteouts aside), by inode, each
+/// with its names in the layer.
+fn linked_files(root: BorrowedFd<'_>) -> Result<BTreeMap<(u64, u64), Vec<PathBuf>>> {
+    let mut out: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(dir) = todo.pop() {
+        for e in sys::read_dir(root, &dir)? {
+            let p = dir.join(&e.name);
+            if e.file_type == FileType::Directory {
+                todo.push(p);
+                continue;
+            }
+            let st = sys::lstat_beneath(root, &p)?;
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => todo.push(p),
+                _ if st.st_nlink > 1 && !ovl_core::is_whiteout_stat(&st) => {
+                    out.entry((st.st_dev, st.st_ino)).or_default().push(p)
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `p` exists in the merged layer `out`.
+fn present(out: BorrowedFd<'_>, p: &Path) -> Result<bool> {
+    match sys::lstat_beneath(out, p) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.errno(), Errno::NOENT | Errno::NOTDIR) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn times_of(st: &rustix::fs::Stat) -> Timestamps {
+    Timestamps {
+        last_access: Timespec { tv_sec: st.st_atime as _, tv_nsec: st.st_atime_nsec as _ },
+        last_modification: Timespec { tv_sec: st.st_mtime as _, tv_nsec: st.st_mtime_nsec as _ },
     }
 }
 
@@ -260,10 +349,7 @@ fn copy_meta(
     let uid = Some(rustix::fs::Uid::from_raw(st.st_uid));
     let gid = Some(rustix::fs::Gid::from_raw(st.st_gid));
     let mode = Mode::from_raw_mode(st.st_mode & 0o7777);
-    let times = Timestamps {
-        last_access: Timespec { tv_sec: st.st_atime as _, tv_nsec: st.st_atime_nsec as _ },
-        last_modification: Timespec { tv_sec: st.st_mtime as _, tv_nsec: st.st_mtime_nsec as _ },
-    };
+    let times = times_of(st);
     match dst_name {
         Some(n) => {
             rustix::fs::chownat(dst_dir, n, uid, gid, AtFlags::SYMLINK_NOFOLLOW)?;
