@@ -110,13 +110,23 @@ pub(crate) struct Differ<'a> {
     b: &'a LayerStack,
     range: u16,
     hidden: &'a [OsString],
+    /// Objects whose mtimes differ count as changed (see [`Differ::with_times`]).
+    times: bool,
     report: Report,
 }
 
 impl<'a> Differ<'a> {
     /// `a` is `range` layers stacked over the layers of `b`; `hidden` are root names of neither.
     pub fn new(a: &'a LayerStack, b: &'a LayerStack, range: usize, hidden: &'a [OsString]) -> Self {
-        Self { a, b, range: range as u16, hidden, report: Report::default() }
+        Self { a, b, range: range as u16, hidden, times: false, report: Report::default() }
+    }
+
+    /// Also reports objects that differ only in their mtime: a delete's merge must keep them (a
+    /// directory whose entries changed later, a file only touched), while users of `diff`, `send`
+    /// and `restore` are not told of a directory's time alone.
+    pub fn with_times(mut self) -> Self {
+        self.times = true;
+        self
     }
 
     /// Runs the diff.
@@ -266,6 +276,7 @@ impl<'a> Differ<'a> {
             || (ea.kind != FileType::Directory && sa.st_size != sb.st_size)
             // A file that gained or lost names (issue 16.4): restore and send redo its links.
             || (ea.kind != FileType::Directory && sa.st_nlink != sb.st_nlink)
+            || (self.times && (sa.st_mtime, sa.st_mtime_nsec) != (sb.st_mtime, sb.st_mtime_nsec))
         {
             return Ok(true);
         }

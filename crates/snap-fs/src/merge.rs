@@ -6,11 +6,14 @@
 //! between A and B, found by the diff (which only visits what those two layers touch), written in
 //! A's paths: a whiteout where B has something A has not; A's object where A has something B has
 //! not or has differently (files are hard links to the inode in `u_(k-1)` or `u_k`, which both go
-//! away, so nothing is copied); a directory whose A side the two layers alone decide (opaque, new)
+//! away, so nothing is copied; an object A shows from a layer below them is copied, never linked:
+//! sharing a LIVE inode would make the snapshot change with LIVE); a directory whose A side the two layers alone decide (opaque, new)
 //! is taken whole and opaque; a directory that moved gets an absolute redirect to its place in B;
 //! the directories on the way get A's metadata and a redirect where their place in B differs.
 //!
-//! Two things the diff does not see are kept as well (issue 16.4): every name A shows of a
+//! The diff it is built from counts a different mtime as a change, so that A's times stay (a
+//! directory whose entries changed in B, a file only touched). Two things the diff does not see
+//! are kept as well (issue 16.4): every name A shows of a
 //! hard-linked file of the two layers is put in `m` as a link of it (else a name the diff found
 //! equal in B would show B's object, splitting the group), and every directory made in `m` gets
 //! A's times back once all its entries are in (making them moved its mtime).
@@ -20,7 +23,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use ovl_core::sys;
-use ovl_core::{Errno, LayerStack, Result, XattrNames, make_whiteout};
+use ovl_core::{Errno, LayerId, LayerStack, Result, XattrNames, make_whiteout};
 use ovl_lookup::{DirLayers, Entry};
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps};
 
@@ -34,14 +37,22 @@ pub(crate) fn build(
     hidden: &[std::ffi::OsString],
     out: BorrowedFd<'_>,
 ) -> Result<Report> {
-    let report = Differ::new(a, b, 2, hidden).run()?;
+    let report = Differ::new(a, b, 2, hidden).with_times().run()?;
     let mut m = Merge { a, out, made: BTreeSet::new(), times: Vec::new() };
+    // Before anything is linked into `out`, which adds to the link counts.
+    let groups = [RANGE_TOP, RANGE_BOTTOM].map(|l| linked_files(a.layer(l).root()));
     m.root_meta()?;
     m.apply(&report)?;
-    m.keep_link_groups()?;
+    for g in groups {
+        m.keep_link_groups(g?)?;
+    }
     m.put_back_dir_times()?;
     Ok(report)
 }
+
+/// The two layers merged, in view A.
+const RANGE_TOP: LayerId = LayerId(0);
+const RANGE_BOTTOM: LayerId = LayerId(1);
 
 struct Merge<'a> {
     a: &'a LayerStack,
@@ -209,11 +220,24 @@ impl Merge<'_> {
             self.copy_dir(&e, pa, &dir, &name)?;
             sys::set_xattr(&dir, Some(&name), &self.names().opaque, b"y", 0)?;
         } else {
-            let (root, path) = Differ::location(self.a, &e)?;
-            let (sdir, sname) = sys::open_parent(root, &path)?;
-            rustix::fs::linkat(&sdir, &sname, &dir, &name, AtFlags::empty())?;
+            self.put_file(&e, &dir, &name)?;
         }
         Ok(())
+    }
+
+    /// Puts A's non-directory `e` in the merged layer as `dir/name`: a link of its inode when it
+    /// is in one of the two merged layers (which go away), else a copy. A link to an object of a
+    /// layer below, LIVE above all, would make the merged snapshot change with it.
+    fn put_file(&self, e: &Entry, dir: &std::os::fd::OwnedFd, name: &std::ffi::CStr) -> Result<()> {
+        let (root, path) = Differ::location(self.a, e)?;
+        let (sdir, sname) = sys::open_parent(root, &path)?;
+        let layer = e.lower.as_ref().map(|l| l.layer).ok_or(Errno::IO)?;
+        if layer == RANGE_TOP || layer == RANGE_BOTTOM {
+            rustix::fs::linkat(&sdir, &sname, dir, name, AtFlags::empty())?;
+            return Ok(());
+        }
+        tracing::debug!(?path, "the merged layer gets a copy of an object of a lower layer");
+        copy_object(&sdir, &sname, &e.stat, dir.as_fd(), name)
     }
 
     /// Copies A's dir `e` (at A path `pa`) to `dir/name`: the dir, then every entry below it
@@ -233,9 +257,7 @@ impl Merge<'_> {
             if ce.kind == FileType::Directory {
                 self.copy_dir(&ce, &pa.join(&child.name), &out, &cname)?;
             } else {
-                let (croot, cpath) = Differ::location(self.a, &ce)?;
-                let (sd, sn) = sys::open_parent(croot, &cpath)?;
-                rustix::fs::linkat(&sd, &sn, &out, &cname, AtFlags::empty())?;
+                self.put_file(&ce, &out, &cname)?;
             }
         }
         Ok(())
@@ -243,21 +265,18 @@ impl Merge<'_> {
 }
 
 impl Merge<'_> {
-    /// Puts in the merged layer every name A shows of each hard-linked file of the two merged
-    /// layers that is not there yet, as a link of that file.
-    fn keep_link_groups(&mut self) -> Result<()> {
-        for layer in [ovl_core::LayerId(0), ovl_core::LayerId(1)] {
-            let root = self.a.layer(layer).root();
-            for ((dev, ino), names) in linked_files(root)? {
-                for p in names {
-                    // Only names A shows as this very file (an upper layer may hide some).
-                    let shown = self.resolve(&p)?.is_some_and(|e| (e.stat.st_dev, e.stat.st_ino) == (dev, ino));
-                    if !shown || present(self.out, &p)? {
-                        continue;
-                    }
-                    self.ensure_parents(&p)?;
-                    self.take_whole(&p)?;
+    /// Puts in the merged layer every name A shows of each hard-linked file of a merged layer
+    /// (`groups`, found before the merge began) that is not there yet, as a link of that file.
+    fn keep_link_groups(&mut self, groups: BTreeMap<(u64, u64), Vec<PathBuf>>) -> Result<()> {
+        for ((dev, ino), names) in groups {
+            for p in names {
+                // Only names A shows as this very file (an upper layer may hide some).
+                let shown = self.resolve(&p)?.is_some_and(|e| (e.stat.st_dev, e.stat.st_ino) == (dev, ino));
+                if !shown || present(self.out, &p)? {
+                    continue;
                 }
+                self.ensure_parents(&p)?;
+                self.take_whole(&p)?;
             }
         }
         Ok(())
@@ -301,6 +320,43 @@ fn linked_files(root: BorrowedFd<'_>) -> Result<BTreeMap<(u64, u64), Vec<PathBuf
         }
     }
     Ok(out)
+}
+
+/// Copies the non-directory `sname` in `sdir` (whose `lstat` is `st`) to `name` in `dir`, with
+/// its data, owner, mode, times and user-visible xattrs.
+fn copy_object(
+    sdir: &std::os::fd::OwnedFd,
+    sname: &std::ffi::CStr,
+    st: &rustix::fs::Stat,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+) -> Result<()> {
+    use rustix::fs::OFlags;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    match kind {
+        FileType::RegularFile => {
+            let src =
+                rustix::fs::openat(sdir, sname, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+            let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+            let dst = rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o600))?;
+            let (mut src, mut dst) = (std::fs::File::from(src), std::fs::File::from(dst));
+            std::io::copy(&mut src, &mut dst).map_err(ovl_core::Error::from)?;
+            dst.sync_all().map_err(ovl_core::Error::from)?;
+        }
+        FileType::Symlink => {
+            let target = rustix::fs::readlinkat(sdir, sname, Vec::new())?;
+            rustix::fs::symlinkat(&target, dir, name)?;
+            // Only owner and times: a symlink's mode is fixed, and most filesystems refuse
+            // user xattrs on it.
+            let uid = Some(rustix::fs::Uid::from_raw(st.st_uid));
+            let gid = Some(rustix::fs::Gid::from_raw(st.st_gid));
+            rustix::fs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)?;
+            rustix::fs::utimensat(dir, name, &times_of(st), AtFlags::SYMLINK_NOFOLLOW)?;
+            return Ok(());
+        }
+        _ => rustix::fs::mknodat(dir, name, kind, Mode::from_raw_mode(0o600), st.st_rdev)?,
+    }
+    copy_meta(sdir.as_fd(), Some(sname), st, dir, Some(name))
 }
 
 /// Whether `p` exists in the merged layer `out`.

@@ -71,6 +71,19 @@ fn snapshots_keep_the_tree_recorded_at_take() {
     }
 }
 
+/// Sequences that once failed, run in CI whatever the environment says (issue 16.4): seed 7 (a
+/// delete split a hard-link group in an older view), 102 (a delete gave an older view's directory
+/// the time of a later change in it: the merge's diff ignored mtimes), 109 (a delete linked LIVE's
+/// own symlinks into the merged layer, so that view showed them with LIVE's link counts and would
+/// have followed every later change of them).
+#[test]
+fn sequences_that_once_broke_a_delete() {
+    let cfg = Config { seed: 0, seqs: 1, ..Config::from_env() };
+    for seed in [7, 102, 109] {
+        run_sequence(&cfg, seed);
+    }
+}
+
 /// Names the generator uses, so that renames and links often meet existing names.
 const NAME_POOL: &[&str] = &["a", "b", "c", "d", "e", "f", "g", "h", "with space", "é"];
 
@@ -743,7 +756,7 @@ impl Model<'_> {
         let ungrouped =
             |t: &Tree| -> Tree { t.iter().map(|(p, e)| (p.clone(), Entry { group: None, ..e.clone() })).collect() };
         let t = &self.taken[i];
-        assert_same_tree(&&ungrouped(&t.tree), &&ungrouped(&record_tree(&dir)), &format!("clone of {name}"));
+        assert_same_tree(&ungrouped(&t.tree), &ungrouped(&record_tree(&dir)), &format!("clone of {name}"));
         fs::write(dir.join("written-in-clone"), b"clone\n").expect("write into the clone");
         drop(guard);
         self.check_views(&format!("after writing into a clone of {name}"));
@@ -770,7 +783,7 @@ impl Model<'_> {
             let what = format!("{when}: .snapshots/{} (taken after step {})", t.name, t.after_step);
             let view = self.snap.view(&t.name);
             assert_store_hidden(&view, &what);
-            assert_same_tree(&&t.tree, &&record_tree(&view), &what);
+            assert_same_tree(&&t.tree, &record_tree(&view), &what);
             assert_same_meta(t, &record_meta(&view), &what);
             inos.push(inode_numbers(&view));
         }
@@ -780,7 +793,7 @@ impl Model<'_> {
                 let what = format!("{when}: .snapshots/{} after a cache drop", t.name);
                 let view = self.snap.view(&t.name);
                 assert_eq!(inode_numbers(&view), before, "{what}: inode numbers");
-                assert_same_tree(&&t.tree, &&record_tree(&view), &what);
+                assert_same_tree(&&t.tree, &record_tree(&view), &what);
             }
         }
     }
@@ -799,7 +812,7 @@ impl Model<'_> {
             let dir = self.snap.scratch().path().join(format!("received-{i}"));
             crate::stream::receive(&dir, &stream);
             let what = format!("{} sent and received", t.name);
-            assert_same_tree(&&below_root(&t.tree), &&below_root(&record_tree(&dir)), &what);
+            assert_same_tree(&below_root(&t.tree), &below_root(&record_tree(&dir)), &what);
             // Opt-in: incremental streams between model snapshots still fail for reasons other
             // than hard links (seed 3 loses symlinks, xattrs and data; not investigated yet).
             if i > 0 && std::env::var_os("OVLSNAP_MODEL_INCREMENTAL").is_some() {
@@ -844,7 +857,7 @@ impl Model<'_> {
             for (t, k) in self.taken.iter().zip(&kernel) {
                 let what = format!("kernel overlay view of {} (taken after step {})", t.name, t.after_step);
                 assert_store_hidden(k.path(), &what);
-                assert_same_tree(&&t.tree, &&record_tree(k.path()), &what);
+                assert_same_tree(&&t.tree, &record_tree(k.path()), &what);
                 assert_same_meta(t, &record_meta(k.path()), &what);
             }
         }
