@@ -783,7 +783,7 @@ impl Model<'_> {
             let what = format!("{when}: .snapshots/{} (taken after step {})", t.name, t.after_step);
             let view = self.snap.view(&t.name);
             assert_store_hidden(&view, &what);
-            assert_same_tree(&&t.tree, &record_tree(&view), &what);
+            assert_same_tree(&t.tree, &record_tree(&view), &what);
             assert_same_meta(t, &record_meta(&view), &what);
             inos.push(inode_numbers(&view));
         }
@@ -793,7 +793,7 @@ impl Model<'_> {
                 let what = format!("{when}: .snapshots/{} after a cache drop", t.name);
                 let view = self.snap.view(&t.name);
                 assert_eq!(inode_numbers(&view), before, "{what}: inode numbers");
-                assert_same_tree(&&t.tree, &record_tree(&view), &what);
+                assert_same_tree(&t.tree, &record_tree(&view), &what);
             }
         }
     }
@@ -857,7 +857,7 @@ impl Model<'_> {
             for (t, k) in self.taken.iter().zip(&kernel) {
                 let what = format!("kernel overlay view of {} (taken after step {})", t.name, t.after_step);
                 assert_store_hidden(k.path(), &what);
-                assert_same_tree(&&t.tree, &record_tree(k.path()), &what);
+                assert_same_tree(&t.tree, &record_tree(k.path()), &what);
                 assert_same_meta(t, &record_meta(k.path()), &what);
             }
         }
