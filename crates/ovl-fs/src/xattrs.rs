@@ -31,7 +31,16 @@ impl OverlayFs {
         f(std::os::fd::AsFd::as_fd(&dir), Some(&name))
     }
 
+    /// fuse-overlayfs's layer metadata (its opaque marker and origin), on a stack that reads its
+    /// layers: as hidden as our own, never read, set or removed through the mount.
+    fn foreign_metadata(&self, name: &OsStr) -> bool {
+        self.stack.reads_aufs() && ovl_core::aufs::is_fuse_overlayfs_metadata(name.as_encoded_bytes())
+    }
+
     pub(crate) fn do_getxattr(&self, node: &Node, name: &OsStr) -> Result<Vec<u8>> {
+        if self.foreign_metadata(name) {
+            return Err(Errno::NODATA.into());
+        }
         let key = cname(&self.stack.names().escape(name))?;
         self.on_real(node, |d, n| sys::get_xattr(d, n, &key))?.ok_or_else(|| Errno::NODATA.into())
     }
@@ -40,7 +49,7 @@ impl OverlayFs {
         let names = self.on_real(node, |d, n| sys::list_xattrs(d, n))?;
         let mut out = Vec::new();
         for n in names {
-            if let Some(shown) = self.stack.names().unescape(&n) {
+            if let Some(shown) = self.stack.names().unescape(&n).filter(|s| !self.foreign_metadata(s)) {
                 out.extend_from_slice(shown.as_encoded_bytes());
                 out.push(0);
             }
@@ -49,6 +58,9 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_setxattr(&self, node: &Arc<Node>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if self.foreign_metadata(name) {
+            return Err(Errno::PERM.into());
+        }
         let key = cname(&self.stack.names().escape(name))?;
         let _gate = self.gate_for(node);
         self.hook_modify(node)?;
@@ -57,6 +69,9 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_removexattr(&self, node: &Arc<Node>, name: &OsStr) -> Result<()> {
+        if self.foreign_metadata(name) {
+            return Err(Errno::NODATA.into());
+        }
         let key = cname(&self.stack.names().escape(name))?;
         if self.on_real(node, |d, n| sys::get_xattr(d, n, &key))?.is_none() {
             return Err(Errno::NODATA.into());
