@@ -394,7 +394,8 @@ fn copy_meta_at(
 /// Whether copy-up carries the xattr `key`: not overlay metadata of either namespace, nor (on a
 /// stack reading fuse-overlayfs's layers) fuse-overlayfs's own.
 fn carried(stack: &LayerStack, key: &[u8]) -> bool {
-    !XattrNames::is_any_overlay(key) && !(stack.reads_aufs() && ovl_core::aufs::is_fuse_overlayfs_metadata(key))
+    let foreign = stack.reads_aufs() && ovl_core::aufs::is_fuse_overlayfs_metadata(key);
+    !XattrNames::is_any_overlay(key) && !foreign
 }
 
 fn copy_xattrs(stack: &LayerStack, lparent: &OwnedFd, lname: &CStr, dst: &OwnedFd) -> Result<()> {

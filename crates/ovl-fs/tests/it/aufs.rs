@@ -58,7 +58,7 @@ impl Drop for FuseOverlayfs {
 fn marker(path: &Path) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
     fs::write(path, b"").unwrap();
-    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0)).unwrap();
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o0)).unwrap();
 }
 
 fn file(path: &Path, text: &str) {
@@ -271,10 +271,11 @@ fn issue_18_rootless_uses_user_xattrs() {
     let m = mount_point(tmp.path(), "m");
     let log = tmp.path().join("log");
     let script = format!(
-        "'{bin}' -f -o '{opts}' '{m}' 2>'{log}' & pid=$!; \
+        "'{bin}' -f -o '{opts}' '{m}' >'{log}' 2>&1 & pid=$!; \
+         trap \"cd /; umount -l '{m}' 2>/dev/null; kill $pid 2>/dev/null; wait $pid\" EXIT; \
          i=0; while ! grep -q ' {m} ' /proc/self/mountinfo; do i=$((i+1)); [ $i -lt 500 ] || exit 9; sleep 0.02; done; \
-         cd '{m}'; echo b >> a; rm dir/z; rm -rf dir2; mkdir dir2; echo n > dir2/n; mv dir/y dir/x; cd /; \
-         umount '{m}'; wait $pid",
+         cd '{m}'; echo b >> a; rm dir/z; rm -rf dir2; mkdir dir2; echo n > dir2/n; mv dir/y dir/x; \
+         cd /; umount '{m}'; trap - EXIT; wait $pid",
         bin = ovlfs_bin().display(),
         opts = l.mount_options(""),
         m = m.display(),
