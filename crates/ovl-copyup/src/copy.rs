@@ -111,7 +111,7 @@ fn copy_up_with(
             }
             _ => rustix::fs::mknodat(work, &tmp, ft, Mode::from_raw_mode(0o600), st.st_rdev)?,
         }
-        let done = copy_meta_at(&lparent, &lname, &st, work, &tmp).and_then(|()| {
+        let done = copy_meta_at(stack, &lparent, &lname, &st, work, &tmp).and_then(|()| {
             if let Some(o) = origin {
                 sys::set_xattr(work, Some(&tmp), &stack.names().origin, o, 0)?;
             }
@@ -181,7 +181,7 @@ fn fill_regular(
     } else {
         !copy_data(&src, &dst, st.st_size as u64)?
     };
-    copy_xattrs(lparent, lname, &dst)?;
+    copy_xattrs(stack, lparent, lname, &dst)?;
     rustix::fs::fchown(&dst, Some(uid(st.st_uid)), Some(gid(st.st_gid)))?;
     rustix::fs::fchmod(&dst, Mode::from_raw_mode(st.st_mode & 0o7777))?;
     rustix::fs::futimens(&dst, &times_of(st))?;
@@ -359,11 +359,18 @@ fn copy_by_hand(src: &OwnedFd, dst: &OwnedFd, from: u64, to: u64) -> Result<()> 
 
 /// Copies owner, mode (not for symlinks), times and non-overlay xattrs from `lparent/lname` to
 /// `dir/name`.
-fn copy_meta_at(lparent: &OwnedFd, lname: &CStr, st: &Stat, dir: impl AsFd, name: &CStr) -> Result<()> {
+fn copy_meta_at(
+    stack: &LayerStack,
+    lparent: &OwnedFd,
+    lname: &CStr,
+    st: &Stat,
+    dir: impl AsFd,
+    name: &CStr,
+) -> Result<()> {
     let dir = dir.as_fd();
     let ft = FileType::from_raw_mode(st.st_mode);
     for key in sys::list_xattrs(lparent, Some(lname))? {
-        if XattrNames::is_any_overlay(key.as_encoded_bytes()) {
+        if !carried(stack, key.as_encoded_bytes()) {
             continue;
         }
         let key = std::ffi::CString::new(key.as_encoded_bytes()).map_err(|_| Errno::INVAL)?;
@@ -384,9 +391,16 @@ fn copy_meta_at(lparent: &OwnedFd, lname: &CStr, st: &Stat, dir: impl AsFd, name
     Ok(())
 }
 
-fn copy_xattrs(lparent: &OwnedFd, lname: &CStr, dst: &OwnedFd) -> Result<()> {
+/// Whether copy-up carries the xattr `key`: not overlay metadata of either namespace, nor (on a
+/// stack reading fuse-overlayfs's layers) fuse-overlayfs's own.
+fn carried(stack: &LayerStack, key: &[u8]) -> bool {
+    let foreign = stack.reads_aufs() && ovl_core::aufs::is_fuse_overlayfs_metadata(key);
+    !XattrNames::is_any_overlay(key) && !foreign
+}
+
+fn copy_xattrs(stack: &LayerStack, lparent: &OwnedFd, lname: &CStr, dst: &OwnedFd) -> Result<()> {
     for key in sys::list_xattrs(lparent, Some(lname))? {
-        if XattrNames::is_any_overlay(key.as_encoded_bytes()) {
+        if !carried(stack, key.as_encoded_bytes()) {
             continue;
         }
         let key = std::ffi::CString::new(key.as_encoded_bytes()).map_err(|_| Errno::INVAL)?;

@@ -1,5 +1,9 @@
 //! Every object the overlay writes into an upper layer on a user's behalf: copy-up of lower
-//! objects, whiteouts, opaque directories, and objects created over a whiteout.
+//! objects, whiteouts, opaque directories, and objects created over a whiteout. Whiteouts are
+//! the kernel's 0/0 devices, or `.wh.NAME` files only where the upper fs refuses those
+//! ([`ovl_core::LayerStack::writes_whiteout_files`]); a `.wh.NAME` another program left in the
+//! upper layer is turned into a kernel whiteout before an object takes the name
+//! ([`settle_aufs_whiteout`]).
 //!
 //! Each change is built in `WORKDIR/work` (an `O_TMPFILE` for regular files, a temporary name
 //! for the rest), given its data, owner, mode, times and xattrs, and only then linked or renamed
@@ -28,6 +32,6 @@ pub use copy::{
 };
 pub use index::{copy_up_to_index, link_up, remove_index, set_nlink_upper};
 pub use upper::{
-    Created, SHARED_WHITEOUT, clear_dir, create_fresh, create_over_whiteout, mark_impure, remove_upper,
-    remove_whiteout, replace_with_whiteout, set_opaque, set_redirect, whiteout,
+    Created, SHARED_WHITEOUT, clear_dir, create_fresh, create_over_whiteout, mark_impure, remove_aufs_whiteout,
+    remove_upper, remove_whiteout, replace_with_whiteout, set_opaque, set_redirect, settle_aufs_whiteout, whiteout,
 };

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ovl_core::sys;
 use ovl_core::{Errno, LayerStack, Result, UpperLayer, make_whiteout};
-use rustix::fs::{AtFlags, RenameFlags, Stat};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
+use std::os::unix::ffi::OsStrExt;
 
 use crate::copy::times_of;
 
@@ -57,9 +58,81 @@ fn whiteout_in_work(work: BorrowedFd<'_>, tmp: &CStr) -> Result<()> {
 
 /// Creates a whiteout at `upper_parent/name`, where nothing exists in the upper layer yet. Like
 /// the kernel, it is made in the work dir and renamed into place, so it never inherits a
-/// set-group-ID parent's group.
+/// set-group-ID parent's group. Where the upper fs refuses whiteout devices
+/// ([`LayerStack::writes_whiteout_files`]) it is an empty mode-0 file `.wh.NAME` instead.
 pub fn whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+    if stack.writes_whiteout_files() {
+        return whiteout_file(stack, upper_parent, name);
+    }
     put_whiteout(stack, upper_parent, name, RenameFlags::NOREPLACE).map(drop)
+}
+
+/// `.wh.NAME` for `name`.
+fn aufs_name(name: &CStr) -> Result<CString> {
+    sys::name_cstr(&ovl_core::aufs::whiteout_name(std::ffi::OsStr::from_bytes(name.to_bytes())))
+}
+
+/// Puts the file `.wh.NAME` (empty, mode 0, built in the work dir) beside `name`; one already
+/// there is kept.
+fn whiteout_file(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let work = upper.work();
+    let tmp = temp_name();
+    drop(rustix::fs::openat(
+        work,
+        &tmp,
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?);
+    match rustix::fs::renameat_with(work, &tmp, &dir, &aufs_name(name)?, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = rustix::fs::unlinkat(work, &tmp, AtFlags::empty());
+            if e == Errno::EXIST { Ok(()) } else { Err(e.into()) }
+        }
+    }
+}
+
+/// Makes the upper name `upper_parent/name` ready for a new object when a `.wh.NAME` beside it
+/// (as fuse-overlayfs writes) would hide that object. With whiteout devices the marker becomes
+/// the kernel's whiteout at `name` (the name stays hidden meanwhile: a hidden leftover object
+/// there is replaced), so the caller creates over a whiteout as usual. Returns true when the
+/// marker stays because whiteouts are written as files: the caller removes it with
+/// [`remove_aufs_whiteout`] once the object is in place (until then the object is hidden).
+pub fn settle_aufs_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<bool> {
+    if !stack.reads_aufs() {
+        return Ok(false);
+    }
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let marker = aufs_name(name)?;
+    match sys::lstat_at(&dir, &marker) {
+        Ok(_) => {}
+        Err(e) if matches!(e.errno(), Errno::NOENT | Errno::NAMETOOLONG) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    if stack.writes_whiteout_files() {
+        return Ok(true);
+    }
+    match sys::lstat_at(&dir, name) {
+        Err(e) if e.errno() == Errno::NOENT => whiteout(stack, upper_parent, name)?,
+        Ok(st) if ovl_core::is_whiteout_stat(&st) => {}
+        Ok(_) => replace_with_whiteout(stack, upper_parent, name)?,
+        Err(e) => return Err(e),
+    }
+    sys::remove_tree_at(&dir, &marker)?;
+    Ok(false)
+}
+
+/// Removes the `.wh.NAME` beside `upper_parent/name` (see [`settle_aufs_whiteout`]).
+pub fn remove_aufs_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+    let upper = upper_of(stack)?;
+    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    match sys::remove_tree_at(&dir, &aufs_name(name)?) {
+        Err(e) if e.errno() != Errno::NOENT => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Makes a whiteout in the work dir and renames it onto `upper_parent/name` with `flags`;
@@ -85,6 +158,13 @@ fn put_whiteout<'a>(
 /// Atomically replaces the upper object `upper_parent/name` (a file, or a directory whose
 /// entries are at most whiteouts) with a whiteout, then removes the old object.
 pub fn replace_with_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+    if stack.writes_whiteout_files() {
+        // The marker first: it hides the old object, which then leaves through the work dir.
+        let dir = sys::open_dir_path(upper_of(stack)?.layer().root(), upper_parent)?;
+        let is_dir = rustix::fs::FileType::from_raw_mode(sys::lstat_at(&dir, name)?.st_mode).is_dir();
+        whiteout_file(stack, upper_parent, name)?;
+        return remove_upper(stack, upper_parent, name, is_dir);
+    }
     let (work, old) = put_whiteout(stack, upper_parent, name, RenameFlags::EXCHANGE)?;
     sys::remove_tree_at(work, &old)
 }

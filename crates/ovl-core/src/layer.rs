@@ -90,6 +90,10 @@ pub struct LayerStack {
     names: XattrNames,
     options: MountOptions,
     fs_count: u8,
+    /// Reads the AUFS/OCI whiteouts and fuse-overlayfs's markers too (see [`crate::aufs`]).
+    aufs: bool,
+    /// Writes whiteouts as `.wh.NAME` files: the upper fs refused a 0/0 `mknod`.
+    whiteout_files: bool,
 }
 
 impl LayerStack {
@@ -173,6 +177,8 @@ impl LayerStack {
         if let (Some((_, wpath, wfd)), true) = (&upper_parts, refuse_incompat) {
             check_incompat(wfd, wpath)?;
         }
+        let mut opts = opts.clone();
+        let mut whiteout_files = false;
         let upper = match upper_parts {
             Some((layer, workdir, wfd)) => {
                 let work = if writable {
@@ -181,6 +187,12 @@ impl LayerStack {
                     rustix::io::dup(&wfd)
                         .map_err(|e| StackError::Workdir { path: workdir.clone(), source: e.into() })?
                 };
+                if writable {
+                    let caps = crate::unprivileged::probe_upper(&work, opts.userxattr)
+                        .map_err(|source| StackError::Workdir { path: workdir.clone(), source })?;
+                    opts.userxattr |= !caps.trusted_xattrs;
+                    whiteout_files = !caps.whiteout_devices;
+                }
                 let index = match (opts.index, lowers.first()) {
                     (true, Some(l0)) => {
                         crate::index::open_index(&layer, &wfd, l0, &XattrNames::new(opts.userxattr), writable)?
@@ -191,8 +203,22 @@ impl LayerStack {
             }
             None => None,
         };
+        if !writable && !opts.userxattr && !crate::unprivileged::may_read_trusted() {
+            tracing::warn!(
+                "trusted.* xattrs are out of reach (no CAP_SYS_ADMIN in the initial user namespace): reading user.overlay.* as with userxattr"
+            );
+            opts.userxattr = true;
+        }
         let fs_count = lowers.iter().chain(upper.as_ref().map(|u| &u.layer)).map(|l| l.fs_index).max().unwrap_or(0) + 1;
-        Ok(Self { lowers, upper, names: XattrNames::new(opts.userxattr), options: opts.clone(), fs_count })
+        Ok(Self {
+            lowers,
+            upper,
+            names: XattrNames::new(opts.userxattr),
+            options: opts,
+            fs_count,
+            aufs: true,
+            whiteout_files,
+        })
     }
 
     /// Builds a stack from directories the caller already holds open, without the path checks
@@ -235,7 +261,8 @@ impl LayerStack {
             next += 1;
         }
         let fs_count = devs.len().max(1) as u8;
-        Ok(Self { lowers: out, upper, names: XattrNames::new(options.userxattr), options, fs_count })
+        let names = XattrNames::new(options.userxattr);
+        Ok(Self { lowers: out, upper, names, options, fs_count, aufs: false, whiteout_files: false })
     }
 
     /// The lower layers, top first.
@@ -274,6 +301,26 @@ impl LayerStack {
     /// The lower layers whose filesystem has UUID `uuid`.
     pub fn lowers_with_uuid(&self, uuid: &[u8; 16]) -> impl Iterator<Item = &Layer> {
         self.lowers.iter().filter(move |l| &l.uuid == uuid)
+    }
+
+    /// Whether the AUFS/OCI whiteout encoding and fuse-overlayfs's markers are read too (see
+    /// [`crate::aufs`]): true for stacks [`LayerStack::open`] makes (ovlfs mounts, which image
+    /// layers of containers/storage may feed), false for [`LayerStack::from_open_dirs`] (the
+    /// snapshot store, whose layers are plain kernel layers and whose LIVE may hold any name).
+    pub fn reads_aufs(&self) -> bool {
+        self.aufs
+    }
+
+    /// Whether whiteouts are written as `.wh.NAME` files because the upper fs refused a 0/0
+    /// `mknod` (see [`crate::unprivileged`]); otherwise they are the kernel's 0/0 devices.
+    pub fn writes_whiteout_files(&self) -> bool {
+        self.whiteout_files
+    }
+
+    /// Writes whiteouts as `.wh.NAME` files from now on, as the upper fs had refused `mknod`
+    /// (`OVLFS_DISABLE_OVL_WHITEOUT`, for stores whose tools cannot take device nodes).
+    pub fn use_whiteout_files(&mut self) {
+        self.whiteout_files = true;
     }
 
     /// How many distinct filesystems the layers live on.

@@ -3,7 +3,7 @@
 //! `ovl-core` owns what the Linux kernel's overlayfs writes to disk and how we read it back: the
 //! names of the overlay xattrs (`trusted.overlay.*`, or `user.overlay.*` with `userxattr`),
 //! whiteouts (0/0 character devices, and "xwhiteouts" in `opaque=x` directories), opaque
-//! directories, the mount options and the validated [`LayerStack`] of lower, upper and work
+//! directories (and, read beside them, the AUFS/OCI `.wh.` encoding of image layers: [`aufs`]), the mount options and the validated [`LayerStack`] of lower, upper and work
 //! directories, and the POSIX ACL xattr format ([`acl`]: what a new object inherits). It also holds the thin [`sys`] wrappers that every crate uses to touch a layer
 //! (`openat2` confined beneath the layer root, xattrs by directory fd, `FICLONE`) and the
 //! [`Error`] type that maps to an errno at the FUSE boundary.
@@ -19,6 +19,7 @@
 //! ```
 
 pub mod acl;
+pub mod aufs;
 mod error;
 mod format;
 pub mod idmap;
@@ -28,6 +29,7 @@ mod options;
 pub mod origin;
 pub mod statoverride;
 pub mod sys;
+pub mod unprivileged;
 
 pub use error::{Errno, Error, Result, StackError};
 pub use format::{KNOWN_KEYS, Opaque, XattrNames, is_whiteout_stat, make_whiteout, metacopy_value_is_valid};

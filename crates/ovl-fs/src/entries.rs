@@ -140,6 +140,7 @@ impl OverlayFs {
         if self.is_hidden(parent, name) {
             return Err(Errno::PERM.into());
         }
+        self.refuse_reserved(name)?;
         let cname = sys::name_cstr(name)?;
         // A hook is told only of creates that will happen; without one, the check below does.
         if self.hook.is_some()
@@ -153,6 +154,7 @@ impl OverlayFs {
         self.hook_create(parent, name)?;
         let (ppath, pfd) = self.upper_dir(parent)?;
         let is_dir = kind == FileType::Directory;
+        let aufs_marker = ovl_copyup::settle_aufs_whiteout(&self.stack, &ppath, &cname)?;
         // Whether the new dir ends up opaque.
         let mut over_whiteout = false;
         let out = match sys::lstat_at(&pfd, &cname) {
@@ -176,6 +178,15 @@ impl OverlayFs {
             Ok(_) => return Err(Errno::EXIST.into()),
             Err(e) => return Err(e),
         };
+        if aufs_marker {
+            // Whiteouts are files here: the new dir hides the lower ones as if made over a
+            // whiteout, then the marker that still hides it goes.
+            if is_dir && !over_whiteout {
+                ovl_copyup::set_opaque(&self.stack, &ppath.join(name))?;
+                over_whiteout = true;
+            }
+            ovl_copyup::remove_aufs_whiteout(&self.stack, &ppath, &cname)?;
+        }
         // With redirects on, the kernel makes a new dir in a merged parent opaque (an
         // optimization that also keeps a later redirect from merging it with lower dirs).
         if is_dir && !over_whiteout && self.stack.options().redirect_dir == ovl_core::RedirectDir::On {
@@ -452,6 +463,7 @@ impl OverlayFs {
         if self.is_hidden(newparent, newname) {
             return Err(Errno::PERM.into());
         }
+        self.refuse_reserved(newname)?;
         let src = self.find(parent, name)?.ok_or(Errno::NOENT)?;
         let dst = self.find(newparent, newname)?;
         if parent.id == newparent.id && name == newname {
@@ -558,6 +570,7 @@ impl OverlayFs {
             rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, RenameFlags::EXCHANGE)?;
         } else {
             let needs_whiteout = ovl_lookup::lower_has_name(&self.stack, &players, name)?;
+            let aufs_marker = ovl_copyup::settle_aufs_whiteout(&self.stack, &npath, &cnew)?;
             let target = match sys::lstat_at(&npfd, &cnew) {
                 Ok(st) => Some(st),
                 Err(e) if e.errno() == Errno::NOENT => None,
@@ -573,9 +586,15 @@ impl OverlayFs {
                 if !needs_whiteout {
                     rustix::fs::unlinkat(&pfd, &cname, AtFlags::empty())?;
                 }
+            } else if needs_whiteout && self.stack.writes_whiteout_files() {
+                rustix::fs::renameat(&pfd, &cname, &npfd, &cnew)?;
+                ovl_copyup::whiteout(&self.stack, &ppath, &cname)?;
             } else {
                 let f = if needs_whiteout { RenameFlags::WHITEOUT } else { RenameFlags::empty() };
                 rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, f)?;
+            }
+            if aufs_marker {
+                ovl_copyup::remove_aufs_whiteout(&self.stack, &npath, &cnew)?;
             }
         }
         if let Some((ix, 0)) = &index_left {
@@ -606,6 +625,16 @@ impl OverlayFs {
                 self.table.unlink_name(dn, newparent.id, newname);
             }
             rename_alias(&src_node, (parent.id, name), (newparent.id, newname));
+        }
+        Ok(())
+    }
+
+    /// Refuses a new name the AUFS encoding reserves (`.wh.*`) on a stack that reads it: such an
+    /// object would hide another, and could never be seen or removed (fuse-overlayfs refuses
+    /// creating files so named with `EINVAL` too).
+    fn refuse_reserved(&self, name: &OsStr) -> Result<()> {
+        if self.stack.reads_aufs() && ovl_core::aufs::is_reserved(name) {
+            return Err(Errno::INVAL.into());
         }
         Ok(())
     }

@@ -249,7 +249,11 @@ impl Mount {
     /// handshake, so the mount is live.
     pub fn new(opts: &MountOptions, mnt: &Path, source: &str) -> anyhow::Result<Self> {
         let mountpoint = check_mountpoint(mnt)?;
-        let stack = LayerStack::open(opts).map_err(|e| crate::limits::explain(e.into()))?;
+        let mut stack = LayerStack::open(opts).map_err(|e| crate::limits::explain(e.into()))?;
+        if std::env::var_os("OVLFS_DISABLE_OVL_WHITEOUT").is_some() {
+            tracing::info!("OVLFS_DISABLE_OVL_WHITEOUT: writing whiteouts as .wh.NAME files");
+            stack.use_whiteout_files();
+        }
         let read_only = opts.is_read_only();
         let fs = OverlayFs::new(stack).context("reading the layer roots")?;
         let notifier = fs.notifier_slot();

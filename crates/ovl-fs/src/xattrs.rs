@@ -31,9 +31,15 @@ impl OverlayFs {
         f(std::os::fd::AsFd::as_fd(&dir), Some(&name))
     }
 
+    /// fuse-overlayfs's layer metadata (its opaque marker and origin), on a stack that reads its
+    /// layers: as hidden as our own, never read, set or removed through the mount.
+    fn foreign_metadata(&self, name: &OsStr) -> bool {
+        self.stack.reads_aufs() && ovl_core::aufs::is_fuse_overlayfs_metadata(name.as_encoded_bytes())
+    }
+
     /// The value of xattr `name` as callers see it (ACL IDs shifted: `crate::ids`).
     pub(crate) fn do_getxattr(&self, node: &Node, name: &OsStr) -> Result<Vec<u8>> {
-        if self.is_private_xattr(name.as_encoded_bytes()) {
+        if self.is_private_xattr(name.as_encoded_bytes()) || self.foreign_metadata(name) {
             return Err(Errno::NODATA.into());
         }
         let v = self.stored_xattr(node, name)?;
@@ -50,8 +56,11 @@ impl OverlayFs {
         let names = self.on_real(node, |d, n| sys::list_xattrs(d, n))?;
         let mut out = Vec::new();
         for n in names {
-            if let Some(shown) =
-                self.stack.names().unescape(&n).filter(|s| !self.is_private_xattr(s.as_encoded_bytes()))
+            if let Some(shown) = self
+                .stack
+                .names()
+                .unescape(&n)
+                .filter(|s| !self.is_private_xattr(s.as_encoded_bytes()) && !self.foreign_metadata(s))
             {
                 out.extend_from_slice(shown.as_encoded_bytes());
                 out.push(0);
@@ -61,7 +70,7 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_setxattr(&self, node: &Arc<Node>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        if self.is_private_xattr(name.as_encoded_bytes()) {
+        if self.is_private_xattr(name.as_encoded_bytes()) || self.foreign_metadata(name) {
             return Err(Errno::PERM.into());
         }
         let value = &self.shift_acl(name.as_encoded_bytes(), value.to_vec(), false);
@@ -75,6 +84,9 @@ impl OverlayFs {
     pub(crate) fn do_removexattr(&self, node: &Arc<Node>, name: &OsStr) -> Result<()> {
         if self.is_private_xattr(name.as_encoded_bytes()) {
             return Err(Errno::PERM.into());
+        }
+        if self.foreign_metadata(name) {
+            return Err(Errno::NODATA.into());
         }
         let key = cname(&self.stack.names().escape(name))?;
         if self.on_real(node, |d, n| sys::get_xattr(d, n, &key))?.is_none() {

@@ -4,7 +4,8 @@
 //! it is in the merged view: the topmost object wins, whiteouts and xwhiteouts hide everything
 //! below, a non-directory or an opaque directory stops the descent, and directories of the same
 //! name in lower layers merge. [`read_merged`] lists a merged directory: the union of the
-//! layers' entries, each name once, whiteouts filtered out.
+//! layers' entries, each name once, whiteouts filtered out. Stacks that read it also honour the
+//! AUFS/OCI encoding (`.wh.NAME`, `.wh..wh..opq`) of image layers and fuse-overlayfs's markers.
 //!
 //! Architecture invariant: this crate never writes to a layer. It knows nothing of FUSE or of
 //! inode numbers of the mount.
@@ -18,6 +19,7 @@
 //! }
 //! ```
 
+mod aufs;
 mod identity;
 mod index;
 mod lookup;

@@ -38,17 +38,14 @@ impl DirLayers {
     /// The root of the stack: the root of every layer (the upper's root is opaque only if it
     /// says so).
     pub fn root(stack: &LayerStack) -> Result<Self> {
-        let names = stack.names();
         let upper_opaque = match stack.upper() {
-            Some(u) => {
-                Opaque::from_value(sys::get_xattr(u.layer().root(), None, &names.opaque)?.as_deref()) == Opaque::Yes
-            }
+            Some(u) => crate::aufs::root_opaque(stack, u.layer().root())? == Opaque::Yes,
             None => false,
         };
         let mut lowers = Vec::new();
         if !upper_opaque {
             for l in stack.lowers() {
-                let opaque = Opaque::from_value(sys::get_xattr(l.root(), None, &names.opaque)?.as_deref());
+                let opaque = crate::aufs::root_opaque(stack, l.root())?;
                 lowers.push(LowerDir { layer: l.id(), path: PathBuf::new(), xwhiteouts: opaque == Opaque::XWhiteouts });
                 if opaque == Opaque::Yes {
                     break;
@@ -98,15 +95,22 @@ pub struct Entry {
 }
 
 /// Looks `name` up in the merged directory `parent`. `Ok(None)` when the name does not exist or
-/// is hidden by a whiteout.
+/// is hidden by a whiteout, or is one the AUFS encoding reserves (`.wh.*`) on a stack that reads
+/// it.
 pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Option<Entry>> {
     let names = stack.names();
     sys::name_cstr(name)?;
+    if stack.reads_aufs() && ovl_core::aufs::is_reserved(name) {
+        return Ok(None);
+    }
     let mut found: Option<Entry> = None;
     let mut target = Target::Rel(name.to_os_string());
 
     if let (Some(up), Some(upper)) = (&parent.upper, stack.upper()) {
         let path = up.join(name);
+        if crate::aufs::hidden(stack, upper.layer().root(), &path)? {
+            return Ok(None);
+        }
         if let Some(mut p) = Probe::open(upper.layer().root(), &path)? {
             let st = p.st;
             if is_whiteout_stat(&st) {
@@ -139,7 +143,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                 }
                 return Ok(Some(e));
             }
-            let opaque = Opaque::from_value(p.xattr(&names.opaque)?.as_deref()) == Opaque::Yes;
+            let opaque = crate::aufs::opaque(stack, upper.layer().root(), &mut p, &path)? == Opaque::Yes;
             let redirect = if opaque || !reads { None } else { dir_redirect(stack, &mut p, &path)? };
             found = Some(Entry {
                 identity,
@@ -197,6 +201,9 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                 }
             },
         };
+        if crate::aufs::hidden(stack, layer.root(), &path)? {
+            break;
+        }
         let Some(mut p) = Probe::open(layer.root(), &path)? else {
             if last_layer {
                 break;
@@ -251,7 +258,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             Some(_) if kind != FileType::Directory => break,
             Some(_) => {}
         }
-        let opaque = Opaque::from_value(p.xattr(&names.opaque)?.as_deref());
+        let opaque = crate::aufs::opaque(stack, layer.root(), &mut p, &path)?;
         // The kernel reads no redirect of an opaque dir.
         let redirect = if opaque == Opaque::Yes || !reads { None } else { dir_redirect(stack, &mut p, &path)? };
         let dir = found.as_mut().and_then(|f| f.dir.as_mut()).ok_or(Errno::IO)?;
@@ -327,6 +334,9 @@ fn find_data(
                 Walk::Open { stop, below } => (p.clone(), stop, Some(below)),
             },
         };
+        if crate::aufs::hidden(stack, layer.root(), &path)? {
+            break;
+        }
         let Some(mut p) = Probe::open(layer.root(), &path)? else {
             // An opaque ancestor stops the layers below, unless a metacopy file is found here.
             if stop {
@@ -447,6 +457,9 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
     for (i, c) in ancestors.iter().enumerate() {
         check_component(c.as_os_str())?;
         cur.push(c);
+        if crate::aufs::hidden(stack, layer.root(), &cur)? {
+            return Ok(Walk::Blocked);
+        }
         let Some(st) = stat_in(layer.root(), &cur)? else {
             for rest in &ancestors[i..] {
                 below.push(rest);
@@ -462,7 +475,7 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
             below.push(c);
             continue;
         }
-        if Opaque::from_value(p.xattr(&stack.names().opaque)?.as_deref()) == Opaque::Yes {
+        if crate::aufs::opaque(stack, layer.root(), &mut p, &cur)? == Opaque::Yes {
             stop = true;
             below.push(c);
             continue;
@@ -497,6 +510,9 @@ pub fn lower_has_name(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> R
     for ld in &parent.lowers {
         let layer = stack.layer(ld.layer);
         let path = ld.path.join(name);
+        if crate::aufs::hidden(stack, layer.root(), &path)? {
+            return Ok(false);
+        }
         let Some(st) = stat_in(layer.root(), &path)? else { continue };
         if is_whiteout_stat(&st) || (ld.xwhiteouts && is_xwhiteout(stack, layer.root(), &path, &st)?) {
             return Ok(false);

@@ -1,7 +1,8 @@
 //! The merged directory listing.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 
 use ovl_core::sys;
 use ovl_core::{LayerId, LayerStack, Result, is_whiteout_stat};
@@ -28,7 +29,8 @@ pub struct MergedEntry {
 
 /// Lists the merged directory `dir`: upper entries first, then each lower layer's entries not
 /// already seen. Whiteouts (and xwhiteouts in `opaque=x` dirs) hide the name in the layers below
-/// and are not listed. Order is stable for a given set of layers.
+/// and are not listed. On a stack that reads the AUFS encoding, no `.wh.*` name is listed and
+/// `.wh.NAME` hides `NAME` in its own layer and below. Order is stable for a given set of layers.
 pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntry>> {
     let mut seen: HashSet<OsString> = HashSet::new();
     let mut out = Vec::new();
@@ -36,7 +38,11 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
     if let (Some(up), Some(upper)) = (&dir.upper, stack.upper()) {
         let root = upper.layer().root();
         let impure = is_impure(stack, root, up)?;
-        for e in sys::read_dir(root, up)? {
+        let (listing, hidden) = aufs_split(stack, sys::read_dir(root, up)?);
+        for e in listing {
+            if hidden.contains(&e.name) {
+                continue;
+            }
             let ft = resolve_type(root, &up.join(&e.name), e.file_type)?;
             if ft == FileType::CharacterDevice {
                 if let Some(st) = stat_in(root, &up.join(&e.name))? {
@@ -54,14 +60,18 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
             let identity = if impure { identity_of(stack, upper.layer(), &up.join(&e.name))? } else { None };
             out.push(MergedEntry { name: e.name, file_type: ft, ino: e.ino, layer: upper.layer().id(), identity });
         }
+        if merged {
+            seen.extend(hidden);
+        }
     }
     for (i, ld) in dir.lowers.iter().enumerate() {
         let layer = stack.layer(ld.layer);
         let root = layer.root();
         let last = i + 1 == dir.lowers.len();
         let impure = is_impure(stack, root, &ld.path)?;
-        for e in sys::read_dir(root, &ld.path)? {
-            if seen.contains(&e.name) {
+        let (listing, hidden) = aufs_split(stack, sys::read_dir(root, &ld.path)?);
+        for e in listing {
+            if seen.contains(&e.name) || hidden.contains(&e.name) {
                 continue;
             }
             let path = ld.path.join(&e.name);
@@ -82,8 +92,31 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
                 out.push(MergedEntry { name: e.name, file_type: ft, ino: e.ino, layer: ld.layer, identity });
             }
         }
+        if !last {
+            seen.extend(hidden);
+        }
     }
     Ok(out)
+}
+
+/// Splits a layer's listing into the entries that may be shown and the names its `.wh.NAME`
+/// entries hide (in this layer and below); both unchanged when the stack does not read the AUFS
+/// encoding.
+fn aufs_split(stack: &LayerStack, listing: Vec<sys::RawEntry>) -> (Vec<sys::RawEntry>, HashSet<OsString>) {
+    if !stack.reads_aufs() {
+        return (listing, HashSet::new());
+    }
+    let mut hidden = HashSet::new();
+    let mut shown = Vec::with_capacity(listing.len());
+    for e in listing {
+        match e.name.as_bytes().strip_prefix(ovl_core::aufs::PREFIX) {
+            Some(rest) => {
+                hidden.insert(OsStr::from_bytes(rest).to_os_string());
+            }
+            None => shown.push(e),
+        }
+    }
+    (shown, hidden)
 }
 
 fn resolve_type(root: std::os::fd::BorrowedFd<'_>, path: &std::path::Path, ft: FileType) -> Result<FileType> {

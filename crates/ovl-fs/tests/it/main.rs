@@ -10,6 +10,7 @@
 mod common;
 
 mod acl;
+mod aufs;
 mod check;
 mod copyup;
 mod crash;

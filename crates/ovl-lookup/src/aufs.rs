@@ -1,0 +1,54 @@
+//! Reading the AUFS/OCI whiteout encoding (`.wh.NAME`, `.wh..wh..opq`) and fuse-overlayfs's
+//! opaque xattr beside the kernel's, for stacks that read it ([`LayerStack::reads_aufs`]); the
+//! rules are in [`ovl_core::aufs`].
+
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+
+use ovl_core::{LayerStack, Opaque, Result, aufs, sys};
+
+use crate::probe::Probe;
+
+/// True when the object at `path` of a layer (not the root) is hidden by a `.wh.NAME` entry
+/// beside it, which also hides it in every layer below.
+pub(crate) fn hidden(stack: &LayerStack, root: BorrowedFd<'_>, path: &Path) -> Result<bool> {
+    if !stack.reads_aufs() {
+        return Ok(false);
+    }
+    let Some(name) = path.file_name() else { return Ok(false) };
+    Ok(Probe::open(root, &path.with_file_name(aufs::whiteout_name(name)))?.is_some())
+}
+
+/// The opacity of the directory `p` at `path` (not a layer root): its `overlay.opaque`, made
+/// `Yes` by fuse-overlayfs's opaque xattr or a `.wh..wh..opq` entry in it.
+pub(crate) fn opaque(stack: &LayerStack, root: BorrowedFd<'_>, p: &mut Probe, path: &Path) -> Result<Opaque> {
+    let o = Opaque::from_value(p.xattr(&stack.names().opaque)?.as_deref());
+    if o == Opaque::Yes || !stack.reads_aufs() {
+        return Ok(o);
+    }
+    if aufs::fuse_overlayfs_opaque(p.xattr(aufs::FUSE_OVERLAYFS_OPAQUE)?.as_deref())
+        || Probe::open(root, &path.join(marker()))?.is_some()
+    {
+        return Ok(Opaque::Yes);
+    }
+    Ok(o)
+}
+
+/// [`opaque`] for the root directory of a layer.
+pub(crate) fn root_opaque(stack: &LayerStack, root: BorrowedFd<'_>) -> Result<Opaque> {
+    let o = Opaque::from_value(sys::get_xattr(root, None, &stack.names().opaque)?.as_deref());
+    if o == Opaque::Yes || !stack.reads_aufs() {
+        return Ok(o);
+    }
+    if aufs::fuse_overlayfs_opaque(sys::get_xattr(root, None, aufs::FUSE_OVERLAYFS_OPAQUE)?.as_deref())
+        || crate::lookup::stat_in(root, Path::new(marker()))?.is_some()
+    {
+        return Ok(Opaque::Yes);
+    }
+    Ok(o)
+}
+
+fn marker() -> &'static std::ffi::OsStr {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::OsStr::from_bytes(aufs::OPAQUE_MARKER.to_bytes())
+}
