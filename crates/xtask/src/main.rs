@@ -105,41 +105,10 @@ enum Task {
     },
     /// Random file operations with data checks from several workers at once, through ovlfs
     /// over two lower layers and through an ovlsnap mount taking a snapshot every few seconds
-    /// and deleting old ones; fails on a data mismatch, a stuck operation, descriptors the
-    /// daemon leaks or gross growth of its memory (needs root).
-    Stress {
-        /// Seconds of operations per mount.
-        #[arg(long, default_value_t = 30)]
-        secs: u64,
-        /// Workers (threads making syscalls through the mount).
-        #[arg(long, default_value_t = 4)]
-        procs: u64,
-        /// Seed of the random choices (default: from the clock; printed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Stress only this mount.
-        #[arg(long, value_enum)]
-        only: Option<stress::Target>,
-        /// Seconds one operation, take or delete may take before the run fails as hung.
-        #[arg(long, default_value_t = 60)]
-        op_deadline: u64,
-        /// Seconds between takes on the ovlsnap mount.
-        #[arg(long, default_value_t = 3)]
-        take_every: u64,
-        /// Stress release builds.
-        #[arg(long)]
-        release: bool,
-        /// Use this ovlfs binary instead of building one.
-        #[arg(long, value_name = "PATH")]
-        ovlfs: Option<PathBuf>,
-        /// Use this ovlsnap binary instead of building one.
-        #[arg(long, value_name = "PATH")]
-        ovlsnap: Option<PathBuf>,
-        /// Kinds of operations to leave out, comma-separated (write, read, truncate, verify,
-        /// fsync, reopen, mvdir, publish, rename, unlink, readback, mvshared, mkdir, listing).
-        #[arg(long, value_delimiter = ',', value_name = "KINDS")]
-        skip: Vec<String>,
-    },
+    /// and deleting old ones (with `--fsx N`, fsx-style writers on LIVE files and every kept
+    /// snapshot compared after each delete); fails on a data mismatch, a stuck operation,
+    /// descriptors the daemon leaks or gross growth of its memory (needs root).
+    Stress(stress::Options),
 }
 
 fn main() -> ExitCode {
@@ -164,10 +133,7 @@ fn run(task: Task) -> Result<()> {
         Task::Pictures => pictures::run(),
         Task::Fuzz { secs, targets } => fuzz::run(secs, &targets),
         Task::BenchCompare { quick, json, runs, only } => bench::run(&bench::Options { quick, json, runs, only }),
-        Task::Stress { secs, procs, seed, only, op_deadline, take_every, release, ovlfs, ovlsnap, skip } => {
-            let o = stress::Options { secs, procs, seed, only, op_deadline, take_every, release, ovlfs, ovlsnap, skip };
-            stress::run(&o)
-        }
+        Task::Stress(o) => stress::run(&o),
     }
 }
 

@@ -18,6 +18,14 @@
 //! allocators keep freed memory, so only that is reported as a failure). It prints ops per
 //! second by kind, the errors races explain, and the descriptor and memory numbers.
 //!
+//! On the ovlsnap mount, `--fsx N` adds fsx-style writers on N files in LIVE's root (issue 16,
+//! item 8; [`fsx`]): random buffered writes, `O_DIRECT` writes in 4 KiB units, truncates and
+//! stores through a shared mapping. With them every take pauses all writers and records their
+//! files, a random older snapshot is deleted after every second take while they run, and every
+//! kept recorded snapshot is compared byte for byte right after each delete ([`snaps`]); `--keep`,
+//! `--fsx-size`, `--fsx-io` and `--restore-every` shape that. `--procs 0` runs the fsx writers
+//! alone. The run ends with totals: operations, takes, deletes, snapshots verified, mismatches.
+//!
 //! The binaries are debug builds (`--release` for release builds), or the ones given with
 //! `--ovlfs` and `--ovlsnap` (the integration test uses those Cargo built for it). The seed
 //! fixes every random choice but not the interleaving of the workers. `--skip KINDS` leaves
@@ -25,11 +33,14 @@
 //! workers on the kernel's overlay: the check of the checks.
 
 mod daemon;
+mod fsx;
+mod snaps;
+mod sys;
 mod worker;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::sleep;
@@ -38,7 +49,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use self::daemon::Daemon;
-use self::worker::{Counts, KINDS, Models, Owned, Rng, Shared, Slot, Worker, check_record};
+use self::fsx::FsxCounts;
+use self::snaps::{Taker, TakerReport, delete, verify_snapshots};
+use self::worker::{Counts, KINDS, Models, Owned, Shared, Slot, Worker};
 use crate::mountinfo;
 
 /// A mount to stress.
@@ -54,26 +67,53 @@ pub enum Target {
 }
 
 /// What the user asked for.
+#[derive(Debug, clap::Args)]
 pub struct Options {
     /// Seconds of operations per mount.
+    #[arg(long, default_value_t = 30)]
     pub secs: u64,
-    /// Worker threads.
+    /// Workers (threads making syscalls through the mount); 0 with --fsx: the fsx writers alone.
+    #[arg(long, default_value_t = 4)]
     pub procs: u64,
-    /// The seed (default: from the clock).
+    /// Seed of the random choices (default: from the clock; printed).
+    #[arg(long)]
     pub seed: Option<u64>,
     /// Stress only this mount.
+    #[arg(long, value_enum)]
     pub only: Option<Target>,
-    /// Seconds one operation may take before the run fails as hung.
+    /// Seconds one operation, take or delete may take before the run fails as hung.
+    #[arg(long, default_value_t = 60)]
     pub op_deadline: u64,
-    /// Seconds between takes on the ovlsnap mount.
-    pub take_every: u64,
-    /// Build release binaries.
+    /// Seconds between takes on the ovlsnap mount (fractions allowed: 0.5).
+    #[arg(long, default_value_t = 3.0)]
+    pub take_every: f64,
+    /// Snapshots kept on the ovlsnap mount; a take beyond deletes a random older one.
+    #[arg(long, default_value_t = 3)]
+    pub keep: usize,
+    /// fsx writers on the ovlsnap mount, one per LIVE file `fsxN` (see the module docs).
+    #[arg(long, default_value_t = 0)]
+    pub fsx: usize,
+    /// Size the fsx files start with and the largest they grow to (bytes, a multiple of 4096).
+    #[arg(long, default_value_t = 4 << 20)]
+    pub fsx_size: usize,
+    /// Kinds of I/O of the fsx writers, comma-separated (`direct` alone is fsx -Z).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,buffered,mmap")]
+    pub fsx_io: Vec<fsx::Io>,
+    /// Every Nth delete also copies a kept snapshot's view into the scratch dir and compares it.
+    #[arg(long, default_value_t = 0)]
+    pub restore_every: u64,
+    /// Stress release builds.
+    #[arg(long)]
     pub release: bool,
-    /// The ovlfs binary to use instead of building one.
+    /// Use this ovlfs binary instead of building one.
+    #[arg(long, value_name = "PATH")]
     pub ovlfs: Option<PathBuf>,
-    /// The ovlsnap binary to use instead of building one.
+    /// Use this ovlsnap binary instead of building one.
+    #[arg(long, value_name = "PATH")]
     pub ovlsnap: Option<PathBuf>,
-    /// Kinds of operations to leave out (names of [`worker::KINDS`]).
+    /// Kinds of operations to leave out, comma-separated (write, read, truncate, verify,
+    /// fsync, reopen, mvdir, publish, rename, unlink, readback, mvshared, mkdir, listing).
+    #[arg(long, value_delimiter = ',', value_name = "KINDS")]
     pub skip: Vec<String>,
 }
 
@@ -82,9 +122,6 @@ const RSS_FACTOR: u64 = 4;
 
 /// See [`RSS_FACTOR`] (KiB).
 const RSS_GROWTH: u64 = 200 << 10;
-
-/// Snapshots kept on the ovlsnap mount while the workers run; a take beyond deletes one.
-const KEEP: usize = 3;
 
 /// Runs the stress test of each target; fails if any failed.
 pub fn run(o: &Options) -> Result<()> {
@@ -99,6 +136,15 @@ pub fn run(o: &Options) -> Result<()> {
         bail!("--skip leaves no operation to make");
     }
     let targets: Vec<Target> = o.only.map_or(vec![Target::Ovlfs, Target::Ovlsnap], |t| vec![t]);
+    if o.procs == 0 && (o.fsx == 0 || targets != [Target::Ovlsnap]) {
+        bail!("--procs 0 leaves no worker: it needs --fsx N and --only ovlsnap");
+    }
+    if o.fsx > 0 && (o.fsx_size % fsx::UNIT != 0 || o.fsx_size < 256 << 10 || o.fsx_io.is_empty()) {
+        bail!("--fsx-size must be a multiple of 4096 of at least 256 KiB, and --fsx-io name a kind of I/O");
+    }
+    if o.take_every.is_nan() || o.take_every < 0.01 || o.keep < 2 {
+        bail!("--take-every must be at least 0.01 s and --keep at least 2");
+    }
     let bins = binaries(o, &targets)?;
     let seed = o.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
@@ -205,22 +251,40 @@ fn stress_kernel(o: &Options, seed: u64, dir: &Path) -> Result<()> {
     verdict
 }
 
-/// (b): an ovlsnap mount of a LIVE holding the owned files and shared records, with takes.
+/// (b): an ovlsnap mount of a LIVE holding the owned files, the fsx files and shared records,
+/// with takes and deletes.
 fn stress_ovlsnap(o: &Options, seed: u64, bin: &Path, dir: &Path) -> Result<()> {
     let (live, mnt) = (dir.join("live"), dir.join("mnt"));
     fs::create_dir_all(&mnt)?;
     let models = worker::populate(&live, &live, o.procs, seed)?;
+    let fsx_models = fsx::populate(&live, o.fsx, o.fsx_size, seed)?;
     let mut cmd = Command::new(bin);
     cmd.arg("mount").arg("--foreground").arg(&live).arg(&mnt);
     let mut daemon = Daemon::start(cmd, &mnt, &dir.join("ovlsnap.log"))?;
     println!(
-        "\n== ovlsnap mount LIVE MNT (pid {}), a take every {} s, at most {KEEP} kept",
+        "\n== ovlsnap mount LIVE MNT (pid {}), a take every {} s, at most {} kept{}",
         daemon.pid(),
-        o.take_every
+        o.take_every,
+        o.keep,
+        if o.fsx == 0 {
+            String::new()
+        } else {
+            let io: Vec<String> = o.fsx_io.iter().map(|i| format!("{i:?}").to_lowercase()).collect();
+            format!("; {} fsx files of up to {} bytes ({})", o.fsx, o.fsx_size, io.join("+"))
+        }
     );
     let base = Baseline::take(&daemon)?;
-    let taker = Taker { bin: bin.to_owned(), mnt: mnt.clone(), every: Duration::from_secs(o.take_every) };
-    let run = drive(o, seed, &mnt, Some(&mut daemon), models, Some(taker))?;
+    let taker = Taker {
+        bin: bin.to_owned(),
+        mnt: mnt.clone(),
+        live: live.clone(),
+        scratch: dir.to_owned(),
+        every: Duration::from_secs_f64(o.take_every),
+        keep: o.keep,
+        restore_every: o.restore_every,
+        fsx: fsx_models.clone(),
+    };
+    let run = drive(o, seed, &mnt, Some(&mut daemon), models, Some((taker, fsx_models)))?;
     let snaps = run.snapshots.as_ref().expect("the taker's report");
     let deadline = Duration::from_secs(o.op_deadline);
     let checked = verify_snapshots(&mnt, &snaps.kept)?;
@@ -230,14 +294,33 @@ fn stress_ovlsnap(o: &Options, seed: u64, bin: &Path, dir: &Path) -> Result<()> 
     let end = Baseline::take(&daemon)?;
     let verdict = report(&run, &base, &end);
     println!(
-        "  snapshots: {} taken ({} with the workers paused and recorded), {} deleted while running; at the end \
-         {} views checked ({checked} files), then all deleted",
+        "  snapshots: {} taken ({} with the workers paused and recorded), {} deleted while running{}; after the \
+         deletes {} recorded snapshots verified ({} files compared); at the end {} views checked ({checked} files), \
+         then all deleted",
         snaps.takes,
         snaps.recorded,
         snaps.deletes,
+        if snaps.restores > 0 {
+            format!(", {} restored into a scratch dir and compared", snaps.restores)
+        } else {
+            String::new()
+        },
+        snaps.views_verified,
+        snaps.files_verified,
         snaps.kept.len()
     );
+    let ops = run.counts.ops.iter().sum::<u64>() + run.fsx.ops.iter().sum::<u64>();
+    println!(
+        "  totals: {ops} ops, {} takes, {} deletes, {} snapshots verified, {} mismatches",
+        snaps.takes,
+        snaps.deletes,
+        snaps.views_verified + snaps.kept.iter().filter(|t| t.files.is_some()).count() as u64,
+        snaps.mismatches.len()
+    );
     daemon.stop()?;
+    if !snaps.mismatches.is_empty() {
+        bail!("{} snapshot mismatches:\n{}", snaps.mismatches.len(), snaps.mismatches.join("\n"));
+    }
     verdict
 }
 
@@ -257,23 +340,28 @@ impl Baseline {
 struct Run {
     secs: f64,
     counts: Counts,
+    fsx: FsxCounts,
     snapshots: Option<TakerReport>,
 }
 
-/// Runs the workers (and the taker) on `mnt` for `--secs`, watching for stuck operations.
+/// Runs the workers (and the taker with its fsx writers) on `mnt` for `--secs`, watching for
+/// stuck operations.
 fn drive(
     o: &Options,
     seed: u64,
     mnt: &Path,
     mut daemon: Option<&mut Daemon>,
     models: Models,
-    taker: Option<Taker>,
+    taker: Option<(Taker, Vec<fsx::Model>)>,
 ) -> Result<Run> {
+    let (taker, fsx_models) = taker.map_or((None, Vec::new()), |(t, m)| (Some(t), m));
+    let nfsx = fsx_models.len() as u64;
+    // A slot per worker, then per fsx writer, then the taker's.
     let shared = Arc::new(Shared {
         gate: RwLock::new(()),
         stop: AtomicBool::new(false),
         failure: Mutex::new(None),
-        slots: (0..=o.procs).map(|_| Slot::default()).collect(),
+        slots: (0..=o.procs + nfsx).map(|_| Slot::default()).collect(),
     });
     let owned: Vec<Arc<Mutex<Owned>>> = models
         .into_iter()
@@ -289,6 +377,13 @@ fn drive(
             std::thread::spawn(move || w.run())
         })
         .collect();
+    let mut writers = Vec::new();
+    for (k, m) in fsx_models.into_iter().enumerate() {
+        let slot = o.procs as usize + k;
+        let w = fsx::Writer::new(k, slot, mnt, m, seed, &o.fsx_io, o.fsx_size, shared.clone())
+            .with_context(|| format!("opening {} through the mount", fsx::name(k)))?;
+        writers.push(std::thread::spawn(move || w.run()));
+    }
     let taker = taker.map(|t| {
         let (shared, owned) = (shared.clone(), owned.clone());
         let deadline = Duration::from_secs(o.op_deadline);
@@ -299,7 +394,11 @@ fn drive(
         sleep(Duration::from_millis(100));
         for (i, slot) in shared.slots.iter().enumerate() {
             if let Some((what, since)) = slot.busy().filter(|(_, since)| *since > limit) {
-                let who = if i as u64 == o.procs { "the taker".to_owned() } else { format!("worker {i}") };
+                let who = match i as u64 {
+                    i if i == o.procs + nfsx => "the taker".to_owned(),
+                    i if i >= o.procs => format!("fsx writer {}", fsx::name((i - o.procs) as usize)),
+                    i => format!("worker {i}"),
+                };
                 shared.fail(format!("HUNG: {who} has been in `{what}` for {since:.1?} (deadline {limit:?})"));
             }
         }
@@ -315,12 +414,16 @@ fn drive(
     for w in workers {
         counts.add(&w.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?);
     }
+    let mut fsx = FsxCounts::default();
+    for w in writers {
+        fsx.add(&w.join().map_err(|_| anyhow::anyhow!("an fsx writer panicked"))?);
+    }
     let snapshots = taker.map(|t| t.join().map_err(|_| anyhow::anyhow!("the taker panicked"))).transpose()?;
     let secs = start.elapsed().as_secs_f64();
     if let Some(f) = shared.failure.lock().unwrap().take() {
         bail!("{f}\n{}", daemon.map(|d| d.log_tail()).unwrap_or_default());
     }
-    Ok(Run { secs, counts, snapshots })
+    Ok(Run { secs, counts, fsx, snapshots })
 }
 
 /// Prints the summary of a run; fails on leaked descriptors or gross memory growth.
@@ -329,6 +432,11 @@ fn report(run: &Run, base: &Baseline, end: &Baseline) -> Result<()> {
     let total: u64 = c.ops.iter().sum();
     let by_kind: Vec<String> = KINDS.iter().zip(c.ops).map(|((k, _), n)| format!("{k} {n}")).collect();
     println!("  {total} operations in {:.1} s, {:.0}/s: {}", run.secs, total as f64 / run.secs, by_kind.join(", "));
+    let fsx_total: u64 = run.fsx.ops.iter().sum();
+    if fsx_total > 0 {
+        let by_kind: Vec<String> = fsx::OPS.iter().zip(run.fsx.ops).map(|(k, n)| format!("{k} {n}")).collect();
+        println!("  fsx writers: {fsx_total} operations, {:.0}/s: {}", fsx_total as f64 / run.secs, by_kind.join(", "));
+    }
     println!(
         "  {:.1} MiB written, {:.1} MiB read back and compared: no mismatch; errors races explain \
          (ENOENT/EEXIST/ENOTEMPTY in shared/): {}; other errors: 0",
@@ -353,178 +461,10 @@ fn report(run: &Run, base: &Baseline, end: &Baseline) -> Result<()> {
     if end.rss > RSS_FACTOR * base.rss && end.rss - base.rss > RSS_GROWTH {
         bail!("the daemon's memory grew from {:.1} MiB to {:.1} MiB", mib(base.rss), mib(end.rss));
     }
-    if total == 0 {
+    if total + fsx_total == 0 {
         bail!("no operation completed");
     }
     Ok(())
-}
-
-/// Takes snapshots every so often on an ovlsnap mount, and deletes old ones.
-struct Taker {
-    bin: PathBuf,
-    mnt: PathBuf,
-    every: Duration,
-}
-
-/// A snapshot the taker made and kept, with what the owned files held if it was recorded.
-struct Taken {
-    name: String,
-    /// (path under the mount, content).
-    files: Option<Vec<(String, Vec<u8>)>>,
-}
-
-/// What the taker did.
-struct TakerReport {
-    takes: u64,
-    recorded: u64,
-    deletes: u64,
-    kept: Vec<Taken>,
-}
-
-impl Taker {
-    fn run(self, seed: u64, shared: &Shared, owned: &[Arc<Mutex<Owned>>], deadline: Duration) -> TakerReport {
-        let mut rng = Rng::new(seed ^ 0x007a_6be5);
-        let slot = shared.slots.last().expect("the taker's slot");
-        let mut r = TakerReport { takes: 0, recorded: 0, deletes: 0, kept: Vec::new() };
-        loop {
-            let wake = Instant::now() + self.every;
-            while Instant::now() < wake && !shared.stop.load(Ordering::SeqCst) {
-                sleep(Duration::from_millis(20));
-            }
-            if shared.stop.load(Ordering::SeqCst) {
-                return r;
-            }
-            let name = format!("stress-{}", r.takes + 1);
-            let record = r.takes % 2 == 1;
-            slot.begin(format!("ovlsnap take {name}{}", if record { " (workers paused)" } else { "" }));
-            let result = if record {
-                let _paused = shared.gate.write().unwrap();
-                let files = owned
-                    .iter()
-                    .flat_map(|o| {
-                        let o = o.lock().unwrap();
-                        let dir = o.dir.clone();
-                        o.models
-                            .iter()
-                            .enumerate()
-                            .map(move |(i, m)| (format!("{dir}/f{i}"), m.clone()))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect();
-                cli(&self.bin, &["take", &name, "--mount"], &self.mnt, deadline).map(|_| Some(files))
-            } else {
-                cli(&self.bin, &["take", &name, "--mount"], &self.mnt, deadline).map(|_| None)
-            };
-            slot.end();
-            match result {
-                Ok(files) => {
-                    r.takes += 1;
-                    r.recorded += u64::from(files.is_some());
-                    r.kept.push(Taken { name, files });
-                }
-                Err(e) => {
-                    shared.fail(format!("the taker: {e}"));
-                    return r;
-                }
-            }
-            if r.kept.len() > KEEP {
-                let i = if rng.below(2) == 0 { 0 } else { 1 + rng.below(r.kept.len() as u64 - 2) as usize };
-                let victim = r.kept.remove(i);
-                slot.begin(format!("ovlsnap delete {}", victim.name));
-                let result = delete(&self.bin, &self.mnt, &victim.name, deadline);
-                slot.end();
-                if let Err(e) = result {
-                    shared.fail(format!("the taker: {e}"));
-                    return r;
-                }
-                r.deletes += 1;
-            }
-        }
-    }
-}
-
-/// Runs `ovlsnap ARGS MNT`, killed after `deadline`; its stdout, or an error with its output.
-fn cli(bin: &Path, args: &[&str], mnt: &Path, deadline: Duration) -> Result<String, String> {
-    let shown = format!("ovlsnap {} {}", args.join(" "), mnt.display());
-    let mut child = Command::new(bin)
-        .args(args)
-        .arg(mnt)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{shown}: {e}"))?;
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if start.elapsed() < deadline => sleep(Duration::from_millis(5)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("HUNG: `{shown}` still running after {deadline:?}: killed"));
-            }
-        }
-    }
-    let out = child.wait_with_output().map_err(|e| format!("{shown}: {e}"))?;
-    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
-    if out.status.success() {
-        Ok(text(&out.stdout))
-    } else {
-        Err(format!("`{shown}` failed ({}): {}", out.status, text(&out.stderr)))
-    }
-}
-
-/// `ovlsnap delete NAME`, retried while the snapshot is in use (the kernel closes files of its
-/// view a moment after `close` returns).
-fn delete(bin: &Path, mnt: &Path, name: &str, deadline: Duration) -> Result<(), String> {
-    let start = Instant::now();
-    loop {
-        match cli(bin, &["delete", name, "--mount"], mnt, deadline) {
-            Err(e) if e.contains("in use") && start.elapsed() < Duration::from_secs(5) => {
-                sleep(Duration::from_millis(50))
-            }
-            r => return r.map(drop),
-        }
-    }
-}
-
-/// Checks the views of the snapshots kept: recorded ones show exactly the recorded files, and
-/// every record in `shared/` of every view checks. Returns how many files were compared.
-fn verify_snapshots(mnt: &Path, kept: &[Taken]) -> Result<usize> {
-    let mut n = 0;
-    for t in kept {
-        let view = mnt.join(".snapshots").join(&t.name);
-        for (rel, want) in t.files.iter().flatten() {
-            let got = fs::read(view.join(rel)).with_context(|| format!("reading {rel} in snapshot {}", t.name))?;
-            if &got != want {
-                let at = want.iter().zip(&got).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
-                bail!(
-                    "DATA MISMATCH in snapshot {}: {rel} has {} bytes, the workers had written {} when it was taken; \
-                     first difference at byte {at}",
-                    t.name,
-                    got.len(),
-                    want.len()
-                );
-            }
-            n += 1;
-        }
-        let mut dirs = vec![view.join("shared")];
-        while let Some(d) = dirs.pop() {
-            for e in fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
-                let e = e?;
-                let name = e.file_name();
-                if e.file_type()?.is_dir() {
-                    dirs.push(e.path());
-                } else if name.to_string_lossy().starts_with('p') {
-                    let data = fs::read(e.path())?;
-                    check_record(&data).map_err(|err| anyhow::anyhow!("{}: {err}", e.path().display()))?;
-                    n += 1;
-                }
-            }
-        }
-    }
-    Ok(n)
 }
 
 /// `$TMPDIR/ovlsnap-stress.PID`; dropping it detaches whatever is still mounted below it and

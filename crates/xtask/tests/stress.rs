@@ -45,6 +45,38 @@ fn a_short_stress_run_passes() {
     }
 }
 
+/// The fsx writers of issue 16 item 8 on an ovlsnap mount: a take every 0.3 s with the writers
+/// paused, deletes of random older snapshots while they run, every kept snapshot compared after
+/// each delete, and copies of views compared.
+#[test]
+fn a_short_fsx_run_passes() {
+    let args = [
+        "--only",
+        "ovlsnap",
+        "--secs",
+        "4",
+        "--procs",
+        "1",
+        "--fsx",
+        "2",
+        "--fsx-size",
+        "1048576",
+        "--take-every",
+        "0.3",
+        "--keep",
+        "4",
+        "--restore-every",
+        "2",
+        "--seed",
+        "1",
+    ];
+    let (passed, out) = stress(&args);
+    assert!(passed, "{out}");
+    for want in ["fsx writers: ", "totals: ", " 0 mismatches", "restored into a scratch dir"] {
+        assert!(out.contains(want), "the summary lacks {want:?}:\n{out}");
+    }
+}
+
 // The whole mix, longer and with more workers. It found (session 2) that reads of files other
 // threads rename over or unlink got another file's data, a short read or ENXIO: ovl-fs resolved a
 // node's path, and by the time it opened that path a rename had put another file there. Fixed by
