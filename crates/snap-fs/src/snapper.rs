@@ -481,7 +481,15 @@ impl Snapper {
                 (self.view_stack(&store, &snaps[snaps.len() - 1..])?, newest.id)
             };
             let marks = match crate::seal::record(&stack, &self.hidden) {
-                Err(e) if e.errno() == ovl_core::Errno::AGAIN => continue,
+                // Something moved or went while it was read: read again.
+                Err(e)
+                    if matches!(
+                        e.errno(),
+                        ovl_core::Errno::AGAIN | ovl_core::Errno::NOENT | ovl_core::Errno::NOTDIR
+                    ) =>
+                {
+                    continue;
+                }
                 other => other?,
             };
             if !crate::seal::consistent(&stack, &self.hidden, &marks)? {
