@@ -126,7 +126,7 @@ impl OverlayFs {
                 }
             };
             let attr = self.attr(&child, &st);
-            if reply.add(INodeNo(child.id), off, name, &self.ttl, &attr, Generation(0)) {
+            if reply.add(INodeNo(child.id), off, name, &self.attr_ttl(&child), &attr, Generation(0)) {
                 self.table.forget(child.id, 1);
                 break;
             }

@@ -102,6 +102,9 @@ impl NewOwner {
 impl OverlayFs {
     /// Looks up `name` in `parent` and counts a kernel lookup of the result.
     pub(crate) fn do_lookup(&self, parent: &Node, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
+        if name.len() > self.namelen {
+            return Err(Errno::NAMETOOLONG.into());
+        }
         if self.is_hidden(parent, name) {
             return Err(Errno::NOENT.into());
         }
@@ -288,6 +291,10 @@ impl OverlayFs {
         caller: Caller,
     ) -> Result<(Arc<Node>, Stat)> {
         let kind = FileType::from_raw_mode(mode);
+        // A 0/0 character device in the upper layer is a whiteout: the kernel refuses to make one.
+        if kind == FileType::CharacterDevice && rdev == 0 {
+            return Err(Errno::PERM.into());
+        }
         let owner = self.new_owner(parent, caller, mode & 0o7777, kind)?;
         let (node, st, ()) = self.create_object(parent, name, kind, |dir, n| {
             if kind == FileType::RegularFile {

@@ -91,6 +91,10 @@ pub struct OverlayFs {
     pub(crate) posix_acl: bool,
     /// ID shift and override xattrs: how owners and modes read and write (`crate::ids`).
     pub(crate) owners: crate::ids::Owners,
+    /// The longest name any layer's filesystem takes (`f_namemax`): a longer name is
+    /// `ENAMETOOLONG` at lookup, before any layer is asked, as in the kernel's `ovl_lookup`;
+    /// `statfs` shows it.
+    pub(crate) namelen: usize,
 }
 
 impl OverlayFs {
@@ -106,6 +110,10 @@ impl OverlayFs {
         };
         let opaque = stack.upper().is_some() && root.lowers.is_empty();
         let owners = crate::ids::Owners::open(&stack)?;
+        let mut namelen = 0;
+        for root in stack.upper().map(|u| u.layer().root()).into_iter().chain(stack.lowers().iter().map(|l| l.root())) {
+            namelen = namelen.max(rustix::fs::fstatfs(root)?.f_namelen as usize);
+        }
         let state = NodeState {
             names: Vec::new(),
             upper,
@@ -130,6 +138,7 @@ impl OverlayFs {
             posix_acl: false,
             passthrough: Default::default(),
             owners,
+            namelen,
         })
     }
 
@@ -302,16 +311,50 @@ impl OverlayFs {
     }
 
     /// The identity of what a lookup found: its origin's (see `ovl_lookup::identity`), except
-    /// that each name of a hard-linked lower file is its own object until copied up.
+    /// that on a writable mount without an index each name of a hard-linked lower file is its
+    /// own object, as in the kernel: copying up one name breaks the link. (The kernel shares one
+    /// inode among the names only where no copy-up can break it: with an index, or without an
+    /// upper layer.) Such a node shows the lower file's number all the same: `shown_ino`.
     pub(crate) fn key_of(&self, e: &Entry) -> Key {
         let mut key = Key::new(e.identity.fs_index, e.identity.ino);
-        if let Some(l) = e.lower.as_ref().filter(|l| l.stat.st_nlink > 1 && !self.indexed()) {
+        let breakable = self.stack.upper().is_some() && !self.indexed();
+        if let Some(l) = e.lower.as_ref().filter(|l| l.stat.st_nlink > 1 && breakable) {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (l.layer, &l.path).hash(&mut h);
             key.name = h.finish() | 1;
         }
         key
+    }
+
+    /// The `st_ino` `node` shows, for `getattr` and `setattr` replies. A node's id is its number
+    /// in entry replies (fuser sends one number for both), but a node standing for one name of
+    /// a lower hard link (`key_of`) needs an id of its own, so it shows, as the kernel does, the
+    /// number of the object behind it: the lower file's identity (`ovl_lookup::identity`),
+    /// shared by all its names, and after the copy-up that broke the link, the upper file's (the
+    /// number it gets after a remount). The kernel
+    /// takes `st_ino` from the attributes of each reply, so such nodes are given attributes
+    /// that never stay valid (`attr_ttl`): every `stat` asks.
+    pub(crate) fn shown_ino(&self, node: &Node, st: &Stat) -> u64 {
+        let s = node.state.read();
+        match s.keys.first() {
+            Some(k) if k.name != 0 && s.lower.is_some() => crate::inode::natural_ino(*k),
+            Some(k) if k.name != 0 => crate::inode::natural_ino(self.upper_key(st)),
+            _ => node.id,
+        }
+    }
+
+    /// How long the kernel may keep the attributes of an entry reply for `node`: not at all
+    /// where they would carry a number other than the one `stat` must show (`shown_ino`).
+    pub(crate) fn attr_ttl(&self, node: &Node) -> Duration {
+        if node.state.read().keys.first().is_some_and(|k| k.name != 0) { Duration::ZERO } else { self.ttl }
+    }
+
+    /// `attr` with the number `stat` shows (`shown_ino`): for `getattr` and `setattr` replies.
+    pub(crate) fn stat_attr(&self, node: &Node, st: &Stat) -> FileAttr {
+        let mut attr = self.attr(node, st);
+        attr.ino = INodeNo(self.shown_ino(node, st));
+        attr
     }
 
     /// The identity of an object listed from `layer`.

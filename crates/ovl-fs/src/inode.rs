@@ -1,6 +1,8 @@
 //! The inode table: overlay objects known to the kernel, by node id and by identity.
 //!
-//! A node's id is also its `st_ino` (fuser sends one number for both). It is derived from the
+//! A node's id is also its `st_ino` (fuser sends one number for both in entry replies; for the
+//! one exception, nodes of single names of a lower hard link, see `OverlayFs::shown_ino`). It is
+//! derived from the
 //! identity of the real object, `(filesystem index, real inode number)`, so that the same
 //! object keeps the same number for the life of the mount; after a copy-up the node keeps its
 //! number and gains the upper object's identity as an alias.
@@ -155,10 +157,7 @@ impl Table {
 
     /// The node id an identity has or would get; for `d_ino` in directory listings.
     pub fn ino_for(&self, key: Key) -> u64 {
-        self.inner.read().keys.get(&key).copied().unwrap_or_else(|| match derive(key) {
-            0 => key.ino,
-            id => id,
-        })
+        self.inner.read().keys.get(&key).copied().unwrap_or_else(|| natural_ino(key))
     }
 
     /// Finds the node for `key` or makes one with `make`, and counts one kernel lookup.
@@ -243,6 +242,15 @@ impl Table {
 /// The node id for an identity: the real inode number, with the filesystem index in the top
 /// byte so numbers from different filesystems never collide; numbers that do not fit are
 /// allocated from the top half.
+/// The number an identity shows when no other object claims it first: its derived id, or for
+/// a number too large to derive one from, the real inode number itself.
+pub(crate) fn natural_ino(key: Key) -> u64 {
+    match derive(Key { name: 0, ..key }) {
+        0 => key.ino,
+        id => id,
+    }
+}
+
 fn derive(key: Key) -> u64 {
     if key.ino < (1 << 56) && key.name == 0 { ((key.fs as u64) << 56) | key.ino } else { 0 }
 }

@@ -84,7 +84,7 @@ impl Filesystem for OverlayFs {
             let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
             let (node, st) = tri!(reply, self.do_lookup(&p, name));
-            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+            reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
     }
 
@@ -100,7 +100,7 @@ impl Filesystem for OverlayFs {
                 Some(f) => tri!(reply, rustix::fs::fstat(&*f).map_err(Error::from)),
                 None => tri!(reply, self.real_stat(&node)),
             };
-            reply.attr(&self.ttl, &self.attr(&node, &st));
+            reply.attr(&self.ttl, &self.stat_attr(&node, &st));
         });
     }
 
@@ -131,7 +131,7 @@ impl Filesystem for OverlayFs {
             let kill_suidgid = self.killpriv && size.is_some() && req.uid() != 0;
             let a = SetAttr { mode, uid, gid, size, atime, mtime, fh: fh.map(|f| f.0), kill_suidgid };
             let st = tri!(reply, self.do_setattr(&node, &a));
-            reply.attr(&self.ttl, &self.attr(&node, &st));
+            reply.attr(&self.ttl, &self.stat_attr(&node, &st));
         });
     }
 
@@ -226,7 +226,7 @@ impl Filesystem for OverlayFs {
             let np = tri!(reply, self.node(newparent));
             let st = tri!(reply, self.do_link(&node, &np, newname));
             self.table.add_lookup(&node);
-            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+            reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
     }
 
@@ -385,7 +385,7 @@ impl Filesystem for OverlayFs {
                 s.f_files,
                 s.f_ffree,
                 s.f_bsize as u32,
-                s.f_namemax as u32,
+                self.namelen as u32,
                 s.f_frsize as u32,
             );
         });

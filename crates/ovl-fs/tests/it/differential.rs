@@ -201,6 +201,11 @@ fn run_sequence(cfg: &Config, seed: u64, stats: &mut Stats) {
     );
     let index = run_ops(cfg, seed, &mut rng, (&ma, &mb), (&la, &lb), 0, cfg.ops, stats);
     let sut_inos = inode_numbers(mb.path());
+    assert_eq!(
+        shared_numbers(&inode_numbers(ma.path())),
+        shared_numbers(&sut_inos),
+        "seed {seed}: names sharing one st_ino after {index} ops (kernel left, SUT right)"
+    );
     let want = snapshot_tree(ma.path());
     assert_same_tree(
         &format!("seed {seed}: views after {index} ops"),
@@ -263,17 +268,15 @@ fn rotate_and_go_on(
     rng: &mut StdRng,
     stats: &mut Stats,
 ) {
-    // Stable numbers: not for the names of a hard-linked file. Without an index each name of a
-    // lower hard link is its own object (as in the kernel), and FUSE makes a node's number its
-    // st_ino, so each gets a number from the allocator (the top half) instead of the kernel's
-    // shared lower one, also after the copy-up that breaks the link (where the kernel's changes
-    // too).
+    // Stable numbers, also for the names of hard-linked files (each shows the number of the real
+    // object behind it, as in the kernel: `OverlayFs::shown_ino`); not for the stand-in numbers
+    // of the allocator (the top half: issue 19).
     let same_numbers = |what: &str, now: &BTreeMap<std::path::PathBuf, (u64, u64)>| {
         if cfg.sut != Backend::Ovlfs {
             return;
         }
-        for (path, (ino, nlink)) in sut_inos {
-            if let Some((n, _)) = now.get(path).filter(|_| *nlink == 1 && *ino < 1 << 63) {
+        for (path, (ino, _)) in sut_inos {
+            if let Some((n, _)) = now.get(path).filter(|_| *ino < 1 << 63) {
                 assert_eq!(n, ino, "seed {seed}: st_ino of {} changed by the {what}", path.display());
             }
         }
@@ -303,11 +306,31 @@ fn rotate_and_go_on(
     let what = format!("seed {seed}: views after rotation");
     assert_same_tree(&what, "kernel", &snapshot_tree(ka.path()), "SUT", &snapshot_tree(kb.path()));
     same_numbers("rotation", &inode_numbers(kb.path()));
+    assert_eq!(
+        shared_numbers(&inode_numbers(ka.path())),
+        shared_numbers(&inode_numbers(kb.path())),
+        "seed {seed}: names sharing one st_ino after rotation (kernel left, SUT right)"
+    );
     let index = run_ops(cfg, seed, rng, (&ka, &kb), (&ra, &rb), index, cfg.ops / 3, stats);
     let what = format!("seed {seed}: views after {index} ops (rotated)");
     assert_same_tree(&what, "kernel", &snapshot_tree(ka.path()), "SUT", &snapshot_tree(kb.path()));
     ka.unmount().unwrap_or_else(|e| panic!("seed {seed}: kernel unmount: {e}"));
     kb.unmount().unwrap_or_else(|e| panic!("seed {seed}: SUT unmount: {e}"));
+}
+
+/// The groups of non-directory names that share one `st_ino` (hard links, as `tar` and
+/// `rsync -H` find them), each sorted, groups of one left out.
+fn shared_numbers(
+    inos: &BTreeMap<std::path::PathBuf, (u64, u64)>,
+) -> std::collections::BTreeSet<Vec<std::path::PathBuf>> {
+    let mut by_ino: BTreeMap<u64, Vec<std::path::PathBuf>> = BTreeMap::new();
+    for (path, (ino, nlink)) in inos {
+        // Directories report a link count of 1 here (see `inode_numbers`).
+        if *nlink > 1 {
+            by_ino.entry(*ino).or_default().push(path.clone());
+        }
+    }
+    by_ino.into_values().filter(|g| g.len() > 1).collect()
 }
 
 /// Every path of a mounted view with its `st_ino` and link count (1 for directories).

@@ -1063,3 +1063,176 @@ fn orphan_index_entries_are_removed_at_mount_like_the_kernel() {
         }
     }
 }
+
+/// Which of `names` share one `st_ino` under `m`, and for each group whether its number is
+/// `lower_ino` (the lower file's): `[d/a d/b c]=lower [d/e]=other`. A missing name shows as `-NAME`.
+fn ino_groups(m: &Path, names: &[&str], lower_ino: u64) -> String {
+    let mut groups: std::collections::BTreeMap<u64, Vec<&str>> = Default::default();
+    let mut out = Vec::new();
+    for n in names {
+        match fs::symlink_metadata(m.join(n)) {
+            Ok(st) => groups.entry(st.ino()).or_default().push(n),
+            Err(_) => out.push(format!("-{n}")),
+        }
+    }
+    let mut g: Vec<String> = groups
+        .iter()
+        .map(|(ino, ns)| format!("[{}]={}", ns.join(" "), if *ino == lower_ino { "lower" } else { "other" }))
+        .collect();
+    g.sort();
+    out.extend(g);
+    out.join(" ")
+}
+
+/// What `hard_link_numbers_script` does: stat the names of lower hard-linked files after a
+/// listing (readdirplus), through an open descriptor, after a write that copies one name up
+/// (the link breaks: no index), after a link made to another name, and after the kernel drops
+/// its caches; reporting which names share a number.
+fn hard_link_numbers_script(m: &Path, lower_ino: u64) -> Vec<String> {
+    let names = ["d/a", "d/b", "c", "d/e"];
+    let groups = |what: &str| format!("{what}: {}", ino_groups(m, &names, lower_ino));
+    let mut out = Vec::new();
+    for d in ["", "d"] {
+        let listed: Vec<_> = fs::read_dir(m.join(d)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        out.push(format!("listed {d:?}: {}", listed.len()));
+    }
+    out.push(groups("after a listing"));
+    let f = File::open(m.join("d/b")).unwrap();
+    out.push(format!("fstat d/b is the lower file: {}", f.metadata().unwrap().ino() == lower_ino));
+    out.push(res("write d/a", fs::write(m.join("d/a"), b"through a")));
+    out.push(groups("after a write to d/a"));
+    out.push(format!("fstat d/b after: {}", f.metadata().unwrap().ino() == lower_ino));
+    out.push(res("ln d/b d/e", fs::hard_link(m.join("d/b"), m.join("d/e"))));
+    out.push(groups("after ln d/b d/e"));
+    fs::write("/proc/sys/vm/drop_caches", "2").expect("drop caches");
+    out.push(groups("after a cache drop"));
+    out
+}
+
+/// Regression (issue 18; `podman export` stored every name of busybox's hard links as a file of
+/// its own): without an index, the names of a lower hard-linked file show one `st_ino`, the
+/// lower file's, as in the kernel overlay, although ovlfs keeps a node per name (copying one
+/// name up breaks the link there, as in the kernel); the name copied up then shows a number of
+/// its own, which a remount keeps; a mount without an upper layer shows one number too.
+#[test]
+fn lower_hard_links_share_st_ino_like_the_kernel() {
+    let tmp = tempdir("link-numbers");
+    let a = Layers::create(&tmp.path().join("a"), 2);
+    apply_fixture(&a, INDEX_FIXTURE);
+    let b = a.copy_to(&tmp.path().join("b"));
+    let lower_ino = |l: &Layers| fs::metadata(l.lowers[1].join("d/a")).unwrap().ino();
+    let (ra, rb) = {
+        let ma = MountGuard::mount(Backend::Kernel, &a, KERNEL_OPTS, &mount_point(tmp.path(), "ma"));
+        let mb = MountGuard::mount(Backend::Ovlfs, &b, KERNEL_OPTS, &mount_point(tmp.path(), "mb"));
+        (hard_link_numbers_script(ma.path(), lower_ino(&a)), hard_link_numbers_script(mb.path(), lower_ino(&b)))
+    };
+    assert!(ra.contains(&"after a listing: -d/e [d/a d/b c]=lower".to_string()), "kernel: {ra:#?}");
+    assert_eq!(ra, rb, "kernel (left) and ovlfs (right) disagree");
+    // Remounted (fresh work dirs), each side still groups the names as the kernel does, and
+    // ovlfs's numbers did not change.
+    let before: Vec<u64> = ["d/a", "d/b", "c", "d/e"]
+        .iter()
+        .map(|n| fs::symlink_metadata(b.upper.join(n)).map_or(0, |m| m.ino()))
+        .collect();
+    let names = ["d/a", "d/b", "c", "d/e"];
+    let ka = MountGuard::mount(
+        Backend::Kernel,
+        &a.with_fresh_work(tmp.path().join("a/w2")),
+        KERNEL_OPTS,
+        &mount_point(tmp.path(), "ka"),
+    );
+    let kb = MountGuard::mount(
+        Backend::Ovlfs,
+        &b.with_fresh_work(tmp.path().join("b/w2")),
+        KERNEL_OPTS,
+        &mount_point(tmp.path(), "kb"),
+    );
+    assert_eq!(
+        ino_groups(ka.path(), &names, lower_ino(&a)),
+        ino_groups(kb.path(), &names, lower_ino(&b)),
+        "after a remount"
+    );
+    assert_eq!(
+        fs::metadata(kb.path().join("d/a")).unwrap().ino(),
+        before[0],
+        "the copied-up name shows its upper file's number, before and after a remount"
+    );
+    drop((ka, kb));
+    // No upper layer: nothing can break a link, and one number for all names.
+    let ro = |l: &Layers, backend, mnt| {
+        let lowers: Vec<String> = l.lowers.iter().map(|p| p.display().to_string()).collect();
+        let m = mount_point(tmp.path(), mnt);
+        let opts = format!("lowerdir={}", lowers.join(":"));
+        match backend {
+            Backend::Kernel => {
+                let data = std::ffi::CString::new(opts).unwrap();
+                rustix::mount::mount("overlay", &m, "overlay", rustix::mount::MountFlags::RDONLY, &*data).unwrap();
+            }
+            _ => {
+                let out = Command::new(ovlfs_bin()).arg("-o").arg(&opts).arg(&m).output().unwrap();
+                assert!(out.status.success(), "ovlfs -o {opts}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        let groups = ino_groups(&m, &["x/p1", "x/p2"], fs::metadata(l.lowers[1].join("x/p1")).unwrap().ino());
+        rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH).unwrap();
+        groups
+    };
+    assert_eq!(ro(&a, Backend::Kernel, "roa"), "[x/p1 x/p2]=lower");
+    assert_eq!(ro(&b, Backend::Ovlfs, "rob"), "[x/p1 x/p2]=lower");
+}
+
+/// What `argument_errors_script` does: calls that take a name longer than the filesystems allow
+/// (256 bytes, not there), and `mknod` of the object the format reserves (a 0/0 character
+/// device is a whiteout), plus a statfs's name limit.
+fn argument_errors_script(m: &Path) -> Vec<String> {
+    let long = "n".repeat(256);
+    let p = |s: &str| m.join(s);
+    let lp = p(&long);
+    let mut out = vec![
+        res("stat", io(fs::symlink_metadata(&lp))),
+        res("chmod", io(fs::set_permissions(&lp, fs::Permissions::from_mode(0o600)))),
+        res("chown", io(std::os::unix::fs::lchown(&lp, Some(0), Some(0)))),
+        res("truncate", io(OpenOptions::new().write(true).open(&lp).and_then(|f| f.set_len(0)))),
+        res("link from", io(fs::hard_link(&lp, p("x")))),
+        res("link to", io(fs::hard_link(p("top3.txt"), &lp))),
+        res("rename from", io(fs::rename(&lp, p("x")))),
+        res("rmdir", io(fs::remove_dir(&lp))),
+        res("unlink", io(fs::remove_file(&lp))),
+        res("create", io(File::create(&lp))),
+        res("mkdir", io(fs::create_dir(&lp))),
+        res("name of 255 ok", io(fs::write(p(&"m".repeat(255)), b"x"))),
+    ];
+    let mknod = |name: &str, kind, dev| {
+        let r = rustix::fs::mknodat(CWD, p(name), kind, rustix::fs::Mode::from_raw_mode(0o644), dev);
+        res(&format!("mknod {name}"), r.map_err(|e| e.to_string()))
+    };
+    out.push(mknod("wh", rustix::fs::FileType::CharacterDevice, 0));
+    out.push(mknod("null", rustix::fs::FileType::CharacterDevice, rustix::fs::makedev(1, 3)));
+    out.push(mknod("fifo", rustix::fs::FileType::Fifo, 0));
+    out.push(res("wh shows", io(fs::symlink_metadata(p("wh")).map(|_| ()))));
+    out.push(format!("statfs namelen {}", rustix::fs::statfs(m).unwrap().f_namelen));
+    out
+}
+
+/// Regression (issue 19, items 3 and 5): a name longer than the layers' filesystems take is
+/// `ENAMETOOLONG` for every call (ovlfs said `ENOENT` where the name did not exist), and
+/// `mknod NAME c 0 0` is refused with `EPERM` (ovlfs made one, a whiteout in the upper layer).
+#[test]
+fn long_names_and_whiteout_devices_are_refused_like_the_kernel() {
+    let tmp = tempdir("arg-errors");
+    let a = Layers::create(&tmp.path().join("a"), 3);
+    apply_fixture(&a, FIXTURE);
+    let b = a.copy_to(&tmp.path().join("b"));
+    let ra = {
+        let m = MountGuard::mount(Backend::Kernel, &a, KERNEL_OPTS, &mount_point(tmp.path(), "ma"));
+        argument_errors_script(m.path())
+    };
+    let rb = {
+        let m = MountGuard::mount(Backend::Ovlfs, &b, KERNEL_OPTS, &mount_point(tmp.path(), "mb"));
+        argument_errors_script(m.path())
+    };
+    assert!(ra.contains(&"mknod wh: err Operation not permitted (os error 1)".to_string()), "kernel: {ra:#?}");
+    assert!(ra.contains(&"unlink: err File name too long (os error 36)".to_string()), "kernel: {ra:#?}");
+    assert_eq!(ra, rb, "kernel (left) and ovlfs (right) disagree");
+    assert_same_upper("argument errors", "kernel", &snapshot_upper(&a.upper), "ovlfs", &snapshot_upper(&b.upper));
+}
