@@ -43,7 +43,11 @@ impl OverlayFs {
             return Err(Errno::ROFS.into());
         }
         let _guard = node.copy_lock.lock();
-        let (parent, name) = self.live_name(node).ok_or(Errno::NOENT)?;
+        // An open file whose names were all removed has no place in the upper layer: the kernel's
+        // copy-up meets the whiteout that holds its name and fails with EEXIST.
+        let (parent, name) = self
+            .live_name(node)
+            .ok_or_else(|| if self.open_file_of(node).is_some() { Errno::EXIST } else { Errno::NOENT })?;
         let (upper, parent_id, name, src, data, index) = {
             let st = node.state.read();
             let src = match (&st.lower, st.lower_dirs.first()) {

@@ -68,8 +68,15 @@ impl OverlayFs {
         // Judged before the open: a copy-up finishing in between then only makes the file
         // switch to the upper copy at its first use.
         let on_lower = !node.state.read().has_upper_data();
-        let (root, path) = self.data_location(node)?;
-        let fd = sys::open_beneath(root, &path, backing_flags(flags), Mode::empty())?;
+        let fd = match self.data_location(node) {
+            Err(e) if e.errno() == Errno::NOENT && self.unlinked(node) => {
+                self.reopen_unlinked(node, backing_flags(flags))?
+            }
+            r => {
+                let (root, path) = r?;
+                sys::open_beneath(root, &path, backing_flags(flags), Mode::empty())?
+            }
+        };
         if flags & libc::O_TRUNC != 0 {
             rustix::fs::ftruncate(&fd, 0)?;
             if kill_suidgid {
@@ -211,6 +218,9 @@ impl OverlayFs {
     pub(crate) fn do_setattr(&self, node: &Arc<Node>, a: &SetAttr) -> Result<Stat> {
         let _gate = self.gate_for(node);
         self.hook_modify(node)?;
+        if self.unlinked(node) && !node.is_dir() {
+            return self.setattr_unlinked(node, a);
+        }
         if a.size.is_some() {
             self.ensure_upper(node)?;
         } else {
@@ -280,6 +290,64 @@ impl OverlayFs {
                 Some(n) => rustix::fs::utimensat(&dir, n, &times, AtFlags::SYMLINK_NOFOLLOW)?,
                 None => sys::set_times(root.as_fd(), &times)?,
             }
+        }
+        self.real_stat(node)
+    }
+
+    /// Opens again, with `flags`, an open file whose names were all removed (`open` of
+    /// `/proc/PID/fd/N`), through our own descriptor's magic link.
+    fn reopen_unlinked(&self, node: &Node, flags: OFlags) -> Result<std::os::fd::OwnedFd> {
+        let of = self.open_file_of(node).ok_or(Errno::NOENT)?;
+        let magic = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&**of.file.read()));
+        // The magic link must be followed; there is nothing to create.
+        let flags = (flags | OFlags::CLOEXEC) - OFlags::NOFOLLOW - OFlags::CREATE - OFlags::EXCL;
+        Ok(rustix::fs::open(magic, flags, Mode::empty())?)
+    }
+
+    /// `do_setattr` for an open file whose names were all removed (`fchmod` after `unlink`):
+    /// the change goes to the real file through its open descriptor, as the kernel overlay
+    /// changes its upper inode. A file still in a lower layer would need a copy-up to a name a
+    /// whiteout now holds: the kernel fails that with `EEXIST`, and so do we.
+    fn setattr_unlinked(&self, node: &Arc<Node>, a: &SetAttr) -> Result<Stat> {
+        let of = self.open_file_of(node).ok_or(Errno::NOENT)?;
+        if of.on_lower.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Errno::EXIST.into());
+        }
+        let file = of.file.read().clone();
+        let uid = a.uid.map(|u| self.stored_owner(u, 0).0);
+        let gid = a.gid.map(|g| self.stored_owner(0, g).1);
+        let recorded = self.set_recorded(node, (file.as_fd(), None), uid, gid, a.mode)?;
+        let bare_chown = [a.mode, a.uid, a.gid].iter().all(Option::is_none)
+            && a.size.is_none()
+            && a.atime.is_none()
+            && a.mtime.is_none();
+        if !recorded && (uid.is_some() || gid.is_some() || bare_chown) {
+            match rustix::fs::fchown(&*file, uid.map(Uid::from_raw), gid.map(Gid::from_raw)) {
+                Err(e) if self.chown_may_fail() && !bare_chown => {
+                    tracing::debug!("chown failed, ignored under a squash option: {e}");
+                }
+                r => r?,
+            }
+        }
+        if let Some(mode) = a.mode.filter(|_| !recorded) {
+            rustix::fs::fchmod(&*file, Mode::from_raw_mode(mode & 0o7777))?;
+        }
+        if let Some(size) = a.size {
+            // The handle may be read-only (`truncate /proc/PID/fd/N`): open the file again
+            // for writing through our own descriptor's magic link.
+            let writable = a.fh.and_then(|fh| self.handles.get(fh, node.id).ok());
+            let fd = match writable.filter(|o| o.flags & libc::O_ACCMODE != libc::O_RDONLY) {
+                Some(o) => o.file.read().clone(),
+                None => Arc::new(File::from(self.reopen_unlinked(node, OFlags::WRONLY | OFlags::CLOEXEC)?)),
+            };
+            rustix::fs::ftruncate(&*fd, size)?;
+            if a.kill_suidgid {
+                self.kill_suidgid(node, &*fd)?;
+            }
+        }
+        if a.atime.is_some() || a.mtime.is_some() {
+            let times = Timestamps { last_access: timespec(a.atime), last_modification: timespec(a.mtime) };
+            rustix::fs::futimens(&*file, &times)?;
         }
         self.real_stat(node)
     }

@@ -434,9 +434,29 @@ impl OverlayFs {
         ovl_lookup::lookup(&self.stack, &layers, name)
     }
 
-    /// The real object's `lstat` as the mount shows it.
+    /// An open file of `node`, for a node no name reaches any more (every name removed while
+    /// it was open): its descriptors are all that reach the real file.
+    pub(crate) fn open_file_of(&self, node: &Node) -> Option<Arc<OpenFile>> {
+        let files = self.handles.files.read();
+        files.values().find(|f| f.node.id == node.id).cloned()
+    }
+
+    /// True when no name of the mount reaches `node` any more (the root always has one).
+    pub(crate) fn unlinked(&self, node: &Node) -> bool {
+        node.id != ROOT && self.live_name(node).is_none()
+    }
+
+    /// The real object's `lstat` as the mount shows it; for an open file whose names are all
+    /// gone, its open descriptor's `fstat` (link count 0 for an upper file, as in the kernel).
     pub(crate) fn real_stat(&self, node: &Node) -> Result<Stat> {
-        let (root, path) = self.real_location(node)?;
+        let (root, path) = match self.real_location(node) {
+            Err(e) if e.errno() == Errno::NOENT && self.unlinked(node) => {
+                let of = self.open_file_of(node).ok_or(e)?;
+                let file = of.file.read().clone();
+                return Ok(rustix::fs::fstat(&*file)?);
+            }
+            r => r?,
+        };
         let mut st = sys::lstat_beneath(root, &path)?;
         if let Some(n) = self.index_nlink(node)? {
             st.st_nlink = n;

@@ -17,13 +17,20 @@ fn cname(name: &OsStr) -> Result<CString> {
 
 impl OverlayFs {
     /// Runs `f` on the real object of `node` as (parent dir, Some(name)) or (dir, None) for the
-    /// root of a layer.
+    /// root of a layer, or (the file, None) for an open file whose names were all removed.
     pub(crate) fn on_real<T>(
         &self,
         node: &Node,
         f: impl FnOnce(std::os::fd::BorrowedFd<'_>, Option<&std::ffi::CStr>) -> Result<T>,
     ) -> Result<T> {
-        let (root, path) = self.real_location(node)?;
+        let (root, path) = match self.real_location(node) {
+            Err(e) if e.errno() == Errno::NOENT && self.unlinked(node) => {
+                let of = self.open_file_of(node).ok_or(e)?;
+                let file = of.file.read().clone();
+                return f(std::os::fd::AsFd::as_fd(&*file), None);
+            }
+            r => r?,
+        };
         if path.as_os_str().is_empty() {
             return f(root, None);
         }

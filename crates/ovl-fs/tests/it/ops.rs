@@ -1236,3 +1236,81 @@ fn long_names_and_whiteout_devices_are_refused_like_the_kernel() {
     assert_eq!(ra, rb, "kernel (left) and ovlfs (right) disagree");
     assert_same_upper("argument errors", "kernel", &snapshot_upper(&a.upper), "ovlfs", &snapshot_upper(&b.upper));
 }
+
+/// What `unlinked_open_file_script` does: opens a file (`new`, made through the mount, so in
+/// the upper layer; `top3.txt` from a lower layer), removes its name, then reaches it only
+/// through the descriptor and `/proc/self/fd/N`: stat, fstat, chmod, chown, utimes, truncate,
+/// xattrs, reads and writes.
+fn unlinked_open_file_script(m: &Path) -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    fs::write(m.join("new"), b"made here").unwrap();
+    for (name, write) in [("new", true), ("top3.txt", false)] {
+        let f = OpenOptions::new().read(true).write(write).open(m.join(name)).unwrap();
+        out.push(res(&format!("rm {name}"), io(fs::remove_file(m.join(name)))));
+        let proc = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        let meta = |m: std::io::Result<fs::Metadata>| {
+            io(m.map(|m| {
+                format!(
+                    "nlink {} mode {:o} owner {}:{} size {} mtime {}",
+                    m.nlink(),
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    m.len(),
+                    m.mtime()
+                )
+            }))
+        };
+        let mut step = |what: &str, r: String| out.push(format!("{name}: {what}: {r}"));
+        step("stat", res("", meta(fs::metadata(&proc))));
+        step("fstat", res("", meta(f.metadata())));
+        step("fchmod", res("", io(f.set_permissions(fs::Permissions::from_mode(0o600)))));
+        step("fchown", res("", io(std::os::unix::fs::fchown(&f, Some(5), Some(6)))));
+        let times = fs::FileTimes::new().set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(2000));
+        step("futimens", res("", io(f.set_times(times))));
+        step("chmod via proc", res("", io(fs::set_permissions(&proc, fs::Permissions::from_mode(0o640)))));
+        step(
+            "reopen and truncate via proc",
+            res("", io(OpenOptions::new().write(true).open(&proc).and_then(|g| g.set_len(4)))),
+        );
+        step("fsetxattr", res("", rx(rustix::fs::fsetxattr(&f, "user.k", b"v", XattrFlags::empty()))));
+        let mut buf = [0u8; 64];
+        step("fgetxattr", res("", rx(rustix::fs::fgetxattr(&f, "user.k", &mut buf))));
+        step("flistxattr", res("", rx(rustix::fs::flistxattr(&f, &mut buf)).map(|n| buf[..n].to_vec())));
+        if write {
+            step("pwrite", res("", io(f.write_at(b"XY", 1))));
+            step("ftruncate", res("", io(f.set_len(6))));
+        }
+        let mut data = vec![0u8; 16];
+        step("pread", res("", io(f.read_at(&mut data, 0)).map(|n| String::from_utf8_lossy(&data[..n]).into_owned())));
+        step("stat after", res("", meta(fs::metadata(&proc))));
+    }
+    out
+}
+
+/// Regression (issue 19, item 1): an open file whose name was removed is still a file: stat
+/// through `/proc/self/fd/N` shows link count 0 and fchmod, fchown, futimens, truncate and
+/// xattrs work through the descriptor, as in the kernel overlay (ovlfs said ENOENT to all of
+/// them, resolving the node by its path). A lower file so removed fails changes with EEXIST
+/// in the kernel (its copy-up meets the whiteout), and in ovlfs too.
+#[test]
+fn an_open_file_whose_name_is_gone_is_still_a_file_like_the_kernel() {
+    let tmp = tempdir("unlinked-open");
+    let a = Layers::create(&tmp.path().join("a"), 3);
+    apply_fixture(&a, FIXTURE);
+    let b = a.copy_to(&tmp.path().join("b"));
+    let ra = {
+        let m = MountGuard::mount(Backend::Kernel, &a, KERNEL_OPTS, &mount_point(tmp.path(), "ma"));
+        unlinked_open_file_script(m.path())
+    };
+    let rb = {
+        let m = MountGuard::mount(Backend::Ovlfs, &b, KERNEL_OPTS, &mount_point(tmp.path(), "mb"));
+        unlinked_open_file_script(m.path())
+    };
+    assert!(
+        ra.iter().any(|l| l.starts_with("new: stat after: : ok \"nlink 0 mode 100640 owner 5:6 size 6")),
+        "kernel: {ra:#?}"
+    );
+    assert_eq!(ra, rb, "kernel (left) and ovlfs (right) disagree");
+}
