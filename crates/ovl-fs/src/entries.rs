@@ -562,14 +562,13 @@ impl OverlayFs {
         // A dir with lower parts keeps finding them through a redirect to where they are.
         let samedir = parent.id == newparent.id;
         if has_lower_dir(&src) {
-            self.set_redirect(&src_node, &ppath.join(name), samedir, &players)?;
+            self.set_redirect(&ppath.join(name), samedir)?;
             ovl_copyup::mark_impure(&self.stack, &npath)?;
         }
         if exchange {
             let d = dst.as_ref().ok_or(Errno::IO)?;
             if has_lower_dir(d) {
-                let dn = self.table.by_key(self.key_of(d)).ok_or(Errno::IO)?;
-                self.set_redirect(&dn, &npath.join(newname), samedir, &nplayers)?;
+                self.set_redirect(&npath.join(newname), samedir)?;
                 ovl_copyup::mark_impure(&self.stack, &ppath)?;
             } else if d.kind == FileType::Directory && !d.opaque && players.is_merged() {
                 ovl_copyup::set_opaque(&self.stack, &npath.join(newname))?;
@@ -646,32 +645,65 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// Writes `overlay.redirect` on the upper dir `upper_path` of `node` (about to be renamed):
-    /// the dir's path in the top lower layer, as a bare name when it stays in the same parent
-    /// and that parent's lower dir is still its lower parent, else absolute. Longer than the
-    /// kernel's `redirect_max` (256): `EXDEV`, as in the kernel.
-    fn set_redirect(
-        &self,
-        node: &Node,
-        upper_path: &Path,
-        samedir: bool,
-        parent_layers: &ovl_lookup::DirLayers,
-    ) -> Result<()> {
+    /// Writes `overlay.redirect` on the upper dir `upper_path` (its overlay path too) of a dir
+    /// with lower parts, about to be renamed, as the kernel's `ovl_set_redirect` does. A redirect
+    /// it has is kept when the dir stays in its parent or the redirect is absolute. Else, in the
+    /// same parent, its current name (relative); elsewhere, the absolute path of where it is now
+    /// in the merged namespace of the layers below, built from the overlay path upward with each
+    /// dir's own redirect standing for its name (and an absolute one ending the walk), so that
+    /// the layers below resolve it through their own redirects and whiteouts, however deep the
+    /// stack. Longer than the kernel's `redirect_max` (256): `EXDEV`, as in the kernel.
+    fn set_redirect(&self, upper_path: &Path, samedir: bool) -> Result<()> {
         use std::os::unix::ffi::OsStrExt;
-        let lower = node.state.read().lower_dirs.first().map(|d| d.path.clone()).ok_or(Errno::IO)?;
-        let name = lower.file_name().ok_or(Errno::XDEV)?;
-        let relative =
-            samedir && parent_layers.lowers.first().is_some_and(|p| lower.parent() == Some(p.path.as_path()));
-        let value = if relative {
-            name.as_bytes().to_vec()
+        let own = self.upper_redirect(upper_path)?;
+        if own.as_ref().is_some_and(|r| samedir || r.starts_with(b"/")) {
+            return Ok(());
+        }
+        let value = if samedir {
+            upper_path.file_name().ok_or(Errno::XDEV)?.as_bytes().to_vec()
         } else {
-            let mut v = b"/".to_vec();
-            v.extend_from_slice(lower.as_os_str().as_bytes());
+            let mut parts: Vec<Vec<u8>> = Vec::new();
+            let mut dir = upper_path.to_path_buf();
+            let mut redirect = own;
+            loop {
+                match redirect {
+                    Some(r) if r.starts_with(b"/") => {
+                        parts.push(r[1..].to_vec());
+                        break;
+                    }
+                    Some(r) => parts.push(r),
+                    None => parts.push(dir.file_name().ok_or(Errno::XDEV)?.as_bytes().to_vec()),
+                }
+                if !dir.pop() || dir.as_os_str().is_empty() {
+                    break;
+                }
+                redirect = self.upper_redirect(&dir)?;
+            }
+            parts.reverse();
+            let mut v = Vec::new();
+            for p in parts {
+                v.push(b'/');
+                v.extend_from_slice(&p);
+            }
             v
         };
         if value.len() > 256 {
             return Err(Errno::XDEV.into());
         }
         ovl_copyup::set_redirect(&self.stack, upper_path, &value)
+    }
+
+    /// The `overlay.redirect` of the upper dir `path`, if it has one the kernel follows (a value
+    /// it would refuse fails lookups of the dir, so the kernel never builds on one).
+    fn upper_redirect(&self, path: &Path) -> Result<Option<Vec<u8>>> {
+        let upper = self.stack.writable_upper().ok_or(Errno::ROFS)?;
+        let dir = sys::open_dir_path(upper.layer().root(), path)?;
+        let v = sys::get_xattr(&dir, None, &self.stack.names().redirect)?;
+        Ok(v.map(|mut v| {
+            // The value ends at a NUL, as the kernel reads it.
+            v.truncate(v.iter().position(|b| *b == 0).unwrap_or(v.len()));
+            v
+        })
+        .filter(|v| ovl_lookup::redirect_is_valid(v)))
     }
 }
