@@ -328,26 +328,35 @@ impl OverlayFs {
     }
 
     /// The `st_ino` `node` shows, for `getattr` and `setattr` replies. A node's id is its number
-    /// in entry replies (fuser sends one number for both), but a node standing for one name of
-    /// a lower hard link (`key_of`) needs an id of its own, so it shows, as the kernel does, the
-    /// number of the object behind it: the lower file's identity (`ovl_lookup::identity`),
-    /// shared by all its names, and after the copy-up that broke the link, the upper file's (the
-    /// number it gets after a remount). The kernel
-    /// takes `st_ino` from the attributes of each reply, so such nodes are given attributes
-    /// that never stay valid (`attr_ttl`): every `stat` asks.
+    /// in entry replies (fuser sends one number for both), but two kinds of node need an id other
+    /// than their object's number, and show, as the kernel does, the number of the object behind
+    /// them all the same: a node standing for one name of a lower hard link (`key_of`; the lower
+    /// file's identity, shared by all its names, and after the copy-up that broke the link, the
+    /// upper file's, the number it gets after a remount), and a node for an object whose inode
+    /// number the upper fs reused while the kernel still held the dead object's node (issue 19:
+    /// `rmdir d; mkdir e` with a process still in `d`; `OverlayFs::remember`). The kernel takes
+    /// `st_ino` from the attributes of each reply, so such nodes are given attributes that never
+    /// stay valid (`attr_ttl`): every `stat` asks.
     pub(crate) fn shown_ino(&self, node: &Node, st: &Stat) -> u64 {
         let s = node.state.read();
         match s.keys.first() {
+            _ if node.id == ROOT => node.id,
             Some(k) if k.name != 0 && s.lower.is_some() => crate::inode::natural_ino(*k),
             Some(k) if k.name != 0 => crate::inode::natural_ino(self.upper_key(st)),
-            _ => node.id,
+            Some(k) => crate::inode::derived_ino(*k).unwrap_or(node.id),
+            None => node.id,
         }
     }
 
     /// How long the kernel may keep the attributes of an entry reply for `node`: not at all
     /// where they would carry a number other than the one `stat` must show (`shown_ino`).
     pub(crate) fn attr_ttl(&self, node: &Node) -> Duration {
-        if node.state.read().keys.first().is_some_and(|k| k.name != 0) { Duration::ZERO } else { self.ttl }
+        let s = node.state.read();
+        let other = node.id != ROOT
+            && s.keys
+                .first()
+                .is_some_and(|k| k.name != 0 || crate::inode::derived_ino(*k).is_some_and(|n| n != node.id));
+        if other { Duration::ZERO } else { self.ttl }
     }
 
     /// `attr` with the number `stat` shows (`shown_ino`): for `getattr` and `setattr` replies.

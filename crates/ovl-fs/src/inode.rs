@@ -157,7 +157,15 @@ impl Table {
 
     /// The node id an identity has or would get; for `d_ino` in directory listings.
     pub fn ino_for(&self, key: Key) -> u64 {
-        self.inner.read().keys.get(&key).copied().unwrap_or_else(|| natural_ino(key))
+        // An identity's derived number first: a node of a reused inode number has an id of
+        // its own but shows the derived number (`OverlayFs::shown_ino`), and d_ino agrees.
+        let mapped = self.inner.read().keys.get(&key).copied();
+        match (mapped, derived_ino(key)) {
+            (Some(ROOT), _) => ROOT,
+            (_, Some(n)) => n,
+            (Some(id), None) => id,
+            (None, None) => key.ino,
+        }
     }
 
     /// Finds the node for `key` or makes one with `make`, and counts one kernel lookup.
@@ -249,6 +257,12 @@ pub(crate) fn natural_ino(key: Key) -> u64 {
         0 => key.ino,
         id => id,
     }
+}
+
+/// The number derived from an identity of one object (not one name of a lower hard link),
+/// if it fits (`derive`).
+pub(crate) fn derived_ino(key: Key) -> Option<u64> {
+    Some(derive(key)).filter(|n| *n != 0)
 }
 
 fn derive(key: Key) -> u64 {

@@ -149,7 +149,7 @@ impl Filesystem for OverlayFs {
             let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
             let (node, st) = tri!(reply, self.do_mknod(&p, name, mode, rdev, (req.uid(), req.gid(), umask)));
-            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+            reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
     }
 
@@ -158,7 +158,7 @@ impl Filesystem for OverlayFs {
             let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
             let (node, st) = tri!(reply, self.do_mkdir(&p, name, mode, (req.uid(), req.gid(), umask)));
-            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+            reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
     }
 
@@ -186,7 +186,7 @@ impl Filesystem for OverlayFs {
             let _ns = self.ns.read();
             let p = tri!(reply, self.node(parent));
             let (node, st) = tri!(reply, self.do_symlink(&p, link_name, target, req.uid(), req.gid()));
-            reply.entry(&self.ttl, &self.attr(&node, &st), Generation(0));
+            reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
     }
 
@@ -465,7 +465,10 @@ impl Filesystem for OverlayFs {
             let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, (req.uid(), req.gid(), umask)));
             let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
             let attr = self.attr(&node, &st);
-            let (ttl, fh, noflush) = (&self.ttl, FileHandle(fh), FopenFlags::FOPEN_NOFLUSH);
+            // One time-to-live for the entry and its attributes here: none for a node whose
+            // number is not its id (`OverlayFs::attr_ttl`).
+            let ttl = &self.attr_ttl(&node).min(self.ttl);
+            let (fh, noflush) = (FileHandle(fh), FopenFlags::FOPEN_NOFLUSH);
             match self.passthrough_open(&node, fh.0, |fd| reply.open_backing(fd)) {
                 IoMode::Passthrough(id) => reply.created_passthrough(ttl, &attr, Generation(0), fh, noflush, &id),
                 IoMode::Cached => reply.created(ttl, &attr, Generation(0), fh, noflush),
