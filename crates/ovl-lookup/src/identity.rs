@@ -46,7 +46,11 @@ pub(crate) fn identity_from(
 ) -> Result<Identity> {
     let mut id = Identity { fs_index: layer.fs_index(), ino: st.st_ino };
     let key = &stack.names().origin;
-    for _ in 0..MAX_CHAIN {
+    // The mount's index vouches only for links of its own upper layer's objects: the first hop
+    // from an upper object. An object in a lower layer (a rotated upper) whose origin has
+    // several links may be one of several broken copies of it, each its own object.
+    let vouched = stack.upper().is_some_and(|u| u.index().is_some() && u.layer().id() == layer.id());
+    for hop in 0..MAX_CHAIN {
         let Some(v) = value else { break };
         let origin = match Origin::decode(&v) {
             Ok(o) => o,
@@ -59,10 +63,11 @@ pub(crate) fn identity_from(
         let Some(fd) = decode(stack, &origin) else { break };
         let st = rustix::fs::fstat(&fd)?;
         // As the kernel: a non-dir whose origin has several links takes the origin's number
-        // only with an index (which proves the link unbroken); without one, each copied-up name
-        // is an object of its own (two of them would otherwise share one identity).
+        // only with an index (which proves the link unbroken: `vouched`); without one, each
+        // copied-up name is an object of its own (two of them would otherwise share one
+        // identity).
         let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
-        if !is_dir && st.st_nlink > 1 && stack.upper().and_then(|u| u.index()).is_none() {
+        if !is_dir && st.st_nlink > 1 && !(vouched && hop == 0) {
             break;
         }
         let Some(found) = stack.layer_on_dev(st.st_dev) else { break };

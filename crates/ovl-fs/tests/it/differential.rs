@@ -8,7 +8,8 @@
 //!
 //! Environment (all optional):
 //! - `OVL_DIFF_SUT=kernel|ovlfs` system under test (default ovlfs; kernel self-checks the harness)
-//! - `OVL_DIFF_SEQS` (24), `OVL_DIFF_OPS` (150): sequences and operations per sequence
+//! - `OVL_DIFF_SEQS` (24; 6 per option set in the rotation mode), `OVL_DIFF_OPS` (150): sequences
+//!   and operations per sequence (the rotation mode rotates every 12 operations, up to 10 lowers)
 //! - `OVL_DIFF_SEED` (0): first seed; sequence i uses seed + i (reproduce one with SEQS=1)
 //! - `OVL_DIFF_OVLFS`: ovlfs binary to use instead of the one Cargo built
 //! - `OVL_DIFF_SUT_OPTS`: extra mount options for ovlfs (default: the kernel's, see `KERNEL_OPTS`)
@@ -168,6 +169,83 @@ fn differential_regression_seeds() {
         cfg.seqs = 1;
         run_all(&cfg);
     }
+}
+
+/// Rotation mode (issue 19): every few operations both mounts end, the SUT's upper layer is
+/// pushed down as the top lower layer of a new stack with a fresh upper and work dir (up to 10
+/// lower layers), and the kernel goes on from a copy of exactly those layers: at each rotation
+/// the kernel's mount of the SUT's layers must show what the SUT shows, and then both go on op
+/// by op. With `redirect_dir=on,index=on` (redirects written in stacked trees must resolve in
+/// the kernel as the kernel's own do: issue 19 item 4) and with `redirect_dir=on` alone.
+#[test]
+fn differential_random_sequences_with_rotations() {
+    let base = Config::from_env();
+    let redirects = KERNEL_OPTS.replace("redirect_dir=off", "redirect_dir=on");
+    for (opts, seed) in [(redirects.replace("index=off", "index=on"), 4000), (redirects.clone(), 5000)] {
+        let mut cfg = Config::from_env();
+        cfg.opts = opts;
+        cfg.seed += seed;
+        // Six seeds each in CI; `OVL_DIFF_SEQS` runs as many as asked.
+        cfg.seqs = if std::env::var_os("OVL_DIFF_SEQS").is_some() { base.seqs } else { 6 };
+        let start = Instant::now();
+        let mut stats = Stats::default();
+        for seed in cfg.seed..cfg.seed + cfg.seqs {
+            run_rotating(&cfg, seed, 12, &mut stats);
+            stats.seqs += 1;
+        }
+        stats.print(cfg.sut, start.elapsed().as_secs_f64());
+    }
+}
+
+/// One seed of the rotation mode, rotating every `every` operations (see
+/// [`differential_random_sequences_with_rotations`]).
+fn run_rotating(cfg: &Config, seed: u64, every: usize, stats: &mut Stats) {
+    let tmp = tempdir(&format!("ovl-rot-{seed}-"));
+    let mut lb = generate_layers(&tmp.path().join("b"), seed, 3, seed % 3 != 0);
+    let mut la = lb.copy_to(&tmp.path().join("a"));
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0707_a7e5);
+    let mut index = 0;
+    for round in 0.. {
+        let ma = MountGuard::mount(Backend::Kernel, &la, &cfg.opts, &mount_point(tmp.path(), &format!("ma{round}")));
+        let mb = MountGuard::mount(cfg.sut, &lb, &cfg.sut_opts(), &mount_point(tmp.path(), &format!("mb{round}")));
+        let what =
+            format!("seed {seed}: rotation {round} ({} lower layers): the kernel on the SUT's layers", lb.lowers.len());
+        assert_same_tree(&what, "kernel", &snapshot_tree(ma.path()), "SUT", &snapshot_tree(mb.path()));
+        index = run_ops(cfg, seed, &mut rng, (&ma, &mb), (&la, &lb), index, every, stats);
+        let what = format!("seed {seed}: views after {index} ops ({} lower layers)", lb.lowers.len());
+        assert_same_tree(&what, "kernel", &snapshot_tree(ma.path()), "SUT", &snapshot_tree(mb.path()));
+        ma.unmount().unwrap_or_else(|e| panic!("seed {seed}: kernel unmount: {e}"));
+        mb.unmount().unwrap_or_else(|e| panic!("seed {seed}: SUT unmount: {e}"));
+        if lb.lowers.len() >= 10 {
+            break;
+        }
+        // The pushed-down layer is frozen: its work dir (and an index in it) goes, as when a
+        // user rotates layers by hand (and an index entry's link would count in its files).
+        fs::remove_dir_all(&lb.work).expect("remove the old work dir");
+        let dir = tmp.path().join(format!("b-rot{round}"));
+        lb = Layers {
+            root: lb.root.clone(),
+            lowers: [vec![lb.upper.clone()], lb.lowers.clone()].concat(),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+        };
+        fs::create_dir_all(&lb.upper).expect("rotated upper");
+        fs::create_dir_all(&lb.work).expect("rotated work");
+        la = copy_layer_dirs(&lb, &tmp.path().join(format!("a-rot{round}")));
+    }
+}
+
+/// Copies each layer of `l` (lowers, upper) with `cp -a` into `dst/l1..lN` and `dst/upper`,
+/// with an empty `dst/work`: the same layers for another mount, wherever `l`'s dirs live.
+fn copy_layer_dirs(l: &Layers, dst: &Path) -> Layers {
+    let copy = Layers::at(dst, l.lowers.len());
+    fs::create_dir_all(dst).expect("copy root");
+    for (from, to) in l.lowers.iter().zip(&copy.lowers).chain([(&l.upper, &copy.upper)]) {
+        let out = std::process::Command::new("cp").arg("-a").arg(from).arg(to).output().expect("cp");
+        assert!(out.status.success(), "cp -a {from:?} {to:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    fs::create_dir_all(&copy.work).expect("copy work");
+    copy
 }
 
 /// Runs every configured seed and prints the per-op statistics.

@@ -999,11 +999,17 @@ fn hard_links_stay_linked_with_index_like_the_kernel() {
     let ka = MountGuard::mount(Backend::Kernel, &ra, &opts, &mount_point(tmp.path(), "ra"));
     let kb = MountGuard::mount(Backend::Ovlfs, &rb, &opts, &mount_point(tmp.path(), "rb"));
     assert_same_tree("rotated", "kernel", &snapshot_tree(ka.path()), "ovlfs", &snapshot_tree(kb.path()));
-    // st_ino stays the first lower file's (the kernel reports the rotated layer's own inode
-    // number there: issue 3 asks ovlfs to keep it).
-    for f in ["d/a", "d/e", "d/f"] {
-        let orig = fs::metadata(b.lowers.last().unwrap().join("d/a")).unwrap().ino();
-        assert_eq!(fs::metadata(kb.path().join(f)).unwrap().ino(), orig, "{f}: st_ino after rotation");
+    // st_ino after rotation: one number for all names, the rotated layer's own, as the kernel
+    // shows it. (This asserted the first lower file's number once, beyond the kernel; but the
+    // index that vouched for the link stays behind with the old work dir, and the rotation
+    // test showed two broken copies of one lower hard link sharing that number, and a node:
+    // one showed the other's owner and mode. Since session 7 an origin with several links is
+    // followed only from the mount's own upper layer with its index.)
+    for (m, l, side) in [(&ka, &ra, "kernel"), (&kb, &rb, "ovlfs")] {
+        let own = fs::metadata(l.lowers[0].join("d/a")).unwrap().ino();
+        for f in ["d/a", "d/e", "d/f"] {
+            assert_eq!(fs::metadata(m.path().join(f)).unwrap().ino(), own, "{side}: {f}: st_ino after rotation");
+        }
     }
 }
 
