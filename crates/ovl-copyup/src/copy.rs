@@ -91,8 +91,8 @@ fn copy_up_with(
     let uparent = sys::open_dir_path(upper.layer().root(), upper_parent)?;
     let parent_st = rustix::fs::fstat(&uparent)?;
     let ft = FileType::from_raw_mode(st.st_mode);
-    // Like the kernel with index=off: no origin for a hard-linked lower file.
-    let origin = if ft == FileType::RegularFile && st.st_nlink > 1 { None } else { origin_of(lower, &lparent, &lname) };
+    // Like the kernel with index=off: no origin for a hard-linked lower non-directory.
+    let origin = if ft != FileType::Directory && st.st_nlink > 1 { None } else { origin_of(lower, &lparent, &lname) };
     if origin.is_some() {
         mark_impure(stack, &uparent)?;
     }
@@ -126,6 +126,40 @@ fn copy_up_with(
     }
     restore_dir_times(uparent.as_fd(), &parent_st);
     sys::lstat_at(&uparent, &name)
+}
+
+/// Copies the symlink or special file `lname` in `lparent` (whose `lstat` is `st`) as `name` in
+/// `dir` (the index dir), with its metadata and `origin`: made in the work dir first, then
+/// renamed into place.
+pub(crate) fn copy_other_into(
+    stack: &LayerStack,
+    (lparent, lname): (&OwnedFd, &CStr),
+    st: &Stat,
+    (dir, name): (BorrowedFd<'_>, &CStr),
+    origin: &[u8],
+    publish: &dyn Fn(&Stat),
+) -> Result<()> {
+    let work = upper_of(stack)?.work();
+    let tmp = temp_name();
+    let ft = FileType::from_raw_mode(st.st_mode);
+    match ft {
+        FileType::Symlink => {
+            let target = rustix::fs::readlinkat(lparent, lname, Vec::new())?;
+            rustix::fs::symlinkat(&target, work, &tmp)?
+        }
+        FileType::Directory | FileType::RegularFile => return Err(Errno::INVAL.into()),
+        _ => rustix::fs::mknodat(work, &tmp, ft, Mode::from_raw_mode(0o600), st.st_rdev)?,
+    }
+    let done = copy_meta_at(stack, lparent, lname, st, work, &tmp).and_then(|()| {
+        sys::set_xattr(work, Some(&tmp), &stack.names().origin, origin, 0)?;
+        publish(&sys::lstat_at(work, &tmp)?);
+        Ok(rustix::fs::renameat_with(work, &tmp, dir, name, rustix::fs::RenameFlags::NOREPLACE)?)
+    });
+    if let Err(e) = done {
+        let _ = sys::remove_tree_at(work, &tmp);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Copies the regular file `lname` in `lparent` (whose `lstat` is `st`) as `name` in `dir`

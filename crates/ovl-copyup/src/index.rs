@@ -12,14 +12,14 @@ use ovl_core::sys;
 use ovl_core::{Errno, LayerStack, Result};
 use rustix::fs::{AtFlags, FileType, Stat};
 
-use crate::copy::{Source, copy_regular_into, mark_impure};
+use crate::copy::{Source, copy_other_into, copy_regular_into, mark_impure};
 use crate::upper::{restore_dir_times, upper_of};
 
 fn index_dir(stack: &LayerStack) -> Result<rustix::fd::BorrowedFd<'_>> {
     upper_of(stack)?.index().ok_or_else(|| Errno::INVAL.into())
 }
 
-/// Copies the lower regular file `src` (with several links) into the index as `index`, with
+/// Copies the lower non-directory `src` (with several links) into the index as `index`, with
 /// its origin, and `overlay.nlink` saying the overlay count is the lower one. Returns the new
 /// upper inode's `lstat`; `publish` sees it before it is visible.
 pub fn copy_up_to_index(stack: &LayerStack, src: &Source, index: &CStr, publish: &dyn Fn(&Stat)) -> Result<Stat> {
@@ -27,11 +27,15 @@ pub fn copy_up_to_index(stack: &LayerStack, src: &Source, index: &CStr, publish:
     let lower = stack.layer(src.layer);
     let (lparent, lname) = sys::open_parent(lower.root(), &src.path)?;
     let st = sys::lstat_at(&lparent, &lname)?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return Err(Errno::XDEV.into());
-    }
     let origin = ovl_core::index::origin_value(lower, &lparent, &lname).ok_or(Errno::OPNOTSUPP)?;
-    copy_regular_into(stack, (&lparent, &lname), &st, (ix, index), Some(&origin), publish)?;
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {
+            copy_regular_into(stack, (&lparent, &lname), &st, (ix, index), Some(&origin), publish)?
+        }
+        FileType::Directory => return Err(Errno::XDEV.into()),
+        // A hard-linked symlink or special file: made in the work dir, renamed into the index.
+        _ => copy_other_into(stack, (&lparent, &lname), &st, (ix, index), &origin, publish)?,
+    }
     sys::set_xattr(ix, Some(index), &stack.names().nlink, &nlink_value(NlinkBase::Lower, 0), 0)?;
     sys::lstat_at(ix, index)
 }

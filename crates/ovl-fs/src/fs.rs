@@ -427,7 +427,7 @@ impl OverlayFs {
 
     /// The index entry of what a lookup found as `name` in `parent` (`index=on` only).
     fn index_of(&self, parent: u64, name: &OsStr, e: &Entry) -> Result<Option<ovl_lookup::IndexRef>> {
-        if !self.indexed() || e.kind != FileType::RegularFile {
+        if !self.indexed() || e.kind == FileType::Directory {
             return Ok(None);
         }
         let path = match &e.upper {

@@ -21,14 +21,16 @@ pub struct IndexRef {
     pub lower_nlink: u64,
 }
 
-/// For a regular file of an `index=on` stack: its index entry when it is a lower file with
+/// For a non-directory of an `index=on` stack: its index entry when it is a lower object with
 /// several links, or an upper name linked to such an entry (`upper_path` is the entry's
 /// overlay path, needed to read its origin). `None` for everything else, and for a metacopy
 /// file (indexed copy-up always copies data).
 pub fn index_of(stack: &LayerStack, e: &Entry, upper_path: &Path) -> Result<Option<IndexRef>> {
     let Some(up) = stack.upper() else { return Ok(None) };
     let Some(ix) = up.index() else { return Ok(None) };
-    if e.kind != FileType::RegularFile || e.data.is_some() {
+    // Every non-dir, as the kernel's `ovl_need_index`: hard-linked symlinks and special files
+    // too (an upper layer rotated down brings them).
+    if e.kind == FileType::Directory || e.data.is_some() {
         return Ok(None);
     }
     if let Some(ust) = &e.upper {
@@ -51,7 +53,7 @@ pub fn index_of(stack: &LayerStack, e: &Entry, upper_path: &Path) -> Result<Opti
     let Some(origin) = ovl_core::index::origin_value(layer, &dir, &name) else { return Ok(None) };
     let ixname = index_name(&origin);
     let present = match sys::lstat_at(ix, &ixname) {
-        Ok(st) => FileType::from_raw_mode(st.st_mode) == FileType::RegularFile,
+        Ok(st) => FileType::from_raw_mode(st.st_mode) == e.kind,
         Err(e) if e.errno() == Errno::NOENT => false,
         Err(e) => return Err(e),
     };

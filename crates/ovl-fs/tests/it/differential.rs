@@ -181,15 +181,21 @@ fn differential_regression_seeds() {
 fn differential_random_sequences_with_rotations() {
     let base = Config::from_env();
     let redirects = KERNEL_OPTS.replace("redirect_dir=off", "redirect_dir=on");
-    for (opts, seed) in [(redirects.replace("index=off", "index=on"), 4000), (redirects.clone(), 5000)] {
+    // Seeds that once failed, run in CI with the range: 4037 and 4039 (index=on; hard-linked
+    // symlinks in a rotated layer were not indexed).
+    let asked = std::env::var_os("OVL_DIFF_SEQS").is_some();
+    for (opts, seed, again) in
+        [(redirects.replace("index=off", "index=on"), 4000, vec![4037, 4039]), (redirects.clone(), 5000, vec![])]
+    {
         let mut cfg = Config::from_env();
         cfg.opts = opts;
         cfg.seed += seed;
         // Six seeds each in CI; `OVL_DIFF_SEQS` runs as many as asked.
-        cfg.seqs = if std::env::var_os("OVL_DIFF_SEQS").is_some() { base.seqs } else { 6 };
+        cfg.seqs = if asked { base.seqs } else { 6 };
         let start = Instant::now();
         let mut stats = Stats::default();
-        for seed in cfg.seed..cfg.seed + cfg.seqs {
+        let again = if asked { Vec::new() } else { again };
+        for seed in (cfg.seed..cfg.seed + cfg.seqs).chain(again) {
             run_rotating(&cfg, seed, 12, &mut stats);
             stats.seqs += 1;
         }
