@@ -205,10 +205,16 @@ impl Filesystem for OverlayFs {
             if flags.contains(RenameFlags::RENAME_EXCHANGE) {
                 self.prepare_change_at(newparent, newname, false);
             }
+            let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
+            {
+                let _ns = self.ns.read();
+                if let (Ok(p), Ok(np)) = (self.node(parent), self.node(newparent)) {
+                    self.copy_up_before_rename((&p, name), (&np, newname), flags);
+                }
+            }
             let _ns = self.ns.write();
             let p = tri!(reply, self.node(parent));
             let np = tri!(reply, self.node(newparent));
-            let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
             let r = self.do_rename(&p, name, &np, newname, flags);
             if r.is_err() {
                 self.forget_attrs(&[p.id, np.id]);
