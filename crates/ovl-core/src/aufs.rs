@@ -52,9 +52,91 @@ pub fn fuse_overlayfs_opaque(value: Option<&[u8]>) -> bool {
     value.is_some_and(|v| v.first() == Some(&b'y'))
 }
 
+/// What one directory of a lower layer holds of this encoding: the names its `.wh.NAME` entries
+/// hide, and whether it holds [`OPAQUE_MARKER`]. Read once per directory with one listing (lower
+/// layers do not change under a mount), so a lookup does not probe for `.wh.NAME` in each lower
+/// layer (it cost a cold `lstat` 20% and a negative lookup 50% more; issue 18).
+#[derive(Debug, Default)]
+pub struct DirMarks {
+    hidden: std::collections::HashSet<OsString>,
+    opaque: bool,
+}
+
+impl DirMarks {
+    /// The marks of a directory holding entries `names`.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a OsStr>) -> Self {
+        let mut m = DirMarks::default();
+        for n in names {
+            let b = n.as_bytes();
+            if b == OPAQUE_MARKER.to_bytes() {
+                m.opaque = true;
+            } else if let Some(hidden) = b.strip_prefix(PREFIX) {
+                m.hidden.insert(OsStr::from_bytes(hidden).to_owned());
+            }
+        }
+        m
+    }
+
+    /// True when `name` in this directory is hidden by a `.wh.NAME` entry.
+    pub fn hides(&self, name: &OsStr) -> bool {
+        !self.hidden.is_empty() && self.hidden.contains(name)
+    }
+
+    /// True when the directory holds the opaque marker.
+    pub fn opaque(&self) -> bool {
+        self.opaque
+    }
+}
+
+/// The lower directories read so far, by `(layer, path in it)`: their marks, or `None` where the
+/// layer has no directory there. Bounded: emptied when it grows past [`MarksCache::MAX`].
+#[derive(Debug, Default)]
+pub struct MarksCache(std::sync::RwLock<std::collections::HashMap<MarksKey, Option<std::sync::Arc<DirMarks>>>>);
+
+/// A directory of a layer: the layer and the path in it.
+type MarksKey = (crate::LayerId, std::path::PathBuf);
+
+impl MarksCache {
+    /// The most directories kept.
+    pub const MAX: usize = 1 << 16;
+
+    /// The marks of `dir` in `layer`, read with `read` (its entries' names, `None` when there is no
+    /// such directory) the first time.
+    pub fn get(
+        &self,
+        layer: crate::LayerId,
+        dir: &std::path::Path,
+        read: impl FnOnce() -> crate::Result<Option<Vec<OsString>>>,
+    ) -> crate::Result<Option<std::sync::Arc<DirMarks>>> {
+        let key = (layer, dir.to_path_buf());
+        if let Some(m) = self.0.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(m.clone());
+        }
+        let marks =
+            read()?.map(|names| std::sync::Arc::new(DirMarks::from_names(names.iter().map(OsString::as_os_str))));
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(key, marks.clone());
+        Ok(marks)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marks_of_a_listing() {
+        let names = [".wh.a", "b", ".wh..wh..opq", ".wh..wh.plnk", "c"].map(OsStr::new);
+        let m = DirMarks::from_names(names);
+        assert!(m.hides(OsStr::new("a")));
+        assert!(!m.hides(OsStr::new("b")));
+        assert!(m.hides(OsStr::new(".wh.plnk")), "a hidden name is whatever follows the prefix");
+        assert!(m.opaque());
+        assert!(!DirMarks::from_names([OsStr::new("x")]).opaque());
+    }
 
     #[test]
     fn names() {

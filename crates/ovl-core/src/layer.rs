@@ -94,6 +94,8 @@ pub struct LayerStack {
     aufs: bool,
     /// Writes whiteouts as `.wh.NAME` files: the upper fs refused a 0/0 `mknod`.
     whiteout_files: bool,
+    /// The AUFS marks of lower directories read so far (when `aufs`).
+    marks: crate::aufs::MarksCache,
 }
 
 impl LayerStack {
@@ -218,6 +220,7 @@ impl LayerStack {
             fs_count,
             aufs: true,
             whiteout_files,
+            marks: Default::default(),
         })
     }
 
@@ -262,7 +265,16 @@ impl LayerStack {
         }
         let fs_count = devs.len().max(1) as u8;
         let names = XattrNames::new(options.userxattr);
-        Ok(Self { lowers: out, upper, names, options, fs_count, aufs: false, whiteout_files: false })
+        Ok(Self {
+            lowers: out,
+            upper,
+            names,
+            options,
+            fs_count,
+            aufs: false,
+            whiteout_files: false,
+            marks: Default::default(),
+        })
     }
 
     /// The lower layers, top first.
@@ -301,6 +313,24 @@ impl LayerStack {
     /// The lower layers whose filesystem has UUID `uuid`.
     pub fn lowers_with_uuid(&self, uuid: &[u8; 16]) -> impl Iterator<Item = &Layer> {
         self.lowers.iter().filter(move |l| &l.uuid == uuid)
+    }
+
+    /// The AUFS marks of directory `dir` of the lower layer `layer` (see
+    /// [`crate::aufs::DirMarks`]), read with one listing the first time; `None` where the layer
+    /// has no directory there.
+    pub fn lower_marks(&self, layer: &Layer, dir: &Path) -> crate::Result<Option<Arc<crate::aufs::DirMarks>>> {
+        self.marks.get(layer.id(), dir, || match sys::read_dir(layer.root(), dir) {
+            Ok(entries) => Ok(Some(entries.into_iter().map(|e| e.name).collect())),
+            Err(e)
+                if matches!(
+                    e.errno(),
+                    rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        })
     }
 
     /// Whether the AUFS/OCI whiteout encoding and fuse-overlayfs's markers are read too (see

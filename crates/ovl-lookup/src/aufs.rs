@@ -5,30 +5,42 @@
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 
-use ovl_core::{LayerStack, Opaque, Result, aufs, sys};
+use ovl_core::{Layer, LayerStack, Opaque, Result, aufs, sys};
 
 use crate::probe::Probe;
 
-/// True when the object at `path` of a layer (not the root) is hidden by a `.wh.NAME` entry
+/// True when `layer` is the stack's upper layer, which this mount itself changes (its marks are
+/// probed each time; a lower layer's are read once: [`LayerStack::lower_marks`]).
+fn is_upper(stack: &LayerStack, layer: &Layer) -> bool {
+    stack.upper().is_some_and(|u| u.layer().id() == layer.id())
+}
+
+/// True when the object at `path` of `layer` (not the root) is hidden by a `.wh.NAME` entry
 /// beside it, which also hides it in every layer below.
-pub(crate) fn hidden(stack: &LayerStack, root: BorrowedFd<'_>, path: &Path) -> Result<bool> {
+pub(crate) fn hidden(stack: &LayerStack, layer: &Layer, path: &Path) -> Result<bool> {
     if !stack.reads_aufs() {
         return Ok(false);
     }
-    let Some(name) = path.file_name() else { return Ok(false) };
-    Ok(Probe::open(root, &path.with_file_name(aufs::whiteout_name(name)))?.is_some())
+    let (Some(name), Some(dir)) = (path.file_name(), path.parent()) else { return Ok(false) };
+    if !is_upper(stack, layer) {
+        return Ok(stack.lower_marks(layer, dir)?.is_some_and(|m| m.hides(name)));
+    }
+    Ok(Probe::open(layer.root(), &path.with_file_name(aufs::whiteout_name(name)))?.is_some())
 }
 
-/// The opacity of the directory `p` at `path` (not a layer root): its `overlay.opaque`, made
-/// `Yes` by fuse-overlayfs's opaque xattr or a `.wh..wh..opq` entry in it.
-pub(crate) fn opaque(stack: &LayerStack, root: BorrowedFd<'_>, p: &mut Probe, path: &Path) -> Result<Opaque> {
+/// The opacity of the directory `p` at `path` of `layer` (not a layer root): its
+/// `overlay.opaque`, made `Yes` by fuse-overlayfs's opaque xattr or a `.wh..wh..opq` entry in it.
+pub(crate) fn opaque(stack: &LayerStack, layer: &Layer, p: &mut Probe, path: &Path) -> Result<Opaque> {
     let o = Opaque::from_value(p.xattr(&stack.names().opaque)?.as_deref());
     if o == Opaque::Yes || !stack.reads_aufs() {
         return Ok(o);
     }
-    if aufs::fuse_overlayfs_opaque(p.xattr(aufs::FUSE_OVERLAYFS_OPAQUE)?.as_deref())
-        || Probe::open(root, &path.join(marker()))?.is_some()
-    {
+    let marker_inside = if is_upper(stack, layer) {
+        Probe::open(layer.root(), &path.join(marker()))?.is_some()
+    } else {
+        stack.lower_marks(layer, path)?.is_some_and(|m| m.opaque())
+    };
+    if marker_inside || aufs::fuse_overlayfs_opaque(p.xattr(aufs::FUSE_OVERLAYFS_OPAQUE)?.as_deref()) {
         return Ok(Opaque::Yes);
     }
     Ok(o)

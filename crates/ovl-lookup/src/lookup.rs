@@ -108,7 +108,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
 
     if let (Some(up), Some(upper)) = (&parent.upper, stack.upper()) {
         let path = up.join(name);
-        if crate::aufs::hidden(stack, upper.layer().root(), &path)? {
+        if crate::aufs::hidden(stack, upper.layer(), &path)? {
             return Ok(None);
         }
         if let Some(mut p) = Probe::open(upper.layer().root(), &path)? {
@@ -143,7 +143,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                 }
                 return Ok(Some(e));
             }
-            let opaque = crate::aufs::opaque(stack, upper.layer().root(), &mut p, &path)? == Opaque::Yes;
+            let opaque = crate::aufs::opaque(stack, upper.layer(), &mut p, &path)? == Opaque::Yes;
             let redirect = if opaque || !reads { None } else { dir_redirect(stack, &mut p, &path)? };
             found = Some(Entry {
                 identity,
@@ -201,7 +201,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                 }
             },
         };
-        if crate::aufs::hidden(stack, layer.root(), &path)? {
+        if crate::aufs::hidden(stack, layer, &path)? {
             break;
         }
         let Some(mut p) = Probe::open(layer.root(), &path)? else {
@@ -258,7 +258,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
             Some(_) if kind != FileType::Directory => break,
             Some(_) => {}
         }
-        let opaque = crate::aufs::opaque(stack, layer.root(), &mut p, &path)?;
+        let opaque = crate::aufs::opaque(stack, layer, &mut p, &path)?;
         // The kernel reads no redirect of an opaque dir.
         let redirect = if opaque == Opaque::Yes || !reads { None } else { dir_redirect(stack, &mut p, &path)? };
         let dir = found.as_mut().and_then(|f| f.dir.as_mut()).ok_or(Errno::IO)?;
@@ -334,7 +334,7 @@ fn find_data(
                 Walk::Open { stop, below } => (p.clone(), stop, Some(below)),
             },
         };
-        if crate::aufs::hidden(stack, layer.root(), &path)? {
+        if crate::aufs::hidden(stack, layer, &path)? {
             break;
         }
         let Some(mut p) = Probe::open(layer.root(), &path)? else {
@@ -457,7 +457,7 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
     for (i, c) in ancestors.iter().enumerate() {
         check_component(c.as_os_str())?;
         cur.push(c);
-        if crate::aufs::hidden(stack, layer.root(), &cur)? {
+        if crate::aufs::hidden(stack, layer, &cur)? {
             return Ok(Walk::Blocked);
         }
         let Some(st) = stat_in(layer.root(), &cur)? else {
@@ -475,7 +475,7 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
             below.push(c);
             continue;
         }
-        if crate::aufs::opaque(stack, layer.root(), &mut p, &cur)? == Opaque::Yes {
+        if crate::aufs::opaque(stack, layer, &mut p, &cur)? == Opaque::Yes {
             stop = true;
             below.push(c);
             continue;
@@ -510,7 +510,7 @@ pub fn lower_has_name(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> R
     for ld in &parent.lowers {
         let layer = stack.layer(ld.layer);
         let path = ld.path.join(name);
-        if crate::aufs::hidden(stack, layer.root(), &path)? {
+        if crate::aufs::hidden(stack, layer, &path)? {
             return Ok(false);
         }
         let Some(st) = stat_in(layer.root(), &path)? else { continue };
