@@ -181,6 +181,8 @@ fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr a closed pipe) is lost, never a panic.
+        .log_internal_errors(false)
         .init();
     // Objects we create get exactly the modes we ask for.
     rustix::process::umask(rustix::fs::Mode::empty());
@@ -223,13 +225,16 @@ fn spawn_background(args: &Args) -> anyhow::Result<()> {
     // Check what we can before forking so errors come from this process, and nothing changes.
     ovl_fs::mount::check_mountpoint(&args.mountpoint)?;
     let exe = std::env::current_exe().context("finding our own executable")?;
+    // With `RUST_LOG` the daemon logs for as long as it runs: to our own stderr, which outlives
+    // us (a pipe to us would close when we return, and the daemon's next log line hit EPIPE).
+    let logs = std::env::var_os("RUST_LOG").is_some();
     let mut child = Command::new(exe)
         .arg("-f")
         .args(&args.raw)
         .env(NOTIFY, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(if logs { Stdio::inherit() } else { Stdio::piped() })
         .process_group(0)
         .spawn()
         .context("starting the background daemon")?;

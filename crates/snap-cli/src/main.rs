@@ -694,6 +694,8 @@ fn init_logs() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr a closed pipe) is lost, never a panic.
+        .log_internal_errors(false)
         .init();
 }
 
@@ -741,11 +743,14 @@ fn spawn_background(cfg: &daemon::Config) -> anyhow::Result<()> {
 /// Starts `cmd` (ourselves in the foreground mode) in its own process group and waits for
 /// "ready" on its stdout.
 fn wait_ready(mut cmd: Command) -> anyhow::Result<()> {
+    // With `RUST_LOG` the daemon logs for as long as it runs: to our own stderr, which outlives
+    // us (a pipe to us would close when we return, and the daemon's next log line hit EPIPE).
+    let logs = std::env::var_os("RUST_LOG").is_some();
     let mut child = cmd
         .env(NOTIFY, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(if logs { Stdio::inherit() } else { Stdio::piped() })
         .process_group(0)
         .spawn()
         .context("starting the background daemon")?;

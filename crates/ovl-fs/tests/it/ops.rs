@@ -360,6 +360,35 @@ fn background_start_returns_live_and_mount_fuse3_form_works() {
     assert_eq!(fs::read(l.upper.join("g")).unwrap(), b"two");
 }
 
+/// Regression: with `RUST_LOG` set, the background daemon kept its stderr on a pipe to the
+/// launcher, which closed when the launcher returned; the daemon's next log line killed it and
+/// the mount answered ECONNABORTED ("Software caused connection abort"), as when podman ran
+/// ovlfs with logging on. The daemon now logs to the launcher's own stderr for its lifetime.
+#[test]
+fn background_daemon_keeps_logging_where_the_launcher_logged() {
+    let tmp = tempdir("bg-log");
+    let l = Layers::create(&tmp.path().join("a"), 1);
+    apply_fixture(&l, "l1 file f one\n");
+    let mnt = mount_point(tmp.path(), "m");
+    let log = tmp.path().join("daemon.log");
+    let out = Command::new(ovlfs_bin())
+        .arg("-o")
+        .arg(l.mount_options(""))
+        .arg(&mnt)
+        .env("RUST_LOG", "debug")
+        .stderr(File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let _guard = Unmount(mnt.clone());
+    for i in 0..20 {
+        assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "one\n", "read {i}");
+        fs::write(mnt.join(format!("g{i}")), b"x").unwrap();
+    }
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("LOOKUP"), "the daemon's requests are in the launcher's log: {text}");
+}
+
 #[test]
 fn bad_input_is_one_line_exit_1_and_changes_nothing() {
     let tmp = tempdir("bad");

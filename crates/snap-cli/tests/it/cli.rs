@@ -90,3 +90,23 @@ fn a_closed_pipe_ends_output_commands_quietly() {
     assert!(!out.stdout.contains("panicked"), "a full disk on stdout: {out}");
     m.take(Some("t2"));
 }
+
+/// Regression: with `RUST_LOG` set, the background daemon kept its stderr on a pipe to `ovlsnap
+/// mount`, which closed when the command returned; the daemon's next log line killed it (the
+/// mount then answered ECONNABORTED). The daemon now logs to the command's own stderr.
+#[test]
+fn the_daemon_keeps_logging_where_mount_logged() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("f"), b"one").unwrap();
+    let log = m.live().parent().unwrap().join("daemon.log");
+    let script = format!("RUST_LOG=debug exec \"$@\" 2>>'{}'", log.display());
+    m.mount_wrapped(&["sh", "-c", &script, "sh"]);
+    for i in 0..10 {
+        fs::write(m.mnt().join(format!("g{i}")), b"x").unwrap();
+        assert_eq!(fs::read(m.mnt().join("f")).unwrap(), b"one", "read {i}");
+    }
+    m.take(Some("after-logging"));
+    assert!(m.mnt().join(".snapshots/after-logging/f").exists(), "the snapshot is browsable");
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("DEBUG"), "the daemon's log reached the file: {text}");
+}
