@@ -158,14 +158,30 @@ pub(crate) fn live_id(live: BorrowedFd<'_>) -> anyhow::Result<LiveId> {
     Ok(LiveId { fs: sys::fs_uuid(live).iter().map(|b| format!("{b:02x}")).collect(), ino: st.st_ino })
 }
 
-/// Whether `name` may name a snapshot: a plain file name, printable, at most 200 bytes.
+/// The longest snapshot name, in bytes (room is kept below the file name limit of 255 for the
+/// names the store derives from it).
+pub const MAX_NAME: usize = 200;
+
+/// Whether `name` may name a snapshot: a plain file name, printable, at most [`MAX_NAME`] bytes.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && name != "."
-        && name != ".."
-        && !name.contains('/')
-        && !name.chars().any(|c| c.is_control())
+    name_problem(name).is_none()
+}
+
+/// Why `name` may not name a snapshot, for the error message; `None` when it may.
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("it is empty".into())
+    } else if name.len() > MAX_NAME {
+        Some(format!("it is {} bytes long, and the limit is {MAX_NAME}", name.len()))
+    } else if name == "." || name == ".." {
+        Some("`.` and `..` name directories".into())
+    } else if name.contains('/') {
+        Some("it contains '/'".into())
+    } else if name.chars().any(|c| c.is_control()) {
+        Some("it contains a control character".into())
+    } else {
+        None
+    }
 }
 
 impl Store {
@@ -393,8 +409,8 @@ impl Store {
         created: u64,
         prepare: impl FnOnce(BorrowedFd<'_>) -> anyhow::Result<()>,
     ) -> anyhow::Result<SnapshotInfo> {
-        if !valid_name(name) {
-            bail!("{name:?} is not a valid snapshot name (a file name without '/' or control characters)");
+        if let Some(why) = name_problem(name) {
+            bail!("{name:?} is not a valid snapshot name: {why}");
         }
         if self.by_name(name).is_some() {
             bail!("a snapshot named {name:?} already exists");

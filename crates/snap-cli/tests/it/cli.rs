@@ -110,3 +110,18 @@ fn the_daemon_keeps_logging_where_mount_logged() {
     let text = fs::read_to_string(&log).unwrap();
     assert!(text.contains("DEBUG"), "the daemon's log reached the file: {text}");
 }
+
+/// Issue 21: a name of 201-255 bytes was refused as "not a valid name" without the reason; the
+/// error now says what is wrong with it (here: the length, and the limit).
+#[test]
+fn a_refused_name_says_why() {
+    let m = SnapMount::start(Form::Separate, |_| {});
+    let long = "n".repeat(201);
+    let out = m.try_take(Some(&long));
+    let err = out.expect_failure("take with a 201-byte name");
+    assert!(err.contains("201 bytes long, and the limit is 200"), "{err}");
+    let out = m.try_take(Some("a\tb"));
+    let err = out.expect_failure("take with a tab in the name");
+    assert!(err.contains("control character"), "{err}");
+    m.take(Some(&"n".repeat(200)));
+}
