@@ -207,8 +207,9 @@ enum Cmd {
                             --mount /data --json\n\nExit status: 0 no errors (warnings and fixable findings allowed), \
                             1 errors remain, 2 bad usage.")]
     Check {
-        /// LIVE, the directory whose store to check.
-        #[arg(conflicts_with = "mount", required_unless_present = "mount")]
+        /// LIVE, the directory whose store to check (default: the mount containing the current
+        /// directory, as for the other commands).
+        #[arg(conflicts_with = "mount")]
         live: Option<PathBuf>,
         /// A snapshot mount (checked through its daemon), or a LIVE directory that is not mounted.
         #[arg(long)]
@@ -282,7 +283,17 @@ fn main() -> ExitCode {
         sys::default_sigpipe();
     }
     if let Cmd::Check { live, mount, store, repair, json } = cli.cmd {
-        return check(live.or(mount), store, repair, json);
+        let target = match live.or(mount) {
+            Some(t) => t,
+            None => match resolve_mount(None) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("ovlsnap check: {e:#} (or name LIVE)");
+                    return ExitCode::from(2);
+                }
+            },
+        };
+        return check(target, store, repair, json);
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -481,8 +492,7 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
 }
 
 /// `ovlsnap check`: LIVE (or a mount over it) and its store; exit 0 without errors, 1 with.
-fn check(live: Option<PathBuf>, store: Option<PathBuf>, repair: bool, json: bool) -> ExitCode {
-    let Some(live) = live else { return ExitCode::from(2) };
+fn check(live: PathBuf, store: Option<PathBuf>, repair: bool, json: bool) -> ExitCode {
     match snap_fs::check::check_store(&live, store.as_deref(), repair) {
         Ok(report) => {
             use std::io::Write as _;

@@ -373,3 +373,19 @@ fn usage() {
     assert_eq!(out.status.code(), Some(1), "{out}");
     assert!(out.stderr.contains("no snapshot store"), "{out}");
 }
+
+/// Issue 21: `ovlsnap check` without arguments, run inside a snapshot mount, checks that mount,
+/// as every other command finds its mount from the current directory (it was a usage error).
+#[test]
+fn check_without_arguments_checks_the_mount_it_runs_in() {
+    let m = SnapMount::start(Form::Separate, |live| fs::write(live.join("f"), b"one").unwrap());
+    m.take(Some("s1"));
+    let out = std::process::Command::new(ovlsnap_bin()).arg("check").current_dir(m.mnt().join(".")).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "check inside the mount\n{stdout}\n{stderr}");
+    let live_store = m.live().join(".ovlsnap").display().to_string();
+    assert!(
+        stdout.contains(&live_store) && stdout.contains("checked"),
+        "the report is of this mount's store:\n{stdout}"
+    );
+}
