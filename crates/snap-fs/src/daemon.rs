@@ -106,8 +106,31 @@ pub fn open_store(live: &Path, store: Option<&Path>) -> anyhow::Result<Opened> {
     Ok(Opened { live, live_fd, store: store_at, hidden, snapper })
 }
 
-/// Checks the configuration and opens LIVE and the store; changes nothing on a failed check.
+/// A dead ovlsnap mount at `dir` (its daemon was killed: the kernel answers ENOTCONN) is
+/// detached, as root, so that a new mount takes its place (issue 21: `ovlsnap mount` said "not a
+/// directory"); without root, the error says what to run.
+fn clear_dead_mount(dir: &Path) -> anyhow::Result<()> {
+    let Ok(abs) = std::path::absolute(dir) else { return Ok(()) };
+    // statfs always asks the daemon (a stat may be answered from cached attributes).
+    if rustix::fs::statfs(&abs).err() != Some(rustix::io::Errno::NOTCONN) || !mounts_of_type(FSTYPE)?.contains(&abs) {
+        return Ok(());
+    }
+    if !rustix::process::geteuid().is_root() {
+        bail!(
+            "{abs:?} is a dead ovlsnap mount (its daemon is gone): run `fusermount3 -u -z {}`, then `ovlsnap mount` again",
+            abs.display()
+        );
+    }
+    rustix::mount::unmount(&abs, rustix::mount::UnmountFlags::DETACH)
+        .with_context(|| format!("detaching the dead ovlsnap mount {abs:?}"))?;
+    tracing::warn!(mount = ?abs, "detached a dead ovlsnap mount (its daemon was gone)");
+    Ok(())
+}
+
+/// Checks the configuration and opens LIVE and the store; changes nothing on a failed check
+/// (but a dead mount of ours on the mount point, which it detaches: `clear_dead_mount`).
 pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
+    clear_dead_mount(&cfg.mount)?;
     let euid = rustix::process::geteuid();
     if !euid.is_root() {
         // Without root we serve our own directory to ourselves alone: nothing we could not reach.

@@ -339,3 +339,32 @@ fn snapshots_without_a_seal_are_marked_unverified() {
     assert_eq!(d["unverified"], serde_json::Value::Bool(true), "{d}");
     assert_eq!(fs::read(m.view("new").join("f")).unwrap(), b"1\n");
 }
+
+/// Issue 21: after a `kill -9` of the daemon, `ovlsnap mount` said "mount point ... is not a
+/// directory" (the dead FUSE mount answers ENOTCONN). It now detaches the dead mount of its own
+/// type and mounts, and the snapshots are all there.
+#[test]
+fn mount_over_the_dead_mount_of_a_killed_daemon_clears_it() {
+    for form in [Form::Stacked, Form::Separate] {
+        let mut m = SnapMount::start(form, |live| fs::write(live.join("f"), b"one\n").unwrap());
+        m.take(Some("s1"));
+        fs::write(m.mnt().join("f"), b"two\n").unwrap();
+        let pid = daemon_pid(m.mnt());
+        rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
+            .expect("kill -9 the daemon");
+        while Path::new(&format!("/proc/{pid}/exe")).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            rustix::fs::statfs(m.mnt()).err(),
+            Some(rustix::io::Errno::NOTCONN),
+            "{form:?}: the dead mount answers ENOTCONN"
+        );
+        m.mark_unmounted();
+        m.mount();
+        assert_eq!(fs::read(m.mnt().join("f")).unwrap(), b"two\n", "{form:?}: LIVE");
+        assert_eq!(fs::read(m.mnt().join(".snapshots/s1/f")).unwrap(), b"one\n", "{form:?}: the snapshot");
+        let stacked = mounts().iter().filter(|l| l.point == m.mnt()).count();
+        assert_eq!(stacked, 1, "{form:?}: one mount on the mount point, the dead one gone");
+    }
+}
