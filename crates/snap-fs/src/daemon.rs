@@ -106,6 +106,16 @@ pub fn open_store(live: &Path, store: Option<&Path>) -> anyhow::Result<Opened> {
     Ok(Opened { live, live_fd, store: store_at, hidden, snapper })
 }
 
+/// The status of the daemon that serves `live`, if one does: asked of each ovlsnap mount
+/// (those whose daemon does not answer, or answers as no one we trust, are passed over).
+fn serving(live: &Path) -> Option<Status> {
+    let live = std::fs::canonicalize(live).ok()?;
+    mounts_of_type(FSTYPE).ok()?.into_iter().find_map(|mnt| {
+        let v = control::call(&mnt, &control::Request::Status).ok()?;
+        serde_json::from_value::<Status>(v).ok().filter(|st| st.live == live)
+    })
+}
+
 /// A dead ovlsnap mount at `dir` (its daemon was killed: the kernel answers ENOTCONN) is
 /// detached, as root, so that a new mount takes its place (issue 21: `ovlsnap mount` said "not a
 /// directory"); without root, the error says what to run.
@@ -131,6 +141,16 @@ fn clear_dead_mount(dir: &Path) -> anyhow::Result<()> {
 /// (but a dead mount of ours on the mount point, which it detaches: `clear_dead_mount`).
 pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     clear_dead_mount(&cfg.mount)?;
+    // A LIVE some daemon serves already (on itself, its `.snapshots` is that mount's).
+    if let Some(st) = serving(&cfg.live) {
+        bail!(
+            "{:?} is already served by the ovlsnap daemon {} at {:?}: use that mount, or `ovlsnap umount {}` first",
+            cfg.live,
+            st.pid,
+            st.mount,
+            st.mount.display()
+        );
+    }
     let euid = rustix::process::geteuid();
     if !euid.is_root() {
         // Without root we serve our own directory to ourselves alone: nothing we could not reach.

@@ -193,7 +193,8 @@ fn mount_of_a_regular_file_fails() {
 }
 
 /// A second `ovlsnap mount` of a LIVE that is already served (stacked over LIVE and at another
-/// MNT) fails, starts nothing, and the first mount keeps working.
+/// MNT) fails, saying which daemon serves LIVE where, starts nothing, and the first mount keeps
+/// working.
 fn second_mount_is_refused(form: Form) {
     let snap = SnapMount::start(form, |live| fs::write(live.join("f"), b"one").unwrap());
     let before = processes_using(snap.scratch().path());
@@ -201,7 +202,10 @@ fn second_mount_is_refused(form: Form) {
     let mnt2 = snap.scratch().mkdir("mnt2");
     for args in [vec![OsStr::new("mount"), live], vec![OsStr::new("mount"), live, mnt2.as_os_str()]] {
         let out = ovlsnap(&args);
-        out.expect_failure("second mount of the same LIVE");
+        let err = out.expect_failure("second mount of the same LIVE");
+        // Issue 21: the stacked case said ".snapshots is reserved"; both say who serves LIVE.
+        let at = format!("at {:?}", snap.mnt());
+        assert!(err.contains("is already served by the ovlsnap daemon") && err.contains(&at), "{err}");
         let expected_at_live = if form == Form::Stacked { 1 } else { 0 };
         assert_eq!(mounts_at(snap.live()).len(), expected_at_live, "mounts at LIVE after the refused mount\n{out}");
         assert!(mounts_at(&mnt2).is_empty(), "the refused mount mounted {}\n{out}", mnt2.display());
