@@ -121,8 +121,10 @@ fn serving(live: &Path) -> Option<Status> {
 /// directory"); without root, the error says what to run.
 fn clear_dead_mount(dir: &Path) -> anyhow::Result<()> {
     let Ok(abs) = std::path::absolute(dir) else { return Ok(()) };
-    // statfs always asks the daemon (a stat may be answered from cached attributes).
-    if rustix::fs::statfs(&abs).err() != Some(rustix::io::Errno::NOTCONN) || !mounts_of_type(FSTYPE)?.contains(&abs) {
+    // statfs always asks the daemon (a stat may be answered from cached attributes); a request
+    // caught in flight as the daemon died gets ECONNABORTED, later ones ENOTCONN.
+    let dead = matches!(rustix::fs::statfs(&abs), Err(rustix::io::Errno::NOTCONN | rustix::io::Errno::CONNABORTED));
+    if !dead || !mounts_of_type(FSTYPE)?.contains(&abs) {
         return Ok(());
     }
     if !rustix::process::geteuid().is_root() {
