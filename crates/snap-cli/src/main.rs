@@ -354,7 +354,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let spinner = spinner(&format!("deleting {name}"));
             let out = control::call(&mnt, &Request::Delete { name: name.clone() });
             spinner.finish_and_clear();
-            out?;
+            if let Err(e) = out {
+                // A clone holds its snapshot's view open: name it (issue 21).
+                let clones = clones_of(&mnt, &name);
+                if clones.is_empty() {
+                    return Err(e);
+                }
+                let at: Vec<String> = clones.iter().map(|c| c.display().to_string()).collect();
+                bail!("{e:#}: the clone mounted at {} uses it (`umount {}` first)", at.join(", "), at[0]);
+            }
             say!("deleted {name}");
             Ok(())
         }
@@ -600,10 +608,30 @@ fn clone(
     init_logs();
     rustix::process::umask(rustix::fs::Mode::empty());
     let options = ovl_core::MountOptions::parse(&opts)?;
-    let m = ovl_fs::mount::Mount::new(&options, &dir, &format!("ovlsnap-clone:{name}"))?;
+    let m = ovl_fs::mount::Mount::new(&options, &dir, &clone_source(&mnt, name))?;
     unmount_on_signal(dir.clone())?;
     notify_ready();
     m.run()
+}
+
+/// The mount source of a clone of snapshot `name` of the mount `mnt` (what mountinfo shows).
+fn clone_source(mnt: &Path, name: &str) -> String {
+    format!("ovlsnap-clone:{name}@{}", mnt.display())
+}
+
+/// The mount points of the clones of snapshot `name` of the mount `mnt`.
+fn clones_of(mnt: &Path, name: &str) -> Vec<PathBuf> {
+    let want = clone_source(mnt, name);
+    let Ok(info) = ovl_fs::mount::read_mountinfo() else { return Vec::new() };
+    info.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let source = right.split(' ').nth(1)?;
+            let point = left.split(' ').nth(4)?;
+            (ovl_fs::mount::unescape_mountinfo(source).as_os_str() == std::ffi::OsStr::new(&want))
+                .then(|| ovl_fs::mount::unescape_mountinfo(point))
+        })
+        .collect()
 }
 
 /// Escapes a path for a `lowerdir=`-style option list.

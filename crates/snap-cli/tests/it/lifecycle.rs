@@ -118,3 +118,23 @@ fn restore_dry_run_changes_nothing_and_a_killed_restore_finishes_when_rerun() {
     let out = cli(&["diff".as_ref(), "s1".as_ref(), "--mount".as_ref(), mnt.as_os_str()]);
     assert_eq!(out.expect_ok("diff"), "", "LIVE differs from s1 after the restore");
 }
+
+/// Issue 21: deleting a snapshot that a clone uses was refused with "files or directories are
+/// open", without naming the clone; the error now names the clone's mount point.
+#[test]
+fn delete_names_the_clone_that_uses_the_snapshot() {
+    let m = SnapMount::start(Form::Separate, |live| fs::write(live.join("f"), b"one").unwrap());
+    m.take(Some("t1"));
+    let dir = m.scratch().mkdir("clone");
+    let args = [OsStr::new("clone"), OsStr::new("t1"), dir.as_os_str(), OsStr::new("--mount"), m.mnt().as_os_str()];
+    ovlsnap(&args).expect_ok("ovlsnap clone");
+    let guard = KernelMount::adopt(&dir);
+    let held_in_clone = fs::File::open(dir.join("f")).unwrap();
+    let out = ovlsnap(&["delete".as_ref(), "t1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()]);
+    let err = out.expect_failure("delete of a snapshot a clone uses");
+    assert!(err.contains(&format!("the clone mounted at {}", dir.display())), "{err}");
+    drop(held_in_clone);
+    drop(guard);
+    ovlsnap(&["delete".as_ref(), "t1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()])
+        .expect_ok("delete after the clone went");
+}
