@@ -580,3 +580,18 @@ fn fuse_type(ft: FileType) -> FuseType {
         _ => FuseType::RegularFile,
     }
 }
+
+/// A process (pid, command name) whose current or root directory is `dir` or inside it, read
+/// from `/proc` (others' processes only as root): what holds a view without an open file.
+pub(crate) fn process_inside(dir: &std::path::Path) -> Option<(u32, String)> {
+    let procs = std::fs::read_dir("/proc").ok()?;
+    procs.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let inside =
+            ["cwd", "root"].iter().any(|l| std::fs::read_link(e.path().join(l)).is_ok_and(|p| p.starts_with(dir)));
+        inside.then(|| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            (pid, comm.trim().to_owned())
+        })
+    })
+}

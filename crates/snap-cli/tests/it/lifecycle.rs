@@ -138,3 +138,21 @@ fn delete_names_the_clone_that_uses_the_snapshot() {
     ovlsnap(&["delete".as_ref(), "t1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()])
         .expect_ok("delete after the clone went");
 }
+
+/// Issue 21: `delete` went ahead while a shell sat inside the view (no open file, only its
+/// current directory), and the shell then got ESTALE; the README says it refuses. It now does,
+/// naming the process.
+#[test]
+fn delete_refuses_while_a_process_sits_inside_the_view() {
+    let m = SnapMount::start(Form::Stacked, |live| fs::create_dir_all(live.join("d")).unwrap());
+    m.take(Some("t1"));
+    let inside = m.mnt().join(".snapshots/t1/d");
+    let mut child = std::process::Command::new("sleep").arg("60").current_dir(&inside).spawn().unwrap();
+    let out = ovlsnap(&["delete".as_ref(), "t1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()]);
+    let err = out.expect_failure("delete with a process inside the view");
+    assert!(err.contains(&format!("process {} (sleep)", child.id())), "{err}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    ovlsnap(&["delete".as_ref(), "t1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()])
+        .expect_ok("delete after it left");
+}

@@ -139,6 +139,15 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
         Request::MountCmd { name } => serde_json::to_value(snapper.view_layers(&name, &status.mount)?)?,
         Request::Status => serde_json::to_value(status)?,
         Request::Delete { name } => {
+            // A shell inside the view holds no open file, only its current directory: it would
+            // get ESTALE after the merge.
+            let view = status.mount.join(crate::SNAPDIR_NAME).join(&name);
+            if let Some((pid, comm)) = crate::view::process_inside(&view) {
+                anyhow::bail!(
+                    "snapshot {name:?} is in use: process {pid} ({comm}) has its current or root directory in \
+                     .snapshots/{name}; leave it and retry"
+                );
+            }
             let deleted = serde_json::to_value(snapper.delete(&name)?)?;
             reseal(snapper);
             deleted
