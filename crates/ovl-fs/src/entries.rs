@@ -448,6 +448,7 @@ impl OverlayFs {
         if let Some(node) = self.table.by_key(self.key_of(&e)) {
             self.table.unlink_name(&node, parent.id, name);
         }
+        self.hook_after_remove(parent, name);
         Ok(())
     }
 
@@ -670,6 +671,7 @@ impl OverlayFs {
                 self.table.unlink_name(dn, newparent.id, newname);
             }
             rename_alias(&src_node, (parent.id, name), (newparent.id, newname));
+            self.hook_after_remove(parent, name);
         }
         Ok(())
     }

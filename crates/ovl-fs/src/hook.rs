@@ -43,4 +43,7 @@ pub trait ChangeHook: Send + Sync + 'static {
     /// `from` is about to move to `to` (both exist and swap places when `exchange`). A target
     /// that gets replaced has already been passed to `before_remove`.
     fn before_rename(&self, from: &Path, to: &Path, exchange: bool) -> Result<()>;
+    /// The name `path` is gone (unlinked, removed, or renamed away), still inside the gate: the
+    /// hook may drop what it kept only for that name. Best effort: nothing fails the change.
+    fn after_remove(&self, _path: &Path) {}
 }

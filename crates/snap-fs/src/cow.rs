@@ -443,6 +443,29 @@ impl Cow {
         self.keep_times(sparent, || ovl_copyup::whiteout(&self.stack, sparent, &sys::name_cstr(sname)?))
     }
 
+    /// The name LIVE `p` is gone. A whiteout at its snapshot path in `u_N` (made by
+    /// [`Cow::before_create`] for a name the snapshot did not have) hid only LIVE's `p`, which
+    /// no longer exists: it hides nothing now, in any view, and goes, with its dir's times kept,
+    /// so that temp files renamed into place or removed leave no orphan whiteouts (issue 21: a
+    /// restore left one per file, editors and package managers one per save).
+    pub fn drop_orphan_whiteout(&self, p: &Path) -> Result<()> {
+        let (parent, name) = split(p)?;
+        let Some((sp, _)) = self.snap_path(parent)? else { return Ok(()) };
+        let s = sp.join(name);
+        if self.walk(&s)?.state != State::Whiteout {
+            return Ok(());
+        }
+        match self.lstat_live(p) {
+            Err(e) if e.errno() == ovl_core::Errno::NOENT => {}
+            _ => return Ok(()),
+        }
+        let (sparent, sname) = split(&s)?;
+        self.keep_times(sparent, || {
+            let dir = sys::open_dir_path(self.upper(), sparent)?;
+            Ok(rustix::fs::unlinkat(&dir, &sys::name_cstr(sname)?, AtFlags::empty())?)
+        })
+    }
+
     /// The object at LIVE `p` is about to be removed (a dir: it is empty).
     pub fn before_remove(&mut self, p: &Path) -> Result<()> {
         let st = self.lstat_live(p)?;

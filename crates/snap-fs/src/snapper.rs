@@ -745,6 +745,14 @@ impl ChangeHook for Snapper {
         }
     }
 
+    fn after_remove(&self, path: &Path) {
+        if let Some(c) = self.cow.lock().as_mut() {
+            if let Err(e) = c.drop_orphan_whiteout(path) {
+                tracing::debug!(?path, "keeping a whiteout that may be an orphan now: {e}");
+            }
+        }
+    }
+
     fn before_rename(&self, from: &Path, to: &Path, exchange: bool) -> ovl_core::Result<()> {
         let copied = match self.cow.lock().as_mut() {
             Some(c) => c.before_rename(from, to, exchange)?,

@@ -389,3 +389,37 @@ fn check_without_arguments_checks_the_mount_it_runs_in() {
         "the report is of this mount's store:\n{stdout}"
     );
 }
+
+/// Issue 21: every name made after a take and then removed or renamed away left its whiteout in
+/// the newest layer, hiding nothing: a 3000-file restore left 3000 `orphan-whiteout` findings,
+/// an editor's save (temp file renamed over the original) one each. They now go as the name
+/// does, and the views stay what they were.
+#[test]
+fn temp_files_and_restores_leave_no_orphan_whiteouts() {
+    let mut m = SnapMount::start(Form::Stacked, |live| {
+        for i in 0..20 {
+            fs::write(live.join(format!("f{i}")), format!("{i}\n")).unwrap();
+        }
+    });
+    m.take(Some("s1"));
+    for i in 0..20 {
+        // What editors do: write a temp file, rename it over the original.
+        let tmp = m.mnt().join(format!(".f{i}.swp"));
+        fs::write(&tmp, b"edited\n").unwrap();
+        fs::rename(&tmp, m.mnt().join(format!("f{i}"))).unwrap();
+        // And lock files that come and go.
+        fs::write(m.mnt().join("lock"), b"").unwrap();
+        fs::remove_file(m.mnt().join("lock")).unwrap();
+    }
+    fs::create_dir(m.mnt().join("tmpdir")).unwrap();
+    fs::remove_dir(m.mnt().join("tmpdir")).unwrap();
+    m.take(Some("s2"));
+    ovlsnap(&["restore".as_ref(), "s1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()]).expect_ok("restore s1");
+    assert_eq!(fs::read(m.mnt().join(".snapshots/s1/f3")).unwrap(), b"3\n", "s1 after all that");
+    assert_eq!(fs::read(m.mnt().join(".snapshots/s2/f3")).unwrap(), b"edited\n", "s2 after all that");
+    assert_eq!(fs::read(m.mnt().join("f3")).unwrap(), b"3\n", "LIVE restored");
+    assert!(!m.mnt().join(".snapshots/s1/lock").exists() && !m.mnt().join(".snapshots/s2/.f3.swp").exists());
+    m.umount();
+    let out = ovlsnap(&[OsStr::new("check"), m.live().as_os_str()]);
+    assert!(!out.stdout.contains("orphan-whiteout"), "orphan whiteouts left:\n{out}");
+}
