@@ -107,7 +107,7 @@ pub fn compare_except(test: &str, env: &Env, except: Except, scenario: impl Fn(&
     let mut columns = Vec::new();
     for driver in env.drivers() {
         let start = Instant::now();
-        let outcome = Store::new(env, driver, test).and_then(|store| scenario(&store));
+        let outcome = Store::new(env, driver).and_then(|store| scenario(&store));
         columns.push((driver, outcome, start.elapsed()));
     }
     let kernel = match &columns[0] {

@@ -61,6 +61,15 @@ impl Driver {
         }
     }
 
+    /// Its name in temp dir names (short, see `Store::new`).
+    fn short_name(self) -> &'static str {
+        match self {
+            Driver::Kernel => "k",
+            Driver::FuseOverlayfs => "f",
+            Driver::Ovlfs => "o",
+        }
+    }
+
     /// Whether containers/storage runs a FUSE mount program for this driver.
     pub fn is_mount_program(self) -> bool {
         self != Driver::Kernel
@@ -260,10 +269,16 @@ pub struct Store {
 }
 
 impl Store {
-    /// A new store for `driver` run as `env.who`, named after `tag`, with the base image.
-    pub fn new(env: &Env, driver: Driver, tag: &str) -> Result<Store, String> {
-        let tmp = tempdir(&format!("podman-{tag}-{}-", driver.name()));
+    /// A new store for `driver` run as `env.who`, with the base image.
+    pub fn new(env: &Env, driver: Driver) -> Result<Store, String> {
+        // Short: podman 4.3 refuses a `--runroot` over 50 characters, and passes it to the cleanup
+        // process conmon starts when a container exits; with a longer one that cleanup fails (and
+        // `podman run --rm` waits 20 s for it, `rm` meets a still-mounted shm).
+        let tmp = tempdir(&format!("pm-{}-", driver.short_name()));
         let dir = tmp.path().to_owned();
+        if dir.join("run").as_os_str().len() > 50 {
+            return Err(format!("{} is too long for podman's run root (50 at most): shorten TMPDIR", dir.display()));
+        }
         let mut store =
             Store { driver, who: env.who, dir, run_root: PathBuf::new(), commands: AtomicUsize::new(0), _tmp: tmp };
         store.lay_out(env)?;
@@ -400,16 +415,19 @@ impl Store {
         p
     }
 
-    /// `podman rm -f --time=0 CTR`, tried again while podman's own cleanup of the stopped
-    /// container still holds its shm mount ("device or resource busy").
+    /// `podman rm -f --time=0 CTR`, tried again (for up to 2 s) while it fails on the container's
+    /// shm mount being busy: podman 4.3's `rm` right after `stop` can race the cleanup process
+    /// conmon started when the container exited (seen with `--uidmap`).
     pub fn remove(&self, ctr: &str) -> Result<(), String> {
-        for _ in 0..20 {
+        let start = Instant::now();
+        loop {
             match self.podman(&["rm", "-f", "--time=0", ctr]) {
-                Err(e) if e.contains("device or resource busy") => sleep(Duration::from_millis(100)),
+                Err(e) if e.contains("device or resource busy") && start.elapsed() < Duration::from_secs(2) => {
+                    sleep(Duration::from_millis(50))
+                }
                 done => return done.map(drop),
             }
         }
-        self.podman(&["rm", "-f", "--time=0", ctr]).map(drop)
     }
 
     /// Polls `podman exec CTR test -e PATH` until it succeeds (the container is ready).
