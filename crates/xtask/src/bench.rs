@@ -44,7 +44,8 @@ use anyhow::{Context, Result, bail};
 use self::layers::{FsKind, Layers, LoopFs, Scale, Scratch};
 use self::mounts::{Backend, Mounted, RunDirs};
 use self::ops::Outcome;
-use self::report::{Metric, Pressure, Results};
+pub(crate) use self::report::Pressure;
+use self::report::{Metric, Results};
 use crate::prereqs;
 
 /// What the user asked for.
@@ -314,7 +315,7 @@ fn xfs_phase(
 
 /// `cargo build --release -p PACKAGE`, its output on stderr; returns its binary `name` in the
 /// workspace's target dir.
-fn build_release(package: &str, name: &str) -> Result<PathBuf> {
+pub(crate) fn build_release(package: &str, name: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = std::process::Command::new(cargo)
         .args(["build", "--release", "-p", package])

@@ -11,6 +11,7 @@
 //! - `demo`: the product end to end with narrated steps, checking each result and cleaning up after itself.
 //! - `bench-compare`: the same workload on the kernel's overlay, fuse-overlayfs and ovlfs; medians and ratios;
 //!   and ovlsnap's snapshots (take latency, write throughput with a snapshot).
+//! - `bench-podman`: podman builds and runs on the kernel's overlay driver, fuse-overlayfs and ovlfs.
 //! - `stress`: random file operations from several workers with data checks, through ovlfs and through an
 //!   ovlsnap mount taking and deleting snapshots; fails on mismatches, hangs, leaked descriptors.
 //!
@@ -19,6 +20,7 @@
 //! It stays small: `anyhow` and `clap` only, no `unsafe`, no libc.
 
 mod bench;
+mod bench_podman;
 mod cmd;
 mod demo;
 mod dist;
@@ -103,6 +105,17 @@ enum Task {
         #[arg(long, value_enum, value_name = "PHASE")]
         only: Option<bench::Phase>,
     },
+    /// Time podman on the kernel's overlay driver, with fuse-overlayfs and with a release
+    /// ovlfs as its mount program: `podman build --no-cache` of a multi-step image and 10 x
+    /// `podman run --rm`, interleaved rounds, medians and ratios (needs root and podman).
+    BenchPodman {
+        /// Rounds; each backend is measured once per round and the median reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Keep one core busy with a spinning thread during the measurements.
+        #[arg(long)]
+        load: bool,
+    },
     /// Random file operations with data checks from several workers at once, through ovlfs
     /// over two lower layers and through an ovlsnap mount taking a snapshot every few seconds
     /// and deleting old ones (with `--fsx N`, fsx-style writers on LIVE files and every kept
@@ -133,6 +146,7 @@ fn run(task: Task) -> Result<()> {
         Task::Pictures => pictures::run(),
         Task::Fuzz { secs, targets } => fuzz::run(secs, &targets),
         Task::BenchCompare { quick, json, runs, only } => bench::run(&bench::Options { quick, json, runs, only }),
+        Task::BenchPodman { rounds, load } => bench_podman::run(&bench_podman::Options { rounds, load }),
         Task::Stress(o) => stress::run(&o),
     }
 }

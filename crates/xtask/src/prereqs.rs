@@ -33,6 +33,14 @@ pub const TOOLS: &[Tool] = &[
     Tool { name: "fuse-overlayfs", package: "fuse-overlayfs" },
     // The security tests run fake daemons and connection floods as other users.
     Tool { name: "python3", package: "python3" },
+    // The podman end-to-end tests (issue 18): podman with its runtime, a static busybox for the
+    // base image, and for rootless podman the ID-map helpers and the pause process.
+    Tool { name: "podman", package: "podman" },
+    Tool { name: "runc", package: "runc" },
+    Tool { name: "busybox", package: "busybox-static" },
+    Tool { name: "newuidmap", package: "uidmap" },
+    Tool { name: "newgidmap", package: "uidmap" },
+    Tool { name: "catatonit", package: "catatonit" },
 ];
 
 /// Checks everything and installs what is missing when we may. Warns, without failing, when not root.
@@ -129,6 +137,16 @@ fn kernel_has_overlay() -> Result<bool> {
 /// Whether `/proc/filesystems` text (`[nodev]<TAB>name` per line) lists `name`.
 fn lists_filesystem(filesystems: &str, name: &str) -> bool {
     filesystems.lines().any(|line| line.split_whitespace().last() == Some(name))
+}
+
+/// `name` as an executable in `PATH` or an sbin directory.
+pub fn find(name: &str) -> Option<PathBuf> {
+    find_executable(name, &search_dirs())
+}
+
+/// Whether `name` is an executable in `PATH` or an sbin directory.
+pub fn installed(name: &str) -> bool {
+    find(name).is_some()
 }
 
 /// Where to look for tools: `PATH`, then the sbin directories, which a non-root `PATH` often lacks.

@@ -333,6 +333,11 @@ impl Pressure {
         Some(Pressure { cpu_us: total("cpu")?, io_us: total("io")? })
     }
 
+    /// The stall totals (cpu, io) in microseconds.
+    pub fn micros(self) -> (u64, u64) {
+        (self.cpu_us, self.io_us)
+    }
+
     /// What accumulated since `start`.
     pub fn since(start: Pressure) -> Option<Pressure> {
         let now = Pressure::read()?;

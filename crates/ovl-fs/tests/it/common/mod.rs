@@ -23,7 +23,7 @@ use std::ffi::{OsStr, OsString};
 use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -396,6 +396,21 @@ pub fn mount_fstype(mnt: &Path) -> Option<String> {
             found = post.split(' ').next().map(str::to_owned);
         }
     }
+    found
+}
+
+/// Every mount point at or below `dir` per `/proc/self/mountinfo`, deepest (and latest) first: the
+/// order to detach them in.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| PathBuf::from(OsString::from_vec(unescape_mountinfo(point))))
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    found.reverse();
+    found.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
     found
 }
 
