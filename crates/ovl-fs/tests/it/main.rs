@@ -21,4 +21,3 @@ mod ops;
 mod passthrough;
 mod permissions;
 mod podman;
-mod podman_e2e;

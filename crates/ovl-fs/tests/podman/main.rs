@@ -27,7 +27,17 @@
 //! when `OVL_PODMAN_REQUIRED=1` (as `cargo xtask test` sets it). `cargo test -p ovl-fs --test it
 //! podman_e2e -- --nocapture` shows the scenario table (`podman_e2e table:` lines).
 
+// A test binary of its own, not a module of `it`: podman's helpers (`storage-tar`, runc, the
+// rootless pause process) enter new mount namespaces holding copies of every mount that exists
+// then, so other tests' FUSE mounts made meanwhile would outlive their unmount there, and their
+// daemons their tests' deadlines (seen as "still running 5s after umount" in parallel runs).
+// Cargo runs test binaries one after another.
+#[allow(dead_code, unused_imports)]
+#[path = "../it/common/mod.rs"]
+mod common;
+#[path = "podman_e2e_parts/compare.rs"]
 mod compare;
+#[path = "podman_e2e_parts/store.rs"]
 mod store;
 
 use std::fs;
