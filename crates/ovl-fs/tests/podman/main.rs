@@ -24,8 +24,8 @@
 //!
 //! Prerequisites (root, podman, runc, a static busybox, `/dev/fuse`, and for rootless runs
 //! `newuidmap` and catatonit) missing make a test print `SKIP` and its reason and return, or fail
-//! when `OVL_PODMAN_REQUIRED=1` (as `cargo xtask test` sets it). `cargo test -p ovl-fs --test it
-//! podman_e2e -- --nocapture` shows the scenario table (`podman_e2e table:` lines).
+//! when `OVL_PODMAN_REQUIRED=1` (as `cargo xtask test` sets it). `cargo test -p ovl-fs --test
+//! podman -- --nocapture` shows the scenario table (`podman_e2e table:` lines).
 
 // A test binary of its own, not a module of `it`: podman's helpers (`storage-tar`, runc, the
 // rootless pause process) enter new mount namespaces holding copies of every mount that exists
