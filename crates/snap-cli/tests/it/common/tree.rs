@@ -117,12 +117,18 @@ pub fn record_entry(path: &Path) -> std::io::Result<Entry> {
 /// names in [`HIDDEN_AT_ROOT`] are skipped at the root. Panics on any error, and if a listing
 /// holds a name twice or gives a `d_type` that disagrees with `lstat`.
 pub fn record_tree(root: &Path) -> Tree {
-    fn walk(root: &Path, rel: &Path, tree: &mut Tree) {
+    record_tree_skipping(root, &[])
+}
+
+/// [`record_tree`], skipping also the names in `skip` at the root: files a daemon rewrites at any
+/// time (a store's `seal` and `seal.tmp`), which could vanish between the listing and the record.
+pub fn record_tree_skipping(root: &Path, skip: &[&str]) -> Tree {
+    fn walk(root: &Path, rel: &Path, tree: &mut Tree, skip: &[&str]) {
         let dir = root.join(rel);
         let rd = fs::read_dir(&dir).unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display()));
         for ent in rd {
             let ent = ent.unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display()));
-            if rel.as_os_str().is_empty() && HIDDEN_AT_ROOT.iter().any(|h| ent.file_name() == *h) {
+            if rel.as_os_str().is_empty() && HIDDEN_AT_ROOT.iter().chain(skip).any(|h| ent.file_name() == *h) {
                 continue;
             }
             let rel = rel.join(ent.file_name());
@@ -133,13 +139,13 @@ pub fn record_tree(root: &Path) -> Tree {
             let is_dir = e.kind == Kind::Dir;
             assert!(tree.insert(rel.clone(), e).is_none(), "{} listed twice", path.display());
             if is_dir {
-                walk(root, &rel, tree);
+                walk(root, &rel, tree, skip);
             }
         }
     }
     let mut tree = Tree::new();
     tree.insert(PathBuf::new(), record_entry(root).unwrap_or_else(|e| panic!("record {}: {e}", root.display())));
-    walk(root, Path::new(""), &mut tree);
+    walk(root, Path::new(""), &mut tree, skip);
     set_groups(root, &mut tree);
     tree
 }
