@@ -464,7 +464,8 @@ impl OverlayFs {
         (newparent, newname): (&Arc<Node>, &OsStr),
         flags: RenameFlags,
     ) {
-        if self.stack.options().metacopy || self.stack.writable_upper().is_none() {
+        // (No lower layer, as under ovlsnap's LIVE: nothing to copy, and no lookup to spend.)
+        if self.stack.options().metacopy || self.stack.writable_upper().is_none() || self.stack.lowers().is_empty() {
             return;
         }
         let Ok(Some(src)) = self.find(parent, name) else { return };

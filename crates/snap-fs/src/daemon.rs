@@ -106,6 +106,23 @@ pub fn open_store(live: &Path, store: Option<&Path>) -> anyhow::Result<Opened> {
     Ok(Opened { live, live_fd, store: store_at, hidden, snapper })
 }
 
+/// For a mount already being refused: an error naming the daemon that serves `live` and where,
+/// if one says it does (`Ok` otherwise, and the caller gives its own reason). Only used once a
+/// refusal is certain, so a daemon of another user claiming a LIVE not its own can at most change
+/// the words of a refusal, never cause one.
+fn served_refusal(live: &Path) -> anyhow::Result<()> {
+    match serving(live) {
+        Some(st) => bail!(
+            "{:?} is already served by the ovlsnap daemon {} at {:?}: use that mount, or `ovlsnap umount {}` first",
+            live,
+            st.pid,
+            st.mount,
+            st.mount.display()
+        ),
+        None => Ok(()),
+    }
+}
+
 /// The status of the daemon that serves `live`, if one does: asked of each ovlsnap mount
 /// (those whose daemon does not answer, or answers as no one we trust, are passed over).
 fn serving(live: &Path) -> Option<Status> {
@@ -143,16 +160,6 @@ fn clear_dead_mount(dir: &Path) -> anyhow::Result<()> {
 /// (but a dead mount of ours on the mount point, which it detaches: `clear_dead_mount`).
 pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     clear_dead_mount(&cfg.mount)?;
-    // A LIVE some daemon serves already (on itself, its `.snapshots` is that mount's).
-    if let Some(st) = serving(&cfg.live) {
-        bail!(
-            "{:?} is already served by the ovlsnap daemon {} at {:?}: use that mount, or `ovlsnap umount {}` first",
-            cfg.live,
-            st.pid,
-            st.mount,
-            st.mount.display()
-        );
-    }
     let euid = rustix::process::geteuid();
     if !euid.is_root() {
         // Without root we serve our own directory to ourselves alone: nothing we could not reach.
@@ -174,18 +181,25 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
         bail!("mount point {mnt:?} is not a directory");
     }
     if mounts_of_type(FSTYPE)?.contains(&mnt) {
+        served_refusal(&cfg.live)?;
         bail!("{mnt:?} is already an ovlsnap mount (run `ovlsnap umount {}` first)", mnt.display());
     }
-    // Before anything is created in LIVE: a LIVE with its own `.snapshots` would lose sight of it.
+    // Before anything is created in LIVE: a LIVE with its own `.snapshots` would lose sight of it
+    // (a LIVE served on itself shows the mount's).
     if std::fs::symlink_metadata(cfg.live.join(SNAPDIR_NAME)).is_ok() {
+        served_refusal(&cfg.live)?;
         bail!(
             "{:?} contains {SNAPDIR_NAME}, a name the mount reserves for the snapshot views (it would be \
              hidden): rename it first",
             cfg.live
         );
     }
-    let Opened { live, live_fd, store: store_at, hidden, snapper } =
-        open_store(&cfg.live, cfg.store.as_deref()).map_err(ovl_fs::limits::explain)?;
+    let opened = open_store(&cfg.live, cfg.store.as_deref());
+    if opened.is_err() {
+        // Most often its store is locked by a daemon serving it elsewhere: say which.
+        served_refusal(&cfg.live)?;
+    }
+    let Opened { live, live_fd, store: store_at, hidden, snapper } = opened.map_err(ovl_fs::limits::explain)?;
     // Before anything is served: what LIVE changed while no daemon guarded it.
     snapper.verify_live().context("checking LIVE against its seal").map_err(ovl_fs::limits::explain)?;
     // Every layer is open now; serving them needs more (see `Snapper::serve_headroom`), and a

@@ -44,8 +44,8 @@ use anyhow::{Context, Result, bail};
 use self::layers::{FsKind, Layers, LoopFs, Scale, Scratch};
 use self::mounts::{Backend, Mounted, RunDirs};
 use self::ops::Outcome;
-pub(crate) use self::report::Pressure;
 use self::report::{Metric, Results};
+pub(crate) use self::report::{Pressure, median};
 use crate::prereqs;
 
 /// What the user asked for.

@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{Pressure, build_release};
+use crate::bench::{Pressure, build_release, median};
 use crate::{mountinfo, prereqs};
 
 /// What the user asked for.
@@ -229,16 +229,6 @@ fn table(backends: &[Backend], samples: &[Sample], rounds: usize, load: bool) ->
     out
 }
 
-fn median(values: &mut [f64]) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-    }
-}
-
 /// A podman store of one backend under the scratch dir; reset on drop.
 struct Store {
     backend: Backend,
@@ -410,22 +400,7 @@ struct Removed(PathBuf);
 
 impl Drop for Removed {
     fn drop(&mut self) {
-        let mut points: Vec<PathBuf> = mountinfo::mounts()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|m| m.mount_point)
-            .filter(|p| p.starts_with(&self.0))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for p in points {
-            let _ = Command::new("umount").arg("-l").arg(&p).status();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        if mountinfo::has_mounts_under(&self.0).unwrap_or(true) {
-            eprintln!("warning: left {} in place: something is still mounted there", self.0.display());
-        } else if let Err(err) = fs::remove_dir_all(&self.0) {
-            eprintln!("warning: could not remove {}: {err}", self.0.display());
-        }
+        mountinfo::detach_and_remove(&self.0);
     }
 }
 

@@ -47,6 +47,27 @@ pub fn has_mounts_under(dir: &Path) -> Result<bool> {
     Ok(mounts()?.iter().any(|entry| entry.mount_point.starts_with(&dir)))
 }
 
+/// Detaches whatever is mounted at `dir` or below (deepest first), then removes `dir`, unless
+/// something is still mounted there: we never delete through a mount. Warnings, not errors: for
+/// scratch dirs on drop.
+pub fn detach_and_remove(dir: &Path) {
+    let mut points: Vec<PathBuf> =
+        mounts().unwrap_or_default().into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(dir)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in &points {
+        let _ = std::process::Command::new("umount").arg("-l").arg(p).status();
+    }
+    if !points.is_empty() {
+        // A lazy unmount finishes in the background.
+        thread::sleep(Duration::from_millis(100));
+    }
+    if has_mounts_under(dir).unwrap_or(true) {
+        eprintln!("warning: left {} in place: something is still mounted there", dir.display());
+    } else if let Err(e) = std::fs::remove_dir_all(dir) {
+        eprintln!("warning: could not remove {}: {e}", dir.display());
+    }
+}
+
 /// Waits until something is mounted at `path`, or fails after the deadline.
 pub fn wait_until_mounted(path: &Path) -> Result<MountEntry> {
     let start = Instant::now();

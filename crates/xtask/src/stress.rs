@@ -481,18 +481,7 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let mut inside: Vec<PathBuf> = mountinfo::mounts()
-            .map(|m| m.into_iter().map(|e| e.mount_point).filter(|p| p.starts_with(&self.0)).collect())
-            .unwrap_or_default();
-        inside.reverse();
-        for p in &inside {
-            let _ = Command::new("umount").arg("-l").arg(p).status();
-        }
-        if mountinfo::has_mounts_under(&self.0).unwrap_or(true) {
-            eprintln!("warning: left {} in place: something is still mounted there", self.0.display());
-        } else if let Err(e) = fs::remove_dir_all(&self.0) {
-            eprintln!("warning: could not remove {}: {e}", self.0.display());
-        }
+        mountinfo::detach_and_remove(&self.0);
     }
 }
 

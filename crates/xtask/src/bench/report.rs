@@ -612,7 +612,7 @@ impl Results {
 }
 
 /// The median, sorting `values`; `None` when empty.
-fn median(values: &mut [f64]) -> Option<f64> {
+pub(crate) fn median(values: &mut [f64]) -> Option<f64> {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     match n {
