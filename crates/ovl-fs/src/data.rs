@@ -110,6 +110,9 @@ impl OverlayFs {
             return Ok(None);
         }
         let of = self.handles.get(fh, ino)?;
+        // The hook is told the node's path: held as a request holds it, before the gate.
+        let _ns = self.ns.read_recursive();
+        let _names = of.node.names_lock.read_recursive();
         let gate = self.gate_for(&of.node);
         self.hook_modify(&of.node)?;
         Ok(gate)

@@ -109,7 +109,7 @@ impl OverlayFs {
             return Err(Errno::NOENT.into());
         }
         let e = self.find(parent, name)?.ok_or(Errno::NOENT)?;
-        let node = self.remember(parent.id, name, &e)?;
+        let node = self.remember(parent.id, name, &e, false)?;
         // An indexed file is shown as its index entry's inode, with the overlay's link count.
         let st = if node.state.read().index.is_some() { self.real_stat(&node)? } else { e.stat };
         Ok((node, st))
@@ -390,7 +390,25 @@ impl OverlayFs {
     fn node_of(&self, parent: &Node, name: &OsStr, e: &ovl_lookup::Entry) -> Result<Arc<Node>> {
         match self.table.by_key(self.key_of(e)) {
             Some(n) => Ok(n),
-            None => self.remember(parent.id, name, e),
+            None => self.remember(parent.id, name, e, true),
+        }
+    }
+
+    /// Unlinks (`rmdir`: `want_dir`) `name` in `parent`, holding only the removed node's names
+    /// exclusive when it can (see `OverlayFs::ns`).
+    pub(crate) fn remove(&self, parent: fuser::INodeNo, name: &OsStr, want_dir: bool) -> Result<()> {
+        let ns = self.ns.read();
+        let p = self.node(parent)?;
+        match self.rename_victims((&p, name), None) {
+            Some(victims) => {
+                let _names: Vec<_> = victims.iter().map(|n| n.names_lock.write()).collect();
+                self.do_unlink(&p, name, want_dir)
+            }
+            None => {
+                drop(ns);
+                let _ns = self.ns.write();
+                self.do_unlink(&self.node(parent)?, name, want_dir)
+            }
         }
     }
 
@@ -563,7 +581,7 @@ impl OverlayFs {
         let dst_node = dst.as_ref().and_then(|d| self.table.by_key(self.key_of(d)));
         let src_node = match src_node {
             Some(n) => n,
-            None => self.remember(parent.id, name, &src)?,
+            None => self.remember(parent.id, name, &src, true)?,
         };
         self.ensure_upper(&src_node)?;
         if !src_dir {
@@ -583,7 +601,7 @@ impl OverlayFs {
         if let (Some(d), true) = (&dst, exchange) {
             let dn = match &dst_node {
                 Some(n) => n.clone(),
-                None => self.remember(newparent.id, newname, d)?,
+                None => self.remember(newparent.id, newname, d, true)?,
             };
             self.ensure_upper(&dn)?;
         }

@@ -62,6 +62,12 @@ impl Handles {
     }
 }
 
+/// A request's hold on a node's path ([`OverlayFs::hold`]).
+pub(crate) struct Held<'a> {
+    _names: parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>,
+    _ns: parking_lot::RwLockReadGuard<'a, ()>,
+}
+
 /// The overlay filesystem served over FUSE.
 pub struct OverlayFs {
     pub(crate) stack: LayerStack,
@@ -74,9 +80,12 @@ pub struct OverlayFs {
     pub(crate) hidden: Vec<OsString>,
     /// The namespace lock. Objects are reached by path from a layer root, so a path must not
     /// change between being computed from the node table and being used: every operation that
-    /// resolves paths holds this shared, and the operations that move or remove names (rename,
-    /// unlink, rmdir) hold it exclusive while they change the layers and the table. It is taken
-    /// once per request, before the change hook's gate.
+    /// resolves paths holds this shared, with the `names_lock` of the node it works on
+    /// ([`OverlayFs::hold`]). A rename of a directory changes the paths of everything below
+    /// it, so it holds this exclusive; a rename or removal of a non-directory and a removal of
+    /// a directory change only their own nodes' names, so they hold this shared and those
+    /// nodes' `names_lock`s exclusive ([`OverlayFs::rename_victims`]). Taken once per request,
+    /// before the change hook's gate.
     pub(crate) ns: RwLock<()>,
     /// Tells the kernel to drop cached attributes, once the session is up (see
     /// [`OverlayFs::notifier_slot`]).
@@ -277,6 +286,43 @@ impl OverlayFs {
         self.table.get(ino.0).ok_or_else(|| Errno::STALE.into())
     }
 
+    /// Node `ino` for a request that builds paths from its names (and its parents'): holds the
+    /// namespace lock and the node's names shared until the [`Held`] drops.
+    pub(crate) fn hold(&self, ino: INodeNo) -> Result<(Held<'_>, Arc<Node>)> {
+        let ns = self.ns.read();
+        let node = self.node(ino)?;
+        let names = node.names_lock.read_arc();
+        Ok((Held { _names: names, _ns: ns }, node))
+    }
+
+    /// The nodes whose names a rename of `from` to `to` (or, with `to` `None`, a removal of
+    /// `from`) changes, when that changes no other node's path: no directory moves. The caller
+    /// holds the namespace lock shared and then these nodes' `names_lock`s exclusive (in the
+    /// returned order, by rising id), so requests on other nodes go on meanwhile. `None`: a
+    /// directory moves (every path below it changes), or a name is not known as expected; the
+    /// caller takes the namespace lock exclusive instead, and the change itself reports any
+    /// error. A removed directory is empty, so no path runs through it.
+    pub(crate) fn rename_victims(&self, from: (&Node, &OsStr), to: Option<(&Node, &OsStr)>) -> Option<Vec<Arc<Node>>> {
+        let mut victims = Vec::new();
+        let src = self.find(from.0, from.1).ok()??;
+        if src.kind == FileType::Directory && to.is_some() {
+            return None;
+        }
+        // The kernel looked the names up before asking: their nodes exist.
+        victims.push(self.table.by_key(self.key_of(&src))?);
+        if let Some(to) = to {
+            if let Some(dst) = self.find(to.0, to.1).ok()? {
+                if dst.kind == FileType::Directory {
+                    return None;
+                }
+                victims.push(self.table.by_key(self.key_of(&dst))?);
+            }
+        }
+        victims.sort_by_key(|n| n.id);
+        victims.dedup_by_key(|n| n.id);
+        Some(victims)
+    }
+
     /// The first name of `node` whose parent the kernel still knows (or the root). A hard-linked
     /// file keeps names under parents the kernel has since forgotten (`drop_caches`, memory
     /// pressure): its dentry there went, and the inode lives on through another name. Such a
@@ -386,7 +432,8 @@ impl OverlayFs {
     }
 
     /// Registers what a lookup found under `(parent, name)` and counts one kernel lookup.
-    pub(crate) fn remember(&self, parent: u64, name: &OsStr, e: &Entry) -> Result<Arc<Node>> {
+    /// `gated`: the caller holds the change gate.
+    pub(crate) fn remember(&self, parent: u64, name: &OsStr, e: &Entry, gated: bool) -> Result<Arc<Node>> {
         let key = self.key_of(e);
         // An upper object known by its own inode number, found under a name its node does not
         // have: a hard link made behind our back, or a new object whose inode number the upper
@@ -395,7 +442,13 @@ impl OverlayFs {
         if e.upper.is_some() && key == self.upper_key(&e.stat) {
             if let Some(old) = self.table.by_key(key) {
                 let known = old.state.read().names.iter().any(|(p, n)| *p == parent && n == name);
-                if !known && !self.real_stat(&old).is_ok_and(|st| st.st_ino == key.ino) {
+                // Its names must hold still while its path is checked. A change holds the gate,
+                // which a rename holding them may wait for: a change does not wait, and a node
+                // it cannot check counts as reused (a node of its own is the safe mistake).
+                let names =
+                    if gated { old.names_lock.try_read_recursive() } else { Some(old.names_lock.read_recursive()) };
+                let holds = names.is_some() && self.real_stat(&old).is_ok_and(|st| st.st_ino == key.ino);
+                if !known && !holds {
                     tracing::debug!(node = old.id, ?name, "inode number reused: a new node");
                     self.table.detach_key(key);
                 }
@@ -533,8 +586,9 @@ impl OverlayFs {
     pub(crate) fn file(&self, fh: u64, ino: u64) -> Result<Arc<File>> {
         let of = self.handles.get(fh, ino)?;
         if of.on_lower.load(Ordering::Acquire) && of.node.state.read().has_upper_data() {
-            // Recursive: the caller may hold it already (setattr of an open file).
+            // Recursive: the caller may hold them already (setattr of an open file).
             let _ns = self.ns.read_recursive();
+            let _names = of.node.names_lock.read_recursive();
             let mut slot = of.file.write();
             if of.on_lower.load(Ordering::Acquire) {
                 let (root, path) = self.data_location(&of.node)?;

@@ -7,7 +7,8 @@
 //! object keeps the same number for the life of the mount; after a copy-up the node keeps its
 //! number and gains the upper object's identity as an alias.
 //!
-//! Lock order: the table's lock before a node's `state` lock; a node's `copy_lock` before its
+//! Lock order: the namespace lock (`OverlayFs::ns`) before nodes' `names_lock`s (several only
+//! exclusive, by rising id) before the change gate; the table's lock before a node's `state` lock; a node's `copy_lock` before its
 //! parent's `copy_lock` (copy-up walks from the node up), and no table or state lock is held
 //! while waiting for a `copy_lock`.
 
@@ -80,6 +81,11 @@ pub(crate) struct Node {
     pub kind: FileType,
     lookups: AtomicU64,
     pub state: RwLock<NodeState>,
+    /// The node's names as paths use them: held shared by a request while it uses a path built
+    /// from them (`OverlayFs::hold`), exclusive while a rename or removal of a non-directory,
+    /// or a removal of a directory, changes them. (A renamed directory changes every path
+    /// below it: that rename holds the namespace lock exclusive instead.)
+    pub names_lock: Arc<RwLock<()>>,
     /// Held while this node is copied up, so one copy is made however many callers race.
     pub copy_lock: Mutex<()>,
     /// The change-hook generation in which `before_modify` last succeeded for this node.
@@ -120,6 +126,7 @@ impl Table {
             kind: FileType::Directory,
             lookups: AtomicU64::new(1),
             state: RwLock::new(root),
+            names_lock: Arc::default(),
             copy_lock: Mutex::new(()),
             hooked: AtomicU64::new(0),
             cached_once: std::sync::atomic::AtomicBool::new(false),
@@ -189,6 +196,7 @@ impl Table {
             kind,
             lookups: AtomicU64::new(1),
             state: RwLock::new(state),
+            names_lock: Arc::default(),
             copy_lock: Mutex::new(()),
             hooked: AtomicU64::new(0),
             cached_once: std::sync::atomic::AtomicBool::new(false),

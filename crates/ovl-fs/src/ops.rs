@@ -81,8 +81,7 @@ impl Filesystem for OverlayFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
-            let _ns = self.ns.read();
-            let p = tri!(reply, self.node(parent));
+            let (_held, p) = tri!(reply, self.hold(parent));
             let (node, st) = tri!(reply, self.do_lookup(&p, name));
             reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
@@ -94,8 +93,7 @@ impl Filesystem for OverlayFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         guarded("getattr", || {
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             let st = match fh.and_then(|fh| self.file(fh.0, ino.0).ok()) {
                 Some(f) => tri!(reply, rustix::fs::fstat(&*f).map_err(Error::from)),
                 None => tri!(reply, self.real_stat(&node)),
@@ -124,8 +122,7 @@ impl Filesystem for OverlayFs {
     ) {
         guarded("setattr", || {
             self.prepare_change(ino);
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             // fuser does not pass FATTR_KILL_SUIDGID (sent for a truncate by a caller without
             // CAP_FSETID): root stands for CAP_FSETID.
             let kill_suidgid = self.killpriv && size.is_some() && req.uid() != 0;
@@ -137,8 +134,7 @@ impl Filesystem for OverlayFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         guarded("readlink", || {
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             let v = tri!(reply, self.do_readlink(&node));
             reply.data(&v);
         });
@@ -146,8 +142,7 @@ impl Filesystem for OverlayFs {
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         guarded("mknod", || {
-            let _ns = self.ns.read();
-            let p = tri!(reply, self.node(parent));
+            let (_held, p) = tri!(reply, self.hold(parent));
             let (node, st) = tri!(reply, self.do_mknod(&p, name, mode, rdev, (req.uid(), req.gid(), umask)));
             reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
@@ -155,8 +150,7 @@ impl Filesystem for OverlayFs {
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         guarded("mkdir", || {
-            let _ns = self.ns.read();
-            let p = tri!(reply, self.node(parent));
+            let (_held, p) = tri!(reply, self.hold(parent));
             let (node, st) = tri!(reply, self.do_mkdir(&p, name, mode, (req.uid(), req.gid(), umask)));
             reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
@@ -165,26 +159,21 @@ impl Filesystem for OverlayFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("unlink", || {
             self.prepare_change_at(parent, name, true);
-            let _ns = self.ns.write();
-            let p = tri!(reply, self.node(parent));
-            tri!(reply, self.do_unlink(&p, name, false));
+            tri!(reply, self.remove(parent, name, false));
             reply.ok();
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("rmdir", || {
-            let _ns = self.ns.write();
-            let p = tri!(reply, self.node(parent));
-            tri!(reply, self.do_unlink(&p, name, true));
+            tri!(reply, self.remove(parent, name, true));
             reply.ok();
         });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         guarded("symlink", || {
-            let _ns = self.ns.read();
-            let p = tri!(reply, self.node(parent));
+            let (_held, p) = tri!(reply, self.hold(parent));
             let (node, st) = tri!(reply, self.do_symlink(&p, link_name, target, req.uid(), req.gid()));
             reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
@@ -206,16 +195,22 @@ impl Filesystem for OverlayFs {
                 self.prepare_change_at(newparent, newname, false);
             }
             let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
-            {
-                let _ns = self.ns.read();
-                if let (Ok(p), Ok(np)) = (self.node(parent), self.node(newparent)) {
-                    self.copy_up_before_rename((&p, name), (&np, newname), flags);
+            let ns = self.ns.read();
+            let (p, np) = (tri!(reply, self.node(parent)), tri!(reply, self.node(newparent)));
+            self.copy_up_before_rename((&p, name), (&np, newname), flags);
+            // Only a moving directory changes paths beyond its own node (see `OverlayFs::ns`).
+            let r = match self.rename_victims((&p, name), Some((&np, newname))) {
+                Some(victims) => {
+                    let _names: Vec<_> = victims.iter().map(|n| n.names_lock.write()).collect();
+                    self.do_rename(&p, name, &np, newname, flags)
                 }
-            }
-            let _ns = self.ns.write();
-            let p = tri!(reply, self.node(parent));
-            let np = tri!(reply, self.node(newparent));
-            let r = self.do_rename(&p, name, &np, newname, flags);
+                None => {
+                    drop(ns);
+                    let _ns = self.ns.write();
+                    let (p, np) = (tri!(reply, self.node(parent)), tri!(reply, self.node(newparent)));
+                    self.do_rename(&p, name, &np, newname, flags)
+                }
+            };
             if r.is_err() {
                 self.forget_attrs(&[p.id, np.id]);
             }
@@ -227,8 +222,7 @@ impl Filesystem for OverlayFs {
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         guarded("link", || {
             self.prepare_change(ino);
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             let np = tri!(reply, self.node(newparent));
             let st = tri!(reply, self.do_link(&node, &np, newname));
             self.table.add_lookup(&node);
@@ -241,8 +235,7 @@ impl Filesystem for OverlayFs {
             if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
                 self.prepare_change(ino);
             }
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             // As for truncate: FUSE_OPEN_KILL_SUIDGID is not passed by fuser; root stands for
             // CAP_FSETID.
             let kill = self.killpriv && flags.0 & libc::O_TRUNC != 0 && req.uid() != 0;
@@ -329,8 +322,7 @@ impl Filesystem for OverlayFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         guarded("opendir", || {
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             let fh = tri!(reply, self.do_opendir(&node));
             // Listings may be cached: the kernel drops the cache when an entry op changes the dir.
             reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR);
@@ -339,8 +331,7 @@ impl Filesystem for OverlayFs {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
         guarded("readdir", || {
-            let _ns = self.ns.read();
-            let node = match self.node(ino) {
+            let (_held, node) = match self.hold(ino) {
                 Ok(n) => n,
                 Err(e) => return reply.error(errno(e)),
             };
@@ -353,8 +344,7 @@ impl Filesystem for OverlayFs {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
         guarded("readdirplus", || {
-            let _ns = self.ns.read();
-            let node = match self.node(ino) {
+            let (_held, node) = match self.hold(ino) {
                 Ok(n) => n,
                 Err(e) => return reply.error(errno(e)),
             };
@@ -374,8 +364,7 @@ impl Filesystem for OverlayFs {
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         guarded("fsyncdir", || {
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             tri!(reply, self.do_fsyncdir(&node));
             reply.ok();
         });
@@ -409,8 +398,7 @@ impl Filesystem for OverlayFs {
     ) {
         guarded("setxattr", || {
             self.prepare_change(ino);
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             tri!(reply, self.do_setxattr(&node, name, value, flags));
             reply.ok();
         });
@@ -418,8 +406,7 @@ impl Filesystem for OverlayFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guarded("getxattr", || {
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             let v = tri!(reply, self.do_getxattr(&node, name));
             xattr_reply(reply, size, v);
         });
@@ -427,8 +414,7 @@ impl Filesystem for OverlayFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         guarded("listxattr", || {
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             let v = tri!(reply, self.do_listxattr(&node));
             xattr_reply(reply, size, v);
         });
@@ -437,8 +423,7 @@ impl Filesystem for OverlayFs {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("removexattr", || {
             self.prepare_change(ino);
-            let _ns = self.ns.read();
-            let node = tri!(reply, self.node(ino));
+            let (_held, node) = tri!(reply, self.hold(ino));
             tri!(reply, self.do_removexattr(&node, name));
             reply.ok();
         });
@@ -446,8 +431,7 @@ impl Filesystem for OverlayFs {
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         guarded("access", || {
-            let _ns = self.ns.read();
-            tri!(reply, self.node(ino));
+            tri!(reply, self.hold(ino));
             if mask.contains(AccessFlags::W_OK) && self.stack.writable_upper().is_none() {
                 return reply.error(FuseErrno::from_i32(libc::EROFS));
             }
@@ -466,8 +450,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyCreate,
     ) {
         guarded("create", || {
-            let _ns = self.ns.read();
-            let p = tri!(reply, self.node(parent));
+            let (_held, p) = tri!(reply, self.hold(parent));
             let (node, st, fd) = tri!(reply, self.do_create(&p, name, mode, flags, (req.uid(), req.gid(), umask)));
             let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
             let attr = self.attr(&node, &st);

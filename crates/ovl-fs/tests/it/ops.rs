@@ -5,7 +5,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -1598,5 +1598,43 @@ fn lookups_go_on_while_a_rename_copies_up_a_big_file() {
     }
     for (who, n) in counts {
         assert!(n >= 5, "{who}: only {n} lookups completed while the rename copied 512 MiB up");
+    }
+}
+
+/// Regression (issue 19, item 6): a removal held the namespace lock exclusive, so every lookup
+/// of the mount waited while `rmdir` emptied a merged dir's upper part of its whiteouts. A
+/// removal changes no other node's path: it now holds only the removed node's names, and
+/// lookups in another directory go on, as in the kernel overlay (30,000 whiteouts to remove take
+/// many lookups' time).
+#[test]
+fn lookups_go_on_while_rmdir_clears_many_whiteouts() {
+    const N: usize = 30_000;
+    let tmp = tempdir("rmdir-whiteouts");
+    let l = Layers::create(&tmp.path().join("l"), 1);
+    fs::create_dir_all(l.lowers[0].join("b")).unwrap();
+    fs::create_dir_all(l.lowers[0].join("d")).unwrap();
+    for i in 0..N {
+        File::create(l.lowers[0].join(format!("d/f{i}"))).unwrap();
+    }
+    let mut counts = Vec::new();
+    for (who, backend) in [("kernel", Backend::Kernel), ("ovlfs", Backend::Ovlfs)] {
+        let layers = l.with_fresh_work(tmp.path().join(format!("w-{who}")));
+        let layers = Layers { upper: tmp.path().join(format!("u-{who}")), ..layers };
+        // Every lower file deleted: the merged dir is empty, its upper part all whiteouts.
+        fs::create_dir_all(layers.upper.join("d")).unwrap();
+        for i in 0..N {
+            common::make_whiteout(&layers.upper.join(format!("d/f{i}")));
+        }
+        let m = MountGuard::mount(backend, &layers, KERNEL_OPTS, &mount_point(tmp.path(), who));
+        let t = std::time::Instant::now();
+        let n = lookups_during(&m.path().join("b"), || fs::remove_dir(m.path().join("d")).unwrap());
+        let took = t.elapsed();
+        assert!(!m.path().join("d").exists(), "{who}: the dir is gone");
+        assert!(fs::symlink_metadata(layers.upper.join("d")).unwrap().file_type().is_char_device(), "{who}: whiteout");
+        counts.push((who, n, took));
+    }
+    // Measured: kernel 160-170 in ~0.22 s, ovlfs 269 in 0.36 s; before, ovlfs 12 in 0.35 s.
+    for (who, n, took) in counts {
+        assert!(n >= 40, "{who}: only {n} lookups completed in the {took:?} rmdir took to remove {N} whiteouts");
     }
 }
