@@ -7,7 +7,13 @@
 //!   real data, directories of 1000 entries) in a fresh ext4 filesystem in a loop image in the temp
 //!   dir (why not the temp dir itself: see [`layers::LoopFs`]), then for each repetition mounts
 //!   every backend in turn on a fresh, empty upper and work dir on that ext4 and runs the
-//!   measurements of [`ops`];
+//!   measurements of [`ops`] on it: cold and hot tree walks, a hot read and a copy-up of a big
+//!   file, the worst and 99th percentile `lstat` of other files while another big file is copied
+//!   up, 5000 creates, 2000 unlinks of lower files, a directory rename and an `mv`, then file
+//!   churn (create, rename, unlink in a loop) in one merged directory and in two at once, and the
+//!   scaling from one to two. Two more fresh mounts per backend and repetition follow: the big
+//!   copy-up again with `volatile`, and the worst `lstat` of other files while `rename(2)` of the
+//!   big file copies it up;
 //! - `xfs`: repeats the big copy-up on XFS with reflink, in another loop image;
 //! - `snapshots`: `ovlsnap` on a third, ext4, loop image ([`snapshots`]): the latency of a take
 //!   with 1k, 10k and 100k files in the tree (the `ovlsnap take` command from start to exit, and
@@ -176,7 +182,8 @@ fn ext4_phase(
 }
 
 /// One repetition of the ext4 measurements for one backend: the main sequence on one mount, then the
-/// big copy-up again on a second mount with `volatile`.
+/// big copy-up again on a second mount with `volatile`, then `lstat`s during a rename's copy-up of
+/// the big file on a third (each copy-up needs the big file still in the lower layer only).
 fn ext4_run(
     backend: Backend,
     ovlfs: &Path,
@@ -203,27 +210,49 @@ fn ext4_run(
     }
     dirs.remove()?;
 
-    let dirs = RunDirs::create(&ext4.dir, "ext4-volatile")?;
-    let outcome = match Mounted::mount(backend, ovlfs, &layers.lowers, &dirs, &mnt, true) {
-        Ok(mut mounted) => {
-            ops::warm(&layers.big_lower)?;
-            let outcome = ops::copy_up_append(&mnt.join(layers::BIG));
-            mounted.unmount()?;
-            outcome
-        }
-        Err(err) => Outcome::Failed(format!("mount: {err:#}")),
+    // Mounts the backend on fresh dirs named after `tag`, measures, unmounts.
+    let on_fresh_mount = |tag: &str, volatile: bool, measure: &dyn Fn(&Path) -> Result<Outcome>| {
+        let dirs = RunDirs::create(&ext4.dir, tag)?;
+        let outcome = match Mounted::mount(backend, ovlfs, &layers.lowers, &dirs, &mnt, volatile) {
+            Ok(mut mounted) => {
+                let outcome = measure(&mnt)?;
+                mounted.unmount()?;
+                outcome
+            }
+            Err(err) => Outcome::Failed(format!("mount: {err:#}")),
+        };
+        dirs.remove()?;
+        anyhow::Ok(outcome)
     };
-    progress(&format!("    {:<24} {}", Metric::CopyupBigVolatile.id(), outcome.show(Metric::CopyupBigVolatile)));
-    results.record(Metric::CopyupBigVolatile, backend, outcome);
-    dirs.remove()
+    let mut record = |metric: Metric, outcome: Outcome| {
+        progress(&format!("    {:<29} {}", metric.id(), outcome.show(metric)));
+        results.record(metric, backend, outcome);
+    };
+
+    let volatile = on_fresh_mount("ext4-volatile", true, &|mnt| {
+        ops::warm(&layers.big_lower)?;
+        Ok(ops::copy_up_append(&mnt.join(layers::BIG)))
+    })?;
+    record(Metric::CopyupBigVolatile, volatile);
+
+    let renamed = on_fresh_mount("ext4-rename", false, &|mnt| {
+        ops::warm(&layers.big_lower)?;
+        ops::sync()?;
+        let (from, to) = (mnt.join(layers::BIG), mnt.join(layers::BIG_RENAMED));
+        Ok(ops::stat_during_rename_copy_up(&from, &to, scale.big_mib << 20, &layers.stat_targets_in(mnt)))
+    })?;
+    record(Metric::StatDuringRenameCopyupMax, renamed);
+    Ok(())
 }
 
 /// The measurements that share one mount, in an order where each leaves the next a known state:
 /// reads first, then the copy-ups, then the changes to the tree.
 fn main_sequence(backend: Backend, mnt: &Path, layers: &Layers, scale: &Scale, results: &mut Results) -> Result<()> {
+    // Returns the outcome for the ratio of the churns.
     let mut record = |metric: Metric, outcome: Outcome| {
-        progress(&format!("    {:<24} {}", metric.id(), outcome.show(metric)));
-        results.record(metric, backend, outcome);
+        progress(&format!("    {:<29} {}", metric.id(), outcome.show(metric)));
+        results.record(metric, backend, outcome.clone());
+        outcome
     };
 
     ops::drop_caches()?;
@@ -237,8 +266,7 @@ fn main_sequence(backend: Backend, mnt: &Path, layers: &Layers, scale: &Scale, r
 
     ops::warm(&layers.big2_lower)?;
     ops::sync()?;
-    let stat_targets: Vec<PathBuf> = layers.stat_targets.iter().map(|path| mnt.join(path)).collect();
-    let (worst, p99) = ops::stat_during_copy_up(&mnt.join(layers::BIG2), &stat_targets);
+    let (worst, p99) = ops::stat_during_copy_up(&mnt.join(layers::BIG2), &layers.stat_targets_in(mnt));
     record(Metric::StatDuringCopyupMax, worst);
     record(Metric::StatDuringCopyupP99, p99);
 
@@ -260,6 +288,15 @@ fn main_sequence(backend: Backend, mnt: &Path, layers: &Layers, scale: &Scale, r
     record(Metric::RenameDir1k, renamed);
     ops::sync()?;
     record(Metric::MvDir1k, ops::mv_dir(&mnt.join(layers::MV_DIR), &mnt.join("moved")));
+
+    // Last: the churn leaves the tree as it found it, but for copying its two dirs up (the first
+    // create in each does that, once in seconds of cycles).
+    let churn_dirs = layers.churn_dirs.each_ref().map(|dir| mnt.join(dir));
+    ops::sync()?;
+    let one = record(Metric::ChurnOneDir, ops::churn(&churn_dirs[..1], scale.churn));
+    ops::sync()?;
+    let two = record(Metric::ChurnTwoDirs, ops::churn(&churn_dirs, scale.churn));
+    record(Metric::ChurnScaling, two.ratio_to(&one));
     Ok(())
 }
 

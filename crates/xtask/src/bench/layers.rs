@@ -5,6 +5,7 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -14,8 +15,10 @@ use crate::mountinfo;
 
 /// The big file that is read and copied up, relative to the overlay root.
 pub const BIG: &str = "big/big.bin";
-/// A second big file, copied up while another thread times `lstat` on [`STAT_TARGET`].
+/// A second big file, copied up while another thread times `lstat` on [`Layers::stat_targets`].
 pub const BIG2: &str = "big/big2.bin";
+/// What [`BIG`] is renamed to on the mount where a rename copies it up.
+pub const BIG_RENAMED: &str = "big/big.bin.renamed";
 /// The directory of many entries that is renamed (it lives in the bottom lower layer only).
 pub const RENAME_DIR: &str = "rename-me";
 /// A copy of [`RENAME_DIR`] that is moved with `mv`, which copies and deletes when rename gives `EXDEV`.
@@ -45,6 +48,8 @@ pub struct Scale {
     pub snapshot_takes: usize,
     /// Size in MiB of each file the snapshot write measurements write.
     pub snapshot_write_mib: u64,
+    /// How long each churn measurement (`churn_1_dir`, `churn_2_dirs`) cycles.
+    pub churn: Duration,
 }
 
 impl Scale {
@@ -61,28 +66,42 @@ impl Scale {
             rename_dir_files: 1000,
             snapshot_takes: 15,
             snapshot_write_mib: 256,
+            churn: Duration::from_secs(3),
         }
     }
 
     /// One repetition of the same overlay workload (under a minute here; the full scale is cheap
-    /// enough that scaling it down would only make quick numbers incomparable with full ones);
-    /// fewer snapshot takes and smaller snapshot writes (the tree sizes are the metrics' names).
+    /// enough that scaling it down would only make quick numbers incomparable with full ones) but
+    /// for shorter churns (a rate, so still comparable); fewer snapshot takes and smaller snapshot
+    /// writes (the tree sizes are the metrics' names).
     pub fn quick() -> Scale {
-        Scale { quick: true, runs: 1, snapshot_takes: 7, snapshot_write_mib: 64, ..Scale::full() }
+        Scale {
+            quick: true,
+            runs: 1,
+            snapshot_takes: 7,
+            snapshot_write_mib: 64,
+            churn: Duration::from_millis(1500),
+            ..Scale::full()
+        }
     }
 
     /// One line for the reader.
     pub fn describe(&self) -> String {
         format!(
             "{}{} dirs x {} files (half the dirs merged), 2 x {} MiB big files, create {}, unlink {}, \
-             rename a dir of {}; snapshots: {} takes per tree, writes of {} MiB",
-            if self.quick { "--quick (1 run, full overlay workload, lighter snapshot phase): " } else { "" },
+             rename a dir of {}, churn {} s; snapshots: {} takes per tree, writes of {} MiB",
+            if self.quick {
+                "--quick (1 run, full overlay workload but shorter churn, lighter snapshot phase): "
+            } else {
+                ""
+            },
             self.dirs,
             self.files_per_dir,
             self.big_mib,
             self.create_files,
             self.unlink_files,
             self.rename_dir_files,
+            self.churn.as_secs_f64(),
             self.snapshot_takes,
             self.snapshot_write_mib
         )
@@ -104,6 +123,16 @@ pub struct Layers {
     /// Files (relative to the overlay root) away from `big/` and from the unlink victims, whose
     /// `lstat` latency is sampled during a copy-up: every file of the second half of the dirs.
     pub stat_targets: Vec<PathBuf>,
+    /// Two merged dirs (relative to the overlay root) where the churn measurements create, rename
+    /// and unlink their files: away from the stat targets and the unlink victims.
+    pub churn_dirs: [PathBuf; 2],
+}
+
+impl Layers {
+    /// [`Layers::stat_targets`] below the mount point `mnt`.
+    pub fn stat_targets_in(&self, mnt: &Path) -> Vec<PathBuf> {
+        self.stat_targets.iter().map(|path| mnt.join(path)).collect()
+    }
 }
 
 impl Layers {
@@ -112,6 +141,9 @@ impl Layers {
     ///   60%, so a fifth of the names are shadowed); dirs `4k+1` only in lower1, `4k+3` only in lower2;
     /// - `big/big.bin`, `big/big2.bin` in lower2: real data (a pattern), not sparse;
     /// - `rename-me/` and `move-me/` in lower2 with their small files.
+    ///
+    /// The stat targets are the files of the second half of the dirs, the unlink victims the first
+    /// files of the odd dirs, and the churn dirs the first two even (merged) dirs.
     pub fn generate(dir: &Path, scale: &Scale) -> Result<Layers> {
         let lower1 = dir.join("lower1");
         let lower2 = dir.join("lower2");
@@ -144,6 +176,11 @@ impl Layers {
                 unlink_victims.extend((0..take).map(|f| Path::new(&name).join(format!("f{f:03}"))));
             }
         }
+        let mut merged = (0..scale.dirs / 2).filter(|d| d % 2 == 0).map(|d| PathBuf::from(format!("d{d:03}")));
+        let (Some(first), Some(second)) = (merged.next(), merged.next()) else {
+            bail!("the scale has too few merged dirs to churn in apart from the stat targets");
+        };
+        let churn_dirs = [first, second];
         let victims_end = unlink_victims.last().and_then(|p| p.parent()).map(Path::to_owned);
         if unlink_victims.len() < scale.unlink_files
             || victims_end.is_some_and(|dir| stat_targets.iter().any(|p| p.starts_with(&dir)))
@@ -170,7 +207,15 @@ impl Layers {
             entries += 1 + scale.rename_dir_files as u64;
         }
 
-        Ok(Layers { lowers: vec![lower1, lower2], entries, big_lower, big2_lower, unlink_victims, stat_targets })
+        Ok(Layers {
+            lowers: vec![lower1, lower2],
+            entries,
+            big_lower,
+            big2_lower,
+            unlink_victims,
+            stat_targets,
+            churn_dirs,
+        })
     }
 }
 

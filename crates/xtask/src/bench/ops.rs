@@ -1,10 +1,12 @@
 //! The measurements themselves: plain file operations through a mount point, timed from the caller's
 //! side exactly as an application would see them. Each returns an [`Outcome`] in the metric's unit
-//! (milliseconds, MB/s for reads, MiB/s for writes) rather than failing the whole run.
+//! (milliseconds, MB/s for reads, MiB/s for writes, operations per second for the churn) rather than
+//! failing the whole run.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -29,6 +31,15 @@ impl Outcome {
     /// A duration in milliseconds.
     pub fn millis(elapsed: Duration) -> Outcome {
         Outcome::Value(elapsed.as_secs_f64() * 1e3)
+    }
+
+    /// `self / base`, two values of the same run (e.g. a write with a snapshot and one without);
+    /// fails when either is not a value.
+    pub fn ratio_to(&self, base: &Outcome) -> Outcome {
+        match (self, base) {
+            (Outcome::Value(value), Outcome::Value(base)) => Outcome::Value(value / base),
+            _ => Outcome::Failed("a measurement of the pair failed".to_owned()),
+        }
     }
 
     fn from_io(what: &str, result: io::Result<Duration>) -> Outcome {
@@ -125,35 +136,87 @@ fn append_byte(path: &Path) -> io::Result<Duration> {
 /// Copies up `copy_target` (as [`copy_up_append`]) while another thread `lstat`s unrelated files in
 /// a tight loop, cycling through `stat_targets`. Returns the worst and the 99th percentile `lstat`
 /// latency, in milliseconds.
+pub fn stat_during_copy_up(copy_target: &Path, stat_targets: &[PathBuf]) -> (Outcome, Outcome) {
+    let (copy, sampled) = lstat_during(stat_targets, || append_byte(copy_target));
+    let failed = |why: String| (Outcome::Failed(why.clone()), Outcome::Failed(why));
+    if let Err(err) = copy {
+        return failed(format!("copy-up: {err}"));
+    }
+    match sampled {
+        Ok(latencies) => (Outcome::millis(latencies.worst()), Outcome::millis(latencies.p99())),
+        Err(why) => failed(why),
+    }
+}
+
+/// Renames the lower file `from` to `to` with `rename(2)`, which copies all of it up first, while
+/// another thread `lstat`s unrelated files as in [`stat_during_copy_up`]. Returns the worst `lstat`
+/// latency in milliseconds; fails unless afterwards `to` holds `len` bytes and `from` is gone.
+pub fn stat_during_rename_copy_up(from: &Path, to: &Path, len: u64, stat_targets: &[PathBuf]) -> Outcome {
+    let (renamed, sampled) = lstat_during(stat_targets, || fs::rename(from, to));
+    if let Err(err) = renamed {
+        return Outcome::Failed(format!("rename: {err}"));
+    }
+    match fs::symlink_metadata(to) {
+        Ok(meta) if meta.len() == len => {}
+        Ok(meta) => {
+            return Outcome::Failed(format!("{} holds {} bytes after the rename, not {len}", to.display(), meta.len()));
+        }
+        Err(err) => return Outcome::Failed(format!("{} after the rename: {err}", to.display())),
+    }
+    if fs::symlink_metadata(from).is_ok() {
+        return Outcome::Failed(format!("{} is still there after the rename", from.display()));
+    }
+    match sampled {
+        Ok(latencies) => Outcome::millis(latencies.worst()),
+        Err(why) => Outcome::Failed(why),
+    }
+}
+
+/// `lstat` latencies, sorted; at least one.
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    /// `None` when there are none.
+    fn sorted(mut latencies: Vec<Duration>) -> Option<Latencies> {
+        latencies.sort_unstable();
+        (!latencies.is_empty()).then_some(Latencies(latencies))
+    }
+
+    fn worst(&self) -> Duration {
+        self.0[self.0.len() - 1]
+    }
+
+    fn p99(&self) -> Duration {
+        self.0[(self.0.len() * 99).div_ceil(100) - 1]
+    }
+}
+
+/// Runs `copy` (an operation that copies a big file up) while another thread `lstat`s
+/// `stat_targets` in a tight loop, cycling through them; returns what `copy` returned and the
+/// latencies of the `lstat`s, or why there are none.
 ///
 /// Cycling through many files rather than one is deliberate: a FUSE overlay answers a repeated
 /// `lstat` of one file from the kernel's attribute cache (1 s in ovlfs), so at most one request
 /// would reach the daemon during the copy-up, and a daemon that blocks every request while it
 /// copies (a global lock) would go unnoticed.
-pub fn stat_during_copy_up(copy_target: &Path, stat_targets: &[PathBuf]) -> (Outcome, Outcome) {
+fn lstat_during<T>(stat_targets: &[PathBuf], copy: impl FnOnce() -> T) -> (T, Result<Latencies, String>) {
     let stop = AtomicBool::new(false);
-    let (copy, sampled) = thread::scope(|scope| {
+    let (copied, sampled) = thread::scope(|scope| {
         let sampler = scope.spawn(|| sample_lstat(stat_targets, &stop));
         // Let the sampler get going, so that the copy-up starts under observation.
         thread::sleep(Duration::from_millis(10));
-        let copy = append_byte(copy_target);
+        let copied = copy();
         stop.store(true, Ordering::Relaxed);
-        (copy, sampler.join())
+        (copied, sampler.join())
     });
-    let failed = |why: String| (Outcome::Failed(why.clone()), Outcome::Failed(why));
-    if let Err(err) = copy {
-        return failed(format!("copy-up: {err}"));
-    }
-    let mut latencies = match sampled {
-        Ok(Ok(latencies)) if !latencies.is_empty() => latencies,
-        Ok(Ok(_)) => return failed("no lstat completed during the copy-up".to_owned()),
-        Ok(Err(err)) => return failed(format!("lstat: {err}")),
-        Err(_) => return failed("the lstat thread panicked".to_owned()),
+    let latencies = match sampled {
+        Ok(Ok(latencies)) => {
+            Latencies::sorted(latencies).ok_or_else(|| "no lstat completed during the copy-up".to_owned())
+        }
+        Ok(Err(err)) => Err(format!("lstat: {err}")),
+        Err(_) => Err("the lstat thread panicked".to_owned()),
     };
-    latencies.sort_unstable();
-    let worst = latencies[latencies.len() - 1];
-    let p99 = latencies[(latencies.len() * 99).div_ceil(100) - 1];
-    (Outcome::millis(worst), Outcome::millis(p99))
+    (copied, latencies)
 }
 
 fn sample_lstat(paths: &[PathBuf], stop: &AtomicBool) -> io::Result<Vec<Duration>> {
@@ -214,6 +277,55 @@ pub fn create_files(dir: &Path, count: usize) -> Outcome {
         Ok(start.elapsed())
     };
     Outcome::from_io("create", create())
+}
+
+/// Churns small files in every dir of `dirs` at once, one thread per dir, for about `duration`:
+/// create a file (`O_CREAT | O_EXCL`), write 4 KiB, close; rename it to a second name in the same
+/// dir; unlink it. Each cycle is three operations. Operations per second, the threads' summed.
+pub fn churn(dirs: &[PathBuf], duration: Duration) -> Outcome {
+    // The threads start together, so that their runs overlap all the way.
+    let start = Barrier::new(dirs.len());
+    let rates: Vec<Result<f64, String>> = thread::scope(|scope| {
+        let workers: Vec<_> = dirs
+            .iter()
+            .map(|dir| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    churn_dir(dir, duration).map_err(|err| format!("churn in {}: {err}", dir.display()))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().unwrap_or_else(|_| Err("a churn thread panicked".to_owned())))
+            .collect()
+    });
+    let mut total = 0.0;
+    for rate in rates {
+        match rate {
+            Ok(rate) => total += rate,
+            Err(why) => return Outcome::Failed(why),
+        }
+    }
+    Outcome::Value(total)
+}
+
+/// One thread of [`churn`]: cycles until `duration` has passed; operations per second.
+fn churn_dir(dir: &Path, duration: Duration) -> io::Result<f64> {
+    let content = [b'c'; 4096];
+    let (created, renamed) = (dir.join("churn-created"), dir.join("churn-renamed"));
+    let start = Instant::now();
+    let mut cycles = 0u64;
+    while start.elapsed() < duration {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&created)?;
+        file.write_all(&content)?;
+        drop(file);
+        fs::rename(&created, &renamed)?;
+        fs::remove_file(&renamed)?;
+        cycles += 1;
+    }
+    Ok((3 * cycles) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Unlinks every path (files that live in a lower layer, so each needs a whiteout). Milliseconds.
@@ -304,6 +416,44 @@ mod tests {
         };
         assert!(p99 <= worst);
         assert_eq!(grown, (1 << 20) + 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_rename_copy_up_is_sampled_and_checked() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("xtask-bench-rename-{}", std::process::id()));
+        fs::create_dir_all(&root)?;
+        fs::write(root.join("big"), vec![1u8; 1 << 20])?;
+        fs::write(root.join("other"), "x")?;
+        let targets = [root.join("other")];
+        let renamed = stat_during_rename_copy_up(&root.join("big"), &root.join("big.renamed"), 1 << 20, &targets);
+        let gone = stat_during_rename_copy_up(&root.join("big"), &root.join("big.again"), 1 << 20, &targets);
+        let short = stat_during_rename_copy_up(&root.join("big.renamed"), &root.join("big"), 2 << 20, &targets);
+        fs::remove_dir_all(&root)?;
+        assert!(matches!(renamed, Outcome::Value(ms) if ms >= 0.0), "{renamed:?}");
+        assert!(matches!(&gone, Outcome::Failed(why) if why.starts_with("rename: ")), "{gone:?}");
+        assert!(matches!(&short, Outcome::Failed(why) if why.contains("holds 1048576 bytes")), "{short:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn churn_counts_ops_in_every_dir_and_leaves_nothing_behind() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("xtask-bench-churn-{}", std::process::id()));
+        let dirs = [root.join("a"), root.join("b")];
+        for dir in &dirs {
+            fs::create_dir_all(dir)?;
+        }
+        let one = churn(&dirs[..1], Duration::from_millis(50));
+        let two = churn(&dirs, Duration::from_millis(50));
+        let missing = churn(&[root.join("missing")], Duration::from_millis(50));
+        let left = fs::read_dir(&dirs[0])?.count() + fs::read_dir(&dirs[1])?.count();
+        fs::remove_dir_all(&root)?;
+        assert!(matches!(one, Outcome::Value(ops) if ops > 0.0), "{one:?}");
+        assert!(matches!(two, Outcome::Value(ops) if ops > 0.0), "{two:?}");
+        assert!(matches!(&missing, Outcome::Failed(why) if why.starts_with("churn in ")), "{missing:?}");
+        assert_eq!(left, 0);
+        assert_eq!(Outcome::Value(6.0).ratio_to(&Outcome::Value(2.0)), Outcome::Value(3.0));
+        assert!(matches!(two.ratio_to(&missing), Outcome::Failed(_)));
         Ok(())
     }
 }

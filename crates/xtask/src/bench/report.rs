@@ -32,6 +32,9 @@ pub enum Metric {
     StatDuringCopyupMax,
     /// 99th percentile of the same.
     StatDuringCopyupP99,
+    /// Worst `lstat` latency on an unrelated file while `rename(2)` of the big lower file copies it
+    /// up, on a mount of its own.
+    StatDuringRenameCopyupMax,
     /// Create 5000 files of 4 KiB.
     Create5k,
     /// Unlink 2000 files that live in a lower layer.
@@ -40,6 +43,13 @@ pub enum Metric {
     RenameDir1k,
     /// Move another such directory with `mv` (copy and delete where rename gives `EXDEV`).
     MvDir1k,
+    /// One thread cycling create (4 KiB) + rename + unlink of a file in a merged dir; ops/s.
+    ChurnOneDir,
+    /// Two such threads at once, each in a merged dir of its own; total ops/s.
+    ChurnTwoDirs,
+    /// [`Metric::ChurnTwoDirs`] / [`Metric::ChurnOneDir`], per run: 2 for perfect scaling, 1 when
+    /// the two threads take turns.
+    ChurnScaling,
     /// `ovlsnap take` with 1k files in LIVE, from the command's start to its exit.
     SnapshotTake1k,
     /// The same with 10k files.
@@ -119,8 +129,12 @@ impl Metric {
         Metric::Unlink2kLower,
         Metric::RenameDir1k,
         Metric::MvDir1k,
+        Metric::ChurnOneDir,
+        Metric::ChurnTwoDirs,
+        Metric::ChurnScaling,
         Metric::StatDuringCopyupMax,
         Metric::StatDuringCopyupP99,
+        Metric::StatDuringRenameCopyupMax,
         Metric::SnapshotTake1k,
         Metric::SnapshotTake10k,
         Metric::SnapshotTake100k,
@@ -151,6 +165,9 @@ impl Metric {
         Metric::Unlink2kLower,
         Metric::RenameDir1k,
         Metric::MvDir1k,
+        Metric::ChurnOneDir,
+        Metric::ChurnTwoDirs,
+        Metric::ChurnScaling,
     ];
 
     /// The stable name (also the JSON key).
@@ -164,10 +181,14 @@ impl Metric {
             Metric::CopyupBigXfs => "copyup_big_xfs_reflink",
             Metric::StatDuringCopyupMax => "stat_during_copyup_max",
             Metric::StatDuringCopyupP99 => "stat_during_copyup_p99",
+            Metric::StatDuringRenameCopyupMax => "stat_during_rename_copyup_max",
             Metric::Create5k => "create_5k",
             Metric::Unlink2kLower => "unlink_2k_lower",
             Metric::RenameDir1k => "rename_dir_1k",
             Metric::MvDir1k => "mv_dir_1k",
+            Metric::ChurnOneDir => "churn_1_dir",
+            Metric::ChurnTwoDirs => "churn_2_dirs",
+            Metric::ChurnScaling => "churn_scaling",
             Metric::SnapshotTake1k => "snapshot_take_1k",
             Metric::SnapshotTake10k => "snapshot_take_10k",
             Metric::SnapshotTake100k => "snapshot_take_100k",
@@ -220,12 +241,13 @@ impl Metric {
     fn unit(self) -> &'static str {
         match self {
             Metric::ReadBigHot => "MB/s",
+            Metric::ChurnOneDir | Metric::ChurnTwoDirs => "ops/s",
             Metric::WriteNoSnapshot
             | Metric::WriteNewWithSnapshot
             | Metric::OverwriteNoSnapshot
             | Metric::OverwriteFirstAfterTake
             | Metric::OverwriteAgainAfterTake => "MiB/s",
-            Metric::WriteWithSnapshot | Metric::OverwriteAfterTakeRatio => "ratio",
+            Metric::WriteWithSnapshot | Metric::OverwriteAfterTakeRatio | Metric::ChurnScaling => "ratio",
             _ => "ms",
         }
     }
@@ -233,7 +255,7 @@ impl Metric {
     /// Higher values are better (throughput); ratios are then inverted so that, for every row,
     /// a ratio above 1 means slower than the kernel.
     fn higher_is_better(self) -> bool {
-        matches!(self.unit(), "MB/s" | "MiB/s" | "ratio")
+        matches!(self.unit(), "MB/s" | "MiB/s" | "ops/s" | "ratio")
     }
 
     fn target(self) -> Target {
@@ -244,12 +266,12 @@ impl Metric {
             Metric::CopyupBig => Target::Ratio(1.0),
             Metric::CopyupBigVolatile => Target::RatioTo(Metric::CopyupBig, 0.5),
             Metric::CopyupBigXfs => Target::None,
-            Metric::StatDuringCopyupMax => Target::Millis(5.0),
+            Metric::StatDuringCopyupMax | Metric::StatDuringRenameCopyupMax => Target::Millis(5.0),
             Metric::StatDuringCopyupP99 => Target::None,
             Metric::Create5k => Target::Ratio(2.0),
             Metric::Unlink2kLower => Target::Ratio(2.0),
             Metric::RenameDir1k => Target::Ratio(3.0),
-            Metric::MvDir1k => Target::None,
+            Metric::MvDir1k | Metric::ChurnOneDir | Metric::ChurnTwoDirs | Metric::ChurnScaling => Target::None,
             Metric::SnapshotTake1k | Metric::SnapshotTake10k | Metric::SnapshotTake100k => {
                 Target::MillisFlat(10.0, Metric::SnapshotTake1k)
             }
@@ -484,9 +506,19 @@ impl Results {
         }
         let _ = writeln!(
             out,
-            "(x) = time relative to the kernel overlay in the same run (for MB/s: kernel's MB/s / this); \
-             above 1 = slower."
+            "(x) = time relative to the kernel overlay in the same run (for MB/s, ops/s and ratios: kernel's \
+             / this); above 1 = slower."
         );
+        if self.phases.contains(&Phase::Ext4) {
+            let _ = writeln!(
+                out,
+                "churn_*: cycles of create (O_EXCL, 4 KiB) + rename + unlink for {} s, 3 ops a cycle, in one \
+                 merged dir, then in two at once (one thread each); churn_scaling: churn_2_dirs / churn_1_dir \
+                 per run (2 = perfect scaling).\n  stat_during_rename_copyup_max: on a mount of its own, while \
+                 rename(2) copies the big lower file up.",
+                self.scale.churn.as_secs_f64()
+            );
+        }
         if self.phases.contains(&Phase::Snapshots) {
             let _ = writeln!(
                 out,
@@ -540,13 +572,15 @@ impl Results {
         let _ = writeln!(
             out,
             "  \"scale\": {{\"dirs\": {}, \"files_per_dir\": {}, \"big_mib\": {}, \"create_files\": {}, \
-             \"unlink_files\": {}, \"rename_dir_files\": {}, \"snapshot_takes\": {}, \"snapshot_write_mib\": {}}},",
+             \"unlink_files\": {}, \"rename_dir_files\": {}, \"churn_s\": {}, \"snapshot_takes\": {}, \
+             \"snapshot_write_mib\": {}}},",
             s.dirs,
             s.files_per_dir,
             s.big_mib,
             s.create_files,
             s.unlink_files,
             s.rename_dir_files,
+            json_number(s.churn.as_secs_f64()),
             s.snapshot_takes,
             s.snapshot_write_mib
         );
@@ -764,6 +798,32 @@ mod tests {
         let json = results.json();
         assert!(json.contains("\"ratio_to_kernel\": 1.4"), "{json}");
         assert!(json.contains("\"status\": \"unsupported\""), "{json}");
+    }
+
+    #[test]
+    fn churn_rows_are_rates_and_the_rename_stat_has_the_copyup_target() {
+        let backends = [Backend::Kernel, Backend::Ovlfs];
+        let mut results = Results::new(&backends, &[Phase::Ext4], 1, Scale::quick());
+        for (metric, kernel, ovlfs) in [
+            (Metric::ChurnOneDir, 30_000.0, 10_000.0),
+            (Metric::ChurnTwoDirs, 54_000.0, 11_000.0),
+            (Metric::StatDuringRenameCopyupMax, 0.5, 7.0),
+        ] {
+            results.record(metric, Backend::Kernel, Outcome::Value(kernel));
+            results.record(metric, Backend::Ovlfs, Outcome::Value(ovlfs));
+        }
+        results.record(Metric::ChurnScaling, Backend::Ovlfs, Outcome::Value(1.1));
+        assert_eq!(results.ratio(Metric::ChurnOneDir, Backend::Ovlfs), Some(3.0), "a third of the rate");
+        assert_eq!(results.verdict(Metric::ChurnTwoDirs), "-");
+        assert_eq!(results.verdict(Metric::ChurnScaling), "-");
+        assert_eq!(results.verdict(Metric::StatDuringRenameCopyupMax), "NOT met");
+        let table = results.table();
+        let order: Vec<usize> = ["| churn_1_dir", "| churn_scaling", "| stat_during_rename_copyup_max"]
+            .iter()
+            .map(|row| table.find(row).unwrap_or_else(|| panic!("no {row} in {table}")))
+            .collect();
+        assert!(order.is_sorted(), "{table}");
+        assert!(results.json().contains("\"churn_s\": 1.5"));
     }
 
     #[test]

@@ -334,12 +334,8 @@ fn write_run(ovlsnap: &Path, base: &Path, rep: usize, mib: u64, out: &mut Vec<(M
     }
     let overwrite_first = note(out, Metric::OverwriteFirstAfterTake, overwrite_first);
     note(out, Metric::OverwriteAgainAfterTake, write("old.bin", WriteInto::InPlace)?);
-    let ratio = |with: &Outcome, without: &Outcome| match (with, without) {
-        (Outcome::Value(with), Outcome::Value(without)) => Outcome::Value(with / without),
-        _ => Outcome::Failed("a measurement of the pair failed".to_owned()),
-    };
-    note(out, Metric::WriteWithSnapshot, ratio(&with, &without));
-    note(out, Metric::OverwriteAfterTakeRatio, ratio(&overwrite_first, &overwrite_without));
+    note(out, Metric::WriteWithSnapshot, with.ratio_to(&without));
+    note(out, Metric::OverwriteAfterTakeRatio, overwrite_first.ratio_to(&overwrite_without));
     // One pair of sequential writes swings with this VM's disk far more than a snapshot costs:
     // more pairs, each a write with no snapshot left (the last one deleted) next to a write
     // after a fresh take. The order alternates within pairs and each pair's files go afterwards:
@@ -365,7 +361,7 @@ fn write_run(ovlsnap: &Path, base: &Path, rep: usize, mib: u64, out: &mut Vec<(M
             take(&mount, &taken)?;
             (with, without)
         };
-        note(out, Metric::WriteWithSnapshot, ratio(&with, &without));
+        note(out, Metric::WriteWithSnapshot, with.ratio_to(&without));
         for name in [&a, &b] {
             fs::remove_file(mnt.join(name)).with_context(|| format!("removing {name}"))?;
         }
