@@ -96,6 +96,8 @@ pub struct LayerStack {
     whiteout_files: bool,
     /// The AUFS marks of lower directories read so far (when `aufs`).
     marks: crate::aufs::MarksCache,
+    /// What the frozen layers hold, when the caller knows (see [`crate::presence`]).
+    presence: Option<crate::presence::Presence>,
 }
 
 impl LayerStack {
@@ -221,6 +223,7 @@ impl LayerStack {
             aufs: true,
             whiteout_files,
             marks: Default::default(),
+            presence: None,
         })
     }
 
@@ -274,7 +277,18 @@ impl LayerStack {
             aufs: false,
             whiteout_files: false,
             marks: Default::default(),
+            presence: None,
         })
+    }
+
+    /// Lets lookups skip layers that surely hold nothing at a path (see [`crate::presence`]).
+    pub fn set_presence(&mut self, presence: crate::presence::Presence) {
+        self.presence = Some(presence);
+    }
+
+    /// What the frozen layers hold, if known.
+    pub fn presence(&self) -> Option<&crate::presence::Presence> {
+        self.presence.as_ref()
     }
 
     /// The lower layers, top first.

@@ -27,6 +27,7 @@ pub mod index;
 mod layer;
 mod options;
 pub mod origin;
+pub mod presence;
 pub mod statoverride;
 pub mod sys;
 pub mod unprivileged;

@@ -170,6 +170,9 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         Target::Abs(_) => root_lowers(stack, None).into(),
         Target::Rel(_) => (&parent.lowers[..]).into(),
     };
+    // Frozen layers whose summary lists nothing at the path are skipped unprobed, where a missing
+    // object means "go on to the next layer": a relative target, and no AUFS marks to read.
+    let mut presence = stack.presence().filter(|_| !stack.reads_aufs()).map(|p| p.reader());
     let mut i = 0;
     while i < list.len() {
         let ld = list[i].clone();
@@ -201,6 +204,11 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
                 }
             },
         };
+        if let (Target::Rel(_), Some(presence)) = (&target, presence.as_mut()) {
+            if !presence.may_hold(ld.layer, &path) {
+                continue;
+            }
+        }
         if crate::aufs::hidden(stack, layer, &path)? {
             break;
         }

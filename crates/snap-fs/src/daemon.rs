@@ -240,6 +240,19 @@ pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
         let (snapper, status) = (snapper.clone(), status.clone());
         std::thread::spawn(move || control::serve(listener, snapper, status));
     }
+    {
+        // Layers whose summary is missing (a store from before summaries, a stop before one was
+        // written) are read once, beside the mount's work.
+        let snapper = snapper.clone();
+        let spawned = std::thread::Builder::new().name("summarize".into()).spawn(move || {
+            if let Err(e) = snapper.summarize() {
+                tracing::warn!("summarizing layers: {e:#}");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("summarizing layers: no thread for it: {e}");
+        }
+    }
     tracing::info!(live = ?status.live, mount = ?status.mount, store = ?status.store, "ovlsnap mount is live");
     ready();
     let out = session.run().context("serving the mount");

@@ -30,6 +30,7 @@ mod seal;
 pub mod snapper;
 pub mod store;
 pub mod stream;
+mod summary;
 mod sys;
 mod view;
 

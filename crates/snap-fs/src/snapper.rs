@@ -69,6 +69,8 @@ pub struct Snapper {
     sealed: AtomicU64,
     /// Copies of files made ahead of their first change (`crate::precopy`).
     precopies: Arc<crate::precopy::Precopies>,
+    /// One `summarize` at a time.
+    summarizing: Mutex<()>,
 }
 
 impl Snapper {
@@ -91,6 +93,7 @@ impl Snapper {
             sealing: Mutex::new(()),
             sealed: AtomicU64::new(u64::MAX),
             precopies: Arc::default(),
+            summarizing: Mutex::new(()),
         };
         s.switch()?;
         Ok(s)
@@ -114,9 +117,12 @@ impl Snapper {
         let Some(newest) = snaps.last() else {
             *self.cow.lock() = None;
             self.generation.store(0, Ordering::Release);
-            self.views.set(Vec::new(), Vec::new());
+            self.views.set(Vec::new(), Vec::new(), Vec::new());
             return Ok(());
         };
+        // The CoW target must have no summary before anything writes to it (`crate::summary`).
+        self.views.holders.write().forget(newest.id);
+        crate::summary::remove(store.root(), newest.id)?;
         let (_, work) = store.work()?;
         let (hidden, journal) = (self.hidden.clone(), rustix::io::dup(store.root())?);
         let pre = self.precopies.clone();
@@ -124,8 +130,22 @@ impl Snapper {
             .context("opening the newest snapshot's layer")?;
         let mut all: Vec<_> = snaps.iter().map(|s| layer(s.id)).collect();
         all.push(live);
+        let frozen = &snaps[..snaps.len() - 1];
+        {
+            // The frozen layers' summaries the store has, read once; `summarize` makes the rest.
+            let mut holders = self.views.holders.write();
+            for s in frozen {
+                if holders.knows(s.id) {
+                    continue;
+                }
+                if let Some(summary) = crate::summary::load(store.root(), s.id, fds[&s.id].as_fd()) {
+                    holders.add(s.id, &summary);
+                }
+            }
+        }
+        let numbers = frozen.iter().map(|s| Some(s.id)).chain([None, None]).collect();
         let views = snaps.iter().enumerate().map(|(i, s)| (s.id, s.name.clone(), i)).collect();
-        self.views.set(all, views);
+        self.views.set(all, numbers, views);
         // Only what certainly changed fails; an unverified path may well be as taken.
         let damaged = store
             .damage()
@@ -462,6 +482,50 @@ impl Snapper {
         self.reseal_locked()
     }
 
+    /// Makes the summaries (`crate::summary`) of the frozen layers that have none, one layer at
+    /// a time, beside the mount's work: after a take (the layer that froze), and at a mount for
+    /// layers whose summary is missing or does not fit.
+    pub fn summarize(&self) -> anyhow::Result<()> {
+        let _one = self.summarizing.lock();
+        let mut failed = std::collections::HashSet::new();
+        loop {
+            let next = {
+                let store = self.store.lock();
+                let snaps = store.snapshots();
+                let holders = self.views.holders.read();
+                let fds = self.layer_fds.lock();
+                let frozen = &snaps[..snaps.len().saturating_sub(1)];
+                let missing = frozen.iter().rev().find(|s| !holders.knows(s.id) && !failed.contains(&s.id));
+                missing.and_then(|s| Some((s.id, fds.get(&s.id)?.clone())))
+            };
+            let Some((id, fd)) = next else { return Ok(()) };
+            let summary = match ovl_core::presence::Summary::read(fd.as_fd()) {
+                Ok(summary) => summary,
+                Err(e) => {
+                    tracing::warn!(id, "reading the layer for its summary: {e}; its lookups probe it");
+                    failed.insert(id);
+                    continue;
+                }
+            };
+            // Used only if the layer is still frozen and still that directory: no take or
+            // delete runs meanwhile.
+            let _views = self.views.lock.read();
+            let store = self.store.lock();
+            let snaps = store.snapshots();
+            let frozen = &snaps[..snaps.len().saturating_sub(1)];
+            let same = self.layer_fds.lock().get(&id).is_some_and(|fd| summary.is_of(fd.as_fd()));
+            if !frozen.iter().any(|s| s.id == id) || !same {
+                continue;
+            }
+            if let Err(e) = crate::summary::write(store.root(), id, &summary) {
+                // Used all the same: it describes the layer; the next mount reads the layer again.
+                tracing::warn!(id, "writing the layer's summary: {e:#}");
+            }
+            self.views.holders.write().add(id, &summary);
+            tracing::debug!(id, entries = summary.paths.len(), "layer summarized");
+        }
+    }
+
     /// Seals LIVE as the newest view shows it now (after a take or a delete changed the newest
     /// snapshot). Runs beside the mount's work: changes go on meanwhile (see `crate::seal` for why
     /// that is safe); the seal is written only if no take or delete came in between.
@@ -535,6 +599,9 @@ impl Snapper {
         } else {
             let (a, b) = (self.view_stack(&store, &snaps[i - 1..])?, self.view_stack(&store, &snaps[i + 1..])?);
             let into = snaps[i - 1].id;
+            // The merged layer is another directory under `into`'s id: its summary is made anew.
+            self.views.holders.write().forget(into);
+            crate::summary::remove(store.root(), into)?;
             let (dir_name, dir) = store.merge_dir(into)?;
             crate::merge::build(&a, &b, &self.hidden, std::os::fd::AsFd::as_fd(&dir))
                 .with_context(|| format!("merging snapshot {name:?} into {:?}", snaps[i - 1].name))?;
@@ -544,6 +611,10 @@ impl Snapper {
             self.layer_fds.lock().remove(&into);
         }
         self.layer_fds.lock().remove(&info.id);
+        self.views.holders.write().forget(info.id);
+        if let Err(e) = crate::summary::remove(store.root(), info.id) {
+            tracing::warn!(id = info.id, "the summary of a deleted layer stays: {e:#}");
+        }
         drop(store);
         self.switch()?;
         tracing::info!(name, id = info.id, "snapshot deleted");

@@ -63,6 +63,8 @@ pub(crate) type SharedLayer = (PathBuf, Arc<OwnedFd>);
 struct ViewDef {
     /// Every layer, oldest snapshot's first, LIVE last; this view uses `layers[from..]`.
     layers: Arc<Vec<SharedLayer>>,
+    /// By layer: its id in `Views::holders` when it is frozen (not the CoW target, not LIVE).
+    frozen: Arc<Vec<Option<u64>>>,
     from: usize,
     built: OnceLock<Arc<ViewStack>>,
 }
@@ -145,6 +147,8 @@ pub(crate) struct Views {
     /// with EIO instead of showing what was never taken.
     damaged: RwLock<HashMap<u64, std::collections::HashSet<PathBuf>>>,
     born: SystemTime,
+    /// What the frozen layers hold (`crate::summary`): lookups skip layers holding nothing.
+    pub holders: Arc<RwLock<ovl_core::presence::Holders>>,
 }
 
 impl Views {
@@ -161,19 +165,22 @@ impl Views {
             opts: ovl_core::MountOptions { read_only: true, ..opts },
             damaged: RwLock::new(HashMap::new()),
             born: SystemTime::now(),
+            holders: Arc::default(),
         }
     }
 
-    /// Replaces the set of views: `layers` are every snapshot's layer, oldest first, then LIVE;
-    /// `views` gives each snapshot's id, name and the index of its own layer in `layers` (its view
-    /// is `layers[index..]`). A view's stack is built on its first use, so a take costs no work
-    /// per view.
-    pub fn set(&self, layers: Vec<SharedLayer>, views: Vec<(u64, String, usize)>) {
-        let layers = Arc::new(layers);
+    /// Replaces the set of views: `layers` are every snapshot's layer, oldest first, then LIVE,
+    /// with `frozen` giving each one's id in [`Views::holders`] if it is frozen; `views` gives
+    /// each snapshot's id, name and the index of its own layer in `layers` (its view is
+    /// `layers[index..]`). A view's stack is built on its first use, so a take costs no work per
+    /// view.
+    pub fn set(&self, layers: Vec<SharedLayer>, frozen: Vec<Option<u64>>, views: Vec<(u64, String, usize)>) {
+        let (layers, frozen) = (Arc::new(layers), Arc::new(frozen));
         let mut stacks = BTreeMap::new();
         let mut names = BTreeMap::new();
         for (id, name, from) in views {
-            stacks.insert(id, Arc::new(ViewDef { layers: layers.clone(), from, built: OnceLock::new() }));
+            let def = ViewDef { layers: layers.clone(), frozen: frozen.clone(), from, built: OnceLock::new() };
+            stacks.insert(id, Arc::new(def));
             names.insert(name, id);
         }
         *self.stacks.write() = stacks;
@@ -192,7 +199,9 @@ impl Views {
         }
         let layers = def.layers[def.from..].to_vec();
         let live = LayerId(layers.len() as u16 - 1);
-        let stack = LayerStack::from_open_dirs(layers, None, self.opts.clone())?;
+        let mut stack = LayerStack::from_open_dirs(layers, None, self.opts.clone())?;
+        let frozen = def.frozen.get(def.from..).unwrap_or_default().to_vec();
+        stack.set_presence(ovl_core::presence::Presence::new(self.holders.clone(), frozen));
         let root = DirLayers::root(&stack)?;
         Ok(def.built.get_or_init(|| Arc::new(ViewStack { stack, root, live })).clone())
     }

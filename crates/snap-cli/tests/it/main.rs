@@ -26,3 +26,4 @@ mod open_files;
 mod security;
 mod snapshot_stress;
 mod stream;
+mod summaries;

@@ -169,12 +169,16 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
     })
 }
 
-/// Seals LIVE for the new newest snapshot, beside the mount's work (`crate::seal`).
+/// Seals LIVE for the new newest snapshot, then summarizes the layer that froze, beside the
+/// mount's work (`crate::seal`, `crate::summary`).
 fn reseal(snapper: &Arc<Snapper>) {
     let snapper = snapper.clone();
     let spawned = std::thread::Builder::new().name("seal".into()).spawn(move || {
         if let Err(e) = snapper.reseal() {
             tracing::warn!("sealing LIVE: {e:#}");
+        }
+        if let Err(e) = snapper.summarize() {
+            tracing::warn!("summarizing layers: {e:#}");
         }
     });
     if let Err(e) = spawned {

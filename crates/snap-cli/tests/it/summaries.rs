@@ -1,0 +1,151 @@
+//! Layer summaries (issue 17): a view's lookups skip the frozen layers whose summary
+//! (`STORE/summaries/ID`) lists nothing at the path, instead of probing every layer below the
+//! snapshot. A summary that listed less than its layer holds would hide objects, so every view
+//! is compared with the kernel's mount of its layers (which knows nothing of summaries) while the
+//! summaries are in use: after they are made, after a remount reads them back, after a delete
+//! merges two layers, and with a summary file left over from the layer a merge replaced.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// The store of a [`Form::Separate`] mount (LIVE itself is not mounted over).
+fn store(m: &SnapMount) -> PathBuf {
+    m.live().join(".ovlsnap")
+}
+
+/// The layer ids that have a summary file.
+fn summarized(m: &SnapMount) -> BTreeSet<u64> {
+    match fs::read_dir(store(m).join("summaries")) {
+        Ok(rd) => rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+/// The layer ids of the snapshots, oldest first.
+fn layer_ids(m: &SnapMount) -> Vec<u64> {
+    m.list().iter().map(|s| s.id as u64).collect()
+}
+
+/// Waits until every frozen layer (all but the newest) has a summary file, and no other has.
+fn wait_for_summaries(m: &SnapMount, what: &str) {
+    let ids = layer_ids(m);
+    let want: BTreeSet<u64> = ids[..ids.len() - 1].iter().copied().collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = summarized(m);
+        if have == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: summaries of layers {have:?}, want those of {want:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The paths a summary file lists.
+fn summary_paths(m: &SnapMount, id: u64) -> BTreeSet<PathBuf> {
+    let bytes = fs::read(store(m).join("summaries").join(id.to_string())).unwrap();
+    let nl = bytes.iter().position(|b| *b == b'\n').expect("a header line");
+    bytes[nl + 1..]
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+        .collect()
+}
+
+/// Every path in layer dir `root`.
+fn layer_paths(root: &Path) -> BTreeSet<PathBuf> {
+    fn walk(root: &Path, rel: &Path, out: &mut BTreeSet<PathBuf>) {
+        for e in fs::read_dir(root.join(rel)).unwrap() {
+            let e = e.unwrap();
+            let rel = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &rel, out);
+            }
+            out.insert(rel);
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(root, Path::new(""), &mut out);
+    out
+}
+
+/// Each summary lists exactly what its layer holds.
+fn assert_summaries_exact(m: &SnapMount, what: &str) {
+    for id in summarized(m) {
+        let layer = store(m).join("layers").join(id.to_string());
+        assert_eq!(summary_paths(m, id), layer_paths(&layer), "{what}: the summary of layer {id}");
+    }
+}
+
+/// Every snapshot's view equals the kernel's mount of its layers.
+fn assert_views_match_the_kernel(m: &SnapMount, what: &str) {
+    for s in m.list() {
+        let dir = m.scratch().mkdir(&format!("kernel-{what}-{}", s.name).replace(' ', "-"));
+        let want = record_tree(&m.view(&s.name));
+        let k = KernelMount::snapshot(m, &s.name, &dir);
+        assert_same_tree(&want, &record_tree(k.path()), &format!("{what}: view {} and the kernel's mount", s.name));
+    }
+}
+
+/// One interval's changes: data, a new dir, a removal (a whiteout), a dir renamed (a redirect).
+fn change(m: &SnapMount, i: usize) {
+    let mnt = m.mnt();
+    fs::write(mnt.join(format!("d{}/f{}", i % 4, i % 3)), format!("changed in {i}")).unwrap();
+    fs::create_dir_all(mnt.join(format!("new{i}/deeper"))).unwrap();
+    fs::write(mnt.join(format!("new{i}/deeper/file")), b"new").unwrap();
+    let _ = fs::remove_file(mnt.join(format!("d{}/f{}", (i + 1) % 4, (i + 2) % 3)));
+    if i == 3 {
+        fs::rename(mnt.join("d3"), mnt.join("d3-moved")).unwrap();
+    }
+}
+
+#[test]
+fn views_with_layer_summaries_show_what_the_kernel_shows() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    for d in 0..4 {
+        fs::create_dir_all(m.live().join(format!("d{d}/sub"))).unwrap();
+        for f in 0..3 {
+            fs::write(m.live().join(format!("d{d}/f{f}")), format!("{d}{f}")).unwrap();
+        }
+        fs::write(m.live().join(format!("d{d}/sub/g")), b"g").unwrap();
+    }
+    m.mount();
+    for i in 0..7 {
+        m.take(Some(&format!("s{i}")));
+        change(&m, i);
+    }
+    wait_for_summaries(&m, "after the takes");
+    assert_summaries_exact(&m, "after the takes");
+    assert_views_match_the_kernel(&m, "summaries made");
+
+    m.umount();
+    m.mount();
+    assert_views_match_the_kernel(&m, "summaries read back");
+
+    // A merge replaces layer s2 with another directory under its id; keep s2's old summary to
+    // put back afterwards, as a stop between the swap and the summary's removal would leave it.
+    let ids = layer_ids(&m);
+    let old = fs::read(store(&m).join("summaries").join(ids[2].to_string())).unwrap();
+    ovlsnap(&[
+        std::ffi::OsStr::new("delete"),
+        std::ffi::OsStr::new("s3"),
+        std::ffi::OsStr::new("--mount"),
+        m.mnt().as_os_str(),
+    ])
+    .expect_ok("delete s3");
+    wait_for_summaries(&m, "after the delete");
+    assert_summaries_exact(&m, "after the delete");
+    assert_views_match_the_kernel(&m, "a merged layer");
+
+    m.umount();
+    fs::write(store(&m).join("summaries").join(ids[2].to_string()), &old).unwrap();
+    m.mount();
+    assert_views_match_the_kernel(&m, "a stale summary of a replaced layer");
+    wait_for_summaries(&m, "after the stale one");
+    assert_summaries_exact(&m, "after the stale one");
+}

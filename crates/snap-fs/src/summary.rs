@@ -1,0 +1,85 @@
+//! Layer summaries in the store (issue 17): `summaries/ID` lists every object of the frozen
+//! layer `ID` ([`ovl_core::presence::Summary`]), so that a view's lookups skip the layers that
+//! hold nothing at a path instead of probing every layer below the snapshot.
+//!
+//! A layer freezes when a newer snapshot is taken (the CoW rules then write into the newer
+//! layer); its summary is made beside the mount's work after that (`Snapper::summarize`) and
+//! read back at the next mount instead of reading the layer again. A summary must never list
+//! less than its layer holds, so: the CoW target never has one (its file is removed before the
+//! target is opened, [`remove`]); a summary names the layer root it was read from (a merged layer
+//! swapped in under the same id is another directory); a file is written whole or not at all and
+//! carries its entry count. Anything that does not fit is not used, and the layer is read again.
+
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use anyhow::Context;
+use ovl_core::presence::Summary;
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+/// The directory of the summaries in the store.
+pub(crate) const DIR: &str = "summaries";
+
+/// Removes layer `id`'s summary, durably, before anything may write to the layer again.
+pub(crate) fn remove(store: BorrowedFd<'_>, id: u64) -> anyhow::Result<()> {
+    let dir = match rustix::fs::openat(
+        store,
+        DIR,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(dir) => dir,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e).context("opening the store's summaries"),
+    };
+    match rustix::fs::unlinkat(&dir, id.to_string().as_str(), AtFlags::empty()) {
+        Ok(()) => rustix::fs::fsync(&dir).context("syncing the store's summaries")?,
+        Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the summary of layer {id}")),
+    }
+    Ok(())
+}
+
+/// Layer `id`'s summary from its file, if there is one that fits the layer open as `layer`.
+pub(crate) fn load(store: BorrowedFd<'_>, id: u64, layer: BorrowedFd<'_>) -> Option<Summary> {
+    let path = format!("{DIR}/{id}");
+    let fd =
+        rustix::fs::openat(store, path.as_str(), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+            .ok()?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes).ok()?;
+    let summary = Summary::decode(&bytes)?;
+    if !summary.is_of(layer) {
+        tracing::debug!(id, "a summary of another directory under this layer's id: not used");
+        return None;
+    }
+    Some(summary)
+}
+
+/// Writes layer `id`'s summary: whole (a temporary file, synced, renamed into place) or not at all.
+pub(crate) fn write(store: BorrowedFd<'_>, id: u64, summary: &Summary) -> anyhow::Result<()> {
+    match rustix::fs::mkdirat(store, DIR, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(e).context("making the store's summaries dir"),
+    }
+    let dir = rustix::fs::openat(
+        store,
+        DIR,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .context("opening the store's summaries")?;
+    let tmp = format!("{id}.tmp");
+    let fd = rustix::fs::openat(
+        &dir,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(&summary.encode())?;
+    f.sync_all()?;
+    rustix::fs::renameat(&dir, tmp.as_str(), &dir, id.to_string().as_str())?;
+    rustix::fs::fsync(dir.as_fd())?;
+    Ok(())
+}
