@@ -9,7 +9,7 @@
 //! layer holds costs a probe; one that lists less would hide objects, so a summary is made only of
 //! a layer nothing writes to any more, and dropped before anything writes to it again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -27,34 +27,34 @@ pub struct Summary {
     pub root: (u64, u64),
     /// Every object's path relative to the layer root, parents before their entries.
     pub paths: Vec<PathBuf>,
+    /// The bytes the objects allocate (`st_blocks`, a file of several names once per name).
+    pub bytes: u64,
 }
 
-/// The first words of a summary file, then the root's device and inode and the count of paths,
-/// one line; the paths follow, each ended by a NUL byte.
+/// The first words of a summary file, then the root's device and inode, the count of paths and
+/// the bytes, one line; the paths follow, each ended by a NUL byte.
 const MAGIC: &str = "ovl-summary 1";
 
 impl Summary {
     /// Reads the whole layer under `root` (no symlink followed, nothing changed).
     pub fn read(root: BorrowedFd<'_>) -> Result<Self> {
         let st = rustix::fs::fstat(root)?;
-        let mut paths = Vec::new();
+        let (mut paths, mut bytes) = (Vec::new(), 0u64);
         let mut dirs = vec![PathBuf::new()];
         while let Some(dir) = dirs.pop() {
-            for e in sys::read_dir(root, &dir)? {
+            let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY;
+            let fd = sys::open_beneath(root, &dir, flags, rustix::fs::Mode::empty())?;
+            for e in sys::read_dir_fd(rustix::io::dup(&fd)?)? {
+                let st = sys::lstat_at(&fd, &sys::name_cstr(&e.name)?)?;
+                bytes += st.st_blocks as u64 * 512;
                 let path = dir.join(&e.name);
-                let kind = match e.file_type {
-                    rustix::fs::FileType::Unknown => {
-                        rustix::fs::FileType::from_raw_mode(sys::lstat_beneath(root, &path)?.st_mode)
-                    }
-                    kind => kind,
-                };
-                if kind == rustix::fs::FileType::Directory {
+                if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
                     dirs.push(path.clone());
                 }
                 paths.push(path);
             }
         }
-        Ok(Self { root: (st.st_dev, st.st_ino), paths })
+        Ok(Self { root: (st.st_dev, st.st_ino), paths, bytes })
     }
 
     /// Whether this summary was read from the directory open as `root`.
@@ -64,7 +64,8 @@ impl Summary {
 
     /// The summary as the bytes of its file.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = format!("{MAGIC} {} {} {}\n", self.root.0, self.root.1, self.paths.len()).into_bytes();
+        let (root, count, bytes) = (self.root, self.paths.len(), self.bytes);
+        let mut out = format!("{MAGIC} {} {} {count} {bytes}\n", root.0, root.1).into_bytes();
         for p in &self.paths {
             out.extend_from_slice(p.as_os_str().as_bytes());
             out.push(0);
@@ -80,6 +81,7 @@ impl Summary {
         let mut words = head.strip_prefix(MAGIC)?.split_ascii_whitespace();
         let root = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
         let count: usize = words.next()?.parse().ok()?;
+        let used: u64 = words.next()?.parse().ok()?;
         if words.next().is_some() {
             return None;
         }
@@ -95,7 +97,7 @@ impl Summary {
             }
             paths.push(path);
         }
-        (paths.len() == count).then_some(Self { root, paths })
+        (paths.len() == count).then_some(Self { root, paths, bytes: used })
     }
 }
 
@@ -103,7 +105,8 @@ impl Summary {
 #[derive(Debug, Default)]
 pub struct Holders {
     by_path: HashMap<PathBuf, Vec<u64>>,
-    summarized: HashSet<u64>,
+    /// The summarized layers, with their objects and bytes.
+    summarized: HashMap<u64, (u64, u64)>,
 }
 
 impl Holders {
@@ -116,7 +119,7 @@ impl Holders {
                 ids.insert(at, layer);
             }
         }
-        self.summarized.insert(layer);
+        self.summarized.insert(layer, (summary.paths.len() as u64, summary.bytes));
     }
 
     /// Stops using layer `layer`'s summary: it is probed again like any layer. (Its paths stay
@@ -127,7 +130,12 @@ impl Holders {
 
     /// Whether `layer` has a summary in use.
     pub fn knows(&self, layer: u64) -> bool {
-        self.summarized.contains(&layer)
+        self.summarized.contains_key(&layer)
+    }
+
+    /// The objects and bytes of layer `layer`, from its summary.
+    pub fn usage(&self, layer: u64) -> Option<(u64, u64)> {
+        self.summarized.get(&layer).copied()
     }
 
     /// The summarized layers holding an object at `path`.
@@ -183,24 +191,27 @@ mod tests {
 
     #[test]
     fn summaries_round_trip_and_refuse_what_is_not_one() {
-        let s = Summary { root: (7, 42), paths: vec!["a".into(), "a/b c".into(), "a/\nx".into()] };
+        let s = Summary { root: (7, 42), paths: vec!["a".into(), "a/b c".into(), "a/\nx".into()], bytes: 8192 };
         assert_eq!(Summary::decode(&s.encode()), Some(s.clone()));
         let bytes = s.encode();
         assert_eq!(Summary::decode(&bytes[..bytes.len() - 1]), None, "cut short in a path");
         let cut = bytes.len() - "a/\nx".len() - 1;
         assert_eq!(Summary::decode(&bytes[..cut]), None, "cut short after a path");
-        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 0\n"), None, "another version");
-        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1\n/etc\0"), None, "absolute");
-        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1\na/../b\0"), None, "dot-dot");
-        assert_eq!(Summary::decode(b"ovl-summary 1 1 2\n"), None, "no count");
-        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 0\n"), Some(Summary { root: (1, 2), paths: vec![] }));
+        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 0 0\n"), None, "another version");
+        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1 0\n/etc\0"), None, "absolute");
+        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1 0\na/../b\0"), None, "dot-dot");
+        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 0\n"), None, "no bytes");
+        assert_eq!(
+            Summary::decode(b"ovl-summary 1 1 2 0 0\n"),
+            Some(Summary { root: (1, 2), paths: vec![], bytes: 0 })
+        );
     }
 
     #[test]
     fn only_known_layers_are_skipped() {
         let holders = Arc::new(RwLock::new(Holders::default()));
-        holders.write().add(5, &Summary { root: (0, 0), paths: vec!["d".into(), "d/f".into()] });
-        holders.write().add(9, &Summary { root: (0, 0), paths: vec!["e".into()] });
+        holders.write().add(5, &Summary { root: (0, 0), paths: vec!["d".into(), "d/f".into()], bytes: 0 });
+        holders.write().add(9, &Summary { root: (0, 0), paths: vec!["e".into()], bytes: 0 });
         let p = Presence::new(holders.clone(), vec![Some(9), Some(5), Some(3), None]);
         let mut r = p.reader();
         assert!(r.may_hold(LayerId(1), Path::new("d/f")));

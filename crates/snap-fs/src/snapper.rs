@@ -210,7 +210,8 @@ impl Snapper {
     /// The snapshots with their layer usage.
     pub fn list(&self) -> anyhow::Result<Vec<Listed>> {
         let store = self.store.lock();
-        list_store(&store)
+        let holders = self.views.holders.read();
+        list_store(&store, |id| holders.usage(id))
     }
 
     /// The layers of snapshot `name`'s view as the kernel overlay can mount them, given the mount
@@ -641,10 +642,15 @@ fn kernel_mount_of(store: &Store, id: u64) -> anyhow::Result<Option<PathBuf>> {
 }
 
 /// Lists a store's snapshots with their usage.
-pub fn list_store(store: &Store) -> anyhow::Result<Vec<Listed>> {
+/// The snapshots of `store` with their usage: from `known` (a frozen layer's summary: objects,
+/// bytes), else read from the layer.
+pub fn list_store(store: &Store, known: impl Fn(u64) -> Option<(u64, u64)>) -> anyhow::Result<Vec<Listed>> {
     let mut out = Vec::new();
     for s in store.snapshots() {
-        let (bytes, entries) = layer_usage(store.open_layer(s.id)?.as_fd())?;
+        let (bytes, entries) = match known(s.id) {
+            Some((entries, bytes)) => (bytes, entries),
+            None => layer_usage(store.open_layer(s.id)?.as_fd())?,
+        };
         out.push(Listed {
             name: s.name.clone(),
             id: s.id,

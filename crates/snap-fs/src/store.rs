@@ -671,7 +671,11 @@ pub fn list_offline(root: &OwnedFd) -> anyhow::Result<Vec<crate::snapper::Listed
     let mut out = Vec::new();
     for s in meta.snapshots {
         let l = open_dir_at(layers.as_fd(), &s.id.to_string())?;
-        let (bytes, entries) = layer_usage(l.as_fd())?;
+        // A summary, if it fits, says; the newest layer has none (it may still be written to).
+        let (bytes, entries) = match crate::summary::load(root.as_fd(), s.id, l.as_fd()) {
+            Some(summary) => (summary.bytes, summary.paths.len() as u64),
+            None => layer_usage(l.as_fd())?,
+        };
         out.push(crate::snapper::Listed {
             name: s.name,
             id: s.id,

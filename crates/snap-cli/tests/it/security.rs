@@ -92,12 +92,14 @@ fn store_of(m: &SnapMount) -> PathBuf {
     m.live().join(".ovlsnap")
 }
 
-/// The store of `m`, byte for byte, but for the seal (and its temp file): the daemon rewrites it
-/// in the background after every take (`snap_fs` seal), whatever callers do.
+/// The store of `m`, byte for byte, but for the seal (and its temp file) and the layer
+/// summaries: the daemon writes them in the background after every take (`snap_fs` seal and
+/// summary), whatever callers do. (The summaries are checked against their layers in
+/// `summaries.rs`.)
 fn store_tree(m: &SnapMount) -> Tree {
-    // The seal is rewritten in the background after each change (a `seal.tmp` renamed over it):
-    // skipped while walking, not after, or it may vanish between the listing and the record.
-    record_tree_skipping(&store_of(m), &["seal", "seal.tmp"])
+    // Rewritten in the background after each change (a temp file renamed into place): skipped
+    // while walking, not after, or they may vanish between the listing and the record.
+    record_tree_skipping(&store_of(m), &["seal", "seal.tmp", "summaries"])
 }
 
 /// Asserts that `out` failed with a one-line permission error that names `what`.

@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -74,11 +75,18 @@ fn layer_paths(root: &Path) -> BTreeSet<PathBuf> {
     out
 }
 
-/// Each summary lists exactly what its layer holds.
+/// Each summary lists exactly what its layer holds, and `list` (which takes a summarized layer's
+/// usage from its summary) shows every layer's objects and bytes as they are.
 fn assert_summaries_exact(m: &SnapMount, what: &str) {
     for id in summarized(m) {
         let layer = store(m).join("layers").join(id.to_string());
         assert_eq!(summary_paths(m, id), layer_paths(&layer), "{what}: the summary of layer {id}");
+    }
+    for s in m.list() {
+        let layer = store(m).join("layers").join((s.id as u64).to_string());
+        let paths = layer_paths(&layer);
+        let bytes: u64 = paths.iter().map(|p| fs::symlink_metadata(layer.join(p)).unwrap().blocks() * 512).sum();
+        assert_eq!((s.entries as u64, s.layer_bytes as u64), (paths.len() as u64, bytes), "{what}: list of {}", s.name);
     }
 }
 
