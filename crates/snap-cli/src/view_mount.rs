@@ -18,6 +18,9 @@ use snap_fs::snapper::ViewLayers;
 /// What every printed command starts with (tests parse it).
 const CMD_PREFIX: &str = "mount -t overlay overlay -o ";
 
+/// The most bytes of options mount(2) passes (one page, its NUL included).
+const MOUNT_OPTIONS_MAX: usize = 4096;
+
 /// A snapshot view's lower layers, top first, checked by [`check_layers`]: every one but the
 /// last is `/proc/<daemon pid>/fd/<store fd>/layers/<id>`, the last is MNT.
 #[derive(Debug)]
@@ -93,6 +96,16 @@ pub fn mount_cmd(layers: &CheckedLayers, dir: &Path) -> anyhow::Result<String> {
     }
     let user = if layers.userxattr { "userxattr," } else { "" };
     let opts = format!("ro,{user}redirect_dir=follow,lowerdir={}", lowers.join(":"));
+    // mount(2) takes one page of options: a deeper view's list would be cut short. (Names
+    // relative to the store would fit more, but `delete` finds a mounted snapshot by the layer
+    // paths mountinfo shows, so they stay absolute.)
+    if opts.len() >= MOUNT_OPTIONS_MAX {
+        bail!(
+            "the view's {} layers make {} bytes of mount options, more than mount(2) takes ({MOUNT_OPTIONS_MAX}): use              `ovlsnap mount-view NAME DIR`, which passes one layer at a time",
+            layers.lowers.len(),
+            opts.len()
+        );
+    }
     Ok(format!("{CMD_PREFIX}{} {}", shell_quote(&opts), shell_quote(dir)))
 }
 
@@ -243,6 +256,22 @@ mod tests {
             line,
             r"mount -t overlay overlay -o 'ro,redirect_dir=follow,lowerdir=/proc/4242/fd/7/layers/3:/m n/a'\''b/$(x)/`y`;z/c\:d/e\\f' '/t/x'\''y $z'"
         );
+    }
+
+    #[test]
+    fn a_view_too_deep_for_one_page_of_options_is_refused_with_advice() {
+        let layers = |n: usize| {
+            let mut l: Vec<String> = (1000..1000 + n).map(|id| format!("/proc/4242/fd/7/layers/{id}")).collect();
+            l.push("/data".into());
+            l
+        };
+        let fits = layers(100);
+        let l = check(&fits.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        assert!(mount_cmd(&l, Path::new("/t")).is_ok(), "100 layers fit in a page");
+        let deep = layers(150);
+        let l = check(&deep.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        let err = format!("{:#}", mount_cmd(&l, Path::new("/t")).unwrap_err());
+        assert!(err.contains("mount-view") && err.contains("151 layers"), "{err}");
     }
 
     #[test]
