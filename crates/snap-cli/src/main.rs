@@ -327,14 +327,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::MountCmd { name, dir, mount } => {
             let mnt = resolve_mount(mount)?;
             let dir = std::path::absolute(&dir)?;
-            let layers = view_mount::fetch(&mnt, &name)?;
+            let layers = view_mount::fetch(&mnt, &name, true)?;
             say!("{}", view_mount::mount_cmd(&layers, &dir)?);
             Ok(())
         }
         Cmd::MountView { name, dir, mount } => {
             let mnt = resolve_mount(mount)?;
             let dir = std::path::absolute(&dir)?;
-            view_mount::mount_view(&view_mount::fetch(&mnt, &name)?, &dir)
+            view_mount::mount_view(&view_mount::fetch(&mnt, &name, false)?, &dir)
         }
         Cmd::Diff { a, b, json, mount } => {
             let mnt = resolve_mount(mount)?;

@@ -30,12 +30,24 @@ pub struct CheckedLayers {
     userxattr: bool,
 }
 
-/// Asks the daemon of `mnt` (canonical) for the layers of snapshot `name` and checks them.
-pub fn fetch(mnt: &Path, name: &str) -> anyhow::Result<CheckedLayers> {
+/// Asks the daemon of `mnt` (canonical) for the layers of snapshot `name` and checks them;
+/// `for_shell`: few enough for a mount(8) command (see [`shell_max_layers`]), else as many as
+/// the kernel stacks (the daemon consolidates the top layers of a deeper view into one).
+pub fn fetch(mnt: &Path, name: &str, for_shell: bool) -> anyhow::Result<CheckedLayers> {
     let status: Status = serde_json::from_value(control::call(mnt, &Request::Status)?)
         .context("the daemon's status answer is not valid")?;
-    let answer = control::call(mnt, &Request::MountCmd { name: name.to_owned() })?;
+    let max_layers = for_shell.then(|| shell_max_layers(status.pid, mnt));
+    let answer = control::call(mnt, &Request::MountCmd { name: name.to_owned(), max_layers })?;
     check_layers(answer, status.pid, mnt)
+}
+
+/// How many layers of daemon `pid`'s store, over `mnt`, surely fit in mount(2)'s page of
+/// options (each `/proc/PID/fd/FD/layers/ID:` with the longest fd and id, and the top one
+/// perhaps a consolidated `views/TOKEN`).
+fn shell_max_layers(pid: u32, mnt: &Path) -> usize {
+    let per_layer = format!("/proc/{pid}/fd/").len() + 10 + "/layers/".len() + 20 + 1;
+    let fixed = "ro,userxattr,redirect_dir=follow,lowerdir=".len() + 2 * mnt.as_os_str().len() + 128;
+    (MOUNT_OPTIONS_MAX.saturating_sub(fixed) / per_layer).max(3)
 }
 
 /// Checks the daemon's answer to `MountCmd`: snapshot layers of one store, reached through the
@@ -51,8 +63,9 @@ pub fn check_layers(answer: serde_json::Value, pid: u32, mnt: &Path) -> anyhow::
         return Err(invalid(format!("the bottom layer is {last:?}, not the mount {mnt:?}")));
     }
     let mut store_fd = None;
-    for p in snaps {
-        let Some(fd) = store_fd_of(p, pid) else {
+    for (i, p) in snaps.iter().enumerate() {
+        // Only the top layer may be a consolidated one.
+        let Some(fd) = store_fd_of(p, pid).or_else(|| consolidated_fd_of(p, pid).filter(|_| i == 0)) else {
             return Err(invalid(format!("{p:?} is not a layer of the store of daemon {pid}")));
         };
         // One view is one store: layers behind two descriptors are not an answer we made.
@@ -69,6 +82,14 @@ fn store_fd_of(p: &Path, pid: u32) -> Option<&str> {
     let rest = p.to_str()?.strip_prefix(&format!("/proc/{pid}/fd/"))?;
     let (fd, id) = rest.split_once("/layers/")?;
     (is_decimal(fd) && is_decimal(id)).then_some(fd)
+}
+
+/// The store descriptor in `p` when it is exactly `/proc/<pid>/fd/<fd>/views/<token>` (a
+/// consolidated top layer: the token is decimal numbers joined by `-`), else `None`.
+fn consolidated_fd_of(p: &Path, pid: u32) -> Option<&str> {
+    let rest = p.to_str()?.strip_prefix(&format!("/proc/{pid}/fd/"))?;
+    let (fd, token) = rest.split_once("/views/")?;
+    (is_decimal(fd) && token.split('-').all(is_decimal)).then_some(fd)
 }
 
 /// A number as the daemon formats one: ASCII digits, no sign, no leading zero.

@@ -17,6 +17,9 @@
 //! hard-linked file of the two layers is put in `m` as a link of it (else a name the diff found
 //! equal in B would show B's object, splitting the group), and every directory made in `m` gets
 //! A's times back once all its entries are in (making them moved its mtime).
+//!
+//! The same build over more range layers, which then stay, consolidates the top layers of a view
+//! deeper than the kernel stacks into one (`Snapper::view_layers`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -29,18 +32,26 @@ use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps};
 
 use crate::diff::{Change, Differ, Report, translate};
 
-/// Builds the merged layer into the empty directory `out` from views `a` (two range layers over
-/// `b`) and `b`; returns the diff it was built from.
+/// Builds the merged layer into the empty directory `out` from views `a` (`range` layers over
+/// `b`: two for a delete, any number for a view consolidated for the kernel) and `b`; returns the
+/// diff it was built from.
+///
+/// `keep`: the range layers stay (a consolidated view layer, not a delete): their files are
+/// copied (cloned where the filesystem can, by `copy_file_range`) rather than linked, so that
+/// link counts stay what the view shows; the names of one file still share one copy.
 pub(crate) fn build(
     a: &LayerStack,
     b: &LayerStack,
+    range: u16,
+    keep: bool,
     hidden: &[std::ffi::OsString],
     out: BorrowedFd<'_>,
 ) -> Result<Report> {
-    let report = Differ::new(a, b, 2, hidden).with_times().run()?;
-    let mut m = Merge { a, out, made: BTreeSet::new(), times: Vec::new() };
+    let report = Differ::new(a, b, range as usize, hidden).with_times().run()?;
+    let copied = keep.then(Default::default);
+    let mut m = Merge { a, range, copied, out, made: BTreeSet::new(), times: Vec::new() };
     // Before anything is linked into `out`, which adds to the link counts.
-    let groups = [RANGE_TOP, RANGE_BOTTOM].map(|l| linked_files(a.layer(l).root()));
+    let groups: Vec<_> = (0..range).map(|l| linked_files(a.layer(LayerId(l)).root())).collect();
     m.root_meta()?;
     m.apply(&report)?;
     for g in groups {
@@ -50,12 +61,12 @@ pub(crate) fn build(
     Ok(report)
 }
 
-/// The two layers merged, in view A.
-const RANGE_TOP: LayerId = LayerId(0);
-const RANGE_BOTTOM: LayerId = LayerId(1);
-
 struct Merge<'a> {
     a: &'a LayerStack,
+    /// The top layers of `a` that are merged (`LayerId(0)` up to this, excluded).
+    range: u16,
+    /// When the range layers stay: their files copied so far, by inode, with the path of the copy.
+    copied: Option<std::collections::HashMap<(u64, u64), PathBuf>>,
     out: BorrowedFd<'a>,
     made: BTreeSet<PathBuf>,
     /// Every directory made in the merged layer, with A's times for it.
@@ -92,7 +103,7 @@ impl Merge<'_> {
     }
 
     fn apply(&mut self, report: &Report) -> Result<()> {
-        // The shallowest A dirs the two layers alone decide: each is taken whole.
+        // The shallowest A dirs the merged layers alone decide: each is taken whole.
         let mut whole: BTreeSet<PathBuf> = BTreeSet::new();
         for c in &report.changes {
             let pa = match c {
@@ -144,10 +155,10 @@ impl Merge<'_> {
     }
 
     fn translate(&self, pa: &Path) -> Result<Option<PathBuf>> {
-        translate(self.a, 2, pa)
+        translate(self.a, self.range, pa)
     }
 
-    /// The shallowest existing A dir at or above `pa` (excluding the root) that the two layers
+    /// The shallowest existing A dir at or above `pa` (excluding the root) that the merged layers
     /// alone decide.
     fn decided_ancestor(&self, pa: &Path) -> Result<Option<PathBuf>> {
         let mut cur = PathBuf::new();
@@ -220,20 +231,32 @@ impl Merge<'_> {
             self.copy_dir(&e, pa, &dir, &name)?;
             sys::set_xattr(&dir, Some(&name), &self.names().opaque, b"y", 0)?;
         } else {
-            self.put_file(&e, &dir, &name)?;
+            self.put_file(&e, pa, &dir, &name)?;
         }
         Ok(())
     }
 
-    /// Puts A's non-directory `e` in the merged layer as `dir/name`: a link of its inode when it
-    /// is in one of the two merged layers (which go away), else a copy. A link to an object of a
+    /// Puts A's non-directory `e` (at A path `pa`) in the merged layer as `dir/name`: a link of
+    /// its inode when it is in one of the merged layers (which go away; when they stay, a copy,
+    /// or a link of the copy already made of that inode), else a copy. A link to an object of a
     /// layer below, LIVE above all, would make the merged snapshot change with it.
-    fn put_file(&self, e: &Entry, dir: &std::os::fd::OwnedFd, name: &std::ffi::CStr) -> Result<()> {
+    fn put_file(&mut self, e: &Entry, pa: &Path, dir: &std::os::fd::OwnedFd, name: &std::ffi::CStr) -> Result<()> {
         let (root, path) = Differ::location(self.a, e)?;
         let (sdir, sname) = sys::open_parent(root, &path)?;
         let layer = e.lower.as_ref().map(|l| l.layer).ok_or(Errno::IO)?;
-        if layer == RANGE_TOP || layer == RANGE_BOTTOM {
-            rustix::fs::linkat(&sdir, &sname, dir, name, AtFlags::empty())?;
+        if layer.0 < self.range {
+            let Some(copied) = &mut self.copied else {
+                rustix::fs::linkat(&sdir, &sname, dir, name, AtFlags::empty())?;
+                return Ok(());
+            };
+            let key = (e.stat.st_dev, e.stat.st_ino);
+            if let Some(first) = copied.get(&key) {
+                let (fdir, fname) = sys::open_parent(self.out, first)?;
+                rustix::fs::linkat(&fdir, &fname, dir, name, AtFlags::empty())?;
+            } else {
+                copy_object(&sdir, &sname, &e.stat, dir.as_fd(), name)?;
+                copied.insert(key, pa.to_path_buf());
+            }
             return Ok(());
         }
         tracing::debug!(?path, "the merged layer gets a copy of an object of a lower layer");
@@ -257,7 +280,7 @@ impl Merge<'_> {
             if ce.kind == FileType::Directory {
                 self.copy_dir(&ce, &pa.join(&child.name), &out, &cname)?;
             } else {
-                self.put_file(&ce, &out, &cname)?;
+                self.put_file(&ce, &pa.join(&child.name), &out, &cname)?;
             }
         }
         Ok(())

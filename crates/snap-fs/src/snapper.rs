@@ -218,18 +218,84 @@ impl Snapper {
     /// point `mnt` of this daemon (its LIVE view). The client builds the mount from them itself
     /// (`ovlsnap mount-cmd`, `ovlsnap mount-view`): a daemon answering with a shell command would
     /// be trusted to run anything as root, so the answer is data the client can check.
-    pub fn view_layers(&self, name: &str, mnt: &Path) -> anyhow::Result<ViewLayers> {
+    ///
+    /// A view of more than `max` layers (at most [`KERNEL_MAX_LOWERS`], the kernel's limit; a
+    /// shell command fits fewer in its page of options) gets its top layers consolidated into
+    /// one, `STORE/views/TOKEN`, built as a delete's merge builds its layer (hard links to the
+    /// frozen layers' files, nothing copied but what lies below them), with changes stopped
+    /// meanwhile; only when `may_build` (the caller may add to the store). It lives while a
+    /// mount uses it (`Store::consolidation_dir` removes the others).
+    pub fn view_layers(
+        &self,
+        name: &str,
+        mnt: &Path,
+        max: Option<usize>,
+        may_build: bool,
+    ) -> anyhow::Result<ViewLayers> {
+        // At least the newest snapshot's layer (the CoW target, which still grows) and LIVE stay
+        // layers of their own: a consolidated layer holds only frozen layers.
+        let max = max.unwrap_or(KERNEL_MAX_LOWERS).clamp(3, KERNEL_MAX_LOWERS);
+        let plain = |store: &Store, snaps: &[SnapshotInfo]| {
+            // The kernel refuses nested layers and the default store is inside LIVE: the layers
+            // are reached through our own descriptor of the store, and LIVE through the mount,
+            // which hides the store.
+            let mut lowers: Vec<PathBuf> = snaps.iter().map(|s| layer_proc_path(store, s.id)).collect();
+            lowers.push(mnt.to_owned());
+            ViewLayers { lowers, userxattr: store.overlay_options().userxattr }
+        };
+        let position = |snaps: &[SnapshotInfo]| {
+            snaps.iter().position(|s| s.name == name).with_context(|| format!("no snapshot named {name:?}"))
+        };
+        {
+            let store = self.store.lock();
+            let snaps = store.snapshots();
+            let i = position(snaps)?;
+            if snaps.len() - i < max {
+                return Ok(plain(&store, &snaps[i..]));
+            }
+            if !may_build {
+                anyhow::bail!(
+                    "snapshot {name:?} has {} layers, more than a kernel mount of it takes ({max}); consolidating                      them needs the right to take snapshots",
+                    snaps.len() - i + 1
+                );
+            }
+        }
+        // Like a delete: the view must not change while its layers are read.
+        let _gate = self.gate.write();
+        let _views = self.views.lock.write();
         let store = self.store.lock();
-        let snaps = store.snapshots();
-        let i = snaps.iter().position(|s| s.name == name).with_context(|| format!("no snapshot named {name:?}"))?;
-        // The kernel refuses nested layers and the default store is inside LIVE: the layers are
-        // reached through our own descriptor of the store, and LIVE through the mount, which
-        // hides the store.
-        let mut lowers: Vec<PathBuf> = snaps[i..].iter().map(|s| layer_proc_path(&store, s.id)).collect();
-        lowers.push(mnt.to_owned());
-        Ok(ViewLayers { lowers, userxattr: store.overlay_options().userxattr })
+        let snaps = store.snapshots().to_vec();
+        let i = position(&snaps)?;
+        let depth = snaps.len() - i + 1;
+        if depth <= max {
+            return Ok(plain(&store, &snaps[i..]));
+        }
+        // `range` layers become one: depth - range + 1 == max.
+        let range = depth - max + 1;
+        let (a, b) = (self.view_stack(&store, &snaps[i..])?, self.view_stack(&store, &snaps[i + range..])?);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        // The ids it stands for, for `delete` (`kernel_mount_of`), and a unique number.
+        let token = format!("{}-{}-{nanos}", snaps[i].id, snaps[i + range - 1].id);
+        let dir = store.consolidation_dir(&token)?;
+        let built = crate::merge::build(&a, &b, range as u16, true, &self.hidden, dir.as_fd())
+            .map_err(anyhow::Error::from)
+            .and_then(|_| Ok(rustix::fs::fsync(&dir)?));
+        if let Err(e) = built {
+            drop(dir);
+            if let Err(e) = store.clean_unused_views() {
+                tracing::warn!("removing a half-built consolidated layer: {e:#}");
+            }
+            return Err(e.context(format!("consolidating the top {range} layers of snapshot {name:?}")));
+        }
+        tracing::info!(name, range, token, "view layers consolidated for a kernel mount");
+        let mut view = plain(&store, &snaps[i + range..]);
+        view.lowers.insert(0, store_proc_path(&store).join(crate::store::VIEWS).join(&token));
+        Ok(view)
     }
 }
+
+/// The most lower layers the kernel overlay stacks (`OVL_MAX_STACK`).
+pub const KERNEL_MAX_LOWERS: usize = 500;
 
 /// The lower layers of a snapshot's view for the kernel overlay, top first: each snapshot layer as
 /// `/proc/<daemon pid>/fd/<store fd>/layers/<id>`, then the mount point of LIVE last.
@@ -262,9 +328,13 @@ mod lowers_json {
 
 /// Layer `id` of `store` through this process's descriptor of the store.
 fn layer_proc_path(store: &Store, id: u64) -> PathBuf {
+    store_proc_path(store).join(Store::layer_rel(id))
+}
+
+/// The store dir through this process's descriptor of it.
+fn store_proc_path(store: &Store) -> PathBuf {
     use std::os::fd::AsRawFd;
-    let base = format!("/proc/{}/fd/{}", std::process::id(), store.root().as_raw_fd());
-    Path::new(&base).join(Store::layer_rel(id))
+    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), store.root().as_raw_fd()))
 }
 
 impl Snapper {
@@ -604,7 +674,7 @@ impl Snapper {
             self.views.holders.write().forget(into);
             crate::summary::remove(store.root(), into)?;
             let (dir_name, dir) = store.merge_dir(into)?;
-            crate::merge::build(&a, &b, &self.hidden, std::os::fd::AsFd::as_fd(&dir))
+            crate::merge::build(&a, &b, 2, false, &self.hidden, std::os::fd::AsFd::as_fd(&dir))
                 .with_context(|| format!("merging snapshot {name:?} into {:?}", snaps[i - 1].name))?;
             rustix::fs::fsync(&dir)?;
             drop((a, b));
@@ -628,20 +698,27 @@ impl Snapper {
 fn kernel_mount_of(store: &Store, id: u64) -> anyhow::Result<Option<PathBuf>> {
     let needle = layer_proc_path(store, id);
     let needle = needle.to_str().context("a layer path is not UTF-8")?;
+    let views = store_proc_path(store).join(crate::store::VIEWS);
+    let views = format!("{}/", views.to_str().context("the store's path is not UTF-8")?);
+    // A consolidated layer `FIRST-LAST-N` stands for the snapshot layers FIRST to LAST.
+    let consolidates = |opt: &str| {
+        let Some(token) = opt.strip_prefix(&views) else { return false };
+        let mut ids = token.split('-').map(|n| n.parse::<u64>().ok());
+        matches!((ids.next(), ids.next()), (Some(Some(first)), Some(Some(last))) if (first..=last).contains(&id))
+    };
     let info = ovl_fs::mount::read_mountinfo()?;
     for l in info.lines() {
         let Some((left, right)) = l.split_once(" - ") else { continue };
         // `mount-cmd` shows as one `lowerdir=A:B:C`, `mount-view` as `lowerdir+=A,lowerdir+=B,..`;
         // our layer paths hold none of `,:=\` (nor anything mountinfo escapes), so a plain split
         // finds them in either form.
-        if right.starts_with("overlay ") && right.split([',', ':', '=']).any(|opt| opt == needle) {
+        if right.starts_with("overlay ") && right.split([',', ':', '=']).any(|opt| opt == needle || consolidates(opt)) {
             return Ok(left.split(' ').nth(4).map(ovl_fs::mount::unescape_mountinfo));
         }
     }
     Ok(None)
 }
 
-/// Lists a store's snapshots with their usage.
 /// The snapshots of `store` with their usage: from `known` (a frozen layer's summary: objects,
 /// bytes), else read from the layer.
 pub fn list_store(store: &Store, known: impl Fn(u64) -> Option<(u64, u64)>) -> anyhow::Result<Vec<Listed>> {

@@ -20,6 +20,9 @@ pub const DEFAULT_NAME: &str = ".ovlsnap";
 
 pub(crate) const META: &str = "snapshots.json";
 
+/// The store's dir of consolidated view layers (`Store::consolidation_dir`).
+pub const VIEWS: &str = "views";
+
 /// The copy of `snapshots.json` written after it, for `ovlsnap check --repair` when the list is
 /// lost or corrupt.
 pub(crate) const META_BACKUP: &str = "snapshots.json.bak";
@@ -286,6 +289,7 @@ impl Store {
         store.write_meta(&store.meta)?;
         store.recover_delete()?;
         store.clean()?;
+        store.clean_unused_views()?;
         Ok(store)
     }
 
@@ -626,6 +630,39 @@ impl Store {
         let mut f = File::from(fd);
         f.write_all(&serde_json::to_vec(value)?)?;
         f.sync_all()?;
+        Ok(())
+    }
+
+    /// A fresh empty dir `views/TOKEN` to build the consolidated top layer of a view too deep
+    /// for the kernel in (`Snapper::view_layers`); first removes the older ones no mount uses.
+    pub fn consolidation_dir(&self, token: &str) -> anyhow::Result<OwnedFd> {
+        let views = mkdir_open(self.root.as_fd(), VIEWS, 0o700)?;
+        self.clean_views(&views)?;
+        rustix::fs::mkdirat(&views, token, Mode::from_raw_mode(0o755))?;
+        Ok(open_dir_at(views.as_fd(), token)?)
+    }
+
+    /// Removes the consolidated layers no mount uses (see [`Store::consolidation_dir`]).
+    pub fn clean_unused_views(&self) -> anyhow::Result<()> {
+        match open_dir_at(self.root.as_fd(), VIEWS) {
+            Ok(views) => self.clean_views(&views),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the consolidated layers in `views/` that no mount on this machine uses: a kernel
+    /// mount names each layer by its path, which mountinfo shows (`.../views/TOKEN`).
+    fn clean_views(&self, views: &OwnedFd) -> anyhow::Result<()> {
+        let info = ovl_fs::mount::read_mountinfo()?;
+        for e in sys::read_dir_fd(rustix::io::dup(views)?)? {
+            let Some(token) = e.name.to_str() else { continue };
+            let needle = format!("/{VIEWS}/{token}");
+            if !info.lines().any(|l| l.split(&[',', ':', ' ']).any(|w| w.ends_with(&needle))) {
+                tracing::info!(token, "removing a consolidated view layer no mount uses");
+                sys::remove_tree_at(views, &sys::name_cstr(&e.name)?)?;
+            }
+        }
         Ok(())
     }
 

@@ -153,3 +153,71 @@ fn a_hostile_dir_under_a_plain_mnt_is_mounted_by_both() {
         assert_no_canary(m.scratch().path(), name);
     }
 }
+
+/// Issue 17: the kernel stacks at most 500 layers and mount(2) takes one page of options, so a
+/// snapshot under 600 newer ones could not be mounted by the kernel at all (`mount-view`: "maximum
+/// fs stacking depth exceeded"; `mount-cmd`'s command failed past ~130 layers). Now the daemon
+/// consolidates the view's top layers into one (hard links to the frozen layers' files), and both
+/// kernel mounts show exactly the view; the consolidated layer goes once no mount uses it.
+#[test]
+fn a_view_deeper_than_the_kernel_stacks_mounts_consolidated() {
+    const SNAPSHOTS: usize = 600;
+    let mut m = SnapMount::prepare(Form::Separate);
+    for d in 0..10 {
+        fs::create_dir_all(m.live().join(format!("d{d}"))).unwrap();
+        for f in 0..5 {
+            fs::write(m.live().join(format!("d{d}/f{f}")), format!("{d}/{f}")).unwrap();
+        }
+    }
+    m.mount();
+    for i in 0..SNAPSHOTS {
+        m.take(Some(&format!("s{i}")));
+        let (d, f) = (i % 10, (i / 10) % 5);
+        match i % 3 {
+            0 => fs::write(m.mnt().join(format!("d{d}/f{f}")), format!("changed after s{i}")).unwrap(),
+            1 => fs::write(m.mnt().join(format!("d{d}/new{i}")), b"new").unwrap(),
+            _ => {
+                let _ = fs::remove_file(m.mnt().join(format!("d{d}/f{f}")));
+            }
+        }
+    }
+    let base = m.live().parent().unwrap().to_owned();
+    for name in ["s0", "s250"] {
+        let want = record_tree(&m.view(name));
+        let dir = base.join(format!("view-{name}"));
+        fs::create_dir(&dir).unwrap();
+        {
+            let k = KernelMount::view(&m, name, &dir);
+            assert_same_tree(
+                &want,
+                &record_tree(k.path()),
+                &format!("mount-view of {name} under {SNAPSHOTS} snapshots"),
+            );
+        }
+        let line = m.mount_cmd(name, &dir);
+        assert!(line.len() < 4096, "mount-cmd of {name}: {} bytes", line.len());
+        {
+            let k = KernelMount::snapshot(&m, name, &dir);
+            assert_same_tree(
+                &want,
+                &record_tree(k.path()),
+                &format!("mount-cmd of {name} under {SNAPSHOTS} snapshots"),
+            );
+            // Its layers are consolidated, and still in use: neither it nor one it holds goes.
+            for held in [name.to_owned(), format!("s{}", name[1..].parse::<usize>().unwrap() + 1)] {
+                let out =
+                    ovlsnap(&[OsStr::new("delete"), OsStr::new(&held), OsStr::new("--mount"), m.mnt().as_os_str()]);
+                let err = out.expect_failure(&format!("delete {held} while {name} is mounted consolidated"));
+                assert!(err.contains("is mounted at"), "delete {held}: names the mount\n{out}");
+            }
+        }
+    }
+    // The snapshots stay as they were, and nothing is left of the consolidated layers but what a
+    // mount uses (none now; the next consolidation or mount removes the rest).
+    let views = m.live().join(".ovlsnap/views");
+    assert!(fs::read_dir(&views).unwrap().count() > 0, "consolidated layers were made in {}", views.display());
+    m.umount();
+    m.mount();
+    assert_eq!(fs::read_dir(&views).unwrap().count(), 0, "unused consolidated layers are removed at a mount");
+    assert_eq!(m.list().len(), SNAPSHOTS);
+}

@@ -45,6 +45,10 @@ pub enum Request {
     MountCmd {
         /// Snapshot name.
         name: String,
+        /// The most layers the client can mount (a shell command fits fewer than the kernel
+        /// takes); a deeper view has its top layers consolidated into one. Default: the kernel's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_layers: Option<usize>,
     },
     /// Who serves the mount.
     Status,

@@ -136,7 +136,13 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
             taken
         }
         Request::List => serde_json::to_value(snapper.list()?)?,
-        Request::MountCmd { name } => serde_json::to_value(snapper.view_layers(&name, &status.mount)?)?,
+        Request::MountCmd { name, max_layers } => {
+            // Consolidating a deep view writes a layer into the store and stops changes while
+            // it is built: for those who may add snapshots.
+            let may_build =
+                policy::authorize(peer, snapper.live_root(), &snapper.grants(), Need::Change(Perm::Take)).is_ok();
+            serde_json::to_value(snapper.view_layers(&name, &status.mount, max_layers, may_build)?)?
+        }
         Request::Status => serde_json::to_value(status)?,
         Request::Delete { name } => {
             // A shell inside the view holds no open file, only its current directory: it would
