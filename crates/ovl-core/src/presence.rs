@@ -1,10 +1,10 @@
 //! What frozen layers hold, known without asking their filesystems: a lookup through a deep
-//! stack of sparse layers (snapshot views: each layer holds what changed in one interval) skips
-//! every layer that holds nothing at the path it is about to probe.
+//! stack of sparse layers (each holding, say, what changed in one interval) skips every layer
+//! that holds nothing at the path it is about to probe.
 //!
 //! A [`Summary`] lists every object of one layer (whiteouts and directories included) by its path
 //! in the layer. [`Holders`] maps each path to the layers holding it, by a caller's layer number
-//! (the snapshot store's layer ids); a stack gets a [`Presence`], which names each of its layers'
+//! (e.g. the ids of a store's layers); a stack gets a [`Presence`], which names each of its layers'
 //! number (or none: a layer that may change, probed as always). A summary that lists more than its
 //! layer holds costs a probe; one that lists less would hide objects, so a summary is made only of
 //! a layer nothing writes to any more, and dropped before anything writes to it again.
@@ -101,7 +101,8 @@ impl Summary {
     }
 }
 
-/// For each path, the summarized layers holding an object there (by the caller's numbers).
+/// For each path, the summarized layers holding an object there (by the caller's numbers, e.g.
+/// the ids of a store's layers).
 #[derive(Debug, Default)]
 pub struct Holders {
     by_path: HashMap<PathBuf, Vec<u64>>,
