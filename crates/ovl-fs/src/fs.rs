@@ -74,6 +74,10 @@ pub struct OverlayFs {
     pub(crate) table: Table,
     pub(crate) handles: Handles,
     pub(crate) ttl: Duration,
+    /// How long the kernel may remember that a name does not exist (a lookup answered with node
+    /// 0 instead of `ENOENT`); zero, the default, answers `ENOENT` (see
+    /// [`OverlayFs::cache_missing_names`]).
+    pub(crate) negative_ttl: Duration,
     /// Told of every change before it is made (the snapshot filesystem).
     pub(crate) hook: Option<Arc<dyn ChangeHook>>,
     /// Names in the root dir that do not exist for the mount's users.
@@ -139,6 +143,7 @@ impl OverlayFs {
             stack,
             handles: Handles::default(),
             ttl: Duration::from_secs(1),
+            negative_ttl: Duration::ZERO,
             hook: None,
             hidden: Vec::new(),
             ns: RwLock::new(()),
@@ -149,6 +154,18 @@ impl OverlayFs {
             owners,
             namelen,
         })
+    }
+
+    /// Lets the kernel remember for as long as it keeps an entry ([`Self::ttl`]) that a name
+    /// looked up does not exist, as it keeps negative dentries on a kernel overlay: a name looked
+    /// up again (a container runtime probes the same missing paths several times at each start)
+    /// costs no round trip. Every change through the mount updates the kernel's entry itself;
+    /// a name made in a layer behind the mount's back shows within the TTL, as a changed one
+    /// does. Not for a filesystem stacked over this one that changes the view by other means
+    /// (the snapshot filesystem's views and rollbacks): it keeps the default, `ENOENT`.
+    pub fn cache_missing_names(mut self) -> Self {
+        self.negative_ttl = self.ttl;
+        self
     }
 
     /// Calls `hook` before every change (see [`crate::hook`]).
@@ -568,6 +585,27 @@ impl OverlayFs {
             gid: st.st_gid,
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    /// The attributes of a negative entry: node 0, which the kernel takes for "no such name".
+    pub(crate) fn missing_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(0),
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FuseType::RegularFile,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 0,
             flags: 0,
         }
     }

@@ -3,12 +3,15 @@
 //! background. `ovlfs check -o OPTS` checks the layers offline instead (`ovl_fs::check`).
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, bail};
 use ovl_core::MountOptions;
+
+mod sys;
 
 const USAGE: &str = "usage: ovlfs [-f] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,userxattr][,ro] MOUNTPOINT
        ovlfs SOURCE MOUNTPOINT -o OPTIONS      (the form mount.fuse3 uses)
@@ -178,6 +181,12 @@ fn run() -> anyhow::Result<()> {
     if !args.foreground {
         return spawn_background(&args);
     }
+    serve(&args, std::env::var_os(NOTIFY).is_some())
+}
+
+/// Mounts and serves until the unmount. With `notify`, prints `ready` once the mount is live and
+/// then lets go of stdin, stdout and (unless `RUST_LOG` is set) stderr.
+fn serve(args: &Args, notify: bool) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -189,7 +198,7 @@ fn run() -> anyhow::Result<()> {
     // One descriptor per layer, and every file open through the mount is one of ours.
     ovl_fs::limits::raise();
     let mount = ovl_fs::mount::Mount::new(&args.options, &args.mountpoint, &args.source)?;
-    if std::env::var_os(NOTIFY).is_some() {
+    if notify {
         println!("ready");
         // Detach from the parent's pipes so readers of our output do not wait for the unmount.
         let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
@@ -219,15 +228,68 @@ fn unmount_on_signal(mnt: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs ourselves with `-f` in a new process group and waits until it reports the mount live
-/// (exit 0) or fails (its error, exit 1).
+/// Starts the daemon in the background, in a new process group, and waits until it reports the
+/// mount live (exit 0) or fails (its error, exit 1). The daemon is a fork of this process; only
+/// if that is refused (see [`sys::fork`]) is it ourselves run again with `-f`.
 fn spawn_background(args: &Args) -> anyhow::Result<()> {
     // Check what we can before forking so errors come from this process, and nothing changes.
     ovl_fs::mount::check_mountpoint(&args.mountpoint)?;
-    let exe = std::env::current_exe().context("finding our own executable")?;
     // With `RUST_LOG` the daemon logs for as long as it runs: to our own stderr, which outlives
     // us (a pipe to us would close when we return, and the daemon's next log line hit EPIPE).
     let logs = std::env::var_os("RUST_LOG").is_some();
+    let (out_r, out_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let child = match sys::fork() {
+        Ok(sys::Forked::Child) => {
+            drop((out_r, err_r));
+            std::process::exit(match daemon(args, out_w, (!logs).then_some(err_w)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("ovlfs: {e:#}");
+                    1
+                }
+            })
+        }
+        Ok(sys::Forked::Parent(pid)) => pid,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return spawn_reexec(args, logs),
+        Err(e) => return Err(e).context("starting the background daemon"),
+    };
+    drop((out_w, err_w));
+    let mut line = String::new();
+    BufReader::new(std::fs::File::from(out_r)).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        return Ok(());
+    }
+    let mut err = String::new();
+    let _ = std::fs::File::from(err_r).read_to_string(&mut err);
+    let _ = rustix::process::waitpid(Some(child), rustix::process::WaitOptions::empty());
+    failed(&err)
+}
+
+/// The forked daemon: its own process group, stdin from /dev/null, stdout (and stderr, when
+/// given) the pipes its parent reads, then [`serve`] with notification.
+fn daemon(args: &Args, out: OwnedFd, err: Option<OwnedFd>) -> anyhow::Result<()> {
+    rustix::process::setpgid(None, None)?;
+    let null = std::fs::File::open("/dev/null")?;
+    rustix::stdio::dup2_stdin(&null)?;
+    rustix::stdio::dup2_stdout(&out)?;
+    if let Some(err) = &err {
+        rustix::stdio::dup2_stderr(err)?;
+    }
+    drop((null, out, err));
+    serve(args, true)
+}
+
+/// The daemon's error (its stderr), as our own.
+fn failed(err: &str) -> anyhow::Result<()> {
+    let err = err.trim().trim_start_matches("ovlfs: ");
+    if err.is_empty() { bail!("the daemon exited before the mount was live") } else { bail!("{err}") }
+}
+
+/// Runs ourselves with `-f` in a new process group and waits until it reports the mount live
+/// (exit 0) or fails (its error, exit 1): for when this process may not fork.
+fn spawn_reexec(args: &Args, logs: bool) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding our own executable")?;
     let mut child = Command::new(exe)
         .arg("-f")
         .args(&args.raw)
@@ -249,6 +311,5 @@ fn spawn_background(args: &Args) -> anyhow::Result<()> {
         let _ = e.read_to_string(&mut err);
     }
     let _ = child.wait();
-    let err = err.trim().trim_start_matches("ovlfs: ");
-    if err.is_empty() { bail!("the daemon exited before the mount was live") } else { bail!("{err}") }
+    failed(&err)
 }

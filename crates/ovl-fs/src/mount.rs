@@ -255,7 +255,7 @@ impl Mount {
             stack.use_whiteout_files();
         }
         let read_only = opts.is_read_only();
-        let fs = OverlayFs::new(stack).context("reading the layer roots")?;
+        let fs = OverlayFs::new(stack).context("reading the layer roots")?.cache_missing_names();
         let notifier = fs.notifier_slot();
         let session = mount_session(fs, &mountpoint, source, "fuse.ovlfs", read_only)?;
         let _ = notifier.set(session.notifier());

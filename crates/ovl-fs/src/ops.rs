@@ -82,7 +82,13 @@ impl Filesystem for OverlayFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
             let (_held, p) = tri!(reply, self.hold(parent));
-            let (node, st) = tri!(reply, self.do_lookup(&p, name));
+            let (node, st) = match self.do_lookup(&p, name) {
+                Ok(found) => found,
+                Err(e) if e.errno() == ovl_core::Errno::NOENT && !self.negative_ttl.is_zero() => {
+                    return reply.entry(&self.negative_ttl, &self.missing_attr(), Generation(0));
+                }
+                Err(e) => return reply.error(errno(e)),
+            };
             reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
         });
     }
