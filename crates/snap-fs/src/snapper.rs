@@ -348,7 +348,13 @@ impl Snapper {
         }
         layers.push((self.live_path.clone(), self.live.clone()));
         let opts = ovl_core::MountOptions { read_only: true, ..store.overlay_options() };
-        Ok(ovl_core::LayerStack::from_open_dirs(layers, None, opts)?)
+        let mut stack = ovl_core::LayerStack::from_open_dirs(layers, None, opts)?;
+        // Lookups skip the frozen layers holding nothing at a path, as in the views (never the
+        // newest layer, the CoW target, nor LIVE: see `crate::summary`).
+        let newest = store.snapshots().last().map(|s| s.id);
+        let frozen = snaps.iter().map(|s| (Some(s.id) != newest).then_some(s.id)).chain([None]).collect();
+        stack.set_presence(ovl_core::presence::Presence::new(self.views.holders.clone(), frozen));
+        Ok(stack)
     }
 
     /// The differences from snapshot `a` to snapshot `b` (newer), or to LIVE without `b`, as
