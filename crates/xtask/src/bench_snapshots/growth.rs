@@ -161,6 +161,15 @@ impl<'a> Growth<'a> {
         let per_step = spent.as_secs_f64() * 1e3 / steps as f64;
         record(Metric::GrowthStep, if steps == 0 { Cell::NotApplicable } else { Cell::Value(per_step) });
 
+        // Work a take left running in the daemon (ovlsnap reseals LIVE in a thread per take).
+        if let Some(pid) = store.daemon() {
+            let threads = workload::process_threads(pid);
+            record(
+                Metric::DaemonThreads,
+                threads.map_or_else(|e| Cell::Failed(format!("{e:#}")), |n| Cell::Value(n as f64)),
+            );
+        }
+
         // First, while nothing has changed since the last take.
         let files = self.rng.fresh_files(FIRST_WRITE_SAMPLES, &mut self.changed);
         record(Metric::FirstWrite, workload::first_writes(store.live(), &files));

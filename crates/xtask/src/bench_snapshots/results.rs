@@ -34,6 +34,8 @@ pub enum Metric {
     DaemonFds,
     /// Resident memory of the daemon.
     DaemonRss,
+    /// Threads of the daemon right after the growth to the checkpoint (before the measurements).
+    DaemonThreads,
     /// Whether the command `ovlsnap mount-cmd` prints for the oldest snapshot mounts it, with
     /// the whole tree.
     MountCmdOldest,
@@ -45,7 +47,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every row, in table order.
-    pub const ALL: [Metric; 13] = [
+    pub const ALL: [Metric; 14] = [
         Metric::Take,
         Metric::List,
         Metric::Diff,
@@ -56,6 +58,7 @@ impl Metric {
         Metric::FirstWrite,
         Metric::DaemonFds,
         Metric::DaemonRss,
+        Metric::DaemonThreads,
         Metric::MountCmdOldest,
         Metric::KernelViewWalk,
         Metric::GrowthStep,
@@ -74,6 +77,7 @@ impl Metric {
             Metric::FirstWrite => "first_cow_write",
             Metric::DaemonFds => "daemon_fds",
             Metric::DaemonRss => "daemon_rss",
+            Metric::DaemonThreads => "daemon_threads_after_growth",
             Metric::MountCmdOldest => "mount_cmd_oldest",
             Metric::KernelViewWalk => "kernel_mount_find_cold",
             Metric::GrowthStep => "growth_step",
@@ -85,7 +89,7 @@ impl Metric {
         match self {
             Metric::FindOldest | Metric::FindNewest | Metric::KernelViewWalk => "s",
             Metric::OldestOverNewest => "ratio",
-            Metric::DaemonFds => "count",
+            Metric::DaemonFds | Metric::DaemonThreads => "count",
             Metric::DaemonRss => "MiB",
             Metric::MountCmdOldest => "-",
             _ => "ms",
@@ -97,7 +101,12 @@ impl Metric {
         system == System::Ovlsnap
             || !matches!(
                 self,
-                Metric::Diff | Metric::DaemonFds | Metric::DaemonRss | Metric::MountCmdOldest | Metric::KernelViewWalk
+                Metric::Diff
+                    | Metric::DaemonFds
+                    | Metric::DaemonRss
+                    | Metric::DaemonThreads
+                    | Metric::MountCmdOldest
+                    | Metric::KernelViewWalk
             )
     }
 }
@@ -132,7 +141,7 @@ impl Cell {
     /// The cell in the table, where a failure is a footnote.
     fn short(&self, metric: Metric) -> String {
         match self {
-            Cell::Value(value) if metric == Metric::DaemonFds => format!("{value:.0}"),
+            Cell::Value(value) if metric.unit() == "count" => format!("{value:.0}"),
             Cell::Value(value) => number(*value),
             Cell::AtLeast(value) => format!(">{}", number(*value)),
             Cell::Ok => "ok".to_owned(),

@@ -179,6 +179,12 @@ pub fn timed(program: impl AsRef<OsStr>, args: &[&OsStr]) -> Result<(Duration, S
     Ok((elapsed, String::from_utf8_lossy(&output.stdout).into_owned()))
 }
 
+/// The threads of a process, from `/proc`.
+pub fn process_threads(pid: u32) -> Result<usize> {
+    let task_dir = format!("/proc/{pid}/task");
+    Ok(fs::read_dir(&task_dir).with_context(|| format!("listing {task_dir}"))?.count())
+}
+
 /// The descriptors a process holds and its resident memory in MiB, from `/proc`.
 pub fn process_usage(pid: u32) -> Result<(usize, f64)> {
     let fd_dir = format!("/proc/{pid}/fd");
