@@ -34,11 +34,11 @@
 //! interrupt with Ctrl-C does not run them: then `umount` the mounts under
 //! `$TMPDIR/ovlfs-bench.PID`, which ends their daemons, and `losetup -d` its devices).
 
-mod layers;
-mod mounts;
-mod ops;
-mod report;
-mod snapshots;
+pub(crate) mod layers;
+pub(crate) mod mounts;
+pub(crate) mod ops;
+pub(crate) mod report;
+pub(crate) mod snapshots;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -372,6 +372,6 @@ pub(crate) fn build_release(package: &str, name: &str) -> Result<PathBuf> {
 }
 
 /// A progress line, always on stderr so that `--json` output on stdout stays clean.
-fn progress(text: &str) {
+pub(crate) fn progress(text: &str) {
     eprintln!("{text}");
 }

@@ -11,6 +11,9 @@
 //! - `demo`: the product end to end with narrated steps, checking each result and cleaning up after itself.
 //! - `bench-compare`: the same workload on the kernel's overlay, fuse-overlayfs and ovlfs; medians and ratios;
 //!   and ovlsnap's snapshots (take latency, write throughput with a snapshot).
+//! - `bench-snapshots`: ovlsnap's snapshots grown to 10,000 on a 20k-file tree, take, list, diff, delete,
+//!   cold walks of the oldest and newest view, the daemon's descriptors and memory and the kernel mount of
+//!   the oldest snapshot at N = 1, 100, 1000, 10000; btrfs snapshots alongside (issue 17).
 //! - `bench-podman`: podman builds and runs on the kernel's overlay driver, fuse-overlayfs and ovlfs.
 //! - `stress`: random file operations from several workers with data checks, through ovlfs and through an
 //!   ovlsnap mount taking and deleting snapshots; fails on mismatches, hangs, leaked descriptors.
@@ -21,6 +24,7 @@
 
 mod bench;
 mod bench_podman;
+mod bench_snapshots;
 mod cmd;
 mod demo;
 mod dist;
@@ -105,6 +109,41 @@ enum Task {
         #[arg(long, value_enum, value_name = "PHASE")]
         only: Option<bench::Phase>,
     },
+    /// Grow ovlsnap's snapshots of a 20k-file tree (a few files changed before each take) to
+    /// 10,000 and time, at N = 1, 100, 1000 and 10000: take, list, diff, delete, a cold walk of
+    /// the oldest and of the newest snapshot, the first copy-on-write write, the daemon's
+    /// descriptors and memory, and the kernel mount `ovlsnap mount-cmd` prints for the oldest
+    /// snapshot; the same for btrfs snapshots alongside (needs root).
+    BenchSnapshots {
+        /// Grow to 1000 snapshots (checkpoints 1, 100, 1000): under ten minutes.
+        #[arg(long, conflicts_with = "max")]
+        quick: bool,
+        /// Grow to N snapshots (default 10000); checkpoints 1, 100, 1000, 10000 below N, and N.
+        #[arg(long, value_name = "N")]
+        max: Option<usize>,
+        /// Files overwritten in LIVE before each take, picked at random across the tree.
+        #[arg(long, default_value_t = 10)]
+        changes: usize,
+        /// Seed of the choice of files.
+        #[arg(long, default_value_t = 17)]
+        seed: u64,
+        /// Seconds a cold walk of one view may take before it is stopped and recorded as a timeout.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        walk_timeout: u64,
+        /// Measure only this system.
+        #[arg(long, value_enum, value_name = "SYSTEM")]
+        only: Option<bench_snapshots::System>,
+        /// Print the results as JSON on stdout (the table and progress go to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Used by bench-snapshots: walk DIR (readdir and lstat of every entry) and print the
+    /// entries and the milliseconds, in a process of its own so that a slow walk can be killed.
+    #[command(hide = true)]
+    BenchSnapshotsWalk {
+        /// The tree to walk.
+        dir: PathBuf,
+    },
     /// Time podman on the kernel's overlay driver, with fuse-overlayfs and with a release
     /// ovlfs as its mount program: `podman build --no-cache` of a multi-step image and 10 x
     /// `podman run --rm`, interleaved rounds, medians and ratios (needs root and podman).
@@ -146,6 +185,18 @@ fn run(task: Task) -> Result<()> {
         Task::Pictures => pictures::run(),
         Task::Fuzz { secs, targets } => fuzz::run(secs, &targets),
         Task::BenchCompare { quick, json, runs, only } => bench::run(&bench::Options { quick, json, runs, only }),
+        Task::BenchSnapshots { quick, max, changes, seed, walk_timeout, only, json } => {
+            bench_snapshots::run(&bench_snapshots::Options {
+                quick,
+                max,
+                changes,
+                seed,
+                walk_timeout: std::time::Duration::from_secs(walk_timeout),
+                json,
+                only,
+            })
+        }
+        Task::BenchSnapshotsWalk { dir } => bench_snapshots::walk_child(&dir),
         Task::BenchPodman { rounds, load } => bench_podman::run(&bench_podman::Options { rounds, load }),
         Task::Stress(o) => stress::run(&o),
     }

@@ -294,6 +294,8 @@ pub enum FsKind {
     Ext4,
     /// XFS with reflink (`mkfs.xfs -m reflink=1`), where copy-up can clone instead of copy.
     XfsReflink,
+    /// btrfs, for its own snapshots (`btrfs subvolume snapshot -r`) as the reference.
+    Btrfs,
 }
 
 /// How the image file of a [`LoopFs`] takes its space on the host.
@@ -354,6 +356,7 @@ impl LoopFs {
         let (mkfs, options): (&str, &[&str]) = match kind {
             FsKind::Ext4 => ("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]),
             FsKind::XfsReflink => ("mkfs.xfs", &["-q", "-f", "-m", "reflink=1"]),
+            FsKind::Btrfs => ("mkfs.btrfs", &["-q", "-f"]),
         };
         let mut args: Vec<&std::ffi::OsStr> = options.iter().map(|o| o.as_ref()).collect();
         args.push(device.as_ref());

@@ -130,6 +130,12 @@ impl Mounted {
         Ok(guard)
     }
 
+    /// A guard for whatever gets mounted at `mnt` by other means (e.g. a command another tool
+    /// printed); made before the mount, so that a half-made one is cleaned up too.
+    pub fn guard(mnt: &Path) -> Mounted {
+        Mounted { mnt: mnt.to_owned() }
+    }
+
     /// Unmounts now, reporting errors, and waits until the mount is gone.
     pub fn unmount(&mut self) -> Result<()> {
         if !mountinfo::is_mounted(&self.mnt)? {

@@ -657,7 +657,7 @@ pub(crate) fn median(values: &mut [f64]) -> Option<f64> {
 }
 
 /// A number with about three significant digits.
-fn number(value: f64) -> String {
+pub(crate) fn number(value: f64) -> String {
     let magnitude = value.abs();
     if magnitude >= 100.0 {
         format!("{value:.0}")
@@ -670,12 +670,13 @@ fn number(value: f64) -> String {
     }
 }
 
-fn json_number(value: f64) -> String {
+/// A JSON number, `null` for NaN and infinities.
+pub(crate) fn json_number(value: f64) -> String {
     if value.is_finite() { format!("{value}") } else { "null".to_owned() }
 }
 
 /// A JSON string literal.
-fn string(text: &str) -> String {
+pub(crate) fn string(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
@@ -695,7 +696,7 @@ fn string(text: &str) -> String {
 }
 
 /// A Markdown table with padded columns (readable in a terminal and pasteable into BENCHMARKS.md).
-fn markdown_table(rows: &[Vec<String>]) -> String {
+pub(crate) fn markdown_table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
@@ -717,7 +718,7 @@ fn markdown_table(rows: &[Vec<String>]) -> String {
 }
 
 /// What the numbers were measured on.
-fn machine() -> Vec<(&'static str, String)> {
+pub(crate) fn machine() -> Vec<(&'static str, String)> {
     let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
     let cpu = cpuinfo

@@ -220,7 +220,7 @@ struct Takes {
 fn take_latency(ovlsnap: &Path, base: &Path, files: usize, takes: usize, with_many: bool) -> Result<Takes> {
     let live = base.join(format!("tree-{files}"));
     let started = Instant::now();
-    generate_tree(&live, files)?;
+    generate_tree(&live, files, FILES_PER_DIR)?;
     ops::sync()?;
     let generated = started.elapsed();
     let started = Instant::now();
@@ -270,13 +270,13 @@ fn take_latency(ovlsnap: &Path, base: &Path, files: usize, takes: usize, with_ma
     Ok(Takes { commands, sockets, many })
 }
 
-/// `files` files of 100 bytes in `live`, in dirs `dNNN` of [`FILES_PER_DIR`] files `fNNN`.
-fn generate_tree(live: &Path, files: usize) -> Result<()> {
+/// `files` files of 100 bytes in `live`, in dirs `dNNN` of `per_dir` files `fNNN`.
+pub(crate) fn generate_tree(live: &Path, files: usize, per_dir: usize) -> Result<()> {
     let content = [b's'; 100];
-    for (d, first) in (0..files).step_by(FILES_PER_DIR).enumerate() {
+    for (d, first) in (0..files).step_by(per_dir).enumerate() {
         let dir = live.join(format!("d{d:03}"));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        for f in 0..FILES_PER_DIR.min(files - first) {
+        for f in 0..per_dir.min(files - first) {
             let path = dir.join(format!("f{f:03}"));
             fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
         }
@@ -432,9 +432,9 @@ fn note(out: &mut Vec<(Metric, Outcome)>, metric: Metric, outcome: Outcome) -> O
 pub struct SnapMount {
     ovlsnap: PathBuf,
     /// The mount point (LIVE, canonical).
-    mnt: PathBuf,
+    pub(crate) mnt: PathBuf,
     /// The daemon, once known.
-    pid: Option<u32>,
+    pub(crate) pid: Option<u32>,
 }
 
 impl SnapMount {
@@ -529,7 +529,7 @@ impl SnapMount {
     }
 
     /// `ovlsnap list --json`.
-    fn list(&self) -> Result<String> {
+    pub(crate) fn list(&self) -> Result<String> {
         quiet_output(&self.ovlsnap, &["list".as_ref(), "--json".as_ref(), "--mount".as_ref(), self.mnt.as_os_str()])
     }
 
