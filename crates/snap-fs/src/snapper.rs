@@ -71,6 +71,8 @@ pub struct Snapper {
     precopies: Arc<crate::precopy::Precopies>,
     /// One `summarize` at a time.
     summarizing: Mutex<()>,
+    /// The background worker (seal, then summaries): running, and asked for again meanwhile.
+    background: Mutex<(bool, bool)>,
 }
 
 impl Snapper {
@@ -94,6 +96,7 @@ impl Snapper {
             sealed: AtomicU64::new(u64::MAX),
             precopies: Arc::default(),
             summarizing: Mutex::new(()),
+            background: Mutex::new((false, false)),
         };
         s.switch()?;
         Ok(s)
@@ -557,6 +560,34 @@ impl Snapper {
             return Ok(());
         }
         self.reseal_locked()
+    }
+
+    /// Asks for the background work after a take or delete: true when the caller is to start the
+    /// worker, false when one runs (it goes round once more, see [`Self::background_again`]).
+    pub fn background_wanted(&self) -> bool {
+        let mut b = self.background.lock();
+        if b.0 {
+            b.1 = true;
+            return false;
+        }
+        b.0 = true;
+        true
+    }
+
+    /// For the worker at the end of a round: whether to go round again (asked for meanwhile); if
+    /// not, the worker is done and the next request starts a new one.
+    pub fn background_again(&self) -> bool {
+        let mut b = self.background.lock();
+        if std::mem::take(&mut b.1) {
+            return true;
+        }
+        b.0 = false;
+        false
+    }
+
+    /// The worker could not be started: the next request tries again.
+    pub fn background_failed(&self) {
+        *self.background.lock() = (false, false);
     }
 
     /// Makes the summaries (`crate::summary`) of the frozen layers that have none, one layer at

@@ -284,13 +284,6 @@ fn injected_store_corruptions_are_reported() {
     }
 }
 
-/// The pid of the daemon serving `mnt`.
-fn daemon_pid(mnt: &Path) -> i32 {
-    let out = ovlsnap(&[OsStr::new("status"), OsStr::new("--json"), OsStr::new("--mount"), mnt.as_os_str()]);
-    let v: serde_json::Value = serde_json::from_str(out.expect_ok("ovlsnap status")).unwrap();
-    v["pid"].as_i64().unwrap() as i32
-}
-
 #[test]
 fn a_killed_daemons_leftovers_are_fixable() {
     for form in [Form::Stacked, Form::Separate] {

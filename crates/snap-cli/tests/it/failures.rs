@@ -90,14 +90,6 @@ fn a_full_disk_fails_the_change_and_keeps_the_snapshot() {
     rustix::mount::unmount(m.live(), UnmountFlags::DETACH).expect("unmount the tmpfs");
 }
 
-/// The pid of the daemon serving `mnt`.
-fn daemon_pid(mnt: &Path) -> i32 {
-    let out = ovlsnap(&["status".as_ref(), "--json".as_ref(), "--mount".as_ref(), mnt.as_os_str()]);
-    let text = out.expect_ok("ovlsnap status");
-    let at = text.find("\"pid\"").expect("status has a pid");
-    text[at + 6..].trim_start_matches([':', ' ']).split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
-}
-
 #[test]
 fn a_killed_daemon_loses_no_snapshot_and_remount_cleans_up() {
     for form in [Form::Stacked, Form::Separate] {

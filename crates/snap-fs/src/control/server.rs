@@ -176,18 +176,29 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
 }
 
 /// Seals LIVE for the new newest snapshot, then summarizes the layer that froze, beside the
-/// mount's work (`crate::seal`, `crate::summary`).
+/// mount's work (`crate::seal`, `crate::summary`): one worker at a time, which goes round again
+/// when takes or deletes came in meanwhile (a thread per take piled up, each waiting for the one
+/// before: 607 threads after 1000 quick takes of a 20k-file LIVE).
 fn reseal(snapper: &Arc<Snapper>) {
-    let snapper = snapper.clone();
+    if !snapper.background_wanted() {
+        return;
+    }
+    let worker = snapper.clone();
     let spawned = std::thread::Builder::new().name("seal".into()).spawn(move || {
-        if let Err(e) = snapper.reseal() {
-            tracing::warn!("sealing LIVE: {e:#}");
-        }
-        if let Err(e) = snapper.summarize() {
-            tracing::warn!("summarizing layers: {e:#}");
+        loop {
+            if let Err(e) = worker.reseal() {
+                tracing::warn!("sealing LIVE: {e:#}");
+            }
+            if let Err(e) = worker.summarize() {
+                tracing::warn!("summarizing layers: {e:#}");
+            }
+            if !worker.background_again() {
+                break;
+            }
         }
     });
     if let Err(e) = spawned {
+        snapper.background_failed();
         tracing::warn!("sealing LIVE: no thread for it: {e}");
     }
 }

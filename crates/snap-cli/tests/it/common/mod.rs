@@ -657,6 +657,13 @@ fn watchdog(root: PathBuf, mnt: PathBuf) -> Sender<()> {
     tx
 }
 
+/// The pid of the daemon serving `mnt` (`ovlsnap status --json`).
+pub fn daemon_pid(mnt: &Path) -> i32 {
+    let out = ovlsnap(&[OsStr::new("status"), OsStr::new("--json"), OsStr::new("--mount"), mnt.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(out.expect_ok("ovlsnap status")).unwrap();
+    v["pid"].as_i64().unwrap() as i32
+}
+
 /// Something mounted with the kernel at a directory; dropping it unmounts (detaching if busy).
 pub struct KernelMount {
     dir: PathBuf,
