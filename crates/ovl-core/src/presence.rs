@@ -106,8 +106,9 @@ impl Summary {
 #[derive(Debug, Default)]
 pub struct Holders {
     by_path: HashMap<PathBuf, Vec<u64>>,
-    /// The summarized layers, with their objects and bytes.
-    summarized: HashMap<u64, (u64, u64)>,
+    /// By layer number (small, dense: a store's ids), the summarized layers' objects and bytes:
+    /// looked at for every layer of every lookup, so an index, not a hash.
+    summarized: Vec<Option<(u64, u64)>>,
 }
 
 impl Holders {
@@ -120,23 +121,33 @@ impl Holders {
                 ids.insert(at, layer);
             }
         }
-        self.summarized.insert(layer, (summary.paths.len() as u64, summary.bytes));
+        let at = usize::try_from(layer).unwrap_or(usize::MAX);
+        if at >= self.summarized.len() {
+            if at > 1 << 32 {
+                // Not a number this index is for: the layer is probed like any other.
+                return;
+            }
+            self.summarized.resize(at + 1, None);
+        }
+        self.summarized[at] = Some((summary.paths.len() as u64, summary.bytes));
     }
 
     /// Stops using layer `layer`'s summary: it is probed again like any layer. (Its paths stay
     /// listed, which only costs probes, until the layer is summarized again.)
     pub fn forget(&mut self, layer: u64) {
-        self.summarized.remove(&layer);
+        if let Some(slot) = usize::try_from(layer).ok().and_then(|at| self.summarized.get_mut(at)) {
+            *slot = None;
+        }
     }
 
     /// Whether `layer` has a summary in use.
     pub fn knows(&self, layer: u64) -> bool {
-        self.summarized.contains_key(&layer)
+        self.usage(layer).is_some()
     }
 
     /// The objects and bytes of layer `layer`, from its summary.
     pub fn usage(&self, layer: u64) -> Option<(u64, u64)> {
-        self.summarized.get(&layer).copied()
+        usize::try_from(layer).ok().and_then(|at| self.summarized.get(at).copied().flatten())
     }
 
     /// The summarized layers holding an object at `path`.
@@ -223,5 +234,7 @@ mod tests {
         drop(r);
         holders.write().forget(9);
         assert!(p.reader().may_hold(LayerId(0), Path::new("d/f")), "a forgotten summary");
+        holders.write().add(u64::MAX, &Summary { root: (0, 0), paths: vec![], bytes: 0 });
+        assert!(!holders.read().knows(u64::MAX), "a number too large to index is never trusted");
     }
 }
