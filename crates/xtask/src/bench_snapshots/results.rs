@@ -173,6 +173,8 @@ pub struct Results {
     cells: HashMap<(System, usize, Metric), Cell>,
     elapsed: Duration,
     pressure: Option<Pressure>,
+    /// Read at the start: the build described is the one measured, not the tree at the end.
+    machine: Vec<(&'static str, String)>,
 }
 
 impl Results {
@@ -187,6 +189,14 @@ impl Results {
             cells: HashMap::new(),
             elapsed: Duration::ZERO,
             pressure: None,
+            machine: machine()
+                .into_iter()
+                .filter_map(|(key, value)| match key {
+                    "cpu" | "memory" | "kernel" => Some((key, value)),
+                    "ovlfs" => Some(("ovlsnap", value)),
+                    _ => None,
+                })
+                .collect(),
         }
     }
 
@@ -293,21 +303,10 @@ impl Results {
             let _ = write!(out, "; pressure stalls: cpu {cpu:.0}%, io {io:.0}% of it");
         }
         out.push('.');
-        for (key, value) in self.machine() {
+        for (key, value) in &self.machine {
             let _ = write!(out, "\n{key}: {value}");
         }
         out
-    }
-
-    fn machine(&self) -> Vec<(&'static str, String)> {
-        machine()
-            .into_iter()
-            .filter_map(|(key, value)| match key {
-                "cpu" | "memory" | "kernel" => Some((key, value)),
-                "ovlfs" => Some(("ovlsnap", value)),
-                _ => None,
-            })
-            .collect()
     }
 
     fn pressure_percent(&self) -> Option<(f64, f64)> {
@@ -405,7 +404,7 @@ impl Results {
         let points: Vec<String> = self.checkpoints.iter().map(usize::to_string).collect();
         let _ = writeln!(out, "  \"checkpoints\": [{}],", points.join(", "));
         let machine: Vec<String> =
-            self.machine().iter().map(|(key, value)| format!("{}: {}", string(key), string(value))).collect();
+            self.machine.iter().map(|(key, value)| format!("{}: {}", string(key), string(value))).collect();
         let _ = writeln!(out, "  \"machine\": {{{}}},", machine.join(", "));
         let _ = writeln!(out, "  \"elapsed_s\": {},", json_number(self.elapsed.as_secs_f64()));
         let pressure = self.pressure.map(Pressure::micros).map_or("null".to_owned(), |(cpu, io)| {
