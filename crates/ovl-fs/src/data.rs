@@ -110,6 +110,13 @@ impl OverlayFs {
             return Ok(None);
         }
         let of = self.handles.get(fh, ino)?;
+        // Told already in this generation (most writes): the gate alone, no path needed.
+        let gate = self.gate_for(&of.node);
+        let hooked = of.node.hooked.load(std::sync::atomic::Ordering::Acquire);
+        if self.hook.as_deref().is_some_and(|h| hooked == h.generation()) {
+            return Ok(gate);
+        }
+        drop(gate);
         // The hook is told the node's path: held as a request holds it, before the gate.
         let _ns = self.ns.read_recursive();
         let _names = of.node.names_lock.read_recursive();

@@ -18,8 +18,11 @@ use snap_fs::snapper::ViewLayers;
 /// What every printed command starts with (tests parse it).
 const CMD_PREFIX: &str = "mount -t overlay overlay -o ";
 
-/// The most bytes of options mount(2) passes (one page, its NUL included).
-const MOUNT_OPTIONS_MAX: usize = 4096;
+/// The most bytes of options we hand mount(8): mount(2) passes one page (4096 bytes, its NUL
+/// included) and cuts the rest silently, which can leave a shorter, valid-looking layer list (a
+/// mount of the wrong tree, seen in bench-snapshots at N = 1000); a margin stays for what
+/// mount(8) may add.
+const MOUNT_OPTIONS_MAX: usize = 4096 - 256;
 
 /// A snapshot view's lower layers, top first, checked by [`check_layers`]: every one but the
 /// last is `/proc/<daemon pid>/fd/<store fd>/layers/<id>`, the last is MNT.
@@ -122,7 +125,8 @@ pub fn mount_cmd(layers: &CheckedLayers, dir: &Path) -> anyhow::Result<String> {
     // paths mountinfo shows, so they stay absolute.)
     if opts.len() >= MOUNT_OPTIONS_MAX {
         bail!(
-            "the view's {} layers make {} bytes of mount options, more than mount(2) takes ({MOUNT_OPTIONS_MAX}): use              `ovlsnap mount-view NAME DIR`, which passes one layer at a time",
+            "the view's {} layers make {} bytes of mount options, more than mount(2) surely takes \
+             ({MOUNT_OPTIONS_MAX}): use `ovlsnap mount-view NAME DIR`, which passes one layer at a time",
             layers.lowers.len(),
             opts.len()
         );

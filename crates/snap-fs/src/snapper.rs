@@ -258,7 +258,8 @@ impl Snapper {
             }
             if !may_build {
                 anyhow::bail!(
-                    "snapshot {name:?} has {} layers, more than a kernel mount of it takes ({max}); consolidating                      them needs the right to take snapshots",
+                    "snapshot {name:?} has {} layers, more than a kernel mount of it takes ({max}); \
+                     consolidating them needs the right to take snapshots",
                     snaps.len() - i + 1
                 );
             }

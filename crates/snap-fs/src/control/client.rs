@@ -17,12 +17,18 @@ use crate::access::Peer;
 /// Sends `req` to the daemon of `mnt` (a canonical `fuse.ovlsnap` mount point) and returns its
 /// value, or its error.
 pub fn call(mnt: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
-    let mut s = connect(mnt)?;
+    let (mut s, pid) = connect(mnt)?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    s.write_all(line.as_bytes())?;
     let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).context("reading the daemon's answer")?;
+    let sent = s.write_all(line.as_bytes()).context("sending the request");
+    let read = sent.and_then(|()| BufReader::new(s).read_line(&mut answer).context("reading the daemon's answer"));
+    // A daemon killed while it still held its socket (exiting, or killed after the connect)
+    // resets the connection: say that it is gone rather than how the socket failed.
+    if (read.is_err() || answer.is_empty()) && gone(pid) {
+        return Err(dead_daemon(mnt, pid));
+    }
+    read?;
     if answer.is_empty() {
         bail!("the ovlsnap daemon for {mnt:?} closed the connection without answering");
     }
@@ -33,8 +39,37 @@ pub fn call(mnt: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
     }
 }
 
-/// Connects to the daemon of `mnt` once the socket and its listener pass the checks.
-fn connect(mnt: &Path) -> anyhow::Result<UnixStream> {
+/// What to tell about the dead daemon `pid` of `mnt`.
+fn dead_daemon(mnt: &Path, pid: u32) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the ovlsnap daemon of {} (pid {pid}) is gone and its mount is dead: run `umount -l {}`, then `ovlsnap mount` \
+         again",
+        mnt.display(),
+        mnt.display()
+    )
+}
+
+/// Whether process `pid` has ended (or ends within a second: an exit closes its sockets before
+/// the process is gone).
+fn gone(pid: u32) -> bool {
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else { return false };
+    for _ in 0..50 {
+        if rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH) {
+            return true;
+        }
+        // A zombie: ended, not yet reaped (the state follows the command name's closing paren).
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())).unwrap_or_default();
+        if stat.rsplit_once(')').is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+/// Connects to the daemon of `mnt` once the socket and its listener pass the checks; returns the
+/// stream and the daemon's pid.
+fn connect(mnt: &Path) -> anyhow::Result<(UnixStream, u32)> {
     let owner = mount_owner(mnt)?;
     let trusted = |uid: u32| uid == 0 || uid == owner;
     let refuse = |why: String| -> anyhow::Error {
@@ -61,12 +96,7 @@ fn connect(mnt: &Path) -> anyhow::Result<UnixStream> {
     let pid = recorded_pid(&pid_path(mnt, owner), &trusted).map_err(|e| refuse(format!("{e:#}")))?;
     let s = match UnixStream::connect(&sock) {
         Ok(s) => s,
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => bail!(
-            "the ovlsnap daemon of {} (pid {pid}) is gone and its mount is dead: run `umount -l {}`, then \
-             `ovlsnap mount` again",
-            mnt.display(),
-            mnt.display()
-        ),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => return Err(dead_daemon(mnt, pid)),
         Err(e) => return Err(e).with_context(|| format!("no ovlsnap daemon answers for {mnt:?}")),
     };
     let peer = Peer::of(&s).context("reading the credentials of the daemon")?;
@@ -80,7 +110,7 @@ fn connect(mnt: &Path) -> anyhow::Result<UnixStream> {
     if peer.pid != pid {
         return Err(refuse(format!("it is served by pid {}, but the daemon recorded pid {pid}", peer.pid)));
     }
-    Ok(s)
+    Ok((s, pid))
 }
 
 /// The pid a daemon recorded in `path` beside its socket, from a file a `trusted` uid owns.
