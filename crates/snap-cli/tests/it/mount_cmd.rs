@@ -157,7 +157,7 @@ fn a_hostile_dir_under_a_plain_mnt_is_mounted_by_both() {
 /// Issue 17: the kernel stacks at most 500 layers and mount(2) takes one page of options, so a
 /// snapshot under 600 newer ones could not be mounted by the kernel at all (`mount-view`: "maximum
 /// fs stacking depth exceeded"; `mount-cmd`'s command failed past ~130 layers). Now the daemon
-/// consolidates the view's top layers into one (hard links to the frozen layers' files), and both
+/// consolidates the view's top layers into one (copies of the frozen layers' files, one per inode), and both
 /// kernel mounts show exactly the view; the consolidated layer goes once no mount uses it.
 #[test]
 fn a_view_deeper_than_the_kernel_stacks_mounts_consolidated() {
