@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -67,15 +68,25 @@ impl OverlayFs {
         }
         // Judged before the open: a copy-up finishing in between then only makes the file
         // switch to the upper copy at its first use.
-        let on_lower = !node.state.read().has_upper_data();
-        let fd = match self.data_location(node) {
-            Err(e) if e.errno() == Errno::NOENT && self.unlinked(node) => {
-                self.reopen_unlinked(node, backing_flags(flags))?
+        let (on_lower, metacopy) = {
+            let st = node.state.read();
+            (!st.has_upper_data(), st.data.is_some())
+        };
+        let held = if metacopy { None } else { self.held_place(node) };
+        let fd = match held {
+            Some((dir, name)) => {
+                let name = std::path::Path::new(std::ffi::OsStr::from_bytes(name.to_bytes()));
+                sys::open_beneath(&*dir, name, backing_flags(flags), Mode::empty())?
             }
-            r => {
-                let (root, path) = r?;
-                sys::open_beneath(root, &path, backing_flags(flags), Mode::empty())?
-            }
+            None => match self.data_location(node) {
+                Err(e) if e.errno() == Errno::NOENT && self.unlinked(node) => {
+                    self.reopen_unlinked(node, backing_flags(flags))?
+                }
+                r => {
+                    let (root, path) = r?;
+                    sys::open_beneath(root, &path, backing_flags(flags), Mode::empty())?
+                }
+            },
         };
         if flags & libc::O_TRUNC != 0 {
             rustix::fs::ftruncate(&fd, 0)?;
@@ -239,11 +250,13 @@ impl OverlayFs {
         self.stack.writable_upper().ok_or(Errno::ROFS)?;
         // The upper object (an indexed file's index entry).
         let (root, path) = self.real_location(node)?;
-        let (dir, name) = if path.as_os_str().is_empty() {
-            (rustix::io::dup(root)?, None)
-        } else {
-            let (d, n) = sys::open_parent(root, &path)?;
-            (d, Some(n))
+        let (dir, name) = match self.held_place(node) {
+            Some((d, n)) => (d, Some(n)),
+            None if path.as_os_str().is_empty() => (Arc::new(rustix::io::dup(root)?), None),
+            None => {
+                let (d, n) = sys::open_parent(root, &path)?;
+                (Arc::new(d), Some(n))
+            }
         };
         let name_ref = name.as_deref().unwrap_or(c"");
         let at = if name.is_some() { AtFlags::SYMLINK_NOFOLLOW } else { AtFlags::EMPTY_PATH };
@@ -363,8 +376,14 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_readlink(&self, node: &Node) -> Result<Vec<u8>> {
-        let (root, path) = self.real_location(node)?;
-        let (dir, name) = sys::open_parent(root, &path)?;
+        let (dir, name) = match self.held_place(node) {
+            Some(held) => held,
+            None => {
+                let (root, path) = self.real_location(node)?;
+                let (d, n) = sys::open_parent(root, &path)?;
+                (Arc::new(d), n)
+            }
+        };
         Ok(rustix::fs::readlinkat(&dir, &name, Vec::new())?.into_bytes())
     }
 

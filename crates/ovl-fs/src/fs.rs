@@ -108,6 +108,8 @@ pub struct OverlayFs {
     /// `ENAMETOOLONG` at lookup, before any layer is asked, as in the kernel's `ovl_lookup`;
     /// `statfs` shows it.
     pub(crate) namelen: usize,
+    /// Directory nodes' layer dirs held open, within a budget (`crate::dirfds`).
+    pub(crate) dir_fds: crate::dirfds::DirFds,
 }
 
 impl OverlayFs {
@@ -153,6 +155,7 @@ impl OverlayFs {
             passthrough: Default::default(),
             owners,
             namelen,
+            dir_fds: crate::dirfds::DirFds::new(crate::dirfds::DirFds::default_budget()),
         })
     }
 
@@ -165,6 +168,14 @@ impl OverlayFs {
     /// (the snapshot filesystem's views and rollbacks): it keeps the default, `ENOENT`.
     pub fn cache_missing_names(mut self) -> Self {
         self.negative_ttl = self.ttl;
+        self
+    }
+
+    /// Holds at most `budget` descriptors of directories' layer dirs open (`crate::dirfds`;
+    /// default: a quarter of the open-file limit, at most 8192; 0: none, every request walks
+    /// its path from the layer roots).
+    pub fn with_dir_handle_budget(mut self, budget: usize) -> Self {
+        self.dir_fds = crate::dirfds::DirFds::new(budget);
         self
     }
 
@@ -517,8 +528,47 @@ impl OverlayFs {
 
     /// Looks `name` up in directory `parent`.
     pub(crate) fn find(&self, parent: &Node, name: &OsStr) -> Result<Option<Entry>> {
-        let (_, layers) = self.dir_of(parent)?;
-        ovl_lookup::lookup(&self.stack, &layers, name)
+        let (layers, held) = self.dir_held(parent)?;
+        ovl_lookup::lookup_in(&self.stack, &layers, held.as_ref().map(|h| &h.handles), name)
+    }
+
+    /// A directory node's layers, and its layer dirs held open where the budget allows
+    /// (`crate::dirfds`).
+    pub(crate) fn dir_held(&self, node: &Node) -> Result<(DirLayers, Option<Arc<crate::dirfds::HeldDir>>)> {
+        let (_, layers) = self.dir_of(node)?;
+        let held = self.dir_fds.get(&self.table, &self.stack, node, &layers);
+        Ok((layers, held))
+    }
+
+    /// `node`'s real object (where [`Self::real_location`] finds it) as its parent dir, held
+    /// open by the parent node, and its name: no path walk. `None` where the parent holds no
+    /// dirs, or the object is not in one of them (an index entry, a layer root, a lower
+    /// object found through a redirect).
+    pub(crate) fn held_place(&self, node: &Node) -> Option<(Arc<std::os::fd::OwnedFd>, std::ffi::CString)> {
+        if node.id == ROOT {
+            return None;
+        }
+        let (parent, name) = self.live_name(node)?;
+        let (upper, lower) = {
+            let st = node.state.read();
+            if st.index.is_some() && st.upper {
+                return None;
+            }
+            let lower = match (&st.lower, st.lower_dirs.first()) {
+                (Some(l), _) => Some((l.layer, l.path.clone())),
+                (None, Some(d)) => Some((d.layer, d.path.clone())),
+                (None, None) => None,
+            };
+            (st.upper, lower)
+        };
+        let (_, held) = self.dir_held(&*self.table.get(parent)?).ok()?;
+        let held = held?;
+        if upper {
+            return Some((held.handles.upper()?.clone(), sys::name_cstr(&name).ok()?));
+        }
+        let (layer, path) = lower?;
+        let fd = held.handles.lower(layer, path.parent()?)?.clone();
+        Some((fd, sys::name_cstr(path.file_name()?).ok()?))
     }
 
     /// An open file of `node`, for a node no name reaches any more (every name removed while
@@ -536,15 +586,20 @@ impl OverlayFs {
     /// The real object's `lstat` as the mount shows it; for an open file whose names are all
     /// gone, its open descriptor's `fstat` (link count 0 for an upper file, as in the kernel).
     pub(crate) fn real_stat(&self, node: &Node) -> Result<Stat> {
-        let (root, path) = match self.real_location(node) {
-            Err(e) if e.errno() == Errno::NOENT && self.unlinked(node) => {
-                let of = self.open_file_of(node).ok_or(e)?;
-                let file = of.file.read().clone();
-                return Ok(rustix::fs::fstat(&*file)?);
-            }
-            r => r?,
+        let mut st = match self.held_place(node) {
+            Some((dir, name)) => sys::lstat_at(&*dir, &name)?,
+            None => match self.real_location(node) {
+                Err(e) if e.errno() == Errno::NOENT && self.unlinked(node) => {
+                    let of = self.open_file_of(node).ok_or(e)?;
+                    let file = of.file.read().clone();
+                    return Ok(rustix::fs::fstat(&*file)?);
+                }
+                r => {
+                    let (root, path) = r?;
+                    sys::lstat_beneath(root, &path)?
+                }
+            },
         };
-        let mut st = sys::lstat_beneath(root, &path)?;
         if let Some(n) = self.index_nlink(node)? {
             st.st_nlink = n;
         }
@@ -610,13 +665,17 @@ impl OverlayFs {
         }
     }
 
-    /// The upper directory `node` as an `O_PATH` fd, after copying it up.
-    pub(crate) fn upper_dir(&self, node: &Arc<Node>) -> Result<(PathBuf, std::os::fd::OwnedFd)> {
+    /// The upper directory `node` as an `O_PATH` fd (held by the node where the budget
+    /// allows), after copying it up.
+    pub(crate) fn upper_dir(&self, node: &Arc<Node>) -> Result<(PathBuf, Arc<std::os::fd::OwnedFd>)> {
         self.ensure_upper(node)?;
         let path = self.path_of(node)?;
         let u = self.stack.writable_upper().ok_or(Errno::ROFS)?;
+        if let Some(fd) = self.dir_held(node)?.1.and_then(|h| h.handles.upper().cloned()) {
+            return Ok((path, fd));
+        }
         let fd = sys::open_dir_path(u.layer().root(), &path)?;
-        Ok((path, fd))
+        Ok((path, Arc::new(fd)))
     }
 
     /// The real file behind handle `fh` of node `ino`, switched to the upper copy if the node was

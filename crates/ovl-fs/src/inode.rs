@@ -93,6 +93,11 @@ pub(crate) struct Node {
     /// An open of this node was served through the kernel's page cache (see
     /// `crate::passthrough`): its cache may be warm, so it is not passed through.
     pub cached_once: std::sync::atomic::AtomicBool,
+    /// A directory's layer dirs held open, with the layers they were opened for
+    /// (`crate::dirfds`).
+    pub held: Mutex<Option<Arc<crate::dirfds::HeldDir>>>,
+    /// `held` was used since the budget last passed this node over.
+    pub held_used: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -130,6 +135,8 @@ impl Table {
             copy_lock: Mutex::new(()),
             hooked: AtomicU64::new(0),
             cached_once: std::sync::atomic::AtomicBool::new(false),
+            held: Mutex::new(None),
+            held_used: std::sync::atomic::AtomicBool::new(false),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT, node);
@@ -200,6 +207,8 @@ impl Table {
             copy_lock: Mutex::new(()),
             hooked: AtomicU64::new(0),
             cached_once: std::sync::atomic::AtomicBool::new(false),
+            held: Mutex::new(None),
+            held_used: std::sync::atomic::AtomicBool::new(false),
         });
         inner.nodes.insert(id, node.clone());
         inner.keys.insert(key, id);

@@ -20,6 +20,7 @@
 pub mod check;
 mod copyup;
 mod data;
+mod dirfds;
 mod dirs;
 mod entries;
 mod fs;

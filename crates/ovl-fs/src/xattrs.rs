@@ -23,6 +23,9 @@ impl OverlayFs {
         node: &Node,
         f: impl FnOnce(std::os::fd::BorrowedFd<'_>, Option<&std::ffi::CStr>) -> Result<T>,
     ) -> Result<T> {
+        if let Some((dir, name)) = self.held_place(node) {
+            return f(std::os::fd::AsFd::as_fd(&*dir), Some(&name));
+        }
         let (root, path) = match self.real_location(node) {
             Err(e) if e.errno() == Errno::NOENT && self.unlinked(node) => {
                 let of = self.open_file_of(node).ok_or(e)?;

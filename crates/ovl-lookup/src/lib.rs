@@ -29,7 +29,7 @@ mod redirect;
 
 pub use identity::{Identity, OriginTarget, identity, resolve_origin};
 pub use index::{IndexRef, index_of};
-pub use lookup::{DirLayers, Entry, LowerDir, LowerObject, lookup, lower_has_name};
-pub use probe::{KeptDirs, with_dir_cache};
+pub use lookup::{DirLayers, Entry, LowerDir, LowerObject, lookup, lookup_in, lower_has_name};
+pub use probe::{DirHandles, KeptDirs, with_dir_cache};
 pub use readdir::{MergedEntry, read_merged};
 pub use redirect::{MAX_REDIRECT, parse_redirect_value, redirect_error, redirect_is_valid};

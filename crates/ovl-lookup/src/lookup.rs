@@ -8,7 +8,7 @@ use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Opaque, Result, is_whiteout_stat};
 
 use crate::identity::identity_from;
-use crate::probe::Probe;
+use crate::probe::{DirHandles, Probe};
 use crate::redirect::{self, Target, check_component};
 
 use rustix::fs::{FileType, Stat};
@@ -98,6 +98,17 @@ pub struct Entry {
 /// is hidden by a whiteout, or is one the AUFS encoding reserves (`.wh.*`) on a stack that reads
 /// it.
 pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Option<Entry>> {
+    lookup_in(stack, parent, None, name)
+}
+
+/// [`lookup`] in a directory whose layer dirs the caller holds open (`held`, opened for
+/// `parent`): the parent dirs are not opened again.
+pub fn lookup_in(
+    stack: &LayerStack,
+    parent: &DirLayers,
+    held: Option<&DirHandles>,
+    name: &OsStr,
+) -> Result<Option<Entry>> {
     let names = stack.names();
     sys::name_cstr(name)?;
     if stack.reads_aufs() && ovl_core::aufs::is_reserved(name) {
@@ -111,7 +122,7 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         if crate::aufs::hidden(stack, upper.layer(), &path)? {
             return Ok(None);
         }
-        if let Some(mut p) = Probe::open(upper.layer().root(), &path)? {
+        if let Some(mut p) = Probe::open_in(upper.layer().root(), &path, held.and_then(|h| h.upper()))? {
             let st = p.st;
             if is_whiteout_stat(&st) {
                 return Ok(None);
@@ -212,7 +223,8 @@ pub fn lookup(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> Result<Op
         if crate::aufs::hidden(stack, layer, &path)? {
             break;
         }
-        let Some(mut p) = Probe::open(layer.root(), &path)? else {
+        let dir = held.and_then(|h| h.lower(ld.layer, path.parent().unwrap_or(Path::new(""))));
+        let Some(mut p) = Probe::open_in(layer.root(), &path, dir)? else {
             if last_layer {
                 break;
             }

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use ovl_core::sys;
-use ovl_core::{Errno, Result};
+use ovl_core::{Errno, LayerId, LayerStack, Result};
+
+use crate::DirLayers;
 use rustix::fs::Stat;
 
 /// An object found in a layer.
@@ -115,13 +117,74 @@ pub fn with_dir_cache<R>(upper_root: Option<BorrowedFd<'_>>, kept: &mut KeptDirs
     f()
 }
 
-/// The directory `parent` beneath `root`, `None` when absent; in a scope, from its cache, and
-/// also `None` when the cached listing shows that `name` is not in it.
-fn open_dir(root: BorrowedFd<'_>, parent: &Path, name: &CStr) -> Result<Option<Arc<OwnedFd>>> {
-    let open = || match sys::open_dir_path(root, parent) {
-        Ok(fd) => Ok(Some(Arc::new(fd))),
-        Err(e) if is_absent(e.errno()) => Ok(None),
-        Err(e) => Err(e),
+/// A merged directory's dirs in its layers, held open as `O_PATH` descriptors, so that looking a
+/// name up in it opens nothing (ovl-fs keeps them per directory node, a bounded number in all).
+/// A descriptor follows its directory through renames; the caller makes sure the directory is
+/// still the one wanted (ovl-fs: the layers it was opened for are still the node's).
+#[derive(Debug, Default)]
+pub struct DirHandles {
+    upper: Option<Arc<OwnedFd>>,
+    lowers: Vec<(LayerId, PathBuf, Arc<OwnedFd>)>,
+}
+
+impl DirHandles {
+    /// Opens the dirs of `dir` in every layer where it exists.
+    pub fn open(stack: &LayerStack, dir: &DirLayers) -> Result<Self> {
+        let held = |root: BorrowedFd<'_>, path: &Path| match sys::open_dir_path(root, path) {
+            Ok(fd) => Ok(Some(Arc::new(fd))),
+            Err(e) if is_absent(e.errno()) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let upper = match (&dir.upper, stack.upper()) {
+            (Some(path), Some(u)) => held(u.layer().root(), path)?,
+            _ => None,
+        };
+        let mut lowers = Vec::with_capacity(dir.lowers.len());
+        for ld in &dir.lowers {
+            if let Some(fd) = held(stack.layer(ld.layer).root(), &ld.path)? {
+                lowers.push((ld.layer, ld.path.clone(), fd));
+            }
+        }
+        Ok(Self { upper, lowers })
+    }
+
+    /// How many descriptors these are.
+    pub fn len(&self) -> usize {
+        usize::from(self.upper.is_some()) + self.lowers.len()
+    }
+
+    /// True when none is held (the dir exists in no layer any more).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The dir in the upper layer.
+    pub fn upper(&self) -> Option<&Arc<OwnedFd>> {
+        self.upper.as_ref()
+    }
+
+    /// The dir at `path` in lower layer `layer`, if it is one of these.
+    pub fn lower(&self, layer: LayerId, path: &Path) -> Option<&Arc<OwnedFd>> {
+        self.lowers.iter().find(|(l, p, _)| *l == layer && p == path).map(|(_, _, fd)| fd)
+    }
+}
+
+/// The directory `parent` beneath `root`, `None` when absent: `held` when the caller holds it
+/// open; in a scope, from its cache, and also `None` when the cached listing shows that `name`
+/// is not in it.
+fn open_dir(
+    root: BorrowedFd<'_>,
+    parent: &Path,
+    name: &CStr,
+    held: Option<&Arc<OwnedFd>>,
+) -> Result<Option<Arc<OwnedFd>>> {
+    let open = || match held {
+        Some(fd) => Ok(Some(fd.clone())),
+        None => match sys::open_dir_path(root, parent) {
+            Ok(fd) => Ok(Some(Arc::new(fd))),
+            Err(e) if is_absent(e.errno()) => Ok(None),
+            Err(e) => Err(e),
+        },
     };
     DIR_CACHE.with(|c| {
         let mut c = c.borrow_mut();
@@ -144,9 +207,15 @@ fn open_dir(root: BorrowedFd<'_>, parent: &Path, name: &CStr) -> Result<Option<A
 impl Probe {
     /// Looks at `path` (not the layer root) beneath `root`; `None` when nothing is there.
     pub fn open(root: BorrowedFd<'_>, path: &Path) -> Result<Option<Self>> {
+        Self::open_in(root, path, None)
+    }
+
+    /// Like [`Probe::open`], in a parent dir the caller holds open (`held`, that of `path`).
+    pub fn open_in(root: BorrowedFd<'_>, path: &Path, held: Option<&Arc<OwnedFd>>) -> Result<Option<Self>> {
         let Some(name) = path.file_name() else { return Err(Errno::INVAL.into()) };
         let name = sys::name_cstr(name)?;
-        let Some(dir) = open_dir(root, path.parent().unwrap_or(Path::new("")), &name)? else { return Ok(None) };
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let Some(dir) = open_dir(root, parent, &name, held)? else { return Ok(None) };
         match sys::lstat_at(&dir, &name) {
             Ok(st) => Ok(Some(Self { dir, name, st, names: None })),
             Err(e) if is_absent(e.errno()) => Ok(None),

@@ -173,3 +173,52 @@ fn an_upper_out_of_space_or_inodes() {
     assert_same_tree("after ENOSPC", "ovlfs", &view, "kernel", &snapshot_tree(k.path()));
     drop(k);
 }
+
+/// Issue 19: a directory's layer dirs are held open so requests in it walk no path, but within
+/// a budget (a quarter of the open-file limit): under the default soft limit of 1024, a walk over
+/// 3000 merged directories of two lower layers (every object `lstat`ed, read, xattrs listed),
+/// then a write and a rename in each of them (copy-up of every directory, new paths), leaves the
+/// daemon with at most 256 held descriptors plus its own; the kernel overlay, given the same
+/// steps, shows the same trees throughout.
+#[test]
+fn thousands_of_directories_stay_within_the_descriptor_budget() {
+    const DIRS: usize = 3000;
+    const NOFILE: u64 = 1024;
+    let tmp = tempdir("dir-handles");
+    let base = Layers::create(&tmp.path().join("k"), 2);
+    for i in 0..DIRS {
+        let d = format!("d{i:04}");
+        fs::create_dir_all(base.lowers[1].join(&d).join("sub")).unwrap();
+        fs::write(base.lowers[1].join(&d).join("low"), d.as_bytes()).unwrap();
+        fs::create_dir_all(base.lowers[0].join(&d)).unwrap();
+        fs::write(base.lowers[0].join(&d).join("top"), b"top").unwrap();
+    }
+    let own = Layers::create(&tmp.path().join("o"), 0);
+    let ours = Layers { lowers: base.lowers.clone(), ..own };
+    let kernel = MountGuard::mount(Backend::Kernel, &base, KERNEL_OPTS, &mount_point(tmp.path(), "km"));
+    let ovlfs = MountGuard::mount_limited(Backend::Ovlfs, &ours, "", &mount_point(tmp.path(), "om"), &[], Some(NOFILE));
+    let pid = ovlfs.daemon_pid().expect("an ovlfs daemon");
+    let open_fds = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let at_start = open_fds();
+    let budget = (NOFILE / 4) as usize;
+    let same = |what: &str| {
+        assert_same_tree(what, "kernel", &snapshot_tree(kernel.path()), "ovlfs", &snapshot_tree(ovlfs.path()))
+    };
+    same("after mounting");
+    let held = open_fds();
+    assert!(held <= at_start + budget, "{held} descriptors open after a walk (started with {at_start})");
+    assert!(held > at_start + budget / 2, "{held} descriptors open after a walk: directories hold none");
+    for m in [kernel.path(), ovlfs.path()] {
+        for i in 0..DIRS {
+            let d = m.join(format!("d{i:04}"));
+            fs::write(d.join("new"), b"new").unwrap();
+            fs::create_dir(d.join("made")).unwrap();
+            fs::rename(d.join("low"), d.join("made/low")).unwrap();
+            fs::rename(d.join("made"), d.join("moved")).unwrap();
+            fs::write(d.join("moved/low"), b"changed").unwrap();
+        }
+    }
+    same("after a copy-up and rename in every directory");
+    let held = open_fds();
+    assert!(held <= at_start + budget, "{held} descriptors open after copy-ups (started with {at_start})");
+}

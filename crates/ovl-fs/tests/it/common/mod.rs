@@ -189,6 +189,20 @@ impl MountGuard {
 
     /// [`MountGuard::mount`] with extra environment variables for the ovlfs daemon.
     pub fn mount_env(backend: Backend, layers: &Layers, extra: &str, mnt: &Path, env: &[(&str, &str)]) -> MountGuard {
+        let nofile = std::env::var("OVL_TEST_NOFILE").ok().and_then(|v| v.parse().ok());
+        Self::mount_limited(backend, layers, extra, mnt, env, nofile)
+    }
+
+    /// [`MountGuard::mount_env`] with the ovlfs daemon's open-file limit (soft and hard) set to
+    /// `nofile` (`prlimit`); `OVL_TEST_NOFILE` sets it for every mount of a run by hand.
+    pub fn mount_limited(
+        backend: Backend,
+        layers: &Layers,
+        extra: &str,
+        mnt: &Path,
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> MountGuard {
         let mnt = fs::canonicalize(mnt).expect("mount point exists");
         let opts = layers.mount_options(extra);
         let mut guard =
@@ -202,7 +216,15 @@ impl MountGuard {
             Backend::Ovlfs => {
                 let log = guard.mnt.with_extension("ovlfs.log");
                 let out = File::create(&log).expect("create daemon log");
-                let child = Command::new(ovlfs_bin())
+                let mut cmd = match nofile {
+                    Some(n) => {
+                        let mut c = Command::new("prlimit");
+                        c.arg(format!("--nofile={n}:{n}")).arg(ovlfs_bin());
+                        c
+                    }
+                    None => Command::new(ovlfs_bin()),
+                };
+                let child = cmd
                     .arg("-f")
                     .arg("-o")
                     .arg(&opts)
@@ -245,6 +267,11 @@ impl MountGuard {
             }
             sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The pid of the ovlfs daemon (`None` for a kernel mount).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// The mount point.
