@@ -168,7 +168,7 @@ impl Snapper {
     /// lets changes go on.
     pub fn take(&self, name: &str) -> anyhow::Result<SnapshotInfo> {
         let _gate = self.gate.write();
-        let _views = self.views.lock.write();
+        let _views = self.views.changing();
         // Refused up front rather than run out of descriptors halfway (issue 16.3): the daemon
         // holds one per layer and must keep serving after the take.
         let layers = self.layer_count() + 1;
@@ -266,7 +266,7 @@ impl Snapper {
         }
         // Like a delete: the view must not change while its layers are read.
         let _gate = self.gate.write();
-        let _views = self.views.lock.write();
+        let _views = self.views.changing();
         let store = self.store.lock();
         let snaps = store.snapshots().to_vec();
         let i = position(&snaps)?;
@@ -366,7 +366,7 @@ impl Snapper {
     /// what was there, B for what is there) is left out.
     pub fn diff(&self, a: &str, b: Option<&str>, peer: &Peer) -> anyhow::Result<crate::diff::Report> {
         // No change is half-made while we read the layers.
-        let _views = self.views.lock.read();
+        let _views = self.views.reading();
         let store = self.store.lock();
         let snaps = store.snapshots();
         let index =
@@ -618,7 +618,7 @@ impl Snapper {
             };
             // Used only if the layer is still frozen and still that directory: no take or
             // delete runs meanwhile.
-            let _views = self.views.lock.read();
+            let _views = self.views.reading();
             let store = self.store.lock();
             let snaps = store.snapshots();
             let frozen = &snaps[..snaps.len().saturating_sub(1)];
@@ -647,7 +647,7 @@ impl Snapper {
         for _ in 0..3 {
             let generation = self.generation.load(Ordering::Acquire);
             let (stack, newest) = {
-                let _views = self.views.lock.read();
+                let _views = self.views.reading();
                 let store = self.store.lock();
                 let snaps = store.snapshots();
                 let Some(newest) = snaps.last() else { return Ok(()) };
@@ -687,7 +687,7 @@ impl Snapper {
     /// snapshot is open or mounted.
     pub fn delete(&self, name: &str) -> anyhow::Result<crate::store::SnapshotInfo> {
         let _gate = self.gate.write();
-        let _views = self.views.lock.write();
+        let _views = self.views.changing();
         let mut store = self.store.lock();
         let snaps = store.snapshots().to_vec();
         let i = snaps.iter().position(|s| s.name == name).with_context(|| format!("no snapshot named {name:?}"))?;
@@ -906,7 +906,7 @@ impl ChangeHook for Snapper {
             Box::new(g)
         } else {
             // Fields drop in order: `Finish` runs while both locks are still held.
-            Box::new((Finish(self), self.views.lock.write(), g))
+            Box::new((Finish(self), self.views.changing(), g))
         }
     }
 

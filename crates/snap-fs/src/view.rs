@@ -3,7 +3,12 @@
 //!
 //! View nodes are named by path (snapshot, path inside it) and every operation resolves the
 //! path through the layers again, so a view never holds on to a LIVE object that the CoW rules
-//! have since saved into a layer. An open view file that reads a LIVE file is switched to the
+//! have since saved into a layer. Directories resolved are kept until the next change that may
+//! run the CoW rules (or a take, delete, consolidation; [`Views::changing`]), and a path is
+//! resolved from its deepest kept directory: a view's directory that hundreds of layers hold
+//! (the root, or a top directory every interval touched) is probed in each of them once, not
+//! once per request below it (issue 17; the oldest of 300 snapshots walked cold in 20 s before,
+//! 1.4 s after, the newest in 1.0 s). An open view file that reads a LIVE file is switched to the
 //! saved copy when the CoW rules copy it ([`Views::refresh`]), before LIVE changes, so readers
 //! keep seeing the snapshot's bytes.
 //!
@@ -70,6 +75,7 @@ struct ViewDef {
 }
 
 /// What a view path resolves to.
+#[derive(Clone)]
 pub(crate) struct Resolved {
     pub stat: Stat,
     pub kind: FileType,
@@ -77,8 +83,11 @@ pub(crate) struct Resolved {
     pub layer: LayerId,
     pub path: PathBuf,
     /// For a dir: its layers.
-    pub dir: Option<DirLayers>,
+    pub dir: Option<Arc<DirLayers>>,
 }
+
+/// How many resolved view directories are kept at most (all dropped when full).
+const MAX_DIRS_RESOLVED: usize = 1 << 16;
 
 /// One view node: the names (snapshot, path) the kernel looked it up by, and its lookup count.
 struct ViewNode {
@@ -130,8 +139,17 @@ pub(crate) type Listing = Vec<(OsString, FuseType, u64)>;
 
 /// All snapshot views of one mount.
 pub(crate) struct Views {
-    /// Held exclusively while the CoW rules change layers and LIVE (see the module docs).
-    pub lock: RwLock<()>,
+    /// Held exclusively while the CoW rules change layers and LIVE (see the module docs): taken
+    /// so by [`Views::changing`] only.
+    lock: RwLock<()>,
+    /// Counts the times `lock` was taken exclusively: a resolved directory is kept
+    /// ([`Views::dirs_resolved`]) only as long as this has not moved.
+    changes: AtomicU64,
+    /// Directories of views resolved since the last change (by snapshot and path), with the
+    /// count of changes when they were resolved: a path is resolved from its deepest kept
+    /// directory, so a lookup or `stat` in a directory that, say, every one of 300 layers holds
+    /// does not probe those 300 layers for each of its ancestors again and again.
+    dirs_resolved: Mutex<HashMap<(u64, PathBuf), (u64, Resolved)>>,
     stacks: RwLock<BTreeMap<u64, Arc<ViewDef>>>,
     names: RwLock<BTreeMap<String, u64>>,
     nodes: Mutex<Nodes>,
@@ -155,6 +173,8 @@ impl Views {
     pub fn new(hidden: Vec<OsString>, opts: ovl_core::MountOptions) -> Self {
         Self {
             lock: RwLock::new(()),
+            changes: AtomicU64::new(0),
+            dirs_resolved: Mutex::new(HashMap::new()),
             stacks: RwLock::new(BTreeMap::new()),
             names: RwLock::new(BTreeMap::new()),
             nodes: Mutex::new(Nodes { next: 1, ..Default::default() }),
@@ -167,6 +187,20 @@ impl Views {
             born: SystemTime::now(),
             holders: Arc::default(),
         }
+    }
+
+    /// Stops view operations while the CoW rules (or a take, delete or consolidation) change
+    /// layers and LIVE; resolved directories are resolved again after it.
+    pub fn changing(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        let g = self.lock.write();
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        self.dirs_resolved.lock().clear();
+        g
+    }
+
+    /// Held shared by every view operation that resolves a path (see the module docs).
+    pub fn reading(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.lock.read()
     }
 
     /// Replaces the set of views: `layers` are every snapshot's layer, oldest first, then LIVE,
@@ -185,6 +219,8 @@ impl Views {
         }
         *self.stacks.write() = stacks;
         *self.names.write() = names;
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        self.dirs_resolved.lock().clear();
     }
 
     /// Replaces the damaged paths of each snapshot (`crate::store::Damage`).
@@ -206,23 +242,34 @@ impl Views {
         Ok(def.built.get_or_init(|| Arc::new(ViewStack { stack, root, live })).clone())
     }
 
-    /// Resolves `path` in snapshot `snap`.
+    /// Resolves `path` in snapshot `snap`: from its deepest directory resolved since the last
+    /// change, else from the root. Called with `lock` held shared.
     fn resolve(&self, snap: u64, path: &Path) -> Result<Resolved> {
         let vs = self.stack(snap)?;
-        let mut dir = vs.root.clone();
-        let top = dir.lowers.first().ok_or(Errno::IO)?.layer;
-        let mut out = Resolved {
-            stat: sys::lstat_beneath(vs.stack.layer(top).root(), Path::new(""))?,
-            kind: FileType::Directory,
-            layer: top,
-            path: PathBuf::new(),
-            dir: Some(dir.clone()),
+        let changes = self.changes.load(Ordering::Acquire);
+        let kept = |p: &Path| {
+            let kept = self.dirs_resolved.lock();
+            kept.get(&(snap, p.to_path_buf())).filter(|(c, _)| *c == changes).map(|(_, r)| r.clone())
         };
-        for (i, c) in path.iter().enumerate() {
-            if out.kind != FileType::Directory {
-                return Err(Errno::NOTDIR.into());
+        let comps: Vec<&OsStr> = path.iter().collect();
+        let (mut out, mut done) = match (kept(path), path.parent().and_then(kept)) {
+            (Some(r), _) => (r, comps.len()),
+            (None, Some(r)) => (r, comps.len() - 1),
+            (None, None) => {
+                let dir = Arc::new(vs.root.clone());
+                let top = dir.lowers.first().ok_or(Errno::IO)?.layer;
+                let stat = sys::lstat_beneath(vs.stack.layer(top).root(), Path::new(""))?;
+                (Resolved { stat, kind: FileType::Directory, layer: top, path: PathBuf::new(), dir: Some(dir) }, 0)
             }
-            if i == 0 && self.hidden.iter().any(|h| h == c) {
+        };
+        let mut at: PathBuf = comps[..done].iter().collect();
+        while done < comps.len() {
+            let c = comps[done];
+            let dir = match (&out.dir, out.kind) {
+                (Some(d), FileType::Directory) => d.clone(),
+                _ => return Err(Errno::NOTDIR.into()),
+            };
+            if done == 0 && self.hidden.iter().any(|h| h == c) {
                 return Err(Errno::NOENT.into());
             }
             let e = ovl_lookup::lookup(&vs.stack, &dir, c)?.ok_or(Errno::NOENT)?;
@@ -234,9 +281,17 @@ impl Views {
                 }
                 (None, None) => return Err(Errno::IO.into()),
             };
-            out = Resolved { stat: e.stat, kind: e.kind, layer, path: p, dir: e.dir.clone() };
-            if let Some(d) = e.dir {
-                dir = d;
+            out = Resolved { stat: e.stat, kind: e.kind, layer, path: p, dir: e.dir.map(Arc::new) };
+            done += 1;
+            at.push(c);
+            if out.kind == FileType::Directory {
+                let mut kept = self.dirs_resolved.lock();
+                if self.changes.load(Ordering::Acquire) == changes {
+                    if kept.len() >= MAX_DIRS_RESOLVED {
+                        kept.clear();
+                    }
+                    kept.insert((snap, at.clone()), (changes, out.clone()));
+                }
             }
         }
         // A file LIVE changed behind the daemon's back is not what was taken: say so. (A dir's
@@ -376,7 +431,7 @@ impl Views {
 
     /// Looks `name` up in view dir `parent` (or in `.snapshots`).
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
-        let _g = self.lock.read();
+        let _g = self.reading();
         let (snap, path) = if parent == SNAPDIR {
             let id = *self.names.read().get(name.to_str().ok_or(Errno::NOENT)?).ok_or(Errno::NOENT)?;
             (id, PathBuf::new())
@@ -395,14 +450,14 @@ impl Views {
         if id == SNAPDIR {
             return Ok(self.snapdir_attr());
         }
-        let _g = self.lock.read();
+        let _g = self.reading();
         let (_, _, r) = self.node(id)?;
         Ok(self.attr(id, &r))
     }
 
     /// The target of view symlink `id`.
     pub fn readlink(&self, id: u64) -> Result<Vec<u8>> {
-        let _g = self.lock.read();
+        let _g = self.reading();
         let (snap, _, r) = self.node(id)?;
         let vs = self.stack(snap)?;
         let (dir, name) = sys::open_parent(vs.stack.layer(r.layer).root(), &r.path)?;
@@ -416,7 +471,7 @@ impl Views {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return Err(Errno::ROFS.into());
         }
-        let _g = self.lock.read();
+        let _g = self.reading();
         let (snap, path, _) = self.node(id)?;
         let (file, live_ino) = self.open_real(snap, &path)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -504,7 +559,7 @@ impl Views {
             }
             (0, out)
         } else {
-            let _g = self.lock.read();
+            let _g = self.reading();
             let (snap, path, r) = self.node(id)?;
             let dir = r.dir.ok_or(Errno::NOTDIR)?;
             let vs = self.stack(snap)?;
@@ -537,7 +592,7 @@ impl Views {
 
     /// The xattr `name` of view node `id`.
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
-        let _g = self.lock.read();
+        let _g = self.reading();
         let (snap, _, r) = self.node(id)?;
         let vs = self.stack(snap)?;
         let names = vs.stack.names();
@@ -555,7 +610,7 @@ impl Views {
 
     /// The xattr names of view node `id`, NUL-terminated.
     pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
-        let _g = self.lock.read();
+        let _g = self.reading();
         let (snap, _, r) = self.node(id)?;
         let vs = self.stack(snap)?;
         let names = vs.stack.names();
