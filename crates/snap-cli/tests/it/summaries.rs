@@ -184,3 +184,41 @@ fn quick_takes_leave_one_background_worker() {
     assert!(most <= before + 4, "{most} threads during {TAKES} takes, {before} before");
     wait_for_summaries(&m, "after the quick takes");
 }
+
+/// Views keep the directories they resolved until the next change (issue 17: a path resolves
+/// from its deepest kept dir, not from the root through every layer). A view walked before LIVE
+/// changes must show the same tree after them (moved, emptied and re-made directories, a
+/// directory's mode changed twice, a take in between), and the kernel's mount of each snapshot
+/// must agree.
+#[test]
+fn views_walked_before_changes_show_the_same_tree_after_them() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    for d in 0..3 {
+        fs::create_dir_all(m.live().join(format!("d{d}/sub/deep"))).unwrap();
+        fs::write(m.live().join(format!("d{d}/sub/deep/f")), format!("{d}")).unwrap();
+        fs::write(m.live().join(format!("d{d}/f")), format!("{d}")).unwrap();
+    }
+    m.mount();
+    m.take(Some("s0"));
+    let before = record_tree(&m.view("s0"));
+    let mnt = m.mnt();
+    fs::rename(mnt.join("d0/sub"), mnt.join("d0/moved")).unwrap();
+    assert_same_tree(&before, &record_tree(&m.view("s0")), "s0 after a dir moved in LIVE");
+    fs::remove_file(mnt.join("d1/sub/deep/f")).unwrap();
+    fs::remove_dir(mnt.join("d1/sub/deep")).unwrap();
+    fs::create_dir(mnt.join("d1/sub/deep")).unwrap();
+    fs::write(mnt.join("d1/sub/deep/other"), b"new").unwrap();
+    assert_same_tree(&before, &record_tree(&m.view("s0")), "s0 after a dir was re-made in LIVE");
+    let mode = |p: &Path, mode: u32| fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode));
+    mode(&mnt.join("d2/sub"), 0o700).unwrap();
+    mode(&mnt.join("d2/sub"), 0o750).unwrap();
+    assert_same_tree(&before, &record_tree(&m.view("s0")), "s0 after a dir's mode changed twice");
+    m.take(Some("s1"));
+    let s1 = record_tree(&m.view("s1"));
+    fs::rename(mnt.join("d2"), mnt.join("d2-moved")).unwrap();
+    fs::write(mnt.join("d2-moved/sub/deep/f"), b"changed").unwrap();
+    mode(&mnt.join("d2-moved/sub"), 0o755).unwrap();
+    assert_same_tree(&before, &record_tree(&m.view("s0")), "s0 after the second take's changes");
+    assert_same_tree(&s1, &record_tree(&m.view("s1")), "s1 after its changes");
+    assert_views_match_the_kernel(&m, "kept dirs");
+}
