@@ -98,6 +98,9 @@ pub struct LayerStack {
     marks: crate::aufs::MarksCache,
     /// What the frozen layers hold, when the caller knows (see [`crate::presence`]).
     presence: Option<crate::presence::Presence>,
+    /// Objects are their own identity: no `overlay.origin` is followed (see
+    /// [`LayerStack::use_own_identities`]).
+    own_identities: bool,
 }
 
 impl LayerStack {
@@ -224,6 +227,7 @@ impl LayerStack {
             whiteout_files,
             marks: Default::default(),
             presence: None,
+            own_identities: false,
         })
     }
 
@@ -278,12 +282,26 @@ impl LayerStack {
             whiteout_files: false,
             marks: Default::default(),
             presence: None,
+            own_identities: false,
         })
     }
 
     /// Lets lookups skip layers that surely hold nothing at a path (see [`crate::presence`]).
     pub fn set_presence(&mut self, presence: crate::presence::Presence) {
         self.presence = Some(presence);
+    }
+
+    /// Makes every object its own identity (its layer and inode number): lookups follow no
+    /// `overlay.origin` (each one an `open_by_handle_at`, and on a cold cache a read of the
+    /// origin's inode). For a stack whose user takes no inode number from identities (snapshot
+    /// views, which number objects by the layer object that shows them).
+    pub fn use_own_identities(&mut self) {
+        self.own_identities = true;
+    }
+
+    /// Whether objects are their own identity ([`LayerStack::use_own_identities`]).
+    pub fn own_identities(&self) -> bool {
+        self.own_identities
     }
 
     /// What the frozen layers hold, if known.

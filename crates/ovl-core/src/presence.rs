@@ -3,13 +3,17 @@
 //! that holds nothing at the path it is about to probe.
 //!
 //! A [`Summary`] lists every object of one layer (whiteouts and directories included) by its path
-//! in the layer. [`Holders`] maps each path to the layers holding it, by a caller's layer number
+//! in the layer, with its type, inode number and whether it carries overlay metadata that changes
+//! how a lookup or a listing reads it ([`Object::special`]). A directory that carries none needs
+//! no probe below the first layer that shows it, and a frozen layer's listing of it comes from
+//! the summary ([`PresenceReader::plain`], [`PresenceReader::listing`]). [`Holders`] maps each path to the layers holding it, by a caller's layer number
 //! (e.g. the ids of a store's layers); a stack gets a [`Presence`], which names each of its layers'
 //! number (or none: a layer that may change, probed as always). A summary that lists more than its
 //! layer holds costs a probe; one that lists less would hide objects, so a summary is made only of
 //! a layer nothing writes to any more, and dropped before anything writes to it again.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -19,42 +23,127 @@ use parking_lot::RwLock;
 
 use crate::{LayerId, Result, sys};
 
-/// The path of every object in one layer, and which directory it was read from.
+/// One object of a summarized layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    /// Its path relative to the layer root.
+    pub path: PathBuf,
+    /// Its type; a whiteout (a 0/0 character device) is [`Kind::Whiteout`].
+    pub kind: Kind,
+    /// Its inode number in the layer (`d_ino` of its listing).
+    pub ino: u64,
+    /// It carries overlay metadata other than `origin`, `impure` and `nlink` (an opaque or
+    /// redirect mark, metacopy, an xwhiteout mark, or a name this summary does not know):
+    /// lookups and listings read it from its layer.
+    pub special: bool,
+}
+
+/// The type of a summarized object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A directory.
+    Directory,
+    /// A whiteout.
+    Whiteout,
+    /// Anything else, by its type.
+    Other(rustix::fs::FileType),
+}
+
+impl Kind {
+    fn code(self) -> u8 {
+        use rustix::fs::FileType as T;
+        match self {
+            Kind::Directory => b'd',
+            Kind::Whiteout => b'w',
+            Kind::Other(T::RegularFile) => b'r',
+            Kind::Other(T::Symlink) => b'l',
+            Kind::Other(T::Fifo) => b'p',
+            Kind::Other(T::Socket) => b's',
+            Kind::Other(T::CharacterDevice) => b'c',
+            Kind::Other(T::BlockDevice) => b'b',
+            Kind::Other(_) => b'?',
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        use rustix::fs::FileType as T;
+        Some(match c {
+            b'd' => Kind::Directory,
+            b'w' => Kind::Whiteout,
+            b'r' => Kind::Other(T::RegularFile),
+            b'l' => Kind::Other(T::Symlink),
+            b'p' => Kind::Other(T::Fifo),
+            b's' => Kind::Other(T::Socket),
+            b'c' => Kind::Other(T::CharacterDevice),
+            b'b' => Kind::Other(T::BlockDevice),
+            _ => return None,
+        })
+    }
+
+    /// The file type a listing shows (a whiteout is a character device).
+    pub fn file_type(self) -> rustix::fs::FileType {
+        match self {
+            Kind::Directory => rustix::fs::FileType::Directory,
+            Kind::Whiteout => rustix::fs::FileType::CharacterDevice,
+            Kind::Other(t) => t,
+        }
+    }
+}
+
+/// Whether an object with xattrs `names` carries overlay metadata a lookup or listing must read
+/// from the layer (see [`Object::special`]).
+fn special(names: &[OsString]) -> bool {
+    names.iter().any(|n| {
+        let n = n.as_bytes();
+        let Some(at) = n.windows(8).position(|w| w == b"overlay.") else { return false };
+        !matches!(&n[at + 8..], b"origin" | b"impure" | b"nlink")
+    })
+}
+
+/// Every object of one layer, and which directory it was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     /// The layer root's device and inode number when it was read: a summary is used only for
     /// that directory (a layer replaced by another under its name, as a merge does, is not it).
     pub root: (u64, u64),
-    /// Every object's path relative to the layer root, parents before their entries.
-    pub paths: Vec<PathBuf>,
+    /// Every object, parents before their entries.
+    pub objects: Vec<Object>,
     /// The bytes the objects allocate (`st_blocks`, a file of several names once per name).
     pub bytes: u64,
 }
 
-/// The first words of a summary file, then the root's device and inode, the count of paths and
-/// the bytes, one line; the paths follow, each ended by a NUL byte.
-const MAGIC: &str = "ovl-summary 1";
+/// The first words of a summary file, then the root's device and inode, the count of objects and
+/// the bytes, one line; the objects follow, each as its type code, `+` if special else `-`, its
+/// inode number, a space and its path, ended by a NUL byte.
+const MAGIC: &str = "ovl-summary 2";
 
 impl Summary {
     /// Reads the whole layer under `root` (no symlink followed, nothing changed).
     pub fn read(root: BorrowedFd<'_>) -> Result<Self> {
         let st = rustix::fs::fstat(root)?;
-        let (mut paths, mut bytes) = (Vec::new(), 0u64);
+        let (mut objects, mut bytes) = (Vec::new(), 0u64);
         let mut dirs = vec![PathBuf::new()];
         while let Some(dir) = dirs.pop() {
             let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY;
             let fd = sys::open_beneath(root, &dir, flags, rustix::fs::Mode::empty())?;
             for e in sys::read_dir_fd(rustix::io::dup(&fd)?)? {
-                let st = sys::lstat_at(&fd, &sys::name_cstr(&e.name)?)?;
+                let name = sys::name_cstr(&e.name)?;
+                let st = sys::lstat_at(&fd, &name)?;
                 bytes += st.st_blocks as u64 * 512;
                 let path = dir.join(&e.name);
-                if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
-                    dirs.push(path.clone());
-                }
-                paths.push(path);
+                let kind = match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+                    rustix::fs::FileType::Directory => {
+                        dirs.push(path.clone());
+                        Kind::Directory
+                    }
+                    _ if crate::is_whiteout_stat(&st) => Kind::Whiteout,
+                    t => Kind::Other(t),
+                };
+                let special = special(&sys::list_xattrs(&fd, Some(&name))?);
+                objects.push(Object { path, kind, ino: st.st_ino, special });
             }
         }
-        Ok(Self { root: (st.st_dev, st.st_ino), paths, bytes })
+        Ok(Self { root: (st.st_dev, st.st_ino), objects, bytes })
     }
 
     /// Whether this summary was read from the directory open as `root`.
@@ -64,17 +153,20 @@ impl Summary {
 
     /// The summary as the bytes of its file.
     pub fn encode(&self) -> Vec<u8> {
-        let (root, count, bytes) = (self.root, self.paths.len(), self.bytes);
+        let (root, count, bytes) = (self.root, self.objects.len(), self.bytes);
         let mut out = format!("{MAGIC} {} {} {count} {bytes}\n", root.0, root.1).into_bytes();
-        for p in &self.paths {
-            out.extend_from_slice(p.as_os_str().as_bytes());
+        for o in &self.objects {
+            out.push(o.kind.code());
+            out.push(if o.special { b'+' } else { b'-' });
+            out.extend_from_slice(format!("{} ", o.ino).as_bytes());
+            out.extend_from_slice(o.path.as_os_str().as_bytes());
             out.push(0);
         }
         out
     }
 
     /// A summary from the bytes of its file; `None` for anything else (a truncated or foreign
-    /// file: the caller reads the layer again).
+    /// file, or one of an older version: the caller reads the layer again).
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         let nl = bytes.iter().position(|b| *b == b'\n')?;
         let head = std::str::from_utf8(&bytes[..nl]).ok()?;
@@ -89,70 +181,121 @@ impl Summary {
         if !body.is_empty() && body.last() != Some(&0) {
             return None;
         }
-        let mut paths = Vec::new();
-        for p in body.split(|b| *b == 0).filter(|p| !p.is_empty()) {
-            let path = PathBuf::from(std::ffi::OsStr::from_bytes(p));
-            if path.is_absolute() || path.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        let mut objects = Vec::new();
+        for rec in body.split(|b| *b == 0).filter(|p| !p.is_empty()) {
+            let (&[code, mark], rest) = rec.split_first_chunk::<2>()?;
+            let kind = Kind::from_code(code)?;
+            let special = match mark {
+                b'+' => true,
+                b'-' => false,
+                _ => return None,
+            };
+            let sp = rest.iter().position(|b| *b == b' ')?;
+            let ino = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+            let path = PathBuf::from(OsStr::from_bytes(&rest[sp + 1..]));
+            if path.as_os_str().is_empty()
+                || path.is_absolute()
+                || path.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
                 return None;
             }
-            paths.push(path);
+            objects.push(Object { path, kind, ino, special });
         }
-        (paths.len() == count).then_some(Self { root, paths, bytes: used })
+        (objects.len() == count).then_some(Self { root, objects, bytes: used })
     }
 }
 
+/// What a summary says of one object, as [`Holders`] keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Info {
+    kind: Kind,
+    ino: u64,
+    special: bool,
+}
+
+/// One summarized layer: its counts, and the names in each of its directories.
+#[derive(Debug)]
+struct Known {
+    objects: u64,
+    bytes: u64,
+    children: HashMap<PathBuf, Vec<OsString>>,
+}
+
 /// For each path, the summarized layers holding an object there (by the caller's numbers, e.g.
-/// the ids of a store's layers).
+/// the ids of a store's layers), and what each holds.
 #[derive(Debug, Default)]
 pub struct Holders {
-    by_path: HashMap<PathBuf, Vec<u64>>,
-    /// By layer number (small, dense: a store's ids), the summarized layers' objects and bytes:
-    /// looked at for every layer of every lookup, so an index, not a hash.
-    summarized: Vec<Option<(u64, u64)>>,
+    by_path: HashMap<PathBuf, Vec<(u64, Info)>>,
+    /// By layer number (small, dense: a store's ids), the summarized layers: looked at for every
+    /// layer of every lookup, so an index, not a hash.
+    summarized: Vec<Option<Known>>,
 }
 
 impl Holders {
     /// Adds layer `layer`'s summary (replacing what was known of it: see [`Holders::forget`]).
     pub fn add(&mut self, layer: u64, summary: &Summary) {
         self.forget(layer);
-        for p in &summary.paths {
-            let ids = self.by_path.entry(p.clone()).or_default();
-            if let Err(at) = ids.binary_search(&layer) {
-                ids.insert(at, layer);
-            }
-        }
         let at = usize::try_from(layer).unwrap_or(usize::MAX);
-        if at >= self.summarized.len() {
-            if at > 1 << 32 {
-                // Not a number this index is for: the layer is probed like any other.
-                return;
-            }
-            self.summarized.resize(at + 1, None);
+        if at > 1 << 32 {
+            // Not a number this index is for: the layer is probed like any other.
+            return;
         }
-        self.summarized[at] = Some((summary.paths.len() as u64, summary.bytes));
+        let mut children: HashMap<PathBuf, Vec<OsString>> = HashMap::new();
+        for o in &summary.objects {
+            let ids = self.by_path.entry(o.path.clone()).or_default();
+            let info = Info { kind: o.kind, ino: o.ino, special: o.special };
+            match ids.binary_search_by_key(&layer, |(id, _)| *id) {
+                Ok(i) => ids[i].1 = info,
+                Err(i) => ids.insert(i, (layer, info)),
+            }
+            if let Some(name) = o.path.file_name() {
+                let dir = o.path.parent().unwrap_or(Path::new("")).to_path_buf();
+                children.entry(dir).or_default().push(name.to_os_string());
+            }
+        }
+        if at >= self.summarized.len() {
+            self.summarized.resize_with(at + 1, || None);
+        }
+        self.summarized[at] = Some(Known { objects: summary.objects.len() as u64, bytes: summary.bytes, children });
     }
 
-    /// Stops using layer `layer`'s summary: it is probed again like any layer. (Its paths stay
-    /// listed, which only costs probes, until the layer is summarized again.)
+    /// Stops using layer `layer`'s summary: it is probed again like any layer.
     pub fn forget(&mut self, layer: u64) {
-        if let Some(slot) = usize::try_from(layer).ok().and_then(|at| self.summarized.get_mut(at)) {
-            *slot = None;
+        let Some(known) = usize::try_from(layer).ok().and_then(|at| self.summarized.get_mut(at)).and_then(Option::take)
+        else {
+            return;
+        };
+        for (dir, names) in known.children {
+            for name in names {
+                let path = dir.join(name);
+                if let Some(ids) = self.by_path.get_mut(&path) {
+                    ids.retain(|(id, _)| *id != layer);
+                    if ids.is_empty() {
+                        self.by_path.remove(&path);
+                    }
+                }
+            }
         }
     }
 
     /// Whether `layer` has a summary in use.
     pub fn knows(&self, layer: u64) -> bool {
-        self.usage(layer).is_some()
+        self.known(layer).is_some()
+    }
+
+    fn known(&self, layer: u64) -> Option<&Known> {
+        usize::try_from(layer).ok().and_then(|at| self.summarized.get(at)).and_then(Option::as_ref)
     }
 
     /// The objects and bytes of layer `layer`, from its summary.
     pub fn usage(&self, layer: u64) -> Option<(u64, u64)> {
-        usize::try_from(layer).ok().and_then(|at| self.summarized.get(at).copied().flatten())
+        self.known(layer).map(|k| (k.objects, k.bytes))
     }
 
-    /// The summarized layers holding an object at `path`.
-    fn at(&self, path: &Path) -> &[u64] {
-        self.by_path.get(path).map_or(&[], |v| v.as_slice())
+    /// What summarized layer `layer` holds at `path`, if anything.
+    fn info(&self, layer: u64, path: &Path) -> Option<Info> {
+        let ids = self.by_path.get(path)?;
+        ids.binary_search_by_key(&layer, |(id, _)| *id).ok().map(|i| ids[i].1)
     }
 }
 
@@ -172,28 +315,73 @@ impl Presence {
 
     /// A reader for one lookup (holds the shared lock until dropped).
     pub fn reader(&self) -> PresenceReader<'_> {
-        PresenceReader { holders: self.holders.read(), numbers: &self.numbers, last: None }
+        PresenceReader { holders: self.holders.read(), numbers: &self.numbers }
     }
 }
 
-/// [`Presence`] for one lookup: answers for one path after another, remembering the last.
+/// What a summary says is at a path of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// The layer has no summary in use: probe it.
+    Unknown,
+    /// Nothing.
+    Nothing,
+    /// A directory without overlay metadata that changes lookups (see [`Object::special`]).
+    PlainDir,
+    /// A whiteout without such metadata.
+    Whiteout,
+    /// Something else (a non-directory, or anything special): probe it.
+    Other,
+}
+
+/// [`Presence`] for one lookup or listing.
 pub struct PresenceReader<'a> {
     holders: parking_lot::RwLockReadGuard<'a, Holders>,
     numbers: &'a [Option<u64>],
-    last: Option<(PathBuf, Vec<u64>)>,
 }
 
 impl PresenceReader<'_> {
+    /// The number of layer `layer` in the holders, if its summary is in use.
+    fn number(&self, layer: LayerId) -> Option<u64> {
+        self.numbers.get(layer.0 as usize).copied().flatten().filter(|n| self.holders.knows(*n))
+    }
+
     /// False only when layer `layer` surely holds nothing at `path`.
     pub fn may_hold(&mut self, layer: LayerId, path: &Path) -> bool {
-        let Some(number) = self.numbers.get(layer.0 as usize).copied().flatten() else { return true };
-        if !self.holders.knows(number) {
-            return true;
+        self.held(layer, path) != Held::Nothing
+    }
+
+    /// What layer `layer` holds at `path`, as far as its summary tells.
+    pub fn held(&self, layer: LayerId, path: &Path) -> Held {
+        let Some(number) = self.number(layer) else { return Held::Unknown };
+        match self.holders.info(number, path) {
+            None => Held::Nothing,
+            Some(i) if i.special => Held::Other,
+            Some(Info { kind: Kind::Directory, .. }) => Held::PlainDir,
+            Some(Info { kind: Kind::Whiteout, .. }) => Held::Whiteout,
+            Some(_) => Held::Other,
         }
-        if self.last.as_ref().is_none_or(|(p, _)| p != path) {
-            self.last = Some((path.to_path_buf(), self.holders.at(path).to_vec()));
+    }
+
+    /// The entries of directory `dir` of layer `layer` (name, type, inode number; whiteouts as
+    /// [`Kind::Whiteout`]), when its summary is in use and neither the directory nor any entry
+    /// is special; `None`: read the directory from the layer.
+    pub fn listing(&self, layer: LayerId, dir: &Path) -> Option<Vec<(OsString, Kind, u64)>> {
+        let number = self.number(layer)?;
+        if !dir.as_os_str().is_empty() && self.held(layer, dir) != Held::PlainDir {
+            return None;
         }
-        self.last.as_ref().is_some_and(|(_, ids)| ids.binary_search(&number).is_ok())
+        let known = self.holders.known(number)?;
+        let names = known.children.get(dir).map_or(&[][..], |v| v.as_slice());
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let info = self.holders.info(number, &dir.join(name))?;
+            if info.special {
+                return None;
+            }
+            out.push((name.clone(), info.kind, info.ino));
+        }
+        Some(out)
     }
 }
 
@@ -201,29 +389,50 @@ impl PresenceReader<'_> {
 mod tests {
     use super::*;
 
+    fn obj(path: &str, kind: Kind, special: bool) -> Object {
+        Object { path: path.into(), kind, ino: path.len() as u64, special }
+    }
+
+    fn summary(objects: Vec<Object>) -> Summary {
+        Summary { root: (0, 0), objects, bytes: 0 }
+    }
+
     #[test]
     fn summaries_round_trip_and_refuse_what_is_not_one() {
-        let s = Summary { root: (7, 42), paths: vec!["a".into(), "a/b c".into(), "a/\nx".into()], bytes: 8192 };
+        let reg = Kind::Other(rustix::fs::FileType::RegularFile);
+        let s = Summary {
+            root: (7, 42),
+            objects: vec![
+                obj("a", Kind::Directory, true),
+                obj("a/b c", reg, false),
+                obj("a/\nx", Kind::Whiteout, false),
+            ],
+            bytes: 8192,
+        };
         assert_eq!(Summary::decode(&s.encode()), Some(s.clone()));
         let bytes = s.encode();
         assert_eq!(Summary::decode(&bytes[..bytes.len() - 1]), None, "cut short in a path");
-        let cut = bytes.len() - "a/\nx".len() - 1;
+        let cut = bytes.len() - "w-4 a/\nx".len() - 1;
         assert_eq!(Summary::decode(&bytes[..cut]), None, "cut short after a path");
-        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 0 0\n"), None, "another version");
-        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1 0\n/etc\0"), None, "absolute");
-        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1 0\na/../b\0"), None, "dot-dot");
-        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 0\n"), None, "no bytes");
+        assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1 0\na\0"), None, "an older version");
+        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd-1 /etc\0"), None, "absolute");
+        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd-1 a/../b\0"), None, "dot-dot");
+        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nq-1 a\0"), None, "unknown type");
+        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd*1 a\0"), None, "unknown mark");
+        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd-x a\0"), None, "no number");
+        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 0\n"), None, "no bytes");
         assert_eq!(
-            Summary::decode(b"ovl-summary 1 1 2 0 0\n"),
-            Some(Summary { root: (1, 2), paths: vec![], bytes: 0 })
+            Summary::decode(b"ovl-summary 2 1 2 0 0\n"),
+            Some(Summary { root: (1, 2), objects: vec![], bytes: 0 })
         );
     }
 
     #[test]
     fn only_known_layers_are_skipped() {
+        let reg = Kind::Other(rustix::fs::FileType::RegularFile);
         let holders = Arc::new(RwLock::new(Holders::default()));
-        holders.write().add(5, &Summary { root: (0, 0), paths: vec!["d".into(), "d/f".into()], bytes: 0 });
-        holders.write().add(9, &Summary { root: (0, 0), paths: vec!["e".into()], bytes: 0 });
+        holders.write().add(5, &summary(vec![obj("d", Kind::Directory, false), obj("d/f", reg, false)]));
+        holders.write().add(9, &summary(vec![obj("e", Kind::Directory, true)]));
         let p = Presence::new(holders.clone(), vec![Some(9), Some(5), Some(3), None]);
         let mut r = p.reader();
         assert!(r.may_hold(LayerId(1), Path::new("d/f")));
@@ -231,10 +440,40 @@ mod tests {
         assert!(r.may_hold(LayerId(2), Path::new("d/f")), "layer 3 has no summary");
         assert!(r.may_hold(LayerId(3), Path::new("zzz")), "a layer without a number");
         assert!(r.may_hold(LayerId(8), Path::new("zzz")), "a layer beyond the list");
+        assert_eq!(r.held(LayerId(1), Path::new("d")), Held::PlainDir);
+        assert_eq!(r.held(LayerId(0), Path::new("e")), Held::Other, "a special dir is probed");
         drop(r);
         holders.write().forget(9);
         assert!(p.reader().may_hold(LayerId(0), Path::new("d/f")), "a forgotten summary");
-        holders.write().add(u64::MAX, &Summary { root: (0, 0), paths: vec![], bytes: 0 });
+        holders.write().add(u64::MAX, &summary(vec![]));
         assert!(!holders.read().knows(u64::MAX), "a number too large to index is never trusted");
+    }
+
+    #[test]
+    fn listings_come_from_plain_dirs_only_and_a_replaced_summary_leaves_nothing_behind() {
+        let reg = Kind::Other(rustix::fs::FileType::RegularFile);
+        let holders = Arc::new(RwLock::new(Holders::default()));
+        holders.write().add(
+            2,
+            &summary(vec![
+                obj("d", Kind::Directory, false),
+                obj("d/f", reg, false),
+                obj("d/gone", Kind::Whiteout, false),
+                obj("s", Kind::Directory, false),
+                obj("s/moved", Kind::Directory, true),
+            ]),
+        );
+        let p = Presence::new(holders.clone(), vec![Some(2)]);
+        let mut listing = p.reader().listing(LayerId(0), Path::new("d")).unwrap();
+        listing.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(listing, vec![("f".into(), reg, 3), ("gone".into(), Kind::Whiteout, 6)]);
+        assert_eq!(p.reader().listing(LayerId(0), Path::new("s")), None, "an entry with a redirect");
+        assert_eq!(p.reader().listing(LayerId(0), Path::new("")).map(|l| l.len()), Some(2), "the root");
+        assert_eq!(p.reader().listing(LayerId(0), Path::new("d/f")), None, "not a dir");
+        // The same layer number, another directory (a merge swapped it in): only the new objects.
+        holders.write().add(2, &summary(vec![obj("d", Kind::Directory, false)]));
+        assert_eq!(p.reader().listing(LayerId(0), Path::new("d")), Some(vec![]));
+        assert_eq!(p.reader().held(LayerId(0), Path::new("d/f")), Held::Nothing);
+        assert_eq!(p.reader().held(LayerId(0), Path::new("s")), Held::Nothing);
     }
 }

@@ -128,7 +128,7 @@ pub fn lookup_in(
                 return Ok(None);
             }
             let kind = FileType::from_raw_mode(st.st_mode);
-            let identity = identity_from(stack, upper.layer(), &path, &st, p.xattr(&names.origin)?)?;
+            let identity = identity_from(stack, upper.layer(), &path, &st, origin_of(stack, &mut p)?)?;
             // With `nofollow` the kernel reads a redirect only where lower layers are left.
             let reads = reads_redirect(stack, None, parent.is_merged());
             if kind != FileType::Directory {
@@ -183,7 +183,7 @@ pub fn lookup_in(
     };
     // Frozen layers whose summary lists nothing at the path are skipped unprobed, where a missing
     // object means "go on to the next layer": a relative target, and no AUFS marks to read.
-    let mut presence = stack.presence().filter(|_| !stack.reads_aufs()).map(|p| p.reader());
+    let presence = stack.presence().filter(|_| !stack.reads_aufs()).map(|p| p.reader());
     let mut i = 0;
     while i < list.len() {
         let ld = list[i].clone();
@@ -215,9 +215,19 @@ pub fn lookup_in(
                 }
             },
         };
-        if let (Target::Rel(_), Some(presence)) = (&target, presence.as_mut()) {
-            if !presence.may_hold(ld.layer, &path) {
-                continue;
+        if let (Target::Rel(_), Some(presence)) = (&target, presence.as_ref()) {
+            use ovl_core::presence::Held;
+            match presence.held(ld.layer, &path) {
+                Held::Nothing => continue,
+                Held::Whiteout => break,
+                // A directory below the first one found that carries no opaque mark, redirect
+                // or xwhiteout mark: it only joins the merge, nothing of it needs reading.
+                Held::PlainDir if found.as_ref().is_some_and(|f| f.dir.is_some()) => {
+                    let dir = found.as_mut().and_then(|f| f.dir.as_mut()).ok_or(Errno::IO)?;
+                    dir.lowers.push(LowerDir { layer: ld.layer, path, xwhiteouts: false });
+                    continue;
+                }
+                Held::PlainDir | Held::Other | Held::Unknown => {}
             }
         }
         if crate::aufs::hidden(stack, layer, &path)? {
@@ -245,7 +255,7 @@ pub fn lookup_in(
         let reads = reads_redirect(stack, Some(ld.layer), i < list.len());
         match &mut found {
             None if kind != FileType::Directory => {
-                let identity = identity_from(stack, layer, &path, &st, p.xattr(&names.origin)?)?;
+                let identity = identity_from(stack, layer, &path, &st, origin_of(stack, &mut p)?)?;
                 let meta = metacopy_redirect(stack, &mut p, &path, reads)?;
                 let mut e = Entry {
                     kind,
@@ -265,7 +275,7 @@ pub fn lookup_in(
             }
             None => {
                 found = Some(Entry {
-                    identity: identity_from(stack, layer, &path, &st, p.xattr(&names.origin)?)?,
+                    identity: identity_from(stack, layer, &path, &st, origin_of(stack, &mut p)?)?,
                     kind,
                     stat: st,
                     upper: None,
@@ -292,6 +302,15 @@ pub fn lookup_in(
         (list, i, target) = advance(stack, list, i, ld.layer, target, below, redirect);
     }
     Ok(found)
+}
+
+/// The `overlay.origin` of the object `p` probes, unless the stack takes objects as their own
+/// identity ([`LayerStack::own_identities`]).
+fn origin_of(stack: &LayerStack, p: &mut Probe) -> Result<Option<Vec<u8>>> {
+    if stack.own_identities() {
+        return Ok(None);
+    }
+    p.xattr(&stack.names().origin)
 }
 
 impl Entry {

@@ -28,7 +28,8 @@ pub struct MergedEntry {
 }
 
 /// Lists the merged directory `dir`: upper entries first, then each lower layer's entries not
-/// already seen. Whiteouts (and xwhiteouts in `opaque=x` dirs) hide the name in the layers below
+/// already seen. A lower layer whose summary the stack's presence holds lists a directory
+/// without overlay metadata from the summary, and its entries carry no identity. Whiteouts (and xwhiteouts in `opaque=x` dirs) hide the name in the layers below
 /// and are not listed. On a stack that reads the AUFS encoding, no `.wh.*` name is listed and
 /// `.wh.NAME` hides `NAME` in its own layer and below. Order is stable for a given set of layers.
 pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntry>> {
@@ -64,10 +65,28 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
             seen.extend(hidden);
         }
     }
+    let presence = stack.presence().filter(|_| !stack.reads_aufs()).map(|p| p.reader());
     for (i, ld) in dir.lowers.iter().enumerate() {
         let layer = stack.layer(ld.layer);
         let root = layer.root();
         let last = i + 1 == dir.lowers.len();
+        // A frozen layer's plain directory is listed from its summary, whiteouts included.
+        let summarized = presence.as_ref().filter(|_| !ld.xwhiteouts).and_then(|p| p.listing(ld.layer, &ld.path));
+        if let Some(entries) = summarized {
+            for (name, kind, ino) in entries {
+                if seen.contains(&name) {
+                    continue;
+                }
+                if !last {
+                    seen.insert(name.clone());
+                }
+                if kind != ovl_core::presence::Kind::Whiteout {
+                    let file_type = kind.file_type();
+                    out.push(MergedEntry { name, file_type, ino, layer: ld.layer, identity: None });
+                }
+            }
+            continue;
+        }
         let impure = is_impure(stack, root, &ld.path)?;
         let (listing, hidden) = aufs_split(stack, sys::read_dir(root, &ld.path)?);
         for e in listing {

@@ -214,7 +214,13 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
         Some((live.clone(), Arc::new(live_fd), work)),
         snapper.overlay_options(),
     )?;
-    let mut overlay = OverlayFs::new(stack)?.with_hook(snapper.clone()).hide_root_name(SNAPDIR_NAME.as_ref());
+    // LIVE's directories hold their dirs open (ovl-fs's `dirfds`), but fewer than a plain
+    // overlay's: every snapshot layer needs a descriptor, and a take needs more free.
+    let dir_handles = (ovl_fs::limits::raise() / 16).min(1024) as usize;
+    let mut overlay = OverlayFs::new(stack)?
+        .with_dir_handle_budget(dir_handles)
+        .with_hook(snapper.clone())
+        .hide_root_name(SNAPDIR_NAME.as_ref());
     for h in &hidden {
         overlay = overlay.hide_root_name(h);
     }

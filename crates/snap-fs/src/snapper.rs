@@ -358,6 +358,8 @@ impl Snapper {
         let newest = store.snapshots().last().map(|s| s.id);
         let frozen = snaps.iter().map(|s| (Some(s.id) != newest).then_some(s.id)).chain([None]).collect();
         stack.set_presence(ovl_core::presence::Presence::new(self.views.holders.clone(), frozen));
+        // Diffs and merges compare objects, never identities.
+        stack.use_own_identities();
         Ok(stack)
     }
 
@@ -631,7 +633,7 @@ impl Snapper {
                 tracing::warn!(id, "writing the layer's summary: {e:#}");
             }
             self.views.holders.write().add(id, &summary);
-            tracing::debug!(id, entries = summary.paths.len(), "layer summarized");
+            tracing::debug!(id, entries = summary.objects.len(), "layer summarized");
         }
     }
 

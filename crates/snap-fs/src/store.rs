@@ -710,7 +710,7 @@ pub fn list_offline(root: &OwnedFd) -> anyhow::Result<Vec<crate::snapper::Listed
         let l = open_dir_at(layers.as_fd(), &s.id.to_string())?;
         // A summary, if it fits, says; the newest layer has none (it may still be written to).
         let (bytes, entries) = match crate::summary::load(root.as_fd(), s.id, l.as_fd()) {
-            Some(summary) => (summary.bytes, summary.paths.len() as u64),
+            Some(summary) => (summary.bytes, summary.objects.len() as u64),
             None => layer_usage(l.as_fd())?,
         };
         out.push(crate::snapper::Listed {

@@ -238,6 +238,8 @@ impl Views {
         let mut stack = LayerStack::from_open_dirs(layers, None, self.opts.clone())?;
         let frozen = def.frozen.get(def.from..).unwrap_or_default().to_vec();
         stack.set_presence(ovl_core::presence::Presence::new(self.holders.clone(), frozen));
+        // Views number objects by the layer object that shows them (see the module docs).
+        stack.use_own_identities();
         let root = DirLayers::root(&stack)?;
         Ok(def.built.get_or_init(|| Arc::new(ViewStack { stack, root, live })).clone())
     }

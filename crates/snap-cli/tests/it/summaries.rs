@@ -51,11 +51,54 @@ fn wait_for_summaries(m: &SnapMount, what: &str) {
 fn summary_paths(m: &SnapMount, id: u64) -> BTreeSet<PathBuf> {
     let bytes = fs::read(store(m).join("summaries").join(id.to_string())).unwrap();
     let nl = bytes.iter().position(|b| *b == b'\n').expect("a header line");
+    // Each object: its type code, `+` or `-`, its inode number, a space, its path.
     bytes[nl + 1..]
         .split(|b| *b == 0)
         .filter(|p| !p.is_empty())
-        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+        .map(|r| {
+            let sp = r.iter().position(|b| *b == b' ').expect("a space after the inode number");
+            PathBuf::from(std::ffi::OsStr::from_bytes(&r[sp + 1..]))
+        })
         .collect()
+}
+
+/// Each object a summary file lists, by path: its record without the path (type code, `+` for
+/// overlay metadata a lookup must read, else `-`, inode number).
+fn summary_records(m: &SnapMount, id: u64) -> Vec<(PathBuf, String)> {
+    let bytes = fs::read(store(m).join("summaries").join(id.to_string())).unwrap();
+    let nl = bytes.iter().position(|b| *b == b'\n').expect("a header line");
+    let mut out: Vec<(PathBuf, String)> = bytes[nl + 1..]
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|r| {
+            let sp = r.iter().position(|b| *b == b' ').unwrap();
+            (PathBuf::from(std::ffi::OsStr::from_bytes(&r[sp + 1..])), String::from_utf8_lossy(&r[..sp]).into_owned())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// What a summary should record of the layer object at `path` (see [`summary_records`]).
+fn object_record(path: &Path) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let md = fs::symlink_metadata(path).unwrap();
+    let t = md.file_type();
+    let code = match () {
+        _ if t.is_dir() => 'd',
+        _ if t.is_char_device() && md.rdev() == 0 => 'w',
+        _ if t.is_file() => 'r',
+        _ if t.is_symlink() => 'l',
+        _ if t.is_fifo() => 'p',
+        _ if t.is_socket() => 's',
+        _ if t.is_char_device() => 'c',
+        _ => 'b',
+    };
+    let special = xattrs(path).unwrap().iter().any(|(n, _)| {
+        let n = n.to_string_lossy();
+        n.split_once("overlay.").is_some_and(|(_, rest)| !matches!(rest, "origin" | "impure" | "nlink"))
+    });
+    format!("{code}{}{}", if special { '+' } else { '-' }, md.ino())
 }
 
 /// Every path in layer dir `root`.
@@ -81,6 +124,18 @@ fn assert_summaries_exact(m: &SnapMount, what: &str) {
     for id in summarized(m) {
         let layer = store(m).join("layers").join(id.to_string());
         assert_eq!(summary_paths(m, id), layer_paths(&layer), "{what}: the summary of layer {id}");
+        let objects: Vec<(PathBuf, String)> = layer_paths(&layer)
+            .into_iter()
+            .map(|p| {
+                let shown = object_record(&layer.join(&p));
+                (p, shown)
+            })
+            .collect();
+        assert_eq!(
+            summary_records(m, id),
+            objects,
+            "{what}: types, inode numbers and marks in the summary of layer {id}"
+        );
     }
     for s in m.list() {
         let layer = store(m).join("layers").join((s.id as u64).to_string());
