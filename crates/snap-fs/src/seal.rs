@@ -17,7 +17,7 @@
 //! directory renamed in between) and which may show changes made legitimately before the take: a
 //! difference is then reported as unverified (with the paths, readable), never as changed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -161,9 +161,11 @@ pub(crate) fn consistent(
     marks: &BTreeMap<Vec<u8>, Mark>,
 ) -> ovl_core::Result<bool> {
     let live = LayerId(stack.lowers().len() as u16 - 1);
+    // The marks come sorted by path: siblings follow each other and share their parent's walk.
+    let mut dirs = HashMap::new();
     for (p, m) in marks {
         let path = Path::new(std::ffi::OsStr::from_bytes(p));
-        match shown_at(stack, hidden, path)? {
+        match shown_at_with(stack, hidden, path, &mut dirs)? {
             Shown::Live(q) => match sys::lstat_beneath(stack.layer(live).root(), &q) {
                 Ok(st) if st.st_ino == m.ino => {}
                 // Changed since it was read: saved into the newest layer first, or being saved.
@@ -190,17 +192,32 @@ pub(crate) enum Shown {
 
 /// What the view `stack` (its last layer LIVE) shows at `path`. `hidden` as in [`record`].
 pub(crate) fn shown_at(stack: &LayerStack, hidden: &[OsString], path: &Path) -> ovl_core::Result<Shown> {
+    shown_at_with(stack, hidden, path, &mut HashMap::new())
+}
+
+/// [`shown_at`], starting from `path`'s parent when `dirs` has it (the directories met on the
+/// way are added, by view path): for many paths looked at one after the other.
+fn shown_at_with(
+    stack: &LayerStack,
+    hidden: &[OsString],
+    path: &Path,
+    dirs: &mut HashMap<PathBuf, DirLayers>,
+) -> ovl_core::Result<Shown> {
     let live = LayerId(stack.lowers().len() as u16 - 1);
-    let mut dir = DirLayers::root(stack)?;
-    let mut comps = path.iter().peekable();
-    if comps.peek().is_none() {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let (mut dir, mut here, mut first, skip) = match parent.and_then(|p| dirs.get(p)) {
+        Some(d) => (d.clone(), parent.unwrap_or(Path::new("")).to_path_buf(), false, path.iter().count() - 1),
+        None => (DirLayers::root(stack)?, PathBuf::new(), true, 0),
+    };
+    let mut comps = path.iter().skip(skip).peekable();
+    if first && comps.peek().is_none() {
         return Ok(match dir.lowers.first() {
             Some(l) if l.layer != live => Shown::Layer,
             _ => Shown::Live(PathBuf::new()),
         });
     }
-    let mut first = true;
     while let Some(c) = comps.next() {
+        here.push(c);
         if first && hidden.iter().any(|h| h == c) {
             return Ok(Shown::Layer);
         }
@@ -215,6 +232,9 @@ pub(crate) fn shown_at(stack: &LayerStack, hidden: &[OsString], path: &Path) -> 
             (None, Some(d)) => d.lowers.first().map_or((live, PathBuf::new()), |l| (l.layer, l.path.clone())),
             (None, None) => return Ok(Shown::Layer),
         };
+        if let Some(d) = &e.dir {
+            dirs.insert(here.clone(), d.clone());
+        }
         match e.dir {
             Some(d) if comps.peek().is_some() => dir = d,
             _ if comps.peek().is_some() => return Ok(Shown::Layer),
