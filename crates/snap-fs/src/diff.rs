@@ -113,12 +113,14 @@ pub(crate) struct Differ<'a> {
     /// Objects whose mtimes differ count as changed (see [`Differ::with_times`]).
     times: bool,
     report: Report,
+    /// Paths of B resolved so far (see [`Differ::resolve_b`]).
+    resolver_b: Option<crate::resolver::Resolver<'a>>,
 }
 
 impl<'a> Differ<'a> {
     /// `a` is `range` layers stacked over the layers of `b`; `hidden` are root names of neither.
     pub fn new(a: &'a LayerStack, b: &'a LayerStack, range: usize, hidden: &'a [OsString]) -> Self {
-        Self { a, b, range: range as u16, hidden, times: false, report: Report::default() }
+        Self { a, b, range: range as u16, hidden, times: false, report: Report::default(), resolver_b: None }
     }
 
     /// Also reports objects that differ only in their mtime: a delete's merge must keep them (a
@@ -152,17 +154,11 @@ impl<'a> Differ<'a> {
     }
 
     /// Resolves `p` from the root of view B.
-    fn resolve_b(&self, p: &Path) -> Result<Option<Entry>> {
-        let mut dir = DirLayers::root(self.b)?;
-        let mut found = None;
-        for c in p.iter() {
-            let Some(e) = ovl_lookup::lookup(self.b, &dir, c)? else { return Ok(None) };
-            if let Some(d) = &e.dir {
-                dir = d.clone();
-            }
-            found = Some(e);
+    fn resolve_b(&mut self, p: &Path) -> Result<Option<Entry>> {
+        if self.resolver_b.is_none() {
+            self.resolver_b = Some(crate::resolver::Resolver::new(self.b)?);
         }
-        Ok(found)
+        self.resolver_b.as_ref().map_or(Ok(None), |r| r.resolve(p))
     }
 
     /// Compares dir `pa` of A (layers `da`) with dir `pb` of B (`db`). Unless `full`, only the

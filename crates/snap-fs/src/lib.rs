@@ -25,6 +25,7 @@ mod merge;
 pub mod names;
 pub mod policy;
 mod precopy;
+mod resolver;
 pub mod restore;
 mod seal;
 pub mod snapper;

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Result, XattrNames, make_whiteout};
-use ovl_lookup::{DirLayers, Entry};
+use ovl_lookup::Entry;
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps};
 
 use crate::diff::{Change, Differ, Report, translate};
@@ -49,7 +49,8 @@ pub(crate) fn build(
 ) -> Result<Report> {
     let report = Differ::new(a, b, range as usize, hidden).with_times().run()?;
     let copied = keep.then(Default::default);
-    let mut m = Merge { a, range, copied, out, made: BTreeSet::new(), times: Vec::new() };
+    let resolver = crate::resolver::Resolver::new(a)?;
+    let mut m = Merge { a, range, copied, out, made: BTreeSet::new(), times: Vec::new(), resolver };
     // Before anything is linked into `out`, which adds to the link counts.
     let groups: Vec<_> = (0..range).map(|l| linked_files(a.layer(LayerId(l)).root())).collect();
     m.root_meta()?;
@@ -71,6 +72,8 @@ struct Merge<'a> {
     made: BTreeSet<PathBuf>,
     /// Every directory made in the merged layer, with A's times for it.
     times: Vec<(PathBuf, Timestamps)>,
+    /// Paths of A, resolved (A does not change while the merge is built).
+    resolver: crate::resolver::Resolver<'a>,
 }
 
 impl Merge<'_> {
@@ -80,21 +83,12 @@ impl Merge<'_> {
 
     /// Resolves `p` in view A.
     fn resolve(&self, p: &Path) -> Result<Option<Entry>> {
-        let mut dir = DirLayers::root(self.a)?;
-        let mut found = None;
-        for c in p.iter() {
-            let Some(e) = ovl_lookup::lookup(self.a, &dir, c)? else { return Ok(None) };
-            if let Some(d) = &e.dir {
-                dir = d.clone();
-            }
-            found = Some(e);
-        }
-        Ok(found)
+        self.resolver.resolve(p)
     }
 
     /// The merged layer's root gets A's root metadata (the kernel shows the top layer's root).
     fn root_meta(&mut self) -> Result<()> {
-        let root = DirLayers::root(self.a)?;
+        let root = self.resolver.root();
         let top = root.lowers.first().ok_or(Errno::IO)?;
         let src = self.a.layer(top.layer).root();
         let st = rustix::fs::fstat(src)?;
