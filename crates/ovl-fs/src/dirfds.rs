@@ -15,7 +15,7 @@
 //! open-file limit, at most 8192. Over it, the oldest held dirs are dropped first, those used
 //! since they were last passed over get a second chance (a clock). A node forgotten by the kernel
 //! closes its own. Where nothing may be held (a budget of 0) every request walks its path, as
-//! before.
+//! before. A process that runs out of descriptors (`EMFILE`) drops every held one.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -84,6 +84,10 @@ impl DirFds {
             Ok(h) => h,
             Err(e) => {
                 tracing::debug!(node = node.id, %e, "directory handles not opened");
+                if matches!(e.errno(), ovl_core::Errno::MFILE | ovl_core::Errno::NFILE) {
+                    // Out of descriptors: the held ones are only a cache, the request is not.
+                    self.shed(table);
+                }
                 return None;
             }
         };
@@ -93,6 +97,18 @@ impl DirFds {
         drop(old);
         self.admit(table, node.id);
         Some(held)
+    }
+
+    /// Drops every node's held dirs (when the process ran out of descriptors).
+    fn shed(&self, table: &Table) {
+        let ids: Vec<u64> = self.order.lock().drain(..).collect();
+        let mut dropped = 0;
+        for id in ids {
+            if let Some(held) = table.get(id).and_then(|n| n.held.lock().take()) {
+                dropped += held.handles.len();
+            }
+        }
+        tracing::warn!(dropped, "out of descriptors: directory handles dropped");
     }
 
     /// Records that node `id` holds dirs, and drops other nodes' over the budget.

@@ -216,7 +216,7 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     )?;
     // LIVE's directories hold their dirs open (ovl-fs's `dirfds`), but fewer than a plain
     // overlay's: every snapshot layer needs a descriptor, and a take needs more free.
-    let dir_handles = (ovl_fs::limits::raise() / 16).min(1024) as usize;
+    let dir_handles = (ovl_fs::limits::raise() / 16).min(256) as usize;
     let mut overlay = OverlayFs::new(stack)?
         .with_dir_handle_budget(dir_handles)
         .with_hook(snapper.clone())
