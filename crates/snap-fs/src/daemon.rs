@@ -205,7 +205,7 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     // Every layer is open now; serving them needs more (see `Snapper::serve_headroom`), and a
     // mount that ran out of descriptors would die after it was reported live.
     let layers = snapper.layer_count();
-    ovl_fs::limits::ensure_free(Snapper::serve_headroom(layers) + ovl_fs::mount::session_threads(), false)
+    ovl_fs::limits::ensure_free(Snapper::serve_headroom() + ovl_fs::mount::session_threads(), false)
         .with_context(|| format!("LIVE cannot be served with its {layers} snapshot(s), one descriptor each"))?;
     let (workdir, work) = snapper.store_work()?;
     drop(workdir);

@@ -172,7 +172,7 @@ impl Snapper {
         // Refused up front rather than run out of descriptors halfway (issue 16.3): the daemon
         // holds one per layer and must keep serving after the take.
         let layers = self.layer_count() + 1;
-        ovl_fs::limits::ensure_free(TAKE_FDS + Self::serve_headroom(layers), true).with_context(|| {
+        ovl_fs::limits::ensure_free(TAKE_FDS + Self::serve_headroom(), true).with_context(|| {
             format!("snapshot {name:?} was not taken: it would make {layers} snapshot layers, one descriptor each")
         })?;
         // Set aside, so that taking the snapshot back never lacks the descriptor it writes with.
@@ -199,10 +199,12 @@ impl Snapper {
         self.store.lock().snapshots().len()
     }
 
-    /// Descriptors to keep free while `layers` snapshot layers are open: a listing in the oldest
-    /// view holds a directory of each layer open at once, and users' files and lookups need more.
-    pub fn serve_headroom(layers: usize) -> usize {
-        layers + ovl_fs::limits::SERVE_RESERVE
+    /// Descriptors to keep free while snapshot layers are open (each holds one): users' files,
+    /// lookups and listings. Those open one directory of a layer at a time per request (a
+    /// frozen layer's listing comes from its summary), so the reserve does not grow with the
+    /// layers (it did until session 9, which stopped a store at half the limit).
+    pub fn serve_headroom() -> usize {
+        ovl_fs::limits::SERVE_RESERVE
     }
 
     /// The store's work dir (`work/work`) and the workdir holding it.

@@ -127,3 +127,36 @@ fn a_mount_near_the_open_file_limit_serves_or_fails_before_returning() {
     let failed = failed.len();
     assert!(failed > 0 && served > 0, "the limits tried should cover both outcomes: {failed} failed, {served} served");
 }
+
+/// A daemon holds a descriptor per snapshot layer, but serving needs only a fixed reserve more
+/// (listings and lookups open one directory of a layer at a time): under a limit of 256 it takes
+/// 120 snapshots (until session 9 it kept as many free as it held, and refused past ~100), and
+/// every view, a diff, a delete and the next mount work.
+#[test]
+fn snapshots_fill_the_open_file_limit_less_a_fixed_reserve() {
+    const TAKES: usize = 120;
+    let mut m = SnapMount::prepare(Form::Stacked);
+    m.mount_wrapped(&["prlimit", "--nofile=256:256"]);
+    let a = m.mnt().join("a");
+    for i in 1..=TAKES {
+        append(&a, &format!("{i}\n"));
+        let out = m.try_take(Some(&format!("t{i}")));
+        assert!(out.success(), "take {i} of {TAKES} under a limit of 256\n{out}");
+    }
+    for i in [1, TAKES / 2, TAKES] {
+        let got = fs::read_to_string(m.view(&format!("t{i}")).join("a")).unwrap();
+        assert_eq!(got, lines_upto(i), "view t{i}");
+    }
+    let diff = ovlsnap(&[OsStr::new("diff"), OsStr::new("t1"), OsStr::new("--mount"), m.mnt().as_os_str()]);
+    diff.expect_ok("diff t1 to LIVE");
+    assert_eq!(diff.stdout.trim_end(), "M\t/a", "diff t1 to LIVE\n{diff}");
+    let mid = format!("t{}", TAKES / 2);
+    ovlsnap(&[OsStr::new("delete"), OsStr::new(&mid), OsStr::new("--mount"), m.mnt().as_os_str()])
+        .expect_ok("delete a middle snapshot");
+    let before = format!("t{}", TAKES / 2 - 1);
+    let got = fs::read_to_string(m.view(&before).join("a")).unwrap();
+    assert_eq!(got, lines_upto(TAKES / 2 - 1), "view {before} after deleting {mid}");
+    m.umount();
+    m.mount_wrapped(&["prlimit", "--nofile=256:256"]);
+    assert_eq!(list_names(&m).len(), TAKES - 1, "snapshots after a remount under the same limit");
+}
