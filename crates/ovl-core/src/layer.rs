@@ -37,6 +37,12 @@ impl Layer {
     pub fn root(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
     }
+
+    /// The open root directory, shared (to hold it as a directory handle without a descriptor
+    /// of its own).
+    pub fn root_shared(&self) -> Arc<OwnedFd> {
+        self.root.clone()
+    }
     /// The device of the layer's filesystem.
     pub fn dev(&self) -> u64 {
         self.dev

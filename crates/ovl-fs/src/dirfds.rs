@@ -38,7 +38,7 @@ pub(crate) struct HeldDir {
 
 impl Drop for HeldDir {
     fn drop(&mut self) {
-        self.open.fetch_sub(self.handles.len(), Ordering::Relaxed);
+        self.open.fetch_sub(self.handles.own_descriptors(), Ordering::Relaxed);
     }
 }
 
@@ -91,7 +91,7 @@ impl DirFds {
                 return None;
             }
         };
-        self.open.fetch_add(handles.len(), Ordering::Relaxed);
+        self.open.fetch_add(handles.own_descriptors(), Ordering::Relaxed);
         let held = Arc::new(HeldDir { layers: layers.clone(), handles, open: self.open.clone() });
         let old = node.held.lock().replace(held.clone());
         drop(old);
@@ -105,7 +105,7 @@ impl DirFds {
         let mut dropped = 0;
         for id in ids {
             if let Some(held) = table.get(id).and_then(|n| n.held.lock().take()) {
-                dropped += held.handles.len();
+                dropped += held.handles.own_descriptors();
             }
         }
         tracing::warn!(dropped, "out of descriptors: directory handles dropped");

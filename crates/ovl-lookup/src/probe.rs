@@ -123,44 +123,46 @@ pub fn with_dir_cache<R>(upper_root: Option<BorrowedFd<'_>>, kept: &mut KeptDirs
 /// still the one wanted (ovl-fs: the layers it was opened for are still the node's).
 #[derive(Debug, Default)]
 pub struct DirHandles {
-    upper: Option<Arc<OwnedFd>>,
+    upper: Option<(PathBuf, Arc<OwnedFd>)>,
     lowers: Vec<(LayerId, PathBuf, Arc<OwnedFd>)>,
 }
 
 impl DirHandles {
-    /// Opens the dirs of `dir` in every layer where it exists.
+    /// Opens the dirs of `dir` in every layer where it exists (a layer's root is its own
+    /// descriptor, shared: no new one).
     pub fn open(stack: &LayerStack, dir: &DirLayers) -> Result<Self> {
-        let held = |root: BorrowedFd<'_>, path: &Path| match sys::open_dir_path(root, path) {
-            Ok(fd) => Ok(Some(Arc::new(fd))),
-            Err(e) if is_absent(e.errno()) => Ok(None),
-            Err(e) => Err(e),
+        let held = |layer: &ovl_core::Layer, path: &Path| {
+            if path.as_os_str().is_empty() {
+                return Ok(Some(layer.root_shared()));
+            }
+            match sys::open_dir_path(layer.root(), path) {
+                Ok(fd) => Ok(Some(Arc::new(fd))),
+                Err(e) if is_absent(e.errno()) => Ok(None),
+                Err(e) => Err(e),
+            }
         };
         let upper = match (&dir.upper, stack.upper()) {
-            (Some(path), Some(u)) => held(u.layer().root(), path)?,
+            (Some(path), Some(u)) => held(u.layer(), path)?.map(|fd| (path.clone(), fd)),
             _ => None,
         };
         let mut lowers = Vec::with_capacity(dir.lowers.len());
         for ld in &dir.lowers {
-            if let Some(fd) = held(stack.layer(ld.layer).root(), &ld.path)? {
+            if let Some(fd) = held(stack.layer(ld.layer), &ld.path)? {
                 lowers.push((ld.layer, ld.path.clone(), fd));
             }
         }
         Ok(Self { upper, lowers })
     }
 
-    /// How many descriptors these are.
-    pub fn len(&self) -> usize {
-        usize::from(self.upper.is_some()) + self.lowers.len()
-    }
-
-    /// True when none is held (the dir exists in no layer any more).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// How many descriptors these hold of their own (a layer root's is the layer's).
+    pub fn own_descriptors(&self) -> usize {
+        let own = |path: &Path| usize::from(!path.as_os_str().is_empty());
+        self.upper.as_ref().map_or(0, |(p, _)| own(p)) + self.lowers.iter().map(|(_, p, _)| own(p)).sum::<usize>()
     }
 
     /// The dir in the upper layer.
     pub fn upper(&self) -> Option<&Arc<OwnedFd>> {
-        self.upper.as_ref()
+        self.upper.as_ref().map(|(_, fd)| fd)
     }
 
     /// The dir at `path` in lower layer `layer`, if it is one of these.
