@@ -510,6 +510,11 @@ impl Target {
         let done = self.each_layer(&meta, layers.as_fd(), true, |stack| {
             Ok(ovl_fs::check::repair_upper(stack, fixes.iter().copied())?)
         })?;
-        Ok(done.into_iter().flatten().collect())
+        let done: Vec<Finding> = done.into_iter().flatten().collect();
+        if !done.is_empty() {
+            // The layers' summaries list what was just removed: they are made again.
+            crate::summary::remove_all(self.root.as_fd())?;
+        }
+        Ok(done)
     }
 }

@@ -40,6 +40,29 @@ pub(crate) fn remove(store: BorrowedFd<'_>, id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes every layer's summary, durably (after an offline repair changed layers: they are
+/// read again at the next mount).
+pub(crate) fn remove_all(store: BorrowedFd<'_>) -> anyhow::Result<()> {
+    let dir = match rustix::fs::openat(
+        store,
+        DIR,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(dir) => dir,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e).context("opening the store's summaries"),
+    };
+    for e in ovl_core::sys::read_dir_fd(rustix::io::dup(&dir)?)? {
+        match rustix::fs::unlinkat(&dir, e.name.as_os_str(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e).context("removing a layer summary"),
+        }
+    }
+    rustix::fs::fsync(&dir).context("syncing the store's summaries")?;
+    Ok(())
+}
+
 /// Layer `id`'s summary from its file, if there is one that fits the layer open as `layer`.
 pub(crate) fn load(store: BorrowedFd<'_>, id: u64, layer: BorrowedFd<'_>) -> Option<Summary> {
     let path = format!("{DIR}/{id}");

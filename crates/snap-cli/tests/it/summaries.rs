@@ -277,3 +277,39 @@ fn views_walked_before_changes_show_the_same_tree_after_them() {
     assert_same_tree(&s1, &record_tree(&m.view("s1")), "s1 after its changes");
     assert_views_match_the_kernel(&m, "kept dirs");
 }
+
+/// An offline repair removes whiteouts that hide nothing from frozen layers: their summaries,
+/// which listed them, are dropped and made again at the next mount (a summary that lists what its
+/// layer no longer holds would list it in views' directories read from the summary).
+#[test]
+fn a_repair_that_changes_layers_makes_their_summaries_again() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::create_dir_all(m.live().join("d")).unwrap();
+    fs::write(m.live().join("d/f"), b"f").unwrap();
+    m.mount();
+    m.take(Some("s0"));
+    fs::write(m.mnt().join("d/f"), b"changed").unwrap();
+    m.take(Some("s1"));
+    fs::write(m.mnt().join("d/g"), b"new").unwrap();
+    m.take(Some("s2"));
+    wait_for_summaries(&m, "after the takes");
+    let ids = layer_ids(&m);
+    m.umount();
+    // A whiteout in the oldest layer that hides nothing (as a crash can leave one).
+    let ghost = store(&m).join("layers").join(ids[0].to_string()).join("d/ghost");
+    rustix::fs::mknodat(rustix::fs::CWD, &ghost, rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0)
+        .unwrap();
+    // Its summary made again with the whiteout in it.
+    fs::remove_file(store(&m).join("summaries").join(ids[0].to_string())).unwrap();
+    m.mount();
+    wait_for_summaries(&m, "with the whiteout");
+    assert!(summary_paths(&m, ids[0]).contains(Path::new("d/ghost")), "the summary lists the whiteout");
+    m.umount();
+    let out = ovlsnap(&[std::ffi::OsStr::new("check"), std::ffi::OsStr::new("--repair"), m.live().as_os_str()]);
+    out.expect_ok("check --repair");
+    assert!(fs::symlink_metadata(&ghost).is_err(), "the repair removes the whiteout\n{out}");
+    m.mount();
+    wait_for_summaries(&m, "after the repair");
+    assert_summaries_exact(&m, "after the repair");
+    assert_views_match_the_kernel(&m, "after the repair");
+}
