@@ -305,17 +305,20 @@ pub struct Presence {
     holders: Arc<RwLock<Holders>>,
     /// By `LayerId`: the layer's number in `holders`, `None` for a layer never summarized.
     numbers: Vec<Option<u64>>,
+    /// The other way round: the `LayerId` of each number.
+    ids: HashMap<u64, u16>,
 }
 
 impl Presence {
     /// Layer `LayerId(i)` of the stack is `numbers[i]` in `holders`.
     pub fn new(holders: Arc<RwLock<Holders>>, numbers: Vec<Option<u64>>) -> Self {
-        Self { holders, numbers }
+        let ids = numbers.iter().enumerate().filter_map(|(i, n)| Some(((*n)?, u16::try_from(i).ok()?))).collect();
+        Self { holders, numbers, ids }
     }
 
     /// A reader for one lookup (holds the shared lock until dropped).
     pub fn reader(&self) -> PresenceReader<'_> {
-        PresenceReader { holders: self.holders.read(), numbers: &self.numbers }
+        PresenceReader { holders: self.holders.read(), numbers: &self.numbers, ids: &self.ids }
     }
 }
 
@@ -338,6 +341,7 @@ pub enum Held {
 pub struct PresenceReader<'a> {
     holders: parking_lot::RwLockReadGuard<'a, Holders>,
     numbers: &'a [Option<u64>],
+    ids: &'a HashMap<u64, u16>,
 }
 
 impl PresenceReader<'_> {
@@ -361,6 +365,27 @@ impl PresenceReader<'_> {
             Some(Info { kind: Kind::Whiteout, .. }) => Held::Whiteout,
             Some(_) => Held::Other,
         }
+    }
+
+    /// The layers among the top `upto` of the stack that may do more to `path` than pass it
+    /// through unchanged, top first: those without a summary in use, and those holding anything
+    /// but a plain directory at `path` or at one of its ancestors (a file or whiteout there ends
+    /// it, an opaque mark or a redirect rewrites it). Every other one of them holds nothing or
+    /// plain directories on its way.
+    pub fn may_rewrite(&self, upto: u16, path: &Path) -> Vec<LayerId> {
+        let mut out: Vec<u16> = (0..upto).filter(|k| self.number(LayerId(*k)).is_none()).collect();
+        for p in path.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+            for (number, info) in self.holders.by_path.get(p).map_or(&[][..], |v| v.as_slice()) {
+                let plain_dir = info.kind == Kind::Directory && !info.special;
+                match self.ids.get(number) {
+                    Some(&k) if k < upto && !plain_dir && self.holders.knows(*number) => out.push(k),
+                    _ => {}
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out.into_iter().map(LayerId).collect()
     }
 
     /// The entries of directory `dir` of layer `layer` (name, type, inode number; whiteouts as
@@ -447,6 +472,23 @@ mod tests {
         assert!(p.reader().may_hold(LayerId(0), Path::new("d/f")), "a forgotten summary");
         holders.write().add(u64::MAX, &summary(vec![]));
         assert!(!holders.read().knows(u64::MAX), "a number too large to index is never trusted");
+    }
+
+    #[test]
+    fn only_layers_holding_more_than_plain_dirs_on_the_way_may_rewrite_a_path() {
+        let reg = Kind::Other(rustix::fs::FileType::RegularFile);
+        let holders = Arc::new(RwLock::new(Holders::default()));
+        holders.write().add(10, &summary(vec![obj("a", Kind::Directory, false), obj("a/b", Kind::Directory, false)]));
+        holders.write().add(11, &summary(vec![obj("a", Kind::Directory, true)]));
+        holders.write().add(12, &summary(vec![obj("a", Kind::Directory, false), obj("a/b", reg, false)]));
+        holders.write().add(13, &summary(vec![obj("x", Kind::Whiteout, false)]));
+        // Layers 0..5: 10, 11, 12, 13, one without a summary; 12 again below the range.
+        let p = Presence::new(holders, vec![Some(10), Some(11), Some(12), Some(13), None, Some(14)]);
+        let r = p.reader();
+        assert_eq!(r.may_rewrite(5, Path::new("a/b")), vec![LayerId(1), LayerId(2), LayerId(4)]);
+        assert_eq!(r.may_rewrite(5, Path::new("x")), vec![LayerId(3), LayerId(4)]);
+        assert_eq!(r.may_rewrite(1, Path::new("a/b")), vec![], "a plain dir and its plain dir");
+        assert_eq!(r.may_rewrite(6, Path::new("q")), vec![LayerId(4), LayerId(5)], "unknown layers");
     }
 
     #[test]

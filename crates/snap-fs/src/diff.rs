@@ -77,10 +77,26 @@ pub struct Report {
 /// when the range layers alone decide what `pa` is.
 pub(crate) fn translate(a: &LayerStack, range: u16, pa: &Path) -> Result<Option<PathBuf>> {
     let mut t = pa.to_path_buf();
-    for k in 0..range {
-        let w = layer_walk(a.layer(LayerId(k)).root(), a.names(), &t)?;
+    // Only the layers whose summaries show more than plain directories on the way are walked
+    // (all of them without summaries): the others pass the path on unchanged.
+    let walked = |from: u16, t: &Path| match a.presence() {
+        Some(p) => p.reader().may_rewrite(range, t).into_iter().filter(|l| l.0 >= from).collect(),
+        None => (from..range).map(LayerId).collect::<Vec<_>>(),
+    };
+    let mut todo = walked(0, &t);
+    let mut i = 0;
+    while i < todo.len() {
+        let k = todo[i];
+        i += 1;
+        let w = layer_walk(a.layer(k).root(), a.names(), &t)?;
         match w.state {
-            State::Absent | State::Dir { opaque: false } => t = w.lower,
+            State::Absent | State::Dir { opaque: false } if w.lower == t => {}
+            State::Absent | State::Dir { opaque: false } => {
+                // Rewritten by a redirect: the layers below see another path.
+                t = w.lower;
+                todo = walked(k.0 + 1, &t);
+                i = 0;
+            }
             _ => return Ok(None),
         }
     }
