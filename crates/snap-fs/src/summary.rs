@@ -20,18 +20,19 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 /// The directory of the summaries in the store.
 pub(crate) const DIR: &str = "summaries";
 
+/// The store's summaries directory, `None` if there is none yet.
+fn open_dir(store: BorrowedFd<'_>) -> anyhow::Result<Option<std::os::fd::OwnedFd>> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(store, DIR, flags, Mode::empty()) {
+        Ok(dir) => Ok(Some(dir)),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(e).context("opening the store's summaries"),
+    }
+}
+
 /// Removes layer `id`'s summary, durably, before anything may write to the layer again.
 pub(crate) fn remove(store: BorrowedFd<'_>, id: u64) -> anyhow::Result<()> {
-    let dir = match rustix::fs::openat(
-        store,
-        DIR,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
-        Ok(dir) => dir,
-        Err(rustix::io::Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(e).context("opening the store's summaries"),
-    };
+    let Some(dir) = open_dir(store)? else { return Ok(()) };
     match rustix::fs::unlinkat(&dir, id.to_string().as_str(), AtFlags::empty()) {
         Ok(()) => rustix::fs::fsync(&dir).context("syncing the store's summaries")?,
         Err(rustix::io::Errno::NOENT) => {}
@@ -43,16 +44,7 @@ pub(crate) fn remove(store: BorrowedFd<'_>, id: u64) -> anyhow::Result<()> {
 /// Removes every layer's summary, durably (after an offline repair changed layers: they are
 /// read again at the next mount).
 pub(crate) fn remove_all(store: BorrowedFd<'_>) -> anyhow::Result<()> {
-    let dir = match rustix::fs::openat(
-        store,
-        DIR,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
-        Ok(dir) => dir,
-        Err(rustix::io::Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(e).context("opening the store's summaries"),
-    };
+    let Some(dir) = open_dir(store)? else { return Ok(()) };
     for e in ovl_core::sys::read_dir_fd(rustix::io::dup(&dir)?)? {
         match rustix::fs::unlinkat(&dir, e.name.as_os_str(), AtFlags::empty()) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => {}
