@@ -266,6 +266,12 @@ impl PreparedCopy {
     pub fn source(&self) -> &Stat {
         &self.source
     }
+
+    /// The copy's own `lstat` (for a caller that records the upper identity before the copy
+    /// becomes visible, as [`copy_up`]'s `publish`).
+    pub fn stat(&self) -> Result<Stat> {
+        Ok(rustix::fs::fstat(&self.file)?)
+    }
 }
 
 /// Copies the lower regular file `src` into the upper layer's work dir, to be placed by

@@ -1,8 +1,16 @@
 //! Copy-up of a node: parents first, one copy however many threads ask, metadata only when the
 //! mount has `metacopy=on` and only metadata changes.
+//!
+//! The slow part of copying up a lower regular file, its data, is done ahead by the request
+//! that will need it, before it takes the namespace lock ([`OverlayFs::stage_copy_up`]): an
+//! unnamed file in the work dir, kept in the node ([`Staged`]) until the copy-up links it in
+//! under the lock, in an instant. So a directory rename elsewhere (which takes that lock
+//! exclusive) and the lookups queued behind it never wait for a data copy (issue 19), as in the
+//! kernel, which copies into a temporary file before it locks the parent.
 
 use std::sync::Arc;
 
+use fuser::INodeNo;
 use ovl_core::{Errno, Result};
 use rustix::fs::FileType;
 
@@ -19,7 +27,99 @@ pub(crate) enum Need {
     Data,
 }
 
+/// A copy of a lower regular file's data and metadata made ahead of its copy-up, with the
+/// lower object it was made from.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    from: ovl_copyup::Source,
+    copy: ovl_copyup::PreparedCopy,
+}
+
+/// A request's claim on the copy it staged: dropped at the request's end, it frees the copy if
+/// no copy-up used it (the request failed before, or another copied the node up first).
+#[must_use]
+pub(crate) struct Staging(Option<Arc<Node>>);
+
+impl Staging {
+    /// Nothing staged.
+    pub(crate) fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Some(node) = &self.0 {
+            let unused = node.staged.lock().take();
+            drop(unused);
+        }
+    }
+}
+
+/// The lower file a copy-up of a node in this state copies data from, when it is one that can
+/// be made ahead: a lower regular file not yet in the upper layer, not a metacopy and not in
+/// the inode index (that copy goes into the index, and is rare).
+fn stageable(st: &crate::inode::NodeState) -> Option<ovl_copyup::Source> {
+    match (&st.lower, st.upper, &st.data, &st.index) {
+        (Some(l), false, None, None) => Some(ovl_copyup::Source { layer: l.layer, path: l.path.clone() }),
+        _ => None,
+    }
+}
+
 impl OverlayFs {
+    /// First thing in a request that will copy node `ino` up (with its data, or with `Need::Meta`
+    /// only its metadata), before it takes the namespace lock: copies a lower regular file into
+    /// the work dir, to be placed by the copy-up itself. Holds no lock but the node's
+    /// `stage_lock` meanwhile. Anything odd (no upper layer, already up, an error) makes no copy:
+    /// the copy-up then copies under the lock, as before, and reports.
+    pub(crate) fn stage_copy_up(&self, ino: INodeNo, need: Need) -> Staging {
+        match self.node(ino) {
+            Ok(node) => self.stage_node(node, need),
+            Err(_) => Staging::none(),
+        }
+    }
+
+    /// [`Self::stage_copy_up`] for a node in hand.
+    pub(crate) fn stage_node(&self, node: Arc<Node>, need: Need) -> Staging {
+        let wants_data = need == Need::Data || !self.stack.options().metacopy;
+        if node.kind != FileType::RegularFile || !wants_data || self.stack.writable_upper().is_none() {
+            return Staging::none();
+        }
+        if stageable(&node.state.read()).is_none() {
+            return Staging::none();
+        }
+        {
+            let _one = node.stage_lock.lock();
+            // Copied up, or staged by another request, while this one waited.
+            let Some(from) = stageable(&node.state.read()) else { return Staging::none() };
+            if node.staged.lock().is_some() {
+                return Staging::none();
+            }
+            match ovl_copyup::prepare_copy(&self.stack, &from) {
+                Ok(copy) => *node.staged.lock() = Some(Staged { from, copy }),
+                Err(e) => {
+                    tracing::debug!(path = ?from.path, "copy-up not made ahead: {e}");
+                    return Staging::none();
+                }
+            }
+        }
+        Staging(Some(node))
+    }
+
+    /// The staged copy of `node`'s lower file `src`, if one was made from the object the node
+    /// still stands for (same file, same size and times as its lookup saw).
+    fn take_staged(&self, node: &Node, src: &ovl_copyup::Source) -> Option<ovl_copyup::PreparedCopy> {
+        let staged = node.staged.lock().take()?;
+        let st = node.state.read();
+        let seen = &st.lower.as_ref()?.stat;
+        let made = staged.copy.source();
+        let same = |a: &rustix::fs::Stat| {
+            (a.st_dev, a.st_ino, a.st_size, a.st_mtime, a.st_mtime_nsec, a.st_ctime, a.st_ctime_nsec)
+        };
+        (staged.from.layer == src.layer && staged.from.path == src.path && same(seen) == same(made))
+            .then_some(staged.copy)
+    }
+
     /// Makes sure `node` exists in the upper layer with its data, copying it (and, first, its
     /// parents) up.
     pub(crate) fn ensure_upper(&self, node: &Arc<Node>) -> Result<()> {
@@ -83,7 +183,11 @@ impl OverlayFs {
             // The upper identity must map to this node before the copy is visible, or a racing
             // lookup would make a second node (and the kernel a second inode) for it.
             let publish = |st: &rustix::fs::Stat| self.table.add_key(node, self.upper_key(st));
-            if meta_only {
+            let staged = if meta_only || !regular { None } else { self.take_staged(node, &src) };
+            if let Some(copy) = staged {
+                publish(&copy.stat()?);
+                ovl_copyup::place_copy(&self.stack, copy, &parent_path, &name, false)?;
+            } else if meta_only {
                 ovl_copyup::copy_up_meta(&self.stack, &src, &parent_path, &publish)?;
             } else {
                 ovl_copyup::copy_up(&self.stack, &src, &parent_path, &publish)?;

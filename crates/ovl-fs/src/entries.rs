@@ -470,44 +470,50 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// Copies up the source of a rename that will copy it up, before the rename takes the
-    /// exclusive namespace lock: called under the shared one, so the data copy of a large lower
-    /// file holds up only other renames and removals, not every lookup and open of the mount
-    /// (issue 19). Only where the kernel copies up too (a lower non-dir, not a metacopy, and a
-    /// rename the VFS lets through to the overlay), so the upper layer ends the same; anything
-    /// odd is left to the rename itself, which checks again and reports.
-    pub(crate) fn copy_up_before_rename(
+    /// Makes the copy-up of a rename's source ahead (`Self::stage_copy_up`), before the rename
+    /// takes any namespace lock: the data copy of a large lower file then holds up no other
+    /// request (issue 19). Only where the kernel copies up too (a lower non-dir, not a metacopy,
+    /// and a rename the VFS lets through to the overlay), so the upper layer ends the same;
+    /// anything odd is left to the rename itself, which checks again, copies and reports.
+    pub(crate) fn stage_rename_source(
         &self,
-        (parent, name): (&Arc<Node>, &OsStr),
-        (newparent, newname): (&Arc<Node>, &OsStr),
+        (parent, name): (fuser::INodeNo, &OsStr),
+        (newparent, newname): (fuser::INodeNo, &OsStr),
         flags: RenameFlags,
-    ) {
+    ) -> crate::copyup::Staging {
+        let none = crate::copyup::Staging::none();
         // (No lower layer, as under ovlsnap's LIVE: nothing to copy, and no lookup to spend.)
-        if self.stack.options().metacopy || self.stack.writable_upper().is_none() || self.stack.lowers().is_empty() {
-            return;
+        // An exchange has more ways to fail first: left to the rename.
+        if self.stack.writable_upper().is_none()
+            || self.stack.lowers().is_empty()
+            || flags.contains(RenameFlags::EXCHANGE)
+        {
+            return none;
         }
-        let Ok(Some(src)) = self.find(parent, name) else { return };
-        if src.kind == FileType::Directory || src.upper.is_some() || src.data.is_some() {
-            return;
-        }
-        // (An exchange has more ways to fail first: left to the rename.)
-        if flags.contains(RenameFlags::EXCHANGE) {
-            return;
-        }
-        match self.find(newparent, newname) {
-            Ok(Some(d)) => {
-                let same = self.key_of(&d) == self.key_of(&src);
-                if flags.contains(RenameFlags::NOREPLACE) || d.kind == FileType::Directory || same {
-                    return;
-                }
+        let node = {
+            let (_held, p) = match self.hold(parent) {
+                Ok(h) => h,
+                Err(_) => return none,
+            };
+            let Ok(Some(src)) = self.find(&p, name) else { return none };
+            if src.kind == FileType::Directory || src.upper.is_some() || src.data.is_some() {
+                return none;
             }
-            Ok(None) => {}
-            Err(_) => return,
-        }
-        let Some(node) = self.table.by_key(self.key_of(&src)) else { return };
-        if let Err(e) = self.ensure_upper(&node) {
-            tracing::debug!(?name, "copy-up before a rename: {e}");
-        }
+            let Ok(np) = self.node(newparent) else { return none };
+            match self.find(&np, newname) {
+                Ok(Some(d)) => {
+                    let same = self.key_of(&d) == self.key_of(&src);
+                    if flags.contains(RenameFlags::NOREPLACE) || d.kind == FileType::Directory || same {
+                        return none;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => return none,
+            }
+            let Some(node) = self.table.by_key(self.key_of(&src)) else { return none };
+            node
+        };
+        self.stage_node(node, crate::copyup::Need::Data)
     }
 
     pub(crate) fn do_rename(

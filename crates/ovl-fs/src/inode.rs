@@ -10,7 +10,8 @@
 //! Lock order: the namespace lock (`OverlayFs::ns`) before nodes' `names_lock`s (several only
 //! exclusive, by rising id) before the change gate; the table's lock before a node's `state` lock; a node's `copy_lock` before its
 //! parent's `copy_lock` (copy-up walks from the node up), and no table or state lock is held
-//! while waiting for a `copy_lock`.
+//! while waiting for a `copy_lock`. A node's `stage_lock` is taken with no other lock held
+//! (`OverlayFs::stage_copy_up`, before the request's namespace lock), and `staged` is a leaf.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -88,6 +89,11 @@ pub(crate) struct Node {
     pub names_lock: Arc<RwLock<()>>,
     /// Held while this node is copied up, so one copy is made however many callers race.
     pub copy_lock: Mutex<()>,
+    /// Held while a copy of this node's data is made ahead of its copy-up, outside every
+    /// namespace lock (`OverlayFs::stage_copy_up`), so one copy is made however many race.
+    pub stage_lock: Mutex<()>,
+    /// That copy, waiting for the copy-up that places it (`crate::copyup::Staged`).
+    pub staged: Mutex<Option<crate::copyup::Staged>>,
     /// The change-hook generation in which `before_modify` last succeeded for this node.
     pub hooked: AtomicU64,
     /// An open of this node was served through the kernel's page cache (see
@@ -133,6 +139,8 @@ impl Table {
             state: RwLock::new(root),
             names_lock: Arc::default(),
             copy_lock: Mutex::new(()),
+            stage_lock: Mutex::new(()),
+            staged: Mutex::new(None),
             hooked: AtomicU64::new(0),
             cached_once: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(None),
@@ -205,6 +213,8 @@ impl Table {
             state: RwLock::new(state),
             names_lock: Arc::default(),
             copy_lock: Mutex::new(()),
+            stage_lock: Mutex::new(()),
+            staged: Mutex::new(None),
             hooked: AtomicU64::new(0),
             cached_once: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(None),

@@ -13,6 +13,7 @@ use fuser::{
 };
 use ovl_core::Error;
 
+use crate::copyup::Need;
 use crate::data::SetAttr;
 use crate::fs::OverlayFs;
 use crate::passthrough::IoMode;
@@ -128,6 +129,7 @@ impl Filesystem for OverlayFs {
     ) {
         guarded("setattr", || {
             self.prepare_change(ino);
+            let _staged = self.stage_copy_up(ino, if size.is_some() { Need::Data } else { Need::Meta });
             let (_held, node) = tri!(reply, self.hold(ino));
             // fuser does not pass FATTR_KILL_SUIDGID (sent for a truncate by a caller without
             // CAP_FSETID): root stands for CAP_FSETID.
@@ -201,9 +203,9 @@ impl Filesystem for OverlayFs {
                 self.prepare_change_at(newparent, newname, false);
             }
             let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
+            let _staged = self.stage_rename_source((parent, name), (newparent, newname), flags);
             let ns = self.ns.read();
             let (p, np) = (tri!(reply, self.node(parent)), tri!(reply, self.node(newparent)));
-            self.copy_up_before_rename((&p, name), (&np, newname), flags);
             // Only a moving directory changes paths beyond its own node (see `OverlayFs::ns`).
             let r = match self.rename_victims((&p, name), Some((&np, newname))) {
                 Some(victims) => {
@@ -228,6 +230,7 @@ impl Filesystem for OverlayFs {
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         guarded("link", || {
             self.prepare_change(ino);
+            let _staged = self.stage_copy_up(ino, Need::Data);
             let (_held, node) = tri!(reply, self.hold(ino));
             let np = tri!(reply, self.node(newparent));
             let st = tri!(reply, self.do_link(&node, &np, newname));
@@ -238,9 +241,11 @@ impl Filesystem for OverlayFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || {
-            if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+            let _staged = writes.then(|| {
                 self.prepare_change(ino);
-            }
+                self.stage_copy_up(ino, Need::Data)
+            });
             let (_held, node) = tri!(reply, self.hold(ino));
             // As for truncate: FUSE_OPEN_KILL_SUIDGID is not passed by fuser; root stands for
             // CAP_FSETID.
@@ -404,6 +409,7 @@ impl Filesystem for OverlayFs {
     ) {
         guarded("setxattr", || {
             self.prepare_change(ino);
+            let _staged = self.stage_copy_up(ino, Need::Meta);
             let (_held, node) = tri!(reply, self.hold(ino));
             tri!(reply, self.do_setxattr(&node, name, value, flags));
             reply.ok();
@@ -429,6 +435,7 @@ impl Filesystem for OverlayFs {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("removexattr", || {
             self.prepare_change(ino);
+            let _staged = self.stage_copy_up(ino, Need::Meta);
             let (_held, node) = tri!(reply, self.hold(ino));
             tri!(reply, self.do_removexattr(&node, name));
             reply.ok();

@@ -1601,6 +1601,62 @@ fn lookups_go_on_while_a_rename_copies_up_a_big_file() {
     }
 }
 
+/// Regression (issue 19, item 6: "a lookup never waits for an unrelated copy-up"): an open for
+/// writing copied a large lower file up under the namespace lock (shared), so a directory rename
+/// elsewhere, which takes that lock exclusive, waited for the whole copy, and every lookup of
+/// the mount queued behind the rename. Now the data is copied before any namespace lock is
+/// taken: the rename and the lookups go on during the copy, as in the kernel overlay.
+#[test]
+fn a_dir_rename_and_lookups_do_not_wait_for_a_copy_up_elsewhere() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = tempdir("dir-rename-copyup");
+    let l = Layers::create(&tmp.path().join("l"), 1);
+    for d in ["a", "b", "c/sub"] {
+        fs::create_dir_all(l.lowers[0].join(d)).unwrap();
+    }
+    let mut f = File::create(l.lowers[0].join("a/big")).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..512 {
+        f.write_all(&chunk).unwrap();
+    }
+    drop(f);
+    let mut results = Vec::new();
+    for (who, backend) in [("kernel", Backend::Kernel), ("ovlfs", Backend::Ovlfs)] {
+        let layers = l.with_fresh_work(tmp.path().join(format!("w-{who}")));
+        let layers = Layers { upper: tmp.path().join(format!("u-{who}")), ..layers };
+        fs::create_dir_all(&layers.upper).unwrap();
+        let m = MountGuard::mount(backend, &layers, KERNEL_OPTS, &mount_point(tmp.path(), who));
+        // A directory of the upper layer only: its rename needs no redirect on either side.
+        fs::create_dir(m.path().join("d")).unwrap();
+        fs::write(m.path().join("d/f"), b"x").unwrap();
+        let (opened, renamed_first) = (AtomicBool::new(false), AtomicBool::new(false));
+        let n = lookups_during(&m.path().join("b"), || {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    // Give the open time to reach the copy.
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    fs::rename(m.path().join("d"), m.path().join("d2")).unwrap();
+                    renamed_first.store(!opened.load(Ordering::Acquire), Ordering::Release);
+                });
+                let f = OpenOptions::new().write(true).open(m.path().join("a/big")).unwrap();
+                opened.store(true, Ordering::Release);
+                f.write_at(b"y", 0).unwrap();
+            });
+        });
+        assert_eq!(fs::read(m.path().join("d2/f")).unwrap(), b"x", "{who}: the renamed dir");
+        assert_eq!(fs::metadata(m.path().join("a/big")).unwrap().len(), 512 << 20, "{who}: the copied file");
+        eprintln!(
+            "{who}: {n} lookups during the copy-up; rename done first: {}",
+            renamed_first.load(Ordering::Acquire)
+        );
+        results.push((who, n, renamed_first.load(Ordering::Acquire)));
+    }
+    for (who, n, renamed_first) in results {
+        assert!(renamed_first, "{who}: the directory rename waited for the copy-up of a file elsewhere");
+        assert!(n >= 40, "{who}: only {n} lookups completed while an open copied 512 MiB up");
+    }
+}
+
 /// Regression (issue 19, item 6): a removal held the namespace lock exclusive, so every lookup
 /// of the mount waited while `rmdir` emptied a merged dir's upper part of its whiteouts. A
 /// removal changes no other node's path: it now holds only the removed node's names, and
