@@ -25,7 +25,8 @@ fn origins(c: &mut Criterion) {
     let upper = stack.upper().expect("an upper layer").layer();
     // A real copy-up writes the origin the benches read back.
     copy_up(&stack, &Source { layer: lower.id(), path: "file".into() }, Path::new(""), &|_| {}).expect("copy-up");
-    let value = ovl_core::index::origin_value(lower, lower.root(), NAME).expect("the filesystem makes handles");
+    let root = lower.root().expect("the layer root");
+    let value = ovl_core::index::origin_value(lower, &*root, NAME).expect("the filesystem makes handles");
     let origin = Origin::decode(&value).expect("a valid origin");
     assert_eq!(origin.encode(), value);
     let lower_st = rustix::fs::lstat(layers.lower(0).join("file")).expect("lstat lower");
@@ -37,7 +38,7 @@ fn origins(c: &mut Criterion) {
     group.bench_function("encode", |b| b.iter(|| black_box(&origin).encode()));
     group.bench_function("decode", |b| b.iter(|| Origin::decode(black_box(&value)).expect("decode")));
     group.bench_function("origin_value", |b| {
-        b.iter(|| ovl_core::index::origin_value(lower, lower.root(), black_box(NAME)).expect("a value"))
+        b.iter(|| ovl_core::index::origin_value(lower, &*root, black_box(NAME)).expect("a value"))
     });
     group.bench_function("resolve_origin", |b| {
         b.iter(|| match resolve_origin(&stack, black_box(&origin)) {

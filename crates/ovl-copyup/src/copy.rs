@@ -56,8 +56,8 @@ pub fn copy_up_meta(stack: &LayerStack, src: &Source, upper_parent: &Path, publi
 pub fn copy_up_data(stack: &LayerStack, data: &Source, upper_path: &Path) -> Result<Stat> {
     let upper = upper_of(stack)?;
     let lower = stack.layer(data.layer);
-    let src = sys::open_beneath(lower.root(), &data.path, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())?;
-    let dst = sys::open_beneath(upper.layer().root(), upper_path, OFlags::RDWR | OFlags::NOFOLLOW, Mode::empty())?;
+    let src = sys::open_beneath(lower.root()?, &data.path, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())?;
+    let dst = sys::open_beneath(upper.layer().root()?, upper_path, OFlags::RDWR | OFlags::NOFOLLOW, Mode::empty())?;
     let before = rustix::fs::fstat(&dst)?;
     let len = rustix::fs::fstat(&src)?.st_size as u64;
     rustix::fs::ftruncate(&dst, 0)?;
@@ -86,9 +86,9 @@ fn copy_up_with(
     let name = src.path.file_name().ok_or(Errno::INVAL)?;
     let name = sys::name_cstr(name)?;
     let lower = stack.layer(src.layer);
-    let (lparent, lname) = sys::open_parent(lower.root(), &src.path)?;
+    let (lparent, lname) = sys::open_parent(lower.root()?, &src.path)?;
     let st = sys::lstat_at(&lparent, &lname)?;
-    let uparent = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let uparent = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     let parent_st = rustix::fs::fstat(&uparent)?;
     let ft = FileType::from_raw_mode(st.st_mode);
     // Like the kernel with index=off: no origin for a hard-linked lower non-directory.
@@ -279,7 +279,7 @@ impl PreparedCopy {
 pub fn prepare_copy(stack: &LayerStack, src: &Source) -> Result<PreparedCopy> {
     let upper = upper_of(stack)?;
     let lower = stack.layer(src.layer);
-    let (lparent, lname) = sys::open_parent(lower.root(), &src.path)?;
+    let (lparent, lname) = sys::open_parent(lower.root()?, &src.path)?;
     let st = sys::lstat_at(&lparent, &lname)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err(Errno::INVAL.into());
@@ -301,7 +301,7 @@ pub fn place_copy(
 ) -> Result<Stat> {
     let name = sys::name_cstr(name)?;
     let upper = upper_of(stack)?;
-    let uparent = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let uparent = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     let parent_st = rustix::fs::fstat(&uparent)?;
     if copy.with_origin {
         mark_impure(stack, &uparent)?;

@@ -25,7 +25,7 @@ fn index_dir(stack: &LayerStack) -> Result<rustix::fd::BorrowedFd<'_>> {
 pub fn copy_up_to_index(stack: &LayerStack, src: &Source, index: &CStr, publish: &dyn Fn(&Stat)) -> Result<Stat> {
     let ix = index_dir(stack)?;
     let lower = stack.layer(src.layer);
-    let (lparent, lname) = sys::open_parent(lower.root(), &src.path)?;
+    let (lparent, lname) = sys::open_parent(lower.root()?, &src.path)?;
     let st = sys::lstat_at(&lparent, &lname)?;
     let origin = ovl_core::index::origin_value(lower, &lparent, &lname).ok_or(Errno::OPNOTSUPP)?;
     match FileType::from_raw_mode(st.st_mode) {
@@ -52,7 +52,7 @@ pub fn link_up(
 ) -> Result<()> {
     let upper = upper_of(stack)?;
     let ix = index_dir(stack)?;
-    let uparent = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let uparent = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     let pst = rustix::fs::fstat(&uparent)?;
     mark_impure(stack, &uparent)?;
     let key = &stack.names().nlink;

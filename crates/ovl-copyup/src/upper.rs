@@ -76,7 +76,7 @@ fn aufs_name(name: &CStr) -> Result<CString> {
 /// there is kept.
 fn whiteout_file(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     let work = upper.work();
     let tmp = temp_name();
     drop(rustix::fs::openat(
@@ -105,7 +105,7 @@ pub fn settle_aufs_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr
         return Ok(false);
     }
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     let marker = aufs_name(name)?;
     match sys::lstat_at(&dir, &marker) {
         Ok(_) => {}
@@ -128,7 +128,7 @@ pub fn settle_aufs_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr
 /// Removes the `.wh.NAME` beside `upper_parent/name` (see [`settle_aufs_whiteout`]).
 pub fn remove_aufs_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     match sys::remove_tree_at(&dir, &aufs_name(name)?) {
         Err(e) if e.errno() != Errno::NOENT => Err(e),
         _ => Ok(()),
@@ -144,7 +144,7 @@ fn put_whiteout<'a>(
     flags: RenameFlags,
 ) -> Result<(BorrowedFd<'a>, CString)> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     let work = upper.work();
     let tmp = temp_name();
     whiteout_in_work(work, &tmp)?;
@@ -160,7 +160,7 @@ fn put_whiteout<'a>(
 pub fn replace_with_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
     if stack.writes_whiteout_files() {
         // The marker first: it hides the old object, which then leaves through the work dir.
-        let dir = sys::open_dir_path(upper_of(stack)?.layer().root(), upper_parent)?;
+        let dir = sys::open_dir_path(upper_of(stack)?.layer().root()?, upper_parent)?;
         let is_dir = rustix::fs::FileType::from_raw_mode(sys::lstat_at(&dir, name)?.st_mode).is_dir();
         whiteout_file(stack, upper_parent, name)?;
         return remove_upper(stack, upper_parent, name, is_dir);
@@ -173,7 +173,7 @@ pub fn replace_with_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CSt
 /// may still hold whiteouts: it is moved into the work dir first, then removed there.
 pub fn remove_upper(stack: &LayerStack, upper_parent: &Path, name: &CStr, is_dir: bool) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     if !is_dir {
         rustix::fs::unlinkat(&dir, name, AtFlags::empty())?;
         return Ok(());
@@ -193,7 +193,7 @@ pub fn remove_upper(stack: &LayerStack, upper_parent: &Path, name: &CStr, is_dir
 /// whiteout there is left alone (`EINVAL`).
 pub fn remove_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     if !ovl_core::is_whiteout_stat(&sys::lstat_at(&dir, name)?) {
         return Err(Errno::INVAL.into());
     }
@@ -206,8 +206,8 @@ pub fn remove_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> 
 /// Removes every entry (whiteouts) of the upper directory `upper_dir`.
 pub fn clear_dir(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_dir)?;
-    for e in sys::read_dir(upper.layer().root(), upper_dir)? {
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_dir)?;
+    for e in sys::read_dir(upper.layer().root()?, upper_dir)? {
         sys::remove_tree_at(&dir, &sys::name_cstr(&e.name)?)?;
     }
     Ok(())
@@ -216,14 +216,14 @@ pub fn clear_dir(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
 /// Marks the upper directory `upper_dir` opaque: lower entries no longer show through.
 pub fn set_opaque(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_dir)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_dir)?;
     sys::set_xattr(&dir, None, &stack.names().opaque, b"y", 0)
 }
 
 /// Sets `overlay.redirect` on the upper directory `upper_dir`: where the lower layers hold it.
 pub fn set_redirect(stack: &LayerStack, upper_dir: &Path, value: &[u8]) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_dir)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_dir)?;
     sys::set_xattr(&dir, None, &stack.names().redirect, value, 0)
 }
 
@@ -231,7 +231,7 @@ pub fn set_redirect(stack: &LayerStack, upper_dir: &Path, value: &[u8]) -> Resul
 /// (the kernel uses it to fix `d_ino` in listings). Kept if already there.
 pub fn mark_impure(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_dir)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_dir)?;
     crate::copy::mark_impure(stack, &dir)
 }
 
@@ -255,7 +255,7 @@ pub fn create_over_whiteout(
     build: impl FnOnce(Created<'_>) -> Result<()>,
 ) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     let work = upper.work();
     let tmp = temp_name();
     let made = build(Created { work, name: &tmp }).and_then(|()| {
@@ -292,7 +292,7 @@ pub fn create_fresh(
     build: impl FnOnce(Created<'_>) -> Result<()>,
 ) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root(), upper_parent)?;
+    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
     let work = upper.work();
     let tmp = temp_name();
     let made = build(Created { work, name: &tmp })

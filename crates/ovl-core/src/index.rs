@@ -124,9 +124,11 @@ pub(crate) fn open_index(
         Err(e) => return Err(err("cannot open the index dir", e)),
     };
     let no_handles = || err("index=on needs file handles on the upper and first lower layer", Errno::OPNOTSUPP.into());
-    let root_origin = handle_value(lower0.uuid(), lower0.root(), false).ok_or_else(no_handles)?;
-    let upper_handle = handle_value(upper.uuid(), upper.root(), true).ok_or_else(no_handles)?;
-    verify_or_set(upper.root(), &names.origin, &root_origin, writable)
+    let lower_root = lower0.root().map_err(|e| err("cannot open the first lower layer", e))?;
+    let upper_root = upper.root().map_err(|e| err("cannot open the upper layer", e))?;
+    let root_origin = handle_value(lower0.uuid(), &*lower_root, false).ok_or_else(no_handles)?;
+    let upper_handle = handle_value(upper.uuid(), &*upper_root, true).ok_or_else(no_handles)?;
+    verify_or_set(&*upper_root, &names.origin, &root_origin, writable)
         .map_err(|e| err("the upper root's origin does not name the first lower layer's root", e))?;
     verify_or_set(index.as_fd(), &names.upper, &upper_handle, writable)
         .map_err(|e| err("the index dir belongs to another upper layer (its `upper` xattr)", e))?;

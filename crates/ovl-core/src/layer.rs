@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rustix::fs::{Mode, OFlags};
 
+use crate::root::LayerRoot;
 use crate::sys;
 use crate::{Error, MountOptions, StackError, XattrNames};
 
@@ -18,7 +19,7 @@ pub struct LayerId(pub u16);
 pub struct Layer {
     id: LayerId,
     path: PathBuf,
-    root: Arc<OwnedFd>,
+    root: LayerRoot,
     dev: u64,
     fs_index: u8,
     uuid: [u8; 16],
@@ -33,15 +34,17 @@ impl Layer {
     pub fn path(&self) -> &Path {
         &self.path
     }
-    /// The open root directory; every access to the layer is relative to it.
-    pub fn root(&self) -> BorrowedFd<'_> {
-        self.root.as_fd()
+    /// The open root directory; every access to the layer is relative to it. A snapshot
+    /// store's layers are opened again here when their pool closed them (see [`LayerRoot`]):
+    /// hold the descriptor only while it is used.
+    pub fn root(&self) -> Result<Arc<OwnedFd>, Error> {
+        self.root.get()
     }
 
-    /// The open root directory, shared (to hold it as a directory handle without a descriptor
-    /// of its own).
-    pub fn root_shared(&self) -> Arc<OwnedFd> {
-        self.root.clone()
+    /// Whether the root stays open for the life of the stack, so that holding
+    /// [`Layer::root`]'s descriptor costs none of its own.
+    pub fn root_is_held(&self) -> bool {
+        self.root.is_held()
     }
     /// The device of the layer's filesystem.
     pub fn dev(&self) -> u64 {
@@ -66,7 +69,7 @@ pub struct UpperLayer {
     layer: Layer,
     workdir: PathBuf,
     work: OwnedFd,
-    index: Option<OwnedFd>,
+    index: Option<Arc<OwnedFd>>,
 }
 
 impl UpperLayer {
@@ -85,6 +88,11 @@ impl UpperLayer {
     /// `WORKDIR/index` of an `index=on` stack (see [`crate::index`]).
     pub fn index(&self) -> Option<BorrowedFd<'_>> {
         self.index.as_ref().map(|f| f.as_fd())
+    }
+
+    /// [`UpperLayer::index`], shared.
+    pub fn index_shared(&self) -> Option<Arc<OwnedFd>> {
+        self.index.clone()
     }
 }
 
@@ -160,7 +168,11 @@ impl LayerStack {
                     id: LayerId(0),
                     uuid: sys::fs_uuid(&ufd),
                     path: upath,
-                    root: Arc::new(ufd),
+                    root: LayerRoot::held(Arc::new(ufd)).map_err(|e| StackError::BadPath {
+                        role: "upperdir",
+                        path: u.clone(),
+                        reason: e.to_string(),
+                    })?,
                     dev: ust.st_dev,
                     fs_index: idx,
                 },
@@ -181,7 +193,11 @@ impl LayerStack {
                 id: LayerId(next_id),
                 uuid: sys::fs_uuid(&fd),
                 path,
-                root: Arc::new(fd),
+                root: LayerRoot::held(Arc::new(fd)).map_err(|e| StackError::BadPath {
+                    role: "lowerdir",
+                    path: l.clone(),
+                    reason: e.to_string(),
+                })?,
                 dev: st.st_dev,
                 fs_index: idx,
             });
@@ -212,7 +228,7 @@ impl LayerStack {
                     }
                     _ => None,
                 };
-                Some(UpperLayer { layer, workdir, work, index })
+                Some(UpperLayer { layer, workdir, work, index: index.map(Arc::new) })
             }
             None => None,
         };
@@ -244,16 +260,16 @@ impl LayerStack {
     /// to name the layers in messages. The directories are shared, so many stacks over the same
     /// layers (the snapshot views) cost one descriptor per layer.
     pub fn from_open_dirs(
-        lowers: Vec<(PathBuf, Arc<OwnedFd>)>,
-        upper: Option<(PathBuf, Arc<OwnedFd>, OwnedFd)>,
+        lowers: Vec<(PathBuf, LayerRoot)>,
+        upper: Option<(PathBuf, LayerRoot, OwnedFd)>,
         mut options: MountOptions,
     ) -> Result<Self, Error> {
         options.lowerdirs = lowers.iter().map(|(p, _)| p.clone()).collect();
         options.upperdir = upper.as_ref().map(|(p, _, _)| p.clone());
         options.workdir = options.upperdir.clone();
         let mut devs: Vec<u64> = Vec::new();
-        let mut layer = |id: u16, path: PathBuf, root: Arc<OwnedFd>| -> Result<Layer, Error> {
-            let dev = rustix::fs::fstat(&root)?.st_dev;
+        let mut layer = |id: u16, path: PathBuf, root: LayerRoot| -> Result<Layer, Error> {
+            let dev = root.dev();
             let fs_index = match devs.iter().position(|d| *d == dev) {
                 Some(i) => i as u8,
                 None => {
@@ -261,7 +277,7 @@ impl LayerStack {
                     (devs.len() - 1) as u8
                 }
             };
-            Ok(Layer { id: LayerId(id), uuid: sys::fs_uuid(&root), path, root, dev, fs_index })
+            Ok(Layer { id: LayerId(id), uuid: root.uuid(), path, root, dev, fs_index })
         };
         let mut next = 0u16;
         let upper = match upper {
@@ -357,7 +373,7 @@ impl LayerStack {
     /// [`crate::aufs::DirMarks`]), read with one listing the first time; `None` where the layer
     /// has no directory there.
     pub fn lower_marks(&self, layer: &Layer, dir: &Path) -> crate::Result<Option<Arc<crate::aufs::DirMarks>>> {
-        self.marks.get(layer.id(), dir, || match sys::read_dir(layer.root(), dir) {
+        self.marks.get(layer.id(), dir, || match sys::read_dir(layer.root()?, dir) {
             Ok(entries) => Ok(Some(entries.into_iter().map(|e| e.name).collect())),
             Err(e)
                 if matches!(

@@ -4,7 +4,8 @@
 //! names of the overlay xattrs (`trusted.overlay.*`, or `user.overlay.*` with `userxattr`),
 //! whiteouts (0/0 character devices, and "xwhiteouts" in `opaque=x` directories), opaque
 //! directories (and, read beside them, the AUFS/OCI `.wh.` encoding of image layers: [`aufs`]), the mount options and the validated [`LayerStack`] of lower, upper and work
-//! directories, and the POSIX ACL xattr format ([`acl`]: what a new object inherits). It also holds the thin [`sys`] wrappers that every crate uses to touch a layer
+//! directories (each layer's root held open, or opened while used within a budget: [`LayerRoot`]),
+//! and the POSIX ACL xattr format ([`acl`]: what a new object inherits). It also holds the thin [`sys`] wrappers that every crate uses to touch a layer
 //! (`openat2` confined beneath the layer root, xattrs by directory fd, `FICLONE`) and the
 //! [`Error`] type that maps to an errno at the FUSE boundary.
 //!
@@ -28,6 +29,7 @@ mod layer;
 mod options;
 pub mod origin;
 pub mod presence;
+mod root;
 pub mod statoverride;
 pub mod sys;
 pub mod unprivileged;
@@ -37,3 +39,4 @@ pub use format::{KNOWN_KEYS, Opaque, XattrNames, is_whiteout_stat, make_whiteout
 pub use layer::{Layer, LayerId, LayerStack, UpperLayer};
 pub use options::{MountOptions, RedirectDir};
 pub use origin::{Origin, OriginError};
+pub use root::{LayerRoot, RootPool};

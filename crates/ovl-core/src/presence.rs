@@ -148,7 +148,12 @@ impl Summary {
 
     /// Whether this summary was read from the directory open as `root`.
     pub fn is_of(&self, root: BorrowedFd<'_>) -> bool {
-        rustix::fs::fstat(root).is_ok_and(|st| (st.st_dev, st.st_ino) == self.root)
+        rustix::fs::fstat(root).is_ok_and(|st| self.is_of_dir(st.st_dev, st.st_ino))
+    }
+
+    /// Whether this is a summary of the directory whose device and inode number are these.
+    pub fn is_of_dir(&self, dev: u64, ino: u64) -> bool {
+        (dev, ino) == self.root
     }
 
     /// The summary as the bytes of its file.

@@ -250,6 +250,7 @@ impl OverlayFs {
         self.stack.writable_upper().ok_or(Errno::ROFS)?;
         // The upper object (an indexed file's index entry).
         let (root, path) = self.real_location(node)?;
+        let root = root.as_fd();
         let (dir, name) = match self.held_place(node) {
             Some((d, n)) => (d, Some(n)),
             None if path.as_os_str().is_empty() => (Arc::new(rustix::io::dup(root)?), None),
@@ -380,6 +381,7 @@ impl OverlayFs {
             Some(held) => held,
             None => {
                 let (root, path) = self.real_location(node)?;
+                let root = root.as_fd();
                 let (d, n) = sys::open_parent(root, &path)?;
                 (Arc::new(d), n)
             }
@@ -389,10 +391,11 @@ impl OverlayFs {
 
     pub(crate) fn do_statfs(&self) -> Result<rustix::fs::StatVfs> {
         let root = match self.stack.upper() {
-            Some(u) => u.layer().root(),
-            None => self.stack.lowers()[0].root(),
+            Some(u) => u.layer().root()?,
+            None => self.stack.lowers()[0].root()?,
         };
-        let fd = sys::open_beneath(root, std::path::Path::new(""), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+        let fd =
+            sys::open_beneath(&*root, std::path::Path::new(""), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
         Ok(rustix::fs::fstatvfs(&fd)?)
     }
 }
@@ -400,6 +403,7 @@ impl OverlayFs {
 impl OverlayFs {
     pub(crate) fn do_fsyncdir(&self, node: &Node) -> Result<()> {
         let (root, path) = self.real_location(node)?;
+        let root = root.as_fd();
         let fd = sys::open_beneath(root, &path, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
         rustix::fs::fsync(&fd)?;
         Ok(())

@@ -84,9 +84,11 @@ impl OverlayFs {
         // Every entry is looked up in the same parent dirs: each layer's is opened once (the lower
         // layers' once per open dir). Safe under the namespace lock the request holds: only
         // copy-up and creation change names meanwhile, and only in the upper layer.
-        let upper_root = self.stack.upper().map(|u| u.layer().root());
+        let upper_root = self.stack.upper().map(|u| u.layer().root()).transpose()?;
         let OpenDir { entries, kept } = &mut *d;
-        ovl_lookup::with_dir_cache(upper_root, kept, || self.add_plus_entries(node, entries, offset, self_attr, reply))
+        ovl_lookup::with_dir_cache(upper_root.as_ref().map(|r| std::os::fd::AsFd::as_fd(&**r)), kept, || {
+            self.add_plus_entries(node, entries, offset, self_attr, reply)
+        })
     }
 
     /// Adds the entries of a listing from `offset` on to a readdirplus reply, with their

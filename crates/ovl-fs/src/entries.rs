@@ -363,7 +363,7 @@ impl OverlayFs {
             None => {
                 let src = self.path_of(node)?;
                 let upper = self.stack.writable_upper().ok_or(Errno::ROFS)?;
-                sys::open_parent(upper.layer().root(), &src)?
+                sys::open_parent(upper.layer().root()?, &src)?
             }
         };
         let (_, st, ()) =
@@ -763,7 +763,7 @@ impl OverlayFs {
     /// it would refuse fails lookups of the dir, so the kernel never builds on one).
     fn upper_redirect(&self, path: &Path) -> Result<Option<Vec<u8>>> {
         let upper = self.stack.writable_upper().ok_or(Errno::ROFS)?;
-        let dir = sys::open_dir_path(upper.layer().root(), path)?;
+        let dir = sys::open_dir_path(upper.layer().root()?, path)?;
         let v = sys::get_xattr(&dir, None, &self.stack.names().redirect)?;
         Ok(v.map(|mut v| {
             // The value ends at a NUL, as the kernel reads it.

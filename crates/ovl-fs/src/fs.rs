@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -117,17 +118,17 @@ impl OverlayFs {
     pub fn new(stack: LayerStack) -> Result<Self> {
         let root = DirLayers::root(&stack)?;
         let (root_key, upper) = match stack.upper() {
-            Some(u) => (Key::new(u.layer().fs_index(), rustix::fs::fstat(u.layer().root())?.st_ino), true),
+            Some(u) => (Key::new(u.layer().fs_index(), rustix::fs::fstat(u.layer().root()?)?.st_ino), true),
             None => {
                 let l = &stack.lowers()[0];
-                (Key::new(l.fs_index(), rustix::fs::fstat(l.root())?.st_ino), false)
+                (Key::new(l.fs_index(), rustix::fs::fstat(l.root()?)?.st_ino), false)
             }
         };
         let opaque = stack.upper().is_some() && root.lowers.is_empty();
         let owners = crate::ids::Owners::open(&stack)?;
         let mut namelen = 0;
         for root in stack.upper().map(|u| u.layer().root()).into_iter().chain(stack.lowers().iter().map(|l| l.root())) {
-            namelen = namelen.max(rustix::fs::fstatfs(root)?.f_namelen as usize);
+            namelen = namelen.max(rustix::fs::fstatfs(root?)?.f_namelen as usize);
         }
         let state = NodeState {
             names: Vec::new(),
@@ -606,7 +607,7 @@ impl OverlayFs {
         let data = node.state.read().data.clone();
         if let Some(d) = data {
             // A metacopy file shows the size and blocks of the file holding its data.
-            let ds = sys::lstat_beneath(self.stack.layer(d.layer).root(), &d.path)?;
+            let ds = sys::lstat_beneath(self.stack.layer(d.layer).root()?, &d.path)?;
             st.st_size = ds.st_size;
             st.st_blocks = ds.st_blocks;
         }
@@ -674,7 +675,7 @@ impl OverlayFs {
         if let Some(fd) = self.dir_held(node)?.1.and_then(|h| h.handles.upper().cloned()) {
             return Ok((path, fd));
         }
-        let fd = sys::open_dir_path(u.layer().root(), &path)?;
+        let fd = sys::open_dir_path(u.layer().root()?, &path)?;
         Ok((path, Arc::new(fd)))
     }
 
@@ -689,6 +690,7 @@ impl OverlayFs {
             let mut slot = of.file.write();
             if of.on_lower.load(Ordering::Acquire) {
                 let (root, path) = self.data_location(&of.node)?;
+                let root = root.as_fd();
                 let fd =
                     sys::open_beneath(root, &path, crate::data::backing_flags(of.flags), rustix::fs::Mode::empty())?;
                 *slot = Arc::new(File::from(fd));
@@ -700,9 +702,9 @@ impl OverlayFs {
 
     /// The layer root and path of the file holding `node`'s data: the lower data of a metacopy
     /// file, else the object itself.
-    pub(crate) fn data_location(&self, node: &Node) -> Result<(std::os::fd::BorrowedFd<'_>, PathBuf)> {
+    pub(crate) fn data_location(&self, node: &Node) -> Result<(Arc<std::os::fd::OwnedFd>, PathBuf)> {
         if let Some(d) = &node.state.read().data {
-            return Ok((self.stack.layer(d.layer).root(), d.path.clone()));
+            return Ok((self.stack.layer(d.layer).root()?, d.path.clone()));
         }
         self.real_location(node)
     }
@@ -722,22 +724,22 @@ impl OverlayFs {
     }
 
     /// The layer root and path where `node`'s object (its metadata) is read from now.
-    pub(crate) fn real_location(&self, node: &Node) -> Result<(std::os::fd::BorrowedFd<'_>, PathBuf)> {
+    pub(crate) fn real_location(&self, node: &Node) -> Result<(Arc<std::os::fd::OwnedFd>, PathBuf)> {
         let st = node.state.read();
         if let (Some(ix), true) = (&st.index, st.upper) {
-            let dir = self.stack.upper().and_then(|u| u.index()).ok_or(Errno::IO)?;
+            let dir = self.stack.upper().and_then(|u| u.index_shared()).ok_or(Errno::IO)?;
             return Ok((dir, PathBuf::from(std::ffi::OsStr::from_bytes(ix.as_bytes()))));
         }
         if st.upper {
             drop(st);
             let u = self.stack.upper().ok_or(Errno::IO)?;
-            return Ok((u.layer().root(), self.path_of(node)?));
+            return Ok((u.layer().root()?, self.path_of(node)?));
         }
         if let Some(l) = &st.lower {
-            return Ok((self.stack.layer(l.layer).root(), l.path.clone()));
+            return Ok((self.stack.layer(l.layer).root()?, l.path.clone()));
         }
         if let Some(d) = st.lower_dirs.first() {
-            return Ok((self.stack.layer(d.layer).root(), d.path.clone()));
+            return Ok((self.stack.layer(d.layer).root()?, d.path.clone()));
         }
         Err(Errno::NOENT.into())
     }

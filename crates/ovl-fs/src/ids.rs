@@ -38,18 +38,21 @@ impl Owners {
         let layers: Vec<_> = upper.into_iter().chain(stack.lowers()).collect();
         let mut overrides = vec![None; layers.iter().map(|l| l.id().0 as usize + 1).max().unwrap_or(0)];
         for l in &layers {
-            overrides[l.id().0 as usize] = probe_root(l.root())?.map(|(x, _)| x);
+            overrides[l.id().0 as usize] = probe_root(l.root()?.as_fd())?.map(|(x, _)| x);
         }
         if let (Some(want), Some(u)) = (opts.xattr_permissions, upper) {
             if overrides[u.id().0 as usize].is_none() {
                 overrides[u.id().0 as usize] = Some(want);
                 if stack.writable_upper().is_some() {
-                    let from_lower = stack.lowers().iter().find_map(|l| probe_root(l.root()).ok().flatten());
+                    let from_lower = stack
+                        .lowers()
+                        .iter()
+                        .find_map(|l| l.root().ok().and_then(|r| probe_root(r.as_fd()).ok().flatten()));
                     let value = match from_lower {
                         Some((_, v)) => v,
-                        None => StatOverride::from_stat(&rustix::fs::fstat(u.root())?).to_bytes(),
+                        None => StatOverride::from_stat(&rustix::fs::fstat(u.root()?)?).to_bytes(),
                     };
-                    sys::set_xattr(u.root(), None, want.name(), &value, 0)?;
+                    sys::set_xattr(u.root()?, None, want.name(), &value, 0)?;
                     tracing::info!("xattr_permissions: owner and mode of the upper layer kept in {:?}", want.name());
                 }
             }

@@ -179,8 +179,9 @@ impl OverlayFs {
         // depth of 2, which in turn keeps this mount from being a layer of a kernel overlay;
         // on a plain filesystem 1 is enough and leaves that possible.
         #[allow(clippy::unnecessary_cast)] // `f_type` is not an i64 on every target
-        let stacked = rustix::fs::fstatfs(upper.layer().root())
-            .is_ok_and(|s| matches!(s.f_type as i64, OVERLAYFS_SUPER_MAGIC | FUSE_SUPER_MAGIC | ECRYPTFS_SUPER_MAGIC));
+        let stacked = upper.layer().root().ok().and_then(|r| rustix::fs::fstatfs(r).ok()).is_some_and(|s| {
+            matches!(s.f_type as i64, OVERLAYFS_SUPER_MAGIC | FUSE_SUPER_MAGIC | ECRYPTFS_SUPER_MAGIC)
+        });
         let depth = if stacked { 2 } else { 1 };
         if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(depth).is_ok() {
             self.passthrough.enabled = true;

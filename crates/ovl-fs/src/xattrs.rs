@@ -3,6 +3,7 @@
 //! metadata can never be read, set or removed by a user.
 
 use std::ffi::{CString, OsStr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use ovl_core::sys;
@@ -35,7 +36,7 @@ impl OverlayFs {
             r => r?,
         };
         if path.as_os_str().is_empty() {
-            return f(root, None);
+            return f(root.as_fd(), None);
         }
         let (dir, name) = sys::open_parent(root, &path)?;
         f(std::os::fd::AsFd::as_fd(&dir), Some(&name))

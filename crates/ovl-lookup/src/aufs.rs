@@ -2,6 +2,7 @@
 //! opaque xattr beside the kernel's, for stacks that read it ([`LayerStack::reads_aufs`]); the
 //! rules are in [`ovl_core::aufs`].
 
+use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 
@@ -25,7 +26,7 @@ pub(crate) fn hidden(stack: &LayerStack, layer: &Layer, path: &Path) -> Result<b
     if !is_upper(stack, layer) {
         return Ok(stack.lower_marks(layer, dir)?.is_some_and(|m| m.hides(name)));
     }
-    Ok(Probe::open(layer.root(), &path.with_file_name(aufs::whiteout_name(name)))?.is_some())
+    Ok(Probe::open(layer.root()?.as_fd(), &path.with_file_name(aufs::whiteout_name(name)))?.is_some())
 }
 
 /// The opacity of the directory `p` at `path` of `layer` (not a layer root): its
@@ -36,7 +37,7 @@ pub(crate) fn opaque(stack: &LayerStack, layer: &Layer, p: &mut Probe, path: &Pa
         return Ok(o);
     }
     let marker_inside = if is_upper(stack, layer) {
-        Probe::open(layer.root(), &path.join(marker()))?.is_some()
+        Probe::open(layer.root()?.as_fd(), &path.join(marker()))?.is_some()
     } else {
         stack.lower_marks(layer, path)?.is_some_and(|m| m.opaque())
     };

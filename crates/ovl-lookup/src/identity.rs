@@ -28,9 +28,9 @@ const MAX_CHAIN: usize = 16;
 /// feeds inode numbers, so bad metadata must never make an object unreachable.
 pub fn identity(stack: &LayerStack, layer: &Layer, path: &Path, st: &Stat) -> Result<Identity> {
     let value = if path.as_os_str().is_empty() {
-        sys::get_xattr(layer.root(), None, &stack.names().origin)?
+        sys::get_xattr(layer.root()?, None, &stack.names().origin)?
     } else {
-        let (dir, name) = sys::open_parent(layer.root(), path)?;
+        let (dir, name) = sys::open_parent(layer.root()?, path)?;
         sys::get_xattr(&dir, Some(&name), &stack.names().origin)?
     };
     identity_from(stack, layer, path, st, value)
@@ -107,7 +107,11 @@ pub fn resolve_origin(stack: &LayerStack, origin: &Origin) -> OriginTarget {
     if origin.uuid == [0; 16] && stack.lowers().iter().any(|l| l.dev() != first.dev()) {
         return OriginTarget::Foreign;
     }
-    match sys::open_by_handle(first.root(), &origin.handle) {
+    let root = match first.root() {
+        Ok(r) => r,
+        Err(e) => return OriginTarget::Stale(e.errno()),
+    };
+    match sys::open_by_handle(&*root, &origin.handle) {
         Ok(fd) => OriginTarget::Found(fd),
         Err(e) => OriginTarget::Stale(e.errno()),
     }

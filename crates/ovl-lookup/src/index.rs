@@ -37,7 +37,7 @@ pub fn index_of(stack: &LayerStack, e: &Entry, upper_path: &Path) -> Result<Opti
         if ust.st_nlink < 2 {
             return Ok(None);
         }
-        let (dir, name) = sys::open_parent(up.layer().root(), upper_path)?;
+        let (dir, name) = sys::open_parent(up.layer().root()?, upper_path)?;
         let Some(origin) = sys::get_xattr(&dir, Some(&name), &stack.names().origin)? else { return Ok(None) };
         let ixname = index_name(&origin);
         return Ok(match sys::lstat_at(ix, &ixname) {
@@ -49,7 +49,7 @@ pub fn index_of(stack: &LayerStack, e: &Entry, upper_path: &Path) -> Result<Opti
     }
     let Some(l) = e.lower.as_ref().filter(|l| l.stat.st_nlink > 1) else { return Ok(None) };
     let layer = stack.layer(l.layer);
-    let (dir, name) = sys::open_parent(layer.root(), &l.path)?;
+    let (dir, name) = sys::open_parent(layer.root()?, &l.path)?;
     let Some(origin) = ovl_core::index::origin_value(layer, &dir, &name) else { return Ok(None) };
     let ixname = index_name(&origin);
     let present = match sys::lstat_at(ix, &ixname) {

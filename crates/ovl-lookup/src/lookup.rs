@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use ovl_core::sys;
@@ -39,13 +40,13 @@ impl DirLayers {
     /// says so).
     pub fn root(stack: &LayerStack) -> Result<Self> {
         let upper_opaque = match stack.upper() {
-            Some(u) => crate::aufs::root_opaque(stack, u.layer().root())? == Opaque::Yes,
+            Some(u) => crate::aufs::root_opaque(stack, u.layer().root()?.as_fd())? == Opaque::Yes,
             None => false,
         };
         let mut lowers = Vec::new();
         if !upper_opaque {
             for l in stack.lowers() {
-                let opaque = crate::aufs::root_opaque(stack, l.root())?;
+                let opaque = crate::aufs::root_opaque(stack, l.root()?.as_fd())?;
                 lowers.push(LowerDir { layer: l.id(), path: PathBuf::new(), xwhiteouts: opaque == Opaque::XWhiteouts });
                 if opaque == Opaque::Yes {
                     break;
@@ -122,7 +123,7 @@ pub fn lookup_in(
         if crate::aufs::hidden(stack, upper.layer(), &path)? {
             return Ok(None);
         }
-        if let Some(mut p) = Probe::open_in(upper.layer().root(), &path, held.and_then(|h| h.upper()))? {
+        if let Some(mut p) = Probe::open_in(upper.layer().root()?.as_fd(), &path, held.and_then(|h| h.upper()))? {
             let st = p.st;
             if is_whiteout_stat(&st) {
                 return Ok(None);
@@ -234,7 +235,7 @@ pub fn lookup_in(
             break;
         }
         let dir = held.and_then(|h| h.lower(ld.layer, path.parent().unwrap_or(Path::new(""))));
-        let Some(mut p) = Probe::open_in(layer.root(), &path, dir)? else {
+        let Some(mut p) = Probe::open_in(layer.root()?.as_fd(), &path, dir)? else {
             if last_layer {
                 break;
             }
@@ -376,7 +377,7 @@ fn find_data(
         if crate::aufs::hidden(stack, layer, &path)? {
             break;
         }
-        let Some(mut p) = Probe::open(layer.root(), &path)? else {
+        let Some(mut p) = Probe::open(layer.root()?.as_fd(), &path)? else {
             // An opaque ancestor stops the layers below, unless a metacopy file is found here.
             if stop {
                 break;
@@ -499,7 +500,7 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
         if crate::aufs::hidden(stack, layer, &cur)? {
             return Ok(Walk::Blocked);
         }
-        let Some(st) = stat_in(layer.root(), &cur)? else {
+        let Some(st) = stat_in(layer.root()?.as_fd(), &cur)? else {
             for rest in &ancestors[i..] {
                 below.push(rest);
             }
@@ -509,7 +510,7 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
         if is_whiteout_stat(&st) || FileType::from_raw_mode(st.st_mode) != FileType::Directory {
             return Ok(Walk::Blocked);
         }
-        let Some(mut p) = Probe::open(layer.root(), &cur)? else { return Ok(Walk::Blocked) };
+        let Some(mut p) = Probe::open(layer.root()?.as_fd(), &cur)? else { return Ok(Walk::Blocked) };
         if !reads {
             below.push(c);
             continue;
@@ -552,8 +553,8 @@ pub fn lower_has_name(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> R
         if crate::aufs::hidden(stack, layer, &path)? {
             return Ok(false);
         }
-        let Some(st) = stat_in(layer.root(), &path)? else { continue };
-        if is_whiteout_stat(&st) || (ld.xwhiteouts && is_xwhiteout(stack, layer.root(), &path, &st)?) {
+        let Some(st) = stat_in(layer.root()?.as_fd(), &path)? else { continue };
+        if is_whiteout_stat(&st) || (ld.xwhiteouts && is_xwhiteout(stack, layer.root()?.as_fd(), &path, &st)?) {
             return Ok(false);
         }
         return Ok(true);

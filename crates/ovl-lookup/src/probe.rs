@@ -95,7 +95,9 @@ thread_local! {
 /// of once per object (a listing's entries all share their parent). The caller guarantees that
 /// no name in the layers changes meanwhile except through copy-up and creation in the upper
 /// layer, whose root is `upper_root` (ovl-fs holds its namespace lock); scopes nest. `kept`
-/// carries lower-layer dirs into the scope and back out of it.
+/// carries lower-layer dirs into the scope and back out of it. Dirs are known by their layer
+/// root's descriptor number: only for stacks whose roots are held open (`Layer::root_is_held`),
+/// never closed and reused for another layer meanwhile.
 pub fn with_dir_cache<R>(upper_root: Option<BorrowedFd<'_>>, kept: &mut KeptDirs, f: impl FnOnce() -> R) -> R {
     let outer = DIR_CACHE.with(|c| c.borrow().is_some());
     if outer {
@@ -125,18 +127,25 @@ pub fn with_dir_cache<R>(upper_root: Option<BorrowedFd<'_>>, kept: &mut KeptDirs
 pub struct DirHandles {
     upper: Option<(PathBuf, Arc<OwnedFd>)>,
     lowers: Vec<(LayerId, PathBuf, Arc<OwnedFd>)>,
+    /// How many of these descriptors are their own (see [`DirHandles::own_descriptors`]).
+    own: usize,
 }
 
 impl DirHandles {
-    /// Opens the dirs of `dir` in every layer where it exists (a layer's root is its own
-    /// descriptor, shared: no new one).
+    /// Opens the dirs of `dir` in every layer where it exists (a layer's root held open for the
+    /// stack's life is its own descriptor, shared: no new one).
     pub fn open(stack: &LayerStack, dir: &DirLayers) -> Result<Self> {
-        let held = |layer: &ovl_core::Layer, path: &Path| {
+        let mut own = 0;
+        let mut held = |layer: &ovl_core::Layer, path: &Path| {
             if path.as_os_str().is_empty() {
-                return Ok(Some(layer.root_shared()));
+                own += usize::from(!layer.root_is_held());
+                return Ok(Some(layer.root()?));
             }
-            match sys::open_dir_path(layer.root(), path) {
-                Ok(fd) => Ok(Some(Arc::new(fd))),
+            match sys::open_dir_path(layer.root()?, path) {
+                Ok(fd) => {
+                    own += 1;
+                    Ok(Some(Arc::new(fd)))
+                }
                 Err(e) if is_absent(e.errno()) => Ok(None),
                 Err(e) => Err(e),
             }
@@ -151,13 +160,12 @@ impl DirHandles {
                 lowers.push((ld.layer, ld.path.clone(), fd));
             }
         }
-        Ok(Self { upper, lowers })
+        Ok(Self { upper, lowers, own })
     }
 
-    /// How many descriptors these hold of their own (a layer root's is the layer's).
+    /// How many descriptors these hold of their own (a held layer root's is the layer's).
     pub fn own_descriptors(&self) -> usize {
-        let own = |path: &Path| usize::from(!path.as_os_str().is_empty());
-        self.upper.as_ref().map_or(0, |(p, _)| own(p)) + self.lowers.iter().map(|(_, p, _)| own(p)).sum::<usize>()
+        self.own
     }
 
     /// The dir in the upper layer.

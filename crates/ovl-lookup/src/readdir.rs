@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
 use ovl_core::sys;
@@ -37,7 +38,8 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
     let mut out = Vec::new();
     let merged = dir.is_merged();
     if let (Some(up), Some(upper)) = (&dir.upper, stack.upper()) {
-        let root = upper.layer().root();
+        let root = upper.layer().root()?;
+        let root = root.as_fd();
         let impure = is_impure(stack, root, up)?;
         let (listing, hidden) = aufs_split(stack, sys::read_dir(root, up)?);
         for e in listing {
@@ -68,7 +70,8 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
     let presence = stack.presence().filter(|_| !stack.reads_aufs()).map(|p| p.reader());
     for (i, ld) in dir.lowers.iter().enumerate() {
         let layer = stack.layer(ld.layer);
-        let root = layer.root();
+        let root = layer.root()?;
+        let root = root.as_fd();
         let last = i + 1 == dir.lowers.len();
         // A frozen layer's plain directory is listed from its summary, whiteouts included.
         let summarized = presence.as_ref().filter(|_| !ld.xwhiteouts).and_then(|p| p.listing(ld.layer, &ld.path));
@@ -156,7 +159,7 @@ fn is_impure(stack: &LayerStack, root: std::os::fd::BorrowedFd<'_>, dir: &std::p
 }
 
 fn identity_of(stack: &LayerStack, layer: &ovl_core::Layer, path: &std::path::Path) -> Result<Option<crate::Identity>> {
-    match stat_in(layer.root(), path)? {
+    match stat_in(layer.root()?.as_fd(), path)? {
         Some(st) => Ok(Some(crate::identity(stack, layer, path, &st)?)),
         None => Ok(None),
     }

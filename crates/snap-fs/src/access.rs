@@ -123,10 +123,10 @@ impl<'a> Sight<'a> {
         let found = match path.parent() {
             None => {
                 let dl = DirLayers::root(self.stack)?;
-                let top = dl.lowers.first().map(|l| self.stack.layer(l.layer).root());
+                let top = dl.lowers.first().map(|l| self.stack.layer(l.layer).root()).transpose()?;
                 match top {
                     Some(root) => {
-                        let (search, read) = (self.peer.may_dir(root, SEARCH)?, self.peer.may_dir(root, READ)?);
+                        let (search, read) = (self.peer.may_dir(&*root, SEARCH)?, self.peer.may_dir(&*root, READ)?);
                         Some((dl, search, read))
                     }
                     None => None,
@@ -145,7 +145,7 @@ impl<'a> Sight<'a> {
         // The directory shows its top layer's object: owner, mode and ACL come from there.
         let acl = match dl.lowers.first() {
             Some(top) => {
-                let (dir, leaf) = sys::open_parent(self.stack.layer(top.layer).root(), &top.path)?;
+                let (dir, leaf) = sys::open_parent(self.stack.layer(top.layer).root()?, &top.path)?;
                 access_acl(&dir, Some(&leaf))?
             }
             None => None,

@@ -461,6 +461,10 @@ impl Target {
         writable: bool,
         f: impl Fn(&LayerStack) -> anyhow::Result<T>,
     ) -> anyhow::Result<Vec<T>> {
+        // Layer roots are opened while used, within a budget (thousands of layers may be
+        // more than the open-file limit allows at once).
+        let pool = ovl_core::RootPool::new(crate::snapper::layer_root_budget());
+        let parent = Arc::new(rustix::io::dup(layers)?);
         let mut open = Vec::new();
         for s in &meta.snapshots {
             let fd = rustix::fs::openat(
@@ -470,14 +474,15 @@ impl Target {
                 Mode::empty(),
             );
             if let Ok(fd) = fd {
-                open.push((s.id, self.store.join(crate::store::Store::layer_rel(s.id)), Arc::new(fd)));
+                let root = ovl_core::LayerRoot::lazy(&pool, parent.clone(), &s.id.to_string(), fd)?;
+                open.push((s.id, self.store.join(crate::store::Store::layer_rel(s.id)), root));
             }
         }
         let mut out = Vec::new();
         for (i, (_, path, fd)) in open.iter().enumerate() {
-            let mut lowers: Vec<(PathBuf, Arc<OwnedFd>)> =
+            let mut lowers: Vec<(PathBuf, ovl_core::LayerRoot)> =
                 open[i + 1..].iter().map(|(_, p, fd)| (p.clone(), fd.clone())).collect();
-            lowers.push((self.live.0.clone(), self.live.1.clone()));
+            lowers.push((self.live.0.clone(), ovl_core::LayerRoot::held(self.live.1.clone())?));
             let work = match sys::open_beneath(
                 &self.root,
                 Path::new("work/work"),

@@ -37,8 +37,6 @@ use ovl_core::{Errno, LayerId, LayerStack, Result, is_whiteout_stat};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use serde::{Deserialize, Serialize};
 
-/// `u_N` in the copy-up stack.
-const UPPER: LayerId = LayerId(0);
 /// LIVE in the copy-up stack.
 pub(crate) const LIVE: LayerId = LayerId(1);
 
@@ -57,6 +55,8 @@ pub(crate) struct Cow {
     journal: OwnedFd,
     /// The redirect changes of the rename in progress, to undo if it does not happen.
     pending: Option<Pending>,
+    /// `u_N`'s root and LIVE's, held open while this is the CoW target.
+    roots: (Arc<OwnedFd>, Arc<OwnedFd>),
 }
 
 /// A directory rename whose redirects are already written while LIVE may not have moved yet:
@@ -131,8 +131,11 @@ impl Cow {
         opts: ovl_core::MountOptions,
         pre: Arc<Precopies>,
     ) -> Result<Self> {
-        let stack = Arc::new(LayerStack::from_open_dirs(vec![live], Some((layer.0, layer.1, work)), opts)?);
-        let mut cow = Self { stack, pre, redirects: Vec::new(), hidden, journal, pending: None };
+        let roots = (layer.1.clone(), live.1.clone());
+        let live = (live.0, ovl_core::LayerRoot::held(live.1)?);
+        let upper = (layer.0, ovl_core::LayerRoot::held(layer.1)?, work);
+        let stack = Arc::new(LayerStack::from_open_dirs(vec![live], Some(upper), opts)?);
+        let mut cow = Self { stack, pre, redirects: Vec::new(), hidden, journal, pending: None, roots };
         cow.redirects = cow.scan_redirects()?;
         if let Some(journal) = read_journal(cow.journal.as_fd())? {
             match journal {
@@ -195,11 +198,11 @@ impl Cow {
     }
 
     fn upper(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.stack.layer(UPPER).root()
+        self.roots.0.as_fd()
     }
 
     fn live(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.stack.layer(LIVE).root()
+        self.roots.1.as_fd()
     }
 
     /// The redirects already in `u_N` (after a remount).

@@ -202,16 +202,18 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     let Opened { live, live_fd, store: store_at, hidden, snapper } = opened.map_err(ovl_fs::limits::explain)?;
     // Before anything is served: what LIVE changed while no daemon guarded it.
     snapper.verify_live().context("checking LIVE against its seal").map_err(ovl_fs::limits::explain)?;
-    // Every layer is open now; serving them needs more (see `Snapper::serve_headroom`), and a
-    // mount that ran out of descriptors would die after it was reported live.
-    let layers = snapper.layer_count();
-    ovl_fs::limits::ensure_free(Snapper::serve_headroom() + ovl_fs::mount::session_threads(), false)
-        .with_context(|| format!("LIVE cannot be served with its {layers} snapshot(s), one descriptor each"))?;
+    // The layers' budget of open roots is open now (`Snapper::layer_roots_open`); serving
+    // needs more (see `Snapper::serve_headroom`), and a mount that ran out of descriptors would
+    // die after it was reported live.
+    let (roots, budget) = snapper.layer_roots_open();
+    ovl_fs::limits::ensure_free(Snapper::serve_headroom() + ovl_fs::mount::session_threads(), false).with_context(
+        || format!("LIVE cannot be served: {roots} snapshot layers are open (at most {budget} at once)"),
+    )?;
     let (workdir, work) = snapper.store_work()?;
     drop(workdir);
     let stack = LayerStack::from_open_dirs(
         Vec::new(),
-        Some((live.clone(), Arc::new(live_fd), work)),
+        Some((live.clone(), ovl_core::LayerRoot::held(Arc::new(live_fd))?, work)),
         snapper.overlay_options(),
     )?;
     // LIVE's directories hold their dirs open (ovl-fs's `dirfds`), but fewer than a plain

@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use ovl_core::sys;
@@ -88,7 +89,7 @@ pub(crate) fn translate(a: &LayerStack, range: u16, pa: &Path) -> Result<Option<
     while i < todo.len() {
         let k = todo[i];
         i += 1;
-        let w = layer_walk(a.layer(k).root(), a.names(), &t)?;
+        let w = layer_walk(a.layer(k).root()?.as_fd(), a.names(), &t)?;
         match w.state {
             State::Absent | State::Dir { opaque: false } if w.lower == t => {}
             State::Absent | State::Dir { opaque: false } => {
@@ -154,7 +155,8 @@ impl<'a> Differ<'a> {
         // The root shows its top layer's root: owner, mode, xattrs.
         let (ta, tb) = (da.lowers.first(), db.lowers.first());
         if let (Some(ta), Some(tb)) = (ta, tb) {
-            let (ra, rb) = (self.a.layer(ta.layer).root(), self.b.layer(tb.layer).root());
+            let (ra, rb) = (self.a.layer(ta.layer).root()?, self.b.layer(tb.layer).root()?);
+            let (ra, rb) = (ra.as_fd(), rb.as_fd());
             let (sa, sb) = (rustix::fs::fstat(ra)?, rustix::fs::fstat(rb)?);
             let meta = |s: &rustix::fs::Stat| (s.st_mode, s.st_uid, s.st_gid);
             if meta(&sa) != meta(&sb) || xattrs(ra, Path::new(""))? != xattrs(rb, Path::new(""))? {
@@ -182,7 +184,7 @@ impl<'a> Differ<'a> {
     fn dir(&mut self, pa: &Path, pb: &Path, da: &DirLayers, db: Option<&DirLayers>, full: bool) -> Result<()> {
         let mut names: BTreeSet<OsString> = BTreeSet::new();
         for ld in da.lowers.iter().filter(|l| l.layer.0 < self.range) {
-            for e in sys::read_dir(self.a.layer(ld.layer).root(), &ld.path)? {
+            for e in sys::read_dir(self.a.layer(ld.layer).root()?, &ld.path)? {
                 names.insert(e.name);
             }
         }
@@ -263,12 +265,12 @@ impl<'a> Differ<'a> {
     }
 
     /// Where an entry's object is: its layer's root and its path there.
-    pub(crate) fn location<'s>(stack: &'s LayerStack, e: &Entry) -> Result<(std::os::fd::BorrowedFd<'s>, PathBuf)> {
+    pub(crate) fn location(stack: &LayerStack, e: &Entry) -> Result<(std::sync::Arc<std::os::fd::OwnedFd>, PathBuf)> {
         match (&e.lower, &e.dir) {
-            (Some(l), _) => Ok((stack.layer(l.layer).root(), l.path.clone())),
+            (Some(l), _) => Ok((stack.layer(l.layer).root()?, l.path.clone())),
             (None, Some(d)) => {
                 let l = d.lowers.first().ok_or(Errno::IO)?;
-                Ok((stack.layer(l.layer).root(), l.path.clone()))
+                Ok((stack.layer(l.layer).root()?, l.path.clone()))
             }
             (None, None) => Err(Errno::IO.into()),
         }
@@ -293,7 +295,9 @@ impl<'a> Differ<'a> {
             return Ok(true);
         }
         let (ra, pa) = Self::location(self.a, ea)?;
+        let ra = ra.as_fd();
         let (rb, pb) = Self::location(self.b, eb)?;
+        let rb = rb.as_fd();
         if xattrs(ra, &pa)? != xattrs(rb, &pb)? {
             return Ok(true);
         }

@@ -52,7 +52,7 @@ pub(crate) fn build(
     let resolver = crate::resolver::Resolver::new(a)?;
     let mut m = Merge { a, range, copied, out, made: BTreeSet::new(), times: Vec::new(), resolver };
     // Before anything is linked into `out`, which adds to the link counts.
-    let groups: Vec<_> = (0..range).map(|l| linked_files(a.layer(LayerId(l)).root())).collect();
+    let groups: Vec<_> = (0..range).map(|l| linked_files(a.layer(LayerId(l)).root()?.as_fd())).collect();
     m.root_meta()?;
     m.apply(&report)?;
     for g in groups {
@@ -90,7 +90,8 @@ impl Merge<'_> {
     fn root_meta(&mut self) -> Result<()> {
         let root = self.resolver.root();
         let top = root.lowers.first().ok_or(Errno::IO)?;
-        let src = self.a.layer(top.layer).root();
+        let src = self.a.layer(top.layer).root()?;
+        let src = src.as_fd();
         let st = rustix::fs::fstat(src)?;
         self.times.push((PathBuf::new(), times_of(&st)));
         copy_meta(src, None, &st, self.out, None)
@@ -190,6 +191,7 @@ impl Merge<'_> {
         if !self.made.contains(pa) {
             let e = self.resolve(pa)?.ok_or(Errno::IO)?;
             let (root, path) = Differ::location(self.a, &e)?;
+            let root = root.as_fd();
             rustix::fs::mkdirat(&dir, &name, Mode::from_raw_mode(0o700))?;
             let (sdir, sname) = open_at(root, &path)?;
             copy_meta(sdir.as_ref().map_or(root, |d| d.as_fd()), sname.as_deref(), &e.stat, dir.as_fd(), Some(&name))?;
@@ -236,6 +238,7 @@ impl Merge<'_> {
     /// layer below, LIVE above all, would make the merged snapshot change with it.
     fn put_file(&mut self, e: &Entry, pa: &Path, dir: &std::os::fd::OwnedFd, name: &std::ffi::CStr) -> Result<()> {
         let (root, path) = Differ::location(self.a, e)?;
+        let root = root.as_fd();
         let (sdir, sname) = sys::open_parent(root, &path)?;
         let layer = e.lower.as_ref().map(|l| l.layer).ok_or(Errno::IO)?;
         if layer.0 < self.range {
@@ -261,6 +264,7 @@ impl Merge<'_> {
     /// (files as hard links to the range layers' inodes).
     fn copy_dir(&mut self, e: &Entry, pa: &Path, dir: &std::os::fd::OwnedFd, name: &std::ffi::CStr) -> Result<()> {
         let (root, path) = Differ::location(self.a, e)?;
+        let root = root.as_fd();
         rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))?;
         let (sdir, sname) = open_at(root, &path)?;
         copy_meta(sdir.as_ref().map_or(root, |d| d.as_fd()), sname.as_deref(), &e.stat, dir.as_fd(), Some(name))?;

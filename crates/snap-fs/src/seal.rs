@@ -91,7 +91,7 @@ pub(crate) fn record(stack: &LayerStack, hidden: &[OsString]) -> ovl_core::Resul
     let mut marks = BTreeMap::new();
     let root = DirLayers::root(stack)?;
     if root.lowers.first().is_some_and(|l| l.layer == live) {
-        marks.insert(Vec::new(), mark_of(&rustix::fs::fstat(stack.layer(live).root())?));
+        marks.insert(Vec::new(), mark_of(&rustix::fs::fstat(stack.layer(live).root()?)?));
     }
     let mut todo: Vec<(PathBuf, DirLayers)> = vec![(PathBuf::new(), root)];
     while let Some((path, dir)) = todo.pop() {
@@ -117,7 +117,7 @@ pub(crate) fn record(stack: &LayerStack, hidden: &[OsString]) -> ovl_core::Resul
             } else if e.layer == live {
                 // A non-dir from LIVE is at its name in LIVE's part of this dir.
                 let Some(ld) = &live_dir else { continue };
-                if let Ok(st) = sys::lstat_beneath(stack.layer(live).root(), &ld.join(&e.name)) {
+                if let Ok(st) = sys::lstat_beneath(stack.layer(live).root()?, &ld.join(&e.name)) {
                     marks.insert(child.as_os_str().as_bytes().to_vec(), mark_of(&st));
                 }
             }
@@ -166,7 +166,7 @@ pub(crate) fn consistent(
     for (p, m) in marks {
         let path = Path::new(std::ffi::OsStr::from_bytes(p));
         match shown_at_with(stack, hidden, path, &mut dirs)? {
-            Shown::Live(q) => match sys::lstat_beneath(stack.layer(live).root(), &q) {
+            Shown::Live(q) => match sys::lstat_beneath(stack.layer(live).root()?, &q) {
                 Ok(st) if st.st_ino == m.ino => {}
                 // Changed since it was read: saved into the newest layer first, or being saved.
                 Ok(_) | Err(_) => return Ok(false),
@@ -272,8 +272,8 @@ fn live_could_show(stack: &LayerStack, dir: &DirLayers, name: &std::ffi::OsStr, 
         return false;
     }
     !dir.lowers.iter().take_while(|l| l.layer != live).any(|l| {
-        let root = stack.layer(l.layer).root();
-        sys::lstat_beneath(root, &l.path.join(name)).is_ok_and(|st| ovl_core::is_whiteout_stat(&st))
+        let Ok(root) = stack.layer(l.layer).root() else { return true };
+        sys::lstat_beneath(&*root, &l.path.join(name)).is_ok_and(|st| ovl_core::is_whiteout_stat(&st))
     })
 }
 

@@ -47,6 +47,14 @@ pub struct Listed {
     pub damage: Option<crate::store::Damage>,
 }
 
+/// How many snapshot layer roots a process keeps open at once: an eighth of its open-file
+/// limit, between 8 and 4096. Others are opened again when used (`ovl_core::LayerRoot`), so a
+/// store's snapshots are not bounded by the limit (issue 17).
+pub(crate) fn layer_root_budget() -> usize {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    lim.map_or(4096, |l| (l / 8).clamp(8, 4096) as usize)
+}
+
 /// The snapshot machinery of a mount.
 pub struct Snapper {
     /// Shared by every change, exclusive for a take.
@@ -59,9 +67,15 @@ pub struct Snapper {
     cow: Mutex<Option<Cow>>,
     pub(crate) views: Arc<Views>,
     live: Arc<OwnedFd>,
+    /// LIVE as a layer of the views' stacks.
+    live_root: ovl_core::LayerRoot,
     live_path: PathBuf,
-    /// Each snapshot layer, open.
-    layer_fds: Mutex<std::collections::HashMap<u64, Arc<OwnedFd>>>,
+    /// Each snapshot layer's root, opened while used (see [`layer_root_budget`]).
+    layer_fds: Mutex<std::collections::HashMap<u64, ovl_core::LayerRoot>>,
+    /// The open layer roots' budget.
+    root_pool: Arc<ovl_core::RootPool>,
+    /// The store's `layers` dir, where closed layer roots are opened again.
+    layers_dir: Arc<OwnedFd>,
     hidden: Vec<OsString>,
     /// One seal is made at a time.
     sealing: Mutex<()>,
@@ -81,6 +95,8 @@ impl Snapper {
     pub fn new(live: OwnedFd, live_path: PathBuf, store: Store, hidden: Vec<OsString>) -> anyhow::Result<Self> {
         let opts = store.overlay_options();
         let views = Arc::new(Views::new(hidden.clone(), opts.clone()));
+        let live = Arc::new(live);
+        let layers_dir = Arc::new(rustix::io::dup(store.layers_dir())?);
         let s = Self {
             gate: RwLock::new(()),
             generation: AtomicU64::new(0),
@@ -88,9 +104,12 @@ impl Snapper {
             store: Mutex::new(store),
             cow: Mutex::new(None),
             views,
-            live: Arc::new(live),
+            live_root: ovl_core::LayerRoot::held(live.clone())?,
+            live,
             live_path,
             layer_fds: Mutex::new(Default::default()),
+            root_pool: ovl_core::RootPool::new(layer_root_budget()),
+            layers_dir,
             hidden,
             sealing: Mutex::new(()),
             sealed: AtomicU64::new(u64::MAX),
@@ -107,12 +126,13 @@ impl Snapper {
     fn switch(&self) -> anyhow::Result<()> {
         let store = self.store.lock();
         let snaps = store.snapshots().to_vec();
-        // One open descriptor per layer, shared by the CoW target and every view.
+        // One root per layer, shared by the CoW target and every view, open while used.
         let mut fds = self.layer_fds.lock();
         fds.retain(|id, _| snaps.iter().any(|s| s.id == *id));
         for s in &snaps {
             if let std::collections::hash_map::Entry::Vacant(e) = fds.entry(s.id) {
-                e.insert(Arc::new(store.open_layer(s.id)?));
+                let fd = store.open_layer(s.id)?;
+                e.insert(ovl_core::LayerRoot::lazy(&self.root_pool, self.layers_dir.clone(), &s.id.to_string(), fd)?);
             }
         }
         let layer = |id: u64| (store.path().join(Store::layer_rel(id)), fds[&id].clone());
@@ -129,10 +149,11 @@ impl Snapper {
         let (_, work) = store.work()?;
         let (hidden, journal) = (self.hidden.clone(), rustix::io::dup(store.root())?);
         let pre = self.precopies.clone();
-        let cow = Cow::new(layer(newest.id), work, live.clone(), hidden, journal, store.overlay_options(), pre)
+        let target = (store.path().join(Store::layer_rel(newest.id)), fds[&newest.id].get()?);
+        let cow = Cow::new(target, work, live, hidden, journal, store.overlay_options(), pre)
             .context("opening the newest snapshot's layer")?;
         let mut all: Vec<_> = snaps.iter().map(|s| layer(s.id)).collect();
-        all.push(live);
+        all.push((self.live_path.clone(), self.live_root.clone()));
         let frozen = &snaps[..snaps.len() - 1];
         {
             // The frozen layers' summaries the store has, read once; `summarize` makes the rest.
@@ -141,7 +162,8 @@ impl Snapper {
                 if holders.knows(s.id) {
                     continue;
                 }
-                if let Some(summary) = crate::summary::load(store.root(), s.id, fds[&s.id].as_fd()) {
+                let Ok(root) = fds[&s.id].get() else { continue };
+                if let Some(summary) = crate::summary::load(store.root(), s.id, root.as_fd()) {
                     holders.add(s.id, &summary);
                 }
             }
@@ -170,10 +192,10 @@ impl Snapper {
         let _gate = self.gate.write();
         let _views = self.views.changing();
         // Refused up front rather than run out of descriptors halfway (issue 16.3): the daemon
-        // holds one per layer and must keep serving after the take.
-        let layers = self.layer_count() + 1;
+        // must keep serving after the take. (Layers are opened while used, within a budget:
+        // their number does not count here.)
         ovl_fs::limits::ensure_free(TAKE_FDS + Self::serve_headroom(), true).with_context(|| {
-            format!("snapshot {name:?} was not taken: it would make {layers} snapshot layers, one descriptor each")
+            format!("snapshot {name:?} was not taken: too few descriptors are free for it and for serving after it")
         })?;
         // Set aside, so that taking the snapshot back never lacks the descriptor it writes with.
         let spare = rustix::io::dup(self.store.lock().root())
@@ -199,7 +221,12 @@ impl Snapper {
         self.store.lock().snapshots().len()
     }
 
-    /// Descriptors to keep free while snapshot layers are open (each holds one): users' files,
+    /// How many snapshot layer roots may be open at once (see [`layer_root_budget`]).
+    pub fn layer_roots_open(&self) -> (usize, usize) {
+        (self.root_pool.open(), self.root_pool.budget())
+    }
+
+    /// Descriptors to keep free besides the open layer roots (a budget): users' files,
     /// lookups and listings. Those open one directory of a layer at a time per request (a
     /// frozen layer's listing comes from its summary), so the reserve does not grow with the
     /// layers (it did until session 9, which stopped a store at half the limit).
@@ -352,7 +379,7 @@ impl Snapper {
             let fd = fds.get(&s.id).with_context(|| format!("layer {} is not open", s.id))?;
             layers.push((store.path().join(Store::layer_rel(s.id)), fd.clone()));
         }
-        layers.push((self.live_path.clone(), self.live.clone()));
+        layers.push((self.live_path.clone(), self.live_root.clone()));
         let opts = ovl_core::MountOptions { read_only: true, ..store.overlay_options() };
         let mut stack = ovl_core::LayerStack::from_open_dirs(layers, None, opts)?;
         // Lookups skip the frozen layers holding nothing at a path, as in the views (never the
@@ -483,8 +510,8 @@ impl Snapper {
                     let mut any = false;
                     for i in (0..snaps.len()).rev() {
                         let fds = self.layer_fds.lock().get(&snaps[i].id).cloned();
-                        if let Some(fd) = fds {
-                            any |= crate::seal::has_redirects(fd.as_fd(), &names)?;
+                        if let Some(root) = fds {
+                            any |= crate::seal::has_redirects(root.get()?.as_fd(), &names)?;
                         }
                         redirected[i] = any;
                     }
@@ -612,7 +639,7 @@ impl Snapper {
                 missing.and_then(|s| Some((s.id, fds.get(&s.id)?.clone())))
             };
             let Some((id, fd)) = next else { return Ok(()) };
-            let summary = match ovl_core::presence::Summary::read(fd.as_fd()) {
+            let summary = match fd.get().and_then(|fd| ovl_core::presence::Summary::read(fd.as_fd())) {
                 Ok(summary) => summary,
                 Err(e) => {
                     tracing::warn!(id, "reading the layer for its summary: {e}; its lookups probe it");
@@ -626,7 +653,7 @@ impl Snapper {
             let store = self.store.lock();
             let snaps = store.snapshots();
             let frozen = &snaps[..snaps.len().saturating_sub(1)];
-            let same = self.layer_fds.lock().get(&id).is_some_and(|fd| summary.is_of(fd.as_fd()));
+            let same = self.layer_fds.lock().get(&id).is_some_and(|r| summary.is_of_dir(r.dev(), r.ino()));
             if !frozen.iter().any(|s| s.id == id) || !same {
                 continue;
             }

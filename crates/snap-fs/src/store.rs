@@ -332,6 +332,11 @@ impl Store {
         self.root.as_fd()
     }
 
+    /// The open `layers` dir, where each snapshot's layer is named by its id.
+    pub fn layers_dir(&self) -> BorrowedFd<'_> {
+        self.layers.as_fd()
+    }
+
     /// The snapshots, oldest first.
     pub fn snapshots(&self) -> &[SnapshotInfo] {
         &self.meta.snapshots

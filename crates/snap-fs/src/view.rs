@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,7 +62,7 @@ struct ViewStack {
 }
 
 /// A layer's path (for messages) and its open root, shared by every stack that uses it.
-pub(crate) type SharedLayer = (PathBuf, Arc<OwnedFd>);
+pub(crate) type SharedLayer = (PathBuf, ovl_core::LayerRoot);
 
 /// A view's layers, and its stack once built.
 struct ViewDef {
@@ -260,7 +260,7 @@ impl Views {
             (None, None) => {
                 let dir = Arc::new(vs.root.clone());
                 let top = dir.lowers.first().ok_or(Errno::IO)?.layer;
-                let stat = sys::lstat_beneath(vs.stack.layer(top).root(), Path::new(""))?;
+                let stat = sys::lstat_beneath(vs.stack.layer(top).root()?, Path::new(""))?;
                 (Resolved { stat, kind: FileType::Directory, layer: top, path: PathBuf::new(), dir: Some(dir) }, 0)
             }
         };
@@ -462,7 +462,7 @@ impl Views {
         let _g = self.reading();
         let (snap, _, r) = self.node(id)?;
         let vs = self.stack(snap)?;
-        let (dir, name) = sys::open_parent(vs.stack.layer(r.layer).root(), &r.path)?;
+        let (dir, name) = sys::open_parent(vs.stack.layer(r.layer).root()?, &r.path)?;
         Ok(rustix::fs::readlinkat(&dir, &name, Vec::new())?.into_bytes())
     }
 
@@ -488,7 +488,7 @@ impl Views {
             return Err(Errno::INVAL.into());
         }
         let vs = self.stack(snap)?;
-        let fd = sys::open_beneath(vs.stack.layer(r.layer).root(), &r.path, OFlags::RDONLY, Mode::empty())?;
+        let fd = sys::open_beneath(vs.stack.layer(r.layer).root()?, &r.path, OFlags::RDONLY, Mode::empty())?;
         let live_ino = if r.layer == vs.live { r.stat.st_ino } else { 0 };
         Ok((File::from(fd), live_ino))
     }
@@ -600,7 +600,8 @@ impl Views {
         let names = vs.stack.names();
         let real = names.escape(name);
         let key = std::ffi::CString::new(real.as_encoded_bytes()).map_err(|_| Errno::INVAL)?;
-        let root = vs.stack.layer(r.layer).root();
+        let root = vs.stack.layer(r.layer).root()?;
+        let root = root.as_fd();
         let v = if r.path.as_os_str().is_empty() {
             sys::get_xattr(root, None, &key)?
         } else {
@@ -616,7 +617,8 @@ impl Views {
         let (snap, _, r) = self.node(id)?;
         let vs = self.stack(snap)?;
         let names = vs.stack.names();
-        let root = vs.stack.layer(r.layer).root();
+        let root = vs.stack.layer(r.layer).root()?;
+        let root = root.as_fd();
         let list = if r.path.as_os_str().is_empty() {
             sys::list_xattrs(root, None)?
         } else {

@@ -181,14 +181,19 @@ fn is_kernel_whiteout_cache(workdir: &OwnedFd, name: &std::ffi::OsStr) -> Result
 pub fn repair_layers(stack: &LayerStack, report: &Report) -> Result<Vec<Finding>> {
     let upper = stack.upper().ok_or(Errno::INVAL)?;
     let work = open_work(upper.workdir())?;
-    let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<Arc<OwnedFd>> { Ok(Arc::new(rustix::io::dup(fd)?)) };
-    let lowers =
-        stack.lowers().iter().map(|l| Ok((l.path().to_path_buf(), dup(l.root())?))).collect::<Result<Vec<_>>>()?;
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<ovl_core::LayerRoot> {
+        ovl_core::LayerRoot::held(Arc::new(rustix::io::dup(fd)?))
+    };
+    let lowers = stack
+        .lowers()
+        .iter()
+        .map(|l| Ok((l.path().to_path_buf(), dup(l.root()?.as_fd())?)))
+        .collect::<Result<Vec<_>>>()?;
     let mut options = stack.options().clone();
     options.read_only = false;
     let writable = LayerStack::from_open_dirs(
         lowers,
-        Some((upper.layer().path().to_path_buf(), dup(upper.layer().root())?, work)),
+        Some((upper.layer().path().to_path_buf(), dup(upper.layer().root()?.as_fd())?, work)),
         options,
     )?;
     let mut done = repair_upper(&writable, report.fixable())?;

@@ -21,9 +21,10 @@ use super::{Finding, Report, Severity};
 /// read-only; nothing is written.
 pub fn check_upper(stack: &LayerStack) -> Result<Report> {
     let upper = stack.upper().ok_or(Errno::INVAL)?.layer();
+    let root = upper.root()?;
     let mut w = Walker {
         stack,
-        root: upper.root(),
+        root: root.as_fd(),
         top: upper.path().to_path_buf(),
         follows: stack.options().redirect_dir != RedirectDir::NoFollow,
         report: Report::default(),
@@ -418,7 +419,7 @@ fn metacopy_data(stack: &LayerStack, layers: &DirLayers, name: &OsStr, redirect:
                 .lowers()
                 .iter()
                 .map(|l| {
-                    let opaque = sys::get_xattr(l.root(), None, &stack.names().opaque)?;
+                    let opaque = sys::get_xattr(l.root()?, None, &stack.names().opaque)?;
                     let xwhiteouts = Opaque::from_value(opaque.as_deref()) == Opaque::XWhiteouts;
                     Ok(LowerDir { layer: l.id(), path: PathBuf::new(), xwhiteouts })
                 })
