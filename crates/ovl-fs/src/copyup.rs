@@ -2,11 +2,11 @@
 //! mount has `metacopy=on` and only metadata changes.
 //!
 //! The slow part of copying up a lower regular file, its data, is done ahead by the request
-//! that will need it, before it takes the namespace lock ([`OverlayFs::stage_copy_up`]): an
+//! that will need it, before it holds any path ([`OverlayFs::stage_copy_up`]): an
 //! unnamed file in the work dir, kept in the node ([`Staged`]) until the copy-up links it in
-//! under the lock, in an instant. So a directory rename elsewhere (which takes that lock
-//! exclusive) and the lookups queued behind it never wait for a data copy (issue 19), as in the
-//! kernel, which copies into a temporary file before it locks the parent.
+//! under the hold, in an instant. So a rename of an ancestor directory (which waits for the
+//! requests below it) and the lookups queued behind it never wait for a data copy (issue 19), as
+//! in the kernel, which copies into a temporary file before it locks the parent.
 
 use std::sync::Arc;
 
@@ -68,7 +68,7 @@ fn stageable(st: &crate::inode::NodeState) -> Option<ovl_copyup::Source> {
 
 impl OverlayFs {
     /// First thing in a request that will copy node `ino` up (with its data, or with `Need::Meta`
-    /// only its metadata), before it takes the namespace lock: copies a lower regular file into
+    /// only its metadata), before it holds any path: copies a lower regular file into
     /// the work dir, to be placed by the copy-up itself. Holds no lock but the node's
     /// `stage_lock` meanwhile. Anything odd (no upper layer, already up, an error) makes no copy:
     /// the copy-up then copies under the lock, as before, and reports.

@@ -129,8 +129,7 @@ impl OverlayFs {
         }
         drop(gate);
         // The hook is told the node's path: held as a request holds it, before the gate.
-        let _ns = self.ns.read_recursive();
-        let _names = of.node.names_lock.read_recursive();
+        let _held = self.hold_again(&of.node);
         let gate = self.gate_for(&of.node);
         self.hook_modify(&of.node)?;
         Ok(gate)

@@ -8,8 +8,8 @@
 //! only while the node's layers are still those (same upper path, same lower dirs): a copy-up
 //! gives a directory an upper dir, a rename gives it another path, and either makes the next use
 //! open them again. So a held descriptor never names another dir than the path would; the
-//! namespace lock keeps paths still while they are used, as before. Opening and storing happen
-//! under that lock (shared) too.
+//! request's hold on the node's path (`OverlayFs::hold_paths`) keeps it still while it is used,
+//! as before. Opening and storing happen under that hold too.
 //!
 //! The budget ([`DirFds::new`]) caps the descriptors held by all nodes: a quarter of the
 //! open-file limit, at most 8192. Over it, the oldest held dirs are dropped first, those used

@@ -82,8 +82,9 @@ impl OverlayFs {
         }
         let self_attr = self.attr(node, &self.real_stat(node)?);
         // Every entry is looked up in the same parent dirs: each layer's is opened once (the lower
-        // layers' once per open dir). Safe under the namespace lock the request holds: only
-        // copy-up and creation change names meanwhile, and only in the upper layer.
+        // layers' once per open dir). Safe under the hold of the dir's path the request has (no
+        // ancestor moves) and the kernel's lock of the dir (no rename in it): only copy-up and
+        // creation change names meanwhile, and only in the upper layer.
         let upper_root = self.stack.upper().map(|u| u.layer().root()).transpose()?;
         let OpenDir { entries, kept } = &mut *d;
         ovl_lookup::with_dir_cache(upper_root.as_ref().map(|r| std::os::fd::AsFd::as_fd(&**r)), kept, || {

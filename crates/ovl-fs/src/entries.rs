@@ -109,7 +109,7 @@ impl OverlayFs {
             return Err(Errno::NOENT.into());
         }
         let e = self.find(parent, name)?.ok_or(Errno::NOENT)?;
-        let node = self.remember(parent.id, name, &e, false)?;
+        let node = self.remember(parent.id, name, &e)?;
         // An indexed file is shown as its index entry's inode, with the overlay's link count.
         let st = if node.state.read().index.is_some() { self.real_stat(&node)? } else { e.stat };
         Ok((node, st))
@@ -390,26 +390,16 @@ impl OverlayFs {
     fn node_of(&self, parent: &Node, name: &OsStr, e: &ovl_lookup::Entry) -> Result<Arc<Node>> {
         match self.table.by_key(self.key_of(e)) {
             Some(n) => Ok(n),
-            None => self.remember(parent.id, name, e, true),
+            None => self.remember(parent.id, name, e),
         }
     }
 
-    /// Unlinks (`rmdir`: `want_dir`) `name` in `parent`, holding only the removed node's names
-    /// exclusive when it can (see `OverlayFs::ns`).
+    /// Unlinks (`rmdir`: `want_dir`) `name` in `parent`, holding the parent's path and the
+    /// removed node's names (see `OverlayFs::hold_change`).
     pub(crate) fn remove(&self, parent: fuser::INodeNo, name: &OsStr, want_dir: bool) -> Result<()> {
-        let ns = self.ns.read();
         let p = self.node(parent)?;
-        match self.rename_victims((&p, name), None) {
-            Some(victims) => {
-                let _names: Vec<_> = victims.iter().map(|n| n.names_lock.write()).collect();
-                self.do_unlink(&p, name, want_dir)
-            }
-            None => {
-                drop(ns);
-                let _ns = self.ns.write();
-                self.do_unlink(&self.node(parent)?, name, want_dir)
-            }
-        }
+        let _held = self.hold_change((&p, name), None);
+        self.do_unlink(&p, name, want_dir)
     }
 
     pub(crate) fn do_unlink(&self, parent: &Arc<Node>, name: &OsStr, want_dir: bool) -> Result<()> {
@@ -471,7 +461,7 @@ impl OverlayFs {
     }
 
     /// Makes the copy-up of a rename's source ahead (`Self::stage_copy_up`), before the rename
-    /// takes any namespace lock: the data copy of a large lower file then holds up no other
+    /// holds any path: the data copy of a large lower file then holds up no other
     /// request (issue 19). Only where the kernel copies up too (a lower non-dir, not a metacopy,
     /// and a rename the VFS lets through to the overlay), so the upper layer ends the same;
     /// anything odd is left to the rename itself, which checks again, copies and reports.
@@ -491,15 +481,12 @@ impl OverlayFs {
             return none;
         }
         let node = {
-            let (_held, p) = match self.hold(parent) {
-                Ok(h) => h,
-                Err(_) => return none,
-            };
+            let (Ok(p), Ok(np)) = (self.node(parent), self.node(newparent)) else { return none };
+            let _held = self.hold_nodes(&[&p, &np]);
             let Ok(Some(src)) = self.find(&p, name) else { return none };
             if src.kind == FileType::Directory || src.upper.is_some() || src.data.is_some() {
                 return none;
             }
-            let Ok(np) = self.node(newparent) else { return none };
             match self.find(&np, newname) {
                 Ok(Some(d)) => {
                     let same = self.key_of(&d) == self.key_of(&src);
@@ -587,7 +574,7 @@ impl OverlayFs {
         let dst_node = dst.as_ref().and_then(|d| self.table.by_key(self.key_of(d)));
         let src_node = match src_node {
             Some(n) => n,
-            None => self.remember(parent.id, name, &src, true)?,
+            None => self.remember(parent.id, name, &src)?,
         };
         self.ensure_upper(&src_node)?;
         if !src_dir {
@@ -607,7 +594,7 @@ impl OverlayFs {
         if let (Some(d), true) = (&dst, exchange) {
             let dn = match &dst_node {
                 Some(n) => n.clone(),
-                None => self.remember(newparent.id, newname, d, true)?,
+                None => self.remember(newparent.id, newname, d)?,
             };
             self.ensure_upper(&dn)?;
         }

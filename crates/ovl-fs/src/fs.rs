@@ -63,10 +63,23 @@ impl Handles {
     }
 }
 
-/// A request's hold on a node's path ([`OverlayFs::hold`]).
-pub(crate) struct Held<'a> {
-    _names: parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>,
-    _ns: parking_lot::RwLockReadGuard<'a, ()>,
+/// A request's hold on its nodes' paths ([`OverlayFs::hold`], [`OverlayFs::hold_paths`]): the
+/// `names_lock`s of those nodes and of every ancestor, shared, and of the nodes a change renames
+/// or removes, exclusive.
+pub(crate) struct Held {
+    _shared: Vec<parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>>,
+    _exclusive: Vec<parking_lot::ArcRwLockWriteGuard<parking_lot::RawRwLock, ()>>,
+}
+
+/// How [`OverlayFs::hold_paths`] takes shared locks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// As a request does: behind a rename waiting for the lock.
+    Fair,
+    /// For a caller that may hold some of them already (never behind a waiting rename).
+    Recursive,
+    /// Not at all: `None` if any is held exclusive.
+    Try,
 }
 
 /// The overlay filesystem served over FUSE.
@@ -83,15 +96,6 @@ pub struct OverlayFs {
     pub(crate) hook: Option<Arc<dyn ChangeHook>>,
     /// Names in the root dir that do not exist for the mount's users.
     pub(crate) hidden: Vec<OsString>,
-    /// The namespace lock. Objects are reached by path from a layer root, so a path must not
-    /// change between being computed from the node table and being used: every operation that
-    /// resolves paths holds this shared, with the `names_lock` of the node it works on
-    /// ([`OverlayFs::hold`]). A rename of a directory changes the paths of everything below
-    /// it, so it holds this exclusive; a rename or removal of a non-directory and a removal of
-    /// a directory change only their own nodes' names, so they hold this shared and those
-    /// nodes' `names_lock`s exclusive ([`OverlayFs::rename_victims`]). Taken once per request,
-    /// before the change hook's gate.
-    pub(crate) ns: RwLock<()>,
     /// Tells the kernel to drop cached attributes, once the session is up (see
     /// [`OverlayFs::notifier_slot`]).
     pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
@@ -149,7 +153,6 @@ impl OverlayFs {
             negative_ttl: Duration::ZERO,
             hook: None,
             hidden: Vec::new(),
-            ns: RwLock::new(()),
             notifier: Arc::default(),
             killpriv: false,
             posix_acl: false,
@@ -223,10 +226,10 @@ impl OverlayFs {
         (g != 0).then_some((h, g))
     }
 
-    /// First thing in a request that may change node `ino`, before the namespace lock and the
+    /// First thing in a request that may change node `ino`, before it holds paths and the
     /// gate: lets the hook prepare for the node's first change in this generation (see
     /// [`ChangeHook::prepare`]; a big copy then holds no lock other requests need). The path is
-    /// read without the namespace lock: a rename racing with it only makes the hint useless.
+    /// read without holding it: a rename racing with it only makes the hint useless.
     pub(crate) fn prepare_change(&self, ino: INodeNo) {
         let Some((h, g)) = self.hook_generation() else { return };
         let Ok(node) = self.node(ino) else { return };
@@ -316,40 +319,118 @@ impl OverlayFs {
     }
 
     /// Node `ino` for a request that builds paths from its names (and its parents'): holds the
-    /// namespace lock and the node's names shared until the [`Held`] drops.
-    pub(crate) fn hold(&self, ino: INodeNo) -> Result<(Held<'_>, Arc<Node>)> {
-        let ns = self.ns.read();
+    /// names of the node and of every ancestor shared until the [`Held`] drops (see
+    /// [`Self::hold_paths`]).
+    pub(crate) fn hold(&self, ino: INodeNo) -> Result<(Held, Arc<Node>)> {
         let node = self.node(ino)?;
-        let names = node.names_lock.read_arc();
-        Ok((Held { _names: names, _ns: ns }, node))
+        let held = self.hold_paths(&[&node], &[], Wait::Fair).ok_or(Errno::IO)?;
+        Ok((held, node))
     }
 
-    /// The nodes whose names a rename of `from` to `to` (or, with `to` `None`, a removal of
-    /// `from`) changes, when that changes no other node's path: no directory moves. The caller
-    /// holds the namespace lock shared and then these nodes' `names_lock`s exclusive (in the
-    /// returned order, by rising id), so requests on other nodes go on meanwhile. `None`: a
-    /// directory moves (every path below it changes), or a name is not known as expected; the
-    /// caller takes the namespace lock exclusive instead, and the change itself reports any
-    /// error. A removed directory is empty, so no path runs through it.
-    pub(crate) fn rename_victims(&self, from: (&Node, &OsStr), to: Option<(&Node, &OsStr)>) -> Option<Vec<Arc<Node>>> {
-        let mut victims = Vec::new();
-        let src = self.find(from.0, from.1).ok()??;
-        if src.kind == FileType::Directory && to.is_some() {
-            return None;
+    /// The paths of `nodes` held together, for a request that uses several (see
+    /// [`Self::hold_paths`]).
+    pub(crate) fn hold_nodes(&self, nodes: &[&Arc<Node>]) -> Held {
+        // Never `None` when waiting.
+        self.hold_paths(nodes, &[], Wait::Fair).unwrap_or(Held { _shared: Vec::new(), _exclusive: Vec::new() })
+    }
+
+    /// Like [`Self::hold`] for a node in hand, by a caller that may hold some of these locks
+    /// already (a write on an open file telling the hook, a file switched to its upper copy).
+    pub(crate) fn hold_again(&self, node: &Arc<Node>) -> Held {
+        // Never `None` when waiting.
+        self.hold_paths(&[node], &[], Wait::Recursive).unwrap_or(Held { _shared: Vec::new(), _exclusive: Vec::new() })
+    }
+
+    /// [`Self::hold`] by a caller that holds other nodes' paths already and so must not wait
+    /// (out of order): `None` when a rename or removal holds one of them.
+    pub(crate) fn try_hold(&self, node: &Arc<Node>) -> Option<Held> {
+        self.hold_paths(&[node], &[], Wait::Try)
+    }
+
+    /// The nodes from `node` up to the root along first live names (see [`Self::path_of`]):
+    /// those whose names a path of `node` is built from. Stops early where a name leads to a
+    /// node the table no longer has (that path fails later, as it would have).
+    fn ancestry(&self, node: &Arc<Node>) -> Vec<Arc<Node>> {
+        let mut out = vec![node.clone()];
+        let mut cur = node.clone();
+        while cur.id != ROOT && out.len() <= 4096 {
+            let Some(parent) = self.live_name(&cur).and_then(|(p, _)| self.table.get(p)) else { break };
+            out.push(parent.clone());
+            cur = parent;
         }
-        // The kernel looked the names up before asking: their nodes exist.
-        victims.push(self.table.by_key(self.key_of(&src))?);
-        if let Some(to) = to {
-            if let Some(dst) = self.find(to.0, to.1).ok()? {
-                if dst.kind == FileType::Directory {
-                    return None;
-                }
-                victims.push(self.table.by_key(self.key_of(&dst))?);
+        out
+    }
+
+    /// Holds the paths of `nodes` (their names and their ancestors', shared) and the names of
+    /// `changed` (exclusive: the nodes a rename or removal renames; their parents' paths are
+    /// among `nodes`). Objects are reached by path from a layer root, so a path must not change
+    /// between being computed from the node table and being used, and a name changes only under
+    /// its node's lock held exclusive: a rename of a directory waits for the requests on
+    /// anything below it, and holds up only those. Every lock is taken in rising node id, so
+    /// that two holds never wait for each other (before the change hook's gate); the ancestry
+    /// is read first without locks, and read again under them: if a rename changed it
+    /// meanwhile, everything is let go and taken again.
+    fn hold_paths(&self, nodes: &[&Arc<Node>], changed: &[Arc<Node>], wait: Wait) -> Option<Held> {
+        for attempt in 0.. {
+            let ancestries: Vec<Vec<Arc<Node>>> = nodes.iter().map(|n| self.ancestry(n)).collect();
+            let mut locks: std::collections::BTreeMap<u64, (Arc<RwLock<()>>, bool)> = Default::default();
+            for n in ancestries.iter().flatten() {
+                locks.entry(n.id).or_insert((n.names_lock.clone(), false));
             }
+            for n in changed {
+                locks.insert(n.id, (n.names_lock.clone(), true));
+            }
+            let mut held = Held { _shared: Vec::new(), _exclusive: Vec::new() };
+            for (lock, exclusive) in locks.into_values() {
+                if exclusive {
+                    held._exclusive.push(lock.write_arc());
+                    continue;
+                }
+                held._shared.push(match wait {
+                    Wait::Fair => lock.read_arc(),
+                    Wait::Recursive => lock.read_arc_recursive(),
+                    Wait::Try => lock.try_read_recursive_arc()?,
+                });
+            }
+            let same = nodes
+                .iter()
+                .zip(&ancestries)
+                .all(|(n, before)| self.ancestry(n).iter().map(|a| a.id).eq(before.iter().map(|a| a.id)));
+            if same || attempt >= 100 {
+                if !same {
+                    tracing::warn!("node paths kept changing while being held: going on with the last");
+                }
+                return Some(held);
+            }
+            drop(held);
+            if wait == Wait::Try {
+                return None;
+            }
+            std::thread::yield_now();
         }
-        victims.sort_by_key(|n| n.id);
-        victims.dedup_by_key(|n| n.id);
-        Some(victims)
+        None
+    }
+
+    /// Holds the paths of `parents` and the names a rename of `from` to `to` (or, with `to`
+    /// `None`, a removal of `from`) changes: the nodes at those names, found under a hold of the
+    /// parents' paths. The kernel holds the parents' directory locks across the whole rename or
+    /// removal, so the names found still name the same nodes under the second hold. A moved
+    /// directory's requests below it wait; a removed directory is empty, so no path runs
+    /// through it.
+    pub(crate) fn hold_change(&self, from: (&Arc<Node>, &OsStr), to: Option<(&Arc<Node>, &OsStr)>) -> Held {
+        let parents: Vec<&Arc<Node>> = std::iter::once(from.0).chain(to.map(|t| t.0)).collect();
+        let changed = {
+            let _paths = self.hold_paths(&parents, &[], Wait::Fair);
+            let mut changed = Vec::new();
+            for (parent, name) in std::iter::once((from.0, from.1)).chain(to) {
+                // (A name not found, or not a node: nothing to hold; the change reports it.)
+                if let Ok(Some(e)) = self.find(parent, name) {
+                    changed.extend(self.table.by_key(self.key_of(&e)));
+                }
+            }
+            changed
+        };
+        self.hold_paths(&parents, &changed, Wait::Fair).unwrap_or(Held { _shared: Vec::new(), _exclusive: Vec::new() })
     }
 
     /// The first name of `node` whose parent the kernel still knows (or the root). A hard-linked
@@ -461,8 +542,7 @@ impl OverlayFs {
     }
 
     /// Registers what a lookup found under `(parent, name)` and counts one kernel lookup.
-    /// `gated`: the caller holds the change gate.
-    pub(crate) fn remember(&self, parent: u64, name: &OsStr, e: &Entry, gated: bool) -> Result<Arc<Node>> {
+    pub(crate) fn remember(&self, parent: u64, name: &OsStr, e: &Entry) -> Result<Arc<Node>> {
         let key = self.key_of(e);
         // An upper object known by its own inode number, found under a name its node does not
         // have: a hard link made behind our back, or a new object whose inode number the upper
@@ -471,11 +551,11 @@ impl OverlayFs {
         if e.upper.is_some() && key == self.upper_key(&e.stat) {
             if let Some(old) = self.table.by_key(key) {
                 let known = old.state.read().names.iter().any(|(p, n)| *p == parent && n == name);
-                // Its names must hold still while its path is checked. A change holds the gate,
-                // which a rename holding them may wait for: a change does not wait, and a node
-                // it cannot check counts as reused (a node of its own is the safe mistake).
-                let names =
-                    if gated { old.names_lock.try_read_recursive() } else { Some(old.names_lock.read_recursive()) };
+                // Its path must hold still while it is checked. This request holds other paths
+                // already (and a change the gate, which a rename may wait for), so it does not
+                // wait: a node it cannot check counts as reused (a node of its own is the safe
+                // mistake).
+                let names = self.try_hold(&old);
                 let holds = names.is_some() && self.real_stat(&old).is_ok_and(|st| st.st_ino == key.ino);
                 if !known && !holds {
                     tracing::debug!(node = old.id, ?name, "inode number reused: a new node");
@@ -685,8 +765,7 @@ impl OverlayFs {
         let of = self.handles.get(fh, ino)?;
         if of.on_lower.load(Ordering::Acquire) && of.node.state.read().has_upper_data() {
             // Recursive: the caller may hold them already (setattr of an open file).
-            let _ns = self.ns.read_recursive();
-            let _names = of.node.names_lock.read_recursive();
+            let _held = self.hold_again(&of.node);
             let mut slot = of.file.write();
             if of.on_lower.load(Ordering::Acquire) {
                 let (root, path) = self.data_location(&of.node)?;

@@ -7,11 +7,11 @@
 //! object keeps the same number for the life of the mount; after a copy-up the node keeps its
 //! number and gains the upper object's identity as an alias.
 //!
-//! Lock order: the namespace lock (`OverlayFs::ns`) before nodes' `names_lock`s (several only
-//! exclusive, by rising id) before the change gate; the table's lock before a node's `state` lock; a node's `copy_lock` before its
+//! Lock order: nodes' `names_lock`s, all of a request's at once in rising id
+//! (`OverlayFs::hold_paths`), before the change gate; the table's lock before a node's `state` lock; a node's `copy_lock` before its
 //! parent's `copy_lock` (copy-up walks from the node up), and no table or state lock is held
 //! while waiting for a `copy_lock`. A node's `stage_lock` is taken with no other lock held
-//! (`OverlayFs::stage_copy_up`, before the request's namespace lock), and `staged` is a leaf.
+//! (`OverlayFs::stage_copy_up`, before the request holds its paths), and `staged` is a leaf.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -83,14 +83,13 @@ pub(crate) struct Node {
     lookups: AtomicU64,
     pub state: RwLock<NodeState>,
     /// The node's names as paths use them: held shared by a request while it uses a path built
-    /// from them (`OverlayFs::hold`), exclusive while a rename or removal of a non-directory,
-    /// or a removal of a directory, changes them. (A renamed directory changes every path
-    /// below it: that rename holds the namespace lock exclusive instead.)
+    /// from them or from a descendant's (`OverlayFs::hold_paths`), exclusive while a rename or
+    /// removal changes them (a renamed directory's requests below it wait).
     pub names_lock: Arc<RwLock<()>>,
     /// Held while this node is copied up, so one copy is made however many callers race.
     pub copy_lock: Mutex<()>,
-    /// Held while a copy of this node's data is made ahead of its copy-up, outside every
-    /// namespace lock (`OverlayFs::stage_copy_up`), so one copy is made however many race.
+    /// Held while a copy of this node's data is made ahead of its copy-up, before its request
+    /// holds any path (`OverlayFs::stage_copy_up`), so one copy is made however many race.
     pub stage_lock: Mutex<()>,
     /// That copy, waiting for the copy-up that places it (`crate::copyup::Staged`).
     pub staged: Mutex<Option<crate::copyup::Staged>>,

@@ -204,21 +204,11 @@ impl Filesystem for OverlayFs {
             }
             let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
             let _staged = self.stage_rename_source((parent, name), (newparent, newname), flags);
-            let ns = self.ns.read();
             let (p, np) = (tri!(reply, self.node(parent)), tri!(reply, self.node(newparent)));
-            // Only a moving directory changes paths beyond its own node (see `OverlayFs::ns`).
-            let r = match self.rename_victims((&p, name), Some((&np, newname))) {
-                Some(victims) => {
-                    let _names: Vec<_> = victims.iter().map(|n| n.names_lock.write()).collect();
-                    self.do_rename(&p, name, &np, newname, flags)
-                }
-                None => {
-                    drop(ns);
-                    let _ns = self.ns.write();
-                    let (p, np) = (tri!(reply, self.node(parent)), tri!(reply, self.node(newparent)));
-                    self.do_rename(&p, name, &np, newname, flags)
-                }
-            };
+            // Both parents' paths, and the renamed nodes' names (see `OverlayFs::hold_paths`).
+            let held = self.hold_change((&p, name), Some((&np, newname)));
+            let r = self.do_rename(&p, name, &np, newname, flags);
+            drop(held);
             if r.is_err() {
                 self.forget_attrs(&[p.id, np.id]);
             }
@@ -231,8 +221,9 @@ impl Filesystem for OverlayFs {
         guarded("link", || {
             self.prepare_change(ino);
             let _staged = self.stage_copy_up(ino, Need::Data);
-            let (_held, node) = tri!(reply, self.hold(ino));
-            let np = tri!(reply, self.node(newparent));
+            let (node, np) = (tri!(reply, self.node(ino)), tri!(reply, self.node(newparent)));
+            // The file's path (copy-up, the hook) and the new parent's.
+            let _held = self.hold_nodes(&[&node, &np]);
             let st = tri!(reply, self.do_link(&node, &np, newname));
             self.table.add_lookup(&node);
             reply.entry_with_ttls(&self.attr_ttl(&node), &self.ttl, &self.attr(&node, &st), Generation(0));
@@ -444,7 +435,8 @@ impl Filesystem for OverlayFs {
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         guarded("access", || {
-            tri!(reply, self.hold(ino));
+            // (Only that the node is known.)
+            tri!(reply, self.node(ino));
             if mask.contains(AccessFlags::W_OK) && self.stack.writable_upper().is_none() {
                 return reply.error(FuseErrno::from_i32(libc::EROFS));
             }

@@ -94,7 +94,7 @@ thread_local! {
 /// Runs `f` with the parent directories of the objects it probes opened once per layer instead
 /// of once per object (a listing's entries all share their parent). The caller guarantees that
 /// no name in the layers changes meanwhile except through copy-up and creation in the upper
-/// layer, whose root is `upper_root` (ovl-fs holds its namespace lock); scopes nest. `kept`
+/// layer, whose root is `upper_root` (ovl-fs holds the dir's path and the kernel its lock); scopes nest. `kept`
 /// carries lower-layer dirs into the scope and back out of it. Dirs are known by their layer
 /// root's descriptor number: only for stacks whose roots are held open (`Layer::root_is_held`),
 /// never closed and reused for another layer meanwhile.

@@ -80,8 +80,8 @@ fn a_short_fsx_run_passes() {
 // The whole mix, longer and with more workers. It found (session 2) that reads of files other
 // threads rename over or unlink got another file's data, a short read or ENXIO: ovl-fs resolved a
 // node's path, and by the time it opened that path a rename had put another file there. Fixed by
-// the namespace lock (`OverlayFs::ns`, src/fs.rs in ovl-fs): renames and removals exclude path
-// resolution. Reproduce a run by hand: `cargo xtask stress --secs 30 --seed N`.
+// locking paths (since session 10 `OverlayFs::hold_paths`, src/fs.rs in ovl-fs): renames and
+// removals exclude the resolution of paths through what they change. Reproduce a run by hand: `cargo xtask stress --secs 30 --seed N`.
 #[test]
 fn the_whole_mix_passes() {
     let (passed, out) = stress(&["--secs", "10", "--procs", "4", "--seed", "1", "--take-every", "2"]);

@@ -1694,3 +1694,58 @@ fn lookups_go_on_while_rmdir_clears_many_whiteouts() {
         assert!(n >= 40, "{who}: only {n} lookups completed in the {took:?} rmdir took to remove {N} whiteouts");
     }
 }
+
+/// Regression (issue 19, item 6: "two processes renaming in unrelated directories take turns"):
+/// a directory rename took the namespace lock exclusive, so it waited for every request in
+/// flight, here an rmdir emptying a merged dir of 30,000 whiteouts, and every lookup of the
+/// mount waited behind it. Now a rename holds only the paths it changes and the parents' (see
+/// `OverlayFs::hold_paths`): it goes on during the rmdir, and so do lookups, as in the kernel
+/// overlay (whose rmdir holds only its parent's lock).
+#[test]
+fn a_dir_rename_goes_on_while_rmdir_clears_many_whiteouts_elsewhere() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const N: usize = 30_000;
+    let tmp = tempdir("rename-during-rmdir");
+    let l = Layers::create(&tmp.path().join("l"), 1);
+    for d in ["b", "c/x/y", "d"] {
+        fs::create_dir_all(l.lowers[0].join(d)).unwrap();
+    }
+    fs::write(l.lowers[0].join("c/x/y/f"), b"f").unwrap();
+    for i in 0..N {
+        File::create(l.lowers[0].join(format!("d/f{i}"))).unwrap();
+    }
+    let mut results = Vec::new();
+    for (who, backend) in [("kernel", Backend::Kernel), ("ovlfs", Backend::Ovlfs)] {
+        let layers = l.with_fresh_work(tmp.path().join(format!("w-{who}")));
+        let layers = Layers { upper: tmp.path().join(format!("u-{who}")), ..layers };
+        fs::create_dir_all(layers.upper.join("d")).unwrap();
+        for i in 0..N {
+            common::make_whiteout(&layers.upper.join(format!("d/f{i}")));
+        }
+        let m = MountGuard::mount(backend, &layers, KERNEL_OPTS, &mount_point(tmp.path(), who));
+        // A directory of the upper layer only (no redirect needed on either side), in another
+        // parent than the removed dir's, with something below it.
+        fs::create_dir_all(m.path().join("c/u/v")).unwrap();
+        fs::write(m.path().join("c/u/v/g"), b"g").unwrap();
+        let (removed, renamed_first) = (AtomicBool::new(false), AtomicBool::new(false));
+        let n = lookups_during(&m.path().join("b"), || {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    fs::rename(m.path().join("c/u"), m.path().join("c/u2")).unwrap();
+                    renamed_first.store(!removed.load(Ordering::Acquire), Ordering::Release);
+                });
+                fs::remove_dir(m.path().join("d")).unwrap();
+                removed.store(true, Ordering::Release);
+            });
+        });
+        assert_eq!(fs::read(m.path().join("c/u2/v/g")).unwrap(), b"g", "{who}: the renamed dir");
+        assert!(!m.path().join("d").exists(), "{who}: the removed dir");
+        eprintln!("{who}: {n} lookups during the rmdir; rename done first: {}", renamed_first.load(Ordering::Acquire));
+        results.push((who, n, renamed_first.load(Ordering::Acquire)));
+    }
+    for (who, n, renamed_first) in results {
+        assert!(renamed_first, "{who}: the directory rename waited for an rmdir elsewhere");
+        assert!(n >= 40, "{who}: only {n} lookups completed during the rmdir of {N} whiteouts");
+    }
+}
