@@ -69,6 +69,31 @@ impl Handles {
 pub(crate) struct Held {
     _shared: Vec<parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>>,
     _exclusive: Vec<parking_lot::ArcRwLockWriteGuard<parking_lot::RawRwLock, ()>>,
+    /// For a hold with exclusive locks: counts it finished when dropped (before its locks go).
+    renames: Option<Arc<Renames>>,
+}
+
+impl Held {
+    fn none() -> Self {
+        Self { _shared: Vec::new(), _exclusive: Vec::new(), renames: None }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(r) = &self.renames {
+            r.finished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// How many holds with exclusive locks (renames, removals) were started and finished: a hold
+/// that saw none in progress before it read the ancestry and none started until it had its
+/// locks need not read the ancestry again ([`OverlayFs::hold_paths`]).
+#[derive(Default)]
+pub(crate) struct Renames {
+    started: std::sync::atomic::AtomicU64,
+    finished: std::sync::atomic::AtomicU64,
 }
 
 /// How [`OverlayFs::hold_paths`] takes shared locks.
@@ -115,6 +140,8 @@ pub struct OverlayFs {
     pub(crate) namelen: usize,
     /// Directory nodes' layer dirs held open, within a budget (`crate::dirfds`).
     pub(crate) dir_fds: crate::dirfds::DirFds,
+    /// Holds with exclusive locks started and finished (see [`Renames`]).
+    pub(crate) renames: Arc<Renames>,
 }
 
 impl OverlayFs {
@@ -160,6 +187,7 @@ impl OverlayFs {
             owners,
             namelen,
             dir_fds: crate::dirfds::DirFds::new(crate::dirfds::DirFds::default_budget()),
+            renames: Arc::default(),
         })
     }
 
@@ -331,14 +359,14 @@ impl OverlayFs {
     /// [`Self::hold_paths`]).
     pub(crate) fn hold_nodes(&self, nodes: &[&Arc<Node>]) -> Held {
         // Never `None` when waiting.
-        self.hold_paths(nodes, &[], Wait::Fair).unwrap_or(Held { _shared: Vec::new(), _exclusive: Vec::new() })
+        self.hold_paths(nodes, &[], Wait::Fair).unwrap_or(Held::none())
     }
 
     /// Like [`Self::hold`] for a node in hand, by a caller that may hold some of these locks
     /// already (a write on an open file telling the hook, a file switched to its upper copy).
     pub(crate) fn hold_again(&self, node: &Arc<Node>) -> Held {
         // Never `None` when waiting.
-        self.hold_paths(&[node], &[], Wait::Recursive).unwrap_or(Held { _shared: Vec::new(), _exclusive: Vec::new() })
+        self.hold_paths(&[node], &[], Wait::Recursive).unwrap_or(Held::none())
     }
 
     /// [`Self::hold`] by a caller that holds other nodes' paths already and so must not wait
@@ -354,7 +382,9 @@ impl OverlayFs {
         let mut out = vec![node.clone()];
         let mut cur = node.clone();
         while cur.id != ROOT && out.len() <= 4096 {
-            let Some(parent) = self.live_name(&cur).and_then(|(p, _)| self.table.get(p)) else { break };
+            // The parent of the first live name (see `Self::live_name`), one table lookup.
+            let parent = cur.state.read().names.iter().find_map(|(p, _)| self.table.get(*p));
+            let Some(parent) = parent else { break };
             out.push(parent.clone());
             cur = parent;
         }
@@ -371,17 +401,28 @@ impl OverlayFs {
     /// is read first without locks, and read again under them: if a rename changed it
     /// meanwhile, everything is let go and taken again.
     fn hold_paths(&self, nodes: &[&Arc<Node>], changed: &[Arc<Node>], wait: Wait) -> Option<Held> {
+        let r = &self.renames;
         for attempt in 0.. {
+            // (Finished first: a rename finishing in between then counts as in progress.)
+            let finished = r.finished.load(Ordering::SeqCst);
+            let started = r.started.load(Ordering::SeqCst);
+            let mut held = Held::none();
+            if !changed.is_empty() {
+                r.started.fetch_add(1, Ordering::SeqCst);
+                held.renames = Some(r.clone());
+            }
             let ancestries: Vec<Vec<Arc<Node>>> = nodes.iter().map(|n| self.ancestry(n)).collect();
-            let mut locks: std::collections::BTreeMap<u64, (Arc<RwLock<()>>, bool)> = Default::default();
+            let mut locks: Vec<(u64, &Arc<RwLock<()>>, bool)> = Vec::with_capacity(8);
             for n in ancestries.iter().flatten() {
-                locks.entry(n.id).or_insert((n.names_lock.clone(), false));
+                locks.push((n.id, &n.names_lock, false));
             }
             for n in changed {
-                locks.insert(n.id, (n.names_lock.clone(), true));
+                locks.push((n.id, &n.names_lock, true));
             }
-            let mut held = Held { _shared: Vec::new(), _exclusive: Vec::new() };
-            for (lock, exclusive) in locks.into_values() {
+            // By id, an exclusive one first among equal ids, and then only it.
+            locks.sort_by_key(|(id, _, exclusive)| (*id, !*exclusive));
+            locks.dedup_by_key(|(id, _, _)| *id);
+            for (_, lock, exclusive) in locks {
                 if exclusive {
                     held._exclusive.push(lock.write_arc());
                     continue;
@@ -392,10 +433,14 @@ impl OverlayFs {
                     Wait::Try => lock.try_read_recursive_arc()?,
                 });
             }
-            let same = nodes
-                .iter()
-                .zip(&ancestries)
-                .all(|(n, before)| self.ancestry(n).iter().map(|a| a.id).eq(before.iter().map(|a| a.id)));
+            // No rename in progress when the ancestry was read, none started since: it stands.
+            let own = u64::from(!changed.is_empty());
+            let quiet = started == finished && r.started.load(Ordering::SeqCst) == started + own;
+            let same = quiet
+                || nodes
+                    .iter()
+                    .zip(&ancestries)
+                    .all(|(n, before)| self.ancestry(n).iter().map(|a| a.id).eq(before.iter().map(|a| a.id)));
             if same || attempt >= 100 {
                 if !same {
                     tracing::warn!("node paths kept changing while being held: going on with the last");
@@ -430,7 +475,7 @@ impl OverlayFs {
             }
             changed
         };
-        self.hold_paths(&parents, &changed, Wait::Fair).unwrap_or(Held { _shared: Vec::new(), _exclusive: Vec::new() })
+        self.hold_paths(&parents, &changed, Wait::Fair).unwrap_or(Held::none())
     }
 
     /// The first name of `node` whose parent the kernel still knows (or the root). A hard-linked
