@@ -331,6 +331,21 @@ impl LayerStack {
         self.presence.as_ref()
     }
 
+    /// The opaque state of lower layer `layer`'s root, as `read` reads it: read once per root
+    /// for a layer the stack's presence calls frozen (a view over thousands of snapshot layers
+    /// reads each root's marks for every stack it builds, issue 17), every time otherwise.
+    pub fn root_opaque_of(
+        &self,
+        layer: &Layer,
+        read: impl FnOnce() -> Result<crate::Opaque, Error>,
+    ) -> Result<crate::Opaque, Error> {
+        if self.presence.as_ref().is_some_and(|p| p.is_frozen(layer.id())) {
+            layer.root.frozen_opaque(read)
+        } else {
+            read()
+        }
+    }
+
     /// The lower layers, top first.
     pub fn lowers(&self) -> &[Layer] {
         &self.lowers

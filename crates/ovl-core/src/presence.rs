@@ -315,6 +315,11 @@ pub struct Presence {
 }
 
 impl Presence {
+    /// Whether layer `layer` of the stack is a frozen one (has a number).
+    pub fn is_frozen(&self, layer: crate::LayerId) -> bool {
+        self.numbers.get(layer.0 as usize).copied().flatten().is_some()
+    }
+
     /// Layer `LayerId(i)` of the stack is `numbers[i]` in `holders`.
     pub fn new(holders: Arc<RwLock<Holders>>, numbers: Vec<Option<u64>>) -> Self {
         let ids = numbers.iter().enumerate().filter_map(|(i, n)| Some(((*n)?, u16::try_from(i).ok()?))).collect();

@@ -34,6 +34,8 @@ struct Inner {
     ino: u64,
     uuid: [u8; 16],
     how: How,
+    /// The root's own `overlay.opaque` state, once read while the layer was frozen.
+    frozen_opaque: std::sync::OnceLock<crate::Opaque>,
 }
 
 #[derive(Debug)]
@@ -58,7 +60,8 @@ impl LayerRoot {
     pub fn held(fd: Arc<OwnedFd>) -> Result<Self> {
         let st = rustix::fs::fstat(&fd)?;
         let uuid = sys::fs_uuid(&fd);
-        Ok(Self(Arc::new(Inner { dev: st.st_dev, ino: st.st_ino, uuid, how: How::Held(fd) })))
+        let frozen_opaque = Default::default();
+        Ok(Self(Arc::new(Inner { dev: st.st_dev, ino: st.st_ino, uuid, how: How::Held(fd), frozen_opaque })))
     }
 
     /// The root `name` in `parent`, open now as `fd`: kept open while `pool`'s budget allows,
@@ -74,7 +77,8 @@ impl LayerRoot {
             used: AtomicBool::new(true),
             pool: pool.clone(),
         };
-        let root = Self(Arc::new(Inner { dev: st.st_dev, ino: st.st_ino, uuid, how: How::Lazy(lazy) }));
+        let frozen_opaque = Default::default();
+        let root = Self(Arc::new(Inner { dev: st.st_dev, ino: st.st_ino, uuid, how: How::Lazy(lazy), frozen_opaque }));
         pool.admit(&root.0);
         Ok(root)
     }
@@ -111,6 +115,18 @@ impl LayerRoot {
         }
         lazy.pool.admit(&self.0);
         Ok(fd)
+    }
+
+    /// The root's own opaque state (`read` reads it), read once: only for a frozen layer, whose
+    /// root nothing changes while this root lives (a snapshot store gives a merged layer a root
+    /// of its own).
+    pub fn frozen_opaque(&self, read: impl FnOnce() -> Result<crate::Opaque>) -> Result<crate::Opaque> {
+        if let Some(o) = self.0.frozen_opaque.get() {
+            return Ok(*o);
+        }
+        let o = read()?;
+        let _ = self.0.frozen_opaque.set(o);
+        Ok(o)
     }
 
     /// The root's device.

@@ -46,7 +46,7 @@ impl DirLayers {
         let mut lowers = Vec::new();
         if !upper_opaque {
             for l in stack.lowers() {
-                let opaque = crate::aufs::root_opaque(stack, l.root()?.as_fd())?;
+                let opaque = stack.root_opaque_of(l, || crate::aufs::root_opaque(stack, l.root()?.as_fd()))?;
                 lowers.push(LowerDir { layer: l.id(), path: PathBuf::new(), xwhiteouts: opaque == Opaque::XWhiteouts });
                 if opaque == Opaque::Yes {
                     break;
