@@ -382,8 +382,10 @@ impl OverlayFs {
         let mut out = vec![node.clone()];
         let mut cur = node.clone();
         while cur.id != ROOT && out.len() <= 4096 {
-            // The parent of the first live name (see `Self::live_name`), one table lookup.
-            let parent = cur.state.read().names.iter().find_map(|(p, _)| self.table.get(*p));
+            // The parent of the first live name (see `Self::live_name`). The names are copied
+            // out first: the table's lock is taken before a node's state lock, never after.
+            let parents: Vec<u64> = cur.state.read().names.iter().map(|(p, _)| *p).collect();
+            let parent = parents.into_iter().find_map(|p| self.table.get(p));
             let Some(parent) = parent else { break };
             out.push(parent.clone());
             cur = parent;
@@ -483,8 +485,10 @@ impl OverlayFs {
     /// pressure): its dentry there went, and the inode lives on through another name. Such a
     /// name is still on disk, but no path can be built through a node that is gone.
     pub(crate) fn live_name(&self, node: &Node) -> Option<(u64, OsString)> {
-        let st = node.state.read();
-        st.names.iter().find(|(p, _)| *p == ROOT || self.table.get(*p).is_some()).cloned()
+        // Copied out first: the table's lock is taken before a node's state lock, never after
+        // (a copy-up publishing an identity holds the table's and waits for the state's).
+        let names = node.state.read().names.clone();
+        names.into_iter().find(|(p, _)| *p == ROOT || self.table.get(*p).is_some())
     }
 
     /// The overlay path of a node (`""` for the root), from its first live name up to the root.
