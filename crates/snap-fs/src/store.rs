@@ -299,8 +299,10 @@ impl Store {
             tracing::info!(name = ?e.name, "removing a half-made copy from the work dir");
             sys::remove_tree_at(&self.work, &sys::name_cstr(&e.name)?)?;
         }
+        // (A set: a search of the list per layer was 10^8 comparisons at N = 10,000.)
+        let ids: std::collections::HashSet<u64> = self.meta.snapshots.iter().map(|s| s.id).collect();
         for e in sys::read_dir_fd(rustix::io::dup(&self.layers)?)? {
-            let known = e.name.to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|id| self.info(id).is_some());
+            let known = e.name.to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|id| ids.contains(&id));
             if !known {
                 tracing::info!(name = ?e.name, "removing a layer no snapshot owns (interrupted take)");
                 sys::remove_tree_at(&self.layers, &sys::name_cstr(&e.name)?)?;
