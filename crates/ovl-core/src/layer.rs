@@ -257,8 +257,9 @@ impl LayerStack {
     /// of [`LayerStack::open`]: layers may nest (the snapshot store lives inside the directory it
     /// snapshots, hidden from every view) and there may be no lower layer at all. `work` is the
     /// open `WORKDIR/work` of the upper layer; it is used as is, not cleaned. Paths are kept only
-    /// to name the layers in messages. The directories are shared, so many stacks over the same
-    /// layers (the snapshot views) cost one descriptor per layer.
+    /// to name the layers in messages. The roots are shared ([`LayerRoot`]: held, or opened while
+    /// used within a pool's budget), so many stacks over the same layers (the snapshot views)
+    /// cost no descriptor of their own, and building one opens nothing.
     pub fn from_open_dirs(
         lowers: Vec<(PathBuf, LayerRoot)>,
         upper: Option<(PathBuf, LayerRoot, OwnedFd)>,
