@@ -382,11 +382,7 @@ impl OverlayFs {
         let mut out = vec![node.clone()];
         let mut cur = node.clone();
         while cur.id != ROOT && out.len() <= 4096 {
-            // The parent of the first live name (see `Self::live_name`). The names are copied
-            // out first: the table's lock is taken before a node's state lock, never after.
-            let parents: Vec<u64> = cur.state.read().names.iter().map(|(p, _)| *p).collect();
-            let parent = parents.into_iter().find_map(|p| self.table.get(p));
-            let Some(parent) = parent else { break };
+            let Some(parent) = self.live_parent(&cur) else { break };
             out.push(parent.clone());
             cur = parent;
         }
@@ -485,10 +481,24 @@ impl OverlayFs {
     /// pressure): its dentry there went, and the inode lives on through another name. Such a
     /// name is still on disk, but no path can be built through a node that is gone.
     pub(crate) fn live_name(&self, node: &Node) -> Option<(u64, OsString)> {
-        // Copied out first: the table's lock is taken before a node's state lock, never after
-        // (a copy-up publishing an identity holds the table's and waits for the state's).
-        let names = node.state.read().names.clone();
-        names.into_iter().find(|(p, _)| *p == ROOT || self.table.get(*p).is_some())
+        let parent = self.live_parent(node)?.id;
+        node.state.read().names.iter().find(|(p, _)| *p == parent).cloned()
+    }
+
+    /// The parent node of `node`'s first live name. The table's lock is taken before a node's
+    /// state lock, never after (a copy-up publishing an identity holds the table's and waits for
+    /// the state's): the parents' ids are read out of the state first, copied only for a node
+    /// of several names.
+    fn live_parent(&self, node: &Node) -> Option<Arc<Node>> {
+        let (first, several) = {
+            let st = node.state.read();
+            (st.names.first().map(|(p, _)| *p), st.names.len() > 1)
+        };
+        if !several {
+            return self.table.get(first?);
+        }
+        let parents: Vec<u64> = node.state.read().names.iter().map(|(p, _)| *p).collect();
+        parents.into_iter().find_map(|p| self.table.get(p))
     }
 
     /// The overlay path of a node (`""` for the root), from its first live name up to the root.

@@ -1568,9 +1568,18 @@ fn lookups_during(probe_dir: &Path, work: impl FnOnce() + Send) -> u64 {
     })
 }
 
+/// A 512 MiB file of one byte value at `path`.
+fn write_big(path: &Path) {
+    let mut f = File::create(path).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..512 {
+        f.write_all(&chunk).unwrap();
+    }
+}
+
 /// Regression (issue 19, item 6): a rename that copies up a large lower file held the
 /// namespace lock exclusive for the whole copy, so every lookup of the mount waited for it. Now
-/// the copy runs before, under the shared lock: lookups in another directory go on meanwhile,
+/// the copy runs before the rename holds any path: lookups in another directory go on meanwhile,
 /// as in the kernel overlay (a 512 MiB copy takes hundreds of lookups' time).
 #[test]
 fn lookups_go_on_while_a_rename_copies_up_a_big_file() {
@@ -1578,12 +1587,7 @@ fn lookups_go_on_while_a_rename_copies_up_a_big_file() {
     let l = Layers::create(&tmp.path().join("l"), 1);
     fs::create_dir_all(l.lowers[0].join("a")).unwrap();
     fs::create_dir_all(l.lowers[0].join("b")).unwrap();
-    let mut f = File::create(l.lowers[0].join("a/big")).unwrap();
-    let chunk = vec![0x5au8; 1 << 20];
-    for _ in 0..512 {
-        f.write_all(&chunk).unwrap();
-    }
-    drop(f);
+    write_big(&l.lowers[0].join("a/big"));
     let mut counts = Vec::new();
     for (who, backend) in [("kernel", Backend::Kernel), ("ovlfs", Backend::Ovlfs)] {
         let layers = l.with_fresh_work(tmp.path().join(format!("w-{who}")));
@@ -1603,9 +1607,9 @@ fn lookups_go_on_while_a_rename_copies_up_a_big_file() {
 
 /// Regression (issue 19, item 6: "a lookup never waits for an unrelated copy-up"): an open for
 /// writing copied a large lower file up under the namespace lock (shared), so a directory rename
-/// elsewhere, which takes that lock exclusive, waited for the whole copy, and every lookup of
-/// the mount queued behind the rename. Now the data is copied before any namespace lock is
-/// taken: the rename and the lookups go on during the copy, as in the kernel overlay.
+/// elsewhere, which took that lock exclusive, waited for the whole copy, and every lookup of the
+/// mount queued behind the rename. Now the data is copied before the request holds any path:
+/// the rename and the lookups go on during the copy, as in the kernel overlay.
 #[test]
 fn a_dir_rename_and_lookups_do_not_wait_for_a_copy_up_elsewhere() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1614,12 +1618,7 @@ fn a_dir_rename_and_lookups_do_not_wait_for_a_copy_up_elsewhere() {
     for d in ["a", "b", "c/sub"] {
         fs::create_dir_all(l.lowers[0].join(d)).unwrap();
     }
-    let mut f = File::create(l.lowers[0].join("a/big")).unwrap();
-    let chunk = vec![0x5au8; 1 << 20];
-    for _ in 0..512 {
-        f.write_all(&chunk).unwrap();
-    }
-    drop(f);
+    write_big(&l.lowers[0].join("a/big"));
     let mut results = Vec::new();
     for (who, backend) in [("kernel", Backend::Kernel), ("ovlfs", Backend::Ovlfs)] {
         let layers = l.with_fresh_work(tmp.path().join(format!("w-{who}")));
