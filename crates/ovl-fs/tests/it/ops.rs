@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::{
-    self, Backend, KERNEL_OPTS, Layers, MountGuard, apply_fixture, assert_same_tree, assert_same_upper, mount_fstype,
-    mount_point, ovlfs_bin, snapshot_tree, snapshot_upper, tempdir,
+    self, Backend, KERNEL_OPTS, Layers, LoopFs, MountGuard, apply_fixture, assert_same_tree, assert_same_upper,
+    mount_fstype, mount_point, ovlfs_bin, snapshot_tree, snapshot_upper, tempdir,
 };
 use rustix::fs::{AtFlags, CWD, FallocateFlags, RenameFlags, XattrFlags};
 
@@ -1469,8 +1469,11 @@ fn reused_number_script(m: &Path, upper: &Path) -> (Vec<String>, bool) {
 #[test]
 fn a_reused_inode_number_shows_as_in_the_kernel() {
     let tmp = tempdir("reused-ino");
-    let a = Layers::create(&tmp.path().join("a"), 1);
-    let b = a.copy_to(&tmp.path().join("b"));
+    // Each side's layers on an ext4 of their own: on a shared one, another test running at the
+    // same time may take the freed inode number first (seen once in CI).
+    let (fa, fb) = (LoopFs::new("ext4", 64 << 20), LoopFs::new("ext4", 64 << 20));
+    let a = Layers::create(&fa.dir.join("a"), 1);
+    let b = a.copy_to(&fb.dir.join("b"));
     let (ra, _) = {
         let m = MountGuard::mount(Backend::Kernel, &a, KERNEL_OPTS, &mount_point(tmp.path(), "ma"));
         reused_number_script(m.path(), &a.upper)

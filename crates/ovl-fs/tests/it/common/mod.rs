@@ -506,8 +506,10 @@ pub fn assert_same_lines(what: &str, want: &str, got: &str) {
 }
 
 mod layers;
+mod loopfs;
 mod snapshot;
 mod workload;
 pub use layers::*;
+pub use loopfs::*;
 pub use snapshot::*;
 pub use workload::*;
