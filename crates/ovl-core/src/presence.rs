@@ -367,14 +367,14 @@ impl PresenceReader<'_> {
 
     /// What layer `layer` holds at `path`, as far as its summary tells.
     pub fn held(&self, layer: LayerId, path: &Path) -> Held {
-        let Some(number) = self.number(layer) else { return Held::Unknown };
-        match self.holders.info(number, path) {
-            None => Held::Nothing,
-            Some(i) if i.special => Held::Other,
-            Some(Info { kind: Kind::Directory, .. }) => Held::PlainDir,
-            Some(Info { kind: Kind::Whiteout, .. }) => Held::Whiteout,
-            Some(_) => Held::Other,
-        }
+        self.holding(path).held(layer)
+    }
+
+    /// The summarized layers holding something at `path`: for asking about many layers at one
+    /// path (a lookup in a directory that many layers hold), the path looked up once, not once
+    /// per layer (at N = 10,000 layers that hashing was a tenth of a delete's CPU).
+    pub fn holding<'r>(&'r self, path: &Path) -> Holding<'r> {
+        Holding { reader: self, at: self.holders.by_path.get(path).map_or(&[][..], |v| v.as_slice()) }
     }
 
     /// The layers among the top `upto` of the stack that may do more to `path` than pass it
@@ -417,6 +417,27 @@ impl PresenceReader<'_> {
             out.push((name.clone(), info.kind, info.ino));
         }
         Some(out)
+    }
+}
+
+/// The summarized layers holding something at one path ([`PresenceReader::holding`]).
+pub struct Holding<'r> {
+    reader: &'r PresenceReader<'r>,
+    /// By layer number, ascending.
+    at: &'r [(u64, Info)],
+}
+
+impl Holding<'_> {
+    /// What layer `layer` holds at the path, as far as its summary tells.
+    pub fn held(&self, layer: LayerId) -> Held {
+        let Some(number) = self.reader.number(layer) else { return Held::Unknown };
+        match self.at.binary_search_by_key(&number, |(id, _)| *id).ok().map(|i| self.at[i].1) {
+            None => Held::Nothing,
+            Some(i) if i.special => Held::Other,
+            Some(Info { kind: Kind::Directory, .. }) => Held::PlainDir,
+            Some(Info { kind: Kind::Whiteout, .. }) => Held::Whiteout,
+            Some(_) => Held::Other,
+        }
     }
 }
 

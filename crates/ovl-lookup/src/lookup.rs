@@ -185,6 +185,9 @@ pub fn lookup_in(
     // Frozen layers whose summary lists nothing at the path are skipped unprobed, where a missing
     // object means "go on to the next layer": a relative target, and no AUFS marks to read.
     let presence = stack.presence().filter(|_| !stack.reads_aufs()).map(|p| p.reader());
+    // The summaries' holders of the path last asked about: every layer of a relative target
+    // asks about the same path (the parent's dirs are at one path unless redirected).
+    let mut holding: Option<(PathBuf, ovl_core::presence::Holding<'_>)> = None;
     let mut i = 0;
     while i < list.len() {
         let ld = list[i].clone();
@@ -218,7 +221,13 @@ pub fn lookup_in(
         };
         if let (Target::Rel(_), Some(presence)) = (&target, presence.as_ref()) {
             use ovl_core::presence::Held;
-            match presence.held(ld.layer, &path) {
+            let at = match holding.take() {
+                Some((p, h)) if p == path => (p, h),
+                _ => (path.clone(), presence.holding(&path)),
+            };
+            let held = at.1.held(ld.layer);
+            holding = Some(at);
+            match held {
                 Held::Nothing => continue,
                 Held::Whiteout => break,
                 // A directory below the first one found that carries no opaque mark, redirect

@@ -109,8 +109,7 @@ pub fn check_store(live: &Path, store: Option<&Path>, repair: bool) -> anyhow::R
         if !lost.is_empty() {
             // The list is lost: rebuild it from its backup and the layers, never dropping one.
             let (meta, notes) = crate::store::rebuild_meta(target.root.as_fd(), &live_id(target.live.1.as_fd())?)?;
-            crate::store::write_meta_at(target.root.as_fd(), META, &meta)?;
-            crate::store::write_meta_at(target.root.as_fd(), crate::store::META_BACKUP, &meta)?;
+            crate::store::install_rebuilt_meta(target.root.as_fd(), &meta)?;
             for n in notes {
                 tracing::warn!("rebuilding the snapshot list: {n}");
                 rebuilt.push(Finding::new(Severity::Fixable, "snapshot-list-rebuilt", target.store.join(META), n));
@@ -300,7 +299,7 @@ impl Target {
             Err(e) => return Err(e).context("opening snapshots.json"),
         };
         let text = std::io::read_to_string(File::from(fd)).context("reading snapshots.json")?;
-        let meta: Meta = match serde_json::from_str(&text) {
+        let mut meta: Meta = match serde_json::from_str(&text) {
             Ok(m) => m,
             Err(e) => {
                 let detail = format!(
@@ -311,9 +310,21 @@ impl Target {
                 return Ok(None);
             }
         };
-        if meta.version != 1 {
-            let detail = format!("the snapshot list has format version {}; this ovlsnap reads version 1", meta.version);
+        if !(1..=crate::store::META_VERSION).contains(&meta.version) {
+            let detail = format!(
+                "the snapshot list has format version {}; this ovlsnap reads versions 1 to {}",
+                meta.version,
+                crate::store::META_VERSION
+            );
             self.finding(report, Severity::Error, "snapshot-list-corrupt", META, detail);
+            return Ok(None);
+        }
+        if let Err(e) = crate::store::read_log(self.root.as_fd(), &mut meta, false) {
+            let detail = format!(
+                "the log of changes since the list's checkpoint is unreadable ({e:#}): no daemon starts on this \
+                 store; --repair rebuilds the list from the log's good records and adopts every layer"
+            );
+            self.finding(report, Severity::Error, "snapshot-list-corrupt", crate::store::LOG, detail);
             return Ok(None);
         }
         let live = live_id(self.live.1.as_fd())?;

@@ -264,6 +264,10 @@ pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
     tracing::info!(live = ?status.live, mount = ?status.mount, store = ?status.store, "ovlsnap mount is live");
     ready();
     let out = session.run().context("serving the mount");
+    // Unmounted: the list's log goes into its checkpoint, so that the store at rest is one file.
+    if let Err(e) = snapper.fold_log() {
+        tracing::warn!("folding the snapshot list's log into the list: {e:#} (the next mount does)");
+    }
     sock.remove();
     out
 }

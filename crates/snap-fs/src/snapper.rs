@@ -218,6 +218,17 @@ impl Snapper {
         Ok(info)
     }
 
+    /// Writes the store's list as one checkpoint, its log emptied (`crate::store`).
+    pub fn fold_log(&self) -> anyhow::Result<()> {
+        let _gate = self.gate.write();
+        self.store.lock().fold_log()
+    }
+
+    /// Whether a snapshot is named `name`.
+    pub fn has_snapshot(&self, name: &str) -> bool {
+        self.store.lock().by_name(name).is_some()
+    }
+
     /// How many snapshot layers are open.
     pub fn layer_count(&self) -> usize {
         self.store.lock().snapshots().len()

@@ -1,9 +1,19 @@
 //! The snapshot store: one directory on LIVE's filesystem holding a kernel overlay layer per
 //! snapshot (`layers/ID/`), the work dir copy-ups are built in (`work/work/`), the list of
-//! snapshots (`snapshots.json`, replaced atomically), and a lock file that one daemon holds.
+//! snapshots, and a lock file that one daemon holds.
 //!
-//! The commit point of a take is the rename of the new `snapshots.json`: a layer dir that the
-//! list does not name is the leftover of an interrupted take and is removed at the next open.
+//! The list is a checkpoint, `snapshots.json` (replaced atomically, with a backup), and a log of
+//! the takes and deletes since, `snapshots.log` (one JSON line each, synced): a change costs one
+//! small append, not a rewrite of a list that holds ten thousand snapshots (issue 17). Each
+//! record has a sequence number; the checkpoint says up to which one it holds the log
+//! (`Meta::logged`), so a stop between writing a checkpoint and emptying the log loses and
+//! doubles nothing. The log is folded into a new checkpoint at every open and after
+//! [`COMPACT_AFTER`] records. A line cut short by a stop (the last one, without its newline or
+//! unparsable) was never acknowledged and is dropped; a bad line before the last is corruption.
+//!
+//! The commit point of a take is its record's sync (or the rename of a new checkpoint): a layer
+//! dir that the list does not name is the leftover of an interrupted take and is removed at the
+//! next open.
 
 use std::fs::File;
 use std::io::Write;
@@ -19,6 +29,18 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_NAME: &str = ".ovlsnap";
 
 pub(crate) const META: &str = "snapshots.json";
+
+/// The log of changes since the checkpoint `snapshots.json` (see the module docs).
+pub(crate) const LOG: &str = "snapshots.log";
+
+/// Log records after which a change writes a new checkpoint instead (the list's write, O(N),
+/// then happens once per this many changes).
+pub(crate) const COMPACT_AFTER: usize = 256;
+
+/// The newest format of `snapshots.json` (2: it may have a log). Older ovlsnaps refuse it
+/// rather than read a checkpoint without its log (they would take the logged snapshots' layers
+/// for leftovers and remove them).
+pub(crate) const META_VERSION: u32 = 2;
 
 /// The store's dir of consolidated view layers (`Store::consolidation_dir`).
 pub const VIEWS: &str = "views";
@@ -50,8 +72,11 @@ pub struct LiveId {
 /// The store's metadata, `snapshots.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {
-    /// Format version (1).
+    /// Format version (1, or 2: with a log).
     pub version: u32,
+    /// The last log record this checkpoint holds (later ones are applied on top of it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub logged: u64,
     /// The directory whose snapshots these are.
     pub live: LiveId,
     /// The id the next snapshot gets.
@@ -69,6 +94,122 @@ pub struct Meta {
     /// was: LIVE changed while no daemon served it (`crate::seal`). By snapshot id.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub damage: std::collections::BTreeMap<u64, Damage>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One change in the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LogRecord {
+    seq: u64,
+    #[serde(flatten)]
+    change: Change,
+}
+
+/// What a log record changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Change {
+    /// A snapshot was taken (ids only grow: `next_id` follows).
+    Add(SnapshotInfo),
+    /// The snapshot with this id was deleted.
+    Delete(u64),
+}
+
+impl Change {
+    /// Applies the change to `meta`; an error if it does not fit (a corrupt log).
+    fn apply(&self, meta: &mut Meta) -> anyhow::Result<()> {
+        match self {
+            Change::Add(info) => {
+                if info.id < meta.next_id
+                    || !valid_name(&info.name)
+                    || meta.snapshots.iter().any(|s| s.name == info.name)
+                {
+                    bail!("snapshot {:?} (id {}) cannot be added to the list", info.name, info.id);
+                }
+                meta.next_id = info.id + 1;
+                meta.snapshots.push(info.clone());
+            }
+            Change::Delete(id) => {
+                let before = meta.snapshots.len();
+                meta.snapshots.retain(|s| s.id != *id);
+                if meta.snapshots.len() == before {
+                    bail!("a deletion of id {id}, which the list does not hold");
+                }
+                meta.damage.remove(id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What reading the log found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LogState {
+    /// The last record's sequence number (the checkpoint's `logged` if none is newer).
+    pub last: u64,
+    /// Bytes of whole records.
+    pub len: u64,
+    /// Records newer than the checkpoint.
+    pub records: usize,
+    /// A last line cut short (dropped).
+    pub torn: bool,
+    /// The highest sequence number of any record read, applied or not.
+    pub seen: u64,
+}
+
+/// Applies the log `bytes` to the checkpoint `meta`. Strict (`lenient` false): a bad record
+/// before the last line, a gap in the numbers or a change that does not fit is an error.
+/// Lenient (a repair): stops at the first such record instead.
+fn replay(meta: &mut Meta, bytes: &[u8], lenient: bool) -> anyhow::Result<LogState> {
+    let mut state = LogState { last: meta.logged, ..Default::default() };
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some(nl) = bytes[at..].iter().position(|b| *b == b'\n') else {
+            state.torn = true;
+            break;
+        };
+        let end = at + nl + 1;
+        let applied =
+            serde_json::from_slice::<LogRecord>(&bytes[at..end - 1]).map_err(anyhow::Error::from).and_then(|r| {
+                state.seen = state.seen.max(r.seq);
+                if r.seq <= meta.logged {
+                    return Ok(());
+                }
+                if r.seq != state.last + 1 {
+                    bail!("record {} follows record {}", r.seq, state.last);
+                }
+                r.change.apply(meta)?;
+                state.last = r.seq;
+                state.records += 1;
+                Ok(())
+            });
+        if let Err(e) = applied {
+            if end == bytes.len() || lenient {
+                // The last line: cut short by a stop before it was synced (never acknowledged).
+                state.torn = true;
+                break;
+            }
+            return Err(e.context(format!("{LOG} is corrupt at byte {at}")));
+        }
+        at = end;
+        state.len = end as u64;
+    }
+    Ok(state)
+}
+
+/// Reads the log of the store dir `root` onto its checkpoint `meta`.
+pub(crate) fn read_log(root: BorrowedFd<'_>, meta: &mut Meta, lenient: bool) -> anyhow::Result<LogState> {
+    let fd = match rustix::fs::openat(root, LOG, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(LogState { last: meta.logged, ..Default::default() }),
+        Err(e) => return Err(e).with_context(|| format!("opening {LOG}")),
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut File::from(fd), &mut bytes).with_context(|| format!("reading {LOG}"))?;
+    replay(meta, &bytes, lenient)
 }
 
 /// Why a snapshot's view is no longer what was taken, found at a mount (`crate::seal`).
@@ -95,6 +236,12 @@ pub struct Store {
     workdir: OwnedFd,
     _lock: File,
     meta: Meta,
+    /// The log, open for writing at `log_state.len`.
+    log: File,
+    log_state: LogState,
+    /// An append failed and its bytes may still be there: every change writes a checkpoint
+    /// until the log could be emptied.
+    log_broken: bool,
 }
 
 fn open_dir_at(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<OwnedFd> {
@@ -114,9 +261,17 @@ fn mkdir_open(dir: BorrowedFd<'_>, name: &str, mode: u32) -> std::io::Result<Own
     open_dir_at(dir, name)
 }
 
-/// Reads and checks `snapshots.json` in the store dir `root`; `None` if there is none yet.
+/// Reads and checks the snapshot list of the store dir `root` (`snapshots.json` and its log);
+/// `None` if there is none yet.
 pub fn read_meta(root: BorrowedFd<'_>) -> anyhow::Result<Option<Meta>> {
-    read_meta_named(root, META)
+    Ok(read_meta_logged(root)?.map(|(meta, _)| meta))
+}
+
+/// [`read_meta`], with what the log held.
+pub(crate) fn read_meta_logged(root: BorrowedFd<'_>) -> anyhow::Result<Option<(Meta, LogState)>> {
+    let Some(mut meta) = read_meta_named(root, META)? else { return Ok(None) };
+    let log = read_log(root, &mut meta, false)?;
+    Ok(Some((meta, log)))
 }
 
 /// Reads and checks the list `name` (`snapshots.json` or its backup) in the store dir `root`.
@@ -143,8 +298,8 @@ pub(crate) fn layer_ids(layers: BorrowedFd<'_>) -> anyhow::Result<Vec<u64>> {
 /// Parses and checks the text of `snapshots.json` (untrusted: it may be hand-edited or corrupt).
 pub fn parse_meta(text: &str) -> anyhow::Result<Meta> {
     let meta: Meta = serde_json::from_str(text).context("snapshots.json is corrupt")?;
-    if meta.version != 1 {
-        bail!("snapshots.json has format version {}, this ovlsnap reads version 1", meta.version);
+    if !(1..=META_VERSION).contains(&meta.version) {
+        bail!("snapshots.json has format version {}, this ovlsnap reads versions 1 to {META_VERSION}", meta.version);
     }
     let mut seen = std::collections::HashSet::new();
     for s in &meta.snapshots {
@@ -239,12 +394,15 @@ impl Store {
         let live_id = live_id(live)?;
         let repair =
             || format!("nothing was changed; `ovlsnap check {} --repair` rebuilds the list", live_path.display());
-        let meta = match read_meta(root.as_fd()).with_context(repair)? {
-            Some(m) => {
+        let (meta, last) = match read_meta_logged(root.as_fd()).with_context(repair)? {
+            Some((m, log)) => {
+                if log.torn {
+                    tracing::warn!("dropping the last line of {LOG}: a change cut short by a stop, never committed");
+                }
                 if m.live.ino != live_id.ino || m.live.fs != live_id.fs {
                     bail!("the store {path:?} belongs to another directory than {live_path:?}");
                 }
-                m
+                (m, log.last)
             }
             None => {
                 // A store that holds layers or a backup list but no list lost it: taking it for
@@ -265,15 +423,17 @@ impl Store {
                 }
                 // Without root, `trusted.*` cannot be written: such a store uses `user.*`.
                 let userxattr = !rustix::process::geteuid().is_root();
-                Meta {
-                    version: 1,
+                let fresh = Meta {
+                    version: META_VERSION,
+                    logged: 0,
                     live: live_id,
                     next_id: 1,
                     snapshots: Vec::new(),
                     allow: Vec::new(),
                     userxattr,
                     damage: Default::default(),
-                }
+                };
+                (fresh, 0)
             }
         };
         if !meta.userxattr && !rustix::process::geteuid().is_root() {
@@ -285,8 +445,28 @@ impl Store {
         let layers = mkdir_open(root.as_fd(), "layers", 0o700)?;
         let workdir = mkdir_open(root.as_fd(), "work", 0o700)?;
         let work = mkdir_open(workdir.as_fd(), "work", 0o700)?;
-        let mut store = Self { path, root, layers, work, workdir, _lock: File::from(lock), meta };
-        store.write_meta(&store.meta)?;
+        let log = rustix::fs::openat(
+            &root,
+            LOG,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+        )
+        .with_context(|| format!("opening {LOG}"))?;
+        let log_state = LogState { last, ..Default::default() };
+        let mut store = Self {
+            path,
+            root,
+            layers,
+            work,
+            workdir,
+            _lock: File::from(lock),
+            meta: meta.clone(),
+            log: File::from(log),
+            log_state,
+            log_broken: false,
+        };
+        // Folds the log into a new checkpoint and empties it (dropping a torn last line).
+        store.commit(meta, None)?;
         store.recover_delete()?;
         store.clean()?;
         store.clean_unused_views()?;
@@ -311,7 +491,69 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces `snapshots.json` atomically and durably (the commit point), then its backup.
+    /// Makes `meta` the list, durably: by appending `change` (what makes `meta` of the list
+    /// now) to the log, or, without one or when the log is due, by a new checkpoint. Nothing is
+    /// changed when it fails.
+    fn commit(&mut self, meta: Meta, change: Option<Change>) -> anyhow::Result<()> {
+        match change {
+            Some(c) if !self.log_broken && self.log_state.records < COMPACT_AFTER => self.append(c)?,
+            _ => self.checkpoint(&meta)?,
+        }
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Folds the log into a new checkpoint (if it holds anything).
+    pub fn fold_log(&mut self) -> anyhow::Result<()> {
+        if self.log_state.records > 0 || self.log_broken {
+            self.commit(self.meta.clone(), None)?;
+        }
+        Ok(())
+    }
+
+    /// Appends one record to the log and syncs it (the commit point).
+    fn append(&mut self, change: Change) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let seq = self.log_state.last + 1;
+        let mut line = serde_json::to_vec(&LogRecord { seq, change })?;
+        line.push(b'\n');
+        let at = self.log_state.len;
+        let written = self.log.write_all_at(&line, at).and_then(|()| self.log.sync_data());
+        if let Err(e) = written {
+            // Not committed: its bytes must not stay for a later read to take as a record.
+            if self.log.set_len(at).and_then(|()| self.log.sync_data()).is_err() {
+                self.log_broken = true;
+            }
+            return Err(anyhow::Error::from(e).context(format!("appending to {LOG}")));
+        }
+        self.log_state.last = seq;
+        self.log_state.len += line.len() as u64;
+        self.log_state.records += 1;
+        Ok(())
+    }
+
+    /// Writes `meta` as a new checkpoint holding every record so far, then empties the log.
+    fn checkpoint(&mut self, meta: &Meta) -> anyhow::Result<()> {
+        let mut meta = meta.clone();
+        meta.version = META_VERSION;
+        // A failed append's record number is never used again: if its bytes stayed, the
+        // checkpoint covers them.
+        let last = self.log_state.last + u64::from(self.log_broken);
+        meta.logged = last;
+        self.write_meta(&meta)?;
+        self.log_state = LogState { last, ..Default::default() };
+        // The log's records are all in the checkpoint now: emptying it only saves reading them.
+        match self.log.set_len(0).and_then(|()| self.log.sync_data()) {
+            Ok(()) => self.log_broken = false,
+            Err(e) => {
+                tracing::warn!("emptying {LOG}: {e}; changes rewrite the list until it works");
+                self.log_broken = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces `snapshots.json` atomically and durably, then its backup.
     fn write_meta(&self, meta: &Meta) -> anyhow::Result<()> {
         write_meta_at(self.root.as_fd(), META, meta)?;
         // A stop before this leaves the backup one change behind, which a repair knows how to
@@ -378,9 +620,7 @@ impl Store {
                 }
             }
         }
-        self.write_meta(&meta)?;
-        self.meta = meta;
-        Ok(())
+        self.commit(meta, None)
     }
 
     /// Who besides root and LIVE's owner may change snapshots.
@@ -392,9 +632,7 @@ impl Store {
     pub fn set_grants(&mut self, grants: Vec<crate::policy::Grant>) -> anyhow::Result<()> {
         let mut meta = self.meta.clone();
         meta.allow = grants;
-        self.write_meta(&meta)?;
-        self.meta = meta;
-        Ok(())
+        self.commit(meta, None)
     }
 
     /// The layer dir of snapshot `id`, open.
@@ -444,18 +682,18 @@ impl Store {
         let mut meta = self.meta.clone();
         meta.next_id = id + 1;
         meta.snapshots.push(info.clone());
-        if let Err(e) = self.write_meta(&meta) {
+        if let Err(e) = self.commit(meta, Some(Change::Add(info.clone()))) {
             let _ = rustix::fs::unlinkat(&self.layers, ids.as_str(), rustix::fs::AtFlags::REMOVEDIR);
             return Err(e);
         }
-        self.meta = meta;
         Ok(info)
     }
 }
 
 /// A snapshot list for the store dir `root` of LIVE `live` whose list is lost or unreadable
-/// (`ovlsnap check --repair`): the backup list if it is usable and LIVE's, else an empty one;
-/// then every numbered layer it does not name is adopted as snapshot `recovered-ID` (created: the
+/// (`ovlsnap check --repair`): `snapshots.json`, else the backup list, if usable and LIVE's,
+/// else an empty one; with the log's changes on top as far as they apply; then every numbered
+/// layer it does not name is adopted as snapshot `recovered-ID` (created: the
 /// layer dir's mtime), and every snapshot whose layer is gone is left out. Layers keep their order
 /// (ids grow with every take), so each view shows what it showed. Removes nothing. Returns the
 /// list and one line per thing it decided, for the report.
@@ -463,7 +701,8 @@ pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Resul
     let mut notes = Vec::new();
     let userxattr = !rustix::process::geteuid().is_root();
     let fresh = Meta {
-        version: 1,
+        version: META_VERSION,
+        logged: 0,
         live: live.clone(),
         next_id: 1,
         snapshots: Vec::new(),
@@ -471,11 +710,16 @@ pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Resul
         userxattr,
         damage: Default::default(),
     };
-    let mut meta = match read_meta_named(root, META_BACKUP) {
-        Ok(Some(m)) if &m.live == live => {
-            notes.push(format!("the list was restored from {META_BACKUP}"));
-            m
-        }
+    let meta = match read_meta_named(root, META).ok().flatten().filter(|m| &m.live == live) {
+        Some(m) => Ok(Some(m)),
+        None => read_meta_named(root, META_BACKUP).inspect(|m| {
+            if m.as_ref().is_some_and(|m| &m.live == live) {
+                notes.push(format!("the list was restored from {META_BACKUP}"));
+            }
+        }),
+    };
+    let mut meta = match meta {
+        Ok(Some(m)) if &m.live == live => m,
         Ok(Some(_)) => {
             notes.push(format!("{META_BACKUP} belongs to another directory: not used"));
             fresh
@@ -486,6 +730,16 @@ pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Resul
             fresh
         }
     };
+    let log = read_log(root, &mut meta, true)?;
+    if log.records > 0 {
+        notes.push(format!("{} change(s) were read from {LOG}", log.records));
+    }
+    if log.torn {
+        notes.push(format!("{LOG} was read up to byte {}: what follows is dropped", log.len));
+    }
+    // Above every record the log holds, so that none is applied again on this list.
+    meta.logged = log.last.max(log.seen);
+    meta.version = META_VERSION;
     let layers = open_dir_at(root, "layers").context("opening the store's layers")?;
     let ids = layer_ids(layers.as_fd())?;
     meta.snapshots.retain(|s| {
@@ -511,6 +765,20 @@ pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Resul
     meta.snapshots.sort_by_key(|s| s.id);
     meta.next_id = meta.next_id.max(ids.last().map_or(1, |m| m + 1));
     Ok((meta, notes))
+}
+
+/// Makes the rebuilt list `meta` ([`rebuild_meta`]) the store dir `root`'s: `snapshots.json`,
+/// its backup, and no log (its records are in `meta` or were dropped; `meta.logged` is above
+/// them all, so a stop before the log goes applies none twice).
+pub(crate) fn install_rebuilt_meta(root: BorrowedFd<'_>, meta: &Meta) -> anyhow::Result<()> {
+    write_meta_at(root, META, meta)?;
+    write_meta_at(root, META_BACKUP, meta)?;
+    match rustix::fs::unlinkat(root, LOG, rustix::fs::AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => return Err(e).context(format!("removing {LOG}")),
+    }
+    rustix::fs::fsync(root)?;
+    Ok(())
 }
 
 /// Writes `meta` as `name` in the store dir `root`, atomically and durably.
@@ -601,8 +869,7 @@ impl Store {
         let mut meta = self.meta.clone();
         meta.snapshots.retain(|s| s.id != id);
         meta.damage.remove(&id);
-        self.write_meta(&meta)?;
-        self.meta = meta;
+        self.commit(meta, Some(Change::Delete(id)))?;
         let _ = rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty());
         self.clean()
     }
@@ -619,8 +886,8 @@ impl Store {
             tracing::info!(id = m.drop, "finishing a snapshot deletion interrupted by a stop");
             let mut meta = self.meta.clone();
             meta.snapshots.retain(|s| s.id != m.drop);
-            self.write_meta(&meta)?;
-            self.meta = meta;
+            meta.damage.remove(&m.drop);
+            self.commit(meta, Some(Change::Delete(m.drop)))?;
         }
         rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty())?;
         Ok(())
@@ -731,4 +998,89 @@ pub fn list_offline(root: &OwnedFd) -> anyhow::Result<Vec<crate::snapper::Listed
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(logged: u64, names: &[(u64, &str)]) -> Meta {
+        Meta {
+            version: META_VERSION,
+            logged,
+            live: LiveId { fs: "0".repeat(32), ino: 2 },
+            next_id: names.last().map_or(1, |(id, _)| id + 1),
+            snapshots: names.iter().map(|(id, n)| SnapshotInfo { id: *id, name: n.to_string(), created: 7 }).collect(),
+            allow: Vec::new(),
+            userxattr: false,
+            damage: Default::default(),
+        }
+    }
+
+    fn line(seq: u64, change: Change) -> String {
+        format!("{}\n", serde_json::to_string(&LogRecord { seq, change }).unwrap())
+    }
+
+    fn add(id: u64, name: &str) -> Change {
+        Change::Add(SnapshotInfo { id, name: name.to_string(), created: 9 })
+    }
+
+    fn names(m: &Meta) -> Vec<&str> {
+        m.snapshots.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_log_replays_onto_its_checkpoint_skipping_what_it_holds() {
+        let log =
+            [line(4, add(3, "c")), line(5, add(4, "d")), line(6, Change::Delete(1)), line(7, add(5, "e"))].concat();
+        // A checkpoint written after record 5: records 4 and 5 are in it already.
+        let mut m = meta(5, &[(1, "a"), (3, "c"), (4, "d")]);
+        let st = replay(&mut m, log.as_bytes(), false).unwrap();
+        assert_eq!(names(&m), ["c", "d", "e"]);
+        assert_eq!((st.last, st.records, st.torn, st.len), (7, 2, false, log.len() as u64));
+        assert_eq!(m.next_id, 6);
+    }
+
+    #[test]
+    fn a_line_cut_short_at_the_end_is_dropped_and_one_before_it_is_corruption() {
+        let whole = [line(1, add(1, "a")), line(2, add(2, "b"))].concat();
+        for cut in [&line(3, add(3, "c"))[..20], "{\"seq\":3,\"add\":{\"id\":3}}\n", "\0\0\0\0"] {
+            let mut m = meta(0, &[]);
+            let st = replay(&mut m, format!("{whole}{cut}").as_bytes(), false).unwrap();
+            assert_eq!(names(&m), ["a", "b"], "{cut:?}");
+            assert_eq!((st.last, st.len, st.torn), (2, whole.len() as u64, true), "{cut:?}");
+        }
+        let bad = format!("{}{{\"seq\":2,\"add\n{}", line(1, add(1, "a")), line(3, add(3, "c")));
+        let e = replay(&mut meta(0, &[]), bad.as_bytes(), false).unwrap_err();
+        assert!(format!("{e:#}").contains("corrupt"), "{e:#}");
+        // A repair reads what comes before it.
+        let mut m = meta(0, &[]);
+        let st = replay(&mut m, bad.as_bytes(), true).unwrap();
+        assert_eq!((names(&m), st.torn, st.seen), (vec!["a"], true, 1));
+    }
+
+    #[test]
+    fn records_that_do_not_fit_the_list_are_refused() {
+        let cases = [
+            ("a gap", [line(1, add(1, "a")), line(3, add(2, "b"))].concat()),
+            ("a name twice", [line(1, add(1, "a")), line(2, add(2, "a"))].concat()),
+            ("an id that goes back", [line(1, add(5, "a")), line(2, add(4, "b"))].concat()),
+            ("a delete of nothing", [line(1, Change::Delete(9)), line(2, add(1, "b"))].concat()),
+            ("an invalid name", [line(1, add(1, "x/y")), line(2, add(2, "b"))].concat()),
+        ];
+        for (what, log) in cases {
+            // (Followed by a line: a bad last line is taken for one cut short.)
+            let log = format!("{log}{}", line(3, add(9, "z")));
+            assert!(replay(&mut meta(0, &[]), log.as_bytes(), false).is_err(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_of_a_newer_format_is_refused() {
+        let mut m = meta(3, &[(1, "a")]);
+        assert!(parse_meta(&serde_json::to_string(&m).unwrap()).is_ok());
+        m.version = META_VERSION + 1;
+        let e = parse_meta(&serde_json::to_string(&m).unwrap()).unwrap_err();
+        assert!(format!("{e:#}").contains("format version"), "{e:#}");
+    }
 }

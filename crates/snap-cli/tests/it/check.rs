@@ -140,12 +140,11 @@ fn store(m: &SnapMount) -> PathBuf {
     m.live().join(".ovlsnap")
 }
 
-/// The id of snapshot `name` in `snapshots.json`.
+/// The id of snapshot `name` in the store's list (`snapshots.json` and its log).
 fn id_of(m: &SnapMount, name: &str) -> u64 {
-    let meta: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(store(m).join("snapshots.json")).unwrap()).unwrap();
-    let snaps = meta["snapshots"].as_array().unwrap();
-    snaps.iter().find(|s| s["name"] == name).and_then(|s| s["id"].as_u64()).unwrap()
+    let root = fs::File::open(store(m)).unwrap();
+    let meta = snap_fs::store::read_meta(std::os::fd::AsFd::as_fd(&root)).unwrap().expect("a snapshot list");
+    meta.snapshots.iter().find(|s| s.name == name).map(|s| s.id).unwrap()
 }
 
 #[test]
@@ -199,7 +198,7 @@ fn injected_store_corruptions_are_reported() {
     let list = st.join("snapshots.json");
     let cases: Vec<(&str, String, &str)> = vec![
         ("garbage", "{\"version\": 1, \"snaps".to_string(), "snapshot-list-corrupt"),
-        ("a newer format", with(&|j| j["version"] = 2.into()), "snapshot-list-corrupt"),
+        ("a newer format", with(&|j| j["version"] = 3.into()), "snapshot-list-corrupt"),
         ("an id twice", with(&|j| j["snapshots"][1]["id"] = j["snapshots"][0]["id"].clone()), "snapshot-entry-invalid"),
         ("an id from the future", with(&|j| j["snapshots"][0]["id"] = j["next_id"].clone()), "snapshot-entry-invalid"),
         ("an invalid name", with(&|j| j["snapshots"][0]["name"] = "a/b".into()), "snapshot-entry-invalid"),

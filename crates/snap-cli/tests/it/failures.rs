@@ -371,3 +371,79 @@ fn mount_over_the_dead_mount_of_a_killed_daemon_clears_it() {
         assert_eq!(stacked, 1, "{form:?}: one mount on the mount point, the dead one gone");
     }
 }
+
+/// Kills `m`'s daemon with SIGKILL and detaches its dead mount.
+fn kill_daemon(m: &mut SnapMount) {
+    let pid = daemon_pid(m.mnt());
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
+        .expect("kill -9 the daemon");
+    while Path::new(&format!("/proc/{pid}/exe")).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    rustix::mount::unmount(m.mnt(), UnmountFlags::DETACH).expect("detach the dead mount");
+    m.mark_unmounted();
+}
+
+/// Issue 17: a take or delete appends one line to `snapshots.log` instead of rewriting the whole
+/// list (twice, with its backup: O(N) at N = 10,000). The log survives a kill -9; a line cut
+/// short at its end (never acknowledged) is dropped at the next mount; a bad line before the
+/// end refuses the mount, and `check --repair` keeps every record before it.
+#[test]
+fn takes_and_deletes_append_to_the_list_log_which_survives_a_kill_and_a_torn_line() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("f"), b"v0\n").unwrap();
+    m.mount();
+    let store = m.live().join(".ovlsnap");
+    let (list, log) = (store.join("snapshots.json"), store.join("snapshots.log"));
+    let before = (fs::read(&list).unwrap(), std::os::unix::fs::MetadataExt::ino(&fs::metadata(&list).unwrap()));
+    for (n, v) in [("a", "v1"), ("b", "v2"), ("c", "v3")] {
+        m.take(Some(n));
+        fs::write(m.mnt().join("f"), format!("{v}\n")).unwrap();
+    }
+    ovlsnap(&[OsStr::new("delete"), OsStr::new("b"), OsStr::new("--mount"), m.mnt().as_os_str()]).expect_ok("delete b");
+    let after = (fs::read(&list).unwrap(), std::os::unix::fs::MetadataExt::ino(&fs::metadata(&list).unwrap()));
+    assert!(before == after, "takes and a delete rewrote snapshots.json");
+    let lines = fs::read_to_string(&log).unwrap();
+    assert_eq!(lines.lines().count(), 4, "one record per change:\n{lines}");
+    let names = |m: &SnapMount| m.list().into_iter().map(|s| s.name).collect::<Vec<_>>();
+    assert_eq!(names(&m), ["a", "c"]);
+    m.umount();
+    assert_eq!(fs::read(&log).unwrap(), b"", "a clean umount folds the log into the list");
+    assert!(String::from_utf8(fs::read(&list).unwrap()).unwrap().contains("\"c\""));
+
+    // Killed with records in the log, and a last line cut short (as by a stop mid-append).
+    m.mount();
+    m.take(Some("d"));
+    kill_daemon(&mut m);
+    assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 1);
+    OpenOptions::new().append(true).open(&log).unwrap().write_all(b"{\"seq\":99,\"add\":{\"id\"").unwrap();
+    m.mount();
+    assert_eq!(names(&m), ["a", "c", "d"], "after a kill and a torn last line");
+    assert_eq!(fs::read(m.view("a").join("f")).unwrap(), b"v0\n");
+    assert_eq!(fs::read(m.view("d").join("f")).unwrap(), b"v3\n");
+    assert_eq!(fs::read(&log).unwrap(), b"", "the mount folded the log and dropped the torn line");
+
+    // A bad line before the last one: corruption, not a stop.
+    m.take(Some("e"));
+    fs::write(m.mnt().join("f"), b"v4\n").unwrap();
+    m.take(Some("g"));
+    kill_daemon(&mut m);
+    let text = fs::read_to_string(&log).unwrap();
+    let recs: Vec<&str> = text.lines().collect();
+    assert_eq!(recs.len(), 2, "{text}");
+    fs::write(&log, format!("{}\n{{\"seq\":\n{}\n", recs[0], recs[1])).unwrap();
+    let out = ovlsnap(&m.mount_args());
+    let err = out.expect_failure("mount with a corrupt log");
+    assert!(err.contains("snapshots.log") && err.contains("--repair"), "{out}");
+    assert!(!is_fuse_mount(m.mnt()), "a refused mount must not be left mounted");
+    let check = ovlsnap(&[OsStr::new("check"), m.live().as_os_str()]);
+    assert!(!check.success() && check.stdout.contains("snapshot-list-corrupt"), "{check}");
+    ovlsnap(&[OsStr::new("check"), m.live().as_os_str(), OsStr::new("--repair")]).expect_ok("check --repair");
+    m.mount();
+    let now = names(&m);
+    assert_eq!(now[..4], ["a", "c", "d", "e"], "records before the bad line are kept: {now:?}");
+    assert!(now.len() == 5 && now[4].starts_with("recovered-"), "g's layer is adopted: {now:?}");
+    assert_eq!(fs::read(m.view(&now[4]).join("f")).unwrap(), b"v4\n");
+    assert_eq!(fs::read(m.view("e").join("f")).unwrap(), b"v3\n");
+    m.umount();
+}
