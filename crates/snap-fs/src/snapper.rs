@@ -71,7 +71,7 @@ pub struct Snapper {
     live_root: ovl_core::LayerRoot,
     live_path: PathBuf,
     /// Each snapshot layer's root, opened while used (see [`layer_root_budget`]).
-    layer_fds: Mutex<std::collections::HashMap<u64, ovl_core::LayerRoot>>,
+    layer_fds: Mutex<std::collections::HashMap<u64, crate::view::SharedLayer>>,
     /// The open layer roots' budget.
     root_pool: Arc<ovl_core::RootPool>,
     /// The store's `layers` dir, where closed layer roots are opened again.
@@ -125,24 +125,25 @@ impl Snapper {
     /// stopped (or not started yet).
     fn switch(&self) -> anyhow::Result<()> {
         let store = self.store.lock();
-        let snaps = store.snapshots().to_vec();
+        let snaps = store.snapshots();
         // One root per layer, shared by the CoW target and every view, open while used.
         let mut fds = self.layer_fds.lock();
         // (By a set: at N = 10,000 a scan of the list per root was 10^8 comparisons a take.)
         let ids: std::collections::HashSet<u64> = snaps.iter().map(|s| s.id).collect();
         fds.retain(|id, _| ids.contains(id));
-        for s in &snaps {
+        for s in snaps {
             if let std::collections::hash_map::Entry::Vacant(e) = fds.entry(s.id) {
                 let fd = store.open_layer(s.id)?;
-                e.insert(ovl_core::LayerRoot::lazy(&self.root_pool, self.layers_dir.clone(), &s.id.to_string(), fd)?);
+                let root = ovl_core::LayerRoot::lazy(&self.root_pool, self.layers_dir.clone(), &s.id.to_string(), fd)?;
+                e.insert((store.path().join(Store::layer_rel(s.id)).into(), root));
             }
         }
-        let layer = |id: u64| (store.path().join(Store::layer_rel(id)), fds[&id].clone());
+        let layer = |id: u64| fds[&id].clone();
         let live = (self.live_path.clone(), self.live.clone());
         let Some(newest) = snaps.last() else {
             *self.cow.lock() = None;
             self.generation.store(0, Ordering::Release);
-            self.views.set(Vec::new(), Vec::new(), Vec::new());
+            self.views.set(Vec::new(), Vec::new(), std::iter::empty());
             return Ok(());
         };
         // The CoW target must have no summary before anything writes to it (`crate::summary`).
@@ -151,11 +152,11 @@ impl Snapper {
         let (_, work) = store.work()?;
         let (hidden, journal) = (self.hidden.clone(), rustix::io::dup(store.root())?);
         let pre = self.precopies.clone();
-        let target = (store.path().join(Store::layer_rel(newest.id)), fds[&newest.id].get()?);
+        let target = (store.path().join(Store::layer_rel(newest.id)), fds[&newest.id].1.get()?);
         let cow = Cow::new(target, work, live, hidden, journal, store.overlay_options(), pre)
             .context("opening the newest snapshot's layer")?;
         let mut all: Vec<_> = snaps.iter().map(|s| layer(s.id)).collect();
-        all.push((self.live_path.clone(), self.live_root.clone()));
+        all.push((self.live_path.as_path().into(), self.live_root.clone()));
         let frozen = &snaps[..snaps.len() - 1];
         {
             // The frozen layers' summaries the store has, read once; `summarize` makes the rest.
@@ -164,14 +165,14 @@ impl Snapper {
                 if holders.knows(s.id) {
                     continue;
                 }
-                let Ok(root) = fds[&s.id].get() else { continue };
+                let Ok(root) = fds[&s.id].1.get() else { continue };
                 if let Some(summary) = crate::summary::load(store.root(), s.id, root.as_fd()) {
                     holders.add(s.id, &summary);
                 }
             }
         }
         let numbers = frozen.iter().map(|s| Some(s.id)).chain([None, None]).collect();
-        let views = snaps.iter().enumerate().map(|(i, s)| (s.id, s.name.clone(), i)).collect();
+        let views = snaps.iter().enumerate().map(|(i, s)| (s.id, s.name.as_str(), i));
         self.views.set(all, numbers, views);
         // Only what certainly changed fails; an unverified path may well be as taken.
         let damaged = store
@@ -389,8 +390,8 @@ impl Snapper {
         let fds = self.layer_fds.lock();
         let mut layers = Vec::with_capacity(snaps.len() + 1);
         for s in snaps {
-            let fd = fds.get(&s.id).with_context(|| format!("layer {} is not open", s.id))?;
-            layers.push((store.path().join(Store::layer_rel(s.id)), fd.clone()));
+            let (path, fd) = fds.get(&s.id).with_context(|| format!("layer {} is not open", s.id))?;
+            layers.push((path.to_path_buf(), fd.clone()));
         }
         layers.push((self.live_path.clone(), self.live_root.clone()));
         let opts = ovl_core::MountOptions { read_only: true, ..store.overlay_options() };
@@ -522,7 +523,7 @@ impl Snapper {
                     let names = newest_stack.names().clone();
                     let mut any = false;
                     for i in (0..snaps.len()).rev() {
-                        let fds = self.layer_fds.lock().get(&snaps[i].id).cloned();
+                        let fds = self.layer_fds.lock().get(&snaps[i].id).map(|l| l.1.clone());
                         if let Some(root) = fds {
                             any |= crate::seal::has_redirects(root.get()?.as_fd(), &names)?;
                         }
@@ -649,7 +650,7 @@ impl Snapper {
                 let fds = self.layer_fds.lock();
                 let frozen = &snaps[..snaps.len().saturating_sub(1)];
                 let missing = frozen.iter().rev().find(|s| !holders.knows(s.id) && !failed.contains(&s.id));
-                missing.and_then(|s| Some((s.id, fds.get(&s.id)?.clone())))
+                missing.and_then(|s| Some((s.id, fds.get(&s.id)?.1.clone())))
             };
             let Some((id, fd)) = next else { return Ok(()) };
             let summary = match fd.get().and_then(|fd| ovl_core::presence::Summary::read(fd.as_fd())) {
@@ -666,7 +667,7 @@ impl Snapper {
             let store = self.store.lock();
             let snaps = store.snapshots();
             let frozen = &snaps[..snaps.len().saturating_sub(1)];
-            let same = self.layer_fds.lock().get(&id).is_some_and(|r| summary.is_of_dir(r.dev(), r.ino()));
+            let same = self.layer_fds.lock().get(&id).is_some_and(|(_, r)| summary.is_of_dir(r.dev(), r.ino()));
             if !frozen.iter().any(|s| s.id == id) || !same {
                 continue;
             }

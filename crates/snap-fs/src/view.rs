@@ -31,8 +31,8 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType as FuseType, INodeNo};
@@ -62,16 +62,20 @@ struct ViewStack {
 }
 
 /// A layer's path (for messages) and its open root, shared by every stack that uses it.
-pub(crate) type SharedLayer = (PathBuf, ovl_core::LayerRoot);
+pub(crate) type SharedLayer = (Arc<Path>, ovl_core::LayerRoot);
 
-/// A view's layers, and its stack once built.
-struct ViewDef {
-    /// Every layer, oldest snapshot's first, LIVE last; this view uses `layers[from..]`.
-    layers: Arc<Vec<SharedLayer>>,
+/// The views between two changes of the snapshot list: one allocation per take or delete, not
+/// one per view (at N = 10,000 the per-view maps were a quarter of a take's time).
+#[derive(Default)]
+struct ViewSet {
+    /// Every layer, oldest snapshot's first, LIVE last; snapshot k's view uses `layers[k..]`.
+    layers: Vec<SharedLayer>,
     /// By layer: its id in `Views::holders` when it is frozen (not the CoW target, not LIVE).
-    frozen: Arc<Vec<Option<u64>>>,
-    from: usize,
-    built: OnceLock<Arc<ViewStack>>,
+    frozen: Vec<Option<u64>>,
+    /// By snapshot id: the index of its own layer in `layers`.
+    from: HashMap<u64, usize>,
+    /// The views' stacks built so far (a view's stack is built on its first use).
+    built: Mutex<HashMap<u64, Arc<ViewStack>>>,
 }
 
 /// What a view path resolves to.
@@ -150,7 +154,7 @@ pub(crate) struct Views {
     /// directory, so a lookup or `stat` in a directory that, say, every one of 300 layers holds
     /// does not probe those 300 layers for each of its ancestors again and again.
     dirs_resolved: Mutex<HashMap<(u64, PathBuf), (u64, Resolved)>>,
-    stacks: RwLock<BTreeMap<u64, Arc<ViewDef>>>,
+    set: RwLock<Arc<ViewSet>>,
     names: RwLock<BTreeMap<String, u64>>,
     nodes: Mutex<Nodes>,
     files: RwLock<HashMap<u64, Arc<ViewFile>>>,
@@ -175,7 +179,7 @@ impl Views {
             lock: RwLock::new(()),
             changes: AtomicU64::new(0),
             dirs_resolved: Mutex::new(HashMap::new()),
-            stacks: RwLock::new(BTreeMap::new()),
+            set: RwLock::default(),
             names: RwLock::new(BTreeMap::new()),
             nodes: Mutex::new(Nodes { next: 1, ..Default::default() }),
             files: RwLock::new(HashMap::new()),
@@ -208,17 +212,33 @@ impl Views {
     /// each snapshot's id, name and the index of its own layer in `layers` (its view is
     /// `layers[index..]`). A view's stack is built on its first use, so a take costs no work per
     /// view.
-    pub fn set(&self, layers: Vec<SharedLayer>, frozen: Vec<Option<u64>>, views: Vec<(u64, String, usize)>) {
-        let (layers, frozen) = (Arc::new(layers), Arc::new(frozen));
-        let mut stacks = BTreeMap::new();
-        let mut names = BTreeMap::new();
-        for (id, name, from) in views {
-            let def = ViewDef { layers: layers.clone(), frozen: frozen.clone(), from, built: OnceLock::new() };
-            stacks.insert(id, Arc::new(def));
-            names.insert(name, id);
+    pub fn set<'n>(
+        &self,
+        layers: Vec<SharedLayer>,
+        frozen: Vec<Option<u64>>,
+        views: impl ExactSizeIterator<Item = (u64, &'n str, usize)> + Clone,
+    ) {
+        let mut from = HashMap::with_capacity(views.len());
+        from.extend(views.clone().map(|(id, _, i)| (id, i)));
+        *self.set.write() = Arc::new(ViewSet { layers, frozen, from, built: Mutex::default() });
+        {
+            // Names change one at a time (a take adds one, a delete removes one): updated in
+            // place, not rebuilt.
+            let mut names = self.names.write();
+            for (id, name, _) in views.clone() {
+                match names.get_mut(name) {
+                    Some(n) => *n = id,
+                    None => {
+                        names.insert(name.to_owned(), id);
+                    }
+                }
+            }
+            // (Every name of `views` is in now: more means some went.)
+            if names.len() != views.len() {
+                let keep: std::collections::HashSet<&str> = views.map(|(_, n, _)| n).collect();
+                names.retain(|n, _| keep.contains(n.as_str()));
+            }
         }
-        *self.stacks.write() = stacks;
-        *self.names.write() = names;
         self.changes.fetch_add(1, Ordering::AcqRel);
         self.dirs_resolved.lock().clear();
     }
@@ -229,19 +249,21 @@ impl Views {
     }
 
     fn stack(&self, snap: u64) -> Result<Arc<ViewStack>> {
-        let def = self.stacks.read().get(&snap).cloned().ok_or(Errno::STALE)?;
-        if let Some(vs) = def.built.get() {
+        let set = self.set.read().clone();
+        let from = *set.from.get(&snap).ok_or(Errno::STALE)?;
+        if let Some(vs) = set.built.lock().get(&snap) {
             return Ok(vs.clone());
         }
-        let layers = def.layers[def.from..].to_vec();
+        let layers: Vec<_> = set.layers[from..].iter().map(|(p, r)| (p.to_path_buf(), r.clone())).collect();
         let live = LayerId(layers.len() as u16 - 1);
         let mut stack = LayerStack::from_open_dirs(layers, None, self.opts.clone())?;
-        let frozen = def.frozen.get(def.from..).unwrap_or_default().to_vec();
+        let frozen = set.frozen.get(from..).unwrap_or_default().to_vec();
         stack.set_presence(ovl_core::presence::Presence::new(self.holders.clone(), frozen));
         // Views number objects by the layer object that shows them (see the module docs).
         stack.use_own_identities();
         let root = DirLayers::root(&stack)?;
-        Ok(def.built.get_or_init(|| Arc::new(ViewStack { stack, root, live })).clone())
+        // Two first uses at once both build it; the first one kept is used by both.
+        Ok(set.built.lock().entry(snap).or_insert_with(|| Arc::new(ViewStack { stack, root, live })).clone())
     }
 
     /// Resolves `path` in snapshot `snap`: from its deepest directory resolved since the last

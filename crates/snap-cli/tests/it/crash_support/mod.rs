@@ -331,24 +331,24 @@ impl Round {
         for journal in ["rename-in-progress.json", "delete-in-progress.json"] {
             assert!(!store.join(journal).exists(), "{journal} is still there after the remount");
         }
-        let text = fs::read_to_string(store.join("snapshots.json")).expect("read snapshots.json");
-        let meta = parse_json(&text).unwrap_or_else(|e| panic!("snapshots.json: {e}\n{text}"));
-        let Some(Json::Arr(items)) = meta.get("snapshots") else { panic!("snapshots.json: no list\n{text}") };
+        // The list: `snapshots.json` and the log of changes since (a daemon that still runs,
+        // after a client was killed, has not folded it).
+        let root = fs::File::open(&store).expect("open the store");
+        let meta = snap_fs::store::read_meta(std::os::fd::AsFd::as_fd(&root))
+            .unwrap_or_else(|e| panic!("the snapshot list: {e:#}"))
+            .expect("a snapshot list");
         let mut names = Vec::new();
         let mut ids = Vec::new();
-        for item in items {
-            let (Some(Json::Num(id)), Some(Json::Str(name))) = (item.get("id"), item.get("name")) else {
-                panic!("snapshots.json: a bad entry {item:?}")
-            };
-            let layer = store.join("layers").join(format!("{id}"));
-            assert!(layer.is_dir(), "snapshots.json names snapshot {name} but {} is missing", layer.display());
-            names.push(name.clone());
-            ids.push(format!("{id}"));
+        for s in &meta.snapshots {
+            let layer = store.join("layers").join(format!("{}", s.id));
+            assert!(layer.is_dir(), "the list names snapshot {} but {} is missing", s.name, layer.display());
+            names.push(s.name.clone());
+            ids.push(format!("{}", s.id));
         }
         ids.sort();
-        assert_eq!(names_in(&store.join("layers")), ids, "layer dirs vs snapshots.json");
+        assert_eq!(names_in(&store.join("layers")), ids, "layer dirs vs the snapshot list");
         let want: Vec<&str> = self.snaps.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, want, "snapshots.json after the remount");
+        assert_eq!(names, want, "the snapshot list after the remount");
         let listed: Vec<String> = self.m.list().into_iter().map(|s| s.name).collect();
         assert_eq!(listed, want, "ovlsnap list after the remount");
         let mut sorted = want.iter().map(|s| s.to_string()).collect::<Vec<_>>();
