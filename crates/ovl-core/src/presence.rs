@@ -374,7 +374,8 @@ impl PresenceReader<'_> {
     /// path (a lookup in a directory that many layers hold), the path looked up once, not once
     /// per layer (at N = 10,000 layers that hashing was a tenth of a delete's CPU).
     pub fn holding<'r>(&'r self, path: &Path) -> Holding<'r> {
-        Holding { reader: self, at: self.holders.by_path.get(path).map_or(&[][..], |v| v.as_slice()) }
+        let at = self.holders.by_path.get(path).map_or(&[][..], |v| v.as_slice());
+        Holding { reader: self, at, cursor: std::cell::Cell::new(0) }
     }
 
     /// The layers among the top `upto` of the stack that may do more to `path` than pass it
@@ -386,9 +387,12 @@ impl PresenceReader<'_> {
         let mut out: Vec<u16> = (0..upto).filter(|k| self.number(LayerId(*k)).is_none()).collect();
         for p in path.ancestors().filter(|p| !p.as_os_str().is_empty()) {
             for (number, info) in self.holders.by_path.get(p).map_or(&[][..], |v| v.as_slice()) {
-                let plain_dir = info.kind == Kind::Directory && !info.special;
+                // (Plain dirs first: near the root nearly every layer holds one.)
+                if info.kind == Kind::Directory && !info.special {
+                    continue;
+                }
                 match self.ids.get(number) {
-                    Some(&k) if k < upto && !plain_dir && self.holders.knows(*number) => out.push(k),
+                    Some(&k) if k < upto && self.holders.knows(*number) => out.push(k),
                     _ => {}
                 }
             }
@@ -425,13 +429,29 @@ pub struct Holding<'r> {
     reader: &'r PresenceReader<'r>,
     /// By layer number, ascending.
     at: &'r [(u64, Info)],
+    /// Where the last question's number was (or would be) in `at`: a lookup asks about its
+    /// layers in rising number, so each answer is a step or two from the last one, not a
+    /// search (the root of a view of 10,000 layers is held by each of them).
+    cursor: std::cell::Cell<usize>,
 }
 
 impl Holding<'_> {
-    /// What layer `layer` holds at the path, as far as its summary tells.
+    /// What layer `layer` holds at the path, as far as its summary tells. Cheapest asked in
+    /// rising layer number.
     pub fn held(&self, layer: LayerId) -> Held {
         let Some(number) = self.reader.number(layer) else { return Held::Unknown };
-        match self.at.binary_search_by_key(&number, |(id, _)| *id).ok().map(|i| self.at[i].1) {
+        let at = self.at;
+        let mut c = self.cursor.get();
+        if c > 0 && at.get(c - 1).is_some_and(|(id, _)| *id >= number) {
+            // Asked out of order: searched.
+            c = at.partition_point(|(id, _)| *id < number);
+        } else {
+            while at.get(c).is_some_and(|(id, _)| *id < number) {
+                c += 1;
+            }
+        }
+        self.cursor.set(c);
+        match at.get(c).filter(|(id, _)| *id == number).map(|(_, info)| *info) {
             None => Held::Nothing,
             Some(i) if i.special => Held::Other,
             Some(Info { kind: Kind::Directory, .. }) => Held::PlainDir,
@@ -503,6 +523,38 @@ mod tests {
         assert!(p.reader().may_hold(LayerId(0), Path::new("d/f")), "a forgotten summary");
         holders.write().add(u64::MAX, &summary(vec![]));
         assert!(!holders.read().knows(u64::MAX), "a number too large to index is never trusted");
+    }
+
+    #[test]
+    fn a_holding_answers_the_same_in_any_order_of_questions() {
+        let holders = Arc::new(RwLock::new(Holders::default()));
+        // Layer n holds a plain dir at `p` if n % 3 == 0, a whiteout if n % 5 == 0 (not both).
+        let want = |n: u64| match (n % 3, n % 5) {
+            (0, _) => Held::PlainDir,
+            (_, 0) => Held::Whiteout,
+            _ => Held::Nothing,
+        };
+        for n in 1..=60u64 {
+            let objects = match want(n) {
+                Held::PlainDir => vec![obj("p", Kind::Directory, false)],
+                Held::Whiteout => vec![obj("p", Kind::Whiteout, false)],
+                _ => vec![obj("q", Kind::Directory, false)],
+            };
+            holders.write().add(n, &summary(objects));
+        }
+        // LayerId(i) is layer i + 1; the last layer has no number.
+        let p = Presence::new(holders, (1..=60).map(Some).chain([None]).collect());
+        let r = p.reader();
+        let ascending: Vec<u16> = (0..61).collect();
+        let descending: Vec<u16> = (0..61).rev().collect();
+        let mixed: Vec<u16> = (0..61).map(|i| (i * 37) % 61).collect();
+        for order in [ascending, descending, mixed] {
+            let h = r.holding(Path::new("p"));
+            for &i in &order {
+                let expect = if i == 60 { Held::Unknown } else { want(u64::from(i) + 1) };
+                assert_eq!(h.held(LayerId(i)), expect, "layer {i} in order {order:?}");
+            }
+        }
     }
 
     #[test]

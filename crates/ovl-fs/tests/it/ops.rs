@@ -1284,6 +1284,12 @@ fn unlinked_open_file_script(m: &Path) -> Vec<String> {
         let f = OpenOptions::new().read(true).write(write).open(m.join(name)).unwrap();
         out.push(res(&format!("rm {name}"), io(fs::remove_file(m.join(name)))));
         let proc = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        // A time set by a change just now shows as "now": the two mounts run one after the
+        // other, and a second may turn between them (a run failed on 1796582061 vs ...62).
+        let when = |t: i64| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            if (t - now).abs() <= 60 { "now".to_string() } else { t.to_string() }
+        };
         let meta = |m: std::io::Result<fs::Metadata>| {
             io(m.map(|m| {
                 format!(
@@ -1293,7 +1299,7 @@ fn unlinked_open_file_script(m: &Path) -> Vec<String> {
                     m.uid(),
                     m.gid(),
                     m.len(),
-                    m.mtime()
+                    when(m.mtime())
                 )
             }))
         };
