@@ -137,6 +137,54 @@ enum Cmd {
         #[arg(long)]
         mount: Option<PathBuf>,
     },
+    /// Rename a snapshot. Its view, files open in it and kernel mounts of it go on.
+    #[command(after_help = "Example:\n  ovlsnap rename 2026-12-06T10:00:00Z before-upgrade")]
+    Rename {
+        /// The snapshot.
+        name: String,
+        /// Its new name.
+        to: String,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Put hold TAG on snapshots, as `zfs hold`: a snapshot with any hold cannot be deleted (by
+    /// hand or by a retention policy) until each is released.
+    #[command(after_help = "Example:\n  ovlsnap hold keep-for-audit monday tuesday")]
+    Hold {
+        /// The hold's tag (any text without control characters, up to 200 bytes).
+        tag: String,
+        /// The snapshots.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Release hold TAG of snapshots (`zfs release`).
+    #[command(after_help = "Example:\n  ovlsnap release keep-for-audit monday")]
+    Release {
+        /// The hold's tag.
+        tag: String,
+        /// The snapshots.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// The holds of snapshots (default: of every held snapshot), one `NAME TAG` per line.
+    #[command(after_help = "Examples:\n  ovlsnap holds\n  ovlsnap holds monday --json")]
+    Holds {
+        /// The snapshots.
+        names: Vec<String>,
+        /// Print JSON: [{\"name\": NAME, \"tags\": [TAG, ...]}, ...].
+        #[arg(long)]
+        json: bool,
+        /// The mount, or a LIVE directory that is not mounted (its store is read directly).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
     /// Mount a writable copy of snapshot NAME's tree at DIR (an ovlfs overlay over the
     /// snapshot's view, changes kept in its own upper dir); the snapshot itself never changes.
     /// Unmount it with `umount DIR`.
@@ -236,7 +284,7 @@ enum Cmd {
     /// read LIVE's root may, and diff shows only names its caller could list in the trees.
     #[command(
         after_help = "Examples:\n  ovlsnap allow alice take,delete\n  ovlsnap allow @backup all\n  ovlsnap allow \
-                            --list --json\n\nPermissions: take, delete, restore, clone (all: every one)."
+                            --list --json\n\nPermissions: take, delete, restore, clone, rename, hold (all: every one)."
     )]
     Allow {
         /// USER or @GROUP, by name or number.
@@ -366,6 +414,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             say!("deleted {name}");
             Ok(())
         }
+        Cmd::Rename { name, to, mount } => {
+            let mnt = resolve_mount(mount)?;
+            control::call(&mnt, &Request::Rename { name: name.clone(), to: to.clone() })?;
+            say!("renamed {name} to {to}");
+            Ok(())
+        }
+        Cmd::Hold { tag, names, mount } => set_holds(&tag, &names, mount, false),
+        Cmd::Release { tag, names, mount } => set_holds(&tag, &names, mount, true),
+        Cmd::Holds { names, json, mount } => {
+            let items = listed(mount)?;
+            for n in &names {
+                if !items.iter().any(|l| &l.name == n) {
+                    bail!("no snapshot named {n:?}");
+                }
+            }
+            let wanted = |l: &&Listed| if names.is_empty() { !l.holds.is_empty() } else { names.contains(&l.name) };
+            let held: Vec<&Listed> = items.iter().filter(wanted).collect();
+            if json {
+                let out: Vec<_> = held.iter().map(|l| serde_json::json!({"name": l.name, "tags": l.holds})).collect();
+                say!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for l in held {
+                    for t in &l.holds {
+                        say!("{} {t}", l.name);
+                    }
+                }
+            }
+            Ok(())
+        }
         Cmd::Clone { name, dir, upper, mount, foreground } => clone(&name, &dir, upper, mount, foreground),
         Cmd::Send { b, from, mount } => {
             let mnt = resolve_mount(mount)?;
@@ -451,7 +528,55 @@ fn resolve_mount(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// Puts hold `tag` on each of `names` (or releases it), in order; stops at the first failure.
+fn set_holds(tag: &str, names: &[String], mount: Option<PathBuf>, release: bool) -> anyhow::Result<()> {
+    let mnt = resolve_mount(mount)?;
+    for (i, name) in names.iter().enumerate() {
+        let req = Request::Hold { name: name.clone(), tag: tag.to_string(), release };
+        if let Err(e) = control::call(&mnt, &req) {
+            let done = &names[..i];
+            if done.is_empty() {
+                return Err(e);
+            }
+            bail!("{e:#} (done before it: {})", done.join(", "));
+        }
+        say!("{} {name} {tag}", if release { "released" } else { "held" });
+    }
+    Ok(())
+}
+
 fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let items = listed(mount)?;
+    if json {
+        say!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(());
+    }
+    say!("{:<4} {:<28} {:<21} {:>12} {:>8}  {}", "ID", "NAME", "CREATED", "LAYER", "ENTRIES", "STATE");
+    let mut damaged = 0;
+    for l in &items {
+        // A snapshot LIVE changed behind the daemon's back is never shown as if intact.
+        let state = match &l.damage {
+            None => "ok",
+            Some(d) if d.unverified => "UNVERIFIED",
+            Some(_) => "CHANGED",
+        };
+        let held = if l.holds.is_empty() { String::new() } else { format!(", held ({})", l.holds.len()) };
+        damaged += usize::from(l.damage.is_some());
+        say!(
+            "{:<4} {:<28} {:<21} {:>12} {:>8}  {state}{held}",
+            l.id,
+            l.name,
+            l.created,
+            human(l.layer_bytes),
+            l.entries
+        );
+    }
+    list_footer(damaged)
+}
+
+/// The snapshots of the mount `mount` (default: the one containing the current directory), or
+/// of an unmounted LIVE's store.
+fn listed(mount: Option<PathBuf>) -> anyhow::Result<Vec<Listed>> {
     let mounted = match &mount {
         Some(p) => {
             let c = std::fs::canonicalize(p).with_context(|| format!("{p:?}: no such directory"))?;
@@ -474,22 +599,11 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
             snap_fs::store::list_offline(&fd)?
         }
     };
-    if json {
-        say!("{}", serde_json::to_string_pretty(&items)?);
-        return Ok(());
-    }
-    say!("{:<4} {:<28} {:<21} {:>12} {:>8}  {}", "ID", "NAME", "CREATED", "LAYER", "ENTRIES", "STATE");
-    let mut damaged = 0;
-    for l in &items {
-        // A snapshot LIVE changed behind the daemon's back is never shown as if intact.
-        let state = match &l.damage {
-            None => "ok",
-            Some(d) if d.unverified => "UNVERIFIED",
-            Some(_) => "CHANGED",
-        };
-        damaged += usize::from(l.damage.is_some());
-        say!("{:<4} {:<28} {:<21} {:>12} {:>8}  {state}", l.id, l.name, l.created, human(l.layer_bytes), l.entries);
-    }
+    Ok(items)
+}
+
+/// What `list` says after its table.
+fn list_footer(damaged: usize) -> anyhow::Result<()> {
     if damaged > 0 {
         eprintln!(
             "ovlsnap: {damaged} snapshot(s) are not as taken: LIVE was changed while no daemon served it; `ovlsnap \

@@ -227,6 +227,7 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
         overlay = overlay.hide_root_name(h);
     }
     let fs = SnapFs::new(overlay, snapper.views.clone());
+    snapper.set_notifier(fs.notifier_slot());
     let status = Status { pid: std::process::id(), live, mount: mnt, store: store_at };
     Ok(Prepared { fs, snapper, status })
 }

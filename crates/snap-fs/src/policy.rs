@@ -25,11 +25,15 @@ pub enum Perm {
     Restore,
     /// Mount writable clones of snapshots.
     Clone,
+    /// Rename snapshots.
+    Rename,
+    /// Put holds on snapshots and release them (`zfs hold`, `zfs release`).
+    Hold,
 }
 
 impl Perm {
     /// Every permission, in display order.
-    pub const ALL: [Perm; 4] = [Perm::Take, Perm::Delete, Perm::Restore, Perm::Clone];
+    pub const ALL: [Perm; 6] = [Perm::Take, Perm::Delete, Perm::Restore, Perm::Clone, Perm::Rename, Perm::Hold];
 
     /// Its name on the command line and in the store.
     pub fn name(self) -> &'static str {
@@ -38,6 +42,8 @@ impl Perm {
             Perm::Delete => "delete",
             Perm::Restore => "restore",
             Perm::Clone => "clone",
+            Perm::Rename => "rename",
+            Perm::Hold => "hold",
         }
     }
 

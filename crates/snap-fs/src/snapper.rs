@@ -45,6 +45,9 @@ pub struct Listed {
     /// absent while it is intact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub damage: Option<crate::store::Damage>,
+    /// Its holds' tags (`ovlsnap hold`): while it has any, it cannot be deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holds: Vec<String>,
 }
 
 /// How many snapshot layer roots a process keeps open at once: an eighth of its open-file
@@ -72,6 +75,8 @@ pub struct Snapper {
     live_path: PathBuf,
     /// Each snapshot layer's root, opened while used (see [`layer_root_budget`]).
     layer_fds: Mutex<std::collections::HashMap<u64, crate::view::SharedLayer>>,
+    /// The mount's notifier slot, once the daemon sets it (`Snapper::set_notifier`).
+    notifier: std::sync::OnceLock<Arc<std::sync::OnceLock<fuser::Notifier>>>,
     /// The open layer roots' budget.
     root_pool: Arc<ovl_core::RootPool>,
     /// The store's `layers` dir, where closed layer roots are opened again.
@@ -108,6 +113,7 @@ impl Snapper {
             live,
             live_path,
             layer_fds: Mutex::new(Default::default()),
+            notifier: Default::default(),
             root_pool: ovl_core::RootPool::new(layer_root_budget()),
             layers_dir,
             hidden,
@@ -737,6 +743,14 @@ impl Snapper {
         let snaps = store.snapshots().to_vec();
         let i = snaps.iter().position(|s| s.name == name).with_context(|| format!("no snapshot named {name:?}"))?;
         let info = snaps[i].clone();
+        let held = store.holds(info.id);
+        if let Some(tag) = held.first() {
+            anyhow::bail!(
+                "snapshot {name:?} is held ({}): `ovlsnap release {} {name}` first",
+                held.join(", "),
+                shell_word(tag)
+            );
+        }
         if self.views.in_use(info.id) {
             anyhow::bail!(
                 "snapshot {name:?} is in use: files or directories of .snapshots/{name} are open; close them and retry"
@@ -772,7 +786,59 @@ impl Snapper {
         drop(store);
         self.switch()?;
         tracing::info!(name, id = info.id, "snapshot deleted");
+        self.forget_view_name(name);
         Ok(info)
+    }
+
+    /// Renames snapshot `name` to `to`. Its view, open files in it and kernel mounts of it go on
+    /// (they know it by id); `.snapshots/NAME` is gone at once, `.snapshots/TO` is there.
+    pub fn rename(&self, name: &str, to: &str) -> anyhow::Result<crate::store::SnapshotInfo> {
+        let info = {
+            let mut store = self.store.lock();
+            let id = store.by_name(name).with_context(|| format!("no snapshot named {name:?}"))?.id;
+            store.rename(id, to)?;
+            // Under the store's lock, as a take or delete sets the names.
+            self.views.rename(name, to, id);
+            store.info(id).cloned().context("the renamed snapshot is gone")?
+        };
+        self.forget_view_name(name);
+        tracing::info!(name, to, id = info.id, "snapshot renamed");
+        Ok(info)
+    }
+
+    /// Puts hold `tag` on snapshot `name` (`hold` false: takes it off). Returns its holds.
+    pub fn hold(&self, name: &str, tag: &str, hold: bool) -> anyhow::Result<Vec<String>> {
+        let mut store = self.store.lock();
+        let id = store.by_name(name).with_context(|| format!("no snapshot named {name:?}"))?.id;
+        store.set_hold(id, tag, hold)?;
+        tracing::info!(name, tag, hold, "snapshot hold changed");
+        Ok(store.holds(id))
+    }
+
+    /// Where the session's notifier will be (see `OverlayFs::notifier_slot`): to make the
+    /// kernel forget names of `.snapshots` that went (it keeps them for the entry TTL).
+    pub fn set_notifier(&self, slot: Arc<std::sync::OnceLock<fuser::Notifier>>) {
+        let _ = self.notifier.set(slot);
+    }
+
+    /// Makes the kernel forget `.snapshots/NAME` (a snapshot deleted or renamed). No lock may be
+    /// held: the kernel may wait for a request of the mount meanwhile.
+    fn forget_view_name(&self, name: &str) {
+        if let Some(n) = self.notifier.get().and_then(|slot| slot.get()) {
+            let dir = fuser::INodeNo(crate::view::SNAPDIR);
+            if let Err(e) = n.inval_entry(dir, std::ffi::OsStr::new(name)) {
+                tracing::debug!(name, %e, "no invalidation of .snapshots/NAME sent");
+            }
+        }
+    }
+}
+
+/// `word`, quoted for a shell if it needs to be.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_.,:@+=/".contains(c)) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }
 
@@ -819,6 +885,7 @@ pub fn list_store(store: &Store, known: impl Fn(u64) -> Option<(u64, u64)>) -> a
             layer_bytes: bytes,
             entries,
             damage: store.damage().get(&s.id).cloned(),
+            holds: store.holds(s.id),
         });
     }
     Ok(out)

@@ -94,6 +94,9 @@ pub struct Meta {
     /// was: LIVE changed while no daemon served it (`crate::seal`). By snapshot id.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub damage: std::collections::BTreeMap<u64, Damage>,
+    /// Holds (`ovlsnap hold`, as `zfs hold`): a snapshot with any tag cannot be deleted. By id.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub holds: std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -116,6 +119,12 @@ enum Change {
     Add(SnapshotInfo),
     /// The snapshot with this id was deleted.
     Delete(u64),
+    /// Snapshot `id` was renamed.
+    Rename { id: u64, name: String },
+    /// Snapshot `id` got hold `tag`.
+    Hold { id: u64, tag: String },
+    /// Snapshot `id` lost hold `tag`.
+    Release { id: u64, tag: String },
 }
 
 impl Change {
@@ -139,9 +148,50 @@ impl Change {
                     bail!("a deletion of id {id}, which the list does not hold");
                 }
                 meta.damage.remove(id);
+                meta.holds.remove(id);
+            }
+            Change::Rename { id, name } => {
+                if !valid_name(name) || meta.snapshots.iter().any(|s| &s.name == name) {
+                    bail!("snapshot {id} cannot be renamed {name:?}");
+                }
+                let s = meta.snapshots.iter_mut().find(|s| s.id == *id);
+                s.with_context(|| format!("a rename of id {id}, which the list does not hold"))?.name = name.clone();
+            }
+            Change::Hold { id, tag } => {
+                if tag_problem(tag).is_some() || !meta.snapshots.iter().any(|s| s.id == *id) {
+                    bail!("snapshot {id} cannot get the hold {tag:?}");
+                }
+                if !meta.holds.entry(*id).or_default().insert(tag.clone()) {
+                    bail!("snapshot {id} has the hold {tag:?} already");
+                }
+            }
+            Change::Release { id, tag } => {
+                let tags = meta.holds.get_mut(id);
+                if !tags.is_some_and(|t| t.remove(tag)) {
+                    bail!("a release of the hold {tag:?} that snapshot {id} does not have");
+                }
+                if meta.holds.get(id).is_some_and(|t| t.is_empty()) {
+                    meta.holds.remove(id);
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// The longest hold tag, in bytes.
+pub const MAX_TAG: usize = 200;
+
+/// Why `tag` cannot name a hold, if it cannot.
+pub fn tag_problem(tag: &str) -> Option<String> {
+    if tag.is_empty() {
+        Some("it is empty".into())
+    } else if tag.len() > MAX_TAG {
+        Some(format!("it is {} bytes long, and the limit is {MAX_TAG}", tag.len()))
+    } else if tag.chars().any(|c| c.is_control()) {
+        Some("it contains a control character".into())
+    } else {
+        None
     }
 }
 
@@ -432,6 +482,7 @@ impl Store {
                     allow: Vec::new(),
                     userxattr,
                     damage: Default::default(),
+                    holds: Default::default(),
                 };
                 (fresh, 0)
             }
@@ -623,6 +674,44 @@ impl Store {
         self.commit(meta, None)
     }
 
+    /// Renames snapshot `id` to `name`, durably.
+    pub fn rename(&mut self, id: u64, name: &str) -> anyhow::Result<()> {
+        if let Some(why) = name_problem(name) {
+            bail!("{name:?} is not a valid snapshot name: {why}");
+        }
+        if self.by_name(name).is_some() {
+            bail!("a snapshot named {name:?} already exists");
+        }
+        let change = Change::Rename { id, name: name.to_string() };
+        let mut meta = self.meta.clone();
+        change.apply(&mut meta)?;
+        self.commit(meta, Some(change))
+    }
+
+    /// The holds of snapshot `id` (none: it may be deleted).
+    pub fn holds(&self, id: u64) -> Vec<String> {
+        self.meta.holds.get(&id).map(|t| t.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Puts hold `tag` on snapshot `id` (`hold`) or takes it off, durably.
+    pub fn set_hold(&mut self, id: u64, tag: &str, hold: bool) -> anyhow::Result<()> {
+        if let Some(why) = tag_problem(tag) {
+            bail!("{tag:?} is not a valid hold tag: {why}");
+        }
+        let has = self.meta.holds.get(&id).is_some_and(|t| t.contains(tag));
+        let name = self.info(id).map_or_else(|| format!("id {id}"), |s| format!("{:?}", s.name));
+        match (hold, has) {
+            (true, true) => bail!("snapshot {name} has the hold {tag:?} already"),
+            (false, false) => bail!("snapshot {name} has no hold {tag:?}"),
+            _ => {}
+        }
+        let tag = tag.to_string();
+        let change = if hold { Change::Hold { id, tag } } else { Change::Release { id, tag } };
+        let mut meta = self.meta.clone();
+        change.apply(&mut meta)?;
+        self.commit(meta, Some(change))
+    }
+
     /// Who besides root and LIVE's owner may change snapshots.
     pub fn grants(&self) -> &[crate::policy::Grant] {
         &self.meta.allow
@@ -709,6 +798,7 @@ pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Resul
         allow: Vec::new(),
         userxattr,
         damage: Default::default(),
+        holds: Default::default(),
     };
     let meta = match read_meta_named(root, META).ok().flatten().filter(|m| &m.live == live) {
         Some(m) => Ok(Some(m)),
@@ -854,6 +944,12 @@ impl Store {
     /// next older snapshot's layer, in one atomic swap. The list is the commit point; a crash
     /// before it leaves the snapshot as it was, after it the next open finishes the cleanup.
     pub fn delete(&mut self, id: u64, merged: Option<(u64, &str)>) -> anyhow::Result<()> {
+        if let Some(tags) = self.meta.holds.get(&id) {
+            bail!(
+                "snapshot id {id} is held ({}): it cannot be deleted",
+                tags.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
         if let Some((into, name)) = merged {
             let ino = rustix::fs::statat(&self.layers, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?.st_ino;
             self.write_json(MERGING, &Merging { into, drop: id, merged: ino })?;
@@ -995,6 +1091,7 @@ pub fn list_offline(root: &OwnedFd) -> anyhow::Result<Vec<crate::snapper::Listed
             layer_bytes: bytes,
             entries,
             damage: meta.damage.get(&s.id).cloned(),
+            holds: meta.holds.get(&s.id).map(|t| t.iter().cloned().collect()).unwrap_or_default(),
         });
     }
     Ok(out)
@@ -1014,6 +1111,7 @@ mod tests {
             allow: Vec::new(),
             userxattr: false,
             damage: Default::default(),
+            holds: Default::default(),
         }
     }
 

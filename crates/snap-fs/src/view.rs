@@ -243,6 +243,15 @@ impl Views {
         self.dirs_resolved.lock().clear();
     }
 
+    /// Snapshot `id` is called `to` now, not `name`.
+    pub fn rename(&self, name: &str, to: &str, id: u64) {
+        let mut names = self.names.write();
+        if names.get(name) == Some(&id) {
+            names.remove(name);
+        }
+        names.insert(to.to_owned(), id);
+    }
+
     /// Replaces the damaged paths of each snapshot (`crate::store::Damage`).
     pub fn set_damaged(&self, damaged: HashMap<u64, std::collections::HashSet<PathBuf>>) {
         *self.damaged.write() = damaged;

@@ -18,6 +18,7 @@ mod crash;
 mod failures;
 mod fd_limits;
 mod hardlinks;
+mod holds;
 mod lifecycle;
 mod model;
 mod mount_cmd;

@@ -125,6 +125,9 @@ fn a_user_without_a_grant_changes_nothing() {
     let clone =
         [OsStr::new("clone"), OsStr::new("t1"), clone_dir.as_os_str(), OsStr::new("--mount"), m.mnt().as_os_str()];
     assert_denied(&as_user(ALICE, &clone), "clone");
+    assert_denied(&as_user(ALICE, &mnt_args(&m, &["rename", "t1", "mine"])), "rename");
+    assert_denied(&as_user(ALICE, &mnt_args(&m, &["hold", "keep", "t1"])), "hold");
+    assert_denied(&as_user(ALICE, &mnt_args(&m, &["release", "keep", "t1"])), "hold");
     for args in [&["allow", "1000", "all"][..], &["unallow", "1000"]] {
         assert_denied(&as_user(ALICE, &mnt_args(&m, args)), "change who may change snapshots");
     }
@@ -144,6 +147,12 @@ fn grants_let_users_and_group_members_change_snapshots_until_taken_back() {
     as_user(ALICE, &mnt_args(&m, &["take", "by-alice"])).expect_ok("alice may take");
     assert_denied(&as_user(ALICE, &mnt_args(&m, &["delete", "t1"])), "delete");
     as_user(BOB, &mnt_args(&m, &["delete", "t1"])).expect_ok("a member of @4242 may delete");
+    ovlsnap(&mnt_args(&m, &["allow", "1000", "hold"])).expect_ok("allow 1000 hold");
+    as_user(ALICE, &mnt_args(&m, &["hold", "mine", "by-alice"])).expect_ok("alice may hold");
+    let held = as_user(BOB, &mnt_args(&m, &["delete", "by-alice"]));
+    assert!(held.expect_failure("delete of a held snapshot").contains("is held"), "{held}");
+    assert_denied(&as_user(ALICE, &mnt_args(&m, &["rename", "by-alice", "x"])), "rename");
+    as_user(ALICE, &mnt_args(&m, &["release", "mine", "by-alice"])).expect_ok("alice may release");
     assert_denied(&as_user(BOB, &mnt_args(&m, &["take", "by-bob"])), "take");
     // The grants are the store's: they survive a remount.
     m.umount();

@@ -57,6 +57,23 @@ pub enum Request {
         /// Its name.
         name: String,
     },
+    /// Rename a snapshot.
+    Rename {
+        /// Its name.
+        name: String,
+        /// Its new name.
+        to: String,
+    },
+    /// Put hold `tag` on a snapshot (`release`: take it off).
+    Hold {
+        /// The snapshot.
+        name: String,
+        /// The hold's tag.
+        tag: String,
+        /// Take the hold off instead.
+        #[serde(default)]
+        release: bool,
+    },
     /// The differences from snapshot `a` to snapshot `b` (or LIVE).
     Diff {
         /// The older snapshot.

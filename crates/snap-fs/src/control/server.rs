@@ -110,6 +110,8 @@ fn need(req: &Request) -> Need {
     match req {
         Request::Take { .. } => Need::Change(Perm::Take),
         Request::Delete { .. } => Need::Change(Perm::Delete),
+        Request::Rename { .. } => Need::Change(Perm::Rename),
+        Request::Hold { .. } => Need::Change(Perm::Hold),
         Request::Authorize { perm } => Need::Change(*perm),
         Request::Allow { .. } | Request::Unallow { .. } => Need::Delegate,
         Request::List
@@ -158,6 +160,8 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
             reseal(snapper);
             deleted
         }
+        Request::Rename { name, to } => serde_json::to_value(snapper.rename(&name, &to)?)?,
+        Request::Hold { name, tag, release } => serde_json::to_value(snapper.hold(&name, &tag, !release)?)?,
         Request::Diff { a, b } => serde_json::to_value(snapper.diff(&a, b.as_deref(), peer)?)?,
         Request::Authorize { .. } => serde_json::Value::Null,
         Request::Allow { who, perms } => {

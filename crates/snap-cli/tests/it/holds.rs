@@ -1,0 +1,131 @@
+//! Issue 21: what `zfs rename`, `zfs hold` and `zfs release` give snapshot users. A rename keeps
+//! the view, its open files and its content, and the old name is gone at once; a held snapshot
+//! cannot be deleted until every hold is released; both are the store's, through a remount and a
+//! kill -9.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use crate::common::*;
+
+/// `ovlsnap ARGS --mount MNT`.
+fn run(m: &SnapMount, args: &[&str]) -> CliOutput {
+    let mut v: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    v.extend([OsStr::new("--mount"), m.mnt().as_os_str()]);
+    ovlsnap(&v)
+}
+
+fn names(m: &SnapMount) -> Vec<String> {
+    m.list().into_iter().map(|s| s.name).collect()
+}
+
+/// Kills `m`'s daemon with SIGKILL, detaches its dead mount, mounts again.
+fn kill_and_remount(m: &mut SnapMount) {
+    let pid = daemon_pid(m.mnt());
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
+        .expect("kill -9 the daemon");
+    while Path::new(&format!("/proc/{pid}/exe")).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    rustix::mount::unmount(m.mnt(), rustix::mount::UnmountFlags::DETACH).expect("detach the dead mount");
+    m.mark_unmounted();
+    m.mount();
+}
+
+#[test]
+fn a_renamed_snapshot_keeps_its_view_and_open_files_and_the_old_name_is_gone_at_once() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("f"), b"v1\n").unwrap();
+    m.mount();
+    m.take(Some("a"));
+    fs::write(m.mnt().join("f"), b"v2\n").unwrap();
+    m.take(Some("b"));
+    let mut open = fs::File::open(m.view("a").join("f")).unwrap();
+    // Looked up just before: the kernel keeps the name for the entry's TTL unless told.
+    assert!(m.view("a").join("f").exists());
+    run(&m, &["rename", "a", "monday"]).expect_ok("rename a monday");
+    assert!(!m.view("a").exists(), ".snapshots/a is still there after the rename");
+    assert_eq!(fs::read(m.view("monday").join("f")).unwrap(), b"v1\n");
+    let mut text = String::new();
+    open.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "v1\n", "a file open in the view reads on");
+    assert_eq!(names(&m), ["monday", "b"]);
+    assert_eq!(m.listed_views(), ["b", "monday"]);
+    let diff = run(&m, &["diff", "monday", "b"]);
+    assert!(diff.expect_ok("diff by the new name").contains("M\t/f"), "{diff}");
+
+    // Refused, changing nothing: a name in use, an invalid or too long one, an unknown snapshot.
+    let taken = run(&m, &["rename", "monday", "b"]);
+    assert!(taken.expect_failure("rename to a name in use").contains("already exists"), "{taken}");
+    let long = "x".repeat(201);
+    let bad = run(&m, &["rename", "monday", &long]);
+    assert!(bad.expect_failure("rename to 201 bytes").contains("limit is 200"), "{bad}");
+    let slash = run(&m, &["rename", "monday", "a/b"]);
+    assert!(slash.expect_failure("rename to a/b").contains("'/'"), "{slash}");
+    let none = run(&m, &["rename", "nope", "x"]);
+    assert!(none.expect_failure("rename of nothing").contains("no snapshot named \"nope\""), "{none}");
+    assert_eq!(names(&m), ["monday", "b"]);
+
+    // The store's: through a kill -9 (a record of the log) and a clean remount.
+    run(&m, &["rename", "b", "tuesday"]).expect_ok("rename b tuesday");
+    kill_and_remount(&mut m);
+    assert_eq!(names(&m), ["monday", "tuesday"]);
+    m.umount();
+    m.mount();
+    assert_eq!(names(&m), ["monday", "tuesday"]);
+    assert_eq!(fs::read(m.view("tuesday").join("f")).unwrap(), b"v2\n");
+    m.umount();
+}
+
+#[test]
+fn a_held_snapshot_cannot_be_deleted_until_every_hold_is_released() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("f"), b"v1\n").unwrap();
+    m.mount();
+    for n in ["a", "b", "c"] {
+        m.take(Some(n));
+    }
+    run(&m, &["hold", "audit", "a", "b"]).expect_ok("hold audit a b");
+    run(&m, &["hold", "legal hold", "a"]).expect_ok("a second hold on a");
+    let again = run(&m, &["hold", "audit", "a"]);
+    assert!(again.expect_failure("the same hold twice").contains("already"), "{again}");
+    let holds = run(&m, &["holds"]);
+    assert_eq!(holds.expect_ok("holds"), "a audit\na legal hold\nb audit\n");
+    let json: serde_json::Value = serde_json::from_str(run(&m, &["holds", "b", "--json"]).expect_ok("holds --json"))
+        .expect("holds --json is JSON");
+    assert_eq!(json, serde_json::json!([{"name": "b", "tags": ["audit"]}]));
+    let listed: serde_json::Value =
+        serde_json::from_str(run(&m, &["list", "--json"]).expect_ok("list --json")).unwrap();
+    assert_eq!(listed[0]["holds"], serde_json::json!(["audit", "legal hold"]));
+    assert!(listed[2].get("holds").is_none(), "an unheld snapshot lists no holds: {listed}");
+    assert!(run(&m, &["list"]).expect_ok("list").contains("ok, held (2)"));
+
+    // Neither the oldest (which only loses its layer) nor a middle one (merged) goes.
+    for n in ["a", "b"] {
+        let out = run(&m, &["delete", n]);
+        let err = out.expect_failure("delete of a held snapshot");
+        assert!(err.contains("is held") && err.contains("ovlsnap release"), "{out}");
+    }
+    assert_eq!(names(&m), ["a", "b", "c"]);
+
+    // Holds are the store's: through a kill -9 and a remount.
+    kill_and_remount(&mut m);
+    assert!(run(&m, &["delete", "b"]).expect_failure("delete after the kill").contains("is held"));
+    run(&m, &["release", "audit", "b"]).expect_ok("release audit b");
+    let gone = run(&m, &["release", "audit", "b"]);
+    assert!(gone.expect_failure("release of a hold not there").contains("no hold"), "{gone}");
+    run(&m, &["delete", "b"]).expect_ok("delete b once released");
+    run(&m, &["release", "audit", "a"]).expect_ok("release audit a");
+    assert!(run(&m, &["delete", "a"]).expect_failure("still one hold on a").contains("legal hold"));
+    m.umount();
+    m.mount();
+    assert_eq!(run(&m, &["holds"]).expect_ok("holds after the remount"), "a legal hold\n");
+    run(&m, &["release", "legal hold", "a"]).expect_ok("release the last hold");
+    run(&m, &["delete", "a"]).expect_ok("delete a");
+    assert_eq!(names(&m), ["c"]);
+    let bad = run(&m, &["hold", "", "c"]);
+    assert!(bad.expect_failure("an empty tag").contains("not a valid hold tag"), "{bad}");
+    m.umount();
+}
