@@ -173,6 +173,59 @@ enum Cmd {
         #[arg(long)]
         mount: Option<PathBuf>,
     },
+    /// Take a timeline snapshot `auto-TIME` and delete the timeline snapshots the retention policy
+    /// no longer keeps (as snapper's timeline and sanoid): run it from a timer
+    /// (contrib/systemd/ovlsnap-auto@.timer). Each rule keeps the first snapshot of each of its
+    /// last N hours, days, weeks (from Monday, UTC), months or years; the newest and held ones
+    /// are always kept; snapshots with other names are never touched. Prints what it did.
+    #[command(after_help = "Examples:
+  ovlsnap auto --mount /data
+  ovlsnap auto --hourly 48 --daily 14                             --weekly 8 --monthly 0
+  ovlsnap auto --no-take --dry-run
+
+The clock is                             OVLSNAP_NOW (seconds since the epoch) when set, for tests.")]
+    Auto {
+        /// Hours whose first snapshot is kept.
+        #[arg(long, default_value_t = 24)]
+        hourly: usize,
+        /// Days whose first snapshot is kept.
+        #[arg(long, default_value_t = 7)]
+        daily: usize,
+        /// Weeks whose first snapshot is kept.
+        #[arg(long, default_value_t = 4)]
+        weekly: usize,
+        /// Months whose first snapshot is kept.
+        #[arg(long, default_value_t = 12)]
+        monthly: usize,
+        /// Years whose first snapshot is kept.
+        #[arg(long, default_value_t = 0)]
+        yearly: usize,
+        /// Only prune: take no snapshot.
+        #[arg(long)]
+        no_take: bool,
+        /// Say what would be deleted, delete nothing (takes nothing either).
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON: {"took": NAME|null, "kept": [{"name", "why": [...]}], "deleted": [...],
+        /// "failed": [{"name", "error"}]}.
+        #[arg(long)]
+        json: bool,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Run CMD between two snapshots `pre-TIME` and `post-TIME` (as snapper's pre/post pairs
+    /// around a package upgrade), then print what it changed; exits with CMD's status.
+    #[command(after_help = "Example:
+  ovlsnap run -- apt-get -y upgrade")]
+    Run {
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        cmd: Vec<std::ffi::OsString>,
+    },
     /// The holds of snapshots (default: of every held snapshot), one `NAME TAG` per line.
     #[command(after_help = "Examples:\n  ovlsnap holds\n  ovlsnap holds monday --json")]
     Holds {
@@ -420,6 +473,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             say!("renamed {name} to {to}");
             Ok(())
         }
+        Cmd::Auto { hourly, daily, weekly, monthly, yearly, no_take, dry_run, json, mount } => {
+            let policy = snap_fs::retention::Policy { hourly, daily, weekly, monthly, yearly };
+            auto(&policy, !(no_take || dry_run), dry_run, json, mount)
+        }
+        Cmd::Run { mount, cmd } => run_between(mount, &cmd),
         Cmd::Hold { tag, names, mount } => set_holds(&tag, &names, mount, false),
         Cmd::Release { tag, names, mount } => set_holds(&tag, &names, mount, true),
         Cmd::Holds { names, json, mount } => {
@@ -525,6 +583,113 @@ fn resolve_mount(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
                 )
             })
         }
+    }
+}
+
+/// The clock of `auto` and `run`: `OVLSNAP_NOW` (seconds since the epoch) when set, for tests
+/// that run weeks of a schedule in seconds.
+fn now_secs() -> anyhow::Result<u64> {
+    match std::env::var("OVLSNAP_NOW") {
+        Ok(v) => v.trim().parse().with_context(|| format!("OVLSNAP_NOW={v:?} is not a number of seconds")),
+        Err(_) => Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()),
+    }
+}
+
+/// Takes snapshot `base` (or `base-2`, `base-3`... if the name is taken); returns its name.
+fn take_named(mnt: &Path, base: &str, taken: &[Listed]) -> anyhow::Result<String> {
+    let mut name = base.to_string();
+    let mut n = 2;
+    while taken.iter().any(|l| l.name == name) {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    if let Ok(f) = std::fs::File::open(mnt) {
+        let _ = rustix::fs::syncfs(&f);
+    }
+    control::call(mnt, &Request::Take { name: Some(name.clone()) })?;
+    Ok(name)
+}
+
+/// `ovlsnap auto`: a timeline snapshot, then the deletions `policy` asks for.
+fn auto(
+    policy: &snap_fs::retention::Policy,
+    take: bool,
+    dry_run: bool,
+    json: bool,
+    mount: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mnt = resolve_mount(mount)?;
+    let took = if take {
+        let before = listed(Some(mnt.clone()))?;
+        let name = take_named(&mnt, &snap_fs::retention::name_at(now_secs()?), &before)?;
+        if !json {
+            say!("took {name}");
+        }
+        Some(name)
+    } else {
+        None
+    };
+    let items = listed(Some(mnt.clone()))?;
+    let snaps: Vec<(String, bool)> = items.iter().map(|l| (l.name.clone(), !l.holds.is_empty())).collect();
+    let plan = snap_fs::retention::plan(&snaps, policy);
+    let (mut deleted, mut failed) = (Vec::new(), Vec::new());
+    for name in &plan.delete {
+        if dry_run {
+            if !json {
+                say!("would delete {name}");
+            }
+            continue;
+        }
+        match control::call(&mnt, &Request::Delete { name: name.clone() }) {
+            Ok(_) => {
+                if !json {
+                    say!("deleted {name}");
+                }
+                deleted.push(name.clone());
+            }
+            // One that cannot go now (open, mounted) goes at a later run.
+            Err(e) => {
+                eprintln!("ovlsnap auto: {name} not deleted: {e:#}");
+                failed.push(serde_json::json!({"name": name, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    if json {
+        let kept: Vec<_> = plan.keep.iter().map(|(n, why)| serde_json::json!({"name": n, "why": why})).collect();
+        let would = if dry_run { plan.delete.clone() } else { Vec::new() };
+        let out = serde_json::json!({"took": took, "kept": kept, "deleted": deleted, "would_delete": would, "failed": failed});
+        say!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        say!("kept {} timeline snapshot(s), deleted {}", plan.keep.len(), deleted.len());
+    }
+    if !failed.is_empty() {
+        bail!("{} timeline snapshot(s) could not be deleted now; a later run retries", failed.len());
+    }
+    Ok(())
+}
+
+/// `ovlsnap run -- CMD`: `pre-TIME`, CMD, `post-TIME`, the diff; CMD's exit status.
+fn run_between(mount: Option<PathBuf>, cmd: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    let mnt = resolve_mount(mount)?;
+    let stamp = snap_fs::snapper::rfc3339(now_secs()?);
+    let taken = listed(Some(mnt.clone()))?;
+    let pre = take_named(&mnt, &format!("pre-{stamp}"), &taken)?;
+    eprintln!("ovlsnap: took {pre}; running {}", cmd[0].to_string_lossy());
+    let status = std::process::Command::new(&cmd[0]).args(&cmd[1..]).status();
+    // The pair is made whatever CMD did: its changes so far are what the diff shows.
+    let taken = listed(Some(mnt.clone()))?;
+    let post = take_named(&mnt, &format!("post-{stamp}"), &taken)?;
+    eprintln!("ovlsnap: took {post}; changes from {pre} to {post}:");
+    let report: snap_fs::diff::Report =
+        serde_json::from_value(control::call(&mnt, &Request::Diff { a: pre.clone(), b: Some(post.clone()) })?)?;
+    for c in &report.changes {
+        say!("{}", snap_fs::diff::show(c));
+    }
+    let status = status.with_context(|| format!("running {:?}", cmd[0]))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => std::process::exit(code),
+        None => bail!("{:?} was killed ({status})", cmd[0]),
     }
 }
 

@@ -27,6 +27,7 @@ pub mod policy;
 mod precopy;
 mod resolver;
 pub mod restore;
+pub mod retention;
 mod seal;
 pub mod snapper;
 pub mod store;

@@ -210,8 +210,34 @@ fn demo_snapshots(scratch: &Path) -> Result<()> {
         bail!("tuesday changed during the restore");
     }
     println!("ok: tuesday is unchanged");
-    say("Delete monday (the oldest: its layer just goes away); tuesday stays as it was.");
-    run("ovlsnap delete monday --mount data && ovlsnap list --mount data")?;
+    say("Hold monday, as `zfs hold`: a held snapshot cannot be deleted until its holds are released.");
+    run(
+        "ovlsnap hold audit monday --mount data && ovlsnap holds --mount data && ! ovlsnap delete monday --mount data",
+    )?;
+    run("ovlsnap release audit monday --mount data")?;
+    say(
+        "Timeline snapshots with retention, as snapper's timeline: `ovlsnap auto` (hourly from contrib/systemd/ovlsnap-auto@.timer) takes auto-TIME and deletes what its rules no longer keep. Four hourly runs on a fake clock (OVLSNAP_NOW), keeping 2 hours:",
+    );
+    run(
+        "for h in 0 1 2 3; do OVLSNAP_NOW=$((1767571200 + h * 3600)) ovlsnap auto --hourly 2 --daily 0 --weekly 0 --monthly 0 --mount data; done",
+    )?;
+    say("Delete monday (the oldest: its layer just goes away); tuesday stays as it was. Rename tuesday.");
+    run(
+        "ovlsnap delete monday --mount data && ovlsnap rename tuesday before-restore --mount data && ovlsnap list --mount data",
+    )?;
+    let listed = std::process::Command::new(bin_dir.join("ovlsnap"))
+        .args(["list", "--json", "--mount"])
+        .arg(dir.join("data"))
+        .output()?;
+    let text = String::from_utf8_lossy(&listed.stdout);
+    check(
+        text.contains("\"before-restore\"")
+            && text.contains("auto-2026-01-05T02:00:00Z")
+            && text.contains("auto-2026-01-05T03:00:00Z")
+            && !text.contains("auto-2026-01-05T01:00:00Z")
+            && !text.contains("\"monday\""),
+        "the list holds before-restore and the two newest timeline snapshots",
+    )?;
 
     say("Unmount: the snapshots stay in data/.ovlsnap, one layer per snapshot; a new mount brings them back.");
     run("ovlsnap umount data && ls data/.ovlsnap/layers")?;

@@ -28,3 +28,4 @@ mod security;
 mod snapshot_stress;
 mod stream;
 mod summaries;
+mod timeline;
