@@ -72,6 +72,9 @@ enum Cmd {
     Take {
         /// Its name (default: the current UTC time).
         name: Option<String>,
+        /// What it is for (shown by `list`).
+        #[arg(short, long)]
+        description: Option<String>,
         /// The mount (default: the one containing the current directory).
         #[arg(long)]
         mount: Option<PathBuf>,
@@ -144,6 +147,25 @@ enum Cmd {
         name: String,
         /// Its new name.
         to: String,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Set a snapshot's description and user properties (`KEY=VALUE`; `KEY=` removes one), as
+    /// snapper's description and userdata; `list` shows them.
+    #[command(after_help = "Examples:\n  ovlsnap set monday --description 'before the upgrade'\n  ovlsnap set monday \
+                            ticket=OPS-42 owner=alice\n  ovlsnap set monday ticket= --no-description")]
+    Set {
+        /// The snapshot.
+        name: String,
+        /// Properties: KEY=VALUE (KEY: letters, digits, `_.:-`; KEY= removes it).
+        properties: Vec<String>,
+        /// Its new description.
+        #[arg(short, long, conflicts_with = "no_description")]
+        description: Option<String>,
+        /// Remove its description.
+        #[arg(long)]
+        no_description: bool,
         /// The mount (default: the one containing the current directory).
         #[arg(long)]
         mount: Option<PathBuf>,
@@ -412,14 +434,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if foreground { serve(&cfg) } else { spawn_background(&cfg) }
         }
         Cmd::Umount { mnt } => umount(&resolve_mount(mnt)?),
-        Cmd::Take { name, mount } => {
+        Cmd::Take { name, description, mount } => {
             let mnt = resolve_mount(mount)?;
             // Dirty pages of shared writable mappings reach the daemon only as writes at
             // writeback: flush them so they land before the snapshot's instant.
             if let Ok(f) = std::fs::File::open(&mnt) {
                 let _ = rustix::fs::syncfs(&f);
             }
-            let v = control::call(&mnt, &Request::Take { name })?;
+            let v = control::call(&mnt, &Request::Take { name, description })?;
             let name = v.get("name").and_then(|n| n.as_str()).context("the daemon's answer has no name")?;
             say!("{name}");
             Ok(())
@@ -478,6 +500,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             auto(&policy, !(no_take || dry_run), dry_run, json, mount)
         }
         Cmd::Run { mount, cmd } => run_between(mount, &cmd),
+        Cmd::Set { name, properties, description, no_description, mount } => {
+            let mut props = Vec::new();
+            for p in &properties {
+                let (k, v) = p.split_once('=').with_context(|| format!("{p:?} is not KEY=VALUE"))?;
+                props.push((k.to_string(), (!v.is_empty()).then(|| v.to_string())));
+            }
+            if props.is_empty() && description.is_none() && !no_description {
+                bail!("nothing to set: give KEY=VALUE, --description or --no-description");
+            }
+            let mnt = resolve_mount(mount)?;
+            control::call(&mnt, &Request::Set { name: name.clone(), description, no_description, properties: props })?;
+            say!("set {name}");
+            Ok(())
+        }
         Cmd::Hold { tag, names, mount } => set_holds(&tag, &names, mount, false),
         Cmd::Release { tag, names, mount } => set_holds(&tag, &names, mount, true),
         Cmd::Holds { names, json, mount } => {
@@ -606,7 +642,7 @@ fn take_named(mnt: &Path, base: &str, taken: &[Listed]) -> anyhow::Result<String
     if let Ok(f) = std::fs::File::open(mnt) {
         let _ = rustix::fs::syncfs(&f);
     }
-    control::call(mnt, &Request::Take { name: Some(name.clone()) })?;
+    control::call(mnt, &Request::Take { name: Some(name.clone()), description: None })?;
     Ok(name)
 }
 
@@ -726,9 +762,17 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
             Some(_) => "CHANGED",
         };
         let held = if l.holds.is_empty() { String::new() } else { format!(", held ({})", l.holds.len()) };
+        let about = match (&l.description, l.properties.is_empty()) {
+            (None, true) => String::new(),
+            (d, _) => {
+                let props = l.properties.iter().map(|(k, v)| format!("{k}={v}"));
+                let words: Vec<String> = d.iter().map(|d| format!("{d:?}")).chain(props).collect();
+                format!("  {}", words.join(" "))
+            }
+        };
         damaged += usize::from(l.damage.is_some());
         say!(
-            "{:<4} {:<28} {:<21} {:>12} {:>8}  {state}{held}",
+            "{:<4} {:<28} {:<21} {:>12} {:>8}  {state}{held}{about}",
             l.id,
             l.name,
             l.created,

@@ -48,6 +48,12 @@ pub struct Listed {
     /// Its holds' tags (`ovlsnap hold`): while it has any, it cannot be deleted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holds: Vec<String>,
+    /// What it is for, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// User properties (key = value).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 /// How many snapshot layer roots a process keeps open at once: an eighth of its open-file
@@ -198,6 +204,11 @@ impl Snapper {
     /// Takes snapshot `name`: waits for changes in flight, stops new ones, starts the new layer,
     /// lets changes go on.
     pub fn take(&self, name: &str) -> anyhow::Result<SnapshotInfo> {
+        self.take_described(name, None)
+    }
+
+    /// [`Snapper::take`], with a description recorded with it.
+    pub fn take_described(&self, name: &str, description: Option<&str>) -> anyhow::Result<SnapshotInfo> {
         let _gate = self.gate.write();
         let _views = self.views.changing();
         // Refused up front rather than run out of descriptors halfway (issue 16.3): the daemon
@@ -211,7 +222,7 @@ impl Snapper {
             .with_context(|| format!("snapshot {name:?} was not taken: no descriptor free"))?;
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let live = self.live.as_fd();
-        let info = self.store.lock().add(name, created, |layer| copy_root_meta(live, layer))?;
+        let info = self.store.lock().add(name, created, description, |layer| copy_root_meta(live, layer))?;
         if let Err(e) = self.switch() {
             // Without its layer as the CoW target the new snapshot would silently take in later
             // changes: take it back. Its layer is empty (no change ran since `add`), and a failed
@@ -806,6 +817,25 @@ impl Snapper {
         Ok(info)
     }
 
+    /// Sets snapshot `name`'s description (`Some(None)`: removes it) and user properties (a
+    /// `None` value removes the key), one durable change each, in order. Returns the snapshot.
+    pub fn set(
+        &self,
+        name: &str,
+        description: Option<Option<&str>>,
+        properties: &[(String, Option<String>)],
+    ) -> anyhow::Result<SnapshotInfo> {
+        let mut store = self.store.lock();
+        let id = store.by_name(name).with_context(|| format!("no snapshot named {name:?}"))?.id;
+        if let Some(d) = description {
+            store.describe(id, d)?;
+        }
+        for (key, value) in properties {
+            store.set_property(id, key, value.as_deref())?;
+        }
+        store.info(id).cloned().context("the snapshot is gone")
+    }
+
     /// Puts hold `tag` on snapshot `name` (`hold` false: takes it off). Returns its holds.
     pub fn hold(&self, name: &str, tag: &str, hold: bool) -> anyhow::Result<Vec<String>> {
         let mut store = self.store.lock();
@@ -886,6 +916,8 @@ pub fn list_store(store: &Store, known: impl Fn(u64) -> Option<(u64, u64)>) -> a
             entries,
             damage: store.damage().get(&s.id).cloned(),
             holds: store.holds(s.id),
+            description: s.description.clone(),
+            properties: s.properties.clone(),
         });
     }
     Ok(out)

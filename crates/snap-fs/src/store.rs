@@ -50,7 +50,7 @@ pub const VIEWS: &str = "views";
 pub(crate) const META_BACKUP: &str = "snapshots.json.bak";
 
 /// One snapshot as recorded in the store.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotInfo {
     /// Unique, never reused; also the name of its layer dir.
     pub id: u64,
@@ -58,6 +58,37 @@ pub struct SnapshotInfo {
     pub name: String,
     /// Creation time, seconds since the epoch.
     pub created: u64,
+    /// What it is for, in words (`take --description`, `set --description`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// User properties (`ovlsnap set NAME key=value`), as snapper's userdata.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// The longest description or property value, in bytes.
+pub const MAX_TEXT: usize = 1024;
+
+/// Why `text` cannot be a description or property value, if it cannot.
+pub fn text_problem(text: &str) -> Option<String> {
+    if text.len() > MAX_TEXT {
+        Some(format!("it is {} bytes long, and the limit is {MAX_TEXT}", text.len()))
+    } else if text.chars().any(|c| c.is_control()) {
+        Some("it contains a control character".into())
+    } else {
+        None
+    }
+}
+
+/// Why `key` cannot name a user property, if it cannot: 1 to 64 of `A-Z a-z 0-9 _ . : -`.
+pub fn key_problem(key: &str) -> Option<String> {
+    if key.is_empty() || key.len() > 64 {
+        Some("a key has 1 to 64 characters".into())
+    } else if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b)) {
+        Some("a key has only letters, digits and `_.:-`".into())
+    } else {
+        None
+    }
 }
 
 /// The directory the store belongs to: its filesystem UUID and inode.
@@ -125,6 +156,10 @@ enum Change {
     Hold { id: u64, tag: String },
     /// Snapshot `id` lost hold `tag`.
     Release { id: u64, tag: String },
+    /// Snapshot `id`'s description (`None`: removed).
+    Describe { id: u64, description: Option<String> },
+    /// Snapshot `id`'s user property `key` (`None`: removed).
+    Property { id: u64, key: String, value: Option<String> },
 }
 
 impl Change {
@@ -135,6 +170,8 @@ impl Change {
                 if info.id < meta.next_id
                     || !valid_name(&info.name)
                     || meta.snapshots.iter().any(|s| s.name == info.name)
+                    || info.description.as_deref().is_some_and(|d| text_problem(d).is_some())
+                    || info.properties.iter().any(|(k, v)| key_problem(k).is_some() || text_problem(v).is_some())
                 {
                     bail!("snapshot {:?} (id {}) cannot be added to the list", info.name, info.id);
                 }
@@ -164,6 +201,26 @@ impl Change {
                 if !meta.holds.entry(*id).or_default().insert(tag.clone()) {
                     bail!("snapshot {id} has the hold {tag:?} already");
                 }
+            }
+            Change::Describe { id, description } => {
+                if description.as_deref().is_some_and(|d| text_problem(d).is_some()) {
+                    bail!("snapshot {id} cannot have the description {description:?}");
+                }
+                let s = meta.snapshots.iter_mut().find(|s| s.id == *id);
+                s.with_context(|| format!("a description of id {id}, which the list does not hold"))?.description =
+                    description.clone();
+            }
+            Change::Property { id, key, value } => {
+                if key_problem(key).is_some() || value.as_deref().is_some_and(|v| text_problem(v).is_some()) {
+                    bail!("snapshot {id} cannot have the property {key:?} = {value:?}");
+                }
+                let s = meta.snapshots.iter_mut().find(|s| s.id == *id);
+                let props =
+                    &mut s.with_context(|| format!("a property of id {id}, which the list does not hold"))?.properties;
+                match value {
+                    Some(v) => props.insert(key.clone(), v.clone()),
+                    None => props.remove(key),
+                };
             }
             Change::Release { id, tag } => {
                 let tags = meta.holds.get_mut(id);
@@ -688,6 +745,31 @@ impl Store {
         self.commit(meta, Some(change))
     }
 
+    /// Sets snapshot `id`'s description (`None`: removes it), durably.
+    pub fn describe(&mut self, id: u64, description: Option<&str>) -> anyhow::Result<()> {
+        if let Some(why) = description.and_then(text_problem) {
+            bail!("not a valid description: {why}");
+        }
+        let change = Change::Describe { id, description: description.map(str::to_string) };
+        let mut meta = self.meta.clone();
+        change.apply(&mut meta)?;
+        self.commit(meta, Some(change))
+    }
+
+    /// Sets snapshot `id`'s user property `key` (`None`: removes it), durably.
+    pub fn set_property(&mut self, id: u64, key: &str, value: Option<&str>) -> anyhow::Result<()> {
+        if let Some(why) = key_problem(key) {
+            bail!("{key:?} is not a valid property key: {why}");
+        }
+        if let Some(why) = value.and_then(text_problem) {
+            bail!("not a valid value of {key:?}: {why}");
+        }
+        let change = Change::Property { id, key: key.to_string(), value: value.map(str::to_string) };
+        let mut meta = self.meta.clone();
+        change.apply(&mut meta)?;
+        self.commit(meta, Some(change))
+    }
+
     /// The holds of snapshot `id` (none: it may be deleted).
     pub fn holds(&self, id: u64) -> Vec<String> {
         self.meta.holds.get(&id).map(|t| t.iter().cloned().collect()).unwrap_or_default()
@@ -745,10 +827,14 @@ impl Store {
         &mut self,
         name: &str,
         created: u64,
+        description: Option<&str>,
         prepare: impl FnOnce(BorrowedFd<'_>) -> anyhow::Result<()>,
     ) -> anyhow::Result<SnapshotInfo> {
         if let Some(why) = name_problem(name) {
             bail!("{name:?} is not a valid snapshot name: {why}");
+        }
+        if let Some(why) = description.and_then(text_problem) {
+            bail!("not a valid description: {why}");
         }
         if self.by_name(name).is_some() {
             bail!("a snapshot named {name:?} already exists");
@@ -767,7 +853,8 @@ impl Store {
             return Err(e);
         }
         rustix::fs::fsync(&self.layers)?;
-        let info = SnapshotInfo { id, name: name.to_string(), created };
+        let description = description.map(str::to_string);
+        let info = SnapshotInfo { id, name: name.to_string(), created, description, ..Default::default() };
         let mut meta = self.meta.clone();
         meta.next_id = id + 1;
         meta.snapshots.push(info.clone());
@@ -850,7 +937,7 @@ pub(crate) fn rebuild_meta(root: BorrowedFd<'_>, live: &LiveId) -> anyhow::Resul
         let created = rustix::fs::statat(&layers, id.to_string().as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
             .map_or(0, |st| st.st_mtime.max(0) as u64);
         notes.push(format!("layer {id} is adopted as snapshot {name:?}"));
-        meta.snapshots.push(SnapshotInfo { id, name, created });
+        meta.snapshots.push(SnapshotInfo { id, name, created, ..Default::default() });
     }
     meta.snapshots.sort_by_key(|s| s.id);
     meta.next_id = meta.next_id.max(ids.last().map_or(1, |m| m + 1));
@@ -1092,6 +1179,8 @@ pub fn list_offline(root: &OwnedFd) -> anyhow::Result<Vec<crate::snapper::Listed
             entries,
             damage: meta.damage.get(&s.id).cloned(),
             holds: meta.holds.get(&s.id).map(|t| t.iter().cloned().collect()).unwrap_or_default(),
+            description: s.description,
+            properties: s.properties,
         });
     }
     Ok(out)
@@ -1107,7 +1196,10 @@ mod tests {
             logged,
             live: LiveId { fs: "0".repeat(32), ino: 2 },
             next_id: names.last().map_or(1, |(id, _)| id + 1),
-            snapshots: names.iter().map(|(id, n)| SnapshotInfo { id: *id, name: n.to_string(), created: 7 }).collect(),
+            snapshots: names
+                .iter()
+                .map(|(id, n)| SnapshotInfo { id: *id, name: n.to_string(), created: 7, ..Default::default() })
+                .collect(),
             allow: Vec::new(),
             userxattr: false,
             damage: Default::default(),
@@ -1120,7 +1212,7 @@ mod tests {
     }
 
     fn add(id: u64, name: &str) -> Change {
-        Change::Add(SnapshotInfo { id, name: name.to_string(), created: 9 })
+        Change::Add(SnapshotInfo { id, name: name.to_string(), created: 9, ..Default::default() })
     }
 
     fn names(m: &Meta) -> Vec<&str> {

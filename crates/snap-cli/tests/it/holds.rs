@@ -1,7 +1,7 @@
-//! Issue 21: what `zfs rename`, `zfs hold` and `zfs release` give snapshot users. A rename keeps
-//! the view, its open files and its content, and the old name is gone at once; a held snapshot
-//! cannot be deleted until every hold is released; both are the store's, through a remount and a
-//! kill -9.
+//! Issue 21: what `zfs rename`, `zfs hold` and `zfs release`, and snapper's descriptions and
+//! userdata give snapshot users. A rename keeps the view, its open files and its content, and the
+//! old name is gone at once; a held snapshot cannot be deleted until every hold is released;
+//! descriptions and properties show in `list`; all are the store's, through a remount and a kill -9.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -127,5 +127,47 @@ fn a_held_snapshot_cannot_be_deleted_until_every_hold_is_released() {
     assert_eq!(names(&m), ["c"]);
     let bad = run(&m, &["hold", "", "c"]);
     assert!(bad.expect_failure("an empty tag").contains("not a valid hold tag"), "{bad}");
+    m.umount();
+}
+
+#[test]
+fn descriptions_and_user_properties_are_listed_and_kept_through_a_kill() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("f"), b"v1\n").unwrap();
+    m.mount();
+    run(&m, &["take", "a", "--description", "before the upgrade"]).expect_ok("take with a description");
+    m.take(Some("b"));
+    run(&m, &["set", "a", "ticket=OPS-42", "owner=alice"]).expect_ok("set properties");
+    run(&m, &["set", "b", "--description", "after"]).expect_ok("set a description");
+    let human = run(&m, &["list"]);
+    assert!(human.expect_ok("list").contains("ok  \"before the upgrade\" owner=alice ticket=OPS-42"), "{human}");
+    // Refused, changing nothing.
+    for (args, why) in [
+        (&["set", "a", "bad key=1"][..], "not a valid property key"),
+        (&["set", "a", "novalue"], "not KEY=VALUE"),
+        (&["set", "a", "k=line\nbreak"], "control character"),
+        (&["set", "a"], "nothing to set"),
+        (&["set", "nope", "k=v"], "no snapshot named"),
+    ] {
+        let out = run(&m, args);
+        assert!(out.expect_failure("a bad set").contains(why), "{args:?}: {out}");
+    }
+    let long = "d".repeat(1025);
+    let out = run(&m, &["set", "a", "--description", &long]);
+    assert!(out.expect_failure("a long description").contains("limit is 1024"), "{out}");
+
+    kill_and_remount(&mut m);
+    let listed: serde_json::Value =
+        serde_json::from_str(run(&m, &["list", "--json"]).expect_ok("list --json")).unwrap();
+    assert_eq!(listed[0]["description"], "before the upgrade");
+    assert_eq!(listed[0]["properties"], serde_json::json!({"owner": "alice", "ticket": "OPS-42"}));
+    assert_eq!(listed[1]["description"], "after");
+    run(&m, &["set", "a", "ticket=", "--no-description"]).expect_ok("remove a property and the description");
+    m.umount();
+    m.mount();
+    let listed: serde_json::Value =
+        serde_json::from_str(run(&m, &["list", "--json"]).expect_ok("list --json")).unwrap();
+    assert!(listed[0].get("description").is_none(), "{listed}");
+    assert_eq!(listed[0]["properties"], serde_json::json!({"owner": "alice"}));
     m.umount();
 }

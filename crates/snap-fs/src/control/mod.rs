@@ -37,6 +37,23 @@ pub enum Request {
     Take {
         /// The snapshot's name.
         name: Option<String>,
+        /// What it is for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<String>,
+    },
+    /// Set a snapshot's description and user properties.
+    Set {
+        /// The snapshot.
+        name: String,
+        /// The new description.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<String>,
+        /// Remove the description.
+        #[serde(default)]
+        no_description: bool,
+        /// Properties to set (`None`: to remove), in order.
+        #[serde(default)]
+        properties: Vec<(String, Option<String>)>,
     },
     /// The snapshots.
     List,

@@ -110,7 +110,7 @@ fn need(req: &Request) -> Need {
     match req {
         Request::Take { .. } => Need::Change(Perm::Take),
         Request::Delete { .. } => Need::Change(Perm::Delete),
-        Request::Rename { .. } => Need::Change(Perm::Rename),
+        Request::Rename { .. } | Request::Set { .. } => Need::Change(Perm::Rename),
         Request::Hold { .. } => Need::Change(Perm::Hold),
         Request::Authorize { perm } => Need::Change(*perm),
         Request::Allow { .. } | Request::Unallow { .. } => Need::Delegate,
@@ -126,14 +126,14 @@ fn need(req: &Request) -> Need {
 fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) -> anyhow::Result<serde_json::Value> {
     policy::authorize(peer, snapper.live_root(), &snapper.grants(), need(&req))?;
     Ok(match req {
-        Request::Take { name } => {
+        Request::Take { name, description } => {
             // The client syncs the mount first (see `ovlsnap take`): the daemon must never wait
             // on its own mount, or a kill during the wait leaves an unkillable process.
             let name = match name {
                 Some(n) => n,
                 None => default_name(snapper)?,
             };
-            let taken = serde_json::to_value(snapper.take(&name)?)?;
+            let taken = serde_json::to_value(snapper.take_described(&name, description.as_deref())?)?;
             reseal(snapper);
             taken
         }
@@ -161,6 +161,10 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
             deleted
         }
         Request::Rename { name, to } => serde_json::to_value(snapper.rename(&name, &to)?)?,
+        Request::Set { name, description, no_description, properties } => {
+            let description = if no_description { Some(None) } else { description.as_deref().map(Some) };
+            serde_json::to_value(snapper.set(&name, description, &properties)?)?
+        }
         Request::Hold { name, tag, release } => serde_json::to_value(snapper.hold(&name, &tag, !release)?)?,
         Request::Diff { a, b } => serde_json::to_value(snapper.diff(&a, b.as_deref(), peer)?)?,
         Request::Authorize { .. } => serde_json::Value::Null,
