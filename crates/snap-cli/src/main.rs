@@ -974,9 +974,78 @@ fn generate_docs(dir: &Path) -> anyhow::Result<()> {
     }
     let cmd = Cli::command();
     clap_mangen::generate_to(cmd, &man)?;
+    // What clap does not know: appended to the main page.
+    let main = man.join("ovlsnap.1");
+    let mut page = std::fs::read_to_string(&main)?;
+    page.push_str(MAN_SECTIONS);
+    std::fs::write(&main, page)?;
     say!("wrote {} and {}", completions.display(), man.display());
     Ok(())
 }
+
+/// The sections of ovlsnap(1) after the commands (roff).
+const MAN_SECTIONS: &str = r#".SH "EXIT STATUS"
+0 on success; 1 on any error, with one line on standard error saying what to do; 2 on bad usage.
+BcheckR exits 1 when it finds errors (fixable findings alone exit 0). BrunR exits with the
+status of its command. BautoR exits 1 when a snapshot it should delete cannot go now (open or
+mounted); the next run retries it.
+.SH ENVIRONMENT
+.TP
+.B RUST_LOG
+Log level of a daemon started with B\-\-foregroundR (BinfoR, BdebugR); logs go to
+standard error, or to the journal under systemd.
+.TP
+.B OVLSNAP_NOW
+The clock of BautoR and BrunR, in seconds since the epoch, instead of the system's: for
+tests that run weeks of a schedule in seconds. Timeline names carry it.
+.SH FILES
+.TP
+.I LIVE/.ovlsnap/
+The store (or B\-\-storeR IDIRR on LIVE's filesystem): Bsnapshots.jsonR (the list, a
+checkpoint) and Bsnapshots.logR (changes since, one synced line each), Bsnapshots.json.bakR,
+Blayers/IIDR (one kernel overlay layer per snapshot), Bwork/R, BsealR (what LIVE
+showed when last guarded), Bsummaries/R, Bviews/R (consolidated layers of deep views),
+BlockR. Only root and LIVE's owner may write it. The format is in docs/format.md.
+.TP
+.I /run/ovlsnap/
+Control sockets and pid files of root's daemons; I/run/user/UID/ovlsnap/R for other users.
+.TP
+.I contrib/systemd/ovlsnap@.service, ovlsnap-auto@.service, ovlsnap-auto@.timer
+Serve a directory from boot to shutdown; hourly timeline snapshots.
+.SH EXAMPLES
+.nf
+ovlsnap mount /data
+cd /data && ovlsnap take before-upgrade -d 'before the upgrade'
+ovlsnap diff before-upgrade
+ls /data/.snapshots/before-upgrade
+ovlsnap restore before-upgrade --dry-run
+ovlsnap hold audit before-upgrade
+ovlsnap auto --hourly 24 --daily 7 --weekly 4 --monthly 12
+ovlsnap run -- apt-get -y upgrade
+ovlsnap send --from monday tuesday > incr.tar
+ovlsnap umount /data
+.fi
+.SH CAVEATS
+Changes made to LIVE while it is not mounted bypass the snapshots: the next mount finds them
+(against its seal) and marks the snapshots that show them CHANGED, whose views then answer EIO
+for those files. Mount before the services that write LIVE start, and stop them before the
+umount (ovlsnap@.service does).
+.PP
+Snapshot names are 1 to 200 bytes, without '/' or control characters; hold tags up to 200
+bytes; descriptions and property values up to 1024 bytes. A snapshot holding a name that starts
+with B.wh.R cannot be sent (OCI layers reserve such names).
+.PP
+BdeleteR refuses a snapshot that is held, whose view is open or is a process's current
+directory, or that a kernel mount (Bmount\-viewR, Bmount\-cmdR) or a clone uses.
+.PP
+Bmount\-viewR needs Linux 6.8 or later; a view of more than 500 layers (the kernel's limit)
+is mounted with its top layers consolidated into one (hard links, nothing copied).
+.PP
+A daemon keeps at most an eighth of its open-file limit open for snapshot layers and reopens
+the others when used; a take is refused, not half made, when too few descriptors are left.
+.SH "SEE ALSO"
+BovlfsR(1), BmountR(8), BzfsR(8), BsnapperR(8), the README and SECURITY.md
+"#;
 
 /// A spinner on stderr while the daemon works, when stderr is a terminal.
 fn spinner(what: &str) -> indicatif::ProgressBar {

@@ -114,21 +114,12 @@ Options=lowerdir=/srv/base:/srv/extra,upperdir=/srv/upper,workdir=/srv/work
 WantedBy=multi-user.target
 ";
 
-const OVLSNAP_UNIT: &str = "# /etc/systemd/system/ovlsnap@.service: snapshots of a directory, e.g.
-#   systemctl enable --now ovlsnap@data.service   (serves /data with snapshots)
-[Unit]
-Description=ovlsnap snapshots of /%I
-RequiresMountsFor=/%I
-
-[Service]
-Type=simple
-ExecStart=/usr/local/bin/ovlsnap mount --foreground /%I
-ExecStop=/usr/local/bin/ovlsnap umount /%I
-KillSignal=SIGTERM
-
-[Install]
-WantedBy=multi-user.target
-";
+/// The systemd units of `contrib/systemd` (one copy: the dist ships the reviewed ones).
+const OVLSNAP_UNITS: [(&str, &str); 3] = [
+    ("ovlsnap@.service", include_str!("../../../contrib/systemd/ovlsnap@.service")),
+    ("ovlsnap-auto@.service", include_str!("../../../contrib/systemd/ovlsnap-auto@.service")),
+    ("ovlsnap-auto@.timer", include_str!("../../../contrib/systemd/ovlsnap-auto@.timer")),
+];
 
 /// Builds release binaries and writes the distribution files into `target/dist/`.
 pub fn run() -> Result<()> {
@@ -148,7 +139,9 @@ pub fn run() -> Result<()> {
     write(&dist.join("man/man1/ovlfs.1"), OVLFS_MAN)?;
     write(&dist.join("examples/fstab"), FSTAB)?;
     write(&dist.join("examples/srv-merged.mount"), OVLFS_UNIT)?;
-    write(&dist.join("examples/ovlsnap@.service"), OVLSNAP_UNIT)?;
+    for (name, text) in OVLSNAP_UNITS {
+        write(&dist.join("examples").join(name), text)?;
+    }
     println!("wrote {}:", dist.display());
     list(&dist, &dist)?;
     Ok(())

@@ -39,6 +39,39 @@ fn help_version_and_generated_docs() {
     }
     let page = fs::read_to_string(dir.join("man/man1/ovlsnap-restore.1")).expect("a page per command");
     assert!(page.contains("restore"), "the restore page is about restore");
+    // Issue 21: what a man page answers beyond the options.
+    let main = fs::read_to_string(dir.join("man/man1/ovlsnap.1")).unwrap();
+    for section in ["EXIT STATUS", "ENVIRONMENT", "FILES", "EXAMPLES", "CAVEATS", "SEE ALSO"] {
+        assert!(
+            main.contains(&format!(".SH \"{section}\"")) || main.contains(&format!(".SH {section}\n")),
+            "no {section}"
+        );
+    }
+    for cmd in ["auto", "run", "hold", "release", "holds", "rename", "set"] {
+        assert!(dir.join(format!("man/man1/ovlsnap-{cmd}.1")).is_file(), "no page for {cmd}");
+    }
+    // It renders: man(1) reads it without warnings, when man is there.
+    if let Ok(out) = std::process::Command::new("man")
+        .args(["--warnings", "-l", "-Tutf8"])
+        .arg(dir.join("man/man1/ovlsnap.1"))
+        .output()
+    {
+        // (Bold and underline come as overstrikes: `X\x08X`.)
+        let mut text = String::new();
+        for c in String::from_utf8_lossy(&out.stdout).chars() {
+            if c == '\u{8}' {
+                text.pop();
+            } else {
+                text.push(c);
+            }
+        }
+        assert!(text.contains("EXIT STATUS") && text.contains("OVLSNAP_NOW"), "{text}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).trim().is_empty(),
+            "man warns: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
