@@ -447,3 +447,35 @@ fn takes_and_deletes_append_to_the_list_log_which_survives_a_kill_and_a_torn_lin
     assert_eq!(fs::read(m.view("e").join("f")).unwrap(), b"v3\n");
     m.umount();
 }
+
+/// The list's log is folded into a new checkpoint every 256 records while the daemon runs: a
+/// long-running mount's log stays short, and a kill right after the fold loses nothing.
+#[test]
+fn the_list_log_is_folded_after_256_changes_and_a_kill_after_it_loses_nothing() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("f"), b"0\n").unwrap();
+    m.mount();
+    let store = m.live().join(".ovlsnap");
+    let (list, log) = (store.join("snapshots.json"), store.join("snapshots.log"));
+    let checkpoint = || fs::read_to_string(&list).unwrap();
+    let first = checkpoint();
+    for i in 0..256 {
+        m.take(Some(&format!("s{i:03}")));
+    }
+    assert_eq!(checkpoint(), first, "the checkpoint changed before the log was due");
+    assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 256);
+    fs::write(m.mnt().join("f"), b"257\n").unwrap();
+    m.take(Some("s256"));
+    assert!(checkpoint().contains("\"s256\""), "the 257th change wrote a checkpoint");
+    assert_eq!(fs::read(&log).unwrap(), b"", "and emptied the log");
+    m.take(Some("s257"));
+    assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 1, "then the log grows again");
+    kill_daemon(&mut m);
+    m.mount();
+    let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
+    assert_eq!(names.len(), 258);
+    assert_eq!((names[0].as_str(), names[257].as_str()), ("s000", "s257"));
+    assert_eq!(fs::read(m.view("s000").join("f")).unwrap(), b"0\n");
+    assert_eq!(fs::read(m.view("s257").join("f")).unwrap(), b"257\n");
+    m.umount();
+}
