@@ -36,6 +36,10 @@ pub struct Object {
     /// redirect mark, metacopy, an xwhiteout mark, or a name this summary does not know):
     /// lookups and listings read it from its layer.
     pub special: bool,
+    /// The bytes it allocates (`st_blocks`).
+    pub bytes: u64,
+    /// A non-directory with other names (`st_nlink` > 1): its data may stay when this name goes.
+    pub linked: bool,
 }
 
 /// The type of a summarized object.
@@ -114,8 +118,9 @@ pub struct Summary {
 
 /// The first words of a summary file, then the root's device and inode, the count of objects and
 /// the bytes, one line; the objects follow, each as its type code, `+` if special else `-`, its
-/// inode number, a space and its path, ended by a NUL byte.
-const MAGIC: &str = "ovl-summary 2";
+/// inode number, its bytes, `1` if linked else `0`, each followed by a space, then its path,
+/// ended by a NUL byte. (Version 2 had no bytes nor links: such a layer is read again.)
+const MAGIC: &str = "ovl-summary 3";
 
 impl Summary {
     /// Reads the whole layer under `root` (no symlink followed, nothing changed).
@@ -140,7 +145,8 @@ impl Summary {
                     t => Kind::Other(t),
                 };
                 let special = special(&sys::list_xattrs(&fd, Some(&name))?);
-                objects.push(Object { path, kind, ino: st.st_ino, special });
+                let linked = kind != Kind::Directory && st.st_nlink > 1;
+                objects.push(Object { path, kind, ino: st.st_ino, special, bytes: st.st_blocks as u64 * 512, linked });
             }
         }
         Ok(Self { root: (st.st_dev, st.st_ino), objects, bytes })
@@ -163,7 +169,7 @@ impl Summary {
         for o in &self.objects {
             out.push(o.kind.code());
             out.push(if o.special { b'+' } else { b'-' });
-            out.extend_from_slice(format!("{} ", o.ino).as_bytes());
+            out.extend_from_slice(format!("{} {} {} ", o.ino, o.bytes, u8::from(o.linked)).as_bytes());
             out.extend_from_slice(o.path.as_os_str().as_bytes());
             out.push(0);
         }
@@ -195,16 +201,20 @@ impl Summary {
                 b'-' => false,
                 _ => return None,
             };
-            let sp = rest.iter().position(|b| *b == b' ')?;
-            let ino = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
-            let path = PathBuf::from(OsStr::from_bytes(&rest[sp + 1..]));
+            let mut fields = rest.splitn(4, |b| *b == b' ');
+            let mut number = || -> Option<u64> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
+            let (ino, bytes, linked) = (number()?, number()?, number()?);
+            if linked > 1 {
+                return None;
+            }
+            let path = PathBuf::from(OsStr::from_bytes(fields.next()?));
             if path.as_os_str().is_empty()
                 || path.is_absolute()
                 || path.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
             {
                 return None;
             }
-            objects.push(Object { path, kind, ino, special });
+            objects.push(Object { path, kind, ino, special, bytes, linked: linked == 1 });
         }
         (objects.len() == count).then_some(Self { root, objects, bytes: used })
     }
@@ -216,6 +226,8 @@ struct Info {
     kind: Kind,
     ino: u64,
     special: bool,
+    bytes: u64,
+    linked: bool,
 }
 
 /// One summarized layer: its counts, and the names in each of its directories.
@@ -234,12 +246,15 @@ pub struct Holders {
     /// By layer number (small, dense: a store's ids), the summarized layers: looked at for every
     /// layer of every lookup, so an index, not a hash.
     summarized: Vec<Option<Known>>,
+    /// [`Holders::freed_by`] answers, by (layer, older layer): dropped when either changes.
+    freed: parking_lot::Mutex<HashMap<(u64, Option<u64>), u64>>,
 }
 
 impl Holders {
     /// Adds layer `layer`'s summary (replacing what was known of it: see [`Holders::forget`]).
     pub fn add(&mut self, layer: u64, summary: &Summary) {
         self.forget(layer);
+        self.freed.get_mut().retain(|(a, b), _| *a != layer && *b != Some(layer));
         let at = usize::try_from(layer).unwrap_or(usize::MAX);
         if at > 1 << 32 {
             // Not a number this index is for: the layer is probed like any other.
@@ -248,7 +263,7 @@ impl Holders {
         let mut children: HashMap<PathBuf, Vec<OsString>> = HashMap::new();
         for o in &summary.objects {
             let ids = self.by_path.entry(o.path.clone()).or_default();
-            let info = Info { kind: o.kind, ino: o.ino, special: o.special };
+            let info = Info { kind: o.kind, ino: o.ino, special: o.special, bytes: o.bytes, linked: o.linked };
             match ids.binary_search_by_key(&layer, |(id, _)| *id) {
                 Ok(i) => ids[i].1 = info,
                 Err(i) => ids.insert(i, (layer, info)),
@@ -266,6 +281,7 @@ impl Holders {
 
     /// Stops using layer `layer`'s summary: it is probed again like any layer.
     pub fn forget(&mut self, layer: u64) {
+        self.freed.get_mut().retain(|(a, b), _| *a != layer && *b != Some(layer));
         let Some(known) = usize::try_from(layer).ok().and_then(|at| self.summarized.get_mut(at)).and_then(Option::take)
         else {
             return;
@@ -295,6 +311,60 @@ impl Holders {
     /// The objects and bytes of layer `layer`, from its summary.
     pub fn usage(&self, layer: u64) -> Option<(u64, u64)> {
         self.known(layer).map(|k| (k.objects, k.bytes))
+    }
+
+    /// The bytes deleting summarized layer `layer`'s snapshot would free (what `zfs list` calls a
+    /// snapshot's `used`), when `older` is the next older snapshot's layer (`None`: it is the
+    /// oldest). The oldest just loses its layer: every object that has no other name. Another
+    /// one's layer is merged into the older one, which keeps what its own view shows from it: what
+    /// goes are its non-directories with no other name that the older layer hides (an object at
+    /// the same path, or a non-directory, whiteout, opaque or redirected directory on the way).
+    /// Directories' own blocks are left out. `None` while either layer has no summary in use.
+    pub fn freed_by(&self, layer: u64, older: Option<u64>) -> Option<u64> {
+        if let Some(n) = self.freed.lock().get(&(layer, older)) {
+            return Some(*n);
+        }
+        let known = self.known(layer)?;
+        let mut objects = Vec::new();
+        for (dir, names) in &known.children {
+            for name in names {
+                let path = dir.join(name);
+                let i = self.info(layer, &path)?;
+                objects.push((path, i.kind, i.bytes, i.linked));
+            }
+        }
+        let n = self.freed_from(objects.iter().map(|(p, k, b, l)| (p.as_path(), *k, *b, *l)), older)?;
+        self.freed.lock().insert((layer, older), n);
+        Some(n)
+    }
+
+    /// [`Holders::freed_by`] for a layer read just now (the newest, which has no summary in use).
+    pub fn freed_by_summary(&self, summary: &Summary, older: Option<u64>) -> Option<u64> {
+        self.freed_from(summary.objects.iter().map(|o| (o.path.as_path(), o.kind, o.bytes, o.linked)), older)
+    }
+
+    fn freed_from<'p>(
+        &self,
+        objects: impl Iterator<Item = (&'p Path, Kind, u64, bool)>,
+        older: Option<u64>,
+    ) -> Option<u64> {
+        let Some(older) = older else {
+            return Some(objects.filter(|o| !o.3).map(|o| o.2).sum());
+        };
+        if !self.knows(older) {
+            return None;
+        }
+        let hides = |path: &Path| {
+            // An object at the path itself hides it; on the way, only a non-directory or a
+            // special directory (opaque, redirected) does.
+            self.info(older, path).is_some()
+                || path
+                    .ancestors()
+                    .skip(1)
+                    .filter(|a| !a.as_os_str().is_empty())
+                    .any(|a| self.info(older, a).is_some_and(|i| i.kind != Kind::Directory || i.special))
+        };
+        Some(objects.filter(|o| o.1 != Kind::Directory && !o.3 && hides(o.0)).map(|o| o.2).sum())
     }
 
     /// What summarized layer `layer` holds at `path`, if anything.
@@ -466,7 +536,7 @@ mod tests {
     use super::*;
 
     fn obj(path: &str, kind: Kind, special: bool) -> Object {
-        Object { path: path.into(), kind, ino: path.len() as u64, special }
+        Object { path: path.into(), kind, ino: path.len() as u64, special, bytes: 4096, linked: false }
     }
 
     fn summary(objects: Vec<Object>) -> Summary {
@@ -488,19 +558,62 @@ mod tests {
         assert_eq!(Summary::decode(&s.encode()), Some(s.clone()));
         let bytes = s.encode();
         assert_eq!(Summary::decode(&bytes[..bytes.len() - 1]), None, "cut short in a path");
-        let cut = bytes.len() - "w-4 a/\nx".len() - 1;
+        let cut = bytes.len() - "w-4 4096 0 a/\nx".len() - 1;
         assert_eq!(Summary::decode(&bytes[..cut]), None, "cut short after a path");
         assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1 0\na\0"), None, "an older version");
-        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd-1 /etc\0"), None, "absolute");
-        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd-1 a/../b\0"), None, "dot-dot");
-        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nq-1 a\0"), None, "unknown type");
-        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd*1 a\0"), None, "unknown mark");
-        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd-x a\0"), None, "no number");
-        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 0\n"), None, "no bytes");
+        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd-1 a\0"), None, "version 2: no bytes nor links");
+        assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nd-1 0 0 /etc\0"), None, "absolute");
+        assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nd-1 0 0 a/../b\0"), None, "dot-dot");
+        assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nq-1 0 0 a\0"), None, "unknown type");
+        assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nd*1 0 0 a\0"), None, "unknown mark");
+        assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nd-x 0 0 a\0"), None, "no number");
+        assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nd-1 0 2 a\0"), None, "links neither 0 nor 1");
+        assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nd-1 0 a\0"), None, "a field missing");
+        assert_eq!(Summary::decode(b"ovl-summary 3 1 2 0\n"), None, "no bytes");
         assert_eq!(
-            Summary::decode(b"ovl-summary 2 1 2 0 0\n"),
+            Summary::decode(b"ovl-summary 3 1 2 0 0\n"),
             Some(Summary { root: (1, 2), objects: vec![], bytes: 0 })
         );
+    }
+
+    #[test]
+    fn deleting_frees_what_the_older_layer_hides_or_all_of_the_oldest() {
+        let reg = Kind::Other(rustix::fs::FileType::RegularFile);
+        let file = |p: &str, bytes: u64, linked: bool| Object { bytes, linked, ..obj(p, reg, false) };
+        let mut h = Holders::default();
+        // The older layer (1): a file `f`, a whiteout `w`, a plain dir `d`, an opaque dir `o`, a
+        // file `x` where the newer layer has a dir.
+        h.add(
+            1,
+            &summary(vec![
+                file("f", 100, false),
+                obj("w", Kind::Whiteout, false),
+                obj("d", Kind::Directory, false),
+                obj("o", Kind::Directory, true),
+                file("x", 1, false),
+            ]),
+        );
+        // The newer layer (2).
+        let newer = summary(vec![
+            file("f", 1000, false),           // hidden by 1's f: freed
+            file("w", 2000, false),           // hidden by 1's whiteout: freed
+            obj("d", Kind::Directory, false), // merged, not counted
+            file("d/a", 4000, false),         // 1's plain dir passes it through: kept
+            obj("o", Kind::Directory, false),
+            file("o/b", 8000, false), // under 1's opaque dir: freed
+            obj("x", Kind::Directory, false),
+            file("x/c", 16000, false), // under 1's file: freed
+            file("g", 32000, false),   // nothing in 1: kept
+            file("h", 64000, true),    // hidden? no; and linked: kept anyway
+        ]);
+        assert_eq!(h.freed_by_summary(&newer, Some(1)), Some(1000 + 2000 + 8000 + 16000));
+        h.add(2, &newer);
+        assert_eq!(h.freed_by(2, Some(1)), Some(27000));
+        assert_eq!(h.freed_by(2, None), Some(1000 + 2000 + 4096 * 3 + 4000 + 8000 + 16000 + 32000), "the oldest");
+        assert_eq!(h.freed_by(2, Some(9)), None, "an older layer without a summary");
+        // The older layer replaced (a merge): the answer follows.
+        h.add(1, &summary(vec![file("g", 5, false)]));
+        assert_eq!(h.freed_by(2, Some(1)), Some(32000));
     }
 
     #[test]

@@ -752,7 +752,7 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         say!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
     }
-    say!("{:<4} {:<28} {:<21} {:>12} {:>8}  {}", "ID", "NAME", "CREATED", "LAYER", "ENTRIES", "STATE");
+    say!("{:<4} {:<28} {:<21} {:>10} {:>10} {:>8}  {}", "ID", "NAME", "CREATED", "LAYER", "USED", "ENTRIES", "STATE");
     let mut damaged = 0;
     for l in &items {
         // A snapshot LIVE changed behind the daemon's back is never shown as if intact.
@@ -771,12 +771,14 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
             }
         };
         damaged += usize::from(l.damage.is_some());
+        let used = l.freed_bytes.map_or_else(|| "-".to_string(), human);
         say!(
-            "{:<4} {:<28} {:<21} {:>12} {:>8}  {state}{held}{about}",
+            "{:<4} {:<28} {:<21} {:>10} {:>10} {:>8}  {state}{held}{about}",
             l.id,
             l.name,
             l.created,
             human(l.layer_bytes),
+            used,
             l.entries
         );
     }

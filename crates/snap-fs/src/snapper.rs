@@ -18,7 +18,7 @@ use crate::access::{Peer, Sight};
 use crate::cow::Cow;
 use crate::diff::Change;
 use crate::policy::Grant;
-use crate::store::{SnapshotInfo, Store, layer_usage};
+use crate::store::{SnapshotInfo, Store};
 use crate::view::Views;
 
 /// Descriptors a take uses for a while besides its layer's own: the layer while it is prepared,
@@ -41,6 +41,12 @@ pub struct Listed {
     pub layer_bytes: u64,
     /// Entries in the layer: saved objects, whiteouts, saved dirs.
     pub entries: u64,
+    /// The bytes deleting it would free (`zfs list`'s `used` of a snapshot): all of the oldest's
+    /// layer; of another's, the files the next older snapshot's layer hides (the rest moves into
+    /// it). Files with other names and directories' blocks are left out. `null` when the older
+    /// layer has no summary yet (just after a take).
+    #[serde(default)]
+    pub freed_bytes: Option<u64>,
     /// Why the snapshot's view is no longer what was taken (LIVE changed while not served);
     /// absent while it is intact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -274,7 +280,7 @@ impl Snapper {
     pub fn list(&self) -> anyhow::Result<Vec<Listed>> {
         let store = self.store.lock();
         let holders = self.views.holders.read();
-        list_store(&store, |id| holders.usage(id))
+        list_store(&store, &holders)
     }
 
     /// The layers of snapshot `name`'s view as the kernel overlay can mount them, given the mount
@@ -900,12 +906,36 @@ fn kernel_mount_of(store: &Store, id: u64) -> anyhow::Result<Option<PathBuf>> {
 
 /// The snapshots of `store` with their usage: from `known` (a frozen layer's summary: objects,
 /// bytes), else read from the layer.
-pub fn list_store(store: &Store, known: impl Fn(u64) -> Option<(u64, u64)>) -> anyhow::Result<Vec<Listed>> {
+pub fn list_store(store: &Store, holders: &ovl_core::presence::Holders) -> anyhow::Result<Vec<Listed>> {
+    list_of(
+        store.snapshots(),
+        holders,
+        |id| store.open_layer(id),
+        |id| store.damage().get(&id).cloned(),
+        |id| store.holds(id),
+    )
+}
+
+/// The list of `snaps` (oldest first): usage and the bytes a delete would free from `holders`
+/// (layers with a summary in use), else from the layer, read now (`open_layer`).
+pub(crate) fn list_of(
+    snaps: &[SnapshotInfo],
+    holders: &ovl_core::presence::Holders,
+    open_layer: impl Fn(u64) -> anyhow::Result<OwnedFd>,
+    damage: impl Fn(u64) -> Option<crate::store::Damage>,
+    holds: impl Fn(u64) -> Vec<String>,
+) -> anyhow::Result<Vec<Listed>> {
     let mut out = Vec::new();
-    for s in store.snapshots() {
-        let (bytes, entries) = match known(s.id) {
-            Some((entries, bytes)) => (bytes, entries),
-            None => layer_usage(store.open_layer(s.id)?.as_fd())?,
+    for (i, s) in snaps.iter().enumerate() {
+        let older = i.checked_sub(1).map(|o| snaps[o].id);
+        let (entries, bytes, freed) = match holders.usage(s.id) {
+            Some((entries, bytes)) => (entries, bytes, holders.freed_by(s.id, older)),
+            None => {
+                // The newest layer (still written to) or one not summarized yet.
+                let summary = ovl_core::presence::Summary::read(open_layer(s.id)?.as_fd())?;
+                let freed = holders.freed_by_summary(&summary, older);
+                (summary.objects.len() as u64, summary.bytes, freed)
+            }
         };
         out.push(Listed {
             name: s.name.clone(),
@@ -914,8 +944,9 @@ pub fn list_store(store: &Store, known: impl Fn(u64) -> Option<(u64, u64)>) -> a
             created_unix: s.created,
             layer_bytes: bytes,
             entries,
-            damage: store.damage().get(&s.id).cloned(),
-            holds: store.holds(s.id),
+            freed_bytes: freed,
+            damage: damage(s.id),
+            holds: holds(s.id),
             description: s.description.clone(),
             properties: s.properties.clone(),
         });

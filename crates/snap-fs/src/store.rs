@@ -1133,57 +1133,26 @@ impl Store {
     }
 }
 
-/// Size and entry count of a layer: bytes allocated and entries (whiteouts included).
-pub fn layer_usage(layer: BorrowedFd<'_>) -> anyhow::Result<(u64, u64)> {
-    let mut bytes = 0u64;
-    let mut entries = 0u64;
-    let mut stack = vec![rustix::io::dup(layer)?];
-    while let Some(dir) = stack.pop() {
-        for e in sys::read_dir_fd(rustix::io::dup(&dir)?)? {
-            let name = sys::name_cstr(&e.name)?;
-            let st = sys::lstat_at(&dir, &name)?;
-            entries += 1;
-            bytes += st.st_blocks as u64 * 512;
-            if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
-                stack.push(rustix::fs::openat(
-                    &dir,
-                    &name,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?);
-            }
-        }
-    }
-    Ok((bytes, entries))
-}
-
 /// The snapshots of the store dir `root` with their usage, read without taking the lock (for
 /// `ovlsnap list` when no daemon runs).
 pub fn list_offline(root: &OwnedFd) -> anyhow::Result<Vec<crate::snapper::Listed>> {
     let meta = read_meta(root.as_fd())?.context("the store has no snapshots.json")?;
     let layers = open_dir_at(root.as_fd(), "layers")?;
-    let mut out = Vec::new();
-    for s in meta.snapshots {
+    // The summaries that fit their layers (the newest has none: it may still be written to).
+    let mut holders = ovl_core::presence::Holders::default();
+    for s in &meta.snapshots {
         let l = open_dir_at(layers.as_fd(), &s.id.to_string())?;
-        // A summary, if it fits, says; the newest layer has none (it may still be written to).
-        let (bytes, entries) = match crate::summary::load(root.as_fd(), s.id, l.as_fd()) {
-            Some(summary) => (summary.bytes, summary.objects.len() as u64),
-            None => layer_usage(l.as_fd())?,
-        };
-        out.push(crate::snapper::Listed {
-            name: s.name,
-            id: s.id,
-            created: crate::snapper::rfc3339(s.created),
-            created_unix: s.created,
-            layer_bytes: bytes,
-            entries,
-            damage: meta.damage.get(&s.id).cloned(),
-            holds: meta.holds.get(&s.id).map(|t| t.iter().cloned().collect()).unwrap_or_default(),
-            description: s.description,
-            properties: s.properties,
-        });
+        if let Some(summary) = crate::summary::load(root.as_fd(), s.id, l.as_fd()) {
+            holders.add(s.id, &summary);
+        }
     }
-    Ok(out)
+    crate::snapper::list_of(
+        &meta.snapshots,
+        &holders,
+        |id| Ok(open_dir_at(layers.as_fd(), &id.to_string())?),
+        |id| meta.damage.get(&id).cloned(),
+        |id| meta.holds.get(&id).map(|t| t.iter().cloned().collect()).unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]

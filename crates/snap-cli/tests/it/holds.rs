@@ -171,3 +171,76 @@ fn descriptions_and_user_properties_are_listed_and_kept_through_a_kill() {
     assert_eq!(listed[0]["properties"], serde_json::json!({"owner": "alice"}));
     m.umount();
 }
+
+/// Bytes of the non-directory inodes under `dir`, each inode once.
+fn inode_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if seen.insert((md.dev(), md.ino())) {
+                total += md.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// Issue 21, space accounting: `list` says per snapshot the bytes deleting it frees (`zfs list`'s
+/// `used`), and a delete frees exactly that (files' blocks; each delete checked against the
+/// store's layers before and after).
+#[test]
+fn list_says_what_deleting_a_snapshot_frees_and_the_delete_frees_it() {
+    const MIB: usize = 1 << 20;
+    let mut m = SnapMount::prepare(Form::Separate);
+    let data = |seed: u8, n: usize| (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
+    fs::write(m.live().join("a"), data(1, MIB)).unwrap();
+    fs::write(m.live().join("b"), data(2, 2 * MIB)).unwrap();
+    m.mount();
+    m.take(Some("s1"));
+    fs::write(m.mnt().join("a"), data(3, MIB)).unwrap(); // s1 keeps a v1
+    m.take(Some("s2"));
+    fs::write(m.mnt().join("a"), data(4, MIB)).unwrap(); // s2 keeps a v2, hidden in s1's view by a v1
+    fs::write(m.mnt().join("b"), data(5, 2 * MIB)).unwrap(); // s2 keeps b v1, which s1's view shows
+    m.take(Some("s3"));
+    fs::write(m.mnt().join("b"), data(6, 2 * MIB)).unwrap(); // s3 keeps b v2, hidden by s2's b v1
+    m.take(Some("s4"));
+    // The frozen layers' summaries are made in the background after each take.
+    let freed = |m: &SnapMount| -> Vec<(String, Option<u64>)> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let v: serde_json::Value =
+                serde_json::from_str(run(m, &["list", "--json"]).expect_ok("list --json")).unwrap();
+            let got: Vec<(String, Option<u64>)> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| (s["name"].as_str().unwrap().to_string(), s["freed_bytes"].as_u64()))
+                .collect();
+            if got.iter().all(|(_, f)| f.is_some()) || std::time::Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let mib = MIB as u64;
+    let want: Vec<(String, Option<u64>)> =
+        [("s1", mib), ("s2", mib), ("s3", 2 * mib), ("s4", 0)].iter().map(|(n, b)| (n.to_string(), Some(*b))).collect();
+    assert_eq!(freed(&m), want);
+    assert!(run(&m, &["list"]).expect_ok("list").contains("USED"));
+    let layers = m.live().join(".ovlsnap/layers");
+    for name in ["s3", "s2", "s1"] {
+        let expect = freed(&m).into_iter().find(|(n, _)| n == name).and_then(|(_, f)| f).unwrap();
+        let before = inode_bytes(&layers);
+        run(&m, &["delete", name]).expect_ok("delete");
+        assert_eq!(before - inode_bytes(&layers), expect, "bytes freed by deleting {name}");
+    }
+    assert_eq!(fs::read(m.view("s4").join("a")).unwrap(), data(4, MIB), "the last snapshot's view is intact");
+    m.umount();
+}

@@ -51,30 +51,31 @@ fn wait_for_summaries(m: &SnapMount, what: &str) {
 fn summary_paths(m: &SnapMount, id: u64) -> BTreeSet<PathBuf> {
     let bytes = fs::read(store(m).join("summaries").join(id.to_string())).unwrap();
     let nl = bytes.iter().position(|b| *b == b'\n').expect("a header line");
-    // Each object: its type code, `+` or `-`, its inode number, a space, its path.
-    bytes[nl + 1..]
-        .split(|b| *b == 0)
+    summary_records_of(&bytes[nl + 1..]).into_iter().map(|(p, _)| p).collect()
+}
+
+/// The (path, record without the path) of each object of a summary file's body: its type code,
+/// `+` or `-`, its inode number, then after spaces its bytes and `1` or `0` (linked), then its
+/// path.
+fn summary_records_of(body: &[u8]) -> Vec<(PathBuf, String)> {
+    body.split(|b| *b == 0)
         .filter(|p| !p.is_empty())
         .map(|r| {
-            let sp = r.iter().position(|b| *b == b' ').expect("a space after the inode number");
-            PathBuf::from(std::ffi::OsStr::from_bytes(&r[sp + 1..]))
+            let mut cut = 0;
+            for _ in 0..3 {
+                cut += r[cut..].iter().position(|b| *b == b' ').expect("three spaces before the path") + 1;
+            }
+            (PathBuf::from(std::ffi::OsStr::from_bytes(&r[cut..])), String::from_utf8_lossy(&r[..cut - 1]).into_owned())
         })
         .collect()
 }
 
 /// Each object a summary file lists, by path: its record without the path (type code, `+` for
-/// overlay metadata a lookup must read, else `-`, inode number).
+/// overlay metadata a lookup must read, else `-`, inode number, bytes, linked).
 fn summary_records(m: &SnapMount, id: u64) -> Vec<(PathBuf, String)> {
     let bytes = fs::read(store(m).join("summaries").join(id.to_string())).unwrap();
     let nl = bytes.iter().position(|b| *b == b'\n').expect("a header line");
-    let mut out: Vec<(PathBuf, String)> = bytes[nl + 1..]
-        .split(|b| *b == 0)
-        .filter(|p| !p.is_empty())
-        .map(|r| {
-            let sp = r.iter().position(|b| *b == b' ').unwrap();
-            (PathBuf::from(std::ffi::OsStr::from_bytes(&r[sp + 1..])), String::from_utf8_lossy(&r[..sp]).into_owned())
-        })
-        .collect();
+    let mut out = summary_records_of(&bytes[nl + 1..]);
     out.sort();
     out
 }
@@ -98,7 +99,8 @@ fn object_record(path: &Path) -> String {
         let n = n.to_string_lossy();
         n.split_once("overlay.").is_some_and(|(_, rest)| !matches!(rest, "origin" | "impure" | "nlink"))
     });
-    format!("{code}{}{}", if special { '+' } else { '-' }, md.ino())
+    let linked = !t.is_dir() && md.nlink() > 1;
+    format!("{code}{}{} {} {}", if special { '+' } else { '-' }, md.ino(), md.blocks() * 512, u8::from(linked))
 }
 
 /// Every path in layer dir `root`.
