@@ -347,6 +347,14 @@ The clock is                             OVLSNAP_NOW (seconds since the epoch) w
         #[arg(long)]
         json: bool,
     },
+    /// The snapshot names of the mount containing the current directory (or `--mount`), one per
+    /// line, for shell completion; nothing (and exit 0) outside a mount.
+    #[command(hide = true)]
+    CompleteNames {
+        /// The mount.
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
     /// Write shell completions and man pages into DIR (used by `cargo xtask dist`).
     #[command(hide = true)]
     GenerateDocs {
@@ -575,6 +583,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Check { .. } => unreachable!("handled in main, for its exit code"),
         Cmd::GenerateDocs { dir } => generate_docs(&dir),
+        Cmd::CompleteNames { mount } => {
+            // Quiet: a completion must never print an error into the user's command line.
+            if let Ok(items) = resolve_mount(mount).and_then(|mnt| listed(Some(mnt))) {
+                for l in items {
+                    say!("{}", l.name);
+                }
+            }
+            Ok(())
+        }
         Cmd::Allow { who, perms, list: _, json, mount } => {
             let mnt = resolve_mount(mount)?;
             match (who, perms) {
@@ -974,6 +991,11 @@ fn generate_docs(dir: &Path) -> anyhow::Result<()> {
     for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
         clap_complete::generate_to(shell, &mut Cli::command(), "ovlsnap", &completions)?;
     }
+    // Snapshot names where a command takes one (clap knows only the options).
+    let bash = completions.join("ovlsnap.bash");
+    let mut script = std::fs::read_to_string(&bash)?;
+    script.push_str(BASH_NAMES);
+    std::fs::write(&bash, script)?;
     let cmd = Cli::command();
     clap_mangen::generate_to(cmd, &man)?;
     // What clap does not know: appended to the main page.
@@ -984,6 +1006,40 @@ fn generate_docs(dir: &Path) -> anyhow::Result<()> {
     say!("wrote {} and {}", completions.display(), man.display());
     Ok(())
 }
+
+/// Completes snapshot names (from `ovlsnap complete-names`, for the mount of the current
+/// directory or the `--mount` given) where a command takes one; everything else as clap's
+/// completion does.
+const BASH_NAMES: &str = r#"
+# Snapshot names, asked of the mount (`ovlsnap complete-names`).
+_ovlsnap_snapshot_names() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" sub="" i w mount="" positional=0 names=0
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        w="${COMP_WORDS[i]}"
+        if [[ "$w" == --mount ]]; then mount="${COMP_WORDS[i + 1]}"; ((i++)); continue; fi
+        [[ "$w" == -* ]] && continue
+        if [[ -z "$sub" ]]; then sub="$w"; else ((positional++)); fi
+    done
+    case "$sub" in
+        delete|restore|rename|set|mount-cmd|mount-view|clone) ((positional == 0)) && names=1 ;;
+        diff) ((positional < 2)) && names=1 ;;
+        send) names=1 ;;
+        hold|release) ((positional >= 1)) && names=1 ;;
+        holds) names=1 ;;
+    esac
+    if ((names)) && [[ "$cur" != -* ]]; then
+        local args=(complete-names) n
+        [[ -n "$mount" ]] && args+=(--mount "$mount")
+        COMPREPLY=()
+        while IFS= read -r n; do
+            [[ "$n" == "$cur"* ]] && COMPREPLY+=("$n")
+        done < <(ovlsnap "${args[@]}" 2>/dev/null)
+        return 0
+    fi
+    _ovlsnap "$@"
+}
+complete -F _ovlsnap_snapshot_names -o bashdefault -o default ovlsnap
+"#;
 
 /// The sections of ovlsnap(1) after the commands (roff).
 const MAN_SECTIONS: &str = r#".SH "EXIT STATUS"

@@ -158,3 +158,49 @@ fn a_refused_name_says_why() {
     assert!(err.contains("control character"), "{err}");
     m.take(Some(&"n".repeat(200)));
 }
+
+/// Issue 21: bash completes snapshot names of the mount where a command takes one (the mount of
+/// the current directory, or the `--mount` on the line), and paths elsewhere.
+#[test]
+fn bash_completes_the_snapshot_names_of_the_mount() {
+    let m = SnapMount::start(Form::Separate, |live| fs::write(live.join("f"), b"x").unwrap());
+    for n in ["monday", "month-end", "tuesday"] {
+        m.take(Some(n));
+    }
+    let docs = m.scratch().mkdir("docs");
+    ovlsnap(&["generate-docs".as_ref(), docs.as_os_str()]).expect_ok("generate-docs");
+    let bin_dir = ovlsnap_bin().parent().unwrap().to_path_buf();
+    // Completes `LINE` as bash would with the cursor at its end; prints the candidates.
+    let complete = |dir: &std::path::Path, line: &str| -> Vec<String> {
+        let script = format!(
+            r#"source '{}'
+COMP_LINE='{line}'; read -ra COMP_WORDS <<< "$COMP_LINE"
+[[ "$COMP_LINE" == *' ' ]] && COMP_WORDS+=('')
+COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); COMP_POINT=${{#COMP_LINE}}
+_ovlsnap_snapshot_names ovlsnap "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}"
+printf '%s\n' "${{COMPREPLY[@]}}""#,
+            docs.join("completions/ovlsnap.bash").display()
+        );
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default()))
+            .output()
+            .unwrap();
+        let mut got: Vec<String> =
+            String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
+        got.sort();
+        got
+    };
+    let mnt = m.mnt().to_path_buf();
+    assert_eq!(complete(&mnt, "ovlsnap delete mo"), ["monday", "month-end"]);
+    assert_eq!(complete(&mnt, "ovlsnap diff monday "), ["monday", "month-end", "tuesday"]);
+    assert_eq!(complete(&mnt, "ovlsnap hold keep t"), ["tuesday"]);
+    let elsewhere = m.scratch().mkdir("elsewhere");
+    let line = format!("ovlsnap restore --mount {} tu", mnt.display());
+    assert_eq!(complete(&elsewhere, &line), ["tuesday"], "names of the --mount given");
+    assert!(complete(&elsewhere, "ovlsnap delete mo").is_empty(), "outside a mount: no names, no error");
+    // Not a name position: clap's completion (subcommands here).
+    assert!(complete(&mnt, "ovlsnap ho").contains(&"hold".to_string()));
+}
