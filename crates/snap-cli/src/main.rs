@@ -85,6 +85,13 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Only these columns, in this order, tab-separated without a header line when
+        /// `-H` is given: id, name, created, layer, used, entries, state, holds, description.
+        #[arg(short = 'o', value_delimiter = ',')]
+        columns: Vec<String>,
+        /// No header line (with `-o`), for scripts.
+        #[arg(short = 'H')]
+        no_header: bool,
         /// The mount, or a LIVE directory that is not mounted (its store is read directly).
         #[arg(long)]
         mount: Option<PathBuf>,
@@ -454,7 +461,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             say!("{name}");
             Ok(())
         }
-        Cmd::List { json, mount } => list(mount, json),
+        Cmd::List { json, columns, no_header, mount } => {
+            if columns.is_empty() {
+                list(mount, json)
+            } else {
+                list_columns(mount, &columns, no_header)
+            }
+        }
         Cmd::MountCmd { name, dir, mount } => {
             let mnt = resolve_mount(mount)?;
             let dir = std::path::absolute(&dir)?;
@@ -763,6 +776,64 @@ fn set_holds(tag: &str, names: &[String], mount: Option<PathBuf>, release: bool)
     Ok(())
 }
 
+/// The columns `list -o` knows.
+const LIST_COLUMNS: [&str; 9] = ["id", "name", "created", "layer", "used", "entries", "state", "holds", "description"];
+
+/// `list -o COLUMNS`: the columns asked for, aligned, as `zfs list -o` prints them.
+fn list_columns(mount: Option<PathBuf>, columns: &[String], no_header: bool) -> anyhow::Result<()> {
+    if let Some(bad) = columns.iter().find(|c| !LIST_COLUMNS.contains(&c.as_str())) {
+        bail!("no column {bad:?} (known: {})", LIST_COLUMNS.join(", "));
+    }
+    let items = listed(mount)?;
+    let cell = |l: &Listed, c: &str| -> String {
+        match c {
+            "id" => l.id.to_string(),
+            "name" => l.name.clone(),
+            "created" => l.created.clone(),
+            "layer" => human(l.layer_bytes),
+            "used" => l.freed_bytes.map_or_else(|| "-".to_string(), human),
+            "entries" => l.entries.to_string(),
+            "state" => match &l.damage {
+                None => "ok".into(),
+                Some(d) if d.unverified => "UNVERIFIED".into(),
+                Some(_) => "CHANGED".into(),
+            },
+            "holds" => {
+                if l.holds.is_empty() {
+                    "-".into()
+                } else {
+                    l.holds.join(",")
+                }
+            }
+            _ => l.description.clone().unwrap_or_else(|| "-".into()),
+        }
+    };
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    if !no_header {
+        rows.push(columns.iter().map(|c| c.to_uppercase()).collect());
+    }
+    rows.extend(items.iter().map(|l| columns.iter().map(|c| cell(l, c)).collect()));
+    if no_header {
+        for r in rows {
+            say!("{}", r.join("\t"));
+        }
+        return Ok(());
+    }
+    let widths: Vec<usize> =
+        (0..columns.len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let numeric = |c: &str| matches!(c, "id" | "layer" | "used" | "entries");
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(columns)
+            .zip(&widths)
+            .map(|((v, c), w)| if numeric(c) { format!("{v:>w$}") } else { format!("{v:<w$}") })
+            .collect();
+        say!("{}", cells.join("  ").trim_end());
+    }
+    Ok(())
+}
+
 fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     let items = listed(mount)?;
     if json {
@@ -798,6 +869,10 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
             used,
             l.entries
         );
+    }
+    if !items.is_empty() {
+        let held: u64 = items.iter().map(|l| l.layer_bytes).sum();
+        say!("{} snapshot(s); their layers hold {}", items.len(), human(held));
     }
     list_footer(damaged)
 }
@@ -843,7 +918,11 @@ fn list_footer(damaged: usize) -> anyhow::Result<()> {
 
 /// `ovlsnap check`: LIVE (or a mount over it) and its store; exit 0 without errors, 1 with.
 fn check(live: PathBuf, store: Option<PathBuf>, repair: bool, json: bool) -> ExitCode {
-    match snap_fs::check::check_store(&live, store.as_deref(), repair) {
+    // Every layer is walked: a while on a big store.
+    let bar = spinner(&format!("{} {}", if repair { "checking and repairing" } else { "checking" }, live.display()));
+    let checked = snap_fs::check::check_store(&live, store.as_deref(), repair);
+    bar.finish_and_clear();
+    match checked {
         Ok(report) => {
             use std::io::Write as _;
             if let Err(e) = write!(std::io::stdout().lock(), "{}", report.render(json)) {
@@ -945,7 +1024,10 @@ fn clone(
         let exe = std::env::current_exe().context("finding our own executable")?;
         let mut cmd = Command::new(exe);
         cmd.args(["clone", "--foreground", "--mount"]).arg(&mnt).arg("--upper").arg(&base).arg(name).arg(&dir);
-        return wait_ready(cmd);
+        let bar = spinner(&format!("mounting a clone of {name} at {}", dir.display()));
+        let ready = wait_ready(cmd);
+        bar.finish_and_clear();
+        return ready;
     }
     init_logs();
     rustix::process::umask(rustix::fs::Mode::empty());

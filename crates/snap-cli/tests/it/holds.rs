@@ -234,6 +234,12 @@ fn list_says_what_deleting_a_snapshot_frees_and_the_delete_frees_it() {
         [("s1", mib), ("s2", mib), ("s3", 2 * mib), ("s4", 0)].iter().map(|(n, b)| (n.to_string(), Some(*b))).collect();
     assert_eq!(freed(&m), want);
     assert!(run(&m, &["list"]).expect_ok("list").contains("USED"));
+    let cols = run(&m, &["list", "-o", "name,used,entries", "-H"]);
+    assert_eq!(cols.expect_ok("list -o -H"), "s1\t1.0 MiB\t1\ns2\t1.0 MiB\t2\ns3\t2.0 MiB\t1\ns4\t0 B\t0\n", "{cols}");
+    let table = run(&m, &["list", "-o", "used,name"]);
+    assert_eq!(table.expect_ok("list -o").lines().next(), Some("   USED  NAME"), "{table}");
+    let bad = run(&m, &["list", "-o", "name,refer"]);
+    assert!(bad.expect_failure("an unknown column").contains("no column \"refer\""), "{bad}");
     let layers = m.live().join(".ovlsnap/layers");
     for name in ["s3", "s2", "s1"] {
         let expect = freed(&m).into_iter().find(|(n, _)| n == name).and_then(|(_, f)| f).unwrap();
