@@ -114,13 +114,19 @@ pub struct Summary {
     pub objects: Vec<Object>,
     /// The bytes the objects allocate (`st_blocks`, a file of several names once per name).
     pub bytes: u64,
+    /// The objects' own bytes and links are known (false for a summary of version 2, which
+    /// serves lookups and listings until the layer is read again).
+    pub sizes: bool,
 }
 
 /// The first words of a summary file, then the root's device and inode, the count of objects and
 /// the bytes, one line; the objects follow, each as its type code, `+` if special else `-`, its
 /// inode number, its bytes, `1` if linked else `0`, each followed by a space, then its path,
-/// ended by a NUL byte. (Version 2 had no bytes nor links: such a layer is read again.)
+/// ended by a NUL byte.
 const MAGIC: &str = "ovl-summary 3";
+
+/// Version 2: no bytes nor links per object (`code mark ino path`).
+const MAGIC_2: &str = "ovl-summary 2";
 
 impl Summary {
     /// Reads the whole layer under `root` (no symlink followed, nothing changed).
@@ -149,7 +155,7 @@ impl Summary {
                 objects.push(Object { path, kind, ino: st.st_ino, special, bytes: st.st_blocks as u64 * 512, linked });
             }
         }
-        Ok(Self { root: (st.st_dev, st.st_ino), objects, bytes })
+        Ok(Self { root: (st.st_dev, st.st_ino), objects, bytes, sizes: true })
     }
 
     /// Whether this summary was read from the directory open as `root`.
@@ -181,7 +187,11 @@ impl Summary {
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         let nl = bytes.iter().position(|b| *b == b'\n')?;
         let head = std::str::from_utf8(&bytes[..nl]).ok()?;
-        let mut words = head.strip_prefix(MAGIC)?.split_ascii_whitespace();
+        let (sizes, rest) = match head.strip_prefix(MAGIC) {
+            Some(rest) => (true, rest),
+            None => (false, head.strip_prefix(MAGIC_2)?),
+        };
+        let mut words = rest.split_ascii_whitespace();
         let root = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
         let count: usize = words.next()?.parse().ok()?;
         let used: u64 = words.next()?.parse().ok()?;
@@ -201,9 +211,9 @@ impl Summary {
                 b'-' => false,
                 _ => return None,
             };
-            let mut fields = rest.splitn(4, |b| *b == b' ');
+            let mut fields = rest.splitn(if sizes { 4 } else { 2 }, |b| *b == b' ');
             let mut number = || -> Option<u64> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
-            let (ino, bytes, linked) = (number()?, number()?, number()?);
+            let (ino, bytes, linked) = if sizes { (number()?, number()?, number()?) } else { (number()?, 0, 0) };
             if linked > 1 {
                 return None;
             }
@@ -216,7 +226,7 @@ impl Summary {
             }
             objects.push(Object { path, kind, ino, special, bytes, linked: linked == 1 });
         }
-        (objects.len() == count).then_some(Self { root, objects, bytes: used })
+        (objects.len() == count).then_some(Self { root, objects, bytes: used, sizes })
     }
 }
 
@@ -235,6 +245,8 @@ struct Info {
 struct Known {
     objects: u64,
     bytes: u64,
+    /// Objects' bytes and links known (see [`Summary::sizes`]).
+    sizes: bool,
     children: HashMap<PathBuf, Vec<OsString>>,
 }
 
@@ -276,7 +288,8 @@ impl Holders {
         if at >= self.summarized.len() {
             self.summarized.resize_with(at + 1, || None);
         }
-        self.summarized[at] = Some(Known { objects: summary.objects.len() as u64, bytes: summary.bytes, children });
+        self.summarized[at] =
+            Some(Known { objects: summary.objects.len() as u64, bytes: summary.bytes, sizes: summary.sizes, children });
     }
 
     /// Stops using layer `layer`'s summary: it is probed again like any layer.
@@ -304,6 +317,12 @@ impl Holders {
         self.known(layer).is_some()
     }
 
+    /// Whether `layer` has a summary in use that knows its objects' bytes and links (one of
+    /// version 2 does not: the layer is to be read again).
+    pub fn knows_sizes(&self, layer: u64) -> bool {
+        self.known(layer).is_some_and(|k| k.sizes)
+    }
+
     fn known(&self, layer: u64) -> Option<&Known> {
         usize::try_from(layer).ok().and_then(|at| self.summarized.get(at)).and_then(Option::as_ref)
     }
@@ -324,7 +343,7 @@ impl Holders {
         if let Some(n) = self.freed.lock().get(&(layer, older)) {
             return Some(*n);
         }
-        let known = self.known(layer)?;
+        let known = self.known(layer).filter(|k| k.sizes)?;
         let mut objects = Vec::new();
         for (dir, names) in &known.children {
             for name in names {
@@ -351,6 +370,7 @@ impl Holders {
         let Some(older) = older else {
             return Some(objects.filter(|o| !o.3).map(|o| o.2).sum());
         };
+        // (Which paths it holds is enough: its own sizes do not count.)
         if !self.knows(older) {
             return None;
         }
@@ -540,7 +560,7 @@ mod tests {
     }
 
     fn summary(objects: Vec<Object>) -> Summary {
-        Summary { root: (0, 0), objects, bytes: 0 }
+        Summary { root: (0, 0), objects, bytes: 0, sizes: true }
     }
 
     #[test]
@@ -554,6 +574,7 @@ mod tests {
                 obj("a/\nx", Kind::Whiteout, false),
             ],
             bytes: 8192,
+            sizes: true,
         };
         assert_eq!(Summary::decode(&s.encode()), Some(s.clone()));
         let bytes = s.encode();
@@ -561,7 +582,12 @@ mod tests {
         let cut = bytes.len() - "w-4 4096 0 a/\nx".len() - 1;
         assert_eq!(Summary::decode(&bytes[..cut]), None, "cut short after a path");
         assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1 0\na\0"), None, "an older version");
-        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd-1 a\0"), None, "version 2: no bytes nor links");
+        let old = Summary::decode(b"ovl-summary 2 1 2 1 4096\nd-1 a b\0").expect("version 2 is read");
+        assert_eq!(
+            (old.sizes, old.bytes, &old.objects[0].path, old.objects[0].ino),
+            (false, 4096, &PathBuf::from("a b"), 1)
+        );
+        assert_eq!(Summary::decode(b"ovl-summary 2 1 2 1 0\nd-x a\0"), None, "version 2, no number");
         assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nd-1 0 0 /etc\0"), None, "absolute");
         assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nd-1 0 0 a/../b\0"), None, "dot-dot");
         assert_eq!(Summary::decode(b"ovl-summary 3 1 2 1 0\nq-1 0 0 a\0"), None, "unknown type");
@@ -572,7 +598,7 @@ mod tests {
         assert_eq!(Summary::decode(b"ovl-summary 3 1 2 0\n"), None, "no bytes");
         assert_eq!(
             Summary::decode(b"ovl-summary 3 1 2 0 0\n"),
-            Some(Summary { root: (1, 2), objects: vec![], bytes: 0 })
+            Some(Summary { root: (1, 2), objects: vec![], bytes: 0, sizes: true })
         );
     }
 
@@ -611,6 +637,11 @@ mod tests {
         assert_eq!(h.freed_by(2, Some(1)), Some(27000));
         assert_eq!(h.freed_by(2, None), Some(1000 + 2000 + 4096 * 3 + 4000 + 8000 + 16000 + 32000), "the oldest");
         assert_eq!(h.freed_by(2, Some(9)), None, "an older layer without a summary");
+        // A summary of version 2 serves lookups but says nothing of what a delete frees.
+        h.add(3, &Summary { sizes: false, ..summary(vec![file("f", 0, false)]) });
+        assert!(h.knows(3) && !h.knows_sizes(3));
+        assert_eq!(h.freed_by(3, Some(2)), None);
+        assert_eq!(h.freed_by(2, Some(3)), Some(1000), "an older one of version 2 still tells what it hides");
         // The older layer replaced (a merge): the answer follows.
         h.add(1, &summary(vec![file("g", 5, false)]));
         assert_eq!(h.freed_by(2, Some(1)), Some(32000));

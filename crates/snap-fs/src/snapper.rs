@@ -672,7 +672,8 @@ impl Snapper {
                 let holders = self.views.holders.read();
                 let fds = self.layer_fds.lock();
                 let frozen = &snaps[..snaps.len().saturating_sub(1)];
-                let missing = frozen.iter().rev().find(|s| !holders.knows(s.id) && !failed.contains(&s.id));
+                // (A summary of version 2 serves lookups meanwhile; it lacks sizes for `list`.)
+                let missing = frozen.iter().rev().find(|s| !holders.knows_sizes(s.id) && !failed.contains(&s.id));
                 missing.and_then(|s| Some((s.id, fds.get(&s.id)?.1.clone())))
             };
             let Some((id, fd)) = next else { return Ok(()) };

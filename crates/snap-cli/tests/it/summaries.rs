@@ -315,3 +315,61 @@ fn a_repair_that_changes_layers_makes_their_summaries_again() {
     assert_summaries_exact(&m, "after the repair");
     assert_views_match_the_kernel(&m, "after the repair");
 }
+
+/// A store from before per-object sizes (summary version 2): its summaries serve lookups and
+/// listings at once, and each layer is read again in the background, after which `list` says what
+/// deleting each snapshot frees.
+#[test]
+fn summaries_of_version_2_are_used_and_read_again_for_sizes() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::create_dir(m.live().join("d")).unwrap();
+    fs::write(m.live().join("d/f"), b"0").unwrap();
+    m.mount();
+    for i in 0..4 {
+        m.take(Some(&format!("s{i}")));
+        fs::write(m.mnt().join("d/f"), format!("{i}")).unwrap();
+        fs::write(m.mnt().join(format!("new{i}")), b"n").unwrap();
+    }
+    wait_for_summaries(&m, "after the takes");
+    let views: Vec<_> = (0..4).map(|i| record_tree(&m.view(&format!("s{i}")))).collect();
+    m.umount();
+    // Rewrite each summary as version 2: no bytes nor links per object.
+    for id in summarized(&m) {
+        let path = store(&m).join("summaries").join(id.to_string());
+        let bytes = fs::read(&path).unwrap();
+        let nl = bytes.iter().position(|b| *b == b'\n').unwrap();
+        let head = String::from_utf8(bytes[..nl].to_vec()).unwrap().replace("ovl-summary 3", "ovl-summary 2");
+        let mut out = format!("{head}\n").into_bytes();
+        for rec in bytes[nl + 1..].split(|b| *b == 0).filter(|r| !r.is_empty()) {
+            // `code mark ino bytes linked path` -> `code mark ino path`
+            let mut parts = rec.splitn(4, |b| *b == b' ');
+            let ino = parts.next().unwrap();
+            let (_, _, path) = (parts.next(), parts.next(), parts.next().unwrap());
+            out.extend_from_slice(ino);
+            out.push(b' ');
+            out.extend_from_slice(path);
+            out.push(0);
+        }
+        fs::write(&path, out).unwrap();
+    }
+    m.mount();
+    for (i, want) in views.iter().enumerate() {
+        assert_same_tree(want, &record_tree(&m.view(&format!("s{i}"))), &format!("s{i} with summaries of version 2"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ovlsnap(&[std::ffi::OsStr::new("list"), "--json".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()]);
+        let v: serde_json::Value = serde_json::from_str(out.expect_ok("list --json")).unwrap();
+        let all = v.as_array().unwrap().iter().all(|s| s["freed_bytes"].is_u64());
+        let rewritten = summarized(&m).iter().all(|id| {
+            fs::read(store(&m).join("summaries").join(id.to_string())).unwrap().starts_with(b"ovl-summary 3 ")
+        });
+        if all && rewritten {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the layers were not read again: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_summaries_exact(&m, "after the summaries were read again");
+    m.umount();
+}
