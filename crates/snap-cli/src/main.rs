@@ -1078,6 +1078,10 @@ fn generate_docs(dir: &Path) -> anyhow::Result<()> {
     let mut script = std::fs::read_to_string(&bash)?;
     script.push_str(BASH_NAMES);
     std::fs::write(&bash, script)?;
+    let fish = completions.join("ovlsnap.fish");
+    let mut script = std::fs::read_to_string(&fish)?;
+    script.push_str(FISH_NAMES);
+    std::fs::write(&fish, script)?;
     let cmd = Cli::command();
     clap_mangen::generate_to(cmd, &man)?;
     // What clap does not know: appended to the main page.
@@ -1121,6 +1125,12 @@ _ovlsnap_snapshot_names() {
     _ovlsnap "$@"
 }
 complete -F _ovlsnap_snapshot_names -o bashdefault -o default ovlsnap
+"#;
+
+/// Snapshot names for fish, after the commands that take one.
+const FISH_NAMES: &str = r#"
+# Snapshot names, asked of the mount of the current directory (`ovlsnap complete-names`).
+complete -c ovlsnap -n "__fish_seen_subcommand_from delete restore rename set mount-cmd mount-view clone diff send hold release holds" -f -a "(ovlsnap complete-names 2>/dev/null)"
 "#;
 
 /// The sections of ovlsnap(1) after the commands (roff).

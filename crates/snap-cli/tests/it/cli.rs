@@ -201,6 +201,9 @@ printf '%s\n' "${{COMPREPLY[@]}}""#,
     let line = format!("ovlsnap restore --mount {} tu", mnt.display());
     assert_eq!(complete(&elsewhere, &line), ["tuesday"], "names of the --mount given");
     assert!(complete(&elsewhere, "ovlsnap delete mo").is_empty(), "outside a mount: no names, no error");
+    // fish asks the same command (fish itself is not installed here to run it).
+    let fish = fs::read_to_string(docs.join("completions/ovlsnap.fish")).unwrap();
+    assert!(fish.contains("-a \"(ovlsnap complete-names 2>/dev/null)\""), "{fish}");
     // Not a name position: clap's completion (subcommands here).
     assert!(complete(&mnt, "ovlsnap ho").contains(&"hold".to_string()));
 }
