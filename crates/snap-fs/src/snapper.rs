@@ -62,6 +62,68 @@ pub struct Listed {
     pub properties: std::collections::BTreeMap<String, String>,
 }
 
+/// Every snapshot layer's path and root, by id, in rising id (the order of the snapshot list):
+/// kept in step with the list by a merge, not a hash of every id per take (issue 17).
+#[derive(Default)]
+struct LayerRoots(Vec<(u64, crate::view::SharedLayer)>);
+
+impl LayerRoots {
+    fn get(&self, id: u64) -> Option<&crate::view::SharedLayer> {
+        self.0.binary_search_by_key(&id, |(i, _)| *i).ok().map(|at| &self.0[at].1)
+    }
+
+    fn root(&self, id: u64) -> anyhow::Result<&ovl_core::LayerRoot> {
+        self.get(id).map(|l| &l.1).with_context(|| format!("layer {id} is not open"))
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Ok(at) = self.0.binary_search_by_key(&id, |(i, _)| *i) {
+            self.0.remove(at);
+        }
+    }
+
+    /// The layers, in the list's order.
+    fn layers(&self) -> impl Iterator<Item = &crate::view::SharedLayer> {
+        self.0.iter().map(|(_, l)| l)
+    }
+
+    /// Makes the roots those of `snaps` (rising ids): keeps the ones still listed, opens the new
+    /// ones with `open`, drops the others. A take only adds the last one.
+    fn sync(
+        &mut self,
+        snaps: &[SnapshotInfo],
+        mut open: impl FnMut(&SnapshotInfo) -> anyhow::Result<crate::view::SharedLayer>,
+    ) -> anyhow::Result<()> {
+        let n = self.0.len();
+        if snaps.len() == n + 1 && self.0.iter().zip(snaps).all(|((id, _), s)| *id == s.id) {
+            let s = &snaps[n];
+            self.0.push((s.id, open(s)?));
+            return Ok(());
+        }
+        let mut old = std::mem::take(&mut self.0).into_iter().peekable();
+        let mut out = Vec::with_capacity(snaps.len());
+        let mut failed = None;
+        for s in snaps {
+            while old.next_if(|(id, _)| *id < s.id).is_some() {}
+            match old.next_if(|(id, _)| *id == s.id) {
+                Some(kept) => out.push(kept),
+                None => match open(s) {
+                    Ok(l) => out.push((s.id, l)),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                },
+            }
+        }
+        // On a failure the roots not reached stay (all above the ones kept): the next sync sorts
+        // them out.
+        out.extend(old.filter(|_| failed.is_some()));
+        self.0 = out;
+        failed.map_or(Ok(()), Err)
+    }
+}
+
 /// How many snapshot layer roots a process keeps open at once: an eighth of its open-file
 /// limit, between 8 and 4096. Others are opened again when used (`ovl_core::LayerRoot`), so a
 /// store's snapshots are not bounded by the limit (issue 17).
@@ -86,7 +148,7 @@ pub struct Snapper {
     live_root: ovl_core::LayerRoot,
     live_path: PathBuf,
     /// Each snapshot layer's root, opened while used (see [`layer_root_budget`]).
-    layer_fds: Mutex<std::collections::HashMap<u64, crate::view::SharedLayer>>,
+    layer_fds: Mutex<LayerRoots>,
     /// The mount's notifier slot, once the daemon sets it (`Snapper::set_notifier`).
     notifier: std::sync::OnceLock<Arc<std::sync::OnceLock<fuser::Notifier>>>,
     /// The open layer roots' budget.
@@ -146,17 +208,11 @@ impl Snapper {
         let snaps = store.snapshots();
         // One root per layer, shared by the CoW target and every view, open while used.
         let mut fds = self.layer_fds.lock();
-        // (By a set: at N = 10,000 a scan of the list per root was 10^8 comparisons a take.)
-        let ids: std::collections::HashSet<u64> = snaps.iter().map(|s| s.id).collect();
-        fds.retain(|id, _| ids.contains(id));
-        for s in snaps {
-            if let std::collections::hash_map::Entry::Vacant(e) = fds.entry(s.id) {
-                let fd = store.open_layer(s.id)?;
-                let root = ovl_core::LayerRoot::lazy(&self.root_pool, self.layers_dir.clone(), &s.id.to_string(), fd)?;
-                e.insert((store.path().join(Store::layer_rel(s.id)).into(), root));
-            }
-        }
-        let layer = |id: u64| fds[&id].clone();
+        fds.sync(snaps, |s| {
+            let fd = store.open_layer(s.id)?;
+            let root = ovl_core::LayerRoot::lazy(&self.root_pool, self.layers_dir.clone(), &s.id.to_string(), fd)?;
+            Ok((store.path().join(Store::layer_rel(s.id)).into(), root))
+        })?;
         let live = (self.live_path.clone(), self.live.clone());
         let Some(newest) = snaps.last() else {
             *self.cow.lock() = None;
@@ -170,10 +226,10 @@ impl Snapper {
         let (_, work) = store.work()?;
         let (hidden, journal) = (self.hidden.clone(), rustix::io::dup(store.root())?);
         let pre = self.precopies.clone();
-        let target = (store.path().join(Store::layer_rel(newest.id)), fds[&newest.id].1.get()?);
+        let target = (store.path().join(Store::layer_rel(newest.id)), fds.root(newest.id)?.get()?);
         let cow = Cow::new(target, work, live, hidden, journal, store.overlay_options(), pre)
             .context("opening the newest snapshot's layer")?;
-        let mut all: Vec<_> = snaps.iter().map(|s| layer(s.id)).collect();
+        let mut all: Vec<_> = fds.layers().cloned().collect();
         all.push((self.live_path.as_path().into(), self.live_root.clone()));
         let frozen = &snaps[..snaps.len() - 1];
         {
@@ -183,7 +239,7 @@ impl Snapper {
                 if holders.knows(s.id) {
                     continue;
                 }
-                let Ok(root) = fds[&s.id].1.get() else { continue };
+                let Ok(root) = fds.root(s.id).and_then(|r| Ok(r.get()?)) else { continue };
                 if let Some(summary) = crate::summary::load(store.root(), s.id, root.as_fd()) {
                     holders.add(s.id, &summary);
                 }
@@ -413,7 +469,7 @@ impl Snapper {
         let fds = self.layer_fds.lock();
         let mut layers = Vec::with_capacity(snaps.len() + 1);
         for s in snaps {
-            let (path, fd) = fds.get(&s.id).with_context(|| format!("layer {} is not open", s.id))?;
+            let (path, fd) = fds.get(s.id).with_context(|| format!("layer {} is not open", s.id))?;
             layers.push((path.to_path_buf(), fd.clone()));
         }
         layers.push((self.live_path.clone(), self.live_root.clone()));
@@ -546,7 +602,7 @@ impl Snapper {
                     let names = newest_stack.names().clone();
                     let mut any = false;
                     for i in (0..snaps.len()).rev() {
-                        let fds = self.layer_fds.lock().get(&snaps[i].id).map(|l| l.1.clone());
+                        let fds = self.layer_fds.lock().get(snaps[i].id).map(|l| l.1.clone());
                         if let Some(root) = fds {
                             any |= crate::seal::has_redirects(root.get()?.as_fd(), &names)?;
                         }
@@ -674,7 +730,7 @@ impl Snapper {
                 let frozen = &snaps[..snaps.len().saturating_sub(1)];
                 // (A summary of version 2 serves lookups meanwhile; it lacks sizes for `list`.)
                 let missing = frozen.iter().rev().find(|s| !holders.knows_sizes(s.id) && !failed.contains(&s.id));
-                missing.and_then(|s| Some((s.id, fds.get(&s.id)?.1.clone())))
+                missing.and_then(|s| Some((s.id, fds.get(s.id)?.1.clone())))
             };
             let Some((id, fd)) = next else { return Ok(()) };
             let summary = match fd.get().and_then(|fd| ovl_core::presence::Summary::read(fd.as_fd())) {
@@ -691,7 +747,7 @@ impl Snapper {
             let store = self.store.lock();
             let snaps = store.snapshots();
             let frozen = &snaps[..snaps.len().saturating_sub(1)];
-            let same = self.layer_fds.lock().get(&id).is_some_and(|(_, r)| summary.is_of_dir(r.dev(), r.ino()));
+            let same = self.layer_fds.lock().get(id).is_some_and(|(_, r)| summary.is_of_dir(r.dev(), r.ino()));
             if !frozen.iter().any(|s| s.id == id) || !same {
                 continue;
             }
@@ -794,9 +850,9 @@ impl Snapper {
             rustix::fs::fsync(&dir)?;
             drop((a, b));
             store.delete(info.id, Some((into, &dir_name)))?;
-            self.layer_fds.lock().remove(&into);
+            self.layer_fds.lock().remove(into);
         }
-        self.layer_fds.lock().remove(&info.id);
+        self.layer_fds.lock().remove(info.id);
         self.views.holders.write().forget(info.id);
         if let Err(e) = crate::summary::remove(store.root(), info.id) {
             tracing::warn!(id = info.id, "the summary of a deleted layer stays: {e:#}");

@@ -72,8 +72,9 @@ struct ViewSet {
     layers: Vec<SharedLayer>,
     /// By layer: its id in `Views::holders` when it is frozen (not the CoW target, not LIVE).
     frozen: Vec<Option<u64>>,
-    /// By snapshot id: the index of its own layer in `layers`.
-    from: HashMap<u64, usize>,
+    /// The snapshots' ids, in the order of their layers (rising): snapshot `ids[k]`'s view is
+    /// `layers[k..]`.
+    ids: Vec<u64>,
     /// The views' stacks built so far (a view's stack is built on its first use).
     built: Mutex<HashMap<u64, Arc<ViewStack>>>,
 }
@@ -218,29 +219,39 @@ impl Views {
         frozen: Vec<Option<u64>>,
         views: impl ExactSizeIterator<Item = (u64, &'n str, usize)> + Clone,
     ) {
-        let mut from = HashMap::with_capacity(views.len());
-        from.extend(views.clone().map(|(id, _, i)| (id, i)));
-        *self.set.write() = Arc::new(ViewSet { layers, frozen, from, built: Mutex::default() });
-        {
-            // Names change one at a time (a take adds one, a delete removes one): updated in
-            // place, not rebuilt.
-            let mut names = self.names.write();
-            for (id, name, _) in views.clone() {
-                match names.get_mut(name) {
-                    Some(n) => *n = id,
-                    None => {
-                        names.insert(name.to_owned(), id);
-                    }
-                }
-            }
-            // (Every name of `views` is in now: more means some went.)
-            if names.len() != views.len() {
-                let keep: std::collections::HashSet<&str> = views.map(|(_, n, _)| n).collect();
-                names.retain(|n, _| keep.contains(n.as_str()));
-            }
-        }
+        let ids: Vec<u64> = views.clone().map(|(id, _, _)| id).collect();
+        debug_assert!(views.clone().enumerate().all(|(k, (_, _, i))| k == i) && ids.is_sorted());
+        *self.set.write() = Arc::new(ViewSet { layers, frozen, ids, built: Mutex::default() });
+        self.update_names(views);
         self.changes.fetch_add(1, Ordering::AcqRel);
         self.dirs_resolved.lock().clear();
+    }
+
+    /// Makes the names those of `views`. Names change one at a time (a take adds one, a delete
+    /// removes one, a rename changes one itself): updated in place, not rebuilt.
+    fn update_names<'n>(&self, views: impl ExactSizeIterator<Item = (u64, &'n str, usize)> + Clone) {
+        let mut names = self.names.write();
+        if let Some((id, name, _)) = views.clone().last()
+            && views.len() == names.len() + 1
+            && !names.contains_key(name)
+        {
+            // A take: the others are the names already here (nothing else changes them).
+            names.insert(name.to_owned(), id);
+            return;
+        }
+        for (id, name, _) in views.clone() {
+            match names.get_mut(name) {
+                Some(n) => *n = id,
+                None => {
+                    names.insert(name.to_owned(), id);
+                }
+            }
+        }
+        // (Every name of `views` is in now: more means some went.)
+        if names.len() != views.len() {
+            let keep: std::collections::HashSet<&str> = views.map(|(_, n, _)| n).collect();
+            names.retain(|n, _| keep.contains(n.as_str()));
+        }
     }
 
     /// Snapshot `id` is called `to` now, not `name`.
@@ -259,7 +270,7 @@ impl Views {
 
     fn stack(&self, snap: u64) -> Result<Arc<ViewStack>> {
         let set = self.set.read().clone();
-        let from = *set.from.get(&snap).ok_or(Errno::STALE)?;
+        let from = set.ids.binary_search(&snap).map_err(|_| Errno::STALE)?;
         if let Some(vs) = set.built.lock().get(&snap) {
             return Ok(vs.clone());
         }
