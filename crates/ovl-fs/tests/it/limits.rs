@@ -205,7 +205,17 @@ fn thousands_of_directories_stay_within_the_descriptor_budget() {
         assert_same_tree(what, "kernel", &snapshot_tree(kernel.path()), "ovlfs", &snapshot_tree(ovlfs.path()))
     };
     same("after mounting");
-    let held = open_fds();
+    let mut held = open_fds();
+    // Another test dropping the kernel's caches meanwhile makes it forget our nodes, and a
+    // forgotten directory rightly lets its descriptors go (a CI run saw 15 open after the walk):
+    // walked again, they are held again.
+    for _ in 0..3 {
+        if held > at_start + budget / 2 {
+            break;
+        }
+        snapshot_tree(ovlfs.path());
+        held = open_fds();
+    }
     assert!(held <= at_start + budget, "{held} descriptors open after a walk (started with {at_start})");
     assert!(held > at_start + budget / 2, "{held} descriptors open after a walk: directories hold none");
     for m in [kernel.path(), ovlfs.path()] {
