@@ -292,14 +292,7 @@ fn a_killed_daemons_leftovers_are_fixable() {
         fs::rename(m.mnt().join("src"), m.mnt().join("source")).unwrap();
         let live_now = record_tree(m.mnt());
 
-        let pid = daemon_pid(m.mnt());
-        rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
-            .unwrap();
-        while Path::new(&format!("/proc/{pid}/exe")).exists() {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        rustix::mount::unmount(m.mnt(), rustix::mount::UnmountFlags::DETACH).expect("detach the dead mount");
-        m.mark_unmounted();
+        m.kill_daemon();
 
         // What a kill in the middle of a copy, a take, a rename or a delete leaves: a half-made
         // copy, an unowned layer, the journal of the rename of `src` (which happened), and the

@@ -21,16 +21,9 @@ fn names(m: &SnapMount) -> Vec<String> {
     m.list().into_iter().map(|s| s.name).collect()
 }
 
-/// Kills `m`'s daemon with SIGKILL, detaches its dead mount, mounts again.
+/// Kills `m`'s daemon with SIGKILL and mounts again.
 fn kill_and_remount(m: &mut SnapMount) {
-    let pid = daemon_pid(m.mnt());
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
-        .expect("kill -9 the daemon");
-    while Path::new(&format!("/proc/{pid}/exe")).exists() {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    rustix::mount::unmount(m.mnt(), rustix::mount::UnmountFlags::DETACH).expect("detach the dead mount");
-    m.mark_unmounted();
+    m.kill_daemon();
     m.mount();
 }
 

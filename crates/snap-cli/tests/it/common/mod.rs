@@ -508,6 +508,24 @@ impl SnapMount {
         self.watchdog = Some(watchdog(self.scratch.root.clone(), self.mnt.clone()));
     }
 
+    /// Kills the daemon with SIGKILL and waits until it is gone; its dead mount stays (it answers
+    /// ENOTCONN until detached).
+    pub fn kill_daemon_leaving_its_mount(&self) {
+        let pid = daemon_pid(self.mnt());
+        rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
+            .expect("kill -9 the daemon");
+        while Path::new(&format!("/proc/{pid}/exe")).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL, detaches its dead mount and records that it is gone.
+    pub fn kill_daemon(&mut self) {
+        self.kill_daemon_leaving_its_mount();
+        rustix::mount::unmount(self.mnt(), rustix::mount::UnmountFlags::DETACH).expect("detach the dead mount");
+        self.mark_unmounted();
+    }
+
     /// Records that the mount went away without `ovlsnap umount` (a killed daemon, detached).
     pub fn mark_unmounted(&mut self) {
         self.watchdog = None;
