@@ -319,6 +319,18 @@ pub(crate) fn read_log(root: BorrowedFd<'_>, meta: &mut Meta, lenient: bool) -> 
     replay(meta, &bytes, lenient)
 }
 
+/// The store dir `root`'s log, open for writing (made if missing; never through a symlink).
+fn open_log(root: BorrowedFd<'_>) -> anyhow::Result<File> {
+    let fd = rustix::fs::openat(
+        root,
+        LOG,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )
+    .with_context(|| format!("opening {LOG}"))?;
+    Ok(File::from(fd))
+}
+
 /// Why a snapshot's view is no longer what was taken, found at a mount (`crate::seal`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Damage {
@@ -553,13 +565,7 @@ impl Store {
         let layers = mkdir_open(root.as_fd(), "layers", 0o700)?;
         let workdir = mkdir_open(root.as_fd(), "work", 0o700)?;
         let work = mkdir_open(workdir.as_fd(), "work", 0o700)?;
-        let log = rustix::fs::openat(
-            &root,
-            LOG,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::from_raw_mode(0o600),
-        )
-        .with_context(|| format!("opening {LOG}"))?;
+        let log = open_log(root.as_fd())?;
         let log_state = LogState { last, ..Default::default() };
         let mut store = Self {
             path,
@@ -569,7 +575,7 @@ impl Store {
             workdir,
             _lock: File::from(lock),
             meta: meta.clone(),
-            log: File::from(log),
+            log,
             log_state,
             log_broken: false,
         };
@@ -604,7 +610,9 @@ impl Store {
     /// changed when it fails.
     fn commit(&mut self, meta: Meta, change: Option<Change>) -> anyhow::Result<()> {
         match change {
-            Some(c) if !self.log_broken && self.log_state.records < COMPACT_AFTER => self.append(c)?,
+            Some(c) if !self.log_broken && self.log_state.records < COMPACT_AFTER && self.log_intact() => {
+                self.append(c)?
+            }
             _ => self.checkpoint(&meta)?,
         }
         self.meta = meta;
@@ -617,6 +625,26 @@ impl Store {
             self.commit(self.meta.clone(), None)?;
         }
         Ok(())
+    }
+
+    /// Whether the log is still the file at its name, as long as this daemon wrote it. Removed,
+    /// replaced or cut behind our back, an append would commit to a file no mount reads, or
+    /// after a hole that makes it read as a torn line: the change writes a checkpoint instead.
+    fn log_intact(&self) -> bool {
+        let here = rustix::fs::fstat(&self.log);
+        let named = rustix::fs::statat(&self.root, LOG, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+        let intact = match (here, named) {
+            (Ok(h), Ok(n)) => {
+                h.st_nlink > 0 && (h.st_dev, h.st_ino) == (n.st_dev, n.st_ino) && h.st_size as u64 == self.log_state.len
+            }
+            _ => false,
+        };
+        if !intact {
+            tracing::warn!(
+                "{LOG} was removed, replaced or changed behind the daemon's back: the list is written whole"
+            );
+        }
+        intact
     }
 
     /// Appends one record to the log and syncs it (the commit point).
@@ -650,6 +678,20 @@ impl Store {
         meta.logged = last;
         self.write_meta(&meta)?;
         self.log_state = LogState { last, ..Default::default() };
+        // A log removed or replaced behind our back: the file at its name is the log from now on.
+        let named = rustix::fs::statat(&self.root, LOG, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+        let here = rustix::fs::fstat(&self.log);
+        if !matches!((&here, &named), (Ok(h), Ok(n)) if h.st_nlink > 0 && (h.st_dev, h.st_ino) == (n.st_dev, n.st_ino))
+        {
+            match open_log(self.root.as_fd()).and_then(|f| Ok((f, rustix::fs::fsync(&self.root)?))) {
+                Ok((f, ())) => self.log = f,
+                Err(e) => {
+                    tracing::warn!("reopening {LOG}: {e:#}; changes rewrite the list until it works");
+                    self.log_broken = true;
+                    return Ok(());
+                }
+            }
+        }
         // The log's records are all in the checkpoint now: emptying it only saves reading them.
         match self.log.set_len(0).and_then(|()| self.log.sync_data()) {
             Ok(()) => self.log_broken = false,

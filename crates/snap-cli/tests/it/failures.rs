@@ -110,20 +110,13 @@ fn a_killed_daemon_loses_no_snapshot_and_remount_cleans_up() {
         fs::write(m.mnt().join("d2/e/f"), b"three\n").unwrap();
         let live_now = record_tree(m.mnt());
 
-        let pid = daemon_pid(m.mnt());
-        rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
-            .expect("kill -9 the daemon");
-        while Path::new(&format!("/proc/{pid}/exe")).exists() {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
         // The dead mount answers ENOTCONN until it is detached, as for any FUSE daemon.
-        rustix::mount::unmount(m.mnt(), UnmountFlags::DETACH).expect("detach the dead mount");
+        m.kill_daemon();
         // What a crash in the middle of a copy or a take leaves: a half-made copy in the work dir
         // and a layer no snapshot owns yet.
         fs::write(m.live().join(".ovlsnap/work/work/#ovl.half-made"), b"partial").unwrap();
         fs::create_dir(m.live().join(".ovlsnap/layers/99")).unwrap();
 
-        m.mark_unmounted();
         m.mount();
         assert_same_tree(&s1, &record_tree(&m.view("s1")), "s1 after the kill and remount");
         assert_same_tree(&s2, &record_tree(&m.view("s2")), "s2 after the kill and remount");
@@ -352,12 +345,7 @@ fn mount_over_the_dead_mount_of_a_killed_daemon_clears_it() {
         let mut m = SnapMount::start(form, |live| fs::write(live.join("f"), b"one\n").unwrap());
         m.take(Some("s1"));
         fs::write(m.mnt().join("f"), b"two\n").unwrap();
-        let pid = daemon_pid(m.mnt());
-        rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
-            .expect("kill -9 the daemon");
-        while Path::new(&format!("/proc/{pid}/exe")).exists() {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        m.kill_daemon_leaving_its_mount();
         let dead = rustix::fs::statfs(m.mnt()).err();
         assert!(
             matches!(dead, Some(rustix::io::Errno::NOTCONN | rustix::io::Errno::CONNABORTED)),
@@ -370,18 +358,6 @@ fn mount_over_the_dead_mount_of_a_killed_daemon_clears_it() {
         let stacked = mounts().iter().filter(|l| l.point == m.mnt()).count();
         assert_eq!(stacked, 1, "{form:?}: one mount on the mount point, the dead one gone");
     }
-}
-
-/// Kills `m`'s daemon with SIGKILL and detaches its dead mount.
-fn kill_daemon(m: &mut SnapMount) {
-    let pid = daemon_pid(m.mnt());
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL)
-        .expect("kill -9 the daemon");
-    while Path::new(&format!("/proc/{pid}/exe")).exists() {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    rustix::mount::unmount(m.mnt(), UnmountFlags::DETACH).expect("detach the dead mount");
-    m.mark_unmounted();
 }
 
 /// Issue 17: a take or delete appends one line to `snapshots.log` instead of rewriting the whole
@@ -414,7 +390,7 @@ fn takes_and_deletes_append_to_the_list_log_which_survives_a_kill_and_a_torn_lin
     // Killed with records in the log, and a last line cut short (as by a stop mid-append).
     m.mount();
     m.take(Some("d"));
-    kill_daemon(&mut m);
+    m.kill_daemon();
     assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 1);
     OpenOptions::new().append(true).open(&log).unwrap().write_all(b"{\"seq\":99,\"add\":{\"id\"").unwrap();
     m.mount();
@@ -427,7 +403,7 @@ fn takes_and_deletes_append_to_the_list_log_which_survives_a_kill_and_a_torn_lin
     m.take(Some("e"));
     fs::write(m.mnt().join("f"), b"v4\n").unwrap();
     m.take(Some("g"));
-    kill_daemon(&mut m);
+    m.kill_daemon();
     let text = fs::read_to_string(&log).unwrap();
     let recs: Vec<&str> = text.lines().collect();
     assert_eq!(recs.len(), 2, "{text}");
@@ -470,12 +446,40 @@ fn the_list_log_is_folded_after_256_changes_and_a_kill_after_it_loses_nothing() 
     assert_eq!(fs::read(&log).unwrap(), b"", "and emptied the log");
     m.take(Some("s257"));
     assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 1, "then the log grows again");
-    kill_daemon(&mut m);
+    m.kill_daemon();
     m.mount();
     let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
     assert_eq!(names.len(), 258);
     assert_eq!((names[0].as_str(), names[257].as_str()), ("s000", "s257"));
     assert_eq!(fs::read(m.view("s000").join("f")).unwrap(), b"0\n");
     assert_eq!(fs::read(m.view("s257").join("f")).unwrap(), b"257\n");
+    m.umount();
+}
+
+/// The list's log removed, cut or replaced behind the daemon's back (by root or LIVE's owner: the
+/// store is theirs): a change then writes the whole list, never an append to a file no mount
+/// reads or after a hole that reads as a torn line. A kill -9 afterwards loses no snapshot.
+#[test]
+fn a_list_log_removed_or_cut_while_mounted_loses_no_snapshot() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("f"), b"0\n").unwrap();
+    m.mount();
+    let log = m.live().join(".ovlsnap/snapshots.log");
+    m.take(Some("a"));
+    fs::remove_file(&log).unwrap();
+    m.take(Some("b"));
+    assert!(log.exists(), "the log is made again");
+    m.take(Some("c"));
+    OpenOptions::new().write(true).open(&log).unwrap().set_len(0).unwrap();
+    fs::write(m.mnt().join("f"), b"4\n").unwrap();
+    m.take(Some("d"));
+    fs::write(&log, b"not ours\n").unwrap();
+    m.take(Some("e"));
+    m.kill_daemon();
+    m.mount();
+    let names: Vec<String> = m.list().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["a", "b", "c", "d", "e"]);
+    assert_eq!(fs::read(m.view("c").join("f")).unwrap(), b"0\n");
+    assert_eq!(fs::read(m.view("d").join("f")).unwrap(), b"4\n");
     m.umount();
 }
