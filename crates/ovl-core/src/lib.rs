@@ -37,6 +37,6 @@ pub mod unprivileged;
 pub use error::{Errno, Error, Result, StackError};
 pub use format::{KNOWN_KEYS, Opaque, XattrNames, is_whiteout_stat, make_whiteout, metacopy_value_is_valid};
 pub use layer::{Layer, LayerId, LayerStack, UpperLayer};
-pub use options::{MountOptions, RedirectDir};
+pub use options::{MountOptions, RedirectDir, Uring};
 pub use origin::{Origin, OriginError};
 pub use root::{LayerRoot, RootPool};

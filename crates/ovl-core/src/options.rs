@@ -20,6 +20,31 @@ pub enum RedirectDir {
     NoFollow,
 }
 
+/// How the kernel hands requests to the daemon (`uring=`; not a kernel overlay option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Uring {
+    /// Rings where the kernel offers them (`enable_uring` set), else `/dev/fuse`.
+    #[default]
+    Auto,
+    /// Rings, or no mount.
+    On,
+    /// `/dev/fuse` only.
+    Off,
+}
+
+impl std::str::FromStr for Uring {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Uring::Auto),
+            "on" => Ok(Uring::On),
+            "off" => Ok(Uring::Off),
+            _ => Err(format!("{s:?}: expected on, off or auto")),
+        }
+    }
+}
+
 /// Parsed mount options. Construct with [`MountOptions::parse`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MountOptions {
@@ -49,6 +74,9 @@ pub struct MountOptions {
     /// `xattr_permissions=1|2`: the upper layer keeps owner and mode in this xattr instead of
     /// the real inode (see [`crate::statoverride`]); `0` or absent: only where a layer root says so.
     pub xattr_permissions: Option<OverrideXattr>,
+    /// `uring=on|off|auto`: FUSE over io_uring (unset: the `OVLFS_URING` environment
+    /// variable, else auto).
+    pub uring: Option<Uring>,
     /// Options meant for the FUSE layer or mount(8) that we accept and ignore.
     pub ignored: Vec<String>,
 }
@@ -160,6 +188,7 @@ impl MountOptions {
                         _ => return Err(bad(key, "expected on, follow, off or nofollow")),
                     }
                 }
+                ("uring", Some(v)) => self.uring = Some(v.parse().map_err(|e: String| bad(key, &e))?),
                 (k, None) if IGNORED.contains(&k) => self.ignored.push(opt.clone()),
                 ("uidmapping", Some(v)) => self.ids.uids = IdMap::parse(v).map_err(|e| bad(key, &e))?,
                 ("gidmapping", Some(v)) => self.ids.gids = IdMap::parse(v).map_err(|e| bad(key, &e))?,

@@ -8,9 +8,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use fuser::TimeOrNow;
 use ovl_core::sys;
 use ovl_core::{Errno, Result};
+use ovl_proto::SetTime;
 use rustix::fs::{AtFlags, FallocateFlags, Gid, Mode, OFlags, SeekFrom, Stat, Timespec, Timestamps, Uid};
 
 use crate::fs::{OpenFile, OverlayFs};
@@ -31,18 +31,18 @@ pub(crate) struct SetAttr {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub size: Option<u64>,
-    pub atime: Option<TimeOrNow>,
-    pub mtime: Option<TimeOrNow>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
     pub fh: Option<u64>,
     /// Clear the set-ID bits after truncating (`FUSE_HANDLE_KILLPRIV_V2`).
     pub kill_suidgid: bool,
 }
 
-fn timespec(t: Option<TimeOrNow>) -> Timespec {
+fn timespec(t: Option<SetTime>) -> Timespec {
     match t {
         None => Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
-        Some(TimeOrNow::Now) => Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
-        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Some(SetTime::Now) => Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
+        Some(SetTime::At(t)) => match t.duration_since(SystemTime::UNIX_EPOCH) {
             Ok(d) => Timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos() as _ },
             Err(e) => {
                 let d = e.duration();

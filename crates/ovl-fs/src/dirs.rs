@@ -3,8 +3,8 @@
 use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 
-use fuser::{FileType as FuseType, Generation, INodeNo, ReplyDirectory, ReplyDirectoryPlus};
 use ovl_core::Result;
+use ovl_proto::{Answer, Attr, Kind};
 use parking_lot::Mutex;
 
 use crate::fs::{OpenDir, OverlayFs, fuse_type};
@@ -12,13 +12,13 @@ use crate::inode::{Node, ROOT};
 
 impl OverlayFs {
     /// The merged listing of `node`, with `.` and `..` first.
-    fn listing(&self, node: &Node) -> Result<Vec<(OsString, FuseType, u64)>> {
+    fn listing(&self, node: &Node) -> Result<Vec<(OsString, Kind, u64)>> {
         let (_, layers) = self.dir_of(node)?;
         let entries = ovl_lookup::read_merged(&self.stack, &layers)?;
         let parent = self.live_name(node).map_or(ROOT, |(p, _)| p);
         let mut out = Vec::with_capacity(entries.len() + 2);
-        out.push((OsString::from("."), FuseType::Directory, node.id));
-        out.push((OsString::from(".."), FuseType::Directory, parent));
+        out.push((OsString::from("."), Kind::Directory, node.id));
+        out.push((OsString::from(".."), Kind::Directory, parent));
         for e in entries {
             if self.is_hidden(node, &e.name) {
                 continue;
@@ -46,13 +46,8 @@ impl OverlayFs {
         self.handles.dirs.read().get(&fh).cloned().ok_or_else(|| ovl_core::Errno::BADF.into())
     }
 
-    pub(crate) fn do_readdir(
-        &self,
-        node: &Node,
-        fh: u64,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) -> Result<ReplyDirectory> {
+    /// Adds the entries of `node`'s listing from `offset` on to `reply` until it is full.
+    pub(crate) fn do_readdir(&self, node: &Node, fh: u64, offset: u64, reply: &mut dyn Answer) -> Result<()> {
         let dir = self.open_dir(fh)?;
         let mut d = dir.lock();
         // Taken at the first read and again at each rewind (a listing always has `.` and `..`).
@@ -60,20 +55,15 @@ impl OverlayFs {
             d.entries = self.listing(node)?;
         }
         for (i, (name, kind, ino)) in d.entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+            if reply.dir_entry(*ino, i as u64 + 1, *kind, name) {
                 break;
             }
         }
-        Ok(reply)
+        Ok(())
     }
 
-    pub(crate) fn do_readdirplus(
-        &self,
-        node: &Node,
-        fh: u64,
-        offset: u64,
-        reply: ReplyDirectoryPlus,
-    ) -> Result<ReplyDirectoryPlus> {
+    /// Adds the entries of `node`'s listing from `offset` on to `reply`, with their attributes.
+    pub(crate) fn do_readdirplus(&self, node: &Node, fh: u64, offset: u64, reply: &mut dyn Answer) -> Result<()> {
         let dir = self.open_dir(fh)?;
         let mut d = dir.lock();
         // Taken at the first read and again at each rewind (a listing always has `.` and `..`).
@@ -97,18 +87,18 @@ impl OverlayFs {
     fn add_plus_entries(
         &self,
         node: &Node,
-        entries: &[(std::ffi::OsString, fuser::FileType, u64)],
+        entries: &[(std::ffi::OsString, Kind, u64)],
         offset: u64,
-        self_attr: fuser::FileAttr,
-        mut reply: ReplyDirectoryPlus,
-    ) -> Result<ReplyDirectoryPlus> {
+        self_attr: Attr,
+        reply: &mut dyn Answer,
+    ) -> Result<()> {
         for (i, (name, kind, ino)) in entries.iter().enumerate().skip(offset as usize) {
             let off = i as u64 + 1;
             if name == OsStr::new(".") || name == OsStr::new("..") {
                 // The kernel links no inode for these two, whatever their number.
                 let mut attr = self_attr;
-                attr.ino = INodeNo(*ino);
-                if reply.add(INodeNo(*ino), off, name, &self.ttl, &attr, Generation(0)) {
+                attr.ino = *ino;
+                if reply.dir_entry_plus(*ino, off, name, self.ttl, &attr) {
                     break;
                 }
                 continue;
@@ -120,21 +110,21 @@ impl OverlayFs {
                     // the kernel looks it up again on first use and then sees the error.
                     tracing::debug!(?name, "readdirplus lookup: {e}");
                     let mut attr = self_attr;
-                    attr.ino = INodeNo(*ino);
+                    attr.ino = *ino;
                     attr.kind = *kind;
-                    if reply.add(INodeNo(*ino), off, name, &std::time::Duration::ZERO, &attr, Generation(0)) {
+                    if reply.dir_entry_plus(*ino, off, name, std::time::Duration::ZERO, &attr) {
                         break;
                     }
                     continue;
                 }
             };
             let attr = self.attr(&child, &st);
-            if reply.add(INodeNo(child.id), off, name, &self.attr_ttl(&child), &attr, Generation(0)) {
+            if reply.dir_entry_plus(child.id, off, name, self.attr_ttl(&child), &attr) {
                 self.table.forget(child.id, 1);
                 break;
             }
         }
-        Ok(reply)
+        Ok(())
     }
 
     pub(crate) fn do_releasedir(&self, fh: u64) {

@@ -9,12 +9,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
-use fuser::{FileAttr, FileType as FuseType, INodeNo};
+use fuser::INodeNo;
 use ovl_core::sys;
 use ovl_core::{Errno, LayerStack, Result};
 use ovl_lookup::{DirLayers, Entry};
+use ovl_proto::{Attr, Kind};
 use parking_lot::{Mutex, RwLock};
 use rustix::fs::{FileType, Stat};
 
@@ -37,7 +38,7 @@ pub(crate) struct OpenFile {
 /// looks up its entries (see [`ovl_lookup::KeptDirs`]).
 #[derive(Default)]
 pub(crate) struct OpenDir {
-    pub entries: Vec<(OsString, FuseType, u64)>,
+    pub entries: Vec<(OsString, Kind, u64)>,
     pub kept: ovl_lookup::KeptDirs,
 }
 
@@ -583,9 +584,9 @@ impl OverlayFs {
     }
 
     /// `attr` with the number `stat` shows (`shown_ino`): for `getattr` and `setattr` replies.
-    pub(crate) fn stat_attr(&self, node: &Node, st: &Stat) -> FileAttr {
+    pub(crate) fn stat_attr(&self, node: &Node, st: &Stat) -> Attr {
         let mut attr = self.attr(node, st);
-        attr.ino = INodeNo(self.shown_ino(node, st));
+        attr.ino = self.shown_ino(node, st);
         attr
     }
 
@@ -755,7 +756,7 @@ impl OverlayFs {
 
     /// The attributes the kernel sees for `node`, built from its real object's `lstat` (owner
     /// and mode as recorded and shifted: `crate::ids`).
-    pub(crate) fn attr(&self, node: &Node, st: &Stat) -> FileAttr {
+    pub(crate) fn attr(&self, node: &Node, st: &Stat) -> Attr {
         let st = &self.shown(node, st);
         let merged_dir = node.is_dir() && !node.state.read().lower_dirs.is_empty();
         let time = |s: i64, ns: i64| {
@@ -765,14 +766,13 @@ impl OverlayFs {
                 UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) + Duration::from_nanos(ns as u64)
             }
         };
-        FileAttr {
-            ino: INodeNo(node.id),
+        Attr {
+            ino: node.id,
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
             atime: time(st.st_atime, st.st_atime_nsec as i64),
             mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
             ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
-            crtime: SystemTime::UNIX_EPOCH,
             kind: fuse_type(FileType::from_raw_mode(st.st_mode)),
             perm: (st.st_mode & 0o7777) as u16,
             nlink: if merged_dir { 1 } else { st.st_nlink as u32 },
@@ -780,28 +780,25 @@ impl OverlayFs {
             gid: st.st_gid,
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
-            flags: 0,
         }
     }
 
     /// The attributes of a negative entry: node 0, which the kernel takes for "no such name".
-    pub(crate) fn missing_attr(&self) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(0),
+    pub(crate) fn missing_attr(&self) -> Attr {
+        Attr {
+            ino: 0,
             size: 0,
             blocks: 0,
             atime: UNIX_EPOCH,
             mtime: UNIX_EPOCH,
             ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind: FuseType::RegularFile,
+            kind: Kind::RegularFile,
             perm: 0,
             nlink: 0,
             uid: 0,
             gid: 0,
             rdev: 0,
             blksize: 0,
-            flags: 0,
         }
     }
 
@@ -884,14 +881,14 @@ impl OverlayFs {
 }
 
 /// The FUSE file type of a real file type.
-pub(crate) fn fuse_type(ft: FileType) -> FuseType {
+pub(crate) fn fuse_type(ft: FileType) -> Kind {
     match ft {
-        FileType::Directory => FuseType::Directory,
-        FileType::Symlink => FuseType::Symlink,
-        FileType::Fifo => FuseType::NamedPipe,
-        FileType::Socket => FuseType::Socket,
-        FileType::CharacterDevice => FuseType::CharDevice,
-        FileType::BlockDevice => FuseType::BlockDevice,
-        _ => FuseType::RegularFile,
+        FileType::Directory => Kind::Directory,
+        FileType::Symlink => Kind::Symlink,
+        FileType::Fifo => Kind::Fifo,
+        FileType::Socket => Kind::Socket,
+        FileType::CharacterDevice => Kind::CharDevice,
+        FileType::BlockDevice => Kind::BlockDevice,
+        _ => Kind::RegularFile,
     }
 }

@@ -22,17 +22,18 @@ mod copyup;
 mod data;
 mod dirfds;
 mod dirs;
+mod dispatch;
 mod entries;
 mod fs;
+pub mod glue;
 pub mod hook;
 mod ids;
 mod inode;
 pub mod limits;
 pub mod mount;
-mod ops;
 mod passthrough;
 mod xattrs;
 
+pub use dispatch::errno;
 pub use fs::OverlayFs;
-/// Reply helpers shared with filesystems that stack over this one (snap-fs).
-pub use ops::{guarded, xattr_reply};
+pub use glue::{Glue, Served};

@@ -1,18 +1,22 @@
 //! Mounting an overlay: checks, the FUSE session configuration, and running it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use fuser::{Config, Session, SessionACL};
-use ovl_core::{LayerStack, MountOptions};
+use fuser::{Config, InitFlags, Session, SessionACL};
+use ovl_core::{LayerStack, MountOptions, Uring};
+use ovl_proto::Handler;
+use parking_lot::Mutex;
 
 use crate::OverlayFs;
+use crate::glue::{Glue, Served};
 
 /// A live overlay mount whose requests are not served yet; [`Mount::run`] serves them.
 pub struct Mount {
-    session: Session<OverlayFs>,
+    session: Session<Glue<OverlayFs>>,
     mountpoint: PathBuf,
 }
 
@@ -115,54 +119,153 @@ fn ensure_session_fds() -> anyhow::Result<()> {
         .context("the mount could not be served: no mount was made")
 }
 
+/// The environment variable choosing the transport where no `uring=` option does
+/// (`on`, `off` or `auto`; the snapshot daemon has no mount options).
+pub const URING_ENV: &str = "OVLFS_URING";
+
+/// The transport `option` asks for, else `OVLFS_URING`'s, else auto.
+pub fn uring_mode(option: Option<Uring>) -> anyhow::Result<Uring> {
+    if let Some(u) = option {
+        return Ok(u);
+    }
+    match std::env::var(URING_ENV) {
+        Ok(v) => v.parse().map_err(|e: String| anyhow::anyhow!("{URING_ENV}: {e}")),
+        Err(_) => Ok(Uring::Auto),
+    }
+}
+
+/// The payload buffer of each ring entry, and so the mount's `max_write`: what the kernel
+/// sends in one request at most (`max_pages` is 256 pages on this kernel anyway).
+const RING_PAYLOAD: u32 = 1 << 20;
+/// Ring entries per queue (possible CPU), each served by its own thread: a request waits for
+/// a free entry of its CPU's queue, so one slow request (a big copy-up) holds up only one.
+const RING_ENTRIES_PER_QUEUE: usize = 4;
+
+/// What the INIT negotiation decided about the rings.
+enum RingOutcome {
+    /// Rings offered to the kernel, to start once the INIT reply is out.
+    Ready(ovl_uring::Rings, Arc<dyn Handler>),
+    /// Not used, and why (an error for `uring=on`).
+    Unused(String),
+}
+
+/// The INIT step that offers the kernel rings (see [`ovl_uring`]): only where the kernel offers
+/// them, `uring` allows them, passthrough is off (its backing ids belong to `/dev/fuse`), and
+/// the rings could be built; the outcome goes to `slot`.
+fn offer_rings(
+    uring: Uring,
+    fuse: OwnedFd,
+    access: ovl_uring::Access,
+    slot: Arc<Mutex<Option<RingOutcome>>>,
+) -> crate::glue::AfterInit {
+    Box::new(move |config, handler| {
+        let outcome = (|| {
+            if uring == Uring::Off {
+                return RingOutcome::Unused("uring=off".into());
+            }
+            if !config.capabilities().contains(InitFlags::FUSE_OVER_IO_URING) {
+                return RingOutcome::Unused(
+                    "the kernel does not offer FUSE over io_uring (it needs CONFIG_FUSE_IO_URING and \
+                     /sys/module/fuse/parameters/enable_uring set to Y)"
+                        .into(),
+                );
+            }
+            if std::env::var_os(crate::passthrough::ENV_SWITCH).is_some_and(|v| v == "1") {
+                return RingOutcome::Unused("FUSE passthrough is on, which the rings do not carry".into());
+            }
+            // The rings hold a descriptor each for the mount's life: where descriptors are
+            // scarce (the open-file limit below 16 times that), they are left to the files.
+            let ring_fds = ovl_uring::possible_cpus().unwrap_or(1) * RING_ENTRIES_PER_QUEUE + 1;
+            let limit = crate::limits::raise();
+            if (ring_fds as u64).saturating_mul(16) > limit {
+                return RingOutcome::Unused(format!(
+                    "the rings' {ring_fds} descriptors are more than a sixteenth of the open-file limit ({limit})"
+                ));
+            }
+            if let Err(e) = config.set_max_write(RING_PAYLOAD) {
+                return RingOutcome::Unused(format!("max_write {RING_PAYLOAD} refused ({e})"));
+            }
+            let payload = RING_PAYLOAD as usize + 4096;
+            match ovl_uring::Rings::prepare(fuse.as_fd(), payload, RING_ENTRIES_PER_QUEUE, access) {
+                Ok(rings) => match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                    Ok(()) => RingOutcome::Ready(rings, handler),
+                    Err(_) => RingOutcome::Unused("the kernel took back its offer".into()),
+                },
+                Err(e) => RingOutcome::Unused(format!("the rings could not be built: {e}")),
+            }
+        })();
+        *slot.lock() = Some(outcome);
+    })
+}
+
+/// Completes the FUSE handshake on `fuse` (mounted at `mnt`) for `fs`, with the rings where
+/// `uring` and the kernel allow, and starts them.
+fn handshake<S: Served>(
+    fs: S,
+    fuse: OwnedFd,
+    mnt: &Path,
+    acl: SessionACL,
+    uring: Uring,
+) -> anyhow::Result<Session<Glue<S>>> {
+    let mut config = Config::default();
+    config.acl = acl;
+    config.n_threads = Some(session_threads());
+    config.clone_fd = true;
+    let access = match acl {
+        SessionACL::All => ovl_uring::Access::All,
+        _ => ovl_uring::Access::Owner(rustix::process::getuid().as_raw()),
+    };
+    let slot = Arc::new(Mutex::new(None));
+    let ring_fd = fuse.try_clone().context("duplicating the FUSE descriptor")?;
+    let glue = Glue::new(Arc::new(fs), Some(offer_rings(uring, ring_fd, access, slot.clone())));
+    let session = Session::from_fd(glue, fuse, acl, config).with_context(|| format!("FUSE handshake on {mnt:?}"))?;
+    match slot.lock().take() {
+        Some(RingOutcome::Ready(rings, handler)) => {
+            let n = rings.descriptors();
+            rings.start(handler).context("starting the io_uring threads")?;
+            tracing::debug!(descriptors = n, "serving through io_uring");
+        }
+        Some(RingOutcome::Unused(why)) if uring == Uring::On => anyhow::bail!("uring=on: {why}"),
+        Some(RingOutcome::Unused(why)) => tracing::debug!("serving through /dev/fuse: {why}"),
+        None => anyhow::bail!("the FUSE handshake on {mnt:?} ended before INIT"),
+    }
+    Ok(session)
+}
+
 /// Mounts `/dev/fuse` at `mnt` (a canonical path) as type `fstype` and completes the FUSE
 /// handshake for `fs`; the session then serves requests with [`Session::run`]. Used for the
-/// snapshot filesystem too, which stacks its own `Filesystem` over this crate's overlay.
-pub fn mount_session<F: fuser::Filesystem>(
-    fs: F,
+/// snapshot filesystem too, which stacks its own handler over this crate's overlay.
+pub fn mount_session<S: Served>(
+    fs: S,
     mnt: &Path,
     source: &str,
     fstype: &str,
     read_only: bool,
-) -> anyhow::Result<Session<F>> {
-    let mut config = Config::default();
-    config.acl = SessionACL::All;
-    config.n_threads = Some(session_threads());
-    config.clone_fd = true;
+    uring: Uring,
+) -> anyhow::Result<Session<Glue<S>>> {
     ensure_session_fds()?;
     let fuse = mount_fuse(mnt, source, fstype, read_only)?;
-    match Session::from_fd(fs, fuse, SessionACL::All, config) {
-        Ok(s) => Ok(s),
-        Err(e) => {
-            let _ = rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::DETACH);
-            Err(e).with_context(|| format!("FUSE handshake on {mnt:?}"))
-        }
-    }
+    handshake(fs, fuse, mnt, SessionACL::All, uring).inspect_err(|_| {
+        let _ = rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::DETACH);
+    })
 }
 
 /// Mounts `fs` at `mnt` without root, the way libfuse does: the setuid `fusermount3` mounts
 /// `/dev/fuse` as type `fuse.SUBTYPE` and hands us the descriptor over a socket. The mount is for
 /// the mounting user alone (no `allow_other`: other users would reach files with our rights),
 /// the kernel checking permissions (`default_permissions`).
-pub fn mount_session_user<F: fuser::Filesystem>(
-    fs: F,
+pub fn mount_session_user<S: Served>(
+    fs: S,
     mnt: &Path,
     source: &str,
     subtype: &str,
-) -> anyhow::Result<Session<F>> {
+    uring: Uring,
+) -> anyhow::Result<Session<Glue<S>>> {
     ensure_session_fds()?;
     let fuse = fusermount(mnt, source, subtype)?;
-    let mut config = Config::default();
-    config.acl = SessionACL::Owner;
-    config.n_threads = Some(session_threads());
-    config.clone_fd = true;
-    match Session::from_fd(fs, fuse, SessionACL::Owner, config) {
-        Ok(s) => Ok(s),
-        Err(e) => {
-            let _ = unmount(mnt, true);
-            Err(e).with_context(|| format!("FUSE handshake on {mnt:?}"))
-        }
-    }
+    handshake(fs, fuse, mnt, SessionACL::Owner, uring).inspect_err(|_| {
+        let _ = unmount(mnt, true);
+    })
 }
 
 /// Runs `fusermount3 -o OPTS -- MNT` with one end of a socket pair in `_FUSE_COMMFD` and returns
@@ -257,7 +360,8 @@ impl Mount {
         let read_only = opts.is_read_only();
         let fs = OverlayFs::new(stack).context("reading the layer roots")?.cache_missing_names();
         let notifier = fs.notifier_slot();
-        let session = mount_session(fs, &mountpoint, source, "fuse.ovlfs", read_only)?;
+        let uring = uring_mode(opts.uring)?;
+        let session = mount_session(fs, &mountpoint, source, "fuse.ovlfs", read_only, uring)?;
         let _ = notifier.set(session.notifier());
         Ok(Self { session, mountpoint })
     }

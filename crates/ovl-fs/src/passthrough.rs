@@ -16,7 +16,7 @@
 //! - all passthrough opens of one inode must name the same backing file (else `EBUSY`);
 //! - `FOPEN_KEEP_CACHE` is refused with `FOPEN_PASSTHROUGH`.
 //!
-//! So this module counts, per node, the opens served each way and holds one [`BackingId`] while
+//! So this module counts, per node, the opens served each way and holds one backing file id while
 //! the node has passthrough opens. A node with cached opens gets cached opens (even if its data
 //! is upper now: a descriptor opened before the copy-up is still open); a node with passthrough
 //! opens gets passthrough opens with the same backing id. The daemon counts an open before it
@@ -33,10 +33,10 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fuser::{BackingId, InitFlags, KernelConfig};
+use fuser::{InitFlags, KernelConfig};
+use ovl_proto::Backing;
 use parking_lot::Mutex;
 use rustix::fs::FileType;
 
@@ -59,7 +59,7 @@ pub const ENV_SWITCH: &str = "OVLFS_PASSTHROUGH";
 #[derive(Debug)]
 pub(crate) enum IoMode {
     /// By the kernel from this backing file.
-    Passthrough(Arc<BackingId>),
+    Passthrough(Backing),
     /// By the daemon, through the kernel's page cache.
     Cached,
 }
@@ -70,7 +70,7 @@ struct NodeOpens {
     cached: u32,
     passthrough: u32,
     /// Held while `passthrough > 0`: every passthrough open of the node names this one.
-    backing: Option<Arc<BackingId>>,
+    backing: Option<Backing>,
 }
 
 #[derive(Debug, Default)]
@@ -100,7 +100,7 @@ impl Passthrough {
         fh: u64,
         eligible: bool,
         file: BorrowedFd<'_>,
-        open_backing: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
+        open_backing: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<Backing>,
     ) -> IoMode {
         if !self.enabled {
             return IoMode::Cached;
@@ -113,7 +113,6 @@ impl Passthrough {
             Some(id) => IoMode::Passthrough(id.clone()),
             None if eligible && n.cached == 0 => match open_backing(file) {
                 Ok(id) => {
-                    let id = Arc::new(id);
                     n.backing = Some(id.clone());
                     IoMode::Passthrough(id)
                 }
@@ -194,7 +193,7 @@ impl OverlayFs {
         &self,
         node: &Node,
         fh: u64,
-        open_backing: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
+        open_backing: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<Backing>,
     ) -> IoMode {
         if !self.passthrough.enabled {
             return IoMode::Cached;
@@ -244,7 +243,7 @@ mod tests {
 
     use super::*;
 
-    fn fake_backing() -> std::io::Result<BackingId> {
+    fn fake_backing() -> std::io::Result<Backing> {
         Err(std::io::Error::from_raw_os_error(libc::EPERM))
     }
 

@@ -139,8 +139,10 @@ fn serving(live: &Path) -> Option<Status> {
 fn clear_dead_mount(dir: &Path) -> anyhow::Result<()> {
     let Ok(abs) = std::path::absolute(dir) else { return Ok(()) };
     // statfs always asks the daemon (a stat may be answered from cached attributes); a request
-    // caught in flight as the daemon died gets ECONNABORTED, later ones ENOTCONN.
-    let dead = matches!(rustix::fs::statfs(&abs), Err(rustix::io::Errno::NOTCONN | rustix::io::Errno::CONNABORTED));
+    // caught in flight as the daemon died gets ECONNABORTED, later ones ENOTCONN; one queued for
+    // io_uring rings that the dead daemon's exit tears down, ECANCELED.
+    use rustix::io::Errno;
+    let dead = matches!(rustix::fs::statfs(&abs), Err(Errno::NOTCONN | Errno::CONNABORTED | Errno::CANCELED));
     if !dead || !mounts_of_type(FSTYPE)?.contains(&abs) {
         return Ok(());
     }
@@ -238,11 +240,12 @@ pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
     let (listener, sock) = bind_control(&status.mount)?;
     let source = status.live.display().to_string();
     let notifier = fs.notifier_slot();
+    let uring = ovl_fs::mount::uring_mode(None)?;
     let session = if rustix::process::geteuid().is_root() {
-        ovl_fs::mount::mount_session(fs, &status.mount, &source, FSTYPE, false)?
+        ovl_fs::mount::mount_session(fs, &status.mount, &source, FSTYPE, false, uring)?
     } else {
         let subtype = FSTYPE.trim_start_matches("fuse.");
-        ovl_fs::mount::mount_session_user(fs, &status.mount, &source, subtype)?
+        ovl_fs::mount::mount_session_user(fs, &status.mount, &source, subtype, uring)?
     };
     let _ = notifier.set(session.notifier());
     {

@@ -35,10 +35,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{FileAttr, FileType as FuseType, INodeNo};
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Result};
 use ovl_lookup::DirLayers;
+use ovl_proto::{Attr, Kind};
 use parking_lot::{Mutex, RwLock};
 use rustix::fs::{FileType, Mode, OFlags, Stat};
 
@@ -140,7 +140,7 @@ struct ViewFile {
 }
 
 /// A directory listing taken at opendir.
-pub(crate) type Listing = Vec<(OsString, FuseType, u64)>;
+pub(crate) type Listing = Vec<(OsString, Kind, u64)>;
 
 /// All snapshot views of one mount.
 pub(crate) struct Views {
@@ -420,7 +420,7 @@ impl Views {
     /// The attributes of resolved object `r` as node `id`. A directory merged from several
     /// layers has one link, one that a single layer shows has that dir's count, as in the
     /// kernel's overlay.
-    fn attr(&self, id: u64, r: &Resolved) -> FileAttr {
+    fn attr(&self, id: u64, r: &Resolved) -> Attr {
         let st = &r.stat;
         let time = |s: i64, ns: i64| {
             if s >= 0 {
@@ -430,14 +430,13 @@ impl Views {
             }
         };
         let kind = FileType::from_raw_mode(st.st_mode);
-        FileAttr {
-            ino: INodeNo(id),
+        Attr {
+            ino: id,
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
             atime: time(st.st_atime, st.st_atime_nsec as i64),
             mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
             ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
-            crtime: UNIX_EPOCH,
             kind: fuse_type(kind),
             perm: (st.st_mode & 0o7777) as u16,
             nlink: match &r.dir {
@@ -448,33 +447,30 @@ impl Views {
             gid: st.st_gid,
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
-            flags: 0,
         }
     }
 
     /// The attributes of `.snapshots`.
-    pub fn snapdir_attr(&self) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(SNAPDIR),
+    pub fn snapdir_attr(&self) -> Attr {
+        Attr {
+            ino: SNAPDIR,
             size: 0,
             blocks: 0,
             atime: self.born,
             mtime: self.born,
             ctime: self.born,
-            crtime: UNIX_EPOCH,
-            kind: FuseType::Directory,
+            kind: Kind::Directory,
             perm: 0o555,
             nlink: 2,
             uid: 0,
             gid: 0,
             rdev: 0,
             blksize: 4096,
-            flags: 0,
         }
     }
 
     /// Looks `name` up in view dir `parent` (or in `.snapshots`).
-    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         let _g = self.reading();
         let (snap, path) = if parent == SNAPDIR {
             let id = *self.names.read().get(name.to_str().ok_or(Errno::NOENT)?).ok_or(Errno::NOENT)?;
@@ -490,7 +486,7 @@ impl Views {
     }
 
     /// The attributes of view node `id`.
-    pub fn getattr(&self, id: u64) -> Result<FileAttr> {
+    pub fn getattr(&self, id: u64) -> Result<Attr> {
         if id == SNAPDIR {
             return Ok(self.snapdir_attr());
         }
@@ -596,10 +592,9 @@ impl Views {
     /// Opens view dir `id` (or `.snapshots`): its listing, taken now.
     pub fn opendir(&self, id: u64) -> Result<u64> {
         let (snap_of, listing) = if id == SNAPDIR {
-            let mut out: Listing =
-                vec![(".".into(), FuseType::Directory, SNAPDIR), ("..".into(), FuseType::Directory, 1)];
+            let mut out: Listing = vec![(".".into(), Kind::Directory, SNAPDIR), ("..".into(), Kind::Directory, 1)];
             for name in self.names.read().keys() {
-                out.push((name.into(), FuseType::Directory, SNAPDIR));
+                out.push((name.into(), Kind::Directory, SNAPDIR));
             }
             (0, out)
         } else {
@@ -607,8 +602,7 @@ impl Views {
             let (snap, path, r) = self.node(id)?;
             let dir = r.dir.ok_or(Errno::NOTDIR)?;
             let vs = self.stack(snap)?;
-            let mut out: Listing =
-                vec![(".".into(), FuseType::Directory, id), ("..".into(), FuseType::Directory, SNAPDIR)];
+            let mut out: Listing = vec![(".".into(), Kind::Directory, id), ("..".into(), Kind::Directory, SNAPDIR)];
             for e in ovl_lookup::read_merged(&vs.stack, &dir)? {
                 if path.as_os_str().is_empty() && self.hidden.contains(&e.name) {
                     continue;
@@ -679,15 +673,15 @@ impl Views {
 }
 
 /// The FUSE file type of a real file type.
-fn fuse_type(ft: FileType) -> FuseType {
+fn fuse_type(ft: FileType) -> Kind {
     match ft {
-        FileType::Directory => FuseType::Directory,
-        FileType::Symlink => FuseType::Symlink,
-        FileType::Fifo => FuseType::NamedPipe,
-        FileType::Socket => FuseType::Socket,
-        FileType::CharacterDevice => FuseType::CharDevice,
-        FileType::BlockDevice => FuseType::BlockDevice,
-        _ => FuseType::RegularFile,
+        FileType::Directory => Kind::Directory,
+        FileType::Symlink => Kind::Symlink,
+        FileType::Fifo => Kind::Fifo,
+        FileType::Socket => Kind::Socket,
+        FileType::CharacterDevice => Kind::CharDevice,
+        FileType::BlockDevice => Kind::BlockDevice,
+        _ => Kind::RegularFile,
     }
 }
 

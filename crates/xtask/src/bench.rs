@@ -92,6 +92,11 @@ impl Phase {
 }
 
 /// Runs the whole comparison (or the one phase asked for).
+/// True when the kernel offers FUSE over io_uring to new mounts (`enable_uring` set).
+pub fn uring_available() -> bool {
+    std::fs::read_to_string(crate::testing::ENABLE_URING).is_ok_and(|v| v.trim() == "Y")
+}
+
 pub fn run(options: &Options) -> Result<()> {
     if !prereqs::is_root()? {
         bail!("bench-compare mounts overlays, drops caches and sets up a loop device, so it must run as root");
@@ -102,6 +107,8 @@ pub fn run(options: &Options) -> Result<()> {
     let runs = options.runs.unwrap_or(scale.runs).max(1);
     let phases: Vec<Phase> = options.only.map_or(Phase::ALL.to_vec(), |phase| vec![phase]);
     let overlays = phases.iter().any(|phase| *phase != Phase::Snapshots);
+    // The rings are offered to a FUSE server only with this set; put back as it was after.
+    let _uring = crate::testing::EnableUring::set(true);
     let backends = Backend::available();
 
     let ovlfs = if overlays {

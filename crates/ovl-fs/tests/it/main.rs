@@ -21,3 +21,4 @@ mod ops;
 mod passthrough;
 mod permissions;
 mod podman;
+mod uring;

@@ -19,8 +19,10 @@ pub enum Backend {
     Kernel,
     /// fuse-overlayfs, the established FUSE overlay.
     FuseOverlayfs,
-    /// Ours, a release build.
+    /// Ours, a release build, served over `/dev/fuse` (`uring=off`).
     Ovlfs,
+    /// Ours over FUSE's io_uring transport (`uring=on`; the kernel's `enable_uring` set).
+    OvlfsUring,
 }
 
 impl Backend {
@@ -33,6 +35,11 @@ impl Backend {
             eprintln!("note: fuse-overlayfs is not installed (apt-get install fuse-overlayfs); comparing without it");
         }
         backends.push(Backend::Ovlfs);
+        if crate::bench::uring_available() {
+            backends.push(Backend::OvlfsUring);
+        } else {
+            eprintln!("note: this kernel has no FUSE over io_uring; comparing ovlfs over /dev/fuse only");
+        }
         backends
     }
 
@@ -42,6 +49,7 @@ impl Backend {
             Backend::Kernel => "kernel",
             Backend::FuseOverlayfs => "fuse-overlayfs",
             Backend::Ovlfs => "ovlfs",
+            Backend::OvlfsUring => "ovlfs-uring",
         }
     }
 }
@@ -107,11 +115,13 @@ impl Mounted {
             dirs.upper.display(),
             dirs.work.display()
         );
-        let extra = match (backend, volatile) {
-            (Backend::FuseOverlayfs, _) => None,
-            _ => Some("redirect_dir=on"),
+        let extra: &[&str] = match backend {
+            Backend::FuseOverlayfs => &[],
+            Backend::Kernel => &["redirect_dir=on"],
+            Backend::Ovlfs => &["redirect_dir=on", "uring=off"],
+            Backend::OvlfsUring => &["redirect_dir=on", "uring=on"],
         };
-        for option in extra.into_iter().chain(volatile.then_some("volatile")) {
+        for option in extra.iter().copied().chain(volatile.then_some("volatile")) {
             options.push(',');
             options.push_str(option);
         }
@@ -124,7 +134,9 @@ impl Mounted {
                 &["-t".as_ref(), "overlay".as_ref(), "overlay".as_ref(), "-o".as_ref(), options, mnt.as_os_str()],
             )?,
             Backend::FuseOverlayfs => quiet("fuse-overlayfs", &["-o".as_ref(), options, mnt.as_os_str()])?,
-            Backend::Ovlfs => quiet(ovlfs.as_os_str(), &["-o".as_ref(), options, mnt.as_os_str()])?,
+            Backend::Ovlfs | Backend::OvlfsUring => {
+                quiet(ovlfs.as_os_str(), &["-o".as_ref(), options, mnt.as_os_str()])?
+            }
         }
         mountinfo::wait_until_mounted(mnt)?;
         Ok(guard)
