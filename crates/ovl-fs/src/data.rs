@@ -148,8 +148,15 @@ impl OverlayFs {
     }
 
     pub(crate) fn do_read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let f = self.file(fh, ino)?;
         let mut buf = vec![0u8; size as usize];
+        let done = self.read_into(ino, fh, offset, &mut buf)?;
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Reads into `buf` from `offset` until it is full or the file ends; the bytes read.
+    pub(crate) fn read_into(&self, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let f = self.file(fh, ino)?;
         let mut done = 0;
         while done < buf.len() {
             match f.read_at(&mut buf[done..], offset + done as u64) {
@@ -159,8 +166,7 @@ impl OverlayFs {
                 Err(e) => return Err(e.into()),
             }
         }
-        buf.truncate(done);
-        Ok(buf)
+        Ok(done)
     }
 
     pub(crate) fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<u32> {

@@ -29,7 +29,8 @@
 //! header[8..16].copy_from_slice(&7u64.to_le_bytes());
 //! header[16..24].copy_from_slice(&1u64.to_le_bytes());
 //! let (req, op) = wire::decode(&header, &[0u8; 16], &[]).unwrap();
-//! let mut ans = wire::BufAnswer::new(req.opcode, 4096);
+//! let mut out = vec![0u8; 4096];
+//! let mut ans = wire::BufAnswer::new(req.opcode, &mut out, 4096);
 //! Hello.handle(&req.ctx, op, &mut ans);
 //! assert_eq!((ans.error_code(), ans.len()), (0, 104)); // a `fuse_attr_out`
 //! ```
@@ -445,6 +446,15 @@ pub trait Answer {
     /// Adds an entry with attributes to a readdirplus answer; true when it did not fit.
     /// `ino` is the entry's node id (its lookup is counted when the entry fits).
     fn dir_entry_plus(&mut self, ino: u64, offset: u64, name: &OsStr, ttl: Duration, attr: &Attr) -> bool;
+    /// Where the transport can take data written in place (a read of `len` bytes into its
+    /// reply buffer), that buffer, at most `len` long; finish with [`Answer::data_filled`].
+    fn data_buffer(&mut self, _len: usize) -> Option<&mut [u8]> {
+        None
+    }
+    /// The first `n` bytes of [`Answer::data_buffer`] are the answer.
+    fn data_filled(&mut self, _n: usize) {
+        self.error(libc::EIO);
+    }
     /// Registers `fd` as a passthrough backing file, where the transport can.
     fn open_backing(&mut self, fd: BorrowedFd<'_>) -> std::io::Result<Backing>;
 

@@ -314,8 +314,48 @@ fn wire_time(t: SystemTime) -> (u64, u32) {
     }
 }
 
+/// A reply body being written into the transport's buffer.
+#[derive(Debug)]
+struct Out<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+    /// Something did not fit (the reply is then an error).
+    overflow: bool,
+}
+
+impl Out<'_> {
+    fn extend_from_slice(&mut self, b: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + b.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(b);
+                self.len += b.len();
+            }
+            None => self.overflow = true,
+        }
+    }
+
+    /// Pads with zeros up to `n` bytes.
+    fn resize(&mut self, n: usize, _zero: u8) {
+        if n > self.buf.len() {
+            self.overflow = true;
+        } else if n > self.len {
+            self.buf[self.len..n].fill(0);
+            self.len = n;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.overflow = false;
+    }
+}
+
 /// Writes `fuse_attr`.
-fn put_attr(out: &mut Vec<u8>, a: &Attr) {
+fn put_attr(out: &mut Out<'_>, a: &Attr) {
     let (at, atn) = wire_time(a.atime);
     let (mt, mtn) = wire_time(a.mtime);
     let (ct, ctn) = wire_time(a.ctime);
@@ -328,13 +368,13 @@ fn put_attr(out: &mut Vec<u8>, a: &Attr) {
     }
 }
 
-fn put_ttl(out: &mut Vec<u8>, ttl: Duration) -> u32 {
+fn put_ttl(out: &mut Out<'_>, ttl: Duration) -> u32 {
     out.extend_from_slice(&ttl.as_secs().to_le_bytes());
     ttl.subsec_nanos()
 }
 
 /// Writes `fuse_entry_out`.
-fn put_entry(out: &mut Vec<u8>, ino: u64, entry_ttl: Duration, attr_ttl: Duration, attr: &Attr) {
+fn put_entry(out: &mut Out<'_>, ino: u64, entry_ttl: Duration, attr_ttl: Duration, attr: &Attr) {
     out.extend_from_slice(&ino.to_le_bytes());
     out.extend_from_slice(&0u64.to_le_bytes()); // generation
     let en = put_ttl(out, entry_ttl);
@@ -345,14 +385,14 @@ fn put_entry(out: &mut Vec<u8>, ino: u64, entry_ttl: Duration, attr_ttl: Duratio
 }
 
 /// Writes `fuse_open_out`.
-fn put_open(out: &mut Vec<u8>, fh: u64, flags: u32) {
+fn put_open(out: &mut Out<'_>, fh: u64, flags: u32) {
     out.extend_from_slice(&fh.to_le_bytes());
     out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&0i32.to_le_bytes()); // backing_id
 }
 
 /// Writes a `fuse_dirent` (without the entry part of a `fuse_direntplus`), padded to 8 bytes.
-fn put_dirent(out: &mut Vec<u8>, ino: u64, offset: u64, kind: Kind, name: &OsStr) {
+fn put_dirent(out: &mut Out<'_>, ino: u64, offset: u64, kind: Kind, name: &OsStr) {
     let name = name.as_bytes();
     out.extend_from_slice(&ino.to_le_bytes());
     out.extend_from_slice(&offset.to_le_bytes());
@@ -362,32 +402,24 @@ fn put_dirent(out: &mut Vec<u8>, ino: u64, offset: u64, kind: Kind, name: &OsStr
     out.resize(out.len().next_multiple_of(8), 0);
 }
 
-/// An [`Answer`] written as a reply body into a buffer, for transports that send raw replies.
-/// After the handler ran: [`BufAnswer::error_code`] (0 or a positive errno) and the body
-/// ([`BufAnswer::body`]) go into the transport's out header and payload.
+/// An [`Answer`] written as a reply body straight into the transport's buffer, for transports
+/// that send raw replies. After the handler ran: [`BufAnswer::error_code`] (0 or a positive
+/// errno) and the body's length ([`BufAnswer::len`]) go into the transport's out header.
 #[derive(Debug)]
-pub struct BufAnswer {
+pub struct BufAnswer<'a> {
     opcode: u32,
-    /// The most the reply may hold (the payload buffer, or a readdir's asked size).
+    /// The most the reply may hold (the buffer, or a readdir's asked size).
     limit: usize,
-    body: Vec<u8>,
+    body: Out<'a>,
     error: i32,
     answered: bool,
 }
 
-impl BufAnswer {
-    /// An answer to a request of `opcode` whose reply may hold up to `limit` bytes.
-    pub fn new(opcode: u32, limit: usize) -> Self {
-        BufAnswer { opcode, limit, body: Vec::new(), error: 0, answered: false }
-    }
-
-    /// Makes the answer empty again for another request (keeping its buffer).
-    pub fn reset(&mut self, opcode: u32, limit: usize) {
-        self.opcode = opcode;
-        self.limit = limit;
-        self.body.clear();
-        self.error = 0;
-        self.answered = false;
+impl<'a> BufAnswer<'a> {
+    /// An answer to a request of `opcode` written into `buf`, holding up to `limit` bytes.
+    pub fn new(opcode: u32, buf: &'a mut [u8], limit: usize) -> Self {
+        let limit = limit.min(buf.len());
+        BufAnswer { opcode, limit, body: Out { buf, len: 0, overflow: false }, error: 0, answered: false }
     }
 
     /// The errno to send (positive; 0 for success). `EIO` if the handler gave no answer.
@@ -397,12 +429,12 @@ impl BufAnswer {
 
     /// The reply body (empty on error).
     pub fn body(&self) -> &[u8] {
-        if self.error_code() != 0 { &[] } else { &self.body }
+        &self.body.buf[..self.len()]
     }
 
-    /// The length of the body.
+    /// The length of the body (0 on error).
     pub fn len(&self) -> usize {
-        self.body().len()
+        if self.error_code() != 0 { 0 } else { self.body.len }
     }
 
     /// True when the body is empty.
@@ -415,18 +447,18 @@ impl BufAnswer {
             tracing::error!(opcode = self.opcode, "a request was answered twice");
         }
         self.answered = true;
-        if self.body.len() > self.limit {
-            tracing::error!(opcode = self.opcode, len = self.body.len(), limit = self.limit, "reply too long");
+        if self.body.overflow || self.body.len > self.limit {
+            tracing::error!(opcode = self.opcode, len = self.body.len, limit = self.limit, "reply too long");
             self.error = libc::EIO;
         }
     }
 
     fn fits(&self, extra: usize) -> bool {
-        self.body.len() + extra <= self.limit
+        self.body.len + extra <= self.limit
     }
 }
 
-impl Answer for BufAnswer {
+impl Answer for BufAnswer<'_> {
     fn error(&mut self, errno: i32) {
         self.body.clear();
         self.error = if errno > 0 && errno < 512 { errno } else { libc::EIO };
@@ -452,6 +484,17 @@ impl Answer for BufAnswer {
 
     fn data(&mut self, data: &[u8]) {
         self.body.extend_from_slice(data);
+        self.finish();
+    }
+
+    fn data_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.body.clear();
+        let end = len.min(self.limit);
+        Some(&mut self.body.buf[..end])
+    }
+
+    fn data_filled(&mut self, n: usize) {
+        self.body.len = n.min(self.limit);
         self.finish();
     }
 
@@ -613,7 +656,8 @@ mod tests {
     #[test]
     fn replies_have_the_kernel_struct_sizes() {
         let attr = Attr::dir(1);
-        let mut a = BufAnswer::new(opcode::LOOKUP, 4096);
+        let mut b = vec![0u8; 4096];
+        let mut a = BufAnswer::new(opcode::LOOKUP, &mut b, 4096);
         a.entry(Duration::from_secs(1), Duration::from_millis(1500), &attr);
         assert_eq!((a.error_code(), a.len()), (0, 128));
         // entry_valid 1 s, attr_valid 1 s + 500 ms.
@@ -621,16 +665,20 @@ mod tests {
         assert_eq!(&a.body()[36..40], &500_000_000u32.to_le_bytes());
         // mode = S_IFDIR | 0755 at offset 40 + 60.
         assert_eq!(&a.body()[100..104], &(libc::S_IFDIR | 0o755).to_le_bytes());
-        let mut a = BufAnswer::new(opcode::CREATE, 4096);
+        let mut b = vec![0u8; 4096];
+        let mut a = BufAnswer::new(opcode::CREATE, &mut b, 4096);
         a.created(Duration::ZERO, &attr, 7, 0, None);
         assert_eq!(a.len(), 144);
-        let mut a = BufAnswer::new(opcode::STATFS, 4096);
+        let mut b = vec![0u8; 4096];
+        let mut a = BufAnswer::new(opcode::STATFS, &mut b, 4096);
         a.statfs(1, 2, 3, 4, 5, 4096, 255, 4096);
         assert_eq!(a.len(), 80);
-        let mut a = BufAnswer::new(opcode::GETXATTR, 4096);
+        let mut b = vec![0u8; 4096];
+        let mut a = BufAnswer::new(opcode::GETXATTR, &mut b, 4096);
         a.xattr(0, b"value");
         assert_eq!(a.body(), &[5, 0, 0, 0, 0, 0, 0, 0]);
-        let mut a = BufAnswer::new(opcode::GETXATTR, 4096);
+        let mut b = vec![0u8; 4096];
+        let mut a = BufAnswer::new(opcode::GETXATTR, &mut b, 4096);
         a.xattr(2, b"value");
         assert_eq!(a.error_code(), libc::ERANGE);
         assert!(a.is_empty());
@@ -638,14 +686,16 @@ mod tests {
 
     #[test]
     fn a_directory_answer_stops_at_the_asked_size() {
-        let mut a = BufAnswer::new(opcode::READDIR, 64);
+        let mut b = vec![0u8; 64];
+        let mut a = BufAnswer::new(opcode::READDIR, &mut b, 64);
         assert!(!a.dir_entry(1, 1, Kind::Directory, OsStr::new(".")));
         assert!(!a.dir_entry(2, 2, Kind::RegularFile, OsStr::new("abcdefgh")));
         assert!(a.dir_entry(3, 3, Kind::RegularFile, OsStr::new("c")), "64 bytes hold two entries");
         a.ok();
         assert_eq!(a.len(), 32 + 32);
         assert_eq!(&a.body()[32 + 20..32 + 24], &(libc::S_IFREG >> 12).to_le_bytes());
-        let mut a = BufAnswer::new(opcode::READDIRPLUS, 4096);
+        let mut b = vec![0u8; 4096];
+        let mut a = BufAnswer::new(opcode::READDIRPLUS, &mut b, 4096);
         assert!(!a.dir_entry_plus(9, 1, OsStr::new("x"), Duration::ZERO, &Attr::dir(9)));
         a.ok();
         assert_eq!(a.len(), 128 + 32);
@@ -653,9 +703,11 @@ mod tests {
 
     #[test]
     fn no_answer_is_an_io_error() {
-        let a = BufAnswer::new(opcode::GETATTR, 4096);
+        let mut b = vec![0u8; 4096];
+        let a = BufAnswer::new(opcode::GETATTR, &mut b, 4096);
         assert_eq!(a.error_code(), libc::EIO);
-        let mut a = BufAnswer::new(opcode::GETATTR, 4096);
+        let mut b = vec![0u8; 4096];
+        let mut a = BufAnswer::new(opcode::GETATTR, &mut b, 4096);
         a.error(0);
         assert_eq!(a.error_code(), libc::EIO);
     }
@@ -678,7 +730,8 @@ mod tests {
                 (0..rng.random_range(0..64)).map(|_| if rng.random_bool(0.2) { 0 } else { rng.random() }).collect();
             if let Ok((_, op)) = decode(&h, &arg, &payload) {
                 decoded += 1;
-                let mut a = BufAnswer::new(opcode, reply_limit(&op, 4096));
+                let mut b = vec![0u8; reply_limit(&op, 4096)];
+                let mut a = BufAnswer::new(opcode, &mut b, reply_limit(&op, 4096));
                 a.error(libc::ENOENT);
                 assert_eq!(a.error_code(), libc::ENOENT);
             }

@@ -167,7 +167,10 @@ fn serve(mut e: Entry, handler: &dyn Handler, access: Access) -> std::io::Result
         }
         break res;
     };
-    let mut answer = wire::BufAnswer::new(0, 0);
+    // A copy of a request's names and values, so that the reply can be written in place.
+    let mut scratch: Vec<u8> = Vec::new();
+    // A write's reply (8 bytes), written beside its data until the data was used.
+    let mut small = [0u8; 64];
     loop {
         match res {
             0 => {}
@@ -179,15 +182,18 @@ fn serve(mut e: Entry, handler: &dyn Handler, access: Access) -> std::io::Result
             let (header, payload) = e.bufs.get();
             let ent = &header[sys::ENT_IN_OUT..];
             let commit_id = u64::from_le_bytes(ent[8..16].try_into().expect("8 bytes"));
-            let payload_sz = u32::from_le_bytes(ent[16..20].try_into().expect("4 bytes")) as usize;
-            let payload_cap = payload.len();
-            let (unique, errno, body) = {
-                let (req_payload, _) = payload.split_at(payload_sz.min(payload_cap));
-                one_request(header, req_payload, payload_cap, handler, access, &mut answer)
+            let payload_sz = (u32::from_le_bytes(ent[16..20].try_into().expect("4 bytes")) as usize).min(payload.len());
+            let opcode = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+            let (unique, errno, len) = if opcode == wire::opcode::WRITE {
+                let r = one_request(header, &payload[..payload_sz], &mut small, handler, access);
+                payload[..r.2].copy_from_slice(&small[..r.2]);
+                r
+            } else {
+                scratch.clear();
+                scratch.extend_from_slice(&payload[..payload_sz]);
+                one_request(header, &scratch, payload, handler, access)
             };
-            let body = &answer.body()[..body];
-            payload[..body.len()].copy_from_slice(body);
-            put_reply(header, unique, errno, body.len());
+            put_reply(header, unique, errno, len);
             commit_id
         };
         sys::push_commit(&mut e.ring, commit_id, e.qid)?;
@@ -195,15 +201,14 @@ fn serve(mut e: Entry, handler: &dyn Handler, access: Access) -> std::io::Result
     }
 }
 
-/// Decodes and serves one delivered request; its unique id, errno and body length (the body
-/// is in `answer`).
+/// Decodes and serves one delivered request, its reply body written into `out`; its unique
+/// id, errno and reply length.
 fn one_request(
     header: &[u8],
     payload: &[u8],
-    payload_cap: usize,
+    out: &mut [u8],
     handler: &dyn Handler,
     access: Access,
-    answer: &mut wire::BufAnswer,
 ) -> (u64, i32, usize) {
     let unique = wire::header(header).map_or(0, |h| h.unique);
     let (h, op) = match wire::decode(&header[..wire::IN_HEADER_LEN], &header[sys::OP_IN..sys::ENT_IN_OUT], payload) {
@@ -221,10 +226,10 @@ fn one_request(
         return (unique, libc::EACCES, 0);
     }
     tracing::debug!(unique, nodeid = h.nodeid, uid = h.ctx.uid, pid = h.ctx.pid, "ring request {}", op.name());
-    answer.reset(h.opcode, wire::reply_limit(&op, payload_cap));
-    handler.handle(&h.ctx, op, answer);
-    let errno = answer.error_code();
-    (unique, errno, answer.len())
+    let limit = wire::reply_limit(&op, out.len());
+    let mut answer = wire::BufAnswer::new(h.opcode, out, limit);
+    handler.handle(&h.ctx, op, &mut answer);
+    (unique, answer.error_code(), answer.len())
 }
 
 /// The requests a mount for its owner alone still serves for other callers: those the kernel
