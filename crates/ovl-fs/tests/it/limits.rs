@@ -199,7 +199,19 @@ fn thousands_of_directories_stay_within_the_descriptor_budget() {
     let ovlfs = MountGuard::mount_limited(Backend::Ovlfs, &ours, "", &mount_point(tmp.path(), "om"), &[], Some(NOFILE));
     let pid = ovlfs.daemon_pid().expect("an ovlfs daemon");
     let open_fds = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
-    let at_start = open_fds();
+    // The daemon's own descriptors: its serving threads open theirs (clones of /dev/fuse, the
+    // io_uring rings) as they start, after the mount is live; wait until the count settles.
+    let mut at_start = open_fds();
+    let mut steady = 0;
+    for _ in 0..200 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = open_fds();
+        steady = if now == at_start { steady + 1 } else { 0 };
+        at_start = now;
+        if steady == 5 {
+            break;
+        }
+    }
     let budget = (NOFILE / 4) as usize;
     let same = |what: &str| {
         assert_same_tree(what, "kernel", &snapshot_tree(kernel.path()), "ovlfs", &snapshot_tree(ovlfs.path()))
