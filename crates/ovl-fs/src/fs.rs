@@ -503,9 +503,24 @@ impl OverlayFs {
     }
 
     /// The overlay path of a node (`""` for the root), from its first live name up to the root.
+    /// A hard-linked file whose path through that name cannot be built (an ancestor forgotten
+    /// meanwhile: the kernel's FORGETs of a dropped dentry chain can be served in any order,
+    /// while this request runs) is reached through its other names.
     pub(crate) fn path_of(&self, node: &Node) -> Result<PathBuf> {
+        let first = self.path_through(node, self.live_name(node));
+        if first.is_ok() || node.is_dir() {
+            return first;
+        }
+        let names: Vec<(u64, OsString)> = node.state.read().names.clone();
+        if names.len() < 2 {
+            return first;
+        }
+        names.into_iter().find_map(|name| self.path_through(node, Some(name)).ok()).ok_or_else(|| first.unwrap_err())
+    }
+
+    /// The path of `node` through its name `cur`, then its ancestors' first live names.
+    fn path_through(&self, node: &Node, mut cur: Option<(u64, OsString)>) -> Result<PathBuf> {
         let mut parts: Vec<OsString> = Vec::new();
-        let mut cur = self.live_name(node);
         let mut id = node.id;
         while id != ROOT {
             let Some((parent, name)) = cur else { return Err(Errno::NOENT.into()) };
@@ -890,5 +905,45 @@ pub(crate) fn fuse_type(ft: FileType) -> Kind {
         FileType::CharacterDevice => Kind::CharDevice,
         FileType::BlockDevice => Kind::BlockDevice,
         _ => Kind::RegularFile,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    // The kernel drops an unpinned dentry chain (`drop_caches`) and sends a FORGET for each
+    // dir; several serving threads may handle them in any order, so a parent can leave the table
+    // before its child dir. A hard-linked file open under another name must still be reached:
+    // a CI run saw `ENOENT` for an append through the link
+    // (`ops::a_link_held_open_across_a_cache_drop_stays_reachable_like_the_kernel`).
+    #[test]
+    fn a_link_is_reached_through_its_other_name_when_an_ancestor_of_the_first_is_forgotten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (l, u, w) = (tmp.path().join("l"), tmp.path().join("u"), tmp.path().join("w"));
+        for d in [&l, &w, &u.join("c/f/c"), &u.join("b")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(u.join("c/f/c/a"), b"x").unwrap();
+        std::fs::hard_link(u.join("c/f/c/a"), u.join("b/n808")).unwrap();
+        let opts = format!("lowerdir={},upperdir={},workdir={}", l.display(), u.display(), w.display());
+        let stack = LayerStack::open(&ovl_core::MountOptions::parse(&opts).unwrap()).unwrap();
+        let fs = OverlayFs::new(stack).unwrap();
+        let root = fs.table.get(ROOT).unwrap();
+        let look = |p: &Arc<Node>, n: &str| fs.do_lookup(p, OsStr::new(n)).unwrap().0;
+        let c = look(&root, "c");
+        let f = look(&c, "f");
+        let cc = look(&f, "c");
+        let file = look(&cc, "a");
+        let b = look(&root, "b");
+        assert_eq!(look(&b, "n808").id, file.id, "one node for both names");
+        assert_eq!(fs.path_of(&file).unwrap(), Path::new("c/f/c/a"));
+        // `c/f` forgotten before `c/f/c`.
+        fs.table.forget(f.id, u64::MAX);
+        assert!(fs.table.get(f.id).is_none());
+        assert_eq!(fs.path_of(&file).unwrap(), Path::new("b/n808"));
+        // A dir has one name: its path fails as before.
+        assert!(fs.path_of(&cc).is_err());
     }
 }
