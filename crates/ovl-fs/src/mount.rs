@@ -138,8 +138,16 @@ pub fn uring_mode(option: Option<Uring>) -> anyhow::Result<Uring> {
 /// sends in one request at most (`max_pages` is 256 pages on this kernel anyway).
 const RING_PAYLOAD: u32 = 1 << 20;
 /// Ring entries per queue (possible CPU), each served by its own thread: a request waits for
-/// a free entry of its CPU's queue, so one slow request (a big copy-up) holds up only one.
-const RING_ENTRIES_PER_QUEUE: usize = 4;
+/// a free entry of its CPU's queue, so one slow request (a big copy-up) holds up only one. The
+/// kernel wants every *possible* CPU's queue filled, and VMs often declare many more than they
+/// run: fewer entries per queue there (a thread and a descriptor each).
+fn ring_entries_per_queue(queues: usize) -> usize {
+    match queues {
+        0..=8 => 4,
+        9..=32 => 2,
+        _ => 1,
+    }
+}
 
 /// What the INIT negotiation decided about the rings.
 enum RingOutcome {
@@ -175,7 +183,9 @@ fn offer_rings(
             }
             // The rings hold a descriptor each for the mount's life: where descriptors are
             // scarce (the open-file limit below 16 times that), they are left to the files.
-            let ring_fds = ovl_uring::possible_cpus().unwrap_or(1) * RING_ENTRIES_PER_QUEUE + 1;
+            let queues = ovl_uring::possible_cpus().unwrap_or(1);
+            let per_queue = ring_entries_per_queue(queues);
+            let ring_fds = queues * per_queue + 1;
             let limit = crate::limits::raise();
             if (ring_fds as u64).saturating_mul(16) > limit {
                 return RingOutcome::Unused(format!(
@@ -186,7 +196,7 @@ fn offer_rings(
                 return RingOutcome::Unused(format!("max_write {RING_PAYLOAD} refused ({e})"));
             }
             let payload = RING_PAYLOAD as usize + 4096;
-            match ovl_uring::Rings::prepare(fuse.as_fd(), payload, RING_ENTRIES_PER_QUEUE, access) {
+            match ovl_uring::Rings::prepare(fuse.as_fd(), payload, per_queue, access) {
                 Ok(rings) => match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
                     Ok(()) => RingOutcome::Ready(rings, handler),
                     Err(_) => RingOutcome::Unused("the kernel took back its offer".into()),

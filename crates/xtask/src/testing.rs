@@ -15,9 +15,9 @@ use crate::prereqs;
 
 /// Runs every step; `cargo_test_args` go to the end of `cargo test --workspace`.
 pub fn run(cargo_test_args: &[String]) -> Result<()> {
-    let args = cargo_test_args.join(" ");
-    let test_command = format!("OVL_PODMAN_REQUIRED=1 cargo test --workspace {args} (io_uring where offered)");
-    let devfuse_command = format!("OVLFS_URING=off cargo test -p ovl-fs -p snap-cli {args} (/dev/fuse)");
+    let args: String = cargo_test_args.iter().map(|a| format!(" {a}")).collect();
+    let test_command = format!("OVL_PODMAN_REQUIRED=1 cargo test --workspace{args} (io_uring where offered)");
+    let devfuse_command = format!("OVLFS_URING=off cargo test -p ovl-fs -p snap-cli{args} (/dev/fuse)");
     let _uring = EnableUring::set(true);
     let steps: [(&str, &dyn Fn() -> Result<()>); 5] = [
         ("prerequisites", &prereqs::check),
