@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use ovl_core::sys;
 use ovl_core::{Errno, Result};
-use ovl_proto::SetTime;
+use ovl_proto::{SetAttrIn, SetTime};
 use rustix::fs::{AtFlags, FallocateFlags, Gid, Mode, OFlags, SeekFrom, Stat, Timespec, Timestamps, Uid};
 
 use crate::fs::{OpenFile, OverlayFs};
@@ -24,20 +24,7 @@ pub(crate) fn backing_flags(flags: i32) -> OFlags {
     OFlags::from_bits_retain((flags & keep) as u32) | OFlags::NOFOLLOW | OFlags::CLOEXEC
 }
 
-/// The changes a setattr asks for.
-#[derive(Debug, Default)]
-pub(crate) struct SetAttr {
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub size: Option<u64>,
-    pub atime: Option<SetTime>,
-    pub mtime: Option<SetTime>,
-    pub fh: Option<u64>,
-    /// Clear the set-ID bits after truncating (`FUSE_HANDLE_KILLPRIV_V2`).
-    pub kill_suidgid: bool,
-}
-
+/// A setattr's time as `utimensat` takes it.
 fn timespec(t: Option<SetTime>) -> Timespec {
     match t {
         None => Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
@@ -240,12 +227,13 @@ impl OverlayFs {
     }
 
     /// Applies a setattr: copy-up first (attributes of a lower object never change), then each
-    /// change on the upper object. Returns the new `lstat`.
-    pub(crate) fn do_setattr(&self, node: &Arc<Node>, a: &SetAttr) -> Result<Stat> {
+    /// change on the upper object. Returns the new `lstat`. `kill_suidgid`: clear the set-ID bits
+    /// after truncating (`FUSE_HANDLE_KILLPRIV_V2`).
+    pub(crate) fn do_setattr(&self, node: &Arc<Node>, a: &SetAttrIn, kill_suidgid: bool) -> Result<Stat> {
         let _gate = self.gate_for(node);
         self.hook_modify(node)?;
         if self.unlinked(node) && !node.is_dir() {
-            return self.setattr_unlinked(node, a);
+            return self.setattr_unlinked(node, a, kill_suidgid);
         }
         if a.size.is_some() {
             self.ensure_upper(node)?;
@@ -300,14 +288,14 @@ impl OverlayFs {
             match a.fh.and_then(|fh| self.file(fh, node.id).ok()) {
                 Some(f) => {
                     rustix::fs::ftruncate(&f, size)?;
-                    if a.kill_suidgid {
+                    if kill_suidgid {
                         self.kill_suidgid(node, &*f)?;
                     }
                 }
                 None => {
                     let fd = sys::open_beneath(root, &path, OFlags::WRONLY, Mode::empty())?;
                     rustix::fs::ftruncate(&fd, size)?;
-                    if a.kill_suidgid {
+                    if kill_suidgid {
                         self.kill_suidgid(node, &fd)?;
                     }
                 }
@@ -337,7 +325,7 @@ impl OverlayFs {
     /// the change goes to the real file through its open descriptor, as the kernel overlay
     /// changes its upper inode. A file still in a lower layer would need a copy-up to a name a
     /// whiteout now holds: the kernel fails that with `EEXIST`, and so do we.
-    fn setattr_unlinked(&self, node: &Arc<Node>, a: &SetAttr) -> Result<Stat> {
+    fn setattr_unlinked(&self, node: &Arc<Node>, a: &SetAttrIn, kill_suidgid: bool) -> Result<Stat> {
         let of = self.open_file_of(node).ok_or(Errno::NOENT)?;
         if of.on_lower.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Errno::EXIST.into());
@@ -370,7 +358,7 @@ impl OverlayFs {
                 None => Arc::new(File::from(self.reopen_unlinked(node, OFlags::WRONLY | OFlags::CLOEXEC)?)),
             };
             rustix::fs::ftruncate(&*fd, size)?;
-            if a.kill_suidgid {
+            if kill_suidgid {
                 self.kill_suidgid(node, &*fd)?;
             }
         }

@@ -7,7 +7,7 @@ use ovl_core::Result;
 use ovl_proto::{Answer, Attr, Kind};
 use parking_lot::Mutex;
 
-use crate::fs::{OpenDir, OverlayFs, fuse_type};
+use crate::fs::{OpenDir, OverlayFs};
 use crate::inode::{Node, ROOT};
 
 impl OverlayFs {
@@ -28,7 +28,7 @@ impl OverlayFs {
                 None => self.key_in(e.layer, e.ino),
             };
             let ino = self.table.ino_for(key);
-            out.push((e.name, fuse_type(e.file_type), ino));
+            out.push((e.name, Kind::from_mode(e.file_type.as_raw_mode()), ino));
         }
         Ok(out)
     }

@@ -8,7 +8,6 @@ use ovl_core::Error;
 use ovl_proto::{Answer, Ctx, Handler, Op, guarded};
 
 use crate::copyup::Need;
-use crate::data::SetAttr;
 use crate::fs::OverlayFs;
 use crate::passthrough::IoMode;
 
@@ -93,17 +92,7 @@ impl OverlayFs {
                 // without CAP_FSETID): there root stands for CAP_FSETID.
                 let kill = set.kill_suidgid.unwrap_or(ctx.uid != 0);
                 let kill_suidgid = self.killpriv && set.size.is_some() && kill;
-                let s = SetAttr {
-                    mode: set.mode,
-                    uid: set.uid,
-                    gid: set.gid,
-                    size: set.size,
-                    atime: set.atime,
-                    mtime: set.mtime,
-                    fh: set.fh,
-                    kill_suidgid,
-                };
-                let st = tri!(a, self.do_setattr(&node, &s));
+                let st = tri!(a, self.do_setattr(&node, &set, kill_suidgid));
                 a.attr(self.ttl, &self.stat_attr(&node, &st));
             }
             Op::Readlink { ino } => {
@@ -236,8 +225,16 @@ impl OverlayFs {
             }
             Op::Statfs { .. } => {
                 let s = tri!(a, self.do_statfs());
-                let (bsize, frsize) = (s.f_bsize as u32, s.f_frsize as u32);
-                a.statfs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, bsize, self.namelen as u32, frsize);
+                a.statfs(&ovl_proto::Statfs {
+                    blocks: s.f_blocks,
+                    bfree: s.f_bfree,
+                    bavail: s.f_bavail,
+                    files: s.f_files,
+                    ffree: s.f_ffree,
+                    bsize: s.f_bsize as u32,
+                    namelen: self.namelen as u32,
+                    frsize: s.f_frsize as u32,
+                });
             }
             Op::Setxattr { ino, name, value, flags } => {
                 self.prepare_change(INodeNo(ino));

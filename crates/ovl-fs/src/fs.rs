@@ -788,7 +788,7 @@ impl OverlayFs {
             atime: time(st.st_atime, st.st_atime_nsec as i64),
             mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
             ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
-            kind: fuse_type(FileType::from_raw_mode(st.st_mode)),
+            kind: Kind::from_mode(st.st_mode),
             perm: (st.st_mode & 0o7777) as u16,
             nlink: if merged_dir { 1 } else { st.st_nlink as u32 },
             uid: st.st_uid,
@@ -892,19 +892,6 @@ impl OverlayFs {
             return Ok((self.stack.layer(d.layer).root()?, d.path.clone()));
         }
         Err(Errno::NOENT.into())
-    }
-}
-
-/// The FUSE file type of a real file type.
-pub(crate) fn fuse_type(ft: FileType) -> Kind {
-    match ft {
-        FileType::Directory => Kind::Directory,
-        FileType::Symlink => Kind::Symlink,
-        FileType::Fifo => Kind::Fifo,
-        FileType::Socket => Kind::Socket,
-        FileType::CharacterDevice => Kind::CharDevice,
-        FileType::BlockDevice => Kind::BlockDevice,
-        _ => Kind::RegularFile,
     }
 }
 

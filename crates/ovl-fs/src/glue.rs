@@ -16,7 +16,7 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use ovl_proto::{Answer, Attr, Backing, Ctx, Handler, Kind, Op, SetAttrIn, SetTime};
+use ovl_proto::{Answer, Attr, Backing, Ctx, Handler, Kind, Op, SetAttrIn, SetTime, Statfs};
 
 /// A filesystem served over FUSE: a [`Handler`] that also negotiates the connection.
 pub trait Served: Handler + 'static {
@@ -56,15 +56,7 @@ fn fuser_attr(a: &Attr) -> FileAttr {
         mtime: a.mtime,
         ctime: a.ctime,
         crtime: UNIX_EPOCH,
-        kind: match a.kind {
-            Kind::Fifo => FileType::NamedPipe,
-            Kind::CharDevice => FileType::CharDevice,
-            Kind::BlockDevice => FileType::BlockDevice,
-            Kind::Directory => FileType::Directory,
-            Kind::RegularFile => FileType::RegularFile,
-            Kind::Symlink => FileType::Symlink,
-            Kind::Socket => FileType::Socket,
-        },
+        kind: fuser_kind(a.kind),
         perm: a.perm,
         nlink: a.nlink,
         uid: a.uid,
@@ -72,6 +64,19 @@ fn fuser_attr(a: &Attr) -> FileAttr {
         rdev: a.rdev,
         blksize: a.blksize,
         flags: 0,
+    }
+}
+
+/// The fuser form of `k`.
+fn fuser_kind(k: Kind) -> FileType {
+    match k {
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::Directory => FileType::Directory,
+        Kind::RegularFile => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Socket => FileType::Socket,
     }
 }
 
@@ -252,19 +257,11 @@ impl Answer for FuserAnswer {
         }
     }
 
-    fn statfs(
-        &mut self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    ) {
+    fn statfs(&mut self, s: &Statfs) {
         match self.reply.take() {
-            Some(Reply::Statfs(r)) => r.statfs(blocks, bfree, bavail, files, ffree, bsize, namelen, frsize),
+            Some(Reply::Statfs(r)) => {
+                r.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize)
+            }
             other => {
                 self.reply = other;
                 self.mismatch("statistics");
@@ -277,8 +274,7 @@ impl Answer for FuserAnswer {
             self.mismatch("a directory entry");
             return true;
         };
-        let attr = Attr { kind, ..Attr::dir(ino) };
-        r.add(INodeNo(ino), offset, fuser_attr(&attr).kind, name)
+        r.add(INodeNo(ino), offset, fuser_kind(kind), name)
     }
 
     fn dir_entry_plus(&mut self, ino: u64, offset: u64, name: &OsStr, ttl: Duration, attr: &Attr) -> bool {

@@ -88,6 +88,20 @@ impl Kind {
         }) as u32
     }
 
+    /// The type of a file of mode `mode` (its `S_IFMT` bits; anything unknown is a regular file).
+    #[allow(clippy::unnecessary_cast)] // `mode_t` is not a u32 on every target
+    pub fn from_mode(mode: u32) -> Kind {
+        match mode & libc::S_IFMT as u32 {
+            m if m == libc::S_IFDIR as u32 => Kind::Directory,
+            m if m == libc::S_IFLNK as u32 => Kind::Symlink,
+            m if m == libc::S_IFIFO as u32 => Kind::Fifo,
+            m if m == libc::S_IFSOCK as u32 => Kind::Socket,
+            m if m == libc::S_IFCHR as u32 => Kind::CharDevice,
+            m if m == libc::S_IFBLK as u32 => Kind::BlockDevice,
+            _ => Kind::RegularFile,
+        }
+    }
+
     /// The `DT_*` value a directory entry carries.
     pub fn dirent_type(self) -> u32 {
         self.mode_bits() >> 12
@@ -391,6 +405,20 @@ impl Op<'_> {
 /// registered it knows (ovl-fs's glue: fuser's `BackingId`).
 pub type Backing = std::sync::Arc<dyn Any + Send + Sync>;
 
+/// File-system statistics, as a statfs reply carries them (the kernel's `fuse_kstatfs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)] // The fields are `statfs(2)`'s.
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
 /// Flags of an open reply (`FOPEN_*`).
 pub mod fopen {
     /// Keep the page cache of the file across opens.
@@ -428,18 +456,7 @@ pub trait Answer {
     /// A seek's result.
     fn offset(&mut self, offset: i64);
     /// File-system statistics.
-    #[allow(clippy::too_many_arguments)] // The kernel's `fuse_kstatfs`, field for field.
-    fn statfs(
-        &mut self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    );
+    fn statfs(&mut self, s: &Statfs);
     /// Adds a directory entry to a readdir answer; true when it did not fit (the answer is
     /// full, and the entry is not in it). Finish with [`Answer::ok`].
     fn dir_entry(&mut self, ino: u64, offset: u64, kind: Kind, name: &OsStr) -> bool;

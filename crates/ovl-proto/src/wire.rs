@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{Answer, Attr, Backing, Ctx, Kind, Op, SetAttrIn, SetTime};
+use crate::{Answer, Attr, Backing, Ctx, Kind, Op, SetAttrIn, SetTime, Statfs};
 
 #[cfg(target_endian = "big")]
 compile_error!("ovl-proto decodes FUSE requests in little-endian order");
@@ -173,8 +173,13 @@ fn time(secs: u64, nsecs: u32) -> SystemTime {
 /// made it, or longer), `payload` what follows it (names, data). Opcodes that ovl-fs does not
 /// serve give `ENOSYS`; a request cut short gives `EINVAL`.
 pub fn decode<'a>(header_bytes: &[u8], op_in: &'a [u8], payload: &'a [u8]) -> Result<(Header, Op<'a>), i32> {
-    use opcode::*;
     let h = header(header_bytes)?;
+    Ok((h, decode_op(&h, op_in, payload)?))
+}
+
+/// [`decode`] of a request whose in header `h` is already read.
+pub fn decode_op<'a>(h: &Header, op_in: &'a [u8], payload: &'a [u8]) -> Result<Op<'a>, i32> {
+    use opcode::*;
     let ino = h.nodeid;
     let mut a = Fields::new(op_in);
     let mut p = Fields::new(payload);
@@ -271,7 +276,7 @@ pub fn decode<'a>(header_bytes: &[u8], op_in: &'a [u8], payload: &'a [u8]) -> Re
         _ => return Err(libc::ENOSYS),
     };
     let _ = p.rest();
-    Ok((h, op))
+    Ok(op)
 }
 
 fn setattr(a: &mut Fields<'_>) -> Result<SetAttrIn, i32> {
@@ -533,21 +538,11 @@ impl Answer for BufAnswer<'_> {
         self.finish();
     }
 
-    fn statfs(
-        &mut self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    ) {
-        for v in [blocks, bfree, bavail, files, ffree] {
+    fn statfs(&mut self, s: &Statfs) {
+        for v in [s.blocks, s.bfree, s.bavail, s.files, s.ffree] {
             self.body.extend_from_slice(&v.to_le_bytes());
         }
-        for v in [bsize, namelen, frsize, 0, 0, 0, 0, 0, 0, 0] {
+        for v in [s.bsize, s.namelen, s.frsize, 0, 0, 0, 0, 0, 0, 0] {
             self.body.extend_from_slice(&v.to_le_bytes());
         }
         self.finish();
@@ -671,7 +666,16 @@ mod tests {
         assert_eq!(a.len(), 144);
         let mut b = vec![0u8; 4096];
         let mut a = BufAnswer::new(opcode::STATFS, &mut b, 4096);
-        a.statfs(1, 2, 3, 4, 5, 4096, 255, 4096);
+        a.statfs(&Statfs {
+            blocks: 1,
+            bfree: 2,
+            bavail: 3,
+            files: 4,
+            ffree: 5,
+            bsize: 4096,
+            namelen: 255,
+            frsize: 4096,
+        });
         assert_eq!(a.len(), 80);
         let mut b = vec![0u8; 4096];
         let mut a = BufAnswer::new(opcode::GETXATTR, &mut b, 4096);

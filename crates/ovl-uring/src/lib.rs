@@ -210,12 +210,13 @@ fn one_request(
     handler: &dyn Handler,
     access: Access,
 ) -> (u64, i32, usize) {
-    let unique = wire::header(header).map_or(0, |h| h.unique);
-    let (h, op) = match wire::decode(&header[..wire::IN_HEADER_LEN], &header[sys::OP_IN..sys::ENT_IN_OUT], payload) {
-        Ok(v) => v,
+    // The header buffer always holds a whole in header (`sys::HEADER_LEN` bytes).
+    let Ok(h) = wire::header(&header[..wire::IN_HEADER_LEN]) else { return (0, libc::EIO, 0) };
+    let unique = h.unique;
+    let op = match wire::decode_op(&h, &header[sys::OP_IN..sys::ENT_IN_OUT], payload) {
+        Ok(op) => op,
         Err(errno) => {
-            let opcode = wire::header(header).map_or(0, |h| h.opcode);
-            tracing::debug!(opcode, errno, "ring request not decoded");
+            tracing::debug!(opcode = h.opcode, errno, "ring request not decoded");
             return (unique, errno, 0);
         }
     };

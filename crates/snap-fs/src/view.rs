@@ -437,7 +437,7 @@ impl Views {
             atime: time(st.st_atime, st.st_atime_nsec as i64),
             mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
             ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
-            kind: fuse_type(kind),
+            kind: Kind::from_mode(kind.as_raw_mode()),
             perm: (st.st_mode & 0o7777) as u16,
             nlink: match &r.dir {
                 Some(d) if d.lowers.len() > 1 => 1,
@@ -609,7 +609,7 @@ impl Views {
                 }
                 // A non-directory's `d_ino` is its `st_ino`, as `ls -i` and `find` expect.
                 let ino = if e.file_type == FileType::Directory { e.ino } else { self.nodes.lock().object_id(e.ino) };
-                out.push((e.name, fuse_type(e.file_type), ino));
+                out.push((e.name, Kind::from_mode(e.file_type.as_raw_mode()), ino));
             }
             (snap, out)
         };
@@ -669,19 +669,6 @@ impl Views {
             }
         }
         Ok(out)
-    }
-}
-
-/// The FUSE file type of a real file type.
-fn fuse_type(ft: FileType) -> Kind {
-    match ft {
-        FileType::Directory => Kind::Directory,
-        FileType::Symlink => Kind::Symlink,
-        FileType::Fifo => Kind::Fifo,
-        FileType::Socket => Kind::Socket,
-        FileType::CharacterDevice => Kind::CharDevice,
-        FileType::BlockDevice => Kind::BlockDevice,
-        _ => Kind::RegularFile,
     }
 }
 
