@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+use rustix::fs::Stat;
 
 use crate::{LayerId, Result, sys};
 
@@ -40,6 +41,100 @@ pub struct Object {
     pub bytes: u64,
     /// A non-directory with other names (`st_nlink` > 1): its data may stay when this name goes.
     pub linked: bool,
+    /// Its attributes when the layer was read (version 4; `None` in older summaries).
+    pub meta: Option<Meta>,
+}
+
+/// An object's attributes as `lstat` showed them when its frozen layer was summarized: a lookup
+/// of a plain object there is answered from them without a disk read (on a cold cache, the
+/// inodes and directory blocks of a thousand sparse layers are scattered over the disk: the
+/// oldest of 1000 snapshots walked 3x slower than the newest for those reads alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// Type and permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Link count.
+    pub nlink: u32,
+    /// Preferred I/O size.
+    pub blksize: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Device number of a device node.
+    pub rdev: u64,
+    /// Access, modification and change times: seconds, then nanoseconds.
+    pub times: [(i64, u32); 3],
+}
+
+impl Meta {
+    /// The attributes in `st`.
+    pub fn of(st: &Stat) -> Self {
+        Self {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
+            blksize: u32::try_from(st.st_blksize).unwrap_or(u32::MAX),
+            size: st.st_size as u64,
+            rdev: st.st_rdev,
+            times: [
+                (st.st_atime, st.st_atime_nsec as u32),
+                (st.st_mtime, st.st_mtime_nsec as u32),
+                (st.st_ctime, st.st_ctime_nsec as u32),
+            ],
+        }
+    }
+
+    /// A `stat` record of these attributes for inode `ino` on device `dev`, `bytes` allocated.
+    pub fn stat(&self, dev: u64, ino: u64, bytes: u64) -> Stat {
+        let mut st = sys::blank_stat();
+        st.st_dev = dev as _;
+        st.st_ino = ino as _;
+        st.st_mode = self.mode as _;
+        st.st_uid = self.uid as _;
+        st.st_gid = self.gid as _;
+        st.st_nlink = self.nlink as _;
+        st.st_blksize = self.blksize as _;
+        st.st_size = self.size as _;
+        st.st_rdev = self.rdev as _;
+        st.st_blocks = (bytes / 512) as _;
+        let [(a, an), (m, mn), (c, cn)] = self.times;
+        (st.st_atime, st.st_atime_nsec) = (a as _, an as _);
+        (st.st_mtime, st.st_mtime_nsec) = (m as _, mn as _);
+        (st.st_ctime, st.st_ctime_nsec) = (c as _, cn as _);
+        st
+    }
+
+    /// The record's words in a summary file.
+    fn encode(&self, out: &mut Vec<u8>) {
+        let [(a, an), (m, mn), (c, cn)] = self.times;
+        let (mode, uid, gid, nlink, blksize, size, rdev) =
+            (self.mode, self.uid, self.gid, self.nlink, self.blksize, self.size, self.rdev);
+        out.extend_from_slice(
+            format!("{mode} {uid} {gid} {nlink} {blksize} {size} {rdev} {a} {an} {m} {mn} {c} {cn} ").as_bytes(),
+        );
+    }
+
+    /// The record from the next words of `words`.
+    fn decode<'a>(mut word: impl FnMut() -> Option<&'a [u8]>) -> Option<Self> {
+        fn parse<T: std::str::FromStr>(w: Option<&[u8]>) -> Option<T> {
+            std::str::from_utf8(w?).ok()?.parse().ok()
+        }
+        let (mode, uid, gid, nlink, blksize) =
+            (parse(word())?, parse(word())?, parse(word())?, parse(word())?, parse(word())?);
+        let (size, rdev) = (parse(word())?, parse(word())?);
+        let mut times = [(0i64, 0u32); 3];
+        for t in &mut times {
+            *t = (parse(word())?, parse(word())?);
+            if t.1 >= 1_000_000_000 {
+                return None;
+            }
+        }
+        Some(Self { mode, uid, gid, nlink, blksize, size, rdev, times })
+    }
 }
 
 /// The type of a summarized object.
@@ -121,9 +216,13 @@ pub struct Summary {
 
 /// The first words of a summary file, then the root's device and inode, the count of objects and
 /// the bytes, one line; the objects follow, each as its type code, `+` if special else `-`, its
-/// inode number, its bytes, `1` if linked else `0`, each followed by a space, then its path,
-/// ended by a NUL byte.
-const MAGIC: &str = "ovl-summary 3";
+/// inode number, its bytes, `1` if linked else `0`, its mode, owner, group, link count, block
+/// size, size, device number, and access, modification and change times (seconds, then
+/// nanoseconds), each followed by a space, then its path, ended by a NUL byte.
+const MAGIC: &str = "ovl-summary 4";
+
+/// Version 3: no attributes per object (`code mark ino bytes linked path`).
+const MAGIC_3: &str = "ovl-summary 3";
 
 /// Version 2: no bytes nor links per object (`code mark ino path`).
 const MAGIC_2: &str = "ovl-summary 2";
@@ -152,7 +251,8 @@ impl Summary {
                 };
                 let special = special(&sys::list_xattrs(&fd, Some(&name))?);
                 let linked = kind != Kind::Directory && st.st_nlink > 1;
-                objects.push(Object { path, kind, ino: st.st_ino, special, bytes: st.st_blocks as u64 * 512, linked });
+                let bytes = st.st_blocks as u64 * 512;
+                objects.push(Object { path, kind, ino: st.st_ino, special, bytes, linked, meta: Some(Meta::of(&st)) });
             }
         }
         Ok(Self { root: (st.st_dev, st.st_ino), objects, bytes, sizes: true })
@@ -169,13 +269,19 @@ impl Summary {
     }
 
     /// The summary as the bytes of its file.
+    /// (Version 4 when every object's attributes are known, else version 3.)
     pub fn encode(&self) -> Vec<u8> {
         let (root, count, bytes) = (self.root, self.objects.len(), self.bytes);
-        let mut out = format!("{MAGIC} {} {} {count} {bytes}\n", root.0, root.1).into_bytes();
+        let attrs = self.objects.iter().all(|o| o.meta.is_some());
+        let magic = if attrs { MAGIC } else { MAGIC_3 };
+        let mut out = format!("{magic} {} {} {count} {bytes}\n", root.0, root.1).into_bytes();
         for o in &self.objects {
             out.push(o.kind.code());
             out.push(if o.special { b'+' } else { b'-' });
             out.extend_from_slice(format!("{} {} {} ", o.ino, o.bytes, u8::from(o.linked)).as_bytes());
+            if let Some(m) = o.meta.as_ref().filter(|_| attrs) {
+                m.encode(&mut out);
+            }
             out.extend_from_slice(o.path.as_os_str().as_bytes());
             out.push(0);
         }
@@ -187,10 +293,10 @@ impl Summary {
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         let nl = bytes.iter().position(|b| *b == b'\n')?;
         let head = std::str::from_utf8(&bytes[..nl]).ok()?;
-        let (sizes, rest) = match head.strip_prefix(MAGIC) {
-            Some(rest) => (true, rest),
-            None => (false, head.strip_prefix(MAGIC_2)?),
-        };
+        let (version, rest) = [(4, MAGIC), (3, MAGIC_3), (2, MAGIC_2)]
+            .into_iter()
+            .find_map(|(v, magic)| Some((v, head.strip_prefix(magic)?)))?;
+        let sizes = version >= 3;
         let mut words = rest.split_ascii_whitespace();
         let root = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
         let count: usize = words.next()?.parse().ok()?;
@@ -211,12 +317,18 @@ impl Summary {
                 b'-' => false,
                 _ => return None,
             };
-            let mut fields = rest.splitn(if sizes { 4 } else { 2 }, |b| *b == b' ');
+            let words = match version {
+                4 => 17,
+                3 => 4,
+                _ => 2,
+            };
+            let mut fields = rest.splitn(words, |b| *b == b' ');
             let mut number = || -> Option<u64> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
             let (ino, bytes, linked) = if sizes { (number()?, number()?, number()?) } else { (number()?, 0, 0) };
             if linked > 1 {
                 return None;
             }
+            let meta = if version >= 4 { Some(Meta::decode(|| fields.next())?) } else { None };
             let path = PathBuf::from(OsStr::from_bytes(fields.next()?));
             if path.as_os_str().is_empty()
                 || path.is_absolute()
@@ -224,7 +336,7 @@ impl Summary {
             {
                 return None;
             }
-            objects.push(Object { path, kind, ino, special, bytes, linked: linked == 1 });
+            objects.push(Object { path, kind, ino, special, bytes, linked: linked == 1, meta });
         }
         (objects.len() == count).then_some(Self { root, objects, bytes: used, sizes })
     }
@@ -238,6 +350,7 @@ struct Info {
     special: bool,
     bytes: u64,
     linked: bool,
+    meta: Option<Meta>,
 }
 
 /// One summarized layer: its counts, and the names in each of its directories.
@@ -247,6 +360,10 @@ struct Known {
     bytes: u64,
     /// Objects' bytes and links known (see [`Summary::sizes`]).
     sizes: bool,
+    /// Every object's attributes known (version 4).
+    attrs: bool,
+    /// The device of the layer's filesystem (for the `stat` records of [`Holding::stat`]).
+    dev: u64,
     children: HashMap<PathBuf, Vec<OsString>>,
 }
 
@@ -275,7 +392,8 @@ impl Holders {
         let mut children: HashMap<PathBuf, Vec<OsString>> = HashMap::new();
         for o in &summary.objects {
             let ids = self.by_path.entry(o.path.clone()).or_default();
-            let info = Info { kind: o.kind, ino: o.ino, special: o.special, bytes: o.bytes, linked: o.linked };
+            let info =
+                Info { kind: o.kind, ino: o.ino, special: o.special, bytes: o.bytes, linked: o.linked, meta: o.meta };
             match ids.binary_search_by_key(&layer, |(id, _)| *id) {
                 Ok(i) => ids[i].1 = info,
                 Err(i) => ids.insert(i, (layer, info)),
@@ -288,8 +406,14 @@ impl Holders {
         if at >= self.summarized.len() {
             self.summarized.resize_with(at + 1, || None);
         }
-        self.summarized[at] =
-            Some(Known { objects: summary.objects.len() as u64, bytes: summary.bytes, sizes: summary.sizes, children });
+        self.summarized[at] = Some(Known {
+            objects: summary.objects.len() as u64,
+            bytes: summary.bytes,
+            sizes: summary.sizes,
+            attrs: summary.objects.iter().all(|o| o.meta.is_some()),
+            dev: summary.root.0,
+            children,
+        });
     }
 
     /// Stops using layer `layer`'s summary: it is probed again like any layer.
@@ -321,6 +445,13 @@ impl Holders {
     /// version 2 does not: the layer is to be read again).
     pub fn knows_sizes(&self, layer: u64) -> bool {
         self.known(layer).is_some_and(|k| k.sizes)
+    }
+
+    /// Whether `layer` has a summary in use of the current version, which also knows each
+    /// object's attributes (an older one serves lookups and listings; the layer is to be read
+    /// again for what it lacks).
+    pub fn knows_all(&self, layer: u64) -> bool {
+        self.known(layer).is_some_and(|k| k.sizes && k.attrs)
     }
 
     fn known(&self, layer: u64) -> Option<&Known> {
@@ -549,14 +680,46 @@ impl Holding<'_> {
             Some(_) => Held::Other,
         }
     }
+
+    /// The attributes of what layer `layer` holds at the path, as its summary recorded them:
+    /// only for an object a lookup may take from the summary alone, a plain one (not special)
+    /// that shares its inode with no other name (a link elsewhere may change it since).
+    pub fn stat(&self, layer: LayerId) -> Option<Stat> {
+        let number = self.reader.number(layer)?;
+        let at = self.at;
+        let c = at.partition_point(|(id, _)| *id < number);
+        let (_, info) = at.get(c).filter(|(id, _)| *id == number)?;
+        let meta = info.meta.filter(|_| !info.special && !info.linked && info.kind != Kind::Whiteout)?;
+        let dev = self.reader.holders.known(number)?.dev;
+        Some(meta.stat(dev, info.ino, info.bytes))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn meta(mode: u32) -> Meta {
+        Meta {
+            mode,
+            uid: 1000,
+            gid: 100,
+            nlink: 1,
+            blksize: 4096,
+            size: 12,
+            rdev: 0,
+            times: [(-5, 1), (1_700_000_000, 999_999_999), (1_700_000_001, 0)],
+        }
+    }
+
     fn obj(path: &str, kind: Kind, special: bool) -> Object {
-        Object { path: path.into(), kind, ino: path.len() as u64, special, bytes: 4096, linked: false }
+        let mode = match kind {
+            Kind::Directory => 0o40755,
+            Kind::Whiteout => 0o20000,
+            Kind::Other(_) => 0o100644,
+        };
+        let meta = Some(meta(mode));
+        Object { path: path.into(), kind, ino: path.len() as u64, special, bytes: 4096, linked: false, meta }
     }
 
     fn summary(objects: Vec<Object>) -> Summary {
@@ -579,8 +742,23 @@ mod tests {
         assert_eq!(Summary::decode(&s.encode()), Some(s.clone()));
         let bytes = s.encode();
         assert_eq!(Summary::decode(&bytes[..bytes.len() - 1]), None, "cut short in a path");
-        let cut = bytes.len() - "w-4 4096 0 a/\nx".len() - 1;
+        let cut =
+            bytes.len() - "w-4 4096 0 8192 1000 100 1 4096 12 0 -5 1 1700000000 999999999 1700000001 0 a/\nx".len() - 1;
+        assert_eq!((bytes[cut - 1], bytes[cut]), (0, b'w'), "the last record starts there");
         assert_eq!(Summary::decode(&bytes[..cut]), None, "cut short after a path");
+        let three = Summary::decode(b"ovl-summary 3 1 2 1 0\nr-1 512 0 a b\0").expect("version 3 is read");
+        assert_eq!((three.sizes, three.objects[0].bytes, three.objects[0].meta), (true, 512, None));
+        assert_eq!(
+            Summary::decode(b"ovl-summary 3 1 2 1 0\nr-1 512 0 a b\0").map(|s| s.encode()),
+            Some(b"ovl-summary 3 1 2 1 0\nr-1 512 0 a b\0".to_vec()),
+            "a summary without attributes is written as version 3"
+        );
+        let four = |m: &str| Summary::decode(format!("ovl-summary 4 1 2 1 0\nr-1 0 0 {m} f\0").as_bytes());
+        let m = four("33188 0 0 1 4096 3 0 1 2 3 4 5 6").expect("version 4 is read").objects[0].meta;
+        assert_eq!(m.map(|m| (m.mode, m.size, m.times)), Some((0o100644, 3, [(1, 2), (3, 4), (5, 6)])));
+        assert_eq!(four("33188 0 0 1 4096 3 0 1 2 3 4 5 1000000000"), None, "nanoseconds past a second");
+        assert_eq!(four("33188 0 0 1 4096 3 0 1 2 3 4 5"), None, "a time missing");
+        assert_eq!(four("33188 0 0 -1 4096 3 0 1 2 3 4 5 6"), None, "a negative link count");
         assert_eq!(Summary::decode(b"ovl-summary 1 1 2 1 0\na\0"), None, "an older version");
         let old = Summary::decode(b"ovl-summary 2 1 2 1 4096\nd-1 a b\0").expect("version 2 is read");
         assert_eq!(
@@ -667,6 +845,37 @@ mod tests {
         assert!(p.reader().may_hold(LayerId(0), Path::new("d/f")), "a forgotten summary");
         holders.write().add(u64::MAX, &summary(vec![]));
         assert!(!holders.read().knows(u64::MAX), "a number too large to index is never trusted");
+    }
+
+    #[test]
+    fn attributes_come_from_the_summary_only_for_plain_unlinked_objects() {
+        let reg = Kind::Other(rustix::fs::FileType::RegularFile);
+        let holders = Arc::new(RwLock::new(Holders::default()));
+        let linked = Object { linked: true, ..obj("d/l", reg, false) };
+        let objects = vec![
+            obj("d", Kind::Directory, false),
+            obj("d/f", reg, false),
+            obj("d/s", reg, true),
+            obj("d/w", Kind::Whiteout, false),
+            linked,
+        ];
+        holders.write().add(5, &Summary { root: (77, 2), ..summary(objects) });
+        let three = Object { meta: None, ..obj("d/f", reg, false) };
+        holders.write().add(6, &summary(vec![obj("d", Kind::Directory, false), three]));
+        let p = Presence::new(holders.clone(), vec![Some(5), Some(6), None]);
+        let r = p.reader();
+        let st = r.holding(Path::new("d/f")).stat(LayerId(0)).expect("a plain file");
+        assert_eq!((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid), (77, 3, 0o100644, 1000, 100));
+        assert_eq!((st.st_size, st.st_blocks, st.st_nlink, st.st_blksize), (12, 8, 1, 4096));
+        assert_eq!((st.st_atime, st.st_atime_nsec, st.st_mtime_nsec, st.st_ctime), (-5, 1, 999_999_999, 1_700_000_001));
+        assert!(r.holding(Path::new("d")).stat(LayerId(0)).is_some(), "a plain dir");
+        for (path, why) in [("d/s", "special"), ("d/w", "a whiteout"), ("d/l", "linked"), ("d/x", "absent")] {
+            assert!(r.holding(Path::new(path)).stat(LayerId(0)).is_none(), "{why}");
+        }
+        assert!(r.holding(Path::new("d/f")).stat(LayerId(1)).is_none(), "a summary without attributes");
+        assert!(r.holding(Path::new("d/f")).stat(LayerId(2)).is_none(), "a layer without one");
+        drop(r);
+        assert!(holders.read().knows_all(5) && !holders.read().knows_all(6));
     }
 
     #[test]

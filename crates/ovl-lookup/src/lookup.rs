@@ -226,6 +226,12 @@ pub fn lookup_in(
                 _ => (path.clone(), presence.holding(&path)),
             };
             let held = at.1.held(ld.layer);
+            // Where objects are their own identity (no origin to read), a plain object's
+            // attributes recorded in the summary are all a lookup needs of it.
+            let recorded = match held {
+                Held::PlainDir | Held::Other if stack.own_identities() && !ld.xwhiteouts => at.1.stat(ld.layer),
+                _ => None,
+            };
             holding = Some(at);
             match held {
                 Held::Nothing => continue,
@@ -238,6 +244,33 @@ pub fn lookup_in(
                     continue;
                 }
                 Held::PlainDir | Held::Other | Held::Unknown => {}
+            }
+            if let Some(st) = recorded {
+                let kind = FileType::from_raw_mode(st.st_mode);
+                if found.is_some() && kind != FileType::Directory {
+                    // Below a directory: a non-directory ends the merge.
+                    break;
+                }
+                if found.is_none() {
+                    let identity = identity_from(stack, layer, &path, &st, None)?;
+                    let (lower, dir) = if kind == FileType::Directory {
+                        (
+                            None,
+                            Some(DirLayers {
+                                upper: None,
+                                lowers: vec![LowerDir { layer: ld.layer, path, xwhiteouts: false }],
+                            }),
+                        )
+                    } else {
+                        (Some(LowerObject { layer: ld.layer, path, stat: st }), None)
+                    };
+                    let e = Entry { kind, stat: st, upper: None, lower, dir, opaque: false, data: None, identity };
+                    if kind != FileType::Directory {
+                        return Ok(Some(e));
+                    }
+                    found = Some(e);
+                    continue;
+                }
             }
         }
         if crate::aufs::hidden(stack, layer, &path)? {

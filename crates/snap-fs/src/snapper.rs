@@ -728,8 +728,9 @@ impl Snapper {
                 let holders = self.views.holders.read();
                 let fds = self.layer_fds.lock();
                 let frozen = &snaps[..snaps.len().saturating_sub(1)];
-                // (A summary of version 2 serves lookups meanwhile; it lacks sizes for `list`.)
-                let missing = frozen.iter().rev().find(|s| !holders.knows_sizes(s.id) && !failed.contains(&s.id));
+                // (An older summary serves lookups meanwhile; version 2 lacks sizes for `list`,
+                // version 3 the attributes that spare a lookup its disk reads.)
+                let missing = frozen.iter().rev().find(|s| !holders.knows_all(s.id) && !failed.contains(&s.id));
                 missing.and_then(|s| Some((s.id, fds.get(s.id)?.1.clone())))
             };
             let Some((id, fd)) = next else { return Ok(()) };

@@ -1,6 +1,6 @@
 //! File handles (`name_to_handle_at`, `open_by_handle_at`) and the filesystem UUID
-//! (`FS_IOC_GETFSUUID`): the raw material of `overlay.origin`. With `xattr_at.rs`, the only `unsafe`
-//! in ovl-core.
+//! (`FS_IOC_GETFSUUID`): the raw material of `overlay.origin`. With `xattr_at.rs` and `blank.rs`, the
+//! only `unsafe` in ovl-core.
 
 use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};

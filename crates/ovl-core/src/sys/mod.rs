@@ -12,8 +12,10 @@ use rustix::io::Errno;
 
 use crate::Result;
 
+mod blank;
 mod handle;
 mod xattr_at;
+pub use blank::blank_stat;
 pub use handle::{FileHandle, fd_to_handle, fs_uuid, name_to_handle, open_by_handle};
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);

@@ -5,7 +5,7 @@
 //! summaries are in use: after they are made, after a remount reads them back, after a delete
 //! merges two layers, and with a summary file left over from the layer a merge replaced.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -61,17 +61,29 @@ fn summary_records_of(body: &[u8]) -> Vec<(PathBuf, String)> {
     body.split(|b| *b == 0)
         .filter(|p| !p.is_empty())
         .map(|r| {
-            let mut cut = 0;
-            for _ in 0..3 {
-                cut += r[cut..].iter().position(|b| *b == b' ').expect("three spaces before the path") + 1;
-            }
-            (PathBuf::from(std::ffi::OsStr::from_bytes(&r[cut..])), String::from_utf8_lossy(&r[..cut - 1]).into_owned())
+            let words: Vec<&[u8]> = r.splitn(RECORD_WORDS + 1, |b| *b == b' ').collect();
+            assert_eq!(words.len(), RECORD_WORDS + 1, "{RECORD_WORDS} words before the path");
+            // The access time (words 10 and 11) is left out: a kernel mount reading the layer
+            // changes it (the views do not). So are all attributes of an object with other
+            // names (its links and change time move with them: lookups never use them).
+            let linked = words[2] == b"1";
+            let kept: Vec<String> = words[..RECORD_WORDS]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !(matches!(i, 10 | 11) || (linked && *i >= 3)))
+                .map(|(_, w)| String::from_utf8_lossy(w).into_owned())
+                .collect();
+            (PathBuf::from(std::ffi::OsStr::from_bytes(words[RECORD_WORDS])), kept.join(" "))
         })
         .collect()
 }
 
+/// The words before the path in a summary record (version 4).
+const RECORD_WORDS: usize = 16;
+
 /// Each object a summary file lists, by path: its record without the path (type code, `+` for
-/// overlay metadata a lookup must read, else `-`, inode number, bytes, linked).
+/// overlay metadata a lookup must read, else `-`, inode number, bytes, linked, mode, owner,
+/// group, links, block size, size, device number, modification and change times).
 fn summary_records(m: &SnapMount, id: u64) -> Vec<(PathBuf, String)> {
     let bytes = fs::read(store(m).join("summaries").join(id.to_string())).unwrap();
     let nl = bytes.iter().position(|b| *b == b'\n').expect("a header line");
@@ -100,7 +112,15 @@ fn object_record(path: &Path) -> String {
         n.split_once("overlay.").is_some_and(|(_, rest)| !matches!(rest, "origin" | "impure" | "nlink"))
     });
     let linked = !t.is_dir() && md.nlink() > 1;
-    format!("{code}{}{} {} {}", if special { '+' } else { '-' }, md.ino(), md.blocks() * 512, u8::from(linked))
+    let mark = if special { '+' } else { '-' };
+    let (ino, bytes, link) = (md.ino(), md.blocks() * 512, u8::from(linked));
+    let (mode, uid, gid, nlink, blksize, size, rdev) =
+        (md.mode(), md.uid(), md.gid(), md.nlink(), md.blksize(), md.size(), md.rdev());
+    let (m, mn, c, cn) = (md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec());
+    if linked {
+        return format!("{code}{mark}{ino} {bytes} {link}");
+    }
+    format!("{code}{mark}{ino} {bytes} {link} {mode} {uid} {gid} {nlink} {blksize} {size} {rdev} {m} {mn} {c} {cn}")
 }
 
 /// Every path in layer dir `root`.
@@ -147,14 +167,40 @@ fn assert_summaries_exact(m: &SnapMount, what: &str) {
     }
 }
 
-/// Every snapshot's view equals the kernel's mount of its layers.
+/// Every snapshot's view equals the kernel's mount of its layers, attributes included (those
+/// of plain objects of frozen layers come from the summaries).
 fn assert_views_match_the_kernel(m: &SnapMount, what: &str) {
     for s in m.list() {
         let dir = m.scratch().mkdir(&format!("kernel-{what}-{}", s.name).replace(' ', "-"));
-        let want = record_tree(&m.view(&s.name));
+        let view = m.view(&s.name);
+        let (want, attrs) = (record_tree(&view), record_attrs(&view));
         let k = KernelMount::snapshot(m, &s.name, &dir);
         assert_same_tree(&want, &record_tree(k.path()), &format!("{what}: view {} and the kernel's mount", s.name));
+        assert_eq!(attrs, record_attrs(k.path()), "{what}: attributes in view {} and the kernel's mount", s.name);
     }
+}
+
+/// Every object's `lstat` below `root` but its inode number, device, access and change times (a
+/// view's change times move when the CoW rules first copy an object, and the kernel may cache a
+/// view's attributes from before), and a directory's size and links (which an overlay's merge
+/// sets): mode, owner, group, links, size, blocks, device number, modification time.
+fn record_attrs(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut paths = vec![PathBuf::new()];
+    paths.extend(list_kinds(root).into_iter().map(|(p, _)| p));
+    paths
+        .into_iter()
+        .map(|p| {
+            let md = fs::symlink_metadata(root.join(&p)).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+            let own = format!("{:o} {}:{} rdev {}", md.mode(), md.uid(), md.gid(), md.rdev());
+            let times = format!("m {}.{}", md.mtime(), md.mtime_nsec());
+            let size = if md.is_dir() {
+                String::new()
+            } else {
+                format!(" {} links {} bytes {} blocks", md.nlink(), md.size(), md.blocks())
+            };
+            (p, format!("{own} {times}{size}"))
+        })
+        .collect()
 }
 
 /// One interval's changes: data, a new dir, a removal (a whiteout), a dir renamed (a redirect).
@@ -321,6 +367,19 @@ fn a_repair_that_changes_layers_makes_their_summaries_again() {
 /// deleting each snapshot frees.
 #[test]
 fn summaries_of_version_2_are_used_and_read_again_for_sizes() {
+    older_summaries_are_used_and_read_again(2);
+}
+
+/// A store from before per-object attributes (summary version 3): the same, and the layers read
+/// again give lookups the attributes that spare them their disk reads.
+#[test]
+fn summaries_of_version_3_are_used_and_read_again_for_attributes() {
+    older_summaries_are_used_and_read_again(3);
+}
+
+/// Rewrites every summary as `version` (2: `code mark ino path`; 3: `code mark ino bytes linked
+/// path`), mounts, and checks views, then that every layer is read again into version 4.
+fn older_summaries_are_used_and_read_again(version: usize) {
     let mut m = SnapMount::prepare(Form::Separate);
     fs::create_dir(m.live().join("d")).unwrap();
     fs::write(m.live().join("d/f"), b"0").unwrap();
@@ -333,28 +392,32 @@ fn summaries_of_version_2_are_used_and_read_again_for_sizes() {
     wait_for_summaries(&m, "after the takes");
     let views: Vec<_> = (0..4).map(|i| record_tree(&m.view(&format!("s{i}")))).collect();
     m.umount();
-    // Rewrite each summary as version 2: no bytes nor links per object.
+    let kept = if version == 2 { 1 } else { 3 };
     for id in summarized(&m) {
         let path = store(&m).join("summaries").join(id.to_string());
         let bytes = fs::read(&path).unwrap();
         let nl = bytes.iter().position(|b| *b == b'\n').unwrap();
-        let head = String::from_utf8(bytes[..nl].to_vec()).unwrap().replace("ovl-summary 3", "ovl-summary 2");
-        let mut out = format!("{head}\n").into_bytes();
+        let head = String::from_utf8(bytes[..nl].to_vec()).unwrap();
+        assert!(head.starts_with("ovl-summary 4 "), "{head}");
+        let mut out = format!("{}\n", head.replace("ovl-summary 4", &format!("ovl-summary {version}"))).into_bytes();
         for rec in bytes[nl + 1..].split(|b| *b == 0).filter(|r| !r.is_empty()) {
-            // `code mark ino bytes linked path` -> `code mark ino path`
-            let mut parts = rec.splitn(4, |b| *b == b' ');
-            let ino = parts.next().unwrap();
-            let (_, _, path) = (parts.next(), parts.next(), parts.next().unwrap());
-            out.extend_from_slice(ino);
-            out.push(b' ');
-            out.extend_from_slice(path);
+            let words: Vec<&[u8]> = rec.splitn(RECORD_WORDS + 1, |b| *b == b' ').collect();
+            for w in words[..kept].iter().chain([&words[RECORD_WORDS]]) {
+                out.extend_from_slice(w);
+                out.push(b' ');
+            }
+            out.pop();
             out.push(0);
         }
         fs::write(&path, out).unwrap();
     }
     m.mount();
     for (i, want) in views.iter().enumerate() {
-        assert_same_tree(want, &record_tree(&m.view(&format!("s{i}"))), &format!("s{i} with summaries of version 2"));
+        assert_same_tree(
+            want,
+            &record_tree(&m.view(&format!("s{i}"))),
+            &format!("s{i} with summaries of version {version}"),
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -362,7 +425,7 @@ fn summaries_of_version_2_are_used_and_read_again_for_sizes() {
         let v: serde_json::Value = serde_json::from_str(out.expect_ok("list --json")).unwrap();
         let all = v.as_array().unwrap().iter().all(|s| s["freed_bytes"].is_u64());
         let rewritten = summarized(&m).iter().all(|id| {
-            fs::read(store(&m).join("summaries").join(id.to_string())).unwrap().starts_with(b"ovl-summary 3 ")
+            fs::read(store(&m).join("summaries").join(id.to_string())).unwrap().starts_with(b"ovl-summary 4 ")
         });
         if all && rewritten {
             break;
