@@ -201,9 +201,12 @@ impl OverlayFs {
                 s.lower.take().is_some_and(|l| !node.is_dir() && l.stat.st_nlink > 1)
             };
             // Copying up one name of a lower hard link breaks the link (no index): the link count
-            // the kernel holds for this node is wrong now, and nothing else makes it ask again.
+            // the kernel holds for this node is wrong now, and nothing else makes it ask again;
+            // the name shows the upper file's number now, which cached listings of its dir lack.
             if broke_link {
                 self.forget_attrs(&[node.id]);
+                let parents: Vec<u64> = node.state.read().names.iter().map(|(p, _)| *p).collect();
+                self.forget_listings(parents);
             }
             tracing::debug!(path = ?parent_path.join(&name), meta_only, "copied up");
         }

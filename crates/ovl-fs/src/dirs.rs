@@ -98,7 +98,7 @@ impl OverlayFs {
                 // The kernel links no inode for these two, whatever their number.
                 let mut attr = self_attr;
                 attr.ino = *ino;
-                if reply.dir_entry_plus(*ino, off, name, self.ttl, &attr) {
+                if reply.dir_entry_plus(0, off, name, self.ttl, &attr) {
                     break;
                 }
                 continue;
@@ -112,14 +112,17 @@ impl OverlayFs {
                     let mut attr = self_attr;
                     attr.ino = *ino;
                     attr.kind = *kind;
-                    if reply.dir_entry_plus(*ino, off, name, std::time::Duration::ZERO, &attr) {
+                    if reply.dir_entry_plus(0, off, name, std::time::Duration::ZERO, &attr) {
                         break;
                     }
                     continue;
                 }
             };
-            let attr = self.attr(&child, &st);
-            if reply.dir_entry_plus(child.id, off, name, self.attr_ttl(&child), &attr) {
+            // Listed with the number `stat` shows where the transport carries it apart from the
+            // node id (`Answer::carries_ino_apart`; fuser lists the node id).
+            let attr = self.stat_attr(&child, &st);
+            let ttl = if reply.carries_ino_apart() { self.ttl } else { self.attr_ttl(&child) };
+            if reply.dir_entry_plus(child.id, off, name, ttl, &attr) {
                 self.table.forget(child.id, 1);
                 break;
             }

@@ -63,14 +63,23 @@ impl Handler for OverlayFs {
 }
 
 impl OverlayFs {
+    /// Answers an entry for `node` (attributes `st`): the number `stat` shows, kept for the
+    /// attribute time-to-live where the transport carries it apart from the node id, else the
+    /// node id, and for a node whose id is not its number no time at all
+    /// (`OverlayFs::attr_ttl`).
+    fn answer_entry(&self, a: &mut dyn Answer, node: &crate::inode::Node, st: &rustix::fs::Stat) {
+        let attr_ttl = if a.carries_ino_apart() { self.ttl } else { self.attr_ttl(node) };
+        a.entry(node.id, self.ttl, attr_ttl, &self.stat_attr(node, st));
+    }
+
     fn serve(&self, ctx: &Ctx, op: Op<'_>, a: &mut dyn Answer) {
         match op {
             Op::Lookup { parent, name } => {
                 let (_held, p) = tri!(a, self.hold(INodeNo(parent)));
                 match self.do_lookup(&p, name) {
-                    Ok((node, st)) => a.entry(self.ttl, self.attr_ttl(&node), &self.attr(&node, &st)),
+                    Ok((node, st)) => self.answer_entry(a, &node, &st),
                     Err(e) if e.errno() == ovl_core::Errno::NOENT && !self.negative_ttl.is_zero() => {
-                        a.entry(self.negative_ttl, self.negative_ttl, &self.missing_attr())
+                        a.entry(0, self.negative_ttl, self.negative_ttl, &self.missing_attr())
                     }
                     Err(e) => a.error(errno(e)),
                 }
@@ -102,12 +111,12 @@ impl OverlayFs {
             Op::Mknod { parent, name, mode, umask, rdev } => {
                 let (_held, p) = tri!(a, self.hold(INodeNo(parent)));
                 let (node, st) = tri!(a, self.do_mknod(&p, name, mode, rdev, (ctx.uid, ctx.gid, umask)));
-                a.entry(self.ttl, self.attr_ttl(&node), &self.attr(&node, &st));
+                self.answer_entry(a, &node, &st);
             }
             Op::Mkdir { parent, name, mode, umask } => {
                 let (_held, p) = tri!(a, self.hold(INodeNo(parent)));
                 let (node, st) = tri!(a, self.do_mkdir(&p, name, mode, (ctx.uid, ctx.gid, umask)));
-                a.entry(self.ttl, self.attr_ttl(&node), &self.attr(&node, &st));
+                self.answer_entry(a, &node, &st);
             }
             Op::Unlink { parent, name } => {
                 self.prepare_change_at(INodeNo(parent), name, true);
@@ -121,7 +130,7 @@ impl OverlayFs {
             Op::Symlink { parent, name, target } => {
                 let (_held, p) = tri!(a, self.hold(INodeNo(parent)));
                 let (node, st) = tri!(a, self.do_symlink(&p, name, target, ctx.uid, ctx.gid));
-                a.entry(self.ttl, self.attr_ttl(&node), &self.attr(&node, &st));
+                self.answer_entry(a, &node, &st);
             }
             Op::Rename { parent, name, newparent, newname, flags } => {
                 let (parent, newparent) = (INodeNo(parent), INodeNo(newparent));
@@ -150,7 +159,7 @@ impl OverlayFs {
                 let _held = self.hold_nodes(&[&node, &np]);
                 let st = tri!(a, self.do_link(&node, &np, newname));
                 self.table.add_lookup(&node);
-                a.entry(self.ttl, self.attr_ttl(&node), &self.attr(&node, &st));
+                self.answer_entry(a, &node, &st);
             }
             Op::Open { ino, flags, kill_suidgid } => {
                 let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
@@ -272,14 +281,13 @@ impl OverlayFs {
                 let (_held, p) = tri!(a, self.hold(INodeNo(parent)));
                 let (node, st, fd) = tri!(a, self.do_create(&p, name, mode, flags, (ctx.uid, ctx.gid, umask)));
                 let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
-                let attr = self.attr(&node, &st);
-                // One time-to-live for the entry and its attributes here: none for a node whose
-                // number is not its id (`OverlayFs::attr_ttl`).
-                let ttl = self.attr_ttl(&node).min(self.ttl);
+                let attr = self.stat_attr(&node, &st);
+                // One time-to-live for the entry and its attributes here (`answer_entry`).
+                let ttl = if a.carries_ino_apart() { self.ttl } else { self.attr_ttl(&node).min(self.ttl) };
                 let noflush = ovl_proto::fopen::NOFLUSH;
                 match self.passthrough_open(&node, fh, |fd| a.open_backing(fd)) {
-                    IoMode::Passthrough(id) => a.created(ttl, &attr, fh, noflush, Some(&id)),
-                    IoMode::Cached => a.created(ttl, &attr, fh, noflush, None),
+                    IoMode::Passthrough(id) => a.created(node.id, ttl, &attr, fh, noflush, Some(&id)),
+                    IoMode::Cached => a.created(node.id, ttl, &attr, fh, noflush, None),
                 }
             }
             Op::Fallocate { ino, fh, offset, length, mode } => {

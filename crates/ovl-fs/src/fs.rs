@@ -338,6 +338,23 @@ impl OverlayFs {
         }
     }
 
+    /// Makes the kernel drop its cached listings (`FOPEN_CACHE_DIR`) of directories `ids`: the
+    /// numbers they list changed. Sent from a thread of its own after the request (dropping a
+    /// directory's cached pages locks them, which a request in flight must not wait for).
+    pub(crate) fn forget_listings(&self, ids: Vec<u64>) {
+        let Some(n) = self.notifier.get().cloned() else { return };
+        let sent = std::thread::Builder::new().name("ovlfs-inval".into()).spawn(move || {
+            for id in ids {
+                if let Err(e) = n.inval_inode(INodeNo(id), 0, 0) {
+                    tracing::debug!(id, %e, "listing invalidation not sent");
+                }
+            }
+        });
+        if let Err(e) = sent {
+            tracing::debug!(%e, "listing invalidation not started");
+        }
+    }
+
     /// The layer stack being served.
     pub fn stack(&self) -> &LayerStack {
         &self.stack

@@ -166,9 +166,11 @@ impl Answer for FuserAnswer {
         }
     }
 
-    fn entry(&mut self, entry_ttl: Duration, attr_ttl: Duration, attr: &Attr) {
+    fn entry(&mut self, node: u64, entry_ttl: Duration, attr_ttl: Duration, attr: &Attr) {
+        // fuser sends one number as the node id and the inode number (`carries_ino_apart`).
+        let attr = fuser_attr(&Attr { ino: node, ..*attr });
         match self.reply.take() {
-            Some(Reply::Entry(r)) => r.entry_with_ttls(&attr_ttl, &entry_ttl, &fuser_attr(attr), Generation(0)),
+            Some(Reply::Entry(r)) => r.entry_with_ttls(&attr_ttl, &entry_ttl, &attr, Generation(0)),
             other => {
                 self.reply = other;
                 self.mismatch("an entry");
@@ -222,8 +224,8 @@ impl Answer for FuserAnswer {
         }
     }
 
-    fn created(&mut self, ttl: Duration, attr: &Attr, fh: u64, flags: u32, backing: Option<&Backing>) {
-        let (flags, attr) = (FopenFlags::from_bits_retain(flags), fuser_attr(attr));
+    fn created(&mut self, node: u64, ttl: Duration, attr: &Attr, fh: u64, flags: u32, backing: Option<&Backing>) {
+        let (flags, attr) = (FopenFlags::from_bits_retain(flags), fuser_attr(&Attr { ino: node, ..*attr }));
         match (self.reply.take(), backing) {
             (Some(Reply::Create(r)), None) => r.created(&ttl, &attr, Generation(0), FileHandle(fh), flags),
             (Some(Reply::Create(r)), Some(b)) => match backing_id(b) {
@@ -277,12 +279,15 @@ impl Answer for FuserAnswer {
         r.add(INodeNo(ino), offset, fuser_kind(kind), name)
     }
 
-    fn dir_entry_plus(&mut self, ino: u64, offset: u64, name: &OsStr, ttl: Duration, attr: &Attr) -> bool {
+    fn dir_entry_plus(&mut self, node: u64, offset: u64, name: &OsStr, ttl: Duration, attr: &Attr) -> bool {
         let Some(Reply::DirPlus(r)) = &mut self.reply else {
             self.mismatch("a directory entry with attributes");
             return true;
         };
-        r.add(INodeNo(ino), offset, name, &ttl, &fuser_attr(attr), Generation(0))
+        // fuser takes the node id and `d_ino` from `attr.ino`: the node's id where there is one
+        // (`carries_ino_apart`); an entry listed only goes by its listed number.
+        let ino = if node == 0 { attr.ino } else { node };
+        r.add(INodeNo(ino), offset, name, &ttl, &fuser_attr(&Attr { ino, ..*attr }), Generation(0))
     }
 
     fn open_backing(&mut self, fd: BorrowedFd<'_>) -> std::io::Result<Backing> {

@@ -439,8 +439,10 @@ pub trait Answer {
     fn error(&mut self, errno: i32);
     /// Succeeds with no data.
     fn ok(&mut self);
-    /// A looked-up or created entry (`ino` 0 with a time-to-live: a cached negative entry).
-    fn entry(&mut self, entry_ttl: Duration, attr_ttl: Duration, attr: &Attr);
+    /// A looked-up or created entry: node id `node` (0 with a time-to-live: a cached negative
+    /// entry), attributes `attr`, whose `ino` is the number `stat` shows (see
+    /// [`Answer::carries_ino_apart`]).
+    fn entry(&mut self, node: u64, entry_ttl: Duration, attr_ttl: Duration, attr: &Attr);
     /// Attributes.
     fn attr(&mut self, ttl: Duration, attr: &Attr);
     /// Bytes (read, readlink, an xattr value or list).
@@ -449,8 +451,8 @@ pub trait Answer {
     fn xattr_size(&mut self, size: u32);
     /// An open handle; `backing` for a passthrough open.
     fn opened(&mut self, fh: u64, flags: u32, backing: Option<&Backing>);
-    /// A created file: its entry and open handle.
-    fn created(&mut self, ttl: Duration, attr: &Attr, fh: u64, flags: u32, backing: Option<&Backing>);
+    /// A created file: its entry (as [`Answer::entry`]) and open handle.
+    fn created(&mut self, node: u64, ttl: Duration, attr: &Attr, fh: u64, flags: u32, backing: Option<&Backing>);
     /// Bytes written (write, copy_file_range).
     fn written(&mut self, n: u32);
     /// A seek's result.
@@ -461,8 +463,17 @@ pub trait Answer {
     /// full, and the entry is not in it). Finish with [`Answer::ok`].
     fn dir_entry(&mut self, ino: u64, offset: u64, kind: Kind, name: &OsStr) -> bool;
     /// Adds an entry with attributes to a readdirplus answer; true when it did not fit.
-    /// `ino` is the entry's node id (its lookup is counted when the entry fits).
-    fn dir_entry_plus(&mut self, ino: u64, offset: u64, name: &OsStr, ttl: Duration, attr: &Attr) -> bool;
+    /// `node` is the entry's node id (its lookup is counted when the entry fits; 0: listed
+    /// only, not looked up), `attr.ino` the number listed and shown by `stat` (see
+    /// [`Answer::carries_ino_apart`]).
+    fn dir_entry_plus(&mut self, node: u64, offset: u64, name: &OsStr, ttl: Duration, attr: &Attr) -> bool;
+    /// Whether entries carry their node id apart from the inode number `attr.ino` they show.
+    /// A transport that cannot (fuser's replies take both from one number) sends the node id
+    /// as both: a node whose id is not its number then needs attributes that never stay valid
+    /// (every `stat` asks), and is listed by its node id.
+    fn carries_ino_apart(&self) -> bool {
+        false
+    }
     /// Where the transport can take data written in place (a read of `len` bytes into its
     /// reply buffer), that buffer, at most `len` long; finish with [`Answer::data_filled`].
     fn data_buffer(&mut self, _len: usize) -> Option<&mut [u8]> {

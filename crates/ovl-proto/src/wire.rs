@@ -474,8 +474,8 @@ impl Answer for BufAnswer<'_> {
         self.finish();
     }
 
-    fn entry(&mut self, entry_ttl: Duration, attr_ttl: Duration, attr: &Attr) {
-        put_entry(&mut self.body, attr.ino, entry_ttl, attr_ttl, attr);
+    fn entry(&mut self, node: u64, entry_ttl: Duration, attr_ttl: Duration, attr: &Attr) {
+        put_entry(&mut self.body, node, entry_ttl, attr_ttl, attr);
         self.finish();
     }
 
@@ -518,11 +518,11 @@ impl Answer for BufAnswer<'_> {
         self.finish();
     }
 
-    fn created(&mut self, ttl: Duration, attr: &Attr, fh: u64, flags: u32, backing: Option<&Backing>) {
+    fn created(&mut self, node: u64, ttl: Duration, attr: &Attr, fh: u64, flags: u32, backing: Option<&Backing>) {
         if backing.is_some() {
             return self.error(libc::EIO);
         }
-        put_entry(&mut self.body, attr.ino, ttl, ttl, attr);
+        put_entry(&mut self.body, node, ttl, ttl, attr);
         put_open(&mut self.body, fh, flags);
         self.finish();
     }
@@ -557,14 +557,19 @@ impl Answer for BufAnswer<'_> {
         false
     }
 
-    fn dir_entry_plus(&mut self, ino: u64, offset: u64, name: &OsStr, ttl: Duration, attr: &Attr) -> bool {
+    fn dir_entry_plus(&mut self, node: u64, offset: u64, name: &OsStr, ttl: Duration, attr: &Attr) -> bool {
         let len = ENTRY_OUT_LEN + (24 + name.len()).next_multiple_of(8);
         if !self.fits(len) {
             return true;
         }
-        put_entry(&mut self.body, ino, ttl, ttl, attr);
-        put_dirent(&mut self.body, ino, offset, attr.kind, name);
+        // The kernel links node `node` (none for 0) and lists `d_ino` as given.
+        put_entry(&mut self.body, node, ttl, ttl, attr);
+        put_dirent(&mut self.body, attr.ino, offset, attr.kind, name);
         false
+    }
+
+    fn carries_ino_apart(&self) -> bool {
+        true
     }
 
     fn open_backing(&mut self, _fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Backing> {
@@ -653,8 +658,10 @@ mod tests {
         let attr = Attr::dir(1);
         let mut b = vec![0u8; 4096];
         let mut a = BufAnswer::new(opcode::LOOKUP, &mut b, 4096);
-        a.entry(Duration::from_secs(1), Duration::from_millis(1500), &attr);
+        a.entry(9, Duration::from_secs(1), Duration::from_millis(1500), &attr);
         assert_eq!((a.error_code(), a.len()), (0, 128));
+        // The node id, then (in the attributes at offset 40) the number shown.
+        assert_eq!((&a.body()[..8], &a.body()[40..48]), (&9u64.to_le_bytes()[..], &1u64.to_le_bytes()[..]));
         // entry_valid 1 s, attr_valid 1 s + 500 ms.
         assert_eq!(&a.body()[16..24], &1u64.to_le_bytes());
         assert_eq!(&a.body()[36..40], &500_000_000u32.to_le_bytes());
@@ -662,7 +669,7 @@ mod tests {
         assert_eq!(&a.body()[100..104], &(libc::S_IFDIR | 0o755).to_le_bytes());
         let mut b = vec![0u8; 4096];
         let mut a = BufAnswer::new(opcode::CREATE, &mut b, 4096);
-        a.created(Duration::ZERO, &attr, 7, 0, None);
+        a.created(1, Duration::ZERO, &attr, 7, 0, None);
         assert_eq!(a.len(), 144);
         let mut b = vec![0u8; 4096];
         let mut a = BufAnswer::new(opcode::STATFS, &mut b, 4096);
@@ -700,9 +707,12 @@ mod tests {
         assert_eq!(&a.body()[32 + 20..32 + 24], &(libc::S_IFREG >> 12).to_le_bytes());
         let mut b = vec![0u8; 4096];
         let mut a = BufAnswer::new(opcode::READDIRPLUS, &mut b, 4096);
-        assert!(!a.dir_entry_plus(9, 1, OsStr::new("x"), Duration::ZERO, &Attr::dir(9)));
+        assert!(!a.dir_entry_plus(9, 1, OsStr::new("x"), Duration::ZERO, &Attr::dir(5)));
         a.ok();
         assert_eq!(a.len(), 128 + 32);
+        // The node id links the entry; the number shown (attributes and `d_ino`) is apart.
+        let (node, shown, d_ino) = (&a.body()[..8], &a.body()[40..48], &a.body()[128..136]);
+        assert_eq!((node, shown, d_ino), (&9u64.to_le_bytes()[..], &5u64.to_le_bytes()[..], &5u64.to_le_bytes()[..]));
     }
 
     #[test]

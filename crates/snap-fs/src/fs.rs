@@ -154,10 +154,10 @@ impl SnapFs {
         match op {
             Op::Lookup { parent, name } => {
                 if parent == 1 {
-                    return a.entry(TTL, TTL, &self.views.snapdir_attr());
+                    return a.entry(SNAPDIR, TTL, TTL, &self.views.snapdir_attr());
                 }
                 let attr = tri!(a, self.views.lookup(parent, name));
-                a.entry(view_entry_ttl(&attr), TTL, &attr);
+                a.entry(attr.ino, view_entry_ttl(&attr), TTL, &attr);
             }
             Op::Getattr { ino, .. } => a.attr(TTL, &tri!(a, self.views.getattr(ino))),
             Op::Readlink { ino } => a.data(&tri!(a, self.views.readlink(ino))),
@@ -205,8 +205,9 @@ impl SnapFs {
                             full
                         }
                         None => {
+                            // Listed only (no node): a failed lookup is asked again on use.
                             let attr = Attr { ino: *child, kind: *kind, ..self_attr };
-                            a.dir_entry_plus(*child, off, name, if dots { TTL } else { Duration::ZERO }, &attr)
+                            a.dir_entry_plus(0, off, name, if dots { TTL } else { Duration::ZERO }, &attr)
                         }
                     };
                     if full {
