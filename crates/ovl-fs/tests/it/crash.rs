@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use crate::common::*;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, RngCore, SeedableRng};
+use rustix::fs::{Mode, OFlags};
 
 /// The options of every mount: redirects written (and followed), nothing the kernel would add.
 const OPTS: &str = "redirect_dir=on,index=off,metacopy=off,xino=off";
@@ -168,7 +170,15 @@ fn crash_rounds(test: &str, first: Duration, round: impl Fn(&mut StdRng, &Layers
         let layers = Layers::create(tmp.path(), 2);
         let mnt = mount_point(tmp.path(), "mnt");
         let m = MountGuard::mount(Backend::Ovlfs, &layers, OPTS, &mnt);
-        let (states, op) = round(&mut rng, &layers, m.path());
+        // The steps reach the mount through a descriptor of its root: a step that starts after
+        // the kill and the detach of the mount then fails (the connection is gone) instead of
+        // going on in the bare mount point dir beneath, where it would seem done. (Through
+        // the path, a create that started then succeeded in that dir and counted as done: a
+        // file "lost" by the remount that was never made in the overlay.)
+        let root = rustix::fs::open(m.path(), OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .expect("open the mount root");
+        let via = PathBuf::from(format!("/proc/self/fd/{}", root.as_raw_fd()));
+        let (states, op) = round(&mut rng, &layers, &via);
         let conn = fuse_connection(m.path());
 
         let delay = tuner.0.mul_f64(rng.random());
@@ -213,6 +223,11 @@ fn crash_rounds(test: &str, first: Duration, round: impl Fn(&mut StdRng, &Layers
             for j in [i, (i + 1).min(last)] {
                 let d = differences(&states[j], &view);
                 msg.push_str(&format!("  vs state {j}: {}\n", d[..d.len().min(8)].join("\n    ")));
+            }
+            for (what, dir) in [("upper", &layers.upper), ("work", &layers.work)] {
+                let mut names: Vec<String> = walkdir_names(dir);
+                names.sort();
+                msg.push_str(&format!("  {what} holds: {names:?}\n"));
             }
             panic!("{msg}");
         }
@@ -409,4 +424,20 @@ fn creates_of_new_names() {
         });
         (states, op)
     });
+}
+
+/// Every path below `dir` (for failure messages).
+fn walkdir_names(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(dir).unwrap_or(&p).display().to_string());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(p);
+            }
+        }
+    }
+    out
 }
