@@ -70,10 +70,9 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
     let presence = stack.presence().filter(|_| !stack.reads_aufs()).map(|p| p.reader());
     for (i, ld) in dir.lowers.iter().enumerate() {
         let layer = stack.layer(ld.layer);
-        let root = layer.root()?;
-        let root = root.as_fd();
         let last = i + 1 == dir.lowers.len();
-        // A frozen layer's plain directory is listed from its summary, whiteouts included.
+        // A frozen layer's plain directory is listed from its summary, whiteouts included (and
+        // its root is not opened: a lazy root left closed costs no descriptor nor reopening).
         let summarized = presence.as_ref().filter(|_| !ld.xwhiteouts).and_then(|p| p.listing(ld.layer, &ld.path));
         if let Some(entries) = summarized {
             for (name, kind, ino) in entries {
@@ -90,6 +89,8 @@ pub fn read_merged(stack: &LayerStack, dir: &DirLayers) -> Result<Vec<MergedEntr
             }
             continue;
         }
+        let root = layer.root()?;
+        let root = root.as_fd();
         let impure = is_impure(stack, root, &ld.path)?;
         let (listing, hidden) = aufs_split(stack, sys::read_dir(root, &ld.path)?);
         for e in listing {
