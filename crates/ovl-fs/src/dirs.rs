@@ -120,8 +120,7 @@ impl OverlayFs {
             };
             // Listed with the number `stat` shows where the transport carries it apart from the
             // node id (`Answer::carries_ino_apart`; fuser lists the node id).
-            let attr = self.stat_attr(&child, &st);
-            let ttl = if reply.carries_ino_apart() { self.ttl } else { self.attr_ttl(&child) };
+            let (attr, ttl) = self.entry_attr(&child, &st, reply.carries_ino_apart());
             if reply.dir_entry_plus(child.id, off, name, ttl, &attr) {
                 self.table.forget(child.id, 1);
                 break;

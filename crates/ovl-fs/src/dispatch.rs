@@ -63,13 +63,10 @@ impl Handler for OverlayFs {
 }
 
 impl OverlayFs {
-    /// Answers an entry for `node` (attributes `st`): the number `stat` shows, kept for the
-    /// attribute time-to-live where the transport carries it apart from the node id, else the
-    /// node id, and for a node whose id is not its number no time at all
-    /// (`OverlayFs::attr_ttl`).
+    /// Answers an entry for `node` (attributes `st`; see `OverlayFs::entry_attr`).
     fn answer_entry(&self, a: &mut dyn Answer, node: &crate::inode::Node, st: &rustix::fs::Stat) {
-        let attr_ttl = if a.carries_ino_apart() { self.ttl } else { self.attr_ttl(node) };
-        a.entry(node.id, self.ttl, attr_ttl, &self.stat_attr(node, st));
+        let (attr, attr_ttl) = self.entry_attr(node, st, a.carries_ino_apart());
+        a.entry(node.id, self.ttl, attr_ttl, &attr);
     }
 
     fn serve(&self, ctx: &Ctx, op: Op<'_>, a: &mut dyn Answer) {
@@ -281,9 +278,9 @@ impl OverlayFs {
                 let (_held, p) = tri!(a, self.hold(INodeNo(parent)));
                 let (node, st, fd) = tri!(a, self.do_create(&p, name, mode, flags, (ctx.uid, ctx.gid, umask)));
                 let fh = self.add_file(&node, flags, std::fs::File::from(fd), false);
-                let attr = self.stat_attr(&node, &st);
                 // One time-to-live for the entry and its attributes here (`answer_entry`).
-                let ttl = if a.carries_ino_apart() { self.ttl } else { self.attr_ttl(&node).min(self.ttl) };
+                let (attr, ttl) = self.entry_attr(&node, &st, a.carries_ino_apart());
+                let ttl = ttl.min(self.ttl);
                 let noflush = ovl_proto::fopen::NOFLUSH;
                 match self.passthrough_open(&node, fh, |fd| a.open_backing(fd)) {
                     IoMode::Passthrough(id) => a.created(node.id, ttl, &attr, fh, noflush, Some(&id)),

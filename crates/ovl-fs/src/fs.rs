@@ -615,6 +615,14 @@ impl OverlayFs {
         if other { Duration::ZERO } else { self.ttl }
     }
 
+    /// The attributes and their time-to-live for an entry of `node` in a reply that carries
+    /// the node id apart from the number shown (`apart`: the number `stat` shows, kept for the
+    /// TTL) or not (the transport sends the node id as both: none for a node whose id is not its
+    /// number, `attr_ttl`).
+    pub(crate) fn entry_attr(&self, node: &Node, st: &Stat, apart: bool) -> (Attr, Duration) {
+        if apart { (self.stat_attr(node, st), self.ttl) } else { (self.attr(node, st), self.attr_ttl(node)) }
+    }
+
     /// `attr` with the number `stat` shows (`shown_ino`): for `getattr` and `setattr` replies.
     pub(crate) fn stat_attr(&self, node: &Node, st: &Stat) -> Attr {
         let mut attr = self.attr(node, st);

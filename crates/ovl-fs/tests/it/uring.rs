@@ -37,6 +37,15 @@ impl Drop for EnableUring {
     }
 }
 
+/// Whether this kernel has FUSE over io_uring (says SKIP when not).
+fn kernel_has_rings() -> bool {
+    let has = Path::new(PARAM).exists();
+    if !has {
+        eprintln!("SKIP: this kernel has no FUSE over io_uring ({PARAM} missing)");
+    }
+    has
+}
+
 /// The daemon's io_uring descriptors and the completions they have had (`CqTail` of each).
 fn ring_completions(pid: u32) -> (usize, u64) {
     let mut rings = 0;
@@ -88,8 +97,7 @@ fn setup(name: &str) -> (tempfile::TempDir, Layers) {
 
 #[test]
 fn requests_go_through_the_rings_when_the_kernel_offers_them() {
-    if !Path::new(PARAM).exists() {
-        eprintln!("SKIP: this kernel has no FUSE over io_uring ({PARAM} missing)");
+    if !kernel_has_rings() {
         return;
     }
     // Not offered: `uring=on` refuses to mount, and says why; `auto` serves from /dev/fuse.
@@ -163,8 +171,7 @@ fn mismatched(numbers: &[(String, u64, u64)]) -> Vec<&(String, u64, u64)> {
 /// and `d_ino`, so there such names list their node id: ARCHITECTURE.md, known weaknesses.)
 #[test]
 fn listings_over_the_rings_carry_the_numbers_stat_shows() {
-    if !Path::new(PARAM).exists() {
-        eprintln!("SKIP: this kernel has no FUSE over io_uring ({PARAM} missing)");
+    if !kernel_has_rings() {
         return;
     }
     let _on = EnableUring::set(true).expect("root can write enable_uring");

@@ -182,15 +182,20 @@ pub type Meta = (u32, u32, (i64, i64));
 
 /// Owner, group and mtime of every object below `root`, the root included as `""`.
 pub fn record_meta(root: &Path) -> BTreeMap<PathBuf, Meta> {
-    let mut paths = vec![PathBuf::new()];
-    paths.extend(list_kinds(root).into_iter().map(|(p, _)| p));
-    paths
+    paths_with_root(root)
         .into_iter()
         .map(|p| {
             let m = fs::symlink_metadata(root.join(&p)).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
             (p, (m.uid(), m.gid(), (m.mtime(), m.mtime_nsec())))
         })
         .collect()
+}
+
+/// The root (`""`) and every path under it, as [`list_kinds`] lists them.
+pub fn paths_with_root(root: &Path) -> Vec<PathBuf> {
+    let mut paths = vec![PathBuf::new()];
+    paths.extend(list_kinds(root).into_iter().map(|(p, _)| p));
+    paths
 }
 
 /// Every path under `root` (relative, the root and [`HIDDEN_AT_ROOT`] left out) with its kind,
