@@ -61,14 +61,29 @@ pub(crate) fn load(store: BorrowedFd<'_>, id: u64, layer: BorrowedFd<'_>) -> Opt
     let fd =
         rustix::fs::openat(store, path.as_str(), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
             .ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes).ok()?;
-    let summary = Summary::decode(&bytes)?;
+    let mut summary = Summary::decode(&bytes)?;
     if !summary.is_of(layer) {
         tracing::debug!(id, "a summary of another directory under this layer's id: not used");
         return None;
     }
+    if !written_by_us(&st) {
+        // Views serve a summary's owners and modes as they are (set-ID bits honoured), so only
+        // a file this daemon's user wrote, and no one else could, may say them: the store may
+        // be LIVE's owner's, who must not make a file of theirs show as root's set-ID program.
+        // Where it says, the layer is read (and the summary made again, ours).
+        tracing::warn!(id, "the summary of layer {id} is not the daemon's own file: its attributes are not used");
+        summary.objects.iter_mut().for_each(|o| o.meta = None);
+    }
     Some(summary)
+}
+
+/// Whether a summary file with status `st` was written by this process's user and can be
+/// rewritten by no one else (a single name, not group- or world-writable).
+fn written_by_us(st: &rustix::fs::Stat) -> bool {
+    st.st_uid == rustix::process::geteuid().as_raw() && st.st_mode & 0o022 == 0 && st.st_nlink == 1
 }
 
 /// Writes layer `id`'s summary: whole (a temporary file, synced, renamed into place) or not at all.

@@ -185,9 +185,7 @@ fn assert_views_match_the_kernel(m: &SnapMount, what: &str) {
 /// view's attributes from before), and a directory's size and links (which an overlay's merge
 /// sets): mode, owner, group, links, size, blocks, device number, modification time.
 fn record_attrs(root: &Path) -> BTreeMap<PathBuf, String> {
-    let mut paths = vec![PathBuf::new()];
-    paths.extend(list_kinds(root).into_iter().map(|(p, _)| p));
-    paths
+    paths_with_root(root)
         .into_iter()
         .map(|p| {
             let md = fs::symlink_metadata(root.join(&p)).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
@@ -434,5 +432,72 @@ fn older_summaries_are_used_and_read_again(version: usize) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_summaries_exact(&m, "after the summaries were read again");
+    m.umount();
+}
+
+/// Rewrites the mode of regular file `path` in the summary of layer `id` to `mode`.
+fn forge_mode(m: &SnapMount, id: u64, path: &str, mode: u32) {
+    let file = store(m).join("summaries").join(id.to_string());
+    let bytes = fs::read(&file).unwrap();
+    let nl = bytes.iter().position(|b| *b == b'\n').unwrap();
+    let mut out = bytes[..=nl].to_vec();
+    let mut found = false;
+    for rec in bytes[nl + 1..].split(|b| *b == 0).filter(|r| !r.is_empty()) {
+        let mut words: Vec<Vec<u8>> = rec.splitn(RECORD_WORDS + 1, |b| *b == b' ').map(<[u8]>::to_vec).collect();
+        if words[RECORD_WORDS] == path.as_bytes() {
+            words[3] = mode.to_string().into_bytes();
+            found = true;
+        }
+        out.extend_from_slice(&words.join(&b' '));
+        out.push(0);
+    }
+    assert!(found, "{path} in the summary of layer {id}");
+    fs::write(&file, out).unwrap();
+}
+
+/// Trust (issue 10's rules for the store): a view serves a summary's owners and modes, and the
+/// mount honours set-ID bits, so a summary file the daemon did not write itself (the store may be
+/// LIVE's owner's) is used only for which paths a layer holds; its attributes are read from the
+/// layer, and the summary is made again. Control: the same forged record in a file the daemon's
+/// user owns is believed (which is why the owner matters).
+#[test]
+fn attributes_of_a_summary_someone_else_wrote_are_not_believed() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    fs::write(m.live().join("tool"), b"#!/bin/sh\n").unwrap();
+    m.mount();
+    m.take(Some("s0"));
+    fs::write(m.mnt().join("tool"), b"#!/bin/sh\necho changed\n").unwrap();
+    m.take(Some("s1"));
+    wait_for_summaries(&m, "after the takes");
+    let id = layer_ids(&m)[0];
+    let real = fs::symlink_metadata(m.view("s0").join("tool")).unwrap().mode();
+    assert_eq!(real & 0o7777, 0o644, "the saved file's own mode");
+    let forged = 0o104755; // a set-user-ID program
+    let file = store(&m).join("summaries").join(id.to_string());
+
+    m.umount();
+    forge_mode(&m, id, "tool", forged);
+    m.mount();
+    assert_eq!(
+        fs::symlink_metadata(m.view("s0").join("tool")).unwrap().mode(),
+        forged,
+        "control: a summary of the daemon's own is believed"
+    );
+
+    m.umount();
+    std::os::unix::fs::chown(&file, Some(1000), Some(1000)).unwrap();
+    m.mount();
+    assert_eq!(
+        fs::symlink_metadata(m.view("s0").join("tool")).unwrap().mode(),
+        real,
+        "a summary another user owns must not set a view's mode"
+    );
+    // Made again by the daemon: its own, with the layer's real attributes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs::symlink_metadata(&file).map_or(true, |md| md.uid() != 0) {
+        assert!(Instant::now() < deadline, "the summary was not made again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_summaries_exact(&m, "after the summary was made again");
     m.umount();
 }
