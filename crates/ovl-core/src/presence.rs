@@ -375,6 +375,10 @@ pub struct Holders {
     /// By layer number (small, dense: a store's ids), the summarized layers: looked at for every
     /// layer of every lookup, so an index, not a hash.
     summarized: Vec<Option<Known>>,
+    /// The same as one bit per number (set: summary in use): [`Holders::knows`] is asked for
+    /// every layer of a lookup, and a few kilobytes of bits stay in the cache where thousands of
+    /// `Known`s do not.
+    known_bits: Vec<u64>,
     /// [`Holders::freed_by`] answers, by (layer, older layer): dropped when either changes.
     freed: parking_lot::Mutex<HashMap<(u64, Option<u64>), u64>>,
 }
@@ -406,6 +410,10 @@ impl Holders {
         if at >= self.summarized.len() {
             self.summarized.resize_with(at + 1, || None);
         }
+        if at / 64 >= self.known_bits.len() {
+            self.known_bits.resize(at / 64 + 1, 0);
+        }
+        self.known_bits[at / 64] |= 1 << (at % 64);
         self.summarized[at] = Some(Known {
             objects: summary.objects.len() as u64,
             bytes: summary.bytes,
@@ -423,6 +431,8 @@ impl Holders {
         else {
             return;
         };
+        let at = layer as usize;
+        self.known_bits[at / 64] &= !(1 << (at % 64));
         for (dir, names) in known.children {
             for name in names {
                 let path = dir.join(name);
@@ -438,7 +448,10 @@ impl Holders {
 
     /// Whether `layer` has a summary in use.
     pub fn knows(&self, layer: u64) -> bool {
-        self.known(layer).is_some()
+        usize::try_from(layer)
+            .ok()
+            .and_then(|at| self.known_bits.get(at / 64))
+            .is_some_and(|w| w >> (layer % 64) & 1 == 1)
     }
 
     /// Whether `layer` has a summary in use that knows its objects' bytes and links (one of

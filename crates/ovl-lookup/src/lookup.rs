@@ -1,8 +1,9 @@
 //! Lookup of one name down the stack.
 
 use std::borrow::Cow;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use ovl_core::sys;
@@ -187,9 +188,19 @@ pub fn lookup_in(
     let presence = stack.presence().filter(|_| !stack.reads_aufs()).map(|p| p.reader());
     // The summaries' holders of the path last asked about: every layer of a relative target
     // asks about the same path (the parent's dirs are at one path unless redirected).
-    let mut holding: Option<(PathBuf, ovl_core::presence::Holding<'_>)> = None;
+    // Kept with the layer dir and name it was asked for: a layer at the same dir whose summary
+    // holds nothing there is passed over without building its path (the root dir of a view of
+    // 10,000 layers is in each of them, and a lookup there would allocate and hash 10,000 paths).
+    let mut holding: Option<(Cursor, ovl_core::presence::Holding<'_>)> = None;
     let mut i = 0;
     while i < list.len() {
+        if let (Target::Rel(n), Some((at, h))) = (&target, &holding) {
+            let next = &list[i];
+            if at.is(&next.path, n) && h.held(next.layer) == ovl_core::presence::Held::Nothing {
+                i += 1;
+                continue;
+            }
+        }
         let ld = list[i].clone();
         i += 1;
         let layer = stack.layer(ld.layer);
@@ -219,11 +230,11 @@ pub fn lookup_in(
                 }
             },
         };
-        if let (Target::Rel(_), Some(presence)) = (&target, presence.as_ref()) {
+        if let (Target::Rel(n), Some(presence)) = (&target, presence.as_ref()) {
             use ovl_core::presence::Held;
             let at = match holding.take() {
-                Some((p, h)) if p == path => (p, h),
-                _ => (path.clone(), presence.holding(&path)),
+                Some((c, h)) if c.is(&ld.path, n) => (c, h),
+                _ => (Cursor { dir: ld.path.clone(), name: n.clone() }, presence.holding(&path)),
             };
             let held = at.1.held(ld.layer);
             // Where objects are their own identity (no origin to read), a plain object's
@@ -345,6 +356,24 @@ pub fn lookup_in(
         (list, i, target) = advance(stack, list, i, ld.layer, target, below, redirect);
     }
     Ok(found)
+}
+
+/// The layer dir and name a lookup's [`ovl_core::presence::Holding`] was asked for.
+struct Cursor {
+    dir: PathBuf,
+    name: OsString,
+}
+
+impl Cursor {
+    /// Compared as bytes (a `Path`'s `==` compares component by component), and empty ones
+    /// without `memcmp`: the root dir's path is empty, its buffer a dangling pointer, and this
+    /// machine's `memcmp` reads even zero bytes with a masked vector load, which at an unmapped
+    /// address costs a microcode assist (~100 ns): in a view of 4,000 layers it doubled the time
+    /// of a delete.
+    fn is(&self, dir: &Path, name: &OsStr) -> bool {
+        let same = |a: &[u8], b: &[u8]| a.len() == b.len() && (a.is_empty() || a == b);
+        same(self.dir.as_os_str().as_bytes(), dir.as_os_str().as_bytes()) && same(self.name.as_bytes(), name.as_bytes())
+    }
 }
 
 /// The `overlay.origin` of the object `p` probes, unless the stack takes objects as their own

@@ -677,8 +677,12 @@ impl Snapper {
     }
 
     /// Makes sure the seal is made for the current newest snapshot, waiting for one in flight:
-    /// `ovlsnap umount` asks for it before it unmounts, while LIVE is still guarded, so that a
-    /// clean stop never leaves a seal a take behind.
+    /// after a take or a delete that changed the newest snapshot, LIVE is sealed as the newest
+    /// view shows it now, beside the mount's work (changes go on meanwhile: see `crate::seal`
+    /// for why that is safe; the seal is written only if no take or delete came in between).
+    /// The background worker asks for it after each take or delete, and `ovlsnap umount` before
+    /// it unmounts, while LIVE is still guarded, so that a clean stop never leaves a seal a take
+    /// behind.
     pub fn seal_now(&self) -> anyhow::Result<()> {
         let _seal = self.sealing.lock();
         if self.sealed.load(Ordering::Acquire) == self.generation.load(Ordering::Acquire) {
@@ -759,14 +763,6 @@ impl Snapper {
             self.views.holders.write().add(id, &summary);
             tracing::debug!(id, entries = summary.objects.len(), "layer summarized");
         }
-    }
-
-    /// Seals LIVE as the newest view shows it now (after a take or a delete changed the newest
-    /// snapshot). Runs beside the mount's work: changes go on meanwhile (see `crate::seal` for why
-    /// that is safe); the seal is written only if no take or delete came in between.
-    pub fn reseal(&self) -> anyhow::Result<()> {
-        let _seal = self.sealing.lock();
-        self.reseal_locked()
     }
 
     fn reseal_locked(&self) -> anyhow::Result<()> {
@@ -859,7 +855,13 @@ impl Snapper {
             tracing::warn!(id = info.id, "the summary of a deleted layer stays: {e:#}");
         }
         drop(store);
+        let sealed = self.generation.load(Ordering::Acquire);
         self.switch()?;
+        if i + 1 < snaps.len() {
+            // The newest layer and LIVE are as they were: a seal made for them still holds.
+            let now = self.generation.load(Ordering::Acquire);
+            let _ = self.sealed.compare_exchange(sealed, now, Ordering::AcqRel, Ordering::Acquire);
+        }
         tracing::info!(name, id = info.id, "snapshot deleted");
         self.forget_view_name(name);
         Ok(info)

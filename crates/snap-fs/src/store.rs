@@ -1096,7 +1096,19 @@ impl Store {
         meta.damage.remove(&id);
         self.commit(meta, Some(Change::Delete(id)))?;
         let _ = rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty());
-        self.clean()
+        // The dropped layer, and after a merge the older layer's old dir swapped out: those
+        // alone, not a listing of every layer (`clean`, at the next open, takes what a stop
+        // here leaves). The snapshot is deleted already: a failure only leaves a dir behind.
+        let swapped_out = merged.map(|(_, name)| name.to_owned());
+        for name in std::iter::once(id.to_string()).chain(swapped_out) {
+            let removed = sys::name_cstr(std::ffi::OsStr::new(&name))
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok(sys::remove_tree_at(&self.layers, &c)?));
+            if let Err(e) = removed {
+                tracing::warn!(name, "a deleted snapshot's layer dir stays until the next mount: {e:#}");
+            }
+        }
+        Ok(())
     }
 
     /// Finishes or undoes a deletion a crash interrupted (see [`Store::delete`]).

@@ -194,7 +194,7 @@ fn reseal(snapper: &Arc<Snapper>) {
     let worker = snapper.clone();
     let spawned = std::thread::Builder::new().name("seal".into()).spawn(move || {
         loop {
-            if let Err(e) = worker.reseal() {
+            if let Err(e) = worker.seal_now() {
                 tracing::warn!("sealing LIVE: {e:#}");
             }
             if let Err(e) = worker.summarize() {
