@@ -808,6 +808,17 @@ impl Snapper {
     /// (the merge reads LIVE when the newest snapshot is deleted). Refused while a view of the
     /// snapshot is open or mounted.
     pub fn delete(&self, name: &str) -> anyhow::Result<crate::store::SnapshotInfo> {
+        // The kernel sends RELEASE of a closed file asynchronously: a process (or a clone's
+        // kernel overlay, which reads the view as its lower layer) that closed its last file of
+        // the view a moment ago may still count as a user. Such releases are given a moment to
+        // arrive, before changes are stopped; a view still open after it is refused below.
+        let id = self.store.lock().by_name(name).map(|s| s.id);
+        if let Some(id) = id {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while self.views.in_use(id) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
         let _gate = self.gate.write();
         let _views = self.views.changing();
         let mut store = self.store.lock();
