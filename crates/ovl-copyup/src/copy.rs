@@ -2,12 +2,13 @@
 
 use std::ffi::CStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Result, UpperLayer, XattrNames};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, SeekFrom, Stat, Timespec, Timestamps};
 
+use crate::dir::UpperDir;
 use crate::upper::{restore_dir_times, temp_name, upper_of};
 
 /// The lower object to copy up.
@@ -26,14 +27,19 @@ pub struct Source {
 ///
 /// `publish` is called with the finished object's `lstat` just before it becomes visible in the
 /// upper layer, so the caller can record its identity before anyone can look it up.
-pub fn copy_up(stack: &LayerStack, src: &Source, upper_parent: &Path, publish: &dyn Fn(&Stat)) -> Result<Stat> {
-    copy_up_with(stack, src, upper_parent, Kind::Full, publish)
+pub fn copy_up<'u>(
+    stack: &LayerStack,
+    src: &Source,
+    upper_parent: impl Into<UpperDir<'u>>,
+    publish: &dyn Fn(&Stat),
+) -> Result<Stat> {
+    copy_up_with(stack, src, upper_parent.into(), Kind::Full, publish)
 }
 
 /// Like [`copy_up`] for a non-directory, but atomically replaces the upper object of the same
 /// name (the snapshot store uses it to turn a shared hard link into a private copy).
-pub fn copy_up_replacing(stack: &LayerStack, src: &Source, upper_parent: &Path) -> Result<Stat> {
-    copy_up_with(stack, src, upper_parent, Kind::Replace, &|_| {})
+pub fn copy_up_replacing<'u>(stack: &LayerStack, src: &Source, upper_parent: impl Into<UpperDir<'u>>) -> Result<Stat> {
+    copy_up_with(stack, src, upper_parent.into(), Kind::Replace, &|_| {})
 }
 
 /// What kind of copy [`copy_up_with`] makes.
@@ -46,18 +52,29 @@ enum Kind {
 
 /// Like [`copy_up`], but a regular file gets only its metadata (owner, mode, times, xattrs, size
 /// as a hole) and `overlay.metacopy`: its data stays in `src` until [`copy_up_data`].
-pub fn copy_up_meta(stack: &LayerStack, src: &Source, upper_parent: &Path, publish: &dyn Fn(&Stat)) -> Result<Stat> {
-    copy_up_with(stack, src, upper_parent, Kind::Meta, publish)
+pub fn copy_up_meta<'u>(
+    stack: &LayerStack,
+    src: &Source,
+    upper_parent: impl Into<UpperDir<'u>>,
+    publish: &dyn Fn(&Stat),
+) -> Result<Stat> {
+    copy_up_with(stack, src, upper_parent.into(), Kind::Meta, publish)
 }
 
-/// Copies the data of the metacopy file `upper_path` in from `data`, then clears its
+/// Copies the data of the metacopy file `name` in `upper_parent` in from `data`, then clears its
 /// `overlay.metacopy`. A crash before the xattr is removed leaves a metacopy file whose data
 /// still comes from `data`, so nothing is lost.
-pub fn copy_up_data(stack: &LayerStack, data: &Source, upper_path: &Path) -> Result<Stat> {
+pub fn copy_up_data<'u>(
+    stack: &LayerStack,
+    data: &Source,
+    upper_parent: impl Into<UpperDir<'u>>,
+    name: &CStr,
+) -> Result<Stat> {
     let upper = upper_of(stack)?;
     let lower = stack.layer(data.layer);
     let src = sys::open_beneath(lower.root()?, &data.path, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())?;
-    let dst = sys::open_beneath(upper.layer().root()?, upper_path, OFlags::RDWR | OFlags::NOFOLLOW, Mode::empty())?;
+    let uparent = upper_parent.into().open(upper)?;
+    let dst = rustix::fs::openat(&uparent, name, OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
     let before = rustix::fs::fstat(&dst)?;
     let len = rustix::fs::fstat(&src)?.st_size as u64;
     rustix::fs::ftruncate(&dst, 0)?;
@@ -76,7 +93,7 @@ pub fn copy_up_data(stack: &LayerStack, data: &Source, upper_path: &Path) -> Res
 fn copy_up_with(
     stack: &LayerStack,
     src: &Source,
-    upper_parent: &Path,
+    upper_parent: UpperDir<'_>,
     how: Kind,
     publish: &dyn Fn(&Stat),
 ) -> Result<Stat> {
@@ -88,7 +105,7 @@ fn copy_up_with(
     let lower = stack.layer(src.layer);
     let (lparent, lname) = sys::open_parent(lower.root()?, &src.path)?;
     let st = sys::lstat_at(&lparent, &lname)?;
-    let uparent = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let uparent = upper_parent.open(upper)?;
     let parent_st = rustix::fs::fstat(&uparent)?;
     let ft = FileType::from_raw_mode(st.st_mode);
     // Like the kernel with index=off: no origin for a hard-linked lower non-directory.
@@ -292,16 +309,16 @@ pub fn prepare_copy(stack: &LayerStack, src: &Source) -> Result<PreparedCopy> {
 /// Puts `copy` in the upper layer as `name` in `upper_parent` (which must exist), atomically
 /// replacing an object of that name when `replace`, as [`copy_up`] or [`copy_up_replacing`]
 /// would have. Returns the new upper object's `lstat`.
-pub fn place_copy(
+pub fn place_copy<'u>(
     stack: &LayerStack,
     copy: PreparedCopy,
-    upper_parent: &Path,
+    upper_parent: impl Into<UpperDir<'u>>,
     name: &std::ffi::OsStr,
     replace: bool,
 ) -> Result<Stat> {
     let name = sys::name_cstr(name)?;
     let upper = upper_of(stack)?;
-    let uparent = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let uparent = upper_parent.into().open(upper)?;
     let parent_st = rustix::fs::fstat(&uparent)?;
     if copy.with_origin {
         mark_impure(stack, &uparent)?;
@@ -319,7 +336,8 @@ fn origin_of(lower: &ovl_core::Layer, lparent: &OwnedFd, lname: &CStr) -> Option
 
 /// Sets `overlay.impure` on an upper dir about to hold an entry with an origin (the kernel uses
 /// it to fix `d_ino` in listings); kept if already there.
-pub(crate) fn mark_impure(stack: &LayerStack, dir: &OwnedFd) -> Result<()> {
+pub(crate) fn mark_impure(stack: &LayerStack, dir: impl AsFd) -> Result<()> {
+    let dir = dir.as_fd();
     let key = &stack.names().impure;
     if sys::get_xattr(dir, None, key)?.is_none() {
         sys::set_xattr(dir, None, key, b"y", 0)?;

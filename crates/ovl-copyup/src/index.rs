@@ -5,11 +5,11 @@
 //! link-up, relative to the upper count after it and around every link, unlink or rename.
 
 use std::ffi::CStr;
-use std::path::Path;
 
 use ovl_core::index::{NlinkBase, nlink_value};
 use ovl_core::sys;
 use ovl_core::{Errno, LayerStack, Result};
+use rustix::fd::AsFd;
 use rustix::fs::{AtFlags, FileType, Stat};
 
 use crate::copy::{Source, copy_other_into, copy_regular_into, mark_impure};
@@ -42,23 +42,23 @@ pub fn copy_up_to_index(stack: &LayerStack, src: &Source, index: &CStr, publish:
 
 /// Links the index entry `index` in as `name` in the upper dir `upper_parent` (which must
 /// exist), for a file whose overlay link count is `union` and lower count `lower_nlink`.
-pub fn link_up(
+pub fn link_up<'u>(
     stack: &LayerStack,
     index: &CStr,
-    upper_parent: &Path,
+    upper_parent: impl Into<crate::UpperDir<'u>>,
     name: &CStr,
     union: u64,
     lower_nlink: u64,
 ) -> Result<()> {
     let upper = upper_of(stack)?;
     let ix = index_dir(stack)?;
-    let uparent = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let uparent = upper_parent.into().open(upper)?;
     let pst = rustix::fs::fstat(&uparent)?;
     mark_impure(stack, &uparent)?;
     let key = &stack.names().nlink;
     sys::set_xattr(ix, Some(index), key, &nlink_value(NlinkBase::Lower, union as i64 - lower_nlink as i64), 0)?;
     rustix::fs::linkat(ix, index, &uparent, name, AtFlags::empty())?;
-    restore_dir_times(rustix::fd::AsFd::as_fd(&uparent), &pst);
+    restore_dir_times(uparent.as_fd(), &pst);
     set_nlink_upper(stack, index, union)
 }
 

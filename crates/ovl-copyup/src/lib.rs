@@ -20,16 +20,23 @@
 //! # use ovl_core::{LayerStack, MountOptions, LayerId};
 //! # let stack = LayerStack::open(&MountOptions::parse("lowerdir=/l,upperdir=/u,workdir=/w").unwrap()).unwrap();
 //! let src = ovl_copyup::Source { layer: LayerId(1), path: "a/b".into() };
-//! ovl_copyup::copy_up(&stack, &src, "a".as_ref(), &|_| {}).unwrap();
+//! // The upper dir `a` by its path from the upper root...
+//! ovl_copyup::copy_up(&stack, &src, std::path::Path::new("a"), &|_| {}).unwrap();
+//! // ...or by a descriptor of it the caller holds: no path walked.
+//! let held = std::fs::File::open("/u/a").unwrap();
+//! let a = ovl_copyup::UpperDir::Held(std::os::fd::AsFd::as_fd(&held));
+//! ovl_copyup::set_opaque(&stack, a).unwrap();
 //! ```
 
 mod copy;
+mod dir;
 mod index;
 mod upper;
 
 pub use copy::{
     PreparedCopy, Source, copy_up, copy_up_data, copy_up_meta, copy_up_replacing, place_copy, prepare_copy,
 };
+pub use dir::UpperDir;
 pub use index::{copy_up_to_index, link_up, remove_index, set_nlink_upper};
 pub use upper::{
     Created, SHARED_WHITEOUT, clear_dir, create_fresh, create_over_whiteout, mark_impure, remove_aufs_whiteout,

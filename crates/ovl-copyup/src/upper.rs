@@ -2,7 +2,6 @@
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ovl_core::sys;
@@ -11,6 +10,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
 use std::os::unix::ffi::OsStrExt;
 
 use crate::copy::times_of;
+use crate::dir::UpperDir;
 
 /// The writable upper layer, or `EROFS`.
 pub(crate) fn upper_of(stack: &LayerStack) -> Result<&UpperLayer> {
@@ -60,7 +60,8 @@ fn whiteout_in_work(work: BorrowedFd<'_>, tmp: &CStr) -> Result<()> {
 /// the kernel, it is made in the work dir and renamed into place, so it never inherits a
 /// set-group-ID parent's group. Where the upper fs refuses whiteout devices
 /// ([`LayerStack::writes_whiteout_files`]) it is an empty mode-0 file `.wh.NAME` instead.
-pub fn whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+pub fn whiteout<'u>(stack: &LayerStack, upper_parent: impl Into<UpperDir<'u>>, name: &CStr) -> Result<()> {
+    let upper_parent = upper_parent.into();
     if stack.writes_whiteout_files() {
         return whiteout_file(stack, upper_parent, name);
     }
@@ -74,9 +75,9 @@ fn aufs_name(name: &CStr) -> Result<CString> {
 
 /// Puts the file `.wh.NAME` (empty, mode 0, built in the work dir) beside `name`; one already
 /// there is kept.
-fn whiteout_file(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+fn whiteout_file(stack: &LayerStack, upper_parent: UpperDir<'_>, name: &CStr) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let dir = upper_parent.open(upper)?;
     let work = upper.work();
     let tmp = temp_name();
     drop(rustix::fs::openat(
@@ -100,12 +101,17 @@ fn whiteout_file(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result
 /// there is replaced), so the caller creates over a whiteout as usual. Returns true when the
 /// marker stays because whiteouts are written as files: the caller removes it with
 /// [`remove_aufs_whiteout`] once the object is in place (until then the object is hidden).
-pub fn settle_aufs_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<bool> {
+pub fn settle_aufs_whiteout<'u>(
+    stack: &LayerStack,
+    upper_parent: impl Into<UpperDir<'u>>,
+    name: &CStr,
+) -> Result<bool> {
     if !stack.reads_aufs() {
         return Ok(false);
     }
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let upper_parent = upper_parent.into();
+    let dir = upper_parent.open(upper)?;
     let marker = aufs_name(name)?;
     match sys::lstat_at(&dir, &marker) {
         Ok(_) => {}
@@ -126,9 +132,9 @@ pub fn settle_aufs_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr
 }
 
 /// Removes the `.wh.NAME` beside `upper_parent/name` (see [`settle_aufs_whiteout`]).
-pub fn remove_aufs_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+pub fn remove_aufs_whiteout<'u>(stack: &LayerStack, upper_parent: impl Into<UpperDir<'u>>, name: &CStr) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let dir = upper_parent.into().open(upper)?;
     match sys::remove_tree_at(&dir, &aufs_name(name)?) {
         Err(e) if e.errno() != Errno::NOENT => Err(e),
         _ => Ok(()),
@@ -139,12 +145,12 @@ pub fn remove_aufs_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr
 /// returns the work dir and the temporary name (which holds the old object after an exchange).
 fn put_whiteout<'a>(
     stack: &'a LayerStack,
-    upper_parent: &Path,
+    upper_parent: UpperDir<'_>,
     name: &CStr,
     flags: RenameFlags,
 ) -> Result<(BorrowedFd<'a>, CString)> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let dir = upper_parent.open(upper)?;
     let work = upper.work();
     let tmp = temp_name();
     whiteout_in_work(work, &tmp)?;
@@ -157,10 +163,11 @@ fn put_whiteout<'a>(
 
 /// Atomically replaces the upper object `upper_parent/name` (a file, or a directory whose
 /// entries are at most whiteouts) with a whiteout, then removes the old object.
-pub fn replace_with_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+pub fn replace_with_whiteout<'u>(stack: &LayerStack, upper_parent: impl Into<UpperDir<'u>>, name: &CStr) -> Result<()> {
+    let upper_parent = upper_parent.into();
     if stack.writes_whiteout_files() {
         // The marker first: it hides the old object, which then leaves through the work dir.
-        let dir = sys::open_dir_path(upper_of(stack)?.layer().root()?, upper_parent)?;
+        let dir = upper_parent.open(upper_of(stack)?)?;
         let is_dir = rustix::fs::FileType::from_raw_mode(sys::lstat_at(&dir, name)?.st_mode).is_dir();
         whiteout_file(stack, upper_parent, name)?;
         return remove_upper(stack, upper_parent, name, is_dir);
@@ -171,9 +178,14 @@ pub fn replace_with_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CSt
 
 /// Removes the upper object `upper_parent/name` where no lower object needs hiding. A directory
 /// may still hold whiteouts: it is moved into the work dir first, then removed there.
-pub fn remove_upper(stack: &LayerStack, upper_parent: &Path, name: &CStr, is_dir: bool) -> Result<()> {
+pub fn remove_upper<'u>(
+    stack: &LayerStack,
+    upper_parent: impl Into<UpperDir<'u>>,
+    name: &CStr,
+    is_dir: bool,
+) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let dir = upper_parent.into().open(upper)?;
     if !is_dir {
         rustix::fs::unlinkat(&dir, name, AtFlags::empty())?;
         return Ok(());
@@ -191,9 +203,9 @@ pub fn remove_upper(stack: &LayerStack, upper_parent: &Path, name: &CStr, is_dir
 /// Removes the whiteout `upper_parent/name` that hides nothing (a repair: `ovlfs check
 /// --repair`), keeping the parent's times so the merged view does not change. Anything but a
 /// whiteout there is left alone (`EINVAL`).
-pub fn remove_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> Result<()> {
+pub fn remove_whiteout<'u>(stack: &LayerStack, upper_parent: impl Into<UpperDir<'u>>, name: &CStr) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let dir = upper_parent.into().open(upper)?;
     if !ovl_core::is_whiteout_stat(&sys::lstat_at(&dir, name)?) {
         return Err(Errno::INVAL.into());
     }
@@ -204,34 +216,34 @@ pub fn remove_whiteout(stack: &LayerStack, upper_parent: &Path, name: &CStr) -> 
 }
 
 /// Removes every entry (whiteouts) of the upper directory `upper_dir`.
-pub fn clear_dir(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
+pub fn clear_dir<'u>(stack: &LayerStack, upper_dir: impl Into<UpperDir<'u>>) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_dir)?;
-    for e in sys::read_dir(upper.layer().root()?, upper_dir)? {
+    let dir = upper_dir.into().open(upper)?;
+    for e in sys::read_dir_fd(rustix::io::dup(&dir)?)? {
         sys::remove_tree_at(&dir, &sys::name_cstr(&e.name)?)?;
     }
     Ok(())
 }
 
 /// Marks the upper directory `upper_dir` opaque: lower entries no longer show through.
-pub fn set_opaque(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
+pub fn set_opaque<'u>(stack: &LayerStack, upper_dir: impl Into<UpperDir<'u>>) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_dir)?;
+    let dir = upper_dir.into().open(upper)?;
     sys::set_xattr(&dir, None, &stack.names().opaque, b"y", 0)
 }
 
 /// Sets `overlay.redirect` on the upper directory `upper_dir`: where the lower layers hold it.
-pub fn set_redirect(stack: &LayerStack, upper_dir: &Path, value: &[u8]) -> Result<()> {
+pub fn set_redirect<'u>(stack: &LayerStack, upper_dir: impl Into<UpperDir<'u>>, value: &[u8]) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_dir)?;
+    let dir = upper_dir.into().open(upper)?;
     sys::set_xattr(&dir, None, &stack.names().redirect, value, 0)
 }
 
 /// Marks the upper directory `upper_dir` `impure`: it holds entries with an origin or a redirect
 /// (the kernel uses it to fix `d_ino` in listings). Kept if already there.
-pub fn mark_impure(stack: &LayerStack, upper_dir: &Path) -> Result<()> {
+pub fn mark_impure<'u>(stack: &LayerStack, upper_dir: impl Into<UpperDir<'u>>) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_dir)?;
+    let dir = upper_dir.into().open(upper)?;
     crate::copy::mark_impure(stack, &dir)
 }
 
@@ -247,15 +259,15 @@ pub struct Created<'a> {
 /// Creates an object at `upper_parent/name`, which holds a whiteout, without the name ever being
 /// empty: `build` makes the object under a temporary name in the work dir (a new directory is
 /// marked opaque here), then it replaces the whiteout in one rename.
-pub fn create_over_whiteout(
+pub fn create_over_whiteout<'u>(
     stack: &LayerStack,
-    upper_parent: &Path,
+    upper_parent: impl Into<UpperDir<'u>>,
     name: &CStr,
     is_dir: bool,
     build: impl FnOnce(Created<'_>) -> Result<()>,
 ) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let dir = upper_parent.into().open(upper)?;
     let work = upper.work();
     let tmp = temp_name();
     let made = build(Created { work, name: &tmp }).and_then(|()| {
@@ -285,14 +297,14 @@ pub fn create_over_whiteout(
 /// it: `build` makes it complete (owner, mode, xattrs) under a temporary name in the work dir, then
 /// it is renamed into place (never over anything). A crash in between leaves only a work entry,
 /// which the next mount removes; never an object with a half-set owner or mode.
-pub fn create_fresh(
+pub fn create_fresh<'u>(
     stack: &LayerStack,
-    upper_parent: &Path,
+    upper_parent: impl Into<UpperDir<'u>>,
     name: &CStr,
     build: impl FnOnce(Created<'_>) -> Result<()>,
 ) -> Result<()> {
     let upper = upper_of(stack)?;
-    let dir = sys::open_dir_path(upper.layer().root()?, upper_parent)?;
+    let dir = upper_parent.into().open(upper)?;
     let work = upper.work();
     let tmp = temp_name();
     let made = build(Created { work, name: &tmp })

@@ -8,6 +8,7 @@
 //! requests below it) and the lookups queued behind it never wait for a data copy (issue 19), as
 //! in the kernel, which copies into a temporary file before it locks the parent.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use fuser::INodeNo;
@@ -159,8 +160,10 @@ impl OverlayFs {
             (st.upper, parent, name, src, data, st.index.clone().map(|i| (i, st.lower_nlink)))
         };
         let parent = self.table.get(parent_id).ok_or(Errno::NOENT)?;
-        self.ensure_upper(&parent)?;
-        let parent_path = self.path_of(&parent)?;
+        // The parent's upper dir as the parent node holds it (opened from its path only where
+        // the node holds none): the copy is placed through the descriptor, no path walked.
+        let (parent_path, pfd) = self.upper_dir(&parent)?;
+        let up = ovl_copyup::UpperDir::Held(pfd.as_fd());
         if !upper {
             let src = src.ok_or(Errno::IO)?;
             if let Some((ix, lower_nlink)) = index {
@@ -169,7 +172,7 @@ impl OverlayFs {
                 let publish = |st: &rustix::fs::Stat| self.table.add_key(node, self.upper_key(st));
                 ovl_copyup::copy_up_to_index(&self.stack, &src, &ix, &publish)?;
                 let cname = ovl_core::sys::name_cstr(&name)?;
-                ovl_copyup::link_up(&self.stack, &ix, &parent_path, &cname, lower_nlink, lower_nlink)?;
+                ovl_copyup::link_up(&self.stack, &ix, up, &cname, lower_nlink, lower_nlink)?;
                 node.state.write().upper = true;
                 tracing::debug!(path = ?parent_path.join(&name), "copied up into the index");
                 return Ok(());
@@ -186,11 +189,11 @@ impl OverlayFs {
             let staged = if meta_only || !regular { None } else { self.take_staged(node, &src) };
             if let Some(copy) = staged {
                 publish(&copy.stat()?);
-                ovl_copyup::place_copy(&self.stack, copy, &parent_path, &name, false)?;
+                ovl_copyup::place_copy(&self.stack, copy, up, &name, false)?;
             } else if meta_only {
-                ovl_copyup::copy_up_meta(&self.stack, &src, &parent_path, &publish)?;
+                ovl_copyup::copy_up_meta(&self.stack, &src, up, &publish)?;
             } else {
-                ovl_copyup::copy_up(&self.stack, &src, &parent_path, &publish)?;
+                ovl_copyup::copy_up(&self.stack, &src, up, &publish)?;
             }
             let broke_link = {
                 let mut s = node.state.write();
@@ -214,7 +217,7 @@ impl OverlayFs {
             let data =
                 node.state.read().data.as_ref().map(|d| ovl_copyup::Source { layer: d.layer, path: d.path.clone() });
             if let Some(d) = data {
-                ovl_copyup::copy_up_data(&self.stack, &d, &parent_path.join(&name))?;
+                ovl_copyup::copy_up_data(&self.stack, &d, up, &ovl_core::sys::name_cstr(&name)?)?;
                 node.state.write().data = None;
                 tracing::debug!(path = ?parent_path.join(&name), "copied up data");
             }
@@ -239,7 +242,7 @@ impl OverlayFs {
             return Ok(Some(ix));
         }
         let _guard = node.copy_lock.lock();
-        let (ppath, pfd) = self.upper_dir(parent)?;
+        let (_, pfd) = self.upper_dir(parent)?;
         let cname = ovl_core::sys::name_cstr(name)?;
         match ovl_core::sys::lstat_at(&pfd, &cname) {
             Ok(st) if !ovl_core::is_whiteout_stat(&st) => return Ok(Some(ix)),
@@ -249,7 +252,7 @@ impl OverlayFs {
         }
         let union = self.index_nlink(node)?.ok_or(Errno::IO)?;
         let lower_nlink = node.state.read().lower_nlink;
-        ovl_copyup::link_up(&self.stack, &ix, &ppath, &cname, union, lower_nlink)?;
+        ovl_copyup::link_up(&self.stack, &ix, ovl_copyup::UpperDir::Held(pfd.as_fd()), &cname, union, lower_nlink)?;
         Ok(Some(ix))
     }
 }

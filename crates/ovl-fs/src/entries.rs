@@ -1,13 +1,15 @@
 //! Operations on names: lookup, creating objects, unlink, rmdir, rename, link.
 
 use std::ffi::{CStr, OsStr};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
 use ovl_core::sys;
 use ovl_core::{Errno, Result, is_whiteout_stat};
 use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, RenameFlags, Stat, Uid};
+
+use ovl_copyup::UpperDir;
 
 use crate::fs::OverlayFs;
 use crate::inode::{Node, NodeState};
@@ -155,15 +157,16 @@ impl OverlayFs {
             self.hook_modify(node)?;
         }
         self.hook_create(parent, name)?;
-        let (ppath, pfd) = self.upper_dir(parent)?;
+        let (_, pfd) = self.upper_dir(parent)?;
+        let up = UpperDir::Held(pfd.as_fd());
         let is_dir = kind == FileType::Directory;
-        let aufs_marker = ovl_copyup::settle_aufs_whiteout(&self.stack, &ppath, &cname)?;
+        let aufs_marker = ovl_copyup::settle_aufs_whiteout(&self.stack, up, &cname)?;
         // Whether the new dir ends up opaque.
         let mut over_whiteout = false;
         let out = match sys::lstat_at(&pfd, &cname) {
             Err(e) if e.errno() == Errno::NOENT => {
                 let mut out = None;
-                ovl_copyup::create_fresh(&self.stack, &ppath, &cname, |c| {
+                ovl_copyup::create_fresh(&self.stack, up, &cname, |c| {
                     out = Some(build(c.work, c.name)?);
                     Ok(())
                 })?;
@@ -172,7 +175,7 @@ impl OverlayFs {
             Ok(st) if is_whiteout_stat(&st) => {
                 over_whiteout = true;
                 let mut out = None;
-                ovl_copyup::create_over_whiteout(&self.stack, &ppath, &cname, is_dir, |c| {
+                ovl_copyup::create_over_whiteout(&self.stack, up, &cname, is_dir, |c| {
                     out = Some(build(c.work, c.name)?);
                     Ok(())
                 })?;
@@ -185,17 +188,17 @@ impl OverlayFs {
             // Whiteouts are files here: the new dir hides the lower ones as if made over a
             // whiteout, then the marker that still hides it goes.
             if is_dir && !over_whiteout {
-                ovl_copyup::set_opaque(&self.stack, &ppath.join(name))?;
+                ovl_copyup::set_opaque(&self.stack, upper_child(pfd.as_fd(), &cname)?.as_fd())?;
                 over_whiteout = true;
             }
-            ovl_copyup::remove_aufs_whiteout(&self.stack, &ppath, &cname)?;
+            ovl_copyup::remove_aufs_whiteout(&self.stack, up, &cname)?;
         }
         // With redirects on, the kernel makes a new dir in a merged parent opaque (an
         // optimization that also keeps a later redirect from merging it with lower dirs).
         if is_dir && !over_whiteout && self.stack.options().redirect_dir == ovl_core::RedirectDir::On {
             let (_, players) = self.dir_of(parent)?;
             if players.is_merged() {
-                ovl_copyup::set_opaque(&self.stack, &ppath.join(name))?;
+                ovl_copyup::set_opaque(&self.stack, upper_child(pfd.as_fd(), &cname)?.as_fd())?;
                 over_whiteout = true;
             }
         }
@@ -441,13 +444,13 @@ impl OverlayFs {
             let (_, players) = self.dir_of(parent)?;
             ovl_lookup::lower_has_name(&self.stack, &players, name)?
         };
-        self.ensure_upper(parent)?;
-        let ppath = self.path_of(parent)?;
+        let (_, pfd) = self.upper_dir(parent)?;
+        let up = UpperDir::Held(pfd.as_fd());
         self.hook_remove(parent, name)?;
         match (in_upper, needs_whiteout) {
-            (true, true) => ovl_copyup::replace_with_whiteout(&self.stack, &ppath, &cname)?,
-            (true, false) => ovl_copyup::remove_upper(&self.stack, &ppath, &cname, is_dir)?,
-            (false, true) => ovl_copyup::whiteout(&self.stack, &ppath, &cname)?,
+            (true, true) => ovl_copyup::replace_with_whiteout(&self.stack, up, &cname)?,
+            (true, false) => ovl_copyup::remove_upper(&self.stack, up, &cname, is_dir)?,
+            (false, true) => ovl_copyup::whiteout(&self.stack, up, &cname)?,
             (false, false) => return Err(Errno::IO.into()),
         }
         if let Some((ix, 0)) = &index_left {
@@ -600,6 +603,7 @@ impl OverlayFs {
         }
         let (ppath, pfd) = self.upper_dir(parent)?;
         let (npath, npfd) = self.upper_dir(newparent)?;
+        let (up, nup) = (UpperDir::Held(pfd.as_fd()), UpperDir::Held(npfd.as_fd()));
         let (_, players) = self.dir_of(parent)?;
         let (_, nplayers) = self.dir_of(newparent)?;
         let cname = sys::name_cstr(name)?;
@@ -609,26 +613,26 @@ impl OverlayFs {
         // entries of the same name show through it.
         let src_opaque = src_dir && !src.opaque && !has_lower_dir(&src) && nplayers.is_merged();
         if src_opaque {
-            ovl_copyup::set_opaque(&self.stack, &ppath.join(name))?;
+            ovl_copyup::set_opaque(&self.stack, upper_child(pfd.as_fd(), &cname)?.as_fd())?;
         }
         // A dir with lower parts keeps finding them through a redirect to where they are.
         let samedir = parent.id == newparent.id;
         if has_lower_dir(&src) {
             self.set_redirect(&ppath.join(name), samedir)?;
-            ovl_copyup::mark_impure(&self.stack, &npath)?;
+            ovl_copyup::mark_impure(&self.stack, nup)?;
         }
         if exchange {
             let d = dst.as_ref().ok_or(Errno::IO)?;
             if has_lower_dir(d) {
                 self.set_redirect(&npath.join(newname), samedir)?;
-                ovl_copyup::mark_impure(&self.stack, &ppath)?;
+                ovl_copyup::mark_impure(&self.stack, up)?;
             } else if d.kind == FileType::Directory && !d.opaque && players.is_merged() {
-                ovl_copyup::set_opaque(&self.stack, &npath.join(newname))?;
+                ovl_copyup::set_opaque(&self.stack, upper_child(npfd.as_fd(), &cnew)?.as_fd())?;
             }
             rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, RenameFlags::EXCHANGE)?;
         } else {
             let needs_whiteout = ovl_lookup::lower_has_name(&self.stack, &players, name)?;
-            let aufs_marker = ovl_copyup::settle_aufs_whiteout(&self.stack, &npath, &cnew)?;
+            let aufs_marker = ovl_copyup::settle_aufs_whiteout(&self.stack, nup, &cnew)?;
             let target = match sys::lstat_at(&npfd, &cnew) {
                 Ok(st) => Some(st),
                 Err(e) if e.errno() == Errno::NOENT => None,
@@ -637,7 +641,7 @@ impl OverlayFs {
             let onto_whiteout = target.as_ref().is_some_and(is_whiteout_stat);
             if merged_target.is_some_and(|d| d.upper.is_some()) {
                 // An empty merged dir may still hold whiteouts in its upper part.
-                ovl_copyup::clear_dir(&self.stack, &npath.join(newname))?;
+                ovl_copyup::clear_dir(&self.stack, upper_child(npfd.as_fd(), &cnew)?.as_fd())?;
             }
             if src_dir && onto_whiteout {
                 rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, RenameFlags::EXCHANGE)?;
@@ -646,13 +650,13 @@ impl OverlayFs {
                 }
             } else if needs_whiteout && self.stack.writes_whiteout_files() {
                 rustix::fs::renameat(&pfd, &cname, &npfd, &cnew)?;
-                ovl_copyup::whiteout(&self.stack, &ppath, &cname)?;
+                ovl_copyup::whiteout(&self.stack, up, &cname)?;
             } else {
                 let f = if needs_whiteout { RenameFlags::WHITEOUT } else { RenameFlags::empty() };
                 rustix::fs::renameat_with(&pfd, &cname, &npfd, &cnew, f)?;
             }
             if aufs_marker {
-                ovl_copyup::remove_aufs_whiteout(&self.stack, &npath, &cnew)?;
+                ovl_copyup::remove_aufs_whiteout(&self.stack, nup, &cnew)?;
             }
         }
         if let Some((ix, 0)) = &index_left {
@@ -759,4 +763,12 @@ impl OverlayFs {
         })
         .filter(|v| ovl_lookup::redirect_is_valid(v)))
     }
+}
+
+/// The upper dir `name` in the upper dir `parent`, open `O_PATH`: a change to a child dir (an
+/// opaque mark, clearing its whiteouts) reaches it from its parent's descriptor, not by a path
+/// from the upper root.
+fn upper_child(parent: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    Ok(rustix::fs::openat(parent, name, flags, rustix::fs::Mode::empty())?)
 }
