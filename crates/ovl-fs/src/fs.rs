@@ -304,7 +304,6 @@ impl OverlayFs {
         h.before_remove(&self.path_of(parent)?.join(name))
     }
 
-    /// Tells the hook about a rename.
     /// Tells the hook that `name` in `parent` is gone (see [`ChangeHook::after_remove`]).
     pub(crate) fn hook_after_remove(&self, parent: &Node, name: &OsStr) {
         let Some((h, _)) = self.hook_generation() else { return };
@@ -313,6 +312,7 @@ impl OverlayFs {
         }
     }
 
+    /// Tells the hook about a rename.
     pub(crate) fn hook_rename(&self, from: (&Node, &OsStr), to: (&Node, &OsStr), exchange: bool) -> Result<()> {
         let Some((h, _)) = self.hook_generation() else { return Ok(()) };
         h.before_rename(&self.path_of(from.0)?.join(from.1), &self.path_of(to.0)?.join(to.1), exchange)
