@@ -75,8 +75,60 @@ struct ViewSet {
     /// The snapshots' ids, in the order of their layers (rising): snapshot `ids[k]`'s view is
     /// `layers[k..]`.
     ids: Vec<u64>,
-    /// The views' stacks built so far (a view's stack is built on its first use).
-    built: Mutex<HashMap<u64, Arc<ViewStack>>>,
+    /// The views' stacks built so far (a view's stack is built on its first use), within a
+    /// budget of layers.
+    built: Mutex<Built>,
+}
+
+/// The most layers the kept view stacks may have together. A view's stack holds its layers and
+/// its root's lower dirs (~160 bytes a layer): a `find` through every view of a store of 10,000
+/// snapshots kept ~50 million layers, gigabytes, until the next take; the budget keeps a few
+/// deep stacks or many shallow ones (~40 MiB), and one rebuilt costs ~1 ms at N = 10,000.
+const BUILT_LAYERS: usize = 1 << 18;
+
+/// The kept view stacks (`T`), by snapshot id, each with its size in layers and when it was
+/// last used.
+struct Built<T = ViewStack> {
+    stacks: HashMap<u64, (Arc<T>, usize, u64)>,
+    /// Layers of the kept stacks together.
+    layers: usize,
+    budget: usize,
+    clock: u64,
+}
+
+impl<T> Default for Built<T> {
+    fn default() -> Self {
+        Self { stacks: HashMap::new(), layers: 0, budget: BUILT_LAYERS, clock: 0 }
+    }
+}
+
+impl<T> Built<T> {
+    fn get(&mut self, snap: u64) -> Option<Arc<T>> {
+        self.clock += 1;
+        let (vs, _, used) = self.stacks.get_mut(&snap)?;
+        *used = self.clock;
+        Some(vs.clone())
+    }
+
+    /// Keeps `vs` (of `layers` layers) for `snap` (one another thread built meanwhile wins),
+    /// letting the stacks used longest ago go while over the budget (never the one just kept;
+    /// a stack in use stays alive through its users anyway).
+    fn keep(&mut self, snap: u64, vs: T, layers: usize) -> Arc<T> {
+        if let Some(kept) = self.get(snap) {
+            return kept;
+        }
+        let vs = Arc::new(vs);
+        self.layers += layers;
+        self.stacks.insert(snap, (vs.clone(), layers, self.clock));
+        while self.layers > self.budget && self.stacks.len() > 1 {
+            let oldest = self.stacks.iter().filter(|(s, _)| **s != snap).min_by_key(|(_, (_, _, used))| *used);
+            let Some(&old) = oldest.map(|(s, _)| s) else { break };
+            if let Some((_, gone, _)) = self.stacks.remove(&old) {
+                self.layers -= gone;
+            }
+        }
+        vs
+    }
 }
 
 /// What a view path resolves to.
@@ -271,8 +323,8 @@ impl Views {
     fn stack(&self, snap: u64) -> Result<Arc<ViewStack>> {
         let set = self.set.read().clone();
         let from = set.ids.binary_search(&snap).map_err(|_| Errno::STALE)?;
-        if let Some(vs) = set.built.lock().get(&snap) {
-            return Ok(vs.clone());
+        if let Some(vs) = set.built.lock().get(snap) {
+            return Ok(vs);
         }
         let layers: Vec<_> = set.layers[from..].iter().map(|(p, r)| (p.to_path_buf(), r.clone())).collect();
         let live = LayerId(layers.len() as u16 - 1);
@@ -283,7 +335,8 @@ impl Views {
         stack.use_own_identities();
         let root = DirLayers::root(&stack)?;
         // Two first uses at once both build it; the first one kept is used by both.
-        Ok(set.built.lock().entry(snap).or_insert_with(|| Arc::new(ViewStack { stack, root, live })).clone())
+        let layers = stack.lowers().len();
+        Ok(set.built.lock().keep(snap, ViewStack { stack, root, live }, layers))
     }
 
     /// Resolves `path` in snapshot `snap`: from its deepest directory resolved since the last
@@ -693,4 +746,32 @@ pub(crate) fn process_inside(dir: &std::path::Path) -> Option<(u32, String)> {
             (pid, comm.trim().to_owned())
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Built;
+
+    #[test]
+    fn kept_view_stacks_stay_within_their_layer_budget_and_the_used_ones_stay() {
+        let mut b: Built<u64> = Built { budget: 100, ..Built::default() };
+        for snap in 0..10 {
+            b.keep(snap, snap, 30);
+            assert!(b.layers <= 100 || b.stacks.len() == 1, "{} layers kept", b.layers);
+            // Snapshot 0 is used after every other: it is never the one to go.
+            assert_eq!(b.get(0).as_deref(), Some(&0), "after keeping {snap}");
+        }
+        assert_eq!(b.layers, 90);
+        let mut kept: Vec<u64> = b.stacks.keys().copied().collect();
+        kept.sort();
+        assert_eq!(kept, [0, 8, 9], "the two used last besides the one always used");
+        // Kept again: the one there wins and nothing is counted twice.
+        assert_eq!(*b.keep(9, 99, 30), 9);
+        assert_eq!(b.layers, 90);
+        // A stack bigger than the budget alone is still kept (it is in use).
+        b.keep(20, 20, 500);
+        assert_eq!(b.stacks.len(), 1);
+        assert_eq!(b.layers, 500);
+        assert_eq!(b.get(20).as_deref(), Some(&20));
+    }
 }
