@@ -162,7 +162,7 @@ impl OverlayFs {
         let parent = self.table.get(parent_id).ok_or(Errno::NOENT)?;
         // The parent's upper dir as the parent node holds it (opened from its path only where
         // the node holds none): the copy is placed through the descriptor, no path walked.
-        let (parent_path, pfd) = self.upper_dir(&parent)?;
+        let pfd = self.upper_dir(&parent)?;
         let up = ovl_copyup::UpperDir::Held(pfd.as_fd());
         if !upper {
             let src = src.ok_or(Errno::IO)?;
@@ -174,7 +174,7 @@ impl OverlayFs {
                 let cname = ovl_core::sys::name_cstr(&name)?;
                 ovl_copyup::link_up(&self.stack, &ix, up, &cname, lower_nlink, lower_nlink)?;
                 node.state.write().upper = true;
-                tracing::debug!(path = ?parent_path.join(&name), "copied up into the index");
+                tracing::debug!(parent = parent_id, ?name, "copied up into the index");
                 return Ok(());
             }
             // Without redirects the upper name must be the lower name.
@@ -211,7 +211,7 @@ impl OverlayFs {
                 let parents: Vec<u64> = node.state.read().names.iter().map(|(p, _)| *p).collect();
                 self.forget_listings(parents);
             }
-            tracing::debug!(path = ?parent_path.join(&name), meta_only, "copied up");
+            tracing::debug!(parent = parent_id, ?name, meta_only, "copied up");
         }
         if need == Need::Data {
             let data =
@@ -219,7 +219,7 @@ impl OverlayFs {
             if let Some(d) = data {
                 ovl_copyup::copy_up_data(&self.stack, &d, up, &ovl_core::sys::name_cstr(&name)?)?;
                 node.state.write().data = None;
-                tracing::debug!(path = ?parent_path.join(&name), "copied up data");
+                tracing::debug!(parent = parent_id, ?name, "copied up data");
             }
         }
         Ok(())
@@ -242,7 +242,7 @@ impl OverlayFs {
             return Ok(Some(ix));
         }
         let _guard = node.copy_lock.lock();
-        let (_, pfd) = self.upper_dir(parent)?;
+        let pfd = self.upper_dir(parent)?;
         let cname = ovl_core::sys::name_cstr(name)?;
         match ovl_core::sys::lstat_at(&pfd, &cname) {
             Ok(st) if !ovl_core::is_whiteout_stat(&st) => return Ok(Some(ix)),

@@ -148,8 +148,7 @@ impl OverlayFs {
         self.refuse_reserved(name)?;
         let cname = sys::name_cstr(name)?;
         // A hook is told only of creates that will happen; without one, the check below does.
-        if self.hook.is_some()
-            && sys::lstat_at(self.upper_dir(parent)?.1, &cname).is_ok_and(|st| !is_whiteout_stat(&st))
+        if self.hook.is_some() && sys::lstat_at(self.upper_dir(parent)?, &cname).is_ok_and(|st| !is_whiteout_stat(&st))
         {
             return Err(Errno::EXIST.into());
         }
@@ -157,7 +156,7 @@ impl OverlayFs {
             self.hook_modify(node)?;
         }
         self.hook_create(parent, name)?;
-        let (_, pfd) = self.upper_dir(parent)?;
+        let pfd = self.upper_dir(parent)?;
         let up = UpperDir::Held(pfd.as_fd());
         let is_dir = kind == FileType::Directory;
         let aufs_marker = ovl_copyup::settle_aufs_whiteout(&self.stack, up, &cname)?;
@@ -444,7 +443,7 @@ impl OverlayFs {
             let (_, players) = self.dir_of(parent)?;
             ovl_lookup::lower_has_name(&self.stack, &players, name)?
         };
-        let (_, pfd) = self.upper_dir(parent)?;
+        let pfd = self.upper_dir(parent)?;
         let up = UpperDir::Held(pfd.as_fd());
         self.hook_remove(parent, name)?;
         match (in_upper, needs_whiteout) {
@@ -601,8 +600,7 @@ impl OverlayFs {
             };
             self.ensure_upper(&dn)?;
         }
-        let (ppath, pfd) = self.upper_dir(parent)?;
-        let (npath, npfd) = self.upper_dir(newparent)?;
+        let (pfd, npfd) = (self.upper_dir(parent)?, self.upper_dir(newparent)?);
         let (up, nup) = (UpperDir::Held(pfd.as_fd()), UpperDir::Held(npfd.as_fd()));
         let (_, players) = self.dir_of(parent)?;
         let (_, nplayers) = self.dir_of(newparent)?;
@@ -618,13 +616,13 @@ impl OverlayFs {
         // A dir with lower parts keeps finding them through a redirect to where they are.
         let samedir = parent.id == newparent.id;
         if has_lower_dir(&src) {
-            self.set_redirect(&ppath.join(name), samedir)?;
+            self.set_redirect(&self.path_of(parent)?.join(name), samedir)?;
             ovl_copyup::mark_impure(&self.stack, nup)?;
         }
         if exchange {
             let d = dst.as_ref().ok_or(Errno::IO)?;
             if has_lower_dir(d) {
-                self.set_redirect(&npath.join(newname), samedir)?;
+                self.set_redirect(&self.path_of(newparent)?.join(newname), samedir)?;
                 ovl_copyup::mark_impure(&self.stack, up)?;
             } else if d.kind == FileType::Directory && !d.opaque && players.is_merged() {
                 ovl_copyup::set_opaque(&self.stack, upper_child(npfd.as_fd(), &cnew)?.as_fd())?;

@@ -844,15 +844,13 @@ impl OverlayFs {
 
     /// The upper directory `node` as an `O_PATH` fd (held by the node where the budget
     /// allows), after copying it up.
-    pub(crate) fn upper_dir(&self, node: &Arc<Node>) -> Result<(PathBuf, Arc<std::os::fd::OwnedFd>)> {
+    pub(crate) fn upper_dir(&self, node: &Arc<Node>) -> Result<Arc<std::os::fd::OwnedFd>> {
         self.ensure_upper(node)?;
-        let path = self.path_of(node)?;
-        let u = self.stack.writable_upper().ok_or(Errno::ROFS)?;
         if let Some(fd) = self.dir_held(node)?.1.and_then(|h| h.handles.upper().cloned()) {
-            return Ok((path, fd));
+            return Ok(fd);
         }
-        let fd = sys::open_dir_path(u.layer().root()?, &path)?;
-        Ok((path, Arc::new(fd)))
+        let u = self.stack.writable_upper().ok_or(Errno::ROFS)?;
+        Ok(Arc::new(sys::open_dir_path(u.layer().root()?, &self.path_of(node)?)?))
     }
 
     /// The real file behind handle `fh` of node `ino`, switched to the upper copy if the node was

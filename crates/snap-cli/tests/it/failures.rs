@@ -244,15 +244,6 @@ fn a_take_that_cannot_start_its_layer_is_taken_back() {
     }
 }
 
-/// `damage` of snapshot `name` in `ovlsnap list --json` (`None`: intact).
-fn damage_of(m: &SnapMount, name: &str) -> Option<serde_json::Value> {
-    let out = ovlsnap(&[OsStr::new("list"), OsStr::new("--json"), OsStr::new("--mount"), m.mnt().as_os_str()]);
-    let items: serde_json::Value = serde_json::from_str(out.expect_ok("list --json")).unwrap();
-    let item =
-        items.as_array().unwrap().iter().find(|i| i["name"] == name).unwrap_or_else(|| panic!("no {name}\n{out}"));
-    item.get("damage").cloned()
-}
-
 /// Issue 16.2: writes to LIVE while no daemon served it used to change snapshots silently. Now the
 /// mount compares LIVE with the seal the last serving left: every snapshot that shows a changed
 /// path is marked (list, check), and its view fails exactly those paths with EIO, while what the

@@ -524,15 +524,6 @@ fn wait_for_seal(m: &SnapMount, newest: u64) -> (u64, i128, u64) {
     }
 }
 
-/// Whether `ovlsnap list --json` marks snapshot `name` as not as taken.
-fn damaged(m: &SnapMount, name: &str) -> bool {
-    let out = ovlsnap(&[OsStr::new("list"), OsStr::new("--json"), OsStr::new("--mount"), m.mnt().as_os_str()]);
-    let text = out.expect_ok("list --json");
-    let items: serde_json::Value = serde_json::from_str(text).unwrap();
-    let item = items.as_array().unwrap().iter().find(|i| i["name"] == name);
-    item.unwrap_or_else(|| panic!("no {name} in {text}")).get("damage").is_some()
-}
-
 /// A delete below the newest snapshot changes neither the newest layer nor LIVE, so the seal
 /// made for them stands: it is not made again (a reseal reads the whole newest view, which at
 /// 10,000 snapshots was most of the daemon's CPU after each delete), and a crash right after the
@@ -570,7 +561,7 @@ fn a_delete_below_the_newest_keeps_the_seal_and_a_crash_after_it_flags_nothing()
     m.kill_daemon();
     m.mount();
     for name in ["t1", "t3"] {
-        assert!(!damaged(&m, name), "{name} flagged after a crash that followed a delete below the newest");
+        assert!(damage_of(&m, name).is_none(), "{name} flagged after a crash that followed a delete below the newest");
     }
     assert_eq!(fs::read(m.view("t1").join("d/f")).unwrap(), b"1\n");
     assert_eq!(fs::read(m.view("t3").join("d/f")).unwrap(), b"3\n");
@@ -583,7 +574,7 @@ fn a_delete_below_the_newest_keeps_the_seal_and_a_crash_after_it_flags_nothing()
     assert_ne!(resealed.0, sealed.0, "a delete of the newest writes a new seal");
     m.kill_daemon();
     m.mount();
-    assert!(!damaged(&m, "t1"), "t1 flagged after deleting the newest and a crash");
+    assert!(damage_of(&m, "t1").is_none(), "t1 flagged after deleting the newest and a crash");
     assert_eq!(fs::read(m.view("t1").join("d/f")).unwrap(), b"1\n");
     m.umount();
 }

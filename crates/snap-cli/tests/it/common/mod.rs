@@ -797,3 +797,12 @@ pub fn check_hidden_names(mnt: &Path) {
     let m = fs::symlink_metadata(&snaps).unwrap_or_else(|e| panic!("lookup of {}: {e}", snaps.display()));
     assert!(m.is_dir(), "{} is not a directory", snaps.display());
 }
+
+/// `damage` of snapshot `name` in `ovlsnap list --json` (`None`: intact).
+pub fn damage_of(m: &SnapMount, name: &str) -> Option<serde_json::Value> {
+    let out = ovlsnap(&[OsStr::new("list"), OsStr::new("--json"), OsStr::new("--mount"), m.mnt().as_os_str()]);
+    let items: serde_json::Value = serde_json::from_str(out.expect_ok("list --json")).unwrap();
+    let item =
+        items.as_array().unwrap().iter().find(|i| i["name"] == name).unwrap_or_else(|| panic!("no {name}\n{out}"));
+    item.get("damage").cloned()
+}
