@@ -228,6 +228,12 @@ const MAGIC_3: &str = "ovl-summary 3";
 const MAGIC_2: &str = "ovl-summary 2";
 
 impl Summary {
+    /// The bytes of the layer's non-directories that have no other name: what no other tree
+    /// shares with the layer's (directories' own blocks left out).
+    pub fn own_bytes(&self) -> u64 {
+        self.objects.iter().filter(|o| o.kind != Kind::Directory && !o.linked).map(|o| o.bytes).sum()
+    }
+
     /// Reads the whole layer under `root` (no symlink followed, nothing changed).
     pub fn read(root: BorrowedFd<'_>) -> Result<Self> {
         let st = rustix::fs::fstat(root)?;
@@ -358,6 +364,8 @@ struct Info {
 struct Known {
     objects: u64,
     bytes: u64,
+    /// [`Summary::own_bytes`].
+    own: u64,
     /// Objects' bytes and links known (see [`Summary::sizes`]).
     sizes: bool,
     /// Every object's attributes known (version 4).
@@ -417,6 +425,7 @@ impl Holders {
         self.summarized[at] = Some(Known {
             objects: summary.objects.len() as u64,
             bytes: summary.bytes,
+            own: summary.own_bytes(),
             sizes: summary.sizes,
             attrs: summary.objects.iter().all(|o| o.meta.is_some()),
             dev: summary.root.0,
@@ -474,6 +483,11 @@ impl Holders {
     /// The objects and bytes of layer `layer`, from its summary.
     pub fn usage(&self, layer: u64) -> Option<(u64, u64)> {
         self.known(layer).map(|k| (k.objects, k.bytes))
+    }
+
+    /// Summarized layer `layer`'s [`Summary::own_bytes`], if its summary has sizes.
+    pub fn own_bytes(&self, layer: u64) -> Option<u64> {
+        self.known(layer).filter(|k| k.sizes).map(|k| k.own)
     }
 
     /// The bytes deleting summarized layer `layer`'s snapshot would free (what `zfs list` calls a

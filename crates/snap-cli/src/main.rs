@@ -86,7 +86,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// Only these columns, in this order, tab-separated without a header line when
-        /// `-H` is given: id, name, created, layer, used, entries, state, holds, description.
+        /// `-H` is given: id, name, created, layer, used, refer, shared, entries, state, holds,
+        /// description. USED: what deleting it frees; REFER: what its tree references; SHARED:
+        /// the part of REFER newer snapshots or LIVE share (all but its layer).
         #[arg(short = 'o', value_delimiter = ',')]
         columns: Vec<String>,
         /// No header line (with `-o`), for scripts.
@@ -777,7 +779,8 @@ fn set_holds(tag: &str, names: &[String], mount: Option<PathBuf>, release: bool)
 }
 
 /// The columns `list -o` knows.
-const LIST_COLUMNS: [&str; 9] = ["id", "name", "created", "layer", "used", "entries", "state", "holds", "description"];
+const LIST_COLUMNS: [&str; 11] =
+    ["id", "name", "created", "layer", "used", "refer", "shared", "entries", "state", "holds", "description"];
 
 /// `list -o COLUMNS`: the columns asked for, aligned, as `zfs list -o` prints them.
 fn list_columns(mount: Option<PathBuf>, columns: &[String], no_header: bool) -> anyhow::Result<()> {
@@ -792,6 +795,8 @@ fn list_columns(mount: Option<PathBuf>, columns: &[String], no_header: bool) -> 
             "created" => l.created.clone(),
             "layer" => human(l.layer_bytes),
             "used" => l.freed_bytes.map_or_else(|| "-".to_string(), human),
+            "refer" => l.refer_bytes.map_or_else(|| "-".to_string(), human),
+            "shared" => l.shared_bytes.map_or_else(|| "-".to_string(), human),
             "entries" => l.entries.to_string(),
             "state" => match &l.damage {
                 None => "ok".into(),
@@ -821,7 +826,7 @@ fn list_columns(mount: Option<PathBuf>, columns: &[String], no_header: bool) -> 
     }
     let widths: Vec<usize> =
         (0..columns.len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
-    let numeric = |c: &str| matches!(c, "id" | "layer" | "used" | "entries");
+    let numeric = |c: &str| matches!(c, "id" | "layer" | "used" | "refer" | "shared" | "entries");
     for r in rows {
         let cells: Vec<String> = r
             .iter()
@@ -840,7 +845,17 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         say!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
     }
-    say!("{:<4} {:<28} {:<21} {:>10} {:>10} {:>8}  {}", "ID", "NAME", "CREATED", "LAYER", "USED", "ENTRIES", "STATE");
+    say!(
+        "{:<4} {:<28} {:<21} {:>10} {:>10} {:>10} {:>8}  {}",
+        "ID",
+        "NAME",
+        "CREATED",
+        "LAYER",
+        "USED",
+        "REFER",
+        "ENTRIES",
+        "STATE"
+    );
     let mut damaged = 0;
     for l in &items {
         // A snapshot LIVE changed behind the daemon's back is never shown as if intact.
@@ -860,13 +875,15 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         };
         damaged += usize::from(l.damage.is_some());
         let used = l.freed_bytes.map_or_else(|| "-".to_string(), human);
+        let refer = l.refer_bytes.map_or_else(|| "-".to_string(), human);
         say!(
-            "{:<4} {:<28} {:<21} {:>10} {:>10} {:>8}  {state}{held}{about}",
+            "{:<4} {:<28} {:<21} {:>10} {:>10} {:>10} {:>8}  {state}{held}{about}",
             l.id,
             l.name,
             l.created,
             human(l.layer_bytes),
             used,
+            refer,
             l.entries
         );
     }
@@ -1078,6 +1095,9 @@ fn generate_docs(dir: &Path) -> anyhow::Result<()> {
     let mut script = std::fs::read_to_string(&bash)?;
     script.push_str(BASH_NAMES);
     std::fs::write(&bash, script)?;
+    let zsh = completions.join("_ovlsnap");
+    let script = zsh_with_names(&std::fs::read_to_string(&zsh)?)?;
+    std::fs::write(&zsh, script)?;
     let fish = completions.join("ovlsnap.fish");
     let mut script = std::fs::read_to_string(&fish)?;
     script.push_str(FISH_NAMES);
@@ -1125,6 +1145,81 @@ _ovlsnap_snapshot_names() {
     _ovlsnap "$@"
 }
 complete -F _ovlsnap_snapshot_names -o bashdefault -o default ovlsnap
+"#;
+
+/// The arguments that take a snapshot name, by command (clap's ids).
+const SNAPSHOT_ARGS: [(&str, &[&str]); 12] = [
+    ("delete", &["name"]),
+    ("restore", &["name"]),
+    ("rename", &["name"]),
+    ("set", &["name"]),
+    ("mount-cmd", &["name"]),
+    ("mount-view", &["name"]),
+    ("clone", &["name"]),
+    ("diff", &["a", "b"]),
+    ("send", &["b", "from"]),
+    ("hold", &["names"]),
+    ("release", &["names"]),
+    ("holds", &["names"]),
+];
+
+/// clap's zsh completion with the snapshot names of the mount (`ovlsnap complete-names`, with the
+/// `--mount` on the line) where [`SNAPSHOT_ARGS`] take one: each such argument's action becomes
+/// `_ovlsnap_snapshot_names`. An error if one is not found (clap's output changed).
+fn zsh_with_names(script: &str) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(script.len() + ZSH_NAMES.len());
+    let mut section = "";
+    let mut done = std::collections::BTreeSet::new();
+    for line in script.lines() {
+        if let Some(name) = line.strip_prefix('(').and_then(|l| l.strip_suffix(')')) {
+            section = name;
+        }
+        let ids = SNAPSHOT_ARGS.iter().find(|(c, _)| *c == section).map_or(&[][..], |(_, ids)| ids);
+        let arg = line.trim_start_matches(['\'', '*', ':']);
+        let named =
+            ids.iter().find(|id| arg.starts_with(&format!("{id} -- ")) || arg.starts_with(&format!("--{id}=[")));
+        match (named, line.strip_suffix(":_default' \\")) {
+            (Some(id), Some(head)) => {
+                out.push_str(&format!("{head}:_ovlsnap_snapshot_names' \\\n"));
+                done.insert((section.to_string(), id.to_string()));
+            }
+            _ => {
+                if line.starts_with("if [ \"$funcstack[1]\" = \"_ovlsnap\" ]") {
+                    out.push_str(ZSH_NAMES);
+                }
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    for (c, ids) in SNAPSHOT_ARGS {
+        if let Some(id) = ids.iter().find(|id| !done.contains(&(c.to_string(), id.to_string()))) {
+            anyhow::bail!("the zsh completion has no argument {id:?} of {c:?} to complete snapshot names for");
+        }
+    }
+    if !out.contains(ZSH_NAMES) {
+        anyhow::bail!("the zsh completion has no end to put the snapshot names before");
+    }
+    Ok(out)
+}
+
+/// zsh: the snapshot names of the mount of the current directory, or of the `--mount` given.
+const ZSH_NAMES: &str = r#"(( $+functions[_ovlsnap_snapshot_names] )) ||
+_ovlsnap_snapshot_names() {
+    local -a args names
+    local i
+    args=(complete-names)
+    for ((i = 1; i < CURRENT; i++)); do
+        case ${words[i]} in
+            --mount) args+=(--mount "${words[i + 1]}") ;;
+            --mount=*) args+=(--mount "${words[i]#--mount=}") ;;
+        esac
+    done
+    names=("${(@f)$(ovlsnap "${args[@]}" 2>/dev/null)}")
+    names=(${names:#})
+    compadd -a names
+}
+
 "#;
 
 /// Snapshot names for fish, after the commands that take one.

@@ -260,6 +260,9 @@ pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
             if let Err(e) = snapper.summarize() {
                 tracing::warn!("summarizing layers: {e:#}");
             }
+            if let Err(e) = snapper.account() {
+                tracing::warn!("working out what snapshots reference: {e:#}");
+            }
         });
         if let Err(e) = spawned {
             tracing::warn!("summarizing layers: no thread for it: {e}");

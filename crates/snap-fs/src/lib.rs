@@ -25,6 +25,7 @@ mod merge;
 pub mod names;
 pub mod policy;
 mod precopy;
+mod refer;
 mod resolver;
 pub mod restore;
 pub mod retention;

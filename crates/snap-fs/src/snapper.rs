@@ -47,6 +47,15 @@ pub struct Listed {
     /// layer has no summary yet (just after a take).
     #[serde(default)]
     pub freed_bytes: Option<u64>,
+    /// The bytes its tree references (`zfs list`'s `refer`): what its view's objects allocate, a
+    /// file of several names once. `null` until worked out (beside the mount's work, after the
+    /// take) and for a snapshot whose view LIVE changed behind the daemon's back.
+    #[serde(default)]
+    pub refer_bytes: Option<u64>,
+    /// The part of `refer_bytes` it shares with the newer snapshots and LIVE: all but the files
+    /// only its own layer holds (those of one name).
+    #[serde(default)]
+    pub shared_bytes: Option<u64>,
     /// Why the snapshot's view is no longer what was taken (LIVE changed while not served);
     /// absent while it is intact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +179,10 @@ pub struct Snapper {
     summarizing: Mutex<()>,
     /// The background worker (seal, then summaries): running, and asked for again meanwhile.
     background: Mutex<(bool, bool)>,
+    /// What each snapshot's tree references, by id, where worked out (`crate::refer`).
+    refer: Mutex<std::collections::BTreeMap<u64, u64>>,
+    /// One `account` at a time.
+    accounting: Mutex<()>,
 }
 
 impl Snapper {
@@ -200,7 +213,15 @@ impl Snapper {
             precopies: Arc::default(),
             summarizing: Mutex::new(()),
             background: Mutex::new((false, false)),
+            refer: Mutex::default(),
+            accounting: Mutex::new(()),
         };
+        {
+            let store = s.store.lock();
+            let known =
+                store.snapshots().iter().filter_map(|i| Some((i.id, crate::summary::load_refer(store.root(), i.id)?)));
+            *s.refer.lock() = known.collect();
+        }
         s.switch()?;
         Ok(s)
     }
@@ -340,7 +361,8 @@ impl Snapper {
     pub fn list(&self) -> anyhow::Result<Vec<Listed>> {
         let store = self.store.lock();
         let holders = self.views.holders.read();
-        list_store(&store, &holders)
+        let refer = self.refer.lock();
+        list_store(&store, &holders, |id| refer.get(&id).copied())
     }
 
     /// The layers of snapshot `name`'s view as the kernel overlay can mount them, given the mount
@@ -769,6 +791,102 @@ impl Snapper {
         }
     }
 
+    /// Works out what each snapshot's tree references (`crate::refer`) where the store does not
+    /// say yet, beside the mount's work: from a neighbour's figure and the layers in between
+    /// (after a take, the new snapshot's from the one before), or, for a store that has none, by
+    /// one walk of the newest view, a part at a time.
+    pub fn account(&self) -> anyhow::Result<()> {
+        let _one = self.accounting.lock();
+        loop {
+            let (ids, known): (Vec<u64>, Vec<Option<u64>>) = {
+                let store = self.store.lock();
+                let refer = self.refer.lock();
+                store.snapshots().iter().map(|s| (s.id, refer.get(&s.id).copied())).unzip()
+            };
+            let Some(newest) = ids.last().copied() else { return Ok(()) };
+            // An unknown one next to a known one, the newest first (a take's new snapshot).
+            let step = (0..ids.len()).rev().find_map(|i| {
+                if known[i].is_some() {
+                    return None;
+                }
+                if i > 0 && known[i - 1].is_some() {
+                    Some((ids[i], ids[i - 1], false))
+                } else if i + 1 < ids.len() && known[i + 1].is_some() {
+                    Some((ids[i], ids[i + 1], true))
+                } else {
+                    None
+                }
+            });
+            let (id, bytes) = match step {
+                None if known.iter().any(Option::is_some) => return Ok(()),
+                None => match self.refer_by_walk(newest)? {
+                    Some(bytes) => (newest, bytes),
+                    None => continue,
+                },
+                Some((id, from, newer)) => {
+                    let (older, younger) = if newer { (id, from) } else { (from, id) };
+                    let Some((only_older, only_younger)) = self.refer_delta(older, younger)? else { continue };
+                    let Some(base) = self.refer.lock().get(&from).copied() else { continue };
+                    let bytes = if newer {
+                        (base + only_older).saturating_sub(only_younger)
+                    } else {
+                        (base + only_younger).saturating_sub(only_older)
+                    };
+                    (id, bytes)
+                }
+            };
+            let store = self.store.lock();
+            if store.info(id).is_none() {
+                continue;
+            }
+            if let Err(e) = crate::summary::write_refer(store.root(), id, bytes) {
+                tracing::warn!(
+                    id,
+                    "recording what the snapshot references: {e:#} (worked out again at the next mount)"
+                );
+            }
+            self.refer.lock().insert(id, bytes);
+            tracing::debug!(id, bytes, "referenced bytes worked out");
+        }
+    }
+
+    /// How the views of snapshots `older` and `younger` differ in bytes ([`crate::refer::delta`]);
+    /// `None` if either is gone.
+    fn refer_delta(&self, older: u64, younger: u64) -> anyhow::Result<Option<(u64, u64)>> {
+        let _views = self.views.reading();
+        let (a, b, range) = {
+            let store = self.store.lock();
+            let snaps = store.snapshots();
+            let at = |id| snaps.iter().position(|s| s.id == id);
+            let (Some(ia), Some(ib)) = (at(older), at(younger)) else { return Ok(None) };
+            (self.view_stack(&store, &snaps[ia..])?, self.view_stack(&store, &snaps[ib..])?, ib - ia)
+        };
+        Ok(Some(crate::refer::delta(&a, &b, range, &self.hidden)?))
+    }
+
+    /// What snapshot `id`'s tree references, by a walk of all of it, holding the views a few
+    /// thousand names at a time (changes in LIVE wait for that long, not for the whole walk);
+    /// `None` if it was deleted meanwhile.
+    fn refer_by_walk(&self, id: u64) -> anyhow::Result<Option<u64>> {
+        let mut walk = crate::refer::Walk::default();
+        while !walk.done() {
+            let _views = self.views.reading();
+            let stack = {
+                let store = self.store.lock();
+                let snaps = store.snapshots();
+                let Some(i) = snaps.iter().position(|s| s.id == id) else { return Ok(None) };
+                self.view_stack(&store, &snaps[i..])?
+            };
+            crate::refer::walk_some(&stack, &self.hidden, &mut walk, 4096)?;
+        }
+        Ok(Some(walk.bytes))
+    }
+
+    /// What snapshot `id`'s tree references, if worked out ([`Snapper::account`]).
+    pub fn referenced(&self, id: u64) -> Option<u64> {
+        self.refer.lock().get(&id).copied()
+    }
+
     fn reseal_locked(&self) -> anyhow::Result<()> {
         for _ in 0..3 {
             let generation = self.generation.load(Ordering::Acquire);
@@ -868,6 +986,10 @@ impl Snapper {
         self.views.holders.write().forget(info.id);
         if let Err(e) = crate::summary::remove(store.root(), info.id) {
             tracing::warn!(id = info.id, "the summary of a deleted layer stays: {e:#}");
+        }
+        self.refer.lock().remove(&info.id);
+        if let Err(e) = crate::summary::remove_refer(store.root(), info.id) {
+            tracing::warn!(id = info.id, "what a deleted snapshot referenced stays recorded: {e:#}");
         }
         drop(store);
         let sealed = self.generation.load(Ordering::Acquire);
@@ -981,13 +1103,18 @@ fn kernel_mount_of(store: &Store, id: u64) -> anyhow::Result<Option<PathBuf>> {
 
 /// The snapshots of `store` with their usage: from `known` (a frozen layer's summary: objects,
 /// bytes), else read from the layer.
-pub fn list_store(store: &Store, holders: &ovl_core::presence::Holders) -> anyhow::Result<Vec<Listed>> {
+pub fn list_store(
+    store: &Store,
+    holders: &ovl_core::presence::Holders,
+    refer: impl Fn(u64) -> Option<u64>,
+) -> anyhow::Result<Vec<Listed>> {
     list_of(
         store.snapshots(),
         holders,
         |id| store.open_layer(id),
         |id| store.damage().get(&id).cloned(),
         |id| store.holds(id),
+        refer,
     )
 }
 
@@ -999,19 +1126,21 @@ pub(crate) fn list_of(
     open_layer: impl Fn(u64) -> anyhow::Result<OwnedFd>,
     damage: impl Fn(u64) -> Option<crate::store::Damage>,
     holds: impl Fn(u64) -> Vec<String>,
+    refer: impl Fn(u64) -> Option<u64>,
 ) -> anyhow::Result<Vec<Listed>> {
     let mut out = Vec::new();
     for (i, s) in snaps.iter().enumerate() {
         let older = i.checked_sub(1).map(|o| snaps[o].id);
-        let (entries, bytes, freed) = match holders.usage(s.id) {
-            Some((entries, bytes)) => (entries, bytes, holders.freed_by(s.id, older)),
+        let (entries, bytes, freed, own) = match holders.usage(s.id) {
+            Some((entries, bytes)) => (entries, bytes, holders.freed_by(s.id, older), holders.own_bytes(s.id)),
             None => {
                 // The newest layer (still written to) or one not summarized yet.
                 let summary = ovl_core::presence::Summary::read(open_layer(s.id)?.as_fd())?;
                 let freed = holders.freed_by_summary(&summary, older);
-                (summary.objects.len() as u64, summary.bytes, freed)
+                (summary.objects.len() as u64, summary.bytes, freed, Some(summary.own_bytes()))
             }
         };
+        let refer = damage(s.id).is_none().then(|| refer(s.id)).flatten();
         out.push(Listed {
             name: s.name.clone(),
             id: s.id,
@@ -1020,6 +1149,8 @@ pub(crate) fn list_of(
             layer_bytes: bytes,
             entries,
             freed_bytes: freed,
+            refer_bytes: refer,
+            shared_bytes: refer.zip(own).map(|(r, own)| r.saturating_sub(own)),
             damage: damage(s.id),
             holds: holds(s.id),
             description: s.description.clone(),

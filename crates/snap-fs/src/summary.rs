@@ -113,3 +113,50 @@ pub(crate) fn write(store: BorrowedFd<'_>, id: u64, summary: &Summary) -> anyhow
     rustix::fs::fsync(dir.as_fd())?;
     Ok(())
 }
+
+/// The name of snapshot `id`'s referenced bytes in the summaries dir (`crate::refer`).
+fn refer_name(id: u64) -> String {
+    format!("{id}.refer")
+}
+
+/// What snapshot `id`'s tree references, if the store says (a file of ours, whole).
+pub(crate) fn load_refer(store: BorrowedFd<'_>, id: u64) -> Option<u64> {
+    let path = format!("{DIR}/{}", refer_name(id));
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(store, path.as_str(), flags, Mode::empty()).ok()?;
+    if !written_by_us(&rustix::fs::fstat(&fd).ok()?) {
+        return None;
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).ok()?;
+    text.strip_prefix("ovlsnap-refer 1 ")?.strip_suffix('\n')?.parse().ok()
+}
+
+/// Records what snapshot `id`'s tree references: whole or not at all (a figure worked out again
+/// if a crash loses it, so not synced).
+pub(crate) fn write_refer(store: BorrowedFd<'_>, id: u64, bytes: u64) -> anyhow::Result<()> {
+    match rustix::fs::mkdirat(store, DIR, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(e).context("making the store's summaries dir"),
+    }
+    let dir = open_dir(store)?.context("the store's summaries dir is gone")?;
+    let tmp = format!("{}.tmp", refer_name(id));
+    let fd = rustix::fs::openat(
+        &dir,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    std::fs::File::from(fd).write_all(format!("ovlsnap-refer 1 {bytes}\n").as_bytes())?;
+    rustix::fs::renameat(&dir, tmp.as_str(), &dir, refer_name(id).as_str())?;
+    Ok(())
+}
+
+/// Removes snapshot `id`'s referenced bytes (it was deleted).
+pub(crate) fn remove_refer(store: BorrowedFd<'_>, id: u64) -> anyhow::Result<()> {
+    let Some(dir) = open_dir(store)? else { return Ok(()) };
+    match rustix::fs::unlinkat(&dir, refer_name(id).as_str(), AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing what snapshot {id} references")),
+    }
+}

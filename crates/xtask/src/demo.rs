@@ -150,6 +150,12 @@ fn demo_snapshots(scratch: &Path) -> Result<()> {
 
     say("List the snapshots: a layer holds only what changed after its snapshot.");
     run("ovlsnap list --mount data")?;
+    say(
+        "Space, as `zfs list` shows it: USED is what deleting a snapshot frees, REFER what its whole tree references, SHARED the part newer snapshots or LIVE share. They are worked out beside the mount's work just after a take (`-` until then).",
+    );
+    run(
+        "for i in $(seq 100); do ovlsnap list -o refer,shared -H --mount data | grep -q -- - || break; sleep 0.05; done; ovlsnap list -o name,used,refer,shared --mount data",
+    )?;
     say("What changed since monday, read from the layers (constant in the tree size, grows with the changes).");
     run("ovlsnap diff monday --mount data")?;
     say("Browse: each snapshot is a read-only tree under .snapshots/NAME, served by the same daemon.");

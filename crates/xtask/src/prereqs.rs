@@ -33,6 +33,8 @@ pub const TOOLS: &[Tool] = &[
     Tool { name: "fuse-overlayfs", package: "fuse-overlayfs" },
     // The security tests run fake daemons and connection floods as other users.
     Tool { name: "python3", package: "python3" },
+    // The completion test runs zsh's own completion system on a pseudo-terminal.
+    Tool { name: "zsh", package: "zsh" },
     // The podman end-to-end tests (issue 18): podman with its runtime, a static busybox for the
     // base image, and for rootless podman the ID-map helpers and the pause process.
     Tool { name: "podman", package: "podman" },

@@ -159,10 +159,10 @@ fn a_refused_name_says_why() {
     m.take(Some(&"n".repeat(200)));
 }
 
-/// Issue 21: bash completes snapshot names of the mount where a command takes one (the mount of
-/// the current directory, or the `--mount` on the line), and paths elsewhere.
+/// Issue 21: bash and zsh complete snapshot names of the mount where a command takes one (the
+/// mount of the current directory, or the `--mount` on the line), and paths elsewhere.
 #[test]
-fn bash_completes_the_snapshot_names_of_the_mount() {
+fn bash_and_zsh_complete_the_snapshot_names_of_the_mount() {
     let m = SnapMount::start(Form::Separate, |live| fs::write(live.join("f"), b"x").unwrap());
     for n in ["monday", "month-end", "tuesday"] {
         m.take(Some(n));
@@ -206,4 +206,67 @@ printf '%s\n' "${{COMPREPLY[@]}}""#,
     assert!(fish.contains("-a \"(ovlsnap complete-names 2>/dev/null)\""), "{fish}");
     // Not a name position: clap's completion (subcommands here).
     assert!(complete(&mnt, "ovlsnap ho").contains(&"hold".to_string()));
+
+    // zsh: the completion system itself, in an interactive zsh on a pseudo-terminal, with TAB
+    // pressed after the line; what it offers is recorded by a `compadd` that passes everything on.
+    if std::process::Command::new("zsh").arg("-fc").arg("true").status().is_err() {
+        // `cargo xtask test` installs zsh; a bare `cargo test` may lack it.
+        eprintln!("SKIPPED: no zsh to run its completion");
+        return;
+    }
+    let driver = m.scratch().path().join("drive.zsh");
+    fs::write(&driver, ZSH_DRIVER).unwrap();
+    let zsh = |dir: &std::path::Path, line: &str| -> Vec<String> {
+        let out = m.scratch().path().join("offered");
+        let _ = fs::remove_file(&out);
+        let status = std::process::Command::new("timeout")
+            .args(["30", "zsh", "-f"])
+            .arg(&driver)
+            .arg(&out)
+            .arg(docs.join("completions"))
+            .arg(line)
+            .current_dir(dir)
+            .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default()))
+            .status()
+            .unwrap();
+        assert!(status.success(), "the zsh driver failed: {status}");
+        let mut got: Vec<String> = fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        got.sort();
+        got.dedup();
+        got
+    };
+    assert_eq!(zsh(&mnt, "ovlsnap delete mo"), ["monday", "month-end"]);
+    assert_eq!(zsh(&mnt, "ovlsnap diff monday "), ["monday", "month-end", "tuesday"]);
+    assert_eq!(zsh(&mnt, "ovlsnap hold keep t"), ["tuesday"]);
+    assert_eq!(zsh(&mnt, "ovlsnap send --from m"), ["monday", "month-end"]);
+    assert_eq!(zsh(&elsewhere, &line), ["tuesday"], "zsh: names of the --mount given");
+    let outside = zsh(&elsewhere, "ovlsnap delete mo");
+    assert!(outside.is_empty(), "zsh outside a mount: no names, but {outside:?}");
+    assert!(zsh(&mnt, "ovlsnap ho").contains(&"hold".to_string()), "zsh: clap's subcommands");
 }
+
+/// Drives an interactive zsh on a pseudo-terminal: `compinit` with the completions in `$2`, a
+/// `compadd` that records what it is given to offer in `$1` and passes it on, then line `$3` and a
+/// TAB; done when `$1` stayed the same for half a second (10 s at most).
+const ZSH_DRIVER: &str = r#"zmodload zsh/zpty
+out=$1; compdir=$2; line=$3
+zpty z zsh -f -i
+zpty -w z "PS1='' ; fpath=($compdir \$fpath); autoload -U compinit; compinit -u -D"
+zpty -w z 'compadd () { if [[ " $* " == *" -"[OAD]" "* ]]; then builtin compadd "$@"; return; fi; local -a __h; builtin compadd -A __h "$@"; print -rl -- ${^__h} >> '"$out"'; builtin compadd "$@"; }'
+zpty -w z 'print READY-$((1+1))'
+zpty -r z x '*READY-2*'
+zpty -w -n z "$line"$'\t'
+integer i last=-1 size
+for ((i = 0; i < 100; i++)); do
+    sleep 0.1
+    size=$(wc -c < $out 2>/dev/null || echo 0)
+    (( i > 5 && size == last )) && break
+    last=size
+done
+zpty -d z
+"#;

@@ -183,8 +183,9 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
     })
 }
 
-/// Seals LIVE for the new newest snapshot, then summarizes the layer that froze, beside the
-/// mount's work (`crate::seal`, `crate::summary`): one worker at a time, which goes round again
+/// Seals LIVE for the new newest snapshot, then summarizes the layer that froze and works out
+/// what the new snapshot references, beside the mount's work (`crate::seal`, `crate::summary`,
+/// `crate::refer`): one worker at a time, which goes round again
 /// when takes or deletes came in meanwhile (a thread per take piled up, each waiting for the one
 /// before: 607 threads after 1000 quick takes of a 20k-file LIVE).
 fn reseal(snapper: &Arc<Snapper>) {
@@ -199,6 +200,9 @@ fn reseal(snapper: &Arc<Snapper>) {
             }
             if let Err(e) = worker.summarize() {
                 tracing::warn!("summarizing layers: {e:#}");
+            }
+            if let Err(e) = worker.account() {
+                tracing::warn!("working out what snapshots reference: {e:#}");
             }
             if !worker.background_again() {
                 break;
