@@ -985,7 +985,8 @@ fn restore(mnt: &Path, name: &str, dry_run: bool) -> anyhow::Result<()> {
         }
         let bar = progress(report.changes.len() as u64, &format!("restoring {name}"));
         snap_fs::restore::apply(mnt, &view, &report.changes, &|_| bar.inc(1))?;
-        bar.finish_and_clear();
+        // (Left on the terminal, finished: what was restored, how many.)
+        bar.finish();
     }
     bail!(
         "{} still differs from snapshot {name} after {ROUNDS} rounds (is something changing it meanwhile?)",

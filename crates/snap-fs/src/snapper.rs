@@ -798,10 +798,13 @@ impl Snapper {
     pub fn account(&self) -> anyhow::Result<()> {
         let _one = self.accounting.lock();
         loop {
+            // A snapshot LIVE changed behind the daemon's back is neither worked out nor a base:
+            // its figure (if any) is of the tree as taken, its view is not that tree.
             let (ids, known): (Vec<u64>, Vec<Option<u64>>) = {
                 let store = self.store.lock();
                 let refer = self.refer.lock();
-                store.snapshots().iter().map(|s| (s.id, refer.get(&s.id).copied())).unzip()
+                let intact = store.snapshots().iter().filter(|s| !store.damage().contains_key(&s.id));
+                intact.map(|s| (s.id, refer.get(&s.id).copied())).unzip()
             };
             let Some(newest) = ids.last().copied() else { return Ok(()) };
             // An unknown one next to a known one, the newest first (a take's new snapshot).

@@ -203,7 +203,7 @@ fn demo_snapshots(scratch: &Path) -> Result<()> {
     println!("ok: backup/ equals tuesday");
 
     say(
-        "Restore monday, online: data/ becomes monday's tree. The restore's own changes are saved into the newest snapshot like any other change, so tuesday survives.",
+        "Restore monday, online: data/ becomes monday's tree. The restore's own changes are saved into the newest snapshot like any other change, so tuesday survives. On a terminal it shows a progress bar (restore, delete, send, receive, check and clone do; scripts get none).",
     );
     run("ovlsnap restore monday --mount data && cat data/notes.txt && ls data")?;
     let differences = monday_tree.differences("monday", &Tree::read(&dir.join("data"))?, "data/ after restore");
