@@ -132,12 +132,30 @@ pub(crate) struct Differ<'a> {
     report: Report,
     /// Paths of B resolved so far (see [`Differ::resolve_b`]).
     resolver_b: Option<crate::resolver::Resolver<'a>>,
+    /// The roots' layers of A and B, if given.
+    roots: Option<(DirLayers, DirLayers)>,
 }
 
 impl<'a> Differ<'a> {
     /// `a` is `range` layers stacked over the layers of `b`; `hidden` are root names of neither.
     pub fn new(a: &'a LayerStack, b: &'a LayerStack, range: usize, hidden: &'a [OsString]) -> Self {
-        Self { a, b, range: range as u16, hidden, times: false, report: Report::default(), resolver_b: None }
+        Self {
+            a,
+            b,
+            range: range as u16,
+            hidden,
+            times: false,
+            report: Report::default(),
+            resolver_b: None,
+            roots: None,
+        }
+    }
+
+    /// With the roots' layers of `a` and `b` known (a kept view's): not worked out again from
+    /// each of their layers.
+    pub fn with_roots(mut self, a: DirLayers, b: DirLayers) -> Self {
+        self.roots = Some((a, b));
+        self
     }
 
     /// Also reports objects that differ only in their mtime: a delete's merge must keep them (a
@@ -150,8 +168,11 @@ impl<'a> Differ<'a> {
 
     /// Runs the diff.
     pub fn run(mut self) -> Result<Report> {
-        let da = DirLayers::root(self.a)?;
-        let db = DirLayers::root(self.b)?;
+        let (da, db) = match self.roots.take() {
+            Some(roots) => roots,
+            None => (DirLayers::root(self.a)?, DirLayers::root(self.b)?),
+        };
+        self.resolver_b = Some(crate::resolver::Resolver::with_root(self.b, db.clone()));
         // The root shows its top layer's root: owner, mode, xattrs.
         let (ta, tb) = (da.lowers.first(), db.lowers.first());
         if let (Some(ta), Some(tb)) = (ta, tb) {

@@ -104,11 +104,16 @@ pub(crate) fn walk_some(stack: &LayerStack, hidden: &[OsString], walk: &mut Walk
     Ok(())
 }
 
-/// How view `a` (`range` layers stacked over view `b`'s) and view `b` differ in bytes: the bytes
+/// How view `a` (`range` layers stacked over view `b`'s) and view `b` (each with its root's
+/// layers) differ in bytes: the bytes
 /// of what only A shows and of what only B shows, so that refer(A) = refer(B) + first - second.
 /// Only the names the range layers list are read, and the whole trees of what they replace.
-pub(crate) fn delta(a: &LayerStack, b: &LayerStack, range: usize, hidden: &[OsString]) -> Result<(u64, u64)> {
-    let (da, db) = (DirLayers::root(a)?, DirLayers::root(b)?);
+pub(crate) fn delta(
+    (a, da): (&LayerStack, DirLayers),
+    (b, db): (&LayerStack, DirLayers),
+    range: usize,
+    hidden: &[OsString],
+) -> Result<(u64, u64)> {
     let (mut only_a, mut only_b) = (0, 0);
     let mut todo = vec![(PathBuf::new(), da, db)];
     while let Some((p, da, db)) = todo.pop() {

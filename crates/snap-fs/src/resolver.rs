@@ -22,8 +22,12 @@ pub(crate) struct Resolver<'a> {
 
 impl<'a> Resolver<'a> {
     pub fn new(stack: &'a LayerStack) -> Result<Self> {
-        let root = DirLayers::root(stack)?;
-        Ok(Self { stack, dirs: RefCell::new(HashMap::from([(PathBuf::new(), root)])) })
+        Ok(Self::with_root(stack, DirLayers::root(stack)?))
+    }
+
+    /// With the root's layers known.
+    pub fn with_root(stack: &'a LayerStack, root: DirLayers) -> Self {
+        Self { stack, dirs: RefCell::new(HashMap::from([(PathBuf::new(), root)])) }
     }
 
     /// The root's layers.

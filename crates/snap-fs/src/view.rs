@@ -54,11 +54,26 @@ const BY_PATH_BASE: u64 = VIEW_BASE | (1 << 61);
 pub const SNAPDIR_NAME: &str = ".snapshots";
 
 /// One view's layers.
-struct ViewStack {
+pub(crate) struct ViewStack {
     stack: LayerStack,
     root: DirLayers,
     /// The id of LIVE in `stack` (the bottom layer).
     live: LayerId,
+}
+
+impl ViewStack {
+    /// The root's layers.
+    pub(crate) fn root(&self) -> &DirLayers {
+        &self.root
+    }
+}
+
+impl std::ops::Deref for ViewStack {
+    type Target = LayerStack;
+
+    fn deref(&self) -> &LayerStack {
+        &self.stack
+    }
 }
 
 /// A layer's path (for messages) and its open root, shared by every stack that uses it.
@@ -318,6 +333,13 @@ impl Views {
     /// Replaces the damaged paths of each snapshot (`crate::store::Damage`).
     pub fn set_damaged(&self, damaged: HashMap<u64, std::collections::HashSet<PathBuf>>) {
         *self.damaged.write() = damaged;
+    }
+
+    /// Snapshot `snap`'s view stack, the one the views keep (built if none is): for reading a
+    /// view inside the daemon (diffs) without building a stack of its N layers each time. Called
+    /// with `lock` held shared.
+    pub(crate) fn kept_stack(&self, snap: u64) -> Result<Arc<ViewStack>> {
+        self.stack(snap)
     }
 
     fn stack(&self, snap: u64) -> Result<Arc<ViewStack>> {
