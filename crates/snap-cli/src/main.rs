@@ -905,7 +905,7 @@ fn listed(mount: Option<PathBuf>) -> anyhow::Result<Vec<Listed>> {
         None => Some(resolve_mount(None)?),
     };
     let items: Vec<Listed> = match mounted {
-        Some(mnt) => serde_json::from_value(control::call(&mnt, &Request::List)?)?,
+        Some(mnt) => control::call_as(&mnt, &Request::List)?,
         None => {
             // Not mounted: read the store of that LIVE directly.
             let live = mount.expect("checked above");

@@ -17,6 +17,11 @@ use crate::access::Peer;
 /// Sends `req` to the daemon of `mnt` (a canonical `fuse.ovlsnap` mount point) and returns its
 /// value, or its error.
 pub fn call(mnt: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    call_as(mnt, req)
+}
+
+/// [`call`], its value read as a `T`.
+pub fn call_as<T: serde::de::DeserializeOwned>(mnt: &Path, req: &Request) -> anyhow::Result<T> {
     let (mut s, pid) = connect(mnt)?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
@@ -35,7 +40,7 @@ pub fn call(mnt: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
     let reply: Reply = serde_json::from_str(&answer).context("the daemon's answer is not valid")?;
     match reply.error {
         Some(e) => Err(anyhow::anyhow!(e)),
-        None => Ok(reply.value),
+        None => serde_json::from_str(reply.value.get()).context("the daemon's answer is not valid"),
     }
 }
 

@@ -16,6 +16,7 @@ use super::{MAX_REQUEST, Reply, Request, Status};
 use crate::access::Peer;
 use crate::policy::{self, Need, Perm};
 use crate::snapper::Snapper;
+use serde_json::value::RawValue;
 
 /// Connections one non-root uid may have open at once; more are answered "busy" and closed.
 pub const MAX_IN_FLIGHT: usize = 16;
@@ -93,10 +94,15 @@ fn read_request(conn: &UnixStream) -> anyhow::Result<Request> {
     serde_json::from_slice(&line).context("bad request")
 }
 
-fn reply(conn: &UnixStream, result: anyhow::Result<serde_json::Value>) -> anyhow::Result<()> {
+/// `value` as JSON text.
+fn raw(value: &impl serde::Serialize) -> anyhow::Result<Box<RawValue>> {
+    Ok(serde_json::value::to_raw_value(value)?)
+}
+
+fn reply(conn: &UnixStream, result: anyhow::Result<Box<RawValue>>) -> anyhow::Result<()> {
     let reply = match result {
         Ok(value) => Reply { error: None, value },
-        Err(e) => Reply { error: Some(format!("{e:#}")), value: serde_json::Value::Null },
+        Err(e) => Reply { error: Some(format!("{e:#}")), value: raw(&())? },
     };
     let mut out = serde_json::to_string(&reply)?;
     out.push('\n');
@@ -123,7 +129,7 @@ fn need(req: &Request) -> Need {
     }
 }
 
-fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) -> anyhow::Result<serde_json::Value> {
+fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) -> anyhow::Result<Box<RawValue>> {
     policy::authorize(peer, snapper.live_root(), &snapper.grants(), need(&req))?;
     Ok(match req {
         Request::Take { name, description } => {
@@ -133,19 +139,19 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
                 Some(n) => n,
                 None => default_name(snapper)?,
             };
-            let taken = serde_json::to_value(snapper.take_described(&name, description.as_deref())?)?;
+            let taken = raw(&snapper.take_described(&name, description.as_deref())?)?;
             reseal(snapper);
             taken
         }
-        Request::List => serde_json::to_value(snapper.list()?)?,
+        Request::List => raw(&snapper.list()?)?,
         Request::MountCmd { name, max_layers } => {
             // Consolidating a deep view writes a layer into the store and stops changes while
             // it is built: for those who may add snapshots.
             let may_build =
                 policy::authorize(peer, snapper.live_root(), &snapper.grants(), Need::Change(Perm::Take)).is_ok();
-            serde_json::to_value(snapper.view_layers(&name, &status.mount, max_layers, may_build)?)?
+            raw(&snapper.view_layers(&name, &status.mount, max_layers, may_build)?)?
         }
-        Request::Status => serde_json::to_value(status)?,
+        Request::Status => raw(&status)?,
         Request::Delete { name } => {
             // A shell inside the view holds no open file, only its current directory: it would
             // get ESTALE after the merge.
@@ -156,29 +162,25 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
                      .snapshots/{name}; leave it and retry"
                 );
             }
-            let deleted = serde_json::to_value(snapper.delete(&name)?)?;
+            let deleted = raw(&snapper.delete(&name)?)?;
             reseal(snapper);
             deleted
         }
-        Request::Rename { name, to } => serde_json::to_value(snapper.rename(&name, &to)?)?,
+        Request::Rename { name, to } => raw(&snapper.rename(&name, &to)?)?,
         Request::Set { name, description, no_description, properties } => {
             let description = if no_description { Some(None) } else { description.as_deref().map(Some) };
-            serde_json::to_value(snapper.set(&name, description, &properties)?)?
+            raw(&snapper.set(&name, description, &properties)?)?
         }
-        Request::Hold { name, tag, release } => serde_json::to_value(snapper.hold(&name, &tag, !release)?)?,
-        Request::Diff { a, b } => serde_json::to_value(snapper.diff(&a, b.as_deref(), peer)?)?,
-        Request::Authorize { .. } => serde_json::Value::Null,
-        Request::Allow { who, perms } => {
-            serde_json::to_value(snapper.change_grants(|g| policy::allow(g, who, &perms))?)?
-        }
-        Request::Unallow { who, perms } => {
-            serde_json::to_value(snapper.change_grants(|g| policy::unallow(g, who, &perms))?)?
-        }
-        Request::Grants => serde_json::to_value(snapper.grants())?,
+        Request::Hold { name, tag, release } => raw(&snapper.hold(&name, &tag, !release)?)?,
+        Request::Diff { a, b } => raw(&snapper.diff(&a, b.as_deref(), peer)?)?,
+        Request::Authorize { .. } => raw(&())?,
+        Request::Allow { who, perms } => raw(&snapper.change_grants(|g| policy::allow(g, who, &perms))?)?,
+        Request::Unallow { who, perms } => raw(&snapper.change_grants(|g| policy::unallow(g, who, &perms))?)?,
+        Request::Grants => raw(&snapper.grants())?,
         // Harmless to ask: no work unless a take or delete since the last seal.
         Request::Seal => {
             snapper.seal_now()?;
-            serde_json::Value::Null
+            raw(&())?
         }
     })
 }
