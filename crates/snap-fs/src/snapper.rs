@@ -74,7 +74,7 @@ pub struct Listed {
 /// A view's stack for reading: the one the views keep, or one built for the occasion.
 enum ReadStack {
     Kept(Arc<crate::view::ViewStack>),
-    Built(ovl_core::LayerStack),
+    Built(Box<ovl_core::LayerStack>),
 }
 
 impl ReadStack {
@@ -545,7 +545,7 @@ impl Snapper {
     fn read_stack(&self, store: &Store, snaps: &[SnapshotInfo]) -> anyhow::Result<ReadStack> {
         match snaps.first() {
             Some(s) => Ok(ReadStack::Kept(self.views.kept_stack(s.id)?)),
-            None => Ok(ReadStack::Built(self.view_stack(store, snaps)?)),
+            None => Ok(ReadStack::Built(Box::new(self.view_stack(store, snaps)?))),
         }
     }
 
@@ -573,7 +573,7 @@ impl Snapper {
         let mut report =
             crate::diff::Differ::new(sa, sb, ib - ia, &self.hidden).with_roots(ra, rb).run()?.for_display();
         if !peer.is_root() {
-            let (mut in_a, mut in_b) = (Sight::new(&sa, peer), Sight::new(&sb, peer));
+            let (mut in_a, mut in_b) = (Sight::new(sa, peer), Sight::new(sb, peer));
             let mut kept = Vec::with_capacity(report.changes.len());
             for c in report.changes {
                 let seen = match &c {
