@@ -79,9 +79,13 @@ enum Cmd {
         #[arg(long)]
         mount: Option<PathBuf>,
     },
-    /// List the snapshots.
-    #[command(after_help = "Examples:\n  ovlsnap list\n  ovlsnap list --json --mount /data")]
+    /// List the snapshots (or only NAME...).
+    #[command(
+        after_help = "Examples:\n  ovlsnap list\n  ovlsnap list --json --mount /data\n  ovlsnap list -o name,refer monday"
+    )]
     List {
+        /// Only these snapshots (an error if one does not exist).
+        names: Vec<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -463,11 +467,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             say!("{name}");
             Ok(())
         }
-        Cmd::List { json, columns, no_header, mount } => {
+        Cmd::List { names, json, columns, no_header, mount } => {
             if columns.is_empty() {
-                list(mount, json)
+                list(mount, &names, json)
             } else {
-                list_columns(mount, &columns, no_header)
+                list_columns(mount, &names, &columns, no_header)
             }
         }
         Cmd::MountCmd { name, dir, mount } => {
@@ -783,11 +787,11 @@ const LIST_COLUMNS: [&str; 11] =
     ["id", "name", "created", "layer", "used", "refer", "shared", "entries", "state", "holds", "description"];
 
 /// `list -o COLUMNS`: the columns asked for, aligned, as `zfs list -o` prints them.
-fn list_columns(mount: Option<PathBuf>, columns: &[String], no_header: bool) -> anyhow::Result<()> {
+fn list_columns(mount: Option<PathBuf>, names: &[String], columns: &[String], no_header: bool) -> anyhow::Result<()> {
     if let Some(bad) = columns.iter().find(|c| !LIST_COLUMNS.contains(&c.as_str())) {
         bail!("no column {bad:?} (known: {})", LIST_COLUMNS.join(", "));
     }
-    let items = listed(mount)?;
+    let items = listed_some(mount, names)?;
     let cell = |l: &Listed, c: &str| -> String {
         match c {
             "id" => l.id.to_string(),
@@ -839,8 +843,8 @@ fn list_columns(mount: Option<PathBuf>, columns: &[String], no_header: bool) -> 
     Ok(())
 }
 
-fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
-    let items = listed(mount)?;
+fn list(mount: Option<PathBuf>, names: &[String], json: bool) -> anyhow::Result<()> {
+    let items = listed_some(mount, names)?;
     if json {
         say!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
@@ -897,6 +901,11 @@ fn list(mount: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
 /// The snapshots of the mount `mount` (default: the one containing the current directory), or
 /// of an unmounted LIVE's store.
 fn listed(mount: Option<PathBuf>) -> anyhow::Result<Vec<Listed>> {
+    listed_some(mount, &[])
+}
+
+/// [`listed`], only the snapshots `names` (all when empty), in list order.
+fn listed_some(mount: Option<PathBuf>, names: &[String]) -> anyhow::Result<Vec<Listed>> {
     let mounted = match &mount {
         Some(p) => {
             let c = std::fs::canonicalize(p).with_context(|| format!("{p:?}: no such directory"))?;
@@ -905,7 +914,8 @@ fn listed(mount: Option<PathBuf>) -> anyhow::Result<Vec<Listed>> {
         None => Some(resolve_mount(None)?),
     };
     let items: Vec<Listed> = match mounted {
-        Some(mnt) => control::call_as(&mnt, &Request::List)?,
+        Some(mnt) if names.is_empty() => control::call_as(&mnt, &Request::List)?,
+        Some(mnt) => control::call_as(&mnt, &Request::ListSome { names: names.to_vec() })?,
         None => {
             // Not mounted: read the store of that LIVE directly.
             let live = mount.expect("checked above");
@@ -916,7 +926,11 @@ fn listed(mount: Option<PathBuf>) -> anyhow::Result<Vec<Listed>> {
                 rustix::fs::Mode::empty(),
             )
             .with_context(|| format!("no ovlsnap daemon on {} and no store at {}", live.display(), store.display()))?;
-            snap_fs::store::list_offline(&fd)?
+            let all = snap_fs::store::list_offline(&fd)?;
+            if let Some(missing) = names.iter().find(|n| !all.iter().any(|l| &l.name == *n)) {
+                bail!("no snapshot named {missing:?}");
+            }
+            all.into_iter().filter(|l| names.is_empty() || names.contains(&l.name)).collect()
         }
     };
     Ok(items)

@@ -1207,6 +1207,7 @@ pub fn list_offline(root: &OwnedFd) -> anyhow::Result<Vec<crate::snapper::Listed
         |id| meta.damage.get(&id).cloned(),
         |id| meta.holds.get(&id).map(|t| t.iter().cloned().collect()).unwrap_or_default(),
         |id| crate::summary::load_refer(root.as_fd(), id),
+        None,
     )
 }
 

@@ -362,6 +362,18 @@ fn list_says_what_each_snapshot_references_as_a_walk_of_its_view_counts_it() {
     assert_eq!(cols.lines().count(), 4, "{cols}");
     assert!(cols.lines().all(|l| l.split('\t').count() == 3 && !l.contains("\t-")), "{cols}");
     assert!(run(&m, &["list"]).expect_ok("list").contains("REFER"));
+    // `list NAME...`: only those, in list order, the same figures.
+    let some: serde_json::Value =
+        serde_json::from_str(run(&m, &["list", "--json", "s3", "s1"]).expect_ok("list s3 s1")).unwrap();
+    let some: Vec<(&str, u64)> = some
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["refer_bytes"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(some, [("s1", by_name(&first, "s1")), ("s3", by_name(&first, "s3"))]);
+    let bad = run(&m, &["list", "s1", "nosuch"]);
+    assert!(bad.expect_failure("list of a missing snapshot").contains("no snapshot named \"nosuch\""), "{bad}");
 
     run(&m, &["delete", "s2"]).expect_ok("delete s2");
     let after = check(&m, "after deleting s2");

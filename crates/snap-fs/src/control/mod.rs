@@ -57,6 +57,11 @@ pub enum Request {
     },
     /// The snapshots.
     List,
+    /// These snapshots (an error naming the first one that does not exist), in list order.
+    ListSome {
+        /// Their names.
+        names: Vec<String>,
+    },
     /// The lower layers of a snapshot's view (`snapper::ViewLayers`), from which the client
     /// builds, after checking them, `mount-cmd`'s command and `mount-view`'s mount.
     MountCmd {

@@ -121,6 +121,7 @@ fn need(req: &Request) -> Need {
         Request::Authorize { perm } => Need::Change(*perm),
         Request::Allow { .. } | Request::Unallow { .. } => Need::Delegate,
         Request::List
+        | Request::ListSome { .. }
         | Request::Status
         | Request::Diff { .. }
         | Request::MountCmd { .. }
@@ -144,6 +145,7 @@ fn answer(req: Request, peer: &Peer, snapper: &Arc<Snapper>, status: &Status) ->
             taken
         }
         Request::List => raw(&snapper.list()?)?,
+        Request::ListSome { names } => raw(&snapper.list_some(&names)?)?,
         Request::MountCmd { name, max_layers } => {
             // Consolidating a deep view writes a layer into the store and stops changes while
             // it is built: for those who may add snapshots.

@@ -79,6 +79,10 @@ impl Store for Btrfs {
         bail!("btrfs has no diff of {older} and {newer} to time")
     }
 
+    fn list_one(&self, name: &str) -> Result<Duration> {
+        bail!("btrfs has no list of one snapshot ({name}) to time")
+    }
+
     fn delete(&mut self, name: &str) -> Result<Duration> {
         Ok(self.subvolume(&["delete".as_ref(), self.view(name).as_os_str()])?.0)
     }

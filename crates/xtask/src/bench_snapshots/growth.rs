@@ -37,6 +37,9 @@ pub trait Store {
     fn take(&mut self, name: &str) -> Result<Duration>;
     /// Lists the snapshots and checks that there are `expected`; the command's time.
     fn list(&self, expected: usize) -> Result<Duration>;
+    /// Lists snapshot `name` alone; the command's time. Only called where [`Metric::ListOne`]
+    /// applies to the system.
+    fn list_one(&self, name: &str) -> Result<Duration>;
     /// What changed from `older` to `newer`; the command's time. Only called where
     /// [`Metric::Diff`] applies to the system.
     fn diff(&self, older: &str, newer: &str) -> Result<Duration>;
@@ -175,6 +178,11 @@ impl<'a> Growth<'a> {
         record(Metric::FirstWrite, workload::first_writes(store.live(), &files));
 
         record(Metric::List, samples(LIST_SAMPLES, || store.list(self.names.len())));
+        let cell = match self.middle_pair() {
+            Some((one, _)) if Metric::ListOne.applies_to(system) => samples(LIST_SAMPLES, || store.list_one(&one)),
+            _ => Cell::NotApplicable,
+        };
+        record(Metric::ListOne, cell);
         let cell = match self.middle_pair() {
             Some((older, newer)) if Metric::Diff.applies_to(system) => {
                 samples(LIST_SAMPLES, || store.diff(&older, &newer))

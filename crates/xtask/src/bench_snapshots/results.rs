@@ -16,8 +16,11 @@ use crate::bench::report::{json_number, machine, markdown_table, number, string}
 pub enum Metric {
     /// The take command, from start to exit: the median of the takes right after the checkpoint.
     Take,
-    /// The list command (`ovlsnap list --json`, `btrfs subvolume list`).
+    /// The list command (`ovlsnap list --json`, `btrfs subvolume list`): its output grows with N.
     List,
+    /// The list command for one snapshot in the middle (`ovlsnap list --json NAME`): what a
+    /// list costs apart from its output.
+    ListOne,
     /// `ovlsnap diff` of two adjacent snapshots in the middle of the store.
     Diff,
     /// Deleting a snapshot in the middle of the store.
@@ -47,9 +50,10 @@ pub enum Metric {
 
 impl Metric {
     /// Every row, in table order.
-    pub const ALL: [Metric; 14] = [
+    pub const ALL: [Metric; 15] = [
         Metric::Take,
         Metric::List,
+        Metric::ListOne,
         Metric::Diff,
         Metric::Delete,
         Metric::FindOldest,
@@ -69,6 +73,7 @@ impl Metric {
         match self {
             Metric::Take => "take",
             Metric::List => "list",
+            Metric::ListOne => "list_one",
             Metric::Diff => "diff_middle",
             Metric::Delete => "delete_middle",
             Metric::FindOldest => "find_oldest_cold",
@@ -102,6 +107,7 @@ impl Metric {
             || !matches!(
                 self,
                 Metric::Diff
+                    | Metric::ListOne
                     | Metric::DaemonFds
                     | Metric::DaemonRss
                     | Metric::DaemonThreads
@@ -327,6 +333,7 @@ impl Results {
         for (metric, slack) in [
             (Metric::Take, 1.0),
             (Metric::List, 1.0),
+            (Metric::ListOne, 1.0),
             (Metric::Diff, 1.0),
             (Metric::Delete, 1.0),
             (Metric::FirstWrite, 1.0),

@@ -86,6 +86,14 @@ impl Store for Ovlsnap {
         Ok(elapsed)
     }
 
+    fn list_one(&self, name: &str) -> Result<Duration> {
+        let (elapsed, stdout) = self.command("list", &["--json".as_ref(), name.as_ref()])?;
+        if stdout.matches("\"name\"").count() != 1 || !stdout.contains(&format!("\"{name}\"")) {
+            bail!("`ovlsnap list {name}` shows {stdout:?}");
+        }
+        Ok(elapsed)
+    }
+
     fn diff(&self, older: &str, newer: &str) -> Result<Duration> {
         let (elapsed, stdout) = self.command("diff", &[older.as_ref(), newer.as_ref()])?;
         // Each take follows changed files: two adjacent snapshots always differ.
