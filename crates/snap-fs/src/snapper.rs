@@ -210,6 +210,19 @@ pub struct Snapper {
     refer: Mutex<std::collections::BTreeMap<u64, u64>>,
     /// One `account` at a time.
     accounting: Mutex<()>,
+    /// A walk for [`Snapper::account`] paused for the worker's other work: the snapshot's id
+    /// and how far it got.
+    walking: Mutex<Option<(u64, crate::refer::Walk)>>,
+}
+
+/// How [`Snapper::refer_by_walk`] ended.
+enum Walked {
+    /// All of the tree: its bytes.
+    Done(u64),
+    /// The snapshot was deleted meanwhile.
+    Gone,
+    /// Stopped for the worker's other work; it goes on at the next call.
+    Paused,
 }
 
 impl Snapper {
@@ -242,6 +255,7 @@ impl Snapper {
             background: Mutex::new((false, false)),
             refer: Mutex::default(),
             accounting: Mutex::new(()),
+            walking: Mutex::new(None),
         };
         {
             let store = s.store.lock();
@@ -880,8 +894,9 @@ impl Snapper {
             let (id, bytes) = match step {
                 None if known.iter().any(Option::is_some) => return Ok(()),
                 None => match self.refer_by_walk(newest)? {
-                    Some(bytes) => (newest, bytes),
-                    None => continue,
+                    Walked::Done(bytes) => (newest, bytes),
+                    Walked::Gone => continue,
+                    Walked::Paused => return Ok(()),
                 },
                 Some((id, from, newer)) => {
                     let (older, younger) = if newer { (id, from) } else { (from, id) };
@@ -927,20 +942,32 @@ impl Snapper {
 
     /// What snapshot `id`'s tree references, by a walk of all of it, holding the views a few
     /// thousand names at a time (changes in LIVE wait for that long, not for the whole walk);
-    /// `None` if it was deleted meanwhile.
-    fn refer_by_walk(&self, id: u64) -> anyhow::Result<Option<u64>> {
-        let mut walk = crate::refer::Walk::default();
+    /// `Walked::Gone` if it was deleted meanwhile.
+    ///
+    /// A take or delete meanwhile pauses it (`Walked::Paused`): the worker seals and summarizes
+    /// first, then comes back and goes on where it stopped (a walk of a large tree takes
+    /// minutes; the seal must not wait that long behind a take).
+    fn refer_by_walk(&self, id: u64) -> anyhow::Result<Walked> {
+        let mut walk = match self.walking.lock().take() {
+            Some((was, walk)) if was == id => walk,
+            _ => crate::refer::Walk::default(),
+        };
         while !walk.done() {
+            if self.background.lock().1 {
+                tracing::debug!(id, "the walk for what the snapshot references pauses for a take or delete");
+                *self.walking.lock() = Some((id, walk));
+                return Ok(Walked::Paused);
+            }
             let _views = self.views.reading();
             let stack = {
                 let store = self.store.lock();
                 let snaps = store.snapshots();
-                let Some(i) = snaps.iter().position(|s| s.id == id) else { return Ok(None) };
+                let Some(i) = snaps.iter().position(|s| s.id == id) else { return Ok(Walked::Gone) };
                 self.view_stack(&store, &snaps[i..])?
             };
             crate::refer::walk_some(&stack, &self.hidden, &mut walk, 4096)?;
         }
-        Ok(Some(walk.bytes))
+        Ok(Walked::Done(walk.bytes))
     }
 
     /// What snapshot `id`'s tree references, if worked out ([`Snapper::account`]).
