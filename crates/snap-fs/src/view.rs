@@ -96,10 +96,12 @@ struct ViewSet {
 }
 
 /// The most layers the kept view stacks may have together. A view's stack holds its layers and
-/// its root's lower dirs (~160 bytes a layer): a `find` through every view of a store of 10,000
-/// snapshots kept ~50 million layers, gigabytes, until the next take; the budget keeps a few
-/// deep stacks or many shallow ones (~40 MiB), and one rebuilt costs ~1 ms at N = 10,000.
-const BUILT_LAYERS: usize = 1 << 18;
+/// its root's lower dirs: 374 bytes a layer (measured: RSS after stats in ten views of ~8,500
+/// layers each), so a `find` through every view of a store of 10,000 snapshots kept ~50 million
+/// layers, gigabytes, until the next take. The budget keeps a dozen deep stacks or many shallow
+/// ones (~47 MiB; 2^18 was ~94 MiB, and diffs keep their two stacks too), and one rebuilt costs
+/// ~1 ms at N = 10,000.
+const BUILT_LAYERS: usize = 1 << 17;
 
 /// The kept view stacks (`T`), by snapshot id, each with its size in layers and when it was
 /// last used.
