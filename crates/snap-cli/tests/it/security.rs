@@ -277,18 +277,19 @@ while True:
     child
 }
 
+/// The daemon's socket: where the client looks for it (named after the mount), checked against
+/// the pid file beside it. (Searching RUN_DIR for a pid file naming the daemon found, once in CI,
+/// the stale file of a killed daemon whose pid number had come round again: pid_max is 32768.)
 fn socket_of(m: &SnapMount) -> PathBuf {
-    // The daemon's socket: the one in RUN_DIR whose pid file names the daemon of this mount.
     let status = ovlsnap(&mnt_args(m, &["status", "--json"]));
     let text = status.expect_ok("status");
     let pid = text.split("\"pid\":").nth(1).and_then(|r| r.trim().split([',', '\n']).next()).unwrap().trim().to_owned();
-    for e in fs::read_dir(RUN_DIR).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension() == Some(OsStr::new("pid")) && fs::read_to_string(&p).is_ok_and(|t| t.trim() == pid) {
-            return p.with_extension("sock");
-        }
-    }
-    panic!("no pid file names the daemon {pid}");
+    let mnt = fs::canonicalize(m.mnt()).unwrap();
+    let sock = snap_fs::control::socket_path(&mnt, 0);
+    assert!(sock.starts_with(RUN_DIR), "{sock:?}");
+    let named = fs::read_to_string(snap_fs::control::pid_path(&mnt, 0)).unwrap_or_default();
+    assert_eq!(named.trim(), pid, "the pid file beside {sock:?}");
+    sock
 }
 
 #[test]
