@@ -263,7 +263,6 @@ pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
             if let Err(e) = snapper.account() {
                 tracing::warn!("working out what snapshots reference: {e:#}");
             }
-            crate::sys::trim_heap();
         });
         if let Err(e) = spawned {
             tracing::warn!("summarizing layers: no thread for it: {e}");

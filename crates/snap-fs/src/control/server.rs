@@ -209,7 +209,6 @@ fn reseal(snapper: &Arc<Snapper>) {
                 tracing::warn!("working out what snapshots reference: {e:#}");
             }
             if !worker.background_again() {
-                crate::sys::trim_heap();
                 break;
             }
         }

@@ -1,7 +1,6 @@
-//! What rustix does not wrap for us: the supplementary groups of a Unix socket's peer
-//! (`SO_PEERGROUPS`, Linux 4.13), which the control socket's authorization needs besides
-//! `SO_PEERCRED`; and giving the C allocator's free memory back to the system. The only
-//! `unsafe` in snap-fs.
+//! The one system call rustix does not wrap for us: the supplementary groups of a Unix socket's
+//! peer (`SO_PEERGROUPS`, Linux 4.13), which the control socket's authorization needs besides
+//! `SO_PEERCRED`. The only `unsafe` in snap-fs.
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -28,17 +27,5 @@ pub fn peer_groups(sock: impl AsFd) -> std::io::Result<Vec<u32>> {
             return Err(err);
         }
         groups.resize(needed, 0);
-    }
-}
-
-/// Gives the memory the allocator holds free back to the system (glibc's `malloc_trim`): after
-/// the background worker's round (summaries read and dropped, walks), a daemon that grew a store
-/// to 10,000 snapshots held tens of MiB of freed memory in its threads' arenas.
-pub fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `malloc_trim` takes a plain integer and only touches the allocator's own state,
-    // under its own locks; any thread may call it at any time.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
