@@ -1009,6 +1009,45 @@ mod tests {
     }
 
     #[test]
+    fn a_skip_passes_over_exactly_the_layers_that_surely_hold_nothing() {
+        let holders = Arc::new(RwLock::new(Holders::default()));
+        // Layers 1..=40 summarized but 17 and 29 (never added); `p` held by 8, 9, 23 and 40.
+        for n in (1..=40u64).filter(|n| ![17, 29].contains(n)) {
+            let path = if [8, 9, 23, 40].contains(&n) { "p" } else { "q" };
+            holders.write().add(n, &summary(vec![obj(path, Kind::Directory, false)]));
+        }
+        // LayerId(i) is layer i + 1, then one without a number.
+        let numbers: Vec<Option<u64>> = (1..=40).map(Some).chain([None]).collect();
+        let p = Presence::new(holders.clone(), numbers.clone());
+        // What a step per layer would pass over after layer `after`: layers holding nothing and
+        // summarized, up to the first that is not.
+        let stepped = |after: u16| {
+            let r = p.reader();
+            let h = r.holding(Path::new("p"));
+            (after + 1..41).take_while(|&k| h.held(LayerId(k)) == Held::Nothing).count()
+        };
+        for after in (0..40u16).filter(|&a| p.reader().holding(Path::new("p")).held(LayerId(a)) == Held::Nothing) {
+            let r = p.reader();
+            let h = r.holding(Path::new("p"));
+            let next = (after + 1..41).map(LayerId);
+            assert_eq!(h.skip(LayerId(after), next.clone(), |_| true, false), stepped(after), "stepping after {after}");
+            assert_eq!(h.skip(LayerId(after), next, |_| true, true), stepped(after), "dense after {after}");
+        }
+        // A layer summarized later ends a skip there from then on (a new epoch).
+        holders.write().add(17, &summary(vec![obj("q", Kind::Directory, false)]));
+        let r = p.reader();
+        let h = r.holding(Path::new("p"));
+        assert_eq!(h.skip(LayerId(9), (10..41).map(LayerId), |_| true, true), 12, "layers 11..=22 now");
+        // `same` stops a stepping skip where the caller's path changes.
+        assert_eq!(h.skip(LayerId(9), (10..41).map(LayerId), |k| k < 3, false), 3);
+        drop(r);
+        // Numbers that do not rise with the ids: no skipping at all.
+        let p = Presence::new(holders, numbers.into_iter().rev().collect());
+        let r = p.reader();
+        assert_eq!(r.holding(Path::new("p")).skip(LayerId(1), (2..41).map(LayerId), |_| true, true), 0);
+    }
+
+    #[test]
     fn only_layers_holding_more_than_plain_dirs_on_the_way_may_rewrite_a_path() {
         let reg = Kind::Other(rustix::fs::FileType::RegularFile);
         let holders = Arc::new(RwLock::new(Holders::default()));
