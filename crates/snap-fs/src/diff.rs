@@ -13,6 +13,7 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ovl_core::sys;
 use ovl_core::{Errno, LayerId, LayerStack, Result, XattrNames};
@@ -132,8 +133,8 @@ pub(crate) struct Differ<'a> {
     report: Report,
     /// Paths of B resolved so far (see [`Differ::resolve_b`]).
     resolver_b: Option<crate::resolver::Resolver<'a>>,
-    /// The roots' layers of A and B, if given.
-    roots: Option<(DirLayers, DirLayers)>,
+    /// The roots' layers of A and B, if given; B's also for its resolver, made when first used.
+    roots: Option<(Arc<DirLayers>, Arc<DirLayers>)>,
 }
 
 impl<'a> Differ<'a> {
@@ -153,7 +154,7 @@ impl<'a> Differ<'a> {
 
     /// With the roots' layers of `a` and `b` known (a kept view's): not worked out again from
     /// each of their layers.
-    pub fn with_roots(mut self, a: DirLayers, b: DirLayers) -> Self {
+    pub fn with_roots(mut self, a: Arc<DirLayers>, b: Arc<DirLayers>) -> Self {
         self.roots = Some((a, b));
         self
     }
@@ -168,11 +169,10 @@ impl<'a> Differ<'a> {
 
     /// Runs the diff.
     pub fn run(mut self) -> Result<Report> {
-        let (da, db) = match self.roots.take() {
+        let (da, db) = match self.roots.clone() {
             Some(roots) => roots,
-            None => (DirLayers::root(self.a)?, DirLayers::root(self.b)?),
+            None => (Arc::new(DirLayers::root(self.a)?), Arc::new(DirLayers::root(self.b)?)),
         };
-        self.resolver_b = Some(crate::resolver::Resolver::with_root(self.b, db.clone()));
         // The root shows its top layer's root: owner, mode, xattrs.
         let (ta, tb) = (da.lowers.first(), db.lowers.first());
         if let (Some(ta), Some(tb)) = (ta, tb) {
@@ -195,7 +195,10 @@ impl<'a> Differ<'a> {
     /// Resolves `p` from the root of view B.
     fn resolve_b(&mut self, p: &Path) -> Result<Option<Entry>> {
         if self.resolver_b.is_none() {
-            self.resolver_b = Some(crate::resolver::Resolver::new(self.b)?);
+            self.resolver_b = Some(match &self.roots {
+                Some((_, db)) => crate::resolver::Resolver::with_root(self.b, DirLayers::clone(db)),
+                None => crate::resolver::Resolver::new(self.b)?,
+            });
         }
         self.resolver_b.as_ref().map_or(Ok(None), |r| r.resolve(p))
     }

@@ -109,13 +109,13 @@ pub(crate) fn walk_some(stack: &LayerStack, hidden: &[OsString], walk: &mut Walk
 /// of what only A shows and of what only B shows, so that refer(A) = refer(B) + first - second.
 /// Only the names the range layers list are read, and the whole trees of what they replace.
 pub(crate) fn delta(
-    (a, da): (&LayerStack, DirLayers),
-    (b, db): (&LayerStack, DirLayers),
+    (a, da): (&LayerStack, &DirLayers),
+    (b, db): (&LayerStack, &DirLayers),
     range: usize,
     hidden: &[OsString],
 ) -> Result<(u64, u64)> {
     let (mut only_a, mut only_b) = (0, 0);
-    let mut todo = vec![(PathBuf::new(), da, db)];
+    let mut todo = vec![(PathBuf::new(), da.clone(), db.clone())];
     while let Some((p, da, db)) = todo.pop() {
         let mut names = std::collections::BTreeSet::new();
         for ld in da.lowers.iter().filter(|l| (l.layer.0 as usize) < range) {

@@ -79,10 +79,10 @@ enum ReadStack {
 
 impl ReadStack {
     /// The root's layers.
-    fn root(&self) -> anyhow::Result<ovl_lookup::DirLayers> {
+    fn root(&self) -> anyhow::Result<Arc<ovl_lookup::DirLayers>> {
         match self {
             ReadStack::Kept(s) => Ok(s.root().clone()),
-            ReadStack::Built(s) => Ok(ovl_lookup::DirLayers::root(s)?),
+            ReadStack::Built(s) => Ok(Arc::new(ovl_lookup::DirLayers::root(s)?)),
         }
     }
 }
@@ -406,16 +406,20 @@ impl Snapper {
         list_store(&store, &holders, |id| refer.get(&id).copied(), None)
     }
 
-    /// [`Snapper::list`] of the snapshots named `names` only, in list order: its cost grows with
-    /// their number, not with the store's (`zfs list NAME`).
+    /// [`Snapper::list`] of the snapshots named `names` only, in list order: what it reads grows
+    /// with their number, not with the store's (`zfs list NAME`); finding them is one pass over
+    /// the names.
     pub fn list_some(&self, names: &[String]) -> anyhow::Result<Vec<Listed>> {
         let store = self.store.lock();
         let holders = self.views.holders.read();
         let refer = self.refer.lock();
         let snaps = store.snapshots();
+        // (A map, not a search per name: a request may name thousands.)
+        let index: std::collections::HashMap<&str, usize> =
+            snaps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
         let mut at = Vec::with_capacity(names.len());
         for n in names {
-            at.push(snaps.iter().position(|s| &s.name == n).with_context(|| format!("no snapshot named {n:?}"))?);
+            at.push(*index.get(n.as_str()).with_context(|| format!("no snapshot named {n:?}"))?);
         }
         at.sort_unstable();
         at.dedup();
@@ -937,7 +941,7 @@ impl Snapper {
             (self.read_stack(&store, &snaps[ia..])?, self.read_stack(&store, &snaps[ib..])?, ib - ia)
         };
         let (ra, rb) = (a.root()?, b.root()?);
-        Ok(Some(crate::refer::delta((&a, ra), (&b, rb), range, &self.hidden)?))
+        Ok(Some(crate::refer::delta((&a, &ra), (&b, &rb), range, &self.hidden)?))
     }
 
     /// What snapshot `id`'s tree references, by a walk of all of it, holding the views a few

@@ -88,18 +88,18 @@ fn written_by_us(st: &rustix::fs::Stat) -> bool {
 
 /// Writes layer `id`'s summary: whole (a temporary file, synced, renamed into place) or not at all.
 pub(crate) fn write(store: BorrowedFd<'_>, id: u64, summary: &Summary) -> anyhow::Result<()> {
+    replace(store, &id.to_string(), &summary.encode(), true)
+}
+
+/// Puts `bytes` in the summaries dir (made if missing) as `name`, through `NAME.tmp` renamed
+/// into place: whole or not at all; `durable`: the file and the dir synced too.
+fn replace(store: BorrowedFd<'_>, name: &str, bytes: &[u8], durable: bool) -> anyhow::Result<()> {
     match rustix::fs::mkdirat(store, DIR, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
         Err(e) => return Err(e).context("making the store's summaries dir"),
     }
-    let dir = rustix::fs::openat(
-        store,
-        DIR,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .context("opening the store's summaries")?;
-    let tmp = format!("{id}.tmp");
+    let dir = open_dir(store)?.context("the store's summaries dir is gone")?;
+    let tmp = format!("{name}.tmp");
     let fd = rustix::fs::openat(
         &dir,
         tmp.as_str(),
@@ -107,10 +107,14 @@ pub(crate) fn write(store: BorrowedFd<'_>, id: u64, summary: &Summary) -> anyhow
         Mode::from_raw_mode(0o600),
     )?;
     let mut f = std::fs::File::from(fd);
-    f.write_all(&summary.encode())?;
-    f.sync_all()?;
-    rustix::fs::renameat(&dir, tmp.as_str(), &dir, id.to_string().as_str())?;
-    rustix::fs::fsync(dir.as_fd())?;
+    f.write_all(bytes)?;
+    if durable {
+        f.sync_all()?;
+    }
+    rustix::fs::renameat(&dir, tmp.as_str(), &dir, name)?;
+    if durable {
+        rustix::fs::fsync(dir.as_fd())?;
+    }
     Ok(())
 }
 
@@ -135,21 +139,7 @@ pub(crate) fn load_refer(store: BorrowedFd<'_>, id: u64) -> Option<u64> {
 /// Records what snapshot `id`'s tree references: whole or not at all (a figure worked out again
 /// if a crash loses it, so not synced).
 pub(crate) fn write_refer(store: BorrowedFd<'_>, id: u64, bytes: u64) -> anyhow::Result<()> {
-    match rustix::fs::mkdirat(store, DIR, Mode::from_raw_mode(0o700)) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-        Err(e) => return Err(e).context("making the store's summaries dir"),
-    }
-    let dir = open_dir(store)?.context("the store's summaries dir is gone")?;
-    let tmp = format!("{}.tmp", refer_name(id));
-    let fd = rustix::fs::openat(
-        &dir,
-        tmp.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )?;
-    std::fs::File::from(fd).write_all(format!("ovlsnap-refer 1 {bytes}\n").as_bytes())?;
-    rustix::fs::renameat(&dir, tmp.as_str(), &dir, refer_name(id).as_str())?;
-    Ok(())
+    replace(store, &refer_name(id), format!("ovlsnap-refer 1 {bytes}\n").as_bytes(), false)
 }
 
 /// Removes snapshot `id`'s referenced bytes (it was deleted).

@@ -56,14 +56,14 @@ pub const SNAPDIR_NAME: &str = ".snapshots";
 /// One view's layers.
 pub(crate) struct ViewStack {
     stack: LayerStack,
-    root: DirLayers,
+    root: Arc<DirLayers>,
     /// The id of LIVE in `stack` (the bottom layer).
     live: LayerId,
 }
 
 impl ViewStack {
     /// The root's layers.
-    pub(crate) fn root(&self) -> &DirLayers {
+    pub(crate) fn root(&self) -> &Arc<DirLayers> {
         &self.root
     }
 }
@@ -357,7 +357,7 @@ impl Views {
         stack.set_presence(ovl_core::presence::Presence::new(self.holders.clone(), frozen));
         // Views number objects by the layer object that shows them (see the module docs).
         stack.use_own_identities();
-        let root = DirLayers::root(&stack)?;
+        let root = Arc::new(DirLayers::root(&stack)?);
         // Two first uses at once both build it; the first one kept is used by both.
         let layers = stack.lowers().len();
         Ok(set.built.lock().keep(snap, ViewStack { stack, root, live }, layers))
@@ -377,7 +377,7 @@ impl Views {
             (Some(r), _) => (r, comps.len()),
             (None, Some(r)) => (r, comps.len() - 1),
             (None, None) => {
-                let dir = Arc::new(vs.root.clone());
+                let dir = vs.root.clone();
                 let top = dir.lowers.first().ok_or(Errno::IO)?.layer;
                 let stat = sys::lstat_beneath(vs.stack.layer(top).root()?, Path::new(""))?;
                 (Resolved { stat, kind: FileType::Directory, layer: top, path: PathBuf::new(), dir: Some(dir) }, 0)

@@ -165,24 +165,28 @@ fn descriptions_and_user_properties_are_listed_and_kept_through_a_kill() {
     m.umount();
 }
 
+/// The non-directories under `dir` (not following symlinks), each name's status.
+fn non_dirs(dir: &Path) -> Vec<fs::Metadata> {
+    let (mut out, mut stack) = (Vec::new(), vec![dir.to_path_buf()]);
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            let md = fs::symlink_metadata(&path).unwrap();
+            if md.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(md);
+            }
+        }
+    }
+    out
+}
+
 /// Bytes of the non-directory inodes under `dir`, each inode once.
 fn inode_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::HashSet::new();
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let md = fs::symlink_metadata(e.path()).unwrap();
-            if md.is_dir() {
-                stack.push(e.path());
-            } else if seen.insert((md.dev(), md.ino())) {
-                total += md.blocks() * 512;
-            }
-        }
-    }
-    total
+    non_dirs(dir).iter().filter(|md| seen.insert((md.dev(), md.ino()))).map(|md| md.blocks() * 512).sum()
 }
 
 /// Issue 21, space accounting: `list` says per snapshot the bytes deleting it frees (`zfs list`'s
@@ -248,38 +252,13 @@ fn list_says_what_deleting_a_snapshot_frees_and_the_delete_frees_it() {
 /// among its links, directories left out.
 fn referenced_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let md = fs::symlink_metadata(e.path()).unwrap();
-            if md.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += md.blocks() * 512 / md.nlink().max(1);
-            }
-        }
-    }
-    total
+    non_dirs(dir).iter().map(|md| md.blocks() * 512 / md.nlink().max(1)).sum()
 }
 
 /// Bytes of the non-directories of one name under `dir`.
 fn one_name_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let (mut total, mut stack) = (0, vec![dir.to_path_buf()]);
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let path = e.unwrap().path();
-            let md = fs::symlink_metadata(&path).unwrap();
-            if md.is_dir() {
-                stack.push(path);
-            } else if md.nlink() == 1 {
-                total += md.blocks() * 512;
-            }
-        }
-    }
-    total
+    non_dirs(dir).iter().filter(|md| md.nlink() == 1).map(|md| md.blocks() * 512).sum()
 }
 
 /// `list --json`'s `(name, refer_bytes, shared_bytes, layer_bytes)`, once every snapshot's
