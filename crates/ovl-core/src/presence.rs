@@ -348,18 +348,202 @@ impl Summary {
     }
 }
 
-/// What a summary says of one object, as [`Holders`] keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Info {
-    kind: Kind,
-    ino: u64,
+/// What many summarized objects share: their type and marks, and the attributes that seldom
+/// differ between them. Kept once in [`Shapes`], so that a record holds only what is its own (at
+/// 10,000 snapshots the summaries list some 200,000 objects).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    /// [`Kind::code`].
+    code: u8,
     special: bool,
-    bytes: u64,
     linked: bool,
-    meta: Option<Meta>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
+    blksize: u32,
+    rdev: u64,
 }
 
-/// One summarized layer: its counts, and the names in each of its directories.
+impl Shape {
+    fn kind(&self) -> Kind {
+        Kind::from_code(self.code).unwrap_or(Kind::Other(rustix::fs::FileType::Unknown))
+    }
+}
+
+/// Every [`Shape`] some record uses, each once, counted; a number is reused once unused.
+#[derive(Debug, Default)]
+struct Shapes {
+    ids: HashMap<Shape, u32>,
+    all: Vec<(Shape, u32)>,
+    free: Vec<u32>,
+}
+
+impl Shapes {
+    /// The number of `shape`, counting one more use.
+    fn take(&mut self, shape: Shape) -> u32 {
+        if let Some(&id) = self.ids.get(&shape) {
+            self.all[id as usize].1 += 1;
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.all[id as usize] = (shape, 1);
+                id
+            }
+            None => {
+                self.all.push((shape, 1));
+                u32::try_from(self.all.len() - 1).expect("fewer than 2^32 shapes")
+            }
+        };
+        self.ids.insert(shape, id);
+        id
+    }
+
+    /// One use of number `id` fewer.
+    fn give_back(&mut self, id: u32) {
+        let Some((shape, uses)) = self.all.get_mut(id as usize) else { return };
+        *uses = uses.saturating_sub(1);
+        if *uses == 0 {
+            self.ids.remove(shape);
+            self.free.push(id);
+        }
+    }
+
+    fn get(&self, id: u32) -> &Shape {
+        &self.all[id as usize].0
+    }
+}
+
+/// The parent of a record at the top of its layer.
+const ROOT: u32 = u32::MAX - 1;
+
+/// The parent of a record whose directory its layer does not list (a summary that says less
+/// than a layer holds): never part of a listing.
+const NO_PARENT: u32 = u32::MAX;
+
+/// One object of a summarized layer, as [`Holders`] keeps it: what is its own (its shape is
+/// shared).
+#[derive(Debug, Clone, Copy)]
+struct Rec {
+    /// Its path's number in [`Paths`].
+    path: u32,
+    /// Its directory's path number ([`ROOT`], [`NO_PARENT`]).
+    parent: u32,
+    /// Its number in [`Shapes`].
+    shape: u32,
+    /// Access, modification and change times (zero when the summary has no attributes:
+    /// [`Known::attrs`] false): nanoseconds, then seconds.
+    nsecs: [u32; 3],
+    ino: u64,
+    bytes: u64,
+    size: u64,
+    secs: [i64; 3],
+}
+
+impl Rec {
+    /// Its attributes, as a [`Meta`].
+    fn meta(&self, shape: &Shape) -> Meta {
+        let (s, n) = (self.secs, self.nsecs);
+        let Shape { mode, uid, gid, nlink, blksize, rdev, .. } = *shape;
+        let times = [(s[0], n[0]), (s[1], n[1]), (s[2], n[2])];
+        Meta { mode, uid, gid, nlink, blksize, size: self.size, rdev, times }
+    }
+}
+
+/// One layer holding an object at a path: the layer's number, where its record is, and what a
+/// lookup asks of it first (kept here so that asking the thousands of layers holding a path near
+/// the root reads one array, not each layer's records).
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    layer: u32,
+    /// Index in the layer's [`Known::recs`].
+    rec: u32,
+    /// [`Kind::code`].
+    code: u8,
+    special: bool,
+}
+
+impl Holder {
+    /// What this says a lookup finds.
+    fn held(&self) -> Held {
+        match Kind::from_code(self.code) {
+            _ if self.special => Held::Other,
+            Some(Kind::Directory) => Held::PlainDir,
+            Some(Kind::Whiteout) => Held::Whiteout,
+            _ => Held::Other,
+        }
+    }
+
+    /// A plain directory (held on the way to nearly every path).
+    fn is_plain_dir(&self) -> bool {
+        self.code == Kind::Directory.code() && !self.special
+    }
+}
+
+/// Every path some summary in use lists, each once, with the layers holding it (ascending). A
+/// number is reused once no layer holds its path.
+#[derive(Debug, Default)]
+struct Paths {
+    ids: HashMap<Arc<Path>, u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// `None` while the number is free.
+    path: Option<Arc<Path>>,
+    by: Vec<Holder>,
+}
+
+impl Paths {
+    fn id(&self, path: &Path) -> Option<u32> {
+        self.ids.get(path).copied()
+    }
+
+    fn holders(&self, path: &Path) -> &[Holder] {
+        self.id(path).map_or(&[][..], |id| &self.slots[id as usize].by)
+    }
+
+    fn intern(&mut self, path: &Path) -> u32 {
+        if let Some(id) = self.id(path) {
+            return id;
+        }
+        let path: Arc<Path> = Arc::from(path);
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.slots.push(Slot::default());
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 - 2 paths")
+            }
+        };
+        self.slots[id as usize].path = Some(path.clone());
+        self.ids.insert(path, id);
+        id
+    }
+
+    /// Layer `layer` no longer holds path number `id`.
+    fn drop_holder(&mut self, id: u32, layer: u32) {
+        let Some(slot) = self.slots.get_mut(id as usize) else { return };
+        if let Ok(i) = slot.by.binary_search_by_key(&layer, |h| h.layer) {
+            slot.by.remove(i);
+        }
+        if slot.by.is_empty() {
+            if let Some(path) = slot.path.take() {
+                self.ids.remove(&path);
+                self.free.push(id);
+            }
+            slot.by = Vec::new();
+        }
+    }
+
+    fn path(&self, id: u32) -> Option<&Path> {
+        self.slots.get(id as usize)?.path.as_deref()
+    }
+}
+
+/// One summarized layer: its counts, and its objects by directory.
 #[derive(Debug)]
 struct Known {
     objects: u64,
@@ -372,14 +556,26 @@ struct Known {
     attrs: bool,
     /// The device of the layer's filesystem (for the `stat` records of [`Holding::stat`]).
     dev: u64,
-    children: HashMap<PathBuf, Vec<OsString>>,
+    /// Its objects, by their directory's path number (stable: in each directory, in the order
+    /// the summary lists them).
+    recs: Box<[Rec]>,
+}
+
+impl Known {
+    /// The records of the entries of directory number `dir`.
+    fn entries(&self, dir: u32) -> &[Rec] {
+        let from = self.recs.partition_point(|r| r.parent < dir);
+        let to = from + self.recs[from..].partition_point(|r| r.parent == dir);
+        &self.recs[from..to]
+    }
 }
 
 /// For each path, the summarized layers holding an object there (by the caller's numbers, e.g.
 /// the ids of a store's layers), and what each holds.
 #[derive(Debug, Default)]
 pub struct Holders {
-    by_path: HashMap<PathBuf, Vec<(u64, Info)>>,
+    paths: Paths,
+    shapes: Shapes,
     /// By layer number (small, dense: a store's ids), the summarized layers: looked at for every
     /// layer of every lookup, so an index, not a hash.
     summarized: Vec<Option<Known>>,
@@ -398,25 +594,49 @@ impl Holders {
     pub fn add(&mut self, layer: u64, summary: &Summary) {
         self.forget(layer);
         self.freed.get_mut().retain(|(a, b), _| *a != layer && *b != Some(layer));
-        let at = usize::try_from(layer).unwrap_or(usize::MAX);
-        if at > 1 << 32 {
+        let Some(number) = u32::try_from(layer).ok().filter(|n| *n < u32::MAX) else {
             // Not a number this index is for: the layer is probed like any other.
             return;
+        };
+        let ids: Vec<u32> = summary.objects.iter().map(|o| self.paths.intern(&o.path)).collect();
+        let listed: std::collections::HashSet<u32> = ids.iter().copied().collect();
+        let parent_of = |path: &Path| match path.parent() {
+            Some(p) if p.as_os_str().is_empty() => ROOT,
+            Some(p) => self.paths.id(p).filter(|id| listed.contains(id)).unwrap_or(NO_PARENT),
+            None => NO_PARENT,
+        };
+        let parents: Vec<u32> = summary.objects.iter().map(|o| parent_of(&o.path)).collect();
+        let mut recs: Vec<Rec> = Vec::with_capacity(summary.objects.len());
+        for ((o, &path), parent) in summary.objects.iter().zip(&ids).zip(parents) {
+            let m = o.meta.unwrap_or(Meta {
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                nlink: 0,
+                blksize: 0,
+                size: 0,
+                rdev: 0,
+                times: [(0, 0); 3],
+            });
+            let (code, special, linked) = (o.kind.code(), o.special, o.linked);
+            let (mode, uid, gid, nlink, blksize, rdev) = (m.mode, m.uid, m.gid, m.nlink, m.blksize, m.rdev);
+            let shape = self.shapes.take(Shape { code, special, linked, mode, uid, gid, nlink, blksize, rdev });
+            let [(a, an), (b, bn), (c, cn)] = m.times;
+            let (ino, bytes, size) = (o.ino, o.bytes, m.size);
+            recs.push(Rec { path, parent, shape, nsecs: [an, bn, cn], ino, bytes, size, secs: [a, b, c] });
         }
-        let mut children: HashMap<PathBuf, Vec<OsString>> = HashMap::new();
-        for o in &summary.objects {
-            let ids = self.by_path.entry(o.path.clone()).or_default();
-            let info =
-                Info { kind: o.kind, ino: o.ino, special: o.special, bytes: o.bytes, linked: o.linked, meta: o.meta };
-            match ids.binary_search_by_key(&layer, |(id, _)| *id) {
-                Ok(i) => ids[i].1 = info,
-                Err(i) => ids.insert(i, (layer, info)),
-            }
-            if let Some(name) = o.path.file_name() {
-                let dir = o.path.parent().unwrap_or(Path::new("")).to_path_buf();
-                children.entry(dir).or_default().push(name.to_os_string());
+        recs.sort_by_key(|r| r.parent);
+        for (i, r) in recs.iter().enumerate() {
+            let Shape { code, special, .. } = *self.shapes.get(r.shape);
+            let holder = Holder { layer: number, rec: i as u32, code, special };
+            let by = &mut self.paths.slots[r.path as usize].by;
+            match by.binary_search_by_key(&number, |h| h.layer) {
+                // (A summary naming a path twice: the last one counts.)
+                Ok(at) => by[at] = holder,
+                Err(at) => by.insert(at, holder),
             }
         }
+        let at = number as usize;
         if at >= self.summarized.len() {
             self.summarized.resize_with(at + 1, || None);
         }
@@ -432,7 +652,7 @@ impl Holders {
             sizes: summary.sizes,
             attrs: summary.objects.iter().all(|o| o.meta.is_some()),
             dev: summary.root.0,
-            children,
+            recs: recs.into_boxed_slice(),
         });
     }
 
@@ -446,16 +666,9 @@ impl Holders {
         let at = layer as usize;
         self.known_bits[at / 64] &= !(1 << (at % 64));
         self.epoch += 1;
-        for (dir, names) in known.children {
-            for name in names {
-                let path = dir.join(name);
-                if let Some(ids) = self.by_path.get_mut(&path) {
-                    ids.retain(|(id, _)| *id != layer);
-                    if ids.is_empty() {
-                        self.by_path.remove(&path);
-                    }
-                }
-            }
+        for r in &known.recs {
+            self.paths.drop_holder(r.path, layer as u32);
+            self.shapes.give_back(r.shape);
         }
     }
 
@@ -506,15 +719,12 @@ impl Holders {
             return Some(*n);
         }
         let known = self.known(layer).filter(|k| k.sizes)?;
-        let mut objects = Vec::new();
-        for (dir, names) in &known.children {
-            for name in names {
-                let path = dir.join(name);
-                let i = self.info(layer, &path)?;
-                objects.push((path, i.kind, i.bytes, i.linked));
-            }
+        let mut objects = Vec::with_capacity(known.recs.len());
+        for r in known.recs.iter() {
+            let shape = self.shapes.get(r.shape);
+            objects.push((self.paths.path(r.path)?, shape.kind(), r.bytes, shape.linked));
         }
-        let n = self.freed_from(objects.iter().map(|(p, k, b, l)| (p.as_path(), *k, *b, *l)), older)?;
+        let n = self.freed_from(objects.into_iter(), older)?;
         self.freed.lock().insert((layer, older), n);
         Some(n)
     }
@@ -539,20 +749,26 @@ impl Holders {
         let hides = |path: &Path| {
             // An object at the path itself hides it; on the way, only a non-directory or a
             // special directory (opaque, redirected) does.
-            self.info(older, path).is_some()
+            self.holder(older, path).is_some()
                 || path
                     .ancestors()
                     .skip(1)
                     .filter(|a| !a.as_os_str().is_empty())
-                    .any(|a| self.info(older, a).is_some_and(|i| i.kind != Kind::Directory || i.special))
+                    .any(|a| self.holder(older, a).is_some_and(|h| !h.is_plain_dir()))
         };
         Some(objects.filter(|o| o.1 != Kind::Directory && !o.3 && hides(o.0)).map(|o| o.2).sum())
     }
 
-    /// What summarized layer `layer` holds at `path`, if anything.
-    fn info(&self, layer: u64, path: &Path) -> Option<Info> {
-        let ids = self.by_path.get(path)?;
-        ids.binary_search_by_key(&layer, |(id, _)| *id).ok().map(|i| ids[i].1)
+    /// Where summarized layer `layer` holds something at `path`, if it does.
+    fn holder(&self, layer: u64, path: &Path) -> Option<Holder> {
+        let layer = u32::try_from(layer).ok()?;
+        let by = self.paths.holders(path);
+        by.binary_search_by_key(&layer, |h| h.layer).ok().map(|i| by[i])
+    }
+
+    /// The record `holder` points to.
+    fn rec(&self, holder: &Holder) -> Option<&Rec> {
+        self.known(holder.layer.into())?.recs.get(holder.rec as usize)
     }
 }
 
@@ -652,7 +868,7 @@ impl PresenceReader<'_> {
     /// path (a lookup in a directory that many layers hold), the path looked up once, not once
     /// per layer (at N = 10,000 layers that hashing was a tenth of a delete's CPU).
     pub fn holding<'r>(&'r self, path: &Path) -> Holding<'r> {
-        let at = self.holders.by_path.get(path).map_or(&[][..], |v| v.as_slice());
+        let at = self.holders.paths.holders(path);
         Holding { reader: self, at, cursor: std::cell::Cell::new(0) }
     }
 
@@ -664,13 +880,13 @@ impl PresenceReader<'_> {
     pub fn may_rewrite(&self, upto: u16, path: &Path) -> Vec<LayerId> {
         let mut out: Vec<u16> = (0..upto).filter(|k| self.number(LayerId(*k)).is_none()).collect();
         for p in path.ancestors().filter(|p| !p.as_os_str().is_empty()) {
-            for (number, info) in self.holders.by_path.get(p).map_or(&[][..], |v| v.as_slice()) {
+            for h in self.holders.paths.holders(p) {
                 // (Plain dirs first: near the root nearly every layer holds one.)
-                if info.kind == Kind::Directory && !info.special {
+                if h.is_plain_dir() {
                     continue;
                 }
-                match self.ids.get(number) {
-                    Some(&k) if k < upto && self.holders.knows(*number) => out.push(k),
+                match self.ids.get(&u64::from(h.layer)) {
+                    Some(&k) if k < upto && self.holders.knows(h.layer.into()) => out.push(k),
                     _ => {}
                 }
             }
@@ -689,14 +905,16 @@ impl PresenceReader<'_> {
             return None;
         }
         let known = self.holders.known(number)?;
-        let names = known.children.get(dir).map_or(&[][..], |v| v.as_slice());
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            let info = self.holders.info(number, &dir.join(name))?;
-            if info.special {
+        let id = if dir.as_os_str().is_empty() { ROOT } else { self.holders.paths.id(dir)? };
+        let entries = known.entries(id);
+        let mut out = Vec::with_capacity(entries.len());
+        for r in entries {
+            let shape = self.holders.shapes.get(r.shape);
+            if shape.special {
                 return None;
             }
-            out.push((name.clone(), info.kind, info.ino));
+            let name = self.holders.paths.path(r.path)?.file_name()?;
+            out.push((name.to_os_string(), shape.kind(), r.ino));
         }
         Some(out)
     }
@@ -706,7 +924,7 @@ impl PresenceReader<'_> {
 pub struct Holding<'r> {
     reader: &'r PresenceReader<'r>,
     /// By layer number, ascending.
-    at: &'r [(u64, Info)],
+    at: &'r [Holder],
     /// Where the last question's number was (or would be) in `at`: a lookup asks about its
     /// layers in rising number, so each answer is a step or two from the last one, not a
     /// search (the root of a view of 10,000 layers is held by each of them).
@@ -720,22 +938,16 @@ impl Holding<'_> {
         let Some(number) = self.reader.number(layer) else { return Held::Unknown };
         let at = self.at;
         let mut c = self.cursor.get();
-        if c > 0 && at.get(c - 1).is_some_and(|(id, _)| *id >= number) {
+        if c > 0 && at.get(c - 1).is_some_and(|h| u64::from(h.layer) >= number) {
             // Asked out of order: searched.
-            c = at.partition_point(|(id, _)| *id < number);
+            c = at.partition_point(|h| u64::from(h.layer) < number);
         } else {
-            while at.get(c).is_some_and(|(id, _)| *id < number) {
+            while at.get(c).is_some_and(|h| u64::from(h.layer) < number) {
                 c += 1;
             }
         }
         self.cursor.set(c);
-        match at.get(c).filter(|(id, _)| *id == number).map(|(_, info)| *info) {
-            None => Held::Nothing,
-            Some(i) if i.special => Held::Other,
-            Some(Info { kind: Kind::Directory, .. }) => Held::PlainDir,
-            Some(Info { kind: Kind::Whiteout, .. }) => Held::Whiteout,
-            Some(_) => Held::Other,
-        }
+        at.get(c).filter(|h| u64::from(h.layer) == number).map_or(Held::Nothing, Holder::held)
     }
 
     /// After layer `after` was found to hold nothing at the path: how many of the layers that
@@ -755,9 +967,9 @@ impl Holding<'_> {
     ) -> usize {
         let reader = self.reader;
         let Some(number) = reader.number(after).filter(|_| reader.rising) else { return 0 };
-        let c = self.at.partition_point(|(id, _)| *id <= number);
+        let c = self.at.partition_point(|h| u64::from(h.layer) <= number);
         let stop = match self.at.get(c) {
-            Some((holder, _)) => match reader.ids.get(holder) {
+            Some(holder) => match reader.ids.get(&u64::from(holder.layer)) {
                 Some(&k) => LayerId(k),
                 None => return 0,
             },
@@ -785,11 +997,15 @@ impl Holding<'_> {
     pub fn stat(&self, layer: LayerId) -> Option<Stat> {
         let number = self.reader.number(layer)?;
         let at = self.at;
-        let c = at.partition_point(|(id, _)| *id < number);
-        let (_, info) = at.get(c).filter(|(id, _)| *id == number)?;
-        let meta = info.meta.filter(|_| !info.special && !info.linked && info.kind != Kind::Whiteout)?;
-        let dev = self.reader.holders.known(number)?.dev;
-        Some(meta.stat(dev, info.ino, info.bytes))
+        let c = at.partition_point(|h| u64::from(h.layer) < number);
+        let holder = at.get(c).filter(|h| u64::from(h.layer) == number)?;
+        let known = self.reader.holders.known(number)?;
+        let r = self.reader.holders.rec(holder)?;
+        let shape = self.reader.holders.shapes.get(r.shape);
+        if !known.attrs || shape.special || shape.linked || shape.kind() == Kind::Whiteout {
+            return None;
+        }
+        Some(r.meta(shape).stat(known.dev, r.ino, r.bytes))
     }
 }
 
@@ -1090,5 +1306,32 @@ mod tests {
         assert_eq!(p.reader().listing(LayerId(0), Path::new("d")), Some(vec![]));
         assert_eq!(p.reader().held(LayerId(0), Path::new("d/f")), Held::Nothing);
         assert_eq!(p.reader().held(LayerId(0), Path::new("s")), Held::Nothing);
+    }
+    #[test]
+    fn forgotten_layers_leave_no_paths_behind_and_their_numbers_are_reused() {
+        // What a summarized object costs besides its holder entry (the daemon's memory at
+        // 10,000 snapshots is mostly these).
+        assert_eq!(std::mem::size_of::<Rec>(), 72);
+        let reg = Kind::Other(rustix::fs::FileType::RegularFile);
+        let mut h = Holders::default();
+        let layer = |i: u64| summary(vec![obj("d", Kind::Directory, false), obj(&format!("d/f{i}"), reg, false)]);
+        for round in 0..3 {
+            for i in 0..50 {
+                h.add(i, &layer(i + round * 1000));
+            }
+            assert_eq!(h.paths.ids.len(), 51, "d and one file per layer");
+            for i in 0..50 {
+                h.forget(i);
+            }
+            assert!(h.paths.ids.is_empty(), "round {round}: paths left after every layer was forgotten");
+            assert!(h.shapes.ids.is_empty() && h.shapes.free.len() == h.shapes.all.len(), "shapes left");
+            assert_eq!(h.paths.free.len(), h.paths.slots.len(), "every number free again");
+            assert_eq!(h.paths.slots.len(), 51, "round {round}: numbers of forgotten paths were not reused");
+        }
+        // A layer replaced by a summary of fewer objects holds only those.
+        h.add(7, &layer(7));
+        h.add(7, &summary(vec![obj("d", Kind::Directory, false)]));
+        assert_eq!(h.paths.ids.len(), 1);
+        assert_eq!(h.holder(7, Path::new("d/f7")).map(|x| x.layer), None);
     }
 }

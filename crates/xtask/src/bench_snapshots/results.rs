@@ -330,9 +330,27 @@ impl Results {
         }
         let ours = System::Ovlsnap;
         // Flat in N: the largest checkpoint within 2x (plus a little) of the smallest measured.
+        // A full list prints a row per snapshot: its cost per row is what must stay flat (the
+        // issue's "apart from the output size"; `list_one` shows the rest of it flat).
+        let rows: Vec<(usize, f64)> =
+            self.checkpoints.iter().filter_map(|&n| Some((n, self.value(ours, n, Metric::List)? / n as f64))).collect();
+        match rows.len() {
+            0 | 1 => out.push(("list per row flat in N".into(), None)),
+            k => {
+                // The two largest checkpoints: at small N the fixed cost of a call is most of it.
+                let ((n0, first), (n1, last)) = (rows[k - 2], rows[k - 1]);
+                out.push((
+                    format!(
+                        "list per row flat in N (N={n1} <= 2x N={n0}): {} -> {} us a row",
+                        number(first * 1e3),
+                        number(last * 1e3)
+                    ),
+                    Some(last <= 2.0 * first),
+                ));
+            }
+        }
         for (metric, slack) in [
             (Metric::Take, 1.0),
-            (Metric::List, 1.0),
             (Metric::ListOne, 1.0),
             (Metric::Diff, 1.0),
             (Metric::Delete, 1.0),
@@ -489,8 +507,14 @@ mod tests {
         let targets = r.targets();
         let met = |id: &str| targets.iter().find(|(what, _)| what.starts_with(id)).unwrap().1;
         assert_eq!(met("take flat"), Some(true));
-        assert_eq!(met("list flat"), Some(false));
         assert_eq!(met("diff_middle flat"), None);
+        // A full list is judged per row printed: 5 ms for one row, 12 ms for 1000 is flat.
+        assert_eq!(met("list per row flat"), Some(true));
+        r.record(System::Ovlsnap, 1000, Metric::List, Cell::Value(10_500.0));
+        let targets = r.targets();
+        let met = |id: &str| targets.iter().find(|(what, _)| what.starts_with(id)).unwrap().1;
+        assert_eq!(met("list per row flat"), Some(false), "10.5 ms a row against 5");
+        assert!(!targets.iter().any(|(what, _)| what.starts_with("list flat")));
     }
 
     #[test]
