@@ -214,7 +214,7 @@ pub fn prepare(cfg: &Config) -> anyhow::Result<Prepared> {
     let (workdir, work) = snapper.store_work()?;
     drop(workdir);
     let stack = LayerStack::from_open_dirs(
-        Vec::new(),
+        Vec::<(PathBuf, ovl_core::LayerRoot)>::new(),
         Some((live.clone(), ovl_core::LayerRoot::held(Arc::new(live_fd))?, work)),
         snapper.overlay_options(),
     )?;

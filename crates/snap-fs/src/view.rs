@@ -98,10 +98,11 @@ struct ViewSet {
 /// The most layers the kept view stacks may have together. A view's stack holds its layers and
 /// its root's lower dirs: 374 bytes a layer (measured: RSS after stats in ten views of ~8,500
 /// layers each), so a `find` through every view of a store of 10,000 snapshots kept ~50 million
-/// layers, gigabytes, until the next take. The budget keeps a dozen deep stacks or many shallow
-/// ones (~47 MiB; 2^18 was ~94 MiB, and diffs keep their two stacks too), and one rebuilt costs
-/// ~1 ms at N = 10,000.
-const BUILT_LAYERS: usize = 1 << 17;
+/// layers, gigabytes, until the next take. The budget keeps three stacks of a 10,000-snapshot
+/// store (a diff's two and a walk's) or many shallow ones, ~12 MiB: the daemon's memory is to
+/// stay flat in N (2^17 was ~47 MiB, a third of the daemon at N = 10,000), and one rebuilt
+/// costs ~1 ms at N = 10,000.
+const BUILT_LAYERS: usize = 1 << 15;
 
 /// The kept view stacks (`T`), by snapshot id, each with its size in layers and when it was
 /// last used.
@@ -163,6 +164,40 @@ pub(crate) struct Resolved {
 /// How many resolved view directories are kept at most (all dropped when full).
 const MAX_DIRS_RESOLVED: usize = 1 << 16;
 
+/// How many lower dirs the kept resolved directories may list together (all dropped when
+/// over): a directory of the oldest view lists every layer holding it, so a walk through that
+/// view of a store of N snapshots kept O(N) of them (~5 MiB at N = 10,000, 10 changes a take),
+/// though a walk needs only the directories on its way.
+const MAX_LOWERS_RESOLVED: usize = 1 << 16;
+
+/// Directories of views resolved since the last change: see [`Views::dirs_resolved`].
+#[derive(Default)]
+struct DirsResolved {
+    by_path: HashMap<(u64, PathBuf), (u64, Resolved)>,
+    /// The lower dirs they list together.
+    lowers: usize,
+}
+
+impl DirsResolved {
+    fn clear(&mut self) {
+        self.by_path.clear();
+        self.lowers = 0;
+    }
+
+    /// Keeps `r`, resolved when the count of changes was `changes`, dropping every kept one first
+    /// when it would go over a bound.
+    fn keep(&mut self, key: (u64, PathBuf), changes: u64, r: Resolved) {
+        let lowers = r.dir.as_ref().map_or(0, |d| d.lowers.len());
+        if self.by_path.len() >= MAX_DIRS_RESOLVED || self.lowers + lowers > MAX_LOWERS_RESOLVED {
+            self.clear();
+        }
+        self.lowers += lowers;
+        if let Some((_, old)) = self.by_path.insert(key, (changes, r)) {
+            self.lowers -= old.dir.as_ref().map_or(0, |d| d.lowers.len());
+        }
+    }
+}
+
 /// One view node: the names (snapshot, path) the kernel looked it up by, and its lookup count.
 struct ViewNode {
     names: Vec<(u64, PathBuf)>,
@@ -223,7 +258,7 @@ pub(crate) struct Views {
     /// count of changes when they were resolved: a path is resolved from its deepest kept
     /// directory, so a lookup or `stat` in a directory that, say, every one of 300 layers holds
     /// does not probe those 300 layers for each of its ancestors again and again.
-    dirs_resolved: Mutex<HashMap<(u64, PathBuf), (u64, Resolved)>>,
+    dirs_resolved: Mutex<DirsResolved>,
     set: RwLock<Arc<ViewSet>>,
     names: RwLock<BTreeMap<String, u64>>,
     nodes: Mutex<Nodes>,
@@ -248,7 +283,7 @@ impl Views {
         Self {
             lock: RwLock::new(()),
             changes: AtomicU64::new(0),
-            dirs_resolved: Mutex::new(HashMap::new()),
+            dirs_resolved: Mutex::default(),
             set: RwLock::default(),
             names: RwLock::new(BTreeMap::new()),
             nodes: Mutex::new(Nodes { next: 1, ..Default::default() }),
@@ -350,7 +385,7 @@ impl Views {
         if let Some(vs) = set.built.lock().get(snap) {
             return Ok(vs);
         }
-        let layers: Vec<_> = set.layers[from..].iter().map(|(p, r)| (p.to_path_buf(), r.clone())).collect();
+        let layers: Vec<_> = set.layers[from..].iter().map(|(p, r)| (p.clone(), r.clone())).collect();
         let live = LayerId(layers.len() as u16 - 1);
         let mut stack = LayerStack::from_open_dirs(layers, None, self.opts.clone())?;
         let frozen = set.frozen.get(from..).unwrap_or_default().to_vec();
@@ -370,7 +405,7 @@ impl Views {
         let changes = self.changes.load(Ordering::Acquire);
         let kept = |p: &Path| {
             let kept = self.dirs_resolved.lock();
-            kept.get(&(snap, p.to_path_buf())).filter(|(c, _)| *c == changes).map(|(_, r)| r.clone())
+            kept.by_path.get(&(snap, p.to_path_buf())).filter(|(c, _)| *c == changes).map(|(_, r)| r.clone())
         };
         let comps: Vec<&OsStr> = path.iter().collect();
         let (mut out, mut done) = match (kept(path), path.parent().and_then(kept)) {
@@ -408,10 +443,7 @@ impl Views {
             if out.kind == FileType::Directory {
                 let mut kept = self.dirs_resolved.lock();
                 if self.changes.load(Ordering::Acquire) == changes {
-                    if kept.len() >= MAX_DIRS_RESOLVED {
-                        kept.clear();
-                    }
-                    kept.insert((snap, at.clone()), (changes, out.clone()));
+                    kept.keep((snap, at.clone()), changes, out.clone());
                 }
             }
         }
@@ -774,7 +806,38 @@ pub(crate) fn process_inside(dir: &std::path::Path) -> Option<(u32, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::Built;
+    use super::{Built, DirsResolved, MAX_LOWERS_RESOLVED, Resolved};
+
+    #[test]
+    fn kept_resolved_dirs_stay_within_their_budget_of_lower_dirs() {
+        use ovl_lookup::{DirLayers, LowerDir};
+        let dir = |lowers: usize| Resolved {
+            stat: ovl_core::sys::blank_stat(),
+            kind: rustix::fs::FileType::Directory,
+            layer: ovl_core::LayerId(0),
+            path: "d".into(),
+            dir: Some(std::sync::Arc::new(DirLayers {
+                upper: None,
+                lowers: (0..lowers)
+                    .map(|k| LowerDir { layer: ovl_core::LayerId(k as u16), path: "d".into(), xwhiteouts: false })
+                    .collect(),
+            })),
+        };
+        let mut kept = DirsResolved::default();
+        let each = 1000;
+        for k in 0..MAX_LOWERS_RESOLVED / each {
+            kept.keep((1, format!("d{k}").into()), 0, dir(each));
+        }
+        assert_eq!(kept.lowers, MAX_LOWERS_RESOLVED / each * each);
+        assert_eq!(kept.by_path.len(), MAX_LOWERS_RESOLVED / each, "all fit");
+        // The same key again replaces, and counts only the new one.
+        kept.keep((1, "d0".into()), 0, dir(1));
+        assert_eq!(kept.lowers, (MAX_LOWERS_RESOLVED / each - 1) * each + 1);
+        // One more dir of many lower dirs would go over: the kept ones go first.
+        kept.keep((2, "e".into()), 0, dir(each * 2));
+        assert_eq!((kept.by_path.len(), kept.lowers), (1, each * 2));
+        assert!(kept.by_path.contains_key(&(2, "e".into())));
+    }
 
     #[test]
     fn kept_view_stacks_stay_within_their_layer_budget_and_the_used_ones_stay() {
