@@ -1369,8 +1369,7 @@ fn umount(mnt: &Path) -> anyhow::Result<()> {
 
 /// The daemon itself: mount and serve until unmounted.
 fn serve(cfg: &daemon::Config) -> anyhow::Result<()> {
-    // One arena: the daemon's memory stays flat in the number of snapshots (see the function).
-    sys::bound_malloc_arenas(1);
+    daemon::tune_allocator();
     init_logs();
     rustix::process::umask(rustix::fs::Mode::empty());
     // One descriptor per snapshot layer, and the mount's users' open files are ours too: allow as

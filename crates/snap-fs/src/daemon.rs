@@ -355,3 +355,29 @@ pub fn mount_containing(path: &Path) -> anyhow::Result<Option<PathBuf>> {
     }
     Ok(best)
 }
+
+/// Sets the allocator up for a long-lived daemon (one arena: see [`crate::sys::bound_malloc_arenas`]).
+/// Call it first in the daemon's process, before any thread starts.
+pub fn tune_allocator() {
+    crate::sys::bound_malloc_arenas(1);
+}
+
+/// [`crate::sys::trim_heap`], at most once a second: a trim holds the allocator's lock while it
+/// walks the heap, and control requests may come in bursts (a timer's takes, a shell's
+/// completions). At 10,000 snapshots a daemon that trims after takes ended a walk of the oldest
+/// view 6 MiB smaller (66 -> 60 MiB).
+pub(crate) fn trim_heap_now_and_then() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1000
+        && LAST_MS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        let started = std::time::Instant::now();
+        crate::sys::trim_heap();
+        tracing::debug!("heap trimmed in {:?}", started.elapsed());
+    }
+}

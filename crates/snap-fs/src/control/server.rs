@@ -78,7 +78,11 @@ fn handle(conn: &UnixStream, peer: &Peer, snapper: &Arc<Snapper>, status: &Statu
     if let Err(e) = &result {
         tracing::info!(uid = peer.uid, pid = peer.pid, "control request refused or failed: {e:#}");
     }
-    reply(conn, result)
+    let sent = reply(conn, result);
+    // What the request built and dropped (a list's or a diff's answer, the tables a take
+    // replaced) goes back to the system once answered.
+    crate::daemon::trim_heap_now_and_then();
+    sent
 }
 
 /// Reads one request line of at most [`MAX_REQUEST`] bytes.
