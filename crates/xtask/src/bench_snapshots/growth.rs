@@ -192,6 +192,7 @@ impl<'a> Growth<'a> {
         record(Metric::Diff, cell);
 
         let (oldest, newest) = (self.names[0].clone(), self.names[self.names.len() - 1].clone());
+        record(Metric::FindLive, workload::cold_walk(store.live(), self.plan.walk_timeout));
         record(Metric::FindNewest, workload::cold_walk(&store.view(&newest), self.plan.walk_timeout));
         record(Metric::FindOldest, workload::cold_walk(&store.view(&oldest), self.plan.walk_timeout));
         if let Some(mounted) = store.kernel_mount(&oldest, &self.view_mnt) {

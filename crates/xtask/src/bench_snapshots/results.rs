@@ -29,6 +29,8 @@ pub enum Metric {
     FindOldest,
     /// The same for the newest snapshot.
     FindNewest,
+    /// The same for LIVE itself (for ovlsnap: through its mount, an ovlfs overlay of LIVE).
+    FindLive,
     /// [`Metric::FindOldest`] / [`Metric::FindNewest`] (derived, not recorded).
     OldestOverNewest,
     /// Open, write a byte, close of a file not written since the last take (its copy-on-write).
@@ -50,7 +52,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every row, in table order.
-    pub const ALL: [Metric; 15] = [
+    pub const ALL: [Metric; 16] = [
         Metric::Take,
         Metric::List,
         Metric::ListOne,
@@ -58,6 +60,7 @@ impl Metric {
         Metric::Delete,
         Metric::FindOldest,
         Metric::FindNewest,
+        Metric::FindLive,
         Metric::OldestOverNewest,
         Metric::FirstWrite,
         Metric::DaemonFds,
@@ -78,6 +81,7 @@ impl Metric {
             Metric::Delete => "delete_middle",
             Metric::FindOldest => "find_oldest_cold",
             Metric::FindNewest => "find_newest_cold",
+            Metric::FindLive => "find_live_cold",
             Metric::OldestOverNewest => "find_oldest_over_newest",
             Metric::FirstWrite => "first_cow_write",
             Metric::DaemonFds => "daemon_fds",
@@ -92,7 +96,7 @@ impl Metric {
     /// The unit of its values.
     pub fn unit(self) -> &'static str {
         match self {
-            Metric::FindOldest | Metric::FindNewest | Metric::KernelViewWalk => "s",
+            Metric::FindOldest | Metric::FindNewest | Metric::FindLive | Metric::KernelViewWalk => "s",
             Metric::OldestOverNewest => "ratio",
             Metric::DaemonFds | Metric::DaemonThreads => "count",
             Metric::DaemonRss => "MiB",
@@ -375,6 +379,27 @@ impl Results {
             };
             out.push((what, met));
         }
+        // A snapshot's view of one layer (the newest) walks within 2x of LIVE's own mount, at
+        // every N (the worst ratio counts).
+        let ratios: Vec<(usize, Option<f64>)> = self
+            .checkpoints
+            .iter()
+            .filter_map(|&n| {
+                let (newest, live) = (self.cell(ours, n, Metric::FindNewest)?, self.value(ours, n, Metric::FindLive)?);
+                Some((n, if let Cell::Value(v) = newest { Some(v / live) } else { None }))
+            })
+            .collect();
+        let worst = ratios.iter().max_by(|a, b| a.1.unwrap_or(f64::INFINITY).total_cmp(&b.1.unwrap_or(f64::INFINITY)));
+        out.push(match worst {
+            None => ("newest-view find within 2x of LIVE's at every N".into(), None),
+            Some(&(n, r)) => (
+                format!(
+                    "newest-view find within 2x of LIVE's at every N: worst {} at N={n}",
+                    r.map_or("(no walk)".into(), number)
+                ),
+                Some(r.is_some_and(|r| r <= 2.0)),
+            ),
+        });
         let n = 1000;
         let ratio = self.cell(ours, n, Metric::OldestOverNewest);
         out.push((
@@ -514,6 +539,17 @@ mod tests {
         let targets = r.targets();
         let met = |id: &str| targets.iter().find(|(what, _)| what.starts_with(id)).unwrap().1;
         assert_eq!(met("list per row flat"), Some(false), "10.5 ms a row against 5");
+        assert_eq!(met("newest-view find within 2x of LIVE's"), None, "no walks recorded");
+        for (n, newest, live) in [(1, 1.0, 0.8), (1000, 1.5, 0.7)] {
+            r.record(System::Ovlsnap, n, Metric::FindNewest, Cell::Value(newest));
+            r.record(System::Ovlsnap, n, Metric::FindLive, Cell::Value(live));
+        }
+        let targets = r.targets();
+        let within = targets.iter().find(|(what, _)| what.starts_with("newest-view find")).unwrap();
+        assert_eq!(within.1, Some(false), "{}", within.0);
+        assert!(within.0.contains("at N=1000"), "the worst one: {}", within.0);
+        r.record(System::Ovlsnap, 1000, Metric::FindNewest, Cell::Value(1.3));
+        assert_eq!(r.targets().iter().find(|(what, _)| what.starts_with("newest-view find")).unwrap().1, Some(true));
         assert!(!targets.iter().any(|(what, _)| what.starts_with("list flat")));
     }
 
