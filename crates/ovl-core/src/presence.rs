@@ -598,6 +598,12 @@ impl Holders {
             // Not a number this index is for: the layer is probed like any other.
             return;
         };
+        // Numbers stay below the parent marks ([`ROOT`], [`NO_PARENT`]); a summary that would
+        // need more (billions of objects) is not used: the layer is probed like any other.
+        let room = |used: usize| used.saturating_add(summary.objects.len()) < ROOT as usize;
+        if !room(self.paths.slots.len()) || !room(self.shapes.all.len()) {
+            return;
+        }
         let ids: Vec<u32> = summary.objects.iter().map(|o| self.paths.intern(&o.path)).collect();
         let listed: std::collections::HashSet<u32> = ids.iter().copied().collect();
         let parent_of = |path: &Path| match path.parent() {
