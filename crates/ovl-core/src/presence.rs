@@ -423,7 +423,10 @@ const ROOT: u32 = u32::MAX - 1;
 const NO_PARENT: u32 = u32::MAX;
 
 /// One object of a summarized layer, as [`Holders`] keeps it: what is its own (its shape is
-/// shared).
+/// shared), in 56 bytes. Its sizes and times are kept narrow (blocks of 512 bytes, a size below
+/// 4 GiB, access and change times within 68 years of the modification time); an object where
+/// one does not fit is marked ([`WIDE`] blocks) and its values kept in its layer's
+/// [`Known::wide`].
 #[derive(Debug, Clone, Copy)]
 struct Rec {
     /// Its path's number in [`Paths`].
@@ -433,21 +436,60 @@ struct Rec {
     /// Its number in [`Shapes`].
     shape: u32,
     /// Access, modification and change times (zero when the summary has no attributes:
-    /// [`Known::attrs`] false): nanoseconds, then seconds.
+    /// [`Known::attrs`] false): nanoseconds.
     nsecs: [u32; 3],
+    /// Bytes allocated / 512, or [`WIDE`].
+    blocks: u32,
+    size: u32,
+    /// Access and change time, seconds after the modification time.
+    atime_off: i32,
+    ctime_off: i32,
     ino: u64,
+    mtime: i64,
+}
+
+/// [`Rec::blocks`] of a record whose sizes and times are in [`Known::wide`].
+const WIDE: u32 = u32::MAX;
+
+/// The sizes and times of a record that does not hold them narrow.
+#[derive(Debug, Clone, Copy)]
+struct Wide {
     bytes: u64,
     size: u64,
     secs: [i64; 3],
 }
 
 impl Rec {
-    /// Its attributes, as a [`Meta`].
-    fn meta(&self, shape: &Shape) -> Meta {
-        let (s, n) = (self.secs, self.nsecs);
-        let Shape { mode, uid, gid, nlink, blksize, rdev, .. } = *shape;
-        let times = [(s[0], n[0]), (s[1], n[1]), (s[2], n[2])];
-        Meta { mode, uid, gid, nlink, blksize, size: self.size, rdev, times }
+    /// The record of these values: narrow, or marked wide (then they are returned to keep).
+    fn new(ids: [u32; 3], ino: u64, bytes: u64, size: u64, times: [(i64, u32); 3]) -> (Self, Option<Wide>) {
+        let [(a, an), (m, mn), (c, cn)] = times;
+        let [path, parent, shape] = ids;
+        let narrow = || -> Option<(u32, u32, i32, i32)> {
+            let blocks = u32::try_from(bytes / 512).ok().filter(|b| bytes % 512 == 0 && *b != WIDE)?;
+            let off = |t: i64| i32::try_from(t.checked_sub(m)?).ok();
+            Some((blocks, u32::try_from(size).ok()?, off(a)?, off(c)?))
+        };
+        let nsecs = [an, mn, cn];
+        match narrow() {
+            Some((blocks, size, atime_off, ctime_off)) => {
+                (Self { path, parent, shape, nsecs, blocks, size, atime_off, ctime_off, ino, mtime: m }, None)
+            }
+            None => {
+                let rec = Self {
+                    path,
+                    parent,
+                    shape,
+                    nsecs,
+                    blocks: WIDE,
+                    size: 0,
+                    atime_off: 0,
+                    ctime_off: 0,
+                    ino,
+                    mtime: m,
+                };
+                (rec, Some(Wide { bytes, size, secs: [a, m, c] }))
+            }
+        }
     }
 }
 
@@ -559,9 +601,42 @@ struct Known {
     /// Its objects, by their directory's path number (stable: in each directory, in the order
     /// the summary lists them).
     recs: Box<[Rec]>,
+    /// The sizes and times of the records marked [`WIDE`], by record index (rising).
+    wide: Box<[(u32, Wide)]>,
 }
 
 impl Known {
+    /// Record `i`'s sizes and times: bytes allocated, size, access, modification and change
+    /// seconds.
+    fn values(&self, i: usize) -> (u64, u64, [i64; 3]) {
+        let r = &self.recs[i];
+        if r.blocks != WIDE {
+            let (m, a, c) = (r.mtime, r.mtime + i64::from(r.atime_off), r.mtime + i64::from(r.ctime_off));
+            return (u64::from(r.blocks) * 512, u64::from(r.size), [a, m, c]);
+        }
+        match self.wide.binary_search_by_key(&(i as u32), |(at, _)| *at) {
+            Ok(k) => {
+                let w = self.wide[k].1;
+                (w.bytes, w.size, w.secs)
+            }
+            Err(_) => (0, 0, [0; 3]),
+        }
+    }
+
+    /// Record `i`'s bytes allocated.
+    fn bytes(&self, i: usize) -> u64 {
+        self.values(i).0
+    }
+
+    /// Record `i`'s attributes, as a [`Meta`].
+    fn meta(&self, i: usize, shape: &Shape) -> Meta {
+        let (_, size, s) = self.values(i);
+        let n = self.recs[i].nsecs;
+        let Shape { mode, uid, gid, nlink, blksize, rdev, .. } = *shape;
+        let times = [(s[0], n[0]), (s[1], n[1]), (s[2], n[2])];
+        Meta { mode, uid, gid, nlink, blksize, size, rdev, times }
+    }
+
     /// The records of the entries of directory number `dir`.
     fn entries(&self, dir: u32) -> &[Rec] {
         let from = self.recs.partition_point(|r| r.parent < dir);
@@ -612,7 +687,7 @@ impl Holders {
             None => NO_PARENT,
         };
         let parents: Vec<u32> = summary.objects.iter().map(|o| parent_of(&o.path)).collect();
-        let mut recs: Vec<Rec> = Vec::with_capacity(summary.objects.len());
+        let mut recs: Vec<(Rec, Option<Wide>)> = Vec::with_capacity(summary.objects.len());
         for ((o, &path), parent) in summary.objects.iter().zip(&ids).zip(parents) {
             let m = o.meta.unwrap_or(Meta {
                 mode: 0,
@@ -627,11 +702,11 @@ impl Holders {
             let (code, special, linked) = (o.kind.code(), o.special, o.linked);
             let (mode, uid, gid, nlink, blksize, rdev) = (m.mode, m.uid, m.gid, m.nlink, m.blksize, m.rdev);
             let shape = self.shapes.take(Shape { code, special, linked, mode, uid, gid, nlink, blksize, rdev });
-            let [(a, an), (b, bn), (c, cn)] = m.times;
-            let (ino, bytes, size) = (o.ino, o.bytes, m.size);
-            recs.push(Rec { path, parent, shape, nsecs: [an, bn, cn], ino, bytes, size, secs: [a, b, c] });
+            recs.push(Rec::new([path, parent, shape], o.ino, o.bytes, m.size, m.times));
         }
-        recs.sort_by_key(|r| r.parent);
+        recs.sort_by_key(|(r, _)| r.parent);
+        let wide = recs.iter().enumerate().filter_map(|(i, (_, w))| Some((i as u32, (*w)?))).collect();
+        let recs: Vec<Rec> = recs.into_iter().map(|(r, _)| r).collect();
         for (i, r) in recs.iter().enumerate() {
             let Shape { code, special, .. } = *self.shapes.get(r.shape);
             let holder = Holder { layer: number, rec: i as u32, code, special };
@@ -659,6 +734,7 @@ impl Holders {
             attrs: summary.objects.iter().all(|o| o.meta.is_some()),
             dev: summary.root.0,
             recs: recs.into_boxed_slice(),
+            wide,
         });
     }
 
@@ -726,9 +802,9 @@ impl Holders {
         }
         let known = self.known(layer).filter(|k| k.sizes)?;
         let mut objects = Vec::with_capacity(known.recs.len());
-        for r in known.recs.iter() {
+        for (i, r) in known.recs.iter().enumerate() {
             let shape = self.shapes.get(r.shape);
-            objects.push((self.paths.path(r.path)?, shape.kind(), r.bytes, shape.linked));
+            objects.push((self.paths.path(r.path)?, shape.kind(), known.bytes(i), shape.linked));
         }
         let n = self.freed_from(objects.into_iter(), older)?;
         self.freed.lock().insert((layer, older), n);
@@ -1011,7 +1087,8 @@ impl Holding<'_> {
         if !known.attrs || shape.special || shape.linked || shape.kind() == Kind::Whiteout {
             return None;
         }
-        Some(r.meta(shape).stat(known.dev, r.ino, r.bytes))
+        let i = holder.rec as usize;
+        Some(known.meta(i, shape).stat(known.dev, r.ino, known.bytes(i)))
     }
 }
 
@@ -1317,7 +1394,7 @@ mod tests {
     fn forgotten_layers_leave_no_paths_behind_and_their_numbers_are_reused() {
         // What a summarized object costs besides its holder entry (the daemon's memory at
         // 10,000 snapshots is mostly these).
-        assert_eq!(std::mem::size_of::<Rec>(), 72);
+        assert_eq!(std::mem::size_of::<Rec>(), 56);
         let reg = Kind::Other(rustix::fs::FileType::RegularFile);
         let mut h = Holders::default();
         let layer = |i: u64| summary(vec![obj("d", Kind::Directory, false), obj(&format!("d/f{i}"), reg, false)]);
@@ -1339,5 +1416,47 @@ mod tests {
         h.add(7, &summary(vec![obj("d", Kind::Directory, false)]));
         assert_eq!(h.paths.ids.len(), 1);
         assert_eq!(h.holder(7, Path::new("d/f7")).map(|x| x.layer), None);
+    }
+    #[test]
+    fn sizes_and_times_too_wide_for_a_record_come_back_exactly() {
+        let reg = Kind::Other(rustix::fs::FileType::RegularFile);
+        let with = |path: &str, bytes: u64, size: u64, times: [(i64, u32); 3]| {
+            let mut o = obj(path, reg, false);
+            o.bytes = bytes;
+            o.meta = o.meta.map(|m| Meta { size, times, ..m });
+            o
+        };
+        let t = 1_700_000_000;
+        let objects = vec![
+            obj("d", Kind::Directory, false),
+            with("d/narrow", 8192, 5000, [(t - 10, 1), (t, 2), (t + 10, 3)]),
+            with("d/big", 6 << 30, 5 << 30, [(t, 0), (t, 0), (t, 0)]),
+            with("d/odd-bytes", 1000, 10, [(t, 0), (t, 0), (t, 0)]),
+            with("d/far-times", 4096, 1, [(-(1 << 40), 7), (t, 8), (1 << 40, 9)]),
+            with("d/max-blocks", u64::from(WIDE) * 512, 1, [(t, 0), (t, 0), (t, 0)]),
+        ];
+        let holders = Arc::new(RwLock::new(Holders::default()));
+        holders.write().add(3, &summary(objects.clone()));
+        let p = Presence::new(holders.clone(), vec![Some(3)]);
+        let r = p.reader();
+        for o in &objects[1..] {
+            let st = r.holding(&o.path).stat(LayerId(0)).unwrap();
+            let m = o.meta.unwrap();
+            let times =
+                [(st.st_atime, st.st_atime_nsec), (st.st_mtime, st.st_mtime_nsec), (st.st_ctime, st.st_ctime_nsec)];
+            let times = times.map(|(s, n)| (s, n as u32));
+            assert_eq!(
+                (st.st_size as u64, st.st_blocks as u64 * 512, times),
+                (m.size, o.bytes / 512 * 512, m.times),
+                "{:?}",
+                o.path
+            );
+        }
+        let k = holders.read();
+        let known = k.known(3).unwrap();
+        assert_eq!(known.wide.len(), 4, "all but the narrow one kept wide");
+        // (The oldest layer frees everything of one name, its dir's blocks too.)
+        let all: u64 = objects.iter().map(|o| o.bytes).sum();
+        assert_eq!(k.freed_by(3, None), Some(all), "exact bytes, 1000 included");
     }
 }
