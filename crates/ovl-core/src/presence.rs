@@ -49,7 +49,7 @@ pub struct Object {
 /// of a plain object there is answered from them without a disk read (on a cold cache, the
 /// inodes and directory blocks of a thousand sparse layers are scattered over the disk: the
 /// oldest of 1000 snapshots walked 3x slower than the newest for those reads alone).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Meta {
     /// Type and permission bits.
     pub mode: u32,
@@ -689,16 +689,7 @@ impl Holders {
         let parents: Vec<u32> = summary.objects.iter().map(|o| parent_of(&o.path)).collect();
         let mut recs: Vec<(Rec, Option<Wide>)> = Vec::with_capacity(summary.objects.len());
         for ((o, &path), parent) in summary.objects.iter().zip(&ids).zip(parents) {
-            let m = o.meta.unwrap_or(Meta {
-                mode: 0,
-                uid: 0,
-                gid: 0,
-                nlink: 0,
-                blksize: 0,
-                size: 0,
-                rdev: 0,
-                times: [(0, 0); 3],
-            });
+            let m = o.meta.unwrap_or_default();
             let (code, special, linked) = (o.kind.code(), o.special, o.linked);
             let (mode, uid, gid, nlink, blksize, rdev) = (m.mode, m.uid, m.gid, m.nlink, m.blksize, m.rdev);
             let shape = self.shapes.take(Shape { code, special, linked, mode, uid, gid, nlink, blksize, rdev });

@@ -187,14 +187,17 @@ impl DirsResolved {
     /// Keeps `r`, resolved when the count of changes was `changes`, dropping every kept one first
     /// when it would go over a bound.
     fn keep(&mut self, key: (u64, PathBuf), changes: u64, r: Resolved) {
-        let lowers = r.dir.as_ref().map_or(0, |d| d.lowers.len());
+        let count = |r: &Resolved| r.dir.as_ref().map_or(0, |d| d.lowers.len());
+        // (An entry replaced does not count against the bound.)
+        if let Some((_, old)) = self.by_path.remove(&key) {
+            self.lowers -= count(&old);
+        }
+        let lowers = count(&r);
         if self.by_path.len() >= MAX_DIRS_RESOLVED || self.lowers + lowers > MAX_LOWERS_RESOLVED {
             self.clear();
         }
         self.lowers += lowers;
-        if let Some((_, old)) = self.by_path.insert(key, (changes, r)) {
-            self.lowers -= old.dir.as_ref().map_or(0, |d| d.lowers.len());
-        }
+        self.by_path.insert(key, (changes, r));
     }
 }
 
