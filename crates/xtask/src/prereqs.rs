@@ -58,7 +58,20 @@ pub fn check() -> Result<()> {
     ensure_tools(root, &mut apt)?;
     ensure_fuse_device(root)?;
     ensure_overlay(root)?;
+    report_disk();
     Ok(())
+}
+
+/// Prints the free space where the tests write (the temp dir) and build (here): a test that
+/// fails with ENOSPC on a small machine is then read for what it is.
+fn report_disk() {
+    let tmp = std::env::temp_dir();
+    match std::process::Command::new("df").arg("-h").arg(&tmp).arg(".").output() {
+        Ok(out) if out.status.success() => {
+            print!("disk space (temp dir, then build dir):\n{}", String::from_utf8_lossy(&out.stdout))
+        }
+        _ => println!("note: could not run `df -h {}`", tmp.display()),
+    }
 }
 
 /// Whether our effective uid is 0, read from `/proc/self/status` (no libc needed).

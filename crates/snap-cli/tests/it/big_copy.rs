@@ -21,6 +21,8 @@ use crate::common::*;
 
 /// The big file's size: 1 GiB copies in about a second or more here (ext4, no reflink).
 const BIG: u64 = 1 << 30;
+/// Room each test needs: the file in LIVE and up to two saved copies of it.
+const ROOM: u64 = 3 * BIG + (256 << 20);
 /// The unit the file is written and checked in.
 const CHUNK: usize = 1 << 20;
 
@@ -125,7 +127,7 @@ fn in_view(snap: &SnapMount, name: &str, rel: &str) -> PathBuf {
 /// for s1 but finished after s2 was taken, is what s2 saves; both views show the old file.
 #[test]
 fn a_big_copy_blocks_only_its_own_file() {
-    let snap = SnapMount::start(Form::Stacked, fill);
+    let snap = SnapMount::start_with_room(Form::Stacked, ROOM, fill);
     let mnt = snap.mnt().to_owned();
     snap.take(Some("s1"));
     let pid = daemon_pid(&snap);
@@ -164,7 +166,7 @@ fn a_big_copy_blocks_only_its_own_file() {
 /// the snapshot shows neither write; then a rename after the next take saves it for that one.
 #[test]
 fn writers_of_the_same_file_share_one_copy() {
-    let snap = SnapMount::start(Form::Separate, fill);
+    let snap = SnapMount::start_with_room(Form::Separate, ROOM, fill);
     let mnt = snap.mnt().to_owned();
     snap.take(Some("s1"));
     let pid = daemon_pid(&snap);

@@ -320,6 +320,9 @@ pub fn kill_processes_using(root: &Path) -> Vec<Proc> {
 /// (and then removes it unless `OVLSNAP_TEST_KEEP` is set).
 pub struct Scratch {
     root: PathBuf,
+    /// Whether a tmpfs of its own is mounted on `root` ([`Scratch::with_room`]): unmounted on
+    /// drop without a word.
+    own_tmpfs: bool,
     /// Held for its drop, which removes the dir (after [`Drop::drop`] swept it).
     _dir: tempfile::TempDir,
 }
@@ -333,7 +336,34 @@ impl Scratch {
             eprintln!("keeping {}", dir.path().display());
         }
         let root = fs::canonicalize(dir.path()).expect("canonical tempdir");
-        Scratch { root, _dir: dir }
+        Scratch { root, own_tmpfs: false, _dir: dir }
+    }
+
+    /// A fresh temp dir with room for `bytes` of files: on the temp filesystem when it has that
+    /// much free (and a quarter more), else on a tmpfs of that size mounted over it (swept on drop
+    /// like any mount inside), saying so. For tests whose data would fill a small disk.
+    /// `OVLSNAP_TEST_TMPFS` set takes the tmpfs always (to try that path on a roomy machine).
+    pub fn with_room(bytes: u64) -> Scratch {
+        let mut scratch = Scratch::new();
+        let st = rustix::fs::statvfs(scratch.path()).expect("statvfs of the temp dir");
+        let free = match std::env::var_os("OVLSNAP_TEST_TMPFS") {
+            Some(_) => 0,
+            None => st.f_bavail.saturating_mul(st.f_frsize),
+        };
+        if free >= bytes + bytes / 4 {
+            return scratch;
+        }
+        eprintln!(
+            "{}: {} MiB free on the temp filesystem, {} MiB needed: using a tmpfs",
+            scratch.path().display(),
+            free >> 20,
+            bytes >> 20
+        );
+        let size = std::ffi::CString::new(format!("size={bytes},mode=0755")).expect("no NUL");
+        rustix::mount::mount("tmpfs", scratch.path(), "tmpfs", rustix::mount::MountFlags::empty(), size.as_c_str())
+            .unwrap_or_else(|e| panic!("mount a tmpfs on {}: {e}", scratch.path().display()));
+        scratch.own_tmpfs = true;
+        scratch
     }
 
     /// The temp dir.
@@ -362,7 +392,9 @@ impl Scratch {
                 break;
             }
             for p in inside.iter().rev() {
-                found.push(format!("still mounted: {}", p.display()));
+                if !(self.own_tmpfs && *p == self.root) {
+                    found.push(format!("still mounted: {}", p.display()));
+                }
                 if let Err(e) = rustix::mount::unmount(p, UnmountFlags::DETACH) {
                     found.push(format!("umount -l {}: {e}", p.display()));
                 }
@@ -421,10 +453,21 @@ impl SnapMount {
     /// [`prepare`](Self::prepare) with LIVE in the dir `live_sub` and MNT in the dir `mnt_sub` of
     /// the temp dir (one component each, any bytes but `/`, not UTF-8 say).
     pub fn prepare_in(form: Form, live_sub: &OsStr, mnt_sub: &OsStr) -> SnapMount {
+        SnapMount::prepare_in_scratch(form, Scratch::new(), live_sub, mnt_sub)
+    }
+
+    /// [`start`](Self::start) in a temp dir with room for `bytes` of files ([`Scratch::with_room`]).
+    pub fn start_with_room(form: Form, bytes: u64, init: impl FnOnce(&Path)) -> SnapMount {
+        let mut m = SnapMount::prepare_in_scratch(form, Scratch::with_room(bytes), OsStr::new(""), OsStr::new(""));
+        init(&m.live);
+        m.mount();
+        m
+    }
+
+    fn prepare_in_scratch(form: Form, scratch: Scratch, live_sub: &OsStr, mnt_sub: &OsStr) -> SnapMount {
         for sub in [live_sub, mnt_sub] {
             assert!(!sub.as_bytes().contains(&b'/'), "{sub:?}: one component");
         }
-        let scratch = Scratch::new();
         let at = |sub: &OsStr, leaf: &str| {
             let p = scratch.path().join(sub).join(leaf);
             fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
