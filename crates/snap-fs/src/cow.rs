@@ -469,16 +469,16 @@ impl Cow {
         })
     }
 
-    /// The object at LIVE `p` is about to be removed (a dir: it is empty).
-    pub fn before_remove(&mut self, p: &Path) -> Result<()> {
+    /// The object at LIVE `p` is about to be removed (a dir: it is empty). Returns the LIVE
+    /// inodes whose state was copied (a file with other names, which stays in LIVE).
+    pub fn before_remove(&mut self, p: &Path) -> Result<Vec<u64>> {
         let st = self.lstat_live(p)?;
         let mut pre = self.precopied(&st);
         if is_linked(&st) {
             // Its other names lose a link: all of them are saved as one object.
-            self.save_all_names(&st, &mut pre)?;
-            return Ok(());
+            return self.save_all_names(&st, &mut pre);
         }
-        let Some((s, w)) = self.snap_path(p)? else { return Ok(()) };
+        let Some((s, w)) = self.snap_path(p)? else { return Ok(Vec::new()) };
         match w.state {
             State::Absent => {
                 self.ensure_parents(&s)?;
@@ -512,7 +512,7 @@ impl Cow {
             }
             _ => {}
         }
-        Ok(())
+        Ok(Vec::new())
     }
 
     /// `p1` is about to move to `p2` (swapping with it when `exchange`); a replaced target was

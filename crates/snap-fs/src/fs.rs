@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ovl_fs::{OverlayFs, Served, errno};
-use ovl_proto::{Answer, Attr, Ctx, Handler, Kind, Op, fopen, guarded};
+use ovl_proto::{Answer, Attr, Ctx, Handler, Op, fopen, guarded};
 
 use crate::view::{SNAPDIR, SNAPDIR_NAME, VIEW_BASE, Views};
 
@@ -16,14 +16,6 @@ const TTL: Duration = Duration::from_secs(1);
 
 fn is_view(id: u64) -> bool {
     (VIEW_BASE..1 << 63).contains(&id)
-}
-
-/// How long the kernel may keep a view name without asking again. A non-directory's node is its
-/// object (`VIEW_BASE | ino`, issue 16.4), and the CoW rules move a view name to a saved copy (a
-/// new node) when LIVE changes: the kernel must look the name up again each time, or it keeps
-/// showing LIVE's changed object under it. Directories are named by path and keep the TTL.
-fn view_entry_ttl(attr: &Attr) -> Duration {
-    if attr.kind == Kind::Directory { TTL } else { Duration::ZERO }
 }
 
 /// The errno of a view's failure (logged when unexpected).
@@ -157,7 +149,8 @@ impl SnapFs {
                     return a.entry(SNAPDIR, TTL, TTL, &self.views.snapdir_attr());
                 }
                 let attr = tri!(a, self.views.lookup(parent, name));
-                a.entry(attr.ino, view_entry_ttl(&attr), TTL, &attr);
+                // A view node's bytes never change (see `crate::view`): names are kept like LIVE's.
+                a.entry(attr.ino, TTL, TTL, &attr);
             }
             Op::Getattr { ino, .. } => a.attr(TTL, &tri!(a, self.views.getattr(ino))),
             Op::Readlink { ino } => a.data(&tri!(a, self.views.readlink(ino))),
@@ -198,7 +191,7 @@ impl SnapFs {
                     let looked = if dots { None } else { self.views.lookup(ino, name).ok() };
                     let full = match looked {
                         Some(attr) => {
-                            let full = a.dir_entry_plus(attr.ino, off, name, view_entry_ttl(&attr), &attr);
+                            let full = a.dir_entry_plus(attr.ino, off, name, TTL, &attr);
                             if full {
                                 self.views.forget(attr.ino, 1);
                             }

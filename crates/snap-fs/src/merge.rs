@@ -33,8 +33,10 @@ use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps};
 use crate::diff::{Change, Differ, Report, translate};
 
 /// Builds the merged layer into the empty directory `out` from views `a` (`range` layers over
-/// `b`: two for a delete, any number for a view consolidated for the kernel) and `b`; returns the
-/// diff it was built from.
+/// `b`: two for a delete, any number for a view consolidated for the kernel) and `b`. Returns
+/// the inode numbers of objects that views of A and older may have shown and no longer show:
+/// for a delete, the merged layers' objects not linked into `out` (they go), and objects of
+/// layers below that were copied (see `Views::saved`).
 ///
 /// `keep`: the range layers stay (a consolidated view layer, not a delete): their files are
 /// copied (cloned where the filesystem can, by `copy_file_range`) rather than linked, so that
@@ -46,20 +48,34 @@ pub(crate) fn build(
     keep: bool,
     hidden: &[std::ffi::OsString],
     out: BorrowedFd<'_>,
-) -> Result<Report> {
+) -> Result<Vec<u64>> {
     let report = Differ::new(a, b, range as usize, hidden).with_times().run()?;
     let copied = keep.then(Default::default);
     let resolver = crate::resolver::Resolver::new(a)?;
-    let mut m = Merge { a, range, copied, out, made: BTreeSet::new(), times: Vec::new(), resolver };
+    let mut m =
+        Merge { a, range, copied, out, made: BTreeSet::new(), times: Vec::new(), resolver, from_below: Vec::new() };
     // Before anything is linked into `out`, which adds to the link counts.
-    let groups: Vec<_> = (0..range).map(|l| linked_files(a.layer(LayerId(l)).root()?.as_fd())).collect();
+    let mut groups = Vec::new();
+    let mut held = std::collections::HashSet::new();
+    for l in 0..range {
+        let objects = non_dirs(a.layer(LayerId(l)).root()?.as_fd())?;
+        held.extend(objects.iter().map(|(_, st)| st.st_ino));
+        groups.push(linked_files(objects));
+    }
     m.root_meta()?;
     m.apply(&report)?;
     for g in groups {
-        m.keep_link_groups(g?)?;
+        m.keep_link_groups(g)?;
     }
     m.put_back_dir_times()?;
-    Ok(report)
+    let mut gone = std::mem::take(&mut m.from_below);
+    if !keep {
+        for (_, st) in non_dirs(out)? {
+            held.remove(&st.st_ino);
+        }
+        gone.extend(held);
+    }
+    Ok(gone)
 }
 
 struct Merge<'a> {
@@ -74,6 +90,8 @@ struct Merge<'a> {
     times: Vec<(PathBuf, Timestamps)>,
     /// Paths of A, resolved (A does not change while the merge is built).
     resolver: crate::resolver::Resolver<'a>,
+    /// Inode numbers of the objects of layers below the range that were copied.
+    from_below: Vec<u64>,
 }
 
 impl Merge<'_> {
@@ -257,6 +275,7 @@ impl Merge<'_> {
             return Ok(());
         }
         tracing::debug!(?path, "the merged layer gets a copy of an object of a lower layer");
+        self.from_below.push(e.stat.st_ino);
         copy_object(&sdir, &sname, &e.stat, dir.as_fd(), name)
     }
 
@@ -318,10 +337,9 @@ impl Merge<'_> {
     }
 }
 
-/// The non-directories of the layer `root` with several links (whiteouts aside), by inode, each
-/// with its names in the layer.
-fn linked_files(root: BorrowedFd<'_>) -> Result<BTreeMap<(u64, u64), Vec<PathBuf>>> {
-    let mut out: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
+/// The non-directories of the layer `root` (whiteouts aside), with their paths in it.
+fn non_dirs(root: BorrowedFd<'_>) -> Result<Vec<(PathBuf, rustix::fs::Stat)>> {
+    let mut out = Vec::new();
     let mut todo = vec![PathBuf::new()];
     while let Some(dir) = todo.pop() {
         for e in sys::read_dir(root, &dir)? {
@@ -333,14 +351,23 @@ fn linked_files(root: BorrowedFd<'_>) -> Result<BTreeMap<(u64, u64), Vec<PathBuf
             let st = sys::lstat_beneath(root, &p)?;
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::Directory => todo.push(p),
-                _ if st.st_nlink > 1 && !ovl_core::is_whiteout_stat(&st) => {
-                    out.entry((st.st_dev, st.st_ino)).or_default().push(p)
-                }
+                _ if !ovl_core::is_whiteout_stat(&st) => out.push((p, st)),
                 _ => {}
             }
         }
     }
     Ok(out)
+}
+
+/// Of a layer's non-directories, those with several links, by inode, each with its names.
+fn linked_files(objects: Vec<(PathBuf, rustix::fs::Stat)>) -> BTreeMap<(u64, u64), Vec<PathBuf>> {
+    let mut out: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
+    for (p, st) in objects {
+        if st.st_nlink > 1 {
+            out.entry((st.st_dev, st.st_ino)).or_default().push(p);
+        }
+    }
+    out
 }
 
 /// Copies the non-directory `sname` in `sdir` (whose `lstat` is `st`) to `name` in `dir`, with

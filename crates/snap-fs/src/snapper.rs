@@ -1067,9 +1067,11 @@ impl Snapper {
             self.views.holders.write().forget(into);
             crate::summary::remove(store.root(), into)?;
             let (dir_name, dir) = store.merge_dir(into)?;
-            crate::merge::build(&a, &b, 2, false, &self.hidden, std::os::fd::AsFd::as_fd(&dir))
+            let gone = crate::merge::build(&a, &b, 2, false, &self.hidden, std::os::fd::AsFd::as_fd(&dir))
                 .with_context(|| format!("merging snapshot {name:?} into {:?}", snaps[i - 1].name))?;
             rustix::fs::fsync(&dir)?;
+            // Older views' names of what the merged layers held or copied now show other objects.
+            self.views.saved(&gone);
             drop((a, b));
             store.delete(info.id, Some((into, &dir_name)))?;
             self.layer_fds.lock().remove(into);
@@ -1093,6 +1095,7 @@ impl Snapper {
         }
         tracing::info!(name, id = info.id, "snapshot deleted");
         self.forget_view_name(name);
+        self.forget_retired_names();
         Ok(info)
     }
 
@@ -1342,6 +1345,51 @@ impl Drop for Finish<'_> {
     }
 }
 
+/// After a change that saved LIVE objects the views showed: makes the kernel forget the view
+/// names it keeps of them (see `Views::saved`), before the change's reply.
+struct ForgetRetired<'a>(&'a Snapper);
+
+/// How long a change waits for the kernel to forget view names of what it saved. The kernel
+/// takes each name's directory lock, which a view lookup in flight holds until a daemon thread
+/// answers it; that may be the very thread waiting (a ring's), so it waits only this long and
+/// lets a helper thread finish. A name left is only a stale number: its bytes are the saved copy's.
+const FORGET_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Drop for ForgetRetired<'_> {
+    fn drop(&mut self) {
+        self.0.forget_retired_names();
+    }
+}
+
+impl Snapper {
+    /// Makes the kernel forget the view names of retired nodes (`Views::take_retired_names`),
+    /// waiting at most [`FORGET_WAIT`]. No lock may be held.
+    fn forget_retired_names(&self) {
+        let names = self.views.take_retired_names();
+        if names.is_empty() {
+            return;
+        }
+        let Some(n) = self.notifier.get().and_then(|slot| slot.get()).cloned() else { return };
+        let (done, wait) = std::sync::mpsc::channel();
+        let sent = std::thread::Builder::new().name("ovlsnap-inval".into()).spawn(move || {
+            for (dir, name) in names {
+                if let Err(e) = n.inval_entry(fuser::INodeNo(dir), &name) {
+                    tracing::debug!(dir, ?name, %e, "view name invalidation not sent");
+                }
+            }
+            let _ = done.send(());
+        });
+        match sent {
+            Ok(_) => {
+                if wait.recv_timeout(FORGET_WAIT).is_err() {
+                    tracing::debug!("view name invalidations still waiting for a directory lock");
+                }
+            }
+            Err(e) => tracing::debug!(%e, "view name invalidation not started"),
+        }
+    }
+}
+
 impl Snapper {
     /// Copies the file at LIVE `path` ahead of its first change, and finds its names when it has
     /// several links, when the newest snapshot will need its state (see `crate::precopy`); waits
@@ -1405,8 +1453,9 @@ impl ChangeHook for Snapper {
         if quiet || self.generation.load(Ordering::Acquire) == 0 {
             Box::new(g)
         } else {
-            // Fields drop in order: `Finish` runs while both locks are still held.
-            Box::new((Finish(self), self.views.changing(), g))
+            // Fields drop in order: `Finish` runs while both locks are still held,
+            // `ForgetRetired` after both are released.
+            Box::new((Finish(self), self.views.changing(), g, ForgetRetired(self)))
         }
     }
 
@@ -1419,7 +1468,7 @@ impl ChangeHook for Snapper {
             Some(c) => c.before_modify(path)?,
             None => return Ok(()),
         };
-        self.views.refresh(&copied);
+        self.views.saved(&copied);
         Ok(())
     }
 
@@ -1431,10 +1480,12 @@ impl ChangeHook for Snapper {
     }
 
     fn before_remove(&self, path: &Path) -> ovl_core::Result<()> {
-        match self.cow.lock().as_mut() {
-            Some(c) => c.before_remove(path),
-            None => Ok(()),
-        }
+        let copied = match self.cow.lock().as_mut() {
+            Some(c) => c.before_remove(path)?,
+            None => return Ok(()),
+        };
+        self.views.saved(&copied);
+        Ok(())
     }
 
     fn after_remove(&self, path: &Path) {
@@ -1450,7 +1501,7 @@ impl ChangeHook for Snapper {
             Some(c) => c.before_rename(from, to, exchange)?,
             None => return Ok(()),
         };
-        self.views.refresh(&copied);
+        self.views.saved(&copied);
         Ok(())
     }
 }

@@ -9,8 +9,14 @@
 //! (the root, or a top directory every interval touched) is probed in each of them once, not
 //! once per request below it (issue 17; the oldest of 300 snapshots walked cold in 20 s before,
 //! 1.4 s after, the newest in 1.0 s). An open view file that reads a LIVE file is switched to the
-//! saved copy when the CoW rules copy it ([`Views::refresh`]), before LIVE changes, so readers
+//! saved copy when the CoW rules copy it ([`Views::saved`]), before LIVE changes, so readers
 //! keep seeing the snapshot's bytes.
+//!
+//! The kernel keeps view names for the entry timeout (a walk costs no LOOKUP per file): a view
+//! node's bytes never change. A name that shows a LIVE object while LIVE changes it would
+//! break that, so when the CoW rules save a LIVE object the node stands for the saved copy from
+//! then on (its names resolve to it) and the LIVE object gets a new id for the views that show
+//! it later ([`Views::saved`]).
 //!
 //! Consistency: the CoW rules change a layer and LIVE in several steps; `lock` is held
 //! exclusively by a change that runs them, and shared by every view operation that resolves a
@@ -214,12 +220,25 @@ struct Nodes {
     by_path: HashMap<(u64, PathBuf), u64>,
     /// Ids given to inode numbers too large for `VIEW_BASE | ino`.
     big: HashMap<u64, u64>,
+    /// Objects whose id was retired ([`Nodes::retire`]) while the kernel held it: the id
+    /// their inode number stands for now.
+    moved: HashMap<u64, u64>,
+    /// The inode numbers of ids given out by `moved` (to tidy it when they are forgotten).
+    moved_of: HashMap<u64, u64>,
     next: u64,
 }
 
 impl Nodes {
     /// The id of a non-directory whose object has inode number `ino` in its layer.
     fn object_id(&mut self, ino: u64) -> u64 {
+        if let Some(&id) = self.moved.get(&ino) {
+            return id;
+        }
+        self.first_id(ino)
+    }
+
+    /// The id of `ino` unless it was retired.
+    fn first_id(&mut self, ino: u64) -> u64 {
         if ino < 1 << 61 {
             return VIEW_BASE | ino;
         }
@@ -234,6 +253,48 @@ impl Nodes {
     fn alloc(&mut self) -> u64 {
         self.next += 1;
         BY_PATH_BASE + self.next
+    }
+
+    /// LIVE's object `ino` was saved into a layer and is about to change: the names the
+    /// kernel holds its node by show the saved copy from now on, so the node stands for the
+    /// copy's bytes, and LIVE's object, whatever view shows it next, gets a new id. (Otherwise a
+    /// newer view's name of the changed object would join the node, and the kernel, which keeps
+    /// names for the entry timeout, would show the change under the old view's name.)
+    /// Returns the names (parent dir node, name) the kernel may keep of the retired node.
+    fn retire(&mut self, ino: u64) -> Vec<(u64, OsString)> {
+        let now = self.object_id(ino);
+        let Some(node) = self.by_id.get(&now) else { return Vec::new() };
+        let names = node
+            .names
+            .iter()
+            .filter_map(|(snap, path)| {
+                let dir = self.by_path.get(&(*snap, path.parent()?.to_path_buf()))?;
+                Some((*dir, path.file_name()?.to_owned()))
+            })
+            .collect();
+        let id = self.alloc();
+        self.moved.insert(ino, id);
+        self.moved_of.insert(id, ino);
+        names
+    }
+
+    /// Node `id` is gone: an object whose ids are all unheld gets its first id back.
+    fn tidy_moved(&mut self, id: u64) {
+        let ino = match self.moved_of.remove(&id) {
+            Some(ino) => ino,
+            None if self.moved.is_empty() => return,
+            None if (VIEW_BASE..BY_PATH_BASE).contains(&id) => id & !VIEW_BASE,
+            None => match self.big.iter().find(|(_, v)| **v == id) {
+                Some((&ino, _)) => ino,
+                None => return,
+            },
+        };
+        let Some(&now) = self.moved.get(&ino) else { return };
+        let first = self.first_id(ino);
+        if !self.by_id.contains_key(&now) && !self.by_id.contains_key(&first) {
+            self.moved.remove(&ino);
+            self.moved_of.remove(&now);
+        }
     }
 }
 
@@ -265,6 +326,8 @@ pub(crate) struct Views {
     set: RwLock<Arc<ViewSet>>,
     names: RwLock<BTreeMap<String, u64>>,
     nodes: Mutex<Nodes>,
+    /// See [`Views::take_retired_names`].
+    retired_names: Mutex<Vec<(u64, OsString)>>,
     files: RwLock<HashMap<u64, Arc<ViewFile>>>,
     /// Open dirs: the snapshot they belong to (0: `.snapshots`) and their listing.
     dirs: RwLock<HashMap<u64, (u64, Arc<Listing>)>>,
@@ -290,6 +353,7 @@ impl Views {
             set: RwLock::default(),
             names: RwLock::new(BTreeMap::new()),
             nodes: Mutex::new(Nodes { next: 1, ..Default::default() }),
+            retired_names: Mutex::default(),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -525,6 +589,7 @@ impl Views {
                         nodes.by_path.remove(&key);
                     }
                 }
+                nodes.tidy_moved(id);
             }
         }
     }
@@ -677,17 +742,32 @@ impl Views {
         self.dirs.read().values().any(|d| d.0 == snap)
     }
 
+    /// The names the kernel may keep of nodes retired since the last call (parent dir node,
+    /// name): it is to forget them, so that they show the saved copy's number, as a lookup does
+    /// (their bytes are right either way).
+    pub fn take_retired_names(&self) -> Vec<(u64, OsString)> {
+        std::mem::take(&mut *self.retired_names.lock())
+    }
+
     /// Closes view file `fh`.
     pub fn release(&self, fh: u64) {
         self.files.write().remove(&fh);
     }
 
     /// The LIVE inodes in `inos` were just saved into the newest layer and are about to
-    /// change: open view files reading them switch to what their path shows now (the saved
-    /// copy). Called with `lock` held exclusively.
-    pub fn refresh(&self, inos: &[u64]) {
+    /// change: their view nodes now stand for the saved copies ([`Nodes::retire`]), and open
+    /// view files reading them switch to what their path shows now (the saved copy). Called
+    /// with `lock` held exclusively.
+    pub fn saved(&self, inos: &[u64]) {
         if inos.is_empty() {
             return;
+        }
+        {
+            let mut nodes = self.nodes.lock();
+            let mut names = self.retired_names.lock();
+            for &ino in inos {
+                names.extend(nodes.retire(ino));
+            }
         }
         let files: Vec<Arc<ViewFile>> = self
             .files

@@ -33,16 +33,6 @@ fn init(live: &Path) {
     }
 }
 
-fn drop_caches() {
-    fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches");
-}
-
-fn sh(script: &str, dir: &Path) {
-    let out = run_with_deadline(OsStr::new("sh"), &["-c".into(), format!("cd '{}' && {script}", dir.display()).into()])
-        .unwrap_or_else(|e| panic!("{e}"));
-    out.expect_ok(script);
-}
-
 /// What LIVE does after the take: links, unlinks, renames of one name, metadata changes through
 /// one name, new entries in old dirs.
 const CHANGES: &str = "ln b b3 && rm d/a && ln single single2 && mv l2 l3 && chown -h 123:456 l && \

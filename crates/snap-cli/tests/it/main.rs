@@ -29,3 +29,4 @@ mod snapshot_stress;
 mod stream;
 mod summaries;
 mod timeline;
+mod view_names;

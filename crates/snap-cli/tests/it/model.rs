@@ -916,11 +916,6 @@ impl Model<'_> {
     }
 }
 
-/// Drops the kernel's page, dentry and inode caches.
-fn drop_caches() {
-    fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches");
-}
-
 /// Panics unless owners and mtimes `got` equal those recorded for `t` (directories included,
 /// also after deletes merged newer snapshots into its layers).
 fn assert_same_meta(t: &Taken, got: &std::collections::BTreeMap<PathBuf, Meta>, what: &str) {

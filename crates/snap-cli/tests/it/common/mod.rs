@@ -849,3 +849,15 @@ pub fn damage_of(m: &SnapMount, name: &str) -> Option<serde_json::Value> {
         items.as_array().unwrap().iter().find(|i| i["name"] == name).unwrap_or_else(|| panic!("no {name}\n{out}"));
     item.get("damage").cloned()
 }
+
+/// Drops the kernel's page, dentry and inode caches.
+pub fn drop_caches() {
+    fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches");
+}
+
+/// Runs the shell `script` in `dir`, panicking unless it succeeds.
+pub fn sh(script: &str, dir: &Path) {
+    let out = run_with_deadline(OsStr::new("sh"), &["-c".into(), format!("cd '{}' && {script}", dir.display()).into()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    out.expect_ok(script);
+}
