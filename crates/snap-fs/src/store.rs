@@ -142,6 +142,12 @@ struct LogRecord {
     change: Change,
 }
 
+/// What [`Store::commit_in_place`] needs to put the list back.
+enum Undo {
+    Add { len: usize, next_id: u64 },
+    Delete { at: usize, info: SnapshotInfo, damage: Option<Damage>, holds: Option<std::collections::BTreeSet<String>> },
+}
+
 /// What a log record changes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -610,12 +616,62 @@ impl Store {
     /// changed when it fails.
     fn commit(&mut self, meta: Meta, change: Option<Change>) -> anyhow::Result<()> {
         match change {
-            Some(c) if !self.log_broken && self.log_state.records < COMPACT_AFTER && self.log_intact() => {
-                self.append(c)?
-            }
+            Some(c) if self.loggable() => self.append(c)?,
             _ => self.checkpoint(&meta)?,
         }
         self.meta = meta;
+        Ok(())
+    }
+
+    /// Whether the next change may be appended to the log (else a checkpoint is written).
+    fn loggable(&self) -> bool {
+        !self.log_broken && self.log_state.records < COMPACT_AFTER && self.log_intact()
+    }
+
+    /// Commits a take or a delete by changing the list in place and appending the change to the
+    /// log: no copy of a list of thousands of snapshots per take (issue 17: it was most of a
+    /// take's work at 10,000). A failed append puts the list back as it was; when the log takes
+    /// no more, a checkpoint of a changed copy is written as for any change.
+    fn commit_in_place(&mut self, change: Change) -> anyhow::Result<()> {
+        if !self.loggable() {
+            let mut meta = self.meta.clone();
+            change.apply(&mut meta)?;
+            return self.commit(meta, None);
+        }
+        let undo = match &change {
+            Change::Add(_) => Undo::Add { len: self.meta.snapshots.len(), next_id: self.meta.next_id },
+            Change::Delete(id) => {
+                let at = self.meta.snapshots.iter().position(|s| s.id == *id);
+                let at = at.with_context(|| format!("a deletion of id {id}, which the list does not hold"))?;
+                Undo::Delete {
+                    at,
+                    info: self.meta.snapshots[at].clone(),
+                    damage: self.meta.damage.get(id).cloned(),
+                    holds: self.meta.holds.get(id).cloned(),
+                }
+            }
+            _ => bail!("only a take or a delete is committed in place"),
+        };
+        change.apply(&mut self.meta)?;
+        if let Err(e) = self.append(change) {
+            match undo {
+                Undo::Add { len, next_id } => {
+                    self.meta.snapshots.truncate(len);
+                    self.meta.next_id = next_id;
+                }
+                Undo::Delete { at, info, damage, holds } => {
+                    let id = info.id;
+                    self.meta.snapshots.insert(at, info);
+                    if let Some(d) = damage {
+                        self.meta.damage.insert(id, d);
+                    }
+                    if let Some(h) = holds {
+                        self.meta.holds.insert(id, h);
+                    }
+                }
+            }
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -897,10 +953,7 @@ impl Store {
         rustix::fs::fsync(&self.layers)?;
         let description = description.map(str::to_string);
         let info = SnapshotInfo { id, name: name.to_string(), created, description, ..Default::default() };
-        let mut meta = self.meta.clone();
-        meta.next_id = id + 1;
-        meta.snapshots.push(info.clone());
-        if let Err(e) = self.commit(meta, Some(Change::Add(info.clone()))) {
+        if let Err(e) = self.commit_in_place(Change::Add(info.clone())) {
             let _ = rustix::fs::unlinkat(&self.layers, ids.as_str(), rustix::fs::AtFlags::REMOVEDIR);
             return Err(e);
         }
@@ -1091,10 +1144,7 @@ impl Store {
             )
             .context("swapping the merged layer into place")?;
         }
-        let mut meta = self.meta.clone();
-        meta.snapshots.retain(|s| s.id != id);
-        meta.damage.remove(&id);
-        self.commit(meta, Some(Change::Delete(id)))?;
+        self.commit_in_place(Change::Delete(id))?;
         let _ = rustix::fs::unlinkat(&self.root, MERGING, rustix::fs::AtFlags::empty());
         // The dropped layer, and after a merge the older layer's old dir swapped out: those
         // alone, not a listing of every layer (`clean`, at the next open, takes what a stop

@@ -476,3 +476,104 @@ fn a_list_log_removed_or_cut_while_mounted_loses_no_snapshot() {
     assert_eq!(fs::read(m.view("d").join("f")).unwrap(), b"4\n");
     m.umount();
 }
+
+/// A take or a delete is committed by appending a record to the list's log, with the list
+/// changed in place (no copy of it per change). When that append fails (here: the record needs a
+/// new page of a full tmpfs), the change fails with the reason, the list is as it was (also after
+/// a remount), and with room again the same change goes through.
+#[test]
+fn a_take_or_delete_whose_log_record_does_not_fit_changes_nothing() {
+    let mut m = SnapMount::prepare(Form::Separate);
+    rustix::mount::mount("tmpfs", m.live(), "tmpfs", MountFlags::empty(), c"size=2m,mode=0755")
+        .expect("mount a small tmpfs on LIVE");
+    fs::write(m.live().join("f"), b"v0\n").unwrap();
+    m.mount();
+    let log = m.live().join(".ovlsnap/snapshots.log");
+    let names = |m: &SnapMount| m.list().into_iter().map(|s| s.name).collect::<Vec<_>>();
+    let take = |name: &str, about: &str| {
+        let args = [
+            OsStr::new("take"),
+            OsStr::new(name),
+            OsStr::new("-d"),
+            OsStr::new(about),
+            OsStr::new("--mount"),
+            m.mnt().as_os_str(),
+        ];
+        ovlsnap(&args)
+    };
+    let log_len = || fs::metadata(&log).unwrap().len() as usize;
+    // Takes until fewer than `room` bytes are left in the log's last page (descriptions sized to
+    // get there), so that a record longer than that needs a new page.
+    let fill_page = |first: usize, room: usize| {
+        let (mut n, mut base) = (first, 150);
+        loop {
+            let len = log_len();
+            let left = 4096 - len % 4096;
+            if left < room {
+                return n;
+            }
+            let about = "x".repeat(left.saturating_sub(base + room / 2).min(1000));
+            take(&format!("s{n}"), &about).expect_ok("take");
+            base = (log_len() - len).saturating_sub(about.len());
+            fs::write(m.mnt().join("f"), format!("v{n}\n")).unwrap();
+            n += 1;
+        }
+    };
+    // Fills the tmpfs through the mount; returns the filler's path.
+    let fill_disk = || {
+        let filler = m.mnt().join("filler");
+        let mut f = fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5au8; 16 << 10];
+        loop {
+            if let Err(e) = f.write_all(&chunk) {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling the disk: {e}");
+                break;
+            }
+        }
+        f.sync_all().ok();
+        filler
+    };
+    let free_again = |filler: &Path| {
+        fs::remove_file(filler).unwrap();
+        // The kernel sends FUSE RELEASE after close(2) returns: the space comes back a moment later.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while rustix::fs::statvfs(m.live()).map(|v| v.f_bavail * v.f_frsize).unwrap_or(0) < (1 << 20)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+
+    let n = fill_page(0, 1000);
+    let before = names(&m);
+    let filler = fill_disk();
+    let long = "x".repeat(1000);
+    let out = take("late", &long);
+    let err = out.expect_failure("a take whose log record does not fit");
+    assert!(err.contains("No space left on device"), "the take says why: {out}");
+    assert_eq!(names(&m), before, "a failed take leaves the list as it was");
+    free_again(&filler);
+    take("late", &long).expect_ok("the same take with room again");
+    let mut want = before.clone();
+    want.push("late".into());
+    assert_eq!(names(&m), want);
+
+    // The same for a delete of the oldest (no merge: only its record, over 20 bytes, is written).
+    fill_page(n, 20);
+    let before = names(&m);
+    let filler = fill_disk();
+    let delete = [OsStr::new("delete"), OsStr::new(&before[0]), OsStr::new("--mount"), m.mnt().as_os_str()];
+    let out = ovlsnap(&delete);
+    let err = out.expect_failure("a delete whose log record does not fit");
+    assert!(err.contains("No space left on device"), "the delete says why: {out}");
+    assert_eq!(names(&m), before, "a failed delete leaves the list as it was");
+    assert_eq!(fs::read(m.view(&before[0]).join("f")).unwrap(), b"v0\n", "the oldest view after the failed delete");
+    free_again(&filler);
+    ovlsnap(&delete).expect_ok("the same delete with room again");
+    m.umount();
+    m.mount();
+    assert_eq!(names(&m), before[1..].to_vec(), "after a remount");
+    assert_eq!(fs::read(m.view("late").join("f")).unwrap(), format!("v{}\n", n - 1).into_bytes());
+    m.umount();
+    rustix::mount::unmount(m.live(), UnmountFlags::DETACH).expect("unmount the tmpfs");
+}
