@@ -557,9 +557,9 @@ impl Snapper {
         let mut layers = Vec::with_capacity(snaps.len() + 1);
         for s in snaps {
             let (path, fd) = fds.get(s.id).with_context(|| format!("layer {} is not open", s.id))?;
-            layers.push((path.to_path_buf(), fd.clone()));
+            layers.push((path.clone(), fd.clone()));
         }
-        layers.push((self.live_path.clone(), self.live_root.clone()));
+        layers.push((self.live_path.as_path().into(), self.live_root.clone()));
         let opts = ovl_core::MountOptions { read_only: true, ..store.overlay_options() };
         let mut stack = ovl_core::LayerStack::from_open_dirs(layers, None, opts)?;
         // Lookups skip the frozen layers holding nothing at a path, as in the views (never the

@@ -410,6 +410,15 @@ impl Views {
             names.insert(name.to_owned(), id);
             return;
         }
+        if views.len() + 1 == names.len() {
+            // A delete: the one name whose snapshot is gone goes (no name comparisons: at
+            // 10,000 snapshots they were a tenth of a delete).
+            let ids: std::collections::HashSet<u64> = views.clone().map(|(id, _, _)| id).collect();
+            names.retain(|_, id| ids.contains(id));
+            if names.len() == views.len() {
+                return;
+            }
+        }
         for (id, name, _) in views.clone() {
             match names.get_mut(name) {
                 Some(n) => *n = id,
