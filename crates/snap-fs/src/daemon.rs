@@ -253,19 +253,21 @@ pub fn run(prepared: Prepared, ready: impl FnOnce()) -> anyhow::Result<()> {
         std::thread::spawn(move || control::serve(listener, snapper, status));
     }
     {
-        // Layers whose summary is missing (a store from before summaries, a stop before one was
-        // written) are read once, beside the mount's work.
-        let snapper = snapper.clone();
+        // The store's summaries are read, and layers whose summary is missing (a store from
+        // before summaries, a stop before one was written) once, beside the mount's work.
+        let worker = snapper.clone();
         let spawned = std::thread::Builder::new().name("summarize".into()).spawn(move || {
-            if let Err(e) = snapper.summarize() {
+            worker.load_summaries();
+            if let Err(e) = worker.summarize() {
                 tracing::warn!("summarizing layers: {e:#}");
             }
-            if let Err(e) = snapper.account() {
+            if let Err(e) = worker.account() {
                 tracing::warn!("working out what snapshots reference: {e:#}");
             }
         });
         if let Err(e) = spawned {
             tracing::warn!("summarizing layers: no thread for it: {e}");
+            snapper.load_summaries();
         }
     }
     tracing::info!(live = ?status.live, mount = ?status.mount, store = ?status.store, "ovlsnap mount is live");

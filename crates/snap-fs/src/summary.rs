@@ -55,13 +55,22 @@ pub(crate) fn remove_all(store: BorrowedFd<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The regular file `path` of the store, open for reading, with its status; `None` for anything
+/// else (a FIFO planted there must not hang the reader, a device must not be read).
+fn open_file(store: BorrowedFd<'_>, path: &str) -> Option<(std::os::fd::OwnedFd, rustix::fs::Stat)> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    let fd = rustix::fs::openat(store, path, flags, Mode::empty()).ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        tracing::warn!(path, "not a regular file in the store's summaries: not read");
+        return None;
+    }
+    Some((fd, st))
+}
+
 /// Layer `id`'s summary from its file, if there is one that fits the layer open as `layer`.
 pub(crate) fn load(store: BorrowedFd<'_>, id: u64, layer: BorrowedFd<'_>) -> Option<Summary> {
-    let path = format!("{DIR}/{id}");
-    let fd =
-        rustix::fs::openat(store, path.as_str(), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-            .ok()?;
-    let st = rustix::fs::fstat(&fd).ok()?;
+    let (fd, st) = open_file(store, &format!("{DIR}/{id}"))?;
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes).ok()?;
     let mut summary = Summary::decode(&bytes)?;
@@ -125,10 +134,8 @@ fn refer_name(id: u64) -> String {
 
 /// What snapshot `id`'s tree references, if the store says (a file of ours, whole).
 pub(crate) fn load_refer(store: BorrowedFd<'_>, id: u64) -> Option<u64> {
-    let path = format!("{DIR}/{}", refer_name(id));
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat(store, path.as_str(), flags, Mode::empty()).ok()?;
-    if !written_by_us(&rustix::fs::fstat(&fd).ok()?) {
+    let (fd, st) = open_file(store, &format!("{DIR}/{}", refer_name(id)))?;
+    if !written_by_us(&st) {
         return None;
     }
     let mut text = String::new();
