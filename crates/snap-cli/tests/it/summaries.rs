@@ -601,7 +601,7 @@ fn a_fifo_among_the_summaries_hangs_nothing_and_is_replaced() {
     wait_for_summaries(&m, "after the takes");
     let refer_files = |m: &SnapMount| {
         let rd = fs::read_dir(store(m).join("summaries")).unwrap();
-        rd.filter_map(|e| Some(e.ok()?.file_name().to_str()?.strip_suffix(".refer")?.parse::<u64>().ok()?)).count()
+        rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".refer")?.parse::<u64>().ok()).count()
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while refer_files(&m) < 2 && Instant::now() < deadline {
