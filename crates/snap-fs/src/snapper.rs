@@ -906,21 +906,27 @@ impl Snapper {
                     continue;
                 }
             };
-            // Used only if the layer is still frozen and still that directory: no take or
-            // delete runs meanwhile.
-            let _views = self.views.reading();
-            let store = self.store.lock();
-            let snaps = store.snapshots();
-            let frozen = &snaps[..snaps.len().saturating_sub(1)];
-            let same = self.layer_fds.lock().get(id).is_some_and(|(_, r)| summary.is_of_dir(r.dev(), r.ino()));
-            if !frozen.iter().any(|s| s.id == id) || !same {
-                continue;
-            }
-            if let Err(e) = crate::summary::write(store.root(), id, &summary) {
+            // Written and synced first, without locks; put in place and used only if the layer
+            // is still frozen and still that directory: no take or delete runs meanwhile.
+            let root = rustix::io::dup(self.store.lock().root())?;
+            let staged = crate::summary::stage(root.as_fd(), id, &summary);
+            let installed = {
+                let _views = self.views.reading();
+                let store = self.store.lock();
+                let snaps = store.snapshots();
+                let frozen = &snaps[..snaps.len().saturating_sub(1)];
+                let same = self.layer_fds.lock().get(id).is_some_and(|(_, r)| summary.is_of_dir(r.dev(), r.ino()));
+                if !frozen.iter().any(|s| s.id == id) || !same {
+                    continue;
+                }
+                let installed = staged.and_then(|mut s| s.install().map(|()| s));
+                self.views.holders.write().add(id, &summary);
+                installed
+            };
+            if let Err(e) = installed.and_then(|s| s.sync()) {
                 // Used all the same: it describes the layer; the next mount reads the layer again.
                 tracing::warn!(id, "writing the layer's summary: {e:#}");
             }
-            self.views.holders.write().add(id, &summary);
             tracing::debug!(id, entries = summary.objects.len(), "layer summarized");
         }
     }

@@ -11,7 +11,7 @@
 //! carries its entry count. Anything that does not fit is not used, and the layer is read again.
 
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 use anyhow::Context;
 use ovl_core::presence::Summary;
@@ -95,23 +95,63 @@ fn written_by_us(st: &rustix::fs::Stat) -> bool {
     st.st_uid == rustix::process::geteuid().as_raw() && st.st_mode & 0o022 == 0 && st.st_nlink == 1
 }
 
-/// Writes layer `id`'s summary: whole (a temporary file, synced, renamed into place) or not at all.
-pub(crate) fn write(store: BorrowedFd<'_>, id: u64, summary: &Summary) -> anyhow::Result<()> {
-    replace(store, &id.to_string(), &summary.encode(), true)
+/// Layer `id`'s summary, written and synced under a temporary name: [`Staged::install`] puts it
+/// in place (a rename) while the caller holds the locks that keep the layer frozen, so the slow
+/// part, the data's fsync, runs without them (a take or delete right after takes waited behind
+/// it). Dropped without being installed, the temporary file goes.
+pub(crate) fn stage(store: BorrowedFd<'_>, id: u64, summary: &Summary) -> anyhow::Result<Staged> {
+    let dir = summaries_dir(store)?;
+    let name = id.to_string();
+    let tmp = format!("{name}.tmp");
+    write_file(&dir, &tmp, &summary.encode(), true)?;
+    Ok(Staged { dir, tmp, name, installed: false })
 }
 
-/// Puts `bytes` in the summaries dir (made if missing) as `name`, through `NAME.tmp` renamed
-/// into place: whole or not at all; `durable`: the file and the dir synced too.
-fn replace(store: BorrowedFd<'_>, name: &str, bytes: &[u8], durable: bool) -> anyhow::Result<()> {
+/// A summary file [`stage`]d, not in place yet.
+pub(crate) struct Staged {
+    dir: std::os::fd::OwnedFd,
+    tmp: String,
+    name: String,
+    installed: bool,
+}
+
+impl Staged {
+    /// Renames the file into place; its directory is synced by [`Staged::sync`], which needs no
+    /// lock (a stop before it loses the summary, which is made again, never a wrong one).
+    pub(crate) fn install(&mut self) -> anyhow::Result<()> {
+        rustix::fs::renameat(&self.dir, self.tmp.as_str(), &self.dir, self.name.as_str())?;
+        self.installed = true;
+        Ok(())
+    }
+
+    /// Syncs the summaries directory after [`Staged::install`].
+    pub(crate) fn sync(&self) -> anyhow::Result<()> {
+        Ok(rustix::fs::fsync(&self.dir)?)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.installed {
+            let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_str(), AtFlags::empty());
+        }
+    }
+}
+
+/// The store's summaries dir, made if missing.
+fn summaries_dir(store: BorrowedFd<'_>) -> anyhow::Result<std::os::fd::OwnedFd> {
     match rustix::fs::mkdirat(store, DIR, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
         Err(e) => return Err(e).context("making the store's summaries dir"),
     }
-    let dir = open_dir(store)?.context("the store's summaries dir is gone")?;
-    let tmp = format!("{name}.tmp");
+    open_dir(store)?.context("the store's summaries dir is gone")
+}
+
+/// Writes `bytes` as the file `name` of `dir` (replaced if there), synced if `durable`.
+fn write_file(dir: &std::os::fd::OwnedFd, name: &str, bytes: &[u8], durable: bool) -> anyhow::Result<()> {
     let fd = rustix::fs::openat(
-        &dir,
-        tmp.as_str(),
+        dir,
+        name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
     )?;
@@ -120,10 +160,16 @@ fn replace(store: BorrowedFd<'_>, name: &str, bytes: &[u8], durable: bool) -> an
     if durable {
         f.sync_all()?;
     }
+    Ok(())
+}
+
+/// Puts `bytes` in the summaries dir (made if missing) as `name`, through `NAME.tmp` renamed
+/// into place: whole or not at all (not synced: a figure worked out again if a stop loses it).
+fn replace(store: BorrowedFd<'_>, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = summaries_dir(store)?;
+    let tmp = format!("{name}.tmp");
+    write_file(&dir, &tmp, bytes, false)?;
     rustix::fs::renameat(&dir, tmp.as_str(), &dir, name)?;
-    if durable {
-        rustix::fs::fsync(dir.as_fd())?;
-    }
     Ok(())
 }
 
@@ -146,7 +192,7 @@ pub(crate) fn load_refer(store: BorrowedFd<'_>, id: u64) -> Option<u64> {
 /// Records what snapshot `id`'s tree references: whole or not at all (a figure worked out again
 /// if a crash loses it, so not synced).
 pub(crate) fn write_refer(store: BorrowedFd<'_>, id: u64, bytes: u64) -> anyhow::Result<()> {
-    replace(store, &refer_name(id), format!("ovlsnap-refer 1 {bytes}\n").as_bytes(), false)
+    replace(store, &refer_name(id), format!("ovlsnap-refer 1 {bytes}\n").as_bytes())
 }
 
 /// Removes snapshot `id`'s referenced bytes (it was deleted).
