@@ -127,7 +127,7 @@ fn views_read_while_live_changes_and_snapshots_come_and_go_show_what_was_taken()
             let (taken, deleted, stop, failures, names, snapdir) =
                 (taken.clone(), deleted.clone(), stop.clone(), failures.clone(), names.clone(), snapdir.clone());
             std::thread::spawn(move || {
-                let mut rng = StdRng::seed_from_u64(seed ^ (r + 1) * 0x9e37);
+                let mut rng = StdRng::seed_from_u64(seed ^ ((r + 1) * 0x9e37));
                 // Descriptors kept across rounds: (snapshot, name index, file).
                 let mut held: Vec<(String, usize, File)> = Vec::new();
                 let mut reads = 0u64;
