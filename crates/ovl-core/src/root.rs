@@ -83,6 +83,31 @@ impl LayerRoot {
         Ok(root)
     }
 
+    /// The root `name` in `parent`, not opened until first used (a mount of a store of 10,000
+    /// snapshots opened every layer root once for nothing but its numbers): its device and inode
+    /// number from `statat` (a directory, a symlink not followed) and `uuid`, the parent's
+    /// filesystem's, which must be the root's own (`None` when the root is on another device:
+    /// then it is opened as [`LayerRoot::lazy`] does, for its own).
+    pub fn lazy_unopened(
+        pool: &Arc<RootPool>,
+        parent: Arc<OwnedFd>,
+        name: &str,
+        parent_fs: (u64, [u8; 16]),
+    ) -> Result<Option<Self>> {
+        let name = CString::new(name).map_err(|_| Errno::INVAL)?;
+        let st = rustix::fs::statat(&*parent, &name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
+            return Err(Errno::NOTDIR.into());
+        }
+        if st.st_dev != parent_fs.0 {
+            return Ok(None);
+        }
+        let lazy = Lazy { parent, name, slot: Mutex::new(None), used: AtomicBool::new(false), pool: pool.clone() };
+        let frozen_opaque = Default::default();
+        let inner = Inner { dev: st.st_dev, ino: st.st_ino, uuid: parent_fs.1, how: How::Lazy(lazy), frozen_opaque };
+        Ok(Some(Self(Arc::new(inner))))
+    }
+
     /// The open root directory (opened again if the pool closed it).
     pub fn get(&self) -> Result<Arc<OwnedFd>> {
         let lazy = match &self.0.how {
@@ -253,6 +278,22 @@ mod tests {
                 assert!(pool.open() <= 3);
             }
         }
+        // Roots made without opening them open on first use, within the budget, as themselves.
+        let fs = (rustix::fs::fstat(&*parent).unwrap().st_dev, crate::sys::fs_uuid(&*parent));
+        let unopened: Vec<LayerRoot> = (0..20)
+            .map(|i| LayerRoot::lazy_unopened(&pool, parent.clone(), &i.to_string(), fs).unwrap().unwrap())
+            .collect();
+        for (i, r) in unopened.iter().enumerate() {
+            assert_eq!((r.dev(), r.ino(), r.uuid()), (roots[i].dev(), roots[i].ino(), roots[i].uuid()), "root {i}");
+            let st = rustix::fs::fstat(&*r.get().unwrap()).unwrap();
+            assert_eq!((st.st_dev, st.st_ino), (r.dev(), r.ino()));
+            assert!(pool.open() <= 3);
+        }
+        std::fs::write(tmp.path().join("file"), b"x").unwrap();
+        assert_eq!(LayerRoot::lazy_unopened(&pool, parent.clone(), "file", fs).unwrap_err().errno(), Errno::NOTDIR);
+        std::os::unix::fs::symlink("0", tmp.path().join("link")).unwrap();
+        assert_eq!(LayerRoot::lazy_unopened(&pool, parent.clone(), "link", fs).unwrap_err().errno(), Errno::NOTDIR);
+        drop(unopened);
         // A root whose dir was replaced is refused, not followed.
         let victim = roots.iter().position(|r| matches!(&r.0.how, How::Lazy(l) if l.slot.lock().is_none())).unwrap();
         std::fs::rename(tmp.path().join(victim.to_string()), tmp.path().join("gone")).unwrap();

@@ -272,9 +272,15 @@ impl Snapper {
         let snaps = store.snapshots();
         // One root per layer, shared by the CoW target and every view, open while used.
         let mut fds = self.layer_fds.lock();
+        // (Not opened here: at a mount that would be every layer's root, once each, for nothing.)
+        let layers_fs = (rustix::fs::fstat(&*self.layers_dir)?.st_dev, sys::fs_uuid(&*self.layers_dir));
         fds.sync(snaps, |s| {
-            let fd = store.open_layer(s.id)?;
-            let root = ovl_core::LayerRoot::lazy(&self.root_pool, self.layers_dir.clone(), &s.id.to_string(), fd)?;
+            let (pool, parent, name) = (&self.root_pool, self.layers_dir.clone(), s.id.to_string());
+            let root = match ovl_core::LayerRoot::lazy_unopened(pool, parent.clone(), &name, layers_fs) {
+                Ok(Some(root)) => root,
+                Ok(None) => ovl_core::LayerRoot::lazy(pool, parent, &name, store.open_layer(s.id)?)?,
+                Err(e) => return Err(anyhow::Error::from(e).context(format!("opening layer {}", s.id))),
+            };
             Ok((store.path().join(Store::layer_rel(s.id)).into(), root))
         })?;
         let live = (self.live_path.clone(), self.live.clone());
