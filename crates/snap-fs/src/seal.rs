@@ -314,7 +314,16 @@ pub(crate) fn read(root: BorrowedFd<'_>) -> anyhow::Result<Option<Seal>> {
 
 /// Writes `seal` into the store dir `root`, atomically and durably.
 pub(crate) fn write(root: BorrowedFd<'_>, seal: &Seal) -> anyhow::Result<()> {
-    crate::store::replace_file(root, SEAL, |f| {
+    let mut staged = stage(root, seal)?;
+    staged.install()?;
+    staged.sync()
+}
+
+/// [`write`] up to the rename: the seal written and synced under a temporary name, for the
+/// caller to put in place under the store's lock (the fsync of a 20k-line seal ran under it, and
+/// a take or delete waited).
+pub(crate) fn stage(root: BorrowedFd<'_>, seal: &Seal) -> anyhow::Result<crate::store::StagedFile> {
+    crate::store::stage_file(root, SEAL, |f| {
         writeln!(f, "{HEADER} newest={}", seal.newest)?;
         for (p, m) in &seal.marks {
             // Paths as hex: any bytes, one line each ("-" for the root).

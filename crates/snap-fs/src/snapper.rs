@@ -1087,9 +1087,15 @@ impl Snapper {
             if !crate::seal::consistent(&stack, &self.hidden, &marks)? {
                 continue;
             }
+            // Written and synced without the store's lock; put in place under it, if no take or
+            // delete came in between.
+            let root = rustix::io::dup(self.store.lock().root())?;
+            let mut staged = crate::seal::stage(root.as_fd(), &crate::seal::Seal { newest, marks })?;
             let store = self.store.lock();
             if self.generation.load(Ordering::Acquire) == generation {
-                crate::seal::write(store.root(), &crate::seal::Seal { newest, marks })?;
+                staged.install()?;
+                drop(store);
+                staged.sync()?;
                 self.sealed.store(generation, Ordering::Release);
                 return Ok(());
             }

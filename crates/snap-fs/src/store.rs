@@ -1069,20 +1069,65 @@ pub(crate) fn replace_file(
     name: &str,
     fill: impl FnOnce(&mut std::io::BufWriter<File>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    let mut staged = stage_file(root, name, fill)?;
+    staged.install()?;
+    staged.sync()
+}
+
+/// The file `name` of the directory `dir`, written by `fill` and synced under `NAME.tmp`, for
+/// [`StagedFile::install`] to put in place: the slow part (the data's fsync) can run before the
+/// caller takes the locks under which it decides whether the file is still wanted.
+pub(crate) fn stage_file(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    fill: impl FnOnce(&mut std::io::BufWriter<File>) -> anyhow::Result<()>,
+) -> anyhow::Result<StagedFile> {
+    let dir = rustix::io::dup(dir)?;
     let tmp = format!("{name}.tmp");
     let fd = rustix::fs::openat(
-        root,
+        &dir,
         tmp.as_str(),
         OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::from_raw_mode(0o600),
     )?;
+    // From here on a failure takes the temporary file away again.
+    let staged = StagedFile { dir, tmp, name: name.to_owned(), installed: false };
     let mut w = std::io::BufWriter::new(File::from(fd));
     fill(&mut w)?;
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
-    rustix::fs::renameat(root, tmp.as_str(), root, name)?;
-    rustix::fs::fsync(root)?;
-    Ok(())
+    Ok(staged)
+}
+
+/// A file [`stage_file`]d, not in place yet; dropped without being installed, it goes.
+pub(crate) struct StagedFile {
+    dir: OwnedFd,
+    tmp: String,
+    name: String,
+    installed: bool,
+}
+
+impl StagedFile {
+    /// Renames the file into place (its directory is synced by [`StagedFile::sync`], which
+    /// needs no lock: a stop before it loses the new file, never leaves half of one).
+    pub(crate) fn install(&mut self) -> anyhow::Result<()> {
+        rustix::fs::renameat(&self.dir, self.tmp.as_str(), &self.dir, self.name.as_str())?;
+        self.installed = true;
+        Ok(())
+    }
+
+    /// Syncs the directory after [`StagedFile::install`].
+    pub(crate) fn sync(&self) -> anyhow::Result<()> {
+        Ok(rustix::fs::fsync(&self.dir)?)
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.installed {
+            let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_str(), rustix::fs::AtFlags::empty());
+        }
+    }
 }
 
 /// A deletion by merge between the swap of the merged layer into place and the commit.

@@ -11,7 +11,9 @@
 //! carries its entry count. Anything that does not fit is not used, and the layer is read again.
 
 use std::io::Write;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use crate::store::StagedFile;
 
 use anyhow::Context;
 use ovl_core::presence::Summary;
@@ -95,47 +97,13 @@ fn written_by_us(st: &rustix::fs::Stat) -> bool {
     st.st_uid == rustix::process::geteuid().as_raw() && st.st_mode & 0o022 == 0 && st.st_nlink == 1
 }
 
-/// Layer `id`'s summary, written and synced under a temporary name: [`Staged::install`] puts it
-/// in place (a rename) while the caller holds the locks that keep the layer frozen, so the slow
-/// part, the data's fsync, runs without them (a take or delete right after takes waited behind
-/// it). Dropped without being installed, the temporary file goes.
-pub(crate) fn stage(store: BorrowedFd<'_>, id: u64, summary: &Summary) -> anyhow::Result<Staged> {
+/// Layer `id`'s summary, written and synced under a temporary name: `StagedFile::install` puts
+/// it in place (a rename) while the caller holds the locks that keep the layer frozen, so the
+/// slow part, the data's fsync, runs without them (a take or delete right after takes waited
+/// behind it).
+pub(crate) fn stage(store: BorrowedFd<'_>, id: u64, summary: &Summary) -> anyhow::Result<StagedFile> {
     let dir = summaries_dir(store)?;
-    let name = id.to_string();
-    let tmp = format!("{name}.tmp");
-    write_file(&dir, &tmp, &summary.encode(), true)?;
-    Ok(Staged { dir, tmp, name, installed: false })
-}
-
-/// A summary file [`stage`]d, not in place yet.
-pub(crate) struct Staged {
-    dir: std::os::fd::OwnedFd,
-    tmp: String,
-    name: String,
-    installed: bool,
-}
-
-impl Staged {
-    /// Renames the file into place; its directory is synced by [`Staged::sync`], which needs no
-    /// lock (a stop before it loses the summary, which is made again, never a wrong one).
-    pub(crate) fn install(&mut self) -> anyhow::Result<()> {
-        rustix::fs::renameat(&self.dir, self.tmp.as_str(), &self.dir, self.name.as_str())?;
-        self.installed = true;
-        Ok(())
-    }
-
-    /// Syncs the summaries directory after [`Staged::install`].
-    pub(crate) fn sync(&self) -> anyhow::Result<()> {
-        Ok(rustix::fs::fsync(&self.dir)?)
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.installed {
-            let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_str(), AtFlags::empty());
-        }
-    }
+    crate::store::stage_file(dir.as_fd(), &id.to_string(), |w| Ok(w.write_all(&summary.encode())?))
 }
 
 /// The store's summaries dir, made if missing.
