@@ -280,7 +280,7 @@ impl Nodes {
 
     /// Node `id` is gone: an object whose ids are all unheld gets its first id back.
     fn tidy_moved(&mut self, id: u64) {
-        let ino = match self.moved_of.remove(&id) {
+        let ino = match self.moved_of.get(&id).copied() {
             Some(ino) => ino,
             None if self.moved.is_empty() => return,
             None if (VIEW_BASE..BY_PATH_BASE).contains(&id) => id & !VIEW_BASE,
@@ -289,7 +289,12 @@ impl Nodes {
                 None => return,
             },
         };
-        let Some(&now) = self.moved.get(&ino) else { return };
+        let now = self.moved.get(&ino).copied();
+        if now != Some(id) {
+            // An id retired again since: nothing maps to it any more.
+            self.moved_of.remove(&id);
+        }
+        let Some(now) = now else { return };
         let first = self.first_id(ino);
         if !self.by_id.contains_key(&now) && !self.by_id.contains_key(&first) {
             self.moved.remove(&ino);
@@ -898,7 +903,57 @@ pub(crate) fn process_inside(dir: &std::path::Path) -> Option<(u32, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Built, DirsResolved, MAX_LOWERS_RESOLVED, Resolved};
+    use super::{Built, DirsResolved, MAX_LOWERS_RESOLVED, Nodes, Resolved, VIEW_BASE, ViewNode};
+
+    /// A retired object's node keeps its id while held, the object gets fresh ids for later
+    /// lookups (each retirement its own), and once none of its ids is held it has its first id
+    /// again and nothing is left in the maps.
+    #[test]
+    fn a_retired_object_gets_fresh_ids_until_the_kernel_forgot_them_all() {
+        let mut n = Nodes { next: 1, ..Default::default() };
+        let held = |n: &mut Nodes, id: u64, name: Option<(u64, &str)>| {
+            let names = name.map(|(s, p)| vec![(s, std::path::PathBuf::from(p))]).unwrap_or_default();
+            n.by_id.insert(id, ViewNode { names, lookups: 1 });
+        };
+        let first = n.object_id(5);
+        assert_eq!(first, VIEW_BASE | 5);
+        assert!(n.retire(5).is_empty(), "an unheld node retires nothing");
+        assert_eq!(n.object_id(5), first);
+        let dir = n.alloc();
+        n.by_path.insert((1, "a".into()), dir);
+        held(&mut n, first, Some((1, "a/f")));
+        assert_eq!(n.retire(5), vec![(dir, "f".into())], "the names the kernel may keep");
+        let second = n.object_id(5);
+        assert_ne!(second, first);
+        held(&mut n, second, None);
+        n.retire(5);
+        let third = n.object_id(5);
+        assert!(third != first && third != second);
+        held(&mut n, third, None);
+        // Forgotten one by one: while its newest id is held, the object keeps it.
+        for gone in [first, second] {
+            n.by_id.remove(&gone);
+            n.tidy_moved(gone);
+            assert_eq!(n.object_id(5), third);
+        }
+        n.by_id.remove(&third);
+        n.tidy_moved(third);
+        assert_eq!(n.object_id(5), first, "no id of it held: its first id again");
+        assert!(n.moved.is_empty() && n.moved_of.is_empty(), "{:?} {:?}", n.moved, n.moved_of);
+        // Its first and newest ids unheld, an older one still held: the first id is free again
+        // (the older node has an id of its own).
+        held(&mut n, first, None);
+        n.retire(5);
+        let fourth = n.object_id(5);
+        held(&mut n, fourth, None);
+        n.retire(5);
+        n.by_id.remove(&first);
+        n.tidy_moved(first);
+        assert_eq!(n.object_id(5), first);
+        n.by_id.remove(&fourth);
+        n.tidy_moved(fourth);
+        assert!(n.moved.is_empty() && n.moved_of.is_empty(), "{:?} {:?}", n.moved, n.moved_of);
+    }
 
     #[test]
     fn kept_resolved_dirs_stay_within_their_budget_of_lower_dirs() {
