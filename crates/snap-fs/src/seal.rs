@@ -323,7 +323,7 @@ pub(crate) fn write(root: BorrowedFd<'_>, seal: &Seal) -> anyhow::Result<()> {
 /// caller to put in place under the store's lock (the fsync of a 20k-line seal ran under it, and
 /// a take or delete waited).
 pub(crate) fn stage(root: BorrowedFd<'_>, seal: &Seal) -> anyhow::Result<crate::store::StagedFile> {
-    crate::store::stage_file(root, SEAL, |f| {
+    crate::store::stage_file(root, SEAL, true, |f| {
         writeln!(f, "{HEADER} newest={}", seal.newest)?;
         for (p, m) in &seal.marks {
             // Paths as hex: any bytes, one line each ("-" for the root).

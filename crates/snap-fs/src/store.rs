@@ -1069,17 +1069,20 @@ pub(crate) fn replace_file(
     name: &str,
     fill: impl FnOnce(&mut std::io::BufWriter<File>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut staged = stage_file(root, name, fill)?;
+    let mut staged = stage_file(root, name, true, fill)?;
     staged.install()?;
     staged.sync()
 }
 
-/// The file `name` of the directory `dir`, written by `fill` and synced under `NAME.tmp`, for
-/// [`StagedFile::install`] to put in place: the slow part (the data's fsync) can run before the
-/// caller takes the locks under which it decides whether the file is still wanted.
+/// The file `name` of the directory `dir`, written by `fill` under `NAME.tmp` (and synced if
+/// `durable`), for [`StagedFile::install`] to put in place: the slow part (the data's fsync) can
+/// run before the caller takes the locks under which it decides whether the file is still
+/// wanted. The temporary name is opened without following a symlink or waiting on a FIFO
+/// someone put there.
 pub(crate) fn stage_file(
     dir: BorrowedFd<'_>,
     name: &str,
+    durable: bool,
     fill: impl FnOnce(&mut std::io::BufWriter<File>) -> anyhow::Result<()>,
 ) -> anyhow::Result<StagedFile> {
     let dir = rustix::io::dup(dir)?;
@@ -1087,7 +1090,7 @@ pub(crate) fn stage_file(
     let fd = rustix::fs::openat(
         &dir,
         tmp.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
         Mode::from_raw_mode(0o600),
     )?;
     // From here on a failure takes the temporary file away again.
@@ -1095,7 +1098,9 @@ pub(crate) fn stage_file(
     let mut w = std::io::BufWriter::new(File::from(fd));
     fill(&mut w)?;
     let f = w.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     Ok(staged)
 }
 

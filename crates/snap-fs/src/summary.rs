@@ -103,7 +103,7 @@ fn written_by_us(st: &rustix::fs::Stat) -> bool {
 /// behind it).
 pub(crate) fn stage(store: BorrowedFd<'_>, id: u64, summary: &Summary) -> anyhow::Result<StagedFile> {
     let dir = summaries_dir(store)?;
-    crate::store::stage_file(dir.as_fd(), &id.to_string(), |w| Ok(w.write_all(&summary.encode())?))
+    crate::store::stage_file(dir.as_fd(), &id.to_string(), true, |w| Ok(w.write_all(&summary.encode())?))
 }
 
 /// The store's summaries dir, made if missing.
@@ -115,30 +115,11 @@ fn summaries_dir(store: BorrowedFd<'_>) -> anyhow::Result<std::os::fd::OwnedFd> 
     open_dir(store)?.context("the store's summaries dir is gone")
 }
 
-/// Writes `bytes` as the file `name` of `dir` (replaced if there), synced if `durable`.
-fn write_file(dir: &std::os::fd::OwnedFd, name: &str, bytes: &[u8], durable: bool) -> anyhow::Result<()> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )?;
-    let mut f = std::fs::File::from(fd);
-    f.write_all(bytes)?;
-    if durable {
-        f.sync_all()?;
-    }
-    Ok(())
-}
-
 /// Puts `bytes` in the summaries dir (made if missing) as `name`, through `NAME.tmp` renamed
 /// into place: whole or not at all (not synced: a figure worked out again if a stop loses it).
 fn replace(store: BorrowedFd<'_>, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = summaries_dir(store)?;
-    let tmp = format!("{name}.tmp");
-    write_file(&dir, &tmp, bytes, false)?;
-    rustix::fs::renameat(&dir, tmp.as_str(), &dir, name)?;
-    Ok(())
+    crate::store::stage_file(dir.as_fd(), name, false, |w| Ok(w.write_all(bytes)?))?.install()
 }
 
 /// The name of snapshot `id`'s referenced bytes in the summaries dir (`crate::refer`).

@@ -203,6 +203,16 @@ fn record_attrs(root: &Path) -> BTreeMap<PathBuf, String> {
 }
 
 /// One interval's changes: data, a new dir, a removal (a whiteout), a dir renamed (a redirect).
+/// Four dirs `dK` in `live`, each with three files and an empty `sub` (what [`change`] works on).
+fn fill_dirs(live: &Path) {
+    for d in 0..4 {
+        fs::create_dir_all(live.join(format!("d{d}/sub"))).unwrap();
+        for f in 0..3 {
+            fs::write(live.join(format!("d{d}/f{f}")), format!("{d}{f}")).unwrap();
+        }
+    }
+}
+
 fn change(m: &SnapMount, i: usize) {
     let mnt = m.mnt();
     fs::write(mnt.join(format!("d{}/f{}", i % 4, i % 3)), format!("changed in {i}")).unwrap();
@@ -217,11 +227,8 @@ fn change(m: &SnapMount, i: usize) {
 #[test]
 fn views_with_layer_summaries_show_what_the_kernel_shows() {
     let mut m = SnapMount::prepare(Form::Separate);
+    fill_dirs(m.live());
     for d in 0..4 {
-        fs::create_dir_all(m.live().join(format!("d{d}/sub"))).unwrap();
-        for f in 0..3 {
-            fs::write(m.live().join(format!("d{d}/f{f}")), format!("{d}{f}")).unwrap();
-        }
         fs::write(m.live().join(format!("d{d}/sub/g")), b"g").unwrap();
     }
     m.mount();
@@ -587,12 +594,7 @@ fn a_delete_below_the_newest_keeps_the_seal_and_a_crash_after_it_flags_nothing()
 #[test]
 fn a_fifo_among_the_summaries_hangs_nothing_and_is_replaced() {
     let mut m = SnapMount::prepare(Form::Separate);
-    for d in 0..4 {
-        fs::create_dir_all(m.live().join(format!("d{d}/sub"))).unwrap();
-        for f in 0..3 {
-            fs::write(m.live().join(format!("d{d}/f{f}")), format!("{d}{f}")).unwrap();
-        }
-    }
+    fill_dirs(m.live());
     m.mount();
     for i in 0..4 {
         m.take(Some(&format!("s{i}")));
