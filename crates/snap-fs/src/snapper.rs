@@ -822,6 +822,15 @@ impl Snapper {
     /// used only for a layer that is still frozen and still that directory (a take or delete may
     /// run between batches).
     pub fn load_summaries(&self) {
+        /// Says "loaded" however the reading ends (a panic too): `list` must not wait for it.
+        struct Done<'a>(&'a Snapper);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                *self.0.loaded.0.lock() = true;
+                self.0.loaded.1.notify_all();
+            }
+        }
+        let _done = Done(self);
         const BATCH: usize = 256;
         let started = std::time::Instant::now();
         let (mut after, mut read) = (0u64, 0usize);
@@ -866,8 +875,6 @@ impl Snapper {
             }
         }
         tracing::debug!(read, ms = started.elapsed().as_millis() as u64, "the store's layer summaries read");
-        *self.loaded.0.lock() = true;
-        self.loaded.1.notify_all();
     }
 
     /// Waits until [`Snapper::load_summaries`] is done (a minute at most: then the layers not
