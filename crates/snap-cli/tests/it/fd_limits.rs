@@ -99,8 +99,11 @@ fn takes_under_a_low_open_file_limit_leave_no_failed_snapshot() {
 
 /// Near the hard limit `ovlsnap mount` used to return 0 with a daemon that died right after
 /// (its FUSE threads could not clone `/dev/fuse`), leaving LIVE answering ENOTCONN. Under every
-/// limit around what 30 snapshots need, the mount now either serves (LIVE, the oldest view, list
-/// and umount work) or fails with the limit named, no mount left behind.
+/// limit from far too few up to past what 30 snapshots once needed, the mount now either serves
+/// (LIVE, the oldest view, list and umount work) or fails with the limit named, no mount left
+/// behind. The range starts low: a mount opens no file per snapshot since session 17, so where
+/// it starts to serve depends on the machine's CPUs (threads, rings), not on the snapshots (a
+/// CI machine served from 40 on, this one from 42).
 #[test]
 fn a_mount_near_the_open_file_limit_serves_or_fails_before_returning() {
     let mut m = SnapMount::prepare(Form::Stacked);
@@ -113,7 +116,7 @@ fn a_mount_near_the_open_file_limit_serves_or_fails_before_returning() {
     }
     m.umount();
     let (mut served, mut failed) = (0, Vec::new());
-    for limit in (SNAPS + 10..=SNAPS * 3 + 40).step_by(2) {
+    for limit in (10..=SNAPS * 3 + 40).step_by(2) {
         let nofile = format!("--nofile={limit}:{limit}");
         let out = m.try_mount_wrapped(&["prlimit", &nofile]);
         if !out.success() {
