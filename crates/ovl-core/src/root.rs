@@ -207,6 +207,23 @@ impl RootPool {
         self.budget
     }
 
+    /// Closes every root the pool keeps open (a request using one keeps its descriptor until it
+    /// is done); they open again when next used. Returns how many were closed. For a caller
+    /// that needs descriptors free now (a take under a low open-file limit).
+    pub fn shed(&self) -> usize {
+        let order: Vec<Weak<Inner>> = self.order.lock().drain(..).collect();
+        let mut closed = 0;
+        for inner in order.iter().filter_map(Weak::upgrade) {
+            if let How::Lazy(l) = &inner.how {
+                if l.slot.lock().take().is_some() {
+                    self.open.fetch_sub(1, Ordering::Relaxed);
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
     /// Counts `root`, just opened, and closes others over the budget. Takes slot locks with the
     /// order lock held; [`LayerRoot::get`] never takes the order lock with its slot held.
     fn admit(&self, root: &Arc<Inner>) {
@@ -289,6 +306,15 @@ mod tests {
             assert_eq!((st.st_dev, st.st_ino), (r.dev(), r.ino()));
             assert!(pool.open() <= 3);
         }
+        // Shed: every kept root closed (a descriptor in use stays open), each opens again.
+        let in_use = unopened[19].get().unwrap();
+        assert!(pool.open() > 0);
+        assert_eq!(pool.shed(), 3);
+        assert_eq!(pool.open(), 0, "roots kept open after a shed");
+        assert!(rustix::fs::fstat(&*in_use).is_ok(), "a root in use was closed under its user");
+        assert_eq!(rustix::fs::fstat(&*unopened[0].get().unwrap()).unwrap().st_ino, unopened[0].ino());
+        assert_eq!(pool.open(), 1);
+        drop(in_use);
         std::fs::write(tmp.path().join("file"), b"x").unwrap();
         assert_eq!(LayerRoot::lazy_unopened(&pool, parent.clone(), "file", fs).unwrap_err().errno(), Errno::NOTDIR);
         std::os::unix::fs::symlink("0", tmp.path().join("link")).unwrap();

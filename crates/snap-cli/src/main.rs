@@ -45,7 +45,8 @@ struct Cli {
 #[allow(clippy::enum_variant_names)] // `MountCmd` is the `mount-cmd` subcommand
 enum Cmd {
     /// Start serving LIVE with snapshots at MNT (default: over LIVE itself).
-    #[command(after_help = "The daemon holds one open file per snapshot and raises its soft open-file limit \
+    #[command(after_help = "The daemon opens snapshot layers while it uses them, a bounded number at once (an \
+                             eighth of the open-file limit, at most 256), and raises its soft open-file limit \
                              (ulimit -n) to the hard one; a mount, or a take, that would leave too few free to serve \
                              with is refused, the limit named.\n\nExamples:\n  ovlsnap mount /data\n  ovlsnap \
                              mount --store /data/.snaps /data /mnt/data")]

@@ -335,9 +335,17 @@ impl Snapper {
         // Refused up front rather than run out of descriptors halfway (issue 16.3): the daemon
         // must keep serving after the take. (Layers are opened while used, within a budget:
         // their number does not count here.)
-        ovl_fs::limits::ensure_free(TAKE_FDS + Self::serve_headroom(), true).with_context(|| {
-            format!("snapshot {name:?} was not taken: too few descriptors are free for it and for serving after it")
-        })?;
+        // The layer roots kept open are a cache: closed first when short.
+        let need = TAKE_FDS + Self::serve_headroom();
+        ovl_fs::limits::ensure_free(need, true)
+            .or_else(|_| {
+                let closed = self.root_pool.shed();
+                tracing::debug!(closed, "descriptors short for a take: open layer roots closed");
+                ovl_fs::limits::ensure_free(need, true)
+            })
+            .with_context(|| {
+                format!("snapshot {name:?} was not taken: too few descriptors are free for it and for serving after it")
+            })?;
         // Set aside, so that taking the snapshot back never lacks the descriptor it writes with.
         let spare = rustix::io::dup(self.store.lock().root())
             .with_context(|| format!("snapshot {name:?} was not taken: no descriptor free"))?;
