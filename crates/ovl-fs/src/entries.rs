@@ -376,6 +376,9 @@ impl OverlayFs {
         {
             let mut s = node.state.write();
             if !s.names.iter().any(|(p, n)| *p == newparent.id && n == newname) {
+                if s.names.is_empty() {
+                    self.table.paths_moved();
+                }
                 s.names.push((newparent.id, newname.to_os_string()));
             }
         }
@@ -687,6 +690,8 @@ impl OverlayFs {
             rename_alias(&src_node, (parent.id, name), (newparent.id, newname));
             self.hook_after_remove(parent, name);
         }
+        // Paths below the moved node changed (it still holds its exclusive lock).
+        self.table.paths_moved();
         Ok(())
     }
 

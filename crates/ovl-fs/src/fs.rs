@@ -20,7 +20,7 @@ use parking_lot::{Mutex, RwLock};
 use rustix::fs::{FileType, Stat};
 
 use crate::hook::{ChangeHook, GateGuard};
-use crate::inode::{Key, Node, NodeState, ROOT, Table};
+use crate::inode::{Key, Node, NodeState, PathMemo, ROOT, Table};
 
 /// An open regular file: the real file it reads and writes. A file opened in a lower layer
 /// switches to the upper copy once the node is copied up, so a descriptor opened before the
@@ -70,32 +70,16 @@ impl Handles {
 pub(crate) struct Held {
     _shared: Vec<parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>>,
     _exclusive: Vec<parking_lot::ArcRwLockWriteGuard<parking_lot::RawRwLock, ()>>,
-    /// For a hold with exclusive locks: counts it finished when dropped (before its locks go).
-    renames: Option<Arc<Renames>>,
 }
 
 impl Held {
     fn none() -> Self {
-        Self { _shared: Vec::new(), _exclusive: Vec::new(), renames: None }
+        Self { _shared: Vec::new(), _exclusive: Vec::new() }
     }
 }
 
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Some(r) = &self.renames {
-            r.finished.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// How many holds with exclusive locks (renames, removals) were started and finished: a hold
-/// that saw none in progress before it read the ancestry and none started until it had its
-/// locks need not read the ancestry again ([`OverlayFs::hold_paths`]).
-#[derive(Default)]
-pub(crate) struct Renames {
-    started: std::sync::atomic::AtomicU64,
-    finished: std::sync::atomic::AtomicU64,
-}
+/// The `names_lock`s a path of a node is built from, the node's own first (see `PathMemo`).
+type Chain = Vec<(u64, Arc<RwLock<()>>)>;
 
 /// How [`OverlayFs::hold_paths`] takes shared locks.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -141,8 +125,6 @@ pub struct OverlayFs {
     pub(crate) namelen: usize,
     /// Directory nodes' layer dirs held open, within a budget (`crate::dirfds`).
     pub(crate) dir_fds: crate::dirfds::DirFds,
-    /// Holds with exclusive locks started and finished (see [`Renames`]).
-    pub(crate) renames: Arc<Renames>,
 }
 
 impl OverlayFs {
@@ -188,7 +170,6 @@ impl OverlayFs {
             owners,
             namelen,
             dir_fds: crate::dirfds::DirFds::new(crate::dirfds::DirFds::default_budget()),
-            renames: Arc::default(),
         })
     }
 
@@ -393,18 +374,69 @@ impl OverlayFs {
         self.hold_paths(&[node], &[], Wait::Try)
     }
 
-    /// The nodes from `node` up to the root along first live names (see [`Self::path_of`]):
-    /// those whose names a path of `node` is built from. Stops early where a name leads to a
-    /// node the table no longer has (that path fails later, as it would have).
-    fn ancestry(&self, node: &Arc<Node>) -> Vec<Arc<Node>> {
-        let mut out = vec![node.clone()];
+    /// The locks of the nodes from `node` up to the root along first live names (see
+    /// [`Self::path_of`]): those whose names a path of `node` is built from. A directory's are
+    /// its memo's (`Self::memo`), a non-directory's its own and its parent's memo's. Where no
+    /// path can be built, the walk stops early, where a name leads to a node the table no
+    /// longer has (that path fails later, as it would have).
+    fn chain(&self, node: &Arc<Node>) -> Chain {
+        let own = (node.id, node.names_lock.clone());
+        if node.is_dir() {
+            if let Some(m) = self.memo(node) {
+                return m.chain.clone();
+            }
+        } else if let Some(m) = self.live_parent(node).filter(|p| p.is_dir()).and_then(|p| self.memo(&p)) {
+            return std::iter::once(own).chain(m.chain.iter().cloned()).collect();
+        }
+        let mut out = vec![own];
         let mut cur = node.clone();
         while cur.id != ROOT && out.len() <= 4096 {
             let Some(parent) = self.live_parent(&cur) else { break };
-            out.push(parent.clone());
+            out.push((parent.id, parent.names_lock.clone()));
             cur = parent;
         }
         out
+    }
+
+    /// Directory `node`'s path and the locks it is built from: its memo if it was built in
+    /// this path generation (`Table::paths`: no rename since, nor anything else that moves
+    /// paths), else built now from the first live names up to the root, or up to the first
+    /// ancestor with a memo of this generation, and kept. `None` where no path can be built.
+    pub(crate) fn memo(&self, node: &Node) -> Option<Arc<PathMemo>> {
+        let generation = self.table.paths();
+        if let Some(m) = node.memo.lock().as_ref().filter(|m| m.generation == generation) {
+            return Some(m.clone());
+        }
+        let mut chain: Chain = vec![(node.id, node.names_lock.clone())];
+        let mut parts: Vec<OsString> = Vec::new();
+        let mut id = node.id;
+        let mut cur: Option<Arc<Node>> = None;
+        let mut base = PathBuf::new();
+        while id != ROOT {
+            let (parent, name) = match &cur {
+                Some(c) => self.live_name(c)?,
+                None => self.live_name(node)?,
+            };
+            parts.push(name);
+            if chain.len() > 4096 {
+                return None;
+            }
+            let p = self.table.get(parent)?;
+            let ready = p.memo.lock().as_ref().filter(|m| m.generation == generation).cloned();
+            if let Some(m) = ready {
+                chain.extend(m.chain.iter().cloned());
+                base = m.path.clone();
+                break;
+            }
+            chain.push((p.id, p.names_lock.clone()));
+            id = p.id;
+            cur = Some(p);
+        }
+        let mut path = base;
+        path.extend(parts.iter().rev());
+        let memo = Arc::new(PathMemo { generation, chain, path });
+        *node.memo.lock() = Some(memo.clone());
+        Some(memo)
     }
 
     /// Holds the paths of `nodes` (their names and their ancestors', shared) and the names of
@@ -417,20 +449,13 @@ impl OverlayFs {
     /// is read first without locks, and read again under them: if a rename changed it
     /// meanwhile, everything is let go and taken again.
     fn hold_paths(&self, nodes: &[&Arc<Node>], changed: &[Arc<Node>], wait: Wait) -> Option<Held> {
-        let r = &self.renames;
         for attempt in 0.. {
-            // (Finished first: a rename finishing in between then counts as in progress.)
-            let finished = r.finished.load(Ordering::SeqCst);
-            let started = r.started.load(Ordering::SeqCst);
+            let generation = self.table.paths();
             let mut held = Held::none();
-            if !changed.is_empty() {
-                r.started.fetch_add(1, Ordering::SeqCst);
-                held.renames = Some(r.clone());
-            }
-            let ancestries: Vec<Vec<Arc<Node>>> = nodes.iter().map(|n| self.ancestry(n)).collect();
+            let chains: Vec<Chain> = nodes.iter().map(|n| self.chain(n)).collect();
             let mut locks: Vec<(u64, &Arc<RwLock<()>>, bool)> = Vec::with_capacity(8);
-            for n in ancestries.iter().flatten() {
-                locks.push((n.id, &n.names_lock, false));
+            for (id, lock) in chains.iter().flatten() {
+                locks.push((*id, lock, false));
             }
             for n in changed {
                 locks.push((n.id, &n.names_lock, true));
@@ -449,14 +474,14 @@ impl OverlayFs {
                     Wait::Try => lock.try_read_recursive_arc()?,
                 });
             }
-            // No rename in progress when the ancestry was read, none started since: it stands.
-            let own = u64::from(!changed.is_empty());
-            let quiet = started == finished && r.started.load(Ordering::SeqCst) == started + own;
-            let same = quiet
+            // Nothing moved paths since the chains were read: they stand. (A change that moves
+            // them holds a node of each chain it moves exclusive until it has raised the
+            // generation, so a chain read while it ran was waited for above.)
+            let same = self.table.paths() == generation
                 || nodes
                     .iter()
-                    .zip(&ancestries)
-                    .all(|(n, before)| self.ancestry(n).iter().map(|a| a.id).eq(before.iter().map(|a| a.id)));
+                    .zip(&chains)
+                    .all(|(n, before)| self.chain(n).iter().map(|a| a.0).eq(before.iter().map(|a| a.0)));
             if same || attempt >= 100 {
                 if !same {
                     tracing::warn!("node paths kept changing while being held: going on with the last");
@@ -524,6 +549,16 @@ impl OverlayFs {
     /// meanwhile: the kernel's FORGETs of a dropped dentry chain can be served in any order,
     /// while this request runs) is reached through its other names.
     pub(crate) fn path_of(&self, node: &Node) -> Result<PathBuf> {
+        if node.is_dir() {
+            if let Some(m) = self.memo(node) {
+                return Ok(m.path.clone());
+            }
+        } else if let Some((parent, name)) = self.live_name(node) {
+            let memo = self.table.get(parent).filter(|p| p.is_dir()).and_then(|p| self.memo(&p));
+            if let Some(m) = memo {
+                return Ok(m.path.join(name));
+            }
+        }
         let first = self.path_through(node, self.live_name(node));
         if first.is_ok() || node.is_dir() {
             return first;
@@ -689,6 +724,9 @@ impl OverlayFs {
                 st.data = e.data.clone();
             }
             if !st.names.iter().any(|(p, n)| *p == parent && n == name) {
+                if st.names.is_empty() {
+                    self.table.paths_moved();
+                }
                 st.names.push((parent, name.to_os_string()));
             }
         }
@@ -955,5 +993,61 @@ mod tests {
         assert_eq!(fs.path_of(&file).unwrap(), Path::new("b/n808"));
         // A dir has one name: its path fails as before.
         assert!(fs.path_of(&cc).is_err());
+    }
+
+    // Paths and lock chains of directories are built once per path generation (issue 19: no
+    // request walks the names up to the root while nothing moved), and every change that
+    // moves a path builds them again: a rename of an ancestor, of the dir itself, a removal
+    // of one name of a linked file, a forgotten ancestor.
+    #[test]
+    fn dir_paths_are_built_once_and_follow_every_change_that_moves_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (l, u, w) = (tmp.path().join("l"), tmp.path().join("u"), tmp.path().join("w"));
+        for d in [&l.join("a/b/c/d"), &w, &u.join("x")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(l.join("a/b/c/d/f"), b"x").unwrap();
+        std::fs::write(u.join("x/one"), b"y").unwrap();
+        std::fs::hard_link(u.join("x/one"), u.join("two")).unwrap();
+        let opts = format!("lowerdir={},upperdir={},workdir={},redirect_dir=on", l.display(), u.display(), w.display());
+        let stack = LayerStack::open(&ovl_core::MountOptions::parse(&opts).unwrap()).unwrap();
+        let fs = OverlayFs::new(stack).unwrap();
+        let root = fs.table.get(ROOT).unwrap();
+        let look = |p: &Arc<Node>, n: &str| fs.do_lookup(p, OsStr::new(n)).unwrap().0;
+        let (a, x) = (look(&root, "a"), look(&root, "x"));
+        let b = look(&a, "b");
+        let c = look(&b, "c");
+        let d = look(&c, "d");
+        let f = look(&d, "f");
+        let ids = |n: &Arc<Node>| fs.chain(n).iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        assert_eq!(fs.path_of(&f).unwrap(), Path::new("a/b/c/d/f"));
+        assert_eq!(ids(&f), [f.id, d.id, c.id, b.id, a.id, ROOT]);
+        let memo = fs.memo(&d).unwrap();
+        assert!(Arc::ptr_eq(&memo, &fs.memo(&d).unwrap()), "built again with nothing moved");
+        // An ancestor renamed.
+        fs.do_rename(&a, OsStr::new("b"), &x, OsStr::new("bb"), rustix::fs::RenameFlags::empty()).unwrap();
+        assert!(!Arc::ptr_eq(&memo, &fs.memo(&d).unwrap()), "kept across a rename");
+        assert_eq!(fs.path_of(&f).unwrap(), Path::new("x/bb/c/d/f"));
+        assert_eq!(fs.path_of(&d).unwrap(), Path::new("x/bb/c/d"));
+        assert_eq!(ids(&f), [f.id, d.id, c.id, b.id, x.id, ROOT]);
+        // The dir itself renamed.
+        fs.do_rename(&c, OsStr::new("d"), &root, OsStr::new("top"), rustix::fs::RenameFlags::empty()).unwrap();
+        assert_eq!(fs.path_of(&f).unwrap(), Path::new("top/f"));
+        assert_eq!(ids(&d), [d.id, ROOT]);
+        // One name of a linked file removed: its path runs through the other.
+        let one = look(&x, "one");
+        assert_eq!(look(&root, "two").id, one.id);
+        assert_eq!(fs.path_of(&one).unwrap(), Path::new("x/one"));
+        fs.do_unlink(&x, OsStr::new("one"), false).unwrap();
+        assert_eq!(fs.path_of(&one).unwrap(), Path::new("two"));
+        assert_eq!(ids(&one), [one.id, ROOT]);
+        // A removed dir has no path, even through a memo built before.
+        let e = fs.do_mkdir(&root, OsStr::new("e"), 0o755, (0, 0, 0)).unwrap().0;
+        assert_eq!(fs.path_of(&e).unwrap(), Path::new("e"));
+        fs.do_unlink(&root, OsStr::new("e"), true).unwrap();
+        assert!(fs.path_of(&e).is_err(), "a removed dir kept its path");
+        // A forgotten ancestor: no path through it.
+        fs.table.forget(b.id, u64::MAX);
+        assert!(fs.path_of(&c).is_err(), "a path through a forgotten dir");
     }
 }

@@ -103,6 +103,19 @@ pub(crate) struct Node {
     pub held: Mutex<Option<Arc<crate::dirfds::HeldDir>>>,
     /// `held` was used since the budget last passed this node over.
     pub held_used: std::sync::atomic::AtomicBool,
+    /// A directory's path and the locks of its ancestry, as last built (`OverlayFs::memo`):
+    /// good while the table's path generation is the one it was built in.
+    pub memo: Mutex<Option<Arc<PathMemo>>>,
+}
+
+/// A directory's path and the `names_lock`s of the nodes it is built from (the directory's own
+/// first, the root's last), built in path generation `generation` ([`Table::paths`]). Locks, not
+/// nodes: a memo never keeps another node alive.
+#[derive(Debug)]
+pub(crate) struct PathMemo {
+    pub generation: u64,
+    pub chain: Vec<(u64, Arc<RwLock<()>>)>,
+    pub path: std::path::PathBuf,
 }
 
 impl Node {
@@ -126,6 +139,13 @@ struct Inner {
 pub(crate) struct Table {
     inner: RwLock<Inner>,
     next_alloc: AtomicU64,
+    /// The path generation: raised after every change that may give a directory another path
+    /// or ancestry (a rename; a directory forgotten, which a path can no longer pass through;
+    /// a name removed from or given to a node of several or no names), so that paths and lock
+    /// chains built before it are built again (`PathMemo`). A removal of a node's only name
+    /// does not raise it (no other node's path runs through a removed name: a removed dir is
+    /// empty); the node's own memo is dropped instead.
+    paths: AtomicU64,
 }
 
 impl Table {
@@ -144,12 +164,28 @@ impl Table {
             cached_once: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(None),
             held_used: std::sync::atomic::AtomicBool::new(false),
+            memo: Mutex::new(None),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT, node);
         let mut keys = HashMap::new();
         keys.insert(root_key, ROOT);
-        Self { inner: RwLock::new(Inner { nodes, keys }), next_alloc: AtomicU64::new(1 << 63) }
+        Self {
+            inner: RwLock::new(Inner { nodes, keys }),
+            next_alloc: AtomicU64::new(1 << 63),
+            paths: AtomicU64::new(0),
+        }
+    }
+
+    /// The path generation now (see [`Table::paths`]).
+    pub fn paths(&self) -> u64 {
+        self.paths.load(Ordering::SeqCst)
+    }
+
+    /// Raises the path generation, after a change of names that may move paths (see
+    /// [`Table::paths`]); called by the changer before it lets go of its locks.
+    pub fn paths_moved(&self) {
+        self.paths.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The node with id `id`.
@@ -218,6 +254,7 @@ impl Table {
             cached_once: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(None),
             held_used: std::sync::atomic::AtomicBool::new(false),
+            memo: Mutex::new(None),
         });
         inner.nodes.insert(id, node.clone());
         inner.keys.insert(key, id);
@@ -246,6 +283,9 @@ impl Table {
         let prev = node.lookups.fetch_sub(n.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
         if prev <= n {
             inner.nodes.remove(&id);
+            if node.is_dir() {
+                self.paths_moved();
+            }
             for k in &node.state.read().keys {
                 if inner.keys.get(k) == Some(&id) {
                     inner.keys.remove(k);
@@ -260,7 +300,14 @@ impl Table {
         let released = {
             let mut st = node.state.write();
             st.names.retain(|(p, n)| !(*p == parent && n == name));
-            if st.names.is_empty() { std::mem::take(&mut st.keys) } else { Vec::new() }
+            if st.names.is_empty() {
+                node.memo.lock().take();
+                std::mem::take(&mut st.keys)
+            } else {
+                // Its path may now run through another name.
+                self.paths_moved();
+                Vec::new()
+            }
         };
         if !released.is_empty() {
             let mut inner = self.inner.write();
