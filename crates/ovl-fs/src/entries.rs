@@ -33,6 +33,10 @@ pub(crate) struct NewOwner {
     pub record: Option<ovl_core::statoverride::OverrideXattr>,
     /// A failed `chown` is not an error (squash options: see `OverlayFs::chown_may_fail`).
     pub chown_may_fail: bool,
+    /// The group is the parent's (a set-group-ID parent), as the filesystem gives it.
+    gid_from_parent: bool,
+    /// The parent is known to have no default ACL (which the filesystem would apply itself).
+    no_default_acl: bool,
 }
 
 impl NewOwner {
@@ -43,7 +47,32 @@ impl NewOwner {
         let sgid = parent.st_mode & libc::S_ISGID != 0;
         let gid = if sgid { parent.st_gid } else { gid };
         let mode = if sgid && is_dir { mode | libc::S_ISGID } else { mode };
-        Self { uid, gid, mode: mode & 0o7777, acl: None, default_acl: None, record: None, chown_may_fail: false }
+        Self {
+            uid,
+            gid,
+            mode: mode & 0o7777,
+            acl: None,
+            default_acl: None,
+            record: None,
+            chown_may_fail: false,
+            gid_from_parent: sgid,
+            no_default_acl: false,
+        }
+    }
+
+    /// Whether an object this process creates with `self.mode` has exactly this owner and mode
+    /// at once, nothing to set after (`creator`: the process's user and group IDs, where its
+    /// umask is 0): no ACL, no override xattr, no set-ID or sticky bit, the process's own IDs.
+    /// Such an object can be created under its name directly, never seen half made.
+    fn made_as_is(&self, creator: Option<(u32, u32)>) -> bool {
+        let Some((uid, gid)) = creator else { return false };
+        self.no_default_acl
+            && self.record.is_none()
+            && self.acl.is_none()
+            && self.default_acl.is_none()
+            && self.mode & 0o7000 == 0
+            && self.uid == uid
+            && (self.gid_from_parent || self.gid == gid)
     }
 
     /// The override xattr an object of `kind` gets (only files and directories carry one).
@@ -101,6 +130,15 @@ impl NewOwner {
     }
 }
 
+/// How a new object is made where its name is free.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Made {
+    /// Complete under a temporary name in the work dir, then renamed into place.
+    Aside,
+    /// Under its name at once: `build` makes it complete in one exclusive create.
+    AtOnce,
+}
+
 impl OverlayFs {
     /// Looks up `name` in `parent` and counts a kernel lookup of the result.
     pub(crate) fn do_lookup(&self, parent: &Node, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
@@ -128,7 +166,7 @@ impl OverlayFs {
         kind: FileType,
         build: impl FnOnce(BorrowedFd<'_>, &CStr) -> Result<T>,
     ) -> Result<(Arc<Node>, Stat, T)> {
-        self.create_object_linking(parent, name, kind, None, build)
+        self.create_object_made(parent, name, kind, None, Made::Aside, |d, n, _| build(d, n))
     }
 
     /// [`Self::create_object`] for a new name of `linked` (a hard link), which the hook is told
@@ -140,6 +178,21 @@ impl OverlayFs {
         kind: FileType,
         linked: Option<&Node>,
         build: impl FnOnce(BorrowedFd<'_>, &CStr) -> Result<T>,
+    ) -> Result<(Arc<Node>, Stat, T)> {
+        self.create_object_made(parent, name, kind, linked, Made::Aside, |d, n, _| build(d, n))
+    }
+
+    /// [`Self::create_object_linking`], where a fresh name (no whiteout holds it) may be made
+    /// `how`; `build` is told how it makes the object where it is called (over a whiteout, or
+    /// `how` aside: always aside).
+    fn create_object_made<T>(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        kind: FileType,
+        linked: Option<&Node>,
+        how: Made,
+        build: impl FnOnce(BorrowedFd<'_>, &CStr, Made) -> Result<T>,
     ) -> Result<(Arc<Node>, Stat, T)> {
         let _gate = self.gate();
         if self.is_hidden(parent, name) {
@@ -163,10 +216,12 @@ impl OverlayFs {
         // Whether the new dir ends up opaque.
         let mut over_whiteout = false;
         let out = match sys::lstat_at(&pfd, &cname) {
+            // Complete the moment it exists (`build` creates it exclusively).
+            Err(e) if e.errno() == Errno::NOENT && how == Made::AtOnce => build(pfd.as_fd(), &cname, Made::AtOnce)?,
             Err(e) if e.errno() == Errno::NOENT => {
                 let mut out = None;
                 ovl_copyup::create_fresh(&self.stack, up, &cname, |c| {
-                    out = Some(build(c.work, c.name)?);
+                    out = Some(build(c.work, c.name, Made::Aside)?);
                     Ok(())
                 })?;
                 out.ok_or(Errno::IO)?
@@ -175,7 +230,7 @@ impl OverlayFs {
                 over_whiteout = true;
                 let mut out = None;
                 ovl_copyup::create_over_whiteout(&self.stack, up, &cname, is_dir, |c| {
-                    out = Some(build(c.work, c.name)?);
+                    out = Some(build(c.work, c.name, Made::Aside)?);
                     Ok(())
                 })?;
                 out.ok_or(Errno::IO)?
@@ -258,7 +313,10 @@ impl OverlayFs {
             Err(e) => return Err(e),
         };
         match default {
-            None => owner.mode &= !(umask & 0o777),
+            None => {
+                owner.mode &= !(umask & 0o777);
+                owner.no_default_acl = true;
+            }
             Some(acl) => {
                 let (mode, access) = acl.inherit(owner.mode);
                 owner.mode = mode;
@@ -341,7 +399,13 @@ impl OverlayFs {
     ) -> Result<(Arc<Node>, Stat, OwnedFd)> {
         let owner = self.new_owner(parent, caller, mode & 0o7777, FileType::RegularFile)?;
         let oflags = crate::data::backing_flags(flags) | OFlags::CREATE | OFlags::EXCL;
-        self.create_object(parent, name, FileType::RegularFile, |dir, n| {
+        // Made as asked by `openat` alone: created under its name at once (three system calls
+        // and a rename fewer than building it aside; issue 20).
+        let how = if owner.made_as_is(self.creator()) { Made::AtOnce } else { Made::Aside };
+        self.create_object_made(parent, name, FileType::RegularFile, None, how, |dir, n, made| {
+            if made == Made::AtOnce {
+                return Ok(rustix::fs::openat(dir, n, oflags, Mode::from_raw_mode(owner.mode))?);
+            }
             let fd = rustix::fs::openat(dir, n, oflags, Mode::from_raw_mode(0o600))?;
             owner.apply(dir, n, FileType::RegularFile)?;
             Ok(fd)

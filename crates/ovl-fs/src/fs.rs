@@ -125,6 +125,9 @@ pub struct OverlayFs {
     pub(crate) namelen: usize,
     /// Directory nodes' layer dirs held open, within a budget (`crate::dirfds`).
     pub(crate) dir_fds: crate::dirfds::DirFds,
+    /// This process's user and group IDs where its umask is 0, read at the first create
+    /// (`OverlayFs::creator`).
+    creator: std::sync::OnceLock<Option<(u32, u32)>>,
 }
 
 impl OverlayFs {
@@ -170,6 +173,7 @@ impl OverlayFs {
             owners,
             namelen,
             dir_fds: crate::dirfds::DirFds::new(crate::dirfds::DirFds::default_budget()),
+            creator: std::sync::OnceLock::new(),
         })
     }
 
@@ -594,6 +598,17 @@ impl OverlayFs {
         let path = self.path_of(node)?;
         let layers = node.dir_layers(&path);
         Ok((path, layers))
+    }
+
+    /// The user and group IDs objects this process creates get, where they get exactly the
+    /// modes asked for (a umask of 0, as the daemons set before serving); `None` otherwise.
+    pub(crate) fn creator(&self) -> Option<(u32, u32)> {
+        *self.creator.get_or_init(|| {
+            let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
+            let umask = status.lines().find_map(|l| l.strip_prefix("Umask:"))?.trim();
+            (u32::from_str_radix(umask, 8).ok()? == 0)
+                .then(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()))
+        })
     }
 
     /// True when the mount keeps an inode index (`index=on`).

@@ -3,8 +3,9 @@
 //! rules are in [`ovl_core::aufs`].
 
 use std::os::fd::AsFd;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use ovl_core::{Layer, LayerStack, Opaque, Result, aufs, sys};
 
@@ -17,8 +18,9 @@ fn is_upper(stack: &LayerStack, layer: &Layer) -> bool {
 }
 
 /// True when the object at `path` of `layer` (not the root) is hidden by a `.wh.NAME` entry
-/// beside it, which also hides it in every layer below.
-pub(crate) fn hidden(stack: &LayerStack, layer: &Layer, path: &Path) -> Result<bool> {
+/// beside it, which also hides it in every layer below. `held`: `path`'s parent dir in `layer`,
+/// where the caller holds it open (else it is opened from the layer root).
+pub(crate) fn hidden(stack: &LayerStack, layer: &Layer, path: &Path, held: Option<&Arc<OwnedFd>>) -> Result<bool> {
     if !stack.reads_aufs() {
         return Ok(false);
     }
@@ -26,7 +28,7 @@ pub(crate) fn hidden(stack: &LayerStack, layer: &Layer, path: &Path) -> Result<b
     if !is_upper(stack, layer) {
         return Ok(stack.lower_marks(layer, dir)?.is_some_and(|m| m.hides(name)));
     }
-    Ok(Probe::open(layer.root()?.as_fd(), &path.with_file_name(aufs::whiteout_name(name)))?.is_some())
+    Ok(Probe::open_in(layer.root()?.as_fd(), &path.with_file_name(aufs::whiteout_name(name)), held)?.is_some())
 }
 
 /// The opacity of the directory `p` at `path` of `layer` (not a layer root): its

@@ -121,7 +121,7 @@ pub fn lookup_in(
 
     if let (Some(up), Some(upper)) = (&parent.upper, stack.upper()) {
         let path = up.join(name);
-        if crate::aufs::hidden(stack, upper.layer(), &path)? {
+        if crate::aufs::hidden(stack, upper.layer(), &path, held.and_then(|h| h.upper()))? {
             return Ok(None);
         }
         if let Some(mut p) = Probe::open_in(upper.layer().root()?.as_fd(), &path, held.and_then(|h| h.upper()))? {
@@ -290,7 +290,7 @@ pub fn lookup_in(
                 }
             }
         }
-        if crate::aufs::hidden(stack, layer, &path)? {
+        if crate::aufs::hidden(stack, layer, &path, None)? {
             break;
         }
         let dir = held.and_then(|h| h.lower(ld.layer, path.parent().unwrap_or(Path::new(""))));
@@ -460,7 +460,7 @@ fn find_data(
                 Walk::Open { stop, below } => (p.clone(), stop, Some(below)),
             },
         };
-        if crate::aufs::hidden(stack, layer, &path)? {
+        if crate::aufs::hidden(stack, layer, &path, None)? {
             break;
         }
         let Some(mut p) = Probe::open(layer.root()?.as_fd(), &path)? else {
@@ -583,7 +583,7 @@ fn walk_ancestors(stack: &LayerStack, layer: &ovl_core::Layer, path: &Path) -> R
     for (i, c) in ancestors.iter().enumerate() {
         check_component(c.as_os_str())?;
         cur.push(c);
-        if crate::aufs::hidden(stack, layer, &cur)? {
+        if crate::aufs::hidden(stack, layer, &cur, None)? {
             return Ok(Walk::Blocked);
         }
         let Some(st) = stat_in(layer.root()?.as_fd(), &cur)? else {
@@ -636,7 +636,7 @@ pub fn lower_has_name(stack: &LayerStack, parent: &DirLayers, name: &OsStr) -> R
     for ld in &parent.lowers {
         let layer = stack.layer(ld.layer);
         let path = ld.path.join(name);
-        if crate::aufs::hidden(stack, layer, &path)? {
+        if crate::aufs::hidden(stack, layer, &path, None)? {
             return Ok(false);
         }
         let Some(st) = stat_in(layer.root()?.as_fd(), &path)? else { continue };
