@@ -56,14 +56,23 @@ fn whiteout_in_work(work: BorrowedFd<'_>, tmp: &CStr) -> Result<()> {
     make_whiteout(work, tmp)
 }
 
-/// Creates a whiteout at `upper_parent/name`, where nothing exists in the upper layer yet. Like
-/// the kernel, it is made in the work dir and renamed into place, so it never inherits a
-/// set-group-ID parent's group. Where the upper fs refuses whiteout devices
+/// Creates a whiteout at `upper_parent/name`, where nothing exists in the upper layer yet: a
+/// link of the work dir's shared whiteout made there at once (complete the moment it exists,
+/// and made in the work dir, so it never has a set-group-ID parent's group), else, where the
+/// shared one is missing or full, one made in the work dir and renamed into place, as the
+/// kernel does. Where the upper fs refuses whiteout devices
 /// ([`LayerStack::writes_whiteout_files`]) it is an empty mode-0 file `.wh.NAME` instead.
 pub fn whiteout<'u>(stack: &LayerStack, upper_parent: impl Into<UpperDir<'u>>, name: &CStr) -> Result<()> {
     let upper_parent = upper_parent.into();
     if stack.writes_whiteout_files() {
         return whiteout_file(stack, upper_parent, name);
+    }
+    let upper = upper_of(stack)?;
+    let dir = upper_parent.open(upper)?;
+    match rustix::fs::linkat(upper.work(), SHARED_WHITEOUT, &dir, name, AtFlags::empty()) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EXIST) => return Err(Errno::EXIST.into()),
+        Err(e) => tracing::debug!("no link of the shared whiteout ({e}): one made aside"),
     }
     put_whiteout(stack, upper_parent, name, RenameFlags::NOREPLACE).map(drop)
 }
