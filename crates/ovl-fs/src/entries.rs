@@ -464,19 +464,30 @@ impl OverlayFs {
     }
 
     /// Unlinks (`rmdir`: `want_dir`) `name` in `parent`, holding the parent's path and the
-    /// removed node's names (see `OverlayFs::hold_change`).
+    /// removed node's names (see `OverlayFs::hold_removal`).
     pub(crate) fn remove(&self, parent: fuser::INodeNo, name: &OsStr, want_dir: bool) -> Result<()> {
         let p = self.node(parent)?;
-        let _held = self.hold_change((&p, name), None);
-        self.do_unlink(&p, name, want_dir)
+        let (_held, found) = self.hold_removal(&p, name);
+        self.do_unlink(&p, name, want_dir, found)
     }
 
-    pub(crate) fn do_unlink(&self, parent: &Arc<Node>, name: &OsStr, want_dir: bool) -> Result<()> {
+    /// Removes `name` from `parent`: `found`, what a lookup of it found where the caller has
+    /// it and it still stands (`OverlayFs::hold_removal`), else looked up here.
+    pub(crate) fn do_unlink(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        want_dir: bool,
+        found: Option<ovl_lookup::Entry>,
+    ) -> Result<()> {
         let _gate = self.gate();
         if self.is_hidden(parent, name) {
             return Err(Errno::NOENT.into());
         }
-        let e = self.find(parent, name)?.ok_or(Errno::NOENT)?;
+        let e = match found {
+            Some(e) => e,
+            None => self.find(parent, name)?.ok_or(Errno::NOENT)?,
+        };
         let is_dir = e.kind == FileType::Directory;
         if want_dir && !is_dir {
             return Err(Errno::NOTDIR.into());

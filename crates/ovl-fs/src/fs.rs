@@ -523,6 +523,37 @@ impl OverlayFs {
         self.hold_paths(&parents, &changed, Wait::Fair).unwrap_or(Held::none())
     }
 
+    /// [`Self::hold_change`] for a removal of `name` from `parent`, with what its lookup found
+    /// where that still stands under the hold, so the removal need not look it up again:
+    /// nothing moved paths in between (`Table::paths`), and the node found was not copied up
+    /// meanwhile (an open for writing may do that beside the removal: the kernel holds the
+    /// parent's lock across the removal, not the file's across an open). Not with an inode
+    /// index, whose entries a removal reads again anyway.
+    pub(crate) fn hold_removal(&self, parent: &Arc<Node>, name: &OsStr) -> (Held, Option<Entry>) {
+        let generation = self.table.paths();
+        let (entry, node) = {
+            let _paths = self.hold_paths(&[parent], &[], Wait::Fair);
+            match self.find(parent, name) {
+                Ok(Some(e)) => {
+                    let node = self.table.by_key(self.key_of(&e));
+                    (Some(e), node)
+                }
+                _ => (None, None),
+            }
+        };
+        let changed: Vec<Arc<Node>> = node.iter().cloned().collect();
+        let held = self.hold_paths(&[parent], &changed, Wait::Fair).unwrap_or(Held::none());
+        let stands = |e: &Entry, n: &Node| {
+            let st = n.state.read();
+            st.upper == e.upper.is_some() && st.data.is_none() == e.data.is_none()
+        };
+        let found = match (entry, node) {
+            (Some(e), Some(n)) if !self.indexed() && self.table.paths() == generation && stands(&e, &n) => Some(e),
+            _ => None,
+        };
+        (held, found)
+    }
+
     /// The first name of `node` whose parent the kernel still knows (or the root). A hard-linked
     /// file keeps names under parents the kernel has since forgotten (`drop_caches`, memory
     /// pressure): its dentry there went, and the inode lives on through another name. Such a
@@ -1053,13 +1084,13 @@ mod tests {
         let one = look(&x, "one");
         assert_eq!(look(&root, "two").id, one.id);
         assert_eq!(fs.path_of(&one).unwrap(), Path::new("x/one"));
-        fs.do_unlink(&x, OsStr::new("one"), false).unwrap();
+        fs.do_unlink(&x, OsStr::new("one"), false, None).unwrap();
         assert_eq!(fs.path_of(&one).unwrap(), Path::new("two"));
         assert_eq!(ids(&one), [one.id, ROOT]);
         // A removed dir has no path, even through a memo built before.
         let e = fs.do_mkdir(&root, OsStr::new("e"), 0o755, (0, 0, 0)).unwrap().0;
         assert_eq!(fs.path_of(&e).unwrap(), Path::new("e"));
-        fs.do_unlink(&root, OsStr::new("e"), true).unwrap();
+        fs.do_unlink(&root, OsStr::new("e"), true, None).unwrap();
         assert!(fs.path_of(&e).is_err(), "a removed dir kept its path");
         // A forgotten ancestor: no path through it.
         fs.table.forget(b.id, u64::MAX);

@@ -364,3 +364,71 @@ fn a_kernel_renamed_metacopy_file_reads_its_data_through_its_redirect() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Removals of lower files race opens for writing of the same files (which copy them up): a
+/// removal looks its name up once, before it holds the name, and uses that only if no copy-up
+/// came in between (issue 20: one lookup fewer per removal). Every removal succeeds, whichever
+/// went first, and each name ends as a whiteout in the upper layer, as the kernel's mount of
+/// the layers shows: nothing.
+#[test]
+fn removals_racing_copy_ups_of_the_same_files_leave_whiteouts() {
+    const FILES: usize = 400;
+    let tmp = tempdir("unlink-race");
+    let l = Layers::create(&tmp.path().join("a"), 1);
+    let fixture: String = (0..FILES).map(|i| format!("l1 file d/f{i} lower\n")).collect();
+    apply_fixture(&l, &fixture);
+    let m = MountGuard::mount(Backend::Ovlfs, &l, "", &mount_point(tmp.path(), "m"));
+    let dir = m.path().join("d");
+    let names: Vec<_> = (0..FILES).map(|i| dir.join(format!("f{i}"))).collect();
+    for n in &names {
+        fs::metadata(n).unwrap();
+    }
+    // Each name's open and removal start together.
+    let start = std::sync::Barrier::new(2);
+    let mut failed = Vec::new();
+    let opened = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let (mut opened, mut failed) = (0, Vec::new());
+            for n in &names {
+                start.wait();
+                match OpenOptions::new().append(true).open(n) {
+                    Ok(mut f) => {
+                        if let Err(e) = std::io::Write::write_all(&mut f, b" written") {
+                            failed.push(format!("write {n:?}: {e}"));
+                        }
+                        opened += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => failed.push(format!("open {n:?}: {e}")),
+                }
+            }
+            (opened, failed)
+        });
+        for (i, n) in names.iter().enumerate() {
+            start.wait();
+            // Later and later after the open starts, so some removals meet its copy-up halfway.
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_micros(5 * (i % 80) as u64) {
+                std::hint::spin_loop();
+            }
+            // (A failure is kept, not a panic: the writer waits for every round.)
+            if let Err(e) = fs::remove_file(n) {
+                failed.push(format!("remove {n:?}: {e}"));
+            }
+        }
+        let (opened, writes_failed) = writer.join().unwrap();
+        failed.extend(writes_failed);
+        opened
+    });
+    assert!(failed.is_empty(), "removals or opens failed: {failed:#?}");
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "names left in the mount");
+    drop(m);
+    for i in 0..FILES {
+        let st = fs::symlink_metadata(l.upper.join(format!("d/f{i}"))).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(st.file_type().is_char_device() && st.rdev() == 0, "upper d/f{i} is not a whiteout: {st:?}");
+    }
+    let k = MountGuard::mount(Backend::Kernel, &l, KERNEL_OPTS, &mount_point(tmp.path(), "k"));
+    assert_eq!(fs::read_dir(k.path().join("d")).unwrap().count(), 0, "the kernel shows names");
+    eprintln!("{opened} of {FILES} opened before their removal");
+}
