@@ -137,10 +137,11 @@ pub fn uring_mode(option: Option<Uring>) -> anyhow::Result<Uring> {
 /// The payload buffer of each ring entry, and so the mount's `max_write`: what the kernel
 /// sends in one request at most (`max_pages` is 256 pages on this kernel anyway).
 const RING_PAYLOAD: u32 = 1 << 20;
-/// Ring entries per queue (possible CPU), each served by its own thread: a request waits for
-/// a free entry of its CPU's queue, so one slow request (a big copy-up) holds up only one. The
-/// kernel wants every *possible* CPU's queue filled, and VMs often declare many more than they
-/// run: fewer entries per queue there (a thread and a descriptor each).
+/// Ring entries per queue (possible CPU), all on the queue's one ring: its thread serves quick
+/// requests in line and hands those that may take long (a big copy-up, an fsync) to helpers,
+/// one fewer than entries (`ovl_uring::Rings::start`), so such a request holds up one entry,
+/// not the queue. The kernel wants every *possible* CPU's queue filled, and VMs often declare
+/// many more than they run: fewer entries per queue there (a helper thread and 1 MiB each).
 fn ring_entries_per_queue(queues: usize) -> usize {
     match queues {
         0..=8 => 4,
@@ -181,11 +182,12 @@ fn offer_rings(
             if std::env::var_os(crate::passthrough::ENV_SWITCH).is_some_and(|v| v == "1") {
                 return RingOutcome::Unused("FUSE passthrough is on, which the rings do not carry".into());
             }
-            // The rings hold a descriptor each for the mount's life: where descriptors are
-            // scarce (the open-file limit below 16 times that), they are left to the files.
+            // The rings hold two descriptors per queue (the ring, an eventfd) for the mount's
+            // life: where descriptors are scarce (the open-file limit below 16 times that),
+            // they are left to the files.
             let queues = ovl_uring::possible_cpus().unwrap_or(1);
             let per_queue = ring_entries_per_queue(queues);
-            let ring_fds = queues * per_queue + 1;
+            let ring_fds = queues * 2 + 1;
             let limit = crate::limits::raise();
             if (ring_fds as u64).saturating_mul(16) > limit {
                 return RingOutcome::Unused(format!(

@@ -361,7 +361,53 @@ pub enum Op<'a> {
     },
 }
 
+/// Reads and writes up to this size are served in line by a transport that serves one queue's
+/// requests in one thread (see [`Op::may_block`]).
+pub const SMALL_IO: u32 = 128 << 10;
+
 impl Op<'_> {
+    /// Whether serving this request may take long for reasons other than the machine being
+    /// busy: a copy of file data (a copy-up, a copy ahead of a change), a flush to disk, a
+    /// large read or write, the removal of a directory full of whiteouts. A transport that
+    /// serves a queue's requests in one thread hands these to helper threads, so that they hold
+    /// up nothing else ([`Handler::may_block`] may say so of more).
+    pub fn may_block(&self) -> bool {
+        match self {
+            Op::Lookup { .. }
+            | Op::Getattr { .. }
+            | Op::Readlink { .. }
+            | Op::Mknod { .. }
+            | Op::Mkdir { .. }
+            | Op::Symlink { .. }
+            | Op::Unlink { .. }
+            | Op::Flush { .. }
+            | Op::Release { .. }
+            | Op::Opendir { .. }
+            | Op::Readdir { .. }
+            | Op::Releasedir { .. }
+            | Op::Statfs { .. }
+            | Op::Getxattr { .. }
+            | Op::Listxattr { .. }
+            | Op::Access { .. }
+            | Op::Create { .. }
+            | Op::Lseek { .. } => false,
+            Op::Read { size, .. } => *size > SMALL_IO,
+            Op::Write { data, .. } => data.len() > SMALL_IO as usize,
+            // An open for writing or truncating may copy the file up first.
+            Op::Open { flags, .. } => *flags & libc::O_ACCMODE != libc::O_RDONLY || *flags & libc::O_TRUNC != 0,
+            Op::Setattr { .. }
+            | Op::Rmdir { .. }
+            | Op::Rename { .. }
+            | Op::Link { .. }
+            | Op::Fsync { .. }
+            | Op::Fsyncdir { .. }
+            | Op::Setxattr { .. }
+            | Op::Removexattr { .. }
+            | Op::Fallocate { .. }
+            | Op::CopyFileRange { .. } => true,
+        }
+    }
+
     /// The operation's name, for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -505,6 +551,11 @@ pub trait Handler: Send + Sync {
     fn handle(&self, ctx: &Ctx, op: Op<'_>, answer: &mut dyn Answer);
     /// The kernel dropped `nlookup` references to node `ino` (no answer).
     fn forget(&self, ino: u64, nlookup: u64);
+    /// Whether serving `op` may take long ([`Op::may_block`], and whatever else this handler
+    /// knows of: a snapshot's copy of a file before its first change).
+    fn may_block(&self, op: &Op<'_>) -> bool {
+        op.may_block()
+    }
 }
 
 /// Runs `f` so that a bug that panics answers `EIO` (through the caller, who sees no answer

@@ -61,16 +61,19 @@ pub fn possible_cpus() -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// One ring entry with its own ring and serving thread.
-struct Entry {
+/// One queue (possible CPU): its ring, the entries registered on it, and the eventfd its
+/// helpers ring when they have finished a request.
+struct Queue {
     ring: sys::Ring,
-    bufs: sys::EntryBufs,
+    /// The entries' buffers by tag; `None` while a helper serves that entry's request.
+    slots: Vec<Option<sys::EntryBufs>>,
     qid: u16,
+    wake: OwnedFd,
 }
 
 /// Rings built before the INIT reply, not yet registered with the kernel.
 pub struct Rings {
-    entries: Vec<Entry>,
+    queues: Vec<Queue>,
     /// The FUSE device, kept open while the rings refer to it.
     _fuse: OwnedFd,
     access: Access,
@@ -78,54 +81,90 @@ pub struct Rings {
 
 impl std::fmt::Debug for Rings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rings").field("entries", &self.entries.len()).finish()
+        let entries: usize = self.queues.iter().map(|q| q.slots.len()).sum();
+        f.debug_struct("Rings").field("queues", &self.queues.len()).field("entries", &entries).finish()
     }
 }
 
+/// The completion tag of a queue's eventfd wait (entries are tagged with their index).
+const WAKE: u64 = u64::MAX;
+
 impl Rings {
-    /// Builds `per_queue` single-entry rings for each possible CPU's queue, each with a payload
-    /// buffer of `payload` bytes, on a duplicate of the FUSE device `fuse`. Fails (and nothing
-    /// is left behind) when io_uring is unavailable (`kernel.io_uring_disabled`, seccomp) or
-    /// descriptors run out: the caller then does not offer the rings to the kernel.
+    /// Builds a ring for each possible CPU's queue with `per_queue` entries, each with a
+    /// payload buffer of `payload` bytes, on a duplicate of the FUSE device `fuse`. Fails (and
+    /// nothing is left behind) when io_uring is unavailable (`kernel.io_uring_disabled`,
+    /// seccomp) or descriptors run out: the caller then does not offer the rings to the kernel.
     pub fn prepare(fuse: BorrowedFd<'_>, payload: usize, per_queue: usize, access: Access) -> std::io::Result<Rings> {
         let fuse = fuse.try_clone_to_owned()?;
         let queues = possible_cpus()?;
         if queues > usize::from(u16::MAX) {
             return Err(std::io::Error::other(format!("{queues} possible CPUs")));
         }
-        let mut entries = Vec::with_capacity(queues * per_queue);
+        let per_queue = per_queue.max(1);
+        let mut built = Vec::with_capacity(queues);
         for qid in 0..queues {
-            for _ in 0..per_queue.max(1) {
-                let ring = sys::ring(2, fuse.as_raw_fd())?;
-                entries.push(Entry { ring, bufs: sys::EntryBufs::new(payload.max(8192)), qid: qid as u16 });
-            }
+            // Room for every entry's command and the eventfd wait.
+            let ring = sys::ring((per_queue + 1).next_power_of_two() as u32, fuse.as_raw_fd())?;
+            let slots = (0..per_queue).map(|_| Some(sys::EntryBufs::new(payload.max(8192)))).collect();
+            let wake = rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )?;
+            built.push(Queue { ring, slots, qid: qid as u16, wake });
         }
-        Ok(Rings { entries, _fuse: fuse, access })
+        Ok(Rings { queues: built, _fuse: fuse, access })
     }
 
-    /// How many descriptors the rings hold (one each, plus the device's duplicate).
+    /// How many descriptors the rings hold (a ring and an eventfd per queue, plus the
+    /// device's duplicate).
     pub fn descriptors(&self) -> usize {
-        self.entries.len() + 1
+        self.queues.len() * 2 + 1
     }
 
-    /// Starts serving: one thread per entry, which registers the entry and then serves the
-    /// requests delivered to it with `handler` until the connection ends. Call after the INIT
-    /// reply was sent (the kernel refuses REGISTER before it, with `EAGAIN`, which is retried).
+    /// Starts serving: per queue, one thread pinned to its CPU that registers the queue's
+    /// entries and serves what the kernel delivers to them in line, and helpers (one fewer
+    /// than entries, at least one) that serve the requests which may take long
+    /// ([`Handler::may_block`]), so that those hold up nothing else of the queue. One thread
+    /// serving a queue's quick requests is what makes the rings fast: the kernel gives it the
+    /// next request as it re-arms the entry, often without a sleep and a wake-up in between
+    /// (threads of their own per entry made 5000 creates 2-3x slower on a quiet machine).
+    /// Call after the INIT reply was sent (the kernel refuses REGISTER before it, with
+    /// `EAGAIN`, which is retried).
     pub fn start(self, handler: Arc<dyn Handler>) -> std::io::Result<()> {
-        let Rings { entries, _fuse, access } = self;
+        let Rings { queues, _fuse, access } = self;
         let fuse = Arc::new(_fuse);
-        for (i, e) in entries.into_iter().enumerate() {
+        for q in queues {
+            let qid = q.qid;
+            let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
+            let (finished, done) = std::sync::mpsc::channel::<Job>();
+            let inbox = Arc::new(std::sync::Mutex::new(inbox));
+            let wake = Arc::new(q.wake.try_clone()?);
+            for i in 0..q.slots.len().saturating_sub(1).max(1) {
+                let (handler, inbox, finished, wake) = (handler.clone(), inbox.clone(), finished.clone(), wake.clone());
+                std::thread::Builder::new().name(format!("ovl-ring-{qid}-h{i}")).spawn(move || {
+                    pin(qid);
+                    help(&inbox, &finished, &wake, &*handler, access);
+                })?;
+            }
+            drop(finished);
             let (handler, fuse) = (handler.clone(), fuse.clone());
-            std::thread::Builder::new().name(format!("ovl-ring-{}-{i}", e.qid)).spawn(move || {
-                let qid = e.qid;
-                if let Err(err) = serve(e, &*handler, access) {
-                    tracing::warn!(qid, "io_uring entry stopped: {err}");
+            std::thread::Builder::new().name(format!("ovl-ring-{qid}")).spawn(move || {
+                if let Err(err) = serve(q, &*handler, access, &jobs, &done) {
+                    tracing::warn!(qid, "io_uring queue stopped: {err}");
                 }
                 drop(fuse);
             })?;
         }
         Ok(())
     }
+}
+
+/// A request handed to a helper: the entry's tag and buffers, and, once served, the id to
+/// commit its reply under.
+struct Job {
+    tag: u64,
+    bufs: sys::EntryBufs,
+    commit_id: u64,
 }
 
 /// Keeps the thread on its queue's CPU where the scheduler allows: the kernel completes an
@@ -138,66 +177,158 @@ fn pin(qid: u16) {
     }
 }
 
-/// Waits for the completion of the one command in flight; its result (0, or a negative errno).
-fn complete(ring: &mut sys::Ring) -> std::io::Result<i32> {
+/// Serves the requests delivered to `bufs` in line, as a helper does: the reply is written
+/// into the buffers; returns the id to commit it under.
+struct Server<'h> {
+    handler: &'h dyn Handler,
+    access: Access,
+    /// A copy of a request's names and values, so that the reply can be written in place.
+    scratch: Vec<u8>,
+}
+
+impl Server<'_> {
+    fn serve(&mut self, bufs: &mut sys::EntryBufs) -> u64 {
+        // A write's reply (8 bytes), written beside its data until the data was used.
+        let mut small = [0u8; 64];
+        let (header, payload) = bufs.get();
+        let ent = &header[sys::ENT_IN_OUT..];
+        let commit_id = u64::from_le_bytes(ent[8..16].try_into().expect("8 bytes"));
+        let payload_sz = (u32::from_le_bytes(ent[16..20].try_into().expect("4 bytes")) as usize).min(payload.len());
+        let opcode = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        let (unique, errno, len) = if opcode == wire::opcode::WRITE {
+            let r = one_request(header, &payload[..payload_sz], &mut small, self.handler, self.access);
+            payload[..r.2].copy_from_slice(&small[..r.2]);
+            r
+        } else {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&payload[..payload_sz]);
+            one_request(header, &self.scratch, payload, self.handler, self.access)
+        };
+        put_reply(header, unique, errno, len);
+        commit_id
+    }
+}
+
+/// Whether the request delivered to `bufs` may take long (see [`Handler::may_block`]); one
+/// that does not decode does not (it is answered at once).
+fn blocks(bufs: &mut sys::EntryBufs, handler: &dyn Handler) -> bool {
+    let (header, payload) = bufs.get();
+    let ent = &header[sys::ENT_IN_OUT..];
+    let payload_sz = (u32::from_le_bytes(ent[16..20].try_into().expect("4 bytes")) as usize).min(payload.len());
+    let Ok(h) = wire::header(&header[..wire::IN_HEADER_LEN]) else { return false };
+    wire::decode_op(&h, &header[sys::OP_IN..sys::ENT_IN_OUT], &payload[..payload_sz])
+        .is_ok_and(|op| handler.may_block(&op))
+}
+
+/// A helper: serves the requests its queue hands it, gives each back to be committed, and
+/// wakes the queue's thread, until that thread is gone.
+fn help(
+    inbox: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
+    finished: &std::sync::mpsc::Sender<Job>,
+    wake: &OwnedFd,
+    handler: &dyn Handler,
+    access: Access,
+) {
+    let mut server = Server { handler, access, scratch: Vec::new() };
+    loop {
+        let next = inbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
+        let Ok(mut job) = next else { return };
+        job.commit_id = server.serve(&mut job.bufs);
+        if finished.send(job).is_err() {
+            return;
+        }
+        // (Nonblocking: a counter already at its limit is a wake-up already pending.)
+        let _ = rustix::io::write(wake, &1u64.to_ne_bytes());
+    }
+}
+
+/// Waits until at least one command of `ring` completed; the completions, as (tag, result).
+fn completions(ring: &mut sys::Ring, out: &mut Vec<(u64, i32)>) -> std::io::Result<()> {
+    out.clear();
     loop {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(e),
         }
-        if let Some(c) = ring.completion().next() {
-            return Ok(c.result());
+        out.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        if !out.is_empty() {
+            return Ok(());
         }
     }
 }
 
-/// Registers entry `e` and serves what the kernel delivers to it until the connection ends.
-fn serve(mut e: Entry, handler: &dyn Handler, access: Access) -> std::io::Result<()> {
-    pin(e.qid);
-    // REGISTER, retried while the kernel has not seen the INIT reply yet.
+/// Registers queue `q`'s entries and serves what the kernel delivers to them until the
+/// connection ends: quick requests in line, the others through the helpers (`jobs`, back
+/// through `done` with a wake-up of the queue's eventfd).
+fn serve(
+    mut q: Queue,
+    handler: &dyn Handler,
+    access: Access,
+    jobs: &std::sync::mpsc::Sender<Job>,
+    done: &std::sync::mpsc::Receiver<Job>,
+) -> std::io::Result<()> {
+    pin(q.qid);
+    let qid = q.qid;
+    for (tag, bufs) in q.slots.iter().enumerate() {
+        sys::push_register(&mut q.ring, bufs.as_ref().expect("all entries at start"), qid, tag as u64)?;
+    }
+    sys::push_poll(&mut q.ring, q.wake.as_raw_fd(), WAKE)?;
+    let mut server = Server { handler, access, scratch: Vec::new() };
+    let mut open = q.slots.len();
     let mut tries = 0;
-    let mut res = loop {
-        sys::push_register(&mut e.ring, &e.bufs, e.qid)?;
-        let res = complete(&mut e.ring)?;
-        if res == -libc::EAGAIN && tries < 5000 {
-            tries += 1;
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            continue;
-        }
-        break res;
-    };
-    // A copy of a request's names and values, so that the reply can be written in place.
-    let mut scratch: Vec<u8> = Vec::new();
-    // A write's reply (8 bytes), written beside its data until the data was used.
-    let mut small = [0u8; 64];
+    let mut events = Vec::new();
     loop {
-        match res {
-            0 => {}
-            // The connection ended (umount, abort): the normal way out.
-            r if r == -libc::ENOTCONN || r == -libc::ECONNABORTED || r == -libc::ENODEV => return Ok(()),
-            r => return Err(std::io::Error::from_raw_os_error(-r)),
+        completions(&mut q.ring, &mut events)?;
+        for &(tag, res) in &events {
+            if tag == WAKE {
+                let _ = rustix::io::read(&q.wake, &mut [0u8; 8]);
+                while let Ok(job) = done.try_recv() {
+                    sys::push_commit(&mut q.ring, job.commit_id, qid, job.tag)?;
+                    q.slots[job.tag as usize] = Some(job.bufs);
+                }
+                sys::push_poll(&mut q.ring, q.wake.as_raw_fd(), WAKE)?;
+                continue;
+            }
+            let slot = usize::try_from(tag)
+                .ok()
+                .filter(|t| *t < q.slots.len())
+                .ok_or_else(|| std::io::Error::other(format!("a completion of no entry: {tag}")))?;
+            match res {
+                0 => {}
+                // REGISTER before the kernel has seen the INIT reply: again, a little later.
+                r if r == -libc::EAGAIN && tries < 5000 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    let bufs = q.slots[slot].as_ref().ok_or_else(|| std::io::Error::other("entry away"))?;
+                    sys::push_register(&mut q.ring, bufs, qid, tag)?;
+                    continue;
+                }
+                // The connection ended (umount, abort): the normal way out, once for each entry.
+                r if r == -libc::ENOTCONN || r == -libc::ECONNABORTED || r == -libc::ENODEV => {
+                    open -= 1;
+                    if open == 0 {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                r => return Err(std::io::Error::from_raw_os_error(-r)),
+            }
+            let mut bufs = q.slots[slot].take().ok_or_else(|| std::io::Error::other("a request for an entry away"))?;
+            if blocks(&mut bufs, handler) {
+                if let Err(std::sync::mpsc::SendError(job)) = jobs.send(Job { tag, bufs, commit_id: 0 }) {
+                    // No helper left (only while the mount ends): served here.
+                    let mut job = job;
+                    let commit_id = server.serve(&mut job.bufs);
+                    sys::push_commit(&mut q.ring, commit_id, qid, tag)?;
+                    q.slots[slot] = Some(job.bufs);
+                }
+                continue;
+            }
+            let commit_id = server.serve(&mut bufs);
+            sys::push_commit(&mut q.ring, commit_id, qid, tag)?;
+            q.slots[slot] = Some(bufs);
         }
-        let commit_id = {
-            let (header, payload) = e.bufs.get();
-            let ent = &header[sys::ENT_IN_OUT..];
-            let commit_id = u64::from_le_bytes(ent[8..16].try_into().expect("8 bytes"));
-            let payload_sz = (u32::from_le_bytes(ent[16..20].try_into().expect("4 bytes")) as usize).min(payload.len());
-            let opcode = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-            let (unique, errno, len) = if opcode == wire::opcode::WRITE {
-                let r = one_request(header, &payload[..payload_sz], &mut small, handler, access);
-                payload[..r.2].copy_from_slice(&small[..r.2]);
-                r
-            } else {
-                scratch.clear();
-                scratch.extend_from_slice(&payload[..payload_sz]);
-                one_request(header, &scratch, payload, handler, access)
-            };
-            put_reply(header, unique, errno, len);
-            commit_id
-        };
-        sys::push_commit(&mut e.ring, commit_id, e.qid)?;
-        res = complete(&mut e.ring)?;
     }
 }
 

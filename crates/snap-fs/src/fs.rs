@@ -71,6 +71,22 @@ impl Handler for SnapFs {
         }
     }
 
+    /// A change to LIVE may first copy what it changes into the newest snapshot's layer (the
+    /// CoW rules): however small, it may take as long as that copy.
+    fn may_block(&self, op: &Op<'_>) -> bool {
+        op.may_block()
+            || view_side(op).is_none()
+                && matches!(
+                    op,
+                    Op::Write { .. }
+                        | Op::Create { .. }
+                        | Op::Mknod { .. }
+                        | Op::Mkdir { .. }
+                        | Op::Symlink { .. }
+                        | Op::Unlink { .. }
+                )
+    }
+
     fn forget(&self, ino: u64, nlookup: u64) {
         if ino == SNAPDIR {
             return;

@@ -100,23 +100,37 @@ fn with_len(e: squeue::Entry128, len: u32) -> squeue::Entry128 {
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-/// Queues the REGISTER of `bufs` as an entry of queue `qid`.
-pub fn push_register(ring: &mut Ring, bufs: &EntryBufs, qid: u16) -> std::io::Result<()> {
-    let e =
-        opcode::UringCmd80::new(types::Fixed(0), CMD_REGISTER).cmd(cmd_req(0, qid)).addr(Some(bufs.iov as u64)).build();
+/// Queues the REGISTER of `bufs` as an entry of queue `qid`; its completion carries `tag`.
+pub fn push_register(ring: &mut Ring, bufs: &EntryBufs, qid: u16, tag: u64) -> std::io::Result<()> {
+    let e = opcode::UringCmd80::new(types::Fixed(0), CMD_REGISTER)
+        .cmd(cmd_req(0, qid))
+        .addr(Some(bufs.iov as u64))
+        .build()
+        .user_data(tag);
     push(ring, &with_len(e, 2))
 }
 
 /// Queues the COMMIT_AND_FETCH of the reply to request `commit_id` in queue `qid` (the reply
-/// already written into the entry's buffers).
-pub fn push_commit(ring: &mut Ring, commit_id: u64, qid: u16) -> std::io::Result<()> {
-    let e = opcode::UringCmd80::new(types::Fixed(0), CMD_COMMIT_AND_FETCH).cmd(cmd_req(commit_id, qid)).build();
+/// already written into the entry's buffers); the next request's completion carries `tag`.
+pub fn push_commit(ring: &mut Ring, commit_id: u64, qid: u16, tag: u64) -> std::io::Result<()> {
+    let e = opcode::UringCmd80::new(types::Fixed(0), CMD_COMMIT_AND_FETCH)
+        .cmd(cmd_req(commit_id, qid))
+        .build()
+        .user_data(tag);
     push(ring, &e)
+}
+
+/// Queues a one-shot wait for `fd` (an eventfd the caller keeps open while the ring lives) to
+/// become readable; its completion carries `tag`.
+pub fn push_poll(ring: &mut Ring, fd: RawFd, tag: u64) -> std::io::Result<()> {
+    let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(tag);
+    push(ring, &squeue::Entry128::from(e))
 }
 
 fn push(ring: &mut Ring, e: &squeue::Entry128) -> std::io::Result<()> {
     // SAFETY: the only memory an entry names is an `EntryBufs`'s `iovec`s and, through them,
-    // its header and payload, all leaked and so valid for the rest of the process.
+    // its header and payload, all leaked and so valid for the rest of the process (a poll
+    // names only a descriptor, which its caller keeps open while the ring lives).
     unsafe { ring.submission().push(e) }.map_err(|_| std::io::Error::other("ring submission queue full"))
 }
 
