@@ -1137,6 +1137,17 @@ impl Snapper {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
+        let info = self.delete_stopped(name)?;
+        // Only with every lock let go: the kernel takes `.snapshots`' directory lock to forget a
+        // name, which a view lookup in flight may hold while it waits for the views' lock. (Made
+        // under the delete's locks, a stress test's delete hung for a minute in CI.)
+        self.forget_view_name(name);
+        self.forget_retired_names();
+        Ok(info)
+    }
+
+    /// [`Snapper::delete`] with changes stopped and the views' lock held, until it returns.
+    fn delete_stopped(&self, name: &str) -> anyhow::Result<crate::store::SnapshotInfo> {
         let _gate = self.gate.write();
         let _views = self.views.changing();
         let mut store = self.store.lock();
@@ -1204,8 +1215,6 @@ impl Snapper {
             let _ = self.sealed.compare_exchange(sealed, now, Ordering::AcqRel, Ordering::Acquire);
         }
         tracing::info!(name, id = info.id, "snapshot deleted");
-        self.forget_view_name(name);
-        self.forget_retired_names();
         Ok(info)
     }
 
