@@ -305,11 +305,74 @@ The clock is                             OVLSNAP_NOW (seconds since the epoch) w
         /// The snapshot to send.
         b: String,
         /// Send only the changes since this older snapshot.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "oci_layout")]
         from: Option<String>,
+        /// Write the snapshot's image (as `push` makes it) into OCI image layout DIR, under TAG
+        /// (default `latest`), instead of a stream to stdout. When DIR's tag already holds an
+        /// image of this LIVE's snapshots, only the new layers are added.
+        #[arg(long, value_name = "DIR[:TAG]")]
+        oci_layout: Option<String>,
+        /// Layer compression for --oci-layout: gzip or zstd.
+        #[arg(long, default_value = "gzip", requires = "oci_layout")]
+        compression: snap_oci::Compression,
         /// The mount (default: the one containing the current directory).
         #[arg(long)]
         mount: Option<PathBuf>,
+    },
+    /// Publish snapshot NAME to an OCI registry as an image: a chain of layers from the snapshot
+    /// the tag already holds (its whole tree first, then each step's changes) to NAME, so a
+    /// later push uploads only its new layer. Credentials come from the auth file podman and
+    /// docker use ($REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json,
+    /// ~/.docker/config.json). Failed requests are retried; a rerun of a failed push uploads only
+    /// what is missing.
+    #[command(
+        after_help = "Examples:
+  ovlsnap push monday registry.example/backups/data:latest
+  ovlsnap push --insecure monday 127.0.0.1:5000/data"
+    )]
+    Push {
+        /// The snapshot.
+        name: String,
+        /// Where: HOST[:PORT]/REPOSITORY[:TAG] (tag default `latest`).
+        reference: String,
+        /// Layer compression: gzip or zstd.
+        #[arg(long, default_value = "gzip")]
+        compression: snap_oci::Compression,
+        /// Plain HTTP and unverified certificates (a registry on loopback or a lab).
+        #[arg(long)]
+        insecure: bool,
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The mount (default: the one containing the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Fetch an image from an OCI registry into DIR, a new directory (any image of filesystem
+    /// layers), or with --into as snapshots of a mounted LIVE (an image `ovlsnap push` made: the
+    /// snapshots keep their names). Every blob is checked against its digest before anything
+    /// changes; an interrupted pull resumes when run again.
+    #[command(
+        after_help = "Examples:
+  ovlsnap pull registry.example/backups/data:latest /restore/data
+  ovlsnap pull --into /data registry.example/backups/data:latest"
+    )]
+    Pull {
+        /// What: HOST[:PORT]/REPOSITORY[:TAG].
+        reference: String,
+        /// The new directory to build the tree in.
+        #[arg(required_unless_present = "into", conflicts_with = "into")]
+        dir: Option<PathBuf>,
+        /// Add the image's snapshots to this mounted LIVE (empty, or holding an earlier pull of
+        /// the same chain and unchanged since).
+        #[arg(long, value_name = "MOUNT")]
+        into: Option<PathBuf>,
+        /// Plain HTTP and unverified certificates (a registry on loopback or a lab).
+        #[arg(long)]
+        insecure: bool,
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Apply a stream from `ovlsnap send` (read from stdin) to directory TARGET. A truncated or
     /// corrupt stream is refused before TARGET is touched. The stream is staged in
@@ -566,7 +629,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Clone { name, dir, upper, mount, foreground } => clone(&name, &dir, upper, mount, foreground),
-        Cmd::Send { b, from, mount } => {
+        Cmd::Send { b, oci_layout: Some(layout), compression, mount, .. } => {
+            let mnt = resolve_mount(mount)?;
+            let (dir, tag) = match layout.rsplit_once(':') {
+                Some((d, t)) if !t.contains('/') => (d.to_string(), t.to_string()),
+                _ => (layout.clone(), "latest".to_string()),
+            };
+            let dest = snap_oci::layout::Layout::open(Path::new(&dir), &tag)?;
+            let src = snap_oci::source::Source::open(&mnt)?;
+            let ui = oci_ui();
+            let r = snap_oci::publish::publish(&src, &b, &dest, compression, &ui)?;
+            drop(ui);
+            eprintln!(
+                "wrote {b} to {dir}:{tag}: {} layer(s) ({}), {} new, {} already there; manifest {}",
+                r.chain.len(),
+                r.chain.join(" > "),
+                r.stored.len(),
+                r.present.len(),
+                r.digest
+            );
+            Ok(())
+        }
+        Cmd::Send { b, from, mount, .. } => {
             let mnt = resolve_mount(mount)?;
             let view = mnt.join(snap_fs::SNAPDIR_NAME).join(&b);
             if !view.is_dir() {
@@ -585,6 +669,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let n = snap_fs::stream::send(&view, changes.as_deref(), out, &|| bar.tick())?;
             bar.finish_and_clear();
             eprintln!("sent {n} entries of {b}");
+            Ok(())
+        }
+        Cmd::Push { name, reference, compression, insecure, json, mount } => {
+            let mnt = resolve_mount(mount)?;
+            let src = snap_oci::source::Source::open(&mnt)?;
+            src.find(&name)?;
+            let remote = snap_oci::registry::Remote::open(&reference, insecure)?;
+            remote.login(snap_oci::RegistryOperation::Push)?;
+            let scratch_root = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+            let scratch = tempfile_dir(&scratch_root, "ovlsnap-push")?;
+            let dest = snap_oci::publish::ToRegistry { remote: &remote, scratch: scratch.clone() };
+            let ui = oci_ui();
+            let r = snap_oci::publish::publish(&src, &name, &dest, compression, &ui);
+            let _ = std::fs::remove_dir_all(&scratch);
+            let r = r?;
+            drop(ui);
+            if json {
+                say!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let bytes: u64 = r.stored.iter().map(|(_, n)| n).sum();
+                say!(
+                    "pushed {name} to {}: {} layer(s) ({}), {} uploaded ({}), {} already there; manifest {}",
+                    remote.reference(),
+                    r.chain.len(),
+                    r.chain.join(" > "),
+                    r.stored.len(),
+                    human(bytes),
+                    r.present.len(),
+                    r.digest
+                );
+            }
+            Ok(())
+        }
+        Cmd::Pull { reference, dir, into, insecure, json } => {
+            let remote = snap_oci::registry::Remote::open(&reference, insecure)?;
+            let ui = oci_ui();
+            let r = match (dir, into) {
+                (_, Some(mount)) => {
+                    let mnt = resolve_mount(Some(mount))?;
+                    snap_oci::pull::into_live(&remote, &mnt, &ui)?
+                }
+                (Some(dir), None) => snap_oci::pull::into_tree(&remote, &dir, &ui)?,
+                (None, None) => bail!("pull needs DIR or --into MOUNT"),
+            };
+            drop(ui);
+            if json {
+                say!("{}", serde_json::to_string_pretty(&r)?);
+            } else if r.snapshots.is_empty() {
+                say!("pulled {} ({} layer(s))", remote.reference(), r.layers);
+            } else {
+                say!("pulled {}: took {}", remote.reference(), r.snapshots.join(", "));
+            }
             Ok(())
         }
         Cmd::Receive { target } => {
@@ -1309,6 +1445,63 @@ the others when used; a take is refused, not half made, when too few descriptors
 "#;
 
 /// A spinner on stderr while the daemon works, when stderr is a terminal.
+/// A new private directory under `root`.
+fn tempfile_dir(root: &Path, prefix: &str) -> anyhow::Result<PathBuf> {
+    for n in 0..100u32 {
+        let p = root.join(format!("{prefix}.{}.{n}", std::process::id()));
+        match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating a work dir in {}", root.display())),
+        }
+    }
+    bail!("no free work dir name in {}", root.display())
+}
+
+/// Progress of a push or pull on a terminal: a bar per transfer, a spinner per stream.
+struct OciUi(indicatif::ProgressBar);
+
+impl snap_oci::Ui for OciUi {
+    fn phase(&self, what: &str, len: Option<u64>) {
+        let style = match len {
+            Some(n) => {
+                self.0.set_length(n);
+                "{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})"
+            }
+            None => "{spinner} {msg} {pos} entries",
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(style) {
+            self.0.set_style(style.progress_chars("=> "));
+        }
+        self.0.set_position(0);
+        self.0.set_message(what.to_string());
+    }
+
+    fn step(&self) {
+        self.0.inc(1);
+    }
+
+    fn bytes(&self, n: u64) {
+        self.0.set_position(n);
+    }
+}
+
+impl Drop for OciUi {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn oci_ui() -> std::sync::Arc<dyn snap_oci::Ui> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return std::sync::Arc::new(snap_oci::Quiet);
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    std::sync::Arc::new(OciUi(bar))
+}
+
 fn spinner(what: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
