@@ -325,11 +325,9 @@ The clock is                             OVLSNAP_NOW (seconds since the epoch) w
     /// docker use ($REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json,
     /// ~/.docker/config.json). Failed requests are retried; a rerun of a failed push uploads only
     /// what is missing.
-    #[command(
-        after_help = "Examples:
+    #[command(after_help = "Examples:
   ovlsnap push monday registry.example/backups/data:latest
-  ovlsnap push --insecure monday 127.0.0.1:5000/data"
-    )]
+  ovlsnap push --insecure monday 127.0.0.1:5000/data")]
     Push {
         /// The snapshot.
         name: String,
@@ -352,11 +350,9 @@ The clock is                             OVLSNAP_NOW (seconds since the epoch) w
     /// layers), or with --into as snapshots of a mounted LIVE (an image `ovlsnap push` made: the
     /// snapshots keep their names). Every blob is checked against its digest before anything
     /// changes; an interrupted pull resumes when run again.
-    #[command(
-        after_help = "Examples:
+    #[command(after_help = "Examples:
   ovlsnap pull registry.example/backups/data:latest /restore/data
-  ovlsnap pull --into /data registry.example/backups/data:latest"
-    )]
+  ovlsnap pull --into /data registry.example/backups/data:latest")]
     Pull {
         /// What: HOST[:PORT]/REPOSITORY[:TAG].
         reference: String,

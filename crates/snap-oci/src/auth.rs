@@ -58,7 +58,8 @@ fn lookup(text: &[u8], registry: &str) -> anyhow::Result<Option<RegistryAuth>> {
         .decode(b64.trim())
         .with_context(|| format!("the entry for {key}: its auth is not base64"))?;
     let raw = String::from_utf8(raw).with_context(|| format!("the entry for {key}: its auth is not text"))?;
-    let (user, pass) = raw.split_once(':').with_context(|| format!("the entry for {key}: its auth is not USER:PASSWORD"))?;
+    let (user, pass) =
+        raw.split_once(':').with_context(|| format!("the entry for {key}: its auth is not USER:PASSWORD"))?;
     Ok(Some(RegistryAuth::Basic(user.to_string(), pass.to_string())))
 }
 

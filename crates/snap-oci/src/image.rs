@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use anyhow::{Context, bail};
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
 
-use crate::layer::digest_of;
 use crate::Snap;
+use crate::layer::digest_of;
 
 /// Media type of an OCI image manifest.
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -54,7 +54,11 @@ pub fn chain_of(m: &OciImageManifest) -> Option<Vec<Link>> {
         if from != links.last().map(|p| &p.key) || (i == 0) != from.is_none() {
             return None;
         }
-        links.push(Link { key: a.get(LAYER_SNAPSHOT)?.clone(), name: a.get(LAYER_NAME)?.clone(), created: a.get(LAYER_CREATED).cloned().unwrap_or_default() });
+        links.push(Link {
+            key: a.get(LAYER_SNAPSHOT)?.clone(),
+            name: a.get(LAYER_NAME)?.clone(),
+            created: a.get(LAYER_CREATED).cloned().unwrap_or_default(),
+        });
     }
     (!links.is_empty()).then_some(links)
 }
@@ -184,7 +188,10 @@ pub fn parse_manifest(bytes: &[u8]) -> anyhow::Result<OciImageManifest> {
     }
     for l in &m.layers {
         compression_of(&l.media_type)?;
-        if !l.digest.starts_with("sha256:") || l.digest.len() != 71 || !l.digest[7..].bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !l.digest.starts_with("sha256:")
+            || l.digest.len() != 71
+            || !l.digest[7..].bytes().all(|b| b.is_ascii_hexdigit())
+        {
             bail!("a layer's digest {:?} is not a sha256 digest", l.digest);
         }
         if l.size < 0 {
@@ -209,10 +216,8 @@ pub fn compression_of(media_type: &str) -> anyhow::Result<Option<crate::Compress
 /// The config's `rootfs.diff_ids`.
 pub fn diff_ids(config: &[u8]) -> anyhow::Result<Vec<String>> {
     let v: serde_json::Value = serde_json::from_slice(config).context("the image config is not JSON")?;
-    let ids = v
-        .pointer("/rootfs/diff_ids")
-        .and_then(|d| d.as_array())
-        .context("the image config has no rootfs.diff_ids")?;
+    let ids =
+        v.pointer("/rootfs/diff_ids").and_then(|d| d.as_array()).context("the image config has no rootfs.diff_ids")?;
     ids.iter().map(|d| d.as_str().map(str::to_string).context("a diff_id is not a string")).collect()
 }
 
@@ -269,7 +274,16 @@ mod tests {
         let layers = [Layer::new(None, &a, "x", "sha256:0", 1, "d"), Layer::new(Some(&a), &b, "x", "sha256:1", 1, "e")];
         let img = build(&b, &[a.clone(), b.clone()], &layers).unwrap();
         let m: OciImageManifest = serde_json::from_slice(&img.manifest).unwrap();
-        assert_eq!(chain_of(&m).unwrap(), vec![link(&a), link(&b)].into_iter().map(|mut l| { l.created = String::new(); l }).collect::<Vec<_>>());
+        assert_eq!(
+            chain_of(&m).unwrap(),
+            vec![link(&a), link(&b)]
+                .into_iter()
+                .map(|mut l| {
+                    l.created = String::new();
+                    l
+                })
+                .collect::<Vec<_>>()
+        );
         let mut broken = m.clone();
         broken.layers.swap(0, 1);
         assert_eq!(chain_of(&broken), None, "a chain out of order is no ovlsnap chain");

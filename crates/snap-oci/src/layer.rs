@@ -8,8 +8,8 @@ use anyhow::Context;
 use sha2::{Digest as _, Sha256};
 
 use crate::Compression;
-use crate::source::Source;
 use crate::Snap;
+use crate::source::Source;
 
 /// A layer blob written to a file.
 #[derive(Debug)]

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
+use crate::Ui;
 use crate::image::{Image, MANIFEST_MEDIA_TYPE};
 use crate::layer::Blob;
 use crate::publish::Destination;
-use crate::Ui;
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
@@ -45,7 +45,9 @@ impl Layout {
 
     fn index(&self) -> anyhow::Result<serde_json::Value> {
         match fs::read(self.dir.join("index.json")) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}/index.json is not JSON", self.dir.display())),
+            Ok(b) => {
+                serde_json::from_slice(&b).with_context(|| format!("{}/index.json is not JSON", self.dir.display()))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Ok(serde_json::json!({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []}))
             }
@@ -62,7 +64,11 @@ impl Layout {
 impl Destination for Layout {
     fn prior(&self) -> anyhow::Result<Option<Vec<u8>>> {
         let index = self.index()?;
-        let entry = index["manifests"].as_array().into_iter().flatten().find(|m| m["annotations"][REF_NAME] == self.tag.as_str());
+        let entry = index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["annotations"][REF_NAME] == self.tag.as_str());
         let Some(digest) = entry.and_then(|m| m["digest"].as_str()) else { return Ok(None) };
         Ok(fs::read(self.blob_path(digest)?).ok())
     }

@@ -57,13 +57,21 @@ pub fn publish(
     };
     let chain = image::chain_for(&prior, &src.snaps(), &target);
     let mut layers = Vec::new();
-    let mut report = Report { chain: chain.iter().map(|s| s.name.clone()).collect(), stored: Vec::new(), present: Vec::new(), digest: String::new() };
+    let mut report = Report {
+        chain: chain.iter().map(|s| s.name.clone()).collect(),
+        stored: Vec::new(),
+        present: Vec::new(),
+        digest: String::new(),
+    };
     for (i, to) in chain.iter().enumerate() {
         let from = i.checked_sub(1).map(|j| &chain[j]);
-        ui.phase(&match from {
-            Some(a) => format!("sending {} (changes since {})", to.name, a.name),
-            None => format!("sending {} (whole tree)", to.name),
-        }, None);
+        ui.phase(
+            &match from {
+                Some(a) => format!("sending {} (changes since {})", to.name, a.name),
+                None => format!("sending {} (whole tree)", to.name),
+            },
+            None,
+        );
         let blob = layer::write(src, from, to, compression, dest.scratch(), &|| ui.step())?;
         let kept = (|| {
             if dest.has_blob(&blob.digest)? {

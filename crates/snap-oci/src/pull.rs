@@ -73,7 +73,10 @@ pub fn fetch(remote: &Remote, cache: &Path, ui: &Arc<dyn Ui>) -> anyhow::Result<
         let path = cache.join(d.digest.replace(':', "-"));
         let ok = path.exists() && digest_file(&path)? == d.digest;
         if !ok {
-            ui.phase(&format!("downloading layer {} of {} ({} bytes)", i + 1, manifest.layers.len(), d.size), Some(d.size as u64));
+            ui.phase(
+                &format!("downloading layer {} of {} ({} bytes)", i + 1, manifest.layers.len(), d.size),
+                Some(d.size as u64),
+            );
             let part = path.with_extension("part");
             let ui2 = ui.clone();
             remote.get_blob(d, &part, Arc::new(move |n| ui2.bytes(n)))?;
@@ -83,7 +86,11 @@ pub fn fetch(remote: &Remote, cache: &Path, ui: &Arc<dyn Ui>) -> anyhow::Result<
         let got = digest_reader(unpacked(&path, compression)?)
             .with_context(|| format!("layer {} ({}) does not decompress", i + 1, d.digest))?;
         if &got != diff_id {
-            bail!("layer {} ({}) holds a tar whose digest {got} is not the config's {diff_id}: refused", i + 1, d.digest);
+            bail!(
+                "layer {} ({}) holds a tar whose digest {got} is not the config's {diff_id}: refused",
+                i + 1,
+                d.digest
+            );
         }
         layers.push((path, compression));
     }
@@ -125,7 +132,11 @@ pub fn into_tree(remote: &Remote, dir: &Path, ui: &Arc<dyn Ui>) -> anyhow::Resul
     })();
     if let Err(e) = applied {
         let _ = fs::remove_dir_all(&stage);
-        return Err(e.context(format!("{} was left as it was; the downloaded blobs stay in {} for a rerun", dir.display(), cache.display())));
+        return Err(e.context(format!(
+            "{} was left as it was; the downloaded blobs stay in {} for a rerun",
+            dir.display(),
+            cache.display()
+        )));
     }
     let report = Report { layers: fetched.layers.len(), snapshots: Vec::new(), ovlsnap_image: fetched.chain.is_some() };
     fetched.clean();
@@ -140,13 +151,16 @@ pub fn into_live(remote: &Remote, mnt: &Path, ui: &Arc<dyn Ui>) -> anyhow::Resul
     let src = Source::open(mnt)?;
     let local = src.snaps();
     // Checks that need no download first.
-    let cache = mnt.parent().unwrap_or(Path::new("/")).join(format!(
-        ".ovlsnap-pull.{}",
-        mnt.file_name().map_or("live".into(), |n| n.to_string_lossy())
-    ));
+    let cache = mnt
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!(".ovlsnap-pull.{}", mnt.file_name().map_or("live".into(), |n| n.to_string_lossy())));
     let fetched = fetch(remote, &cache, ui)?;
     let Some(chain) = fetched.chain.clone() else {
-        bail!("{} was not made by ovlsnap push (its layers name no snapshots): pull it into a directory instead", remote.reference());
+        bail!(
+            "{} was not made by ovlsnap push (its layers name no snapshots): pull it into a directory instead",
+            remote.reference()
+        );
     };
     let start = match local.last() {
         None => {
@@ -168,7 +182,11 @@ pub fn into_live(remote: &Remote, mnt: &Path, ui: &Arc<dyn Ui>) -> anyhow::Resul
             let report: snap_fs::diff::Report =
                 serde_json::from_value(control::call(mnt, &Request::Diff { a: newest.name.clone(), b: None })?)?;
             if !report.changes.is_empty() {
-                bail!("{} changed since snapshot {}: a pull would mix those changes into the pulled history", mnt.display(), newest.name);
+                bail!(
+                    "{} changed since snapshot {}: a pull would mix those changes into the pulled history",
+                    mnt.display(),
+                    newest.name
+                );
             }
             k + 1
         }

@@ -105,10 +105,11 @@ impl Remote {
                 Ok(None)
             }
             Err(OciDistributionError::ImageManifestNotFoundError(_)) => Ok(None),
-            Err(e) if passing(&e) => {
-                self.retry("reading the tag's manifest", || self.client.pull_manifest_raw(&self.reference, &self.auth, &accept))
-                    .map(|(b, d)| Some((b.to_vec(), d)))
-            }
+            Err(e) if passing(&e) => self
+                .retry("reading the tag's manifest", || {
+                    self.client.pull_manifest_raw(&self.reference, &self.auth, &accept)
+                })
+                .map(|(b, d)| Some((b.to_vec(), d))),
             Err(e) => Err(explain(e, &self.reference)).context("reading the tag's manifest"),
         }
     }
@@ -131,8 +132,10 @@ impl Remote {
 
     /// Uploads `bytes` as a blob (a config).
     pub fn put_small_blob(&self, bytes: &[u8], digest: &str) -> anyhow::Result<()> {
-        self.retry(&format!("uploading blob {digest}"), || self.client.push_blob(&self.reference, bytes.to_vec(), digest))
-            .map(|_| ())
+        self.retry(&format!("uploading blob {digest}"), || {
+            self.client.push_blob(&self.reference, bytes.to_vec(), digest)
+        })
+        .map(|_| ())
     }
 
     /// Stores manifest `bytes` under the tag.
@@ -181,7 +184,9 @@ impl Remote {
 /// Whether a failure may pass: the connection, or the registry's 5xx and 429 answers.
 fn passing(e: &OciDistributionError) -> bool {
     match e {
-        OciDistributionError::RequestError(r) => !r.is_builder() && r.status().is_none_or(|s| s.is_server_error() || s.as_u16() == 429),
+        OciDistributionError::RequestError(r) => {
+            !r.is_builder() && r.status().is_none_or(|s| s.is_server_error() || s.as_u16() == 429)
+        }
         OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
         OciDistributionError::IoError(_) => true,
         _ => false,
@@ -213,8 +218,10 @@ fn explain(e: OciDistributionError, r: &Reference) -> anyhow::Error {
 fn file_stream(
     path: &Path,
     progress: Progress,
-) -> Result<impl futures_util::Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static, OciDistributionError>
-{
+) -> Result<
+    impl futures_util::Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static,
+    OciDistributionError,
+> {
     let file = std::fs::File::open(path)?;
     progress(0);
     Ok(futures_util::stream::try_unfold((file, 0u64, progress), |(mut file, sent, progress)| async move {
@@ -258,7 +265,10 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<W> {
         p
     }
 
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
 
@@ -266,7 +276,6 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<W> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let p = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
-        p
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -43,6 +43,9 @@ pub const TOOLS: &[Tool] = &[
     Tool { name: "newuidmap", package: "uidmap" },
     Tool { name: "newgidmap", package: "uidmap" },
     Tool { name: "catatonit", package: "catatonit" },
+    // The registry tests (issue 22): a registry on loopback, and skopeo to read what it holds.
+    Tool { name: "docker-registry", package: "docker-registry" },
+    Tool { name: "skopeo", package: "skopeo" },
 ];
 
 /// Checks everything and installs what is missing when we may. Warns, without failing, when not root.

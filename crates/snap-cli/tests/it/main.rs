@@ -22,6 +22,7 @@ mod holds;
 mod lifecycle;
 mod model;
 mod mount_cmd;
+mod oci;
 mod odd_names;
 mod open_files;
 mod security;

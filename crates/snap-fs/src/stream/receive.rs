@@ -482,6 +482,28 @@ impl Staged {
     /// Applies the staged stream to `root`: whiteouts, opaque markers, objects (renamed from
     /// `tree`, or copied across filesystems) with their metadata, then times.
     fn apply(&self, root: BorrowedFd<'_>, tree: BorrowedFd<'_>, step: &dyn Fn()) -> anyhow::Result<u64> {
+        // The directories the stream changes inside but does not carry kept their metadata from
+        // A to B: their times are put back at the end (a hard link's other name, a whiteout, an
+        // opaque dir's emptying changed their mtime here). The target's root is one of them.
+        let touched: BTreeSet<&Path> = self
+            .whiteouts
+            .iter()
+            .filter_map(|w| w.parent())
+            .chain(self.opaque.iter().map(PathBuf::as_path))
+            .chain(self.entries.keys().filter_map(|p| p.parent()))
+            .filter(|d| !self.entries.contains_key(*d))
+            .collect();
+        let mut kept = Vec::new();
+        for d in touched {
+            if let Some(fd) = existing_dir(root, d)? {
+                let st = rustix::fs::fstat(&fd)?;
+                let times = Timestamps {
+                    last_access: Timespec { tv_sec: st.st_atime as _, tv_nsec: st.st_atime_nsec as _ },
+                    last_modification: Timespec { tv_sec: st.st_mtime as _, tv_nsec: st.st_mtime_nsec as _ },
+                };
+                kept.push((d, times));
+            }
+        }
         let mut n = 0;
         for w in &self.whiteouts {
             let (parent, name) = split(w)?;
@@ -541,6 +563,12 @@ impl Staged {
             let (dir, name) = sys::open_parent(root, p)?;
             rustix::fs::utimensat(&dir, &name, &times, AtFlags::SYMLINK_NOFOLLOW)
                 .with_context(|| format!("setting the times of {}", crate::names::shown(p)))?;
+        }
+        for (d, times) in kept {
+            if let Some(fd) = existing_dir(root, d)? {
+                rustix::fs::utimensat(&fd, c".", &times, AtFlags::empty())
+                    .with_context(|| format!("putting back the times of {}", crate::names::shown(d)))?;
+            }
         }
         Ok(n)
     }

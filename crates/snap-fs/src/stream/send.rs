@@ -96,6 +96,21 @@ impl Plan {
                 }
             }
         }
+        // The directories holding a change are sent too (their own entry): what changed inside
+        // changed their times, which B's entries carry and the diff need not list.
+        let parents: BTreeSet<PathBuf> = plan
+            .whiteouts
+            .iter()
+            .chain(plan.objects.keys())
+            .flat_map(|p| p.ancestors().skip(1))
+            .filter(|a| !a.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .collect();
+        for p in parents {
+            if is_dir(&p).unwrap_or(false) {
+                put(&mut plan.objects, &p, How::Entry);
+            }
+        }
         // What is sent whole covers every change below it; what is removed, every whiteout below.
         let covered: BTreeSet<PathBuf> =
             plan.objects.iter().filter(|(_, h)| **h != How::Entry).map(|(p, _)| p.clone()).collect();

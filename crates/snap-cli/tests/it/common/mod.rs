@@ -20,6 +20,7 @@
 //! - `OVLSNAP_TEST_KEEP=1`: keep the temp dirs (after unmounting)
 
 mod json;
+pub mod registry;
 mod shell;
 mod sys;
 mod tree;
