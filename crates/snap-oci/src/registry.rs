@@ -153,7 +153,8 @@ impl Remote {
         let what = format!("downloading blob {}", d.digest);
         let r = self.retry(&what, || async {
             let file = tokio::fs::File::create(path).await?;
-            let out = Counting { inner: file, n: 0, progress: progress.clone() };
+            let limit = u64::try_from(d.size).unwrap_or(0);
+            let out = Counting { inner: file, n: 0, limit, progress: progress.clone() };
             self.client.pull_blob(&self.reference, d, out).await
         });
         if r.is_err() {
@@ -188,7 +189,6 @@ fn passing(e: &OciDistributionError) -> bool {
             !r.is_builder() && r.status().is_none_or(|s| s.is_server_error() || s.as_u16() == 429)
         }
         OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
-        OciDistributionError::IoError(_) => true,
         _ => false,
     }
 }
@@ -244,10 +244,12 @@ fn file_stream(
     }))
 }
 
-/// An async writer that counts what it writes.
+/// An async writer that counts what it writes, and fails past `limit` bytes (a registry sending
+/// more than the manifest says would otherwise fill the disk before the digest check).
 struct Counting<W> {
     inner: W,
     n: u64,
+    limit: u64,
     progress: Progress,
 }
 
@@ -257,6 +259,10 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<W> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.n + buf.len() as u64 > self.limit {
+            let e = std::io::Error::other(format!("the blob has more than the {} bytes the manifest says", self.limit));
+            return std::task::Poll::Ready(Err(e));
+        }
         let p = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = p {
             self.n += n as u64;

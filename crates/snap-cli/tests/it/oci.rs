@@ -294,7 +294,7 @@ fn a_push_cut_off_by_the_registry_going_down_fails_clearly_and_a_rerun_completes
 }
 
 #[test]
-fn pulls_refuse_corrupt_and_truncated_blobs_before_changing_anything() {
+fn pulls_refuse_corrupt_truncated_and_overlong_blobs_before_changing_anything_and_resume() {
     let Some(reg) = start_registry(None) else { return };
     let mut rng = StdRng::seed_from_u64(25);
     let m = SnapMount::start(Form::Separate, |live| {
@@ -304,9 +304,13 @@ fn pulls_refuse_corrupt_and_truncated_blobs_before_changing_anything() {
     let reference = format!("{}/bad:latest", reg.addr());
     m.take(Some("s1"));
     push(&m, "s1", &reference);
+    write(&m.mnt().join("d/g"), &random(&mut rng, 1 << 20));
+    m.take(Some("s2"));
+    push(&m, "s2", &reference);
     let manifest = skopeo_raw_manifest(&reference);
-    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
-    let blob = reg.blob_path(&layer);
+    let first = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let second = manifest["layers"][1]["digest"].as_str().unwrap().to_string();
+    let blob = reg.blob_path(&second);
     let good = fs::read(&blob).unwrap();
     let other = SnapMount::start(Form::Separate, |_| {});
 
@@ -314,13 +318,20 @@ fn pulls_refuse_corrupt_and_truncated_blobs_before_changing_anything() {
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x55;
     let truncated = good[..good.len() - 100].to_vec();
-    for (what, bytes) in [("a corrupt blob", flipped), ("a truncated blob", truncated)] {
+    let overlong = [&good[..], &[0; 4096][..]].concat();
+    let dir = m.scratch().path().join("target");
+    let cache = m.scratch().path().join(".ovlsnap-pull.target");
+    for (what, bytes) in [("a corrupt blob", flipped), ("a truncated blob", truncated), ("an overlong blob", overlong)] {
         fs::write(&blob, &bytes).unwrap();
-        let dir = m.scratch().path().join("target");
         let out = try_pull(&reference, &dir);
         let err = out.expect_failure(&format!("pull of {what}"));
         assert!(err.contains("digest") || err.contains("bytes"), "{what}: unclear error: {err}");
         assert!(!dir.exists(), "{what}: the target was made");
+        // The first layer was checked and kept for a rerun; the bad one was not kept.
+        let kept: Vec<String> =
+            fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(kept.contains(&first.replace(':', "-")), "{what}: the good layer is not kept: {kept:?}");
+        assert!(!kept.iter().any(|k| k.starts_with(&second.replace(':', "-"))), "{what}: the bad layer is kept: {kept:?}");
         let out = try_pull_into(&reference, &other);
         out.expect_failure(&format!("pull --into of {what}"));
         assert!(names(&other).is_empty(), "{what}: a snapshot was taken");
@@ -328,9 +339,9 @@ fn pulls_refuse_corrupt_and_truncated_blobs_before_changing_anything() {
         assert!(left.is_empty(), "{what}: LIVE changed: {left:?}");
     }
     fs::write(&blob, &good).unwrap();
-    let dir = m.scratch().path().join("target");
     try_pull(&reference, &dir).expect_ok("pull of the repaired blob");
-    assert_same(&m.view("s1"), &dir, true, "the pulled tree once the blob is whole");
+    assert_same(&m.view("s2"), &dir, true, "the pulled tree once the blob is whole");
+    assert!(!cache.exists(), "the cache outlives a pull that succeeded");
 }
 
 fn skopeo_raw_manifest(reference: &str) -> serde_json::Value {
