@@ -32,7 +32,7 @@ pub fn for_registry(registry: &str) -> anyhow::Result<RegistryAuth> {
     for f in files() {
         let text = match std::fs::read(&f) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => continue,
             Err(e) => return Err(e).with_context(|| format!("reading the auth file {}", f.display())),
         };
         if let Some(auth) = lookup(&text, registry).with_context(|| format!("the auth file {}", f.display()))? {

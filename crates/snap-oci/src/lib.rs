@@ -19,6 +19,7 @@
 //! `oci-client`: no HTTP of its own.
 
 pub mod auth;
+pub mod cache;
 pub mod image;
 pub mod layer;
 pub mod layout;

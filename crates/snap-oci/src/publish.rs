@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::cache::{Cache, Made};
 use crate::image::{self, Image, Layer};
 use crate::layer::{self, Blob};
 use crate::registry::Remote;
@@ -63,8 +64,17 @@ pub fn publish(
         present: Vec::new(),
         digest: String::new(),
     };
+    let mut cache = Cache::open();
     for (i, to) in chain.iter().enumerate() {
         let from = i.checked_sub(1).map(|j| &chain[j]);
+        let key = Cache::key(src.mnt(), from.map(|f| f.key.as_str()), &to.key, compression);
+        if let Some(made) = cache.get(&key).cloned() {
+            if dest.has_blob(&made.digest)? {
+                report.present.push(made.digest.clone());
+                layers.push(Layer::new(from, to, compression.media_type(), &made.digest, made.size, &made.diff_id));
+                continue;
+            }
+        }
         ui.phase(
             &match from {
                 Some(a) => format!("sending {} (changes since {})", to.name, a.name),
@@ -85,6 +95,7 @@ pub fn publish(
         })();
         let _ = std::fs::remove_file(&blob.path);
         kept?;
+        cache.put(key, Made { digest: blob.digest.clone(), size: blob.size, diff_id: blob.diff_id.clone() });
         layers.push(Layer::new(from, to, compression.media_type(), &blob.digest, blob.size, &blob.diff_id));
     }
     let img = image::build(&target, &chain, &layers)?;

@@ -44,6 +44,11 @@ impl Source {
         Ok(snap(l))
     }
 
+    /// The mount point.
+    pub fn mnt(&self) -> &Path {
+        &self.mnt
+    }
+
     /// Where snapshot `s`'s tree is seen.
     pub fn view(&self, s: &Snap) -> PathBuf {
         self.mnt.join(snap_fs::SNAPDIR_NAME).join(&s.name)

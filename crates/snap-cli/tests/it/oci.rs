@@ -31,11 +31,12 @@ fn ovlsnap_env(env: &[(&str, &Path)], args: &[&OsStr]) -> CliOutput {
             kv
         })
         .collect();
-    if env.is_empty() {
+    if !env.iter().any(|(k, _)| *k == "REGISTRY_AUTH_FILE") {
         // No auth file of the machine's user may change what a test sees.
         argv.push("REGISTRY_AUTH_FILE=/nonexistent".into());
     }
-    argv.push("HOME=/nonexistent".into());
+    // A HOME nothing can be made in: no auth file or layer cache of the user's is read or made.
+    argv.push("HOME=/dev/null".into());
     argv.push(ovlsnap_bin().into());
     argv.extend(args.iter().map(|a| a.to_os_string()));
     run_with_deadline(OsStr::new("env"), &argv).unwrap_or_else(|e| panic!("{e}"))
@@ -47,8 +48,9 @@ fn os(s: &str) -> &OsStr {
 
 /// `ovlsnap push --insecure --json NAME REF --mount MNT`, which must succeed: (stored, present).
 fn push(m: &SnapMount, name: &str, reference: &str) -> (usize, usize) {
+    let cache = m.scratch().path().join("cache");
     let out = ovlsnap_env(
-        &[],
+        &[("XDG_CACHE_HOME", &cache)],
         &[os("push"), os("--insecure"), os("--json"), os(name), os(reference), os("--mount"), m.mnt().as_os_str()],
     );
     let v: serde_json::Value =
@@ -107,6 +109,11 @@ fn each_push_uploads_only_its_new_layer_and_pulls_rebuild_every_snapshot() {
     }
     // A push of what the tag holds uploads no layer.
     assert_eq!(push(&m, "s3", &reference), (0, 3));
+    // The layers made are remembered (a later push need not make them again to learn their
+    // digests): s1's tree, s1→s2, s2→s3.
+    let cached: serde_json::Value =
+        serde_json::from_slice(&fs::read(m.scratch().path().join("cache/ovlsnap/layers.json")).unwrap()).unwrap();
+    assert_eq!(cached.as_object().map(|o| o.len()), Some(3), "{cached}");
 
     let dir = m.scratch().path().join("pulled");
     try_pull(&reference, &dir).expect_ok("pull into a new dir");
@@ -164,7 +171,7 @@ fn layouts_are_reproducible_and_skopeo_and_podman_read_the_images() {
     let mnt = m.mnt().to_path_buf();
     let layout = |dir: &Path, s: &str| {
         let arg = format!("{}:v1", dir.display());
-        ovlsnap(&[os("send"), os("--oci-layout"), os(&arg), os(s), os("--mount"), mnt.as_os_str()])
+        ovlsnap_env(&[], &[os("send"), os("--oci-layout"), os(&arg), os(s), os("--mount"), mnt.as_os_str()])
             .expect_ok(&format!("send --oci-layout {s}"));
         let index: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
         index["manifests"][0]["digest"].as_str().unwrap().to_string()
@@ -200,6 +207,32 @@ fn layouts_are_reproducible_and_skopeo_and_podman_read_the_images() {
     let dir = m.scratch().path().join("pulled");
     try_pull(&reference, &dir).expect_ok("pull of skopeo's copy");
     assert_same(&m.view("s2"), &dir, true, "the pulled copy against s2's view");
+
+    // zstd layers: written, copied and pulled alike.
+    let lz = m.scratch().path().join("layout-zstd");
+    let arg = format!("{}:v1", lz.display());
+    ovlsnap_env(
+        &[],
+        &[
+            os("send"),
+            os("--oci-layout"),
+            os(&arg),
+            os("--compression"),
+            os("zstd"),
+            os("s2"),
+            os("--mount"),
+            m.mnt().as_os_str(),
+        ],
+    )
+    .expect_ok("send --oci-layout --compression zstd");
+    let zref = format!("{}/zstd:v1", reg.addr());
+    skopeo(&["copy", "--dest-tls-verify=false", &format!("oci:{arg}"), &format!("docker://{zref}")])
+        .expect_ok("skopeo copy (zstd)");
+    let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{zref}")]);
+    assert!(raw.expect_ok("skopeo inspect --raw").contains("tar+zstd"), "{raw}");
+    let dir = m.scratch().path().join("pulled-zstd");
+    try_pull(&zref, &dir).expect_ok("pull of zstd layers");
+    assert_same(&m.view("s2"), &dir, true, "the zstd image against s2's view");
 
     // podman runs the image: the container sees the snapshot's files, sizes, modes and owners.
     if Command::new("podman").arg("--version").output().is_err() || !m.view("s2").join("busybox").exists() {
@@ -321,7 +354,8 @@ fn pulls_refuse_corrupt_truncated_and_overlong_blobs_before_changing_anything_an
     let overlong = [&good[..], &[0; 4096][..]].concat();
     let dir = m.scratch().path().join("target");
     let cache = m.scratch().path().join(".ovlsnap-pull.target");
-    for (what, bytes) in [("a corrupt blob", flipped), ("a truncated blob", truncated), ("an overlong blob", overlong)] {
+    for (what, bytes) in [("a corrupt blob", flipped), ("a truncated blob", truncated), ("an overlong blob", overlong)]
+    {
         fs::write(&blob, &bytes).unwrap();
         let out = try_pull(&reference, &dir);
         let err = out.expect_failure(&format!("pull of {what}"));
@@ -331,7 +365,10 @@ fn pulls_refuse_corrupt_truncated_and_overlong_blobs_before_changing_anything_an
         let kept: Vec<String> =
             fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(kept.contains(&first.replace(':', "-")), "{what}: the good layer is not kept: {kept:?}");
-        assert!(!kept.iter().any(|k| k.starts_with(&second.replace(':', "-"))), "{what}: the bad layer is kept: {kept:?}");
+        assert!(
+            !kept.iter().any(|k| k.starts_with(&second.replace(':', "-"))),
+            "{what}: the bad layer is kept: {kept:?}"
+        );
         let out = try_pull_into(&reference, &other);
         out.expect_failure(&format!("pull --into of {what}"));
         assert!(names(&other).is_empty(), "{what}: a snapshot was taken");
