@@ -1275,7 +1275,7 @@ _ovlsnap_snapshot_names() {
         if [[ -z "$sub" ]]; then sub="$w"; else ((positional++)); fi
     done
     case "$sub" in
-        delete|restore|rename|set|mount-cmd|mount-view|clone) ((positional == 0)) && names=1 ;;
+        delete|restore|rename|set|mount-cmd|mount-view|clone|push) ((positional == 0)) && names=1 ;;
         diff) ((positional < 2)) && names=1 ;;
         send) names=1 ;;
         hold|release) ((positional >= 1)) && names=1 ;;
@@ -1296,7 +1296,7 @@ complete -F _ovlsnap_snapshot_names -o bashdefault -o default ovlsnap
 "#;
 
 /// The arguments that take a snapshot name, by command (clap's ids).
-const SNAPSHOT_ARGS: [(&str, &[&str]); 12] = [
+const SNAPSHOT_ARGS: [(&str, &[&str]); 13] = [
     ("delete", &["name"]),
     ("restore", &["name"]),
     ("rename", &["name"]),
@@ -1306,6 +1306,7 @@ const SNAPSHOT_ARGS: [(&str, &[&str]); 12] = [
     ("clone", &["name"]),
     ("diff", &["a", "b"]),
     ("send", &["b", "from"]),
+    ("push", &["name"]),
     ("hold", &["names"]),
     ("release", &["names"]),
     ("holds", &["names"]),
@@ -1324,6 +1325,8 @@ fn zsh_with_names(script: &str) -> anyhow::Result<String> {
         }
         let ids = SNAPSHOT_ARGS.iter().find(|(c, _)| *c == section).map_or(&[][..], |(_, ids)| ids);
         let arg = line.trim_start_matches(['\'', '*', ':']);
+        // An option that excludes others starts with their group: `(--oci-layout)--from=[...`.
+        let arg = arg.strip_prefix('(').and_then(|a| a.split_once(')')).map_or(arg, |(_, rest)| rest);
         let named =
             ids.iter().find(|id| arg.starts_with(&format!("{id} -- ")) || arg.starts_with(&format!("--{id}=[")));
         match (named, line.strip_suffix(":_default' \\")) {
@@ -1373,7 +1376,7 @@ _ovlsnap_snapshot_names() {
 /// Snapshot names for fish, after the commands that take one.
 const FISH_NAMES: &str = r#"
 # Snapshot names, asked of the mount of the current directory (`ovlsnap complete-names`).
-complete -c ovlsnap -n "__fish_seen_subcommand_from delete restore rename set mount-cmd mount-view clone diff send hold release holds" -f -a "(ovlsnap complete-names 2>/dev/null)"
+complete -c ovlsnap -n "__fish_seen_subcommand_from delete restore rename set mount-cmd mount-view clone diff send push hold release holds" -f -a "(ovlsnap complete-names 2>/dev/null)"
 "#;
 
 /// The sections of ovlsnap(1) after the commands (roff).
