@@ -183,8 +183,11 @@ pub fn into_live(remote: &Remote, mnt: &Path, ui: &Arc<dyn Ui>) -> anyhow::Resul
                 serde_json::from_value(control::call(mnt, &Request::Diff { a: newest.name.clone(), b: None })?)?;
             if !report.changes.is_empty() {
                 bail!(
-                    "{} changed since snapshot {}: a pull would mix those changes into the pulled history",
+                    "{} changed since snapshot {} (local changes, or a pull cut off while applying): a pull \
+                     would mix them into the pulled history; `ovlsnap restore {}` makes LIVE that snapshot \
+                     again (take a snapshot first to keep the changes), then pull again",
                     mnt.display(),
+                    newest.name,
                     newest.name
                 );
             }
