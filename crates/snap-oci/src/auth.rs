@@ -1,4 +1,5 @@
-//! Registry credentials, from the auth files podman, skopeo and docker use.
+//! Registry credentials, from the auth files podman, skopeo and docker use, and the credential
+//! helpers they name.
 
 use std::path::PathBuf;
 
@@ -43,16 +44,28 @@ pub fn for_registry(registry: &str) -> anyhow::Result<RegistryAuth> {
     Ok(RegistryAuth::Anonymous)
 }
 
-/// The entry for `registry` in auth file `text`.
+/// The credentials for `registry` in auth file `text`: its credential helper
+/// (`credHelpers.HOST`), its `auths` entry, or the file's default helper (`credsStore`).
 fn lookup(text: &[u8], registry: &str) -> anyhow::Result<Option<RegistryAuth>> {
     let v: serde_json::Value = serde_json::from_slice(text).context("not JSON")?;
-    let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else { return Ok(None) };
     let wanted = |key: &str| {
         let host = key.trim_start_matches("https://").trim_start_matches("http://");
         let host = host.split('/').next().unwrap_or(host);
         host == registry || (registry == "docker.io" && host == "index.docker.io")
     };
-    let Some((key, entry)) = auths.iter().find(|(k, _)| wanted(k)) else { return Ok(None) };
+    let helpers = v.get("credHelpers").and_then(|h| h.as_object());
+    if let Some((_, helper)) = helpers.into_iter().flatten().find(|(k, _)| wanted(k)) {
+        let helper = helper.as_str().context("a credHelpers entry is not a string")?;
+        return from_helper(helper, registry).map(Some);
+    }
+    let auths = v.get("auths").and_then(|a| a.as_object());
+    let entry = auths.into_iter().flatten().find(|(k, e)| wanted(k) && e.get("auth").is_some());
+    let Some((key, entry)) = entry else {
+        return match v.get("credsStore").and_then(|s| s.as_str()) {
+            Some(store) => from_helper(store, registry).map(Some),
+            None => Ok(None),
+        };
+    };
     let Some(b64) = entry.get("auth").and_then(|a| a.as_str()) else { return Ok(None) };
     let raw = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
@@ -61,6 +74,42 @@ fn lookup(text: &[u8], registry: &str) -> anyhow::Result<Option<RegistryAuth>> {
     let (user, pass) =
         raw.split_once(':').with_context(|| format!("the entry for {key}: its auth is not USER:PASSWORD"))?;
     Ok(Some(RegistryAuth::Basic(user.to_string(), pass.to_string())))
+}
+
+/// Asks credential helper `docker-credential-NAME` for `registry`'s credentials (`get`, the
+/// registry on stdin, `{"Username": ..., "Secret": ...}` on stdout), as docker and podman do.
+fn from_helper(name: &str, registry: &str) -> anyhow::Result<RegistryAuth> {
+    use std::io::Write as _;
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        anyhow::bail!("{name:?} is not a credential helper name");
+    }
+    let program = format!("docker-credential-{name}");
+    let mut child = std::process::Command::new(&program)
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running the credential helper {program}"))?;
+    child.stdin.take().context("the helper's stdin")?.write_all(registry.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the credential helper {program} has no credentials for {registry}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{program} answered no JSON"))?;
+    let (Some(user), Some(secret)) = (v["Username"].as_str(), v["Secret"].as_str()) else {
+        anyhow::bail!("{program} answered without Username and Secret");
+    };
+    if user == "<token>" {
+        anyhow::bail!(
+            "{program} gave an identity token for {registry}, which ovlsnap cannot use: log in with a password"
+        );
+    }
+    Ok(RegistryAuth::Basic(user.to_string(), secret.to_string()))
 }
 
 #[cfg(test)]

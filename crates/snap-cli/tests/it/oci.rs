@@ -476,6 +476,26 @@ fn wrong_credentials_fail_in_one_line_and_right_ones_push_and_pull() {
     ovlsnap_env(&[("REGISTRY_AUTH_FILE", &right)], &[os("pull"), os("--insecure"), os(&reference), dir.as_os_str()])
         .expect_ok("pull with the right password");
     assert_same(&m.view("s1"), &dir, true, "pulled with credentials");
+    // A credential helper named for the registry (as `docker login` with a helper leaves it).
+    let bin = m.scratch().mkdir("bin");
+    let helper = bin.join("docker-credential-ovltest");
+    fs::write(
+        &helper,
+        "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread reg\n\
+         printf '{\"ServerURL\":\"%s\",\"Username\":\"alice\",\"Secret\":\"s3cret\"}' \"$reg\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(&helper, fs::Permissions::from_mode(0o755)).unwrap();
+    let with_helper = m.scratch().path().join("auth-helper.json");
+    fs::write(&with_helper, format!(r#"{{"credHelpers": {{"{}": "ovltest"}}}}"#, reg.addr())).unwrap();
+    let path = PathBuf::from(format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()));
+    let dir = m.scratch().path().join("pulled-with-helper");
+    ovlsnap_env(
+        &[("REGISTRY_AUTH_FILE", &with_helper), ("PATH", &path)],
+        &[os("pull"), os("--insecure"), os(&reference), dir.as_os_str()],
+    )
+    .expect_ok("pull with credentials from a helper");
+    assert_same(&m.view("s1"), &dir, true, "pulled with a helper's credentials");
     // Without --insecure a plain-HTTP registry is refused (TLS is verified by default).
     let tls = ovlsnap_env(
         &[("REGISTRY_AUTH_FILE", &right)],
