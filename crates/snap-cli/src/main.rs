@@ -363,6 +363,10 @@ The clock is                             OVLSNAP_NOW (seconds since the epoch) w
         /// the same chain and unchanged since).
         #[arg(long, value_name = "MOUNT")]
         into: Option<PathBuf>,
+        /// With --into: if LIVE changed since its newest snapshot (a pull cut off while applying,
+        /// or local changes), restore that snapshot first. Those changes are lost.
+        #[arg(long, requires = "into")]
+        force: bool,
         /// Plain HTTP and unverified certificates (a registry on loopback or a lab).
         #[arg(long)]
         insecure: bool,
@@ -698,13 +702,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Pull { reference, dir, into, insecure, json } => {
+        Cmd::Pull { reference, dir, into, force, insecure, json } => {
             let remote = snap_oci::registry::Remote::open(&reference, insecure)?;
             let ui = oci_ui();
             let r = match (dir, into) {
                 (_, Some(mount)) => {
                     let mnt = resolve_mount(Some(mount))?;
-                    snap_oci::pull::into_live(&remote, &mnt, &ui)?
+                    let roll_back = |name: &str| {
+                        delegation::authorize(&mnt, Perm::Restore)?;
+                        restore(&mnt, name, false)
+                    };
+                    snap_oci::pull::into_live(
+                        &remote,
+                        &mnt,
+                        &ui,
+                        force.then_some(&roll_back as &snap_oci::pull::RollBack),
+                    )?
                 }
                 (Some(dir), None) => snap_oci::pull::into_tree(&remote, &dir, &ui)?,
                 (None, None) => bail!("pull needs DIR or --into MOUNT"),

@@ -21,6 +21,9 @@ use crate::registry::Remote;
 use crate::source::Source;
 use crate::{Compression, ORIGIN, Ui};
 
+/// Makes LIVE the named snapshot again (`ovlsnap restore`), for [`into_live`].
+pub type RollBack<'a> = dyn Fn(&str) -> anyhow::Result<()> + 'a;
+
 /// An image whose blobs are all here and checked.
 pub struct Fetched {
     /// Its manifest.
@@ -146,8 +149,15 @@ pub fn into_tree(remote: &Remote, dir: &Path, ui: &Arc<dyn Ui>) -> anyhow::Resul
 /// Pulls the image's chain into the mounted LIVE at `mnt` as snapshots, named as on the source,
 /// each keeping its source key (property [`ORIGIN`]). LIVE must be empty with no snapshots, or
 /// its newest snapshot must be one of the chain's (an earlier pull) with LIVE unchanged since:
-/// then only the layers after it are applied.
-pub fn into_live(remote: &Remote, mnt: &Path, ui: &Arc<dyn Ui>) -> anyhow::Result<Report> {
+/// then only the layers after it are applied. With `roll_back`, a LIVE changed since that
+/// snapshot (a pull cut off while applying a layer, local changes) is first made that snapshot
+/// again by calling it with the snapshot's name (`zfs receive -F`): its changes are lost.
+pub fn into_live(
+    remote: &Remote,
+    mnt: &Path,
+    ui: &Arc<dyn Ui>,
+    roll_back: Option<&RollBack<'_>>,
+) -> anyhow::Result<Report> {
     let src = Source::open(mnt)?;
     let local = src.snaps();
     // Checks that need no download first.
@@ -162,13 +172,14 @@ pub fn into_live(remote: &Remote, mnt: &Path, ui: &Arc<dyn Ui>) -> anyhow::Resul
             remote.reference()
         );
     };
-    let start = match local.last() {
+    // Where the chain continues, and the snapshot LIVE must be rolled back to first (if any).
+    let (start, changed_since) = match local.last() {
         None => {
             let mut names = fs::read_dir(mnt)?.filter_map(|e| e.ok()).map(|e| e.file_name());
             if names.any(|n| n != snap_fs::SNAPDIR_NAME) {
                 bail!("{} has files but no snapshot: pull into an empty LIVE", mnt.display());
             }
-            0
+            (0, None)
         }
         Some(newest) => {
             let Some(k) = chain.iter().position(|l| l.key == newest.key) else {
@@ -179,24 +190,29 @@ pub fn into_live(remote: &Remote, mnt: &Path, ui: &Arc<dyn Ui>) -> anyhow::Resul
                     chain.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
                 );
             };
-            let report: snap_fs::diff::Report =
-                serde_json::from_value(control::call(mnt, &Request::Diff { a: newest.name.clone(), b: None })?)?;
-            if !report.changes.is_empty() {
+            let changed = !differences(mnt, &newest.name)?.is_empty();
+            if changed && roll_back.is_none() {
                 bail!(
                     "{} changed since snapshot {} (local changes, or a pull cut off while applying): a pull \
                      would mix them into the pulled history; `ovlsnap restore {}` makes LIVE that snapshot \
-                     again (take a snapshot first to keep the changes), then pull again",
+                     again (take a snapshot first to keep the changes), then pull again, or pull with --force",
                     mnt.display(),
                     newest.name,
                     newest.name
                 );
             }
-            k + 1
+            (k + 1, changed.then(|| newest.name.clone()))
         }
     };
     for l in &chain[start..] {
         if local.iter().any(|s| s.name == l.name) {
             bail!("{} already has a snapshot named {:?}: rename it first", mnt.display(), l.name);
+        }
+    }
+    if let (Some(name), Some(roll_back)) = (&changed_since, roll_back) {
+        roll_back(name)?;
+        if !differences(mnt, name)?.is_empty() {
+            bail!("{} still differs from snapshot {name} after rolling back", mnt.display());
         }
     }
     let mut taken = Vec::new();
@@ -222,6 +238,13 @@ pub fn into_live(remote: &Remote, mnt: &Path, ui: &Arc<dyn Ui>) -> anyhow::Resul
     let report = Report { layers: taken.len(), snapshots: taken, ovlsnap_image: true };
     fetched.clean();
     Ok(report)
+}
+
+/// What differs between snapshot `name` and LIVE.
+fn differences(mnt: &Path, name: &str) -> anyhow::Result<Vec<snap_fs::diff::Change>> {
+    let report: snap_fs::diff::Report =
+        serde_json::from_value(control::call(mnt, &Request::Diff { a: name.to_string(), b: None })?)?;
+    Ok(report.changes)
 }
 
 /// The tar in layer file `path`.

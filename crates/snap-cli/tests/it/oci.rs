@@ -157,6 +157,20 @@ fn each_push_uploads_only_its_new_layer_and_pulls_rebuild_every_snapshot() {
     write(&other.mnt().join("local-change"), b"x");
     let out = try_pull_into(&reference, &other);
     assert!(out.expect_failure("pull --into a changed LIVE").contains("changed since"), "{out}");
+    assert!(other.mnt().join("local-change").exists(), "a refused pull changed LIVE");
+    // With --force the change goes (LIVE is made s4 again) and the new snapshot comes.
+    write(&m.mnt().join("fifth"), b"5");
+    m.take(Some("s5"));
+    assert_eq!(push(&m, "s5", &reference), (1, 4));
+    ovlsnap_env(
+        &[],
+        &[os("pull"), os("--insecure"), os("--force"), os("--into"), other.mnt().as_os_str(), os(&reference)],
+    )
+    .expect_ok("pull --into --force a changed LIVE");
+    assert_eq!(names(&other), ["s1", "s2", "s3", "s4", "s5"]);
+    assert!(!other.mnt().join("local-change").exists(), "the change made since s4 is still there");
+    assert_same(&m.view("s5"), &other.view("s5"), true, "s5 pulled after rolling back");
+    assert_same(&m.view("s4"), &other.view("s4"), true, "s4 after the roll back");
 }
 
 #[test]
