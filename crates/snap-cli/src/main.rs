@@ -710,7 +710,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let mnt = resolve_mount(Some(mount))?;
                     let roll_back = |name: &str| {
                         delegation::authorize(&mnt, Perm::Restore)?;
-                        restore(&mnt, name, false)
+                        restore(&mnt, name, false, true)
                     };
                     snap_oci::pull::into_live(
                         &remote,
@@ -744,7 +744,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !dry_run {
                 delegation::authorize(&mnt, Perm::Restore)?;
             }
-            restore(&mnt, &name, dry_run)
+            restore(&mnt, &name, dry_run, false)
         }
         Cmd::Check { .. } => unreachable!("handled in main, for its exit code"),
         Cmd::GenerateDocs { dir } => generate_docs(&dir),
@@ -1116,7 +1116,9 @@ fn check(live: PathBuf, store: Option<PathBuf>, repair: bool, json: bool) -> Exi
 }
 
 /// Replays the differences from snapshot `name` to LIVE through the mount until there are none.
-fn restore(mnt: &Path, name: &str, dry_run: bool) -> anyhow::Result<()> {
+/// Makes LIVE snapshot `name`'s tree; `to_stderr`: what was done is said on stderr (stdout
+/// carries another command's answer).
+fn restore(mnt: &Path, name: &str, dry_run: bool, to_stderr: bool) -> anyhow::Result<()> {
     use snap_fs::diff::{Change, Report};
     use snap_fs::restore::shown;
     let view = mnt.join(snap_fs::SNAPDIR_NAME).join(name);
@@ -1125,10 +1127,15 @@ fn restore(mnt: &Path, name: &str, dry_run: bool) -> anyhow::Result<()> {
         let report: Report =
             serde_json::from_value(control::call(mnt, &Request::Diff { a: name.to_string(), b: None })?)?;
         if report.changes.is_empty() {
-            if round == 0 {
-                say!("{} already equals snapshot {name}", mnt.display());
+            let done = if round == 0 {
+                format!("{} already equals snapshot {name}", mnt.display())
             } else {
-                say!("restored {} to snapshot {name}", mnt.display());
+                format!("restored {} to snapshot {name}", mnt.display())
+            };
+            if to_stderr {
+                eprintln!("{done}");
+            } else {
+                say!("{done}");
             }
             return Ok(());
         }
