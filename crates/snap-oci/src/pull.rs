@@ -8,6 +8,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -65,8 +66,13 @@ pub fn fetch(remote: &Remote, cache: &Path, ui: &Arc<dyn Ui>) -> anyhow::Result<
     if diff_ids.len() != manifest.layers.len() {
         bail!("the image config lists {} layers, the manifest {}", diff_ids.len(), manifest.layers.len());
     }
-    fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-    let lock = File::create(cache.join("lock"))?;
+    private_dir(cache)?;
+    let lock = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(cache.join("lock"))?;
     if rustix::fs::flock(lock.as_fd(), rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         bail!("another pull is using {}", cache.display());
     }
@@ -238,6 +244,26 @@ pub fn into_live(
     let report = Report { layers: taken.len(), snapshots: taken, ovlsnap_image: true };
     fetched.clean();
     Ok(report)
+}
+
+/// Makes `dir` (mode 0700) or checks the one there: a directory of ours that no one else may
+/// write. The blobs are checked there and applied later: in a shared directory (`/tmp`) another
+/// user could otherwise have made it first and swap a blob, or plant a symlink, in between.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let m = fs::symlink_metadata(dir)?;
+    if !m.is_dir() || m.uid() != rustix::process::geteuid().as_raw() || m.mode() & 0o022 != 0 {
+        bail!(
+            "{} is not a directory of yours that only you may write: a pull will not keep blobs there; remove it",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// What differs between snapshot `name` and LIVE.

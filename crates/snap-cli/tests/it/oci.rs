@@ -395,6 +395,34 @@ fn pulls_refuse_corrupt_truncated_and_overlong_blobs_before_changing_anything_an
     assert!(!cache.exists(), "the cache outlives a pull that succeeded");
 }
 
+#[test]
+fn a_pull_keeps_no_blob_in_a_directory_another_user_made_first() {
+    let Some(reg) = start_registry(None) else { return };
+    let m = SnapMount::start(Form::Separate, |live| write(&live.join("f"), b"data"));
+    m.take(Some("s1"));
+    let reference = format!("{}/shared:latest", reg.addr());
+    push(&m, "s1", &reference);
+    // A shared dir (sticky, world-writable): another user made the pull's cache dir first.
+    let shared = m.scratch().mkdir("shared");
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let planted = shared.join(".ovlsnap-pull.target");
+    fs::create_dir(&planted).unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::chown(&planted, Some(1000), Some(1000)).unwrap();
+    let victim = m.scratch().path().join("victim");
+    write(&victim, b"must stay");
+    std::os::unix::fs::symlink(&victim, planted.join("lock")).unwrap();
+    let dir = shared.join("target");
+    let out = try_pull(&reference, &dir);
+    assert!(out.expect_failure("pull next to another user's dir").contains("only you may write"), "{out}");
+    assert_eq!(fs::read(&victim).unwrap(), b"must stay", "the planted symlink was followed");
+    assert!(!dir.exists());
+    // Once it is gone, the pull makes its own.
+    fs::remove_dir_all(&planted).unwrap();
+    try_pull(&reference, &dir).expect_ok("pull once the planted dir is gone");
+    assert_same(&m.view("s1"), &dir, true, "the pulled tree");
+}
+
 fn skopeo_raw_manifest(reference: &str) -> serde_json::Value {
     let out = run_with_deadline(
         os("skopeo"),
