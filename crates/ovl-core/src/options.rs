@@ -77,6 +77,9 @@ pub struct MountOptions {
     /// `uring=on|off|auto`: FUSE over io_uring (unset: the `OVLFS_URING` environment
     /// variable, else auto).
     pub uring: Option<Uring>,
+    /// `timeout=SECS` (fuse-overlayfs's option): how long the kernel may keep the entries,
+    /// attributes and missing names it was told (unset: the mount's default).
+    pub timeout: Option<std::time::Duration>,
     /// Options meant for the FUSE layer or mount(8) that we accept and ignore.
     pub ignored: Vec<String>,
 }
@@ -189,6 +192,7 @@ impl MountOptions {
                     }
                 }
                 ("uring", Some(v)) => self.uring = Some(v.parse().map_err(|e: String| bad(key, &e))?),
+                ("timeout", Some(v)) => self.timeout = Some(seconds(key, v)?),
                 (k, None) if IGNORED.contains(&k) => self.ignored.push(opt.clone()),
                 ("uidmapping", Some(v)) => self.ids.uids = IdMap::parse(v).map_err(|e| bad(key, &e))?,
                 ("gidmapping", Some(v)) => self.ids.gids = IdMap::parse(v).map_err(|e| bad(key, &e))?,
@@ -236,6 +240,16 @@ impl MountOptions {
 /// A numeric user or group ID.
 fn id(option: &str, v: &str) -> Result<u32, StackError> {
     v.parse().map_err(|_| bad(option, &format!("`{v}` is not an ID (0 to 4294967295)")))
+}
+
+/// A time in seconds, fractions allowed (`timeout=0.5`), from 0 to a billion (fuse-overlayfs's
+/// default; the kernel caps what it keeps anyway).
+fn seconds(option: &str, v: &str) -> Result<std::time::Duration, StackError> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| (0.0..=1e9).contains(s))
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| bad(option, &format!("`{v}` is not a number of seconds from 0 to 1000000000")))
 }
 
 fn bad(option: &str, reason: &str) -> StackError {
@@ -311,6 +325,19 @@ mod tests {
         assert!(MountOptions::parse("lowerdir=/a,fsync=volatile").unwrap().volatile);
         assert!(!MountOptions::parse("lowerdir=/a,fsync=strict").unwrap().volatile);
         assert!(MountOptions::parse("lowerdir=/a,fsync=sometimes").is_err());
+    }
+
+    #[test]
+    fn timeout_takes_seconds_with_fractions_and_refuses_the_rest() {
+        let secs = |o: &str| MountOptions::parse(&format!("lowerdir=/a,{o}")).map(|o| o.timeout);
+        assert_eq!(secs("ro").unwrap(), None);
+        assert_eq!(secs("timeout=0").unwrap(), Some(std::time::Duration::ZERO));
+        assert_eq!(secs("timeout=0.25").unwrap(), Some(std::time::Duration::from_millis(250)));
+        assert_eq!(secs("timeout=1000000000").unwrap(), Some(std::time::Duration::from_secs(1_000_000_000)));
+        for wrong in ["timeout=-1", "timeout=NaN", "timeout=inf", "timeout=1e10", "timeout=soon", "timeout="] {
+            let e = secs(wrong).unwrap_err().to_string();
+            assert!(e.contains("timeout"), "{wrong}: {e}");
+        }
     }
 
     #[test]

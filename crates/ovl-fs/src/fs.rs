@@ -97,6 +97,8 @@ pub struct OverlayFs {
     pub(crate) stack: LayerStack,
     pub(crate) table: Table,
     pub(crate) handles: Handles,
+    /// How long the kernel may keep an entry and its attributes (1 s unless told,
+    /// [`OverlayFs::with_ttl`]).
     pub(crate) ttl: Duration,
     /// How long the kernel may remember that a name does not exist (a lookup answered with node
     /// 0 instead of `ENOENT`); zero, the default, answers `ENOENT` (see
@@ -175,6 +177,17 @@ impl OverlayFs {
             dir_fds: crate::dirfds::DirFds::new(crate::dirfds::DirFds::default_budget()),
             creator: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Lets the kernel keep entries and attributes for `ttl` instead of 1 s. Safe for as long as
+    /// every change reaches the layers through this mount, as a kernel overlay assumes (its
+    /// dentries never expire): the kernel updates or drops what it keeps at each change it
+    /// sends, and the daemon tells it of the changes it makes on its own (`forget_attrs`). Not
+    /// for a filesystem stacked over this one that changes the view by other means (the snapshot
+    /// filesystem's views and rollbacks): it keeps 1 s.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
     }
 
     /// Lets the kernel remember for as long as it keeps an entry ([`Self::ttl`]) that a name

@@ -359,6 +359,12 @@ pub fn unmount(mnt: &Path, lazy: bool) -> anyhow::Result<()> {
     }
 }
 
+/// How long the kernel keeps an `ovlfs` mount's entries, attributes and missing names unless
+/// `timeout=` says otherwise: a day, as good as for ever (a kernel overlay's never expire; every
+/// change goes through the mount; fuse-overlayfs keeps them a billion seconds). With 1 s, the
+/// default before, an unlink of a file listed a few seconds earlier cost a `LOOKUP` more.
+pub const DEFAULT_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 impl Mount {
     /// Validates everything, then mounts. Returns once the kernel has completed the FUSE
     /// handshake, so the mount is live.
@@ -370,7 +376,10 @@ impl Mount {
             stack.use_whiteout_files();
         }
         let read_only = opts.is_read_only();
-        let fs = OverlayFs::new(stack).context("reading the layer roots")?.cache_missing_names();
+        let fs = OverlayFs::new(stack)
+            .context("reading the layer roots")?
+            .with_ttl(opts.timeout.unwrap_or(DEFAULT_TTL))
+            .cache_missing_names();
         let notifier = fs.notifier_slot();
         let uring = uring_mode(opts.uring)?;
         let session = mount_session(fs, &mountpoint, source, "fuse.ovlfs", read_only, uring)?;
