@@ -35,11 +35,27 @@ pub fn name_cstr(name: &OsStr) -> Result<CString> {
     Ok(CString::new(b).map_err(|_| Errno::INVAL)?)
 }
 
-/// Opens `rel` beneath `root` (never following symlinks on the way).
+/// The longest path the kernel resolves in one call, its NUL included (`PATH_MAX`).
+const PATH_MAX: usize = libc::PATH_MAX as usize;
+
+/// Opens `rel` beneath `root` (never following symlinks on the way). A path longer than one
+/// call resolves (a tree deeper than `PATH_MAX` bytes, which a kernel overlay serves) is opened
+/// a piece of whole names at a time, each beneath the directory the last one opened.
 pub fn open_beneath(root: impl AsFd, rel: &Path, flags: OFlags, mode: Mode) -> Result<OwnedFd> {
-    let p = rel_cstr(rel);
-    let fd = rustix::fs::openat2(root, &p, flags | OFlags::CLOEXEC, mode, RESOLVE)?;
-    Ok(fd)
+    let mut rest = rel.as_os_str().as_bytes();
+    let mut dir: Option<OwnedFd> = None;
+    while rest.len() >= PATH_MAX {
+        // Cut after the last whole name that fits; a single name that long cannot exist.
+        let cut = rest[..PATH_MAX].iter().rposition(|&b| b == b'/').filter(|&i| i > 0).ok_or(Errno::NAMETOOLONG)?;
+        let head = CString::new(&rest[..cut]).map_err(|_| Errno::INVAL)?;
+        let at = dir.as_ref().map_or(root.as_fd(), |d| d.as_fd());
+        let next = rustix::fs::openat2(at, &head, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), RESOLVE)?;
+        dir = Some(next);
+        rest = &rest[cut + 1..];
+    }
+    let p = rel_cstr(Path::new(OsStr::from_bytes(rest)));
+    let at = dir.as_ref().map_or(root.as_fd(), |d| d.as_fd());
+    Ok(rustix::fs::openat2(at, &p, flags | OFlags::CLOEXEC, mode, RESOLVE)?)
 }
 
 /// Opens the directory `rel` beneath `root` as an `O_PATH` handle.
@@ -251,5 +267,49 @@ pub fn remove_tree_at(dir: impl AsFd, name: &CStr) -> Result<()> {
     match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
         Ok(()) | Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Makes `depth` nested dirs named `name` under `root`; returns the relative path.
+    fn deep(root: &Path, name: &str, depth: usize) -> std::path::PathBuf {
+        let mut dir = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        for _ in 0..depth {
+            rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)).unwrap();
+            dir = rustix::fs::openat(&dir, name, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        }
+        (0..depth).map(|_| name).collect()
+    }
+
+    #[test]
+    fn paths_longer_than_one_call_resolves_open_piece_by_piece_and_stay_beneath() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = rustix::fs::open(tmp.path(), OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let name = "d".repeat(100);
+        let rel = deep(tmp.path(), &name, 90);
+        assert!(rel.as_os_str().len() > 2 * PATH_MAX, "{}", rel.as_os_str().len());
+        let dir = open_beneath(&root, &rel, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        rustix::fs::mkdirat(&dir, "end", Mode::from_raw_mode(0o755)).unwrap();
+        let file = rel.join("end/f");
+        let fd = open_beneath(&root, &file, OFlags::WRONLY | OFlags::CREATE, Mode::from_raw_mode(0o644)).unwrap();
+        rustix::io::write(&fd, b"deep").unwrap();
+        assert_eq!(lstat_beneath(&root, &file).unwrap().st_size, 4);
+        // Missing on the way, and a name too long to exist, as for a short path.
+        let missing = rel.join("nope/f");
+        assert_eq!(open_beneath(&root, &missing, OFlags::RDONLY, Mode::empty()).unwrap_err().errno(), Errno::NOENT);
+        let long = Path::new(&"x".repeat(PATH_MAX + 10)).to_owned();
+        assert_eq!(open_beneath(&root, &long, OFlags::RDONLY, Mode::empty()).unwrap_err().errno(), Errno::NAMETOOLONG);
+        // A symlink far down is not followed, and `..` cannot climb out of a piece.
+        let half: std::path::PathBuf = rel.iter().take(60).collect();
+        let at = open_beneath(&root, &half, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        rustix::fs::symlinkat("/etc", &at, "link").unwrap();
+        let through = half.join("link/passwd");
+        let err = |p: &Path| open_beneath(&root, p, OFlags::RDONLY, Mode::empty()).unwrap_err().errno();
+        assert_eq!(err(&through.join("x").join(&rel).join("y")), Errno::LOOP);
+        let climb: std::path::PathBuf = rel.iter().chain(std::iter::repeat_n(OsStr::new(".."), 95)).collect();
+        assert_eq!(err(&climb.join("etc/passwd")), Errno::XDEV);
     }
 }

@@ -1785,3 +1785,145 @@ fn missing_names_are_kept_past_a_second_unless_timeout_says_otherwise() {
         drop(m);
     }
 }
+
+/// Levels and name of the deep tree: 90 x 61 bytes, past `PATH_MAX` (4096) at level 68.
+const DEEP: usize = 90;
+
+fn deep_name() -> String {
+    "d".repeat(60)
+}
+
+/// Opens `DEEP + 1` levels below `top` (each an `O_PATH` directory), the first being `top`.
+fn deep_dirs(top: &Path, create: bool) -> Vec<rustix::io::Result<std::os::fd::OwnedFd>> {
+    use rustix::fs::{Mode, OFlags};
+    let path = OFlags::PATH | OFlags::DIRECTORY;
+    let mut out = vec![rustix::fs::open(top, path, Mode::empty())];
+    for _ in 0..DEEP {
+        let next = match out.last().expect("never empty") {
+            Ok(dir) => {
+                if create {
+                    let _ = rustix::fs::mkdirat(dir, deep_name().as_str(), Mode::from_raw_mode(0o755));
+                }
+                rustix::fs::openat(dir, deep_name().as_str(), path, Mode::empty())
+            }
+            Err(e) => Err(*e),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// Writes `content` to a new file `name` in `dir`.
+fn write_at(dir: &std::os::fd::OwnedFd, name: &str, content: &[u8], flags: rustix::fs::OFlags) -> rustix::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(dir, name, OFlags::WRONLY | flags, Mode::from_raw_mode(0o644))?;
+    rustix::io::write(&fd, content).map(|_| ())
+}
+
+/// Reads `name` in `dir` whole.
+fn read_at(dir: &std::os::fd::OwnedFd, name: &str) -> rustix::io::Result<String> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY, Mode::empty())?;
+    let mut buf = vec![0; 4096];
+    let n = rustix::io::read(&fd, &mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// The sorted names of `dir`.
+fn names_at(dir: &std::os::fd::OwnedFd) -> rustix::io::Result<Vec<String>> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(dir, ".", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+    let mut names: Vec<String> = rustix::fs::Dir::read_from(&fd)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Two lower layers holding the same deep chain of directories, with files at several levels.
+fn build_deep_layers(layers: &Layers) {
+    use rustix::fs::OFlags;
+    let new = OFlags::CREATE | OFlags::EXCL;
+    for (i, lower) in layers.lowers.iter().enumerate() {
+        let dirs = deep_dirs(lower, true);
+        let dir = |level: usize| dirs[level].as_ref().expect("deep lower dir");
+        for level in [40, 70, 89, DEEP] {
+            write_at(dir(level), &format!("f{level}-l{}", i + 1), format!("l{} at {level}", i + 1).as_bytes(), new)
+                .unwrap();
+        }
+        write_at(dir(DEEP), "shared", format!("from l{}", i + 1).as_bytes(), new).unwrap();
+    }
+}
+
+/// Changes a deep tree through `m` (relative to held directories, so no path is ever longer than
+/// a name); returns a log of every result.
+fn deep_script(m: &Path) -> Vec<String> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let mut out = Vec::new();
+    let dirs = deep_dirs(m, false);
+    out.push(res("walk down", rx(dirs.iter().map(|d| d.as_ref().map(|_| ()).map_err(|e| *e)).collect::<Result<Vec<()>, _>>().map(|v| v.len()))));
+    let Some(Ok(bottom)) = dirs.last() else { return out };
+    let at = |level: usize| dirs[level].as_ref().expect("walked");
+    out.push(res("list bottom", rx(names_at(bottom))));
+    out.push(res("read shared", rx(read_at(bottom, "shared"))));
+    out.push(res("read l2 file", rx(read_at(bottom, "f90-l2"))));
+    out.push(res("stat", rx(rustix::fs::statat(bottom, "f90-l2", AtFlags::SYMLINK_NOFOLLOW).map(|s| s.st_size))));
+    out.push(res("dir at 89", rx(rustix::fs::statat(at(89), "f89-l2", AtFlags::SYMLINK_NOFOLLOW).map(|s| s.st_size))));
+    // Copy-ups of a file 90 levels down (and of every directory above it), then of one at 70.
+    out.push(res("chmod", rx(rustix::fs::chmodat(bottom, "shared", Mode::from_raw_mode(0o600), AtFlags::empty()))));
+    out.push(res("append", rx(write_at(at(70), "f70-l2", b" and more", OFlags::APPEND))));
+    out.push(res("read appended", rx(read_at(at(70), "f70-l2"))));
+    out.push(res("create", rx(write_at(bottom, "new", b"made deep", OFlags::CREATE | OFlags::EXCL))));
+    out.push(res("rename", rx(rustix::fs::renameat(bottom, "new", bottom, "renamed"))));
+    out.push(res("unlink lower", rx(rustix::fs::unlinkat(bottom, "f90-l1", AtFlags::empty()))));
+    out.push(res("unlink at 40", rx(rustix::fs::unlinkat(at(40), "f40-l2", AtFlags::empty()))));
+    out.push(res("mkdir", rx(rustix::fs::mkdirat(bottom, "sub", Mode::from_raw_mode(0o750)))));
+    out.push(res("move into it", rx(rustix::fs::renameat(bottom, "renamed", at(DEEP), "sub/moved"))));
+    out.push(res("link", rx(rustix::fs::linkat(bottom, "shared", bottom, "sub/linked", AtFlags::empty()))));
+    out.push(res("rmdir non-empty", rx(rustix::fs::unlinkat(at(45), deep_name().as_str(), AtFlags::REMOVEDIR))));
+    out.push(res("list bottom after", rx(names_at(bottom))));
+    let sub = rustix::fs::openat(bottom, "sub", OFlags::PATH | OFlags::DIRECTORY, Mode::empty());
+    out.push(res("list sub", rx(sub.and_then(|s| names_at(&s)))));
+    out.push(res("nlink", rx(rustix::fs::statat(bottom, "shared", AtFlags::empty()).map(|s| (s.st_nlink, s.st_mode)))));
+    out
+}
+
+/// `find DIR -printf` of every entry (name, type, mode, size, links), sorted: GNU find walks
+/// trees deeper than `PATH_MAX`.
+fn find_listing(dir: &Path) -> String {
+    let out = Command::new("find").arg(dir).args(["-mindepth", "1", "-printf", "%P %y %m %s %n\\n"]).output().unwrap();
+    assert!(out.status.success(), "find {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    let mut lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+/// Issue 19: a tree deeper than `PATH_MAX` bytes works as on the kernel overlay (ovlfs opened a
+/// directory's layer dirs by their whole path from the layer root: `mkdir` 68 levels down
+/// failed with `ENAMETOOLONG`, and a lower tree that deep showed nothing past that level).
+/// Reads, copy-ups of the whole chain, creates, renames, whiteouts and links 90 levels down:
+/// each result, the view, the upper layer, and the kernel's view of our layers, as the kernel's.
+#[test]
+fn trees_deeper_than_path_max_work_like_the_kernel() {
+    let tmp = tempdir("deep");
+    let (a, b) = (Layers::create(&tmp.path().join("a"), 2), Layers::create(&tmp.path().join("b"), 2));
+    build_deep_layers(&a);
+    build_deep_layers(&b);
+    let (ka, kview) = {
+        let m = MountGuard::mount(Backend::Kernel, &a, KERNEL_OPTS, &mount_point(tmp.path(), "ka"));
+        (deep_script(m.path()), find_listing(m.path()))
+    };
+    assert!(ka.iter().all(|line| !line.contains(": err ") || line.starts_with("rmdir")), "kernel: {ka:#?}");
+    let oview = {
+        let m = MountGuard::mount(Backend::Ovlfs, &b, KERNEL_OPTS, &mount_point(tmp.path(), "ob"));
+        assert_eq!(ka, deep_script(m.path()), "kernel (left) and ovlfs (right) disagree");
+        find_listing(m.path())
+    };
+    common::assert_same_lines("view", &kview, &oview);
+    common::assert_same_lines("upper layer", &find_listing(&a.upper), &find_listing(&b.upper));
+    let again = b.with_fresh_work(tmp.path().join("b-work2"));
+    let m = MountGuard::mount(Backend::Kernel, &again, KERNEL_OPTS, &mount_point(tmp.path(), "kb"));
+    common::assert_same_lines("the kernel's view of ovlfs's layers", &kview, &find_listing(m.path()));
+}
