@@ -10,26 +10,122 @@
 //! one. So LIVE never shows a half-made object under a name of the snapshot. A restore killed
 //! midway may leave such temporary names; they are new since the snapshot, so the next
 //! restore's diff lists them as additions and it removes them before anything else.
+//!
+//! Every path is opened from the descriptor of LIVE's root or the view's ([`Tree`]) with
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, a piece of whole names at a time when longer than
+//! `PATH_MAX` (`ovl_core::sys::open_beneath`), and each object is changed through its parent's
+//! descriptor or its own: a symlink a user puts in LIVE (or had in it when the snapshot was taken)
+//! never leads root's restore out of the tree, and trees deeper than `PATH_MAX` restore whole.
 
 use std::collections::HashMap;
-use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context, Result};
-use rustix::fs::{AtFlags, CWD, RenameFlags, Timespec, Timestamps};
+use anyhow::{Context, Result, bail};
+use ovl_core::sys;
+use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags, RenameFlags, Stat, Timespec, Timestamps};
+use rustix::io::Errno;
 
 use crate::diff::Change;
+
+/// A directory restore works beneath: LIVE through the mount, or a snapshot's view. Paths are
+/// relative to it; the empty path is the root itself.
+struct Tree<'a> {
+    root: OwnedFd,
+    shown: &'a Path,
+}
+
+impl<'a> Tree<'a> {
+    fn open(dir: &'a Path) -> Result<Self> {
+        let root = rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .with_context(|| format!("opening {}", dir.display()))?;
+        Ok(Tree { root, shown: dir })
+    }
+
+    /// `rel` for messages.
+    fn show(&self, rel: &Path) -> String {
+        self.shown.join(rel).display().to_string()
+    }
+
+    /// The directory holding `rel`, opened, and `rel`'s name in it.
+    fn place(&self, rel: &Path) -> Result<(OwnedFd, CString)> {
+        sys::open_parent(&self.root, rel).with_context(|| format!("opening the directory of {}", self.show(rel)))
+    }
+
+    /// The metadata of `rel` (not following a symlink there); `None` when nothing is there.
+    fn lstat(&self, rel: &Path) -> Result<Option<Stat>> {
+        if rel.as_os_str().is_empty() {
+            return Ok(Some(rustix::fs::fstat(&self.root)?));
+        }
+        match sys::lstat_beneath(&self.root, rel) {
+            Ok(st) => Ok(Some(st)),
+            Err(e) if matches!(e.errno(), Errno::NOENT | Errno::NOTDIR) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.show(rel))),
+        }
+    }
+
+    fn exists(&self, rel: &Path) -> bool {
+        matches!(self.lstat(rel), Ok(Some(_)))
+    }
+
+    /// A directory (itself, not a symlink to one) is at `rel`.
+    fn is_dir(&self, rel: &Path) -> bool {
+        matches!(self.lstat(rel), Ok(Some(st)) if FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+    }
+
+    /// The directory `rel` would be in exists.
+    fn parent_is_dir(&self, rel: &Path) -> bool {
+        rel.parent().is_some_and(|p| self.is_dir(p))
+    }
+
+    /// The object at `rel` itself, held (`O_PATH`, a symlink not followed).
+    fn object(&self, rel: &Path) -> Result<OwnedFd> {
+        sys::open_beneath(&self.root, rel, OFlags::PATH | OFlags::NOFOLLOW, Mode::empty())
+            .with_context(|| format!("opening {}", self.show(rel)))
+    }
+
+    /// Removes a file or a whole tree.
+    fn remove(&self, rel: &Path) -> Result<()> {
+        let (dir, name) = self.place(rel)?;
+        sys::remove_tree_at(&dir, &name).with_context(|| format!("removing {}", self.show(rel)))
+    }
+
+    fn rename(&self, from: &Path, to: &Path, flags: RenameFlags) -> Result<()> {
+        let ((fdir, fname), (tdir, tname)) = (self.place(from)?, self.place(to)?);
+        rustix::fs::renameat_with(&fdir, &fname, &tdir, &tname, flags)
+            .with_context(|| format!("renaming {} to {}", self.show(from), self.show(to)))
+    }
+
+    fn link(&self, from: &Path, to: &Path) -> Result<()> {
+        let ((fdir, fname), (tdir, tname)) = (self.place(from)?, self.place(to)?);
+        rustix::fs::linkat(&fdir, &fname, &tdir, &tname, AtFlags::empty())
+            .with_context(|| format!("linking {} to {}", self.show(to), self.show(from)))
+    }
+
+    /// A temporary name beside `dst` that is free now.
+    fn temp_beside(&self, dst: &Path) -> PathBuf {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let pid = std::process::id();
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let tmp = dst.with_file_name(format!("{TEMP_PREFIX}{pid}.{n}"));
+            if !self.exists(&tmp) {
+                return tmp;
+            }
+        }
+    }
+}
 
 /// Applies `changes` (from the snapshot whose view is `view` to the live tree at `mnt`); calls
 /// `step` after each. Renames come first (outermost first) and end the round when there are any;
 /// then removals, then copies.
 pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)) -> Result<()> {
+    let (live, snap) = (Tree::open(mnt)?, Tree::open(view)?);
     let mut linked = Linked::new();
-    let mut put = |src: &Path, dst: &Path, over: bool| install(src, dst, over, &mut linked);
-    let live = |p: &Path| mnt.join(p);
-    let snap = |p: &Path| view.join(p);
+    let mut put = |src: &Path, dst: &Path, over: bool| install(&snap, src, &live, dst, over, &mut linked);
     let mut renames: Vec<&Change> = changes.iter().filter(|c| matches!(c, Change::Renamed { .. })).collect();
     renames.sort_by_key(|c| match c {
         Change::Renamed { path, .. } => path.components().count(),
@@ -39,8 +135,8 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
     for c in changes {
         let Change::Added { path, .. } = c else { continue };
         if is_temp(path) {
-            if fs::symlink_metadata(live(path)).is_ok() {
-                remove(&live(path))?;
+            if live.exists(path) {
+                live.remove(path)?;
             }
             step(c);
         }
@@ -51,11 +147,11 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
         let Change::Renamed { path, to } = c else { continue };
         // Only when the place is free of anything but what the snapshot has there, and the
         // parent exists: otherwise a later round does it (or a copy takes its place).
-        if live(path).parent().is_some_and(|p| p.is_dir()) && live(to).is_dir() && !path.starts_with(to) {
-            if fs::symlink_metadata(live(path)).is_ok() {
-                remove(&live(path))?;
+        if live.parent_is_dir(path) && live.is_dir(to) && !path.starts_with(to) {
+            if live.exists(path) {
+                live.remove(path)?;
             }
-            fs::rename(live(to), live(path))
+            live.rename(to, path, RenameFlags::empty())
                 .with_context(|| format!("moving /{} back to /{}", to.display(), path.display()))?;
         }
         step(c);
@@ -66,8 +162,8 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
     for c in changes {
         let Change::Added { path, .. } = c else { continue };
         if !is_temp(path) {
-            if fs::symlink_metadata(live(path)).is_ok() {
-                remove(&live(path))?;
+            if live.exists(path) {
+                live.remove(path)?;
             }
             step(c);
         }
@@ -75,21 +171,24 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
     for c in changes {
         match c {
             Change::Deleted { path, at } => {
-                if fs::symlink_metadata(live(at)).is_ok() {
-                    remove(&live(at))?;
+                if live.exists(at) {
+                    live.remove(at)?;
                 }
-                if live(at).parent().is_some_and(|p| p.is_dir()) {
-                    put(&snap(path), &live(at), false)?;
+                if live.parent_is_dir(at) {
+                    put(path, at, false)?;
                 }
                 step(c);
             }
             Change::Modified { path, at } => {
-                let src = fs::symlink_metadata(snap(path)).with_context(|| format!("reading /{}", path.display()))?;
-                let dst = fs::symlink_metadata(live(at)).ok();
-                match dst {
-                    Some(d) if d.is_dir() && src.is_dir() => copy_meta(&snap(path), &live(at), &src)?,
-                    Some(d) => put(&snap(path), &live(at), !d.is_dir() && !src.is_dir())?,
-                    None => put(&snap(path), &live(at), false)?,
+                let src = snap.lstat(path)?.with_context(|| format!("reading /{}", path.display()))?;
+                let dir = |st: &Stat| FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+                match live.lstat(at)? {
+                    Some(d) if dir(&d) && dir(&src) => {
+                        copy_meta(&snap.object(path)?, &src, &live.object(at)?)
+                            .with_context(|| format!("copying the metadata of /{}", path.display()))?;
+                    }
+                    Some(d) => put(path, at, !dir(&d) && !dir(&src))?,
+                    None => put(path, at, false)?,
                 }
                 step(c);
             }
@@ -97,13 +196,6 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
         }
     }
     Ok(())
-}
-
-/// Removes a file or a whole tree.
-fn remove(p: &Path) -> Result<()> {
-    let m = fs::symlink_metadata(p)?;
-    if m.is_dir() { fs::remove_dir_all(p) } else { fs::remove_file(p) }
-        .with_context(|| format!("removing {}", p.display()))
 }
 
 /// The prefix of the temporary names restore builds objects under (`.ovlsnap-restore.PID.N`).
@@ -114,49 +206,36 @@ pub fn is_temp(p: &Path) -> bool {
     p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(TEMP_PREFIX.as_bytes()))
 }
 
-/// A temporary name beside `dst` that is free now.
-fn temp_beside(dst: &Path) -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let pid = std::process::id();
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp = dst.with_file_name(format!("{TEMP_PREFIX}{pid}.{n}"));
-        if fs::symlink_metadata(&tmp).is_err() {
-            return tmp;
-        }
-    }
-}
-
 /// The LIVE name restore gave each non-directory of the view with several links, by the view's
 /// (device, inode): its other names become links to it (issue 16.4). A name of such a file that
 /// the diff does not list yet is linked in a later round, once its link count differs.
 type Linked = HashMap<(u64, u64), PathBuf>;
 
-/// Puts a copy of `src` (with everything below it) at `dst`: built whole under a temporary name
-/// beside `dst`, then renamed into place; another name of a hard-linked file already installed
-/// (`linked`) is linked to that file instead. `over`: `dst` holds a non-directory and `src` is
-/// one, and the rename replaces it atomically. Otherwise what `dst` holds (a directory, or an
-/// object of the other kind) is removed first and the name must then be free
-/// (`RENAME_NOREPLACE`).
-fn install(src: &Path, dst: &Path, over: bool, linked: &mut Linked) -> Result<()> {
-    let m = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
-    let key = (!m.is_dir() && m.nlink() > 1).then_some((m.dev(), m.ino()));
-    let first = key.and_then(|k| linked.get(&k)).filter(|f| fs::symlink_metadata(f).is_ok()).cloned();
-    let tmp = temp_beside(dst);
+/// Puts a copy of `src` in the view (with everything below it) at `dst` in LIVE: built whole
+/// under a temporary name beside `dst`, then renamed into place; another name of a hard-linked
+/// file already installed (`linked`) is linked to that file instead. `over`: `dst` holds a
+/// non-directory and `src` is one, and the rename replaces it atomically. Otherwise what `dst`
+/// holds (a directory, or an object of the other kind) is removed first and the name must then
+/// be free (`RENAME_NOREPLACE`).
+fn install(snap: &Tree, src: &Path, live: &Tree, dst: &Path, over: bool, linked: &mut Linked) -> Result<()> {
+    let m = snap.lstat(src)?.with_context(|| format!("reading {}", snap.show(src)))?;
+    let is_dir = FileType::from_raw_mode(m.st_mode) == FileType::Directory;
+    let key = (!is_dir && m.st_nlink > 1).then_some((m.st_dev, m.st_ino));
+    let first = key.and_then(|k| linked.get(&k)).filter(|f| live.exists(f)).cloned();
+    let tmp = live.temp_beside(dst);
     let made = match &first {
-        Some(f) => fs::hard_link(f, &tmp).with_context(|| format!("linking {} to {}", tmp.display(), f.display())),
-        None => copy_tree(src, &tmp),
+        Some(f) => live.link(f, &tmp),
+        None => copy_tree(snap, src, live, &tmp),
     };
     let built = made.and_then(|()| {
-        if !over && fs::symlink_metadata(dst).is_ok() {
-            remove(dst)?;
+        if !over && live.exists(dst) {
+            live.remove(dst)?;
         }
         let flags = if over { RenameFlags::empty() } else { RenameFlags::NOREPLACE };
-        rustix::fs::renameat_with(CWD, &tmp, CWD, dst, flags)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))
+        live.rename(&tmp, dst, flags)
     });
-    if built.is_err() && fs::symlink_metadata(&tmp).is_ok() {
-        let _ = remove(&tmp);
+    if built.is_err() && live.exists(&tmp) {
+        let _ = live.remove(&tmp);
     }
     if let (Some(k), None, Ok(())) = (key, &first, &built) {
         linked.insert(k, dst.to_path_buf());
@@ -164,100 +243,149 @@ fn install(src: &Path, dst: &Path, over: bool, linked: &mut Linked) -> Result<()
     built
 }
 
-/// Copies `src` to `dst` (which must not exist): type, data (synced), owner, mode, times, xattrs;
-/// dirs with everything below them.
-pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
-    let m = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
-    let ft = m.file_type();
-    if ft.is_dir() {
-        fs::create_dir(dst).with_context(|| format!("creating {}", dst.display()))?;
-        for e in fs::read_dir(src)? {
-            let e = e?;
-            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+/// Copies `src` of `from` to `dst` of `to` (which must not exist): type, data (synced), owner,
+/// mode, times, xattrs; dirs with everything below them.
+fn copy_tree(from: &Tree, src: &Path, to: &Tree, dst: &Path) -> Result<()> {
+    let ((sdir, sname), (ddir, dname)) = (from.place(src)?, to.place(dst)?);
+    copy_at(sdir.as_fd(), &sname, ddir.as_fd(), &dname)
+        .with_context(|| format!("copying {} to {}", from.show(src), to.show(dst)))
+}
+
+/// Copies `sname` in `sdir` to `dname` in `ddir`, the way [`copy_tree`] says. What it makes is
+/// opened without following a symlink and checked to be what was made before its metadata is
+/// set through its own descriptor.
+fn copy_at(sdir: BorrowedFd<'_>, sname: &CStr, ddir: BorrowedFd<'_>, dname: &CStr) -> Result<()> {
+    let source = rustix::fs::openat(sdir, sname, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    let st = rustix::fs::fstat(&source)?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    let private = Mode::from_raw_mode(0o700);
+    let mut data = None;
+    match kind {
+        FileType::Directory => {
+            rustix::fs::mkdirat(ddir, dname, private)?;
+            let made = rustix::fs::openat(
+                ddir,
+                dname,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let list =
+                rustix::fs::openat(&source, c".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+            for e in sys::read_dir_fd(list)? {
+                let name = sys::name_cstr(&e.name)?;
+                copy_at(source.as_fd(), &name, made.as_fd(), &name)?;
+            }
         }
-    } else if ft.is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
-    } else if ft.is_file() {
-        fs::copy(src, dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-    } else {
-        let kind = if ft.is_fifo() {
-            rustix::fs::FileType::Fifo
-        } else if ft.is_char_device() {
-            rustix::fs::FileType::CharacterDevice
-        } else if ft.is_block_device() {
-            rustix::fs::FileType::BlockDevice
-        } else {
-            rustix::fs::FileType::Socket
-        };
-        rustix::fs::mknodat(CWD, dst, kind, rustix::fs::Mode::from_raw_mode(0o600), m.rdev())?;
+        FileType::Symlink => {
+            let target = rustix::fs::readlinkat(sdir, sname, Vec::new())?;
+            rustix::fs::symlinkat(&target, ddir, dname)?;
+        }
+        FileType::RegularFile => {
+            let reader =
+                rustix::fs::openat(sdir, sname, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+            let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let writer = rustix::fs::openat(ddir, dname, flags, Mode::from_raw_mode(0o600))?;
+            let (mut reader, mut writer) = (File::from(reader), File::from(writer));
+            std::io::copy(&mut reader, &mut writer)?;
+            data = Some(writer);
+        }
+        other => rustix::fs::mknodat(ddir, dname, other, Mode::from_raw_mode(0o600), st.st_rdev)?,
     }
-    copy_meta(src, dst, &m)?;
-    if ft.is_file() {
+    let made = rustix::fs::openat(ddir, dname, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    if FileType::from_raw_mode(rustix::fs::fstat(&made)?.st_mode) != kind {
+        bail!("{:?} changed while it was being made", dname);
+    }
+    copy_meta(&source, &st, &made)?;
+    if let Some(file) = data {
         // Durable before a rename makes it visible under a name of the snapshot.
-        fs::File::open(dst).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", dst.display()))?;
+        file.sync_all()?;
     }
     Ok(())
 }
 
-/// Gives `dst` the owner, mode, xattrs and times of `src`.
+/// Gives `dst` the owner, mode, xattrs and times of `src` (two directories: a clone's upper root
+/// and the view it overlays).
 pub fn copy_metadata(src: &Path, dst: &Path) -> Result<()> {
-    let m = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
-    copy_meta(src, dst, &m)
+    let (from, to) = (Tree::open(src)?, Tree::open(dst)?);
+    let st = rustix::fs::fstat(&from.root)?;
+    copy_meta(&from.root, &st, &to.root).with_context(|| format!("copying the metadata of {}", src.display()))
 }
 
-/// Gives `dst` the owner, mode, xattrs and times of `src` (metadata `m`).
-fn copy_meta(src: &Path, dst: &Path, m: &fs::Metadata) -> Result<()> {
-    let symlink = m.file_type().is_symlink();
+/// Gives the object `dst` (a descriptor of it, `O_PATH` will do) the owner, mode, xattrs and
+/// times of `src` (metadata `st`). Symlinks get the owner and times only.
+fn copy_meta(src: &OwnedFd, st: &Stat, dst: &OwnedFd) -> Result<()> {
+    let symlink = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
     rustix::fs::chownat(
-        CWD,
         dst,
-        Some(rustix::fs::Uid::from_raw(m.uid())),
-        Some(rustix::fs::Gid::from_raw(m.gid())),
-        AtFlags::SYMLINK_NOFOLLOW,
+        c"",
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
     )?;
     if !symlink {
-        fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))?;
-        let want = list(src);
-        let have = list(dst);
-        for k in &have {
-            if !want.contains(k) && !k.starts_with(b"security.") {
-                let _ = rustix::fs::removexattr(dst, k.as_slice());
-            }
+        // The object itself through its descriptor's procfs link (`fchmod` takes no `O_PATH`).
+        let own = format!("/proc/self/fd/{}", dst.as_raw_fd());
+        rustix::fs::chmodat(CWD, own.as_str(), Mode::from_raw_mode(st.st_mode & 0o7777), AtFlags::empty())?;
+        let want = sys::list_xattrs(src, None).unwrap_or_default();
+        let have = sys::list_xattrs(dst, None).unwrap_or_default();
+        let security = |k: &std::ffi::OsStr| k.as_encoded_bytes().starts_with(b"security.");
+        let key = |k: &std::ffi::OsStr| CString::new(k.as_encoded_bytes()).map_err(|_| Errno::INVAL);
+        for k in have.iter().filter(|k| !want.contains(k) && !security(k)) {
+            let _ = sys::remove_xattr(dst, None, &key(k)?);
         }
-        for k in &want {
-            if k.starts_with(b"security.") {
-                continue;
-            }
-            if let Some(v) = get(src, k) {
-                rustix::fs::setxattr(dst, k.as_slice(), &v, rustix::fs::XattrFlags::empty())?;
+        for k in want.iter().filter(|k| !security(k)) {
+            let key = key(k)?;
+            if let Some(v) = sys::get_xattr(src, None, &key)? {
+                sys::set_xattr(dst, None, &key, &v, 0)?;
             }
         }
     }
-    let ts = |s: i64, ns: i64| Timespec { tv_sec: s as _, tv_nsec: ns as _ };
-    let times =
-        Timestamps { last_access: ts(m.atime(), m.atime_nsec()), last_modification: ts(m.mtime(), m.mtime_nsec()) };
-    rustix::fs::utimensat(CWD, dst, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+    let times = Timestamps {
+        last_access: Timespec { tv_sec: st.st_atime as _, tv_nsec: st.st_atime_nsec as _ },
+        last_modification: Timespec { tv_sec: st.st_mtime as _, tv_nsec: st.st_mtime_nsec as _ },
+    };
+    sys::set_times(dst.as_fd(), &times)?;
     Ok(())
-}
-
-/// The xattr names of `p` (not following a symlink there is not needed: never called on one).
-fn list(p: &Path) -> Vec<Vec<u8>> {
-    let Ok(n) = rustix::fs::listxattr_query(p) else { return Vec::new() };
-    let mut raw = vec![0u8; n];
-    let Ok(len) = rustix::fs::listxattr(p, &mut raw[..]) else { return Vec::new() };
-    raw[..len].split(|b| *b == 0).filter(|k| !k.is_empty()).map(|k| k.to_vec()).collect()
-}
-
-fn get(p: &Path, k: &[u8]) -> Option<Vec<u8>> {
-    let n = rustix::fs::getxattr_query(p, k).ok()?;
-    let mut v = vec![0u8; n];
-    let len = rustix::fs::getxattr(p, k, &mut v[..]).ok()?;
-    v.truncate(len);
-    Some(v)
 }
 
 /// Where the live copy of snapshot path `p` goes: for messages, escaped as `ls -b` does
 /// ([`crate::names::shown`]).
 pub fn shown(p: &Path) -> String {
     crate::names::shown(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A user swaps a LIVE directory for a symlink to a directory outside LIVE between the diff
+    /// and its replay (a restore of a big tree takes a while). What the diff listed inside that
+    /// directory must not be removed or written through the symlink: restore runs as root, and
+    /// through paths it deleted the outside file and wrote the snapshot's in its place.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_during_a_restore_leads_nowhere_outside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (live, view, outside) = (tmp.path().join("live"), tmp.path().join("view"), tmp.path().join("outside"));
+        for dir in [&live, &view, &outside] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        std::fs::create_dir(view.join("x")).unwrap();
+        std::fs::write(view.join("x/f"), "the snapshot's").unwrap();
+        std::fs::write(view.join("x/g"), "the snapshot's too").unwrap();
+        std::fs::write(outside.join("f"), "outside").unwrap();
+        // The diff saw LIVE's x without f and with a g of its own; then x became a symlink.
+        std::os::unix::fs::symlink(&outside, live.join("x")).unwrap();
+        std::fs::write(outside.join("g"), "outside too").unwrap();
+        let p = |s: &str| PathBuf::from(s);
+        let changes =
+            [Change::Deleted { path: p("x/f"), at: p("x/f") }, Change::Modified { path: p("x/g"), at: p("x/g") }];
+        let r = apply(&live, &view, &changes, &|_| {});
+        let err = format!("{:#}", r.expect_err("the restore went through a symlink"));
+        assert!(err.contains("x/"), "{err}");
+        let mut names: Vec<_> = std::fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["f", "g"]);
+        assert_eq!(std::fs::read_to_string(outside.join("f")).unwrap(), "outside");
+        assert_eq!(std::fs::read_to_string(outside.join("g")).unwrap(), "outside too");
+    }
 }

@@ -49,7 +49,8 @@ pub fn open_beneath(root: impl AsFd, rel: &Path, flags: OFlags, mode: Mode) -> R
         let cut = rest[..PATH_MAX].iter().rposition(|&b| b == b'/').filter(|&i| i > 0).ok_or(Errno::NAMETOOLONG)?;
         let head = CString::new(&rest[..cut]).map_err(|_| Errno::INVAL)?;
         let at = dir.as_ref().map_or(root.as_fd(), |d| d.as_fd());
-        let next = rustix::fs::openat2(at, &head, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), RESOLVE)?;
+        let next =
+            rustix::fs::openat2(at, &head, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), RESOLVE)?;
         dir = Some(next);
         rest = &rest[cut + 1..];
     }

@@ -1814,7 +1814,12 @@ fn deep_dirs(top: &Path, create: bool) -> Vec<rustix::io::Result<std::os::fd::Ow
 }
 
 /// Writes `content` to a new file `name` in `dir`.
-fn write_at(dir: &std::os::fd::OwnedFd, name: &str, content: &[u8], flags: rustix::fs::OFlags) -> rustix::io::Result<()> {
+fn write_at(
+    dir: &std::os::fd::OwnedFd,
+    name: &str,
+    content: &[u8],
+    flags: rustix::fs::OFlags,
+) -> rustix::io::Result<()> {
     use rustix::fs::{Mode, OFlags};
     let fd = rustix::fs::openat(dir, name, OFlags::WRONLY | flags, Mode::from_raw_mode(0o644))?;
     rustix::io::write(&fd, content).map(|_| ())
@@ -1863,7 +1868,14 @@ fn deep_script(m: &Path) -> Vec<String> {
     use rustix::fs::{AtFlags, Mode, OFlags};
     let mut out = Vec::new();
     let dirs = deep_dirs(m, false);
-    out.push(res("walk down", rx(dirs.iter().map(|d| d.as_ref().map(|_| ()).map_err(|e| *e)).collect::<Result<Vec<()>, _>>().map(|v| v.len()))));
+    out.push(res(
+        "walk down",
+        rx(dirs
+            .iter()
+            .map(|d| d.as_ref().map(|_| ()).map_err(|e| *e))
+            .collect::<Result<Vec<()>, _>>()
+            .map(|v| v.len())),
+    ));
     let Some(Ok(bottom)) = dirs.last() else { return out };
     let at = |level: usize| dirs[level].as_ref().expect("walked");
     out.push(res("list bottom", rx(names_at(bottom))));

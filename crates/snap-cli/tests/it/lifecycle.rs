@@ -156,3 +156,88 @@ fn delete_refuses_while_a_process_sits_inside_the_view() {
     ovlsnap(&["delete".as_ref(), "t1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()])
         .expect_ok("delete after it left");
 }
+
+/// The nested directory chain of the deep test: 90 levels of 60-byte names (5490 bytes).
+fn deep_chain(top: &Path, create: bool) -> std::os::fd::OwnedFd {
+    use rustix::fs::{Mode, OFlags};
+    let name = "d".repeat(60);
+    let mut dir = rustix::fs::open(top, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+    for _ in 0..90 {
+        if create {
+            rustix::fs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+        }
+        dir = rustix::fs::openat(&dir, name.as_str(), OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+    }
+    dir
+}
+
+fn write_at(dir: &std::os::fd::OwnedFd, name: &str, content: &str) {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC;
+    let fd = rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o644)).unwrap();
+    rustix::io::write(&fd, content.as_bytes()).unwrap();
+}
+
+fn read_at(dir: &std::os::fd::OwnedFd, name: &str) -> String {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY, Mode::empty()).unwrap();
+    let mut buf = vec![0; 256];
+    let n = rustix::io::read(&fd, &mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// `find` of everything under `dir` but `.snapshots` (name, type, mode, size, links), sorted;
+/// GNU find walks trees deeper than `PATH_MAX`.
+fn listing(dir: &Path) -> String {
+    let out = std::process::Command::new("find")
+        .arg(dir)
+        .args(["-mindepth", "1", "-name", ".snapshots", "-prune", "-o", "-printf", "%P %y %m %s %n %U:%G\\n"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "find {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    let mut lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+/// Restore works through descriptors beneath LIVE's root (issue 19): a tree deeper than
+/// `PATH_MAX` restores whole (it failed with "File name too long" and left LIVE changed), and
+/// directories a user replaced with symlinks to a directory outside LIVE are put back without
+/// anything out there being removed or written (restore ran as root through paths, which
+/// followed such a symlink).
+#[test]
+fn restore_reaches_deep_trees_and_never_follows_a_symlink_out_of_live() {
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("f"), "not LIVE's").unwrap();
+    fs::write(outside.path().join("g"), "not LIVE's either").unwrap();
+    let m = SnapMount::start(Form::Separate, |live| {
+        let bottom = deep_chain(live, true);
+        write_at(&bottom, "f", "before");
+        write_at(&bottom, "gone", "removed after the take");
+        for dir in ["a", "b"] {
+            fs::create_dir(live.join(dir)).unwrap();
+            fs::write(live.join(dir).join("f"), format!("{dir}/f of LIVE")).unwrap();
+        }
+        fs::create_dir(live.join("b/sub")).unwrap();
+    });
+    m.take(Some("t1"));
+    let at_take = listing(m.mnt());
+    let outside_before = listing(outside.path());
+    let bottom = deep_chain(m.mnt(), false);
+    write_at(&bottom, "f", "after");
+    write_at(&bottom, "new", "made after the take");
+    rustix::fs::unlinkat(&bottom, "gone", rustix::fs::AtFlags::empty()).unwrap();
+    drop(bottom);
+    for dir in ["a", "b"] {
+        fs::remove_dir_all(m.mnt().join(dir)).unwrap();
+        std::os::unix::fs::symlink(outside.path(), m.mnt().join(dir)).unwrap();
+    }
+    let out = cli(&["restore".as_ref(), "t1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()]);
+    let outside_after = listing(outside.path());
+    assert_eq!(outside_before, outside_after, "restore changed a directory outside LIVE\n{out}");
+    assert_eq!(fs::read_to_string(outside.path().join("f")).unwrap(), "not LIVE's");
+    out.expect_ok("ovlsnap restore");
+    assert_eq!(at_take, listing(m.mnt()), "LIVE after restoring t1");
+    assert_eq!(read_at(&deep_chain(m.mnt(), false), "f"), "before");
+    assert_eq!(fs::read_to_string(m.mnt().join("b/f")).unwrap(), "b/f of LIVE");
+}
