@@ -1197,13 +1197,21 @@ fn clone(
             dir.with_file_name(format!(".{leaf}.clone"))
         }
     };
+    // Beside DIR in a shared directory another user could have made it first, with an upper
+    // layer of theirs that would then show their files in the clone and receive its writes.
+    if let Some(parent) = base.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    snap_fs::access::private_dir(&base, "a clone will not keep its upper layer there; remove it or give --upper")?;
     let (up, work) = (base.join("upper"), base.join("work"));
     if !up.exists() {
-        std::fs::create_dir_all(&up).with_context(|| format!("creating {}", up.display()))?;
+        std::fs::create_dir(&up).with_context(|| format!("creating {}", up.display()))?;
         // The overlay shows the upper root's own owner, mode and xattrs for the root.
         snap_fs::restore::copy_metadata(&view, &up)?;
     }
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    if !work.exists() {
+        std::fs::create_dir(&work).with_context(|| format!("creating {}", work.display()))?;
+    }
     let opts = format!("lowerdir={},upperdir={},workdir={}", esc(&view), esc(&up), esc(&work));
     if !foreground {
         let exe = std::env::current_exe().context("finding our own executable")?;

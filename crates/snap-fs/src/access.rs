@@ -155,3 +155,22 @@ impl<'a> Sight<'a> {
         Ok(Some((dl, search, read)))
     }
 }
+
+/// Makes `dir` (mode 0700) or checks the one there: a directory of the caller's that no one else
+/// may write. For what a command keeps beside a path it was given (a pull's blobs, a clone's
+/// upper layer): in a shared directory (`/tmp`) another user could otherwise have made it first
+/// and swap or plant objects in it, or a symlink, while root uses it. `why` ends the refusal.
+pub fn private_dir(dir: &Path, why: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let m = std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if !m.is_dir() || m.uid() != rustix::process::geteuid().as_raw() || m.mode() & 0o022 != 0 {
+        anyhow::bail!("{} is not a directory of yours that only you may write: {why}", dir.display());
+    }
+    Ok(())
+}

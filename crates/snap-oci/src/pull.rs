@@ -66,7 +66,7 @@ pub fn fetch(remote: &Remote, cache: &Path, ui: &Arc<dyn Ui>) -> anyhow::Result<
     if diff_ids.len() != manifest.layers.len() {
         bail!("the image config lists {} layers, the manifest {}", diff_ids.len(), manifest.layers.len());
     }
-    private_dir(cache)?;
+    snap_fs::access::private_dir(cache, "a pull will not keep blobs there; remove it")?;
     let lock = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -244,26 +244,6 @@ pub fn into_live(
     let report = Report { layers: taken.len(), snapshots: taken, ovlsnap_image: true };
     fetched.clean();
     Ok(report)
-}
-
-/// Makes `dir` (mode 0700) or checks the one there: a directory of ours that no one else may
-/// write. The blobs are checked there and applied later: in a shared directory (`/tmp`) another
-/// user could otherwise have made it first and swap a blob, or plant a symlink, in between.
-fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
-    }
-    let m = fs::symlink_metadata(dir)?;
-    if !m.is_dir() || m.uid() != rustix::process::geteuid().as_raw() || m.mode() & 0o022 != 0 {
-        bail!(
-            "{} is not a directory of yours that only you may write: a pull will not keep blobs there; remove it",
-            dir.display()
-        );
-    }
-    Ok(())
 }
 
 /// What differs between snapshot `name` and LIVE.

@@ -241,3 +241,40 @@ fn restore_reaches_deep_trees_and_never_follows_a_symlink_out_of_live() {
     assert_eq!(read_at(&deep_chain(m.mnt(), false), "f"), "before");
     assert_eq!(fs::read_to_string(m.mnt().join("b/f")).unwrap(), "b/f of LIVE");
 }
+
+/// A clone keeps its upper layer beside DIR (`.DIR.clone`): in a shared directory another user
+/// could make that first, with an upper layer of theirs whose files then showed in root's clone
+/// (and which received its writes). `clone` now makes it 0700 or uses only one of the caller's
+/// that no one else may write.
+#[test]
+fn a_clone_uses_no_upper_layer_another_user_made_first() {
+    use std::os::unix::fs::PermissionsExt;
+    let m = SnapMount::start(Form::Separate, |live| fs::write(live.join("f"), b"snapshot data").unwrap());
+    m.take(Some("t1"));
+    let shared = m.scratch().mkdir("shared");
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let planted = shared.join(".c.clone");
+    fs::create_dir_all(planted.join("upper")).unwrap();
+    fs::create_dir_all(planted.join("work")).unwrap();
+    fs::write(planted.join("upper/planted"), b"not from the snapshot").unwrap();
+    for p in [&planted, &planted.join("upper"), &planted.join("work"), &planted.join("upper/planted")] {
+        std::os::unix::fs::chown(p, Some(1000), Some(1000)).unwrap();
+        fs::set_permissions(p, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let dir = shared.join("c");
+    fs::create_dir(&dir).unwrap();
+    let args = [OsStr::new("clone"), OsStr::new("t1"), dir.as_os_str(), OsStr::new("--mount"), m.mnt().as_os_str()];
+    let out = ovlsnap(&args);
+    if out.success() {
+        let _guard = KernelMount::adopt(&dir);
+        panic!("clone used another user's upper layer: {:?}", fs::read_dir(&dir).unwrap().count());
+    }
+    assert!(out.expect_failure("clone beside another user's dir").contains("only you may write"), "{out}");
+    fs::remove_dir_all(&planted).unwrap();
+    ovlsnap(&args).expect_ok("clone once the planted dir is gone");
+    let _guard = KernelMount::adopt(&dir);
+    assert!(!dir.join("planted").exists());
+    assert_eq!(fs::read(dir.join("f")).unwrap(), b"snapshot data");
+    let made = fs::symlink_metadata(&planted).unwrap();
+    assert_eq!(made.permissions().mode() & 0o777, 0o700);
+}

@@ -271,14 +271,29 @@ pub fn write_seq(path: &Path, mib: u64, into: WriteInto) -> Outcome {
 pub fn create_files(dir: &Path, count: usize) -> Outcome {
     let content = [b'c'; 4096];
     let create = || -> io::Result<Duration> {
+        let moved = migrations();
         let start = Instant::now();
         fs::create_dir(dir)?;
         for i in 0..count {
             File::create(dir.join(format!("f{i:05}")))?.write_all(&content)?;
         }
-        Ok(start.elapsed())
+        let elapsed = start.elapsed();
+        if let (Some(before), Some(after)) = (moved, migrations()) {
+            super::progress(&format!("    (the creating thread moved between CPUs {} times)", after - before));
+        }
+        Ok(elapsed)
     };
     Outcome::from_io("create", create())
+}
+
+/// How many times the calling thread has moved to another CPU (`se.nr_migrations` of
+/// `/proc/thread-self/sched`): a FUSE request whose reply wakes the caller on another, idle
+/// CPU costs that CPU's wake-up on a VM that halts idle vCPUs, the cause of create_5k's slow
+/// runs (BENCHMARKS.md, session 20).
+fn migrations() -> Option<u64> {
+    let sched = fs::read_to_string("/proc/thread-self/sched").ok()?;
+    let line = sched.lines().find(|l| l.starts_with("se.nr_migrations"))?;
+    line.split(':').nth(1)?.trim().parse().ok()
 }
 
 /// Churns small files in every dir of `dirs` at once, one thread per dir, for about `duration`:
