@@ -195,14 +195,21 @@ impl OverlayFs {
             } else {
                 ovl_copyup::copy_up(&self.stack, &src, up, &publish)?;
             }
-            let broke_link = {
+            let (broke_link, merged_now) = {
                 let mut s = node.state.write();
                 s.upper = true;
                 if meta_only && s.data.is_none() {
                     s.data = s.lower.take();
                 }
-                s.lower.take().is_some_and(|l| !node.is_dir() && l.stat.st_nlink > 1)
+                let broke = s.lower.take().is_some_and(|l| !node.is_dir() && l.stat.st_nlink > 1);
+                (broke, node.is_dir() && s.lower_dirs.len() == 1)
             };
+            // A directory of one lower layer showed that directory's link count; with its upper
+            // part it is merged and shows 1, as in the kernel (`OverlayFs::attr`). Copied up as
+            // the parent of a change further down, nothing else makes the kernel ask again.
+            if merged_now {
+                self.forget_attrs(&[node.id]);
+            }
             // Copying up one name of a lower hard link breaks the link (no index): the link count
             // the kernel holds for this node is wrong now, and nothing else makes it ask again;
             // the name shows the upper file's number now, which cached listings of its dir lack.

@@ -895,7 +895,13 @@ impl OverlayFs {
     /// and mode as recorded and shifted: `crate::ids`).
     pub(crate) fn attr(&self, node: &Node, st: &Stat) -> Attr {
         let st = &self.shown(node, st);
-        let merged_dir = node.is_dir() && !node.state.read().lower_dirs.is_empty();
+        // Merged as the kernel's `ovl_path_type` says: an upper part over a lower one, or no
+        // upper part and several lower ones. It shows a link count of 1, as in the kernel (the
+        // subdirs of all its parts are not counted); a directory of one layer shows its own.
+        let merged_dir = node.is_dir() && {
+            let s = node.state.read();
+            if s.upper { !s.lower_dirs.is_empty() } else { s.lower_dirs.len() > 1 }
+        };
         let time = |s: i64, ns: i64| {
             if s >= 0 {
                 UNIX_EPOCH + Duration::new(s as u64, ns as u32)

@@ -1939,3 +1939,60 @@ fn trees_deeper_than_path_max_work_like_the_kernel() {
     let m = MountGuard::mount(Backend::Kernel, &again, KERNEL_OPTS, &mount_point(tmp.path(), "kb"));
     common::assert_same_lines("the kernel's view of ovlfs's layers", &kview, &find_listing(m.path()));
 }
+
+/// Directories of every kind for the link-count test.
+const NLINK_FIXTURE: &str = "
+l1 dir one/b/c/d
+l1 dir one/x
+l1 dir one/y
+l1 dir two/s1
+l2 dir two/s2
+l2 dir two/s3
+u dir up/u1
+u dir up/u2
+u dir mix/m1
+l1 dir mix/l1
+u opaque opq
+u dir opq/o1
+l1 dir opq/l1
+l1 dir opq/l2
+";
+
+/// The link counts of every directory of `NLINK_FIXTURE` (and the root), then of `one` and
+/// `one/b` again after a file is made three levels below them: `stat` only, no listing, which
+/// would refresh what the kernel keeps.
+fn nlink_script(m: &Path) -> Vec<String> {
+    let nlinks = |what: &str| {
+        let dirs = [".", "one", "one/b", "one/b/c", "two", "up", "mix", "opq"];
+        let counts: Vec<String> =
+            dirs.iter().map(|d| format!("{d}={}", fs::symlink_metadata(m.join(d)).map_or(0, |s| s.nlink()))).collect();
+        format!("{what}: {}", counts.join(" "))
+    };
+    let mut out = vec![nlinks("at mount")];
+    fs::write(m.join("one/b/c/d/new"), b"x").unwrap();
+    out.push(nlinks("after a create in one/b/c/d"));
+    out
+}
+
+/// A directory of one lower layer shows its own link count, as in the kernel (`ovl_path_type`:
+/// merged is an upper part over a lower one, or several lower ones; only merged directories show
+/// 1); ovlfs showed 1 for every directory with a lower part. Copied up as the parent of a change
+/// further down, such a directory becomes merged and shows 1, which the kernel must learn
+/// although no request of its changed it (attributes are kept a day).
+#[test]
+fn directory_link_counts_are_the_kernels_before_and_after_a_copy_up_below() {
+    let tmp = tempdir("nlink");
+    let a = Layers::create(&tmp.path().join("a"), 2);
+    apply_fixture(&a, NLINK_FIXTURE);
+    let b = a.copy_to(&tmp.path().join("b"));
+    let ka = {
+        let m = MountGuard::mount(Backend::Kernel, &a, KERNEL_OPTS, &mount_point(tmp.path(), "ka"));
+        nlink_script(m.path())
+    };
+    let ob = {
+        let m = MountGuard::mount(Backend::Ovlfs, &b, KERNEL_OPTS, &mount_point(tmp.path(), "ob"));
+        nlink_script(m.path())
+    };
+    assert!(ka[0].contains("one=5 one/b=3"), "kernel: {ka:#?}");
+    assert_eq!(ka, ob, "kernel (left) and ovlfs (right) disagree");
+}
