@@ -269,9 +269,8 @@ fn copy_at(sdir: BorrowedFd<'_>, sname: &CStr, ddir: BorrowedFd<'_>, dname: &CSt
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
-            let list =
-                rustix::fs::openat(&source, c".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
-            for e in sys::read_dir_fd(list)? {
+            // (Listed through a descriptor of its own: `read_dir_fd` opens the dir afresh.)
+            for e in sys::read_dir_fd(rustix::io::dup(&source)?)? {
                 let name = sys::name_cstr(&e.name)?;
                 copy_at(source.as_fd(), &name, made.as_fd(), &name)?;
             }
