@@ -1700,9 +1700,14 @@ fn lookups_go_on_while_rmdir_clears_many_whiteouts() {
         counts.push((who, n, took));
     }
     // Measured: kernel 160-170 in ~0.22 s, ovlfs 269 in 0.36 s; before, ovlfs 12 in 0.35 s.
-    for (who, n, took) in counts {
-        assert!(n >= 40, "{who}: only {n} lookups completed in the {took:?} rmdir took to remove {N} whiteouts");
-    }
+    // The kernel's count is the yardstick, not a claim: with both CPUs busy (a CI run beside
+    // other tests) it once made only 29, so ovlfs must make 40 or as many as the kernel did.
+    let [(_, kernel, ktook), (_, ours, took)] = counts[..] else { unreachable!() };
+    eprintln!("lookups during the rmdir: kernel {kernel} in {ktook:?}, ovlfs {ours} in {took:?}");
+    assert!(
+        ours >= kernel.min(40),
+        "ovlfs: only {ours} lookups completed in the {took:?} rmdir took to remove {N} whiteouts (kernel: {kernel} in {ktook:?})"
+    );
 }
 
 /// Regression (issue 19, item 6: "two processes renaming in unrelated directories take turns"):

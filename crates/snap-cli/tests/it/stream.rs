@@ -352,6 +352,35 @@ fn incremental_streams_follow_a_chain_of_snapshots() {
     }
 }
 
+/// Regression: a change of the root's own metadata (its mode here) made the incremental stream
+/// empty. The plan took the root for a replaced directory, to be sent whole, which covered
+/// every change below it, and a full stream has no entry for the root: `send` wrote nothing,
+/// `receive` applied nothing, and the replica silently stayed at the older snapshot (the model
+/// test's seed 3 with incremental streams).
+#[test]
+fn an_incremental_stream_after_a_change_of_the_root_carries_every_change() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let m = SnapMount::start(Form::Separate, |live| build_chain(live, &mut rng));
+    m.take(Some("s1"));
+    chmod(m.mnt(), 0o750);
+    write(&m.mnt().join("added"), b"new at the top");
+    change_1(m.mnt(), &mut rng);
+    m.take(Some("s2"));
+    let dest = m.scratch().mkdir("dest");
+    let stream = m.scratch().path().join("stream.tar");
+    send(&m, "s1", None, &stream);
+    receive(&dest, &stream);
+    send(&m, "s2", Some("s1"), &stream);
+    let listing = tar_list(&stream);
+    for name in ["added", ".wh.f1", "c"] {
+        assert!(listed(&listing, name), "s1→s2 does not list {name}:\n{listing}");
+    }
+    receive(&dest, &stream);
+    // A stream carries what is below the root; the target keeps its own root (see `stream`).
+    fs::set_permissions(&dest, fs::Permissions::from_mode(0o750)).unwrap();
+    assert_same(&m.view("s2"), &dest, true, "dest after the stream s1→s2");
+}
+
 /// The same snapshot sends the same bytes (what an OCI registry needs to dedupe layers, issue
 /// 22): twice in one mount, after a remount, and after a snapshot between was deleted (its
 /// layer merged into the older one's), for full and incremental streams, hard links included.

@@ -138,6 +138,29 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_root_leaves_the_changes_below_it_in_the_stream() {
+        // The root is a directory on both sides: its own change (its times, after anything at
+        // the top changed) replaces nothing. It once made the stream empty: the root was taken
+        // for a replaced directory, sent "whole" (a full stream skips the root's own entry) and
+        // so covering every change below it.
+        let changes = [
+            Change::Modified { path: p(""), at: p("") },
+            Change::Added { path: p("new"), at: p("new") },
+            Change::Deleted { path: p("old"), at: p("old") },
+            Change::Modified { path: p("d/f"), at: p("d/f") },
+        ];
+        let got = plan(&changes, &["", "d"]);
+        assert_eq!(got.whiteouts, BTreeSet::from([p("old")]));
+        let want =
+            BTreeMap::from([(p(""), How::Entry), (p("d"), How::Entry), (p("d/f"), How::Entry), (p("new"), How::Whole)]);
+        assert_eq!(got.objects, want);
+        // Alone, too: the root's change is its entry (which `send` skips), no whiteout of it.
+        let got = plan(&[Change::Modified { path: p(""), at: p("") }], &[""]);
+        assert!(got.whiteouts.is_empty(), "{got:?}");
+        assert_eq!(got.objects, BTreeMap::from([(p(""), How::Entry)]));
+    }
+
+    #[test]
     fn pax_records_count_their_own_length() {
         for n in [0, 1, 5, 6, 7, 90, 95, 96, 97, 990, 995, 1000] {
             let mut r = PaxRecords::default();

@@ -63,14 +63,15 @@ pub(super) struct Plan {
 impl Plan {
     /// The plan for `changes` (A→B); `is_dir` says whether B's object at a path is a directory.
     pub(super) fn new(changes: &[Change], is_dir: impl Fn(&Path) -> anyhow::Result<bool>) -> anyhow::Result<Plan> {
-        // Dirs of A with a change listed below them: A has a directory there.
-        let mut a_dirs = HashSet::new();
+        // Dirs of A with a change listed below them: A has a directory there. The root is one
+        // on both sides: its change is its own metadata (a full stream has no entry for it).
+        let mut a_dirs = HashSet::from([Path::new("")]);
         for c in changes {
             let a = match c {
                 Change::Added { at, .. } => at,
                 Change::Deleted { path, .. } | Change::Modified { path, .. } | Change::Renamed { path, .. } => path,
             };
-            a_dirs.extend(a.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()));
+            a_dirs.extend(a.ancestors().skip(1));
         }
         fn put(objects: &mut BTreeMap<PathBuf, How>, p: &Path, how: How) {
             let e = objects.entry(p.to_path_buf()).or_insert(how);
