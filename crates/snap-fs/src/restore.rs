@@ -141,18 +141,40 @@ pub fn apply(mnt: &Path, view: &Path, changes: &[Change], step: &dyn Fn(&Change)
             step(c);
         }
     }
-    // Moving dirs changes where everything below them is: the next round diffs again.
-    let moved = !renames.is_empty();
+    // Moving dirs changes where everything below them is: the next round diffs again. A round
+    // whose renames must all wait goes on to the removals and copies, which they wait for.
+    let mut moved = false;
     for c in renames {
         let Change::Renamed { path, to } = c else { continue };
-        // Only when the place is free of anything but what the snapshot has there, and the
-        // parent exists: otherwise a later round does it (or a copy takes its place).
-        if live.parent_is_dir(path) && live.is_dir(to) && !path.starts_with(to) {
+        if !live.is_dir(to) {
+            step(c);
+            continue;
+        }
+        if path.starts_with(to) {
+            // It goes back below where it is now, into what will hold its place: out beside
+            // that place first; a later round puts it back once its parent is there.
+            let tmp = live.temp_beside(to);
+            live.rename(to, &tmp, RenameFlags::NOREPLACE)
+                .with_context(|| format!("moving /{} out of the way of /{}", to.display(), path.display()))?;
+            moved = true;
+        } else if live.parent_is_dir(path) {
+            // Only when the parent exists; what else holds its place goes. Moved below what now
+            // holds its place (`mv a t; mkdir -p a/d; mv t a/d/n`), it goes out beside that
+            // place first, or removing what holds it would take the dir along.
+            let from = if to.starts_with(path) {
+                let tmp = live.temp_beside(path);
+                live.rename(to, &tmp, RenameFlags::NOREPLACE)
+                    .with_context(|| format!("moving /{} out of /{}", to.display(), path.display()))?;
+                tmp
+            } else {
+                to.clone()
+            };
             if live.exists(path) {
                 live.remove(path)?;
             }
-            live.rename(to, path, RenameFlags::empty())
+            live.rename(&from, path, RenameFlags::empty())
                 .with_context(|| format!("moving /{} back to /{}", to.display(), path.display()))?;
+            moved = true;
         }
         step(c);
     }

@@ -242,6 +242,33 @@ fn restore_reaches_deep_trees_and_never_follows_a_symlink_out_of_live() {
     assert_eq!(fs::read_to_string(m.mnt().join("b/f")).unwrap(), "b/f of LIVE");
 }
 
+/// Regression (model seed 1014 with 400 steps): a directory moved below a new directory made
+/// in its old place (`mv a t; mkdir -p a/d; mv t a/d/n`) was put back by removing what held
+/// its place, the tree it was in included, and then renaming it: restore failed with ENOENT
+/// half done. It now moves the directory out beside its place first.
+#[test]
+fn restore_puts_back_a_directory_moved_below_a_new_one_in_its_place() {
+    let m = SnapMount::start(Form::Separate, |live| {
+        fs::create_dir_all(live.join("top/a/sub")).unwrap();
+        fs::write(live.join("top/a/f"), "a/f at the take").unwrap();
+        fs::write(live.join("top/a/sub/g"), "a/sub/g at the take").unwrap();
+    });
+    m.take(Some("t1"));
+    let at_take = listing(m.mnt());
+    let top = m.mnt().join("top");
+    fs::rename(top.join("a"), top.join("t")).unwrap();
+    fs::create_dir_all(top.join("a/d")).unwrap();
+    fs::write(top.join("a/new"), "made after the take").unwrap();
+    fs::rename(top.join("t"), top.join("a/d/n")).unwrap();
+    fs::write(top.join("a/d/n/f"), "changed after the take").unwrap();
+    let diff = cli(&["diff".as_ref(), "t1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()]);
+    assert!(diff.stdout.contains("R\t/top/a"), "the diff shows the move as a rename:\n{diff}");
+    cli(&["restore".as_ref(), "t1".as_ref(), "--mount".as_ref(), m.mnt().as_os_str()]).expect_ok("ovlsnap restore");
+    assert_eq!(at_take, listing(m.mnt()), "LIVE after restoring t1");
+    assert_eq!(fs::read_to_string(top.join("a/f")).unwrap(), "a/f at the take");
+    assert_eq!(fs::read_to_string(top.join("a/sub/g")).unwrap(), "a/sub/g at the take");
+}
+
 /// A clone keeps its upper layer beside DIR (`.DIR.clone`): in a shared directory another user
 /// could make that first, with an upper layer of theirs whose files then showed in root's clone
 /// (and which received its writes). `clone` now makes it 0700 or uses only one of the caller's
