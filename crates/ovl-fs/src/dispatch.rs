@@ -139,8 +139,8 @@ impl OverlayFs {
                 let _staged = self.stage_rename_source((parent, name), (newparent, newname), flags);
                 let (p, np) = (tri!(a, self.node(parent)), tri!(a, self.node(newparent)));
                 // Both parents' paths, and the renamed nodes' names (see `OverlayFs::hold_paths`).
-                let held = self.hold_change((&p, name), Some((&np, newname)));
-                let r = self.do_rename(&p, name, &np, newname, flags);
+                let (held, found) = self.hold_change((&p, name), (&np, newname));
+                let r = self.do_rename(&p, name, &np, newname, flags, found);
                 drop(held);
                 if r.is_err() {
                     self.forget_attrs(&[p.id, np.id]);

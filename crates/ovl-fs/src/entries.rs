@@ -590,6 +590,7 @@ impl OverlayFs {
         newparent: &Arc<Node>,
         newname: &OsStr,
         flags: RenameFlags,
+        found: Option<(ovl_lookup::Entry, Option<ovl_lookup::Entry>)>,
     ) -> Result<()> {
         let exchange = flags.contains(RenameFlags::EXCHANGE);
         if flags.contains(RenameFlags::WHITEOUT) || (exchange && flags.contains(RenameFlags::NOREPLACE)) {
@@ -603,8 +604,11 @@ impl OverlayFs {
             return Err(Errno::PERM.into());
         }
         self.refuse_reserved(newname)?;
-        let src = self.find(parent, name)?.ok_or(Errno::NOENT)?;
-        let dst = self.find(newparent, newname)?;
+        // What the hold's lookups found, where it still stands (`OverlayFs::hold_change`).
+        let (src, dst) = match found {
+            Some(f) => f,
+            None => (self.find(parent, name)?.ok_or(Errno::NOENT)?, self.find(newparent, newname)?),
+        };
         if parent.id == newparent.id && name == newname {
             return Ok(());
         }

@@ -514,57 +514,75 @@ impl OverlayFs {
         None
     }
 
-    /// Holds the paths of `parents` and the names a rename of `from` to `to` (or, with `to`
-    /// `None`, a removal of `from`) changes: the nodes at those names, found under a hold of the
-    /// parents' paths. The kernel holds the parents' directory locks across the whole rename or
-    /// removal, so the names found still name the same nodes under the second hold. A moved
-    /// directory's requests below it wait; a removed directory is empty, so no path runs
-    /// through it.
-    pub(crate) fn hold_change(&self, from: (&Arc<Node>, &OsStr), to: Option<(&Arc<Node>, &OsStr)>) -> Held {
-        let parents: Vec<&Arc<Node>> = std::iter::once(from.0).chain(to.map(|t| t.0)).collect();
-        let changed = {
-            let _paths = self.hold_paths(&parents, &[], Wait::Fair);
-            let mut changed = Vec::new();
-            for (parent, name) in std::iter::once((from.0, from.1)).chain(to) {
-                // (A name not found, or not a node: nothing to hold; the change reports it.)
-                if let Ok(Some(e)) = self.find(parent, name) {
-                    changed.extend(self.table.by_key(self.key_of(&e)));
-                }
-            }
-            changed
-        };
-        self.hold_paths(&parents, &changed, Wait::Fair).unwrap_or(Held::none())
+    /// Holds the paths of the parents and the nodes a rename of `from` to `to` changes, found
+    /// under a first hold of the parents' paths; with what those lookups found, where it still
+    /// stands under the final hold, so the rename need not look its names up again (see
+    /// [`Self::hold_names`]). A moved directory's requests below it wait.
+    pub(crate) fn hold_change(
+        &self,
+        from: (&Arc<Node>, &OsStr),
+        to: (&Arc<Node>, &OsStr),
+    ) -> (Held, Option<(Entry, Option<Entry>)>) {
+        let (held, found) = self.hold_names(&[from, to]);
+        let found = found.and_then(|f| {
+            let [src, dst]: [Option<Entry>; 2] = f.try_into().ok()?;
+            Some((src?, dst))
+        });
+        (held, found)
     }
 
-    /// [`Self::hold_change`] for a removal of `name` from `parent`, with what its lookup found
-    /// where that still stands under the hold, so the removal need not look it up again:
-    /// nothing moved paths in between (`Table::paths`), and the node found was not copied up
-    /// meanwhile (an open for writing may do that beside the removal: the kernel holds the
-    /// parent's lock across the removal, not the file's across an open). Not with an inode
-    /// index, whose entries a removal reads again anyway.
+    /// [`Self::hold_names`] for a removal of `name` from `parent`: a removed directory is empty,
+    /// so no path runs through it.
     pub(crate) fn hold_removal(&self, parent: &Arc<Node>, name: &OsStr) -> (Held, Option<Entry>) {
+        let (held, found) = self.hold_names(&[(parent, name)]);
+        (held, found.and_then(|f| f.into_iter().next().flatten()))
+    }
+
+    /// Holds the paths of the parents of `names` and, exclusive, the nodes at those names, found
+    /// under a first hold of the parents' paths (the kernel holds the parents' directory locks
+    /// across a rename or removal, so the names still name the same nodes under the second
+    /// hold). Returns what each lookup found (`None`: no such name) where that still stands
+    /// under the final hold, so the change need not look its names up again: nothing moved paths
+    /// in between (`Table::paths`), each name found has a node, and none was copied up
+    /// meanwhile (an open for writing may do that beside the change: the kernel holds the
+    /// parent's lock across it, not the file's across an open). Not with an inode index, whose
+    /// entries a change reads again anyway, nor after a lookup failed (the change reports it).
+    fn hold_names(&self, names: &[(&Arc<Node>, &OsStr)]) -> (Held, Option<Vec<Option<Entry>>>) {
         let generation = self.table.paths();
-        let (entry, node) = {
-            let _paths = self.hold_paths(&[parent], &[], Wait::Fair);
-            match self.find(parent, name) {
-                Ok(Some(e)) => {
-                    let node = self.table.by_key(self.key_of(&e));
-                    (Some(e), node)
-                }
-                _ => (None, None),
-            }
+        let parents: Vec<&Arc<Node>> = names.iter().map(|(p, _)| *p).collect();
+        let mut failed = false;
+        let found: Vec<(Option<Entry>, Option<Arc<Node>>)> = {
+            let _paths = self.hold_paths(&parents, &[], Wait::Fair);
+            names
+                .iter()
+                .map(|(parent, name)| match self.find(parent, name) {
+                    Ok(Some(e)) => {
+                        let node = self.table.by_key(self.key_of(&e));
+                        (Some(e), node)
+                    }
+                    Ok(None) => (None, None),
+                    Err(_) => {
+                        failed = true;
+                        (None, None)
+                    }
+                })
+                .collect()
         };
-        let changed: Vec<Arc<Node>> = node.iter().cloned().collect();
-        let held = self.hold_paths(&[parent], &changed, Wait::Fair).unwrap_or(Held::none());
+        let changed: Vec<Arc<Node>> = found.iter().filter_map(|(_, n)| n.clone()).collect();
+        let held = self.hold_paths(&parents, &changed, Wait::Fair).unwrap_or(Held::none());
         let stands = |e: &Entry, n: &Node| {
             let st = n.state.read();
             st.upper == e.upper.is_some() && st.data.is_none() == e.data.is_none()
         };
-        let found = match (entry, node) {
-            (Some(e), Some(n)) if !self.indexed() && self.table.paths() == generation && stands(&e, &n) => Some(e),
-            _ => None,
-        };
-        (held, found)
+        let good = !failed
+            && !self.indexed()
+            && self.table.paths() == generation
+            && found.iter().all(|(e, n)| match (e, n) {
+                (None, _) => true,
+                (Some(e), Some(n)) => stands(e, n),
+                (Some(_), None) => false,
+            });
+        (held, good.then(|| found.into_iter().map(|(e, _)| e).collect()))
     }
 
     /// The first name of `node` whose parent the kernel still knows (or the root). A hard-linked
@@ -1090,13 +1108,13 @@ mod tests {
         let memo = fs.memo(&d).unwrap();
         assert!(Arc::ptr_eq(&memo, &fs.memo(&d).unwrap()), "built again with nothing moved");
         // An ancestor renamed.
-        fs.do_rename(&a, OsStr::new("b"), &x, OsStr::new("bb"), rustix::fs::RenameFlags::empty()).unwrap();
+        fs.do_rename(&a, OsStr::new("b"), &x, OsStr::new("bb"), rustix::fs::RenameFlags::empty(), None).unwrap();
         assert!(!Arc::ptr_eq(&memo, &fs.memo(&d).unwrap()), "kept across a rename");
         assert_eq!(fs.path_of(&f).unwrap(), Path::new("x/bb/c/d/f"));
         assert_eq!(fs.path_of(&d).unwrap(), Path::new("x/bb/c/d"));
         assert_eq!(ids(&f), [f.id, d.id, c.id, b.id, x.id, ROOT]);
         // The dir itself renamed.
-        fs.do_rename(&c, OsStr::new("d"), &root, OsStr::new("top"), rustix::fs::RenameFlags::empty()).unwrap();
+        fs.do_rename(&c, OsStr::new("d"), &root, OsStr::new("top"), rustix::fs::RenameFlags::empty(), None).unwrap();
         assert_eq!(fs.path_of(&f).unwrap(), Path::new("top/f"));
         assert_eq!(ids(&d), [d.id, ROOT]);
         // One name of a linked file removed: its path runs through the other.
