@@ -52,8 +52,18 @@ pub(crate) fn build(
     let report = Differ::new(a, b, range as usize, hidden).with_times().run()?;
     let copied = keep.then(Default::default);
     let resolver = crate::resolver::Resolver::new(a)?;
-    let mut m =
-        Merge { a, range, copied, out, made: BTreeSet::new(), times: Vec::new(), resolver, from_below: Vec::new() };
+    let mut m = Merge {
+        a,
+        range,
+        copied,
+        out,
+        made: BTreeSet::new(),
+        times: Vec::new(),
+        resolver,
+        from_below: Vec::new(),
+        below_links: Default::default(),
+        hidden,
+    };
     // Before anything is linked into `out`, which adds to the link counts.
     let mut groups = Vec::new();
     let mut held = std::collections::HashSet::new();
@@ -67,6 +77,7 @@ pub(crate) fn build(
     for g in groups {
         m.keep_link_groups(g)?;
     }
+    m.keep_groups_from_below()?;
     m.put_back_dir_times()?;
     let mut gone = std::mem::take(&mut m.from_below);
     if !keep {
@@ -92,6 +103,12 @@ struct Merge<'a> {
     resolver: crate::resolver::Resolver<'a>,
     /// Inode numbers of the objects of layers below the range that were copied.
     from_below: Vec<u64>,
+    /// Of those with several links: by inode, the path of the copy, the names put so far and
+    /// the file's link count, so that A's names of one such file share one copy
+    /// (`keep_groups_from_below`).
+    below_links: std::collections::HashMap<(u64, u64), (PathBuf, u64, u64)>,
+    /// Root names that are no part of either view.
+    hidden: &'a [std::ffi::OsString],
 }
 
 impl Merge<'_> {
@@ -275,8 +292,20 @@ impl Merge<'_> {
             return Ok(());
         }
         tracing::debug!(?path, "the merged layer gets a copy of an object of a lower layer");
+        let key = (e.stat.st_dev, e.stat.st_ino);
+        if let Some((first, names, _)) = self.below_links.get_mut(&key) {
+            // Another name of a hard-linked file copied already: the names share the copy.
+            let (fdir, fname) = sys::open_parent(self.out, first)?;
+            rustix::fs::linkat(&fdir, &fname, dir, name, AtFlags::empty())?;
+            *names += 1;
+            return Ok(());
+        }
         self.from_below.push(e.stat.st_ino);
-        copy_object(&sdir, &sname, &e.stat, dir.as_fd(), name)
+        copy_object(&sdir, &sname, &e.stat, dir.as_fd(), name)?;
+        if e.stat.st_nlink > 1 {
+            self.below_links.insert(key, (pa.to_path_buf(), 1, e.stat.st_nlink as u64));
+        }
+        Ok(())
     }
 
     /// Copies A's dir `e` (at A path `pa`) to `dir/name`: the dir, then every entry below it
@@ -318,6 +347,51 @@ impl Merge<'_> {
                 self.ensure_parents(&p)?;
                 self.take_whole(&p)?;
             }
+        }
+        Ok(())
+    }
+
+    /// A hard-linked file of a layer below the range that was copied (its dir taken whole) must
+    /// not lose the names A shows of it that the diff did not list: they would show the file
+    /// below, a separate object from the copy, and the group would split in A's view (a
+    /// directory moved into a new one, then back by a restore, and the snapshot between
+    /// deleted: model seed 1017). Where fewer names were put than the file has links, A's tree
+    /// is walked for the others (rare: only then), and each is linked to the copy. Links the
+    /// file has outside A (a CoW link in a snapshot layer) are simply not found.
+    fn keep_groups_from_below(&mut self) -> Result<()> {
+        let wanted: std::collections::HashSet<(u64, u64)> =
+            self.below_links.iter().filter(|(_, (_, names, nlink))| names < nlink).map(|(k, _)| *k).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut found = Vec::new();
+        let mut todo = vec![(PathBuf::new(), self.resolver.root())];
+        while let Some((dir, layers)) = todo.pop() {
+            for child in ovl_lookup::read_merged(self.a, &layers)? {
+                if dir.as_os_str().is_empty() && self.hidden.contains(&child.name) {
+                    continue;
+                }
+                let Some(e) = ovl_lookup::lookup(self.a, &layers, &child.name)? else { continue };
+                let p = dir.join(&child.name);
+                match (e.kind, e.dir) {
+                    (FileType::Directory, Some(d)) => todo.push((p, d)),
+                    _ if wanted.contains(&(e.stat.st_dev, e.stat.st_ino)) => found.push((p, e.stat)),
+                    _ => {}
+                }
+            }
+        }
+        for (p, st) in found {
+            if present(self.out, &p)? {
+                continue;
+            }
+            let Some((first, names, nlink)) = self.below_links.get(&(st.st_dev, st.st_ino)).cloned() else {
+                continue;
+            };
+            self.ensure_parents(&p)?;
+            let (dir, name) = self.parent_of(&p)?;
+            let (fdir, fname) = sys::open_parent(self.out, &first)?;
+            rustix::fs::linkat(&fdir, &fname, &dir, &name, AtFlags::empty())?;
+            self.below_links.insert((st.st_dev, st.st_ino), (first, names + 1, nlink));
         }
         Ok(())
     }
