@@ -7,7 +7,8 @@
 //! A's paths: a whiteout where B has something A has not; A's object where A has something B has
 //! not or has differently (files are hard links to the inode in `u_(k-1)` or `u_k`, which both go
 //! away, so nothing is copied; an object A shows from a layer below them is copied, never linked:
-//! sharing a LIVE inode would make the snapshot change with LIVE); a directory whose A side the two layers alone decide (opaque, new)
+//! sharing a LIVE inode would make the snapshot change with LIVE; the names of one such file share
+//! one copy); a directory whose A side the two layers alone decide (opaque, new)
 //! is taken whole and opaque; a directory that moved gets an absolute redirect to its place in B;
 //! the directories on the way get A's metadata and a redirect where their place in B differs.
 //!
