@@ -304,7 +304,7 @@ impl Merge<'_> {
         self.from_below.push(e.stat.st_ino);
         copy_object(&sdir, &sname, &e.stat, dir.as_fd(), name)?;
         if e.stat.st_nlink > 1 {
-            self.below_links.insert(key, (pa.to_path_buf(), 1, e.stat.st_nlink as u64));
+            self.below_links.insert(key, (pa.to_path_buf(), 1, e.stat.st_nlink));
         }
         Ok(())
     }
