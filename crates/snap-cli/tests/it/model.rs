@@ -798,7 +798,7 @@ impl Model<'_> {
     /// links included, and so must each one sent as an incremental stream from the one before
     /// it, received over that one.
     fn check_streams(&self) {
-        // A stream holds what is below the root, not the root's own metadata.
+        // Roots are not compared: a receive over an existing tree (the incremental ones) keeps its root.
         let below_root = |t: &Tree| -> Tree {
             t.iter().filter(|(p, _)| !p.as_os_str().is_empty()).map(|(p, e)| (p.clone(), e.clone())).collect()
         };

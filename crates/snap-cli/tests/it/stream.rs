@@ -381,6 +381,48 @@ fn an_incremental_stream_after_a_change_of_the_root_carries_every_change() {
     assert_same(&m.view("s2"), &dest, true, "dest after the stream s1→s2");
 }
 
+/// A full stream carries the root's own metadata (`./`), which a receive gives a target it
+/// makes: a tree whose root was 0700 landed under a root of the receiver's umask (0755), its
+/// files open to every user of the machine. A target the receive finds keeps its own root; a
+/// new one stays 0700 until the end, or gets the umask's mode from a stream without `./`.
+#[test]
+fn a_received_tree_gets_its_roots_mode_owner_and_xattrs_in_a_new_target_only() {
+    let m = SnapMount::start(Form::Separate, |live| {
+        write(&live.join("private"), b"for the owner only");
+        chmod(live, 0o700);
+        std::os::unix::fs::chown(live, Some(1234), Some(5678)).unwrap();
+        set_xattr(live, "user.root", b"kept");
+    });
+    m.take(Some("s1"));
+    let stream = m.scratch().path().join("s1.tar");
+    send(&m, "s1", None, &stream);
+    assert!(tar_list(&stream).lines().next().is_some_and(|l| l.ends_with(" ./")), "the root's entry comes first");
+    let new = m.scratch().path().join("new");
+    receive(&new, &stream);
+    let md = fs::symlink_metadata(&new).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o700, 1234, 5678), "the new target's root");
+    let mut buf = [0u8; 16];
+    let n = rustix::fs::getxattr(&new, "user.root", &mut buf[..]).unwrap();
+    assert_eq!(&buf[..n], b"kept", "the root's xattr");
+    assert_eq!(md.mtime(), fs::symlink_metadata(m.view("s1")).unwrap().mtime(), "the root's mtime");
+    // A target that exists keeps its own root.
+    let old = m.scratch().mkdir("old");
+    chmod(&old, 0o755);
+    receive(&old, &stream);
+    let md = fs::symlink_metadata(&old).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid()), (0o755, 0), "an existing target's root");
+    // A stream with no root entry (GNU tar of the names below it): the umask's mode.
+    let gnu = m.scratch().path().join("gnu.tar");
+    let args = ["-C".into(), m.view("s1").into_os_string(), "-cf".into(), gnu.clone().into(), "private".into()];
+    run_with_deadline(OsStr::new("tar"), &args).unwrap_or_else(|e| panic!("{e}")).expect_ok("tar -cf");
+    let plain = m.scratch().path().join("plain");
+    receive(&plain, &gnu);
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let umask =
+        status.lines().find_map(|l| l.strip_prefix("Umask:")).map(|u| u32::from_str_radix(u.trim(), 8).unwrap());
+    assert_eq!(fs::symlink_metadata(&plain).unwrap().mode() & 0o7777, 0o777 & !umask.unwrap(), "the umask's mode");
+}
+
 /// The same snapshot sends the same bytes (what an OCI registry needs to dedupe layers, issue
 /// 22): twice in one mount, after a remount, and after a snapshot between was deleted (its
 /// layer merged into the older one's), for full and incremental streams, hard links included.

@@ -3,7 +3,8 @@
 //!
 //! A stream is a POSIX tar (ustar headers, PAX records where ustar falls short) that standard
 //! tools read: entries relative (`a/b`, directories `a/`), parents before children, xattrs as
-//! `SCHILY.xattr.NAME`, times to the nanosecond as PAX `mtime`. An incremental stream A→B is an
+//! `SCHILY.xattr.NAME`, times to the nanosecond as PAX `mtime`. A full stream starts with the
+//! root's own entry `./`, which `receive` applies only to a target it makes. An incremental stream A→B is an
 //! OCI layer: first the whiteouts `DIR/.wh.NAME` (paths of A, removed whole), then B's objects
 //! that differ. OCI has no rename, so a directory renamed since A is sent whole at its new place
 //! followed by the opaque marker `DIR/.wh..wh..opq`.

@@ -19,16 +19,53 @@ pub fn receive(target: &Path, input: impl Read, step: &dyn Fn()) -> anyhow::Resu
         Err(e) => return Err(e.context(format!("unpacking the stream in {}", stage.shown.display()))),
     };
     if !exists {
-        std::fs::create_dir(&target).with_context(|| format!("creating {}", target.display()))?;
+        // Private until the stream's root (or the umask, without one) says otherwise, at the end.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
     }
     let root = rustix::fs::open(&target, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .with_context(|| format!("opening {}", target.display()))?;
     staged
         .check_base(root.as_fd())
         .with_context(|| format!("refusing the stream, {} was not changed", target.display()))?;
-    staged
+    let n = staged
         .apply(root.as_fd(), stage.tree()?.as_fd(), step)
-        .with_context(|| format!("applying the stream to {}", target.display()))
+        .with_context(|| format!("applying the stream to {}", target.display()))?;
+    if !exists {
+        made_root(&target, staged.root.as_ref()).with_context(|| format!("finishing {}", target.display()))?;
+    }
+    Ok(n)
+}
+
+/// Gives a target the receive made the stream root's metadata, or without one in the stream the
+/// mode the umask gives a new directory.
+fn made_root(target: &Path, meta: Option<&Meta>) -> anyhow::Result<()> {
+    let parent = target.parent().context("no parent")?;
+    let name = CString::new(target.file_name().context("no name")?.as_bytes())?;
+    let dir = rustix::fs::open(parent, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let Some(meta) = meta else {
+        let mode = 0o777 & !umask();
+        rustix::fs::chmodat(&dir, &name, Mode::from_raw_mode(mode), AtFlags::empty())?;
+        return Ok(());
+    };
+    set_meta(dir.as_fd(), &name, &Item { kind: Kind::Dir, meta: meta.clone() })?;
+    let t = |(sec, nsec): (i64, u32)| Timespec { tv_sec: sec, tv_nsec: nsec.into() };
+    let times = Timestamps { last_access: t(meta.atime), last_modification: t(meta.mtime) };
+    rustix::fs::utimensat(&dir, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// This process's umask, read without changing it (`/proc/thread-self/status`); 022 if unreadable.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|u| u32::from_str_radix(u.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 /// A stream problem: truncated, corrupt, or unsafe to apply.
@@ -326,6 +363,8 @@ struct Item {
 /// for their parents that the stream does not hold, whiteouts and opaque markers.
 #[derive(Default)]
 struct Staged {
+    /// The root's own entry (`./`), applied only to a target the receive makes.
+    root: Option<Meta>,
     entries: BTreeMap<PathBuf, Item>,
     placeholders: BTreeSet<PathBuf>,
     whiteouts: Vec<PathBuf>,
@@ -342,8 +381,13 @@ impl Staged {
         let find = |key: &[u8]| pax.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
         let raw = find(b"path").unwrap_or_else(|| e.path_bytes().into_owned());
         let Some(path) = clean(&raw)? else {
-            // The root itself (`./`, as `tar -C DIR .` writes it): the target stays as it is.
-            return if et == EntryType::Directory { Ok(()) } else { Err(bad("a non-directory entry for the root")) };
+            // The root itself (`./`, as `tar -C DIR .` and `send` write it): kept for a target
+            // the receive makes; one it finds stays as it is.
+            if et != EntryType::Directory {
+                return Err(bad("a non-directory entry for the root"));
+            }
+            self.root = Some(meta(e.header(), &pax).map_err(|err| bad(format!("the root's entry: {err}")))?);
+            return Ok(());
         };
         let shown = crate::names::shown(&path);
         let (parent, name) = split(&path).map_err(|e| bad(format!("entry {shown}: {e}")))?;

@@ -140,6 +140,7 @@ struct Sender<'a, W: Write> {
 impl<W: Write> Sender<'_, W> {
     fn run(&mut self, changes: Option<&[Change]>) -> anyhow::Result<()> {
         let Some(changes) = changes else {
+            self.root_entry()?;
             for name in self.children(Path::new(""))? {
                 if name != SNAPDIR_NAME {
                     self.tree(Path::new(&name), false)?;
@@ -233,6 +234,25 @@ impl<W: Write> Sender<'_, W> {
             self.tree(&p.join(name), false)?;
         }
         Ok(())
+    }
+
+    /// The root's own entry, `./`, first in a full stream: its mode, owner, times and xattrs,
+    /// for a receive into a directory it makes (one it finds keeps its own). Without it a tree
+    /// whose root was 0700 landed under a root the receiver's umask opened to everyone.
+    fn root_entry(&mut self) -> anyhow::Result<()> {
+        let st = rustix::fs::fstat(&self.root).context("the snapshot's root")?;
+        let Some((h, mut pax)) = header(Path::new("."), &st, self.root.as_fd(), c".")? else {
+            bail!("the snapshot's root is not a directory");
+        };
+        let mut keys = sys::list_xattrs(&self.root, None).context("the snapshot's root")?;
+        keys.sort();
+        for k in keys.iter().filter(|k| !private_xattr(k.as_bytes())) {
+            let key = CString::new(k.as_bytes())?;
+            if let Some(v) = sys::get_xattr(&self.root, None, &key).context("the snapshot's root")? {
+                pax.add(&[b"SCHILY.xattr.", k.as_bytes()].concat(), &v);
+            }
+        }
+        self.write(h, pax, b".", io::empty())
     }
 
     /// An empty regular file `dir/name`: a whiteout or an opaque marker.
