@@ -45,16 +45,25 @@ pub fn receive(target: &Path, input: impl Read, step: &dyn Fn()) -> anyhow::Resu
 fn made_root(target: &Path, meta: Option<&Meta>) -> anyhow::Result<()> {
     let parent = target.parent().context("no parent")?;
     let name = CString::new(target.file_name().context("no name")?.as_bytes())?;
-    let dir = rustix::fs::open(parent, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let parent = rustix::fs::open(parent, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    // The target itself, never a symlink put in its place (in a parent others may write), and
+    // changed as `.` below its own descriptor: a chmod through its name would follow one.
+    let dir = rustix::fs::openat(
+        &parent,
+        &name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let here = c".".to_owned();
     let Some(meta) = meta else {
         let mode = 0o777 & !umask();
-        rustix::fs::chmodat(&dir, &name, Mode::from_raw_mode(mode), AtFlags::empty())?;
+        rustix::fs::chmodat(&dir, &here, Mode::from_raw_mode(mode), AtFlags::empty())?;
         return Ok(());
     };
-    set_meta(dir.as_fd(), &name, &Item { kind: Kind::Dir, meta: meta.clone() })?;
+    set_meta(dir.as_fd(), &here, &Item { kind: Kind::Dir, meta: meta.clone() })?;
     let t = |(sec, nsec): (i64, u32)| Timespec { tv_sec: sec, tv_nsec: nsec.into() };
     let times = Timestamps { last_access: t(meta.atime), last_modification: t(meta.mtime) };
-    rustix::fs::utimensat(&dir, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+    rustix::fs::utimensat(&dir, &here, &times, AtFlags::SYMLINK_NOFOLLOW)?;
     Ok(())
 }
 
